@@ -1,0 +1,455 @@
+//! The key hierarchy service object (DESIGN §2): creates tenants, rotates
+//! KEKs, issues batches of DEKs and unwraps or rewraps them.
+//!
+//! Tenant keys leave the store only wrapped and are unwrapped by the root
+//! key provider; unwrapped keys are held in a bounded-TTL cache and wiped on
+//! expiry. Plaintext DEKs are returned to the caller and never stored.
+
+mod cache;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub use self::cache::CacheStats;
+use self::cache::{Cached, KeyCache, Slot};
+use crate::crypto::Aead;
+use crate::crypto::rng::RandomError;
+use crate::dek::{self, DekBinding, IssuedDek, KekVersion, WrappedDek};
+use crate::ids::{RecordKeyId, TenantId};
+use crate::kek::{InvalidTransition, KekState, StateChange};
+use crate::record::SchemaKeys;
+use crate::root::{RootKeyError, RootKeyProvider, WrapContext};
+use crate::schema::Schema;
+use crate::secret::Key256;
+use crate::store::{KekRecord, KeyStore, MasterKeyId, NewTenant, StoreError, TenantRecord};
+
+/// How many times a rotation is retried when another writer rotates first.
+const ROTATION_ATTEMPTS: usize = 8;
+
+/// Tunables.
+#[derive(Debug, Clone)]
+pub struct HierarchyConfig {
+    /// How long unwrapped tenant keys stay in memory.
+    pub key_ttl: Duration,
+    /// Most DEKs one issue, unwrap or rewrap call handles.
+    pub max_batch: usize,
+}
+
+impl Default for HierarchyConfig {
+    fn default() -> Self {
+        Self { key_ttl: Duration::from_secs(300), max_batch: 10_000 }
+    }
+}
+
+/// A hierarchy operation failed as a whole.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HierarchyError {
+    /// No such tenant.
+    #[error("unknown tenant {0}")]
+    UnknownTenant(TenantId),
+    /// The tenant exists already.
+    #[error("tenant {0} already exists")]
+    TenantExists(TenantId),
+    /// No such KEK version.
+    #[error("tenant {tenant} has no KEK version {version}")]
+    UnknownVersion {
+        /// Tenant.
+        tenant: TenantId,
+        /// Version.
+        version: KekVersion,
+    },
+    /// The tenant has no active KEK (shredded), so it can issue nothing.
+    #[error("tenant {0} has no active key")]
+    NoActiveKey(TenantId),
+    /// The tenant's key material was destroyed.
+    #[error("the keys of tenant {0} were destroyed")]
+    KeyDestroyed(TenantId),
+    /// A batch was empty or larger than allowed.
+    #[error("batch of {requested} is outside 1..={max}")]
+    BatchSize {
+        /// Requested size.
+        requested: usize,
+        /// Configured maximum.
+        max: usize,
+    },
+    /// The requested state change is not allowed.
+    #[error(transparent)]
+    InvalidTransition(#[from] InvalidTransition),
+    /// A key is wrapped under a master key this instance does not hold.
+    #[error("key is wrapped under master key #{0}, which this instance is not configured with")]
+    ForeignMaster(i64),
+    /// The keystore failed.
+    #[error(transparent)]
+    Store(StoreError),
+    /// The root key provider failed.
+    #[error(transparent)]
+    Root(#[from] RootKeyError),
+    /// The OS random number generator failed.
+    #[error(transparent)]
+    Random(#[from] RandomError),
+}
+
+impl From<StoreError> for HierarchyError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::TenantExists(t) => Self::TenantExists(t),
+            StoreError::UnknownTenant(t) => Self::UnknownTenant(t),
+            StoreError::UnknownVersion { tenant, version } => {
+                Self::UnknownVersion { tenant, version }
+            }
+            StoreError::InvalidTransition(t) => Self::InvalidTransition(t),
+            other => Self::Store(other),
+        }
+    }
+}
+
+/// Why one DEK of a batch could not be unwrapped or rewrapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DekError {
+    /// Tampered, or presented with another record key id, tenant or version.
+    #[error("cannot decrypt")]
+    CannotDecrypt,
+    /// The KEK version does not exist.
+    #[error("unknown KEK version")]
+    UnknownVersion,
+    /// The KEK version is disabled.
+    #[error("KEK version is disabled")]
+    VersionDisabled,
+    /// The KEK version was destroyed.
+    #[error("KEK version was destroyed")]
+    KeyDestroyed,
+}
+
+/// A wrapped DEK presented for unwrapping or rewrapping.
+#[derive(Debug, Clone, Copy)]
+pub struct DekRequest {
+    /// The record's DEK id.
+    pub record_key_id: RecordKeyId,
+    /// KEK version it is wrapped under.
+    pub kek_version: KekVersion,
+    /// The wrapped DEK.
+    pub wrapped: WrappedDek,
+}
+
+/// A DEK moved to another KEK version (no plaintext leaves).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rewrapped {
+    /// The version it is now wrapped under.
+    pub kek_version: KekVersion,
+    /// The new wrapped DEK.
+    pub wrapped: WrappedDek,
+}
+
+/// The key hierarchy of one key-service instance.
+#[derive(Debug)]
+pub struct KeyHierarchy {
+    store: Arc<dyn KeyStore>,
+    root: Arc<dyn RootKeyProvider>,
+    master: MasterKeyId,
+    cache: KeyCache,
+    config: HierarchyConfig,
+}
+
+impl std::fmt::Debug for KeyCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyCache").finish_non_exhaustive()
+    }
+}
+
+impl KeyHierarchy {
+    /// Registers the root provider's master key in the store and returns
+    /// the hierarchy.
+    pub async fn new(
+        store: Arc<dyn KeyStore>,
+        root: Arc<dyn RootKeyProvider>,
+        config: HierarchyConfig,
+    ) -> Result<Self, HierarchyError> {
+        let master = store.register_master(&root.describe()).await?;
+        Ok(Self { store, cache: KeyCache::new(config.key_ttl), root, master, config })
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn KeyStore> {
+        &self.store
+    }
+
+    /// The root key provider.
+    pub fn root(&self) -> &Arc<dyn RootKeyProvider> {
+        &self.root
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &HierarchyConfig {
+        &self.config
+    }
+
+    /// Creates a tenant: a random KEK v1 and index root, wrapped by the
+    /// master key and stored in one transaction.
+    pub async fn create_tenant(&self, id: &TenantId) -> Result<TenantRecord, HierarchyError> {
+        let kek = Key256::generate()?;
+        let index_root = Key256::generate()?;
+        let kek_wrapped = self.root.wrap(&kek, &WrapContext::tenant_kek(id, 1)).await?;
+        let index_root_wrapped = self.root.wrap(&index_root, &WrapContext::index_root(id)).await?;
+        let record = self
+            .store
+            .create_tenant(NewTenant {
+                id: id.clone(),
+                index_root_wrapped,
+                kek_wrapped,
+                master: self.master,
+                created_at: unix_now(),
+            })
+            .await?;
+        Ok(record)
+    }
+
+    /// A tenant's metadata and versions.
+    pub async fn tenant(&self, id: &TenantId) -> Result<TenantRecord, HierarchyError> {
+        self.store.tenant(id).await?.ok_or_else(|| HierarchyError::UnknownTenant(id.clone()))
+    }
+
+    /// Adds a new active KEK version; the previous one becomes decrypt-only.
+    /// Safe under concurrency: racing rotations each get their own version
+    /// and exactly one ends up active.
+    pub async fn rotate(&self, id: &TenantId) -> Result<KekRecord, HierarchyError> {
+        for _ in 0..ROTATION_ATTEMPTS {
+            let tenant = self.tenant(id).await?;
+            if tenant.index_root_wrapped.is_none() {
+                return Err(HierarchyError::KeyDestroyed(id.clone()));
+            }
+            let next = tenant.versions.last().map_or(1, |v| v.version + 1);
+            let kek = Key256::generate()?;
+            let wrapped = self.root.wrap(&kek, &WrapContext::tenant_kek(id, next)).await?;
+            match self.store.add_kek_version(id, next, &wrapped, self.master, unix_now()).await {
+                Ok(record) => {
+                    self.cache.invalidate_tenant(id);
+                    return Ok(record);
+                }
+                Err(StoreError::VersionConflict(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(HierarchyError::Store(StoreError::VersionConflict(id.clone())))
+    }
+
+    /// Changes a KEK version's state (enable, disable, decrypt-only).
+    pub async fn change_state(
+        &self,
+        id: &TenantId,
+        version: KekVersion,
+        change: StateChange,
+    ) -> Result<KekRecord, HierarchyError> {
+        let record = self.store.change_kek_state(id, version, change, unix_now()).await?;
+        self.cache.invalidate_tenant(id);
+        Ok(record)
+    }
+
+    /// Issues `count` fresh DEKs under the tenant's active KEK version,
+    /// each with its own random record key id.
+    pub async fn issue_deks(
+        &self,
+        id: &TenantId,
+        count: usize,
+    ) -> Result<Vec<IssuedDek>, HierarchyError> {
+        self.check_batch(count)?;
+        let version = self.active_version(id).await?;
+        let kek = match self.kek(id, version).await? {
+            (KekState::Active, Some(kek)) => kek,
+            // Rotated away between the two lookups: use the new active one.
+            _ => {
+                self.cache.invalidate_tenant(id);
+                return Err(HierarchyError::NoActiveKey(id.clone()));
+            }
+        };
+        let mut out = Vec::with_capacity(count);
+        for _ in 0..count {
+            let record_key_id = RecordKeyId::generate()?;
+            let dek = Key256::generate()?;
+            let binding =
+                DekBinding { tenant: id, kek_version: version, record_key_id: &record_key_id };
+            let wrapped = dek::wrap_dek(&kek, &binding, &dek)?;
+            out.push(IssuedDek::new(record_key_id, version, wrapped, dek));
+        }
+        Ok(out)
+    }
+
+    /// Unwraps a batch of DEKs of one tenant. The batch fails as a whole
+    /// only when the tenant or the infrastructure does; each item otherwise
+    /// gets its own result.
+    pub async fn unwrap_deks(
+        &self,
+        id: &TenantId,
+        requests: &[DekRequest],
+    ) -> Result<Vec<Result<Key256, DekError>>, HierarchyError> {
+        self.check_batch(requests.len())?;
+        let mut keks: Vec<(KekVersion, Result<Arc<Aead>, DekError>)> = Vec::new();
+        let mut out = Vec::with_capacity(requests.len());
+        for request in requests {
+            let kek = match keks.iter().find(|(v, _)| *v == request.kek_version) {
+                Some((_, kek)) => kek.clone(),
+                None => {
+                    let kek = self.unwrapping_kek(id, request.kek_version).await?;
+                    keks.push((request.kek_version, kek.clone()));
+                    kek
+                }
+            };
+            out.push(kek.and_then(|kek| {
+                let binding = DekBinding {
+                    tenant: id,
+                    kek_version: request.kek_version,
+                    record_key_id: &request.record_key_id,
+                };
+                dek::unwrap_dek(&kek, &binding, &request.wrapped)
+                    .map_err(|_| DekError::CannotDecrypt)
+            }));
+        }
+        Ok(out)
+    }
+
+    /// Moves a batch of wrapped DEKs to the active KEK version without
+    /// returning any plaintext. DEKs already on the active version come back
+    /// unchanged.
+    pub async fn rewrap_deks(
+        &self,
+        id: &TenantId,
+        requests: &[DekRequest],
+    ) -> Result<Vec<Result<Rewrapped, DekError>>, HierarchyError> {
+        let active = self.active_version(id).await?;
+        let Ok((KekState::Active, Some(active_kek))) = self.kek(id, active).await else {
+            self.cache.invalidate_tenant(id);
+            return Err(HierarchyError::NoActiveKey(id.clone()));
+        };
+        let unwrapped = self.unwrap_deks(id, requests).await?;
+        let mut out = Vec::with_capacity(requests.len());
+        for (request, dek) in requests.iter().zip(unwrapped) {
+            out.push(match dek {
+                Err(e) => Err(e),
+                Ok(_) if request.kek_version == active => {
+                    Ok(Rewrapped { kek_version: active, wrapped: request.wrapped })
+                }
+                Ok(dek) => {
+                    let binding = DekBinding {
+                        tenant: id,
+                        kek_version: active,
+                        record_key_id: &request.record_key_id,
+                    };
+                    Ok(Rewrapped {
+                        kek_version: active,
+                        wrapped: dek::wrap_dek(&active_kek, &binding, &dek)?,
+                    })
+                }
+            });
+        }
+        Ok(out)
+    }
+
+    /// Derives the index keys of a schema for a tenant.
+    pub async fn schema_keys(
+        &self,
+        id: &TenantId,
+        schema: &Schema,
+    ) -> Result<SchemaKeys, HierarchyError> {
+        let root = self.index_root(id).await?;
+        Ok(SchemaKeys::derive(&root, id, schema))
+    }
+
+    /// The tenant's unwrapped index root (cached).
+    pub async fn index_root(&self, id: &TenantId) -> Result<Arc<Key256>, HierarchyError> {
+        if let Some(Cached::IndexRoot(root)) = self.cache.get(id, Slot::IndexRoot) {
+            return Ok(root);
+        }
+        let tenant = self.tenant(id).await?;
+        let wrapped =
+            tenant.index_root_wrapped.ok_or_else(|| HierarchyError::KeyDestroyed(id.clone()))?;
+        self.check_master(tenant.index_root_master)?;
+        let root = Arc::new(self.root.unwrap(&wrapped, &WrapContext::index_root(id)).await?);
+        self.cache.insert(id, Slot::IndexRoot, Cached::IndexRoot(root.clone()));
+        Ok(root)
+    }
+
+    /// Drops expired keys from memory; returns how many.
+    pub fn evict_expired(&self) -> usize {
+        self.cache.evict_expired()
+    }
+
+    /// Cache statistics.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+
+    fn check_batch(&self, count: usize) -> Result<(), HierarchyError> {
+        if count == 0 || count > self.config.max_batch {
+            return Err(HierarchyError::BatchSize { requested: count, max: self.config.max_batch });
+        }
+        Ok(())
+    }
+
+    fn check_master(&self, master: MasterKeyId) -> Result<(), HierarchyError> {
+        if master == self.master { Ok(()) } else { Err(HierarchyError::ForeignMaster(master.0)) }
+    }
+
+    async fn active_version(&self, id: &TenantId) -> Result<KekVersion, HierarchyError> {
+        if let Some(Cached::ActiveVersion(v)) = self.cache.get(id, Slot::ActiveVersion) {
+            return Ok(v);
+        }
+        let tenant = self.tenant(id).await?;
+        let active = tenant.active().ok_or_else(|| HierarchyError::NoActiveKey(id.clone()))?;
+        self.cache.insert(id, Slot::ActiveVersion, Cached::ActiveVersion(active.version));
+        Ok(active.version)
+    }
+
+    /// A KEK version's state and, if it is usable, its cipher (cached).
+    async fn kek(
+        &self,
+        id: &TenantId,
+        version: KekVersion,
+    ) -> Result<(KekState, Option<Arc<Aead>>), HierarchyError> {
+        if let Some(Cached::Kek { state, aead }) = self.cache.get(id, Slot::Kek(version)) {
+            return Ok((state, aead));
+        }
+        let record = match self.store.kek(id, version).await? {
+            Some(record) => record,
+            None if self.store.tenant(id).await?.is_none() => {
+                return Err(HierarchyError::UnknownTenant(id.clone()));
+            }
+            None => return Err(HierarchyError::UnknownVersion { tenant: id.clone(), version }),
+        };
+        let aead = match (&record.wrapped, record.state.can_unwrap()) {
+            (Some(wrapped), true) => {
+                self.check_master(record.master)?;
+                let key = self.root.unwrap(wrapped, &WrapContext::tenant_kek(id, version)).await?;
+                Some(Arc::new(Aead::new(&key)))
+            }
+            _ => None,
+        };
+        self.cache.insert(
+            id,
+            Slot::Kek(version),
+            Cached::Kek { state: record.state, aead: aead.clone() },
+        );
+        Ok((record.state, aead))
+    }
+
+    /// The cipher for unwrapping under `version`, or why it cannot be used.
+    async fn unwrapping_kek(
+        &self,
+        id: &TenantId,
+        version: KekVersion,
+    ) -> Result<Result<Arc<Aead>, DekError>, HierarchyError> {
+        match self.kek(id, version).await {
+            Ok((_, Some(aead))) => Ok(Ok(aead)),
+            Ok((KekState::Destroyed, None)) => Ok(Err(DekError::KeyDestroyed)),
+            Ok((_, None)) => Ok(Err(DekError::VersionDisabled)),
+            Err(HierarchyError::UnknownVersion { .. }) => Ok(Err(DekError::UnknownVersion)),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}

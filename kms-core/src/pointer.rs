@@ -1,0 +1,264 @@
+//! JSON pointers (RFC 6901) and the schema's path patterns, which may use
+//! `*` as a token meaning "every element of this array".
+
+use std::fmt;
+
+use serde_json::Value;
+
+/// Longest pointer accepted anywhere (schema path or record header), in bytes.
+pub const MAX_POINTER_LEN: usize = 1024;
+
+/// A pointer or pattern was malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PointerError {
+    /// The empty pointer (the whole document) cannot be a protected field.
+    #[error("the empty pointer (the whole record) cannot be a field")]
+    Root,
+    /// It does not start with `/`.
+    #[error("must start with '/'")]
+    NoLeadingSlash,
+    /// A `~` not followed by `0` or `1`.
+    #[error("invalid escape: '~' must be followed by '0' or '1'")]
+    BadEscape,
+    /// Longer than [`MAX_POINTER_LEN`].
+    #[error("longer than {MAX_POINTER_LEN} bytes")]
+    TooLong,
+}
+
+/// One token of a path pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PatternToken {
+    /// A member name, or an array index when applied to an array (RFC 6901).
+    Key(String),
+    /// `*`: every element of an array.
+    AnyIndex,
+}
+
+/// A schema field path: a JSON pointer whose `*` tokens match every array
+/// element. (A member literally named `*` therefore cannot be protected.)
+#[derive(Clone, PartialEq, Eq)]
+pub struct PathPattern {
+    text: String,
+    tokens: Vec<PatternToken>,
+}
+
+impl PathPattern {
+    /// Parses a pattern such as `/allergies/*/code`.
+    pub fn parse(text: &str) -> Result<Self, PointerError> {
+        let tokens = split(text)?
+            .into_iter()
+            .map(|t| if t == "*" { PatternToken::AnyIndex } else { PatternToken::Key(t) })
+            .collect();
+        Ok(Self { text: text.to_owned(), tokens })
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The parsed tokens.
+    pub fn tokens(&self) -> &[PatternToken] {
+        &self.tokens
+    }
+
+    /// The last token if it is a member name (needed for sibling members
+    /// such as a blind index's `<name>_bidx`).
+    pub fn last_key(&self) -> Option<&str> {
+        match self.tokens.last() {
+            Some(PatternToken::Key(k)) => Some(k),
+            _ => None,
+        }
+    }
+
+    /// Whether the two patterns can address the same location or one an
+    /// ancestor of the other (so protecting both would be ambiguous).
+    pub fn overlaps(&self, other: &Self) -> bool {
+        self.tokens.iter().zip(&other.tokens).all(|(a, b)| tokens_may_coincide(a, b))
+    }
+
+    /// Appends to `out` the concrete pointer of every location in `root`
+    /// this pattern matches, in document order.
+    pub fn expand(&self, root: &Value, out: &mut Vec<String>) {
+        let mut prefix = String::new();
+        expand_into(&self.tokens, root, &mut prefix, out);
+    }
+
+    /// Whether a concrete pointer (already split into tokens) is matched.
+    pub fn matches(&self, concrete: &[String]) -> bool {
+        self.tokens.len() == concrete.len()
+            && self.tokens.iter().zip(concrete).all(|(p, c)| match p {
+                PatternToken::AnyIndex => array_index(c).is_some(),
+                PatternToken::Key(k) => k == c,
+            })
+    }
+}
+
+impl fmt::Debug for PathPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.text, f)
+    }
+}
+
+impl fmt::Display for PathPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+fn tokens_may_coincide(a: &PatternToken, b: &PatternToken) -> bool {
+    match (a, b) {
+        (PatternToken::AnyIndex, PatternToken::AnyIndex) => true,
+        (PatternToken::Key(k), PatternToken::AnyIndex)
+        | (PatternToken::AnyIndex, PatternToken::Key(k)) => array_index(k).is_some(),
+        (PatternToken::Key(x), PatternToken::Key(y)) => x == y,
+    }
+}
+
+fn expand_into(tokens: &[PatternToken], value: &Value, prefix: &mut String, out: &mut Vec<String>) {
+    let Some((first, rest)) = tokens.split_first() else {
+        out.push(prefix.clone());
+        return;
+    };
+    let len = prefix.len();
+    match (first, value) {
+        (PatternToken::AnyIndex, Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                prefix.push('/');
+                prefix.push_str(&i.to_string());
+                expand_into(rest, item, prefix, out);
+                prefix.truncate(len);
+            }
+        }
+        (PatternToken::Key(key), Value::Object(map)) => {
+            if let Some(child) = map.get(key) {
+                push_escaped(prefix, key);
+                expand_into(rest, child, prefix, out);
+                prefix.truncate(len);
+            }
+        }
+        (PatternToken::Key(key), Value::Array(items)) => {
+            if let Some(child) = array_index(key).and_then(|i| items.get(i)) {
+                prefix.push('/');
+                prefix.push_str(key);
+                expand_into(rest, child, prefix, out);
+                prefix.truncate(len);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// RFC 6901 array index: `0` or digits without a leading zero.
+fn array_index(token: &str) -> Option<usize> {
+    let valid = token == "0"
+        || (!token.is_empty()
+            && !token.starts_with('0')
+            && token.bytes().all(|b| b.is_ascii_digit()));
+    if valid { token.parse().ok() } else { None }
+}
+
+fn push_escaped(out: &mut String, token: &str) {
+    out.push('/');
+    for c in token.chars() {
+        match c {
+            '~' => out.push_str("~0"),
+            '/' => out.push_str("~1"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// Splits and unescapes a non-empty JSON pointer into its tokens.
+pub(crate) fn split(text: &str) -> Result<Vec<String>, PointerError> {
+    if text.is_empty() {
+        return Err(PointerError::Root);
+    }
+    if text.len() > MAX_POINTER_LEN {
+        return Err(PointerError::TooLong);
+    }
+    let rest = text.strip_prefix('/').ok_or(PointerError::NoLeadingSlash)?;
+    rest.split('/').map(unescape).collect()
+}
+
+fn unescape(token: &str) -> Result<String, PointerError> {
+    let mut out = String::with_capacity(token.len());
+    let mut chars = token.chars();
+    while let Some(c) = chars.next() {
+        if c == '~' {
+            match chars.next() {
+                Some('0') => out.push('~'),
+                Some('1') => out.push('/'),
+                _ => return Err(PointerError::BadEscape),
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn expand(pattern: &str, doc: &Value) -> Vec<String> {
+        let mut out = Vec::new();
+        PathPattern::parse(pattern).unwrap().expand(doc, &mut out);
+        out
+    }
+
+    #[test]
+    fn expands_wildcards_and_escapes() {
+        let doc = json!({
+            "a/b": 1, "t~": 2,
+            "list": [{"x": 1}, {"y": 2}, {"x": 3}],
+            "nested": [[1, 2], [3]]
+        });
+        assert_eq!(expand("/a~1b", &doc), ["/a~1b"]);
+        assert_eq!(expand("/t~0", &doc), ["/t~0"]);
+        assert_eq!(expand("/list/*/x", &doc), ["/list/0/x", "/list/2/x"]);
+        assert_eq!(expand("/list/1", &doc), ["/list/1"]);
+        assert_eq!(expand("/nested/*/*", &doc), ["/nested/0/0", "/nested/0/1", "/nested/1/0"]);
+        assert!(expand("/missing", &doc).is_empty());
+        assert!(expand("/list/*/x/deeper", &doc).is_empty());
+        assert!(expand("/list/01", &doc).is_empty(), "leading zero is not an index");
+        // Every expansion resolves with serde_json's own RFC 6901 lookup.
+        for p in expand("/list/*/x", &doc) {
+            assert!(doc.pointer(&p).is_some());
+        }
+    }
+
+    #[test]
+    fn rejects_malformed() {
+        assert_eq!(PathPattern::parse(""), Err(PointerError::Root));
+        assert_eq!(PathPattern::parse("a"), Err(PointerError::NoLeadingSlash));
+        assert_eq!(PathPattern::parse("/a~2"), Err(PointerError::BadEscape));
+        assert_eq!(PathPattern::parse("/a~"), Err(PointerError::BadEscape));
+        assert_eq!(
+            PathPattern::parse(&format!("/{}", "a".repeat(1024))),
+            Err(PointerError::TooLong)
+        );
+    }
+
+    #[test]
+    fn overlap() {
+        let p = |s| PathPattern::parse(s).unwrap();
+        assert!(p("/a").overlaps(&p("/a/b")));
+        assert!(p("/a/*").overlaps(&p("/a/3/b")));
+        assert!(!p("/a/*").overlaps(&p("/a/x")));
+        assert!(!p("/a").overlaps(&p("/b")));
+        assert!(p("/a/*/c").overlaps(&p("/a/*/c")));
+    }
+
+    #[test]
+    fn matches_concrete() {
+        let p = PathPattern::parse("/a/*/b").unwrap();
+        assert!(p.matches(&split("/a/0/b").unwrap()));
+        assert!(!p.matches(&split("/a/x/b").unwrap()));
+        assert!(!p.matches(&split("/a/0").unwrap()));
+    }
+}

@@ -1,0 +1,192 @@
+//! Encrypting a record.
+
+use serde_json::Value;
+use zeroize::Zeroizing;
+
+use super::header::{HeaderContents, HeaderField, RecordHeader};
+use super::keys::{FieldKeys, SchemaKeys};
+use super::transform::{self, RANDOMIZED_PREFIX};
+use super::{BLIND_INDEX_SUFFIX, HEADER_MEMBER, MAX_FIELDS, RecordError};
+use crate::crypto::Aead;
+use crate::dek::IssuedDek;
+use crate::ids::TenantId;
+use crate::schema::{FieldMode, FieldSpec, Schema};
+
+/// A protected location found in a record: its concrete pointer and the
+/// index of the schema field that matched it.
+pub(super) struct Location {
+    pub(super) pointer: String,
+    pub(super) field: usize,
+}
+
+/// Encrypts the protected fields of `record` under `dek` (one fresh DEK per
+/// record) and adds the `_kg` header.
+///
+/// Fields the schema lists but the record lacks are simply not protected
+/// (there is nothing to protect); a record that already has `_kg` is
+/// refused.
+pub fn encrypt_record(
+    mut record: Value,
+    tenant: &TenantId,
+    schema: &Schema,
+    keys: &SchemaKeys,
+    dek: &IssuedDek,
+) -> Result<Value, RecordError> {
+    let object = record.as_object().ok_or(RecordError::NotAnObject)?;
+    if object.contains_key(HEADER_MEMBER) {
+        return Err(RecordError::AlreadyEncrypted);
+    }
+    if !keys.is_for(tenant, schema) {
+        return Err(RecordError::WrongContext {
+            tenant: keys.tenant().to_string(),
+            schema: schema.name.to_string(),
+            version: schema.version,
+        });
+    }
+    let locations = locate(&record, schema)?;
+    for loc in &locations {
+        if let Some(sibling) = blind_index_sibling(&loc.pointer, field(schema, loc.field)?) {
+            if record.pointer(&sibling).is_some() {
+                return Err(RecordError::ReservedMember { pointer: sibling });
+            }
+        }
+    }
+
+    let header = RecordHeader::build(
+        HeaderContents {
+            tenant,
+            schema: &schema.name,
+            schema_version: schema.version,
+            record_key_id: dek.record_key_id,
+            fields: locations
+                .iter()
+                .map(|loc| {
+                    Ok(HeaderField {
+                        pointer: loc.pointer.clone(),
+                        mode: field(schema, loc.field)?.mode,
+                    })
+                })
+                .collect::<Result<_, RecordError>>()?,
+            kek_version: dek.kek_version,
+            wrapped_dek: dek.wrapped,
+        },
+        dek.dek(),
+    )
+    .map_err(|_| RecordError::TooManyFields)?;
+
+    let aad_prefix = header.field_aad_prefix();
+    let record_aead = Aead::new(dek.dek());
+    let mut plaintext = Zeroizing::new(Vec::new());
+    let mut aad = Vec::with_capacity(64);
+    for loc in &locations {
+        let spec = field(schema, loc.field)?;
+        let slot = record.pointer_mut(&loc.pointer).ok_or(RecordError::CannotDecrypt)?;
+        let value = std::mem::take(slot);
+        plaintext.clear();
+        serde_json::to_writer(&mut *plaintext, &value).map_err(|_| RecordError::NotAnObject)?;
+        let (replacement, sibling_token) = match spec.mode {
+            FieldMode::Randomized | FieldMode::BlindIndex => {
+                aad.clear();
+                aad.extend_from_slice(&aad_prefix);
+                aad.extend_from_slice(loc.pointer.as_bytes());
+                let mut sealed = Vec::with_capacity(plaintext.len() + crate::crypto::SEAL_OVERHEAD);
+                record_aead.seal_random(&aad, &plaintext, &mut sealed)?;
+                let token = match (keys.field(loc.field), &spec.blind_index) {
+                    (Some(FieldKeys::BlindIndex(key)), Some(bidx)) => {
+                        Some(transform::blind_index_token(key, bidx, &value))
+                    }
+                    (_, Some(_)) => return Err(missing(spec)),
+                    _ => None,
+                };
+                (transform::encode_token(RANDOMIZED_PREFIX, &sealed), token)
+            }
+            FieldMode::Deterministic => {
+                let keys = keys.field(loc.field).ok_or_else(|| missing(spec))?;
+                (
+                    transform::seal_deterministic(keys, &plaintext).ok_or_else(|| missing(spec))?,
+                    None,
+                )
+            }
+            FieldMode::Pseudonym => match keys.field(loc.field) {
+                Some(FieldKeys::Pseudonym(key)) => (transform::pseudonym(key, &value), None),
+                _ => return Err(missing(spec)),
+            },
+        };
+        // The plaintext `Value` is dropped here; its buffer is not wiped
+        // (serde_json offers no way to), but the serialized copy above is.
+        drop(value);
+        if let Some(slot) = record.pointer_mut(&loc.pointer) {
+            *slot = Value::String(replacement);
+        }
+        if let (Some(token), Some(sibling)) =
+            (sibling_token, blind_index_sibling(&loc.pointer, spec))
+        {
+            insert_sibling(&mut record, &sibling, token);
+        }
+    }
+    if let Some(object) = record.as_object_mut() {
+        object.insert(HEADER_MEMBER.to_owned(), Value::String(header.encode()));
+    }
+    Ok(record)
+}
+
+/// Every location the schema protects in `record`, sorted by pointer.
+pub(super) fn locate(record: &Value, schema: &Schema) -> Result<Vec<Location>, RecordError> {
+    let mut locations = Vec::new();
+    let mut pointers = Vec::new();
+    for (index, spec) in schema.fields.iter().enumerate() {
+        pointers.clear();
+        spec.path.expand(record, &mut pointers);
+        locations.extend(pointers.drain(..).map(|pointer| Location { pointer, field: index }));
+        if locations.len() > MAX_FIELDS {
+            return Err(RecordError::TooManyFields);
+        }
+    }
+    locations.sort_unstable_by(|a, b| a.pointer.as_bytes().cmp(b.pointer.as_bytes()));
+    Ok(locations)
+}
+
+pub(super) fn field(schema: &Schema, index: usize) -> Result<&FieldSpec, RecordError> {
+    schema.fields.get(index).ok_or(RecordError::CannotDecrypt)
+}
+
+/// The pointer of a blind index field's `<name>_bidx` sibling.
+pub(super) fn blind_index_sibling(pointer: &str, spec: &FieldSpec) -> Option<String> {
+    spec.blind_index.as_ref()?;
+    // The schema guarantees the last token is a member name, so appending
+    // the suffix to the concrete pointer names the sibling member.
+    Some(format!("{pointer}{BLIND_INDEX_SUFFIX}"))
+}
+
+fn insert_sibling(record: &mut Value, sibling: &str, token: String) {
+    let Some((parent, name)) = sibling.rsplit_once('/') else {
+        return;
+    };
+    let name = name.replace("~1", "/").replace("~0", "~");
+    let parent = if parent.is_empty() { Some(record) } else { record.pointer_mut(parent) };
+    if let Some(Value::Object(map)) = parent {
+        map.insert(name, Value::String(token));
+    }
+}
+
+fn missing(spec: &FieldSpec) -> RecordError {
+    let purpose = super::keys::IndexPurpose::for_mode(spec.mode)
+        .first()
+        .copied()
+        .unwrap_or(super::keys::IndexPurpose::BlindIndex);
+    RecordError::MissingKey(super::keys::MissingFieldKey {
+        path: spec.path.as_str().to_owned(),
+        purpose,
+    })
+}
+
+/// Removes a member from its parent object, returning it.
+pub(super) fn remove_member(record: &mut Value, pointer: &str) -> Option<Value> {
+    let (parent, name) = pointer.rsplit_once('/')?;
+    let name = name.replace("~1", "/").replace("~0", "~");
+    let parent = if parent.is_empty() { Some(record) } else { record.pointer_mut(parent) };
+    match parent {
+        Some(Value::Object(map)) => map.remove(&name),
+        _ => None,
+    }
+}

@@ -1,0 +1,224 @@
+//! The value-level transforms of the field modes: blind index tokens,
+//! pseudonyms, deterministic encryption, normalizers and masks.
+
+use std::borrow::Cow;
+
+use data_encoding::{BASE32_NOPAD, BASE64URL_NOPAD};
+use serde_json::Value;
+
+use super::keys::FieldKeys;
+use crate::crypto::mac;
+use crate::crypto::{Aead, CannotDecrypt, NONCE_LEN};
+use crate::schema::{BlindIndexSpec, Mask, Normalizer};
+use crate::secret::Key256;
+
+/// Prefix of a randomized field.
+pub const RANDOMIZED_PREFIX: &str = "kg1:";
+/// Prefix of a deterministic field.
+pub const DETERMINISTIC_PREFIX: &str = "kg1d:";
+/// Prefix of a blind index token.
+pub const BLIND_INDEX_PREFIX: &str = "kg1b:";
+/// Prefix of a pseudonym.
+pub const PSEUDONYM_PREFIX: &str = "kgp:";
+
+/// Bytes of HMAC output kept in a pseudonym (128 bits).
+const PSEUDONYM_LEN: usize = 16;
+
+/// `prefix ‖ base64url_nopad(bytes)`.
+pub(crate) fn encode_token(prefix: &str, bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(prefix.len() + BASE64URL_NOPAD.encode_len(bytes.len()));
+    out.push_str(prefix);
+    BASE64URL_NOPAD.encode_append(bytes, &mut out);
+    out
+}
+
+/// Strips `prefix` and decodes the base64url body (canonical encoding only).
+pub(crate) fn decode_token(prefix: &str, text: &str) -> Option<Vec<u8>> {
+    let body = text.strip_prefix(prefix)?;
+    BASE64URL_NOPAD.decode(body.as_bytes()).ok()
+}
+
+/// The text a value is indexed or pseudonymized by: a string's own
+/// contents, otherwise the value's canonical JSON text.
+pub(crate) fn index_text(value: &Value) -> Cow<'_, str> {
+    match value {
+        Value::String(s) => Cow::Borrowed(s),
+        other => Cow::Owned(other.to_string()),
+    }
+}
+
+/// Applies normalizers in order.
+pub fn normalize<'a>(text: &'a str, normalizers: &[Normalizer]) -> Cow<'a, str> {
+    let mut out = Cow::Borrowed(text);
+    for n in normalizers {
+        out = match n {
+            Normalizer::Exact => out,
+            Normalizer::Lowercase => Cow::Owned(out.to_lowercase()),
+            Normalizer::Trim => match out {
+                Cow::Borrowed(s) => Cow::Borrowed(s.trim()),
+                Cow::Owned(s) => Cow::Owned(s.trim().to_owned()),
+            },
+            Normalizer::Digits => Cow::Owned(out.chars().filter(char::is_ascii_digit).collect()),
+        };
+    }
+    out
+}
+
+/// The blind index token of `value`: `kg1b:` + the first `bits` bits of
+/// `HMAC(K_bidx, normalize(value))` (unused low bits of the last byte zero).
+pub fn blind_index_token(key: &Key256, spec: &BlindIndexSpec, value: &Value) -> String {
+    let text = index_text(value);
+    let normalized = normalize(&text, &spec.normalize);
+    let tag = mac::hmac(key, &[normalized.as_bytes()]);
+    let bits = usize::from(spec.bits.clamp(8, 256));
+    let len = bits.div_ceil(8);
+    let mut truncated = tag.get(..len).unwrap_or(&tag).to_vec();
+    let spare = len * 8 - bits;
+    if let Some(last) = truncated.last_mut() {
+        *last &= 0xffu8 << spare;
+    }
+    encode_token(BLIND_INDEX_PREFIX, &truncated)
+}
+
+/// The pseudonym of `value`: `kgp:` + base32(HMAC(K_pseud, text)[..16]).
+pub fn pseudonym(key: &Key256, value: &Value) -> String {
+    let tag = mac::hmac(key, &[index_text(value).as_bytes()]);
+    let kept = tag.get(..PSEUDONYM_LEN).unwrap_or(&tag);
+    let mut out = String::with_capacity(PSEUDONYM_PREFIX.len() + 26);
+    out.push_str(PSEUDONYM_PREFIX);
+    BASE32_NOPAD.encode_append(kept, &mut out);
+    out
+}
+
+/// Whether `text` has the form of a pseudonym.
+pub(crate) fn is_pseudonym(text: &str) -> bool {
+    text.strip_prefix(PSEUDONYM_PREFIX)
+        .and_then(|body| BASE32_NOPAD.decode(body.as_bytes()).ok())
+        .is_some_and(|bytes| bytes.len() == PSEUDONYM_LEN)
+}
+
+/// Deterministic encryption of a field's canonical JSON text.
+pub(crate) fn seal_deterministic(keys: &FieldKeys, plaintext: &[u8]) -> Option<String> {
+    let FieldKeys::Deterministic { enc, nonce, aad } = keys else {
+        return None;
+    };
+    let tag = mac::hmac(nonce, &[plaintext]);
+    let mut n = [0u8; NONCE_LEN];
+    n.copy_from_slice(tag.get(..NONCE_LEN)?);
+    let mut sealed = Vec::new();
+    enc.seal_with_nonce(&n, aad, plaintext, &mut sealed);
+    Some(encode_token(DETERMINISTIC_PREFIX, &sealed))
+}
+
+/// Opens a deterministic field.
+pub(crate) fn open_deterministic(
+    keys: &FieldKeys,
+    text: &str,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, CannotDecrypt> {
+    let FieldKeys::Deterministic { enc, aad, .. } = keys else {
+        return Err(CannotDecrypt);
+    };
+    let sealed = decode_token(DETERMINISTIC_PREFIX, text).ok_or(CannotDecrypt)?;
+    open_with(enc, &sealed, aad)
+}
+
+pub(crate) fn open_with(
+    aead: &Aead,
+    sealed: &[u8],
+    aad: &[u8],
+) -> Result<zeroize::Zeroizing<Vec<u8>>, CannotDecrypt> {
+    aead.open(sealed, aad)
+}
+
+/// The masked view of a value.
+pub fn apply_mask(mask: Mask, value: &Value) -> Value {
+    const HIDDEN: &str = "***";
+    let text = index_text(value);
+    let masked = match mask {
+        Mask::Redact => HIDDEN.to_owned(),
+        Mask::Last4 => {
+            let total = text.chars().filter(|c| c.is_alphanumeric()).count();
+            let keep_from = total.saturating_sub(4);
+            let mut seen = 0;
+            text.chars()
+                .map(|c| {
+                    if !c.is_alphanumeric() {
+                        return c;
+                    }
+                    seen += 1;
+                    if seen > keep_from && total > 4 { c } else { '*' }
+                })
+                .collect()
+        }
+        Mask::Email => match text.split_once('@') {
+            Some((local, domain)) if !local.is_empty() && !domain.is_empty() => {
+                let first: String = local.chars().take(1).collect();
+                format!("{first}{HIDDEN}@{domain}")
+            }
+            _ => HIDDEN.to_owned(),
+        },
+        Mask::Year => match text.get(..4) {
+            Some(year) if year.bytes().all(|b| b.is_ascii_digit()) => year.to_owned(),
+            _ => HIDDEN.to_owned(),
+        },
+    };
+    Value::String(masked)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn normalizers() {
+        use Normalizer::*;
+        assert_eq!(normalize("  A@B.org ", &[Trim, Lowercase]), "a@b.org");
+        assert_eq!(normalize("+1 (555) 010-9999", &[Digits]), "15550109999");
+        assert_eq!(normalize("Ab", &[Exact]), "Ab");
+    }
+
+    #[test]
+    fn masks() {
+        assert_eq!(apply_mask(Mask::Last4, &json!("123-45-6789")), json!("***-**-6789"));
+        assert_eq!(
+            apply_mask(Mask::Last4, &json!("1234")),
+            json!("****"),
+            "short values fully hidden"
+        );
+        assert_eq!(apply_mask(Mask::Last4, &json!(5550001234u64)), json!("******1234"));
+        assert_eq!(
+            apply_mask(Mask::Email, &json!("jane.doe@example.org")),
+            json!("j***@example.org")
+        );
+        assert_eq!(apply_mask(Mask::Email, &json!("nonsense")), json!("***"));
+        assert_eq!(apply_mask(Mask::Year, &json!("1984-03-07")), json!("1984"));
+        assert_eq!(apply_mask(Mask::Year, &json!("soon")), json!("***"));
+        assert_eq!(apply_mask(Mask::Redact, &json!({"a": 1})), json!("***"));
+    }
+
+    #[test]
+    fn blind_index_respects_bits() {
+        let key = Key256::from_array(&mut [3; 32]);
+        for bits in [8u16, 12, 31, 32, 100, 256] {
+            let spec = BlindIndexSpec { bits, normalize: vec![Normalizer::Lowercase] };
+            let token = blind_index_token(&key, &spec, &json!("Jane@Example.org"));
+            let bytes = decode_token(BLIND_INDEX_PREFIX, &token).unwrap();
+            assert_eq!(bytes.len(), usize::from(bits).div_ceil(8));
+            let spare = bytes.len() * 8 - usize::from(bits);
+            assert_eq!(bytes.last().unwrap() & ((1u8 << spare) - 1), 0, "bits={bits}");
+            assert_eq!(token, blind_index_token(&key, &spec, &json!("jane@example.org")));
+        }
+    }
+
+    #[test]
+    fn pseudonyms_are_stable_and_well_formed() {
+        let key = Key256::from_array(&mut [4; 32]);
+        let p = pseudonym(&key, &json!("MRN-1"));
+        assert!(is_pseudonym(&p), "{p}");
+        assert_eq!(p, pseudonym(&key, &json!("MRN-1")));
+        assert_ne!(p, pseudonym(&key, &json!("MRN-2")));
+        assert_ne!(p, pseudonym(&Key256::from_array(&mut [5; 32]), &json!("MRN-1")));
+    }
+}

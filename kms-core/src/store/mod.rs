@@ -1,0 +1,208 @@
+//! Persistent storage of wrapped keys and audit events (DESIGN §8).
+//!
+//! One [`KeyStore`] trait, implemented by the embedded SQLite store (and,
+//! later, PostgreSQL). Stores hold only wrapped material. Every operation
+//! that changes more than one row is one transaction.
+
+#[cfg(feature = "sqlite")]
+mod sqlite;
+
+use async_trait::async_trait;
+
+#[cfg(feature = "sqlite")]
+pub use self::sqlite::{KEYSTORE_FILE, SqliteStore};
+use crate::dek::KekVersion;
+use crate::ids::TenantId;
+use crate::kek::{InvalidTransition, KekState, StateChange};
+use crate::root::ProviderInfo;
+
+/// A registered master key (version of the root key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MasterKeyId(pub i64);
+
+/// A tenant to create: its first KEK and its index root, both already wrapped.
+#[derive(Debug, Clone)]
+pub struct NewTenant {
+    /// Tenant id.
+    pub id: TenantId,
+    /// Index root wrapped by the master key.
+    pub index_root_wrapped: Vec<u8>,
+    /// KEK version 1 wrapped by the master key.
+    pub kek_wrapped: Vec<u8>,
+    /// The master key that wrapped both.
+    pub master: MasterKeyId,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// One KEK version as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KekRecord {
+    /// Version number.
+    pub version: KekVersion,
+    /// State.
+    pub state: KekState,
+    /// Wrapped material; `None` once destroyed.
+    pub wrapped: Option<Vec<u8>>,
+    /// The master key that wrapped it.
+    pub master: MasterKeyId,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds of the last state change.
+    pub state_changed_at: i64,
+}
+
+/// A tenant as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantRecord {
+    /// Tenant id.
+    pub id: TenantId,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Wrapped index root; `None` once shredded.
+    pub index_root_wrapped: Option<Vec<u8>>,
+    /// The master key that wrapped the index root.
+    pub index_root_master: MasterKeyId,
+    /// Every KEK version, ascending.
+    pub versions: Vec<KekRecord>,
+}
+
+impl TenantRecord {
+    /// The active version.
+    pub fn active(&self) -> Option<&KekRecord> {
+        self.versions.iter().find(|v| v.state == KekState::Active)
+    }
+}
+
+/// One stored audit event (the chain itself is built by the key service).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRow {
+    /// Key-service instance whose chain this is.
+    pub instance: String,
+    /// Position in that chain, from 1.
+    pub seq: i64,
+    /// Unix milliseconds.
+    pub ts_ms: i64,
+    /// Identity that acted.
+    pub actor: String,
+    /// What it did.
+    pub action: String,
+    /// Tenant concerned.
+    pub tenant: Option<String>,
+    /// KEK version concerned.
+    pub kek_version: Option<i64>,
+    /// Record key ids concerned (JSON array of hex strings).
+    pub record_key_ids: String,
+    /// `ok`, `denied`, `error`, …
+    pub outcome: String,
+    /// Further detail (JSON object; never values or secrets).
+    pub detail: String,
+    /// Hash of the previous event in the chain.
+    pub prev_hash: Vec<u8>,
+    /// This event's chain hash.
+    pub hash: Vec<u8>,
+}
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database cannot be reached or refused the operation (I/O,
+    /// locked, full, closed); the operation had no effect.
+    #[error("keystore unavailable: {0}")]
+    Unavailable(String),
+    /// A tenant with this id exists.
+    #[error("tenant {0} already exists")]
+    TenantExists(TenantId),
+    /// No such tenant.
+    #[error("unknown tenant {0}")]
+    UnknownTenant(TenantId),
+    /// No such KEK version.
+    #[error("tenant {tenant} has no KEK version {version}")]
+    UnknownVersion {
+        /// Tenant.
+        tenant: TenantId,
+        /// Version asked for.
+        version: KekVersion,
+    },
+    /// Another writer added a version first; re-read and retry.
+    #[error("tenant {0} was rotated concurrently")]
+    VersionConflict(TenantId),
+    /// The state change is not allowed.
+    #[error(transparent)]
+    InvalidTransition(#[from] InvalidTransition),
+    /// An audit event with this instance and sequence number exists.
+    #[error("audit event {instance}#{seq} already exists")]
+    AuditConflict {
+        /// Instance.
+        instance: String,
+        /// Sequence number.
+        seq: i64,
+    },
+    /// Stored data violates the keystore's invariants.
+    #[error("keystore data is inconsistent: {0}")]
+    Corrupt(String),
+    /// Migrations failed.
+    #[error("keystore migration failed: {0}")]
+    Migration(String),
+}
+
+/// Storage of tenants, KEK versions, master key references and audit events.
+#[async_trait]
+pub trait KeyStore: Send + Sync + std::fmt::Debug {
+    /// Answers only if the database really does.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Registers a master key (idempotent) and returns its id.
+    async fn register_master(&self, info: &ProviderInfo) -> Result<MasterKeyId, StoreError>;
+
+    /// Creates a tenant with KEK version 1 (active) and its index root, all
+    /// or nothing.
+    async fn create_tenant(&self, tenant: NewTenant) -> Result<TenantRecord, StoreError>;
+
+    /// A tenant with all its versions.
+    async fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>, StoreError>;
+
+    /// All tenants, by id.
+    async fn list_tenants(&self) -> Result<Vec<TenantRecord>, StoreError>;
+
+    /// One KEK version.
+    async fn kek(
+        &self,
+        id: &TenantId,
+        version: KekVersion,
+    ) -> Result<Option<KekRecord>, StoreError>;
+
+    /// Adds `version` as the new active version and makes the previous
+    /// active one decrypt-only, atomically. `version` must be exactly one
+    /// above the current highest; otherwise [`StoreError::VersionConflict`].
+    async fn add_kek_version(
+        &self,
+        id: &TenantId,
+        version: KekVersion,
+        wrapped: &[u8],
+        master: MasterKeyId,
+        now: i64,
+    ) -> Result<KekRecord, StoreError>;
+
+    /// Applies a state change, validated against the current state in the
+    /// same transaction.
+    async fn change_kek_state(
+        &self,
+        id: &TenantId,
+        version: KekVersion,
+        change: StateChange,
+        now: i64,
+    ) -> Result<KekRecord, StoreError>;
+
+    /// Appends audit events atomically (all or none).
+    async fn append_audit(&self, rows: &[AuditRow]) -> Result<(), StoreError>;
+
+    /// Audit events of one instance with `seq > after`, ascending, at most `limit`.
+    async fn audit_rows(
+        &self,
+        instance: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>, StoreError>;
+}

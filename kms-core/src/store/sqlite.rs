@@ -1,0 +1,451 @@
+//! The embedded SQLite keystore: one file in a data directory, WAL journal,
+//! `synchronous = FULL` (a committed transaction survives power loss),
+//! foreign keys on, and writes in `BEGIN IMMEDIATE` transactions so two
+//! writers never deadlock upgrading a read lock.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+
+use super::{AuditRow, KekRecord, KeyStore, MasterKeyId, NewTenant, StoreError, TenantRecord};
+use crate::dek::KekVersion;
+use crate::ids::TenantId;
+use crate::kek::{KekState, StateChange};
+use crate::root::ProviderInfo;
+
+/// File name of the keystore inside a data directory.
+pub const KEYSTORE_FILE: &str = "keystore.sqlite3";
+
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_CONNECTIONS: u32 = 4;
+
+/// The SQLite keystore.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    path: PathBuf,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `keystore.sqlite3` in `data_dir`, which is
+    /// created with mode 0700, and applies pending migrations.
+    pub async fn open_in_dir(data_dir: &Path) -> Result<Self, StoreError> {
+        create_private_dir(data_dir)?;
+        Self::open(&data_dir.join(KEYSTORE_FILE)).await
+    }
+
+    /// Opens (creating if needed, mode 0600) the keystore at `path` and
+    /// applies pending migrations.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        create_private_file(path)?;
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(false)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(BUSY_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(unavailable)?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Migration(e.to_string()))?;
+        Ok(Self { pool, path: path.to_owned() })
+    }
+
+    /// Where the database file is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Closes every connection (checkpointing the WAL).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn write_tx(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)
+    }
+
+    async fn load_versions(
+        &self,
+        conn: &mut sqlx::SqliteConnection,
+        id: &TenantId,
+    ) -> Result<Vec<KekRecord>, StoreError> {
+        sqlx::query(
+            "SELECT version, state, wrapped, master_key, created_at, state_changed_at
+             FROM kek_versions WHERE tenant = ? ORDER BY version",
+        )
+        .bind(id.as_str())
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(unavailable)?
+        .iter()
+        .map(kek_from_row)
+        .collect()
+    }
+
+    async fn load_tenant(
+        &self,
+        conn: &mut sqlx::SqliteConnection,
+        id: &TenantId,
+    ) -> Result<Option<TenantRecord>, StoreError> {
+        let Some(row) = sqlx::query(
+            "SELECT created_at, index_root_wrapped, index_root_master FROM tenants WHERE id = ?",
+        )
+        .bind(id.as_str())
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(unavailable)?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(TenantRecord {
+            id: id.clone(),
+            created_at: get(&row, "created_at")?,
+            index_root_wrapped: get(&row, "index_root_wrapped")?,
+            index_root_master: MasterKeyId(get(&row, "index_root_master")?),
+            versions: self.load_versions(conn, id).await?,
+        }))
+    }
+}
+
+#[async_trait]
+impl KeyStore for SqliteStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn register_master(&self, info: &ProviderInfo) -> Result<MasterKeyId, StoreError> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query(
+            "INSERT INTO master_keys (kind, key_ref, created_at) VALUES (?, ?, unixepoch())
+             ON CONFLICT (kind, key_ref) DO NOTHING",
+        )
+        .bind(info.kind)
+        .bind(&info.key_ref)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let id: i64 =
+            sqlx::query_scalar("SELECT id FROM master_keys WHERE kind = ? AND key_ref = ?")
+                .bind(info.kind)
+                .bind(&info.key_ref)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(MasterKeyId(id))
+    }
+
+    async fn create_tenant(&self, t: NewTenant) -> Result<TenantRecord, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO tenants (id, created_at, index_root_wrapped, index_root_master)
+             VALUES (?, ?, ?, ?)",
+        )
+        .bind(t.id.as_str())
+        .bind(t.created_at)
+        .bind(&t.index_root_wrapped)
+        .bind(t.master.0)
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Err(e) if is_unique_violation(&e) => return Err(StoreError::TenantExists(t.id)),
+            other => other.map_err(unavailable)?,
+        };
+        sqlx::query(
+            "INSERT INTO kek_versions (tenant, version, state, wrapped, master_key, created_at, state_changed_at)
+             VALUES (?, 1, 'active', ?, ?, ?, ?)",
+        )
+        .bind(t.id.as_str())
+        .bind(&t.kek_wrapped)
+        .bind(t.master.0)
+        .bind(t.created_at)
+        .bind(t.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let record = self.load_tenant(&mut tx, &t.id).await?;
+        tx.commit().await.map_err(unavailable)?;
+        record.ok_or_else(|| StoreError::Corrupt("tenant vanished inside its transaction".into()))
+    }
+
+    async fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>, StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(unavailable)?;
+        self.load_tenant(&mut conn, id).await
+    }
+
+    async fn list_tenants(&self) -> Result<Vec<TenantRecord>, StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(unavailable)?;
+        let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM tenants ORDER BY id")
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let id = TenantId::new(id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            if let Some(t) = self.load_tenant(&mut conn, &id).await? {
+                out.push(t);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn kek(
+        &self,
+        id: &TenantId,
+        version: KekVersion,
+    ) -> Result<Option<KekRecord>, StoreError> {
+        sqlx::query(
+            "SELECT version, state, wrapped, master_key, created_at, state_changed_at
+             FROM kek_versions WHERE tenant = ? AND version = ?",
+        )
+        .bind(id.as_str())
+        .bind(i64::from(version))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?
+        .as_ref()
+        .map(kek_from_row)
+        .transpose()
+    }
+
+    async fn add_kek_version(
+        &self,
+        id: &TenantId,
+        version: KekVersion,
+        wrapped: &[u8],
+        master: MasterKeyId,
+        now: i64,
+    ) -> Result<KekRecord, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let highest: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(version) FROM kek_versions WHERE tenant = ?")
+                .bind(id.as_str())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        let Some(highest) = highest else {
+            return Err(StoreError::UnknownTenant(id.clone()));
+        };
+        if i64::from(version) != highest + 1 {
+            return Err(StoreError::VersionConflict(id.clone()));
+        }
+        sqlx::query(
+            "UPDATE kek_versions SET state = 'decrypt_only', state_changed_at = ?
+             WHERE tenant = ? AND state = 'active'",
+        )
+        .bind(now)
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let inserted = sqlx::query(
+            "INSERT INTO kek_versions (tenant, version, state, wrapped, master_key, created_at, state_changed_at)
+             VALUES (?, ?, 'active', ?, ?, ?, ?)",
+        )
+        .bind(id.as_str())
+        .bind(i64::from(version))
+        .bind(wrapped)
+        .bind(master.0)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Err(e) if is_unique_violation(&e) => {
+                return Err(StoreError::VersionConflict(id.clone()));
+            }
+            other => other.map_err(unavailable)?,
+        };
+        tx.commit().await.map_err(unavailable)?;
+        Ok(KekRecord {
+            version,
+            state: KekState::Active,
+            wrapped: Some(wrapped.to_vec()),
+            master,
+            created_at: now,
+            state_changed_at: now,
+        })
+    }
+
+    async fn change_kek_state(
+        &self,
+        id: &TenantId,
+        version: KekVersion,
+        change: StateChange,
+        now: i64,
+    ) -> Result<KekRecord, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let current = sqlx::query(
+            "SELECT version, state, wrapped, master_key, created_at, state_changed_at
+             FROM kek_versions WHERE tenant = ? AND version = ?",
+        )
+        .bind(id.as_str())
+        .bind(i64::from(version))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let Some(current) = current.as_ref().map(kek_from_row).transpose()? else {
+            return Err(StoreError::UnknownVersion { tenant: id.clone(), version });
+        };
+        let next = current.state.apply(change)?;
+        sqlx::query(
+            "UPDATE kek_versions SET state = ?, state_changed_at = ? WHERE tenant = ? AND version = ?",
+        )
+        .bind(next.as_str())
+        .bind(now)
+        .bind(id.as_str())
+        .bind(i64::from(version))
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(KekRecord { state: next, state_changed_at: now, ..current })
+    }
+
+    async fn append_audit(&self, rows: &[AuditRow]) -> Result<(), StoreError> {
+        let mut tx = self.write_tx().await?;
+        for r in rows {
+            let inserted = sqlx::query(
+                "INSERT INTO audit_events (instance, seq, ts_ms, actor, action, tenant, kek_version,
+                     record_key_ids, outcome, detail, prev_hash, hash)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&r.instance)
+            .bind(r.seq)
+            .bind(r.ts_ms)
+            .bind(&r.actor)
+            .bind(&r.action)
+            .bind(&r.tenant)
+            .bind(r.kek_version)
+            .bind(&r.record_key_ids)
+            .bind(&r.outcome)
+            .bind(&r.detail)
+            .bind(&r.prev_hash)
+            .bind(&r.hash)
+            .execute(&mut *tx)
+            .await;
+            match inserted {
+                Err(e) if is_unique_violation(&e) => {
+                    return Err(StoreError::AuditConflict {
+                        instance: r.instance.clone(),
+                        seq: r.seq,
+                    });
+                }
+                other => other.map_err(unavailable)?,
+            };
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn audit_rows(
+        &self,
+        instance: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>, StoreError> {
+        sqlx::query(
+            "SELECT instance, seq, ts_ms, actor, action, tenant, kek_version, record_key_ids,
+                    outcome, detail, prev_hash, hash
+             FROM audit_events WHERE instance = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(instance)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?
+        .iter()
+        .map(|row| {
+            Ok(AuditRow {
+                instance: get(row, "instance")?,
+                seq: get(row, "seq")?,
+                ts_ms: get(row, "ts_ms")?,
+                actor: get(row, "actor")?,
+                action: get(row, "action")?,
+                tenant: get(row, "tenant")?,
+                kek_version: get(row, "kek_version")?,
+                record_key_ids: get(row, "record_key_ids")?,
+                outcome: get(row, "outcome")?,
+                detail: get(row, "detail")?,
+                prev_hash: get(row, "prev_hash")?,
+                hash: get(row, "hash")?,
+            })
+        })
+        .collect()
+    }
+}
+
+fn kek_from_row(row: &SqliteRow) -> Result<KekRecord, StoreError> {
+    let state: String = get(row, "state")?;
+    let version: i64 = get(row, "version")?;
+    Ok(KekRecord {
+        version: KekVersion::try_from(version)
+            .map_err(|_| StoreError::Corrupt(format!("KEK version {version} out of range")))?,
+        state: KekState::from_str(&state)
+            .map_err(|()| StoreError::Corrupt(format!("unknown KEK state {state:?}")))?,
+        wrapped: get(row, "wrapped")?,
+        master: MasterKeyId(get(row, "master_key")?),
+        created_at: get(row, "created_at")?,
+        state_changed_at: get(row, "state_changed_at")?,
+    })
+}
+
+fn get<'r, T>(row: &'r SqliteRow, column: &str) -> Result<T, StoreError>
+where
+    T: sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>,
+{
+    row.try_get(column).map_err(|e| StoreError::Corrupt(format!("column {column}: {e}")))
+}
+
+fn unavailable(e: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error().is_some_and(|d| d.is_unique_violation())
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
+    let io = |e: std::io::Error| {
+        StoreError::Unavailable(format!("data directory {}: {e}", dir.display()))
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)
+    }
+    #[cfg(not(unix))]
+    {
+        std::fs::create_dir_all(dir).map_err(io)
+    }
+}
+
+fn create_private_file(path: &Path) -> Result<(), StoreError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options
+        .open(path)
+        .map(drop)
+        .map_err(|e| StoreError::Unavailable(format!("keystore file {}: {e}", path.display())))
+}
