@@ -105,7 +105,16 @@ impl EncryptedRecord {
         disclose: &dyn Fn(&FieldSpec) -> Disclosure,
     ) -> Result<DecryptedRecord, RecordError> {
         let header = &self.header;
-        header.verify(dek)?;
+        let mut bound = Vec::new();
+        for listed in header.fields() {
+            if matches!(listed.mode, FieldMode::Deterministic | FieldMode::Pseudonym) {
+                match self.body.pointer(&listed.pointer) {
+                    Some(Value::String(text)) => bound.push(text.as_str()),
+                    _ => return Err(RecordError::CannotDecrypt),
+                }
+            }
+        }
+        header.verify(dek, &bound)?;
         if header.schema() != &schema.name
             || header.schema_version() != schema.version
             || !keys.is_for(header.tenant(), schema)

@@ -3,7 +3,7 @@
 use serde_json::Value;
 use zeroize::Zeroizing;
 
-use super::header::{HeaderContents, HeaderField, RecordHeader};
+use super::header::{HeaderContents, HeaderField};
 use super::keys::{FieldKeys, SchemaKeys};
 use super::transform::{self, RANDOMIZED_PREFIX};
 use super::{BLIND_INDEX_SUFFIX, HEADER_MEMBER, MAX_FIELDS, RecordError};
@@ -52,29 +52,31 @@ pub fn encrypt_record(
         }
     }
 
-    let header = RecordHeader::build(
-        HeaderContents {
-            tenant,
-            schema: &schema.name,
-            schema_version: schema.version,
-            record_key_id: dek.record_key_id,
-            fields: locations
-                .iter()
-                .map(|loc| {
-                    Ok(HeaderField {
-                        pointer: loc.pointer.clone(),
-                        mode: field(schema, loc.field)?.mode,
-                    })
+    let unsigned = HeaderContents {
+        tenant,
+        schema: &schema.name,
+        schema_version: schema.version,
+        record_key_id: dek.record_key_id,
+        fields: locations
+            .iter()
+            .map(|loc| {
+                Ok(HeaderField {
+                    pointer: loc.pointer.clone(),
+                    mode: field(schema, loc.field)?.mode,
                 })
-                .collect::<Result<_, RecordError>>()?,
-            kek_version: dek.kek_version,
-            wrapped_dek: dek.wrapped,
-        },
-        dek.dek(),
-    )
+            })
+            .collect::<Result<_, RecordError>>()?,
+        kek_version: dek.kek_version,
+        wrapped_dek: dek.wrapped,
+    }
+    .layout()
     .map_err(|_| RecordError::TooManyFields)?;
 
-    let aad_prefix = header.field_aad_prefix();
+    let aad_prefix = unsigned.field_aad_prefix();
+    // Deterministic and pseudonym values are not bound to the record by
+    // their own crypto (equality across records is their point), so the
+    // header tag covers them.
+    let mut bound: Vec<String> = Vec::new();
     let record_aead = Aead::new(dek.dek());
     let mut plaintext = Zeroizing::new(Vec::new());
     let mut aad = Vec::with_capacity(64);
@@ -115,6 +117,9 @@ pub fn encrypt_record(
         // The plaintext `Value` is dropped here; its buffer is not wiped
         // (serde_json offers no way to), but the serialized copy above is.
         drop(value);
+        if matches!(spec.mode, FieldMode::Deterministic | FieldMode::Pseudonym) {
+            bound.push(replacement.clone());
+        }
         if let Some(slot) = record.pointer_mut(&loc.pointer) {
             *slot = Value::String(replacement);
         }
@@ -124,6 +129,8 @@ pub fn encrypt_record(
             insert_sibling(&mut record, &sibling, token);
         }
     }
+    let bound: Vec<&str> = bound.iter().map(String::as_str).collect();
+    let header = unsigned.sign(dek.dek(), &bound);
     if let Some(object) = record.as_object_mut() {
         object.insert(HEADER_MEMBER.to_owned(), Value::String(header.encode()));
     }

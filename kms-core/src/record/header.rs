@@ -112,23 +112,32 @@ pub struct HeaderContents<'a> {
     pub wrapped_dek: WrappedDek,
 }
 
-impl RecordHeader {
-    /// Builds and authenticates a header with the record's DEK.
-    pub fn build(contents: HeaderContents<'_>, dek: &Key256) -> Result<Self, HeaderError> {
-        let mut signed = Vec::with_capacity(64 + contents.fields.len() * 24);
+/// A header whose record part is laid out but not yet authenticated: the
+/// field ciphertexts (whose AAD depends on the record part) are made first,
+/// then the tag, which also covers the deterministic and pseudonym values.
+#[derive(Debug)]
+pub struct UnsignedHeader {
+    header: RecordHeader,
+}
+
+impl HeaderContents<'_> {
+    /// Lays out the record part. Fails if the fields are not strictly
+    /// ascending valid pointers or the header would exceed its limits.
+    pub fn layout(self) -> Result<UnsignedHeader, HeaderError> {
+        let mut signed = Vec::with_capacity(64 + self.fields.len() * 24);
         signed.push(FORMAT_V1);
         signed.push(ALG_AES256_GCM_SIV);
-        push_short(&mut signed, contents.tenant.as_str().as_bytes());
-        push_short(&mut signed, contents.schema.as_str().as_bytes());
-        signed.extend_from_slice(&contents.schema_version.to_be_bytes());
-        signed.extend_from_slice(contents.record_key_id.as_bytes());
-        if contents.fields.len() > MAX_FIELDS {
+        push_short(&mut signed, self.tenant.as_str().as_bytes());
+        push_short(&mut signed, self.schema.as_str().as_bytes());
+        signed.extend_from_slice(&self.schema_version.to_be_bytes());
+        signed.extend_from_slice(self.record_key_id.as_bytes());
+        if self.fields.len() > MAX_FIELDS {
             return Err(HeaderError::TooLarge);
         }
-        let n = u16::try_from(contents.fields.len()).map_err(|_| HeaderError::TooLarge)?;
+        let n = u16::try_from(self.fields.len()).map_err(|_| HeaderError::TooLarge)?;
         signed.extend_from_slice(&n.to_be_bytes());
         let mut previous: Option<&str> = None;
-        for field in &contents.fields {
+        for field in &self.fields {
             check_pointer(&field.pointer, previous)?;
             previous = Some(&field.pointer);
             let len = u16::try_from(field.pointer.len()).map_err(|_| HeaderError::TooLarge)?;
@@ -139,20 +148,40 @@ impl RecordHeader {
         if signed.len() + HEADER_TAG_LEN + KEY_PART_LEN > MAX_HEADER_LEN {
             return Err(HeaderError::TooLarge);
         }
-        let tag = compute_tag(dek, &signed);
-        Ok(Self {
-            tenant: contents.tenant.clone(),
-            schema: contents.schema.clone(),
-            schema_version: contents.schema_version,
-            record_key_id: contents.record_key_id,
-            fields: contents.fields,
-            kek_version: contents.kek_version,
-            wrapped_dek: contents.wrapped_dek,
-            signed,
-            tag,
+        Ok(UnsignedHeader {
+            header: RecordHeader {
+                tenant: self.tenant.clone(),
+                schema: self.schema.clone(),
+                schema_version: self.schema_version,
+                record_key_id: self.record_key_id,
+                fields: self.fields,
+                kek_version: self.kek_version,
+                wrapped_dek: self.wrapped_dek,
+                signed,
+                tag: [0; HEADER_TAG_LEN],
+            },
         })
     }
+}
 
+impl UnsignedHeader {
+    /// `SHA-256(record part without tag)`: the prefix of every randomized
+    /// field's AAD.
+    pub fn field_aad_prefix(&self) -> [u8; 32] {
+        self.header.field_aad_prefix()
+    }
+
+    /// Computes the header tag with the record's DEK over the record part
+    /// and `bound`: the stored strings of the deterministic and pseudonym
+    /// fields, in header order.
+    pub fn sign(mut self, dek: &Key256, bound: &[&str]) -> RecordHeader {
+        let full = mac::hmac(&tag_key(dek), &[&tag_message(&self.header.signed, bound)]);
+        self.header.tag.copy_from_slice(full.get(..HEADER_TAG_LEN).unwrap_or(&[0; HEADER_TAG_LEN]));
+        self.header
+    }
+}
+
+impl RecordHeader {
     /// Parses the `_kg` member's value. Does not authenticate: call
     /// [`RecordHeader::verify`] once the DEK is known.
     pub fn parse(text: &str) -> Result<Self, HeaderError> {
@@ -221,9 +250,10 @@ impl RecordHeader {
         })
     }
 
-    /// Checks the header tag with the record's DEK (constant time).
-    pub fn verify(&self, dek: &Key256) -> Result<(), CannotDecrypt> {
-        mac::verify_truncated(&tag_key(dek), &self.signed, &self.tag)
+    /// Checks the header tag with the record's DEK (constant time);
+    /// `bound` as for [`UnsignedHeader::sign`].
+    pub fn verify(&self, dek: &Key256, bound: &[&str]) -> Result<(), CannotDecrypt> {
+        mac::verify_truncated(&tag_key(dek), &tag_message(&self.signed, bound), &self.tag)
     }
 
     /// The `_kg` member's value.
@@ -299,11 +329,17 @@ fn tag_key(dek: &Key256) -> Key256 {
     kdf::derive(dek, HEADER_TAG_LABEL)
 }
 
-fn compute_tag(dek: &Key256, signed: &[u8]) -> [u8; HEADER_TAG_LEN] {
-    let full = mac::hmac(&tag_key(dek), &[signed]);
-    let mut tag = [0u8; HEADER_TAG_LEN];
-    tag.copy_from_slice(full.get(..HEADER_TAG_LEN).unwrap_or(&[0; HEADER_TAG_LEN]));
-    tag
+/// `record part ‖ n × (u32be len ‖ value)`: what the header tag covers.
+fn tag_message(signed: &[u8], bound: &[&str]) -> Vec<u8> {
+    let extra: usize = bound.iter().map(|b| b.len() + 4).sum();
+    let mut message = Vec::with_capacity(signed.len() + extra);
+    message.extend_from_slice(signed);
+    for value in bound {
+        let len = u32::try_from(value.len()).unwrap_or(u32::MAX);
+        message.extend_from_slice(&len.to_be_bytes());
+        message.extend_from_slice(value.as_bytes());
+    }
+    message
 }
 
 /// A pointer in a header must be a valid, non-root pointer, strictly after
@@ -357,19 +393,18 @@ mod tests {
 
     fn sample(fields: Vec<HeaderField>) -> (RecordHeader, Key256) {
         let dek = Key256::from_array(&mut [9; 32]);
-        let header = RecordHeader::build(
-            HeaderContents {
-                tenant: &TenantId::new("onc").unwrap(),
-                schema: &Name::new("patient").unwrap(),
-                schema_version: 3,
-                record_key_id: RecordKeyId::from_bytes([1; 16]),
-                fields,
-                kek_version: 2,
-                wrapped_dek: WrappedDek::from_slice(&[5; 60]).unwrap(),
-            },
-            &dek,
-        )
-        .unwrap();
+        let header = HeaderContents {
+            tenant: &TenantId::new("onc").unwrap(),
+            schema: &Name::new("patient").unwrap(),
+            schema_version: 3,
+            record_key_id: RecordKeyId::from_bytes([1; 16]),
+            fields,
+            kek_version: 2,
+            wrapped_dek: WrappedDek::from_slice(&[5; 60]).unwrap(),
+        }
+        .layout()
+        .unwrap()
+        .sign(&dek, &["kg1d:bound"]);
         (header, dek)
     }
 
@@ -383,8 +418,10 @@ mod tests {
             sample(vec![field("/a", FieldMode::Randomized), field("/b/0", FieldMode::BlindIndex)]);
         let parsed = RecordHeader::parse(&h.encode()).unwrap();
         assert_eq!(parsed, h);
-        assert!(parsed.verify(&dek).is_ok());
-        assert!(parsed.verify(&Key256::from_array(&mut [8; 32])).is_err());
+        assert!(parsed.verify(&dek, &["kg1d:bound"]).is_ok());
+        assert!(parsed.verify(&dek, &["kg1d:other"]).is_err());
+        assert!(parsed.verify(&dek, &[]).is_err());
+        assert!(parsed.verify(&Key256::from_array(&mut [8; 32]), &["kg1d:bound"]).is_err());
         assert_eq!(parsed.kek_version(), 2);
         assert_eq!(parsed.schema_version(), 3);
     }
@@ -454,6 +491,6 @@ mod tests {
         let reparsed = RecordHeader::parse(&moved.encode()).unwrap();
         assert_eq!(reparsed.kek_version(), 7);
         assert_eq!(reparsed.field_aad_prefix(), h.field_aad_prefix());
-        assert!(reparsed.verify(&dek).is_ok());
+        assert!(reparsed.verify(&dek, &["kg1d:bound"]).is_ok());
     }
 }

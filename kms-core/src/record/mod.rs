@@ -15,7 +15,7 @@ pub use self::decrypt::{DecryptedRecord, Disclosure, EncryptedRecord, FieldOutco
 pub use self::encrypt::encrypt_record;
 pub use self::header::{
     HEADER_PREFIX, HeaderContents, HeaderError, HeaderField, MAX_FIELDS, MAX_HEADER_LEN,
-    RecordHeader,
+    RecordHeader, UnsignedHeader,
 };
 pub use self::keys::{
     IndexPurpose, MissingFieldKey, SchemaKeys, derive_field_key, derive_pseudonym_key,
