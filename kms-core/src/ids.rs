@@ -100,7 +100,7 @@ name_type!(
 /// Chosen by the key service, bound into the DEK wrapping AAD, and carried
 /// in the record header. Not secret, but compared in constant time because
 /// callers may probe with guessed ids.
-#[derive(Clone, Copy, Hash)]
+#[derive(Clone, Copy)]
 pub struct RecordKeyId([u8; RecordKeyId::LEN]);
 
 impl RecordKeyId {
@@ -141,6 +141,12 @@ impl PartialEq for RecordKeyId {
 }
 
 impl Eq for RecordKeyId {}
+
+impl std::hash::Hash for RecordKeyId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
 
 impl fmt::Debug for RecordKeyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

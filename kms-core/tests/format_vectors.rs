@@ -5,6 +5,7 @@
 //! The keys in the vector files are published test keys, not secrets.
 //! To add a vector (never to change one): `KEYGATE_WRITE_VECTORS=1 cargo
 //! test -p kms-core --test format_vectors -- --ignored`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
 
 mod common;
 

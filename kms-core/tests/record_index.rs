@@ -1,4 +1,5 @@
 //! Deterministic encryption, blind indexes and pseudonyms.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! Round trips of every field mode over every JSON value type, by proptest.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
 
 mod common;
 

@@ -3,6 +3,7 @@
 //!
 //! Vectors: RFC 8452, Appendix C.2 ("AEAD_AES_256_GCM_SIV"), cases 1 and 8
 //! (all-zero-ish keys) and the last three of the randomized-key cases.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
 
 use data_encoding::HEXLOWER;
 use kms_core::Key256;

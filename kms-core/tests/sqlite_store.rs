@@ -1,4 +1,5 @@
 //! The SQLite keystore: transactions, concurrency, durability across reopen.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
 
 use std::sync::Arc;
 

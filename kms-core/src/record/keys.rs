@@ -80,7 +80,7 @@ pub fn derive_pseudonym_key(index_root: &Key256, tenant: &TenantId, namespace: &
 
 /// The keys one field needs.
 pub(crate) enum FieldKeys {
-    Deterministic { enc: Aead, nonce: Key256, aad: Vec<u8> },
+    Deterministic { enc: Box<Aead>, nonce: Key256, aad: Vec<u8> },
     BlindIndex(Key256),
     Pseudonym(Key256),
 }
@@ -133,7 +133,7 @@ impl SchemaKeys {
             fields.push(match field.mode {
                 FieldMode::Randomized => None,
                 FieldMode::Deterministic => Some(FieldKeys::Deterministic {
-                    enc: Aead::new(&get(IndexPurpose::DeterministicEncryption)?),
+                    enc: Box::new(Aead::new(&get(IndexPurpose::DeterministicEncryption)?)),
                     nonce: get(IndexPurpose::DeterministicNonce)?,
                     aad: deterministic_aad(tenant, &schema.name, field),
                 }),

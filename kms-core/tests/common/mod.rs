@@ -1,5 +1,5 @@
 //! Shared helpers for kms-core's integration tests.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 use kms_core::crypto::Aead;
 use kms_core::record::{Disclosure, EncryptedRecord, SchemaKeys, encrypt_record};
