@@ -24,7 +24,7 @@ use crate::secret::Key256;
 use crate::store::{KekRecord, KeyStore, MasterKeyId, NewTenant, StoreError, TenantRecord};
 
 /// How many times a rotation is retried when another writer rotates first.
-const ROTATION_ATTEMPTS: usize = 8;
+const ROTATION_ATTEMPTS: usize = 32;
 
 /// Tunables.
 #[derive(Debug, Clone)]
@@ -227,7 +227,7 @@ impl KeyHierarchy {
                     self.cache.invalidate_tenant(id);
                     return Ok(record);
                 }
-                Err(StoreError::VersionConflict(_)) => continue,
+                Err(StoreError::VersionConflict(_)) => tokio::task::yield_now().await,
                 Err(e) => return Err(e.into()),
             }
         }
