@@ -1,20 +1,28 @@
 //! # gateway
 //!
-//! The `keygate` binary's library: transport and process. Nothing here is
-//! built yet; this is the outline the key service, sidecar and admin CLI
-//! issues fill in, each as its own module:
+//! The `keygate` binary's library: transport and process around
+//! [`kms_core`]. What it guarantees:
+//! - every API call arrives over mutual TLS and is authorized by a
+//!   default-deny policy for the identity in the client certificate;
+//! - every key operation is recorded in the tamper-evident audit chain
+//!   before its result leaves (fail closed when the audit log cannot write);
+//! - errors become HTTP responses in one place ([`error`]) with stable codes
+//!   and no secret, key byte or backend detail;
+//! - no log line, error or metric contains key material or field values.
 //!
-//! - `config`: one TOML file, every key overridable by `KEYGATE_…` env
-//!   vars, secrets by file path (DESIGN §11).
-//! - `tls`: rustls with mandatory client certificates; identity from the
-//!   certificate's URI SAN, else DNS SAN (DESIGN §6).
-//! - `policy`: default-deny grants of roles, field classes and purposes.
-//! - `audit`: the per-instance SHA-256 hash chain with signed checkpoints.
-//! - `server`: the key service HTTP API (DESIGN §4) over
-//!   [`kms_core::KeyHierarchy`].
-//! - `sidecar`: the app-facing API (DESIGN §5): DEK pool, DEK cache, field
-//!   crypto from [`kms_core::record`].
-//! - `admin`: the security team's CLI (DESIGN §7).
-//! - `error`: the one place errors become HTTP statuses and codes.
+//! Modules: [`config`], [`tls`], [`policy`], [`audit_log`], [`server`]
+//! (the key service), [`metrics`], [`error`], [`pki`] (development
+//! certificates), [`cli`]. The sidecar and the
+//! admin CLI come next.
 
 #![forbid(unsafe_code)]
+
+pub mod audit_log;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod pki;
+pub mod policy;
+pub mod server;
+pub mod tls;

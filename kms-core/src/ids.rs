@@ -127,9 +127,9 @@ impl RecordKeyId {
         data_encoding::HEXLOWER.encode(&self.0)
     }
 
-    /// Parses 32 hex digits.
+    /// Parses 32 lowercase hex digits (one canonical form).
     pub fn from_hex(text: &str) -> Option<Self> {
-        let bytes = data_encoding::HEXLOWER_PERMISSIVE.decode(text.as_bytes()).ok()?;
+        let bytes = data_encoding::HEXLOWER.decode(text.as_bytes()).ok()?;
         Some(Self(bytes.try_into().ok()?))
     }
 }

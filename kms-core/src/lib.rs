@@ -27,6 +27,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod crypto;
 mod dek;
 mod hierarchy;
@@ -47,6 +48,6 @@ pub use crate::hierarchy::{
 };
 pub use crate::ids::{InvalidName, MAX_NAME_LEN, Name, RecordKeyId, TenantId};
 pub use crate::kek::{InvalidTransition, KekState, StateChange};
-pub use crate::pointer::{MAX_POINTER_LEN, PathPattern, PatternToken, PointerError};
+pub use crate::pointer::{ExpandError, MAX_POINTER_LEN, PathPattern, PatternToken, PointerError};
 pub use crate::root::{KeyPurpose, ProviderInfo, RootKeyError, RootKeyProvider, WrapContext};
 pub use crate::secret::{KEY_LEN, Key256};

@@ -26,6 +26,25 @@ pub enum PointerError {
     TooLong,
 }
 
+/// Expanding a pattern over a record failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExpandError {
+    /// A value on the path is not the array or object the pattern needs.
+    #[error(
+        "the value at {pointer} is not the array or object the schema's path {pattern} expects"
+    )]
+    ShapeMismatch {
+        /// Where the unexpected value is.
+        pointer: String,
+        /// The pattern.
+        pattern: String,
+    },
+    /// More locations than allowed, or a concrete pointer too long.
+    #[error("too many protected locations, or a location's pointer is too long")]
+    TooMany,
+}
+
 /// One token of a path pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PatternToken {
@@ -80,9 +99,20 @@ impl PathPattern {
 
     /// Appends to `out` the concrete pointer of every location in `root`
     /// this pattern matches, in document order.
-    pub fn expand(&self, root: &Value, out: &mut Vec<String>) {
+    ///
+    /// A missing member or a `null` on the way means "nothing to protect".
+    /// A value of the wrong kind on the way (a string where the pattern
+    /// needs an array or object) is an error, so protected data in an
+    /// unexpected shape is never silently left in clear. Stops with
+    /// [`ExpandError::TooMany`] once `out` would exceed `limit` entries.
+    pub fn expand(
+        &self,
+        root: &Value,
+        out: &mut Vec<String>,
+        limit: usize,
+    ) -> Result<(), ExpandError> {
         let mut prefix = String::new();
-        expand_into(&self.tokens, root, &mut prefix, out);
+        expand_into(&self.tokens, root, &mut prefix, out, limit)
     }
 
     /// Whether a concrete pointer (already split into tokens) is matched.
@@ -116,38 +146,75 @@ fn tokens_may_coincide(a: &PatternToken, b: &PatternToken) -> bool {
     }
 }
 
-fn expand_into(tokens: &[PatternToken], value: &Value, prefix: &mut String, out: &mut Vec<String>) {
+fn expand_into(
+    tokens: &[PatternToken],
+    value: &Value,
+    prefix: &mut String,
+    out: &mut Vec<String>,
+    limit: usize,
+) -> Result<(), ExpandError> {
     let Some((first, rest)) = tokens.split_first() else {
+        if out.len() >= limit || prefix.len() > MAX_POINTER_LEN {
+            return Err(ExpandError::TooMany);
+        }
         out.push(prefix.clone());
-        return;
+        return Ok(());
     };
     let len = prefix.len();
     match (first, value) {
+        (_, Value::Null) => {}
         (PatternToken::AnyIndex, Value::Array(items)) => {
             for (i, item) in items.iter().enumerate() {
                 prefix.push('/');
                 prefix.push_str(&i.to_string());
-                expand_into(rest, item, prefix, out);
+                expand_into(rest, item, prefix, out, limit)?;
                 prefix.truncate(len);
             }
         }
         (PatternToken::Key(key), Value::Object(map)) => {
             if let Some(child) = map.get(key) {
                 push_escaped(prefix, key);
-                expand_into(rest, child, prefix, out);
+                expand_into(rest, child, prefix, out, limit)?;
                 prefix.truncate(len);
             }
         }
-        (PatternToken::Key(key), Value::Array(items)) => {
+        (PatternToken::Key(key), Value::Array(items)) if array_index(key).is_some() => {
             if let Some(child) = array_index(key).and_then(|i| items.get(i)) {
                 prefix.push('/');
                 prefix.push_str(key);
-                expand_into(rest, child, prefix, out);
+                expand_into(rest, child, prefix, out, limit)?;
                 prefix.truncate(len);
             }
         }
-        _ => {}
+        _ => {
+            return Err(ExpandError::ShapeMismatch {
+                pointer: if prefix.is_empty() { "/".to_owned() } else { prefix.clone() },
+                pattern: tokens_to_string(tokens),
+            });
+        }
     }
+    Ok(())
+}
+
+fn tokens_to_string(tokens: &[PatternToken]) -> String {
+    let mut out = String::new();
+    for t in tokens {
+        match t {
+            PatternToken::AnyIndex => out.push_str("/*"),
+            PatternToken::Key(k) => push_escaped(&mut out, k),
+        }
+    }
+    out
+}
+
+/// Whether two token lists (of equal length) can address the same location.
+pub(crate) fn may_coincide(a: &[PatternToken], b: &[PatternToken]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| tokens_may_coincide(x, y))
+}
+
+/// Whether a token is an RFC 6901 array index (digits, no leading zero).
+pub(crate) fn is_array_index(token: &str) -> bool {
+    array_index(token).is_some()
 }
 
 /// RFC 6901 array index: `0` or digits without a leading zero.
@@ -207,8 +274,29 @@ mod tests {
 
     fn expand(pattern: &str, doc: &Value) -> Vec<String> {
         let mut out = Vec::new();
-        PathPattern::parse(pattern).unwrap().expand(doc, &mut out);
+        PathPattern::parse(pattern).unwrap().expand(doc, &mut out, 1000).unwrap();
         out
+    }
+
+    #[test]
+    fn wrong_shapes_are_errors_and_null_is_nothing() {
+        let p = |s| PathPattern::parse(s).unwrap();
+        let mut out = Vec::new();
+        for (pattern, doc) in [
+            ("/a/*", json!({"a": "penicillin"})),
+            ("/a/*", json!({"a": {"0": "x"}})),
+            ("/a/b", json!({"a": "scalar"})),
+            ("/a/b", json!({"a": [1]})),
+            ("/a/*/b", json!({"a": [{"b": 1}, "x"]})),
+        ] {
+            let err = p(pattern).expand(&doc, &mut out, 1000).unwrap_err();
+            assert!(matches!(err, ExpandError::ShapeMismatch { .. }), "{pattern} {doc}");
+        }
+        out.clear();
+        assert!(p("/a/*").expand(&json!({"a": null}), &mut out, 1000).is_ok());
+        assert!(out.is_empty());
+        let big = json!({"a": (0..50).collect::<Vec<_>>()});
+        assert_eq!(p("/a/*").expand(&big, &mut out, 10), Err(ExpandError::TooMany));
     }
 
     #[test]
@@ -218,14 +306,18 @@ mod tests {
             "list": [{"x": 1}, {"y": 2}, {"x": 3}],
             "nested": [[1, 2], [3]]
         });
+        let mut out = Vec::new();
+        assert!(
+            PathPattern::parse("/list/01").unwrap().expand(&doc, &mut out, 10).is_err(),
+            "leading zero is not an index"
+        );
         assert_eq!(expand("/a~1b", &doc), ["/a~1b"]);
         assert_eq!(expand("/t~0", &doc), ["/t~0"]);
         assert_eq!(expand("/list/*/x", &doc), ["/list/0/x", "/list/2/x"]);
         assert_eq!(expand("/list/1", &doc), ["/list/1"]);
         assert_eq!(expand("/nested/*/*", &doc), ["/nested/0/0", "/nested/0/1", "/nested/1/0"]);
         assert!(expand("/missing", &doc).is_empty());
-        assert!(expand("/list/*/x/deeper", &doc).is_empty());
-        assert!(expand("/list/01", &doc).is_empty(), "leading zero is not an index");
+        assert!(expand("/list/*/y/deeper", &json!({"list": [{"x": 1}]})).is_empty());
         // Every expansion resolves with serde_json's own RFC 6901 lookup.
         for p in expand("/list/*/x", &doc) {
             assert!(doc.pointer(&p).is_some());

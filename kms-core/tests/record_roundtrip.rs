@@ -138,32 +138,29 @@ fn a_record_without_protected_fields_still_round_trips() {
 fn already_encrypted_and_non_objects_are_refused() {
     let keys = TenantKeys::random("onc");
     let encrypted = keys.encrypt(json!({"ssn": "1"}));
-    let dek = keys.issue();
-    let again = kms_core::record::encrypt_record(
-        encrypted,
-        &keys.tenant,
-        &keys.schema,
-        &keys.schema_keys,
-        &dek,
-    );
-    assert!(matches!(again, Err(kms_core::record::RecordError::AlreadyEncrypted)));
-    let array = kms_core::record::encrypt_record(
-        json!([1]),
-        &keys.tenant,
-        &keys.schema,
-        &keys.schema_keys,
-        &dek,
-    );
-    assert!(matches!(array, Err(kms_core::record::RecordError::NotAnObject)));
+    let encrypt = |record| {
+        kms_core::record::encrypt_record(
+            record,
+            &keys.tenant,
+            &keys.schema,
+            &keys.schema_keys,
+            keys.issue(),
+        )
+    };
+    assert!(matches!(encrypt(encrypted), Err(kms_core::record::RecordError::AlreadyEncrypted)));
+    assert!(matches!(encrypt(json!([1])), Err(kms_core::record::RecordError::NotAnObject)));
     let clash = json!({"email": "a@b", "email_bidx": "mine"});
-    let clash = kms_core::record::encrypt_record(
-        clash,
-        &keys.tenant,
-        &keys.schema,
-        &keys.schema_keys,
-        &dek,
-    );
-    assert!(matches!(clash, Err(kms_core::record::RecordError::ReservedMember { .. })));
+    assert!(matches!(encrypt(clash), Err(kms_core::record::RecordError::ReservedMember { .. })));
+    // Protected data in an unexpected shape is refused, never left in clear.
+    for odd in [
+        json!({"allergies": "penicillin"}),
+        json!({"allergies": {"0": "latex"}}),
+        json!({"contacts": ["555-0100"]}),
+    ] {
+        let result = encrypt(odd.clone());
+        assert!(matches!(result, Err(kms_core::record::RecordError::Shape(_))), "{odd}");
+    }
+    assert!(encrypt(json!({"allergies": null})).is_ok(), "null: nothing to protect");
 }
 
 #[test]
@@ -187,6 +184,8 @@ fn need_to_know_reveals_masks_and_withholds_by_class() {
     assert_eq!(r["contacts"][0]["phone"], json!("+1 (555) 010-9999"));
     assert!(r.get("email_bidx").is_none() && r.get("_kg").is_none());
     assert_eq!(r["age"], json!(51));
+    let debug = format!("{decrypted:?}");
+    assert!(!debug.contains("6789") && !debug.contains("Jane"), "Debug leaks: {debug}");
     let outcome = |p: &str| decrypted.fields.iter().find(|f| f.pointer == p).unwrap().outcome;
     assert_eq!(outcome("/ssn"), FieldOutcome::Masked);
     assert_eq!(outcome("/mrn"), FieldOutcome::Withheld);

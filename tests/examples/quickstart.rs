@@ -36,7 +36,7 @@ async fn main() {
         "allergies": ["penicillin", "latex"], "age": 51
     });
     let dek = hierarchy.issue_deks(&demo, 1).await.expect("issue DEK").remove(0);
-    let encrypted = encrypt_record(record.clone(), &demo, schema, &keys, &dek).expect("encrypt");
+    let encrypted = encrypt_record(record.clone(), &demo, schema, &keys, dek).expect("encrypt");
     println!("DEVELOPMENT SETUP: the root key is a local file, not an HSM or KMS.");
     println!("data dir:  {}", dir.display());
     println!("plaintext: {record}");

@@ -206,7 +206,7 @@ async fn a_record_round_trips_through_the_hierarchy() {
     let record = json!({"ssn": "123-45-6789", "mrn": "M1", "email": "A@B.org", "diagnosis": "flu",
                         "patient_id": "P1", "allergies": ["latex"], "age": 40});
     let dek = h.issue_deks(&onc, 1).await.unwrap().remove(0);
-    let encrypted = encrypt_record(record.clone(), &onc, schema, &keys, &dek).unwrap();
+    let encrypted = encrypt_record(record.clone(), &onc, schema, &keys, dek).unwrap();
     assert!(!encrypted.to_string().contains("123-45-6789"));
 
     let parsed = EncryptedRecord::parse(encrypted).unwrap();

@@ -1,8 +1,9 @@
 //! Randomness.
 //!
 //! Keys, record key ids and nonces all come straight from the operating
-//! system's CSPRNG (`getrandom`). Batches ask for all their bytes in one call,
-//! so the cost of the system call is paid once per batch, not per key.
+//! system's CSPRNG (`getrandom`), one call per value. (A userspace CSPRNG
+//! seeded from the OS would be cheaper per call; the performance work will
+//! measure whether it matters.)
 
 /// The operating system's random number generator failed.
 #[derive(Debug, thiserror::Error)]

@@ -52,22 +52,36 @@ pub struct CacheStats {
 
 pub(super) struct KeyCache {
     ttl: Duration,
-    entries: Mutex<HashMap<(TenantId, Slot), Entry>>,
+    entries: Mutex<Entries>,
     hits: AtomicU64,
     misses: AtomicU64,
 }
+
+#[derive(Default)]
+struct Entries {
+    map: HashMap<(TenantId, Slot), Entry>,
+    /// Bumped by every invalidation of a tenant. A lookup that went to the
+    /// store records the generation first and may only insert its result if
+    /// no invalidation happened meanwhile, so a state change racing a cache
+    /// fill can never be overwritten by the stale value.
+    generations: HashMap<TenantId, u64>,
+}
+
+/// A tenant's invalidation count, taken before reading the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Generation(u64);
 
 impl KeyCache {
     pub(super) fn new(ttl: Duration) -> Self {
         Self {
             ttl,
-            entries: Mutex::new(HashMap::new()),
+            entries: Mutex::new(Entries::default()),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<(TenantId, Slot), Entry>> {
+    fn lock(&self) -> MutexGuard<'_, Entries> {
         // A panic while holding the lock cannot leave the map inconsistent
         // (every operation is a single insert/remove), so recover from poison.
         self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -75,12 +89,12 @@ impl KeyCache {
 
     pub(super) fn get(&self, tenant: &TenantId, slot: Slot) -> Option<Cached> {
         let now = Instant::now();
-        let mut map = self.lock();
+        let mut entries = self.lock();
         let key = (tenant.clone(), slot);
-        let found = match map.get(&key) {
+        let found = match entries.map.get(&key) {
             Some(entry) if entry.expires > now => Some(entry.value.clone()),
             Some(_) => {
-                map.remove(&key);
+                entries.map.remove(&key);
                 None
             }
             None => None,
@@ -90,34 +104,46 @@ impl KeyCache {
         found
     }
 
-    pub(super) fn insert(&self, tenant: &TenantId, slot: Slot, value: Cached) {
+    /// The tenant's current generation; take it before reading the store.
+    pub(super) fn generation(&self, tenant: &TenantId) -> Generation {
+        Generation(self.lock().generations.get(tenant).copied().unwrap_or(0))
+    }
+
+    /// Caches `value` unless the tenant was invalidated since `seen`.
+    pub(super) fn insert(&self, tenant: &TenantId, seen: Generation, slot: Slot, value: Cached) {
         if self.ttl.is_zero() {
             return;
         }
         let now = Instant::now();
-        let mut map = self.lock();
-        map.retain(|_, e| e.expires > now);
-        map.insert((tenant.clone(), slot), Entry { value, expires: now + self.ttl });
+        let mut entries = self.lock();
+        if entries.generations.get(tenant).copied().unwrap_or(0) != seen.0 {
+            return;
+        }
+        entries.map.retain(|_, e| e.expires > now);
+        entries.map.insert((tenant.clone(), slot), Entry { value, expires: now + self.ttl });
     }
 
-    /// Forgets everything cached for a tenant (after a local state change).
+    /// Forgets everything cached for a tenant (after a state change) and
+    /// makes in-flight fills for it discard their results.
     pub(super) fn invalidate_tenant(&self, tenant: &TenantId) {
-        self.lock().retain(|(t, _), _| t != tenant);
+        let mut entries = self.lock();
+        entries.map.retain(|(t, _), _| t != tenant);
+        *entries.generations.entry(tenant.clone()).or_insert(0) += 1;
     }
 
     pub(super) fn evict_expired(&self) -> usize {
         let now = Instant::now();
-        let mut map = self.lock();
-        let before = map.len();
-        map.retain(|_, e| e.expires > now);
-        before - map.len()
+        let mut entries = self.lock();
+        let before = entries.map.len();
+        entries.map.retain(|_, e| e.expires > now);
+        before - entries.map.len()
     }
 
     pub(super) fn stats(&self) -> CacheStats {
         CacheStats {
             hits: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
-            entries: self.lock().len(),
+            entries: self.lock().map.len(),
         }
     }
 }

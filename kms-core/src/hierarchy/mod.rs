@@ -29,7 +29,9 @@ const ROTATION_ATTEMPTS: usize = 32;
 /// Tunables.
 #[derive(Debug, Clone)]
 pub struct HierarchyConfig {
-    /// How long unwrapped tenant keys stay in memory.
+    /// How long unwrapped tenant keys (and the KEK states cached with them)
+    /// stay in memory; also the bound on how long another instance's state
+    /// change can go unnoticed here.
     pub key_ttl: Duration,
     /// Most DEKs one issue, unwrap or rewrap call handles.
     pub max_batch: usize,
@@ -37,7 +39,7 @@ pub struct HierarchyConfig {
 
 impl Default for HierarchyConfig {
     fn default() -> Self {
-        Self { key_ttl: Duration::from_secs(300), max_batch: 10_000 }
+        Self { key_ttl: Duration::from_secs(60), max_batch: 10_000 }
     }
 }
 
@@ -316,8 +318,10 @@ impl KeyHierarchy {
         id: &TenantId,
         requests: &[DekRequest],
     ) -> Result<Vec<Result<Rewrapped, DekError>>, HierarchyError> {
+        self.check_batch(requests.len())?;
         let active = self.active_version(id).await?;
-        let Ok((KekState::Active, Some(active_kek))) = self.kek(id, active).await else {
+        let (KekState::Active, Some(active_kek)) = self.kek(id, active).await? else {
+            // Rotated away since the active version was cached.
             self.cache.invalidate_tenant(id);
             return Err(HierarchyError::NoActiveKey(id.clone()));
         };
@@ -360,12 +364,13 @@ impl KeyHierarchy {
         if let Some(Cached::IndexRoot(root)) = self.cache.get(id, Slot::IndexRoot) {
             return Ok(root);
         }
+        let generation = self.cache.generation(id);
         let tenant = self.tenant(id).await?;
         let wrapped =
             tenant.index_root_wrapped.ok_or_else(|| HierarchyError::KeyDestroyed(id.clone()))?;
         self.check_master(tenant.index_root_master)?;
         let root = Arc::new(self.root.unwrap(&wrapped, &WrapContext::index_root(id)).await?);
-        self.cache.insert(id, Slot::IndexRoot, Cached::IndexRoot(root.clone()));
+        self.cache.insert(id, generation, Slot::IndexRoot, Cached::IndexRoot(root.clone()));
         Ok(root)
     }
 
@@ -394,9 +399,15 @@ impl KeyHierarchy {
         if let Some(Cached::ActiveVersion(v)) = self.cache.get(id, Slot::ActiveVersion) {
             return Ok(v);
         }
+        let generation = self.cache.generation(id);
         let tenant = self.tenant(id).await?;
         let active = tenant.active().ok_or_else(|| HierarchyError::NoActiveKey(id.clone()))?;
-        self.cache.insert(id, Slot::ActiveVersion, Cached::ActiveVersion(active.version));
+        self.cache.insert(
+            id,
+            generation,
+            Slot::ActiveVersion,
+            Cached::ActiveVersion(active.version),
+        );
         Ok(active.version)
     }
 
@@ -409,6 +420,7 @@ impl KeyHierarchy {
         if let Some(Cached::Kek { state, aead }) = self.cache.get(id, Slot::Kek(version)) {
             return Ok((state, aead));
         }
+        let generation = self.cache.generation(id);
         let record = match self.store.kek(id, version).await? {
             Some(record) => record,
             None if self.store.tenant(id).await?.is_none() => {
@@ -426,6 +438,7 @@ impl KeyHierarchy {
         };
         self.cache.insert(
             id,
+            generation,
             Slot::Kek(version),
             Cached::Kek { state: record.state, aead: aead.clone() },
         );

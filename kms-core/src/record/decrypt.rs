@@ -45,7 +45,8 @@ pub struct FieldReport {
 }
 
 /// A decrypted record and what was revealed, masked or withheld.
-#[derive(Debug)]
+///
+/// Its `Debug` shows the field reports only, never the record.
 pub struct DecryptedRecord {
     /// The record without `_kg` and blind index members.
     pub record: Value,
@@ -58,11 +59,22 @@ pub struct DecryptedRecord {
 /// Decryption is two steps because the DEK comes from elsewhere: parse,
 /// ask the key service to unwrap [`RecordHeader::wrapped_dek`] for this
 /// header's tenant, KEK version and record key id, then [`Self::decrypt`].
-#[derive(Debug)]
 pub struct EncryptedRecord {
     header: RecordHeader,
     /// The record without its `_kg` member.
     body: Value,
+}
+
+impl std::fmt::Debug for DecryptedRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecryptedRecord").field("fields", &self.fields).finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for EncryptedRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EncryptedRecord").field("header", &self.header).finish_non_exhaustive()
+    }
 }
 
 impl EncryptedRecord {
@@ -127,7 +139,10 @@ impl EncryptedRecord {
         }
         // The protected locations present now must be exactly those the
         // header lists, with the modes the schema gives them.
-        let locations = locate(&self.body, schema)?;
+        let locations = locate(&self.body, schema).map_err(|e| match e {
+            RecordError::Shape(_) => RecordError::CannotDecrypt,
+            other => other,
+        })?;
         if locations.len() != header.fields().len() {
             return Err(RecordError::CannotDecrypt);
         }

@@ -25,12 +25,14 @@ pub(super) struct Location {
 /// Fields the schema lists but the record lacks are simply not protected
 /// (there is nothing to protect); a record that already has `_kg` is
 /// refused.
+///
+/// The DEK is taken by value: one DEK encrypts exactly one record.
 pub fn encrypt_record(
     mut record: Value,
     tenant: &TenantId,
     schema: &Schema,
     keys: &SchemaKeys,
-    dek: &IssuedDek,
+    dek: IssuedDek,
 ) -> Result<Value, RecordError> {
     let object = record.as_object().ok_or(RecordError::NotAnObject)?;
     if object.contains_key(HEADER_MEMBER) {
@@ -46,7 +48,7 @@ pub fn encrypt_record(
     let locations = locate(&record, schema)?;
     for loc in &locations {
         if let Some(sibling) = blind_index_sibling(&loc.pointer, field(schema, loc.field)?) {
-            if record.pointer(&sibling).is_some() {
+            if record.pointer(&sibling).is_some() || !parent_is_object(&record, &sibling) {
                 return Err(RecordError::ReservedMember { pointer: sibling });
             }
         }
@@ -78,21 +80,22 @@ pub fn encrypt_record(
     // header tag covers them.
     let mut bound: Vec<String> = Vec::new();
     let record_aead = Aead::new(dek.dek());
-    let mut plaintext = Zeroizing::new(Vec::new());
+    let mut plaintext = SecretBuf::default();
     let mut aad = Vec::with_capacity(64);
     for loc in &locations {
         let spec = field(schema, loc.field)?;
         let slot = record.pointer_mut(&loc.pointer).ok_or(RecordError::CannotDecrypt)?;
         let value = std::mem::take(slot);
         plaintext.clear();
-        serde_json::to_writer(&mut *plaintext, &value).map_err(|_| RecordError::NotAnObject)?;
+        serde_json::to_writer(&mut plaintext, &value).map_err(|_| RecordError::NotAnObject)?;
+        let plaintext = plaintext.as_slice();
         let (replacement, sibling_token) = match spec.mode {
             FieldMode::Randomized | FieldMode::BlindIndex => {
                 aad.clear();
                 aad.extend_from_slice(&aad_prefix);
                 aad.extend_from_slice(loc.pointer.as_bytes());
                 let mut sealed = Vec::with_capacity(plaintext.len() + crate::crypto::SEAL_OVERHEAD);
-                record_aead.seal_random(&aad, &plaintext, &mut sealed)?;
+                record_aead.seal_random(&aad, plaintext, &mut sealed)?;
                 let token = match (keys.field(loc.field), &spec.blind_index) {
                     (Some(FieldKeys::BlindIndex(key)), Some(bidx)) => {
                         Some(transform::blind_index_token(key, bidx, &value))
@@ -104,10 +107,7 @@ pub fn encrypt_record(
             }
             FieldMode::Deterministic => {
                 let keys = keys.field(loc.field).ok_or_else(|| missing(spec))?;
-                (
-                    transform::seal_deterministic(keys, &plaintext).ok_or_else(|| missing(spec))?,
-                    None,
-                )
+                (transform::seal_deterministic(keys, plaintext).ok_or_else(|| missing(spec))?, None)
             }
             FieldMode::Pseudonym => match keys.field(loc.field) {
                 Some(FieldKeys::Pseudonym(key)) => (transform::pseudonym(key, &value), None),
@@ -143,11 +143,12 @@ pub(super) fn locate(record: &Value, schema: &Schema) -> Result<Vec<Location>, R
     let mut pointers = Vec::new();
     for (index, spec) in schema.fields.iter().enumerate() {
         pointers.clear();
-        spec.path.expand(record, &mut pointers);
+        let budget = MAX_FIELDS.saturating_sub(locations.len());
+        spec.path.expand(record, &mut pointers, budget).map_err(|e| match e {
+            crate::pointer::ExpandError::TooMany => RecordError::TooManyFields,
+            shape => RecordError::Shape(shape),
+        })?;
         locations.extend(pointers.drain(..).map(|pointer| Location { pointer, field: index }));
-        if locations.len() > MAX_FIELDS {
-            return Err(RecordError::TooManyFields);
-        }
     }
     locations.sort_unstable_by(|a, b| a.pointer.as_bytes().cmp(b.pointer.as_bytes()));
     Ok(locations)
@@ -163,6 +164,49 @@ pub(super) fn blind_index_sibling(pointer: &str, spec: &FieldSpec) -> Option<Str
     // The schema guarantees the last token is a member name, so appending
     // the suffix to the concrete pointer names the sibling member.
     Some(format!("{pointer}{BLIND_INDEX_SUFFIX}"))
+}
+
+fn parent_is_object(record: &Value, sibling: &str) -> bool {
+    match sibling.rsplit_once('/') {
+        Some(("", _)) => record.is_object(),
+        Some((parent, _)) => record.pointer(parent).is_some_and(Value::is_object),
+        None => false,
+    }
+}
+
+/// A growable buffer for serialized plaintext that wipes every allocation
+/// it lets go of (a plain `Vec` would free its old buffer unwiped when it
+/// grows).
+#[derive(Default)]
+struct SecretBuf(Zeroizing<Vec<u8>>);
+
+impl SecretBuf {
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::io::Write for SecretBuf {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let needed = self.0.len() + data.len();
+        if needed > self.0.capacity() {
+            let mut bigger =
+                Zeroizing::new(Vec::with_capacity(needed.max(2 * self.0.capacity()).max(64)));
+            bigger.extend_from_slice(&self.0);
+            // The old buffer is wiped (whole capacity) as it drops.
+            self.0 = bigger;
+        }
+        self.0.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn insert_sibling(record: &mut Value, sibling: &str, token: String) {

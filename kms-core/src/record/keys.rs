@@ -13,6 +13,7 @@
 use crate::crypto::Aead;
 use crate::crypto::kdf::{self, Info};
 use crate::ids::{Name, TenantId};
+use crate::pointer::PathPattern;
 use crate::schema::{FieldMode, FieldSpec, Schema};
 use crate::secret::Key256;
 
@@ -59,13 +60,31 @@ pub fn derive_field_key(
     field: &FieldSpec,
     purpose: IndexPurpose,
 ) -> Key256 {
-    if let (IndexPurpose::Pseudonym, Some(namespace)) = (purpose, &field.namespace) {
-        return derive_pseudonym_key(index_root, tenant, namespace);
+    if purpose == IndexPurpose::Pseudonym {
+        // The schema parser always sets a namespace (default: the schema
+        // name); fall back to the same default for hand-built specs.
+        return derive_pseudonym_key(
+            index_root,
+            tenant,
+            field.namespace.as_ref().unwrap_or(schema),
+        );
     }
+    derive_path_key(index_root, tenant, schema, &field.path, purpose)
+}
+
+/// Derives a deterministic or blind-index key for a schema path (what the
+/// key service hands to sidecars, which know the field specs).
+pub fn derive_path_key(
+    index_root: &Key256,
+    tenant: &TenantId,
+    schema: &Name,
+    path: &PathPattern,
+    purpose: IndexPurpose,
+) -> Key256 {
     let info = Info::label(purpose.label())
         .part(tenant.as_str().as_bytes())
         .part(schema.as_str().as_bytes())
-        .part(field.path.as_str().as_bytes());
+        .part(path.as_str().as_bytes());
     kdf::derive(index_root, info.as_bytes())
 }
 

@@ -18,7 +18,8 @@ pub use self::header::{
     RecordHeader, UnsignedHeader,
 };
 pub use self::keys::{
-    IndexPurpose, MissingFieldKey, SchemaKeys, derive_field_key, derive_pseudonym_key,
+    IndexPurpose, MissingFieldKey, SchemaKeys, derive_field_key, derive_path_key,
+    derive_pseudonym_key,
 };
 pub use self::transform::{
     BLIND_INDEX_PREFIX, DETERMINISTIC_PREFIX, PSEUDONYM_PREFIX, RANDOMIZED_PREFIX, apply_mask,
@@ -47,14 +48,15 @@ pub enum RecordError {
     /// The record has no `_kg` member.
     #[error("record is not encrypted (no {HEADER_MEMBER} member)")]
     NotEncrypted,
-    /// The `_kg` member is not a valid header.
-    #[error("cannot decrypt: {0}")]
+    /// The `_kg` member is not a valid header. Displays only "cannot
+    /// decrypt"; the detail is the error's `source()`, for logs.
+    #[error("cannot decrypt")]
     MalformedHeader(#[from] HeaderError),
     /// Authentication failed.
     #[error("cannot decrypt")]
     CannotDecrypt,
-    /// The record was encrypted for another tenant or schema than the keys
-    /// and schema supplied.
+    /// The record (authenticated) was encrypted for another tenant or
+    /// schema than the keys and schema supplied; not a sign of tampering.
     #[error("record belongs to tenant {tenant}, schema {schema} v{version}")]
     WrongContext {
         /// Tenant named in the header.
@@ -70,6 +72,10 @@ pub enum RecordError {
         /// Where.
         pointer: String,
     },
+    /// A value on a protected path is not the array or object the schema
+    /// expects, so it cannot be protected (nor left in clear).
+    #[error(transparent)]
+    Shape(#[from] crate::pointer::ExpandError),
     /// More protected locations than a header can list.
     #[error(
         "record has more than {MAX_FIELDS} protected values, or its header would exceed {MAX_HEADER_LEN} bytes"

@@ -4,7 +4,7 @@ use serde::Deserialize;
 
 use super::{BlindIndexSpec, FieldMode, FieldSpec, Mask, Normalizer, Schema};
 use crate::ids::Name;
-use crate::pointer::PathPattern;
+use crate::pointer::{PathPattern, PatternToken, is_array_index, may_coincide};
 
 /// The member name reserved for the record header.
 pub const HEADER_MEMBER: &str = "_kg";
@@ -122,27 +122,25 @@ fn validate_schema(raw: RawSchema, source: &str) -> Result<Schema, SchemaError> 
     Ok(Schema { name, version: raw.version, fields })
 }
 
-/// Whether `b` addresses `a`'s `<name>_bidx` sibling.
+/// Whether `b` can address `a`'s `<name>_bidx` sibling.
 fn is_blind_index_sibling(a: &FieldSpec, b: &FieldSpec) -> bool {
     let Some(name) = a.path.last_key().filter(|_| a.blind_index.is_some()) else {
         return false;
     };
     let sibling = format!("{name}{BLIND_INDEX_SUFFIX}");
-    let (a_tokens, b_tokens) = (a.path.tokens(), b.path.tokens());
     let (Some((_, a_parent)), Some((b_last, b_parent))) =
-        (a_tokens.split_last(), b_tokens.split_last())
+        (a.path.tokens().split_last(), b.path.tokens().split_last())
     else {
         return false;
     };
-    matches!(b_last, crate::pointer::PatternToken::Key(k) if *k == sibling) && a_parent == b_parent
+    matches!(b_last, PatternToken::Key(k) if *k == sibling) && may_coincide(a_parent, b_parent)
 }
 
 fn validate_field(f: RawField, schema: &Name) -> Result<FieldSpec, (String, String)> {
     let path_text = f.path.clone();
     let fail = |reason: String| (path_text.clone(), reason);
     let path = PathPattern::parse(&f.path).map_err(|e| fail(format!("bad path: {e}")))?;
-    if matches!(path.tokens().first(), Some(crate::pointer::PatternToken::Key(k)) if k == HEADER_MEMBER)
-    {
+    if matches!(path.tokens().first(), Some(PatternToken::Key(k)) if k == HEADER_MEMBER) {
         return Err(fail(format!("{HEADER_MEMBER} is reserved for the record header")));
     }
     let mode = match f.mode.as_str() {
@@ -172,9 +170,10 @@ fn validate_field(f: RawField, schema: &Name) -> Result<FieldSpec, (String, Stri
             if !(8..=256).contains(&bits) {
                 return Err(fail(format!("bits = {bits} is out of range (8 to 256)")));
             }
-            if path.last_key().is_none() {
+            if path.last_key().is_none_or(is_array_index) {
                 return Err(fail(
-                    "a blind index path must end in a member name (its index is stored beside it)"
+                    "a blind index path must end in a member name that is not an array index \
+                     (its index is stored beside it, in the same object)"
                         .to_owned(),
                 ));
             }
@@ -301,6 +300,12 @@ fields = [
         assert!(e.contains("reserved"), "{e}");
         let e = error_of(r#"{ path = "/a/*", mode = "blind_index", class = "phi" }"#);
         assert!(e.contains("member name"), "{e}");
+        let e = error_of(r#"{ path = "/codes/0", mode = "blind_index", class = "phi" }"#);
+        assert!(e.contains("not an array index"), "{e}");
+        let e = error_of(
+            r#"{ path = "/l/*/e", mode = "blind_index", class = "phi" }, { path = "/l/0/e_bidx", mode = "randomized", class = "phi" }"#,
+        );
+        assert!(e.contains("blind index member"), "{e}");
         let e = error_of(r#"{ path = "/a", mode = "randomized", class = "PHI!" }"#);
         assert!(e.contains("bad class"), "{e}");
         let e = error_of(r#"{ path = "/a", mode = "randomized", class = "phi", mask = "blur" }"#);

@@ -103,6 +103,40 @@ pub struct AuditRow {
     pub hash: Vec<u8>,
 }
 
+/// One signed checkpoint of an audit chain, as stored: the signer vouches
+/// that the event at `seq` of `instance`'s chain has chain hash `hash`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointRow {
+    /// Key-service instance whose chain this is.
+    pub instance: String,
+    /// Sequence number of the event the checkpoint covers.
+    pub seq: i64,
+    /// That event's chain hash (32 bytes).
+    pub hash: Vec<u8>,
+    /// ECDSA P-256 signature, `r ‖ s` (64 bytes).
+    pub signature: Vec<u8>,
+    /// Unix milliseconds when it was signed.
+    pub ts_ms: i64,
+}
+
+/// A key-service instance's audit signing key, wrapped by a master key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditSigningKeyRecord {
+    /// Key-service instance.
+    pub instance: String,
+    /// The P-256 scalar wrapped by the root provider for
+    /// `WrapContext { purpose: AuditSigning, owner: instance, version: 1 }`.
+    pub wrapped: Vec<u8>,
+    /// The master key that wrapped it.
+    pub master: MasterKeyId,
+    /// The public key, SEC1 uncompressed. Not authoritative on its own:
+    /// whoever can write the keystore can replace it, so verifiers compare
+    /// it with the key derived from `wrapped` or pin it out of band.
+    pub public_key: Vec<u8>,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -205,4 +239,44 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug {
         after: i64,
         limit: u32,
     ) -> Result<Vec<AuditRow>, StoreError>;
+
+    /// Appends audit events and, optionally, a checkpoint in one
+    /// transaction: all of them or none. An event or checkpoint whose
+    /// instance and sequence number exist already is refused with
+    /// [`StoreError::AuditConflict`] and nothing is written.
+    async fn append_audit_batch(
+        &self,
+        rows: &[AuditRow],
+        checkpoint: Option<&CheckpointRow>,
+    ) -> Result<(), StoreError>;
+
+    /// The event with the highest sequence number of one instance.
+    async fn last_audit_row(&self, instance: &str) -> Result<Option<AuditRow>, StoreError>;
+
+    /// Checkpoints of one instance with `seq > after_seq`, ascending, at
+    /// most `limit`.
+    async fn audit_checkpoints(
+        &self,
+        instance: &str,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<CheckpointRow>, StoreError>;
+
+    /// Every instance that has audit events, checkpoints or a signing key,
+    /// sorted.
+    async fn audit_instances(&self) -> Result<Vec<String>, StoreError>;
+
+    /// The audit signing key of one instance.
+    async fn audit_signing_key(
+        &self,
+        instance: &str,
+    ) -> Result<Option<AuditSigningKeyRecord>, StoreError>;
+
+    /// Stores `record` unless the instance has a signing key already, and
+    /// returns the stored one either way, so that two instances starting
+    /// at once agree on a single key.
+    async fn insert_audit_signing_key(
+        &self,
+        record: &AuditSigningKeyRecord,
+    ) -> Result<AuditSigningKeyRecord, StoreError>;
 }

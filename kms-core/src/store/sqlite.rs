@@ -14,7 +14,10 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, Sqlite, Transaction};
 
-use super::{AuditRow, KekRecord, KeyStore, MasterKeyId, NewTenant, StoreError, TenantRecord};
+use super::{
+    AuditRow, AuditSigningKeyRecord, CheckpointRow, KekRecord, KeyStore, MasterKeyId, NewTenant,
+    StoreError, TenantRecord,
+};
 use crate::dek::KekVersion;
 use crate::ids::TenantId;
 use crate::kek::{KekState, StateChange};
@@ -22,6 +25,16 @@ use crate::root::ProviderInfo;
 
 /// File name of the keystore inside a data directory.
 pub const KEYSTORE_FILE: &str = "keystore.sqlite3";
+
+/// The columns of `audit_events`, in the order [`audit_from_row`] reads and
+/// the INSERT of [`KeyStore::append_audit_batch`] binds them (a macro so
+/// the queries stay `&'static str`).
+macro_rules! audit_columns {
+    () => {
+        "instance, seq, ts_ms, actor, action, tenant, kek_version, \
+         record_key_ids, outcome, detail, prev_hash, hash"
+    };
+}
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTIONS: u32 = 4;
@@ -319,13 +332,47 @@ impl KeyStore for SqliteStore {
     }
 
     async fn append_audit(&self, rows: &[AuditRow]) -> Result<(), StoreError> {
+        self.append_audit_batch(rows, None).await
+    }
+
+    async fn audit_rows(
+        &self,
+        instance: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            audit_columns!(),
+            " FROM audit_events WHERE instance = ? AND seq > ? ORDER BY seq LIMIT ?"
+        ))
+        .bind(instance)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?
+        .iter()
+        .map(audit_from_row)
+        .collect()
+    }
+
+    async fn append_audit_batch(
+        &self,
+        rows: &[AuditRow],
+        checkpoint: Option<&CheckpointRow>,
+    ) -> Result<(), StoreError> {
+        if rows.is_empty() && checkpoint.is_none() {
+            return Ok(());
+        }
+        // Dropping `tx` on any early return rolls the whole batch back.
         let mut tx = self.write_tx().await?;
         for r in rows {
-            let inserted = sqlx::query(
-                "INSERT INTO audit_events (instance, seq, ts_ms, actor, action, tenant, kek_version,
-                     record_key_ids, outcome, detail, prev_hash, hash)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
+            let inserted = sqlx::query(concat!(
+                "INSERT INTO audit_events (",
+                audit_columns!(),
+                ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ))
             .bind(&r.instance)
             .bind(r.seq)
             .bind(r.ts_ms)
@@ -340,54 +387,176 @@ impl KeyStore for SqliteStore {
             .bind(&r.hash)
             .execute(&mut *tx)
             .await;
-            match inserted {
-                Err(e) if is_unique_violation(&e) => {
-                    return Err(StoreError::AuditConflict {
-                        instance: r.instance.clone(),
-                        seq: r.seq,
-                    });
-                }
-                other => other.map_err(unavailable)?,
-            };
+            conflict_or(inserted, &r.instance, r.seq)?;
+        }
+        if let Some(c) = checkpoint {
+            let inserted = sqlx::query(
+                "INSERT INTO audit_checkpoints (instance, seq, hash, signature, ts_ms)
+                 VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(&c.instance)
+            .bind(c.seq)
+            .bind(&c.hash)
+            .bind(&c.signature)
+            .bind(c.ts_ms)
+            .execute(&mut *tx)
+            .await;
+            conflict_or(inserted, &c.instance, c.seq)?;
         }
         tx.commit().await.map_err(unavailable)
     }
 
-    async fn audit_rows(
+    async fn last_audit_row(&self, instance: &str) -> Result<Option<AuditRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            audit_columns!(),
+            " FROM audit_events WHERE instance = ? ORDER BY seq DESC LIMIT 1"
+        ))
+        .bind(instance)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?
+        .as_ref()
+        .map(audit_from_row)
+        .transpose()
+    }
+
+    async fn audit_checkpoints(
         &self,
         instance: &str,
-        after: i64,
+        after_seq: i64,
         limit: u32,
-    ) -> Result<Vec<AuditRow>, StoreError> {
+    ) -> Result<Vec<CheckpointRow>, StoreError> {
         sqlx::query(
-            "SELECT instance, seq, ts_ms, actor, action, tenant, kek_version, record_key_ids,
-                    outcome, detail, prev_hash, hash
-             FROM audit_events WHERE instance = ? AND seq > ? ORDER BY seq LIMIT ?",
+            "SELECT instance, seq, hash, signature, ts_ms FROM audit_checkpoints
+             WHERE instance = ? AND seq > ? ORDER BY seq LIMIT ?",
         )
         .bind(instance)
-        .bind(after)
+        .bind(after_seq)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?
         .iter()
         .map(|row| {
-            Ok(AuditRow {
+            Ok(CheckpointRow {
                 instance: get(row, "instance")?,
                 seq: get(row, "seq")?,
-                ts_ms: get(row, "ts_ms")?,
-                actor: get(row, "actor")?,
-                action: get(row, "action")?,
-                tenant: get(row, "tenant")?,
-                kek_version: get(row, "kek_version")?,
-                record_key_ids: get(row, "record_key_ids")?,
-                outcome: get(row, "outcome")?,
-                detail: get(row, "detail")?,
-                prev_hash: get(row, "prev_hash")?,
                 hash: get(row, "hash")?,
+                signature: get(row, "signature")?,
+                ts_ms: get(row, "ts_ms")?,
             })
         })
         .collect()
+    }
+
+    async fn audit_instances(&self) -> Result<Vec<String>, StoreError> {
+        // The recursive walk visits each distinct instance of the (possibly
+        // huge) event table through its primary key instead of scanning it.
+        sqlx::query_scalar(
+            "WITH RECURSIVE walk (instance) AS (
+                 SELECT MIN(instance) FROM audit_events
+                 UNION ALL
+                 SELECT (SELECT MIN(instance) FROM audit_events WHERE instance > walk.instance)
+                 FROM walk WHERE walk.instance IS NOT NULL
+             )
+             SELECT instance FROM walk WHERE instance IS NOT NULL
+             UNION SELECT instance FROM audit_checkpoints
+             UNION SELECT instance FROM audit_signing_keys
+             ORDER BY 1",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)
+    }
+
+    async fn audit_signing_key(
+        &self,
+        instance: &str,
+    ) -> Result<Option<AuditSigningKeyRecord>, StoreError> {
+        sqlx::query(
+            "SELECT instance, wrapped, master_key, public_key, created_at
+             FROM audit_signing_keys WHERE instance = ?",
+        )
+        .bind(instance)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?
+        .as_ref()
+        .map(signing_key_from_row)
+        .transpose()
+    }
+
+    async fn insert_audit_signing_key(
+        &self,
+        record: &AuditSigningKeyRecord,
+    ) -> Result<AuditSigningKeyRecord, StoreError> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query(
+            "INSERT INTO audit_signing_keys (instance, wrapped, master_key, public_key, created_at)
+             VALUES (?, ?, ?, ?, ?) ON CONFLICT (instance) DO NOTHING",
+        )
+        .bind(&record.instance)
+        .bind(&record.wrapped)
+        .bind(record.master.0)
+        .bind(&record.public_key)
+        .bind(record.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let stored = sqlx::query(
+            "SELECT instance, wrapped, master_key, public_key, created_at
+             FROM audit_signing_keys WHERE instance = ?",
+        )
+        .bind(&record.instance)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let stored = signing_key_from_row(&stored)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(stored)
+    }
+}
+
+fn audit_from_row(row: &SqliteRow) -> Result<AuditRow, StoreError> {
+    Ok(AuditRow {
+        instance: get(row, "instance")?,
+        seq: get(row, "seq")?,
+        ts_ms: get(row, "ts_ms")?,
+        actor: get(row, "actor")?,
+        action: get(row, "action")?,
+        tenant: get(row, "tenant")?,
+        kek_version: get(row, "kek_version")?,
+        record_key_ids: get(row, "record_key_ids")?,
+        outcome: get(row, "outcome")?,
+        detail: get(row, "detail")?,
+        prev_hash: get(row, "prev_hash")?,
+        hash: get(row, "hash")?,
+    })
+}
+
+fn signing_key_from_row(row: &SqliteRow) -> Result<AuditSigningKeyRecord, StoreError> {
+    Ok(AuditSigningKeyRecord {
+        instance: get(row, "instance")?,
+        wrapped: get(row, "wrapped")?,
+        master: MasterKeyId(get(row, "master_key")?),
+        public_key: get(row, "public_key")?,
+        created_at: get(row, "created_at")?,
+    })
+}
+
+/// Maps a unique violation of an audit insert to [`StoreError::AuditConflict`].
+fn conflict_or(
+    inserted: Result<sqlx::sqlite::SqliteQueryResult, sqlx::Error>,
+    instance: &str,
+    seq: i64,
+) -> Result<(), StoreError> {
+    match inserted {
+        Ok(_) => Ok(()),
+        Err(e) if is_unique_violation(&e) => {
+            Err(StoreError::AuditConflict { instance: instance.to_owned(), seq })
+        }
+        Err(e) => Err(unavailable(e)),
     }
 }
 

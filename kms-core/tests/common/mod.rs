@@ -68,8 +68,7 @@ impl TenantKeys {
     }
 
     pub fn encrypt(&self, record: Value) -> Value {
-        encrypt_record(record, &self.tenant, &self.schema, &self.schema_keys, &self.issue())
-            .unwrap()
+        encrypt_record(record, &self.tenant, &self.schema, &self.schema_keys, self.issue()).unwrap()
     }
 
     /// Decrypts with full disclosure, unwrapping the DEK like the key service would.

@@ -1,0 +1,297 @@
+//! The audit log writer: one task per key-service instance that appends
+//! events to the instance's hash chain with **group commit**.
+//!
+//! Requests hand their events to the writer and wait; the writer takes
+//! everything queued, seals it into the chain, writes it (with a signed
+//! checkpoint when one is due) in one transaction, and only then answers
+//! every waiter. So an unwrap's event is durable before its DEKs leave, and
+//! concurrent requests share one commit. When a commit fails, every waiting
+//! request is refused (fail closed) and readiness reports it until a commit
+//! succeeds again.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use kms_core::audit::{AuditChain, AuditEvent, AuditSigner, Outcome};
+use kms_core::store::{AuditSigningKeyRecord, KeyStore};
+use kms_core::{RootKeyProvider, TenantId};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::config::AuditConfig;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+
+/// Most events sealed into one commit.
+const MAX_EVENTS_PER_COMMIT: usize = 20_000;
+
+/// The audit log could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuditStartError {
+    /// The keystore failed.
+    #[error("audit store: {0}")]
+    Store(#[from] kms_core::store::StoreError),
+    /// The root key provider could not wrap or unwrap the signing key.
+    #[error("audit signing key: {0}")]
+    Root(#[from] kms_core::RootKeyError),
+    /// The stored chain or signing key is inconsistent.
+    #[error("audit chain: {0}")]
+    Chain(String),
+}
+
+struct Job {
+    events: Vec<AuditEvent>,
+    ack: oneshot::Sender<Result<(), ()>>,
+}
+
+struct Shared {
+    healthy: AtomicBool,
+    last_error: Mutex<Option<String>>,
+    metrics: Arc<Metrics>,
+}
+
+/// Handle to the audit writer; cheap to clone.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: mpsc::Sender<Job>,
+    shared: Arc<Shared>,
+    instance: Arc<str>,
+}
+
+impl AuditLog {
+    /// Loads (or creates, wrapped by the root provider) the instance's
+    /// signing key, resumes its chain and starts the writer task.
+    pub async fn start(
+        store: Arc<dyn KeyStore>,
+        root: &dyn RootKeyProvider,
+        instance: &str,
+        config: &AuditConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Self, JoinHandle<()>), AuditStartError> {
+        let signer = load_signer(store.as_ref(), root, instance).await?;
+        let last = store.last_audit_row(instance).await?;
+        let chain = AuditChain::resume(instance, last.as_ref())
+            .map_err(|e| AuditStartError::Chain(e.to_string()))?;
+        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let shared = Arc::new(Shared {
+            healthy: AtomicBool::new(true),
+            last_error: Mutex::new(None),
+            metrics,
+        });
+        let writer = Writer {
+            store,
+            signer,
+            chain,
+            rx,
+            shared: shared.clone(),
+            checkpoint_every: config.checkpoint_every.max(1),
+            checkpoint_interval: Duration::from_secs(config.checkpoint_interval_secs.max(1)),
+            since_checkpoint: 0,
+            last_checkpoint: Instant::now(),
+        };
+        let task = tokio::spawn(writer.run());
+        Ok((Self { tx, shared, instance: instance.into() }, task))
+    }
+
+    /// This instance's chain name.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Appends events and waits until they are durable. Fails closed: any
+    /// failure means the caller must not proceed with what it audits.
+    pub async fn record(&self, events: Vec<AuditEvent>) -> Result<(), ApiError> {
+        let unavailable = || {
+            ApiError::unavailable("audit_unavailable", "the audit log cannot record this operation")
+        };
+        let count = events.len() as u64;
+        let (ack, done) = oneshot::channel();
+        self.tx.try_send(Job { events, ack }).map_err(|_| unavailable())?;
+        self.shared.metrics.audit_queue_depth.inc_by(count);
+        match done.await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(unavailable()),
+        }
+    }
+
+    /// Records a refused request. Best effort: a denial stays a denial even
+    /// if it cannot be recorded (that failure is logged).
+    pub async fn record_denial(
+        &self,
+        identity: &str,
+        action: &'static str,
+        tenant: Option<&TenantId>,
+    ) {
+        let mut event = AuditEvent::new(now_ms(), identity, action, Outcome::Denied);
+        if let Some(t) = tenant {
+            event = event.with_tenant(t.clone());
+        }
+        if self.record(vec![event]).await.is_err() {
+            tracing::error!(identity, action, "could not record a denied request in the audit log");
+        }
+    }
+
+    /// Whether the last commit succeeded (and the writer is running).
+    pub fn is_healthy(&self) -> bool {
+        self.shared.healthy.load(Ordering::Relaxed) && !self.tx.is_closed()
+    }
+
+    /// Why the last commit failed, if it did.
+    pub fn last_error(&self) -> Option<String> {
+        self.shared.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+async fn load_signer(
+    store: &dyn KeyStore,
+    root: &dyn RootKeyProvider,
+    instance: &str,
+) -> Result<AuditSigner, AuditStartError> {
+    let context = AuditSigner::wrap_context(instance);
+    let record = match store.audit_signing_key(instance).await? {
+        Some(record) => record,
+        None => {
+            let signer =
+                AuditSigner::generate().map_err(|e| AuditStartError::Chain(e.to_string()))?;
+            let wrapped = root.wrap(&signer.to_key(), &context).await?;
+            let master = store.register_master(&root.describe()).await?;
+            let created_at = now_ms() / 1000;
+            store
+                .insert_audit_signing_key(&AuditSigningKeyRecord {
+                    instance: instance.to_owned(),
+                    wrapped,
+                    master,
+                    public_key: signer.public_key_sec1(),
+                    created_at,
+                })
+                .await?
+        }
+    };
+    let key = root.unwrap(&record.wrapped, &context).await?;
+    let signer = AuditSigner::from_key(&key).map_err(|e| AuditStartError::Chain(e.to_string()))?;
+    if signer.public_key_sec1() != record.public_key {
+        return Err(AuditStartError::Chain(format!(
+            "the stored public key of instance {instance} does not match its signing key"
+        )));
+    }
+    Ok(signer)
+}
+
+struct Writer {
+    store: Arc<dyn KeyStore>,
+    signer: AuditSigner,
+    chain: AuditChain,
+    rx: mpsc::Receiver<Job>,
+    shared: Arc<Shared>,
+    checkpoint_every: u64,
+    checkpoint_interval: Duration,
+    since_checkpoint: u64,
+    last_checkpoint: Instant,
+}
+
+impl Writer {
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(self.checkpoint_interval);
+        loop {
+            tokio::select! {
+                job = self.rx.recv() => match job {
+                    Some(job) => self.commit(job).await,
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    if self.since_checkpoint > 0 && self.last_checkpoint.elapsed() >= self.checkpoint_interval {
+                        self.commit_jobs(Vec::new(), true).await;
+                    }
+                }
+            }
+        }
+        // Shutting down: leave the chain's head under a signature.
+        if self.since_checkpoint > 0 {
+            self.commit_jobs(Vec::new(), true).await;
+        }
+    }
+
+    async fn commit(&mut self, first: Job) {
+        let mut jobs = vec![first];
+        let mut count = jobs.iter().map(|j| j.events.len()).sum::<usize>();
+        while count < MAX_EVENTS_PER_COMMIT {
+            match self.rx.try_recv() {
+                Ok(job) => {
+                    count += job.events.len();
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        self.commit_jobs(jobs, false).await;
+    }
+
+    async fn commit_jobs(&mut self, jobs: Vec<Job>, force_checkpoint: bool) {
+        let before = self.chain.clone();
+        let events: Vec<AuditEvent> = jobs.iter().flat_map(|j| j.events.iter().cloned()).collect();
+        let count = events.len() as u64;
+        let rows = self.chain.seal_all(events);
+        let due = force_checkpoint
+            || self.since_checkpoint + count >= self.checkpoint_every
+            || self.last_checkpoint.elapsed() >= self.checkpoint_interval;
+        let (seq, hash) = self.chain.head();
+        let checkpoint = if due && seq > 0 {
+            match self.signer.sign_checkpoint(self.chain.instance(), seq, &hash, now_ms()) {
+                Ok(cp) => Some(cp),
+                Err(e) => {
+                    tracing::error!(error = %e, "audit checkpoint signing failed");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let result = self.store.append_audit_batch(&rows, checkpoint.as_ref()).await;
+        let metrics = &self.shared.metrics;
+        metrics.audit_queue_depth.dec_by(count);
+        match result {
+            Ok(()) => {
+                metrics.audit_events.inc_by(count);
+                if checkpoint.is_some() {
+                    self.since_checkpoint = 0;
+                    self.last_checkpoint = Instant::now();
+                } else {
+                    self.since_checkpoint += count;
+                }
+                self.shared.healthy.store(true, Ordering::Relaxed);
+                for job in jobs {
+                    let _ = job.ack.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                metrics.audit_failures.inc();
+                tracing::error!(error = %e, events = count, "audit commit failed; refusing the operations it records");
+                *self.shared.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(e.to_string());
+                self.shared.healthy.store(false, Ordering::Relaxed);
+                self.chain = self.resync(before).await;
+                for job in jobs {
+                    let _ = job.ack.send(Err(()));
+                }
+            }
+        }
+    }
+
+    /// After a failed commit the database may or may not hold the batch
+    /// (a lost connection after COMMIT): continue from what it holds.
+    async fn resync(&self, fallback: AuditChain) -> AuditChain {
+        match self.store.last_audit_row(fallback.instance()).await {
+            Ok(last) => AuditChain::resume(fallback.instance(), last.as_ref()).unwrap_or(fallback),
+            Err(_) => fallback,
+        }
+    }
+}

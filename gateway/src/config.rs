@@ -1,0 +1,290 @@
+//! Configuration: one TOML file, every key overridable by a `KEYGATE_…`
+//! environment variable (nested keys joined by `__`, e.g.
+//! `KEYGATE_LIMITS__MAX_BATCH=500`), secrets only by file path.
+//! Relative paths are resolved against the config file's directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+
+/// The key service's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// mTLS API address (`127.0.0.1:0` picks a free port).
+    pub listen: SocketAddr,
+    /// Optional plain-HTTP address for `/healthz`, `/readyz` and `/metrics`
+    /// only (probes and scrapers that hold no client certificate).
+    #[serde(default)]
+    pub ops_listen: Option<SocketAddr>,
+    /// Where the keystore (and the instance id) live.
+    pub data_dir: PathBuf,
+    /// This instance's audit chain name; default: generated once and kept
+    /// in `data_dir/instance-id`.
+    #[serde(default)]
+    pub instance: Option<String>,
+    /// TLS material.
+    pub tls: TlsConfig,
+    /// The root (master) key provider.
+    pub root: RootConfig,
+    /// The access policy.
+    pub policy: PolicyConfig,
+    /// Request limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Tenant key caching.
+    #[serde(default)]
+    pub keys: KeysConfig,
+    /// Audit chain settings.
+    #[serde(default)]
+    pub audit: AuditConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// Server certificate and the CA bundle client certificates must chain to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key (file mode 0600).
+    pub key: PathBuf,
+    /// PEM CA bundle for client certificates.
+    pub client_ca: PathBuf,
+    /// How often the files are checked for changes (SIGHUP reloads at once).
+    #[serde(default = "default_reload_secs")]
+    pub reload_interval_secs: u64,
+}
+
+/// Which root key provider, and its settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "provider", deny_unknown_fields)]
+pub enum RootConfig {
+    /// A local root key file: development only (logged as such).
+    #[serde(rename = "dev_local")]
+    DevLocal {
+        /// The key file.
+        key_file: PathBuf,
+        /// A file holding the passphrase, if the key file is sealed.
+        #[serde(default)]
+        passphrase_file: Option<PathBuf>,
+        /// Create the key file if it does not exist.
+        #[serde(default)]
+        create_if_missing: bool,
+    },
+}
+
+/// The policy file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Path of the policy TOML (reloaded on SIGHUP).
+    pub file: PathBuf,
+}
+
+/// Request limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Most items in one batch request.
+    pub max_batch: usize,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Whole-request timeout, in seconds.
+    pub request_timeout_secs: u64,
+    /// TLS handshake timeout, in seconds.
+    pub handshake_timeout_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_batch: 10_000,
+            max_body_bytes: 8 * 1024 * 1024,
+            request_timeout_secs: 30,
+            handshake_timeout_secs: 10,
+        }
+    }
+}
+
+/// Tenant key caching.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysConfig {
+    /// How long unwrapped tenant keys stay in memory, in seconds.
+    pub kek_ttl_secs: u64,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        Self { kek_ttl_secs: 60 }
+    }
+}
+
+/// Audit chain settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// A signed checkpoint after this many events…
+    pub checkpoint_every: u64,
+    /// …or after this many seconds with new events, whichever comes first.
+    pub checkpoint_interval_secs: u64,
+    /// Most events waiting for their commit before new ones are refused.
+    pub queue_capacity: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self { checkpoint_every: 1000, checkpoint_interval_secs: 60, queue_capacity: 100_000 }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `tracing` filter (`info`, `debug`, `keygate=debug,info`, …).
+    pub level: String,
+    /// `json` (default) or `text`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: "info".to_owned(), format: LogFormat::Json }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable.
+    Text,
+}
+
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "listen",
+    "ops_listen",
+    "data_dir",
+    "instance",
+    "tls",
+    "root",
+    "policy",
+    "limits",
+    "keys",
+    "audit",
+    "log",
+];
+
+fn default_reload_secs() -> u64 {
+    5
+}
+
+/// The configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {0}")]
+pub struct ConfigError(String);
+
+impl ServerConfig {
+    /// Loads `path` (TOML) with `KEYGATE_…` overrides and resolves relative
+    /// paths against the file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        if !path.is_file() {
+            return Err(ConfigError(format!("{}: no such file", path.display())));
+        }
+        // Only variables naming a config key are taken, so unrelated
+        // KEYGATE_… variables (test settings, other commands) do not make
+        // the strict parser fail.
+        let env = Env::prefixed("KEYGATE_").split("__").filter(|key| {
+            let key = key.as_str();
+            TOP_LEVEL_KEYS.iter().any(|top| {
+                key.strip_prefix(top).is_some_and(|rest| {
+                    rest.is_empty() || rest.starts_with('.') || rest.starts_with("__")
+                })
+            })
+        });
+        let mut config: Self = Figment::new()
+            .merge(Toml::file(path))
+            .merge(env)
+            .extract()
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.data_dir);
+        fix(&mut self.tls.cert);
+        fix(&mut self.tls.key);
+        fix(&mut self.tls.client_ca);
+        fix(&mut self.policy.file);
+        match &mut self.root {
+            RootConfig::DevLocal { key_file, passphrase_file, .. } => {
+                fix(key_file);
+                if let Some(p) = passphrase_file {
+                    fix(p);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_with_defaults_and_resolves_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keygate.toml");
+        std::fs::write(
+            &path,
+            r#"
+listen = "127.0.0.1:0"
+data_dir = "data"
+[tls]
+cert = "server.crt"
+key = "server.key"
+client_ca = "ca.crt"
+[root]
+provider = "dev_local"
+key_file = "root.key"
+[policy]
+file = "policy.toml"
+[limits]
+max_batch = 500
+"#,
+        )
+        .unwrap();
+        let config = ServerConfig::load(&path).unwrap();
+        assert_eq!(config.limits.max_batch, 500);
+        assert_eq!(config.keys.kek_ttl_secs, 60);
+        assert_eq!(config.data_dir, dir.path().join("data"));
+        assert!(
+            matches!(config.root, RootConfig::DevLocal { ref key_file, .. } if key_file == &dir.path().join("root.key"))
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_files_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keygate.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:0\"\ncolour = \"red\"\n").unwrap();
+        assert!(ServerConfig::load(&path).is_err());
+        assert!(ServerConfig::load(&dir.path().join("absent.toml")).is_err());
+    }
+}

@@ -1,0 +1,159 @@
+//! The one place where errors become HTTP responses.
+//!
+//! Every error kind maps to exactly one status and one stable `code`; the
+//! body is `{"error":{"code":"…","message":"…"}}`. Messages say what the
+//! client can act on and never carry key material, plaintext, PINs or
+//! backend detail; server-side failures are logged (without secrets) and
+//! answered with a generic message.
+
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use kms_core::HierarchyError;
+use kms_core::store::StoreError;
+use serde_json::json;
+
+/// An error answered to an API client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    /// An error with an explicit status, code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+
+    /// 400 with a specific code.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// 403: the caller's identity has no grant for this.
+    pub fn forbidden(what: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", what)
+    }
+
+    /// 404 for an unknown route or resource.
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    /// 503: a dependency cannot serve; nothing was done.
+    pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+    }
+
+    /// The stable error code.
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<HierarchyError> for ApiError {
+    fn from(e: HierarchyError) -> Self {
+        match e {
+            HierarchyError::UnknownTenant(t) => {
+                Self::not_found("unknown_tenant", format!("no tenant {t}"))
+            }
+            HierarchyError::TenantExists(t) => Self::new(
+                StatusCode::CONFLICT,
+                "tenant_exists",
+                format!("tenant {t} already exists"),
+            ),
+            HierarchyError::UnknownVersion { tenant, version } => Self::not_found(
+                "unknown_version",
+                format!("tenant {tenant} has no KEK version {version}"),
+            ),
+            HierarchyError::NoActiveKey(t) => Self::new(
+                StatusCode::CONFLICT,
+                "no_active_key",
+                format!("tenant {t} has no active key"),
+            ),
+            HierarchyError::KeyDestroyed(t) => Self::new(
+                StatusCode::GONE,
+                "key_destroyed",
+                format!("the keys of tenant {t} were destroyed"),
+            ),
+            HierarchyError::BatchSize { requested, max } => Self::bad_request(
+                "batch_too_large",
+                format!("a batch must hold 1 to {max} items, not {requested}"),
+            ),
+            HierarchyError::InvalidTransition(t) => {
+                Self::new(StatusCode::CONFLICT, "invalid_transition", t.to_string())
+            }
+            HierarchyError::Store(e) => store_error(&e),
+            HierarchyError::Root(e) => {
+                tracing::error!(error = %e, "root key provider failure");
+                Self::unavailable("root_key_unavailable", "the root key provider is unavailable")
+            }
+            HierarchyError::ForeignMaster(id) => {
+                tracing::error!(master = id, "key wrapped under a master key this instance lacks");
+                Self::unavailable(
+                    "root_key_unavailable",
+                    "the key is wrapped under a master key this service is not configured with",
+                )
+            }
+            other => internal(&other),
+        }
+    }
+}
+
+/// Maps a keystore failure.
+pub fn store_error(e: &StoreError) -> ApiError {
+    match e {
+        StoreError::Unavailable(_) | StoreError::VersionConflict(_) => {
+            tracing::error!(error = %e, "keystore failure");
+            ApiError::unavailable("store_unavailable", "the keystore is unavailable")
+        }
+        other => internal(other),
+    }
+}
+
+/// A failure that is our fault: logged in full, answered generically.
+pub fn internal(e: &dyn std::fmt::Display) -> ApiError {
+    tracing::error!(error = %e, "internal error");
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        match rejection {
+            JsonRejection::JsonSyntaxError(_) => {
+                Self::bad_request("malformed_json", "the request body is not valid JSON")
+            }
+            JsonRejection::JsonDataError(e) => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", e.body_text())
+            }
+            JsonRejection::MissingJsonContentType(_) => Self::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send Content-Type: application/json",
+            ),
+            JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Self::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    "the request body is too large",
+                )
+            }
+            other => Self::bad_request("invalid_request", other.body_text()),
+        }
+    }
+}

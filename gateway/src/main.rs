@@ -1,0 +1,5 @@
+//! The `keygate` binary.
+
+fn main() -> std::process::ExitCode {
+    gateway::cli::main()
+}

@@ -1,0 +1,99 @@
+//! Prometheus metrics. Labels are route templates, status codes and
+//! fixed names only: never tenant data, identities' secrets or key bytes.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of a finished request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The matched route template (`/v1/tenants/{tenant}/datakeys`).
+    pub route: String,
+    /// HTTP status code.
+    pub code: u16,
+}
+
+/// Labels of a latency observation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// The matched route template.
+    pub route: String,
+}
+
+/// Every metric the key service exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by route and status.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Request latency by route, in seconds.
+    pub latency: Family<RouteLabels, Histogram>,
+    /// KEK cache hits (copied from the hierarchy at scrape time).
+    pub kek_cache_hits: Gauge<u64, AtomicU64>,
+    /// KEK cache misses.
+    pub kek_cache_misses: Gauge<u64, AtomicU64>,
+    /// Unwrapped keys currently cached.
+    pub kek_cache_entries: Gauge<u64, AtomicU64>,
+    /// Audit events waiting for their group commit.
+    pub audit_queue_depth: Gauge<u64, AtomicU64>,
+    /// Audit events committed.
+    pub audit_events: Counter,
+    /// Audit commits that failed (each refuses its requests).
+    pub audit_failures: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency: Family<RouteLabels, Histogram> =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_1, 2.0, 18)));
+        let (kek_cache_hits, kek_cache_misses, kek_cache_entries, audit_queue_depth) =
+            (Gauge::default(), Gauge::default(), Gauge::default(), Gauge::default());
+        let (audit_events, audit_failures) = (Counter::default(), Counter::default());
+
+        let mut registry = Registry::with_prefix("keygate");
+        registry.register("requests", "API requests by route and status", requests.clone());
+        registry.register("request_duration_seconds", "API request latency", latency.clone());
+        registry.register("kek_cache_hits", "KEK cache hits", kek_cache_hits.clone());
+        registry.register("kek_cache_misses", "KEK cache misses", kek_cache_misses.clone());
+        registry.register(
+            "kek_cache_entries",
+            "Unwrapped keys in memory",
+            kek_cache_entries.clone(),
+        );
+        registry.register(
+            "audit_queue_depth",
+            "Audit events awaiting commit",
+            audit_queue_depth.clone(),
+        );
+        registry.register("audit_events", "Audit events committed", audit_events.clone());
+        registry.register("audit_commit_failures", "Failed audit commits", audit_failures.clone());
+        Self {
+            registry,
+            requests,
+            latency,
+            kek_cache_hits,
+            kek_cache_misses,
+            kek_cache_entries,
+            audit_queue_depth,
+            audit_events,
+            audit_failures,
+        }
+    }
+}
+
+impl Metrics {
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

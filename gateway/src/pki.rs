@@ -1,0 +1,134 @@
+//! A development PKI: a CA and the certificates keygate's processes and
+//! their callers present to each other. For `keygate up`, `keygate admin
+//! pki` and tests; production deployments bring their own PKI (SPIFFE,
+//! cert-manager, …).
+
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+
+/// A certificate and its private key, PEM-encoded.
+pub struct IssuedCert {
+    /// The certificate.
+    pub cert_pem: String,
+    /// The private key (PKCS#8). Secret: write it with mode 0600.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for IssuedCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedCert").finish_non_exhaustive()
+    }
+}
+
+/// A development certificate authority.
+pub struct DevCa {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+}
+
+impl std::fmt::Debug for DevCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevCa").finish_non_exhaustive()
+    }
+}
+
+/// Validity of a certificate relative to now.
+#[derive(Debug, Clone, Copy)]
+pub struct Validity {
+    /// Starts this long before now.
+    pub starts_ago: Duration,
+    /// Ends this long after now (or before now, with `expired`).
+    pub lasts: Duration,
+    /// Whether `lasts` counts backwards (a certificate already expired).
+    pub expired: bool,
+}
+
+impl Validity {
+    /// From an hour ago for `days` days.
+    pub fn days(days: u64) -> Self {
+        Self {
+            starts_ago: Duration::from_secs(3600),
+            lasts: Duration::from_secs(days * 86_400),
+            expired: false,
+        }
+    }
+
+    /// Valid last week, expired yesterday.
+    pub fn expired() -> Self {
+        Self {
+            starts_ago: Duration::from_secs(7 * 86_400),
+            lasts: Duration::from_secs(86_400),
+            expired: true,
+        }
+    }
+
+    fn apply(self, params: &mut CertificateParams) {
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - self.starts_ago;
+        params.not_after = if self.expired { now - self.lasts } else { now + self.lasts };
+    }
+}
+
+/// Failure generating a certificate.
+#[derive(Debug, thiserror::Error)]
+#[error("certificate generation failed: {0}")]
+pub struct PkiError(#[from] rcgen::Error);
+
+impl DevCa {
+    /// A new CA named `name`, valid ten years.
+    pub fn generate(name: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        dn.push(DnType::OrganizationName, "keygate development CA");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        Validity::days(3650).apply(&mut params);
+        let cert_pem = params.self_signed(&key)?.pem();
+        Ok(Self { issuer: Issuer::new(params, key), cert_pem })
+    }
+
+    /// The CA certificate (PEM).
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// A server certificate for DNS names and IP addresses.
+    pub fn issue_server(&self, names: &[&str], validity: Validity) -> Result<IssuedCert, PkiError> {
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign(params, names.first().copied().unwrap_or("server"), validity)
+    }
+
+    /// A client certificate whose identity is `uri` (a URI SAN such as
+    /// `spiffe://prod/ns/onc/sa/api`).
+    pub fn issue_client(&self, uri: &str, validity: Validity) -> Result<IssuedCert, PkiError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = vec![SanType::URI(uri.try_into()?)];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.sign(params, uri, validity)
+    }
+
+    fn sign(
+        &self,
+        mut params: CertificateParams,
+        cn: &str,
+        validity: Validity,
+    ) -> Result<IssuedCert, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, cn);
+        params.distinguished_name = dn;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        validity.apply(&mut params);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(IssuedCert { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+}

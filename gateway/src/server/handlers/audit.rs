@@ -1,0 +1,203 @@
+//! Audit: sidecar event ingest, export as JSON lines, chain verification,
+//! and the caller's own policy.
+
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::header;
+use axum::response::Response;
+use axum::{Extension, Json};
+use kms_core::audit::{AuditEvent, AuditSigner, Outcome, verify_stored_chain};
+use serde_json::{Value, json};
+
+use super::ApiJson;
+use crate::error::ApiError;
+use crate::policy::Role;
+use crate::server::api::{AuditQuery, ReportedEvents};
+use crate::server::{AppState, Caller};
+
+/// Verification reads the chain this many rows at a time.
+const VERIFY_PAGE: u32 = 5_000;
+
+/// `POST /v1/audit/events`: field-level access events reported by a
+/// sidecar. The reporter must serve the tenant (encryptor or decryptor).
+pub(crate) async fn ingest(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ApiJson(body): ApiJson<ReportedEvents>,
+) -> Result<Json<Value>, ApiError> {
+    let reporter = state.identity(&caller)?.to_owned();
+    if body.events.is_empty() || body.events.len() > state.limits.max_batch {
+        return Err(ApiError::bad_request(
+            "batch_too_large",
+            format!("send 1 to {} events at a time", state.limits.max_batch),
+        ));
+    }
+    let mut events = Vec::with_capacity(body.events.len());
+    for reported in body.events {
+        state
+            .authorize(
+                &caller,
+                &reported.tenant,
+                &[Role::Encryptor, Role::Decryptor],
+                "report audit events",
+            )
+            .await?;
+        let outcome = reported.outcome.parse::<Outcome>().map_err(|_| {
+            ApiError::bad_request(
+                "invalid_request",
+                format!("unknown outcome {:?}", reported.outcome),
+            )
+        })?;
+        let mut event = AuditEvent::new(reported.ts_ms, reported.actor, reported.action, outcome)
+            .with_tenant(reported.tenant)
+            .with_record_key_ids(reported.record_key_ids)
+            .with_detail("reported_by", reporter.clone())
+            .with_detail("fields", Value::Object(reported.fields));
+        if let Some(v) = reported.kek_version {
+            event = event.with_kek_version(v);
+        }
+        if let Some(p) = reported.purpose {
+            event = event.with_purpose(p.as_str());
+        }
+        events.push(event);
+    }
+    let count = events.len();
+    state.audit.record(events).await?;
+    Ok(Json(json!({ "recorded": count })))
+}
+
+/// `GET /v1/audit`: the audit events as JSON lines (auditors with a grant
+/// on every tenant).
+pub(crate) async fn export(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Query(query): Query<AuditQuery>,
+) -> Result<Response, ApiError> {
+    state.authorize_global(&caller, &[Role::Auditor], "export the audit log").await?;
+    let store = state.hierarchy.store();
+    let instances = match &query.instance {
+        Some(i) => vec![i.clone()],
+        None => store.audit_instances().await.map_err(|e| crate::error::store_error(&e))?,
+    };
+    let limit = query.limit.clamp(1, 100_000);
+    let mut out = String::new();
+    let mut written = 0u32;
+    for instance in instances {
+        let mut after = query.after;
+        while written < limit {
+            let rows = store
+                .audit_rows(&instance, after, (limit - written).min(VERIFY_PAGE))
+                .await
+                .map_err(|e| crate::error::store_error(&e))?;
+            let Some(last) = rows.last() else { break };
+            after = last.seq;
+            for row in &rows {
+                if query.since_ms.is_some_and(|since| row.ts_ms < since)
+                    || query
+                        .tenant
+                        .as_ref()
+                        .is_some_and(|t| row.tenant.as_deref() != Some(t.as_str()))
+                {
+                    continue;
+                }
+                let line = json!({
+                    "instance": row.instance,
+                    "seq": row.seq,
+                    "ts_ms": row.ts_ms,
+                    "actor": row.actor,
+                    "action": row.action,
+                    "tenant": row.tenant,
+                    "kek_version": row.kek_version,
+                    "record_key_ids": serde_json::from_str::<Value>(&row.record_key_ids).unwrap_or(Value::Null),
+                    "outcome": row.outcome,
+                    "detail": serde_json::from_str::<Value>(&row.detail).unwrap_or(Value::Null),
+                    "hash": data_encoding::HEXLOWER.encode(&row.hash),
+                });
+                out.push_str(&line.to_string());
+                out.push('\n');
+                written += 1;
+            }
+        }
+    }
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from(out))
+        .map_err(|e| crate::error::internal(&e))
+}
+
+/// `GET /v1/audit/verify`: verifies every instance's chain and checkpoint
+/// signatures. 200 with `ok: false` and the first broken position when
+/// verification fails.
+pub(crate) async fn verify(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
+    state.authorize_global(&caller, &[Role::Auditor], "verify the audit log").await?;
+    let store = state.hierarchy.store();
+    let root = state.hierarchy.root();
+    let instances = store.audit_instances().await.map_err(|e| crate::error::store_error(&e))?;
+    let mut reports = Vec::new();
+    for instance in instances {
+        // The public key is taken from the wrapped signing key (only the
+        // master key can have made it), not from the stored copy.
+        let Some(record) =
+            store.audit_signing_key(&instance).await.map_err(|e| crate::error::store_error(&e))?
+        else {
+            return Ok(Json(broken(
+                &instance,
+                0,
+                "no signing key is stored for this instance",
+                reports,
+            )));
+        };
+        let key = match root.unwrap(&record.wrapped, &AuditSigner::wrap_context(&instance)).await {
+            Ok(key) => key,
+            Err(e) => {
+                tracing::error!(error = %e, instance, "cannot unwrap an audit signing key");
+                return Ok(Json(broken(
+                    &instance,
+                    0,
+                    "the signing key does not unwrap under the master key",
+                    reports,
+                )));
+            }
+        };
+        let signer = AuditSigner::from_key(&key).map_err(|e| crate::error::internal(&e))?;
+        match verify_stored_chain(store.as_ref(), &instance, signer.verifying_key(), VERIFY_PAGE)
+            .await
+        {
+            Ok(report) => reports.push(json!({
+                "instance": report.instance,
+                "events": report.events,
+                "checkpoints": report.checkpoints,
+                "head_seq": report.head_seq,
+                "last_checkpoint": report.last_checkpoint,
+            })),
+            Err(kms_core::audit::VerifyStoredError::Broken(b)) => {
+                return Ok(Json(broken(&instance, b.position, &b.reason.to_string(), reports)));
+            }
+            Err(kms_core::audit::VerifyStoredError::Store(e)) => {
+                return Err(crate::error::store_error(&e));
+            }
+            Err(e) => return Err(crate::error::internal(&e)),
+        }
+    }
+    Ok(Json(json!({ "ok": true, "instances": reports })))
+}
+
+fn broken(instance: &str, position: i64, reason: &str, verified: Vec<Value>) -> Value {
+    json!({
+        "ok": false,
+        "instances": verified,
+        "first_break": { "instance": instance, "position": position, "reason": reason },
+    })
+}
+
+/// `GET /v1/policy/self`: the caller's effective grants.
+pub(crate) async fn policy_self(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<crate::policy::EffectiveGrants>, ApiError> {
+    let identity = state.identity(&caller)?;
+    Ok(Json(state.policy.current().effective(identity)))
+}

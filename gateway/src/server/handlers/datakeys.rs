@@ -1,0 +1,242 @@
+//! Data keys: batch issue, unwrap and rewrap; index-derived keys.
+//!
+//! Every call is authorized for its tenant and recorded in the audit chain
+//! before any key leaves: if the event cannot be made durable, the keys
+//! are dropped (and wiped) and the caller gets 503 `audit_unavailable`.
+
+use axum::extract::{Path, State};
+use axum::{Extension, Json};
+use kms_core::audit::{AuditEvent, Outcome};
+use kms_core::record::{IndexPurpose, derive_path_key, derive_pseudonym_key};
+use kms_core::{DekError, DekRequest, PathPattern, RecordKeyId};
+
+use super::{ApiJson, tenant_id};
+use crate::audit_log::now_ms;
+use crate::error::ApiError;
+use crate::policy::Role;
+use crate::server::api::{
+    BatchRequest, DerivedKey, DerivedKeys, DerivedMode, DerivedRequest, IssueRequest,
+    IssueResponse, IssuedKey, Results, RewrapResult, SecretB64, UnwrapResult, WrappedItem,
+};
+use crate::server::{AppState, Caller};
+
+pub(crate) async fn issue(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(tenant): Path<String>,
+    ApiJson(body): ApiJson<IssueRequest>,
+) -> Result<Json<IssueResponse>, ApiError> {
+    let tenant = tenant_id(&tenant)?;
+    let actor = state.authorize(&caller, &tenant, &[Role::Encryptor], "issue data keys").await?;
+    check_batch(&state, body.count)?;
+    let issued = state.hierarchy.issue_deks(&tenant, body.count).await?;
+    let kek_version = issued.first().map_or(0, |d| d.kek_version);
+    let event = AuditEvent::new(now_ms(), actor, "dek.issue", Outcome::Ok)
+        .with_tenant(tenant)
+        .with_kek_version(kek_version)
+        .with_record_key_ids(issued.iter().map(|d| d.record_key_id))
+        .with_detail("count", issued.len());
+    state.audit.record(vec![event]).await?;
+    let keys = issued
+        .into_iter()
+        .map(|d| IssuedKey {
+            record_key_id: d.record_key_id,
+            wrapped: d.wrapped,
+            dek: SecretB64(d.dek().duplicate()),
+        })
+        .collect();
+    Ok(Json(IssueResponse { kek_version, keys }))
+}
+
+pub(crate) async fn unwrap(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(tenant): Path<String>,
+    ApiJson(body): ApiJson<BatchRequest>,
+) -> Result<Json<Results<UnwrapResult>>, ApiError> {
+    let tenant = tenant_id(&tenant)?;
+    let actor = state.authorize(&caller, &tenant, &[Role::Decryptor], "unwrap data keys").await?;
+    check_batch(&state, body.items.len())?;
+    let requests = requests(&body.items);
+    let deks = state.hierarchy.unwrap_deks(&tenant, &requests).await?;
+    let (ok, failed) = split_ids(&body.items, deks.iter().map(Result::is_ok));
+    let mut event = AuditEvent::new(now_ms(), actor, "dek.unwrap", outcome(ok.len(), failed))
+        .with_tenant(tenant)
+        .with_record_key_ids(ok)
+        .with_detail("failed", failed);
+    if let Some(v) = single_version(&body.items) {
+        event = event.with_kek_version(v);
+    }
+    if let Some(purpose) = &body.purpose {
+        event = event.with_purpose(purpose.as_str());
+    }
+    // Durable before any DEK is returned.
+    state.audit.record(vec![event]).await?;
+    let results: Vec<UnwrapResult> = body
+        .items
+        .iter()
+        .zip(deks)
+        .map(|(item, dek)| match dek {
+            Ok(dek) => UnwrapResult {
+                record_key_id: item.record_key_id,
+                dek: Some(SecretB64(dek)),
+                error: None,
+            },
+            Err(e) => UnwrapResult {
+                record_key_id: item.record_key_id,
+                dek: None,
+                error: Some(dek_error_code(e)),
+            },
+        })
+        .collect();
+    Ok(Json(Results { results }))
+}
+
+pub(crate) async fn rewrap(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(tenant): Path<String>,
+    ApiJson(body): ApiJson<BatchRequest>,
+) -> Result<Json<Results<RewrapResult>>, ApiError> {
+    let tenant = tenant_id(&tenant)?;
+    let actor = state.authorize(&caller, &tenant, &[Role::Encryptor], "rewrap data keys").await?;
+    check_batch(&state, body.items.len())?;
+    let requests = requests(&body.items);
+    let rewrapped = state.hierarchy.rewrap_deks(&tenant, &requests).await?;
+    let (ok, failed) = split_ids(&body.items, rewrapped.iter().map(Result::is_ok));
+    let mut event = AuditEvent::new(now_ms(), actor, "dek.rewrap", outcome(ok.len(), failed))
+        .with_tenant(tenant)
+        .with_record_key_ids(ok)
+        .with_detail("failed", failed);
+    if let Some(Ok(r)) = rewrapped.first() {
+        event = event.with_kek_version(r.kek_version);
+    }
+    state.audit.record(vec![event]).await?;
+    let results: Vec<RewrapResult> = body
+        .items
+        .iter()
+        .zip(rewrapped)
+        .map(|(item, r)| match r {
+            Ok(r) => RewrapResult {
+                record_key_id: item.record_key_id,
+                kek_version: Some(r.kek_version),
+                wrapped: Some(r.wrapped),
+                error: None,
+            },
+            Err(e) => RewrapResult {
+                record_key_id: item.record_key_id,
+                kek_version: None,
+                wrapped: None,
+                error: Some(dek_error_code(e)),
+            },
+        })
+        .collect();
+    Ok(Json(Results { results }))
+}
+
+pub(crate) async fn derived(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(tenant): Path<String>,
+    ApiJson(body): ApiJson<DerivedRequest>,
+) -> Result<Json<DerivedKeys>, ApiError> {
+    let tenant = tenant_id(&tenant)?;
+    let actor = state
+        .authorize(&caller, &tenant, &[Role::Encryptor, Role::Decryptor], "derive index keys")
+        .await?;
+    check_batch(&state, body.fields.len())?;
+    let mut paths = Vec::with_capacity(body.fields.len());
+    for field in &body.fields {
+        let path = PathPattern::parse(&field.path)
+            .map_err(|e| ApiError::bad_request("invalid_path", format!("{}: {e}", field.path)))?;
+        paths.push(path);
+    }
+    let root = state.hierarchy.index_root(&tenant).await?;
+    let mut keys = Vec::new();
+    for (field, path) in body.fields.iter().zip(&paths) {
+        let purposes: &[IndexPurpose] = match field.mode {
+            DerivedMode::Deterministic => {
+                &[IndexPurpose::DeterministicEncryption, IndexPurpose::DeterministicNonce]
+            }
+            DerivedMode::BlindIndex => &[IndexPurpose::BlindIndex],
+            DerivedMode::Pseudonym => &[IndexPurpose::Pseudonym],
+        };
+        for purpose in purposes {
+            let key = match purpose {
+                IndexPurpose::Pseudonym => derive_pseudonym_key(
+                    &root,
+                    &tenant,
+                    field.namespace.as_ref().unwrap_or(&body.schema),
+                ),
+                other => derive_path_key(&root, &tenant, &body.schema, path, *other),
+            };
+            keys.push(DerivedKey {
+                path: field.path.clone(),
+                purpose: purpose.label(),
+                key: SecretB64(key),
+            });
+        }
+    }
+    let event = AuditEvent::new(now_ms(), actor, "index.derive", Outcome::Ok)
+        .with_tenant(tenant)
+        .with_detail("schema", body.schema.as_str())
+        .with_detail("paths", body.fields.iter().map(|f| f.path.clone()).collect::<Vec<_>>());
+    state.audit.record(vec![event]).await?;
+    Ok(Json(DerivedKeys { keys }))
+}
+
+fn check_batch(state: &AppState, count: usize) -> Result<(), ApiError> {
+    let max = state.limits.max_batch;
+    if count == 0 || count > max {
+        return Err(ApiError::bad_request(
+            "batch_too_large",
+            format!("a batch must hold 1 to {max} items, not {count}"),
+        ));
+    }
+    Ok(())
+}
+
+fn requests(items: &[WrappedItem]) -> Vec<DekRequest> {
+    items
+        .iter()
+        .map(|i| DekRequest {
+            record_key_id: i.record_key_id,
+            kek_version: i.kek_version,
+            wrapped: i.wrapped,
+        })
+        .collect()
+}
+
+fn split_ids(items: &[WrappedItem], ok: impl Iterator<Item = bool>) -> (Vec<RecordKeyId>, usize) {
+    let mut good = Vec::with_capacity(items.len());
+    let mut failed = 0;
+    for (item, ok) in items.iter().zip(ok) {
+        if ok {
+            good.push(item.record_key_id);
+        } else {
+            failed += 1;
+        }
+    }
+    (good, failed)
+}
+
+fn single_version(items: &[WrappedItem]) -> Option<u32> {
+    let first = items.first()?.kek_version;
+    items.iter().all(|i| i.kek_version == first).then_some(first)
+}
+
+/// `ok` if anything succeeded (the count of failures is in the detail),
+/// `invalid` if every item was refused.
+fn outcome(ok: usize, failed: usize) -> Outcome {
+    if ok == 0 && failed > 0 { Outcome::Invalid } else { Outcome::Ok }
+}
+
+fn dek_error_code(e: DekError) -> &'static str {
+    match e {
+        DekError::CannotDecrypt => "cannot_decrypt",
+        DekError::UnknownVersion => "unknown_version",
+        DekError::VersionDisabled => "key_version_disabled",
+        DekError::KeyDestroyed => "key_destroyed",
+        _ => "cannot_decrypt",
+    }
+}

@@ -1,0 +1,92 @@
+//! Accepting mutual-TLS connections and serving HTTP/1.1 and HTTP/2 on
+//! them, with the caller's identity attached to every request.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper::Request;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+
+use crate::tls::{TlsReloader, identity_of};
+
+/// The verified identity of a connection's client (its certificate's URI
+/// SAN, else DNS SAN); `None` if the certificate names neither.
+#[derive(Debug, Clone)]
+pub struct Caller(pub Option<String>);
+
+/// Serves `router` on `listener` over mutual TLS until `shutdown`
+/// resolves, then lets in-flight requests finish (up to `drain`).
+pub(super) async fn serve_tls(
+    listener: TcpListener,
+    tls: Arc<TlsReloader>,
+    router: Router,
+    handshake_timeout: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+    drain: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let acceptor = tls.acceptor();
+        let router = router.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tracing::info!(peer = %peer, error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(peer = %peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let caller = Caller(identity_of(stream.get_ref().1.peer_certificates()));
+            let service = router.map_request(move |mut request: Request<Incoming>| {
+                request.extensions_mut().insert(caller.clone());
+                request
+            });
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let connection =
+                builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+            if let Err(e) = watcher.watch(connection.into_owned()).await {
+                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(drain) => tracing::warn!("shutdown: in-flight requests did not finish in time"),
+    }
+}
+
+/// Serves `router` over plain HTTP (the ops endpoints) until `shutdown`.
+pub(super) async fn serve_plain(
+    addr: SocketAddr,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "ops endpoints listening (plain HTTP)");
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+}

@@ -1,0 +1,226 @@
+//! Starting and stopping the key service.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hsm_adapters::{Argon2Params, LocalRootKey};
+use kms_core::store::SqliteStore;
+use kms_core::{HierarchyConfig, KeyHierarchy, RootKeyProvider};
+use secrecy::SecretString;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::{AppState, listener, routes};
+use crate::audit_log::AuditLog;
+use crate::config::{RootConfig, ServerConfig};
+use crate::metrics::Metrics;
+use crate::policy::PolicyHandle;
+use crate::tls::TlsReloader;
+
+/// How long shutdown waits for in-flight requests.
+const DRAIN: Duration = Duration::from_secs(20);
+/// How often expired keys are dropped from memory.
+const EVICT_EVERY: Duration = Duration::from_secs(5);
+
+/// The key service could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// A startup step failed; the message names it.
+    #[error("{step}: {detail}")]
+    Startup {
+        /// What was being done.
+        step: &'static str,
+        /// What went wrong (never a secret).
+        detail: String,
+    },
+}
+
+fn fail(step: &'static str) -> impl FnOnce(&dyn std::fmt::Display) -> ServerError {
+    move |e| ServerError::Startup { step, detail: e.to_string() }
+}
+
+/// Runs the key service until SIGTERM or SIGINT.
+pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
+    let instance = instance_id(&config).map_err(|e| fail("instance id")(&e))?;
+    let root = root_provider(&config.root).await?;
+    let store = Arc::new(
+        SqliteStore::open_in_dir(&config.data_dir).await.map_err(|e| fail("keystore")(&e))?,
+    );
+    let hierarchy = Arc::new(
+        KeyHierarchy::new(
+            store.clone(),
+            root.clone(),
+            HierarchyConfig {
+                key_ttl: Duration::from_secs(config.keys.kek_ttl_secs),
+                max_batch: config.limits.max_batch,
+            },
+        )
+        .await
+        .map_err(|e| fail("key hierarchy")(&e))?,
+    );
+    let policy = Arc::new(PolicyHandle::load(&config.policy.file).map_err(|e| fail("policy")(&e))?);
+    let metrics = Arc::new(Metrics::default());
+    let (audit, audit_task) =
+        AuditLog::start(store.clone(), root.as_ref(), &instance, &config.audit, metrics.clone())
+            .await
+            .map_err(|e| fail("audit log")(&e))?;
+    let tls = Arc::new(TlsReloader::load(&config.tls).map_err(|e| fail("TLS")(&e))?);
+    let state = AppState {
+        hierarchy: hierarchy.clone(),
+        policy: policy.clone(),
+        audit,
+        metrics,
+        limits: config.limits.clone(),
+    };
+
+    let listener = TcpListener::bind(config.listen).await.map_err(|e| fail("listen")(&e))?;
+    let addr = listener.local_addr().map_err(|e| fail("listen")(&e))?;
+    tracing::info!(%addr, instance, root = %root.describe(), "key service listening");
+    // The first stdout line tells scripts and tests where to connect.
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "keygate server listening on https://{addr}");
+    let _ = stdout.flush();
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    spawn_maintenance(
+        tls.clone(),
+        policy,
+        hierarchy,
+        config.tls.reload_interval_secs,
+        stop_rx.clone(),
+    );
+    if let Some(ops_addr) = config.ops_listen {
+        let router = routes::ops(state.clone());
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = listener::serve_plain(ops_addr, router, shutdown).await {
+                tracing::error!(error = %e, "ops listener failed");
+            }
+        });
+    }
+
+    let router = routes::api(state);
+    let handshake = Duration::from_secs(config.limits.handshake_timeout_secs.max(1));
+    listener::serve_tls(listener, tls, router, handshake, termination(), DRAIN).await;
+    tracing::info!("shutting down: flushing the audit log");
+    let _ = stop_tx.send(true);
+    // The router (and with it every audit handle) is gone: the writer
+    // drains its queue, signs a final checkpoint and stops.
+    let _ = tokio::time::timeout(DRAIN, audit_task).await;
+    store.close().await;
+    Ok(())
+}
+
+async fn termination() {
+    let (Ok(mut term), Ok(mut int)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        tracing::error!("cannot listen for termination signals");
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// SIGHUP and file-change reloads of TLS material and policy, and eviction
+/// of expired keys from memory.
+fn spawn_maintenance(
+    tls: Arc<TlsReloader>,
+    policy: Arc<PolicyHandle>,
+    hierarchy: Arc<KeyHierarchy>,
+    reload_secs: u64,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::error!("cannot listen for SIGHUP; reloads only on file change");
+            return;
+        };
+        let mut poll = tokio::time::interval(Duration::from_secs(reload_secs.max(1)));
+        let mut evict = tokio::time::interval(EVICT_EVERY);
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading TLS material and policy");
+                    if let Err(e) = tls.reload() {
+                        tracing::error!(error = %e, "TLS reload failed; keeping the previous certificates");
+                    }
+                    if let Err(e) = policy.reload() {
+                        tracing::error!(error = %e, "policy reload failed; keeping the previous policy");
+                    } else {
+                        tracing::info!("policy reloaded");
+                    }
+                }
+                _ = poll.tick() => {
+                    if let Err(e) = tls.reload_if_changed() {
+                        tracing::error!(error = %e, "TLS reload failed; keeping the previous certificates");
+                    }
+                }
+                _ = evict.tick() => {
+                    let dropped = hierarchy.evict_expired();
+                    if dropped > 0 {
+                        tracing::debug!(dropped, "expired tenant keys dropped from memory");
+                    }
+                }
+                _ = stop.changed() => break,
+            }
+        }
+    });
+}
+
+async fn root_provider(config: &RootConfig) -> Result<Arc<dyn RootKeyProvider>, ServerError> {
+    match config {
+        RootConfig::DevLocal { key_file, passphrase_file, create_if_missing } => {
+            let passphrase = match passphrase_file {
+                Some(path) => Some(read_secret(path).map_err(|e| fail("root key passphrase")(&e))?),
+                None => None,
+            };
+            let (path, create) = (key_file.clone(), *create_if_missing && !key_file.exists());
+            let provider = tokio::task::spawn_blocking(move || {
+                if create {
+                    LocalRootKey::create(&path, passphrase.as_ref(), Argon2Params::DEFAULT)
+                } else {
+                    LocalRootKey::open(&path, passphrase.as_ref())
+                }
+            })
+            .await
+            .map_err(|e| fail("root key")(&e))?
+            .map_err(|e| fail("root key")(&e))?;
+            Ok(Arc::new(provider))
+        }
+    }
+}
+
+/// Reads a secret from a file (trailing newline removed).
+fn read_secret(path: &Path) -> std::io::Result<SecretString> {
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path)?);
+    Ok(SecretString::from(text.trim_end_matches(['\n', '\r']).to_owned()))
+}
+
+/// The configured instance name, or one generated once and kept in the
+/// data directory.
+fn instance_id(config: &ServerConfig) -> std::io::Result<String> {
+    if let Some(instance) = &config.instance {
+        return Ok(instance.clone());
+    }
+    std::fs::create_dir_all(&config.data_dir)?;
+    let path = config.data_dir.join("instance-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_owned()),
+        _ => {
+            let random = kms_core::crypto::rng::array::<6>().map_err(std::io::Error::other)?;
+            let id = format!("ks-{}", data_encoding::HEXLOWER.encode(&random));
+            std::fs::write(&path, format!("{id}\n"))?;
+            Ok(id)
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! Shared state of the key service's handlers.
+
+use std::sync::Arc;
+
+use kms_core::{KeyHierarchy, TenantId};
+
+use super::listener::Caller;
+use crate::audit_log::AuditLog;
+use crate::config::Limits;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::policy::{PolicyHandle, Role};
+
+/// Everything a handler needs.
+#[derive(Clone)]
+pub struct AppState {
+    /// Tenants, KEKs, DEKs.
+    pub hierarchy: Arc<KeyHierarchy>,
+    /// The current policy.
+    pub policy: Arc<PolicyHandle>,
+    /// The audit chain writer.
+    pub audit: AuditLog,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Request limits.
+    pub limits: Limits,
+}
+
+impl AppState {
+    /// The caller's identity, or 403 if its certificate names none.
+    pub fn identity<'a>(&self, caller: &'a Caller) -> Result<&'a str, ApiError> {
+        caller.0.as_deref().ok_or_else(|| {
+            ApiError::forbidden(
+                "the client certificate carries no URI or DNS subject alternative name",
+            )
+        })
+    }
+
+    /// Allows the call if the caller holds one of `roles` for `tenant`;
+    /// otherwise records the denial and answers 403.
+    pub async fn authorize(
+        &self,
+        caller: &Caller,
+        tenant: &TenantId,
+        roles: &[Role],
+        action: &'static str,
+    ) -> Result<String, ApiError> {
+        let identity = self.identity(caller)?;
+        let policy = self.policy.current();
+        if roles.iter().any(|role| policy.authorize(identity, tenant, *role)) {
+            return Ok(identity.to_owned());
+        }
+        self.audit.record_denial(identity, action, Some(tenant)).await;
+        Err(ApiError::forbidden(format!("{identity} may not {action} for tenant {tenant}")))
+    }
+
+    /// Like [`AppState::authorize`] for calls not scoped to one tenant: the
+    /// grant must cover every tenant (`"*"`).
+    pub async fn authorize_global(
+        &self,
+        caller: &Caller,
+        roles: &[Role],
+        action: &'static str,
+    ) -> Result<String, ApiError> {
+        let identity = self.identity(caller)?;
+        let policy = self.policy.current();
+        if roles.iter().any(|role| policy.authorize_any_tenant(identity, *role)) {
+            return Ok(identity.to_owned());
+        }
+        self.audit.record_denial(identity, action, None).await;
+        Err(ApiError::forbidden(format!("{identity} may not {action}")))
+    }
+}

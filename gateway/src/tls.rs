@@ -1,0 +1,149 @@
+//! TLS with mandatory client certificates, hot reload, and identities.
+//!
+//! The server certificate, its key and the client CA bundle are reloaded
+//! when their files change (polled) or on SIGHUP. A reload builds a whole
+//! new `ServerConfig` and swaps it atomically: connections already open
+//! keep the configuration they were accepted with, new ones get the new
+//! one, and a broken new file keeps the old configuration (logged).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use rustls::ServerConfig;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::TlsAcceptor;
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+use crate::config::TlsConfig;
+
+/// TLS material could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A file could not be read or holds no usable PEM item.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// rustls refused the material (key does not match, bad CA, …).
+    #[error("TLS configuration rejected: {0}")]
+    Rustls(String),
+}
+
+/// The current TLS configuration, reloadable.
+#[derive(Debug)]
+pub struct TlsReloader {
+    paths: TlsConfig,
+    current: ArcSwap<ServerConfig>,
+    stamps: Mutex<Vec<Option<SystemTime>>>,
+}
+
+impl TlsReloader {
+    /// Loads the configured files.
+    pub fn load(paths: &TlsConfig) -> Result<Self, TlsError> {
+        let config = build_server_config(paths)?;
+        Ok(Self {
+            stamps: Mutex::new(stamps(paths)),
+            paths: paths.clone(),
+            current: ArcSwap::from(config),
+        })
+    }
+
+    /// An acceptor with the current configuration.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.current.load_full())
+    }
+
+    /// Rebuilds from the files; on failure the old configuration stays.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let config = build_server_config(&self.paths)?;
+        self.current.store(config);
+        *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) = stamps(&self.paths);
+        tracing::info!("TLS certificate and client CA reloaded");
+        Ok(())
+    }
+
+    /// Reloads if any file's modification time changed.
+    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        let now = stamps(&self.paths);
+        let changed = *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) != now;
+        if changed {
+            self.reload()?;
+        }
+        Ok(changed)
+    }
+}
+
+fn stamps(paths: &TlsConfig) -> Vec<Option<SystemTime>> {
+    [&paths.cert, &paths.key, &paths.client_ca]
+        .iter()
+        .map(|p| fs::metadata(p).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
+fn file_error(path: &Path, reason: impl std::fmt::Display) -> TlsError {
+    TlsError::File { path: path.to_owned(), reason: reason.to_string() }
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_error(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(path, e))?;
+    if certs.is_empty() {
+        return Err(file_error(path, "no certificate found"));
+    }
+    Ok(certs)
+}
+
+/// Builds a server configuration that requires a client certificate
+/// chaining to the configured CA bundle (expired, unknown-CA or absent
+/// certificates fail the handshake).
+pub fn build_server_config(paths: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in read_certs(&paths.client_ca)? {
+        roots.add(ca).map_err(|e| file_error(&paths.client_ca, e))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    let chain = read_certs(&paths.cert)?;
+    let key = PrivateKeyDer::from_pem_file(&paths.key).map_err(|e| file_error(&paths.key, e))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Rustls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The identity of a verified client: its certificate's first URI SAN
+/// (e.g. `spiffe://prod/ns/onc/sa/api`), else its first DNS SAN.
+pub fn identity_of(chain: Option<&[CertificateDer<'_>]>) -> Option<String> {
+    let leaf = chain?.first()?;
+    let (_, cert) = X509Certificate::from_der(leaf.as_ref()).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let names = &san.value.general_names;
+    let uri = names.iter().find_map(|n| match n {
+        GeneralName::URI(uri) => Some((*uri).to_owned()),
+        _ => None,
+    });
+    uri.or_else(|| {
+        names.iter().find_map(|n| match n {
+            // DNS names are case-insensitive; policy matching is exact.
+            GeneralName::DNSName(dns) => Some(dns.to_ascii_lowercase()),
+            _ => None,
+        })
+    })
+}
