@@ -10,6 +10,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod keyservice;
+
 use hsm_adapters::{Argon2Params, LocalRootKey};
 use kms_core::store::SqliteStore;
 use kms_core::{HierarchyConfig, KeyHierarchy, TenantId};

@@ -1,0 +1,303 @@
+//! Running a real `keygate server` process for end-to-end tests: a dev
+//! PKI, a config and policy in a temporary directory, the process, and
+//! mTLS clients for any identity.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use gateway::pki::{DevCa, Validity};
+
+/// Locates (building once if needed) the `keygate` binary of this profile.
+pub fn keygate_binary() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            // target/<profile>/deps/<test> → target/<profile>/keygate
+            let exe = std::env::current_exe().expect("test executable path");
+            let profile_dir = exe.parent().and_then(Path::parent).expect("target profile dir");
+            let release = profile_dir.ends_with("release");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+            let mut build = Command::new(cargo);
+            build.args(["build", "-p", "gateway", "--bin", "keygate"]);
+            if release {
+                build.arg("--release");
+            }
+            let status = build.status().expect("run cargo build");
+            assert!(status.success(), "building keygate failed");
+            profile_dir.join("keygate")
+        })
+        .clone()
+}
+
+/// A development PKI on disk: the trusted CA, an untrusted one, and
+/// client certificates issued on demand.
+pub struct Pki {
+    /// Where the PEM files are.
+    pub dir: PathBuf,
+    /// The CA the server trusts for clients.
+    pub ca: DevCa,
+    /// A CA it does not trust.
+    pub other_ca: DevCa,
+}
+
+impl Pki {
+    /// A CA, a server certificate for `localhost`/`127.0.0.1`, written to `dir`.
+    pub fn create(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let ca = DevCa::generate("keygate test CA").unwrap();
+        let other_ca = DevCa::generate("some other CA").unwrap();
+        let server = ca.issue_server(&["localhost", "127.0.0.1"], Validity::days(30)).unwrap();
+        write_private(&dir.join("server.key"), &server.key_pem);
+        std::fs::write(dir.join("server.crt"), &server.cert_pem).unwrap();
+        std::fs::write(dir.join("ca.crt"), ca.cert_pem()).unwrap();
+        Self { dir: dir.to_owned(), ca, other_ca }
+    }
+}
+
+/// Writes a file readable only by its owner.
+pub fn write_private(path: &Path, contents: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    f.write_all(contents.as_bytes()).unwrap();
+}
+
+/// The policy most tests use.
+pub const TEST_POLICY: &str = r#"
+[[grant]]
+identity = "spiffe://test/admin"
+tenants = ["*"]
+roles = ["admin", "auditor"]
+
+[[grant]]
+identity = "spiffe://test/encryptor"
+tenants = ["onc", "t-*"]
+roles = ["encryptor"]
+
+[[grant]]
+identity = "spiffe://test/decryptor"
+tenants = ["onc", "t-*"]
+roles = ["decryptor"]
+classes = ["*"]
+purposes = ["*"]
+
+[[grant]]
+identity = "spiffe://test/auditor"
+tenants = ["*"]
+roles = ["auditor"]
+
+[[grant]]
+identity = "spiffe://test/app-b"
+tenants = ["b"]
+roles = ["encryptor", "decryptor"]
+classes = ["*"]
+purposes = ["*"]
+"#;
+
+/// A running key service.
+pub struct KeyService {
+    /// The service's directory (config, policy, data, log).
+    pub dir: PathBuf,
+    /// Its PKI.
+    pub pki: Pki,
+    /// `https://localhost:PORT`.
+    pub url: String,
+    child: Option<Child>,
+    clients: Mutex<HashMap<String, reqwest::Client>>,
+}
+
+impl KeyService {
+    /// Writes PKI, policy and config into `dir` (keeping any that exist,
+    /// so a restart reuses them) and starts the server.
+    pub fn start(dir: &Path, extra_config: &str) -> Self {
+        let pki = Pki::create(&dir.join("pki"));
+        let policy = dir.join("policy.toml");
+        if !policy.exists() {
+            std::fs::write(&policy, TEST_POLICY).unwrap();
+        }
+        let config = format!(
+            r#"
+listen = "127.0.0.1:0"
+data_dir = "data"
+instance = "ks-test"
+[tls]
+cert = "pki/server.crt"
+key = "pki/server.key"
+client_ca = "pki/ca.crt"
+reload_interval_secs = 1
+[root]
+provider = "dev_local"
+key_file = "root.key"
+create_if_missing = true
+[policy]
+file = "policy.toml"
+[audit]
+checkpoint_every = 50
+checkpoint_interval_secs = 1
+{extra_config}
+"#
+        );
+        std::fs::write(dir.join("keygate.toml"), config).unwrap();
+        let mut service = Self {
+            dir: dir.to_owned(),
+            pki,
+            url: String::new(),
+            child: None,
+            clients: Mutex::default(),
+        };
+        service.spawn();
+        service
+    }
+
+    fn spawn(&mut self) {
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("server.log"))
+            .unwrap();
+        let mut child = Command::new(keygate_binary())
+            .args(["server", "--config"])
+            .arg(self.dir.join("keygate.toml"))
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("start keygate server");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            for _ in lines {}
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("keygate server did not start; log:\n{}", self.log()));
+        let url = line.rsplit(' ').next().unwrap().to_owned();
+        assert!(url.starts_with("https://127.0.0.1:"), "{line}");
+        // Certificates name "localhost"; keep the port.
+        self.url = url.replace("127.0.0.1", "localhost");
+        self.child = Some(child);
+    }
+
+    /// Stops the server (SIGTERM, waits for a clean exit).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), "TERM");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(status)) = child.try_wait() {
+                    assert!(status.success(), "keygate exited with {status}; log:\n{}", self.log());
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            panic!("keygate did not stop on SIGTERM");
+        }
+    }
+
+    /// Stops and starts again on the same directory.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.clients.lock().unwrap().clear();
+        self.spawn();
+    }
+
+    /// Sends SIGHUP (reload TLS material and policy).
+    pub fn sighup(&self) {
+        signal(self.child.as_ref().unwrap().id(), "HUP");
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Everything the server logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    /// The keystore file.
+    pub fn database(&self) -> PathBuf {
+        self.dir.join("data/keystore.sqlite3")
+    }
+
+    /// An mTLS client presenting a certificate for `identity` from the
+    /// trusted CA (reused across calls, so connections are kept alive).
+    pub fn client(&self, identity: &str) -> reqwest::Client {
+        self.clients
+            .lock()
+            .unwrap()
+            .entry(identity.to_owned())
+            .or_insert_with(|| {
+                let cert = self.pki.ca.issue_client(identity, Validity::days(1)).unwrap();
+                client_with(self.pki.ca.cert_pem(), Some((&cert.cert_pem, &cert.key_pem)))
+            })
+            .clone()
+    }
+
+    /// POST JSON as `identity`; returns status and body.
+    pub async fn post(
+        &self,
+        identity: &str,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let response = self
+            .client(identity)
+            .post(format!("{}{path}", self.url))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// GET as `identity`; returns status and body text.
+    pub async fn get(&self, identity: &str, path: &str) -> (u16, String) {
+        let response =
+            self.client(identity).get(format!("{}{path}", self.url)).send().await.unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    }
+}
+
+impl Drop for KeyService {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A client trusting `ca_pem`, presenting `identity` (cert, key) if given.
+pub fn client_with(ca_pem: &str, identity: Option<(&str, &str)>) -> reqwest::Client {
+    let mut builder = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap()])
+        .timeout(Duration::from_secs(60));
+    if let Some((cert, key)) = identity {
+        let pem = format!("{cert}\n{key}");
+        builder = builder.identity(reqwest::Identity::from_pem(pem.as_bytes()).unwrap());
+    }
+    builder.build().unwrap()
+}
+
+fn signal(pid: u32, name: &str) {
+    let status =
+        Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status().unwrap();
+    assert!(status.success(), "kill -{name} {pid}");
+}

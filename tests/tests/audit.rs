@@ -1,0 +1,171 @@
+//! The audit chain through the running key service: verification, tamper
+//! detection, and failing closed when the audit log cannot write.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
+
+use keygate_tests::keyservice::KeyService;
+use serde_json::{Value, json};
+use sqlx::Connection;
+
+const ADMIN: &str = "spiffe://test/admin";
+const ENC: &str = "spiffe://test/encryptor";
+const DEC: &str = "spiffe://test/decryptor";
+const AUDITOR: &str = "spiffe://test/auditor";
+
+async fn verify(ks: &KeyService) -> Value {
+    let (status, text) = ks.get(AUDITOR, "/v1/audit/verify").await;
+    assert_eq!(status, 200, "{text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+async fn db(ks: &KeyService) -> sqlx::SqliteConnection {
+    sqlx::SqliteConnection::connect(&format!("sqlite://{}", ks.database().display())).await.unwrap()
+}
+
+/// Runs some traffic so the chain has events and checkpoints.
+async fn traffic(ks: &KeyService) -> Value {
+    let (status, _) = ks.post(ADMIN, "/v1/tenants", &json!({"tenant": "onc"})).await;
+    assert_eq!(status, 201);
+    let mut last = Value::Null;
+    for _ in 0..30 {
+        let (status, body) = ks.post(ENC, "/v1/tenants/onc/datakeys", &json!({"count": 3})).await;
+        assert_eq!(status, 200);
+        last = body;
+    }
+    // Wait for the interval checkpoint so the whole chain is signed.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    last
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_detects_edits_deletions_swaps_and_forged_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(dir.path(), "");
+    traffic(&ks).await;
+    let report = verify(&ks).await;
+    assert_eq!(report["ok"], true, "{report}");
+    let events = report["instances"][0]["events"].as_u64().unwrap();
+    assert!(events >= 31, "{report}");
+    assert!(report["instances"][0]["checkpoints"].as_u64().unwrap() >= 1);
+
+    let mut conn = db(&ks).await;
+    let expect_break = |report: Value, position: i64, what: &str| {
+        assert_eq!(report["ok"], false, "{what}: {report}");
+        assert_eq!(report["first_break"]["position"], position, "{what}: {report}");
+    };
+
+    // Edit one row.
+    sqlx::query("UPDATE audit_events SET actor = 'spiffe://test/mallory' WHERE seq = 5")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    expect_break(verify(&ks).await, 5, "edited row");
+    sqlx::query("UPDATE audit_events SET actor = ? WHERE seq = 5")
+        .bind(ENC)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(verify(&ks).await["ok"], true, "restored");
+
+    // Delete one row (keep it to put back).
+    sqlx::query("CREATE TABLE saved AS SELECT * FROM audit_events WHERE seq = 7")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM audit_events WHERE seq = 7").execute(&mut conn).await.unwrap();
+    expect_break(verify(&ks).await, 7, "deleted row");
+    sqlx::query("INSERT INTO audit_events SELECT * FROM saved").execute(&mut conn).await.unwrap();
+    sqlx::query("DROP TABLE saved").execute(&mut conn).await.unwrap();
+    assert_eq!(verify(&ks).await["ok"], true, "restored");
+
+    // Swap two rows' contents (everything but their position).
+    let swap = [
+        "CREATE TABLE saved AS SELECT * FROM audit_events WHERE seq IN (10, 12)",
+        "UPDATE audit_events SET
+            ts_ms = (SELECT ts_ms FROM saved WHERE saved.seq = 22 - audit_events.seq),
+            actor = (SELECT actor FROM saved WHERE saved.seq = 22 - audit_events.seq),
+            action = (SELECT action FROM saved WHERE saved.seq = 22 - audit_events.seq),
+            record_key_ids = (SELECT record_key_ids FROM saved WHERE saved.seq = 22 - audit_events.seq),
+            detail = (SELECT detail FROM saved WHERE saved.seq = 22 - audit_events.seq),
+            prev_hash = (SELECT prev_hash FROM saved WHERE saved.seq = 22 - audit_events.seq),
+            hash = (SELECT hash FROM saved WHERE saved.seq = 22 - audit_events.seq)
+         WHERE seq IN (10, 12)",
+        "DROP TABLE saved",
+    ];
+    for statement in swap {
+        sqlx::query(statement).execute(&mut conn).await.unwrap();
+    }
+    expect_break(verify(&ks).await, 10, "swapped rows");
+    for statement in swap {
+        sqlx::query(statement).execute(&mut conn).await.unwrap();
+    }
+    assert_eq!(verify(&ks).await["ok"], true, "swapped back");
+
+    // Forge a checkpoint.
+    let cp: i64 = sqlx::query_scalar("SELECT MIN(seq) FROM audit_checkpoints")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE audit_checkpoints SET signature = zeroblob(64) WHERE seq = ?")
+        .bind(cp)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    expect_break(verify(&ks).await, cp, "forged checkpoint");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unwrap_is_refused_when_the_audit_log_cannot_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(dir.path(), "");
+    let issued = traffic(&ks).await;
+    let key = &issued["keys"][0];
+    let request = json!({"items": [{"record_key_id": key["record_key_id"], "kek_version": 1, "wrapped": key["wrapped"]}]});
+
+    let mut conn = db(&ks).await;
+    sqlx::query("CREATE TRIGGER audit_unwritable BEFORE INSERT ON audit_events BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let (status, body) = ks.post(DEC, "/v1/tenants/onc/datakeys/unwrap", &request).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "audit_unavailable");
+    assert!(!body.to_string().contains(key["dek"].as_str().unwrap()), "no DEK returned");
+    let (status, _) = ks.post(ENC, "/v1/tenants/onc/datakeys", &json!({"count": 1})).await;
+    assert_eq!(status, 503, "issuing is refused too");
+    let (status, readiness) = ks.get(ADMIN, "/readyz").await;
+    assert_eq!(status, 503, "{readiness}");
+    assert!(readiness.contains("\"audit\":{\"error\""), "{readiness}");
+
+    sqlx::query("DROP TRIGGER audit_unwritable").execute(&mut conn).await.unwrap();
+    let (status, body) = ks.post(DEC, "/v1/tenants/onc/datakeys/unwrap", &request).await;
+    assert_eq!(status, 200, "recovers by itself: {body}");
+    assert_eq!(body["results"][0]["dek"], key["dek"]);
+    let (status, _) = ks.get(ADMIN, "/readyz").await;
+    assert_eq!(status, 200);
+    assert_eq!(verify(&ks).await["ok"], true, "the chain survived the outage intact");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_unwrap_is_exported_with_its_record_key_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(dir.path(), "");
+    let issued = traffic(&ks).await;
+    let key = &issued["keys"][1];
+    let request = json!({"purpose": "treatment", "items": [{"record_key_id": key["record_key_id"], "kek_version": 1, "wrapped": key["wrapped"]}]});
+    let (status, _) = ks.post(DEC, "/v1/tenants/onc/datakeys/unwrap", &request).await;
+    assert_eq!(status, 200);
+    let (status, export) = ks.get(AUDITOR, "/v1/audit?tenant=onc").await;
+    assert_eq!(status, 200);
+    let unwrap: Value = export
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["action"] == "dek.unwrap")
+        .expect("an unwrap event");
+    assert_eq!(unwrap["actor"], DEC);
+    assert_eq!(unwrap["record_key_ids"], json!([key["record_key_id"]]));
+    assert_eq!(unwrap["detail"]["purpose"], "treatment");
+    assert!(!export.contains(key["dek"].as_str().unwrap()));
+    // Auditors only: an encryptor may not export.
+    let (status, _) = ks.get(ENC, "/v1/audit").await;
+    assert_eq!(status, 403);
+}
