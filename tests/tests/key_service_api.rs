@@ -1,0 +1,130 @@
+//! The rest of the key service API end to end: derived keys, sidecar audit
+//! events, the caller's own policy, tenants listing, readiness and metrics.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
+
+use keygate_tests::keyservice::KeyService;
+use serde_json::{Value, json};
+
+const ADMIN: &str = "spiffe://test/admin";
+const ENC: &str = "spiffe://test/encryptor";
+const DEC: &str = "spiffe://test/decryptor";
+const AUDITOR: &str = "spiffe://test/auditor";
+
+async fn started() -> (tempfile::TempDir, KeyService) {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(dir.path(), "");
+    for tenant in ["onc", "t-two"] {
+        let (status, _) = ks.post(ADMIN, "/v1/tenants", &json!({"tenant": tenant})).await;
+        assert_eq!(status, 201);
+    }
+    (dir, ks)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn derived_keys_are_stable_per_tenant_and_path() {
+    let (_dir, ks) = started().await;
+    let request = json!({"schema": "patient", "fields": [
+        {"path": "/mrn", "mode": "deterministic"},
+        {"path": "/email", "mode": "blind_index"},
+        {"path": "/patient_id", "mode": "pseudonym"},
+    ]});
+    let (status, a) = ks.post(ENC, "/v1/tenants/onc/derived", &request).await;
+    assert_eq!(status, 200, "{a}");
+    let purposes: Vec<&str> =
+        a["keys"].as_array().unwrap().iter().map(|k| k["purpose"].as_str().unwrap()).collect();
+    assert_eq!(
+        purposes,
+        ["keygate/v1/det-enc", "keygate/v1/det-nonce", "keygate/v1/bidx", "keygate/v1/pseudonym"]
+    );
+    let (_, b) = ks.post(DEC, "/v1/tenants/onc/derived", &request).await;
+    assert_eq!(a, b, "encryptors and decryptors derive the same keys");
+    let (_, other) = ks.post(ENC, "/v1/tenants/t-two/derived", &request).await;
+    assert_ne!(a["keys"][0]["key"], other["keys"][0]["key"], "another tenant, other keys");
+    let (status, _) = ks.post(AUDITOR, "/v1/tenants/onc/derived", &request).await;
+    assert_eq!(status, 403);
+    let bad = json!({"schema": "patient", "fields": [{"path": "mrn", "mode": "deterministic"}]});
+    let (status, body) = ks.post(ENC, "/v1/tenants/onc/derived", &bad).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_path")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sidecar_events_land_in_the_chain_with_their_reporter() {
+    let (_dir, ks) = started().await;
+    let event = json!({"events": [{
+        "actor": "spiffe://test/app", "action": "record.decrypt", "tenant": "onc", "kek_version": 1,
+        "record_key_ids": ["00112233445566778899aabbccddeeff"], "outcome": "ok", "purpose": "treatment",
+        "fields": {"/ssn": "masked", "/diagnosis": "withheld"}, "ts_ms": 1_700_000_000_000i64
+    }]});
+    let (status, body) = ks.post(DEC, "/v1/audit/events", &event).await;
+    assert_eq!((status, body["recorded"].as_u64()), (200, Some(1)), "{body}");
+    // Not for a tenant the reporter does not serve.
+    let mut foreign = event.clone();
+    foreign["events"][0]["tenant"] = json!("b");
+    let (status, _) = ks.post(DEC, "/v1/audit/events", &foreign).await;
+    assert_eq!(status, 403);
+    let (_, export) = ks.get(AUDITOR, "/v1/audit").await;
+    let line: Value = export
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["action"] == "record.decrypt")
+        .unwrap();
+    assert_eq!(line["actor"], "spiffe://test/app");
+    assert_eq!(line["detail"]["reported_by"], DEC);
+    assert_eq!(line["detail"]["fields"]["/ssn"], "masked");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn policy_self_and_tenant_listing_follow_the_grants() {
+    let (_dir, ks) = started().await;
+    let (status, text) = ks.get(DEC, "/v1/policy/self").await;
+    assert_eq!(status, 200);
+    let grants: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(grants["identity"], DEC);
+    assert_eq!(grants["grants"].as_array().unwrap().len(), 1, "only its own grants: {grants}");
+    let (_, text) = ks.get("spiffe://test/nobody", "/v1/policy/self").await;
+    let none: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(none["grants"], json!([]));
+
+    let (status, text) = ks.get(AUDITOR, "/v1/tenants").await;
+    assert_eq!(status, 200);
+    let tenants: Vec<Value> = serde_json::from_str(&text).unwrap();
+    assert_eq!(tenants.len(), 2);
+    let (_, text) = ks.get(ENC, "/v1/tenants").await;
+    assert_eq!(
+        serde_json::from_str::<Vec<Value>>(&text).unwrap().len(),
+        0,
+        "encryptors see no tenant metadata"
+    );
+    let (status, _) = ks.get(ENC, "/v1/tenants/onc").await;
+    assert_eq!(status, 403);
+    let (status, body) = ks.post(ADMIN, "/v1/tenants", &json!({"tenant": "onc"})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (409, Some("tenant_exists")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_and_metrics() {
+    let (_dir, ks) = started().await;
+    let (status, text) = ks.get(ADMIN, "/readyz").await;
+    assert_eq!(status, 200, "{text}");
+    let ready: Value = serde_json::from_str(&text).unwrap();
+    for check in ["store", "root_key", "audit"] {
+        assert_eq!(ready["checks"][check]["ok"], true, "{ready}");
+    }
+    for _ in 0..3 {
+        let (status, _) = ks.post(ENC, "/v1/tenants/onc/datakeys", &json!({"count": 2})).await;
+        assert_eq!(status, 200);
+    }
+    let (status, metrics) = ks.get(AUDITOR, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains(
+            r#"keygate_requests_total{route="/v1/tenants/{tenant}/datakeys",code="200"} 3"#
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("keygate_request_duration_seconds_bucket"));
+    assert!(metrics.contains("keygate_kek_cache_hits "));
+    assert!(metrics.contains("keygate_audit_queue_depth "));
+    assert!(metrics.contains("keygate_audit_events_total"));
+    assert!(!metrics.contains("onc"), "no tenant names in metric labels");
+}
