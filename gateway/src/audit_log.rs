@@ -261,6 +261,7 @@ impl Writer {
         match result {
             Ok(()) => {
                 metrics.audit_events.inc_by(count);
+                metrics.audit_commits.inc();
                 if checkpoint.is_some() {
                     self.since_checkpoint = 0;
                     self.last_checkpoint = Instant::now();

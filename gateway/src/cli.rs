@@ -27,6 +27,23 @@ pub enum Command {
         #[arg(long, short, env = "KEYGATE_CONFIG")]
         config: PathBuf,
     },
+    /// Run the sidecar beside an application (unix socket or loopback API, DESIGN §5).
+    ///
+    /// Example: keygate sidecar --config /etc/keygate/sidecar.toml
+    Sidecar {
+        /// The configuration file (TOML; every key overridable by KEYGATE_… variables).
+        #[arg(long, short, env = "KEYGATE_SIDECAR_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run everything on this machine with development defaults (dev CA,
+    /// local root key, SQLite) and print curl lines to try it.
+    ///
+    /// Example: keygate up --dir ./keygate-dev
+    Up {
+        /// Where to keep keys, certificates, data and configs.
+        #[arg(long, default_value = "keygate-dev")]
+        dir: PathBuf,
+    },
 }
 
 /// Exit code for a bad configuration (EX_CONFIG).
@@ -41,27 +58,47 @@ pub fn main() -> ExitCode {
         Command::Server { config } => {
             let config = match ServerConfig::load(&config) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("keygate: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
+                Err(e) => return config_error(&e),
             };
             init_logging(&config.log.level, config.log.format);
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("keygate: cannot start the async runtime: {e}");
-                    return ExitCode::from(EXIT_FAILURE);
-                }
+            block_on(crate::server::run(config))
+        }
+        Command::Sidecar { config } => {
+            let config = match crate::sidecar::SidecarConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => return config_error(&e),
             };
-            match runtime.block_on(crate::server::run(config)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = %e, "key service failed");
-                    eprintln!("keygate: {e}");
-                    ExitCode::from(EXIT_FAILURE)
-                }
-            }
+            init_logging(&config.log.level, config.log.format);
+            block_on(crate::sidecar::run(config))
+        }
+        Command::Up { dir } => {
+            init_logging("warn", LogFormat::Text);
+            block_on(crate::up::run(&dir))
+        }
+    }
+}
+
+fn config_error(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("keygate: {e}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn block_on<E: std::fmt::Display>(
+    task: impl std::future::Future<Output = Result<(), E>>,
+) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("keygate: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "keygate failed");
+            eprintln!("keygate: {e}");
+            ExitCode::from(EXIT_FAILURE)
         }
     }
 }

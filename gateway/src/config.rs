@@ -193,29 +193,44 @@ fn default_reload_secs() -> u64 {
 #[error("configuration error: {0}")]
 pub struct ConfigError(String);
 
+impl ConfigError {
+    /// An error with a message naming what is wrong.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+}
+
+/// Reads a TOML file with `KEYGATE_…` environment overrides (nested keys
+/// joined by `__`). Only variables naming one of `top_level_keys` are
+/// taken, so unrelated `KEYGATE_…` variables (test settings, the other
+/// command's) do not make the strict parser fail.
+pub fn load_layered<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    top_level_keys: &'static [&'static str],
+) -> Result<T, ConfigError> {
+    if !path.is_file() {
+        return Err(ConfigError(format!("{}: no such file", path.display())));
+    }
+    let env = Env::prefixed("KEYGATE_").split("__").filter(move |key| {
+        let key = key.as_str();
+        top_level_keys.iter().any(|top| {
+            key.strip_prefix(top).is_some_and(|rest| {
+                rest.is_empty() || rest.starts_with('.') || rest.starts_with("__")
+            })
+        })
+    });
+    Figment::new()
+        .merge(Toml::file(path))
+        .merge(env)
+        .extract()
+        .map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+}
+
 impl ServerConfig {
     /// Loads `path` (TOML) with `KEYGATE_…` overrides and resolves relative
     /// paths against the file's directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        if !path.is_file() {
-            return Err(ConfigError(format!("{}: no such file", path.display())));
-        }
-        // Only variables naming a config key are taken, so unrelated
-        // KEYGATE_… variables (test settings, other commands) do not make
-        // the strict parser fail.
-        let env = Env::prefixed("KEYGATE_").split("__").filter(|key| {
-            let key = key.as_str();
-            TOP_LEVEL_KEYS.iter().any(|top| {
-                key.strip_prefix(top).is_some_and(|rest| {
-                    rest.is_empty() || rest.starts_with('.') || rest.starts_with("__")
-                })
-            })
-        });
-        let mut config: Self = Figment::new()
-            .merge(Toml::file(path))
-            .merge(env)
-            .extract()
-            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        let mut config: Self = load_layered(path, TOP_LEVEL_KEYS)?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         Ok(config)

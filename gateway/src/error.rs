@@ -132,9 +132,52 @@ pub fn internal(e: &dyn std::fmt::Display) -> ApiError {
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
 }
 
+impl From<kms_core::record::RecordError> for ApiError {
+    fn from(e: kms_core::record::RecordError) -> Self {
+        use kms_core::record::RecordError as R;
+        match e {
+            R::NotAnObject => {
+                Self::bad_request("invalid_request", "a record must be a JSON object")
+            }
+            R::AlreadyEncrypted => Self::bad_request(
+                "already_encrypted",
+                "the record is already encrypted (it has _kg)",
+            ),
+            R::NotEncrypted => Self::bad_request("not_encrypted", "the record has no _kg header"),
+            R::Shape(e) => Self::bad_request("shape_mismatch", e.to_string()),
+            R::ReservedMember { pointer } => Self::bad_request(
+                "reserved_member",
+                format!("the record already has {pointer}, which the blind index needs"),
+            ),
+            R::TooManyFields => Self::bad_request("too_many_fields", e.to_string()),
+            R::UnknownField { path } => {
+                Self::not_found("unknown_field", format!("the schema protects no field {path}"))
+            }
+            R::NotSearchable { path } => Self::bad_request(
+                "not_searchable",
+                format!("field {path} is neither deterministic nor blind-indexed"),
+            ),
+            R::WrongContext { tenant, schema, version } => Self::bad_request(
+                "wrong_context",
+                format!("the record belongs to tenant {tenant}, schema {schema} v{version}"),
+            ),
+            R::MalformedHeader(_) | R::CannotDecrypt => cannot_decrypt(),
+            other => internal(&other),
+        }
+    }
+}
+
+/// 422 `cannot_decrypt`: says nothing about which check failed.
+pub fn cannot_decrypt() -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "cannot_decrypt", "cannot decrypt")
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
         match rejection {
+            JsonRejection::JsonSyntaxError(e) if e.body_text().contains("recursion limit") => {
+                Self::bad_request("json_too_deep", "the request body nests too deeply")
+            }
             JsonRejection::JsonSyntaxError(_) => {
                 Self::bad_request("malformed_json", "the request body is not valid JSON")
             }

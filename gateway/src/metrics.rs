@@ -46,6 +46,18 @@ pub struct Metrics {
     pub audit_events: Counter,
     /// Audit commits that failed (each refuses its requests).
     pub audit_failures: Counter,
+    /// Audit group commits (transactions) written.
+    pub audit_commits: Counter,
+    /// Sidecar: pre-issued DEKs pooled.
+    pub dek_pool_size: Gauge<u64, AtomicU64>,
+    /// Sidecar: DEK cache hits.
+    pub dek_cache_hits: Gauge<u64, AtomicU64>,
+    /// Sidecar: DEK cache misses.
+    pub dek_cache_misses: Gauge<u64, AtomicU64>,
+    /// Sidecar: unwrapped DEKs cached.
+    pub dek_cache_entries: Gauge<u64, AtomicU64>,
+    /// Sidecar: field-level events not yet reported.
+    pub audit_pending: Gauge<u64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -55,7 +67,15 @@ impl Default for Metrics {
             Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_1, 2.0, 18)));
         let (kek_cache_hits, kek_cache_misses, kek_cache_entries, audit_queue_depth) =
             (Gauge::default(), Gauge::default(), Gauge::default(), Gauge::default());
-        let (audit_events, audit_failures) = (Counter::default(), Counter::default());
+        let (audit_events, audit_failures, audit_commits) =
+            (Counter::default(), Counter::default(), Counter::default());
+        let (dek_pool_size, dek_cache_hits, dek_cache_misses, dek_cache_entries, audit_pending) = (
+            Gauge::default(),
+            Gauge::default(),
+            Gauge::default(),
+            Gauge::default(),
+            Gauge::default(),
+        );
 
         let mut registry = Registry::with_prefix("keygate");
         registry.register("requests", "API requests by route and status", requests.clone());
@@ -74,6 +94,28 @@ impl Default for Metrics {
         );
         registry.register("audit_events", "Audit events committed", audit_events.clone());
         registry.register("audit_commit_failures", "Failed audit commits", audit_failures.clone());
+        registry.register("audit_commits", "Audit group commits written", audit_commits.clone());
+        registry.register(
+            "dek_pool_size",
+            "Pre-issued DEKs pooled (sidecar)",
+            dek_pool_size.clone(),
+        );
+        registry.register("dek_cache_hits", "DEK cache hits (sidecar)", dek_cache_hits.clone());
+        registry.register(
+            "dek_cache_misses",
+            "DEK cache misses (sidecar)",
+            dek_cache_misses.clone(),
+        );
+        registry.register(
+            "dek_cache_entries",
+            "Unwrapped DEKs cached (sidecar)",
+            dek_cache_entries.clone(),
+        );
+        registry.register(
+            "audit_pending",
+            "Field events not yet reported (sidecar)",
+            audit_pending.clone(),
+        );
         Self {
             registry,
             requests,
@@ -84,6 +126,12 @@ impl Default for Metrics {
             audit_queue_depth,
             audit_events,
             audit_failures,
+            audit_commits,
+            dek_pool_size,
+            dek_cache_hits,
+            dek_cache_misses,
+            dek_cache_entries,
+            audit_pending,
         }
     }
 }

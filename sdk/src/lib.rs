@@ -1,9 +1,38 @@
-//! # keygate-sdk
-//!
-//! The Rust client for the keygate sidecar API (DESIGN §5). Not built yet;
-//! it will offer typed, async `encrypt`/`decrypt` of `serde` types and of
-//! `serde_json::Value`, batch variants, `index` and `pseudonym` helpers,
-//! over a unix socket or loopback TCP with connection reuse and timeouts,
-//! and typed errors mirroring the API's error codes.
-
+#![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
+
+// Configuration and the client handle.
+mod builder;
+mod client;
+mod endpoint;
+mod retry;
+mod transport;
+
+// The operations, one file each.
+mod ops;
+mod report;
+mod schema_ref;
+
+// Errors.
+mod code;
+mod error;
+mod operation;
+mod redact;
+
+#[cfg(test)]
+mod http_tests;
+#[cfg(test)]
+mod test_server;
+
+pub use builder::ClientBuilder;
+pub use client::Client;
+pub use code::ErrorCode;
+pub use endpoint::DEFAULT_SOCKET;
+pub use error::Error;
+pub use operation::Operation;
+pub use ops::probe::Readiness;
+pub use ops::rewrap::{Rewrapped, RewrappedBatch};
+pub use report::{Decrypted, FieldOutcome, FieldReport, RecordReport};
+pub use schema_ref::SchemaRef;
+/// The bearer token's type, re-exported so callers need not depend on `secrecy`.
+pub use secrecy::SecretString;

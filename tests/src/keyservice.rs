@@ -45,7 +45,8 @@ pub struct Pki {
 }
 
 impl Pki {
-    /// A CA, a server certificate for `localhost`/`127.0.0.1`, written to `dir`.
+    /// A CA, a server certificate for `localhost`/`127.0.0.1`, written to
+    /// `dir` (a new CA each time: restarted services get new certificates).
     pub fn create(dir: &Path) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let ca = DevCa::generate("keygate test CA").unwrap();
@@ -97,6 +98,21 @@ tenants = ["*"]
 roles = ["auditor"]
 
 [[grant]]
+identity = "spiffe://test/sidecar-clinical"
+tenants = ["onc", "t-*"]
+roles = ["encryptor", "decryptor"]
+classes = ["phi.*", "pii.*"]
+purposes = ["*"]
+
+[[grant]]
+identity = "spiffe://test/sidecar-contact"
+tenants = ["onc"]
+roles = ["encryptor", "decryptor"]
+classes = ["pii.contact"]
+masked = ["phi.identifier"]
+purposes = ["*"]
+
+[[grant]]
 identity = "spiffe://test/app-b"
 tenants = ["b"]
 roles = ["encryptor", "decryptor"]
@@ -125,9 +141,10 @@ impl KeyService {
         if !policy.exists() {
             std::fs::write(&policy, TEST_POLICY).unwrap();
         }
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let config = format!(
             r#"
-listen = "127.0.0.1:0"
+listen = "127.0.0.1:{port}"
 data_dir = "data"
 instance = "ks-test"
 [tls]
@@ -147,7 +164,9 @@ checkpoint_interval_secs = 1
 {extra_config}
 "#
         );
-        std::fs::write(dir.join("keygate.toml"), config).unwrap();
+        if !dir.join("keygate.toml").exists() {
+            std::fs::write(dir.join("keygate.toml"), config).unwrap();
+        }
         let mut service = Self {
             dir: dir.to_owned(),
             pki,
@@ -165,25 +184,9 @@ checkpoint_interval_secs = 1
             .append(true)
             .open(self.dir.join("server.log"))
             .unwrap();
-        let mut child = Command::new(keygate_binary())
-            .args(["server", "--config"])
-            .arg(self.dir.join("keygate.toml"))
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("start keygate server");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = tx.send(line);
-            }
-            for _ in lines {}
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("keygate server did not start; log:\n{}", self.log()));
+        let mut command = Command::new(keygate_binary());
+        command.args(["server", "--config"]).arg(self.dir.join("keygate.toml")).stderr(stderr);
+        let (child, line) = spawn_until_first_line(command, || self.log());
         let url = line.rsplit(' ').next().unwrap().to_owned();
         assert!(url.starts_with("https://127.0.0.1:"), "{line}");
         // Certificates name "localhost"; keep the port.
@@ -211,6 +214,12 @@ checkpoint_interval_secs = 1
     /// Stops and starts again on the same directory.
     pub fn restart(&mut self) {
         self.stop();
+        self.clients.lock().unwrap().clear();
+        self.spawn();
+    }
+
+    /// Starts a stopped service again (same port, same files).
+    pub fn resume(&mut self) {
         self.clients.lock().unwrap().clear();
         self.spawn();
     }
@@ -280,6 +289,29 @@ impl Drop for KeyService {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+}
+
+/// Spawns `command` with stdout piped and waits for its first stdout line
+/// (the "listening on …" line every keygate process prints when ready);
+/// panics with `log()` if none comes within a minute.
+pub fn spawn_until_first_line(mut command: Command, log: impl Fn() -> String) -> (Child, String) {
+    let mut child = command.stdout(Stdio::piped()).spawn().expect("start keygate");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(line)) = lines.next() {
+            let _ = tx.send(line);
+        }
+        for _ in lines {}
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(line) => (child, line),
+        Err(_) => {
+            let _ = child.kill();
+            panic!("keygate did not start; log:\n{}", log())
         }
     }
 }

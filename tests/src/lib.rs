@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub mod keyservice;
+pub mod providers;
+pub mod sidecar;
 
 use hsm_adapters::{Argon2Params, LocalRootKey};
 use kms_core::store::SqliteStore;

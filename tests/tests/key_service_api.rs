@@ -128,3 +128,37 @@ async fn readiness_and_metrics() {
     assert!(metrics.contains("keygate_audit_events_total"));
     assert!(!metrics.contains("onc"), "no tenant names in metric labels");
 }
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or_else(|| panic!("no metric {name} in {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_requests_share_audit_commits() {
+    let (_dir, ks) = started().await;
+    let ks = std::sync::Arc::new(ks);
+    let (_, before) = ks.get(AUDITOR, "/metrics").await;
+    let requests: Vec<_> = (0..64)
+        .map(|_| {
+            let ks = ks.clone();
+            tokio::spawn(async move {
+                ks.post(ENC, "/v1/tenants/onc/datakeys", &json!({"count": 1})).await.0
+            })
+        })
+        .collect();
+    for r in requests {
+        assert_eq!(r.await.unwrap(), 200);
+    }
+    let (_, after) = ks.get(AUDITOR, "/metrics").await;
+    let events = metric(&after, "keygate_audit_events_total")
+        - metric(&before, "keygate_audit_events_total");
+    let commits = metric(&after, "keygate_audit_commits_total")
+        - metric(&before, "keygate_audit_commits_total");
+    assert!(events >= 64, "every issue was audited: {events}");
+    assert!(commits < events, "group commit: {commits} commits for {events} events");
+}

@@ -1,8 +1,9 @@
 //! Request and response bodies of the key service API.
 
-use data_encoding::BASE64URL_NOPAD;
 use kms_core::store::{KekRecord, TenantRecord};
-use kms_core::{KekVersion, Key256, Name, RecordKeyId, TenantId, WrappedDek};
+use kms_core::{KekVersion, Name, RecordKeyId, TenantId, WrappedDek};
+
+pub(crate) use crate::wire::SecretB64;
 use serde::{Deserialize, Serialize};
 
 /// `POST /v1/tenants`.
@@ -173,20 +174,18 @@ pub(crate) struct Results<T> {
     pub(crate) results: Vec<T>,
 }
 
+/// `POST /v1/tenants/{t}/datakeys/unwrap` response: per-item results and
+/// the tenant's active version (so callers can flag stale records).
+#[derive(Serialize)]
+pub(crate) struct UnwrapResponse {
+    pub(crate) active_version: kms_core::KekVersion,
+    pub(crate) results: Vec<UnwrapResult>,
+}
+
 /// `{"keys": […]}`: derived index keys.
 #[derive(Serialize)]
 pub(crate) struct DerivedKeys {
     pub(crate) keys: Vec<DerivedKey>,
-}
-
-/// A secret serialized as base64url for exactly one response body.
-pub(crate) struct SecretB64(pub(crate) Key256);
-
-impl Serialize for SecretB64 {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let encoded = zeroize::Zeroizing::new(BASE64URL_NOPAD.encode(self.0.expose_secret()));
-        s.serialize_str(&encoded)
-    }
 }
 
 /// `POST /v1/audit/events`: field-level access events from a sidecar.

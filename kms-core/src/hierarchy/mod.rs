@@ -229,7 +229,7 @@ impl KeyHierarchy {
                     self.cache.invalidate_tenant(id);
                     return Ok(record);
                 }
-                Err(StoreError::VersionConflict(_)) => tokio::task::yield_now().await,
+                Err(StoreError::VersionConflict(_)) => continue,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -395,7 +395,8 @@ impl KeyHierarchy {
         if master == self.master { Ok(()) } else { Err(HierarchyError::ForeignMaster(master.0)) }
     }
 
-    async fn active_version(&self, id: &TenantId) -> Result<KekVersion, HierarchyError> {
+    /// The tenant's active KEK version (cached for the key TTL).
+    pub async fn active_version(&self, id: &TenantId) -> Result<KekVersion, HierarchyError> {
         if let Some(Cached::ActiveVersion(v)) = self.cache.get(id, Slot::ActiveVersion) {
             return Ok(v);
         }

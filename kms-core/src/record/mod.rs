@@ -8,6 +8,7 @@
 mod decrypt;
 mod encrypt;
 mod header;
+mod index;
 mod keys;
 mod transform;
 
@@ -17,6 +18,7 @@ pub use self::header::{
     HEADER_PREFIX, HeaderContents, HeaderError, HeaderField, MAX_FIELDS, MAX_HEADER_LEN,
     RecordHeader, UnsignedHeader,
 };
+pub use self::index::index_token;
 pub use self::keys::{
     IndexPurpose, MissingFieldKey, SchemaKeys, derive_field_key, derive_path_key,
     derive_pseudonym_key,
@@ -81,6 +83,18 @@ pub enum RecordError {
         "record has more than {MAX_FIELDS} protected values, or its header would exceed {MAX_HEADER_LEN} bytes"
     )]
     TooManyFields,
+    /// The schema has no field with this path.
+    #[error("the schema has no protected field {path}")]
+    UnknownField {
+        /// The path asked for.
+        path: String,
+    },
+    /// The field is neither deterministic nor blind-indexed.
+    #[error("field {path} is not searchable (only deterministic and blind_index fields are)")]
+    NotSearchable {
+        /// The path asked for.
+        path: String,
+    },
     /// Derived keys for the schema were not supplied.
     #[error(transparent)]
     MissingKey(#[from] MissingFieldKey),

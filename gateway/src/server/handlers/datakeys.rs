@@ -16,7 +16,8 @@ use crate::error::ApiError;
 use crate::policy::Role;
 use crate::server::api::{
     BatchRequest, DerivedKey, DerivedKeys, DerivedMode, DerivedRequest, IssueRequest,
-    IssueResponse, IssuedKey, Results, RewrapResult, SecretB64, UnwrapResult, WrappedItem,
+    IssueResponse, IssuedKey, Results, RewrapResult, SecretB64, UnwrapResponse, UnwrapResult,
+    WrappedItem,
 };
 use crate::server::{AppState, Caller};
 
@@ -53,12 +54,13 @@ pub(crate) async fn unwrap(
     Extension(caller): Extension<Caller>,
     Path(tenant): Path<String>,
     ApiJson(body): ApiJson<BatchRequest>,
-) -> Result<Json<Results<UnwrapResult>>, ApiError> {
+) -> Result<Json<UnwrapResponse>, ApiError> {
     let tenant = tenant_id(&tenant)?;
     let actor = state.authorize(&caller, &tenant, &[Role::Decryptor], "unwrap data keys").await?;
     check_batch(&state, body.items.len())?;
     let requests = requests(&body.items);
     let deks = state.hierarchy.unwrap_deks(&tenant, &requests).await?;
+    let active_version = state.hierarchy.active_version(&tenant).await?;
     let (ok, failed) = split_ids(&body.items, deks.iter().map(Result::is_ok));
     let mut event = AuditEvent::new(now_ms(), actor, "dek.unwrap", outcome(ok.len(), failed))
         .with_tenant(tenant)
@@ -89,7 +91,7 @@ pub(crate) async fn unwrap(
             },
         })
         .collect();
-    Ok(Json(Results { results }))
+    Ok(Json(UnwrapResponse { active_version, results }))
 }
 
 pub(crate) async fn rewrap(

@@ -5,21 +5,11 @@ pub(super) mod datakeys;
 pub(super) mod ops;
 pub(super) mod tenants;
 
-use axum::extract::FromRequest;
 use kms_core::TenantId;
 
 use crate::error::ApiError;
 
-/// `Json<T>` whose rejections are our JSON errors.
-#[derive(Debug, FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
-pub(super) struct ApiJson<T>(pub(super) T);
-
-impl<T: serde::Serialize> axum::response::IntoResponse for ApiJson<T> {
-    fn into_response(self) -> axum::response::Response {
-        axum::Json(self.0).into_response()
-    }
-}
+pub(super) use crate::extract::ApiJson;
 
 /// Validates a tenant id taken from the path.
 pub(super) fn tenant_id(raw: &str) -> Result<TenantId, ApiError> {

@@ -3,7 +3,7 @@
 //! encrypted field by field and decrypted with need-to-know.
 //!
 //! ```text
-//! cargo run -p keygate-tests --example quickstart [DATA_DIR]
+//! cargo run -p keygate-tests --example in_process [DATA_DIR]
 //! ```
 //! With no DATA_DIR a temporary directory is used and removed afterwards;
 //! with one, the root key and keystore persist there between runs.

@@ -1,0 +1,203 @@
+//! The sidecar's configuration (same conventions as the key service's:
+//! one TOML file, `KEYGATE_…` overrides, secrets by file path, relative
+//! paths against the file's directory).
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::config::{ConfigError, LogConfig, load_layered};
+
+/// Where the app-facing API listens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Listen {
+    /// A unix socket (the default, `/run/keygate/sidecar.sock`).
+    Unix(PathBuf),
+    /// A TCP address; only loopback addresses are accepted.
+    Tcp(std::net::SocketAddr),
+}
+
+/// The sidecar's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarConfig {
+    /// App-facing listener.
+    #[serde(default = "default_listen")]
+    pub listen: Listen,
+    /// A file holding the bearer token apps must present (optional).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Schema files (TOML).
+    pub schemas: Vec<PathBuf>,
+    /// The identity recorded as the actor of field-level events (the app
+    /// this sidecar serves); defaults to `app`.
+    #[serde(default = "default_app")]
+    pub app_identity: String,
+    /// How to reach the key service.
+    pub key_service: KeyServiceConfig,
+    /// DEK pool.
+    #[serde(default)]
+    pub pool: PoolConfig,
+    /// Unwrapped DEK cache, derived keys and grants.
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// Field-level audit reporting.
+    #[serde(default)]
+    pub audit: ReportConfig,
+    /// Request limits.
+    #[serde(default)]
+    pub limits: SidecarLimits,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// The key service connection: mutual TLS with the sidecar's own identity.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyServiceConfig {
+    /// One or more replicas (`https://host:port`), tried in order with failover.
+    pub urls: Vec<String>,
+    /// CA bundle that signs the key service's certificate.
+    pub ca: PathBuf,
+    /// The sidecar's client certificate (its identity).
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// Timeout of each call, in milliseconds.
+    #[serde(default = "default_call_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+/// The per-tenant pool of pre-issued DEKs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// DEKs asked for per refill.
+    pub batch: usize,
+    /// Refill when fewer than this many remain.
+    pub low_water: usize,
+    /// Seconds a pooled DEK may wait before it is discarded (and wiped).
+    pub ttl_secs: u64,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self { batch: 500, low_water: 100, ttl_secs: 60 }
+    }
+}
+
+/// Caches. `ttl_secs` bounds how long a rotation, state change or shred
+/// takes to reach this sidecar.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Seconds an unwrapped DEK, derived key or grant set is kept.
+    pub ttl_secs: u64,
+    /// Most unwrapped DEKs kept.
+    pub max_entries: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self { ttl_secs: 60, max_entries: 100_000 }
+    }
+}
+
+/// Field-level audit reporting to the key service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReportConfig {
+    /// Milliseconds between flushes.
+    pub flush_interval_ms: u64,
+    /// Most events held while the key service cannot take them…
+    pub max_buffered: usize,
+    /// …and for at most this many seconds; past either bound, requests
+    /// whose events cannot be recorded are refused (never silently lost).
+    pub max_unreported_secs: u64,
+}
+
+impl Default for ReportConfig {
+    fn default() -> Self {
+        Self { flush_interval_ms: 200, max_buffered: 100_000, max_unreported_secs: 60 }
+    }
+}
+
+/// Request limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SidecarLimits {
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Most records in one request.
+    pub max_records: usize,
+    /// Deepest JSON nesting accepted.
+    pub max_depth: usize,
+}
+
+impl Default for SidecarLimits {
+    fn default() -> Self {
+        Self { max_body_bytes: 16 * 1024 * 1024, max_records: 1_000, max_depth: 64 }
+    }
+}
+
+fn default_listen() -> Listen {
+    Listen::Unix(PathBuf::from("/run/keygate/sidecar.sock"))
+}
+
+fn default_app() -> String {
+    "app".to_owned()
+}
+
+fn default_call_timeout_ms() -> u64 {
+    5_000
+}
+
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "listen",
+    "token_file",
+    "schemas",
+    "app_identity",
+    "key_service",
+    "pool",
+    "cache",
+    "audit",
+    "limits",
+    "log",
+];
+
+impl SidecarConfig {
+    /// Loads `path` with `KEYGATE_…` overrides; resolves relative paths.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let mut config: Self = load_layered(path, TOP_LEVEL_KEYS)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Listen::Unix(p) = &mut config.listen {
+            fix(p);
+        }
+        if let Some(p) = &mut config.token_file {
+            fix(p);
+        }
+        config.schemas.iter_mut().for_each(fix);
+        fix(&mut config.key_service.ca);
+        fix(&mut config.key_service.cert);
+        fix(&mut config.key_service.key);
+        if config.key_service.urls.is_empty() {
+            return Err(ConfigError::new("key_service.urls lists no key service"));
+        }
+        if let Listen::Tcp(addr) = config.listen {
+            if !addr.ip().is_loopback() {
+                return Err(ConfigError::new(format!(
+                    "refusing to listen on {addr}: the sidecar API serves plaintext PHI and \
+                     listens only on a unix socket or a loopback address"
+                )));
+            }
+        }
+        Ok(config)
+    }
+}

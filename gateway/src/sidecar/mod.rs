@@ -1,0 +1,22 @@
+//! `keygate sidecar`: the app-facing encryption gateway (DESIGN §5).
+//!
+//! Runs beside each application, on a unix socket or loopback address, so
+//! the application never holds a key. Encrypts with pre-issued DEKs from a
+//! per-tenant pool, decrypts with DEKs unwrapped by the key service (one
+//! batched call for all cache misses) or from a bounded TTL cache, reveals
+//! only the field classes this sidecar's identity may see, and reports
+//! every field-level access to the key service's audit chain.
+
+mod api;
+mod cache;
+pub mod config;
+mod handlers;
+mod keyring;
+mod ks_client;
+mod pool;
+mod reporter;
+mod run;
+mod state;
+
+pub use self::config::SidecarConfig;
+pub use self::run::{SidecarError, run};

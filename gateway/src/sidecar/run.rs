@@ -1,0 +1,243 @@
+//! Starting, serving and stopping the sidecar.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use kms_core::schema::SchemaSet;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::json;
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::cache::DekCache;
+use super::config::{Listen, SidecarConfig};
+use super::handlers;
+use super::keyring::Keyring;
+use super::ks_client::KeyServiceClient;
+use super::pool::DekPool;
+use super::reporter::Reporter;
+use super::state::SidecarState;
+use crate::error::ApiError;
+use crate::metrics::{Metrics, RequestLabels, RouteLabels};
+
+/// The sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("{step}: {detail}")]
+pub struct SidecarError {
+    step: &'static str,
+    detail: String,
+}
+
+fn fail(step: &'static str) -> impl FnOnce(&dyn std::fmt::Display) -> SidecarError {
+    move |e| SidecarError { step, detail: e.to_string() }
+}
+
+/// Runs the sidecar until SIGTERM or SIGINT, then flushes audit events.
+pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
+    let mut schemas = SchemaSet::default();
+    for path in &config.schemas {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| fail("schemas")(&format!("{}: {e}", path.display())))?;
+        let set = SchemaSet::from_toml(&text, &path.display().to_string())
+            .map_err(|e| fail("schemas")(&e))?;
+        schemas.merge(set, &path.display().to_string()).map_err(|e| fail("schemas")(&e))?;
+    }
+    let token = match &config.token_file {
+        Some(path) => {
+            let text = zeroize::Zeroizing::new(
+                std::fs::read_to_string(path).map_err(|e| fail("token file")(&e))?,
+            );
+            let token = text.trim().to_owned();
+            if token.len() < 16 {
+                return Err(fail("token file")(&"the bearer token must be at least 16 characters"));
+            }
+            Some(SecretString::from(token))
+        }
+        None => None,
+    };
+    let client = Arc::new(
+        KeyServiceClient::new(&config.key_service).map_err(|e| fail("key service client")(&e))?,
+    );
+    let ttl = Duration::from_secs(config.cache.ttl_secs);
+    let reporter = Reporter::new(client.clone(), config.audit.clone());
+    let state = Arc::new(SidecarState {
+        schemas,
+        pool: DekPool::new(client.clone(), config.pool.clone()),
+        cache: DekCache::new(ttl, config.cache.max_entries),
+        keyring: Keyring::new(client.clone(), ttl),
+        reporter: reporter.clone(),
+        client,
+        limits: config.limits.clone(),
+        token,
+        app: config.app_identity.clone(),
+        metrics: Metrics::default(),
+        active_versions: Mutex::default(),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let reporter_task = tokio::spawn(reporter.run(stop_rx.clone()));
+    spawn_maintenance(state.clone(), stop_rx);
+    let router = router(state.clone());
+
+    let mut stdout = std::io::stdout();
+    match &config.listen {
+        Listen::Unix(path) => {
+            if path.exists() {
+                std::fs::remove_file(path).map_err(|e| fail("listen")(&e))?;
+            }
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| fail("listen")(&e))?;
+            }
+            let listener = tokio::net::UnixListener::bind(path).map_err(|e| fail("listen")(&e))?;
+            set_mode(path, 0o660).map_err(|e| fail("listen")(&e))?;
+            tracing::info!(socket = %path.display(), "sidecar listening");
+            let _ = writeln!(stdout, "keygate sidecar listening on unix:{}", path.display());
+            let _ = stdout.flush();
+            axum::serve(listener, router)
+                .with_graceful_shutdown(termination())
+                .await
+                .map_err(|e| fail("serve")(&e))?;
+            let _ = std::fs::remove_file(path);
+        }
+        Listen::Tcp(addr) => {
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.map_err(|e| fail("listen")(&e))?;
+            let addr = listener.local_addr().map_err(|e| fail("listen")(&e))?;
+            tracing::info!(%addr, "sidecar listening");
+            let _ = writeln!(stdout, "keygate sidecar listening on http://{addr}");
+            let _ = stdout.flush();
+            axum::serve(listener, router)
+                .with_graceful_shutdown(termination())
+                .await
+                .map_err(|e| fail("serve")(&e))?;
+        }
+    }
+    tracing::info!("sidecar shutting down: flushing audit events");
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(20), reporter_task).await;
+    Ok(())
+}
+
+fn set_mode(path: &std::path::Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+async fn termination() {
+    let (Ok(mut term), Ok(mut int)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn spawn_maintenance(state: Arc<SidecarState>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    state.pool.evict_expired();
+                    state.cache.evict_expired();
+                    state.keyring.evict_expired();
+                }
+                _ = stop.changed() => break,
+            }
+        }
+    });
+}
+
+fn router(state: Arc<SidecarState>) -> Router {
+    Router::new()
+        .route("/v1/encrypt", post(handlers::encrypt))
+        .route("/v1/decrypt", post(handlers::decrypt))
+        .route("/v1/rewrap", post(handlers::rewrap))
+        .route("/v1/index", post(handlers::index))
+        .route("/v1/pseudonym", post(handlers::pseudonymize))
+        .layer(middleware::from_fn_with_state(state.clone(), bearer))
+        .route("/healthz", get(|| async { axum::Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::not_found("not_found", "no such endpoint") })
+        .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
+        .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
+        .with_state(state)
+}
+
+/// Checks `Authorization: Bearer …` in constant time when a token is set.
+async fn bearer(State(s): State<Arc<SidecarState>>, request: Request, next: Next) -> Response {
+    if let Some(token) = &s.token {
+        let presented = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if !kms_core::crypto::ct_eq(presented.as_bytes(), token.expose_secret().as_bytes()) {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a valid bearer token is required",
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+async fn readyz(State(s): State<Arc<SidecarState>>) -> Response {
+    let key_service = s.keyring.grants().await.map(|_| ()).map_err(|e| e.to_string());
+    let audit = s.reporter.check().map_err(|e| e.code().to_owned());
+    let ready = key_service.is_ok() && audit.is_ok();
+    let check = |r: &Result<(), String>| match r {
+        Ok(()) => json!({"ok": true}),
+        Err(e) => json!({"ok": false, "error": e}),
+    };
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = json!({"ready": ready, "checks": {"key_service": check(&key_service), "audit": check(&audit)}});
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics(State(s): State<Arc<SidecarState>>) -> Response {
+    let (hits, misses, entries) = s.cache.stats();
+    let m = &s.metrics;
+    m.dek_cache_hits.set(hits);
+    m.dek_cache_misses.set(misses);
+    m.dek_cache_entries.set(u64::try_from(entries).unwrap_or(u64::MAX));
+    m.dek_pool_size.set(u64::try_from(s.pool.evict_expired()).unwrap_or(u64::MAX));
+    m.audit_pending.set(u64::try_from(s.reporter.pending()).unwrap_or(u64::MAX));
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        m.encode(),
+    )
+        .into_response()
+}
+
+async fn record_metrics(
+    State(s): State<Arc<SidecarState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let start = Instant::now();
+    let response = next.run(request).await;
+    s.metrics
+        .requests
+        .get_or_create(&RequestLabels { route: route.clone(), code: response.status().as_u16() })
+        .inc();
+    s.metrics.latency.get_or_create(&RouteLabels { route }).observe(start.elapsed().as_secs_f64());
+    response
+}

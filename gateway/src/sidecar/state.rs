@@ -1,0 +1,118 @@
+//! The sidecar's shared state.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use kms_core::schema::{Schema, SchemaSet};
+use kms_core::{KekVersion, TenantId};
+use secrecy::SecretString;
+
+use super::cache::DekCache;
+use super::config::SidecarLimits;
+use super::keyring::Keyring;
+use super::ks_client::{KeyServiceClient, KsError};
+use super::pool::DekPool;
+use super::reporter::Reporter;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+
+/// Everything a sidecar handler needs.
+pub(super) struct SidecarState {
+    pub(super) schemas: SchemaSet,
+    pub(super) client: Arc<KeyServiceClient>,
+    pub(super) pool: Arc<DekPool>,
+    pub(super) cache: DekCache,
+    pub(super) keyring: Keyring,
+    pub(super) reporter: Arc<Reporter>,
+    pub(super) limits: SidecarLimits,
+    pub(super) token: Option<SecretString>,
+    pub(super) app: String,
+    pub(super) metrics: Metrics,
+    /// Last known active KEK version per tenant (from unwraps and issues).
+    pub(super) active_versions: Mutex<HashMap<TenantId, KekVersion>>,
+}
+
+impl SidecarState {
+    /// A schema by name and version (latest when `version` is `None`).
+    pub(super) fn schema(
+        &self,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<&Arc<Schema>, ApiError> {
+        let found = match version {
+            Some(v) => self.schemas.get(name, v),
+            None => self.schemas.latest(name),
+        };
+        found.ok_or_else(|| {
+            let v = version.map(|v| format!(" v{v}")).unwrap_or_default();
+            ApiError::not_found("unknown_schema", format!("no schema {name}{v} is loaded"))
+        })
+    }
+
+    pub(super) fn note_active(&self, tenant: &TenantId, version: KekVersion) {
+        self.active_versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tenant.clone(), version);
+    }
+
+    pub(super) fn active(&self, tenant: &TenantId) -> Option<KekVersion> {
+        self.active_versions.lock().unwrap_or_else(|p| p.into_inner()).get(tenant).copied()
+    }
+}
+
+/// Maps a key service failure to the sidecar's answer.
+pub(super) fn ks_error(e: KsError) -> ApiError {
+    use axum::http::StatusCode;
+    match e {
+        KsError::Unavailable(detail) => {
+            tracing::warn!(detail, "key service unavailable");
+            ApiError::unavailable("key_service_unavailable", "the key service cannot be reached")
+        }
+        KsError::Api { status, code, message } => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+            let code = match code.as_str() {
+                "unknown_tenant" => "unknown_tenant",
+                "forbidden" => "forbidden",
+                "key_destroyed" => "key_destroyed",
+                "no_active_key" => "no_active_key",
+                "batch_too_large" => "batch_too_large",
+                "audit_unavailable" => "audit_unavailable",
+                "invalid_tenant" => "invalid_tenant",
+                _ => {
+                    tracing::error!(code, message, "key service error");
+                    return ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "key_service_error",
+                        "the key service refused the request",
+                    );
+                }
+            };
+            ApiError::new(status, code, message)
+        }
+        KsError::Decode(detail) => {
+            tracing::error!(detail, "unexpected key service answer");
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "key_service_error",
+                "unexpected key service answer",
+            )
+        }
+    }
+}
+
+/// Maps a per-item DEK error code from the key service.
+pub(super) fn dek_error(code: &str) -> ApiError {
+    use axum::http::StatusCode;
+    match code {
+        "key_version_disabled" => ApiError::new(
+            StatusCode::CONFLICT,
+            "key_version_disabled",
+            "the record's key version is disabled",
+        ),
+        "key_destroyed" => {
+            ApiError::new(StatusCode::GONE, "key_destroyed", "the record's key was destroyed")
+        }
+        _ => crate::error::cannot_decrypt(),
+    }
+}

@@ -1,0 +1,129 @@
+//! Configuration of the AWS KMS provider.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use super::error::AwsKmsError;
+
+/// Most attempts accepted for [`AwsKmsConfig::max_attempts`].
+const MAX_ATTEMPTS: u32 = 10;
+
+/// Which KMS key to use, where, and how patiently.
+///
+/// Credentials are not part of it: [`AwsKmsRootKey::connect`](super::AwsKmsRootKey::connect)
+/// takes them from the SDK's default chain (environment, profile, web
+/// identity, ECS and EC2 instance roles). Build it with
+/// [`AwsKmsConfig::new`] and adjust the public fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AwsKmsConfig {
+    /// AWS region, e.g. `eu-west-1`.
+    pub region: String,
+    /// The KMS key: key id, key ARN, alias name (`alias/…`) or alias ARN.
+    /// It is resolved to the key ARN at connect time, and the provider
+    /// stays on that key (an alias moved later does not move it).
+    pub key_id: String,
+    /// Endpoint override: a VPC endpoint or a local emulator. `https://`,
+    /// or `http://` to a loopback address only (the wrapped keys travel in
+    /// the request); `None` uses the region's public endpoint.
+    pub endpoint_url: Option<String>,
+    /// Time limit of one attempt (connecting included).
+    pub timeout: Duration,
+    /// Attempts per call, the first included (the SDK's standard retry
+    /// mode: exponential backoff with jitter, retrying throttling,
+    /// transient and connection errors).
+    pub max_attempts: u32,
+    /// Backoff before the first retry; it doubles per retry, with jitter,
+    /// up to [`MAX_BACKOFF`](Self::MAX_BACKOFF).
+    pub initial_backoff: Duration,
+}
+
+impl AwsKmsConfig {
+    /// Default [`timeout`](Self::timeout).
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Default [`max_attempts`](Self::max_attempts).
+    pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+    /// Default [`initial_backoff`](Self::initial_backoff).
+    pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_millis(200);
+    /// Longest backoff between two attempts.
+    pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+    /// A configuration for `key_id` in `region` with the default endpoint,
+    /// timeout and retries.
+    pub fn new(region: impl Into<String>, key_id: impl Into<String>) -> Self {
+        Self {
+            region: region.into(),
+            key_id: key_id.into(),
+            endpoint_url: None,
+            timeout: Self::DEFAULT_TIMEOUT,
+            max_attempts: Self::DEFAULT_MAX_ATTEMPTS,
+            initial_backoff: Self::DEFAULT_INITIAL_BACKOFF,
+        }
+    }
+
+    /// Checks the values that can be checked without the network.
+    pub(super) fn validate(&self) -> Result<(), AwsKmsError> {
+        let invalid = |reason: String| Err(AwsKmsError::InvalidConfig { reason });
+        let region_ok = !self.region.is_empty()
+            && self
+                .region
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !region_ok {
+            return invalid(format!("{:?} is not an AWS region name", self.region));
+        }
+        if self.key_id.trim().is_empty() {
+            return invalid("the KMS key id is empty".to_owned());
+        }
+        if let Some(url) = &self.endpoint_url {
+            check_endpoint(url)?;
+        }
+        if self.timeout.is_zero() {
+            return invalid("the timeout must be positive".to_owned());
+        }
+        if !(1..=MAX_ATTEMPTS).contains(&self.max_attempts) {
+            return invalid(format!(
+                "max_attempts {} is outside 1..={MAX_ATTEMPTS}",
+                self.max_attempts
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Accepts `https://host…`, and `http://` only to a loopback host.
+fn check_endpoint(url: &str) -> Result<(), AwsKmsError> {
+    let invalid = |reason: &str| AwsKmsError::InvalidConfig {
+        reason: format!("endpoint URL {url:?}: {reason}"),
+    };
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| invalid("not a URL"))?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        // [v6]:port
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.rsplit_once(':').map_or(authority, |(host, _port)| host),
+    };
+    if host.is_empty() {
+        return Err(invalid("no host"));
+    }
+    match scheme {
+        "https" => Ok(()),
+        "http" if is_loopback(host) => {
+            tracing::warn!(
+                endpoint = url,
+                "AWS KMS endpoint uses plain HTTP; acceptable only for a local emulator"
+            );
+            Ok(())
+        }
+        "http" => Err(invalid(
+            "plain HTTP is only allowed to a loopback address (keys travel in the request); \
+             use https://",
+        )),
+        _ => Err(invalid("the scheme must be https (or http to a loopback address)")),
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}

@@ -1,0 +1,333 @@
+//! A throwaway SoftHSM2 token for one test.
+//!
+//! SoftHSM2 reads its configuration file from `SOFTHSM2_CONF` when the
+//! module is initialized, once per process, and setting an environment
+//! variable inside a running (multi-threaded) test process is unsound. So
+//! [`SoftHsm2::for_test`] creates the token in a temporary directory
+//! (`<tmp>/softhsm2.conf`, `<tmp>/tokens/`, `softhsm2-util --init-token`)
+//! and runs the calling test again in a child process of the test binary,
+//! with `SOFTHSM2_CONF` and `KEYGATE_TEST_SOFTHSM2_DIR=<tmp>` set; in the
+//! child, `for_test` returns the token. The parent checks the child passed,
+//! that it really ran the test, and that its output holds no PIN; then the
+//! temporary directory is removed.
+//!
+//! The module is `$KEYGATE_TEST_PKCS11_MODULE`, else the first of the
+//! usual install paths that exists (`/usr/lib/softhsm/libsofthsm2.so`, …).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CryptokiError, RvError};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use hsm_adapters::{MasterKeyInfo, Pkcs11Config, Pkcs11RootKey};
+use secrecy::SecretString;
+use tempfile::TempDir;
+
+use super::missing_tool;
+
+/// Label of the test token.
+pub const TOKEN_LABEL: &str = "keygate-test";
+/// Label of the master key the fixtures create.
+pub const KEY_LABEL: &str = "keygate-master-1";
+/// The token's user PIN: distinctive, so tests can assert it never
+/// appears in a log line or an error.
+pub const USER_PIN: &str = "user-pin-7f3a91c2-do-not-log";
+/// The token's security officer PIN.
+pub const SO_PIN: &str = "so-pin-2b8e44d0-do-not-log";
+/// Environment variable that marks the child process and names its token
+/// directory.
+const CHILD_ENV: &str = "KEYGATE_TEST_SOFTHSM2_DIR";
+/// Where distributions install the SoftHSM2 module.
+const MODULE_CANDIDATES: &[&str] = &[
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+    "/usr/lib64/pkcs11/libsofthsm2.so",
+];
+/// How the tools are installed on Debian.
+const INSTALL: &str = "apt-get install softhsm2";
+
+/// Which side of [`SoftHsm2::in_child_process`] this is.
+pub enum InProcess {
+    /// The child: the token is usable here.
+    Child(SoftHsm2),
+    /// The parent: the child has finished with this output.
+    Parent(Output),
+}
+
+/// A SoftHSM2 token directory with its own configuration file.
+pub struct SoftHsm2 {
+    dir: PathBuf,
+    module: PathBuf,
+    /// Set in the parent process, which owns (and removes) the directory.
+    _owned: Option<TempDir>,
+}
+
+impl SoftHsm2 {
+    /// In the parent process: creates a token and runs `test` (its full
+    /// name, e.g. `pkcs11::round_trip`) in a child process that sees it,
+    /// asserts the child passed, and returns `None`. In that child: returns
+    /// the token.
+    pub fn for_test(test: &str) -> Option<Self> {
+        let output =
+            match Self::in_child_process(&[test, "--exact", "--nocapture", "--test-threads=1"]) {
+                InProcess::Child(token) => return Some(token),
+                InProcess::Parent(output) => output,
+            };
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success(),
+            "{test} failed in its SoftHSM2 child process:\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+        );
+        assert!(stdout.contains("1 passed"), "the child process did not run {test}:\n{stdout}");
+        for pin in [USER_PIN, SO_PIN] {
+            assert!(
+                !stdout.contains(pin) && !stderr.contains(pin),
+                "a PIN appears in the output of {test}"
+            );
+        }
+        None
+    }
+
+    /// In the parent process: creates a token, runs this executable again
+    /// with `args` in a child process that sees it, and returns the
+    /// child's output. In that child: returns the token.
+    pub fn in_child_process(args: &[&str]) -> InProcess {
+        let module = Self::module_path();
+        if let Some(dir) = std::env::var_os(CHILD_ENV) {
+            return InProcess::Child(Self { dir: PathBuf::from(dir), module, _owned: None });
+        }
+        let token = Self::create(module);
+        let output = Command::new(std::env::current_exe().unwrap())
+            .args(args)
+            .env("SOFTHSM2_CONF", token.conf())
+            .env(CHILD_ENV, &token.dir)
+            .output()
+            .unwrap();
+        InProcess::Parent(output)
+    }
+
+    /// The SoftHSM2 module; fails naming the install command if absent.
+    pub fn module_path() -> PathBuf {
+        let module = match std::env::var_os("KEYGATE_TEST_PKCS11_MODULE") {
+            Some(module) => Some(PathBuf::from(module)).filter(|module| module.is_file()),
+            None => MODULE_CANDIDATES.iter().map(PathBuf::from).find(|module| module.is_file()),
+        };
+        module.unwrap_or_else(|| missing_tool("the SoftHSM2 PKCS#11 module", INSTALL))
+    }
+
+    /// Creates the directory, configuration file and token.
+    fn create(module: PathBuf) -> Self {
+        let util = super::on_path("softhsm2-util")
+            .unwrap_or_else(|| missing_tool("softhsm2-util", INSTALL));
+        let owned = tempfile::tempdir().unwrap();
+        let dir = owned.path().to_owned();
+        std::fs::create_dir(dir.join("tokens")).unwrap();
+        std::fs::write(
+            dir.join("softhsm2.conf"),
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n\
+                 slots.removable = false\n",
+                dir.join("tokens").display()
+            ),
+        )
+        .unwrap();
+        let token = Self { dir, module, _owned: Some(owned) };
+        // The PINs are on this throwaway token's command line; keygate itself
+        // never takes a PIN as an argument.
+        let output = Command::new(util)
+            .args(["--init-token", "--free", "--label", TOKEN_LABEL])
+            .args(["--so-pin", SO_PIN, "--pin", USER_PIN])
+            .env("SOFTHSM2_CONF", token.conf())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "softhsm2-util --init-token failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        token
+    }
+
+    /// The configuration file.
+    pub fn conf(&self) -> PathBuf {
+        self.dir.join("softhsm2.conf")
+    }
+
+    /// The token storage directory.
+    pub fn tokens_dir(&self) -> PathBuf {
+        self.dir.join("tokens")
+    }
+
+    /// The module.
+    pub fn module(&self) -> &Path {
+        &self.module
+    }
+
+    /// A provider configuration for the test token and key.
+    pub fn config(&self) -> Pkcs11Config {
+        Pkcs11Config::new(&self.module, TOKEN_LABEL, KEY_LABEL, SecretString::from(USER_PIN))
+    }
+
+    /// Creates the master key [`KEY_LABEL`] (as `keygate admin` would).
+    pub fn create_key(&self) -> MasterKeyInfo {
+        Pkcs11RootKey::create_master_key(&self.config()).unwrap()
+    }
+
+    /// Direct access to the token, beside the provider (same process, same
+    /// module instance).
+    pub fn admin(&self) -> TokenAdmin {
+        let context = Pkcs11::new(&self.module).unwrap();
+        match context.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) | Err(CryptokiError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(e) => panic!("C_Initialize: {e}"),
+        }
+        TokenAdmin { context, tokens: self.tokens_dir() }
+    }
+}
+
+/// Test-side operations on the token: the faults the provider must
+/// survive, and inspection of what it created.
+pub struct TokenAdmin {
+    context: Pkcs11,
+    tokens: PathBuf,
+}
+
+impl TokenAdmin {
+    fn slot(&self) -> Slot {
+        self.context
+            .get_slots_with_token()
+            .unwrap()
+            .into_iter()
+            .find(|slot| {
+                self.context
+                    .get_token_info(*slot)
+                    .is_ok_and(|i| i.label().trim_end() == TOKEN_LABEL)
+            })
+            .expect("the test token")
+    }
+
+    /// A read-write session logged in as the user with `pin`.
+    fn user_session(&self, pin: &str) -> Session {
+        let session = self.context.open_rw_session(self.slot()).unwrap();
+        match session.login(UserType::User, Some(&SecretString::from(pin))) {
+            Ok(()) | Err(CryptokiError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(e) => panic!("C_Login: {e}"),
+        }
+        session
+    }
+
+    /// `C_Logout`: logs out every session of this process, the provider's
+    /// included (login state is per process and token).
+    pub fn logout_everyone(&self) {
+        let session = self.context.open_ro_session(self.slot()).unwrap();
+        session.logout().unwrap();
+    }
+
+    /// Changes the user PIN from `old` to `new` (`C_SetPIN`), then logs
+    /// every session out so the provider has to log in again.
+    pub fn change_user_pin(&self, old: &str, new: &str) {
+        let session = self.user_session(old);
+        session.set_pin(&SecretString::from(old), &SecretString::from(new)).unwrap();
+        session.logout().unwrap();
+    }
+
+    /// `C_Finalize`: the module forgets every session and login of this
+    /// process, as after a reset of the HSM's client library. Leaves the
+    /// module uninitialized; the provider must initialize it again.
+    pub fn finalize_module(self) {
+        self.context.finalize().unwrap();
+    }
+
+    /// Moves the token's storage away (the token disappears at the next
+    /// module initialization); returns a guard that moves it back.
+    pub fn hide_token_storage(&self) -> HiddenStorage {
+        let hidden = self.tokens.with_extension("hidden");
+        std::fs::rename(&self.tokens, &hidden).unwrap();
+        std::fs::create_dir(&self.tokens).unwrap();
+        HiddenStorage { tokens: self.tokens.clone(), hidden }
+    }
+
+    /// Creates an AES-256 key that is extractable and not sensitive (unfit
+    /// as a master key) labelled `label`.
+    pub fn create_weak_key(&self, label: &str) {
+        let session = self.user_session(USER_PIN);
+        session
+            .generate_key(
+                &cryptoki::mechanism::Mechanism::AesKeyGen,
+                &[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::ValueLen(32.into()),
+                    Attribute::Token(true),
+                    Attribute::Sensitive(false),
+                    Attribute::Extractable(true),
+                    Attribute::Encrypt(true),
+                    Attribute::Decrypt(true),
+                    Attribute::Label(label.as_bytes().to_vec()),
+                ],
+            )
+            .unwrap();
+    }
+
+    /// The protection attributes of the secret key labelled `label`:
+    /// (sensitive, extractable, always sensitive, never extractable,
+    /// private, token), and whether reading its value is refused.
+    pub fn key_protection(&self, label: &str) -> ([bool; 6], bool) {
+        let session = self.user_session(USER_PIN);
+        let handles = session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .unwrap();
+        let [key] = handles.as_slice() else { panic!("expected one key labelled {label}") };
+        let types = [
+            AttributeType::Sensitive,
+            AttributeType::Extractable,
+            AttributeType::AlwaysSensitive,
+            AttributeType::NeverExtractable,
+            AttributeType::Private,
+            AttributeType::Token,
+        ];
+        let mut flags = [false; 6];
+        for attribute in session.get_attributes(*key, &types).unwrap() {
+            let (index, value) = match attribute {
+                Attribute::Sensitive(v) => (0, v),
+                Attribute::Extractable(v) => (1, v),
+                Attribute::AlwaysSensitive(v) => (2, v),
+                Attribute::NeverExtractable(v) => (3, v),
+                Attribute::Private(v) => (4, v),
+                Attribute::Token(v) => (5, v),
+                _ => continue,
+            };
+            if let Some(flag) = flags.get_mut(index) {
+                *flag = value;
+            }
+        }
+        let value_refused = match session.get_attributes(*key, &[AttributeType::Value]) {
+            Err(_) => true,
+            Ok(values) => !values.iter().any(|a| matches!(a, Attribute::Value(v) if !v.is_empty())),
+        };
+        (flags, value_refused)
+    }
+}
+
+/// The token storage, moved away; [`HiddenStorage::restore`] puts it back.
+pub struct HiddenStorage {
+    tokens: PathBuf,
+    hidden: PathBuf,
+}
+
+impl HiddenStorage {
+    /// Moves the storage back.
+    pub fn restore(self) {
+        std::fs::remove_dir_all(&self.tokens).unwrap();
+        std::fs::rename(&self.hidden, &self.tokens).unwrap();
+    }
+}

@@ -1,0 +1,132 @@
+//! Running a real `keygate sidecar` process beside a test key service.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use gateway::pki::Validity;
+use serde_json::Value;
+
+use crate::PATIENT_SCHEMA;
+use crate::keyservice::{KeyService, keygate_binary, spawn_until_first_line, write_private};
+
+/// A running sidecar, listening on a unix socket.
+pub struct Sidecar {
+    /// Its directory (config, certificate, socket, log).
+    pub dir: PathBuf,
+    /// The socket apps talk to.
+    pub socket: PathBuf,
+    child: Option<Child>,
+    http: reqwest::Client,
+}
+
+impl Sidecar {
+    /// Starts a sidecar with the client identity `identity` (a certificate
+    /// from the key service's CA) and `extra` TOML appended to its config.
+    pub fn start(ks: &KeyService, dir: &Path, identity: &str, extra: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let cert = ks.pki.ca.issue_client(identity, Validity::days(1)).unwrap();
+        std::fs::write(dir.join("sidecar.crt"), &cert.cert_pem).unwrap();
+        write_private(&dir.join("sidecar.key"), &cert.key_pem);
+        std::fs::write(dir.join("ca.crt"), ks.pki.ca.cert_pem()).unwrap();
+        std::fs::write(dir.join("patient.toml"), PATIENT_SCHEMA).unwrap();
+        let socket = dir.join("sidecar.sock");
+        // Top-level keys of `extra` go before the first table, tables after.
+        let split = extra
+            .find("\n[")
+            .map_or(if extra.starts_with('[') { 0 } else { extra.len() }, |i| i + 1);
+        let (top, tables) = extra.split_at(split);
+        let audit =
+            if tables.contains("[audit]") { "" } else { "[audit]\nflush_interval_ms = 100\n" };
+        let config = format!(
+            r#"
+{top}
+listen = {{ unix = "sidecar.sock" }}
+schemas = ["patient.toml"]
+app_identity = "spiffe://test/app"
+[key_service]
+urls = ["{url}"]
+ca = "ca.crt"
+cert = "sidecar.crt"
+key = "sidecar.key"
+timeout_ms = 2000
+{audit}
+{tables}
+"#,
+            url = ks.url
+        );
+        std::fs::write(dir.join("sidecar.toml"), config).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("sidecar.log"))
+            .unwrap();
+        let mut command = Command::new(keygate_binary());
+        command.args(["sidecar", "--config"]).arg(dir.join("sidecar.toml")).stderr(log);
+        let log_path = dir.join("sidecar.log");
+        let (child, line) = spawn_until_first_line(command, || {
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        });
+        assert!(line.contains("listening on unix:"), "{line}");
+        let http = reqwest::Client::builder()
+            .unix_socket(socket.clone())
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        Self { dir: dir.to_owned(), socket, child: Some(child), http }
+    }
+
+    /// POST JSON to the sidecar; returns status and body.
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.post_raw(path, serde_json::to_vec(body).unwrap()).await
+    }
+
+    /// POST raw bytes as JSON.
+    pub async fn post_raw(&self, path: &str, body: Vec<u8>) -> (u16, Value) {
+        let response = self
+            .http
+            .post(format!("http://localhost{path}"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// GET; returns status and body text.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let response = self.http.get(format!("http://localhost{path}")).send().await.unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    }
+
+    /// Stops the sidecar with SIGTERM (it flushes its audit events).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+        }
+    }
+
+    /// What it logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("sidecar.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,409 @@
+//! End-to-end tests of `keygate sidecar` beside a real key service.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
+
+use keygate_tests::keyservice::KeyService;
+use keygate_tests::sidecar::Sidecar;
+use serde_json::{Value, json};
+
+const ADMIN: &str = "spiffe://test/admin";
+const AUDITOR: &str = "spiffe://test/auditor";
+const CLINICAL: &str = "spiffe://test/sidecar-clinical";
+const CONTACT: &str = "spiffe://test/sidecar-contact";
+
+fn patient(i: usize) -> Value {
+    json!({
+        "name": format!("Patient {i}"),
+        "ssn": format!("123-45-{:04}", i % 10_000),
+        "mrn": format!("MRN-{i:06}"),
+        "email": format!("patient{i}@example.org"),
+        "diagnosis": {"code": "C50.9", "stage": i % 4, "confirmed": true, "notes": null},
+        "patient_id": format!("P-{i}"),
+        "allergies": ["penicillin", {"substance": "latex", "severity": 2.5}],
+        "age": 30 + i % 50,
+    })
+}
+
+async fn stack(dir: &std::path::Path, sidecar_extra: &str) -> (KeyService, Sidecar) {
+    let ks = KeyService::start(&dir.join("ks"), "");
+    let (status, _) = ks.post(ADMIN, "/v1/tenants", &json!({"tenant": "onc"})).await;
+    assert_eq!(status, 201);
+    let sidecar = Sidecar::start(&ks, &dir.join("sidecar"), CLINICAL, sidecar_extra);
+    (ks, sidecar)
+}
+
+async fn encrypt(sc: &Sidecar, record: &Value) -> Value {
+    let (status, body) = sc
+        .post("/v1/encrypt", &json!({"tenant": "onc", "schema": "patient", "record": record}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body["record"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn need_to_know_by_field_class() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ks, clinical) = stack(dir.path(), "").await;
+    let contact = Sidecar::start(&ks, &dir.path().join("contact"), CONTACT, "");
+    let encrypted = encrypt(&clinical, &patient(7)).await;
+
+    let (status, body) = clinical.post("/v1/decrypt", &json!({"record": encrypted})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["record"]["diagnosis"], patient(7)["diagnosis"], "phi.clinical is revealed");
+
+    let (status, body) =
+        contact.post("/v1/decrypt", &json!({"record": encrypted, "purpose": "treatment"})).await;
+    assert_eq!(status, 200, "{body}");
+    let record = &body["record"];
+    assert!(record.get("diagnosis").is_none(), "diagnosis withheld: {record}");
+    assert_eq!(record["ssn"], "***-**-0007", "ssn masked");
+    assert_eq!(record["email"], "patient7@example.org", "contact data revealed");
+    assert!(record.get("mrn").is_none(), "no mask defined for mrn: withheld");
+    assert_eq!(record["allergies"], json!([null, null]));
+    let fields = body["report"][0]["fields"].as_array().unwrap();
+    let outcome = |p: &str| fields.iter().find(|f| f["pointer"] == p).unwrap()["outcome"].clone();
+    assert_eq!(outcome("/diagnosis"), "withheld");
+    assert_eq!(outcome("/ssn"), "masked");
+    assert_eq!(outcome("/email"), "revealed");
+    assert!(!body.to_string().contains("C50.9"), "no trace of the withheld value");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tampered_records_are_refused_without_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_ks, sc) = stack(dir.path(), "").await;
+    let a = encrypt(&sc, &patient(1)).await;
+    let b = encrypt(&sc, &patient(2)).await;
+
+    let mut flipped = a.clone();
+    let ssn = flipped["ssn"].as_str().unwrap().to_owned();
+    let mut bytes = ssn.into_bytes();
+    let i = bytes.len() - 5;
+    bytes[i] = if bytes[i] == b'A' { b'B' } else { b'A' };
+    flipped["ssn"] = json!(String::from_utf8(bytes).unwrap());
+    let mut moved = a.clone();
+    moved["diagnosis"] = b["diagnosis"].clone();
+    let mut dropped = a.clone();
+    dropped.as_object_mut().unwrap().remove("ssn");
+    let mut swapped = a.clone();
+    swapped["_kg"] = b["_kg"].clone();
+    for (what, record) in [
+        ("flipped byte", flipped),
+        ("moved field", moved),
+        ("dropped field", dropped),
+        ("swapped _kg", swapped),
+    ] {
+        let (status, body) = sc.post("/v1/decrypt", &json!({"record": record})).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (422, Some("cannot_decrypt")),
+            "{what}: {body}"
+        );
+        assert!(!body.to_string().contains("Patient"), "{what}: nothing of the plaintext");
+    }
+    // A batch with one bad record fails whole.
+    let (status, _) = sc.post("/v1/decrypt", &json!({"records": [a, {"_kg": "kg1h:AAAA"}]})).await;
+    assert_eq!(status, 422);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_specific_errors_and_the_sidecar_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_ks, sc) = stack(dir.path(), "").await;
+    let encrypted = encrypt(&sc, &patient(1)).await;
+    let deep = format!("{}1{}", "[".repeat(10_000), "]".repeat(10_000));
+    let deep_record = format!(r#"{{"tenant":"onc","schema":"patient","record":{{"x":{deep}}}}}"#);
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        ("/v1/encrypt", b"{\"tenant\":".to_vec(), 400, "malformed_json"),
+        (
+            "/v1/encrypt",
+            serde_json::to_vec(&json!({"tenant": "t-nobody", "schema": "patient", "record": {}}))
+                .unwrap(),
+            404,
+            "unknown_tenant",
+        ),
+        (
+            "/v1/encrypt",
+            serde_json::to_vec(&json!({"tenant": "onc", "schema": "invoice", "record": {}}))
+                .unwrap(),
+            404,
+            "unknown_schema",
+        ),
+        (
+            "/v1/encrypt",
+            serde_json::to_vec(&json!({"tenant": "onc", "schema": "patient", "record": encrypted}))
+                .unwrap(),
+            400,
+            "already_encrypted",
+        ),
+        (
+            "/v1/encrypt",
+            serde_json::to_vec(&json!({"tenant": "onc", "schema": "patient", "record": [1]}))
+                .unwrap(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "/v1/encrypt",
+            serde_json::to_vec(
+                &json!({"tenant": "onc", "schema": "patient", "record": {"allergies": "latex"}}),
+            )
+            .unwrap(),
+            400,
+            "shape_mismatch",
+        ),
+        (
+            "/v1/encrypt",
+            serde_json::to_vec(&json!({"tenant": "elsewhere", "schema": "patient", "record": {}}))
+                .unwrap(),
+            403,
+            "forbidden",
+        ),
+        (
+            "/v1/decrypt",
+            serde_json::to_vec(&json!({"record": {"plain": true}})).unwrap(),
+            400,
+            "not_encrypted",
+        ),
+        ("/v1/encrypt", vec![b' '; 50 * 1024 * 1024], 413, "body_too_large"),
+        ("/v1/encrypt", deep_record.into_bytes(), 400, "json_too_deep"),
+    ];
+    for (path, body, status, code) in cases {
+        let (got, answer) = sc.post_raw(path, body).await;
+        assert_eq!((got, answer["error"]["code"].as_str()), (status, Some(code)), "{answer}");
+    }
+    let (status, _) = sc.get("/healthz").await;
+    assert_eq!(status, 200);
+    let (status, body) = sc.post("/v1/decrypt", &json!({"record": encrypted})).await;
+    assert_eq!(status, 200, "still serving: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keeps_working_from_pool_and_cache_while_the_key_service_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ks, sc) = stack(dir.path(), "[pool]\nbatch = 10\nlow_water = 2\n").await;
+    let cached = encrypt(&sc, &patient(1)).await;
+    // Let the pool refill, then take the key service away.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    ks.stop();
+
+    let mut encrypted_while_down = 0;
+    let refusal = loop {
+        let (status, body) = sc
+            .post(
+                "/v1/encrypt",
+                &json!({"tenant": "onc", "schema": "patient", "record": patient(100)}),
+            )
+            .await;
+        if status != 200 {
+            break (status, body);
+        }
+        encrypted_while_down += 1;
+        assert!(encrypted_while_down <= 20, "the pool cannot hold that many");
+    };
+    assert!(encrypted_while_down >= 1, "encryption continued from the pool");
+    assert_eq!(
+        (refusal.0, refusal.1["error"]["code"].as_str()),
+        (503, Some("key_service_unavailable")),
+        "{}",
+        refusal.1
+    );
+
+    let (status, body) = sc.post("/v1/decrypt", &json!({"record": cached})).await;
+    assert_eq!(status, 200, "a cached DEK still decrypts: {body}");
+
+    ks.resume();
+    let mut recovered = false;
+    for _ in 0..100 {
+        let (status, _) = sc
+            .post(
+                "/v1/encrypt",
+                &json!({"tenant": "onc", "schema": "patient", "record": patient(5)}),
+            )
+            .await;
+        if status == 200 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "the sidecar recovered by itself");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_decrypt_is_audited_including_cache_hits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ks, mut sc) = stack(dir.path(), "").await;
+    let encrypted = encrypt(&sc, &patient(3)).await;
+    let id = {
+        let (_, body) =
+            sc.post("/v1/decrypt", &json!({"record": encrypted, "purpose": "treatment"})).await;
+        body["report"][0]["record_key_id"].as_str().unwrap().to_owned()
+    };
+    for _ in 0..2 {
+        let (status, _) =
+            sc.post("/v1/decrypt", &json!({"record": encrypted, "purpose": "treatment"})).await;
+        assert_eq!(status, 200);
+    }
+    sc.stop(); // flushes
+    let (_, export) = ks.get(AUDITOR, "/v1/audit?tenant=onc").await;
+    let decrypts: Vec<Value> = export
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["action"] == "record.decrypt" && e["record_key_ids"][0] == id)
+        .collect();
+    assert_eq!(decrypts.len(), 3, "{export}");
+    assert!(
+        decrypts.iter().all(|e| e["detail"]["fields"]["cache_hit"] == true),
+        "encrypt warmed the cache"
+    );
+    assert!(decrypts.iter().all(|e| e["detail"]["purpose"] == "treatment"));
+    assert!(decrypts.iter().all(|e| e["detail"]["reported_by"] == CLINICAL));
+    assert!(!export.contains("123-45-0003"), "no values in audit events");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rewrap_index_pseudonym_and_stale_version_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ks, sc) = stack(dir.path(), "[cache]\nttl_secs = 1\n").await;
+    let old = encrypt(&sc, &patient(4)).await;
+    let (status, _) = ks.post(ADMIN, "/v1/tenants/onc/keys/rotate", &json!({})).await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await; // cache TTL
+
+    let (status, body) = sc.post("/v1/decrypt", &json!({"record": old})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["report"][0]["stale_key_version"], true, "{body}");
+
+    let (status, body) = sc.post("/v1/rewrap", &json!({"records": [old]})).await;
+    assert_eq!((status, body["rewrapped"].as_u64()), (200, Some(1)), "{body}");
+    let new = &body["records"][0];
+    for field in ["ssn", "mrn", "diagnosis", "email", "email_bidx", "patient_id", "allergies"] {
+        assert_eq!(new[field], old[field], "{field} byte-identical");
+    }
+    assert_ne!(new["_kg"], old["_kg"]);
+    let (_, again) = sc.post("/v1/rewrap", &json!({"record": new})).await;
+    assert_eq!(again["rewrapped"], 0);
+    assert_eq!(&again["record"], new, "already on the active version: unchanged");
+    let (status, body) = sc.post("/v1/decrypt", &json!({"record": new})).await;
+    assert_eq!((status, &body["report"][0]["kek_version"]), (200, &json!(2)));
+    assert_eq!(body["report"][0]["stale_key_version"], false);
+
+    let (_, token) = sc.post("/v1/index", &json!({"tenant": "onc", "schema": "patient", "path": "/email", "value": "PATIENT4@example.org"})).await;
+    assert_eq!(token["token"], old["email_bidx"]);
+    let (_, token) = sc
+        .post(
+            "/v1/index",
+            &json!({"tenant": "onc", "schema": "patient", "path": "/mrn", "value": "MRN-000004"}),
+        )
+        .await;
+    assert_eq!(token["token"], old["mrn"]);
+    let (status, body) = sc
+        .post(
+            "/v1/index",
+            &json!({"tenant": "onc", "schema": "patient", "path": "/ssn", "value": "x"}),
+        )
+        .await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("not_searchable")));
+    let (_, p) = sc
+        .post("/v1/pseudonym", &json!({"tenant": "onc", "namespace": "patient", "value": "P-4"}))
+        .await;
+    assert_eq!(p["pseudonym"], old["patient_id"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refuses_when_audit_events_cannot_be_delivered_for_too_long() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ks, sc) =
+        stack(dir.path(), "[audit]\nflush_interval_ms = 100\nmax_unreported_secs = 1\n").await;
+    let encrypted = encrypt(&sc, &patient(9)).await;
+    ks.stop();
+    let (status, body) = sc.post("/v1/decrypt", &json!({"record": encrypted})).await;
+    assert_eq!(status, 200, "within the bound, from the cache: {body}");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let (status, body) = sc.post("/v1/decrypt", &json!({"record": encrypted})).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("audit_unavailable")),
+        "{body}"
+    );
+    assert!(!body.to_string().contains("123-45"), "no plaintext once events cannot be recorded");
+    ks.resume();
+    let mut recovered = false;
+    for _ in 0..100 {
+        if sc.post("/v1/decrypt", &json!({"record": encrypted})).await.0 == 200 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "events delivered once the key service is back; decrypt works again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bearer_token_and_reasons() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(&dir.path().join("ks"), "");
+    let (status, _) = ks.post(ADMIN, "/v1/tenants", &json!({"tenant": "onc"})).await;
+    assert_eq!(status, 201);
+    let token_dir = dir.path().join("contact");
+    std::fs::create_dir_all(&token_dir).unwrap();
+    std::fs::write(token_dir.join("token"), "a-long-enough-bearer-token-for-tests\n").unwrap();
+    let sc = Sidecar::start(&ks, &token_dir, CONTACT, "token_file = \"token\"");
+    let (status, body) = sc
+        .post("/v1/encrypt", &json!({"tenant": "onc", "schema": "patient", "record": patient(1)}))
+        .await;
+    assert_eq!((status, body["error"]["code"].as_str()), (401, Some("unauthorized")));
+
+    let client = keygate_sdk::Client::builder()
+        .unix_socket(sc.socket.clone())
+        .bearer_token(keygate_sdk::SecretString::from("a-long-enough-bearer-token-for-tests"))
+        .build()
+        .unwrap();
+    let encrypted = client.encrypt("onc", "patient", &patient(1)).await.unwrap();
+    let decrypted = client.decrypt_value(&encrypted, None).await.unwrap();
+    assert!(decrypted.record.get("diagnosis").is_none());
+    let wrong = keygate_sdk::Client::builder()
+        .unix_socket(sc.socket.clone())
+        .bearer_token(keygate_sdk::SecretString::from("a-long-enough-bearer-token-for-tesTS"))
+        .build()
+        .unwrap();
+    assert!(wrong.encrypt("onc", "patient", &patient(1)).await.is_err());
+
+    // The raw report says why fields were masked or withheld.
+    let raw = reqwest::Client::builder().unix_socket(sc.socket.clone()).build().unwrap();
+    let body: Value = raw
+        .post("http://localhost/v1/decrypt")
+        .bearer_auth("a-long-enough-bearer-token-for-tests")
+        .json(&json!({"record": encrypted}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let fields = body["report"][0]["fields"].as_array().unwrap();
+    let reason = |p: &str| {
+        fields.iter().find(|f| f["pointer"] == p).unwrap()["reason"].as_str().unwrap().to_owned()
+    };
+    assert!(reason("/diagnosis").contains("does not grant phi.clinical"), "{body}");
+    assert!(reason("/ssn").contains("masked form of phi.identifier"), "{body}");
+}
+
+#[test]
+fn a_non_loopback_listener_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sidecar.toml");
+    std::fs::write(
+        &config,
+        "listen = { tcp = \"0.0.0.0:9999\" }\nschemas = []\n[key_service]\nurls = [\"https://localhost:1\"]\nca = \"ca\"\ncert = \"c\"\nkey = \"k\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(keygate_tests::keyservice::keygate_binary())
+        .args(["sidecar", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78), "configuration error exit code");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("refusing to listen on 0.0.0.0:9999"), "{stderr}");
+}
