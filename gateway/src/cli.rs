@@ -35,6 +35,9 @@ pub enum Command {
         #[arg(long, short, env = "KEYGATE_SIDECAR_CONFIG")]
         config: PathBuf,
     },
+    /// Security-team operations.
+    #[command(subcommand)]
+    Admin(AdminCommand),
     /// Run everything on this machine with development defaults (dev CA,
     /// local root key, SQLite) and print curl lines to try it.
     ///
@@ -43,6 +46,28 @@ pub enum Command {
         /// Where to keep keys, certificates, data and configs.
         #[arg(long, default_value = "keygate-dev")]
         dir: PathBuf,
+    },
+}
+
+/// `keygate admin …`.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Master key operations.
+    #[command(subcommand)]
+    Master(MasterCommand),
+}
+
+/// `keygate admin master …`.
+#[derive(Debug, Subcommand)]
+pub enum MasterCommand {
+    /// Create the master key in the HSM named by a key service config's
+    /// `[root]` (provider = "pkcs11"): AES-256, sensitive, non-extractable.
+    ///
+    /// Example: keygate admin master create-pkcs11-key --config server.toml
+    CreatePkcs11Key {
+        /// A key service configuration file with a pkcs11 `[root]`.
+        #[arg(long, short)]
+        config: PathBuf,
     },
 }
 
@@ -70,6 +95,30 @@ pub fn main() -> ExitCode {
             };
             init_logging(&config.log.level, config.log.format);
             block_on(crate::sidecar::run(config))
+        }
+        Command::Admin(AdminCommand::Master(MasterCommand::CreatePkcs11Key { config })) => {
+            let created = ServerConfig::load(&config).and_then(|c| {
+                c.root.pkcs11()?.ok_or_else(|| {
+                    crate::config::ConfigError::new("[root] is not a pkcs11 provider")
+                })
+            });
+            let pkcs11 = match created {
+                Ok(p) => p,
+                Err(e) => return config_error(&e),
+            };
+            match hsm_adapters::Pkcs11RootKey::create_master_key(&pkcs11) {
+                Ok(info) => {
+                    println!(
+                        "created master key {} (CKA_ID {}) in token {}: AES-256, sensitive, non-extractable",
+                        info.key_label, info.key_id, info.token_label
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("keygate: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
         }
         Command::Up { dir } => {
             init_logging("warn", LogFormat::Text);

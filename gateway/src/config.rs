@@ -77,6 +77,66 @@ pub enum RootConfig {
         #[serde(default)]
         create_if_missing: bool,
     },
+    /// An AES-256 master key inside an HSM, over PKCS#11.
+    #[serde(rename = "pkcs11")]
+    Pkcs11 {
+        /// The PKCS#11 module (`.so`) of the HSM.
+        module: PathBuf,
+        /// Label of the token holding the key.
+        token_label: String,
+        /// Label of the master key.
+        key_label: String,
+        /// A file holding the user PIN (mode 0600)…
+        #[serde(default)]
+        pin_file: Option<PathBuf>,
+        /// …or the name of an environment variable holding it.
+        #[serde(default)]
+        pin_env: Option<String>,
+        /// Sessions kept open for concurrent calls.
+        #[serde(default = "default_pool_size")]
+        pool_size: usize,
+    },
+    /// A master key in AWS KMS (credentials from the SDK's default chain).
+    #[serde(rename = "aws_kms")]
+    AwsKms {
+        /// AWS region.
+        region: String,
+        /// Key id, key ARN, alias (`alias/…`) or alias ARN.
+        key_id: String,
+        /// Endpoint override (VPC endpoints, local emulators).
+        #[serde(default)]
+        endpoint_url: Option<String>,
+        /// Per-attempt timeout, in milliseconds.
+        #[serde(default = "default_kms_timeout_ms")]
+        timeout_ms: u64,
+    },
+}
+
+fn default_pool_size() -> usize {
+    8
+}
+
+fn default_kms_timeout_ms() -> u64 {
+    5_000
+}
+
+impl RootConfig {
+    /// The PKCS#11 provider configuration, reading the PIN from its source.
+    pub fn pkcs11(&self) -> Result<Option<hsm_adapters::Pkcs11Config>, ConfigError> {
+        let Self::Pkcs11 { module, token_label, key_label, pin_file, pin_env, pool_size } = self
+        else {
+            return Ok(None);
+        };
+        let source = match (pin_file, pin_env) {
+            (Some(file), None) => hsm_adapters::PinSource::File(file.clone()),
+            (None, Some(var)) => hsm_adapters::PinSource::Env(var.clone()),
+            _ => return Err(ConfigError::new("root: give exactly one of pin_file and pin_env")),
+        };
+        let pin = source.load().map_err(|e| ConfigError::new(format!("root: {e}")))?;
+        let mut config = hsm_adapters::Pkcs11Config::new(module, token_label, key_label, pin);
+        config.pool_size = (*pool_size).max(1);
+        Ok(Some(config))
+    }
 }
 
 /// The policy file.
@@ -254,6 +314,12 @@ impl ServerConfig {
                     fix(p);
                 }
             }
+            RootConfig::Pkcs11 { pin_file, .. } => {
+                if let Some(p) = pin_file {
+                    fix(p);
+                }
+            }
+            RootConfig::AwsKms { .. } => {}
         }
     }
 }

@@ -130,12 +130,29 @@ pub struct KeyService {
     pub url: String,
     child: Option<Child>,
     clients: Mutex<HashMap<String, reqwest::Client>>,
+    env: Vec<(String, String)>,
 }
+
+/// The development root key section.
+const DEV_ROOT: &str =
+    "[root]\nprovider = \"dev_local\"\nkey_file = \"root.key\"\ncreate_if_missing = true\n";
 
 impl KeyService {
     /// Writes PKI, policy and config into `dir` (keeping any that exist,
-    /// so a restart reuses them) and starts the server.
+    /// so a restart reuses them) and starts the server with the local
+    /// (development) root key.
     pub fn start(dir: &Path, extra_config: &str) -> Self {
+        Self::start_with_root(dir, extra_config, DEV_ROOT, &[])
+    }
+
+    /// Like [`KeyService::start`] with another `[root]` section and extra
+    /// environment variables for the process (e.g. `SOFTHSM2_CONF`).
+    pub fn start_with_root(
+        dir: &Path,
+        extra_config: &str,
+        root: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
         let pki = Pki::create(&dir.join("pki"));
         let policy = dir.join("policy.toml");
         if !policy.exists() {
@@ -152,10 +169,7 @@ cert = "pki/server.crt"
 key = "pki/server.key"
 client_ca = "pki/ca.crt"
 reload_interval_secs = 1
-[root]
-provider = "dev_local"
-key_file = "root.key"
-create_if_missing = true
+{root}
 [policy]
 file = "policy.toml"
 [audit]
@@ -167,12 +181,14 @@ checkpoint_interval_secs = 1
         if !dir.join("keygate.toml").exists() {
             std::fs::write(dir.join("keygate.toml"), config).unwrap();
         }
+        let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         let mut service = Self {
             dir: dir.to_owned(),
             pki,
             url: String::new(),
             child: None,
             clients: Mutex::default(),
+            env,
         };
         service.spawn();
         service
@@ -186,6 +202,7 @@ checkpoint_interval_secs = 1
             .unwrap();
         let mut command = Command::new(keygate_binary());
         command.args(["server", "--config"]).arg(self.dir.join("keygate.toml")).stderr(stderr);
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
         let (child, line) = spawn_until_first_line(command, || self.log());
         let url = line.rsplit(' ').next().unwrap().to_owned();
         assert!(url.starts_with("https://127.0.0.1:"), "{line}");

@@ -177,8 +177,34 @@ fn spawn_maintenance(
     });
 }
 
-async fn root_provider(config: &RootConfig) -> Result<Arc<dyn RootKeyProvider>, ServerError> {
+/// Connects the configured root key provider; each one performs a real
+/// wrap/unwrap before it is returned, so a wrong PIN, an unknown key label
+/// or an unreachable endpoint stops the start with a clear message.
+pub(super) async fn root_provider(
+    config: &RootConfig,
+) -> Result<Arc<dyn RootKeyProvider>, ServerError> {
     match config {
+        RootConfig::Pkcs11 { .. } => {
+            let pkcs11 = config
+                .pkcs11()
+                .map_err(|e| fail("root key (pkcs11)")(&e))?
+                .ok_or_else(|| fail("root key (pkcs11)")(&"not a pkcs11 configuration"))?;
+            let provider =
+                tokio::task::spawn_blocking(move || hsm_adapters::Pkcs11RootKey::connect(pkcs11))
+                    .await
+                    .map_err(|e| fail("root key (pkcs11)")(&e))?
+                    .map_err(|e| fail("root key (pkcs11)")(&e))?;
+            Ok(Arc::new(provider))
+        }
+        RootConfig::AwsKms { region, key_id, endpoint_url, timeout_ms } => {
+            let mut kms = hsm_adapters::AwsKmsConfig::new(region, key_id);
+            kms.endpoint_url = endpoint_url.clone();
+            kms.timeout = Duration::from_millis((*timeout_ms).max(1));
+            let provider = hsm_adapters::AwsKmsRootKey::connect(kms)
+                .await
+                .map_err(|e| fail("root key (aws-kms)")(&e))?;
+            Ok(Arc::new(provider))
+        }
         RootConfig::DevLocal { key_file, passphrase_file, create_if_missing } => {
             let passphrase = match passphrase_file {
                 Some(path) => Some(read_secret(path).map_err(|e| fail("root key passphrase")(&e))?),

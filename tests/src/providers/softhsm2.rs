@@ -121,6 +121,12 @@ impl SoftHsm2 {
         module.unwrap_or_else(|| missing_tool("the SoftHSM2 PKCS#11 module", INSTALL))
     }
 
+    /// A fresh token in this process without loading the module here (for
+    /// tests that hand the token to a keygate process via `SOFTHSM2_CONF`).
+    pub fn new_token() -> Self {
+        Self::create(Self::module_path())
+    }
+
     /// Creates the directory, configuration file and token.
     fn create(module: PathBuf) -> Self {
         let util = super::on_path("softhsm2-util")

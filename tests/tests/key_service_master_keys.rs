@@ -1,0 +1,149 @@
+//! The key service with its master key in SoftHSM2 (PKCS#11) and in a
+//! local AWS KMS emulator (moto): create a tenant, issue DEKs, restart the
+//! key service (cold KEK cache), unwrap them again.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
+
+use keygate_tests::keyservice::{KeyService, keygate_binary, write_private};
+use keygate_tests::providers::moto::{self, MotoServer};
+use keygate_tests::providers::softhsm2::{self, SoftHsm2};
+use serde_json::{Value, json};
+
+const ADMIN: &str = "spiffe://test/admin";
+const ENC: &str = "spiffe://test/encryptor";
+const DEC: &str = "spiffe://test/decryptor";
+
+async fn issue_restart_unwrap(ks: &mut KeyService, describes: &str) {
+    let (status, body) = ks.post(ADMIN, "/v1/tenants", &json!({"tenant": "onc"})).await;
+    assert_eq!(status, 201, "{body}\n{}", ks.log());
+    let (status, issued) = ks.post(ENC, "/v1/tenants/onc/datakeys", &json!({"count": 50})).await;
+    assert_eq!(status, 200, "{issued}");
+    let keys = issued["keys"].as_array().unwrap().clone();
+    ks.restart();
+    let items: Vec<Value> = keys
+        .iter()
+        .map(|k| json!({"record_key_id": k["record_key_id"], "kek_version": 1, "wrapped": k["wrapped"]}))
+        .collect();
+    let (status, body) =
+        ks.post(DEC, "/v1/tenants/onc/datakeys/unwrap", &json!({"items": items})).await;
+    assert_eq!(status, 200, "{body}");
+    for (k, r) in keys.iter().zip(body["results"].as_array().unwrap()) {
+        assert_eq!(r["dek"], k["dek"], "same DEK after a restart, through the master key");
+    }
+    let (status, ready) = ks.get(ADMIN, "/readyz").await;
+    assert_eq!(status, 200, "{ready}");
+    let (_, verify) = ks.get(ADMIN, "/v1/audit/verify").await;
+    assert!(verify.contains("\"ok\":true"), "{verify}");
+    assert!(ks.log().contains(describes), "the log names the master key: {}", ks.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn master_key_in_softhsm2() {
+    let token = SoftHsm2::new_token();
+    let dir = tempfile::tempdir().unwrap();
+    write_private(&dir.path().join("pin"), softhsm2::USER_PIN);
+    let root = format!(
+        "[root]\nprovider = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"{}\"\nkey_label = \"{}\"\npin_file = \"pin\"\n",
+        token.module().display(),
+        softhsm2::TOKEN_LABEL,
+        softhsm2::KEY_LABEL
+    );
+    let conf = token.conf();
+    let env = [("SOFTHSM2_CONF", conf.to_str().unwrap())];
+
+    // Without a master key in the token, the service refuses to start.
+    let server_toml = dir.path().join("ks/keygate.toml");
+    std::fs::create_dir_all(dir.path().join("ks")).unwrap();
+    std::fs::copy(dir.path().join("pin"), dir.path().join("ks/pin")).unwrap();
+    std::fs::write(&server_toml, format!("listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n[tls]\ncert = \"x\"\nkey = \"x\"\nclient_ca = \"x\"\n{root}[policy]\nfile = \"policy.toml\"\n")).unwrap();
+    let created = std::process::Command::new(keygate_binary())
+        .args(["admin", "master", "create-pkcs11-key", "--config"])
+        .arg(&server_toml)
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let said = String::from_utf8_lossy(&created.stdout);
+    assert!(said.contains("non-extractable") && !said.contains(softhsm2::USER_PIN), "{said}");
+    std::fs::remove_file(&server_toml).unwrap();
+
+    let mut ks = KeyService::start_with_root(&dir.path().join("ks"), "", &root, &env);
+    issue_restart_unwrap(&mut ks, "pkcs11").await;
+    assert!(!ks.log().contains(softhsm2::USER_PIN), "the PIN never reaches the log");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn master_key_in_aws_kms() {
+    let kms = MotoServer::start();
+    let key = kms.create_key().await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = format!(
+        "[root]\nprovider = \"aws_kms\"\nregion = \"{}\"\nkey_id = \"{key}\"\nendpoint_url = \"{}\"\n",
+        moto::REGION,
+        kms.endpoint()
+    );
+    let env = [
+        ("AWS_ACCESS_KEY_ID", moto::ACCESS_KEY_ID),
+        ("AWS_SECRET_ACCESS_KEY", moto::SECRET_ACCESS_KEY),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ];
+    let mut ks = KeyService::start_with_root(dir.path(), "[log]\nlevel = \"debug\"\n", &root, &env);
+    issue_restart_unwrap(&mut ks, "aws-kms").await;
+    assert!(!ks.log().contains(moto::SECRET_ACCESS_KEY), "the AWS secret never reaches the log");
+}
+
+#[test]
+fn a_wrong_pin_or_unreachable_kms_stops_the_start_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = SoftHsm2::new_token();
+    write_private(&dir.path().join("pin"), "not-the-pin");
+    let config = dir.path().join("keygate.toml");
+    let base = "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n[tls]\ncert = \"x\"\nkey = \"x\"\nclient_ca = \"x\"\n[policy]\nfile = \"policy.toml\"\n";
+    std::fs::write(dir.path().join("policy.toml"), "").unwrap();
+    let start = |root: &str| {
+        std::fs::write(&config, format!("{base}{root}\n")).unwrap();
+        std::process::Command::new(keygate_binary())
+            .args(["server", "--config"])
+            .arg(&config)
+            .env("SOFTHSM2_CONF", token.conf())
+            .env("AWS_ACCESS_KEY_ID", moto::ACCESS_KEY_ID)
+            .env("AWS_SECRET_ACCESS_KEY", moto::SECRET_ACCESS_KEY)
+            .output()
+            .unwrap()
+    };
+    let out = start(&format!(
+        "[root]\nprovider = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"{}\"\nkey_label = \"nope\"\npin_file = \"pin\"",
+        token.module().display(),
+        softhsm2::TOKEN_LABEL
+    ));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("root key (pkcs11)") && stderr.contains("CKR_PIN_INCORRECT"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("not-the-pin"));
+
+    write_private(&dir.path().join("pin"), softhsm2::USER_PIN);
+    let out = start(&format!(
+        "[root]\nprovider = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"{}\"\nkey_label = \"no-such-key\"\npin_file = \"pin\"",
+        token.module().display(),
+        softhsm2::TOKEN_LABEL
+    ));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("no-such-key"), "unknown key label: {stderr}");
+    assert!(!stderr.contains(softhsm2::USER_PIN));
+
+    let out = start(
+        "[root]\nprovider = \"pkcs11\"\nmodule = \"/nonexistent/libmissing.so\"\ntoken_label = \"t\"\nkey_label = \"k\"\npin_file = \"pin\"",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("libmissing.so"), "{stderr}");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let out = start(&format!(
+        "[root]\nprovider = \"aws_kms\"\nregion = \"eu-west-1\"\nkey_id = \"alias/master\"\nendpoint_url = \"http://127.0.0.1:{port}\"\ntimeout_ms = 500"
+    ));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("root key (aws-kms)"), "{stderr}");
+    assert!(!stderr.contains(moto::SECRET_ACCESS_KEY));
+}
