@@ -22,6 +22,14 @@ pub struct ServerConfig {
     pub ops_listen: Option<SocketAddr>,
     /// Where the keystore (and the instance id) live.
     pub data_dir: PathBuf,
+    /// A shared keystore for several replicas: `postgres://…` (TLS when the
+    /// URL asks for it, e.g. `sslmode=verify-full`). Absent: SQLite in
+    /// `data_dir`. A password in the URL is never logged.
+    #[serde(default)]
+    pub storage_url: Option<StorageUrl>,
+    /// PostgreSQL schema of the keystore (created at first start).
+    #[serde(default)]
+    pub storage_schema: Option<String>,
     /// This instance's audit chain name; default: generated once and kept
     /// in `data_dir/instance-id`.
     #[serde(default)]
@@ -234,6 +242,8 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "listen",
     "ops_listen",
     "data_dir",
+    "storage_url",
+    "storage_schema",
     "instance",
     "tls",
     "root",
@@ -243,6 +253,32 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "audit",
     "log",
 ];
+
+/// A keystore URL; its `Debug` hides any password.
+#[derive(Clone, serde::Deserialize)]
+#[serde(transparent)]
+pub struct StorageUrl(String);
+
+impl StorageUrl {
+    /// The URL (may hold a password: never log it).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether it names a PostgreSQL database.
+    pub fn is_postgres(&self) -> bool {
+        self.0.starts_with("postgres://") || self.0.starts_with("postgresql://")
+    }
+}
+
+impl std::fmt::Debug for StorageUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = self.0.split("://").next().unwrap_or_default();
+        let host =
+            self.0.rsplit('@').next().unwrap_or_default().split('/').next().unwrap_or_default();
+        write!(f, "{scheme}://…@{host}/…")
+    }
+}
 
 fn default_reload_secs() -> u64 {
     5

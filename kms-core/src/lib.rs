@@ -1,8 +1,11 @@
 //! # kms-core
 //!
 //! The core of keygate: key types, cryptography, the record format, schemas,
-//! the keystore and the key hierarchy. It performs no network I/O; the
-//! SQLite keystore (feature `sqlite`, on by default) is its only I/O.
+//! the keystore and the key hierarchy. Its only I/O is the keystore: the
+//! embedded SQLite store (feature `sqlite`, on by default) and the shared
+//! PostgreSQL store for replicas (feature `postgres`, the one network
+//! client). Without either feature it is pure computation (what the fuzz
+//! targets build).
 //!
 //! ## What it guarantees
 //! - **Key material never leaks by accident.** Every key is a [`Key256`]:

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use gateway::pki::{DevCa, Validity};
@@ -124,13 +124,32 @@ purposes = ["*"]
 pub struct KeyService {
     /// The service's directory (config, policy, data, log).
     pub dir: PathBuf,
-    /// Its PKI.
-    pub pki: Pki,
+    /// Its PKI (shared by the replicas of a cluster).
+    pub pki: Arc<Pki>,
     /// `https://localhost:PORT`.
     pub url: String,
     child: Option<Child>,
     clients: Mutex<HashMap<String, reqwest::Client>>,
     env: Vec<(String, String)>,
+}
+
+/// How to start a key service (all optional).
+#[derive(Default)]
+pub struct Options<'a> {
+    /// TOML appended to the config (tables such as `[limits]`).
+    pub extra: &'a str,
+    /// The `[root]` section (default: a local development key in the dir).
+    pub root: Option<&'a str>,
+    /// Environment variables for the process.
+    pub env: &'a [(&'a str, &'a str)],
+    /// A PKI shared with other services (default: a new one in the dir).
+    pub pki: Option<Arc<Pki>>,
+    /// Audit chain instance name (default `ks-test`).
+    pub instance: Option<&'a str>,
+    /// `storage_url` (default: SQLite in the data dir).
+    pub storage_url: Option<&'a str>,
+    /// `storage_schema` (PostgreSQL schema of the keystore).
+    pub storage_schema: Option<&'a str>,
 }
 
 /// The development root key section.
@@ -153,21 +172,42 @@ impl KeyService {
         root: &str,
         env: &[(&str, &str)],
     ) -> Self {
-        let pki = Pki::create(&dir.join("pki"));
+        Self::start_with(
+            dir,
+            &Options { extra: extra_config, root: Some(root), env, ..Options::default() },
+        )
+    }
+
+    /// The general form: see [`Options`].
+    pub fn start_with(dir: &Path, options: &Options<'_>) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let pki = options.pki.clone().unwrap_or_else(|| Arc::new(Pki::create(&dir.join("pki"))));
         let policy = dir.join("policy.toml");
         if !policy.exists() {
             std::fs::write(&policy, TEST_POLICY).unwrap();
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut storage =
+            options.storage_url.map(|url| format!("storage_url = \"{url}\"\n")).unwrap_or_default();
+        if let Some(schema) = options.storage_schema {
+            storage.push_str(&format!("storage_schema = \"{schema}\"\n"));
+        }
+        let (instance, root, extra, pki_dir) = (
+            options.instance.unwrap_or("ks-test"),
+            options.root.unwrap_or(DEV_ROOT),
+            options.extra,
+            pki.dir.display(),
+        );
         let config = format!(
             r#"
 listen = "127.0.0.1:{port}"
 data_dir = "data"
-instance = "ks-test"
+instance = "{instance}"
+{storage}
 [tls]
-cert = "pki/server.crt"
-key = "pki/server.key"
-client_ca = "pki/ca.crt"
+cert = "{pki_dir}/server.crt"
+key = "{pki_dir}/server.key"
+client_ca = "{pki_dir}/ca.crt"
 reload_interval_secs = 1
 {root}
 [policy]
@@ -175,13 +215,13 @@ file = "policy.toml"
 [audit]
 checkpoint_every = 50
 checkpoint_interval_secs = 1
-{extra_config}
+{extra}
 "#
         );
         if !dir.join("keygate.toml").exists() {
             std::fs::write(dir.join("keygate.toml"), config).unwrap();
         }
-        let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let env = options.env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         let mut service = Self {
             dir: dir.to_owned(),
             pki,
@@ -233,6 +273,14 @@ checkpoint_interval_secs = 1
         self.stop();
         self.clients.lock().unwrap().clear();
         self.spawn();
+    }
+
+    /// Kills the process (SIGKILL): no shutdown, no flush.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// Starts a stopped service again (same port, same files).

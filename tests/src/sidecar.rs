@@ -8,7 +8,7 @@ use gateway::pki::Validity;
 use serde_json::Value;
 
 use crate::PATIENT_SCHEMA;
-use crate::keyservice::{KeyService, keygate_binary, spawn_until_first_line, write_private};
+use crate::keyservice::{KeyService, Pki, keygate_binary, spawn_until_first_line, write_private};
 
 /// A running sidecar, listening on a unix socket.
 pub struct Sidecar {
@@ -24,17 +24,26 @@ impl Sidecar {
     /// Starts a sidecar with the client identity `identity` (a certificate
     /// from the key service's CA) and `extra` TOML appended to its config.
     pub fn start(ks: &KeyService, dir: &Path, identity: &str, extra: &str) -> Self {
+        Self::start_with(&ks.pki, std::slice::from_ref(&ks.url), dir, identity, extra)
+    }
+
+    /// A sidecar talking to several key-service replicas (failover in order).
+    pub fn start_with(pki: &Pki, urls: &[String], dir: &Path, identity: &str, extra: &str) -> Self {
         std::fs::create_dir_all(dir).unwrap();
-        let cert = ks.pki.ca.issue_client(identity, Validity::days(1)).unwrap();
+        let cert = pki.ca.issue_client(identity, Validity::days(1)).unwrap();
         std::fs::write(dir.join("sidecar.crt"), &cert.cert_pem).unwrap();
         write_private(&dir.join("sidecar.key"), &cert.key_pem);
-        std::fs::write(dir.join("ca.crt"), ks.pki.ca.cert_pem()).unwrap();
+        std::fs::write(dir.join("ca.crt"), pki.ca.cert_pem()).unwrap();
+        let urls: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
+        let urls = urls.join(", ");
         std::fs::write(dir.join("patient.toml"), PATIENT_SCHEMA).unwrap();
         let socket = dir.join("sidecar.sock");
         // Top-level keys of `extra` go before the first table, tables after.
-        let split = extra
-            .find("\n[")
-            .map_or(if extra.starts_with('[') { 0 } else { extra.len() }, |i| i + 1);
+        let split = if extra.starts_with('[') {
+            0
+        } else {
+            extra.find("\n[").map_or(extra.len(), |i| i + 1)
+        };
         let (top, tables) = extra.split_at(split);
         let audit =
             if tables.contains("[audit]") { "" } else { "[audit]\nflush_interval_ms = 100\n" };
@@ -45,7 +54,7 @@ listen = {{ unix = "sidecar.sock" }}
 schemas = ["patient.toml"]
 app_identity = "spiffe://test/app"
 [key_service]
-urls = ["{url}"]
+urls = [{urls}]
 ca = "ca.crt"
 cert = "sidecar.crt"
 key = "sidecar.key"
@@ -53,7 +62,6 @@ timeout_ms = 2000
 {audit}
 {tables}
 "#,
-            url = ks.url
         );
         std::fs::write(dir.join("sidecar.toml"), config).unwrap();
         let log = std::fs::OpenOptions::new()

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hsm_adapters::{Argon2Params, LocalRootKey};
-use kms_core::store::SqliteStore;
+use kms_core::store::{Invalidation, KeyStore, PgStoreOptions, PostgresStore, SqliteStore};
 use kms_core::{HierarchyConfig, KeyHierarchy, RootKeyProvider};
 use secrecy::SecretString;
 use tokio::net::TcpListener;
@@ -46,9 +46,7 @@ fn fail(step: &'static str) -> impl FnOnce(&dyn std::fmt::Display) -> ServerErro
 pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     let instance = instance_id(&config).map_err(|e| fail("instance id")(&e))?;
     let root = root_provider(&config.root).await?;
-    let store = Arc::new(
-        SqliteStore::open_in_dir(&config.data_dir).await.map_err(|e| fail("keystore")(&e))?,
-    );
+    let (store, sqlite) = open_store(&config).await?;
     let hierarchy = Arc::new(
         KeyHierarchy::new(
             store.clone(),
@@ -61,6 +59,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         .await
         .map_err(|e| fail("key hierarchy")(&e))?,
     );
+    tokio::spawn(follow_invalidations(store.clone(), hierarchy.clone()));
     let policy = Arc::new(PolicyHandle::load(&config.policy.file).map_err(|e| fail("policy")(&e))?);
     let metrics = Arc::new(Metrics::default());
     let (audit, audit_task) =
@@ -113,8 +112,62 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     // The router (and with it every audit handle) is gone: the writer
     // drains its queue, signs a final checkpoint and stops.
     let _ = tokio::time::timeout(DRAIN, audit_task).await;
-    store.close().await;
+    if let Some(sqlite) = sqlite {
+        sqlite.close().await;
+    }
     Ok(())
+}
+
+/// The configured keystore: PostgreSQL for replicas, else SQLite.
+async fn open_store(
+    config: &ServerConfig,
+) -> Result<(Arc<dyn KeyStore>, Option<SqliteStore>), ServerError> {
+    match &config.storage_url {
+        Some(url) if url.is_postgres() => {
+            let mut options = PgStoreOptions::default();
+            options.schema = config.storage_schema.clone();
+            let store = PostgresStore::connect(url.expose(), options)
+                .await
+                .map_err(|e| fail("keystore (postgres)")(&e))?;
+            Ok((Arc::new(store), None))
+        }
+        Some(url) => {
+            Err(fail("keystore")(&format!("unsupported storage_url {url:?}: use postgres://…")))
+        }
+        None => {
+            let store = SqliteStore::open_in_dir(&config.data_dir)
+                .await
+                .map_err(|e| fail("keystore")(&e))?;
+            Ok((Arc::new(store.clone()), Some(store)))
+        }
+    }
+}
+
+/// Applies cache invalidations announced by other replicas (PostgreSQL
+/// LISTEN/NOTIFY); the key TTL stays the backstop for anything missed.
+async fn follow_invalidations(store: Arc<dyn KeyStore>, hierarchy: Arc<KeyHierarchy>) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let mut subscription = match store.subscribe_invalidations().await {
+            Ok(Some(s)) => s,
+            Ok(None) => return, // a single-instance store
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot follow cache invalidations yet; the key TTL is the backstop");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        // Anything may have changed while not subscribed.
+        hierarchy.invalidate_all();
+        while let Some(invalidation) = subscription.recv().await {
+            match invalidation {
+                Invalidation::Tenant(tenant) => hierarchy.invalidate_tenant(&tenant),
+                _ => hierarchy.invalidate_all(),
+            }
+        }
+        return; // the store is gone: the process is shutting down
+    }
 }
 
 async fn termination() {

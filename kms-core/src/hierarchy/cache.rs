@@ -65,11 +65,13 @@ struct Entries {
     /// no invalidation happened meanwhile, so a state change racing a cache
     /// fill can never be overwritten by the stale value.
     generations: HashMap<TenantId, u64>,
+    /// Bumped by [`KeyCache::invalidate_all`].
+    epoch: u64,
 }
 
-/// A tenant's invalidation count, taken before reading the store.
+/// The invalidation counts (global, tenant) taken before reading the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Generation(u64);
+pub(super) struct Generation(u64, u64);
 
 impl KeyCache {
     pub(super) fn new(ttl: Duration) -> Self {
@@ -106,7 +108,8 @@ impl KeyCache {
 
     /// The tenant's current generation; take it before reading the store.
     pub(super) fn generation(&self, tenant: &TenantId) -> Generation {
-        Generation(self.lock().generations.get(tenant).copied().unwrap_or(0))
+        let entries = self.lock();
+        Generation(entries.epoch, entries.generations.get(tenant).copied().unwrap_or(0))
     }
 
     /// Caches `value` unless the tenant was invalidated since `seen`.
@@ -116,7 +119,9 @@ impl KeyCache {
         }
         let now = Instant::now();
         let mut entries = self.lock();
-        if entries.generations.get(tenant).copied().unwrap_or(0) != seen.0 {
+        let now_seen =
+            Generation(entries.epoch, entries.generations.get(tenant).copied().unwrap_or(0));
+        if now_seen != seen {
             return;
         }
         entries.map.retain(|_, e| e.expires > now);
@@ -129,6 +134,13 @@ impl KeyCache {
         let mut entries = self.lock();
         entries.map.retain(|(t, _), _| t != tenant);
         *entries.generations.entry(tenant.clone()).or_insert(0) += 1;
+    }
+
+    /// Forgets everything and makes every in-flight fill discard its result.
+    pub(super) fn invalidate_all(&self) {
+        let mut entries = self.lock();
+        entries.map.clear();
+        entries.epoch += 1;
     }
 
     pub(super) fn evict_expired(&self) -> usize {
@@ -145,5 +157,37 @@ impl KeyCache {
             misses: self.misses.load(Ordering::Relaxed),
             entries: self.lock().map.len(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(name: &str) -> TenantId {
+        TenantId::new(name).unwrap()
+    }
+
+    #[test]
+    fn a_fill_that_raced_an_invalidation_is_discarded() {
+        let cache = KeyCache::new(Duration::from_secs(60));
+        let seen = cache.generation(&t("a"));
+        cache.invalidate_tenant(&t("a"));
+        cache.insert(&t("a"), seen, Slot::ActiveVersion, Cached::ActiveVersion(1));
+        assert!(cache.get(&t("a"), Slot::ActiveVersion).is_none(), "stale fill dropped");
+
+        let seen = cache.generation(&t("b"));
+        cache.invalidate_all();
+        cache.insert(&t("b"), seen, Slot::ActiveVersion, Cached::ActiveVersion(1));
+        assert!(
+            cache.get(&t("b"), Slot::ActiveVersion).is_none(),
+            "stale fill dropped after a flush"
+        );
+
+        let seen = cache.generation(&t("b"));
+        cache.insert(&t("b"), seen, Slot::ActiveVersion, Cached::ActiveVersion(2));
+        assert!(matches!(cache.get(&t("b"), Slot::ActiveVersion), Some(Cached::ActiveVersion(2))));
+        cache.invalidate_all();
+        assert_eq!(cache.stats().entries, 0);
     }
 }

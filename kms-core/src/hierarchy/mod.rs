@@ -374,6 +374,17 @@ impl KeyHierarchy {
         Ok(root)
     }
 
+    /// Forgets every cached key and state of a tenant (another instance
+    /// changed it); the next use reads the store again.
+    pub fn invalidate_tenant(&self, id: &TenantId) {
+        self.cache.invalidate_tenant(id);
+    }
+
+    /// Forgets everything cached (notifications may have been missed).
+    pub fn invalidate_all(&self) {
+        self.cache.invalidate_all();
+    }
+
     /// Drops expired keys from memory; returns how many.
     pub fn evict_expired(&self) -> usize {
         self.cache.evict_expired()

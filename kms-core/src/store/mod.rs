@@ -1,14 +1,23 @@
 //! Persistent storage of wrapped keys and audit events (DESIGN §8).
 //!
-//! One [`KeyStore`] trait, implemented by the embedded SQLite store (and,
-//! later, PostgreSQL). Stores hold only wrapped material. Every operation
-//! that changes more than one row is one transaction.
+//! One [`KeyStore`] trait, implemented by the embedded SQLite store
+//! (feature `sqlite`, one key-service instance) and the PostgreSQL store
+//! (feature `postgres`, several replicas on one database). Both pass the
+//! same contract suite (`tests/store_contract/`). Stores hold only wrapped
+//! material. Every operation that changes more than one row is one
+//! transaction.
 
+mod coordination;
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
 use async_trait::async_trait;
 
+pub use self::coordination::{Invalidation, Invalidations, JobLock};
+#[cfg(feature = "postgres")]
+pub use self::postgres::{PgStoreOptions, PostgresStore};
 #[cfg(feature = "sqlite")]
 pub use self::sqlite::{KEYSTORE_FILE, SqliteStore};
 use crate::dek::KekVersion;
@@ -179,6 +188,10 @@ pub enum StoreError {
     /// Migrations failed.
     #[error("keystore migration failed: {0}")]
     Migration(String),
+    /// The store's configuration is unusable (a malformed URL, a bad schema
+    /// name); retrying will not help.
+    #[error("keystore configuration: {0}")]
+    Config(String),
 }
 
 /// Storage of tenants, KEK versions, master key references and audit events.
@@ -279,4 +292,26 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug {
         &self,
         record: &AuditSigningKeyRecord,
     ) -> Result<AuditSigningKeyRecord, StoreError>;
+
+    /// Takes the lock of a scheduled job (auto-rotation, audit
+    /// checkpointing, …) if no holder has it: `None` means someone else
+    /// runs the job now. At most one holder at a time among everyone using
+    /// this keystore — across replicas for PostgreSQL (a session-level
+    /// advisory lock); within this process for SQLite, which only one
+    /// process may use. See [`JobLock`] for how a lock can be lost.
+    async fn try_job_lock(&self, job: &str) -> Result<Option<JobLock>, StoreError>;
+
+    /// Tells every replica that `tenant` changed, so they drop what they
+    /// cached of it. [`KeyStore::add_kek_version`] and
+    /// [`KeyStore::change_kek_state`] announce their own changes (inside
+    /// their transaction, so a committed change is never unannounced);
+    /// this is for changes made otherwise. A no-op for SQLite.
+    async fn notify_tenant_changed(&self, tenant: &TenantId) -> Result<(), StoreError>;
+
+    /// Subscribes to the changes other replicas announce (and this one's),
+    /// or `None` if this store has no other replicas (SQLite). Once this
+    /// returns, every change committed afterwards is delivered — unless
+    /// the listener loses its connection, which the subscription reports
+    /// as [`Invalidation::All`]. See [`Invalidations`].
+    async fn subscribe_invalidations(&self) -> Result<Option<Invalidations>, StoreError>;
 }

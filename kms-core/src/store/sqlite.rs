@@ -14,9 +14,10 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, Sqlite, Transaction};
 
+use super::coordination::try_local_job_lock;
 use super::{
-    AuditRow, AuditSigningKeyRecord, CheckpointRow, KekRecord, KeyStore, MasterKeyId, NewTenant,
-    StoreError, TenantRecord,
+    AuditRow, AuditSigningKeyRecord, CheckpointRow, Invalidations, JobLock, KekRecord, KeyStore,
+    MasterKeyId, NewTenant, StoreError, TenantRecord,
 };
 use crate::dek::KekVersion;
 use crate::ids::TenantId;
@@ -515,6 +516,23 @@ impl KeyStore for SqliteStore {
         let stored = signing_key_from_row(&stored)?;
         tx.commit().await.map_err(unavailable)?;
         Ok(stored)
+    }
+
+    /// In-process only: exclusive among all stores of this process open on
+    /// the same file. SQLite serves a single key-service instance.
+    async fn try_job_lock(&self, job: &str) -> Result<Option<JobLock>, StoreError> {
+        let database = std::fs::canonicalize(&self.path).unwrap_or_else(|_| self.path.clone());
+        Ok(try_local_job_lock(database, job))
+    }
+
+    /// Nothing to do: there are no other replicas to tell.
+    async fn notify_tenant_changed(&self, _tenant: &TenantId) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// `None`: a single instance's own changes invalidate its cache directly.
+    async fn subscribe_invalidations(&self) -> Result<Option<Invalidations>, StoreError> {
+        Ok(None)
     }
 }
 

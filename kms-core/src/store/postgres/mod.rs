@@ -1,0 +1,288 @@
+//! The PostgreSQL keystore: several key-service replicas on one database.
+//!
+//! - **Same semantics as SQLite.** Same schema (BIGINT, BYTEA, TEXT with
+//!   CHECKs, `COLLATE "C"` keys), same errors, same contract suite.
+//! - **Correct under concurrency.** Writers of one tenant lock its row
+//!   (`SELECT … FOR UPDATE`) and so serialise; the partial unique index
+//!   (one active version per tenant) and the primary keys remain the last
+//!   line, and their violations map to [`StoreError::VersionConflict`],
+//!   [`StoreError::TenantExists`] or [`StoreError::AuditConflict`].
+//! - **Migrations once.** Versioned files in `migrations/postgres`, applied
+//!   at [`PostgresStore::connect`] by sqlx's migrator, which holds a
+//!   session-level `pg_advisory_lock` (keyed by the database name) while it
+//!   checks and applies them, so replicas starting together migrate once.
+//! - **Bounded waits.** A connection pool with an acquire timeout, and a
+//!   `statement_timeout` on every pooled connection; both surface as
+//!   [`StoreError::Unavailable`].
+//! - **TLS** as the URL's `sslmode` (and `sslrootcert`, …) asks, through
+//!   rustls with aws-lc-rs.
+//! - **Coordination.** Job locks are session advisory locks on a dedicated
+//!   connection; rotations and state changes `NOTIFY` in their own
+//!   transaction, and a listener task turns notifications into
+//!   [`Invalidation`](super::Invalidation)s.
+
+mod audit;
+mod job_lock;
+mod notify;
+mod options;
+mod tenants;
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, Row};
+use tokio::sync::OnceCell;
+
+pub use self::options::PgStoreOptions;
+use self::options::Settings;
+use super::{
+    AuditRow, AuditSigningKeyRecord, CheckpointRow, Invalidations, JobLock, KekRecord, KeyStore,
+    MasterKeyId, NewTenant, StoreError, TenantRecord,
+};
+use crate::dek::KekVersion;
+use crate::ids::TenantId;
+use crate::kek::StateChange;
+use crate::root::ProviderInfo;
+
+/// The PostgreSQL keystore. Cheap to clone (clones share the pool and the
+/// invalidation listener).
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    settings: Arc<Settings>,
+    listener: Arc<OnceCell<notify::Listener>>,
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` (`postgres://user@host:port/db`,
+    /// with `?sslmode=verify-full&sslrootcert=…` for TLS; a password, if
+    /// any, in the URL or `PGPASSWORD`), applies pending migrations under
+    /// the migration lock, and opens the pool.
+    ///
+    /// Fails with [`StoreError::Config`] for a malformed URL or options,
+    /// [`StoreError::Unavailable`] when the server cannot be reached in
+    /// time, and [`StoreError::Migration`] when migrating fails.
+    pub async fn connect(url: &str, options: PgStoreOptions) -> Result<Self, StoreError> {
+        let settings = Settings::new(url, options)?;
+        migrate(&settings).await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.options.max_connections)
+            .acquire_timeout(settings.options.acquire_timeout)
+            .connect_with(settings.pooled.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(Self { pool, settings: Arc::new(settings), listener: Arc::default() })
+    }
+
+    /// The schema the keystore lives in, if one was configured.
+    pub fn schema(&self) -> Option<&str> {
+        self.settings.schema()
+    }
+
+    /// Whether the pooled connections are encrypted (TLS), as the server
+    /// sees it: for readiness reports and tests of the URL's `sslmode`.
+    pub async fn uses_tls(&self) -> Result<bool, StoreError> {
+        sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Closes every pooled connection (waiting for those in use).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the connect options: they hold the password.
+        f.debug_struct("PostgresStore")
+            .field("schema", &self.settings.schema())
+            .field("max_connections", &self.settings.options.max_connections)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Applies pending migrations on a dedicated connection (a pool of one).
+/// sqlx's migrator takes `pg_advisory_lock` before reading
+/// `_sqlx_migrations` and releases it after the last migration, so
+/// concurrent starts apply each migration once; closing the connection
+/// releases the lock even if a migration failed midway (each migration is
+/// its own transaction, so that one is rolled back).
+async fn migrate(settings: &Settings) -> Result<(), StoreError> {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(settings.options.acquire_timeout)
+        .connect_with(settings.migrate.clone())
+        .await
+        .map_err(unavailable)?;
+    let run = async {
+        let mut migrator = sqlx::migrate!("./migrations/postgres");
+        if let Some(schema) = settings.schema() {
+            // Created under the migration lock, and only when missing:
+            // `CREATE SCHEMA IF NOT EXISTS` needs the CREATE privilege on
+            // the database even when the schema exists.
+            let exists: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+                    .bind(schema)
+                    .fetch_one(&pool)
+                    .await
+                    .map_err(unavailable)?;
+            if !exists {
+                migrator.create_schema(schema.to_owned());
+            }
+        }
+        migrator.run(&pool).await.map_err(|e| StoreError::Migration(e.to_string()))
+    };
+    let result = tokio::time::timeout(settings.options.migrate_timeout, run).await.map_err(|_| {
+        StoreError::Migration("timed out waiting for the migration lock or migrating".into())
+    });
+    pool.close().await;
+    result?
+}
+
+#[async_trait]
+impl KeyStore for PostgresStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn register_master(&self, info: &ProviderInfo) -> Result<MasterKeyId, StoreError> {
+        tenants::register_master(&self.pool, info).await
+    }
+
+    async fn create_tenant(&self, tenant: NewTenant) -> Result<TenantRecord, StoreError> {
+        tenants::create_tenant(&self.pool, tenant).await
+    }
+
+    async fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>, StoreError> {
+        tenants::tenant(&self.pool, id).await
+    }
+
+    async fn list_tenants(&self) -> Result<Vec<TenantRecord>, StoreError> {
+        tenants::list_tenants(&self.pool).await
+    }
+
+    async fn kek(
+        &self,
+        id: &TenantId,
+        version: KekVersion,
+    ) -> Result<Option<KekRecord>, StoreError> {
+        tenants::kek(&self.pool, id, version).await
+    }
+
+    async fn add_kek_version(
+        &self,
+        id: &TenantId,
+        version: KekVersion,
+        wrapped: &[u8],
+        master: MasterKeyId,
+        now: i64,
+    ) -> Result<KekRecord, StoreError> {
+        let channel = &self.settings.channel;
+        tenants::add_kek_version(&self.pool, channel, id, version, wrapped, master, now).await
+    }
+
+    async fn change_kek_state(
+        &self,
+        id: &TenantId,
+        version: KekVersion,
+        change: StateChange,
+        now: i64,
+    ) -> Result<KekRecord, StoreError> {
+        let channel = &self.settings.channel;
+        tenants::change_kek_state(&self.pool, channel, id, version, change, now).await
+    }
+
+    async fn append_audit(&self, rows: &[AuditRow]) -> Result<(), StoreError> {
+        audit::append_batch(&self.pool, rows, None).await
+    }
+
+    async fn audit_rows(
+        &self,
+        instance: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>, StoreError> {
+        audit::rows(&self.pool, instance, after, limit).await
+    }
+
+    async fn append_audit_batch(
+        &self,
+        rows: &[AuditRow],
+        checkpoint: Option<&CheckpointRow>,
+    ) -> Result<(), StoreError> {
+        audit::append_batch(&self.pool, rows, checkpoint).await
+    }
+
+    async fn last_audit_row(&self, instance: &str) -> Result<Option<AuditRow>, StoreError> {
+        audit::last_row(&self.pool, instance).await
+    }
+
+    async fn audit_checkpoints(
+        &self,
+        instance: &str,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<CheckpointRow>, StoreError> {
+        audit::checkpoints(&self.pool, instance, after_seq, limit).await
+    }
+
+    async fn audit_instances(&self) -> Result<Vec<String>, StoreError> {
+        audit::instances(&self.pool).await
+    }
+
+    async fn audit_signing_key(
+        &self,
+        instance: &str,
+    ) -> Result<Option<AuditSigningKeyRecord>, StoreError> {
+        audit::signing_key(&self.pool, instance).await
+    }
+
+    async fn insert_audit_signing_key(
+        &self,
+        record: &AuditSigningKeyRecord,
+    ) -> Result<AuditSigningKeyRecord, StoreError> {
+        audit::insert_signing_key(&self.pool, record).await
+    }
+
+    /// A session-level `pg_try_advisory_lock` on a dedicated connection,
+    /// keyed by a hash of the schema and `job`.
+    async fn try_job_lock(&self, job: &str) -> Result<Option<JobLock>, StoreError> {
+        job_lock::try_lock(&self.settings, job).await
+    }
+
+    /// `pg_notify` on the schema's channel, with the tenant id as payload.
+    async fn notify_tenant_changed(&self, tenant: &TenantId) -> Result<(), StoreError> {
+        notify::notify(&self.pool, &self.settings.channel, tenant).await
+    }
+
+    /// Starts this store's listener at the first call (and waits until it
+    /// listens); every call returns a new subscription to it.
+    async fn subscribe_invalidations(&self) -> Result<Option<Invalidations>, StoreError> {
+        let listener =
+            self.listener.get_or_try_init(|| notify::Listener::start(&self.settings)).await?;
+        Ok(Some(listener.subscribe()))
+    }
+}
+
+fn get<'r, T>(row: &'r PgRow, column: &str) -> Result<T, StoreError>
+where
+    T: sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres>,
+{
+    row.try_get(column).map_err(|e| StoreError::Corrupt(format!("column {column}: {e}")))
+}
+
+/// Any database error not mapped to something more specific: connection
+/// loss, pool or statement timeouts, refused constraints.
+fn unavailable(e: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error().is_some_and(|d| d.is_unique_violation())
+}

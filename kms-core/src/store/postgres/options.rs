@@ -1,0 +1,213 @@
+//! Configuration of the PostgreSQL keystore, and the connection options
+//! derived from it and the URL.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::PgConnectOptions;
+
+use crate::store::StoreError;
+
+/// The notification channel of cache invalidations (one per schema).
+const CHANNEL: &str = "keygate_tenant_changed";
+
+/// Longest schema name: the channel name (`CHANNEL:schema`) must stay
+/// within PostgreSQL's 63-byte identifiers.
+const MAX_SCHEMA_LEN: usize = 63 - CHANNEL.len() - 1;
+
+/// Tunables of [`PostgresStore`](super::PostgresStore). Start from
+/// [`PgStoreOptions::default`] and change what you need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PgStoreOptions {
+    /// Most pooled connections (default 10). Job locks and the
+    /// invalidation listener each use one more, outside the pool.
+    pub max_connections: u32,
+    /// How long an operation waits for a pooled connection, including
+    /// connecting (default 10 s); then it fails with
+    /// [`StoreError::Unavailable`].
+    pub acquire_timeout: Duration,
+    /// Longest any statement may run or wait for a lock (PostgreSQL's
+    /// `statement_timeout`, default 30 s); then it fails with
+    /// [`StoreError::Unavailable`] and its transaction is rolled back.
+    pub statement_timeout: Duration,
+    /// Longest [`PostgresStore::connect`](super::PostgresStore::connect)
+    /// waits for the migration lock and runs migrations (default 5 min).
+    pub migrate_timeout: Duration,
+    /// How long the invalidation listener's connection may stay silent
+    /// before it is probed with a query (default 30 s): a connection that
+    /// vanished without a word is noticed within this plus
+    /// `acquire_timeout`, and reported as [`Invalidation::All`](crate::store::Invalidation::All).
+    pub listener_probe: Duration,
+    /// Schema holding the keystore's tables (and sqlx's
+    /// `_sqlx_migrations`), created at first start if missing; `None` uses
+    /// the role's default `search_path` (normally `public`). Lowercase
+    /// ASCII letters, digits and `_`, starting with a letter or `_`, at
+    /// most 40 bytes. Replicas sharing a keystore must use the same one.
+    pub schema: Option<String>,
+    /// `application_name` of the connections, unless the URL sets one
+    /// (default `keygate`); the listener's and job locks' get a suffix.
+    pub application_name: String,
+}
+
+impl Default for PgStoreOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(10),
+            statement_timeout: Duration::from_secs(30),
+            migrate_timeout: Duration::from_secs(300),
+            listener_probe: Duration::from_secs(30),
+            schema: None,
+            application_name: "keygate".into(),
+        }
+    }
+}
+
+impl PgStoreOptions {
+    /// The same options with the keystore in `schema`.
+    pub fn with_schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = Some(schema.into());
+        self
+    }
+}
+
+/// Everything a store needs to open connections, validated.
+#[derive(Clone)]
+pub(super) struct Settings {
+    /// For migrations: no statement timeout (bounded by `migrate_timeout`).
+    pub(super) migrate: PgConnectOptions,
+    /// For the pool.
+    pub(super) pooled: PgConnectOptions,
+    /// For the invalidation listener.
+    pub(super) listener: PgConnectOptions,
+    /// For job locks.
+    pub(super) job_lock: PgConnectOptions,
+    pub(super) channel: String,
+    pub(super) options: PgStoreOptions,
+}
+
+impl Settings {
+    pub(super) fn new(url: &str, options: PgStoreOptions) -> Result<Self, StoreError> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(StoreError::Config(
+                "a PostgreSQL keystore URL starts with postgres:// or postgresql://".into(),
+            ));
+        }
+        validate(&options)?;
+        // The parser's messages name the offending part, never the password.
+        let parsed = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?;
+        let named = |suffix: &str| {
+            if parsed.get_application_name().is_some() {
+                parsed.clone()
+            } else {
+                parsed.clone().application_name(&format!("{}{suffix}", options.application_name))
+            }
+        };
+        let with_path = |o: PgConnectOptions| match &options.schema {
+            Some(schema) => o.options([("search_path", schema.as_str())]),
+            None => o,
+        };
+        let timeout = options.statement_timeout.as_millis().to_string();
+        let timed = |o: PgConnectOptions| o.options([("statement_timeout", timeout.as_str())]);
+        // Long-lived sessions (the listener, job locks): the server probes
+        // the client, so a vanished replica's session (and job lock) ends
+        // in about 90 s rather than the OS default of hours.
+        let probed = |o: PgConnectOptions| {
+            o.options([
+                ("tcp_keepalives_idle", "60"),
+                ("tcp_keepalives_interval", "10"),
+                ("tcp_keepalives_count", "3"),
+            ])
+        };
+        Ok(Self {
+            migrate: with_path(named("")),
+            pooled: timed(with_path(named(""))),
+            listener: probed(timed(with_path(named("-listener")))),
+            job_lock: probed(timed(with_path(named("-job-lock")))),
+            channel: match &options.schema {
+                Some(schema) => format!("{CHANNEL}:{schema}"),
+                None => CHANNEL.to_owned(),
+            },
+            options,
+        })
+    }
+
+    pub(super) fn schema(&self) -> Option<&str> {
+        self.options.schema.as_deref()
+    }
+}
+
+fn validate(options: &PgStoreOptions) -> Result<(), StoreError> {
+    let bad = |what: &str| Err(StoreError::Config(what.to_owned()));
+    if options.max_connections == 0 {
+        return bad("max_connections must be at least 1");
+    }
+    for (name, value) in [
+        ("acquire_timeout", options.acquire_timeout),
+        ("statement_timeout", options.statement_timeout),
+        ("migrate_timeout", options.migrate_timeout),
+        ("listener_probe", options.listener_probe),
+    ] {
+        if value < Duration::from_millis(1) {
+            return bad(&format!("{name} must be at least 1 ms"));
+        }
+    }
+    if let Some(schema) = &options.schema {
+        if !is_valid_schema(schema) {
+            return bad(&format!(
+                "schema {schema:?}: use at most {MAX_SCHEMA_LEN} lowercase ASCII letters, digits \
+                 and _, starting with a letter or _, and not pg_"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A name that needs no quoting anywhere (`SET search_path`, sqlx's
+/// unquoted `CREATE SCHEMA`, the channel name) and is not reserved.
+fn is_valid_schema(schema: &str) -> bool {
+    let mut chars = schema.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    first_ok
+        && schema.len() <= MAX_SCHEMA_LEN
+        && !schema.starts_with("pg_")
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names_are_checked() {
+        for good in ["keygate", "_x", "kg_test_0123456789abcdef", &"a".repeat(MAX_SCHEMA_LEN)] {
+            assert!(is_valid_schema(good), "{good}");
+        }
+        for bad in ["", "1x", "Keygate", "pg_x", "a-b", "a b", "a\"b", &"a".repeat(41)] {
+            assert!(!is_valid_schema(bad), "{bad}");
+        }
+        assert_eq!(MAX_SCHEMA_LEN, 40);
+    }
+
+    #[test]
+    fn bad_urls_and_options_are_config_errors() {
+        let config_error = |url: &str, options: PgStoreOptions| {
+            matches!(Settings::new(url, options), Err(StoreError::Config(_)))
+        };
+        let ok = PgStoreOptions::default();
+        assert!(config_error("sqlite:///tmp/x", ok.clone()));
+        assert!(config_error("postgres://h:notaport/db", ok.clone()));
+        assert!(config_error("postgres://h/db", ok.clone().with_schema("Bad")));
+        let mut zero = ok.clone();
+        zero.statement_timeout = Duration::ZERO;
+        assert!(config_error("postgres://h/db", zero));
+        let settings = Settings::new("postgres://u:secret@h/db", ok.with_schema("s1")).unwrap();
+        assert_eq!(settings.channel, "keygate_tenant_changed:s1");
+        assert_eq!(settings.listener.get_application_name(), Some("keygate-listener"));
+        let options = settings.pooled.get_options().unwrap();
+        assert!(options.contains("search_path=s1") && options.contains("statement_timeout=30000"));
+        assert!(!format!("{:?}", settings.options).contains("secret"));
+    }
+}
