@@ -67,9 +67,10 @@ async fn measure(replicas: Arc<Vec<KeyService>>, seconds: u64, concurrency: usiz
     })
     .await;
 
-    // Enough distinct DEKs that none is unwrapped twice.
+    // Distinct DEKs, each unwrapped once: the rate is DEKs / time to unwrap
+    // them all (not capped by how many were prepared).
     let mut items: Vec<Value> = Vec::new();
-    while items.len() < 200_000 {
+    while items.len() < 100_000 {
         let (_, body) =
             replicas[0].post(ENC, "/v1/tenants/onc/datakeys", &json!({"count": 1000})).await;
         for k in body["keys"].as_array().unwrap() {
@@ -79,18 +80,30 @@ async fn measure(replicas: Arc<Vec<KeyService>>, seconds: u64, concurrency: usiz
     let batches: Arc<Vec<Value>> =
         Arc::new(items.chunks(100).map(|c| json!({"items": c})).collect());
     let next = Arc::new(AtomicU64::new(0));
-    let r = replicas.clone();
-    let cold = run_for(seconds, concurrency, move |worker, _| {
-        let (r, batches, next) = (r.clone(), batches.clone(), next.clone());
-        async move {
-            let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-            let Some(batch) = batches.get(i) else { return 0 };
-            let (status, _) =
-                r[(worker + i) % n].post(DEC, "/v1/tenants/onc/datakeys/unwrap", batch).await;
-            if status == 200 { 100 } else { 0 }
-        }
-    })
-    .await;
+    let unwrapped = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|worker| {
+            let (r, batches, next, unwrapped) =
+                (replicas.clone(), batches.clone(), next.clone(), unwrapped.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let Some(batch) = batches.get(i) else { break };
+                    let (status, _) = r[(worker + i) % n]
+                        .post(DEC, "/v1/tenants/onc/datakeys/unwrap", batch)
+                        .await;
+                    if status == 200 {
+                        unwrapped.fetch_add(100, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let cold = unwrapped.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
     (datakeys, cold)
 }
 
