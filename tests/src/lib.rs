@@ -19,20 +19,9 @@ use hsm_adapters::{Argon2Params, LocalRootKey};
 use kms_core::store::SqliteStore;
 use kms_core::{HierarchyConfig, KeyHierarchy, TenantId};
 
-/// The sample schema used across end-to-end tests (every field mode).
-pub const PATIENT_SCHEMA: &str = r#"
-[[schema]]
-name = "patient"
-version = 1
-fields = [
-  { path = "/ssn",        mode = "randomized",    class = "phi.identifier", mask = "last4" },
-  { path = "/mrn",        mode = "deterministic", class = "phi.identifier" },
-  { path = "/email",      mode = "blind_index", bits = 32, normalize = "lowercase", class = "pii.contact" },
-  { path = "/diagnosis",  mode = "randomized",    class = "phi.clinical" },
-  { path = "/patient_id", mode = "pseudonym",     class = "pii.identifier" },
-  { path = "/allergies/*", mode = "randomized",   class = "phi.clinical" },
-]
-"#;
+/// The sample schema used across end-to-end tests (every field mode): the
+/// one `keygate up` installs.
+pub use gateway::up::PATIENT_SCHEMA;
 
 /// A tenant id from a literal.
 pub fn tenant(name: &str) -> TenantId {

@@ -343,3 +343,24 @@ async fn secrets_never_reach_the_log() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_ca_file_is_picked_up_without_a_signal() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(dir.path(), ""); // polls its TLS files every second
+    let other = ks.pki.other_ca.issue_client(ADMIN, Validity::days(1)).unwrap();
+    let other_client = client_with(ks.pki.ca.cert_pem(), Some((&other.cert_pem, &other.key_pem)));
+    let url = format!("{}/healthz", ks.url);
+    assert!(other_client.get(&url).send().await.is_err());
+    let bundle = format!("{}\n{}", ks.pki.ca.cert_pem(), ks.pki.other_ca.cert_pem());
+    std::fs::write(ks.pki.dir.join("ca.crt"), bundle).unwrap();
+    let mut accepted = false;
+    for _ in 0..50 {
+        if other_client.get(&url).send().await.is_ok_and(|r| r.status() == 200) {
+            accepted = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(accepted, "the rewritten CA bundle was noticed without SIGHUP");
+}

@@ -64,21 +64,23 @@ impl DekCache {
         found
     }
 
-    /// Caches a DEK.
-    pub(super) fn insert(
+    /// Caches the DEKs of one tenant under a single lock.
+    pub(super) fn insert_many(
         &self,
-        id: RecordKeyId,
         tenant: &TenantId,
-        version: KekVersion,
-        key: Arc<Key256>,
+        deks: impl IntoIterator<Item = (RecordKeyId, KekVersion, Arc<Key256>)>,
     ) {
         if self.max_entries == 0 || self.ttl.is_zero() {
             return;
         }
         let expires = Instant::now() + self.ttl;
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        inner.map.insert(id, Entry { tenant: tenant.clone(), kek_version: version, key, expires });
-        inner.order.push_back((id, expires));
+        for (id, version, key) in deks {
+            inner
+                .map
+                .insert(id, Entry { tenant: tenant.clone(), kek_version: version, key, expires });
+            inner.order.push_back((id, expires));
+        }
         while inner.map.len() > self.max_entries {
             let Some((oldest, stamp)) = inner.order.pop_front() else { break };
             if inner.map.get(&oldest).is_some_and(|e| e.expires == stamp) {
@@ -122,7 +124,7 @@ mod tests {
         let cache = DekCache::new(Duration::from_millis(50), 2);
         let ids: Vec<RecordKeyId> = (0..3u8).map(|i| RecordKeyId::from_bytes([i; 16])).collect();
         for id in &ids {
-            cache.insert(*id, &t("a"), 1, Arc::new(Key256::from_array(&mut [1; 32])));
+            cache.insert_many(&t("a"), [(*id, 1, Arc::new(Key256::from_array(&mut [1; 32])))]);
         }
         assert!(cache.get(&ids[0], &t("a"), 1).is_none(), "oldest evicted at the bound");
         assert!(cache.get(&ids[2], &t("a"), 1).is_some());

@@ -66,18 +66,18 @@ pub(super) async fn encrypt(
     let deks = s.pool.take(&req.tenant, records.len()).await.map_err(ks_error)?;
     let mut out = Vec::with_capacity(records.len());
     let mut ids = Vec::with_capacity(records.len());
+    // Warm the DEK cache (the app often reads back what it just wrote):
+    // collected here, inserted under one lock after the loop.
+    let mut warm = Vec::with_capacity(records.len());
     for (record, dek) in records.into_iter().zip(deks) {
         ids.push(dek.record_key_id);
-        // Warm the DEK cache: the app often reads back what it just wrote.
-        s.cache.insert(
-            dek.record_key_id,
-            &req.tenant,
-            dek.kek_version,
-            Arc::new(dek.dek().duplicate()),
-        );
-        s.note_active(&req.tenant, dek.kek_version);
+        warm.push((dek.record_key_id, dek.kek_version, Arc::new(dek.dek().duplicate())));
         out.push(encrypt_record(record, &req.tenant, &schema, &keys, dek)?);
     }
+    if let Some((_, version, _)) = warm.last() {
+        s.note_active(&req.tenant, *version);
+    }
+    s.cache.insert_many(&req.tenant, warm);
     s.reporter.record(vec![json!({
         "actor": s.app, "action": "record.encrypt", "tenant": req.tenant, "record_key_ids": ids,
         "outcome": "ok", "ts_ms": now_ms(), "fields": {"schema": schema.name, "records": out.len()},
@@ -126,26 +126,48 @@ pub(super) async fn decrypt(
         let unwrapped =
             s.client.unwrap(&tenant, &items, req.purpose.as_ref()).await.map_err(ks_error)?;
         s.note_active(&tenant, unwrapped.active_version);
+        let mut fresh = Vec::with_capacity(items.len());
         for ((i, item), result) in indices.iter().zip(&items).zip(unwrapped.results) {
             let key = Arc::new(result.map_err(|code| dek_error(&code))?);
-            s.cache.insert(item.record_key_id, &tenant, item.kek_version, key.clone());
+            fresh.push((item.record_key_id, item.kek_version, key.clone()));
             if let Some(slot) = deks.get_mut(*i) {
                 *slot = Some((key, false));
             }
         }
+        s.cache.insert_many(&tenant, fresh);
     }
 
     let purpose = req.purpose.as_ref().map(|p| p.as_str());
     let mut out = Vec::with_capacity(parsed.len());
     let mut reports = Vec::with_capacity(parsed.len());
     let mut events = Vec::with_capacity(parsed.len());
+    // Schema and derived keys, resolved once per (tenant, schema, version)
+    // rather than once per record.
+    let mut resolved: Vec<(
+        TenantId,
+        Arc<kms_core::schema::Schema>,
+        Arc<kms_core::record::SchemaKeys>,
+    )> = Vec::new();
     for (record, dek) in parsed.into_iter().zip(deks) {
         let (dek, cached) = dek.ok_or_else(crate::error::cannot_decrypt)?;
         let header = record.header();
         let (tenant, version, id) =
             (header.tenant().clone(), header.kek_version(), *header.record_key_id());
-        let schema = s.schema(header.schema().as_str(), Some(header.schema_version()))?.clone();
-        let keys = s.keyring.schema_keys(&tenant, &schema).await.map_err(ks_error)?;
+        let known = resolved.iter().find(|(t, schema, _)| {
+            t == &tenant
+                && &schema.name == header.schema()
+                && schema.version == header.schema_version()
+        });
+        let (schema, keys) = match known {
+            Some((_, schema, keys)) => (schema.clone(), keys.clone()),
+            None => {
+                let schema =
+                    s.schema(header.schema().as_str(), Some(header.schema_version()))?.clone();
+                let keys = s.keyring.schema_keys(&tenant, &schema).await.map_err(ks_error)?;
+                resolved.push((tenant.clone(), schema.clone(), keys.clone()));
+                (schema, keys)
+            }
+        };
         let disclose = |field: &kms_core::schema::FieldSpec| match grants.disclosure(
             &tenant,
             &field.class,
