@@ -1,11 +1,4 @@
-//! The schema file parser must be total on any text.
+//! Fuzz target `schema_parse`: see `keygate_fuzz::schema_parse`.
 #![no_main]
 
-use kms_core::schema::SchemaSet;
-use libfuzzer_sys::fuzz_target;
-
-fuzz_target!(|data: &[u8]| {
-    if let Ok(text) = std::str::from_utf8(data) {
-        let _ = SchemaSet::from_toml(text, "fuzz.toml");
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| keygate_fuzz::schema_parse(data));

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kms_core::audit::{AuditChain, AuditEvent, AuditSigner, Outcome};
 use kms_core::store::{AuditSigningKeyRecord, KeyStore};
-use kms_core::{RootKeyProvider, TenantId};
+use kms_core::{KeyHierarchy, TenantId};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -36,6 +36,9 @@ pub enum AuditStartError {
     /// The root key provider could not wrap or unwrap the signing key.
     #[error("audit signing key: {0}")]
     Root(#[from] kms_core::RootKeyError),
+    /// The master key of the signing key cannot be used.
+    #[error("audit signing key: {0}")]
+    Master(#[from] kms_core::HierarchyError),
     /// The stored chain or signing key is inconsistent.
     #[error("audit chain: {0}")]
     Chain(String),
@@ -61,16 +64,16 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
-    /// Loads (or creates, wrapped by the root provider) the instance's
+    /// Loads (or creates, wrapped by the active master key) the instance's
     /// signing key, resumes its chain and starts the writer task.
     pub async fn start(
-        store: Arc<dyn KeyStore>,
-        root: &dyn RootKeyProvider,
+        hierarchy: &KeyHierarchy,
         instance: &str,
         config: &AuditConfig,
         metrics: Arc<Metrics>,
     ) -> Result<(Self, JoinHandle<()>), AuditStartError> {
-        let signer = load_signer(store.as_ref(), root, instance).await?;
+        let store = hierarchy.store().clone();
+        let signer = load_signer(hierarchy, instance).await?;
         let last = store.last_audit_row(instance).await?;
         let chain = AuditChain::resume(instance, last.as_ref())
             .map_err(|e| AuditStartError::Chain(e.to_string()))?;
@@ -152,18 +155,18 @@ pub fn now_ms() -> i64 {
 }
 
 async fn load_signer(
-    store: &dyn KeyStore,
-    root: &dyn RootKeyProvider,
+    hierarchy: &KeyHierarchy,
     instance: &str,
 ) -> Result<AuditSigner, AuditStartError> {
+    let store = hierarchy.store();
     let context = AuditSigner::wrap_context(instance);
     let record = match store.audit_signing_key(instance).await? {
         Some(record) => record,
         None => {
             let signer =
                 AuditSigner::generate().map_err(|e| AuditStartError::Chain(e.to_string()))?;
+            let (master, root) = hierarchy.active_master().await?;
             let wrapped = root.wrap(&signer.to_key(), &context).await?;
-            let master = store.register_master(&root.describe()).await?;
             let created_at = now_ms() / 1000;
             store
                 .insert_audit_signing_key(&AuditSigningKeyRecord {
@@ -176,6 +179,7 @@ async fn load_signer(
                 .await?
         }
     };
+    let root = hierarchy.master(record.master).await?;
     let key = root.unwrap(&record.wrapped, &context).await?;
     let signer = AuditSigner::from_key(&key).map_err(|e| AuditStartError::Chain(e.to_string()))?;
     if signer.public_key_sec1() != record.public_key {

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::config::{LogFormat, ServerConfig};
 
@@ -26,6 +26,10 @@ pub enum Command {
         /// The configuration file (TOML; every key overridable by KEYGATE_… variables).
         #[arg(long, short, env = "KEYGATE_CONFIG")]
         config: PathBuf,
+        /// `production`: refuse to start if a compliance check fails
+        /// (overrides `profile` in the config).
+        #[arg(long, value_enum)]
+        profile: Option<crate::compliance::Profile>,
     },
     /// Run the sidecar beside an application (unix socket or loopback API, DESIGN §5).
     ///
@@ -34,10 +38,16 @@ pub enum Command {
         /// The configuration file (TOML; every key overridable by KEYGATE_… variables).
         #[arg(long, short, env = "KEYGATE_SIDECAR_CONFIG")]
         config: PathBuf,
+        /// `production`: refuse to start if a compliance check fails
+        /// (overrides `profile` in the config).
+        #[arg(long, value_enum)]
+        profile: Option<crate::compliance::Profile>,
     },
-    /// Security-team operations.
-    #[command(subcommand)]
-    Admin(AdminCommand),
+    /// Security-team operations: tenants, keys, master key, shredding with
+    /// dual control, rewrap, audit, policy check, development PKI.
+    ///
+    /// Example: keygate admin --profile ~/.config/keygate/admin.toml tenant list
+    Admin(crate::admin::AdminArgs),
     /// Run everything on this machine with development defaults (dev CA,
     /// local root key, SQLite) and print curl lines to try it.
     ///
@@ -47,75 +57,57 @@ pub enum Command {
         #[arg(long, default_value = "keygate-dev")]
         dir: PathBuf,
     },
-}
-
-/// `keygate admin …`.
-#[derive(Debug, Subcommand)]
-pub enum AdminCommand {
-    /// Master key operations.
-    #[command(subcommand)]
-    Master(MasterCommand),
-}
-
-/// `keygate admin master …`.
-#[derive(Debug, Subcommand)]
-pub enum MasterCommand {
-    /// Create the master key in the HSM named by a key service config's
-    /// `[root]` (provider = "pkcs11"): AES-256, sensitive, non-extractable.
+    /// Print a shell completion script to stdout.
     ///
-    /// Example: keygate admin master create-pkcs11-key --config server.toml
-    CreatePkcs11Key {
-        /// A key service configuration file with a pkcs11 `[root]`.
-        #[arg(long, short)]
-        config: PathBuf,
+    /// Example: keygate completions bash > /etc/bash_completion.d/keygate
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
 }
 
 /// Exit code for a bad configuration (EX_CONFIG).
 const EXIT_CONFIG: u8 = 78;
+/// Exit code for bad usage (clap's).
+const EXIT_USAGE: u8 = 2;
 /// Exit code for a failure to start or run.
 const EXIT_FAILURE: u8 = 1;
 
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     match cli.command {
-        Command::Server { config } => {
-            let config = match ServerConfig::load(&config) {
+        Command::Server { config, profile } => {
+            let mut config = match ServerConfig::load(&config) {
                 Ok(c) => c,
                 Err(e) => return config_error(&e),
             };
+            config.profile = profile.unwrap_or(config.profile);
             init_logging(&config.log.level, config.log.format);
             block_on(crate::server::run(config))
         }
-        Command::Sidecar { config } => {
-            let config = match crate::sidecar::SidecarConfig::load(&config) {
+        Command::Sidecar { config, profile } => {
+            let mut config = match crate::sidecar::SidecarConfig::load(&config) {
                 Ok(c) => c,
                 Err(e) => return config_error(&e),
             };
+            config.profile = profile.unwrap_or(config.profile);
             init_logging(&config.log.level, config.log.format);
             block_on(crate::sidecar::run(config))
         }
-        Command::Admin(AdminCommand::Master(MasterCommand::CreatePkcs11Key { config })) => {
-            let created = ServerConfig::load(&config).and_then(|c| {
-                c.root.pkcs11()?.ok_or_else(|| {
-                    crate::config::ConfigError::new("[root] is not a pkcs11 provider")
-                })
-            });
-            let pkcs11 = match created {
-                Ok(p) => p,
-                Err(e) => return config_error(&e),
-            };
-            match hsm_adapters::Pkcs11RootKey::create_master_key(&pkcs11) {
-                Ok(info) => {
-                    println!(
-                        "created master key {} (CKA_ID {}) in token {}: AES-256, sensitive, non-extractable",
-                        info.key_label, info.key_id, info.token_label
-                    );
-                    ExitCode::SUCCESS
-                }
+        Command::Admin(args) => crate::admin::run(args),
+        Command::Completions { shell } => {
+            let mut command = Cli::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "keygate", &mut script);
+            match std::io::Write::write_all(&mut std::io::stdout().lock(), &script) {
+                Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("keygate: {e}");
+                    eprintln!("error: cannot write to stdout: {e}");
                     ExitCode::from(EXIT_FAILURE)
                 }
             }
@@ -125,6 +117,47 @@ pub fn main() -> ExitCode {
             block_on(crate::up::run(&dir))
         }
     }
+}
+
+/// Help and version go to stdout (exit 0); a usage error becomes one
+/// line on stderr (`error: …`, exit 2) instead of clap's multi-line text.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        return match e.print() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::from(EXIT_FAILURE),
+        };
+    }
+    let rendered = e.render().to_string();
+    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        let usage = rendered
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Usage:"))
+            .map_or_else(String::new, |u| format!(": {}", u.trim()));
+        eprintln!("error: a subcommand is missing{usage} (see --help)");
+    } else {
+        eprintln!("{}", usage_line(&rendered));
+    }
+    ExitCode::from(EXIT_USAGE)
+}
+
+/// clap's rendered error on one line: its message and details, without
+/// the usage block and the "For more information" trailer.
+fn usage_line(rendered: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for line in rendered.lines() {
+        let line = line.trim();
+        if line.starts_with("Usage:") || line.starts_with("For more information") {
+            break;
+        }
+        if !line.is_empty() {
+            parts.push(line);
+        }
+    }
+    let text = parts.join(" ");
+    let text = text.strip_prefix("error: ").unwrap_or(&text);
+    format!("error: {text} (see --help)")
 }
 
 fn config_error(e: &dyn std::fmt::Display) -> ExitCode {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The key service's configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -49,9 +49,19 @@ pub struct ServerConfig {
     /// Audit chain settings.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// Key lifecycle: approvals, scheduled jobs, usage accounting.
+    #[serde(default)]
+    pub lifecycle: LifecycleConfig,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// Abuse limits: per-identity rate, slow clients, JSON depth.
+    #[serde(default)]
+    pub abuse: crate::abuse::AbuseConfig,
+    /// `production` refuses to start when a compliance check fails
+    /// (`keygate server --profile` overrides it).
+    #[serde(default)]
+    pub profile: crate::compliance::Profile,
 }
 
 /// Server certificate and the CA bundle client certificates must chain to.
@@ -69,8 +79,10 @@ pub struct TlsConfig {
     pub reload_interval_secs: u64,
 }
 
-/// Which root key provider, and its settings.
-#[derive(Debug, Clone, Deserialize)]
+/// Which root key provider, and its settings. Serialized (as JSON) into
+/// the keystore so another instance can reach the same master key after a
+/// master rotation: it holds paths and names of secrets, never secrets.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(tag = "provider", deny_unknown_fields)]
 pub enum RootConfig {
     /// A local root key file: development only (logged as such).
@@ -129,6 +141,39 @@ fn default_kms_timeout_ms() -> u64 {
 }
 
 impl RootConfig {
+    /// The same settings with every file path made absolute (against the
+    /// current directory), for recording in the keystore.
+    pub fn with_absolute_paths(&self) -> std::io::Result<Self> {
+        let mut config = self.clone();
+        let fix = |p: &mut PathBuf| -> std::io::Result<()> {
+            *p = std::path::absolute(&*p)?;
+            Ok(())
+        };
+        match &mut config {
+            Self::DevLocal { key_file, passphrase_file, .. } => {
+                fix(key_file)?;
+                passphrase_file.as_mut().map(fix).transpose()?;
+            }
+            Self::Pkcs11 { pin_file, .. } => {
+                pin_file.as_mut().map(fix).transpose()?;
+            }
+            Self::AwsKms { .. } => {}
+        }
+        Ok(config)
+    }
+
+    /// Whether every file path in it is absolute (settings sent over the
+    /// API have no directory to be relative to).
+    pub fn paths_are_absolute(&self) -> bool {
+        match self {
+            Self::DevLocal { key_file, passphrase_file, .. } => {
+                key_file.is_absolute() && passphrase_file.as_ref().is_none_or(|p| p.is_absolute())
+            }
+            Self::Pkcs11 { pin_file, .. } => pin_file.as_ref().is_none_or(|p| p.is_absolute()),
+            Self::AwsKms { .. } => true,
+        }
+    }
+
     /// The PKCS#11 provider configuration, reading the PIN from its source.
     pub fn pkcs11(&self) -> Result<Option<hsm_adapters::Pkcs11Config>, ConfigError> {
         let Self::Pkcs11 { module, token_label, key_label, pin_file, pin_env, pool_size } = self
@@ -186,11 +231,14 @@ impl Default for Limits {
 pub struct KeysConfig {
     /// How long unwrapped tenant keys stay in memory, in seconds.
     pub kek_ttl_secs: u64,
+    /// The longest KEK auto-rotation period allowed, in days (the
+    /// production profile refuses more than 365).
+    pub max_rotation_period_days: u64,
 }
 
 impl Default for KeysConfig {
     fn default() -> Self {
-        Self { kek_ttl_secs: 60 }
+        Self { kek_ttl_secs: 60, max_rotation_period_days: 365 }
     }
 }
 
@@ -209,6 +257,28 @@ pub struct AuditConfig {
 impl Default for AuditConfig {
     fn default() -> Self {
         Self { checkpoint_every: 1000, checkpoint_interval_secs: 60, queue_capacity: 100_000 }
+    }
+}
+
+/// Key lifecycle settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LifecycleConfig {
+    /// Seconds an approved shred waits before the keys are destroyed, so
+    /// a mistaken approval can still be noticed (the request stays
+    /// `approved` until then). 0 destroys at approval; production
+    /// deployments typically wait 24 to 72 hours.
+    pub shred_delay_secs: u64,
+    /// How often one replica checks for due auto-rotations and approved
+    /// shreds whose wait is over, in milliseconds.
+    pub scheduler_interval_ms: u64,
+    /// How often usage counters are added to the keystore, in milliseconds.
+    pub usage_flush_interval_ms: u64,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        Self { shred_delay_secs: 0, scheduler_interval_ms: 30_000, usage_flush_interval_ms: 5_000 }
     }
 }
 
@@ -251,7 +321,10 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "limits",
     "keys",
     "audit",
+    "lifecycle",
     "log",
+    "abuse",
+    "profile",
 ];
 
 /// A keystore URL; its `Debug` hides any password.
@@ -308,7 +381,8 @@ pub fn load_layered<T: serde::de::DeserializeOwned>(
         return Err(ConfigError(format!("{}: no such file", path.display())));
     }
     let env = Env::prefixed("KEYGATE_").split("__").filter(move |key| {
-        let key = key.as_str();
+        // Variables are upper case (KEYGATE_LIMITS__MAX_BATCH); keys lower.
+        let key = key.as_str().to_ascii_lowercase();
         top_level_keys.iter().any(|top| {
             key.strip_prefix(top).is_some_and(|rest| {
                 rest.is_empty() || rest.starts_with('.') || rest.starts_with("__")

@@ -122,6 +122,29 @@ pub fn store_error(e: &StoreError) -> ApiError {
             tracing::error!(error = %e, "keystore failure");
             ApiError::unavailable("store_unavailable", "the keystore is unavailable")
         }
+        StoreError::UnknownTenant(t) => {
+            ApiError::not_found("unknown_tenant", format!("no tenant {t}"))
+        }
+        StoreError::UnknownVersion { tenant, version } => ApiError::not_found(
+            "unknown_version",
+            format!("tenant {tenant} has no KEK version {version}"),
+        ),
+        StoreError::InvalidTransition(t) => {
+            ApiError::new(StatusCode::CONFLICT, "invalid_transition", t.to_string())
+        }
+        StoreError::UnknownApproval(_) => {
+            ApiError::not_found("unknown_approval", "no such request for approval")
+        }
+        StoreError::ApprovalNotPending { id, state } => ApiError::new(
+            StatusCode::CONFLICT,
+            "approval_not_pending",
+            format!("request {id} is {state}, not pending"),
+        ),
+        StoreError::SelfApproval => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "self_approval",
+            "a request must be approved by a security officer other than its requester",
+        ),
         other => internal(other),
     }
 }

@@ -1,11 +1,149 @@
 //! Request extractors shared by the key service and the sidecar.
 
-use axum::extract::FromRequest;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use serde::de::DeserializeOwned;
 
+use crate::abuse::{BodyBounds, exceeds_depth};
 use crate::error::ApiError;
 
-/// `Json<T>` whose rejections become our JSON errors (`malformed_json`,
-/// `invalid_request`, `body_too_large`, `json_too_deep`, …).
-#[derive(Debug, FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// A JSON request body, read within the request's [`BodyBounds`] (time and
+/// nesting depth; defaults if no abuse layer set them) and the router's
+/// body size limit. Rejections are our JSON errors: `unsupported_media_type`
+/// (415), `body_too_large` (413), `body_timeout` (408), `json_too_deep`
+/// and `malformed_json` (400), `invalid_request` (422, wrong shape).
+#[derive(Debug)]
 pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let bounds = request.extensions().get::<BodyBounds>().copied().unwrap_or_default();
+        if !is_json(request.headers()) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send Content-Type: application/json",
+            ));
+        }
+        let read = tokio::time::timeout(bounds.read_timeout, Bytes::from_request(request, state));
+        let bytes = match read.await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(rejection)) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    "the request body is too large",
+                ));
+            }
+            Ok(Err(_)) => {
+                return Err(ApiError::bad_request(
+                    "invalid_request",
+                    "the request body could not be read",
+                ));
+            }
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    "the request body did not arrive in time",
+                ));
+            }
+        };
+        parse(&bytes, bounds.max_depth).map(ApiJson)
+    }
+}
+
+/// A query string (`axum::extract::Query`) whose rejection is our JSON
+/// error (400 `invalid_request`) instead of plain text.
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|query| ApiQuery(query.0))
+            .map_err(|rejection| ApiError::bad_request("invalid_request", rejection.body_text()))
+    }
+}
+
+/// Parses a JSON body after checking its nesting depth. Public for the
+/// fuzz targets, which feed it every request type of both APIs.
+pub fn parse<T: DeserializeOwned>(bytes: &[u8], max_depth: usize) -> Result<T, ApiError> {
+    if exceeds_depth(bytes, max_depth) {
+        return Err(ApiError::bad_request(
+            "json_too_deep",
+            format!("the request body nests deeper than {max_depth} levels"),
+        ));
+    }
+    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", e.to_string())
+        }
+        _ => ApiError::bad_request("malformed_json", "the request body is not valid JSON"),
+    })
+}
+
+/// `application/json` or `application/<something>+json`, any parameters.
+fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    essence == "application/json"
+        || essence.strip_prefix("application/").is_some_and(|sub| sub.ends_with("+json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Count {
+        #[allow(dead_code)]
+        count: u32,
+    }
+
+    #[test]
+    fn errors_have_codes() {
+        let code = |body: &[u8]| parse::<Count>(body, 4).map(|_| "ok").unwrap_or_else(|e| e.code());
+        assert_eq!(code(br#"{"count": 1}"#), "ok");
+        assert_eq!(code(br#"{"count": "#), "malformed_json");
+        assert_eq!(code(br#"{"count": "x"}"#), "invalid_request");
+        assert_eq!(code(br#"{"count": 1, "x": 2}"#), "invalid_request");
+        assert_eq!(code(br#"{"count": 1, "x": [[[[1]]]]}"#), "json_too_deep");
+        let deep = format!("{}{}", "[".repeat(200_000), "]".repeat(200_000));
+        assert_eq!(code(deep.as_bytes()), "json_too_deep");
+    }
+
+    #[test]
+    fn content_types() {
+        let mut h = axum::http::HeaderMap::new();
+        assert!(!is_json(&h));
+        for (value, ok) in [
+            ("application/json", true),
+            ("Application/JSON; charset=utf-8", true),
+            ("application/problem+json", true),
+            ("text/plain", false),
+            ("application/jsonx", false),
+        ] {
+            h.insert(header::CONTENT_TYPE, value.parse().unwrap());
+            assert_eq!(is_json(&h), ok, "{value}");
+        }
+    }
+}

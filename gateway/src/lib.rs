@@ -11,22 +11,31 @@
 //! - no log line, error or metric contains key material or field values.
 //!
 //! Modules: [`config`], [`tls`], [`policy`], [`audit_log`], [`server`]
-//! (the key service), [`metrics`], [`error`], [`pki`] (development
-//! certificates), [`cli`]. The sidecar and the
-//! admin CLI come next.
+//! (the key service), [`sidecar`] (the app-facing encryption gateway),
+//! [`admin`] (the security team's CLI), [`up`] (everything on one machine
+//! for development), [`metrics`], [`error`], [`pki`] (development
+//! certificates), [`cli`].
 
 #![forbid(unsafe_code)]
 
+pub mod abuse;
+pub mod admin;
 pub mod audit_log;
 pub mod cli;
+pub mod compliance;
 pub mod config;
 pub mod error;
 pub mod extract;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
+pub mod hygiene;
 pub mod metrics;
+pub mod openapi;
 pub mod pki;
 pub mod policy;
 pub mod server;
 pub mod sidecar;
+mod signals;
 pub mod tls;
 pub mod up;
 pub mod wire;

@@ -94,9 +94,21 @@ impl DevCa {
         Ok(Self { issuer: Issuer::new(params, key), cert_pem })
     }
 
+    /// A CA saved earlier: its certificate and private key (PEM).
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        Ok(Self { issuer, cert_pem: cert_pem.to_owned() })
+    }
+
     /// The CA certificate (PEM).
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
+    }
+
+    /// The CA's private key (PKCS#8 PEM), to keep it (mode 0600). Secret.
+    pub fn key_pem(&self) -> zeroize::Zeroizing<String> {
+        zeroize::Zeroizing::new(self.issuer.key().serialize_pem())
     }
 
     /// A server certificate for DNS names and IP addresses.

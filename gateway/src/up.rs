@@ -14,6 +14,8 @@ use crate::sidecar::SidecarConfig;
 pub const SIDECAR_IDENTITY: &str = "spiffe://keygate.dev/sidecar";
 /// The identity of the admin certificate `up` writes.
 pub const ADMIN_IDENTITY: &str = "spiffe://keygate.dev/admin";
+/// The identity of the second person `up` writes, who approves shreds.
+pub const OFFICER_IDENTITY: &str = "spiffe://keygate.dev/officer";
 /// The tenant `up` creates.
 pub const DEMO_TENANT: &str = "demo";
 
@@ -22,6 +24,12 @@ const POLICY: &str = r#"# keygate up: development policy.
 identity = "spiffe://keygate.dev/admin"
 tenants = ["*"]
 roles = ["admin", "auditor", "security_officer"]
+
+# The second person of two-person control (shred approvals).
+[[grant]]
+identity = "spiffe://keygate.dev/officer"
+tenants = ["*"]
+roles = ["security_officer", "auditor"]
 
 [[grant]]
 identity = "spiffe://keygate.dev/sidecar"
@@ -102,8 +110,11 @@ fn prepare(dir: &Path) -> Result<(), UpError> {
             ca.issue_server(&["localhost", "127.0.0.1"], Validity::days(365)).map_err(err)?;
         let sidecar = ca.issue_client(SIDECAR_IDENTITY, Validity::days(365)).map_err(err)?;
         let admin = ca.issue_client(ADMIN_IDENTITY, Validity::days(365)).map_err(err)?;
+        let officer = ca.issue_client(OFFICER_IDENTITY, Validity::days(365)).map_err(err)?;
         write(&dir.join("pki/ca.crt"), ca.cert_pem(), false)?;
-        for (name, cert) in [("server", &server), ("sidecar", &sidecar), ("admin", &admin)] {
+        let certs =
+            [("server", &server), ("sidecar", &sidecar), ("admin", &admin), ("officer", &officer)];
+        for (name, cert) in certs {
             write(&dir.join(format!("pki/{name}.crt")), &cert.cert_pem, false)?;
             write(&dir.join(format!("pki/{name}.key")), &cert.key_pem, true)?;
         }
@@ -156,6 +167,17 @@ key = "pki/sidecar.key"
 "#
     );
     write(&dir.join("sidecar.toml"), &sidecar, false)?;
+    // `keygate admin --profile …` profiles (the port changes every run).
+    for name in ["admin", "officer"] {
+        if dir.join(format!("pki/{name}.crt")).exists() {
+            let profile = format!(
+                "# keygate up: `keygate admin --profile {name}.toml …`\n\
+                 url = \"https://localhost:{port}\"\nca = \"pki/ca.crt\"\n\
+                 cert = \"pki/{name}.crt\"\nkey = \"pki/{name}.key\"\n"
+            );
+            write(&dir.join(format!("{name}.toml")), &profile, false)?;
+        }
+    }
     let mut config = ServerConfig::load(&dir.join("server.toml")).map_err(err)?;
     config.log = LogConfig { level: "warn".into(), format: LogFormat::Text };
     Ok(config)
@@ -204,6 +226,10 @@ fn print_banner(dir: &Path) {
 
   Encrypt and decrypt it again (round trip):
     {curl} http://localhost/v1/encrypt -d '{SAMPLE}' | {curl} http://localhost/v1/decrypt -d @-
+
+  Administer it (the officer profile approves what the admin asks to shred):
+    keygate admin --profile {dir}/admin.toml tenant show {DEMO_TENANT}
+    keygate admin --profile {dir}/admin.toml key usage --tenant {DEMO_TENANT}
 
   Stop with Ctrl-C.
 ",

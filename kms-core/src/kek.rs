@@ -25,6 +25,9 @@ pub enum StateChange {
     Disable,
     /// Disabled → decrypt-only (same as enable; named for the CLI).
     DecryptOnly,
+    /// Decrypt-only or disabled → destroyed (crypto-shredding; only through
+    /// an approved shred request). Idempotent.
+    Destroy,
 }
 
 /// A state change that is not allowed.
@@ -61,8 +64,13 @@ impl KekState {
     pub fn apply(self, change: StateChange) -> Result<Self, InvalidTransition> {
         let deny = |why| Err(InvalidTransition { from: self, change, why });
         match (self, change) {
+            (Self::Destroyed, StateChange::Destroy) => Ok(Self::Destroyed),
             (Self::Destroyed, _) => deny("destruction is irreversible"),
+            (Self::Active, StateChange::Destroy) => {
+                deny("rotate to a new version first, or shred the whole tenant")
+            }
             (Self::Active, _) => deny("rotate to a new version first"),
+            (Self::DecryptOnly | Self::Disabled, StateChange::Destroy) => Ok(Self::Destroyed),
             (Self::DecryptOnly | Self::Disabled, StateChange::Disable) => Ok(Self::Disabled),
             (
                 Self::DecryptOnly | Self::Disabled,
@@ -102,6 +110,10 @@ mod tests {
         assert_eq!(Disabled.apply(StateChange::Enable), Ok(DecryptOnly));
         assert!(Active.apply(StateChange::Disable).is_err());
         assert!(Destroyed.apply(StateChange::Enable).is_err());
+        assert_eq!(DecryptOnly.apply(StateChange::Destroy), Ok(Destroyed));
+        assert_eq!(Disabled.apply(StateChange::Destroy), Ok(Destroyed));
+        assert_eq!(Destroyed.apply(StateChange::Destroy), Ok(Destroyed));
+        assert!(Active.apply(StateChange::Destroy).is_err());
         for s in [Active, DecryptOnly, Disabled, Destroyed] {
             assert_eq!(s.as_str().parse(), Ok(s));
         }

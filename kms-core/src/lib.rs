@@ -47,7 +47,8 @@ pub use crate::dek::{
     DekBinding, IssuedDek, KekVersion, WRAPPED_DEK_LEN, WrappedDek, unwrap_dek, wrap_dek,
 };
 pub use crate::hierarchy::{
-    CacheStats, DekError, DekRequest, HierarchyConfig, HierarchyError, KeyHierarchy, Rewrapped,
+    CacheStats, DekError, DekRequest, HierarchyConfig, HierarchyError, KeyHierarchy,
+    MasterConnector, MasterRotation, Rewrapped, ScheduledRotation,
 };
 pub use crate::ids::{InvalidName, MAX_NAME_LEN, Name, RecordKeyId, TenantId};
 pub use crate::kek::{InvalidTransition, KekState, StateChange};

@@ -237,6 +237,34 @@ fn push_escaped(out: &mut String, token: &str) {
     }
 }
 
+/// Checks a non-empty JSON pointer the way [`split`] does (length,
+/// leading slash, escapes), without allocating its tokens.
+pub(crate) fn validate(text: &str) -> Result<(), PointerError> {
+    if text.is_empty() {
+        return Err(PointerError::Root);
+    }
+    if text.len() > MAX_POINTER_LEN {
+        return Err(PointerError::TooLong);
+    }
+    let rest = text.strip_prefix('/').ok_or(PointerError::NoLeadingSlash)?;
+    let mut bytes = rest.bytes();
+    while let Some(b) = bytes.next() {
+        if b == b'~' && !matches!(bytes.next(), Some(b'0' | b'1')) {
+            return Err(PointerError::BadEscape);
+        }
+    }
+    Ok(())
+}
+
+/// A member name as it appears unescaped (`~1` → `/`, `~0` → `~`).
+pub(crate) fn unescape_token(token: &str) -> std::borrow::Cow<'_, str> {
+    if token.contains('~') {
+        std::borrow::Cow::Owned(token.replace("~1", "/").replace("~0", "~"))
+    } else {
+        std::borrow::Cow::Borrowed(token)
+    }
+}
+
 /// Splits and unescapes a non-empty JSON pointer into its tokens.
 pub(crate) fn split(text: &str) -> Result<Vec<String>, PointerError> {
     if text.is_empty() {
@@ -322,6 +350,19 @@ mod tests {
         for p in expand("/list/*/x", &doc) {
             assert!(doc.pointer(&p).is_some());
         }
+    }
+
+    #[test]
+    fn validate_agrees_with_split() {
+        for text in ["", "/", "/a", "a", "/a~", "/a~2", "/a~0b~1c", "/~01", "//", "/a/~"] {
+            assert_eq!(validate(text), split(text).map(|_| ()), "{text:?}");
+        }
+        assert_eq!(
+            validate(&format!("/{}", "a".repeat(MAX_POINTER_LEN))),
+            Err(PointerError::TooLong)
+        );
+        assert_eq!(unescape_token("a~1b~0c"), "a/b~c");
+        assert!(matches!(unescape_token("plain"), std::borrow::Cow::Borrowed("plain")));
     }
 
     #[test]

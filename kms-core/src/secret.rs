@@ -23,7 +23,7 @@ impl Key256 {
     /// A fresh key from the operating system's random number generator.
     pub fn generate() -> Result<Self, RandomError> {
         let mut key = Self(Box::new([0u8; KEY_LEN]));
-        rng::fill_os(key.0.as_mut_slice())?;
+        rng::fill(key.0.as_mut_slice())?;
         Ok(key)
     }
 

@@ -81,6 +81,16 @@ tenants = ["*"]
 roles = ["admin", "auditor"]
 
 [[grant]]
+identity = "spiffe://test/officer"
+tenants = ["*"]
+roles = ["security_officer"]
+
+[[grant]]
+identity = "spiffe://test/admin-officer"
+tenants = ["*"]
+roles = ["admin", "security_officer"]
+
+[[grant]]
 identity = "spiffe://test/encryptor"
 tenants = ["onc", "t-*"]
 roles = ["encryptor"]
@@ -292,6 +302,11 @@ checkpoint_interval_secs = 1
     /// Sends SIGHUP (reload TLS material and policy).
     pub fn sighup(&self) {
         signal(self.child.as_ref().unwrap().id(), "HUP");
+    }
+
+    /// The process id (for /proc checks), while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Whether the process is still running.

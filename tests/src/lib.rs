@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod admin;
 pub mod cluster;
 pub mod keyservice;
 pub mod providers;

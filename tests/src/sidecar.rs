@@ -10,14 +10,25 @@ use serde_json::Value;
 use crate::PATIENT_SCHEMA;
 use crate::keyservice::{KeyService, Pki, keygate_binary, spawn_until_first_line, write_private};
 
-/// A running sidecar, listening on a unix socket.
+/// A running sidecar, listening on a unix socket (or loopback TCP).
 pub struct Sidecar {
     /// Its directory (config, certificate, socket, log).
     pub dir: PathBuf,
-    /// The socket apps talk to.
+    /// The socket apps talk to (unused when listening on TCP).
     pub socket: PathBuf,
+    /// `http://localhost` on the socket, `http://127.0.0.1:PORT` on TCP.
+    pub base: String,
     child: Option<Child>,
     http: reqwest::Client,
+}
+
+/// Where a test sidecar listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// `sidecar.sock` in its directory.
+    Unix,
+    /// A free loopback TCP port.
+    Tcp,
 }
 
 impl Sidecar {
@@ -27,8 +38,25 @@ impl Sidecar {
         Self::start_with(&ks.pki, std::slice::from_ref(&ks.url), dir, identity, extra)
     }
 
+    /// Like [`Sidecar::start`], listening on a loopback TCP port.
+    pub fn start_tcp(ks: &KeyService, dir: &Path, identity: &str, extra: &str) -> Self {
+        Self::start_on(&ks.pki, std::slice::from_ref(&ks.url), dir, identity, extra, Transport::Tcp)
+    }
+
     /// A sidecar talking to several key-service replicas (failover in order).
     pub fn start_with(pki: &Pki, urls: &[String], dir: &Path, identity: &str, extra: &str) -> Self {
+        Self::start_on(pki, urls, dir, identity, extra, Transport::Unix)
+    }
+
+    /// The general form.
+    pub fn start_on(
+        pki: &Pki,
+        urls: &[String],
+        dir: &Path,
+        identity: &str,
+        extra: &str,
+        transport: Transport,
+    ) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let cert = pki.ca.issue_client(identity, Validity::days(1)).unwrap();
         std::fs::write(dir.join("sidecar.crt"), &cert.cert_pem).unwrap();
@@ -47,10 +75,21 @@ impl Sidecar {
         let (top, tables) = extra.split_at(split);
         let audit =
             if tables.contains("[audit]") { "" } else { "[audit]\nflush_interval_ms = 100\n" };
+        let listen = match transport {
+            Transport::Unix => "{ unix = \"sidecar.sock\" }".to_owned(),
+            Transport::Tcp => {
+                let port = std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port();
+                format!("{{ tcp = \"127.0.0.1:{port}\" }}")
+            }
+        };
         let config = format!(
             r#"
 {top}
-listen = {{ unix = "sidecar.sock" }}
+listen = {listen}
 schemas = ["patient.toml"]
 app_identity = "spiffe://test/app"
 [key_service]
@@ -75,13 +114,34 @@ timeout_ms = 2000
         let (child, line) = spawn_until_first_line(command, || {
             std::fs::read_to_string(&log_path).unwrap_or_default()
         });
-        assert!(line.contains("listening on unix:"), "{line}");
-        let http = reqwest::Client::builder()
-            .unix_socket(socket.clone())
-            .timeout(Duration::from_secs(60))
-            .build()
-            .unwrap();
-        Self { dir: dir.to_owned(), socket, child: Some(child), http }
+        let mut http = reqwest::Client::builder().timeout(Duration::from_secs(60));
+        let base = match transport {
+            Transport::Unix => {
+                assert!(line.contains("listening on unix:"), "{line}");
+                http = http.unix_socket(socket.clone());
+                "http://localhost".to_owned()
+            }
+            Transport::Tcp => {
+                let url = line.rsplit(' ').next().unwrap();
+                assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+                url.to_owned()
+            }
+        };
+        Self { dir: dir.to_owned(), socket, base, child: Some(child), http: http.build().unwrap() }
+    }
+
+    /// The process id (for /proc checks).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// A new HTTP client to this sidecar (its own connections).
+    pub fn new_client(&self) -> reqwest::Client {
+        let mut http = reqwest::Client::builder().timeout(Duration::from_secs(60));
+        if self.base == "http://localhost" {
+            http = http.unix_socket(self.socket.clone());
+        }
+        http.build().unwrap()
     }
 
     /// POST JSON to the sidecar; returns status and body.
@@ -93,7 +153,7 @@ timeout_ms = 2000
     pub async fn post_raw(&self, path: &str, body: Vec<u8>) -> (u16, Value) {
         let response = self
             .http
-            .post(format!("http://localhost{path}"))
+            .post(format!("{}{path}", self.base))
             .header("content-type", "application/json")
             .body(body)
             .send()
@@ -105,7 +165,7 @@ timeout_ms = 2000
 
     /// GET; returns status and body text.
     pub async fn get(&self, path: &str) -> (u16, String) {
-        let response = self.http.get(format!("http://localhost{path}")).send().await.unwrap();
+        let response = self.http.get(format!("{}{path}", self.base)).send().await.unwrap();
         (response.status().as_u16(), response.text().await.unwrap())
     }
 

@@ -14,10 +14,10 @@ const ADMIN: &str = "spiffe://test/admin";
 fn record(i: usize) -> Value {
     json!({
         "ssn": format!("SSN-{i:09}-secret"),
-        "mrn": if i % 7 == 0 { json!(i as u64 * 1_000_003) } else { json!(format!("MRN-{i:08}-secret")) },
+        "mrn": if i.is_multiple_of(7) { json!(i as u64 * 1_000_003) } else { json!(format!("MRN-{i:08}-secret")) },
         "email": format!("person{i}.secret@example.org"),
         "diagnosis": {
-            "code": format!("DX-{i}-secret"), "stage": (i % 5) as f64 + 0.25, "confirmed": i % 2 == 0,
+            "code": format!("DX-{i}-secret"), "stage": (i % 5) as f64 + 0.25, "confirmed": i.is_multiple_of(2),
             "nothing": null, "nested": [[i, -(i as i64)], {"deep": [true, false, null]}],
             "big": u64::MAX - i as u64, "tiny": 1.0e-300 * (i as f64 + 1.0),
         },

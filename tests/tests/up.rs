@@ -1,5 +1,5 @@
-//! `keygate up` from nothing: it starts, and the curl lines it prints work
-//! when pasted into a shell.
+//! `keygate up` from nothing: it starts, and the curl and admin lines it
+//! prints work when pasted into a shell.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
 
 use std::io::{BufRead, BufReader};
@@ -57,6 +57,22 @@ fn keygate_up_prints_curl_lines_that_work() {
     assert_eq!(decrypted["diagnosis"], "C50.9");
     assert_eq!(decrypted["allergies"], serde_json::json!(["penicillin", "latex"]));
     assert!(decrypted["patient_id"].as_str().unwrap().starts_with("kgp:"));
+
+    // The admin lines work too (with this build's binary in place of `keygate`).
+    let admin: Vec<String> = banner
+        .iter()
+        .map(|l| l.trim())
+        .filter(|l| l.starts_with("keygate admin "))
+        .map(|l| l.replacen("keygate", &keygate_binary().display().to_string(), 1))
+        .collect();
+    assert_eq!(admin.len(), 2, "{text}");
+    for line in &admin {
+        let out =
+            Command::new("bash").arg("-c").arg(format!("{line} --output json")).output().unwrap();
+        assert!(out.status.success(), "{line}: {}", String::from_utf8_lossy(&out.stderr));
+        let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(shown.to_string().contains("demo"), "{line}: {shown}");
+    }
 
     let _ = Command::new("kill").arg("-INT").arg(child.id().to_string()).status();
     for _ in 0..200 {

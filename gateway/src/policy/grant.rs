@@ -8,12 +8,15 @@ use std::fmt;
 
 use kms_core::TenantId;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::pattern::{ClassPattern, IdentityPattern, InvalidValue, PurposePattern, TenantPattern};
 
 /// What a grant allows its identity to do (DESIGN §4 names the role of
 /// every endpoint).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Role {
@@ -82,25 +85,30 @@ pub enum FieldAccess {
 
 /// One validated grant: roles for matching identities on matching tenants,
 /// and, for decryptors, which field classes they see and for which purposes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct Grant {
     /// The identities this grant applies to.
+    #[schema(value_type = String)]
     pub identity: IdentityPattern,
     /// The tenants it applies to.
+    #[schema(value_type = Vec<String>)]
     pub tenants: Vec<TenantPattern>,
     /// The roles it grants (never empty when parsed from a policy file).
     pub roles: Vec<Role>,
     /// Field classes revealed in clear (decryptor grants only).
     #[serde(default)]
+    #[schema(value_type = Vec<String>)]
     pub classes: Vec<ClassPattern>,
     /// Field classes shown masked (decryptor grants only).
     #[serde(default)]
+    #[schema(value_type = Vec<String>)]
     pub masked: Vec<ClassPattern>,
     /// Purposes for which `classes` and `masked` apply (decryptor grants
     /// only; an empty list allows no purpose).
     #[serde(default)]
+    #[schema(value_type = Vec<String>)]
     pub purposes: Vec<PurposePattern>,
 }
 
@@ -131,7 +139,7 @@ impl Grant {
 ///
 /// Deserialization validates every pattern and refuses unknown keys, so a
 /// newer, stricter format is never half-understood.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct EffectiveGrants {

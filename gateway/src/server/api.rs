@@ -1,30 +1,35 @@
 //! Request and response bodies of the key service API.
 
-use kms_core::store::{KekRecord, TenantRecord};
+use kms_core::store::{Approval, KekRecord, TenantRecord, VersionUsage};
 use kms_core::{KekVersion, Name, RecordKeyId, TenantId, WrappedDek};
 
 pub(crate) use crate::wire::SecretB64;
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 /// `POST /v1/tenants`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateTenant {
+    /// `[a-z0-9][a-z0-9_-]{0,62}`.
+    #[schema(value_type = String, pattern = "^[a-z0-9][a-z0-9_-]{0,62}$")]
     pub(crate) tenant: TenantId,
 }
 
 /// A tenant as shown to admins and auditors.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct TenantView {
+    #[schema(value_type = String, pattern = "^[a-z0-9][a-z0-9_-]{0,62}$")]
     pub(crate) tenant: TenantId,
     pub(crate) created_at: i64,
     pub(crate) shredded: bool,
     pub(crate) active_version: Option<KekVersion>,
+    pub(crate) rotate_every_secs: Option<i64>,
     pub(crate) versions: Vec<VersionView>,
 }
 
 /// One KEK version (never its material).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct VersionView {
     pub(crate) version: KekVersion,
     pub(crate) state: &'static str,
@@ -50,20 +55,21 @@ impl From<&TenantRecord> for TenantView {
             created_at: t.created_at,
             shredded: t.index_root_wrapped.is_none(),
             active_version: t.active().map(|v| v.version),
+            rotate_every_secs: t.rotate_every_secs,
             versions: t.versions.iter().map(VersionView::from).collect(),
         }
     }
 }
 
 /// `POST /v1/tenants/{t}/keys/{v}/state`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ChangeState {
     pub(crate) action: StateAction,
 }
 
 /// The state changes an admin may ask for.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum StateAction {
     Enable,
@@ -72,87 +78,108 @@ pub(crate) enum StateAction {
 }
 
 /// `POST /v1/tenants/{t}/datakeys`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct IssueRequest {
+    /// How many DEKs (1 to `limits.max_batch`).
     pub(crate) count: usize,
 }
 
 /// One issued DEK.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub(crate) struct IssuedKey {
+    /// 32 hex digits.
+    #[schema(value_type = String)]
     pub(crate) record_key_id: RecordKeyId,
+    /// The plaintext DEK, base64url.
+    #[schema(value_type = String)]
     pub(crate) dek: SecretB64,
+    /// The DEK wrapped under the KEK version, base64url.
+    #[schema(value_type = String)]
     pub(crate) wrapped: WrappedDek,
 }
 
 /// `POST /v1/tenants/{t}/datakeys` response.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub(crate) struct IssueResponse {
     pub(crate) kek_version: KekVersion,
     pub(crate) keys: Vec<IssuedKey>,
 }
 
 /// A wrapped DEK presented for unwrap or rewrap.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct WrappedItem {
+    /// 32 hex digits.
+    #[schema(value_type = String)]
     pub(crate) record_key_id: RecordKeyId,
     pub(crate) kek_version: KekVersion,
+    /// base64url of the 60-byte wrapped DEK.
+    #[schema(value_type = String)]
     pub(crate) wrapped: WrappedDek,
 }
 
 /// `POST /v1/tenants/{t}/datakeys/unwrap` and `/rewrap`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct BatchRequest {
+    /// 1 to `limits.max_batch` items.
     pub(crate) items: Vec<WrappedItem>,
+    /// The purpose of use, recorded in the audit event.
     #[serde(default)]
+    #[schema(value_type = Option<String>, pattern = "^[a-z0-9][a-z0-9_-]{0,62}$")]
     pub(crate) purpose: Option<Name>,
 }
 
-/// One unwrap result.
-#[derive(Serialize)]
+/// One unwrap result: the DEK, or an error code.
+#[derive(Serialize, ToSchema)]
 pub(crate) struct UnwrapResult {
+    #[schema(value_type = String)]
     pub(crate) record_key_id: RecordKeyId,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub(crate) dek: Option<SecretB64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) error: Option<&'static str>,
 }
 
-/// One rewrap result.
-#[derive(Serialize)]
+/// One rewrap result: the new wrapping, or an error code.
+#[derive(Serialize, ToSchema)]
 pub(crate) struct RewrapResult {
+    #[schema(value_type = String)]
     pub(crate) record_key_id: RecordKeyId,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) kek_version: Option<KekVersion>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub(crate) wrapped: Option<WrappedDek>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) error: Option<&'static str>,
 }
 
 /// `POST /v1/tenants/{t}/derived`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct DerivedRequest {
+    #[schema(value_type = String, pattern = "^[a-z0-9][a-z0-9_-]{0,62}$")]
     pub(crate) schema: Name,
     pub(crate) fields: Vec<DerivedField>,
 }
 
 /// A field whose index keys are wanted.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct DerivedField {
+    /// A JSON pointer, `*` for every array element.
     pub(crate) path: String,
     pub(crate) mode: DerivedMode,
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     pub(crate) namespace: Option<Name>,
 }
 
 /// The field modes that need derived keys.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum DerivedMode {
     Deterministic,
@@ -161,67 +188,77 @@ pub(crate) enum DerivedMode {
 }
 
 /// One derived key.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub(crate) struct DerivedKey {
     pub(crate) path: String,
+    #[schema(value_type = String)]
     pub(crate) purpose: &'static str,
+    /// base64url.
+    #[schema(value_type = String)]
     pub(crate) key: SecretB64,
 }
 
-/// `{"results": […]}`: per-item results of a batch.
-#[derive(Serialize)]
-pub(crate) struct Results<T> {
-    pub(crate) results: Vec<T>,
+/// `POST /v1/tenants/{t}/datakeys/rewrap` response: per-item results.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct RewrapResponse {
+    pub(crate) results: Vec<RewrapResult>,
 }
 
 /// `POST /v1/tenants/{t}/datakeys/unwrap` response: per-item results and
 /// the tenant's active version (so callers can flag stale records).
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub(crate) struct UnwrapResponse {
     pub(crate) active_version: kms_core::KekVersion,
     pub(crate) results: Vec<UnwrapResult>,
 }
 
 /// `{"keys": […]}`: derived index keys.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub(crate) struct DerivedKeys {
     pub(crate) keys: Vec<DerivedKey>,
 }
 
 /// `POST /v1/audit/events`: field-level access events from a sidecar.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ReportedEvents {
     pub(crate) events: Vec<ReportedEvent>,
 }
 
 /// One field-level access event (never values).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ReportedEvent {
     /// The application identity the sidecar served.
     pub(crate) actor: String,
     /// `record.decrypt`, `record.encrypt`, …
     pub(crate) action: String,
+    #[schema(value_type = String, pattern = "^[a-z0-9][a-z0-9_-]{0,62}$")]
     pub(crate) tenant: TenantId,
     #[serde(default)]
     pub(crate) kek_version: Option<KekVersion>,
     #[serde(default)]
+    #[schema(value_type = Vec<String>)]
     pub(crate) record_key_ids: Vec<RecordKeyId>,
+    /// `ok`, `denied`, `invalid`, `error`, …
     pub(crate) outcome: String,
     #[serde(default)]
+    #[schema(value_type = Option<String>, pattern = "^[a-z0-9][a-z0-9_-]{0,62}$")]
     pub(crate) purpose: Option<Name>,
     /// Field pointers and what happened to them (revealed/masked/withheld).
     #[serde(default)]
+    #[schema(value_type = Object)]
     pub(crate) fields: serde_json::Map<String, serde_json::Value>,
     /// When it happened at the sidecar (unix ms).
     pub(crate) ts_ms: i64,
 }
 
 /// `GET /v1/audit` query.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct AuditQuery {
+    /// Only this instance's chain.
     #[serde(default)]
     pub(crate) instance: Option<String>,
     #[serde(default)]
@@ -229,6 +266,7 @@ pub(crate) struct AuditQuery {
     #[serde(default)]
     pub(crate) since_ms: Option<i64>,
     #[serde(default)]
+    #[param(value_type = Option<String>)]
     pub(crate) tenant: Option<TenantId>,
     #[serde(default = "default_limit")]
     pub(crate) limit: u32,
@@ -236,4 +274,227 @@ pub(crate) struct AuditQuery {
 
 fn default_limit() -> u32 {
     10_000
+}
+
+/// `GET /v1/tenants/{t}/keys/usage` response.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct UsageView {
+    #[schema(value_type = String)]
+    pub(crate) tenant: TenantId,
+    pub(crate) versions: Vec<VersionUsageView>,
+}
+
+/// One KEK version's usage.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct VersionUsageView {
+    pub(crate) version: KekVersion,
+    #[schema(value_type = String)]
+    pub(crate) state: &'static str,
+    pub(crate) created_at: i64,
+    pub(crate) records_issued: u64,
+    pub(crate) unwraps: u64,
+    pub(crate) unwraps_24h: u64,
+    pub(crate) last_unwrap_at: Option<i64>,
+}
+
+impl From<&VersionUsage> for VersionUsageView {
+    fn from(u: &VersionUsage) -> Self {
+        Self {
+            version: u.version,
+            state: u.state.as_str(),
+            created_at: u.created_at,
+            records_issued: u.issued,
+            unwraps: u.unwraps,
+            unwraps_24h: u.recent_unwraps,
+            last_unwrap_at: u.last_unwrap_at,
+        }
+    }
+}
+
+/// `PUT /v1/tenants/{t}/keys/auto-rotate`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AutoRotate {
+    /// Seconds between rotations; `null` turns auto-rotation off.
+    pub(crate) every_secs: Option<u64>,
+}
+
+/// `PUT /v1/tenants/{t}/keys/auto-rotate` response.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct AutoRotateView {
+    #[schema(value_type = String)]
+    pub(crate) tenant: TenantId,
+    pub(crate) rotate_every_secs: Option<i64>,
+    pub(crate) next_rotation_at: Option<i64>,
+}
+
+impl From<&TenantRecord> for AutoRotateView {
+    fn from(t: &TenantRecord) -> Self {
+        let next = match (t.rotate_every_secs, t.active()) {
+            (Some(every), Some(active)) => Some(active.created_at.saturating_add(every)),
+            _ => None,
+        };
+        Self {
+            tenant: t.id.clone(),
+            rotate_every_secs: t.rotate_every_secs,
+            next_rotation_at: next,
+        }
+    }
+}
+
+/// `POST /v1/tenants/{t}/shred`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ShredRequest {
+    /// One version, or (absent/null) the whole tenant.
+    #[serde(default)]
+    pub(crate) version: Option<KekVersion>,
+    pub(crate) reason: String,
+}
+
+/// A request for approval.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ApprovalView {
+    pub(crate) id: String,
+    #[schema(value_type = String)]
+    pub(crate) action: &'static str,
+    #[schema(value_type = String)]
+    pub(crate) tenant: TenantId,
+    pub(crate) version: Option<KekVersion>,
+    pub(crate) reason: String,
+    pub(crate) requested_by: String,
+    pub(crate) requested_at: i64,
+    #[schema(value_type = String)]
+    pub(crate) state: &'static str,
+    pub(crate) decided_by: Option<String>,
+    pub(crate) decided_at: Option<i64>,
+    pub(crate) comment: Option<String>,
+    pub(crate) execute_after: Option<i64>,
+    pub(crate) executed_at: Option<i64>,
+}
+
+impl From<&Approval> for ApprovalView {
+    fn from(a: &Approval) -> Self {
+        Self {
+            id: a.id.clone(),
+            action: "shred",
+            tenant: a.tenant.clone(),
+            version: a.version,
+            reason: a.reason.clone(),
+            requested_by: a.requested_by.clone(),
+            requested_at: a.requested_at,
+            state: a.state.as_str(),
+            decided_by: a.decided_by.clone(),
+            decided_at: a.decided_at,
+            comment: a.comment.clone(),
+            execute_after: a.execute_after,
+            executed_at: a.executed_at,
+        }
+    }
+}
+
+/// `GET /v1/approvals` response.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ApprovalList {
+    pub(crate) approvals: Vec<ApprovalView>,
+}
+
+/// `GET /v1/approvals` query.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ApprovalQuery {
+    #[serde(default)]
+    pub(crate) state: Option<String>,
+}
+
+/// `POST /v1/approvals/{id}`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DecideRequest {
+    pub(crate) decision: DecisionBody,
+    #[serde(default)]
+    pub(crate) comment: Option<String>,
+}
+
+/// Approve or reject.
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum DecisionBody {
+    Approve,
+    Reject,
+}
+
+/// `POST /v1/master/rotate`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MasterRotateRequest {
+    /// The new master's provider settings, as in the `[root]` table of the
+    /// key service configuration (absolute paths).
+    #[schema(value_type = Object)]
+    pub(crate) to: crate::config::RootConfig,
+}
+
+/// A master key.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct MasterView {
+    pub(crate) id: i64,
+    pub(crate) kind: String,
+    pub(crate) key_ref: String,
+}
+
+/// `POST /v1/master/rotate` response.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct MasterRotateView {
+    pub(crate) master: MasterView,
+    pub(crate) rewrapped: RewrappedCounts,
+    pub(crate) remaining: u64,
+    #[schema(value_type = String)]
+    pub(crate) state: &'static str,
+}
+
+/// What a master rotation moved.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct RewrappedCounts {
+    pub(crate) tenant_keys: u64,
+    pub(crate) index_roots: u64,
+    pub(crate) audit_signing_keys: u64,
+}
+
+/// `GET /v1/master` response.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct MastersView {
+    pub(crate) active: Option<MasterView>,
+    pub(crate) masters: Vec<MasterEntry>,
+}
+
+/// One registered master key.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct MasterEntry {
+    pub(crate) id: i64,
+    pub(crate) kind: String,
+    pub(crate) key_ref: String,
+    pub(crate) active: bool,
+    pub(crate) keys_wrapped: u64,
+}
+
+/// `POST /v1/audit/events` response.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Recorded {
+    /// Events appended to the audit chain.
+    pub(crate) recorded: usize,
+}
+
+/// `GET /v1/audit/verify` response.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct VerifyReport {
+    /// Every chain and checkpoint signature verified.
+    pub(crate) ok: bool,
+    /// Per instance: `{instance, events, checkpoints, head_seq, last_checkpoint}`.
+    #[schema(value_type = Vec<Object>)]
+    pub(crate) instances: Vec<serde_json::Value>,
+    /// When `ok` is false: `{instance, position, reason}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub(crate) first_break: Option<serde_json::Value>,
 }

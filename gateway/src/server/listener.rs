@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::Router;
 use hyper::Request;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -23,12 +23,15 @@ use crate::tls::{TlsReloader, identity_of};
 pub struct Caller(pub Option<String>);
 
 /// Serves `router` on `listener` over mutual TLS until `shutdown`
-/// resolves, then lets in-flight requests finish (up to `drain`).
+/// resolves, then lets in-flight requests finish (up to `drain`). A client
+/// must finish the handshake within `handshake_timeout` and send each
+/// HTTP/1 request's headers within `header_timeout`.
 pub(super) async fn serve_tls(
     listener: TcpListener,
     tls: Arc<TlsReloader>,
     router: Router,
     handshake_timeout: Duration,
+    header_timeout: Duration,
     shutdown: impl std::future::Future<Output = ()>,
     drain: Duration,
 ) {
@@ -66,7 +69,8 @@ pub(super) async fn serve_tls(
                 request.extensions_mut().insert(caller.clone());
                 request
             });
-            let builder = auto::Builder::new(TokioExecutor::new());
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
             let connection =
                 builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
             if let Err(e) = watcher.watch(connection.into_owned()).await {

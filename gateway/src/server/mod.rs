@@ -5,13 +5,17 @@
 //! SAN (else DNS SAN) and every key operation is authorized by the policy
 //! and recorded in the audit chain before its result is returned.
 
-mod api;
+pub(crate) mod api;
 mod handlers;
+mod jobs;
 mod listener;
+mod masters;
+mod openapi;
 mod routes;
 mod startup;
 mod state;
 
 pub use self::listener::Caller;
+pub(crate) use self::openapi::document as openapi_document;
 pub use self::startup::{ServerError, run};
 pub use self::state::AppState;

@@ -9,11 +9,11 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use tower::ServiceBuilder;
 
 use super::AppState;
-use super::handlers::{audit, datakeys, ops, tenants};
+use super::handlers::{audit, compliance, datakeys, lifecycle, master, ops, tenants};
 use crate::error::ApiError;
 use crate::metrics::{RequestLabels, RouteLabels};
 
@@ -25,6 +25,13 @@ pub(super) fn api(state: AppState) -> Router {
         .route("/v1/tenants/{tenant}", get(tenants::show))
         .route("/v1/tenants/{tenant}/keys/rotate", post(tenants::rotate))
         .route("/v1/tenants/{tenant}/keys/{version}/state", post(tenants::change_state))
+        .route("/v1/tenants/{tenant}/keys/usage", get(lifecycle::usage))
+        .route("/v1/tenants/{tenant}/keys/auto-rotate", put(lifecycle::auto_rotate))
+        .route("/v1/tenants/{tenant}/shred", post(lifecycle::request_shred))
+        .route("/v1/approvals", get(lifecycle::list_approvals))
+        .route("/v1/approvals/{id}", post(lifecycle::decide))
+        .route("/v1/master", get(master::show))
+        .route("/v1/master/rotate", post(master::rotate))
         .route("/v1/tenants/{tenant}/datakeys", post(datakeys::issue))
         .route("/v1/tenants/{tenant}/datakeys/unwrap", post(datakeys::unwrap))
         .route("/v1/tenants/{tenant}/datakeys/rewrap", post(datakeys::rewrap))
@@ -33,6 +40,8 @@ pub(super) fn api(state: AppState) -> Router {
         .route("/v1/audit/events", post(audit::ingest))
         .route("/v1/audit", get(audit::export))
         .route("/v1/audit/verify", get(audit::verify))
+        .route("/v1/compliance", get(compliance::report))
+        .route("/v1/openapi.json", get(super::openapi::openapi_json))
         .merge(ops_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -12,7 +12,9 @@ use secrecy::SecretString;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 
-use super::{AppState, listener, routes};
+use super::handlers::compliance::ComplianceContext;
+use super::masters::{RecordedMasters, recorded_settings};
+use super::{AppState, jobs, listener, routes};
 use crate::audit_log::AuditLog;
 use crate::config::{RootConfig, ServerConfig};
 use crate::metrics::Metrics;
@@ -44,13 +46,21 @@ fn fail(step: &'static str) -> impl FnOnce(&dyn std::fmt::Display) -> ServerErro
 
 /// Runs the key service until SIGTERM or SIGINT.
 pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
+    let hygiene = crate::hygiene::harden();
+    crate::compliance::server_report(&config, &hygiene)
+        .enforce()
+        .map_err(|e| fail("compliance")(&e))?;
+    let compliance = Arc::new(ComplianceContext { config: config.clone(), hygiene });
     let instance = instance_id(&config).map_err(|e| fail("instance id")(&e))?;
     let root = root_provider(&config.root).await?;
     let (store, sqlite) = open_store(&config).await?;
+    let settings = recorded_settings(&config.root).map_err(|e| fail("root key settings")(&e))?;
     let hierarchy = Arc::new(
-        KeyHierarchy::new(
+        KeyHierarchy::open(
             store.clone(),
             root.clone(),
+            Some(&settings),
+            Some(Arc::new(RecordedMasters)),
             HierarchyConfig {
                 key_ttl: Duration::from_secs(config.keys.kek_ttl_secs),
                 max_batch: config.limits.max_batch,
@@ -63,7 +73,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     let policy = Arc::new(PolicyHandle::load(&config.policy.file).map_err(|e| fail("policy")(&e))?);
     let metrics = Arc::new(Metrics::default());
     let (audit, audit_task) =
-        AuditLog::start(store.clone(), root.as_ref(), &instance, &config.audit, metrics.clone())
+        AuditLog::start(&hierarchy, &instance, &config.audit, metrics.clone())
             .await
             .map_err(|e| fail("audit log")(&e))?;
     let tls = Arc::new(TlsReloader::load(&config.tls).map_err(|e| fail("TLS")(&e))?);
@@ -73,8 +83,12 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         audit,
         metrics,
         limits: config.limits.clone(),
+        lifecycle: config.lifecycle.clone(),
     };
 
+    // Signal handlers exist before anyone is told where to connect, so a
+    // SIGTERM right after the first line is a clean shutdown, not a kill.
+    let terminated = crate::signals::termination().map_err(|e| fail("signals")(&e))?;
     let listener = TcpListener::bind(config.listen).await.map_err(|e| fail("listen")(&e))?;
     let addr = listener.local_addr().map_err(|e| fail("listen")(&e))?;
     tracing::info!(%addr, instance, root = %root.describe(), "key service listening");
@@ -84,6 +98,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     let _ = stdout.flush();
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let jobs = jobs::spawn(state.clone(), stop_rx.clone());
     spawn_maintenance(
         tls.clone(),
         policy,
@@ -104,11 +119,15 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         });
     }
 
-    let router = routes::api(state);
+    let router = routes::api(state).layer(axum::Extension(compliance));
+    let router =
+        crate::abuse::protect_key_service(router, &config.abuse, config.limits.max_body_bytes);
     let handshake = Duration::from_secs(config.limits.handshake_timeout_secs.max(1));
-    listener::serve_tls(listener, tls, router, handshake, termination(), DRAIN).await;
+    let headers = config.abuse.header_read_timeout();
+    listener::serve_tls(listener, tls, router, handshake, headers, terminated, DRAIN).await;
     tracing::info!("shutting down: flushing the audit log");
     let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(DRAIN, jobs).await;
     // The router (and with it every audit handle) is gone: the writer
     // drains its queue, signs a final checkpoint and stops.
     let _ = tokio::time::timeout(DRAIN, audit_task).await;
@@ -170,20 +189,6 @@ async fn follow_invalidations(store: Arc<dyn KeyStore>, hierarchy: Arc<KeyHierar
     }
 }
 
-async fn termination() {
-    let (Ok(mut term), Ok(mut int)) =
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
-        tracing::error!("cannot listen for termination signals");
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-}
-
 /// SIGHUP and file-change reloads of TLS material and policy, and eviction
 /// of expired keys from memory.
 fn spawn_maintenance(
@@ -233,7 +238,7 @@ fn spawn_maintenance(
 /// Connects the configured root key provider; each one performs a real
 /// wrap/unwrap before it is returned, so a wrong PIN, an unknown key label
 /// or an unreachable endpoint stops the start with a clear message.
-pub(super) async fn root_provider(
+pub(crate) async fn root_provider(
     config: &RootConfig,
 ) -> Result<Arc<dyn RootKeyProvider>, ServerError> {
     match config {

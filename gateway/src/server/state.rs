@@ -6,7 +6,7 @@ use kms_core::{KeyHierarchy, TenantId};
 
 use super::listener::Caller;
 use crate::audit_log::AuditLog;
-use crate::config::Limits;
+use crate::config::{LifecycleConfig, Limits};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::policy::{PolicyHandle, Role};
@@ -24,6 +24,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Request limits.
     pub limits: Limits,
+    /// Lifecycle settings.
+    pub lifecycle: LifecycleConfig,
 }
 
 impl AppState {

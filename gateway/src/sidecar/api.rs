@@ -1,71 +1,171 @@
 //! Request bodies of the sidecar API (DESIGN §5).
 
 use kms_core::{Name, TenantId};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
 
 use crate::error::ApiError;
 
 /// `POST /v1/encrypt`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(super) struct EncryptRequest {
-    pub(super) tenant: TenantId,
-    pub(super) schema: Name,
+pub(crate) struct EncryptRequest {
+    #[schema(value_type = String, pattern = "^[a-z0-9][a-z0-9_-]{0,62}$")]
+    pub(crate) tenant: TenantId,
+    #[schema(value_type = String, pattern = "^[a-z0-9][a-z0-9_-]{0,62}$")]
+    pub(crate) schema: Name,
     #[serde(default)]
-    pub(super) schema_version: Option<u32>,
+    pub(crate) schema_version: Option<u32>,
+    /// One record (a JSON object); or use `records`.
     #[serde(default)]
-    pub(super) record: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub(crate) record: Option<Value>,
+    /// Several records (1 to `limits.max_records`); or use `record`.
     #[serde(default)]
-    pub(super) records: Option<Vec<Value>>,
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub(crate) records: Option<Vec<Value>>,
 }
 
 /// `POST /v1/decrypt`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(super) struct DecryptRequest {
+pub(crate) struct DecryptRequest {
+    /// One record (a JSON object); or use `records`.
     #[serde(default)]
-    pub(super) record: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub(crate) record: Option<Value>,
+    /// Several records (1 to `limits.max_records`); or use `record`.
     #[serde(default)]
-    pub(super) records: Option<Vec<Value>>,
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub(crate) records: Option<Vec<Value>>,
     #[serde(default)]
-    pub(super) purpose: Option<Name>,
+    #[schema(value_type = Option<String>, pattern = "^[a-z0-9][a-z0-9_-]{0,62}$")]
+    pub(crate) purpose: Option<Name>,
 }
 
 /// `POST /v1/rewrap`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RewrapRequest {
+pub(crate) struct RewrapRequest {
+    /// One record (a JSON object); or use `records`.
     #[serde(default)]
-    pub(super) record: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub(crate) record: Option<Value>,
+    /// Several records (1 to `limits.max_records`); or use `record`.
     #[serde(default)]
-    pub(super) records: Option<Vec<Value>>,
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub(crate) records: Option<Vec<Value>>,
 }
 
 /// `POST /v1/index`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(super) struct IndexRequest {
-    pub(super) tenant: TenantId,
-    pub(super) schema: Name,
+pub(crate) struct IndexRequest {
+    #[schema(value_type = String, pattern = "^[a-z0-9][a-z0-9_-]{0,62}$")]
+    pub(crate) tenant: TenantId,
+    #[schema(value_type = String, pattern = "^[a-z0-9][a-z0-9_-]{0,62}$")]
+    pub(crate) schema: Name,
     #[serde(default)]
-    pub(super) schema_version: Option<u32>,
-    pub(super) path: String,
-    pub(super) value: Value,
+    pub(crate) schema_version: Option<u32>,
+    pub(crate) path: String,
+    pub(crate) value: Value,
 }
 
 /// `POST /v1/pseudonym`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(super) struct PseudonymRequest {
-    pub(super) tenant: TenantId,
-    pub(super) namespace: Name,
-    pub(super) value: Value,
+pub(crate) struct PseudonymRequest {
+    #[schema(value_type = String, pattern = "^[a-z0-9][a-z0-9_-]{0,62}$")]
+    pub(crate) tenant: TenantId,
+    #[schema(value_type = String, pattern = "^[a-z0-9][a-z0-9_-]{0,62}$")]
+    pub(crate) namespace: Name,
+    pub(crate) value: Value,
+}
+
+/// `POST /v1/encrypt` response: `record` or `records`, as sent.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct EncryptResponse {
+    /// The encrypted record (with `_kg`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub(crate) record: Option<Value>,
+    /// The encrypted records, in order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub(crate) records: Option<Vec<Value>>,
+}
+
+/// `POST /v1/decrypt` response.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct DecryptResponse {
+    /// The record with the fields the policy allows in clear (others masked or withheld).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub(crate) record: Option<Value>,
+    /// The records, in order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub(crate) records: Option<Vec<Value>>,
+    /// Per record: what happened to each protected field.
+    pub(crate) report: Vec<RecordReport>,
+}
+
+/// What a decrypt did to one record.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct RecordReport {
+    pub(crate) record_key_id: String,
+    pub(crate) tenant: String,
+    pub(crate) schema: String,
+    pub(crate) schema_version: u32,
+    pub(crate) kek_version: u32,
+    /// The record's key part is not under the tenant's active KEK version.
+    pub(crate) stale_key_version: bool,
+    pub(crate) fields: Vec<FieldReport>,
+}
+
+/// One protected field of a decrypted record.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct FieldReport {
+    pub(crate) pointer: String,
+    pub(crate) class: String,
+    /// `revealed`, `masked` or `withheld`.
+    pub(crate) outcome: String,
+    /// Why it was not revealed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) reason: Option<String>,
+}
+
+/// `POST /v1/rewrap` response.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct RewrapResponse {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub(crate) record: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub(crate) records: Option<Vec<Value>>,
+    /// How many records moved to another KEK version.
+    pub(crate) rewrapped: u64,
+}
+
+/// `POST /v1/index` response.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct IndexResponse {
+    /// The blind-index or deterministic token to search for.
+    pub(crate) token: String,
+}
+
+/// `POST /v1/pseudonym` response.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct PseudonymResponse {
+    /// `kgp:` and a base32 id.
+    pub(crate) pseudonym: String,
 }
 
 /// Exactly one of `record` and `records`; returns the records and whether
 /// the answer should use the single form.
-pub(super) fn one_or_many(
+pub(crate) fn one_or_many(
     record: Option<Value>,
     records: Option<Vec<Value>>,
     max: usize,

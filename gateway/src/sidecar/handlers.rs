@@ -5,20 +5,19 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
-use kms_core::record::{
-    Disclosure, EncryptedRecord, FieldOutcome, encrypt_record, index_token, pseudonym,
-};
-use kms_core::{DekRequest, Key256, TenantId};
+use kms_core::record::{EncryptedRecord, encrypt_record, index_token, pseudonym};
+use kms_core::{DekRequest, TenantId};
 use serde_json::{Map, Value, json};
 
 use super::api::{
-    DecryptRequest, EncryptRequest, IndexRequest, PseudonymRequest, RewrapRequest, one_or_many,
+    DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, IndexRequest, IndexResponse,
+    PseudonymRequest, PseudonymResponse, RewrapRequest, RewrapResponse, one_or_many,
 };
 use super::state::{SidecarState, dek_error, ks_error};
 use crate::audit_log::now_ms;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
-use crate::policy::{FieldAccess, Role};
+use crate::policy::Role;
 
 type Shared = State<Arc<SidecarState>>;
 
@@ -43,6 +42,17 @@ async fn authorize(s: &SidecarState, tenant: &TenantId, roles: &[Role]) -> Resul
     }
 }
 
+/// Encrypts the schema's protected fields of one or many records.
+#[utoipa::path(
+    post,
+    path = "/v1/encrypt",
+    tag = "records",
+    request_body = EncryptRequest,
+    responses(
+        (status = 200, description = "The encrypted record(s)", body = EncryptResponse),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 401 no token, 403 not granted, 404 unknown tenant or schema, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 422 cannot decrypt, 429 rate limited, 503 key service or audit unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
 pub(super) async fn encrypt(
     State(s): Shared,
     ApiJson(req): ApiJson<EncryptRequest>,
@@ -85,138 +95,26 @@ pub(super) async fn encrypt(
     Ok(respond(out, single, Map::new()))
 }
 
+/// Decrypts the fields this sidecar's identity may see.
+#[utoipa::path(
+    post,
+    path = "/v1/decrypt",
+    tag = "records",
+    request_body = DecryptRequest,
+    responses(
+        (status = 200, description = "The record(s) with what the policy allows, and a report", body = DecryptResponse),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 401 no token, 403 not granted, 404 unknown tenant or schema, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 422 cannot decrypt, 429 rate limited, 503 key service or audit unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
 pub(super) async fn decrypt(
-    State(s): Shared,
-    ApiJson(req): ApiJson<DecryptRequest>,
-) -> Result<Json<Value>, ApiError> {
-    let (records, single) =
-        one_or_many(req.record, req.records, s.limits.max_records, s.limits.max_depth)?;
-    let grants = s.keyring.grants().await.map_err(ks_error)?;
-    s.reporter.check()?;
-    let parsed: Vec<EncryptedRecord> =
-        records.into_iter().map(EncryptedRecord::parse).collect::<Result<_, _>>()?;
-    for record in &parsed {
-        let tenant = record.header().tenant();
-        if !grants.authorize(tenant, Role::Decryptor) {
-            return Err(ApiError::forbidden(format!(
-                "this sidecar's identity may not decrypt for tenant {tenant}"
-            )));
-        }
-    }
-
-    // DEKs: cache first, then one unwrap call per tenant for all misses.
-    let mut deks: Vec<Option<(Arc<Key256>, bool)>> = parsed
-        .iter()
-        .map(|r| {
-            let h = r.header();
-            s.cache.get(h.record_key_id(), h.tenant(), h.kek_version()).map(|k| (k, true))
-        })
-        .collect();
-    let mut misses: BTreeMap<TenantId, Vec<usize>> = BTreeMap::new();
-    for (i, dek) in deks.iter().enumerate() {
-        if dek.is_none() {
-            if let Some(r) = parsed.get(i) {
-                misses.entry(r.header().tenant().clone()).or_default().push(i);
-            }
-        }
-    }
-    for (tenant, indices) in misses {
-        let items: Vec<DekRequest> =
-            indices.iter().filter_map(|i| parsed.get(*i)).map(dek_request).collect();
-        let unwrapped =
-            s.client.unwrap(&tenant, &items, req.purpose.as_ref()).await.map_err(ks_error)?;
-        s.note_active(&tenant, unwrapped.active_version);
-        let mut fresh = Vec::with_capacity(items.len());
-        for ((i, item), result) in indices.iter().zip(&items).zip(unwrapped.results) {
-            let key = Arc::new(result.map_err(|code| dek_error(&code))?);
-            fresh.push((item.record_key_id, item.kek_version, key.clone()));
-            if let Some(slot) = deks.get_mut(*i) {
-                *slot = Some((key, false));
-            }
-        }
-        s.cache.insert_many(&tenant, fresh);
-    }
-
-    let purpose = req.purpose.as_ref().map(|p| p.as_str());
-    let mut out = Vec::with_capacity(parsed.len());
-    let mut reports = Vec::with_capacity(parsed.len());
-    let mut events = Vec::with_capacity(parsed.len());
-    // Schema and derived keys, resolved once per (tenant, schema, version)
-    // rather than once per record.
-    let mut resolved: Vec<(
-        TenantId,
-        Arc<kms_core::schema::Schema>,
-        Arc<kms_core::record::SchemaKeys>,
-    )> = Vec::new();
-    for (record, dek) in parsed.into_iter().zip(deks) {
-        let (dek, cached) = dek.ok_or_else(crate::error::cannot_decrypt)?;
-        let header = record.header();
-        let (tenant, version, id) =
-            (header.tenant().clone(), header.kek_version(), *header.record_key_id());
-        let known = resolved.iter().find(|(t, schema, _)| {
-            t == &tenant
-                && &schema.name == header.schema()
-                && schema.version == header.schema_version()
-        });
-        let (schema, keys) = match known {
-            Some((_, schema, keys)) => (schema.clone(), keys.clone()),
-            None => {
-                let schema =
-                    s.schema(header.schema().as_str(), Some(header.schema_version()))?.clone();
-                let keys = s.keyring.schema_keys(&tenant, &schema).await.map_err(ks_error)?;
-                resolved.push((tenant.clone(), schema.clone(), keys.clone()));
-                (schema, keys)
-            }
-        };
-        let disclose = |field: &kms_core::schema::FieldSpec| match grants.disclosure(
-            &tenant,
-            &field.class,
-            purpose,
-        ) {
-            FieldAccess::Reveal => Disclosure::Reveal,
-            FieldAccess::Mask => Disclosure::Mask,
-            _ => Disclosure::Withhold,
-        };
-        let decrypted = record.decrypt(&dek, &schema, &keys, &disclose)?;
-        let stale = s.active(&tenant).is_some_and(|active| active != version);
-        let fields: Vec<Value> = decrypted
-            .fields
-            .iter()
-            .map(|f| {
-                let mut entry = Map::new();
-                entry.insert("pointer".into(), json!(f.pointer));
-                entry.insert("class".into(), json!(f.class));
-                entry.insert("outcome".into(), json!(outcome(f.outcome)));
-                if let Some(reason) = reason(f, grants.disclosure(&tenant, &f.class, purpose)) {
-                    entry.insert("reason".into(), json!(reason));
-                }
-                Value::Object(entry)
-            })
-            .collect();
-        let field_outcomes: Map<String, Value> = decrypted
-            .fields
-            .iter()
-            .map(|f| (f.pointer.clone(), json!(outcome(f.outcome))))
-            .collect();
-        events.push(json!({
-            "actor": s.app, "action": "record.decrypt", "tenant": tenant, "kek_version": version,
-            "record_key_ids": [id], "outcome": "ok", "purpose": purpose, "ts_ms": now_ms(),
-            "fields": {"cache_hit": cached, "schema": schema.name, "fields": field_outcomes},
-        }));
-        reports.push(json!({
-            "record_key_id": id, "tenant": tenant, "schema": schema.name, "schema_version": schema.version,
-            "kek_version": version, "stale_key_version": stale, "fields": fields,
-        }));
-        out.push(decrypted.record);
-    }
-    s.reporter.record(events);
-    let mut extra = Map::new();
-    extra.insert("report".into(), Value::Array(reports));
-    Ok(respond(out, single, extra))
+    state: Shared,
+    req: ApiJson<DecryptRequest>,
+) -> Result<Json<super::decrypt::DecryptResponse>, ApiError> {
+    super::decrypt::decrypt(state, req).await
 }
 
 /// What the key service needs to unwrap or rewrap a record's DEK.
-fn dek_request(record: &EncryptedRecord) -> DekRequest {
+pub(super) fn dek_request(record: &EncryptedRecord) -> DekRequest {
     let header = record.header();
     DekRequest {
         record_key_id: *header.record_key_id(),
@@ -225,31 +123,17 @@ fn dek_request(record: &EncryptedRecord) -> DekRequest {
     }
 }
 
-/// Why a field was not revealed (for the caller; never a value).
-fn reason(field: &kms_core::record::FieldReport, access: FieldAccess) -> Option<String> {
-    let class = &field.class;
-    match (field.outcome, access) {
-        (FieldOutcome::Revealed, _) => None,
-        (FieldOutcome::Masked, _) => {
-            Some(format!("the policy allows only the masked form of {class}"))
-        }
-        (FieldOutcome::Withheld, FieldAccess::Mask) => {
-            Some(format!("the policy allows only a masked {class}, and the schema defines no mask"))
-        }
-        (FieldOutcome::Withheld, _) => {
-            Some(format!("the policy does not grant {class} for this tenant and purpose"))
-        }
-    }
-}
-
-fn outcome(o: FieldOutcome) -> &'static str {
-    match o {
-        FieldOutcome::Revealed => "revealed",
-        FieldOutcome::Masked => "masked",
-        FieldOutcome::Withheld => "withheld",
-    }
-}
-
+/// Moves records' key parts to the active KEK version.
+#[utoipa::path(
+    post,
+    path = "/v1/rewrap",
+    tag = "records",
+    request_body = RewrapRequest,
+    responses(
+        (status = 200, description = "The records with their key part under the active KEK version", body = RewrapResponse),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 401 no token, 403 not granted, 404 unknown tenant or schema, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 422 cannot decrypt, 429 rate limited, 503 key service or audit unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
 pub(super) async fn rewrap(
     State(s): Shared,
     ApiJson(req): ApiJson<RewrapRequest>,
@@ -294,6 +178,17 @@ pub(super) async fn rewrap(
     Ok(respond(out, single, extra))
 }
 
+/// The blind-index or deterministic token of a value.
+#[utoipa::path(
+    post,
+    path = "/v1/index",
+    tag = "records",
+    request_body = IndexRequest,
+    responses(
+        (status = 200, description = "The token to search for", body = IndexResponse),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 401 no token, 403 not granted, 404 unknown tenant or schema, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 422 cannot decrypt, 429 rate limited, 503 key service or audit unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
 pub(super) async fn index(
     State(s): Shared,
     ApiJson(req): ApiJson<IndexRequest>,
@@ -305,6 +200,17 @@ pub(super) async fn index(
     Ok(Json(json!({ "token": token })))
 }
 
+/// A stable pseudonym for a value.
+#[utoipa::path(
+    post,
+    path = "/v1/pseudonym",
+    tag = "records",
+    request_body = PseudonymRequest,
+    responses(
+        (status = 200, description = "The pseudonym", body = PseudonymResponse),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 401 no token, 403 not granted, 404 unknown tenant or schema, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 422 cannot decrypt, 429 rate limited, 503 key service or audit unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
 pub(super) async fn pseudonymize(
     State(s): Shared,
     ApiJson(req): ApiJson<PseudonymRequest>,

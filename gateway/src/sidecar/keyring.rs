@@ -84,10 +84,10 @@ impl Keyring {
     /// This sidecar's grants (refreshed after the TTL; fail closed when
     /// they cannot be refreshed).
     pub(super) async fn grants(&self) -> Result<Arc<EffectiveGrants>, KsError> {
-        if let Some((grants, at)) = &*self.grants.lock().unwrap_or_else(|p| p.into_inner()) {
-            if at.elapsed() < self.ttl {
-                return Ok(grants.clone());
-            }
+        if let Some((grants, at)) = &*self.grants.lock().unwrap_or_else(|p| p.into_inner())
+            && at.elapsed() < self.ttl
+        {
+            return Ok(grants.clone());
         }
         let grants = Arc::new(self.client.policy_self().await?);
         *self.grants.lock().unwrap_or_else(|p| p.into_inner()) =

@@ -101,6 +101,14 @@ struct DerivedKeyWire {
     key: SecretB64,
 }
 
+/// Body of unwrap and rewrap calls.
+#[derive(Serialize)]
+struct BatchOut<'a> {
+    items: Vec<ItemOut>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    purpose: Option<&'a Name>,
+}
+
 #[derive(Serialize)]
 struct ItemOut {
     record_key_id: RecordKeyId,
@@ -144,11 +152,11 @@ impl KeyServiceClient {
         Ok(Self { http, urls: config.urls.clone(), preferred: AtomicUsize::new(0) })
     }
 
-    async fn call<T: DeserializeOwned>(
+    async fn call<T: DeserializeOwned, B: Serialize + ?Sized>(
         &self,
         method: reqwest::Method,
         path: &str,
-        body: Option<&Value>,
+        body: Option<&B>,
     ) -> Result<T, KsError> {
         let start = self.preferred.load(Ordering::Relaxed);
         let mut last_error = String::from("no key service configured");
@@ -219,7 +227,8 @@ impl KeyServiceClient {
         items: &[DekRequest],
         purpose: Option<&Name>,
     ) -> Result<Unwrapped, KsError> {
-        let body = json!({ "items": wire_items(items), "purpose": purpose });
+        // Serialized straight from typed items (no JSON tree per item).
+        let body = BatchOut { items: wire_items(items), purpose };
         let wire: UnwrapWire = self
             .call(
                 reqwest::Method::POST,
@@ -247,7 +256,7 @@ impl KeyServiceClient {
         tenant: &TenantId,
         items: &[DekRequest],
     ) -> Result<Vec<Result<Rewrapped, String>>, KsError> {
-        let body = json!({ "items": wire_items(items) });
+        let body = BatchOut { items: wire_items(items), purpose: None };
         let wire: ResultsWire = self
             .call(
                 reqwest::Method::POST,
@@ -327,7 +336,7 @@ impl KeyServiceClient {
 
     /// This sidecar's grants.
     pub(super) async fn policy_self(&self) -> Result<EffectiveGrants, KsError> {
-        self.call(reqwest::Method::GET, "/v1/policy/self", None).await
+        self.call(reqwest::Method::GET, "/v1/policy/self", None::<&Value>).await
     }
 
     /// Reports field-level access events.

@@ -7,16 +7,20 @@
 //! only the field classes this sidecar's identity may see, and reports
 //! every field-level access to the key service's audit chain.
 
-mod api;
+pub(crate) mod api;
 mod cache;
 pub mod config;
+mod decrypt;
 mod handlers;
 mod keyring;
 mod ks_client;
+mod listener;
+mod openapi;
 mod pool;
 mod reporter;
 mod run;
 mod state;
 
 pub use self::config::SidecarConfig;
+pub(crate) use self::openapi::document as openapi_document;
 pub use self::run::{SidecarError, run};

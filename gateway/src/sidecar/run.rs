@@ -13,13 +13,13 @@ use axum::routing::{get, post};
 use kms_core::schema::SchemaSet;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
-use tokio::signal::unix::{SignalKind, signal};
 
 use super::cache::DekCache;
 use super::config::{Listen, SidecarConfig};
 use super::handlers;
 use super::keyring::Keyring;
 use super::ks_client::KeyServiceClient;
+use super::listener::{AppListener, serve};
 use super::pool::DekPool;
 use super::reporter::Reporter;
 use super::state::SidecarState;
@@ -40,6 +40,10 @@ fn fail(step: &'static str) -> impl FnOnce(&dyn std::fmt::Display) -> SidecarErr
 
 /// Runs the sidecar until SIGTERM or SIGINT, then flushes audit events.
 pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
+    let hygiene = crate::hygiene::harden();
+    crate::compliance::sidecar_report(&config, &hygiene)
+        .enforce()
+        .map_err(|e| fail("compliance")(&e))?;
     let mut schemas = SchemaSet::default();
     for path in &config.schemas {
         let text = std::fs::read_to_string(path)
@@ -82,9 +86,16 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let reporter_task = tokio::spawn(reporter.run(stop_rx.clone()));
     spawn_maintenance(state.clone(), stop_rx);
-    let router = router(state.clone());
+    let router = crate::abuse::protect_sidecar(
+        router(state.clone()),
+        &config.abuse,
+        config.limits.max_depth,
+        config.limits.max_body_bytes,
+    );
 
+    let terminated = crate::signals::termination().map_err(|e| fail("signals")(&e))?;
     let mut stdout = std::io::stdout();
+    let drain = Duration::from_secs(20);
     match &config.listen {
         Listen::Unix(path) => {
             if path.exists() {
@@ -98,10 +109,8 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
             tracing::info!(socket = %path.display(), "sidecar listening");
             let _ = writeln!(stdout, "keygate sidecar listening on unix:{}", path.display());
             let _ = stdout.flush();
-            axum::serve(listener, router)
-                .with_graceful_shutdown(termination())
-                .await
-                .map_err(|e| fail("serve")(&e))?;
+            let listener = AppListener::Unix(listener);
+            serve(listener, router, config.abuse.clone(), terminated, drain).await;
             let _ = std::fs::remove_file(path);
         }
         Listen::Tcp(addr) => {
@@ -111,10 +120,8 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
             tracing::info!(%addr, "sidecar listening");
             let _ = writeln!(stdout, "keygate sidecar listening on http://{addr}");
             let _ = stdout.flush();
-            axum::serve(listener, router)
-                .with_graceful_shutdown(termination())
-                .await
-                .map_err(|e| fail("serve")(&e))?;
+            let listener = AppListener::Tcp(listener);
+            serve(listener, router, config.abuse.clone(), terminated, drain).await;
         }
     }
     tracing::info!("sidecar shutting down: flushing audit events");
@@ -126,19 +133,6 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
 fn set_mode(path: &std::path::Path, mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-}
-
-async fn termination() {
-    let (Ok(mut term), Ok(mut int)) =
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }
 
 fn spawn_maintenance(state: Arc<SidecarState>, mut stop: tokio::sync::watch::Receiver<bool>) {
@@ -165,10 +159,18 @@ fn router(state: Arc<SidecarState>) -> Router {
         .route("/v1/index", post(handlers::index))
         .route("/v1/pseudonym", post(handlers::pseudonymize))
         .layer(middleware::from_fn_with_state(state.clone(), bearer))
-        .route("/healthz", get(|| async { axum::Json(json!({"status": "ok"})) }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/v1/openapi.json", get(super::openapi::openapi_json))
         .fallback(|| async { ApiError::not_found("not_found", "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed here",
+            )
+        })
         .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .with_state(state)
@@ -195,7 +197,28 @@ async fn bearer(State(s): State<Arc<SidecarState>>, request: Request, next: Next
     next.run(request).await
 }
 
-async fn readyz(State(s): State<Arc<SidecarState>>) -> Response {
+/// `GET /healthz`: the process is up.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "ops",
+    responses((status = 200, description = "The process is up", body = crate::openapi::Health)),
+)]
+pub(super) async fn healthz() -> axum::Json<serde_json::Value> {
+    axum::Json(json!({"status": "ok"}))
+}
+
+/// `GET /readyz`: the key service answers and audit events are flowing.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "ops",
+    responses(
+        (status = 200, description = "Ready", body = crate::openapi::Readiness),
+        (status = 503, description = "Not ready; `checks` says why", body = crate::openapi::Readiness),
+    ),
+)]
+pub(super) async fn readyz(State(s): State<Arc<SidecarState>>) -> Response {
     let key_service = s.keyring.grants().await.map(|_| ()).map_err(|e| e.to_string());
     let audit = s.reporter.check().map_err(|e| e.code().to_owned());
     let ready = key_service.is_ok() && audit.is_ok();
@@ -208,7 +231,14 @@ async fn readyz(State(s): State<Arc<SidecarState>>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-async fn metrics(State(s): State<Arc<SidecarState>>) -> Response {
+/// `GET /metrics`: Prometheus text exposition.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "ops",
+    responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text", body = String)),
+)]
+pub(super) async fn metrics(State(s): State<Arc<SidecarState>>) -> Response {
     let (hits, misses, entries) = s.cache.stats();
     let m = &s.metrics;
     m.dek_cache_hits.set(hits);

@@ -418,7 +418,7 @@ mod tests {
             state ^= state << 17;
             let len = (state % 100) as usize;
             let mut bytes: Vec<u8> = (0..len).map(|i| (state >> (i % 56)) as u8).collect();
-            if state % 3 == 0 && len >= 6 {
+            if state.is_multiple_of(3) && len >= 6 {
                 bytes[..6].copy_from_slice(b"KGRK\x01\x00");
                 bytes[5] = (state % 2) as u8;
             }

@@ -9,6 +9,34 @@ use crate::secret::Key256;
 /// Full-length HMAC-SHA256 output.
 pub type MacTag = [u8; 32];
 
+/// An HMAC-SHA256 key keyed once — its inner and outer pads already
+/// hashed — and used for many messages: each tag costs the message's
+/// blocks and one more, not the two extra blocks of keying. The keyed
+/// state is wiped on drop (sha2's `zeroize`); `Debug` shows nothing.
+pub struct MacKey(Hmac<Sha256>);
+
+impl MacKey {
+    /// Keys HMAC-SHA256 with `key`.
+    pub fn new(key: &Key256) -> Self {
+        Self(keyed(key))
+    }
+
+    /// `HMAC-SHA256(key, part₀ ‖ part₁ ‖ …)`.
+    pub fn tag(&self, parts: &[&[u8]]) -> MacTag {
+        let mut mac = self.0.clone();
+        for part in parts {
+            mac.update(part);
+        }
+        mac.finalize().into_bytes().into()
+    }
+}
+
+impl std::fmt::Debug for MacKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MacKey(..)")
+    }
+}
+
 /// `HMAC-SHA256(key, part₀ ‖ part₁ ‖ …)`.
 pub fn hmac(key: &Key256, parts: &[&[u8]]) -> MacTag {
     let mut mac = keyed(key);
@@ -47,6 +75,16 @@ mod tests {
             data_encoding::HEXLOWER.encode(&tag),
             "198a607eb44bfbc69903a0f1cf2bbdc5ba0aa3f3d9ae3c1c7a3b1696a0b68cf7"
         );
+    }
+
+    #[test]
+    fn keyed_once_equals_keyed_each_time() {
+        let key = Key256::from_array(&mut [0x0b; 32]);
+        let keyed = MacKey::new(&key);
+        for message in [&b""[..], b"Hi There", &[7u8; 200]] {
+            assert_eq!(keyed.tag(&[message]), hmac(&key, &[message]));
+        }
+        assert_eq!(format!("{keyed:?}"), "MacKey(..)");
     }
 
     #[test]

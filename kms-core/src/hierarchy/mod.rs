@@ -6,12 +6,19 @@
 //! expiry. Plaintext DEKs are returned to the caller and never stored.
 
 mod cache;
+mod lifecycle;
+mod masters;
+mod usage;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use self::cache::CacheStats;
 use self::cache::{Cached, KeyCache, Slot};
+pub use self::lifecycle::{MasterRotation, ScheduledRotation};
+pub use self::masters::MasterConnector;
+use self::masters::Masters;
+use self::usage::UsageMeter;
 use crate::crypto::Aead;
 use crate::crypto::rng::RandomError;
 use crate::dek::{self, DekBinding, IssuedDek, KekVersion, WrappedDek};
@@ -148,9 +155,9 @@ pub struct Rewrapped {
 #[derive(Debug)]
 pub struct KeyHierarchy {
     store: Arc<dyn KeyStore>,
-    root: Arc<dyn RootKeyProvider>,
-    master: MasterKeyId,
+    masters: Masters,
     cache: KeyCache,
+    usage: UsageMeter,
     config: HierarchyConfig,
 }
 
@@ -161,15 +168,63 @@ impl std::fmt::Debug for KeyCache {
 }
 
 impl KeyHierarchy {
-    /// Registers the root provider's master key in the store and returns
-    /// the hierarchy.
+    /// Registers the root provider's master key in the store (active if
+    /// the store has none yet) and returns the hierarchy. Keys wrapped
+    /// under any other master are refused with
+    /// [`HierarchyError::ForeignMaster`]; see [`KeyHierarchy::open`].
     pub async fn new(
         store: Arc<dyn KeyStore>,
         root: Arc<dyn RootKeyProvider>,
         config: HierarchyConfig,
     ) -> Result<Self, HierarchyError> {
-        let master = store.register_master(&root.describe()).await?;
-        Ok(Self { store, cache: KeyCache::new(config.key_ttl), root, master, config })
+        Self::open(store, root, None, None, config).await
+    }
+
+    /// Like [`KeyHierarchy::new`], also recording `root_config` (how to
+    /// connect to the configured master again, without secrets) and using
+    /// `connector` to reach the other masters the store has keys under —
+    /// after a master rotation the store's active master may not be the
+    /// configured one, and in the middle of one both hold keys.
+    pub async fn open(
+        store: Arc<dyn KeyStore>,
+        root: Arc<dyn RootKeyProvider>,
+        root_config: Option<&str>,
+        connector: Option<Arc<dyn MasterConnector>>,
+        config: HierarchyConfig,
+    ) -> Result<Self, HierarchyError> {
+        let info = root.describe();
+        let configured = store.register_master(&info).await?;
+        if let Some(root_config) = root_config {
+            store.set_master_config(configured, root_config).await?;
+        }
+        let masters = Masters::new(connector);
+        masters.insert(configured, root);
+        match store.masters().await?.into_iter().find(|m| m.active) {
+            None => store.activate_master(configured).await?,
+            Some(active) if active.id != configured => tracing::warn!(
+                configured = %info,
+                active = format!("{}:{}", active.kind, active.key_ref),
+                "the keystore's active master key is not the configured one (a master \
+                 rotation moved it): new keys are wrapped under the active one; update \
+                 the configured root key to match"
+            ),
+            Some(_) => {}
+        }
+        let hierarchy = Self {
+            store,
+            masters,
+            cache: KeyCache::new(config.key_ttl),
+            usage: UsageMeter::default(),
+            config,
+        };
+        // Connect now to every master holding keys, so a missing one shows
+        // at start; one that fails is retried when a key needs it.
+        for (master, _) in hierarchy.store.keys_per_master().await? {
+            if let Err(e) = hierarchy.masters.get(hierarchy.store.as_ref(), master).await {
+                tracing::error!(master = master.0, error = %e, "cannot reach a master key");
+            }
+        }
+        Ok(hierarchy)
     }
 
     /// The store.
@@ -177,9 +232,20 @@ impl KeyHierarchy {
         &self.store
     }
 
-    /// The root key provider.
-    pub fn root(&self) -> &Arc<dyn RootKeyProvider> {
-        &self.root
+    /// The store's active master key (new keys are wrapped under it) and
+    /// its provider.
+    pub async fn active_master(
+        &self,
+    ) -> Result<(MasterKeyId, Arc<dyn RootKeyProvider>), HierarchyError> {
+        self.masters.active(self.store.as_ref()).await
+    }
+
+    /// The provider of a master key the store references.
+    pub async fn master(
+        &self,
+        id: MasterKeyId,
+    ) -> Result<Arc<dyn RootKeyProvider>, HierarchyError> {
+        self.masters.get(self.store.as_ref(), id).await
     }
 
     /// The configuration.
@@ -192,15 +258,16 @@ impl KeyHierarchy {
     pub async fn create_tenant(&self, id: &TenantId) -> Result<TenantRecord, HierarchyError> {
         let kek = Key256::generate()?;
         let index_root = Key256::generate()?;
-        let kek_wrapped = self.root.wrap(&kek, &WrapContext::tenant_kek(id, 1)).await?;
-        let index_root_wrapped = self.root.wrap(&index_root, &WrapContext::index_root(id)).await?;
+        let (master, root) = self.active_master().await?;
+        let kek_wrapped = root.wrap(&kek, &WrapContext::tenant_kek(id, 1)).await?;
+        let index_root_wrapped = root.wrap(&index_root, &WrapContext::index_root(id)).await?;
         let record = self
             .store
             .create_tenant(NewTenant {
                 id: id.clone(),
                 index_root_wrapped,
                 kek_wrapped,
-                master: self.master,
+                master,
                 created_at: unix_now(),
             })
             .await?;
@@ -218,22 +285,36 @@ impl KeyHierarchy {
     pub async fn rotate(&self, id: &TenantId) -> Result<KekRecord, HierarchyError> {
         for _ in 0..ROTATION_ATTEMPTS {
             let tenant = self.tenant(id).await?;
-            if tenant.index_root_wrapped.is_none() {
-                return Err(HierarchyError::KeyDestroyed(id.clone()));
-            }
-            let next = tenant.versions.last().map_or(1, |v| v.version + 1);
-            let kek = Key256::generate()?;
-            let wrapped = self.root.wrap(&kek, &WrapContext::tenant_kek(id, next)).await?;
-            match self.store.add_kek_version(id, next, &wrapped, self.master, unix_now()).await {
-                Ok(record) => {
-                    self.cache.invalidate_tenant(id);
-                    return Ok(record);
-                }
-                Err(StoreError::VersionConflict(_)) => continue,
-                Err(e) => return Err(e.into()),
+            match self.rotate_from(&tenant).await? {
+                Some(record) => return Ok(record),
+                None => continue,
             }
         }
         Err(HierarchyError::Store(StoreError::VersionConflict(id.clone())))
+    }
+
+    /// Adds the version after the highest of `tenant` as read; `None` if
+    /// another writer added one first.
+    async fn rotate_from(
+        &self,
+        tenant: &TenantRecord,
+    ) -> Result<Option<KekRecord>, HierarchyError> {
+        let id = &tenant.id;
+        if tenant.index_root_wrapped.is_none() {
+            return Err(HierarchyError::KeyDestroyed(id.clone()));
+        }
+        let next = tenant.versions.last().map_or(1, |v| v.version + 1);
+        let kek = Key256::generate()?;
+        let (master, root) = self.active_master().await?;
+        let wrapped = root.wrap(&kek, &WrapContext::tenant_kek(id, next)).await?;
+        match self.store.add_kek_version(id, next, &wrapped, master, unix_now()).await {
+            Ok(record) => {
+                self.cache.invalidate_tenant(id);
+                Ok(Some(record))
+            }
+            Err(StoreError::VersionConflict(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Changes a KEK version's state (enable, disable, decrypt-only).
@@ -243,7 +324,12 @@ impl KeyHierarchy {
         version: KekVersion,
         change: StateChange,
     ) -> Result<KekRecord, HierarchyError> {
-        let record = self.store.change_kek_state(id, version, change, unix_now()).await?;
+        let record = match self.store.change_kek_state(id, version, change, unix_now()).await {
+            Err(StoreError::UnknownVersion { .. }) if self.store.tenant(id).await?.is_none() => {
+                return Err(HierarchyError::UnknownTenant(id.clone()));
+            }
+            other => other?,
+        };
         self.cache.invalidate_tenant(id);
         Ok(record)
     }
@@ -274,6 +360,7 @@ impl KeyHierarchy {
             let wrapped = dek::wrap_dek(&kek, &binding, &dek)?;
             out.push(IssuedDek::new(record_key_id, version, wrapped, dek));
         }
+        self.usage.issued(id, version, count, unix_now());
         Ok(out)
     }
 
@@ -306,6 +393,15 @@ impl KeyHierarchy {
                 dek::unwrap_dek(&kek, &binding, &request.wrapped)
                     .map_err(|_| DekError::CannotDecrypt)
             }));
+        }
+        let now = unix_now();
+        for (version, _) in &keks {
+            let unwrapped = requests
+                .iter()
+                .zip(&out)
+                .filter(|(r, result)| r.kek_version == *version && result.is_ok())
+                .count();
+            self.usage.unwrapped(id, *version, unwrapped, now);
         }
         Ok(out)
     }
@@ -368,8 +464,8 @@ impl KeyHierarchy {
         let tenant = self.tenant(id).await?;
         let wrapped =
             tenant.index_root_wrapped.ok_or_else(|| HierarchyError::KeyDestroyed(id.clone()))?;
-        self.check_master(tenant.index_root_master)?;
-        let root = Arc::new(self.root.unwrap(&wrapped, &WrapContext::index_root(id)).await?);
+        let master = self.master(tenant.index_root_master).await?;
+        let root = Arc::new(master.unwrap(&wrapped, &WrapContext::index_root(id)).await?);
         self.cache.insert(id, generation, Slot::IndexRoot, Cached::IndexRoot(root.clone()));
         Ok(root)
     }
@@ -402,10 +498,6 @@ impl KeyHierarchy {
         Ok(())
     }
 
-    fn check_master(&self, master: MasterKeyId) -> Result<(), HierarchyError> {
-        if master == self.master { Ok(()) } else { Err(HierarchyError::ForeignMaster(master.0)) }
-    }
-
     /// The tenant's active KEK version (cached for the key TTL).
     pub async fn active_version(&self, id: &TenantId) -> Result<KekVersion, HierarchyError> {
         if let Some(Cached::ActiveVersion(v)) = self.cache.get(id, Slot::ActiveVersion) {
@@ -413,7 +505,13 @@ impl KeyHierarchy {
         }
         let generation = self.cache.generation(id);
         let tenant = self.tenant(id).await?;
-        let active = tenant.active().ok_or_else(|| HierarchyError::NoActiveKey(id.clone()))?;
+        let active = tenant.active().ok_or_else(|| {
+            if tenant.index_root_wrapped.is_none() {
+                HierarchyError::KeyDestroyed(id.clone())
+            } else {
+                HierarchyError::NoActiveKey(id.clone())
+            }
+        })?;
         self.cache.insert(
             id,
             generation,
@@ -442,8 +540,8 @@ impl KeyHierarchy {
         };
         let aead = match (&record.wrapped, record.state.can_unwrap()) {
             (Some(wrapped), true) => {
-                self.check_master(record.master)?;
-                let key = self.root.unwrap(wrapped, &WrapContext::tenant_kek(id, version)).await?;
+                let master = self.master(record.master).await?;
+                let key = master.unwrap(wrapped, &WrapContext::tenant_kek(id, version)).await?;
                 Some(Arc::new(Aead::new(&key)))
             }
             _ => None,

@@ -186,7 +186,7 @@ impl EncryptedRecord {
                 else {
                     return Err(RecordError::CannotDecrypt);
                 };
-                let expected = transform::blind_index_token(key, bidx, &value);
+                let expected = transform::blind_index_with(key, bidx, &value);
                 if !ct_eq(stored.as_bytes(), expected.as_bytes()) {
                     return Err(RecordError::CannotDecrypt);
                 }
@@ -226,10 +226,10 @@ impl EncryptedRecord {
 /// Removes an object member; replaces an array element by `null` so that
 /// the indices of the others do not shift.
 fn withhold(record: &mut Value, pointer: &str) {
-    if remove_member(record, pointer).is_none() {
-        if let Some(slot) = record.pointer_mut(pointer) {
-            *slot = Value::Null;
-        }
+    if remove_member(record, pointer).is_none()
+        && let Some(slot) = record.pointer_mut(pointer)
+    {
+        *slot = Value::Null;
     }
 }
 

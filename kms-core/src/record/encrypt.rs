@@ -10,6 +10,7 @@ use super::{BLIND_INDEX_SUFFIX, HEADER_MEMBER, MAX_FIELDS, RecordError};
 use crate::crypto::Aead;
 use crate::dek::IssuedDek;
 use crate::ids::TenantId;
+use crate::pointer;
 use crate::schema::{FieldMode, FieldSpec, Schema};
 
 /// A protected location found in a record: its concrete pointer and the
@@ -46,12 +47,20 @@ pub fn encrypt_record(
         });
     }
     let locations = locate(&record, schema)?;
+    // Each blind index sibling's pointer, made once and checked before
+    // anything is changed.
+    let mut siblings: Vec<Option<String>> = Vec::with_capacity(locations.len());
+    let mut specs: Vec<(usize, &FieldSpec)> = Vec::with_capacity(locations.len());
     for loc in &locations {
-        if let Some(sibling) = blind_index_sibling(&loc.pointer, field(schema, loc.field)?) {
-            if record.pointer(&sibling).is_some() || !parent_is_object(&record, &sibling) {
-                return Err(RecordError::ReservedMember { pointer: sibling });
-            }
+        let spec = field(schema, loc.field)?;
+        let sibling = blind_index_sibling(&loc.pointer, spec);
+        if let Some(sibling) = &sibling
+            && !sibling_is_free(&record, sibling)
+        {
+            return Err(RecordError::ReservedMember { pointer: sibling.clone() });
         }
+        siblings.push(sibling);
+        specs.push((loc.field, spec));
     }
 
     let unsigned = HeaderContents {
@@ -60,14 +69,10 @@ pub fn encrypt_record(
         schema_version: schema.version,
         record_key_id: dek.record_key_id,
         fields: locations
-            .iter()
-            .map(|loc| {
-                Ok(HeaderField {
-                    pointer: loc.pointer.clone(),
-                    mode: field(schema, loc.field)?.mode,
-                })
-            })
-            .collect::<Result<_, RecordError>>()?,
+            .into_iter()
+            .zip(&specs)
+            .map(|(loc, (_, spec))| HeaderField { pointer: loc.pointer, mode: spec.mode })
+            .collect(),
         kek_version: dek.kek_version,
         wrapped_dek: dek.wrapped,
     }
@@ -81,10 +86,12 @@ pub fn encrypt_record(
     let mut bound: Vec<String> = Vec::new();
     let record_aead = Aead::new(dek.dek());
     let mut plaintext = SecretBuf::default();
-    let mut aad = Vec::with_capacity(64);
-    for loc in &locations {
-        let spec = field(schema, loc.field)?;
-        let slot = record.pointer_mut(&loc.pointer).ok_or(RecordError::CannotDecrypt)?;
+    let mut aad = Vec::with_capacity(aad_prefix.len() + 64);
+    for ((listed, &(index, spec)), sibling) in unsigned.fields().iter().zip(&specs).zip(siblings) {
+        let field_keys = keys.field(index);
+        // One lookup: the value is taken out and its replacement written
+        // back through the same reference.
+        let slot = record.pointer_mut(&listed.pointer).ok_or(RecordError::CannotDecrypt)?;
         let value = std::mem::take(slot);
         plaintext.clear();
         serde_json::to_writer(&mut plaintext, &value).map_err(|_| RecordError::NotAnObject)?;
@@ -93,12 +100,12 @@ pub fn encrypt_record(
             FieldMode::Randomized | FieldMode::BlindIndex => {
                 aad.clear();
                 aad.extend_from_slice(&aad_prefix);
-                aad.extend_from_slice(loc.pointer.as_bytes());
+                aad.extend_from_slice(listed.pointer.as_bytes());
                 let mut sealed = Vec::with_capacity(plaintext.len() + crate::crypto::SEAL_OVERHEAD);
                 record_aead.seal_random(&aad, plaintext, &mut sealed)?;
-                let token = match (keys.field(loc.field), &spec.blind_index) {
+                let token = match (field_keys, &spec.blind_index) {
                     (Some(FieldKeys::BlindIndex(key)), Some(bidx)) => {
-                        Some(transform::blind_index_token(key, bidx, &value))
+                        Some(transform::blind_index_with(key, bidx, &value))
                     }
                     (_, Some(_)) => return Err(missing(spec)),
                     _ => None,
@@ -106,11 +113,11 @@ pub fn encrypt_record(
                 (transform::encode_token(RANDOMIZED_PREFIX, &sealed), token)
             }
             FieldMode::Deterministic => {
-                let keys = keys.field(loc.field).ok_or_else(|| missing(spec))?;
+                let keys = field_keys.ok_or_else(|| missing(spec))?;
                 (transform::seal_deterministic(keys, plaintext).ok_or_else(|| missing(spec))?, None)
             }
-            FieldMode::Pseudonym => match keys.field(loc.field) {
-                Some(FieldKeys::Pseudonym(key)) => (transform::pseudonym(key, &value), None),
+            FieldMode::Pseudonym => match field_keys {
+                Some(FieldKeys::Pseudonym(key)) => (transform::pseudonym_with(key, &value), None),
                 _ => return Err(missing(spec)),
             },
         };
@@ -120,12 +127,8 @@ pub fn encrypt_record(
         if matches!(spec.mode, FieldMode::Deterministic | FieldMode::Pseudonym) {
             bound.push(replacement.clone());
         }
-        if let Some(slot) = record.pointer_mut(&loc.pointer) {
-            *slot = Value::String(replacement);
-        }
-        if let (Some(token), Some(sibling)) =
-            (sibling_token, blind_index_sibling(&loc.pointer, spec))
-        {
+        *slot = Value::String(replacement);
+        if let (Some(token), Some(sibling)) = (sibling_token, sibling) {
             insert_sibling(&mut record, &sibling, token);
         }
     }
@@ -166,11 +169,16 @@ pub(super) fn blind_index_sibling(pointer: &str, spec: &FieldSpec) -> Option<Str
     Some(format!("{pointer}{BLIND_INDEX_SUFFIX}"))
 }
 
-fn parent_is_object(record: &Value, sibling: &str) -> bool {
-    match sibling.rsplit_once('/') {
-        Some(("", _)) => record.is_object(),
-        Some((parent, _)) => record.pointer(parent).is_some_and(Value::is_object),
-        None => false,
+/// Whether the sibling member can be added: its parent is an object that
+/// does not have it yet (one lookup).
+fn sibling_is_free(record: &Value, sibling: &str) -> bool {
+    let Some((parent, name)) = sibling.rsplit_once('/') else {
+        return false;
+    };
+    let parent = if parent.is_empty() { Some(record) } else { record.pointer(parent) };
+    match parent {
+        Some(Value::Object(map)) => !map.contains_key(pointer::unescape_token(name).as_ref()),
+        _ => false,
     }
 }
 
@@ -213,7 +221,7 @@ fn insert_sibling(record: &mut Value, sibling: &str, token: String) {
     let Some((parent, name)) = sibling.rsplit_once('/') else {
         return;
     };
-    let name = name.replace("~1", "/").replace("~0", "~");
+    let name = pointer::unescape_token(name).into_owned();
     let parent = if parent.is_empty() { Some(record) } else { record.pointer_mut(parent) };
     if let Some(Value::Object(map)) = parent {
         map.insert(name, Value::String(token));
@@ -234,10 +242,10 @@ fn missing(spec: &FieldSpec) -> RecordError {
 /// Removes a member from its parent object, returning it.
 pub(super) fn remove_member(record: &mut Value, pointer: &str) -> Option<Value> {
     let (parent, name) = pointer.rsplit_once('/')?;
-    let name = name.replace("~1", "/").replace("~0", "~");
+    let name = pointer::unescape_token(name);
     let parent = if parent.is_empty() { Some(record) } else { record.pointer_mut(parent) };
     match parent {
-        Some(Value::Object(map)) => map.remove(&name),
+        Some(Value::Object(map)) => map.remove(name.as_ref()),
         _ => None,
     }
 }

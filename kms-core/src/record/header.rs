@@ -165,6 +165,11 @@ impl HeaderContents<'_> {
 }
 
 impl UnsignedHeader {
+    /// Protected locations, sorted by pointer.
+    pub fn fields(&self) -> &[HeaderField] {
+        &self.header.fields
+    }
+
     /// `SHA-256(record part without tag)`: the prefix of every randomized
     /// field's AAD.
     pub fn field_aad_prefix(&self) -> [u8; 32] {
@@ -348,7 +353,7 @@ fn check_pointer(pointer: &str, previous: Option<&str>) -> Result<(), HeaderErro
     if pointer.len() > MAX_POINTER_LEN {
         return Err(HeaderError::TooLarge);
     }
-    pointer::split(pointer).map_err(|_| HeaderError::Invalid("JSON pointer"))?;
+    pointer::validate(pointer).map_err(|_| HeaderError::Invalid("JSON pointer"))?;
     if previous.is_some_and(|p| p.as_bytes() >= pointer.as_bytes()) {
         return Err(HeaderError::Invalid("pointers not strictly ascending"));
     }

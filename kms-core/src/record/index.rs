@@ -30,7 +30,7 @@ pub fn index_token(
             transform::seal_deterministic(field_keys, &plaintext).ok_or_else(missing)
         }
         (FieldMode::BlindIndex, Some(FieldKeys::BlindIndex(key)), Some(bidx)) => {
-            Ok(transform::blind_index_token(key, bidx, value))
+            Ok(transform::blind_index_with(key, bidx, value))
         }
         _ => Err(RecordError::NotSearchable { path: path.to_owned() }),
     }

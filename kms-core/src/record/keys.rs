@@ -12,6 +12,7 @@
 
 use crate::crypto::Aead;
 use crate::crypto::kdf::{self, Info};
+use crate::crypto::mac::MacKey;
 use crate::ids::{Name, TenantId};
 use crate::pointer::PathPattern;
 use crate::schema::{FieldMode, FieldSpec, Schema};
@@ -97,11 +98,12 @@ pub fn derive_pseudonym_key(index_root: &Key256, tenant: &TenantId, namespace: &
     kdf::derive(index_root, info.as_bytes())
 }
 
-/// The keys one field needs.
+/// The keys one field needs, ready to use: the AEAD keyed, the MACs keyed
+/// (their pads hashed once per schema, not once per value).
 pub(crate) enum FieldKeys {
-    Deterministic { enc: Box<Aead>, nonce: Key256, aad: Vec<u8> },
-    BlindIndex(Key256),
-    Pseudonym(Key256),
+    Deterministic { enc: Box<Aead>, nonce: MacKey, aad: Vec<u8> },
+    BlindIndex(MacKey),
+    Pseudonym(MacKey),
 }
 
 /// Every derived key one schema version needs, for one tenant.
@@ -153,13 +155,15 @@ impl SchemaKeys {
                 FieldMode::Randomized => None,
                 FieldMode::Deterministic => Some(FieldKeys::Deterministic {
                     enc: Box::new(Aead::new(&get(IndexPurpose::DeterministicEncryption)?)),
-                    nonce: get(IndexPurpose::DeterministicNonce)?,
+                    nonce: MacKey::new(&get(IndexPurpose::DeterministicNonce)?),
                     aad: deterministic_aad(tenant, &schema.name, field),
                 }),
                 FieldMode::BlindIndex => {
-                    Some(FieldKeys::BlindIndex(get(IndexPurpose::BlindIndex)?))
+                    Some(FieldKeys::BlindIndex(MacKey::new(&get(IndexPurpose::BlindIndex)?)))
                 }
-                FieldMode::Pseudonym => Some(FieldKeys::Pseudonym(get(IndexPurpose::Pseudonym)?)),
+                FieldMode::Pseudonym => {
+                    Some(FieldKeys::Pseudonym(MacKey::new(&get(IndexPurpose::Pseudonym)?)))
+                }
             });
         }
         Ok(Self {

@@ -7,7 +7,7 @@ use data_encoding::{BASE32_NOPAD, BASE64URL_NOPAD};
 use serde_json::Value;
 
 use super::keys::FieldKeys;
-use crate::crypto::mac;
+use crate::crypto::mac::MacKey;
 use crate::crypto::{Aead, CannotDecrypt, NONCE_LEN};
 use crate::schema::{BlindIndexSpec, Mask, Normalizer};
 use crate::secret::Key256;
@@ -67,22 +67,33 @@ pub fn normalize<'a>(text: &'a str, normalizers: &[Normalizer]) -> Cow<'a, str> 
 /// The blind index token of `value`: `kg1b:` + the first `bits` bits of
 /// `HMAC(K_bidx, normalize(value))` (unused low bits of the last byte zero).
 pub fn blind_index_token(key: &Key256, spec: &BlindIndexSpec, value: &Value) -> String {
+    blind_index_with(&MacKey::new(key), spec, value)
+}
+
+/// [`blind_index_token`] with the MAC already keyed.
+pub(crate) fn blind_index_with(key: &MacKey, spec: &BlindIndexSpec, value: &Value) -> String {
     let text = index_text(value);
     let normalized = normalize(&text, &spec.normalize);
-    let tag = mac::hmac(key, &[normalized.as_bytes()]);
+    let tag = key.tag(&[normalized.as_bytes()]);
     let bits = usize::from(spec.bits.clamp(8, 256));
     let len = bits.div_ceil(8);
-    let mut truncated = tag.get(..len).unwrap_or(&tag).to_vec();
+    let mut truncated = tag;
+    let kept = truncated.get_mut(..len).unwrap_or_default();
     let spare = len * 8 - bits;
-    if let Some(last) = truncated.last_mut() {
+    if let Some(last) = kept.last_mut() {
         *last &= 0xffu8 << spare;
     }
-    encode_token(BLIND_INDEX_PREFIX, &truncated)
+    encode_token(BLIND_INDEX_PREFIX, kept)
 }
 
 /// The pseudonym of `value`: `kgp:` + base32(HMAC(K_pseud, text)[..16]).
 pub fn pseudonym(key: &Key256, value: &Value) -> String {
-    let tag = mac::hmac(key, &[index_text(value).as_bytes()]);
+    pseudonym_with(&MacKey::new(key), value)
+}
+
+/// [`pseudonym`] with the MAC already keyed.
+pub(crate) fn pseudonym_with(key: &MacKey, value: &Value) -> String {
+    let tag = key.tag(&[index_text(value).as_bytes()]);
     let kept = tag.get(..PSEUDONYM_LEN).unwrap_or(&tag);
     let mut out = String::with_capacity(PSEUDONYM_PREFIX.len() + 26);
     out.push_str(PSEUDONYM_PREFIX);
@@ -102,10 +113,10 @@ pub(crate) fn seal_deterministic(keys: &FieldKeys, plaintext: &[u8]) -> Option<S
     let FieldKeys::Deterministic { enc, nonce, aad } = keys else {
         return None;
     };
-    let tag = mac::hmac(nonce, &[plaintext]);
+    let tag = nonce.tag(&[plaintext]);
     let mut n = [0u8; NONCE_LEN];
     n.copy_from_slice(tag.get(..NONCE_LEN)?);
-    let mut sealed = Vec::new();
+    let mut sealed = Vec::with_capacity(plaintext.len() + crate::crypto::SEAL_OVERHEAD);
     enc.seal_with_nonce(&n, aad, plaintext, &mut sealed);
     Some(encode_token(DETERMINISTIC_PREFIX, &sealed))
 }

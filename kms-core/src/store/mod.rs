@@ -8,14 +8,21 @@
 //! transaction.
 
 mod coordination;
+mod lifecycle;
 #[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod rows;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
 use async_trait::async_trait;
 
 pub use self::coordination::{Invalidation, Invalidations, JobLock};
+pub use self::lifecycle::{
+    Approval, ApprovalState, DecideApproval, Decision, MasterRecord, StoredKey, StoredKeyRef,
+    UsageDelta, VersionUsage,
+};
 #[cfg(feature = "postgres")]
 pub use self::postgres::{PgStoreOptions, PostgresStore};
 #[cfg(feature = "sqlite")]
@@ -72,6 +79,8 @@ pub struct TenantRecord {
     pub index_root_wrapped: Option<Vec<u8>>,
     /// The master key that wrapped the index root.
     pub index_root_master: MasterKeyId,
+    /// Auto-rotation period in seconds, if any.
+    pub rotate_every_secs: Option<i64>,
     /// Every KEK version, ascending.
     pub versions: Vec<KekRecord>,
 }
@@ -182,6 +191,23 @@ pub enum StoreError {
         /// Sequence number.
         seq: i64,
     },
+    /// No such master key.
+    #[error("unknown master key #{0}")]
+    UnknownMaster(i64),
+    /// No such request for approval.
+    #[error("no request for approval {0}")]
+    UnknownApproval(String),
+    /// The request was decided already.
+    #[error("request {id} is {state}, not pending")]
+    ApprovalNotPending {
+        /// Request id.
+        id: String,
+        /// Its state.
+        state: ApprovalState,
+    },
+    /// The requester tried to decide their own request.
+    #[error("a request must be decided by someone other than its requester")]
+    SelfApproval,
     /// Stored data violates the keystore's invariants.
     #[error("keystore data is inconsistent: {0}")]
     Corrupt(String),
@@ -241,6 +267,84 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug {
         change: StateChange,
         now: i64,
     ) -> Result<KekRecord, StoreError>;
+
+    /// Sets (or with `None` clears) a tenant's auto-rotation period.
+    async fn set_rotation_period(
+        &self,
+        id: &TenantId,
+        every_secs: Option<i64>,
+    ) -> Result<TenantRecord, StoreError>;
+
+    /// Crypto-shreds: erases the wrapped material of one KEK version (which
+    /// must not be the active one) or, with `None`, of every version and
+    /// the index root, marking the versions `destroyed`; one transaction,
+    /// announced to every replica. Destroying what is destroyed is a no-op.
+    /// Stores also purge what their files may still hold of the erased
+    /// bytes where the database allows it (SQLite: `secure_delete` and a
+    /// WAL truncation).
+    async fn destroy_keys(
+        &self,
+        id: &TenantId,
+        version: Option<KekVersion>,
+        now: i64,
+    ) -> Result<TenantRecord, StoreError>;
+
+    /// Every registered master key, by id.
+    async fn masters(&self) -> Result<Vec<MasterRecord>, StoreError>;
+
+    /// Records how to connect to a master key again.
+    async fn set_master_config(&self, id: MasterKeyId, config: &str) -> Result<(), StoreError>;
+
+    /// Makes `id` the only active master key, atomically.
+    async fn activate_master(&self, id: MasterKeyId) -> Result<(), StoreError>;
+
+    /// Up to `limit` stored keys wrapped under a master other than `master`
+    /// (destroyed material is not stored, so never listed).
+    async fn keys_not_under(
+        &self,
+        master: MasterKeyId,
+        limit: u32,
+    ) -> Result<Vec<StoredKey>, StoreError>;
+
+    /// Replaces a stored key's wrapping if it is still wrapped under
+    /// `from` and not destroyed (compare and swap); `false` if it changed
+    /// in the meantime.
+    async fn replace_wrapped(
+        &self,
+        key: &StoredKeyRef,
+        from: MasterKeyId,
+        wrapped: &[u8],
+        to: MasterKeyId,
+    ) -> Result<bool, StoreError>;
+
+    /// How many stored keys each master key wraps (masters wrapping none
+    /// are left out).
+    async fn keys_per_master(&self) -> Result<Vec<(MasterKeyId, u64)>, StoreError>;
+
+    /// Adds usage counts.
+    async fn add_usage(&self, deltas: &[UsageDelta]) -> Result<(), StoreError>;
+
+    /// Usage of every version of a tenant; `recent_unwraps` counts the
+    /// hours from `since_hour` on.
+    async fn usage(&self, id: &TenantId, since_hour: i64) -> Result<Vec<VersionUsage>, StoreError>;
+
+    /// Stores a new request for approval.
+    async fn create_approval(&self, approval: &Approval) -> Result<(), StoreError>;
+
+    /// One request for approval.
+    async fn approval(&self, id: &str) -> Result<Option<Approval>, StoreError>;
+
+    /// Requests for approval (in one state, or all), oldest first.
+    async fn approvals(&self, state: Option<ApprovalState>) -> Result<Vec<Approval>, StoreError>;
+
+    /// Approves or rejects a pending request, atomically: refused with
+    /// [`StoreError::SelfApproval`] when the decider asked for it, and
+    /// [`StoreError::ApprovalNotPending`] when it was decided already.
+    async fn decide_approval(&self, decision: &DecideApproval<'_>) -> Result<Approval, StoreError>;
+
+    /// Marks an approved request as executed; `false` if it was not in
+    /// the approved state (someone else executed it).
+    async fn mark_approval_executed(&self, id: &str, now: i64) -> Result<bool, StoreError>;
 
     /// Appends audit events atomically (all or none).
     async fn append_audit(&self, rows: &[AuditRow]) -> Result<(), StoreError>;

@@ -10,6 +10,7 @@
 mod audit;
 mod coordination;
 mod harness;
+mod lifecycle;
 mod postgres_only;
 mod sqlite_only;
 mod tenants;
@@ -55,4 +56,10 @@ for_each_store!(
     audit::chains_of_several_replicas_verify_together,
     coordination::job_locks_are_exclusive_across_stores,
     coordination::invalidations_follow_the_store_kind,
+    lifecycle::shredding_erases_material_and_is_final,
+    lifecycle::rotation_periods_are_stored,
+    lifecycle::one_master_is_active_and_keys_move_by_compare_and_swap,
+    lifecycle::usage_counts_add_up_per_version_and_hour,
+    lifecycle::approvals_need_a_second_person_and_decide_once,
+    lifecycle::the_database_refuses_self_approval,
 );

@@ -20,3 +20,38 @@ async fn files_are_private_and_journal_is_wal() {
         sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&mut conn).await.unwrap();
     assert_eq!(journal, "wal");
 }
+
+/// After a shred, the database files (main file and WAL) no longer hold
+/// the wrapped bytes anywhere, not even in free pages.
+#[tokio::test]
+async fn shredded_material_leaves_the_files() {
+    use kms_core::store::{KeyStore, NewTenant};
+    let f = Fixture::sqlite().await;
+    let store = f.open_sqlite().await;
+    let master = store.register_master(&crate::harness::test_master()).await.unwrap();
+    let marker = |b: u8| -> Vec<u8> { (0..48).map(|i| b ^ (i as u8).wrapping_mul(37)).collect() };
+    let (kek, root) = (marker(0xA5), marker(0x5A));
+    store
+        .create_tenant(NewTenant {
+            id: crate::harness::tenant("onc"),
+            index_root_wrapped: root.clone(),
+            kek_wrapped: kek.clone(),
+            master,
+            created_at: 1,
+        })
+        .await
+        .unwrap();
+    let files = || {
+        let dir = store.path().parent().unwrap().to_owned();
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flat_map(|e| std::fs::read(e.unwrap().path()).unwrap())
+            .collect::<Vec<u8>>()
+    };
+    let holds = |bytes: &[u8], needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    assert!(holds(&files(), &kek), "the test can see the material before the shred");
+    store.destroy_keys(&crate::harness::tenant("onc"), None, 2).await.unwrap();
+    let after = files();
+    assert!(!holds(&after, &kek), "KEK bytes remain in the database files");
+    assert!(!holds(&after, &root), "index root bytes remain in the database files");
+}

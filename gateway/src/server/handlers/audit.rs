@@ -2,7 +2,7 @@
 //! and the caller's own policy.
 
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::header;
 use axum::response::Response;
 use axum::{Extension, Json};
@@ -11,8 +11,9 @@ use serde_json::{Value, json};
 
 use super::ApiJson;
 use crate::error::ApiError;
+use crate::extract::ApiQuery;
 use crate::policy::Role;
-use crate::server::api::{AuditQuery, ReportedEvents};
+use crate::server::api::{AuditQuery, Recorded, ReportedEvents};
 use crate::server::{AppState, Caller};
 
 /// Verification reads the chain this many rows at a time.
@@ -20,11 +21,21 @@ const VERIFY_PAGE: u32 = 5_000;
 
 /// `POST /v1/audit/events`: field-level access events reported by a
 /// sidecar. The reporter must serve the tenant (encryptor or decryptor).
+#[utoipa::path(
+    post,
+    path = "/v1/audit/events",
+    tag = "audit",
+    request_body = ReportedEvents,
+    responses(
+        (status = 200, description = "The events are in the audit chain", body = Recorded),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
 pub(crate) async fn ingest(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     ApiJson(body): ApiJson<ReportedEvents>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Recorded>, ApiError> {
     let reporter = state.identity(&caller)?.to_owned();
     if body.events.is_empty() || body.events.len() > state.limits.max_batch {
         return Err(ApiError::bad_request(
@@ -63,15 +74,25 @@ pub(crate) async fn ingest(
     }
     let count = events.len();
     state.audit.record(events).await?;
-    Ok(Json(json!({ "recorded": count })))
+    Ok(Json(Recorded { recorded: count }))
 }
 
 /// `GET /v1/audit`: the audit events as JSON lines (auditors with a grant
 /// on every tenant).
+#[utoipa::path(
+    get,
+    path = "/v1/audit",
+    tag = "audit",
+    params(AuditQuery),
+    responses(
+        (status = 200, description = "Audit events, one JSON object per line", content_type = "application/x-ndjson", body = String),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
 pub(crate) async fn export(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Query(query): Query<AuditQuery>,
+    ApiQuery(query): ApiQuery<AuditQuery>,
 ) -> Result<Response, ApiError> {
     state.authorize_global(&caller, &[Role::Auditor], "export the audit log").await?;
     let store = state.hierarchy.store();
@@ -128,13 +149,21 @@ pub(crate) async fn export(
 /// `GET /v1/audit/verify`: verifies every instance's chain and checkpoint
 /// signatures. 200 with `ok: false` and the first broken position when
 /// verification fails.
+#[utoipa::path(
+    get,
+    path = "/v1/audit/verify",
+    tag = "audit",
+    responses(
+        (status = 200, description = "`{ok: true, instances}` or `{ok: false, instances, first_break: {instance, position, reason}}`", body = crate::server::api::VerifyReport),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
 pub(crate) async fn verify(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
 ) -> Result<Json<Value>, ApiError> {
     state.authorize_global(&caller, &[Role::Auditor], "verify the audit log").await?;
     let store = state.hierarchy.store();
-    let root = state.hierarchy.root();
     let instances = store.audit_instances().await.map_err(|e| crate::error::store_error(&e))?;
     let mut reports = Vec::new();
     for instance in instances {
@@ -150,6 +179,7 @@ pub(crate) async fn verify(
                 reports,
             )));
         };
+        let root = state.hierarchy.master(record.master).await?;
         let key = match root.unwrap(&record.wrapped, &AuditSigner::wrap_context(&instance)).await {
             Ok(key) => key,
             Err(e) => {
@@ -194,6 +224,15 @@ fn broken(instance: &str, position: i64, reason: &str, verified: Vec<Value>) -> 
 }
 
 /// `GET /v1/policy/self`: the caller's effective grants.
+#[utoipa::path(
+    get,
+    path = "/v1/policy/self",
+    tag = "policy",
+    responses(
+        (status = 200, description = "The caller's effective grants", body = crate::policy::EffectiveGrants),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
 pub(crate) async fn policy_self(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,

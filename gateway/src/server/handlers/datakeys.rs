@@ -16,11 +16,23 @@ use crate::error::ApiError;
 use crate::policy::Role;
 use crate::server::api::{
     BatchRequest, DerivedKey, DerivedKeys, DerivedMode, DerivedRequest, IssueRequest,
-    IssueResponse, IssuedKey, Results, RewrapResult, SecretB64, UnwrapResponse, UnwrapResult,
-    WrappedItem,
+    IssueResponse, IssuedKey, RewrapResponse, RewrapResult, SecretB64, UnwrapResponse,
+    UnwrapResult, WrappedItem,
 };
 use crate::server::{AppState, Caller};
 
+/// Issues `count` fresh DEKs (role `encryptor`); audited before they leave.
+#[utoipa::path(
+    post,
+    path = "/v1/tenants/{tenant}/datakeys",
+    tag = "datakeys",
+    params(("tenant" = String, Path, description = "Tenant id, `[a-z0-9][a-z0-9_-]{0,62}`")),
+    request_body = IssueRequest,
+    responses(
+        (status = 200, description = "Fresh DEKs, each with its wrapped form", body = IssueResponse),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
 pub(crate) async fn issue(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -49,6 +61,18 @@ pub(crate) async fn issue(
     Ok(Json(IssueResponse { kek_version, keys }))
 }
 
+/// Unwraps a batch of DEKs (role `decryptor`); audited before they leave.
+#[utoipa::path(
+    post,
+    path = "/v1/tenants/{tenant}/datakeys/unwrap",
+    tag = "datakeys",
+    params(("tenant" = String, Path, description = "Tenant id, `[a-z0-9][a-z0-9_-]{0,62}`")),
+    request_body = BatchRequest,
+    responses(
+        (status = 200, description = "Per item: the DEK or an error code", body = UnwrapResponse),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
 pub(crate) async fn unwrap(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -94,12 +118,24 @@ pub(crate) async fn unwrap(
     Ok(Json(UnwrapResponse { active_version, results }))
 }
 
+/// Rewraps a batch of DEKs under the active KEK version (role `encryptor`).
+#[utoipa::path(
+    post,
+    path = "/v1/tenants/{tenant}/datakeys/rewrap",
+    tag = "datakeys",
+    params(("tenant" = String, Path, description = "Tenant id, `[a-z0-9][a-z0-9_-]{0,62}`")),
+    request_body = BatchRequest,
+    responses(
+        (status = 200, description = "Per item: the DEK wrapped under the active version, or an error code (no plaintext)", body = RewrapResponse),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
 pub(crate) async fn rewrap(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(tenant): Path<String>,
     ApiJson(body): ApiJson<BatchRequest>,
-) -> Result<Json<Results<RewrapResult>>, ApiError> {
+) -> Result<Json<RewrapResponse>, ApiError> {
     let tenant = tenant_id(&tenant)?;
     let actor = state.authorize(&caller, &tenant, &[Role::Encryptor], "rewrap data keys").await?;
     check_batch(&state, body.items.len())?;
@@ -133,9 +169,21 @@ pub(crate) async fn rewrap(
             },
         })
         .collect();
-    Ok(Json(Results { results }))
+    Ok(Json(RewrapResponse { results }))
 }
 
+/// Index-derived keys for a schema's fields (roles `encryptor`, `decryptor`).
+#[utoipa::path(
+    post,
+    path = "/v1/tenants/{tenant}/derived",
+    tag = "datakeys",
+    params(("tenant" = String, Path, description = "Tenant id, `[a-z0-9][a-z0-9_-]{0,62}`")),
+    request_body = DerivedRequest,
+    responses(
+        (status = 200, description = "Index-derived keys per field and purpose", body = DerivedKeys),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
 pub(crate) async fn derived(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,

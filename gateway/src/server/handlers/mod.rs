@@ -1,7 +1,10 @@
 //! HTTP handlers, one file per resource.
 
 pub(super) mod audit;
+pub(super) mod compliance;
 pub(super) mod datakeys;
+pub(super) mod lifecycle;
+pub(super) mod master;
 pub(super) mod ops;
 pub(super) mod tenants;
 

@@ -10,12 +10,31 @@ use serde_json::json;
 use crate::server::AppState;
 
 /// `GET /healthz`: the process is up.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "ops",
+    responses(
+        (status = 200, description = "The process is up", body = crate::openapi::Health),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
 pub(crate) async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
 /// `GET /readyz`: the keystore answers, the root key provider really wraps
 /// and unwraps, and the audit log commits.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "ops",
+    responses(
+        (status = 200, description = "Store, root key and audit writer work", body = crate::openapi::Readiness),
+        (status = 503, description = "Something is not ready; `checks` says what", body = crate::openapi::Readiness),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
 pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     let store = state.hierarchy.store().ping().await.map_err(|e| e.to_string());
     let root = root_round_trip(&state).await;
@@ -38,7 +57,7 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn root_round_trip(state: &AppState) -> Result<(), String> {
-    let root = state.hierarchy.root();
+    let (_, root) = state.hierarchy.active_master().await.map_err(|e| e.to_string())?;
     let context = WrapContext {
         purpose: KeyPurpose::AuditSigning,
         owner: "keygate-readiness".into(),
@@ -55,6 +74,15 @@ async fn root_round_trip(state: &AppState) -> Result<(), String> {
 }
 
 /// `GET /metrics`: Prometheus text exposition.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "ops",
+    responses(
+        (status = 200, description = "Prometheus / OpenMetrics text", content_type = "application/openmetrics-text", body = String),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
     let stats = state.hierarchy.cache_stats();
     let m = &state.metrics;

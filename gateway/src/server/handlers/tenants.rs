@@ -13,6 +13,17 @@ use crate::policy::Role;
 use crate::server::api::{ChangeState, CreateTenant, StateAction, TenantView, VersionView};
 use crate::server::{AppState, Caller};
 
+/// Creates a tenant: KEK v1 and an index root (role `admin`).
+#[utoipa::path(
+    post,
+    path = "/v1/tenants",
+    tag = "tenants",
+    request_body = CreateTenant,
+    responses(
+        (status = 201, description = "Created: KEK v1 and index root, wrapped by the active master key", body = TenantView),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
 pub(crate) async fn create(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -27,6 +38,16 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(TenantView::from(&record))))
 }
 
+/// Lists the tenants the caller may administer or audit.
+#[utoipa::path(
+    get,
+    path = "/v1/tenants",
+    tag = "tenants",
+    responses(
+        (status = 200, description = "The tenants the caller administers or audits", body = Vec<TenantView>),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
 pub(crate) async fn list(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -41,6 +62,17 @@ pub(crate) async fn list(
     Ok(Json(tenants.iter().filter(|t| visible(&t.id)).map(TenantView::from).collect()))
 }
 
+/// One tenant (roles `admin`, `auditor`).
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{tenant}",
+    tag = "tenants",
+    params(("tenant" = String, Path, description = "Tenant id, `[a-z0-9][a-z0-9_-]{0,62}`")),
+    responses(
+        (status = 200, description = "Versions and states (never key material)", body = TenantView),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
 pub(crate) async fn show(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -52,6 +84,17 @@ pub(crate) async fn show(
     Ok(Json(TenantView::from(&record)))
 }
 
+/// A new active KEK version; older ones become decrypt-only (role `admin`).
+#[utoipa::path(
+    post,
+    path = "/v1/tenants/{tenant}/keys/rotate",
+    tag = "tenants",
+    params(("tenant" = String, Path, description = "Tenant id, `[a-z0-9][a-z0-9_-]{0,62}`")),
+    responses(
+        (status = 200, description = "The new active KEK version", body = VersionView),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
 pub(crate) async fn rotate(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -67,6 +110,18 @@ pub(crate) async fn rotate(
     Ok(Json(VersionView::from(&record)))
 }
 
+/// Disables, enables or makes decrypt-only one KEK version (role `admin`).
+#[utoipa::path(
+    post,
+    path = "/v1/tenants/{tenant}/keys/{version}/state",
+    tag = "tenants",
+    params(("tenant" = String, Path, description = "Tenant id, `[a-z0-9][a-z0-9_-]{0,62}`"), ("version" = u32, Path, minimum = 1, description = "KEK version")),
+    request_body = ChangeState,
+    responses(
+        (status = 200, description = "The version after the change", body = VersionView),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
 pub(crate) async fn change_state(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,

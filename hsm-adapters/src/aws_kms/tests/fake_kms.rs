@@ -158,10 +158,10 @@ fn answer(mode: &Mode, target: &str, request: &Value) -> (u16, Value) {
         "TrentService.Decrypt" => {
             let blob =
                 BASE64.decode(request["CiphertextBlob"].as_str().unwrap().as_bytes()).unwrap();
-            if let Mode::FailDecryptExcept { code, allowed } = mode {
-                if blob != *allowed {
-                    return error(400, code);
-                }
+            if let Mode::FailDecryptExcept { code, allowed } = mode
+                && blob != *allowed
+            {
+                return error(400, code);
             }
             let Ok(sealed) = serde_json::from_slice::<Value>(&blob) else {
                 return error(400, "InvalidCiphertextException");

@@ -23,6 +23,7 @@
 
 mod audit;
 mod job_lock;
+mod lifecycle;
 mod notify;
 mod options;
 mod tenants;
@@ -38,8 +39,9 @@ use tokio::sync::OnceCell;
 pub use self::options::PgStoreOptions;
 use self::options::Settings;
 use super::{
-    AuditRow, AuditSigningKeyRecord, CheckpointRow, Invalidations, JobLock, KekRecord, KeyStore,
-    MasterKeyId, NewTenant, StoreError, TenantRecord,
+    Approval, ApprovalState, AuditRow, AuditSigningKeyRecord, CheckpointRow, DecideApproval,
+    Invalidations, JobLock, KekRecord, KeyStore, MasterKeyId, MasterRecord, NewTenant, StoreError,
+    StoredKey, StoredKeyRef, TenantRecord, UsageDelta, VersionUsage,
 };
 use crate::dek::KekVersion;
 use crate::ids::TenantId;
@@ -196,6 +198,85 @@ impl KeyStore for PostgresStore {
     ) -> Result<KekRecord, StoreError> {
         let channel = &self.settings.channel;
         tenants::change_kek_state(&self.pool, channel, id, version, change, now).await
+    }
+
+    async fn set_rotation_period(
+        &self,
+        id: &TenantId,
+        every_secs: Option<i64>,
+    ) -> Result<TenantRecord, StoreError> {
+        lifecycle::set_rotation_period(&self.pool, &self.settings.channel, id, every_secs).await
+    }
+
+    async fn destroy_keys(
+        &self,
+        id: &TenantId,
+        version: Option<KekVersion>,
+        now: i64,
+    ) -> Result<TenantRecord, StoreError> {
+        lifecycle::destroy_keys(&self.pool, &self.settings.channel, id, version, now).await
+    }
+
+    async fn masters(&self) -> Result<Vec<MasterRecord>, StoreError> {
+        lifecycle::masters(&self.pool).await
+    }
+
+    async fn set_master_config(&self, id: MasterKeyId, config: &str) -> Result<(), StoreError> {
+        lifecycle::set_master_config(&self.pool, id, config).await
+    }
+
+    async fn activate_master(&self, id: MasterKeyId) -> Result<(), StoreError> {
+        lifecycle::activate_master(&self.pool, id).await
+    }
+
+    async fn keys_not_under(
+        &self,
+        master: MasterKeyId,
+        limit: u32,
+    ) -> Result<Vec<StoredKey>, StoreError> {
+        lifecycle::keys_not_under(&self.pool, master, limit).await
+    }
+
+    async fn replace_wrapped(
+        &self,
+        key: &StoredKeyRef,
+        from: MasterKeyId,
+        wrapped: &[u8],
+        to: MasterKeyId,
+    ) -> Result<bool, StoreError> {
+        lifecycle::replace_wrapped(&self.pool, key, from, wrapped, to).await
+    }
+
+    async fn keys_per_master(&self) -> Result<Vec<(MasterKeyId, u64)>, StoreError> {
+        lifecycle::keys_per_master(&self.pool).await
+    }
+
+    async fn add_usage(&self, deltas: &[UsageDelta]) -> Result<(), StoreError> {
+        lifecycle::add_usage(&self.pool, deltas).await
+    }
+
+    async fn usage(&self, id: &TenantId, since_hour: i64) -> Result<Vec<VersionUsage>, StoreError> {
+        lifecycle::usage(&self.pool, id, since_hour).await
+    }
+
+    async fn create_approval(&self, approval: &Approval) -> Result<(), StoreError> {
+        lifecycle::create_approval(&self.pool, approval).await
+    }
+
+    async fn approval(&self, id: &str) -> Result<Option<Approval>, StoreError> {
+        lifecycle::approval(&self.pool, id).await
+    }
+
+    async fn approvals(&self, state: Option<ApprovalState>) -> Result<Vec<Approval>, StoreError> {
+        lifecycle::approvals(&self.pool, state).await
+    }
+
+    async fn decide_approval(&self, decision: &DecideApproval<'_>) -> Result<Approval, StoreError> {
+        lifecycle::decide_approval(&self.pool, decision).await
+    }
+
+    async fn mark_approval_executed(&self, id: &str, now: i64) -> Result<bool, StoreError> {
+        lifecycle::mark_approval_executed(&self.pool, id, now).await
     }
 
     async fn append_audit(&self, rows: &[AuditRow]) -> Result<(), StoreError> {

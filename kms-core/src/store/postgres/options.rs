@@ -154,13 +154,13 @@ fn validate(options: &PgStoreOptions) -> Result<(), StoreError> {
             return bad(&format!("{name} must be at least 1 ms"));
         }
     }
-    if let Some(schema) = &options.schema {
-        if !is_valid_schema(schema) {
-            return bad(&format!(
-                "schema {schema:?}: use at most {MAX_SCHEMA_LEN} lowercase ASCII letters, digits \
+    if let Some(schema) = &options.schema
+        && !is_valid_schema(schema)
+    {
+        return bad(&format!(
+            "schema {schema:?}: use at most {MAX_SCHEMA_LEN} lowercase ASCII letters, digits \
                  and _, starting with a letter or _, and not pg_"
-            ));
-        }
+        ));
     }
     Ok(())
 }

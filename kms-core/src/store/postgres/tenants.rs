@@ -23,7 +23,7 @@ macro_rules! tenant_query {
     ($where:literal) => {
         concat!(
             "SELECT t.id, t.created_at AS tenant_created_at, t.index_root_wrapped,
-                    t.index_root_master, v.version, v.state, v.wrapped, v.master_key,
+                    t.index_root_master, t.rotate_every_secs, v.version, v.state, v.wrapped, v.master_key,
                     v.created_at, v.state_changed_at
              FROM tenants t LEFT JOIN kek_versions v ON v.tenant = t.id ",
             $where,
@@ -224,13 +224,16 @@ pub(super) async fn change_kek_state(
     Ok(KekRecord { state: next, state_changed_at: now, ..current })
 }
 
-async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>, StoreError> {
+pub(super) async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>, StoreError> {
     pool.begin().await.map_err(unavailable)
 }
 
 /// Locks the tenant's row until the end of the transaction; `false` if
 /// there is no such tenant.
-async fn lock_tenant(conn: &mut PgConnection, id: &TenantId) -> Result<bool, StoreError> {
+pub(super) async fn lock_tenant(
+    conn: &mut PgConnection,
+    id: &TenantId,
+) -> Result<bool, StoreError> {
     let locked: Option<String> =
         sqlx::query_scalar("SELECT id FROM tenants WHERE id = $1 FOR UPDATE")
             .bind(id.as_str())
@@ -240,7 +243,7 @@ async fn lock_tenant(conn: &mut PgConnection, id: &TenantId) -> Result<bool, Sto
     Ok(locked.is_some())
 }
 
-async fn load_tenant(
+pub(super) async fn load_tenant(
     conn: &mut PgConnection,
     id: &TenantId,
 ) -> Result<Option<TenantRecord>, StoreError> {
@@ -264,6 +267,7 @@ fn tenants_from_rows(rows: &[PgRow]) -> Result<Vec<TenantRecord>, StoreError> {
                 created_at: get(row, "tenant_created_at")?,
                 index_root_wrapped: get(row, "index_root_wrapped")?,
                 index_root_master: MasterKeyId(get(row, "index_root_master")?),
+                rotate_every_secs: get(row, "rotate_every_secs")?,
                 versions: Vec::new(),
             });
         }
@@ -275,7 +279,7 @@ fn tenants_from_rows(rows: &[PgRow]) -> Result<Vec<TenantRecord>, StoreError> {
     Ok(out)
 }
 
-fn kek_from_row(row: &PgRow) -> Result<KekRecord, StoreError> {
+pub(super) fn kek_from_row(row: &PgRow) -> Result<KekRecord, StoreError> {
     let state: String = get(row, "state")?;
     let version: i64 = get(row, "version")?;
     Ok(KekRecord {

@@ -1,7 +1,10 @@
 //! The embedded SQLite keystore: one file in a data directory, WAL journal,
 //! `synchronous = FULL` (a committed transaction survives power loss),
 //! foreign keys on, and writes in `BEGIN IMMEDIATE` transactions so two
-//! writers never deadlock upgrading a read lock.
+//! writers never deadlock upgrading a read lock. `secure_delete` is on, so
+//! shredded key material is overwritten, not merely unlinked from its page.
+
+mod lifecycle;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -16,8 +19,9 @@ use sqlx::{Row, Sqlite, Transaction};
 
 use super::coordination::try_local_job_lock;
 use super::{
-    AuditRow, AuditSigningKeyRecord, CheckpointRow, Invalidations, JobLock, KekRecord, KeyStore,
-    MasterKeyId, NewTenant, StoreError, TenantRecord,
+    Approval, ApprovalState, AuditRow, AuditSigningKeyRecord, CheckpointRow, DecideApproval,
+    Invalidations, JobLock, KekRecord, KeyStore, MasterKeyId, MasterRecord, NewTenant, StoreError,
+    StoredKey, StoredKeyRef, TenantRecord, UsageDelta, VersionUsage,
 };
 use crate::dek::KekVersion;
 use crate::ids::TenantId;
@@ -65,6 +69,7 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
+            .pragma("secure_delete", "ON")
             .busy_timeout(BUSY_TIMEOUT);
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
@@ -117,7 +122,8 @@ impl SqliteStore {
         id: &TenantId,
     ) -> Result<Option<TenantRecord>, StoreError> {
         let Some(row) = sqlx::query(
-            "SELECT created_at, index_root_wrapped, index_root_master FROM tenants WHERE id = ?",
+            "SELECT created_at, index_root_wrapped, index_root_master, rotate_every_secs
+             FROM tenants WHERE id = ?",
         )
         .bind(id.as_str())
         .fetch_optional(&mut *conn)
@@ -131,6 +137,7 @@ impl SqliteStore {
             created_at: get(&row, "created_at")?,
             index_root_wrapped: get(&row, "index_root_wrapped")?,
             index_root_master: MasterKeyId(get(&row, "index_root_master")?),
+            rotate_every_secs: get(&row, "rotate_every_secs")?,
             versions: self.load_versions(conn, id).await?,
         }))
     }
@@ -330,6 +337,85 @@ impl KeyStore for SqliteStore {
         .map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)?;
         Ok(KekRecord { state: next, state_changed_at: now, ..current })
+    }
+
+    async fn set_rotation_period(
+        &self,
+        id: &TenantId,
+        every_secs: Option<i64>,
+    ) -> Result<TenantRecord, StoreError> {
+        self.set_rotation_period_impl(id, every_secs).await
+    }
+
+    async fn destroy_keys(
+        &self,
+        id: &TenantId,
+        version: Option<KekVersion>,
+        now: i64,
+    ) -> Result<TenantRecord, StoreError> {
+        self.destroy_keys_impl(id, version, now).await
+    }
+
+    async fn masters(&self) -> Result<Vec<MasterRecord>, StoreError> {
+        self.masters_impl().await
+    }
+
+    async fn set_master_config(&self, id: MasterKeyId, config: &str) -> Result<(), StoreError> {
+        self.set_master_config_impl(id, config).await
+    }
+
+    async fn activate_master(&self, id: MasterKeyId) -> Result<(), StoreError> {
+        self.activate_master_impl(id).await
+    }
+
+    async fn keys_not_under(
+        &self,
+        master: MasterKeyId,
+        limit: u32,
+    ) -> Result<Vec<StoredKey>, StoreError> {
+        self.keys_not_under_impl(master, limit).await
+    }
+
+    async fn replace_wrapped(
+        &self,
+        key: &StoredKeyRef,
+        from: MasterKeyId,
+        wrapped: &[u8],
+        to: MasterKeyId,
+    ) -> Result<bool, StoreError> {
+        self.replace_wrapped_impl(key, from, wrapped, to).await
+    }
+
+    async fn keys_per_master(&self) -> Result<Vec<(MasterKeyId, u64)>, StoreError> {
+        self.keys_per_master_impl().await
+    }
+
+    async fn add_usage(&self, deltas: &[UsageDelta]) -> Result<(), StoreError> {
+        self.add_usage_impl(deltas).await
+    }
+
+    async fn usage(&self, id: &TenantId, since_hour: i64) -> Result<Vec<VersionUsage>, StoreError> {
+        self.usage_impl(id, since_hour).await
+    }
+
+    async fn create_approval(&self, approval: &Approval) -> Result<(), StoreError> {
+        self.create_approval_impl(approval).await
+    }
+
+    async fn approval(&self, id: &str) -> Result<Option<Approval>, StoreError> {
+        self.approval_impl(id).await
+    }
+
+    async fn approvals(&self, state: Option<ApprovalState>) -> Result<Vec<Approval>, StoreError> {
+        self.approvals_impl(state).await
+    }
+
+    async fn decide_approval(&self, decision: &DecideApproval<'_>) -> Result<Approval, StoreError> {
+        self.decide_approval_impl(decision).await
+    }
+
+    async fn mark_approval_executed(&self, id: &str, now: i64) -> Result<bool, StoreError> {
+        self.mark_approval_executed_impl(id, now).await
     }
 
     async fn append_audit(&self, rows: &[AuditRow]) -> Result<(), StoreError> {

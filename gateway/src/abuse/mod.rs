@@ -1,0 +1,26 @@
+//! Abuse limits: what a misbehaving or hostile client can cost the key
+//! service and the sidecar.
+//!
+//! - **Key service**: a token bucket per mTLS identity ([`AbuseConfig`]
+//!   `rate_per_sec`/`burst`); over it, 429 `rate_limited` with
+//!   `Retry-After`, and other identities are unaffected.
+//! - **Sidecar**: per connection, a token bucket and a cap on concurrent
+//!   requests ([`SidecarAbuseConfig`]); over either, 429 `rate_limited`
+//!   with `Retry-After`.
+//! - **Slow clients** (slowloris): HTTP/1 request headers must arrive within
+//!   `header_read_timeout_secs` (hyper closes the connection otherwise) and
+//!   a JSON body within `body_read_timeout_secs` (408 `body_timeout`).
+//! - **Nesting**: JSON bodies nesting deeper than `max_json_depth` are
+//!   refused with 400 `json_too_deep` before any parser recursion.
+//! - Batch sizes are bounded where the batches are read (`limits.max_batch`
+//!   at the key service, `limits.max_records` at the sidecar).
+
+mod bucket;
+mod config;
+mod depth;
+mod layer;
+
+pub use self::bucket::{KeyedBuckets, TokenBucket};
+pub use self::config::{AbuseConfig, SidecarAbuseConfig};
+pub use self::depth::exceeds_depth;
+pub use self::layer::{BodyBounds, ConnectionGuard, protect_key_service, protect_sidecar};

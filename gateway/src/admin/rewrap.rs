@@ -1,0 +1,298 @@
+//! `keygate admin rewrap`: encrypted records (JSON lines) from stdin to
+//! stdout through a sidecar's `POST /v1/rewrap`, in batches.
+//!
+//! Memory is bounded by one batch. Every line is checked before its batch
+//! is sent (valid JSON, an object, a `_kg` header that parses, the expected
+//! tenant); at the first bad line N the records read before it are still
+//! rewrapped and written, then the command stops with `error: line N: …`
+//! (exit 2). Output is written a whole batch at a time, so it always ends
+//! on a complete line.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use kms_core::TenantId;
+use kms_core::record::{HEADER_MEMBER, RecordHeader};
+use reqwest::header::{AUTHORIZATION, HeaderValue};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+
+use super::args::RewrapArgs;
+use super::client::{api_error, transport_error};
+use super::error::AdminError;
+use super::output::{io_reason, stdout_error};
+
+/// Longest input line accepted (the sidecar's default body limit).
+const MAX_LINE_BYTES: u64 = 16 * 1024 * 1024;
+/// Timeout of one sidecar call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `POST /v1/rewrap` answer.
+#[derive(Debug, Deserialize)]
+struct Rewrapped {
+    records: Vec<Value>,
+    #[serde(default)]
+    rewrapped: u64,
+}
+
+/// The sidecar endpoint and its credentials.
+struct Sidecar {
+    http: reqwest::Client,
+    endpoint: String,
+    shown: String,
+    token: Option<SecretString>,
+}
+
+impl Sidecar {
+    /// `unix:///path.sock` or `http://127.0.0.1:PORT` (loopback only: the
+    /// API carries the bearer token and record keys).
+    fn new(address: &str, token_file: Option<&std::path::Path>) -> Result<Self, AdminError> {
+        let builder = reqwest::Client::builder()
+            .timeout(CALL_TIMEOUT)
+            .connect_timeout(Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none());
+        let (builder, endpoint) = if let Some(path) = address.strip_prefix("unix://") {
+            if path.is_empty() {
+                return Err(AdminError::usage("--sidecar unix://: give the socket path"));
+            }
+            (
+                builder.unix_socket(std::path::PathBuf::from(path)),
+                "http://localhost/v1/rewrap".to_owned(),
+            )
+        } else if address.starts_with("http://") {
+            let url = reqwest::Url::parse(address)
+                .map_err(|e| AdminError::usage(format!("--sidecar {address}: {e}")))?;
+            let host = url.host_str().unwrap_or_default();
+            let loopback = host.eq_ignore_ascii_case("localhost")
+                || host
+                    .trim_matches(['[', ']'])
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if !loopback || !matches!(url.path(), "" | "/") || url.query().is_some() {
+                return Err(AdminError::usage(format!(
+                    "--sidecar {address}: use http://127.0.0.1:PORT (loopback only) or unix:///path.sock"
+                )));
+            }
+            (builder, format!("{}/v1/rewrap", url.as_str().trim_end_matches('/')))
+        } else {
+            return Err(AdminError::usage(format!(
+                "--sidecar {address}: use unix:///path/to/sidecar.sock or http://127.0.0.1:PORT"
+            )));
+        };
+        let http = builder
+            .build()
+            .map_err(|e| AdminError::usage(format!("cannot set up the sidecar client: {e}")))?;
+        let token = token_file.map(read_token).transpose()?;
+        Ok(Self { http, endpoint, shown: address.to_owned(), token })
+    }
+
+    /// Rewraps one batch; `lines` names the input lines for errors.
+    async fn rewrap(&self, records: Vec<Value>, lines: &str) -> Result<Rewrapped, AdminError> {
+        let count = records.len();
+        let mut request = self.http.post(&self.endpoint).json(&json!({ "records": records }));
+        if let Some(token) = &self.token {
+            let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose_secret()))
+                .map_err(|_| AdminError::usage("--token-file: not a valid bearer token"))?;
+            value.set_sensitive(true);
+            request = request.header(AUTHORIZATION, value);
+        }
+        let response =
+            request.send().await.map_err(|e| transport_error("the sidecar", &self.shown, &e))?;
+        if !response.status().is_success() {
+            let e = api_error(response, "POST /v1/rewrap").await;
+            return Err(e.context(format!("{lines}: the sidecar refused")));
+        }
+        let answer: Rewrapped = response.json().await.map_err(|e| {
+            AdminError::unavailable(format!("{lines}: unexpected answer from the sidecar: {e}"))
+        })?;
+        if answer.records.len() != count {
+            return Err(AdminError::unavailable(format!(
+                "{lines}: the sidecar answered {} records for {count}",
+                answer.records.len()
+            )));
+        }
+        Ok(answer)
+    }
+}
+
+fn read_token(path: &std::path::Path) -> Result<SecretString, AdminError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        AdminError::usage(format!("--token-file {}: {}", path.display(), io_reason(&e)))
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(AdminError::usage(format!("--token-file {}: empty", path.display())));
+    }
+    Ok(SecretString::from(token.to_owned()))
+}
+
+/// Counts, printed to stderr at most once a second and at the end.
+struct Progress {
+    read: u64,
+    rewrapped: u64,
+    unchanged: u64,
+    every: Option<Duration>,
+    last: Instant,
+}
+
+impl Progress {
+    fn line(&self) -> String {
+        format!(
+            "{} records read, {} rewrapped, {} unchanged",
+            self.read, self.rewrapped, self.unchanged
+        )
+    }
+
+    fn tick(&mut self) {
+        if self.every.is_some_and(|every| self.last.elapsed() >= every) {
+            eprintln!("rewrap: {}", self.line());
+            self.last = Instant::now();
+        }
+    }
+}
+
+pub(crate) async fn run(args: &RewrapArgs) -> Result<(), AdminError> {
+    let sidecar = Sidecar::new(&args.sidecar, args.token_file.as_deref())?;
+    let batch_size = usize::try_from(args.batch).unwrap_or(100).max(1);
+    let mut input = BufReader::new(tokio::io::stdin());
+    let mut buf = Vec::new();
+    let mut line_no: u64 = 0;
+    let every = (args.progress_every > 0).then(|| Duration::from_secs(args.progress_every));
+    let mut progress =
+        Progress { read: 0, rewrapped: 0, unchanged: 0, every, last: Instant::now() };
+    loop {
+        let mut batch = Vec::with_capacity(batch_size);
+        let (mut first, mut last) = (0u64, 0u64);
+        let mut stop = None;
+        let mut eof = false;
+        while batch.len() < batch_size {
+            buf.clear();
+            let read =
+                (&mut input).take(MAX_LINE_BYTES + 1).read_until(b'\n', &mut buf).await.map_err(
+                    |e| AdminError::usage(format!("cannot read stdin: {}", io_reason(&e))),
+                );
+            match read {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    stop = Some(e);
+                    break;
+                }
+            }
+            line_no += 1;
+            match parse_line(&buf, line_no, &args.tenant) {
+                Ok(None) => {}
+                Ok(Some(record)) => {
+                    if batch.is_empty() {
+                        first = line_no;
+                    }
+                    last = line_no;
+                    batch.push(record);
+                }
+                Err(e) => {
+                    stop = Some(e);
+                    break;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            let lines = if first == last {
+                format!("line {first}")
+            } else {
+                format!("lines {first}-{last}")
+            };
+            let count = u64::try_from(batch.len()).unwrap_or(u64::MAX);
+            let answer = sidecar.rewrap(batch, &lines).await?;
+            write_batch(&answer.records)?;
+            progress.read += count;
+            progress.rewrapped += answer.rewrapped.min(count);
+            progress.unchanged += count - answer.rewrapped.min(count);
+            progress.tick();
+        }
+        if let Some(e) = stop {
+            return Err(e);
+        }
+        if eof {
+            break;
+        }
+    }
+    eprintln!("rewrap: done: {}", progress.line());
+    Ok(())
+}
+
+/// One input line → a record to send, `None` for a blank line.
+fn parse_line(bytes: &[u8], line: u64, tenant: &TenantId) -> Result<Option<Value>, AdminError> {
+    let bad = |why: String| AdminError::usage(format!("line {line}: {why}"));
+    if u64::try_from(bytes.len()).unwrap_or(u64::MAX) > MAX_LINE_BYTES {
+        return Err(bad(format!("longer than {MAX_LINE_BYTES} bytes")));
+    }
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let record: Value = serde_json::from_slice(bytes).map_err(|e| {
+        let text = e.to_string();
+        let reason = text.split(" at line ").next().unwrap_or(&text).to_owned();
+        bad(format!("not valid JSON: {reason} (column {})", e.column()))
+    })?;
+    let Some(object) = record.as_object() else {
+        return Err(bad("not a JSON object".to_owned()));
+    };
+    let Some(header) = object.get(HEADER_MEMBER).and_then(Value::as_str) else {
+        return Err(bad(format!("not an encrypted record (no {HEADER_MEMBER} header)")));
+    };
+    let header =
+        RecordHeader::parse(header).map_err(|e| bad(format!("the {HEADER_MEMBER} header: {e}")))?;
+    if header.tenant() != tenant {
+        return Err(bad(format!("the record belongs to tenant {}, not {tenant}", header.tenant())));
+    }
+    Ok(Some(record))
+}
+
+/// Writes a batch as JSON lines in one write, then flushes.
+fn write_batch(records: &[Value]) -> Result<(), AdminError> {
+    let mut text = Vec::new();
+    for record in records {
+        serde_json::to_writer(&mut text, record)
+            .map_err(|e| AdminError::unavailable(format!("cannot print a record: {e}")))?;
+        text.push(b'\n');
+    }
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(&text).and_then(|()| stdout.flush()).map_err(stdout_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_checked_before_sending() {
+        let onc = TenantId::new("onc").unwrap();
+        assert!(parse_line(b"  \n", 3, &onc).unwrap().is_none());
+        let e = parse_line(b"{not json\n", 7, &onc).unwrap_err().to_string();
+        assert!(e.starts_with("line 7: not valid JSON"), "{e}");
+        assert!(!e.contains("at line 1"), "{e}");
+        let e = parse_line(b"[1]\n", 8, &onc).unwrap_err().to_string();
+        assert_eq!(e, "line 8: not a JSON object");
+        let e = parse_line(b"{\"a\":1}\n", 9, &onc).unwrap_err().to_string();
+        assert!(e.contains("line 9: not an encrypted record"), "{e}");
+        let e = parse_line(b"{\"_kg\":\"kg1h:AAAA\"}\n", 10, &onc).unwrap_err().to_string();
+        assert!(e.starts_with("line 10: the _kg header"), "{e}");
+    }
+
+    #[test]
+    fn sidecar_addresses() {
+        assert!(Sidecar::new("unix:///run/keygate/sidecar.sock", None).is_ok());
+        assert!(Sidecar::new("http://127.0.0.1:8080", None).is_ok());
+        assert!(Sidecar::new("http://localhost:8080/", None).is_ok());
+        for bad in ["unix://", "http://10.0.0.1:80", "https://127.0.0.1", "tcp://x", "/run/x.sock"]
+        {
+            let e = Sidecar::new(bad, None).err().unwrap();
+            assert_eq!(e.failure(), super::super::error::Failure::Usage, "{bad}");
+        }
+    }
+}

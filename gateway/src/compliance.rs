@@ -1,0 +1,562 @@
+//! Compliance as code: the safeguards a production deployment must keep,
+//! each checked against the running configuration and mapped to the HIPAA
+//! Security Rule provision it implements (45 CFR 164.312).
+//!
+//! Every check has a stable rule id; [`Report`] is what `GET
+//! /v1/compliance` returns and what `keygate server|sidecar --profile
+//! production` (or `profile = "production"` in the config) enforces at
+//! start: any failed rule stops the start with an error naming the rule
+//! and the provision. The development profile reports the same checks and
+//! only logs failures. `docs/compliance.md` maps each rule to its code and
+//! the test that proves it.
+
+use std::fmt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::config::{RootConfig, ServerConfig};
+use crate::hygiene::Hygiene;
+use crate::policy::{Policy, PolicyHandle, Role};
+use crate::sidecar::SidecarConfig;
+use crate::sidecar::config::Listen;
+
+/// HIPAA Security Rule provisions (45 CFR 164.312) the checks map to.
+pub mod hipaa {
+    /// Access control.
+    pub const ACCESS_CONTROL: &str = "164.312(a)(1)";
+    /// Audit controls.
+    pub const AUDIT_CONTROLS: &str = "164.312(b)";
+    /// Integrity.
+    pub const INTEGRITY: &str = "164.312(c)(1)";
+    /// Person or entity authentication.
+    pub const AUTHENTICATION: &str = "164.312(d)";
+    /// Transmission security.
+    pub const TRANSMISSION: &str = "164.312(e)(1)";
+
+    /// The provision's name.
+    pub fn title(provision: &str) -> &'static str {
+        match provision {
+            ACCESS_CONTROL => "access control",
+            AUDIT_CONTROLS => "audit controls",
+            INTEGRITY => "integrity",
+            AUTHENTICATION => "person or entity authentication",
+            TRANSMISSION => "transmission security",
+            _ => "HIPAA Security Rule",
+        }
+    }
+}
+
+/// Longest KEK auto-rotation period a production deployment may allow.
+pub const MAX_ROTATION_DAYS: u64 = 365;
+/// Longest a signed audit checkpoint may wait, in seconds.
+pub const MAX_CHECKPOINT_INTERVAL_SECS: u64 = 3_600;
+/// Most events between two signed checkpoints.
+pub const MAX_CHECKPOINT_EVERY: u64 = 100_000;
+/// Longest a sidecar may keep keys or unreported field events, in seconds.
+pub const MAX_SIDECAR_HOLD_SECS: u64 = 300;
+
+/// Which safeguards are enforced at start.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Profile {
+    /// Checks are reported and failures logged; nothing is refused.
+    #[default]
+    Development,
+    /// Any failed check refuses the start.
+    Production,
+}
+
+/// A check's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// The safeguard holds.
+    Pass,
+    /// It does not; `detail` says why.
+    Fail,
+}
+
+/// One safeguard checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Check {
+    /// Stable rule id (`root_key.hardware_backed`, …).
+    pub rule: String,
+    /// The HIPAA provision (`164.312(a)(1)`, …).
+    pub hipaa: String,
+    /// Pass or fail.
+    pub status: Status,
+    /// What was found (never a secret).
+    pub detail: String,
+}
+
+/// Every check of one process, with the profile it runs under.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Report {
+    /// `production` or `development`.
+    pub profile: Profile,
+    /// The checks, in a fixed order.
+    pub checks: Vec<Check>,
+}
+
+/// A production start refused: names every failed rule and its provision.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ComplianceError {
+    failed: Vec<Check>,
+}
+
+impl ComplianceError {
+    /// The failed checks.
+    pub fn failed(&self) -> &[Check] {
+        &self.failed
+    }
+}
+
+impl fmt::Display for ComplianceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the production profile refuses to start:")?;
+        for check in &self.failed {
+            write!(
+                f,
+                " [{}] violates HIPAA 45 CFR {} ({}): {};",
+                check.rule,
+                check.hipaa,
+                hipaa::title(&check.hipaa),
+                check.detail
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl Report {
+    fn new(profile: Profile) -> Self {
+        Self { profile, checks: Vec::new() }
+    }
+
+    fn add(&mut self, rule: &str, hipaa: &str, outcome: Result<String, String>) {
+        let (status, detail) = match outcome {
+            Ok(detail) => (Status::Pass, detail),
+            Err(detail) => (Status::Fail, detail),
+        };
+        self.checks.push(Check { rule: rule.to_owned(), hipaa: hipaa.to_owned(), status, detail });
+    }
+
+    /// The failed checks.
+    pub fn failures(&self) -> impl Iterator<Item = &Check> {
+        self.checks.iter().filter(|c| c.status == Status::Fail)
+    }
+
+    /// Logs failures; in the production profile, any failure is an error.
+    pub fn enforce(&self) -> Result<(), ComplianceError> {
+        let failed: Vec<Check> = self.failures().cloned().collect();
+        for check in &failed {
+            tracing::warn!(
+                rule = check.rule,
+                hipaa = check.hipaa,
+                detail = check.detail,
+                profile = ?self.profile,
+                "compliance check failed"
+            );
+        }
+        if self.profile == Profile::Production && !failed.is_empty() {
+            return Err(ComplianceError { failed });
+        }
+        Ok(())
+    }
+}
+
+/// The key service's checks, reading the policy file named by the config.
+pub fn server_report(config: &ServerConfig, hygiene: &Hygiene) -> Report {
+    let policy = PolicyHandle::load(&config.policy.file).map(|h| h.current());
+    let policy = policy.as_deref().map_err(|e| e.to_string());
+    server_report_with(config, hygiene, policy)
+}
+
+/// The key service's checks against a given (e.g. the live) policy.
+pub fn server_report_with(
+    config: &ServerConfig,
+    hygiene: &Hygiene,
+    policy: Result<&Policy, String>,
+) -> Report {
+    let mut r = Report::new(config.profile);
+    r.add("root_key.hardware_backed", hipaa::ACCESS_CONTROL, root_key(&config.root));
+    r.add(
+        "transmission.api_mtls",
+        hipaa::TRANSMISSION,
+        Ok(match config.ops_listen {
+            Some(ops) => format!(
+                "the API on {} is served only over TLS with client certificates; {ops} serves \
+                 plain /healthz, /readyz and /metrics only",
+                config.listen
+            ),
+            None => format!(
+                "the API on {} is served only over TLS with client certificates",
+                config.listen
+            ),
+        }),
+    );
+    r.add("transmission.keystore_tls", hipaa::TRANSMISSION, keystore_tls(config));
+    r.add(
+        "authentication.client_certificates",
+        hipaa::AUTHENTICATION,
+        client_ca(&config.tls.client_ca),
+    );
+    r.add("audit.durable", hipaa::AUDIT_CONTROLS, audit_durable(config));
+    r.add("integrity.audit_checkpoints", hipaa::INTEGRITY, checkpoints(config));
+    r.add(
+        "keys.rotation_period",
+        hipaa::ACCESS_CONTROL,
+        rotation(config.keys.max_rotation_period_days),
+    );
+    r.add("policy.least_privilege", hipaa::ACCESS_CONTROL, policy.and_then(least_privilege));
+    let mut secrets = vec![("tls.key", config.tls.key.as_path())];
+    match &config.root {
+        RootConfig::DevLocal { key_file, passphrase_file, .. } => {
+            secrets.push(("root.key_file", key_file));
+            if let Some(p) = passphrase_file {
+                secrets.push(("root.passphrase_file", p));
+            }
+        }
+        RootConfig::Pkcs11 { pin_file: Some(p), .. } => secrets.push(("root.pin_file", p)),
+        _ => {}
+    }
+    r.add("files.private_keys", hipaa::ACCESS_CONTROL, private_files(&secrets));
+    r.add("process.core_dumps", hipaa::ACCESS_CONTROL, core_dumps(hygiene));
+    r
+}
+
+/// The sidecar's checks.
+pub fn sidecar_report(config: &SidecarConfig, hygiene: &Hygiene) -> Report {
+    let mut r = Report::new(config.profile);
+    let plain: Vec<&String> =
+        config.key_service.urls.iter().filter(|u| !u.starts_with("https://")).collect();
+    r.add(
+        "transmission.key_service_tls",
+        hipaa::TRANSMISSION,
+        if plain.is_empty() {
+            Ok("every key service URL is https:// with mutual TLS".to_owned())
+        } else {
+            Err(format!("key service URLs without TLS: {plain:?}"))
+        },
+    );
+    r.add(
+        "authentication.app_callers",
+        hipaa::AUTHENTICATION,
+        match (&config.listen, &config.token_file) {
+            (_, Some(_)) => Ok("apps present a bearer token (token_file)".to_owned()),
+            (Listen::Unix(path), None) => Ok(format!(
+                "apps reach the API only through the unix socket {} (mode 0660)",
+                path.display()
+            )),
+            (Listen::Tcp(addr), None) => Err(format!(
+                "the API listens on {addr} without a bearer token: any local process can \
+                 call it; set token_file or listen on a unix socket"
+            )),
+        },
+    );
+    r.add(
+        "audit.field_events",
+        hipaa::AUDIT_CONTROLS,
+        if config.audit.max_unreported_secs <= MAX_SIDECAR_HOLD_SECS
+            && config.audit.max_buffered > 0
+        {
+            Ok(format!(
+                "field-level events reach the key service's audit chain; requests are refused \
+                 once events wait over {} s",
+                config.audit.max_unreported_secs
+            ))
+        } else {
+            Err(format!(
+                "audit.max_unreported_secs is {} (at most {MAX_SIDECAR_HOLD_SECS}) and \
+                 audit.max_buffered {} (more than 0)",
+                config.audit.max_unreported_secs, config.audit.max_buffered
+            ))
+        },
+    );
+    let hold = config.cache.ttl_secs.max(config.pool.ttl_secs);
+    r.add(
+        "keys.revocation_bound",
+        hipaa::ACCESS_CONTROL,
+        if hold <= MAX_SIDECAR_HOLD_SECS {
+            Ok(format!("a disabled or shredded key stops working here within {hold} s"))
+        } else {
+            Err(format!(
+                "cache.ttl_secs / pool.ttl_secs keep keys {hold} s (at most \
+                 {MAX_SIDECAR_HOLD_SECS}): revocations would take that long to apply"
+            ))
+        },
+    );
+    let mut secrets = vec![("key_service.key", config.key_service.key.as_path())];
+    if let Some(token) = &config.token_file {
+        secrets.push(("token_file", token));
+    }
+    r.add("files.private_keys", hipaa::ACCESS_CONTROL, private_files(&secrets));
+    r.add("process.core_dumps", hipaa::ACCESS_CONTROL, core_dumps(hygiene));
+    r
+}
+
+fn root_key(root: &RootConfig) -> Result<String, String> {
+    match root {
+        RootConfig::DevLocal { key_file, .. } => Err(format!(
+            "the master key is a local development key file ({}), not an HSM or KMS key",
+            key_file.display()
+        )),
+        RootConfig::Pkcs11 { token_label, key_label, .. } => {
+            Ok(format!("master key {key_label} in PKCS#11 token {token_label}"))
+        }
+        RootConfig::AwsKms { key_id, region, .. } => {
+            Ok(format!("master key {key_id} in AWS KMS ({region})"))
+        }
+    }
+}
+
+fn keystore_tls(config: &ServerConfig) -> Result<String, String> {
+    let Some(url) = &config.storage_url else {
+        return Ok("SQLite keystore on local disk (no network)".to_owned());
+    };
+    let text = url.expose();
+    let host = text
+        .split_once("://")
+        .map(|(_, rest)| rest.rsplit_once('@').map_or(rest, |(_, h)| h))
+        .unwrap_or_default()
+        .split(['/', '?'])
+        .next()
+        .unwrap_or_default();
+    let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    let local = host.is_empty() || matches!(host, "localhost" | "127.0.0.1" | "[::1]");
+    let verified = ["sslmode=verify-full", "sslmode=verify-ca"].iter().any(|m| text.contains(m));
+    if verified {
+        Ok(format!("keystore {url:?} over TLS with a verified server certificate"))
+    } else if local {
+        Ok(format!("keystore {url:?} on this host (loopback or unix socket)"))
+    } else {
+        Err(format!(
+            "keystore {url:?} is reached over the network without sslmode=verify-full \
+             (or verify-ca): wrapped keys and audit events would travel unprotected"
+        ))
+    }
+}
+
+fn client_ca(path: &Path) -> Result<String, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let certs = CertificateDer::pem_file_iter(path)
+        .map(|iter| iter.filter(Result::is_ok).count())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs == 0 {
+        return Err(format!("{}: no CA certificate", path.display()));
+    }
+    Ok(format!(
+        "every connection must present a client certificate chaining to {} ({certs} CA \
+         certificate(s)); its URI or DNS SAN is the identity",
+        path.display()
+    ))
+}
+
+fn audit_durable(config: &ServerConfig) -> Result<String, String> {
+    if let Some(url) = &config.storage_url {
+        let text = url.expose().to_ascii_lowercase().replace("%3d", "=");
+        for off in ["synchronous_commit=off", "synchronous_commit=local", "fsync=off"] {
+            if text.contains(off) {
+                return Err(format!(
+                    "storage_url sets {off}: audit events could be lost after they are \
+                     acknowledged"
+                ));
+            }
+        }
+        return Ok("every key operation's event is committed to PostgreSQL before its result \
+                   leaves (fail closed)"
+            .to_owned());
+    }
+    let dir = &config.data_dir;
+    // The data directory may not exist yet: check the nearest parent.
+    let existing = dir.ancestors().find(|p| p.exists()).unwrap_or(dir);
+    match memory_filesystem(existing) {
+        Some(kind) => Err(format!(
+            "data_dir {} is on {kind}: the audit chain (and keystore) would not survive a \
+             reboot",
+            dir.display()
+        )),
+        None => Ok(format!(
+            "every key operation's event is committed (SQLite WAL, synchronous=FULL) in {} \
+             before its result leaves (fail closed)",
+            dir.display()
+        )),
+    }
+}
+
+/// `tmpfs` or `ramfs`, if `path` is on one.
+fn memory_filesystem(path: &Path) -> Option<&'static str> {
+    const TMPFS_MAGIC: u64 = 0x0102_1994;
+    const RAMFS_MAGIC: u64 = 0x8584_58f6;
+    let stat = rustix::fs::statfs(path).ok()?;
+    match u64::try_from(stat.f_type).ok()? {
+        TMPFS_MAGIC => Some("tmpfs (memory)"),
+        RAMFS_MAGIC => Some("ramfs (memory)"),
+        _ => None,
+    }
+}
+
+fn checkpoints(config: &ServerConfig) -> Result<String, String> {
+    let (every, interval) = (config.audit.checkpoint_every, config.audit.checkpoint_interval_secs);
+    if every <= MAX_CHECKPOINT_EVERY && interval <= MAX_CHECKPOINT_INTERVAL_SECS {
+        Ok(format!(
+            "hash-chained events with a P-256 signed checkpoint every {every} events or {interval} s"
+        ))
+    } else {
+        Err(format!(
+            "signed checkpoints every {every} events / {interval} s: at most \
+             {MAX_CHECKPOINT_EVERY} events and {MAX_CHECKPOINT_INTERVAL_SECS} s, or edits to the \
+             chain's tail go unsigned too long"
+        ))
+    }
+}
+
+fn rotation(days: u64) -> Result<String, String> {
+    if (1..=MAX_ROTATION_DAYS).contains(&days) {
+        Ok(format!("tenant KEKs rotate at least every {days} days"))
+    } else {
+        Err(format!(
+            "keys.max_rotation_period_days is {days}: a KEK must rotate at least every \
+             {MAX_ROTATION_DAYS} days"
+        ))
+    }
+}
+
+/// No grant gives data access to every tenant, reveals every field class,
+/// or holds every role. (Admin, auditor and security officer grants may
+/// cover every tenant: the endpoints not scoped to one tenant need that.)
+fn least_privilege(policy: &Policy) -> Result<String, String> {
+    let mut problems = Vec::new();
+    for (i, grant) in policy.grants().iter().enumerate() {
+        let who = format!("grant {} ({})", i + 1, grant.identity.as_str());
+        let data_roles: Vec<&str> = grant
+            .roles
+            .iter()
+            .filter(|r| matches!(r, Role::Encryptor | Role::Decryptor))
+            .map(|r| r.as_str())
+            .collect();
+        if !data_roles.is_empty() && grant.tenants.iter().any(|t| t.is_all()) {
+            problems.push(format!("{who} gives {} on every tenant (\"*\")", data_roles.join("+")));
+        }
+        if grant.classes.iter().any(|c| c.as_str() == "*") {
+            problems.push(format!("{who} reveals every field class (\"*\")"));
+        }
+        if Role::ALL.iter().all(|r| grant.roles.contains(r)) {
+            problems.push(format!("{who} holds every role"));
+        }
+    }
+    if problems.is_empty() {
+        Ok(format!(
+            "{} grants, none with data access to every tenant, every field class or every role",
+            policy.grants().len()
+        ))
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+fn private_files(files: &[(&str, &Path)]) -> Result<String, String> {
+    let mut problems = Vec::new();
+    for (what, path) in files {
+        match std::fs::metadata(path) {
+            Ok(meta) => {
+                let mode = meta.permissions().mode() & 0o777;
+                if mode & 0o077 != 0 {
+                    problems.push(format!(
+                        "{what} {} is mode {mode:03o}: group or others may read or change it \
+                         (chmod 600)",
+                        path.display()
+                    ));
+                }
+            }
+            Err(e) => problems.push(format!("{what} {}: {e}", path.display())),
+        }
+    }
+    if problems.is_empty() {
+        let names: Vec<&str> = files.iter().map(|(w, _)| *w).collect();
+        Ok(format!("{} readable by the owner only", names.join(", ")))
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+fn core_dumps(hygiene: &Hygiene) -> Result<String, String> {
+    let locked = if hygiene.memory_locked { "memory locked" } else { "memory not locked" };
+    if hygiene.core_dumps_disabled() {
+        Ok(format!("RLIMIT_CORE 0 and not dumpable; {locked}"))
+    } else {
+        Err(format!("core dumps could not be disabled: {}", hygiene.notes.join("; ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(text: &str) -> Policy {
+        Policy::from_toml(text, "p.toml").unwrap()
+    }
+
+    #[test]
+    fn least_privilege_flags_wildcards() {
+        let ok = policy(
+            "[[grant]]\nidentity = \"a\"\ntenants = [\"*\"]\nroles = [\"admin\", \"auditor\"]\n\
+             [[grant]]\nidentity = \"b\"\ntenants = [\"onc\"]\nroles = [\"decryptor\"]\nclasses = [\"phi.*\"]\npurposes = [\"*\"]\n",
+        );
+        assert!(least_privilege(&ok).is_ok());
+        let all_tenants =
+            policy("[[grant]]\nidentity = \"b\"\ntenants = [\"*\"]\nroles = [\"encryptor\"]\n");
+        assert!(least_privilege(&all_tenants).unwrap_err().contains("encryptor on every tenant"));
+        let all_classes = policy(
+            "[[grant]]\nidentity = \"b\"\ntenants = [\"onc\"]\nroles = [\"decryptor\"]\nclasses = [\"*\"]\npurposes = [\"*\"]\n",
+        );
+        assert!(least_privilege(&all_classes).unwrap_err().contains("every field class"));
+        let all_roles = policy(
+            "[[grant]]\nidentity = \"b\"\ntenants = [\"onc\"]\nroles = [\"encryptor\", \"decryptor\", \"admin\", \"security_officer\", \"auditor\"]\nclasses = [\"phi\"]\npurposes = [\"x\"]\n",
+        );
+        assert!(least_privilege(&all_roles).unwrap_err().contains("every role"));
+    }
+
+    #[test]
+    fn rotation_bounds() {
+        assert!(rotation(90).is_ok());
+        assert!(rotation(365).is_ok());
+        assert!(rotation(366).is_err());
+        assert!(rotation(0).is_err());
+    }
+
+    #[test]
+    fn file_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        std::fs::write(&path, "x").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(private_files(&[("k", &path)]).is_ok());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(private_files(&[("k", &path)]).unwrap_err().contains("mode 640"));
+        assert!(private_files(&[("k", &dir.path().join("absent"))]).is_err());
+    }
+
+    #[test]
+    fn error_names_rule_and_provision() {
+        let mut report = Report::new(Profile::Production);
+        report.add("root_key.hardware_backed", hipaa::ACCESS_CONTROL, Err("dev key".into()));
+        report.add("audit.durable", hipaa::AUDIT_CONTROLS, Ok("fine".into()));
+        let e = report.enforce().unwrap_err().to_string();
+        assert!(e.contains("[root_key.hardware_backed]"), "{e}");
+        assert!(e.contains("164.312(a)(1) (access control)"), "{e}");
+        assert!(!e.contains("audit.durable"), "{e}");
+        report.profile = Profile::Development;
+        assert!(report.enforce().is_ok());
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["profile"], "development");
+        assert_eq!(json["checks"][0]["status"], "fail");
+        assert_eq!(json["checks"][1]["hipaa"], "164.312(b)");
+    }
+}

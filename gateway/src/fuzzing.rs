@@ -1,0 +1,150 @@
+//! Entry points for the fuzz targets (`fuzz/`) and their regression
+//! tests: the policy parser and every request body of the key service and
+//! the sidecar, deserialized and validated the way the handlers do.
+//! Compiled only for this crate's tests or with the `fuzzing` feature
+//! (which `fuzz/` and the `tests/` crate enable); never part of a release
+//! build. Each function must never panic on any input; asserts
+//! inside are properties, and a failed one is a bug.
+
+use kms_core::audit::Outcome;
+use kms_core::record::{EncryptedRecord, SchemaKeys, encrypt_record, index_token, pseudonym};
+use kms_core::schema::SchemaSet;
+use kms_core::{IssuedDek, Key256, PathPattern, RecordKeyId, TenantId, WrappedDek};
+
+use crate::extract::parse;
+use crate::policy::{EffectiveGrants, Policy};
+use crate::server::api as ks;
+use crate::sidecar::api as sc;
+
+/// The policy file parser: any text gives a policy or an error; a policy's
+/// effective grants survive a JSON round trip (what a sidecar receives).
+pub fn policy(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(policy) = Policy::from_toml(text, "fuzz.toml") else { return };
+    for grant in policy.grants() {
+        let effective = policy.effective(grant.identity.as_str());
+        let json = serde_json::to_string(&effective).unwrap_or_default();
+        let back: Result<EffectiveGrants, _> = serde_json::from_str(&json);
+        assert!(back.is_ok_and(|b| b == effective), "effective grants round trip");
+    }
+}
+
+/// Every key service request body (and a tenant path segment).
+pub fn key_service_request(data: &[u8]) {
+    const DEPTH: usize = 64;
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = TenantId::new(text);
+    }
+    let _ = parse::<ks::CreateTenant>(data, DEPTH);
+    let _ = parse::<ks::ChangeState>(data, DEPTH);
+    let _ = parse::<ks::IssueRequest>(data, DEPTH);
+    let _ = parse::<ks::BatchRequest>(data, DEPTH);
+    if let Ok(request) = parse::<ks::DerivedRequest>(data, DEPTH) {
+        for field in &request.fields {
+            let _ = PathPattern::parse(&field.path);
+        }
+    }
+    if let Ok(request) = parse::<ks::ReportedEvents>(data, DEPTH) {
+        for event in &request.events {
+            let _ = event.outcome.parse::<Outcome>();
+        }
+    }
+}
+
+/// Every sidecar request body, validated and then processed by the record
+/// code with fixed keys and the sample `patient` schema.
+pub fn sidecar_request(data: &[u8]) {
+    const RECORDS: usize = 1_000;
+    const DEPTH: usize = 64;
+    let body_depth = DEPTH + 2;
+    if let Ok(request) = parse::<sc::EncryptRequest>(data, body_depth)
+        && let Ok((records, _)) = sc::one_or_many(request.record, request.records, RECORDS, DEPTH)
+    {
+        let fixture = Fixture::new();
+        for record in records {
+            let _ = encrypt_record(
+                record,
+                &fixture.tenant,
+                &fixture.schema(),
+                &fixture.keys(),
+                fixture.dek(),
+            );
+        }
+    }
+    for records in [
+        parse::<sc::DecryptRequest>(data, body_depth).map(|r| (r.record, r.records)),
+        parse::<sc::RewrapRequest>(data, body_depth).map(|r| (r.record, r.records)),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if let Ok((records, _)) = sc::one_or_many(records.0, records.1, RECORDS, DEPTH) {
+            for record in records {
+                let _ = EncryptedRecord::parse(record);
+            }
+        }
+    }
+    if let Ok(request) = parse::<sc::IndexRequest>(data, body_depth) {
+        let fixture = Fixture::new();
+        let _ = index_token(&fixture.schema(), &fixture.keys(), &request.path, &request.value);
+    }
+    if let Ok(request) = parse::<sc::PseudonymRequest>(data, body_depth) {
+        let _ = pseudonym(&Key256::from_array(&mut [9; 32]), &request.value);
+    }
+}
+
+/// Fixed keys and the sample schema.
+struct Fixture {
+    tenant: TenantId,
+    set: SchemaSet,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let tenant = TenantId::new("fuzz").unwrap_or_else(|_| unreachable!("a valid tenant id"));
+        let set = SchemaSet::from_toml(crate::up::PATIENT_SCHEMA, "patient.toml")
+            .unwrap_or_else(|e| unreachable!("the sample schema parses: {e}"));
+        Self { tenant, set }
+    }
+
+    fn schema(&self) -> std::sync::Arc<kms_core::schema::Schema> {
+        self.set.latest("patient").cloned().unwrap_or_else(|| unreachable!("patient schema"))
+    }
+
+    fn keys(&self) -> SchemaKeys {
+        SchemaKeys::derive(&Key256::from_array(&mut [7; 32]), &self.tenant, &self.schema())
+    }
+
+    fn dek(&self) -> IssuedDek {
+        let wrapped = WrappedDek::from_slice(&[3; 60]).unwrap_or_else(|| unreachable!("60 bytes"));
+        IssuedDek::new(
+            RecordKeyId::from_bytes([5; 16]),
+            1,
+            wrapped,
+            Key256::from_array(&mut [8; 32]),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_points_take_valid_and_invalid_bodies() {
+        for body in [
+            &br#"{"tenant":"fuzz","schema":"patient","record":{"ssn":"1","allergies":["a"]}}"#[..],
+            br#"{"records":[{"_kg":"kg1h:AAAA"}]}"#,
+            br#"{"items":[{"record_key_id":"00","kek_version":1,"wrapped":"x"}]}"#,
+            br#"{"events":[{"actor":"a","action":"b","tenant":"t","outcome":"ok","ts_ms":1}]}"#,
+            b"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[",
+            b"\xff\xfe",
+            b"",
+        ] {
+            key_service_request(body);
+            sidecar_request(body);
+            policy(body);
+        }
+        policy(b"[[grant]]\nidentity = \"a\"\ntenants = [\"*\"]\nroles = [\"auditor\"]\n");
+    }
+}

@@ -1,0 +1,284 @@
+//! Key lifecycle: usage, auto-rotation, and crypto-shredding under
+//! two-person control (DESIGN §7).
+
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use kms_core::audit::{AuditEvent, Outcome};
+use kms_core::store::{Approval, ApprovalState, DecideApproval, Decision};
+use kms_core::{KekState, TenantId};
+
+use super::{ApiJson, tenant_id};
+use crate::audit_log::now_ms;
+use crate::error::{ApiError, store_error};
+use crate::extract::ApiQuery;
+use crate::policy::Role;
+use crate::server::api::{
+    ApprovalList, ApprovalQuery, ApprovalView, AutoRotate, AutoRotateView, DecideRequest,
+    DecisionBody, ShredRequest, UsageView, VersionUsageView,
+};
+use crate::server::jobs::{execute_shred, unix_now};
+use crate::server::{AppState, Caller};
+
+/// Longest reason or comment kept with a request for approval.
+const MAX_TEXT: usize = 1_000;
+
+/// `GET /v1/tenants/{t}/keys/usage`.
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{tenant}/keys/usage",
+    tag = "lifecycle",
+    params(("tenant" = String, Path, description = "Tenant id, `[a-z0-9][a-z0-9_-]{0,62}`")),
+    responses(
+        (status = 200, description = "Per KEK version: records issued, unwraps (all, last 24 h), last unwrap", body = UsageView),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
+pub(crate) async fn usage(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(tenant): Path<String>,
+) -> Result<Json<UsageView>, ApiError> {
+    let tenant = tenant_id(&tenant)?;
+    state.authorize(&caller, &tenant, &[Role::Admin, Role::Auditor], "view key usage").await?;
+    let versions = state.hierarchy.usage(&tenant).await?;
+    Ok(Json(UsageView { tenant, versions: versions.iter().map(VersionUsageView::from).collect() }))
+}
+
+/// `PUT /v1/tenants/{t}/keys/auto-rotate`.
+#[utoipa::path(
+    put,
+    path = "/v1/tenants/{tenant}/keys/auto-rotate",
+    tag = "lifecycle",
+    params(("tenant" = String, Path, description = "Tenant id, `[a-z0-9][a-z0-9_-]{0,62}`")),
+    request_body = AutoRotate,
+    responses(
+        (status = 200, description = "The tenant's auto-rotation period and next rotation", body = AutoRotateView),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
+pub(crate) async fn auto_rotate(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(tenant): Path<String>,
+    ApiJson(body): ApiJson<AutoRotate>,
+) -> Result<Json<AutoRotateView>, ApiError> {
+    let tenant = tenant_id(&tenant)?;
+    let actor = state.authorize(&caller, &tenant, &[Role::Admin], "schedule rotations").await?;
+    let every = match body.every_secs {
+        Some(0) => {
+            return Err(ApiError::bad_request(
+                "invalid_period",
+                "every_secs must be at least 1 (or null to turn auto-rotation off)",
+            ));
+        }
+        Some(secs) if i64::try_from(secs).is_err() => {
+            return Err(ApiError::bad_request("invalid_period", "every_secs is too large"));
+        }
+        other => other.map(Duration::from_secs),
+    };
+    let record = state.hierarchy.set_rotation_period(&tenant, every).await?;
+    let event = AuditEvent::new(now_ms(), actor, "kek.auto_rotate", Outcome::Ok)
+        .with_tenant(tenant)
+        .with_detail("every_secs", body.every_secs);
+    state.audit.record(vec![event]).await?;
+    Ok(Json(AutoRotateView::from(&record)))
+}
+
+/// `POST /v1/tenants/{t}/shred`: asks for a crypto-shred, which runs only
+/// once a different security officer approves it.
+#[utoipa::path(
+    post,
+    path = "/v1/tenants/{tenant}/shred",
+    tag = "lifecycle",
+    params(("tenant" = String, Path, description = "Tenant id, `[a-z0-9][a-z0-9_-]{0,62}`")),
+    request_body = ShredRequest,
+    responses(
+        (status = 202, description = "A pending request for a security officer's approval", body = ApprovalView),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
+pub(crate) async fn request_shred(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(tenant): Path<String>,
+    ApiJson(body): ApiJson<ShredRequest>,
+) -> Result<(StatusCode, Json<ApprovalView>), ApiError> {
+    let tenant = tenant_id(&tenant)?;
+    let actor = state.authorize(&caller, &tenant, &[Role::Admin], "request a shred").await?;
+    let reason = body.reason.trim();
+    if reason.is_empty() || reason.len() > MAX_TEXT {
+        return Err(ApiError::bad_request(
+            "invalid_reason",
+            format!("give a reason of 1 to {MAX_TEXT} bytes"),
+        ));
+    }
+    check_shreddable(&state, &tenant, body.version).await?;
+    let id = data_encoding::HEXLOWER
+        .encode(&kms_core::crypto::rng::array::<16>().map_err(|e| crate::error::internal(&e))?);
+    let approval = Approval::new(
+        id,
+        tenant.clone(),
+        body.version,
+        reason.to_owned(),
+        actor.clone(),
+        unix_now(),
+    );
+    state.hierarchy.store().create_approval(&approval).await.map_err(|e| store_error(&e))?;
+    let mut event = AuditEvent::new(now_ms(), actor, "shred.request", Outcome::Ok)
+        .with_tenant(tenant)
+        .with_detail("approval", approval.id.clone())
+        .with_detail("reason", approval.reason.clone());
+    if let Some(v) = body.version {
+        event = event.with_kek_version(v);
+    }
+    state.audit.record(vec![event]).await?;
+    Ok((StatusCode::ACCEPTED, Json(ApprovalView::from(&approval))))
+}
+
+/// Refuses, before anyone is asked to approve, a shred that could not run.
+async fn check_shreddable(
+    state: &AppState,
+    tenant: &TenantId,
+    version: Option<u32>,
+) -> Result<(), ApiError> {
+    let record = state.hierarchy.tenant(tenant).await?;
+    let Some(version) = version else { return Ok(()) };
+    match record.versions.iter().find(|v| v.version == version) {
+        None => Err(ApiError::not_found(
+            "unknown_version",
+            format!("tenant {tenant} has no KEK version {version}"),
+        )),
+        Some(v) if v.state == KekState::Active => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_transition",
+            format!("version {version} is active: rotate first, or shred the whole tenant"),
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+/// `GET /v1/approvals[?state=…]`: the requests the caller may see (admin,
+/// security officer or auditor of their tenant).
+#[utoipa::path(
+    get,
+    path = "/v1/approvals",
+    tag = "lifecycle",
+    params(ApprovalQuery),
+    responses(
+        (status = 200, description = "The requests the caller may see", body = ApprovalList),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
+pub(crate) async fn list_approvals(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ApiQuery(query): ApiQuery<ApprovalQuery>,
+) -> Result<Json<ApprovalList>, ApiError> {
+    let identity = state.identity(&caller)?;
+    let filter = match query.state.as_deref() {
+        None => None,
+        Some(s) => Some(s.parse::<ApprovalState>().map_err(|()| {
+            ApiError::bad_request(
+                "invalid_state",
+                "state is one of pending, approved, rejected, executed",
+            )
+        })?),
+    };
+    let approvals = state.hierarchy.store().approvals(filter).await.map_err(|e| store_error(&e))?;
+    let policy = state.policy.current();
+    let visible = |t: &TenantId| {
+        [Role::Admin, Role::SecurityOfficer, Role::Auditor]
+            .iter()
+            .any(|role| policy.authorize(identity, t, *role))
+    };
+    Ok(Json(ApprovalList {
+        approvals: approvals
+            .iter()
+            .filter(|a| visible(&a.tenant))
+            .map(ApprovalView::from)
+            .collect(),
+    }))
+}
+
+/// `POST /v1/approvals/{id}`: a security officer other than the requester
+/// approves or rejects. An approved shred runs at once unless a waiting
+/// period is configured (then the scheduler runs it when it is over).
+#[utoipa::path(
+    post,
+    path = "/v1/approvals/{id}",
+    tag = "lifecycle",
+    params(("id" = String, Path, description = "Approval request id")),
+    request_body = DecideRequest,
+    responses(
+        (status = 200, description = "The request after the decision", body = ApprovalView),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
+pub(crate) async fn decide(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<DecideRequest>,
+) -> Result<Json<ApprovalView>, ApiError> {
+    let store = state.hierarchy.store().clone();
+    let unknown = || ApiError::not_found("unknown_approval", "no such request for approval");
+    if id.len() > 64 {
+        return Err(unknown());
+    }
+    let pending = store.approval(&id).await.map_err(|e| store_error(&e))?.ok_or_else(unknown)?;
+    let actor = state
+        .authorize(
+            &caller,
+            &pending.tenant,
+            &[Role::SecurityOfficer],
+            "decide requests for approval",
+        )
+        .await?;
+    if body.comment.as_ref().is_some_and(|c| c.len() > MAX_TEXT) {
+        return Err(ApiError::bad_request("invalid_comment", format!("at most {MAX_TEXT} bytes")));
+    }
+    let decision = match body.decision {
+        DecisionBody::Approve => Decision::Approve,
+        DecisionBody::Reject => Decision::Reject,
+    };
+    let decided = store
+        .decide_approval(&DecideApproval {
+            id: &id,
+            decision,
+            by: &actor,
+            comment: body.comment.as_deref(),
+            now: unix_now(),
+            delay_secs: i64::try_from(state.lifecycle.shred_delay_secs).unwrap_or(i64::MAX),
+        })
+        .await;
+    let decided = match decided {
+        Ok(decided) => decided,
+        Err(e) => {
+            if matches!(e, kms_core::store::StoreError::SelfApproval) {
+                state
+                    .audit
+                    .record_denial(&actor, "approve own request", Some(&pending.tenant))
+                    .await;
+            }
+            return Err(store_error(&e));
+        }
+    };
+    let action = if decision == Decision::Approve { "shred.approve" } else { "shred.reject" };
+    let mut event = AuditEvent::new(now_ms(), actor, action, Outcome::Ok)
+        .with_tenant(decided.tenant.clone())
+        .with_detail("approval", decided.id.clone())
+        .with_detail("requested_by", decided.requested_by.clone());
+    if let Some(v) = decided.version {
+        event = event.with_kek_version(v);
+    }
+    state.audit.record(vec![event]).await?;
+    let due = decided.state == ApprovalState::Approved
+        && decided.execute_after.is_some_and(|t| t <= unix_now());
+    if due {
+        return Ok(Json(ApprovalView::from(&execute_shred(&state, &decided).await?)));
+    }
+    Ok(Json(ApprovalView::from(&decided)))
+}

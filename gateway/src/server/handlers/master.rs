@@ -1,0 +1,135 @@
+//! Master keys: which exist, which is active, and master rotation.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use kms_core::audit::{AuditEvent, Outcome};
+
+use super::ApiJson;
+use crate::audit_log::now_ms;
+use crate::error::{ApiError, store_error};
+use crate::policy::Role;
+use crate::server::api::{
+    MasterEntry, MasterRotateRequest, MasterRotateView, MasterView, MastersView, RewrappedCounts,
+};
+use crate::server::masters::recorded_settings;
+use crate::server::startup::root_provider;
+use crate::server::{AppState, Caller};
+
+/// `GET /v1/master`.
+#[utoipa::path(
+    get,
+    path = "/v1/master",
+    tag = "master",
+    responses(
+        (status = 200, description = "The active master key and every registered one", body = MastersView),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
+pub(crate) async fn show(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<MastersView>, ApiError> {
+    state.authorize_global(&caller, &[Role::Admin, Role::Auditor], "view master keys").await?;
+    let store = state.hierarchy.store();
+    let masters = store.masters().await.map_err(|e| store_error(&e))?;
+    let counts = store.keys_per_master().await.map_err(|e| store_error(&e))?;
+    let keys_of = |id| counts.iter().find(|(m, _)| *m == id).map_or(0, |(_, n)| *n);
+    Ok(Json(MastersView {
+        active: masters.iter().find(|m| m.active).map(|m| MasterView {
+            id: m.id.0,
+            kind: m.kind.clone(),
+            key_ref: m.key_ref.clone(),
+        }),
+        masters: masters
+            .iter()
+            .map(|m| MasterEntry {
+                id: m.id.0,
+                kind: m.kind.clone(),
+                key_ref: m.key_ref.clone(),
+                active: m.active,
+                keys_wrapped: keys_of(m.id),
+            })
+            .collect(),
+    }))
+}
+
+/// `POST /v1/master/rotate`: connects to the new master (a real wrap and
+/// unwrap first), makes it active and rewraps every stored key under it.
+/// Resumable: after a crash or a timeout, the same request finishes the job.
+#[utoipa::path(
+    post,
+    path = "/v1/master/rotate",
+    tag = "master",
+    request_body = MasterRotateRequest,
+    responses(
+        (status = 200, description = "Progress of the (resumable) master rotation", body = MasterRotateView),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
+pub(crate) async fn rotate(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ApiJson(body): ApiJson<MasterRotateRequest>,
+) -> Result<Json<MasterRotateView>, ApiError> {
+    let actor = state.authorize_global(&caller, &[Role::Admin], "rotate the master key").await?;
+    if !body.to.paths_are_absolute() {
+        return Err(ApiError::bad_request(
+            "invalid_provider",
+            "file paths in the provider settings must be absolute",
+        ));
+    }
+    let settings = recorded_settings(&body.to).map_err(|e| crate::error::internal(&e))?;
+    let store = state.hierarchy.store().clone();
+    let Some(lock) = store.try_job_lock("master-rotate").await.map_err(|e| store_error(&e))? else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "master_rotation_in_progress",
+            "another master rotation is running; retry when it is done",
+        ));
+    };
+    let provider = root_provider(&body.to).await.map_err(|e| {
+        tracing::warn!(error = %e, "master rotation: cannot use the new master key");
+        ApiError::bad_request("invalid_provider", format!("the new master key is unusable: {e}"))
+    })?;
+    let target = provider.describe();
+    // The rotation runs in its own task: a client that gives up (or a
+    // request timeout) does not stop it halfway.
+    let hierarchy = state.hierarchy.clone();
+    let task = tokio::spawn(async move {
+        let result = hierarchy.rotate_master(provider, &settings).await;
+        drop(lock);
+        result
+    });
+    let result = task.await.map_err(|e| crate::error::internal(&e))?;
+    let report = match result {
+        Ok(report) => report,
+        Err(e) => {
+            let event = AuditEvent::new(now_ms(), actor, "master.rotate", Outcome::Error)
+                .with_detail("to", target.to_string());
+            state.audit.record(vec![event]).await?;
+            return Err(e.into());
+        }
+    };
+    let remaining = store.keys_not_under(report.master, 1).await.map_err(|e| store_error(&e))?;
+    let event = AuditEvent::new(now_ms(), actor, "master.rotate", Outcome::Ok)
+        .with_detail("to", report.info.to_string())
+        .with_detail("tenant_keys", report.tenant_keys)
+        .with_detail("index_roots", report.index_roots)
+        .with_detail("audit_signing_keys", report.audit_signing_keys);
+    state.audit.record(vec![event]).await?;
+    Ok(Json(MasterRotateView {
+        master: MasterView {
+            id: report.master.0,
+            kind: report.info.kind.to_owned(),
+            key_ref: report.info.key_ref.clone(),
+        },
+        rewrapped: RewrappedCounts {
+            tenant_keys: report.tenant_keys,
+            index_roots: report.index_roots,
+            audit_signing_keys: report.audit_signing_keys,
+        },
+        remaining: remaining.len() as u64,
+        state: if remaining.is_empty() { "complete" } else { "incomplete" },
+    }))
+}

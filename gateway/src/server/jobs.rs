@@ -1,0 +1,142 @@
+//! Background work of the key service: the lifecycle scheduler (auto-
+//! rotation and approved shreds whose wait is over; one replica at a time,
+//! under the keystore's job lock) and the usage-counter flush.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use kms_core::audit::{AuditEvent, Outcome};
+use kms_core::store::{Approval, ApprovalState};
+use tokio::sync::watch;
+
+use super::AppState;
+use crate::audit_log::now_ms;
+use crate::error::{ApiError, store_error};
+
+/// The actor named in the audit events of scheduled work.
+const SCHEDULER: &str = "keygate:scheduler";
+/// The job lock the scheduler holds while it runs.
+const LIFECYCLE_JOB: &str = "lifecycle";
+
+/// Unix seconds now.
+pub(crate) fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Destroys what an approved request names and marks it executed. The
+/// audit event (naming requester and approver) is durable before any key
+/// is destroyed: with the audit log down, nothing is destroyed.
+pub(crate) async fn execute_shred(
+    state: &AppState,
+    approval: &Approval,
+) -> Result<Approval, ApiError> {
+    let action = if approval.version.is_some() { "kek.shred" } else { "tenant.shred" };
+    let event = |outcome| {
+        let mut e = AuditEvent::new(
+            now_ms(),
+            approval.decided_by.clone().unwrap_or_default(),
+            action,
+            outcome,
+        )
+        .with_tenant(approval.tenant.clone())
+        .with_detail("approval", approval.id.clone())
+        .with_detail("requested_by", approval.requested_by.clone())
+        .with_detail("approved_by", approval.decided_by.clone())
+        .with_detail("reason", approval.reason.clone());
+        if let Some(v) = approval.version {
+            e = e.with_kek_version(v);
+        }
+        e
+    };
+    state.audit.record(vec![event(Outcome::Ok)]).await?;
+    if let Err(e) = state.hierarchy.destroy(&approval.tenant, approval.version).await {
+        state.audit.record(vec![event(Outcome::Error)]).await?;
+        return Err(e.into());
+    }
+    let store = state.hierarchy.store();
+    store.mark_approval_executed(&approval.id, unix_now()).await.map_err(|e| store_error(&e))?;
+    tracing::warn!(tenant = %approval.tenant, version = ?approval.version, approval = approval.id,
+        "crypto-shredded");
+    store
+        .approval(&approval.id)
+        .await
+        .map_err(|e| store_error(&e))?
+        .ok_or_else(|| crate::error::internal(&"approval vanished"))
+}
+
+/// Starts the scheduler and the usage flush; both stop when `stop` turns
+/// true (the flush adds what is left first).
+pub(crate) fn spawn(
+    state: AppState,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let scheduler_every = Duration::from_millis(state.lifecycle.scheduler_interval_ms.max(10));
+    let flush_every = Duration::from_millis(state.lifecycle.usage_flush_interval_ms.max(10));
+    tokio::spawn(async move {
+        let mut schedule = tokio::time::interval(scheduler_every);
+        let mut flush = tokio::time::interval(flush_every);
+        schedule.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = schedule.tick() => run_scheduled(&state).await,
+                _ = flush.tick() => {
+                    if let Err(e) = state.hierarchy.flush_usage().await {
+                        tracing::warn!(error = %e, "usage counts not flushed; retrying later");
+                    }
+                }
+                _ = stop.changed() => break,
+            }
+        }
+        if let Err(e) = state.hierarchy.flush_usage().await {
+            tracing::warn!(error = %e, "usage counts lost at shutdown");
+        }
+    })
+}
+
+/// One scheduler round, if this replica gets the job lock.
+async fn run_scheduled(state: &AppState) {
+    let store = state.hierarchy.store();
+    let lock = match store.try_job_lock(LIFECYCLE_JOB).await {
+        Ok(Some(lock)) => lock,
+        Ok(None) => return, // another replica runs it now
+        Err(e) => {
+            tracing::warn!(error = %e, "scheduler: keystore unavailable");
+            return;
+        }
+    };
+    let now = unix_now();
+    match state.hierarchy.rotate_due(now).await {
+        Ok(rotated) => {
+            let events: Vec<_> = rotated
+                .iter()
+                .map(|r| {
+                    AuditEvent::new(now_ms(), SCHEDULER, "kek.rotate", Outcome::Ok)
+                        .with_tenant(r.tenant.clone())
+                        .with_kek_version(r.record.version)
+                        .with_detail("scheduled", true)
+                })
+                .collect();
+            if !events.is_empty() && state.audit.record(events).await.is_err() {
+                tracing::error!("scheduled rotations done but not audited: audit log unavailable");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "scheduler: auto-rotation failed"),
+    }
+    match store.approvals(Some(ApprovalState::Approved)).await {
+        Ok(approved) => {
+            for approval in approved.iter().filter(|a| a.execute_after.is_some_and(|t| t <= now)) {
+                if let Err(e) = execute_shred(state, approval).await {
+                    tracing::error!(
+                        approval = approval.id,
+                        error = e.code(),
+                        "scheduled shred failed"
+                    );
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "scheduler: cannot read approvals"),
+    }
+    drop(lock);
+}

@@ -1,0 +1,295 @@
+//! `POST /v1/decrypt`: DEKs from the cache or one unwrap call per tenant,
+//! need-to-know per field, a report per record, and field-level audit
+//! events.
+//!
+//! Per request, each (tenant, schema) pair's disclosures are resolved once
+//! (not once per field of every record), the report is serialized from
+//! typed values (no intermediate JSON tree), and records that share
+//! tenant, KEK version, schema, field outcomes and cache hit share one
+//! `record.decrypt` event listing all their record key ids — the same
+//! facts as one event per record, at a fraction of the audit volume.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use kms_core::record::{
+    DecryptedRecord, Disclosure, EncryptedRecord, FieldOutcome, FieldReport, SchemaKeys,
+};
+use kms_core::schema::{FieldSpec, Schema};
+use kms_core::{DekRequest, KekVersion, Key256, Name, RecordKeyId, TenantId};
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+
+use super::api::{DecryptRequest, one_or_many};
+use super::state::{SidecarState, dek_error, ks_error};
+use crate::audit_log::now_ms;
+use crate::error::ApiError;
+use crate::extract::ApiJson;
+use crate::policy::{EffectiveGrants, FieldAccess, Role};
+
+/// The answer: `record` or `records`, then `report` (the same members, in
+/// the same order, as before the report was typed).
+#[derive(Serialize)]
+pub(super) struct DecryptResponse {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    record: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    records: Option<Vec<Value>>,
+    report: Vec<RecordReport>,
+}
+
+/// One record's report (members in alphabetical order, as a JSON map
+/// would print them).
+#[derive(Serialize)]
+struct RecordReport {
+    fields: Vec<FieldEntry>,
+    kek_version: KekVersion,
+    record_key_id: RecordKeyId,
+    schema: Name,
+    schema_version: u32,
+    stale_key_version: bool,
+    tenant: TenantId,
+}
+
+#[derive(Serialize)]
+struct FieldEntry {
+    class: String,
+    outcome: &'static str,
+    pointer: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
+
+/// A schema, its derived keys, and what this caller may see of each of
+/// its field classes, for one tenant (resolved once per request).
+struct Resolved {
+    tenant: TenantId,
+    schema: Arc<Schema>,
+    keys: Arc<SchemaKeys>,
+    access: Vec<(String, FieldAccess)>,
+    active: Option<KekVersion>,
+}
+
+impl Resolved {
+    fn access(&self, class: &str) -> FieldAccess {
+        self.access
+            .iter()
+            .find(|(c, _)| c == class)
+            .map_or(FieldAccess::Withhold, |(_, access)| *access)
+    }
+}
+
+/// Records decrypted alike, reported as one audit event.
+struct EventGroup {
+    tenant: TenantId,
+    kek_version: KekVersion,
+    schema: Name,
+    cached: bool,
+    outcomes: Vec<(String, &'static str)>,
+    ids: Vec<RecordKeyId>,
+}
+
+pub(super) async fn decrypt(
+    State(s): State<Arc<SidecarState>>,
+    ApiJson(req): ApiJson<DecryptRequest>,
+) -> Result<Json<DecryptResponse>, ApiError> {
+    let (records, single) =
+        one_or_many(req.record, req.records, s.limits.max_records, s.limits.max_depth)?;
+    let grants = s.keyring.grants().await.map_err(ks_error)?;
+    s.reporter.check()?;
+    let parsed: Vec<EncryptedRecord> =
+        records.into_iter().map(EncryptedRecord::parse).collect::<Result<_, _>>()?;
+    for record in &parsed {
+        let tenant = record.header().tenant();
+        if !grants.authorize(tenant, Role::Decryptor) {
+            return Err(ApiError::forbidden(format!(
+                "this sidecar's identity may not decrypt for tenant {tenant}"
+            )));
+        }
+    }
+    let deks = deks(&s, &parsed, req.purpose.as_ref()).await?;
+
+    let purpose = req.purpose.as_ref().map(|p| p.as_str());
+    let mut out = Vec::with_capacity(parsed.len());
+    let mut reports = Vec::with_capacity(parsed.len());
+    let mut groups: Vec<EventGroup> = Vec::new();
+    let mut resolved: Vec<Resolved> = Vec::new();
+    for (record, dek) in parsed.into_iter().zip(deks) {
+        let (dek, cached) = dek.ok_or_else(crate::error::cannot_decrypt)?;
+        let header = record.header();
+        let (version, id) = (header.kek_version(), *header.record_key_id());
+        let at = match resolved.iter().position(|r| {
+            &r.tenant == header.tenant()
+                && &r.schema.name == header.schema()
+                && r.schema.version == header.schema_version()
+        }) {
+            Some(at) => at,
+            None => {
+                let entry = resolve(&s, &grants, header.tenant(), header, purpose).await?;
+                resolved.push(entry);
+                resolved.len() - 1
+            }
+        };
+        let r = resolved.get(at).ok_or_else(crate::error::cannot_decrypt)?;
+        let disclose = |field: &FieldSpec| match r.access(&field.class) {
+            FieldAccess::Reveal => Disclosure::Reveal,
+            FieldAccess::Mask => Disclosure::Mask,
+            FieldAccess::Withhold => Disclosure::Withhold,
+        };
+        let DecryptedRecord { record: plain, fields } =
+            record.decrypt(&dek, &r.schema, &r.keys, &disclose)?;
+        let same_outcomes = |g: &EventGroup| {
+            g.outcomes.len() == fields.len()
+                && g.outcomes
+                    .iter()
+                    .zip(&fields)
+                    .all(|((p, o), f)| *p == f.pointer && *o == outcome(f.outcome))
+        };
+        match groups.iter_mut().find(|g| {
+            g.cached == cached
+                && g.kek_version == version
+                && g.tenant == r.tenant
+                && g.schema == r.schema.name
+                && same_outcomes(g)
+        }) {
+            Some(group) => group.ids.push(id),
+            None => groups.push(EventGroup {
+                tenant: r.tenant.clone(),
+                kek_version: version,
+                schema: r.schema.name.clone(),
+                cached,
+                outcomes: fields.iter().map(|f| (f.pointer.clone(), outcome(f.outcome))).collect(),
+                ids: vec![id],
+            }),
+        }
+        let fields = fields
+            .into_iter()
+            .map(|f| {
+                let reason = reason(&f, r.access(&f.class));
+                FieldEntry {
+                    outcome: outcome(f.outcome),
+                    class: f.class,
+                    pointer: f.pointer,
+                    reason,
+                }
+            })
+            .collect();
+        reports.push(RecordReport {
+            fields,
+            kek_version: version,
+            record_key_id: id,
+            schema: r.schema.name.clone(),
+            schema_version: r.schema.version,
+            stale_key_version: r.active.is_some_and(|active| active != version),
+            tenant: r.tenant.clone(),
+        });
+        out.push(plain);
+    }
+    let ts_ms = now_ms();
+    s.reporter.record(
+        groups
+            .into_iter()
+            .map(|g| {
+                let fields: Map<String, Value> =
+                    g.outcomes.into_iter().map(|(p, o)| (p, Value::from(o))).collect();
+                json!({
+                    "actor": s.app, "action": "record.decrypt", "tenant": g.tenant,
+                    "kek_version": g.kek_version, "record_key_ids": g.ids, "outcome": "ok",
+                    "purpose": purpose, "ts_ms": ts_ms,
+                    "fields": {"cache_hit": g.cached, "schema": g.schema, "fields": fields},
+                })
+            })
+            .collect(),
+    );
+    let (record, records) = if single { (out.into_iter().next(), None) } else { (None, Some(out)) };
+    Ok(Json(DecryptResponse { record, records, report: reports }))
+}
+
+/// Each record's DEK and whether it came from the cache: cache first, then
+/// one unwrap call per tenant for all misses.
+async fn deks(
+    s: &SidecarState,
+    parsed: &[EncryptedRecord],
+    purpose: Option<&Name>,
+) -> Result<Vec<Option<(Arc<Key256>, bool)>>, ApiError> {
+    let mut deks: Vec<Option<(Arc<Key256>, bool)>> = parsed
+        .iter()
+        .map(|r| {
+            let h = r.header();
+            s.cache.get(h.record_key_id(), h.tenant(), h.kek_version()).map(|k| (k, true))
+        })
+        .collect();
+    let mut misses: BTreeMap<TenantId, Vec<usize>> = BTreeMap::new();
+    for (i, dek) in deks.iter().enumerate() {
+        if dek.is_none()
+            && let Some(r) = parsed.get(i)
+        {
+            misses.entry(r.header().tenant().clone()).or_default().push(i);
+        }
+    }
+    for (tenant, indices) in misses {
+        let items: Vec<DekRequest> = indices
+            .iter()
+            .filter_map(|i| parsed.get(*i))
+            .map(super::handlers::dek_request)
+            .collect();
+        let unwrapped = s.client.unwrap(&tenant, &items, purpose).await.map_err(ks_error)?;
+        s.note_active(&tenant, unwrapped.active_version);
+        let mut fresh = Vec::with_capacity(items.len());
+        for ((i, item), result) in indices.iter().zip(&items).zip(unwrapped.results) {
+            let key = Arc::new(result.map_err(|code| dek_error(&code))?);
+            fresh.push((item.record_key_id, item.kek_version, key.clone()));
+            if let Some(slot) = deks.get_mut(*i) {
+                *slot = Some((key, false));
+            }
+        }
+        s.cache.insert_many(&tenant, fresh);
+    }
+    Ok(deks)
+}
+
+/// Schema, derived keys and the caller's access to each field class.
+async fn resolve(
+    s: &SidecarState,
+    grants: &EffectiveGrants,
+    tenant: &TenantId,
+    header: &kms_core::record::RecordHeader,
+    purpose: Option<&str>,
+) -> Result<Resolved, ApiError> {
+    let schema = s.schema(header.schema().as_str(), Some(header.schema_version()))?.clone();
+    let keys = s.keyring.schema_keys(tenant, &schema).await.map_err(ks_error)?;
+    let mut access: Vec<(String, FieldAccess)> = Vec::new();
+    for field in &schema.fields {
+        if !access.iter().any(|(c, _)| *c == field.class) {
+            access.push((field.class.clone(), grants.disclosure(tenant, &field.class, purpose)));
+        }
+    }
+    Ok(Resolved { tenant: tenant.clone(), schema, keys, access, active: s.active(tenant) })
+}
+
+/// Why a field was not revealed (for the caller; never a value).
+fn reason(field: &FieldReport, access: FieldAccess) -> Option<String> {
+    let class = &field.class;
+    match (field.outcome, access) {
+        (FieldOutcome::Revealed, _) => None,
+        (FieldOutcome::Masked, _) => {
+            Some(format!("the policy allows only the masked form of {class}"))
+        }
+        (FieldOutcome::Withheld, FieldAccess::Mask) => {
+            Some(format!("the policy allows only a masked {class}, and the schema defines no mask"))
+        }
+        (FieldOutcome::Withheld, _) => {
+            Some(format!("the policy does not grant {class} for this tenant and purpose"))
+        }
+    }
+}
+
+fn outcome(o: FieldOutcome) -> &'static str {
+    match o {
+        FieldOutcome::Revealed => "revealed",
+        FieldOutcome::Masked => "masked",
+        FieldOutcome::Withheld => "withheld",
+    }
+}

@@ -1,0 +1,96 @@
+//! Serving the app-facing API on a unix socket or a loopback TCP address:
+//! HTTP/1.1 and HTTP/2, a [`ConnectionGuard`] per connection (rate and
+//! concurrency limits), a header read timeout against slow clients, and
+//! graceful shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper::Request;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tower::ServiceExt;
+
+use crate::abuse::{ConnectionGuard, SidecarAbuseConfig};
+
+/// A bound app-facing listener.
+pub(super) enum AppListener {
+    /// A unix socket.
+    Unix(tokio::net::UnixListener),
+    /// A loopback TCP address.
+    Tcp(tokio::net::TcpListener),
+}
+
+/// Serves `router` until `shutdown` resolves, then lets in-flight requests
+/// finish (up to `drain`).
+pub(super) async fn serve(
+    listener: AppListener,
+    router: Router,
+    abuse: SidecarAbuseConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+    drain: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    let abuse = Arc::new(abuse);
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            accepted = accept(&listener) => accepted,
+            () = &mut shutdown => break,
+        };
+        match accepted {
+            Ok(Accepted::Unix(stream)) => spawn_connection(stream, &router, &abuse, &graceful),
+            Ok(Accepted::Tcp(stream)) => spawn_connection(stream, &router, &abuse, &graceful),
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(drain) => tracing::warn!("shutdown: in-flight requests did not finish in time"),
+    }
+}
+
+enum Accepted {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
+
+async fn accept(listener: &AppListener) -> std::io::Result<Accepted> {
+    match listener {
+        AppListener::Unix(l) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
+        AppListener::Tcp(l) => l.accept().await.map(|(s, _)| Accepted::Tcp(s)),
+    }
+}
+
+fn spawn_connection<I>(
+    io: I,
+    router: &Router,
+    abuse: &Arc<SidecarAbuseConfig>,
+    graceful: &GracefulShutdown,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let guard = Arc::new(ConnectionGuard::new(abuse));
+    let service = router.clone().map_request(move |mut request: Request<Incoming>| {
+        request.extensions_mut().insert(guard.clone());
+        request
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(abuse.header_read_timeout());
+    let watcher = graceful.watcher();
+    tokio::spawn(async move {
+        let connection =
+            builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
+        if let Err(e) = watcher.watch(connection.into_owned()).await {
+            tracing::debug!(error = %e, "app connection ended with an error");
+        }
+    });
+}

@@ -1,0 +1,173 @@
+//! Lifecycle operations (DESIGN §7): crypto-shredding, auto-rotation,
+//! master rotation and usage accounting.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{HierarchyError, KeyHierarchy, unix_now};
+use crate::audit::AuditSigner;
+use crate::dek::KekVersion;
+use crate::ids::TenantId;
+use crate::root::{ProviderInfo, RootKeyProvider, WrapContext};
+use crate::store::{KekRecord, MasterKeyId, StoredKeyRef, TenantRecord, VersionUsage};
+
+/// Stored keys a master rotation moves per keystore read.
+const MASTER_ROTATION_PAGE: u32 = 256;
+/// `recent_unwraps` of [`KeyHierarchy::usage`] covers this many hours.
+const RECENT_HOURS: i64 = 24;
+
+/// What a master rotation did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MasterRotation {
+    /// The new active master key.
+    pub master: MasterKeyId,
+    /// Its description.
+    pub info: ProviderInfo,
+    /// Tenant KEK versions moved to it by this run.
+    pub tenant_keys: u64,
+    /// Index roots moved to it by this run.
+    pub index_roots: u64,
+    /// Audit signing keys moved to it by this run.
+    pub audit_signing_keys: u64,
+}
+
+/// A rotation done by the scheduler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduledRotation {
+    /// Tenant.
+    pub tenant: TenantId,
+    /// The new active version.
+    pub record: KekRecord,
+}
+
+impl KeyHierarchy {
+    /// Crypto-shreds one KEK version (not the active one) or, with `None`,
+    /// every version and the index root of a tenant: their wrapped
+    /// material is erased from the keystore and from this instance's cache;
+    /// other replicas are told (PostgreSQL) and forget it at once, and
+    /// otherwise within the key TTL.
+    pub async fn destroy(
+        &self,
+        id: &TenantId,
+        version: Option<KekVersion>,
+    ) -> Result<TenantRecord, HierarchyError> {
+        let result = self.store.destroy_keys(id, version, unix_now()).await;
+        self.cache.invalidate_tenant(id);
+        Ok(result?)
+    }
+
+    /// Sets (or clears) a tenant's auto-rotation period.
+    pub async fn set_rotation_period(
+        &self,
+        id: &TenantId,
+        every: Option<Duration>,
+    ) -> Result<TenantRecord, HierarchyError> {
+        let secs = every.map(|d| i64::try_from(d.as_secs().max(1)).unwrap_or(i64::MAX));
+        Ok(self.store.set_rotation_period(id, secs).await?)
+    }
+
+    /// Rotates every tenant whose active version is older than its
+    /// auto-rotation period, once: a tenant rotated meanwhile by anyone
+    /// (another replica, an operator) is not due any more, and of racing
+    /// rotations only one adds the version. Shredded tenants are skipped.
+    pub async fn rotate_due(&self, now: i64) -> Result<Vec<ScheduledRotation>, HierarchyError> {
+        let mut done = Vec::new();
+        for tenant in self.store.list_tenants().await? {
+            let Some(every) = tenant.rotate_every_secs else { continue };
+            let Some(active) = tenant.active() else { continue };
+            if tenant.index_root_wrapped.is_none() || active.created_at.saturating_add(every) > now
+            {
+                continue;
+            }
+            match self.rotate_from(&tenant).await {
+                Ok(Some(record)) => done.push(ScheduledRotation { tenant: tenant.id, record }),
+                Ok(None) => {} // someone else rotated it first
+                Err(e) => {
+                    tracing::error!(tenant = %tenant.id, error = %e, "scheduled rotation failed");
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// Makes `provider` the active master key and rewraps every stored key
+    /// (tenant KEKs, index roots, audit signing keys) under it.
+    ///
+    /// Resumable: each key moves in its own compare-and-swap write, so a
+    /// crash at any point leaves every key wrapped under exactly one master
+    /// the keystore knows (with its connection settings, `config`), and
+    /// running the rotation again moves the rest. Keys are never unwrapped
+    /// outside this process; material destroyed meanwhile stays destroyed.
+    pub async fn rotate_master(
+        &self,
+        provider: Arc<dyn RootKeyProvider>,
+        config: &str,
+    ) -> Result<MasterRotation, HierarchyError> {
+        let info = provider.describe();
+        let id = self.store.register_master(&info).await?;
+        self.store.set_master_config(id, config).await?;
+        self.masters.insert(id, provider.clone());
+        self.store.activate_master(id).await?;
+        let mut report = MasterRotation {
+            master: id,
+            info,
+            tenant_keys: 0,
+            index_roots: 0,
+            audit_signing_keys: 0,
+        };
+        loop {
+            let keys = self.store.keys_not_under(id, MASTER_ROTATION_PAGE).await?;
+            if keys.is_empty() {
+                return Ok(report);
+            }
+            for stored in keys {
+                let context = wrap_context(&stored.key);
+                let old = self.master(stored.master).await?;
+                let key = old.unwrap(&stored.wrapped, &context).await?;
+                let wrapped = provider.wrap(&key, &context).await?;
+                if !self.store.replace_wrapped(&stored.key, stored.master, &wrapped, id).await? {
+                    continue; // changed meanwhile: the next page sees its new state
+                }
+                match stored.key {
+                    StoredKeyRef::Kek { .. } => report.tenant_keys += 1,
+                    StoredKeyRef::IndexRoot { .. } => report.index_roots += 1,
+                    StoredKeyRef::AuditSigning { .. } => report.audit_signing_keys += 1,
+                }
+            }
+        }
+    }
+
+    /// Adds the usage counted in memory to the keystore. On failure the
+    /// counts are kept for the next flush.
+    pub async fn flush_usage(&self) -> Result<(), HierarchyError> {
+        let _one_at_a_time = self.usage.flushing.lock().await;
+        let deltas = self.usage.take();
+        if deltas.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.store.add_usage(&deltas).await {
+            self.usage.restore(deltas);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Per-version usage of a tenant (this instance's latest counts
+    /// included); `recent_unwraps` covers the last 24 hours.
+    pub async fn usage(&self, id: &TenantId) -> Result<Vec<VersionUsage>, HierarchyError> {
+        if let Err(e) = self.flush_usage().await {
+            tracing::warn!(error = %e, "usage counts not flushed");
+        }
+        let since = unix_now().div_euclid(3600) - (RECENT_HOURS - 1);
+        Ok(self.store.usage(id, since).await?)
+    }
+}
+
+/// The context a stored key is wrapped for.
+fn wrap_context(key: &StoredKeyRef) -> WrapContext {
+    match key {
+        StoredKeyRef::Kek { tenant, version } => WrapContext::tenant_kek(tenant, *version),
+        StoredKeyRef::IndexRoot { tenant } => WrapContext::index_root(tenant),
+        StoredKeyRef::AuditSigning { instance } => AuditSigner::wrap_context(instance),
+    }
+}

@@ -1,0 +1,309 @@
+//! Abuse limits end to end (issue #9): per-identity rate limits at the key
+//! service, per-connection limits at the sidecar, slow clients cut off,
+//! deep JSON and oversized batches refused.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gateway::pki::Validity;
+use keygate_tests::keyservice::KeyService;
+use keygate_tests::sidecar::Sidecar;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+const ADMIN: &str = "spiffe://test/admin";
+const ENC: &str = "spiffe://test/encryptor";
+const SIDECAR: &str = "spiffe://test/sidecar-clinical";
+
+fn code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or_else(|| panic!("no error code in {body}"))
+}
+
+/// Sends `count` requests one after another; returns the 429 responses'
+/// (Retry-After, body) and how many succeeded.
+async fn burst(client: &reqwest::Client, url: &str, count: usize) -> (usize, Vec<(u64, Value)>) {
+    let mut ok = 0;
+    let mut limited = Vec::new();
+    for _ in 0..count {
+        let response = client.get(url).send().await.unwrap();
+        match response.status().as_u16() {
+            200 => {
+                // Read the body, or the client cannot reuse the connection
+                // (and a new connection has a bucket of its own).
+                let _ = response.bytes().await;
+                ok += 1;
+            }
+            429 => {
+                let retry = response.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+                limited.push((retry, response.json().await.unwrap()));
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    (ok, limited)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn key_service_rate_limits_each_identity_on_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    // One token every 4 s: slow machines add at most a token or two
+    // during the burst.
+    let ks = KeyService::start(dir.path(), "[abuse]\nrate_per_sec = 0.25\nburst = 5\n");
+    let url = format!("{}/v1/policy/self", ks.url);
+    let (ok, limited) = burst(&ks.client(ENC), &url, 12).await;
+    assert!((5..=7).contains(&ok), "the burst passes, then the limit bites: {ok} ok");
+    assert!(!limited.is_empty());
+    for (retry_after, body) in &limited {
+        assert!((1..=4).contains(retry_after), "Retry-After {retry_after}");
+        assert_eq!(code(body), "rate_limited", "{body}");
+    }
+    // Another identity is unaffected.
+    let (ok, limited) = burst(&ks.client(ADMIN), &url, 3).await;
+    assert_eq!((ok, limited.len()), (3, 0));
+    // And the limited identity recovers at the configured rate.
+    tokio::time::sleep(Duration::from_millis(4_100)).await;
+    let (status, _) = ks.get(ENC, "/v1/policy/self").await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sidecar_rate_limits_each_connection_on_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(&dir.path().join("ks"), "");
+    let sc = Sidecar::start(
+        &ks,
+        &dir.path().join("sc"),
+        SIDECAR,
+        "[abuse]\nrate_per_sec_per_connection = 0.1\nburst_per_connection = 4\n",
+    );
+    let url = format!("{}/healthz", sc.base);
+    let one_connection = sc.new_client();
+    let (ok, limited) = burst(&one_connection, &url, 10).await;
+    assert!((4..=6).contains(&ok), "{ok} ok");
+    assert!(!limited.is_empty());
+    assert!(limited.iter().all(|(retry, body)| *retry >= 1 && code(body) == "rate_limited"));
+    // A new connection has its own allowance.
+    let (ok, limited) = burst(&sc.new_client(), &url, 3).await;
+    assert_eq!((ok, limited.len()), (3, 0));
+}
+
+/// Writes `head` one byte every `pace` until the peer closes the
+/// connection; returns how long that took (None: still open at `give_up`).
+async fn trickle<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    head: &[u8],
+    pace: Duration,
+    give_up: Duration,
+) -> (Option<Duration>, Vec<u8>) {
+    let start = Instant::now();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    for byte in head.iter().cycle() {
+        if start.elapsed() > give_up {
+            return (None, answer);
+        }
+        if stream.write_all(&[*byte]).await.is_err() || stream.flush().await.is_err() {
+            return (Some(start.elapsed()), answer);
+        }
+        // Anything the server says (or its closing) ends the trickle.
+        match tokio::time::timeout(pace, stream.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return (Some(start.elapsed()), answer),
+            Ok(Ok(n)) => {
+                answer.extend_from_slice(&buf[..n]);
+                // Read whatever else comes until the close.
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    while let Ok(n) = stream.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        answer.extend_from_slice(&buf[..n]);
+                    }
+                })
+                .await;
+                return (Some(start.elapsed()), answer);
+            }
+            Err(_) => {} // nothing yet: send the next byte
+        }
+    }
+    (None, answer)
+}
+
+const SLOW_HEADERS: &[u8] =
+    b"POST /v1/encrypt HTTP/1.1\r\nHost: localhost\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_clients_are_cut_off_at_the_sidecar() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(&dir.path().join("ks"), "");
+    let sc = Sidecar::start_tcp(
+        &ks,
+        &dir.path().join("sc"),
+        SIDECAR,
+        "[abuse]\nheader_read_timeout_secs = 1\nbody_read_timeout_secs = 1\n",
+    );
+    let addr = sc.base.trim_start_matches("http://").to_owned();
+
+    // Headers byte by byte: the connection is closed after ~1 s.
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (closed, _) =
+        trickle(&mut tcp, SLOW_HEADERS, Duration::from_millis(200), Duration::from_secs(10)).await;
+    let closed = closed.expect("a client trickling headers is cut off");
+    assert!(closed < Duration::from_secs(4), "{closed:?}");
+
+    // Complete headers, then the body byte by byte: 408 body_timeout.
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tcp.write_all(
+        b"POST /v1/encrypt HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (closed, answer) =
+        trickle(&mut tcp, b"{\"tenant\":", Duration::from_millis(200), Duration::from_secs(10))
+            .await;
+    let closed = closed.expect("a client trickling its body is cut off");
+    assert!(closed < Duration::from_secs(4), "{closed:?}");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+
+    // The sidecar still serves.
+    let (status, _) = sc.get("/healthz").await;
+    assert_eq!(status, 200);
+}
+
+/// A TLS connection to the key service presenting `identity`.
+async fn tls_connect(
+    ks: &KeyService,
+    identity: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(ks.pki.ca.cert_pem().as_bytes()).unwrap()).unwrap();
+    let client = ks.pki.ca.issue_client(identity, Validity::days(1)).unwrap();
+    let chain = vec![CertificateDer::from_pem_slice(client.cert_pem.as_bytes()).unwrap()];
+    let key = PrivateKeyDer::from_pem_slice(client.key_pem.as_bytes()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    let port = ks.url.rsplit(':').next().unwrap();
+    let tcp = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}")).await.unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_clients_are_cut_off_at_the_key_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(
+        dir.path(),
+        "[abuse]\nheader_read_timeout_secs = 1\nbody_read_timeout_secs = 1\n",
+    );
+    let mut tls = tls_connect(&ks, ENC).await;
+    let (closed, _) =
+        trickle(&mut tls, SLOW_HEADERS, Duration::from_millis(200), Duration::from_secs(10)).await;
+    let closed = closed.expect("a client trickling headers is cut off");
+    assert!(closed < Duration::from_secs(4), "{closed:?}");
+
+    let mut tls = tls_connect(&ks, ENC).await;
+    tls.write_all(
+        b"POST /v1/tenants/onc/datakeys HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (closed, answer) =
+        trickle(&mut tls, b"{\"count\":", Duration::from_millis(200), Duration::from_secs(10))
+            .await;
+    assert!(closed.expect("cut off") < Duration::from_secs(4));
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408") && answer.contains("body_timeout"), "{answer}");
+
+    let (status, _) = ks.get(ENC, "/healthz").await;
+    assert_eq!(status, 200);
+}
+
+fn nested(depth: usize) -> String {
+    format!("{}1{}", "[".repeat(depth), "]".repeat(depth))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deep_json_is_refused_before_parsing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(&dir.path().join("ks"), "");
+    let (status, _) = ks.post(ADMIN, "/v1/tenants", &json!({"tenant": "onc"})).await;
+    assert_eq!(status, 201);
+    // Key service: 80 levels (under serde_json's own 128) is over our 64.
+    let body = format!(
+        r#"{{"events":[{{"actor":"a","action":"x","tenant":"onc","outcome":"ok","ts_ms":1,"fields":{{"f":{}}}}}]}}"#,
+        nested(80)
+    );
+    let response = ks
+        .client(SIDECAR)
+        .post(format!("{}/v1/audit/events", ks.url))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    assert_eq!(code(&response.json::<Value>().await.unwrap()), "json_too_deep");
+    // The same event, shallow, is accepted.
+    let shallow = json!({"events": [{"actor": "a", "action": "x", "tenant": "onc", "outcome": "ok", "ts_ms": 1, "fields": {"f": [[1]]}}]});
+    let (status, body) = ks.post(SIDECAR, "/v1/audit/events", &shallow).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Sidecar: a record nested past limits.max_depth (64), and a body
+    // nested far past serde_json's limit.
+    let sc = Sidecar::start(&ks, &dir.path().join("sc"), SIDECAR, "");
+    for depth in [70, 100_000] {
+        let body =
+            format!(r#"{{"tenant":"onc","schema":"patient","record":{{"x":{}}}}}"#, nested(depth));
+        let (status, answer) = sc.post_raw("/v1/encrypt", body.into_bytes()).await;
+        assert_eq!((status, code(&answer)), (400, "json_too_deep"), "{depth}");
+    }
+    let ok = json!({"tenant": "onc", "schema": "patient", "record": {"x": serde_json::from_str::<Value>(&nested(20)).unwrap()}});
+    let (status, answer) = sc.post("/v1/encrypt", &ok).await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_batches_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(&dir.path().join("ks"), "[limits]\nmax_batch = 50\n");
+    let (status, _) = ks.post(ADMIN, "/v1/tenants", &json!({"tenant": "onc"})).await;
+    assert_eq!(status, 201);
+    let (status, body) = ks.post(ENC, "/v1/tenants/onc/datakeys", &json!({"count": 51})).await;
+    assert_eq!((status, code(&body)), (400, "batch_too_large"));
+    let (status, body) = ks.post(ENC, "/v1/tenants/onc/datakeys", &json!({"count": 50})).await;
+    assert_eq!(status, 200, "{body}");
+    let key = &body["keys"][0];
+    let item =
+        json!({"record_key_id": key["record_key_id"], "kek_version": 1, "wrapped": key["wrapped"]});
+    let items: Vec<Value> = (0..51).map(|_| item.clone()).collect();
+    for path in ["/v1/tenants/onc/datakeys/unwrap", "/v1/tenants/onc/datakeys/rewrap"] {
+        let (status, body) = ks.post(SIDECAR, path, &json!({"items": items})).await;
+        assert_eq!((status, code(&body)), (400, "batch_too_large"), "{path}");
+    }
+    let fields: Vec<Value> =
+        (0..51).map(|_| json!({"path": "/mrn", "mode": "deterministic"})).collect();
+    let (status, body) = ks
+        .post(SIDECAR, "/v1/tenants/onc/derived", &json!({"schema": "patient", "fields": fields}))
+        .await;
+    assert_eq!((status, code(&body)), (400, "batch_too_large"));
+
+    let sc = Sidecar::start(&ks, &dir.path().join("sc"), SIDECAR, "[limits]\nmax_records = 10\n");
+    let records: Vec<Value> = (0..11).map(|i| json!({"name": format!("p{i}")})).collect();
+    let (status, body) = sc
+        .post("/v1/encrypt", &json!({"tenant": "onc", "schema": "patient", "records": records}))
+        .await;
+    assert_eq!((status, code(&body)), (400, "too_many_records"));
+    let (status, body) = sc.post("/v1/decrypt", &json!({"records": records})).await;
+    assert_eq!((status, code(&body)), (400, "too_many_records"));
+}

@@ -1,0 +1,636 @@
+//! `keygate admin` end to end: the real binary as a subprocess against a
+//! real key service (and sidecar): every command's happy path, its bad
+//! input, and its exit code, with errors always one line on stderr.
+//!
+//! The lifecycle commands backed by newer endpoints (key usage,
+//! auto-rotation, master rotation, shredding, approvals, compliance) are
+//! in `admin_cli_lifecycle.rs`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
+
+use std::ffi::OsStr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use gateway::pki::Validity;
+use keygate_tests::admin::{ADMIN, AUDITOR, Admin, free_port, keygate};
+use keygate_tests::keyservice::{KeyService, TEST_POLICY};
+use keygate_tests::sidecar::Sidecar;
+use kms_core::record::RecordHeader;
+use serde_json::{Value, json};
+use sqlx::Connection;
+
+const CLINICAL: &str = "spiffe://test/sidecar-clinical";
+
+fn service(dir: &Path) -> (KeyService, Admin) {
+    let ks = KeyService::start(&dir.join("ks"), "");
+    let admin = Admin::new(&ks, &dir.join("admin"), ADMIN);
+    (ks, admin)
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn tenants_and_key_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_ks, admin) = service(dir.path());
+
+    let created = admin.run(&["tenant", "create", "onc"]);
+    assert!(
+        created.ok().stdout.contains("created tenant onc (KEK version 1 active)"),
+        "{created:?}"
+    );
+    let again = admin.run(&["tenant", "create", "onc"]);
+    assert!(again.fails(1).contains("(tenant_exists)"), "{again:?}");
+    admin.run(&["tenant", "create", "t-two"]).ok();
+
+    let list = admin.run(&["tenant", "list"]);
+    let lines: Vec<&str> = list.ok().stdout.lines().collect();
+    assert!(lines[0].starts_with("TENANT") && lines[0].contains("ACTIVE_VERSION"), "{lines:?}");
+    assert!(lines.iter().any(|l| l.starts_with("onc ")), "{lines:?}");
+    let json = admin.run(&["--output", "json", "tenant", "list"]).ok().json();
+    let names: Vec<&str> =
+        json.as_array().unwrap().iter().map(|t| t["tenant"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), 2, "{json}");
+    assert!(names.contains(&"onc") && names.contains(&"t-two"));
+
+    let show = admin.run(&["tenant", "show", "onc", "-o", "json"]).ok().json();
+    assert_eq!(show["active_version"], 1);
+    let table = admin.run(&["tenant", "show", "onc"]);
+    assert!(table.ok().stdout.starts_with("tenant onc: created 20"), "{table:?}");
+
+    let rotated = admin.run(&["key", "rotate", "--tenant", "onc"]);
+    assert!(rotated.ok().stdout.contains("KEK version 2 is active"), "{rotated:?}");
+    let keys = admin.run(&["key", "list", "--tenant", "onc", "--output", "json"]).ok().json();
+    let states: Vec<(u64, &str)> = keys["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["version"].as_u64().unwrap(), v["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(states, [(1, "decrypt_only"), (2, "active")]);
+    let table = admin.run(&["key", "list", "--tenant", "onc"]);
+    let lines: Vec<&str> = table.ok().stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(lines[0].starts_with("VERSION  STATE"), "{lines:?}");
+    assert!(
+        lines[1].starts_with("1        decrypt_only  20") && lines[1].contains('Z'),
+        "{lines:?}"
+    );
+
+    let disabled = admin.run(&["key", "state", "--tenant", "onc", "--version", "1", "disable"]);
+    assert!(disabled.ok().stdout.contains("KEK version 1 is now disabled"), "{disabled:?}");
+    let json = admin.run(&[
+        "-o",
+        "json",
+        "key",
+        "state",
+        "--tenant",
+        "onc",
+        "--version",
+        "1",
+        "decrypt-only",
+    ]);
+    assert_eq!(json.ok().json()["state"], "decrypt_only");
+    let keys = admin.run(&["key", "list", "--tenant", "onc", "-o", "json"]).ok().json();
+    assert_eq!(keys["versions"][0]["state"], "decrypt_only");
+}
+
+#[test]
+fn bad_input_is_refused_with_one_line_and_the_right_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ks, admin) = service(dir.path());
+    admin.run(&["tenant", "create", "onc"]).ok();
+
+    // Refused by the key service: exit 1, its message and code.
+    let unknown = admin.run(&["tenant", "show", "nope"]);
+    assert_eq!(unknown.fails(1), "error: no tenant nope (unknown_tenant)");
+    for args in [&["key", "rotate", "--tenant", "nope"][..], &["key", "list", "--tenant", "nope"]] {
+        let run = admin.run(args);
+        assert!(run.fails(1).contains("unknown_tenant"), "{run:?}");
+    }
+    // (The service answers unknown_version here: it looks up the version.)
+    let run = admin.run(&["key", "state", "--tenant", "nope", "--version", "1", "disable"]);
+    assert!(run.fails(1).contains("tenant nope"), "{run:?}");
+    let v999 = admin.run(&["key", "state", "--tenant", "onc", "--version", "999", "disable"]);
+    assert!(v999.fails(1).contains("(unknown_version)"), "{v999:?}");
+    let auditor = Admin::new(&ks, &dir.path().join("auditor"), AUDITOR);
+    assert!(auditor.run(&["tenant", "create", "t-x"]).fails(1).contains("(forbidden)"));
+    assert!(auditor.run(&["key", "rotate", "--tenant", "onc"]).fails(1).contains("forbidden"));
+
+    // Bad usage, caught before any call: exit 2.
+    for args in [
+        &["key", "state", "--tenant", "onc", "--version", "0", "disable"][..],
+        &["key", "state", "--tenant", "onc", "--version", "x", "disable"],
+        &["key", "state", "--tenant", "onc", "--version", "1", "destroy"],
+        &["key", "state", "--tenant", "onc", "disable"],
+        &["tenant", "create", "Bad Tenant"],
+        &["tenant", "show"],
+        &["key", "rotate"],
+        &["key", "auto-rotate", "--tenant", "onc"],
+        &["key", "auto-rotate", "--tenant", "onc", "--every", "1x"],
+        &["key", "auto-rotate", "--tenant", "onc", "--every", "90d", "--off"],
+        &["shred", "request", "--tenant", "onc"],
+        &["shred", "request", "--tenant", "onc", "--reason", "  "],
+        &["approve", "not-hex!"],
+        &["reject"],
+        &["approvals", "list", "--state", "maybe"],
+        &["audit", "export", "--since", "yesterday"],
+        &["master", "rotate"],
+        &["rewrap", "--tenant", "onc", "--sidecar", "tcp://127.0.0.1:1"],
+        &["rewrap", "--tenant", "onc", "--sidecar", "http://10.1.2.3:80"],
+        &["rewrap", "--tenant", "onc", "--batch", "0"],
+        &["frobnicate"],
+        &[],
+    ] {
+        let run = admin.run(args);
+        run.fails(2);
+    }
+    let zero = admin.run(&["key", "state", "--tenant", "onc", "--version", "0", "disable"]);
+    assert!(zero.fails(2).contains("--version"), "{zero:?}");
+
+    // Files given to commands: missing or malformed → exit 2, with a line number.
+    let missing = admin.run(&["master", "rotate", "--to", "/nonexistent/new-master.toml"]);
+    assert!(missing.fails(2).contains("/nonexistent/new-master.toml"));
+    let bad = dir.path().join("bad-root.toml");
+    std::fs::write(&bad, "provider = \"pkcs11\"\nmodule = \"/x.so\"\ntoken_label = \"t\"\nkey_label = \"k\"\npin = \"123456\"\n").unwrap();
+    let line = admin.run(&["master", "rotate", "--to", bad.to_str().unwrap()]);
+    let line = line.fails(2);
+    assert!(line.contains("line 5") && !line.contains("123456"), "{line}");
+    std::fs::write(&bad, "[root\nprovider = 1\n").unwrap();
+    assert!(
+        admin.run(&["master", "rotate", "--to", bad.to_str().unwrap()]).fails(2).contains("line 1")
+    );
+}
+
+#[test]
+fn connection_failures_are_one_line_with_exit_3_or_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ks, admin) = service(dir.path());
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+
+    // Nothing listening.
+    let url = format!("https://localhost:{}", free_port());
+    let down = admin.run(&["--url", &url, "tenant", "list"]);
+    let line = down.fails(3);
+    assert!(line.contains("cannot reach the key service") && line.contains("refused"), "{line}");
+
+    // A client certificate from a CA the service does not trust, and an
+    // expired one: the handshake fails.
+    let foreign = ks.pki.other_ca.issue_client(ADMIN, Validity::days(1)).unwrap();
+    let stranger = Admin::with_cert(&ks, &dir.path().join("stranger"), &foreign);
+    // (The client sees the server's alert, or only the closed connection,
+    // depending on timing; either way the message points at the certificate.)
+    let line = stranger.run(&["tenant", "list"]);
+    assert!(line.fails(3).contains("client certificate"), "{line:?}");
+    let expired = ks.pki.ca.issue_client(ADMIN, Validity::expired()).unwrap();
+    let expired = Admin::with_cert(&ks, &dir.path().join("expired"), &expired);
+    let line = expired.run(&["tenant", "list"]);
+    assert!(line.fails(3).contains("client certificate"), "{line:?}");
+
+    // The service's certificate checked against the wrong CA.
+    std::fs::write(dir.path().join("other-ca.crt"), ks.pki.other_ca.cert_pem()).unwrap();
+    let other_ca = dir.path().join("other-ca.crt");
+    let untrusted = admin.run(&["--ca", other_ca.to_str().unwrap(), "tenant", "list"]);
+    assert!(untrusted.fails(3).contains("not trusted"), "{untrusted:?}");
+
+    // Profiles: a missing one, none at all, a broken one, broken PEM files.
+    let args = ["admin", "--profile", "/nonexistent/admin.toml", "tenant", "list"].map(OsStr::new);
+    let missing = keygate(&args, &home, &[], None);
+    assert!(missing.fails(2).contains("/nonexistent/admin.toml"), "{missing:?}");
+    let none =
+        keygate(&[OsStr::new("admin"), OsStr::new("tenant"), OsStr::new("list")], &home, &[], None);
+    let line = none.fails(2);
+    assert!(line.contains("--url") && line.contains("KEYGATE_ADMIN_URL"), "{line}");
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(&broken, format!("url = \"{}\"\nca = \"x\"\ncolour = \"red\"\n", ks.url))
+        .unwrap();
+    let args = [
+        OsStr::new("admin"),
+        OsStr::new("--profile"),
+        broken.as_os_str(),
+        OsStr::new("tenant"),
+        OsStr::new("list"),
+    ];
+    let line = keygate(&args, &home, &[], None);
+    assert!(line.fails(2).contains("line 3"), "{line:?}");
+    std::fs::write(dir.path().join("junk.key"), "not a key").unwrap();
+    let junk = dir.path().join("junk.key");
+    let line = admin.run(&["--key", junk.to_str().unwrap(), "tenant", "list"]);
+    let line = line.fails(2);
+    assert!(line.contains("--key") && !line.contains("not a key"), "{line}");
+    let plain = admin.run(&["--url", "http://localhost:1", "tenant", "list"]);
+    assert!(plain.fails(2).contains("https"), "{plain:?}");
+
+    // The default profile (~/.config/keygate/admin.toml) and env overrides.
+    let config = home.join(".config/keygate");
+    std::fs::create_dir_all(&config).unwrap();
+    for name in ["admin.crt", "admin.key", "ca.crt"] {
+        std::fs::copy(admin.dir.join(name), config.join(name)).unwrap();
+    }
+    std::fs::write(
+        config.join("admin.toml"),
+        "url = \"https://localhost:1\"\nca = \"ca.crt\"\ncert = \"admin.crt\"\nkey = \"admin.key\"\n",
+    )
+    .unwrap();
+    let args = [OsStr::new("admin"), OsStr::new("tenant"), OsStr::new("list")];
+    keygate(&args, &home, &[], None).fails(3);
+    keygate(&args, &home, &[("KEYGATE_ADMIN_URL", OsStr::new(&ks.url))], None).ok();
+    let with_flag = [
+        OsStr::new("admin"),
+        OsStr::new("--url"),
+        OsStr::new(&ks.url),
+        OsStr::new("tenant"),
+        OsStr::new("list"),
+    ];
+    keygate(&with_flag, &home, &[], None).ok();
+    keygate(
+        &args[..],
+        &dir.path().join("nowhere"),
+        &[("KEYGATE_ADMIN_PROFILE", admin.profile.as_os_str())],
+        None,
+    )
+    .ok();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_verify_and_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ks, admin) = service(dir.path());
+    admin.run(&["tenant", "create", "onc"]).ok();
+    admin.run(&["tenant", "create", "t-two"]).ok();
+    admin.run(&["key", "rotate", "--tenant", "onc"]).ok();
+
+    let verify = admin.run(&["audit", "verify"]);
+    let out = &verify.ok().stdout;
+    assert!(
+        out.starts_with("audit log verified: 1 instance(s)") && out.contains("ks-test"),
+        "{out}"
+    );
+    let json = admin.run(&["audit", "verify", "-o", "json"]).ok().json();
+    assert_eq!(json["ok"], true);
+
+    let all = admin.run(&["audit", "export"]).ok().json_lines();
+    let actions: Vec<&str> = all.iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert!(actions.contains(&"tenant.create") && actions.contains(&"kek.rotate"), "{actions:?}");
+    let onc = admin.run(&["audit", "export", "--since", "1h", "--tenant", "onc"]).ok().json_lines();
+    assert!(!onc.is_empty() && onc.iter().all(|e| e["tenant"] == "onc"), "{onc:?}");
+    assert!(onc.len() < all.len());
+    let future = admin.run(&["audit", "export", "--since", "2099-01-01T00:00:00Z"]);
+    assert_eq!(future.ok().stdout, "");
+    let one = admin.run(&["audit", "export", "--instance", "ks-test"]).ok().json_lines();
+    assert_eq!(one.len(), all.len());
+    let auditor = Admin::new(&ks, &dir.path().join("auditor"), AUDITOR);
+    auditor.run(&["audit", "verify"]).ok();
+
+    // Edit one event: verification fails with exit 1 and names the place.
+    let mut db = sqlx::SqliteConnection::connect(&format!("sqlite://{}", ks.database().display()))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE audit_events SET actor = 'spiffe://test/mallory' WHERE seq = 2")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    let broken = admin.run(&["audit", "verify"]);
+    let line = broken.fails(1);
+    assert!(line.contains("instance ks-test is broken at position"), "{line}");
+    assert!(broken.stdout.contains("BROKEN"), "{}", broken.stdout);
+    let json = admin.run(&["audit", "verify", "-o", "json"]);
+    json.fails(1);
+    assert_eq!(json.json()["ok"], false);
+}
+
+#[test]
+fn policy_check_is_local_and_names_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    let check = |file: &Path, json: bool| {
+        let mut args =
+            vec![OsStr::new("admin"), OsStr::new("policy"), OsStr::new("check"), file.as_os_str()];
+        if json {
+            args.extend([OsStr::new("--output"), OsStr::new("json")]);
+        }
+        keygate(&args, home, &[], None)
+    };
+    let good = dir.path().join("policy.toml");
+    std::fs::write(&good, TEST_POLICY).unwrap();
+    let grants = TEST_POLICY.matches("[[grant]]").count();
+    let ok = check(&good, false);
+    let out = &ok.ok().stdout;
+    let summary = format!("{grants} grant(s) for {grants} identity pattern(s)");
+    assert!(out.starts_with("OK: ") && out.contains(&summary), "{out}");
+    assert!(
+        out.contains("spiffe://test/sidecar-contact") && out.contains("phi.identifier"),
+        "{out}"
+    );
+    let json = check(&good, true).ok().json();
+    assert_eq!(json["grants"].as_array().unwrap().len(), grants);
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, format!("{TEST_POLICY}\n[[grant]]\nidentity = \"spiffe://x\"\ntenants = [\"*\"]\nroles = [\"decrypter\"]\n")).unwrap();
+    let line_no = TEST_POLICY.lines().count() + 5;
+    let invalid = check(&bad, false);
+    let line = invalid.fails(2);
+    assert!(line.contains(&format!("line {line_no}")) && line.contains("decrypter"), "{line}");
+    std::fs::write(
+        &bad,
+        "[[grant]]\nidentity = \"spiffe://x\"\ntenants = [\"*\"\nroles = [\"admin\"]\n",
+    )
+    .unwrap();
+    let syntax = check(&bad, false);
+    assert!(syntax.fails(2).contains("line "), "{syntax:?}");
+    check(&dir.path().join("absent.toml"), false).fails(2);
+}
+
+#[test]
+fn pki_init_and_issue_make_certificates_a_key_service_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    let home = dir.path();
+    let run = |args: &[&str]| {
+        let mut full = vec![OsStr::new("admin"), OsStr::new("pki")];
+        full.extend(args.iter().map(OsStr::new));
+        keygate(&full, home, &[], None)
+    };
+    let dir_arg = pki.to_str().unwrap();
+    run(&["init", "--dir", dir_arg]).ok();
+    assert_eq!(mode(&pki), 0o700);
+    assert_eq!(mode(&pki.join("ca.key")), 0o600);
+    assert_eq!(mode(&pki.join("server.key")), 0o600);
+    assert!(run(&["init", "--dir", dir_arg]).fails(2).contains("already holds a CA"));
+    let issued =
+        run(&["issue", "--dir", dir_arg, "--identity", ADMIN, "--out", "admin", "-o", "json"]);
+    assert_eq!(issued.ok().json()["identity"], ADMIN);
+    assert_eq!(mode(&pki.join("admin.key")), 0o600);
+    run(&["issue", "--dir", dir_arg, "--identity", AUDITOR]).ok(); // default name: last segment
+    assert_eq!(mode(&pki.join("auditor.key")), 0o600);
+    run(&["issue", "--dir", dir_arg, "--identity", ADMIN]).fails(2); // admin.crt exists
+    run(&["issue", "--dir", dir_arg, "--identity", ADMIN, "--out", "admin"]).fails(2);
+    run(&["issue", "--dir", dir_arg, "--identity", "not a uri"]).fails(2);
+    run(&["issue", "--dir", dir_arg, "--identity", ADMIN, "--out", "../escape"]).fails(2);
+    run(&["issue", "--dir", dir.path().join("nope").to_str().unwrap(), "--identity", ADMIN])
+        .fails(2);
+    let leaky = dir.path().join("leaky");
+    std::fs::create_dir_all(&leaky).unwrap();
+    std::fs::copy(pki.join("ca.crt"), leaky.join("ca.crt")).unwrap();
+    std::fs::copy(pki.join("ca.key"), leaky.join("ca.key")).unwrap();
+    std::fs::set_permissions(leaky.join("ca.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let line = run(&["issue", "--dir", leaky.to_str().unwrap(), "--identity", ADMIN]);
+    assert!(line.fails(2).contains("chmod 600"), "{line:?}");
+
+    // A key service serving pki/server.crt and trusting pki/ca.crt (swapped
+    // in while it runs: it reloads changed TLS files) accepts the issued
+    // admin certificate.
+    let ks = KeyService::start(&dir.path().join("ks"), "");
+    for name in ["ca.crt", "server.crt", "server.key"] {
+        std::fs::copy(pki.join(name), ks.pki.dir.join(name)).unwrap();
+    }
+    let args = [
+        "admin",
+        "--url",
+        &ks.url,
+        "--ca",
+        &format!("{dir_arg}/ca.crt"),
+        "--cert",
+        &format!("{dir_arg}/admin.crt"),
+        "--key",
+        &format!("{dir_arg}/admin.key"),
+        "tenant",
+        "create",
+        "onc",
+    ];
+    let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let run = keygate(&args, home, &[], None);
+        if run.code == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never accepted: {run:?}");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn help_examples_exit_codes_and_completions() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        keygate(&args, dir.path(), &[], None)
+    };
+    let help = run(&["admin", "--help"]);
+    let out = &help.ok().stdout;
+    assert!(out.contains("Exit codes:") && out.contains("3  unavailable"), "{out}");
+    for path in [
+        &["tenant"][..],
+        &["tenant", "create"],
+        &["tenant", "list"],
+        &["tenant", "show"],
+        &["key"],
+        &["key", "rotate"],
+        &["key", "list"],
+        &["key", "state"],
+        &["key", "usage"],
+        &["key", "auto-rotate"],
+        &["master"],
+        &["master", "show"],
+        &["master", "rotate"],
+        &["master", "create-pkcs11-key"],
+        &["shred"],
+        &["shred", "request"],
+        &["approvals"],
+        &["approvals", "list"],
+        &["approve"],
+        &["reject"],
+        &["rewrap"],
+        &["audit"],
+        &["audit", "verify"],
+        &["audit", "export"],
+        &["policy"],
+        &["policy", "check"],
+        &["pki"],
+        &["pki", "init"],
+        &["pki", "issue"],
+        &["compliance"],
+        &["compliance", "report"],
+    ] {
+        let mut args = vec!["admin"];
+        args.extend_from_slice(path);
+        args.push("--help");
+        let help = run(&args);
+        assert!(help.ok().stdout.contains("Example: keygate admin"), "{path:?}:\n{}", help.stdout);
+    }
+    for shell in ["bash", "zsh", "fish"] {
+        let script = run(&["completions", shell]);
+        let out = &script.ok().stdout;
+        assert!(
+            out.len() > 1000 && out.contains("rewrap") && out.contains("auto-rotate"),
+            "{shell}"
+        );
+    }
+    run(&["completions", "tcsh"]).fails(2);
+}
+
+fn patient(i: usize) -> Value {
+    json!({
+        "name": format!("Patient {i}"), "ssn": format!("123-45-{i:04}"), "mrn": format!("MRN-{i:06}"),
+        "email": format!("p{i}@example.org"), "diagnosis": {"code": "C50.9", "stage": i % 4},
+        "patient_id": format!("P-{i}"), "allergies": ["latex", {"substance": "nuts", "severity": 2.5}],
+        "age": 30 + i,
+    })
+}
+
+async fn encrypt(sc: &Sidecar, tenant: &str, count: usize) -> Vec<Value> {
+    let records: Vec<Value> = (0..count).map(patient).collect();
+    let (status, body) = sc
+        .post("/v1/encrypt", &json!({"tenant": tenant, "schema": "patient", "records": records}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body["records"].as_array().unwrap().clone()
+}
+
+fn jsonl(records: &[Value]) -> Vec<u8> {
+    records.iter().map(|r| format!("{r}\n")).collect::<String>().into_bytes()
+}
+
+fn version(record: &Value) -> u32 {
+    RecordHeader::parse(record["_kg"].as_str().unwrap()).unwrap().kek_version()
+}
+
+fn same_fields(a: &Value, b: &Value) {
+    let (a, b) = (a.as_object().unwrap(), b.as_object().unwrap());
+    assert_eq!(a.len(), b.len());
+    for (key, value) in a.iter().filter(|(k, _)| *k != "_kg") {
+        assert_eq!(Some(value), b.get(key), "{key} must be byte-identical");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rewrap_moves_records_to_the_active_version_through_a_sidecar() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ks, admin) = service(dir.path());
+    admin.run(&["tenant", "create", "onc"]).ok();
+    admin.run(&["tenant", "create", "t-other"]).ok();
+    let sc = Sidecar::start(&ks, &dir.path().join("sidecar"), CLINICAL, "");
+    let socket = format!("unix://{}", sc.socket.display());
+    let v1 = encrypt(&sc, "onc", 7).await;
+    let other = encrypt(&sc, "t-other", 1).await;
+    assert!(v1.iter().all(|r| version(r) == 1));
+    admin.run(&["key", "rotate", "--tenant", "onc"]).ok();
+
+    let rewrap = |input: &[u8], extra: &[&str]| {
+        let mut args =
+            vec!["rewrap", "--tenant", "onc", "--sidecar", &socket, "--progress-every", "0"];
+        args.extend_from_slice(extra);
+        admin.run_with_stdin(&args, Some(input))
+    };
+    let mut input = jsonl(&v1);
+    input.extend_from_slice(b"\n"); // blank lines are skipped
+    let run = rewrap(&input, &["--batch", "3"]);
+    assert_eq!(run.ok().stderr.trim(), "rewrap: done: 7 records read, 7 rewrapped, 0 unchanged");
+    let v2 = run.json_lines();
+    assert_eq!(v2.len(), 7);
+    for (old, new) in v1.iter().zip(&v2) {
+        assert_eq!(version(new), 2);
+        assert_ne!(old["_kg"], new["_kg"]);
+        same_fields(old, new);
+    }
+
+    // Already on v2: unchanged, byte for byte; mixed input counts both.
+    let mut mixed = v2[..3].to_vec();
+    mixed.extend_from_slice(&v1[3..]);
+    let run = rewrap(&jsonl(&mixed), &[]);
+    assert!(run.ok().stderr.contains("7 records read, 4 rewrapped, 3 unchanged"), "{}", run.stderr);
+    let out = run.json_lines();
+    assert_eq!(&out[..3], &v2[..3]);
+    assert!(out.iter().all(|r| version(r) == 2));
+
+    // The rewrapped records decrypt to the original values.
+    let (status, body) = sc.post("/v1/decrypt", &json!({"records": v2})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["records"][4]["diagnosis"], patient(4)["diagnosis"]);
+    assert_eq!(body["records"][4]["ssn"], patient(4)["ssn"]);
+    assert_eq!(body["report"][4]["kek_version"], 2);
+
+    // Malformed line 5 with batches of 2: lines 1–4 are written, whole.
+    let mut bad = jsonl(&v1[..4]);
+    bad.extend_from_slice(b"{\"_kg\": oops\n");
+    bad.extend_from_slice(&jsonl(&v1[4..]));
+    let run = rewrap(&bad, &["--batch", "2"]);
+    let line = run.fails(2);
+    assert!(line.starts_with("error: line 5: not valid JSON"), "{line}");
+    let written = run.json_lines();
+    assert_eq!(written.len(), 4);
+    assert!(written.iter().all(|r| version(r) == 2));
+
+    // Another tenant's record at line 3; a non-object; a plain record.
+    let mut foreign = jsonl(&v1[..2]);
+    foreign.extend_from_slice(&jsonl(&other));
+    let run = rewrap(&foreign, &[]);
+    assert_eq!(run.fails(2), "error: line 3: the record belongs to tenant t-other, not onc");
+    assert_eq!(run.stdout.lines().count(), 2, "lines before the bad one are written");
+    assert!(rewrap(b"[1,2]\n", &[]).fails(2).starts_with("error: line 1: not a JSON object"));
+    let plain = rewrap(format!("{}\n", patient(1)).as_bytes(), &[]);
+    assert!(plain.fails(2).contains("line 1: not an encrypted record"));
+    let tampered = rewrap(b"{\"_kg\":\"kg1h:AAAA\"}\n", &[]);
+    assert!(tampered.fails(2).contains("line 1: the _kg header"));
+
+    // No sidecar there: exit 3.
+    let gone = format!("unix://{}", dir.path().join("absent.sock").display());
+    let run = admin
+        .run_with_stdin(&["rewrap", "--tenant", "onc", "--sidecar", &gone], Some(&jsonl(&v1[..1])));
+    assert!(run.fails(3).contains("cannot reach the sidecar"), "{run:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rewrap_presents_the_sidecar_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ks, admin) = service(dir.path());
+    admin.run(&["tenant", "create", "onc"]).ok();
+    let sc_dir = dir.path().join("sidecar");
+    std::fs::create_dir_all(&sc_dir).unwrap();
+    keygate_tests::keyservice::write_private(
+        &sc_dir.join("token"),
+        "a-long-enough-sidecar-token-0123\n",
+    );
+    let sc = Sidecar::start(&ks, &sc_dir, CLINICAL, "token_file = \"token\"\n");
+    let records = {
+        let client = reqwest::Client::builder().unix_socket(sc.socket.clone()).build().unwrap();
+        let body: Value = client
+            .post("http://localhost/v1/encrypt")
+            .bearer_auth("a-long-enough-sidecar-token-0123")
+            .json(
+                &json!({"tenant": "onc", "schema": "patient", "records": [patient(1), patient(2)]}),
+            )
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["records"].as_array().unwrap().clone()
+    };
+    admin.run(&["key", "rotate", "--tenant", "onc"]).ok();
+    let socket = format!("unix://{}", sc.socket.display());
+    let input = jsonl(&records);
+    let args = ["rewrap", "--tenant", "onc", "--sidecar", &socket, "--progress-every", "0"];
+    let refused = admin.run_with_stdin(&args, Some(&input));
+    let line = refused.fails(1);
+    assert!(
+        line.contains("lines 1-2: the sidecar refused") && line.contains("(unauthorized)"),
+        "{line}"
+    );
+    assert_eq!(refused.stdout, "");
+    let token = sc_dir.join("token");
+    let mut with_token = args.to_vec();
+    with_token.extend(["--token-file", token.to_str().unwrap()]);
+    let run = admin.run_with_stdin(&with_token, Some(&input));
+    assert_eq!(run.ok().json_lines().len(), 2);
+    assert!(!run.stderr.contains("a-long-enough"), "the token is never printed");
+    let missing = ["--token-file", "/nonexistent/token"];
+    let mut bad = args.to_vec();
+    bad.extend(missing);
+    admin.run_with_stdin(&bad, Some(&input)).fails(2);
+}

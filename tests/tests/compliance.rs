@@ -1,0 +1,385 @@
+//! Compliance as code (issue #9): `--profile production` refuses every
+//! insecure configuration with the rule and HIPAA provision named; a good
+//! production configuration starts and `GET /v1/compliance` reports it;
+//! started processes have core dumps off.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
+
+use std::path::Path;
+use std::process::Command;
+
+use keygate_tests::keyservice::{KeyService, Options, Pki, keygate_binary, write_private};
+use keygate_tests::providers::softhsm2::{self, SoftHsm2};
+use keygate_tests::sidecar::Sidecar;
+use serde_json::Value;
+
+const ADMIN: &str = "spiffe://test/admin";
+const AUDITOR: &str = "spiffe://test/auditor";
+const ENC: &str = "spiffe://test/encryptor";
+const SIDECAR: &str = "spiffe://test/sidecar-clinical";
+
+/// A policy without wildcard data access, every-class or every-role grants.
+const PRODUCTION_POLICY: &str = r#"
+[[grant]]
+identity = "spiffe://test/admin"
+tenants = ["*"]
+roles = ["admin", "auditor"]
+
+[[grant]]
+identity = "spiffe://test/auditor"
+tenants = ["*"]
+roles = ["auditor"]
+
+[[grant]]
+identity = "spiffe://test/encryptor"
+tenants = ["onc"]
+roles = ["encryptor"]
+
+[[grant]]
+identity = "spiffe://test/sidecar-clinical"
+tenants = ["onc", "t-*"]
+roles = ["encryptor", "decryptor"]
+classes = ["phi.*", "pii.*"]
+purposes = ["*"]
+"#;
+
+/// The wildcard grant the development test policy has.
+const WILDCARD_GRANT: &str = "\n[[grant]]\nidentity = \"spiffe://test/reader\"\ntenants = [\"*\"]\nroles = [\"decryptor\"]\nclasses = [\"*\"]\npurposes = [\"*\"]\n";
+
+/// Files of a production key service config that passes every check (its
+/// PKCS#11 module does not exist: a start gets past the checks and then
+/// fails connecting the root key).
+fn write_server(
+    dir: &Path,
+    extra_top: &str,
+    extra_tables: &str,
+    policy: &str,
+) -> std::path::PathBuf {
+    let pki = Pki::create(&dir.join("pki"));
+    write_private(&dir.join("pin"), "0000");
+    std::fs::write(dir.join("policy.toml"), policy).unwrap();
+    let config = format!(
+        r#"{extra_top}
+listen = "127.0.0.1:0"
+data_dir = "data"
+[tls]
+cert = "{pki}/server.crt"
+key = "{pki}/server.key"
+client_ca = "{pki}/ca.crt"
+[root]
+provider = "pkcs11"
+module = "/nonexistent/libpkcs11.so"
+token_label = "t"
+key_label = "k"
+pin_file = "pin"
+[policy]
+file = "policy.toml"
+{extra_tables}
+"#,
+        pki = pki.dir.display()
+    );
+    let path = dir.join("keygate.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+/// Runs `keygate <command> --config <config> [--profile production]`
+/// until it exits; returns (success, stderr).
+fn run_once(command: &str, config: &Path, production_flag: bool) -> (bool, String) {
+    let mut cmd = Command::new(keygate_binary());
+    cmd.arg(command).arg("--config").arg(config);
+    if production_flag {
+        cmd.args(["--profile", "production"]);
+    }
+    let out = cmd.output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn assert_refused(stderr: &str, rule: &str, provision: &str) {
+    assert!(stderr.contains("production profile refuses to start"), "{stderr}");
+    assert!(stderr.contains(&format!("[{rule}] violates HIPAA 45 CFR {provision}")), "{stderr}");
+}
+
+/// How many rules the final error line (`keygate: …`) names.
+fn rules_named(stderr: &str) -> usize {
+    stderr
+        .lines()
+        .filter(|l| l.starts_with("keygate: "))
+        .map(|l| l.matches("violates HIPAA").count())
+        .sum()
+}
+
+#[test]
+fn insecure_key_service_configs_are_refused_naming_the_rule() {
+    // The base configuration passes every check: the start fails later, at
+    // the (absent) PKCS#11 module, not at compliance.
+    let base = tempfile::tempdir().unwrap();
+    let config = write_server(base.path(), "", "", PRODUCTION_POLICY);
+    let (ok, stderr) = run_once("server", &config, true);
+    assert!(!ok && !stderr.contains("production profile refuses"), "{stderr}");
+    assert!(stderr.contains("root key (pkcs11)"), "{stderr}");
+
+    let cases: Vec<(&str, &str, &str, &str, &str)> = vec![
+        // (rule, provision, top-level TOML, tables, policy addition)
+        (
+            "keys.rotation_period",
+            "164.312(a)(1)",
+            "",
+            "[keys]\nmax_rotation_period_days = 400\n",
+            "",
+        ),
+        ("policy.least_privilege", "164.312(a)(1)", "", "", WILDCARD_GRANT),
+        (
+            "integrity.audit_checkpoints",
+            "164.312(c)(1)",
+            "",
+            "[audit]\ncheckpoint_interval_secs = 86400\n",
+            "",
+        ),
+        (
+            "transmission.keystore_tls",
+            "164.312(e)(1)",
+            "storage_url = \"postgres://keygate@db.internal:5432/keygate\"",
+            "",
+            "",
+        ),
+        (
+            "audit.durable",
+            "164.312(b)",
+            "storage_url = \"postgres://keygate@db.internal:5432/keygate?sslmode=verify-full&options=-c%20synchronous_commit%3Doff\"",
+            "",
+            "",
+        ),
+    ];
+    for (rule, provision, top, tables, grant) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_server(dir.path(), top, tables, &format!("{PRODUCTION_POLICY}{grant}"));
+        let (ok, stderr) = run_once("server", &config, true);
+        assert!(!ok, "{rule}: started");
+        assert_refused(&stderr, rule, provision);
+        // Only the broken rule is named.
+        assert_eq!(rules_named(&stderr), 1, "{stderr}");
+        // The development profile starts past the checks (and fails later
+        // at the absent module).
+        let (_, stderr) = run_once("server", &config, false);
+        assert!(!stderr.contains("production profile refuses"), "{rule}: {stderr}");
+    }
+
+    // A local development root key; and the profile set in the file.
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_server(dir.path(), "profile = \"production\"", "", PRODUCTION_POLICY);
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "provider = \"pkcs11\"\nmodule = \"/nonexistent/libpkcs11.so\"\ntoken_label = \"t\"\nkey_label = \"k\"\npin_file = \"pin\"",
+        "provider = \"dev_local\"\nkey_file = \"root.key\"\ncreate_if_missing = true",
+    );
+    std::fs::write(&config, text).unwrap();
+    let (ok, stderr) = run_once("server", &config, false);
+    assert!(!ok);
+    assert_refused(&stderr, "root_key.hardware_backed", "164.312(a)(1)");
+    assert!(stderr.contains("files.private_keys"), "the key file does not exist yet: {stderr}");
+    assert!(!dir.path().join("root.key").exists(), "refused before anything is created");
+
+    // Group/world-readable TLS key and PIN file.
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_server(dir.path(), "", "", PRODUCTION_POLICY);
+    set_mode(&dir.path().join("pki/server.key"), 0o644);
+    set_mode(&dir.path().join("pin"), 0o640);
+    let (ok, stderr) = run_once("server", &config, true);
+    assert!(!ok);
+    assert_refused(&stderr, "files.private_keys", "164.312(a)(1)");
+    assert!(
+        stderr.contains("server.key is mode 644") && stderr.contains("pin is mode 640"),
+        "{stderr}"
+    );
+
+    // An empty client CA bundle: nobody could be authenticated.
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_server(dir.path(), "", "", PRODUCTION_POLICY);
+    std::fs::write(dir.path().join("pki/ca.crt"), "").unwrap();
+    let (ok, stderr) = run_once("server", &config, true);
+    assert!(!ok);
+    assert_refused(&stderr, "authentication.client_certificates", "164.312(d)");
+
+    // The keystore and audit chain in memory (tmpfs), where there is one.
+    if Path::new("/dev/shm").is_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+        let config = write_server(dir.path(), "", "", PRODUCTION_POLICY);
+        let text = std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("data_dir = \"data\"", &format!("data_dir = \"{}\"", shm.path().display()));
+        std::fs::write(&config, text).unwrap();
+        let (ok, stderr) = run_once("server", &config, true);
+        if stderr.contains("tmpfs") {
+            assert!(!ok);
+            assert_refused(&stderr, "audit.durable", "164.312(b)");
+        }
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn insecure_sidecar_configs_are_refused_naming_the_rule() {
+    let cases = [
+        ("transmission.key_service_tls", "164.312(e)(1)", "", "urls = [\"http://127.0.0.1:1\"]"),
+        ("authentication.app_callers", "164.312(d)", "listen = { tcp = \"127.0.0.1:0\" }", ""),
+        ("audit.field_events", "164.312(b)", "", "[audit]\nmax_unreported_secs = 3600"),
+        ("keys.revocation_bound", "164.312(a)(1)", "", "[cache]\nttl_secs = 3600"),
+    ];
+    for (rule, provision, top, table) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        write_private(&dir.path().join("sidecar.key"), "not used");
+        let urls = if table.starts_with("urls") { "" } else { "urls = [\"https://127.0.0.1:1\"]" };
+        let (ks_extra, tables) = if table.starts_with("urls") { (table, "") } else { ("", table) };
+        let config = format!(
+            "{top}\nschemas = []\n[key_service]\n{urls}{ks_extra}\nca = \"ca.crt\"\ncert = \"sidecar.crt\"\nkey = \"sidecar.key\"\n{tables}\n"
+        );
+        let path = dir.path().join("sidecar.toml");
+        std::fs::write(&path, config).unwrap();
+        let (ok, stderr) = run_once("sidecar", &path, true);
+        assert!(!ok, "{rule}");
+        assert_refused(&stderr, rule, provision);
+        assert_eq!(rules_named(&stderr), 1, "{stderr}");
+    }
+    // A readable client key.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("sidecar.key"), "not used").unwrap();
+    set_mode(&dir.path().join("sidecar.key"), 0o644);
+    let path = dir.path().join("sidecar.toml");
+    std::fs::write(&path, "schemas = []\n[key_service]\nurls = [\"https://127.0.0.1:1\"]\nca = \"ca.crt\"\ncert = \"sidecar.crt\"\nkey = \"sidecar.key\"\n").unwrap();
+    let (ok, stderr) = run_once("sidecar", &path, true);
+    assert!(!ok);
+    assert_refused(&stderr, "files.private_keys", "164.312(a)(1)");
+}
+
+/// `/proc/<pid>/limits` says no core file may be written.
+fn assert_core_limit_zero(pid: u32) {
+    let Ok(limits) = std::fs::read_to_string(format!("/proc/{pid}/limits")) else {
+        return; // not readable (another user's non-dumpable process)
+    };
+    let line = limits.lines().find(|l| l.starts_with("Max core file size")).unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(&fields[4..6], ["0", "0"], "{line}");
+}
+
+/// A non-dumpable process's `/proc/<pid>` files belong to root.
+fn assert_not_dumpable(pid: u32) {
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(meta) = std::fs::metadata(format!("/proc/{pid}/status")) {
+        assert_eq!(meta.uid(), 0, "/proc/{pid}/status is root's: the process is not dumpable");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_good_production_stack_starts_and_reports_every_check_passing() {
+    let token = SoftHsm2::new_token();
+    let dir = tempfile::tempdir().unwrap();
+    let ks_dir = dir.path().join("ks");
+    std::fs::create_dir_all(&ks_dir).unwrap();
+    write_private(&ks_dir.join("pin"), softhsm2::USER_PIN);
+    std::fs::write(ks_dir.join("policy.toml"), PRODUCTION_POLICY).unwrap();
+    let root = format!(
+        "[root]\nprovider = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"{}\"\nkey_label = \"{}\"\npin_file = \"pin\"\n",
+        token.module().display(),
+        softhsm2::TOKEN_LABEL,
+        softhsm2::KEY_LABEL
+    );
+    let conf = token.conf();
+    let admin_config = dir.path().join("create-key.toml");
+    std::fs::write(
+        &admin_config,
+        format!("listen = \"127.0.0.1:0\"\ndata_dir = \"ks/data\"\n[tls]\ncert = \"x\"\nkey = \"x\"\nclient_ca = \"x\"\n{}[policy]\nfile = \"x\"\n", root.replace("pin_file = \"pin\"", "pin_file = \"ks/pin\"")),
+    )
+    .unwrap();
+    let created = Command::new(keygate_binary())
+        .args(["admin", "master", "create-pkcs11-key", "--config"])
+        .arg(&admin_config)
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let env = [("SOFTHSM2_CONF", conf.to_str().unwrap()), ("KEYGATE_PROFILE", "production")];
+    let ks = KeyService::start_with(
+        &ks_dir,
+        &Options { root: Some(&root), env: &env, ..Options::default() },
+    );
+
+    let (status, body) = ks.get(ADMIN, "/v1/compliance").await;
+    assert_eq!(status, 200, "{body}");
+    let report: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(report["profile"], "production");
+    let checks = report["checks"].as_array().unwrap();
+    assert!(checks.len() >= 10, "{report}");
+    for check in checks {
+        assert_eq!(check["status"], "pass", "{check}");
+        assert!(check["hipaa"].as_str().unwrap().starts_with("164.312("), "{check}");
+        assert!(!check["detail"].as_str().unwrap().is_empty());
+    }
+    for provision in ["164.312(a)(1)", "164.312(b)", "164.312(c)(1)", "164.312(d)", "164.312(e)(1)"]
+    {
+        assert!(checks.iter().any(|c| c["hipaa"] == provision), "{provision} covered");
+    }
+    let (status, _) = ks.get(AUDITOR, "/v1/compliance").await;
+    assert_eq!(status, 200);
+    let (status, _) = ks.get(ENC, "/v1/compliance").await;
+    assert_eq!(status, 403);
+    let pid = ks.pid().unwrap();
+    assert_core_limit_zero(pid);
+    assert_not_dumpable(pid);
+
+    // The live report follows the policy: a wildcard grant shows up at once.
+    std::fs::write(ks_dir.join("policy.toml"), format!("{PRODUCTION_POLICY}{WILDCARD_GRANT}"))
+        .unwrap();
+    ks.sighup();
+    let mut failed = Vec::new();
+    for _ in 0..50 {
+        let (_, body) = ks.get(ADMIN, "/v1/compliance").await;
+        let report: Value = serde_json::from_str(&body).unwrap();
+        failed = report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["status"] == "fail")
+            .map(|c| c["rule"].as_str().unwrap().to_owned())
+            .collect();
+        if !failed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(failed, ["policy.least_privilege"]);
+
+    // A production sidecar beside it.
+    let sc = Sidecar::start(&ks, &dir.path().join("sc"), SIDECAR, "profile = \"production\"\n");
+    let (status, _) = sc.get("/healthz").await;
+    assert_eq!(status, 200);
+    let pid = sc.pid().unwrap();
+    assert_core_limit_zero(pid);
+    assert_not_dumpable(pid);
+    assert!(sc.log().contains("core dumps disabled"), "{}", sc.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_development_profile_reports_what_production_would_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(dir.path(), "");
+    let (status, body) = ks.get(ADMIN, "/v1/compliance").await;
+    assert_eq!(status, 200, "{body}");
+    let report: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(report["profile"], "development");
+    let failed: Vec<&str> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["status"] == "fail")
+        .map(|c| c["rule"].as_str().unwrap())
+        .collect();
+    assert_eq!(failed, ["root_key.hardware_backed", "policy.least_privilege"], "{report}");
+    assert!(ks.log().contains("compliance check failed"));
+    let pid = ks.pid().unwrap();
+    assert_core_limit_zero(pid);
+    assert_not_dumpable(pid);
+}

@@ -1,0 +1,561 @@
+//! End-to-end key lifecycle (DESIGN §7): rotation and usage, rewrap and
+//! retirement, crypto-shredding under two-person control, master rotation
+//! across a crash, and scheduled rotation.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
+
+use std::time::{Duration, Instant};
+
+use keygate_tests::keyservice::{KeyService, Options, keygate_binary, write_private};
+use keygate_tests::providers::softhsm2::{self, SoftHsm2};
+use keygate_tests::sidecar::Sidecar;
+use serde_json::{Value, json};
+use sqlx::Connection;
+
+const ADMIN: &str = "spiffe://test/admin";
+const ADMIN_OFFICER: &str = "spiffe://test/admin-officer";
+const OFFICER: &str = "spiffe://test/officer";
+const AUDITOR: &str = "spiffe://test/auditor";
+const CLINICAL: &str = "spiffe://test/sidecar-clinical";
+const ENCRYPTOR: &str = "spiffe://test/encryptor";
+const DECRYPTOR: &str = "spiffe://test/decryptor";
+
+fn patient(i: usize) -> Value {
+    json!({
+        "name": format!("Patient {i}"),
+        "ssn": format!("123-45-{:04}", i % 10_000),
+        "mrn": format!("MRN-{i:06}"),
+        "email": format!("patient{i}@example.org"),
+        "diagnosis": {"code": "C50.9", "stage": i % 4},
+        "patient_id": format!("P-{i}"),
+        "age": 30 + i % 50,
+    })
+}
+
+async fn create_tenant(ks: &KeyService, tenant: &str) {
+    let (status, body) = ks.post(ADMIN, "/v1/tenants", &json!({"tenant": tenant})).await;
+    assert_eq!(status, 201, "{body}");
+}
+
+async fn encrypt_many(sc: &Sidecar, tenant: &str, records: &[Value]) -> Vec<Value> {
+    let mut out = Vec::with_capacity(records.len());
+    for chunk in records.chunks(500) {
+        let (status, body) = sc
+            .post("/v1/encrypt", &json!({"tenant": tenant, "schema": "patient", "records": chunk}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        out.extend(body["records"].as_array().unwrap().iter().cloned());
+    }
+    out
+}
+
+async fn decrypt(sc: &Sidecar, record: &Value) -> (u16, Value) {
+    sc.post("/v1/decrypt", &json!({"record": record})).await
+}
+
+async fn usage(ks: &KeyService, tenant: &str) -> Vec<Value> {
+    let (status, body) = ks.get(AUDITOR, &format!("/v1/tenants/{tenant}/keys/usage")).await;
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    body["versions"].as_array().unwrap().clone()
+}
+
+async fn rotate(ks: &KeyService, tenant: &str) -> u64 {
+    let (status, body) =
+        ks.post(ADMIN, &format!("/v1/tenants/{tenant}/keys/rotate"), &json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    body["version"].as_u64().unwrap()
+}
+
+async fn set_state(ks: &KeyService, tenant: &str, version: u64, action: &str) {
+    let path = format!("/v1/tenants/{tenant}/keys/{version}/state");
+    let (status, body) = ks.post(ADMIN, &path, &json!({"action": action})).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+const SHORT_TTLS: &str = "[pool]\nttl_secs = 1\n[cache]\nttl_secs = 1\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rotation_keeps_old_records_readable_and_usage_counts_move() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks =
+        KeyService::start(&dir.path().join("ks"), "[lifecycle]\nusage_flush_interval_ms = 100\n");
+    create_tenant(&ks, "onc").await;
+    let sc = Sidecar::start(&ks, &dir.path().join("sc"), CLINICAL, SHORT_TTLS);
+    let before = encrypt_many(&sc, "onc", &(0..5).map(patient).collect::<Vec<_>>()).await;
+    let issued_v1 = usage(&ks, "onc").await[0]["records_issued"].as_u64().unwrap();
+    assert!(issued_v1 >= 5, "DEKs issued under v1 are counted: {issued_v1}");
+
+    assert_eq!(rotate(&ks, "onc").await, 2);
+    tokio::time::sleep(Duration::from_millis(1_500)).await; // the sidecar's pool TTL
+    let after = encrypt_many(&sc, "onc", &(5..10).map(patient).collect::<Vec<_>>()).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await; // cached DEKs expire: unwraps
+    for (i, record) in before.iter().chain(&after).enumerate() {
+        let (status, body) = decrypt(&sc, record).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["record"]["name"], format!("Patient {i}"));
+        let expected = if i < 5 { 1 } else { 2 };
+        assert_eq!(body["report"][0]["kek_version"], expected, "record {i} carries v{expected}");
+        assert_eq!(
+            body["report"][0]["stale_key_version"],
+            i < 5,
+            "old records are flagged for rewrap"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await; // a usage flush
+    let versions = usage(&ks, "onc").await;
+    assert_eq!(versions.len(), 2);
+    let (v1, v2) = (&versions[0], &versions[1]);
+    assert_eq!(
+        (v1["state"].as_str(), v2["state"].as_str()),
+        (Some("decrypt_only"), Some("active"))
+    );
+    assert!(v2["records_issued"].as_u64().unwrap() >= 5, "{v2}");
+    assert!(v1["unwraps"].as_u64().unwrap() >= 5 && v1["unwraps_24h"] == v1["unwraps"], "{v1}");
+    assert!(v1["last_unwrap_at"].as_i64().unwrap() > 1_700_000_000, "{v1}");
+    assert!(v2["unwraps"].as_u64().unwrap() >= 5, "{v2}");
+    // Counts survive a restart (they were flushed to the keystore).
+    let mut ks = ks;
+    ks.restart();
+    assert_eq!(usage(&ks, "onc").await[0]["unwraps"], v1["unwraps"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rewrap_ten_thousand_then_retire_the_old_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(&dir.path().join("ks"), "");
+    create_tenant(&ks, "onc").await;
+    let sc = Sidecar::start(&ks, &dir.path().join("sc"), CLINICAL, SHORT_TTLS);
+    let records: Vec<Value> = (0..10_001).map(patient).collect();
+    let v1_records = encrypt_many(&sc, "onc", &records).await;
+    let (to_rewrap, left_behind) = v1_records.split_at(10_000);
+    assert_eq!(rotate(&ks, "onc").await, 2);
+
+    let mut rewrapped = Vec::with_capacity(to_rewrap.len());
+    let mut moved = 0;
+    for chunk in to_rewrap.chunks(1_000) {
+        let (status, body) = sc.post("/v1/rewrap", &json!({"records": chunk})).await;
+        assert_eq!(status, 200, "{body}");
+        moved += body["rewrapped"].as_u64().unwrap();
+        rewrapped.extend(body["records"].as_array().unwrap().iter().cloned());
+    }
+    assert_eq!(moved, 10_000);
+    for (old, new) in to_rewrap.iter().zip(&rewrapped) {
+        let (old, new) = (old.as_object().unwrap(), new.as_object().unwrap());
+        assert_eq!(old.len(), new.len());
+        for (key, value) in old {
+            if key != "_kg" {
+                assert_eq!(new[key], *value, "field {key} is byte-identical");
+            }
+        }
+        assert_ne!(old["_kg"], new["_kg"], "the header's key part changed");
+    }
+    // Records already on the active version come back unchanged.
+    let (status, again) = sc.post("/v1/rewrap", &json!({"records": &rewrapped[..500]})).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["rewrapped"], 0);
+    assert_eq!(again["records"].as_array().unwrap()[..], rewrapped[..500]);
+
+    // Retire v1: the rewrapped records still decrypt (on v2), the one left
+    // behind does not; re-enabling v1 brings it back.
+    set_state(&ks, "onc", 1, "disable").await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await; // the sidecar's cache TTL
+    for record in rewrapped.iter().step_by(97) {
+        let (status, body) = decrypt(&sc, record).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["report"][0]["kek_version"], 2);
+    }
+    let (status, body) = decrypt(&sc, &left_behind[0]).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("key_version_disabled")),
+        "{body}"
+    );
+    set_state(&ks, "onc", 1, "enable").await;
+    let (status, body) = decrypt(&sc, &left_behind[0]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["record"]["name"], "Patient 10000");
+}
+
+async fn shred(ks: &KeyService, who: &str, tenant: &str, version: Option<u64>) -> (u16, Value) {
+    let body = json!({"version": version, "reason": "patient asked for erasure (test)"});
+    ks.post(who, &format!("/v1/tenants/{tenant}/shred"), &body).await
+}
+
+async fn decide(ks: &KeyService, who: &str, id: &str, decision: &str) -> (u16, Value) {
+    ks.post(who, &format!("/v1/approvals/{id}"), &json!({"decision": decision})).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shredding_needs_two_people_and_reaches_every_sidecar() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(&dir.path().join("ks"), "");
+    for tenant in ["onc", "t-other"] {
+        create_tenant(&ks, tenant).await;
+    }
+    let cache = "[cache]\nttl_secs = 2\n[pool]\nttl_secs = 2\n";
+    let a = Sidecar::start(&ks, &dir.path().join("a"), CLINICAL, cache);
+    let b = Sidecar::start(&ks, &dir.path().join("b"), CLINICAL, cache);
+    let onc = encrypt_many(&a, "onc", &(0..20).map(patient).collect::<Vec<_>>()).await;
+    let other = encrypt_many(&a, "t-other", &(0..5).map(patient).collect::<Vec<_>>()).await;
+    for sc in [&a, &b] {
+        for record in onc.iter().chain(&other) {
+            assert_eq!(decrypt(sc, record).await.0, 200, "warm caches before the shred");
+        }
+    }
+
+    // Bad requests are refused before anyone is asked.
+    assert_eq!(shred(&ks, ADMIN, "nobody", None).await.0, 404);
+    let (status, body) = shred(&ks, ADMIN, "onc", Some(1)).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("invalid_transition")),
+        "{body}"
+    );
+    assert_eq!(shred(&ks, OFFICER, "onc", None).await.0, 403, "officers do not request");
+
+    let (status, request) = shred(&ks, ADMIN_OFFICER, "onc", None).await;
+    assert_eq!(status, 202, "{request}");
+    assert_eq!(request["state"], "pending");
+    let id = request["id"].as_str().unwrap().to_owned();
+    let (status, pending) = ks.get(OFFICER, "/v1/approvals?state=pending").await;
+    assert_eq!(status, 200);
+    assert!(pending.contains(&id), "{pending}");
+
+    // Not the requester, even holding security_officer; not a mere admin.
+    let (status, body) = decide(&ks, ADMIN_OFFICER, &id, "approve").await;
+    assert_eq!((status, body["error"]["code"].as_str()), (403, Some("self_approval")), "{body}");
+    let (status, _) = decide(&ks, ADMIN, &id, "approve").await;
+    assert_eq!(status, 403);
+    assert_eq!(decide(&ks, OFFICER, "0123", "approve").await.0, 404);
+    // Nothing happened yet.
+    assert_eq!(decrypt(&a, &onc[0]).await.0, 200);
+
+    let (status, done) = decide(&ks, OFFICER, &id, "approve").await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(
+        (done["state"].as_str(), done["decided_by"].as_str()),
+        (Some("executed"), Some(OFFICER))
+    );
+    let (status, _) = decide(&ks, OFFICER, &id, "reject").await;
+    assert_eq!(status, 409, "decided once");
+    let shredded_at = Instant::now();
+
+    // Within the cache TTL bound, every sidecar refuses, old cache included.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    for sc in [&a, &b] {
+        for record in onc.iter().step_by(3) {
+            let (status, body) = decrypt(sc, record).await;
+            assert_eq!(
+                (status, body["error"]["code"].as_str()),
+                (410, Some("key_destroyed")),
+                "{body}"
+            );
+        }
+        for record in &other {
+            assert_eq!(decrypt(sc, record).await.0, 200, "other tenants are unaffected");
+        }
+        let (status, body) = sc
+            .post(
+                "/v1/encrypt",
+                &json!({"tenant": "onc", "schema": "patient", "record": patient(1)}),
+            )
+            .await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (410, Some("key_destroyed")),
+            "{body}"
+        );
+    }
+    assert!(shredded_at.elapsed() < Duration::from_secs(10));
+    let (status, body) = ks.post(ADMIN, "/v1/tenants/onc/keys/rotate", &json!({})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (410, Some("key_destroyed")), "{body}");
+
+    // The store holds no material for it.
+    let mut db = sqlx::SqliteConnection::connect(&format!("sqlite://{}", ks.database().display()))
+        .await
+        .unwrap();
+    let (material, root): (i64, Option<Vec<u8>>) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM kek_versions WHERE tenant = 'onc' AND wrapped IS NOT NULL),
+                (SELECT index_root_wrapped FROM tenants WHERE id = 'onc')",
+    )
+    .fetch_one(&mut db)
+    .await
+    .unwrap();
+    assert_eq!((material, root), (0, None));
+    let other_material: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM kek_versions WHERE tenant = 't-other' AND wrapped IS NOT NULL",
+    )
+    .fetch_one(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(other_material, 1);
+    db.close().await.unwrap();
+
+    // A rejected request never runs.
+    let (_, request) = shred(&ks, ADMIN, "t-other", None).await;
+    let id2 = request["id"].as_str().unwrap();
+    let (status, rejected) = decide(&ks, OFFICER, id2, "reject").await;
+    assert_eq!((status, rejected["state"].as_str()), (200, Some("rejected")));
+    assert_eq!(decide(&ks, ADMIN_OFFICER, id2, "approve").await.0, 409);
+    assert_eq!(decrypt(&a, &other[0]).await.0, 200);
+
+    // The audit chain names the request, requester, approver; it verifies.
+    let (_, export) = ks.get(AUDITOR, "/v1/audit").await;
+    let shred_event = export
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["action"] == "tenant.shred")
+        .expect("a tenant.shred event");
+    assert_eq!(shred_event["actor"], OFFICER);
+    assert_eq!(shred_event["detail"]["requested_by"], ADMIN_OFFICER);
+    assert_eq!(shred_event["detail"]["approved_by"], OFFICER);
+    assert!(export.contains("shred.request") && export.contains("shred.reject"));
+    assert!(export.contains("\"self_approval\"") || export.contains("approve own request"));
+    let (_, verify) = ks.get(AUDITOR, "/v1/audit/verify").await;
+    assert!(verify.contains("\"ok\":true"), "{verify}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_approved_shred_waits_for_its_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(
+        &dir.path().join("ks"),
+        "[lifecycle]\nshred_delay_secs = 2\nscheduler_interval_ms = 200\n",
+    );
+    create_tenant(&ks, "onc").await;
+    assert_eq!(rotate(&ks, "onc").await, 2);
+    let (_, request) = shred(&ks, ADMIN, "onc", Some(1)).await;
+    let (status, approved) = decide(&ks, OFFICER, request["id"].as_str().unwrap(), "approve").await;
+    assert_eq!((status, approved["state"].as_str()), (200, Some("approved")), "{approved}");
+    let state_of_v1 = || async {
+        let (_, body) = ks.get(ADMIN, "/v1/tenants/onc").await;
+        let body: Value = serde_json::from_str(&body).unwrap();
+        body["versions"][0]["state"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(state_of_v1().await, "decrypt_only", "not before the delay");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state_of_v1().await != "destroyed" {
+        assert!(Instant::now() < deadline, "the scheduler never ran the approved shred");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The request is marked executed right after the keys are destroyed.
+    loop {
+        let (_, all) = ks.get(OFFICER, "/v1/approvals").await;
+        if all.contains("\"executed\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "destroyed but never marked executed: {all}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, tenant) = ks.get(ADMIN, "/v1/tenants/onc").await;
+    assert!(tenant.contains("\"active_version\":2"), "v2 untouched: {tenant}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn auto_rotation_fires_once_per_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks =
+        KeyService::start(&dir.path().join("ks"), "[lifecycle]\nscheduler_interval_ms = 100\n");
+    create_tenant(&ks, "onc").await;
+    create_tenant(&ks, "t-still").await;
+    let put = |body: Value| {
+        let client = ks.client(ADMIN);
+        let url = format!("{}/v1/tenants/onc/keys/auto-rotate", ks.url);
+        async move {
+            let response = client.put(url).json(&body).send().await.unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, body) = put(json!({"every_secs": 0})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_period")));
+    let (status, body) = put(json!({"every_secs": 2})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["rotate_every_secs"], 2);
+    assert!(body["next_rotation_at"].as_i64().is_some());
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_millis(7_300)).await;
+    let (status, _) = put(json!({"every_secs": null})).await;
+    assert_eq!(status, 200);
+    let elapsed = started.elapsed().as_secs_f64();
+
+    let (_, body) = ks.get(ADMIN, "/v1/tenants/onc").await;
+    let tenant: Value = serde_json::from_str(&body).unwrap();
+    let created: Vec<i64> = tenant["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["created_at"].as_i64().unwrap())
+        .collect();
+    let rotations = created.len() - 1;
+    // Seconds-granular times: one rotation per 2 s period, never two.
+    assert!(rotations >= 2 && rotations as f64 <= elapsed / 2.0 + 1.0, "{rotations} in {elapsed}s");
+    for pair in created.windows(2) {
+        assert!(pair[1] - pair[0] >= 2, "two rotations within one period: {created:?}");
+    }
+    let (_, still) = ks.get(ADMIN, "/v1/tenants/t-still").await;
+    assert!(still.contains("\"active_version\":1"), "no schedule, no rotation: {still}");
+    let (_, export) = ks.get(AUDITOR, "/v1/audit?tenant=onc").await;
+    let scheduled = export.lines().filter(|l| l.contains("keygate:scheduler")).count();
+    assert_eq!(scheduled, rotations, "each scheduled rotation is audited");
+    // Turned off: no more rotations.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let (_, body) = ks.get(ADMIN, "/v1/tenants/onc").await;
+    let tenant: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(tenant["versions"].as_array().unwrap().len(), created.len());
+}
+
+/// Keys per master, from the keystore itself.
+async fn keys_per_master(ks: &KeyService) -> Vec<(String, i64)> {
+    let mut db = sqlx::SqliteConnection::connect(&format!("sqlite://{}", ks.database().display()))
+        .await
+        .unwrap();
+    let rows = sqlx::query_as(
+        "SELECT m.kind, count(*) FROM (
+             SELECT master_key AS m FROM kek_versions WHERE wrapped IS NOT NULL
+             UNION ALL SELECT index_root_master FROM tenants WHERE index_root_wrapped IS NOT NULL
+             UNION ALL SELECT master_key FROM audit_signing_keys
+         ) k JOIN master_keys m ON m.id = k.m GROUP BY m.kind ORDER BY m.kind",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    db.close().await.unwrap();
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn master_rotation_to_softhsm2_resumes_after_a_crash() {
+    let token = SoftHsm2::new_token();
+    let dir = tempfile::tempdir().unwrap();
+    let ks_dir = dir.path().join("ks");
+    std::fs::create_dir_all(&ks_dir).unwrap();
+    let pin = dir.path().join("pin");
+    write_private(&pin, softhsm2::USER_PIN);
+    let conf = token.conf();
+    let hsm_root = format!(
+        "[root]\nprovider = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"{}\"\nkey_label = \"{}\"\npin_file = \"{}\"\n",
+        token.module().display(),
+        softhsm2::TOKEN_LABEL,
+        softhsm2::KEY_LABEL,
+        pin.display()
+    );
+    let create = dir.path().join("create.toml");
+    std::fs::write(&create, format!("listen = \"127.0.0.1:0\"\ndata_dir = \"d\"\n[tls]\ncert = \"x\"\nkey = \"x\"\nclient_ca = \"x\"\n{hsm_root}[policy]\nfile = \"p\"\n")).unwrap();
+    let created = std::process::Command::new(keygate_binary())
+        .args(["admin", "master", "create-pkcs11-key", "--config"])
+        .arg(&create)
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let env = [("SOFTHSM2_CONF", conf.to_str().unwrap())];
+    let mut ks = KeyService::start_with(&ks_dir, &Options { env: &env, ..Options::default() });
+
+    const TENANTS: usize = 300;
+    let mut deks = Vec::new();
+    for i in 0..TENANTS {
+        let tenant = format!("t-{i:03}");
+        create_tenant(&ks, &tenant).await;
+        let (status, body) = ks
+            .post(ENCRYPTOR, &format!("/v1/tenants/{tenant}/datakeys"), &json!({"count": 1}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        deks.push((tenant, body["kek_version"].clone(), body["keys"][0].clone()));
+    }
+    let to = json!({"to": {
+        "provider": "pkcs11",
+        "module": token.module(),
+        "token_label": softhsm2::TOKEN_LABEL,
+        "key_label": softhsm2::KEY_LABEL,
+        "pin_file": pin,
+    }});
+
+    // Relative paths and unusable providers are refused up front.
+    let mut relative = to.clone();
+    relative["to"]["pin_file"] = json!("pin");
+    let (status, body) = ks.post(ADMIN, "/v1/master/rotate", &relative).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_provider")), "{body}");
+    let mut wrong = to.clone();
+    wrong["to"]["key_label"] = json!("no-such-key");
+    assert_eq!(ks.post(ADMIN, "/v1/master/rotate", &wrong).await.0, 400);
+    assert_eq!(ks.post(DECRYPTOR, "/v1/master/rotate", &to).await.0, 403);
+
+    // Start the rotation and SIGKILL the service in the middle of it.
+    let request = {
+        let client = ks.client(ADMIN);
+        let url = format!("{}/v1/master/rotate", ks.url);
+        let body = to.clone();
+        tokio::spawn(async move { client.post(url).json(&body).send().await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let counts = keys_per_master(&ks).await;
+        if counts.iter().any(|(kind, n)| kind == "pkcs11" && *n >= 20) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the rotation never started: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    ks.kill();
+    let _ = request.await;
+    let midway = keys_per_master(&ks).await;
+    assert_eq!(midway.len(), 2, "killed in the middle: keys under both masters {midway:?}");
+
+    // Restarted with its old configuration: every tenant readable, under
+    // whichever master each key is on.
+    ks.resume();
+    let unwrap_all = |ks: &KeyService| {
+        let deks = deks.clone();
+        let client = ks.client(DECRYPTOR);
+        let url = ks.url.clone();
+        async move {
+            for (tenant, version, key) in deks {
+                let item = json!({"record_key_id": key["record_key_id"], "kek_version": version,
+                                  "wrapped": key["wrapped"]});
+                let response = client
+                    .post(format!("{url}/v1/tenants/{tenant}/datakeys/unwrap"))
+                    .json(&json!({"items": [item]}))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = response.status().as_u16();
+                let body: Value = response.json().await.unwrap();
+                assert_eq!(status, 200, "{tenant}: {body}");
+                assert_eq!(body["results"][0]["dek"], key["dek"], "{tenant}: same DEK");
+            }
+        }
+    };
+    unwrap_all(&ks).await;
+
+    // Running the command again finishes the job.
+    let (status, done) = ks.post(ADMIN, "/v1/master/rotate", &to).await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!((done["state"].as_str(), done["remaining"].as_u64()), (Some("complete"), Some(0)));
+    assert_eq!(done["master"]["kind"], "pkcs11");
+    assert_eq!(keys_per_master(&ks).await, [("pkcs11".to_owned(), (2 * TENANTS + 1) as i64)]);
+    let (_, masters) = ks.get(AUDITOR, "/v1/master").await;
+    let masters: Value = serde_json::from_str(&masters).unwrap();
+    assert_eq!(masters["active"]["kind"], "pkcs11");
+    unwrap_all(&ks).await;
+    let (status, body) = ks.post(ADMIN, "/v1/tenants", &json!({"tenant": "after"})).await;
+    assert_eq!(status, 201, "{body}");
+    let (_, verify) = ks.get(AUDITOR, "/v1/audit/verify").await;
+    assert!(verify.contains("\"ok\":true"), "{verify}");
+
+    // Nothing is left under the old master: without its key file the
+    // service still starts and serves everything.
+    ks.stop();
+    std::fs::remove_file(ks_dir.join("root.key")).unwrap();
+    let config = std::fs::read_to_string(ks_dir.join("keygate.toml")).unwrap();
+    let config = config.replace(
+        "[root]\nprovider = \"dev_local\"\nkey_file = \"root.key\"\ncreate_if_missing = true\n",
+        &hsm_root,
+    );
+    assert!(config.contains("pkcs11"));
+    std::fs::write(ks_dir.join("keygate.toml"), config).unwrap();
+    ks.restart();
+    unwrap_all(&ks).await;
+    let (_, verify) = ks.get(AUDITOR, "/v1/audit/verify").await;
+    assert!(verify.contains("\"ok\":true"), "{verify}");
+    assert!(!ks.log().contains(softhsm2::USER_PIN));
+}

@@ -1,0 +1,114 @@
+//! The lifecycle across key-service replicas on one PostgreSQL database:
+//! a shred reaches every replica's cache at once (NOTIFY), and scheduled
+//! rotations run on one replica, once per period.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
+
+use std::time::{Duration, Instant};
+
+use keygate_tests::cluster::Cluster;
+use serde_json::{Value, json};
+
+const ADMIN: &str = "spiffe://test/admin";
+const OFFICER: &str = "spiffe://test/officer";
+const AUDITOR: &str = "spiffe://test/auditor";
+const ENCRYPTOR: &str = "spiffe://test/encryptor";
+const DECRYPTOR: &str = "spiffe://test/decryptor";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shred_on_one_replica_empties_every_replicas_cache_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // KEKs stay cached for 10 minutes: only the notification can explain
+    // the other replica forgetting them.
+    let cluster = Cluster::start(dir.path(), 2, "[keys]\nkek_ttl_secs = 600\n");
+    let (a, b) = (&cluster.replicas[0], &cluster.replicas[1]);
+    for tenant in ["onc", "t-keep"] {
+        let (status, body) = a.post(ADMIN, "/v1/tenants", &json!({"tenant": tenant})).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let mut items = Vec::new();
+    for tenant in ["onc", "t-keep"] {
+        let (_, issued) = a
+            .post(ENCRYPTOR, &format!("/v1/tenants/{tenant}/datakeys"), &json!({"count": 1}))
+            .await;
+        let key = &issued["keys"][0];
+        items.push(json!({"record_key_id": key["record_key_id"], "kek_version": 1,
+                          "wrapped": key["wrapped"]}));
+    }
+    let unwrap = |tenant: &str, item: &Value| {
+        let body = json!({"items": [item]});
+        let path = format!("/v1/tenants/{tenant}/datakeys/unwrap");
+        async move { b.post(DECRYPTOR, &path, &body).await }
+    };
+    assert_eq!(unwrap("onc", &items[0]).await.0, 200, "B caches onc's KEK");
+
+    let (status, request) =
+        a.post(ADMIN, "/v1/tenants/onc/shred", &json!({"reason": "erasure request"})).await;
+    assert_eq!(status, 202, "{request}");
+    let id = request["id"].as_str().unwrap();
+    // The approval may come through the other replica.
+    let (status, done) =
+        b.post(OFFICER, &format!("/v1/approvals/{id}"), &json!({"decision": "approve"})).await;
+    assert_eq!((status, done["state"].as_str()), (200, Some("executed")), "{done}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for replica in [a, b] {
+        loop {
+            let body = json!({"items": [items[0].clone()]});
+            let (status, answer) =
+                replica.post(DECRYPTOR, "/v1/tenants/onc/datakeys/unwrap", &body).await;
+            if status == 410 {
+                assert_eq!(answer["error"]["code"], "key_destroyed");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "a replica still serves the shredded tenant: {answer}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(unwrap("t-keep", &items[1]).await.0, 200, "the other tenant is untouched");
+    let (_, verify) = a.get(AUDITOR, "/v1/audit/verify").await;
+    assert!(verify.contains("\"ok\":true"), "{verify}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scheduled_rotation_runs_once_per_period_across_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), 3, "[lifecycle]\nscheduler_interval_ms = 100\n");
+    let first = &cluster.replicas[0];
+    let (status, _) = first.post(ADMIN, "/v1/tenants", &json!({"tenant": "onc"})).await;
+    assert_eq!(status, 201);
+    let response = first
+        .client(ADMIN)
+        .put(format!("{}/v1/tenants/onc/keys/auto-rotate", first.url))
+        .json(&json!({"every_secs": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    tokio::time::sleep(Duration::from_millis(6_500)).await;
+    let (_, body) = first.get(ADMIN, "/v1/tenants/onc").await;
+    let tenant: Value = serde_json::from_str(&body).unwrap();
+    let created: Vec<i64> = tenant["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["created_at"].as_i64().unwrap())
+        .collect();
+    assert!(created.len() >= 3 && created.len() <= 5, "{created:?}");
+    for pair in created.windows(2) {
+        assert!(pair[1] - pair[0] >= 2, "two rotations within one period: {created:?}");
+    }
+    // Each rotation was done (and audited) by exactly one replica.
+    let (_, export) = first.get(AUDITOR, "/v1/audit?tenant=onc").await;
+    let scheduled: Vec<Value> = export
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["actor"] == "keygate:scheduler")
+        .collect();
+    let mut versions: Vec<i64> =
+        scheduled.iter().map(|e| e["kek_version"].as_i64().unwrap()).collect();
+    versions.sort_unstable();
+    let expected: Vec<i64> = (2..=created.len() as i64).collect();
+    assert_eq!(versions, expected, "one scheduled event per new version");
+}
