@@ -81,6 +81,27 @@ where
     }
 }
 
+/// A path parameter (`axum::extract::Path`) whose rejection (a segment that
+/// is not valid percent-encoded UTF-8, say) is our JSON error (400
+/// `invalid_request`) instead of plain text.
+#[derive(Debug)]
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|path| ApiPath(path.0))
+            .map_err(|rejection| ApiError::bad_request("invalid_request", rejection.body_text()))
+    }
+}
+
 /// Parses a JSON body after checking its nesting depth. Public for the
 /// fuzz targets, which feed it every request type of both APIs.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8], max_depth: usize) -> Result<T, ApiError> {
@@ -90,12 +111,22 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8], max_depth: usize) -> Result<T, A
             format!("the request body nests deeper than {max_depth} levels"),
         ));
     }
-    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+    let value = serde_json::from_slice(bytes).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => {
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", e.to_string())
         }
         _ => ApiError::bad_request("malformed_json", "the request body is not valid JSON"),
-    })
+    })?;
+    // Every request body is an object; serde would also read a struct from
+    // an array of its fields in order (`[1]` as `{"count": 1}`).
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "the request body must be a JSON object",
+        ));
+    }
+    Ok(value)
 }
 
 /// `application/json` or `application/<something>+json`, any parameters.
@@ -127,6 +158,10 @@ mod tests {
         assert_eq!(code(br#"{"count": "x"}"#), "invalid_request");
         assert_eq!(code(br#"{"count": 1, "x": 2}"#), "invalid_request");
         assert_eq!(code(br#"{"count": 1, "x": [[[[1]]]]}"#), "json_too_deep");
+        // A struct is not read from an array of its fields.
+        assert_eq!(code(b" [1]"), "invalid_request");
+        assert_eq!(code(b"[1"), "malformed_json");
+        assert_eq!(code(b"1"), "invalid_request");
         let deep = format!("{}{}", "[".repeat(200_000), "]".repeat(200_000));
         assert_eq!(code(deep.as_bytes()), "json_too_deep");
     }

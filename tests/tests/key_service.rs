@@ -229,7 +229,10 @@ async fn bad_input_gets_specific_errors_and_the_service_keeps_serving() {
         ),
         ("/v1/tenants/onc/datakeys", br#"{"count": 101}"#.to_vec(), 400, "batch_too_large"),
         ("/v1/tenants/onc/datakeys", br#"{"count": 0}"#.to_vec(), 400, "batch_too_large"),
+        ("/v1/tenants/onc/datakeys", br#"[5]"#.to_vec(), 422, "invalid_request"),
         ("/v1/tenants/Bad!/datakeys", br#"{"count": 1}"#.to_vec(), 400, "invalid_tenant"),
+        // Not UTF-8 once percent-decoded: a JSON error, not axum's plain text.
+        ("/v1/tenants/%FF%FE/datakeys", br#"{"count": 1}"#.to_vec(), 400, "invalid_request"),
         ("/v1/tenants/t-nobody/datakeys", br#"{"count": 1}"#.to_vec(), 404, "unknown_tenant"),
         ("/v1/no/such/route", b"{}".to_vec(), 404, "not_found"),
         ("/v1/tenants/onc/datakeys", vec![b' '; 50 * 1024 * 1024], 413, "body_too_large"),

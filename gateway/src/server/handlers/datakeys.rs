@@ -4,13 +4,13 @@
 //! before any key leaves: if the event cannot be made durable, the keys
 //! are dropped (and wiped) and the caller gets 503 `audit_unavailable`.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::{Extension, Json};
 use kms_core::audit::{AuditEvent, Outcome};
 use kms_core::record::{IndexPurpose, derive_path_key, derive_pseudonym_key};
 use kms_core::{DekError, DekRequest, PathPattern, RecordKeyId};
 
-use super::{ApiJson, tenant_id};
+use super::{ApiJson, ApiPath, tenant_id};
 use crate::audit_log::now_ms;
 use crate::error::ApiError;
 use crate::policy::Role;
@@ -36,7 +36,7 @@ use crate::server::{AppState, Caller};
 pub(crate) async fn issue(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(tenant): Path<String>,
+    ApiPath(tenant): ApiPath<String>,
     ApiJson(body): ApiJson<IssueRequest>,
 ) -> Result<Json<IssueResponse>, ApiError> {
     let tenant = tenant_id(&tenant)?;
@@ -76,7 +76,7 @@ pub(crate) async fn issue(
 pub(crate) async fn unwrap(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(tenant): Path<String>,
+    ApiPath(tenant): ApiPath<String>,
     ApiJson(body): ApiJson<BatchRequest>,
 ) -> Result<Json<UnwrapResponse>, ApiError> {
     let tenant = tenant_id(&tenant)?;
@@ -133,7 +133,7 @@ pub(crate) async fn unwrap(
 pub(crate) async fn rewrap(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(tenant): Path<String>,
+    ApiPath(tenant): ApiPath<String>,
     ApiJson(body): ApiJson<BatchRequest>,
 ) -> Result<Json<RewrapResponse>, ApiError> {
     let tenant = tenant_id(&tenant)?;
@@ -187,7 +187,7 @@ pub(crate) async fn rewrap(
 pub(crate) async fn derived(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(tenant): Path<String>,
+    ApiPath(tenant): ApiPath<String>,
     ApiJson(body): ApiJson<DerivedRequest>,
 ) -> Result<Json<DerivedKeys>, ApiError> {
     let tenant = tenant_id(&tenant)?;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use kms_core::audit::{AuditEvent, Outcome};
@@ -13,7 +13,7 @@ use kms_core::{KekState, TenantId};
 use super::{ApiJson, tenant_id};
 use crate::audit_log::now_ms;
 use crate::error::{ApiError, store_error};
-use crate::extract::ApiQuery;
+use crate::extract::{ApiPath, ApiQuery};
 use crate::policy::Role;
 use crate::server::api::{
     ApprovalList, ApprovalQuery, ApprovalView, AutoRotate, AutoRotateView, DecideRequest,
@@ -39,7 +39,7 @@ const MAX_TEXT: usize = 1_000;
 pub(crate) async fn usage(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(tenant): Path<String>,
+    ApiPath(tenant): ApiPath<String>,
 ) -> Result<Json<UsageView>, ApiError> {
     let tenant = tenant_id(&tenant)?;
     state.authorize(&caller, &tenant, &[Role::Admin, Role::Auditor], "view key usage").await?;
@@ -62,7 +62,7 @@ pub(crate) async fn usage(
 pub(crate) async fn auto_rotate(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(tenant): Path<String>,
+    ApiPath(tenant): ApiPath<String>,
     ApiJson(body): ApiJson<AutoRotate>,
 ) -> Result<Json<AutoRotateView>, ApiError> {
     let tenant = tenant_id(&tenant)?;
@@ -103,7 +103,7 @@ pub(crate) async fn auto_rotate(
 pub(crate) async fn request_shred(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(tenant): Path<String>,
+    ApiPath(tenant): ApiPath<String>,
     ApiJson(body): ApiJson<ShredRequest>,
 ) -> Result<(StatusCode, Json<ApprovalView>), ApiError> {
     let tenant = tenant_id(&tenant)?;
@@ -220,7 +220,7 @@ pub(crate) async fn list_approvals(
 pub(crate) async fn decide(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<DecideRequest>,
 ) -> Result<Json<ApprovalView>, ApiError> {
     let store = state.hierarchy.store().clone();

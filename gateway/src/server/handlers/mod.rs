@@ -12,7 +12,7 @@ use kms_core::TenantId;
 
 use crate::error::ApiError;
 
-pub(super) use crate::extract::ApiJson;
+pub(super) use crate::extract::{ApiJson, ApiPath};
 
 /// Validates a tenant id taken from the path.
 pub(super) fn tenant_id(raw: &str) -> Result<TenantId, ApiError> {

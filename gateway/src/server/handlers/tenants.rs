@@ -1,12 +1,12 @@
 //! Tenants and KEK versions: create, list, show, rotate, change state.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use kms_core::StateChange;
 use kms_core::audit::{AuditEvent, Outcome};
 
-use super::{ApiJson, tenant_id};
+use super::{ApiJson, ApiPath, tenant_id};
 use crate::audit_log::now_ms;
 use crate::error::ApiError;
 use crate::policy::Role;
@@ -76,7 +76,7 @@ pub(crate) async fn list(
 pub(crate) async fn show(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(tenant): Path<String>,
+    ApiPath(tenant): ApiPath<String>,
 ) -> Result<Json<TenantView>, ApiError> {
     let tenant = tenant_id(&tenant)?;
     state.authorize(&caller, &tenant, &[Role::Admin, Role::Auditor], "view tenants").await?;
@@ -98,7 +98,7 @@ pub(crate) async fn show(
 pub(crate) async fn rotate(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(tenant): Path<String>,
+    ApiPath(tenant): ApiPath<String>,
 ) -> Result<Json<VersionView>, ApiError> {
     let tenant = tenant_id(&tenant)?;
     let actor = state.authorize(&caller, &tenant, &[Role::Admin], "rotate keys").await?;
@@ -125,7 +125,7 @@ pub(crate) async fn rotate(
 pub(crate) async fn change_state(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path((tenant, version)): Path<(String, String)>,
+    ApiPath((tenant, version)): ApiPath<(String, String)>,
     ApiJson(body): ApiJson<ChangeState>,
 ) -> Result<Json<VersionView>, ApiError> {
     let tenant = tenant_id(&tenant)?;
