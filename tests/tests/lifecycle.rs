@@ -192,9 +192,14 @@ async fn shredding_needs_two_people_and_reaches_every_sidecar() {
     for tenant in ["onc", "t-other"] {
         create_tenant(&ks, tenant).await;
     }
-    let cache = "[cache]\nttl_secs = 2\n[pool]\nttl_secs = 2\n";
+    // The DEK pool keeps its default TTL (60 s): pooled DEKs must not
+    // outlive the cache TTL, the bound on a shred.
+    let cache = "[cache]\nttl_secs = 2\n";
     let a = Sidecar::start(&ks, &dir.path().join("a"), CLINICAL, cache);
     let b = Sidecar::start(&ks, &dir.path().join("b"), CLINICAL, cache);
+    // A sidecar with a long TTL learns of the shred from the key service.
+    let c = Sidecar::start(&ks, &dir.path().join("c"), CLINICAL, "[cache]\nttl_secs = 600\n");
+    encrypt_many(&c, "onc", &[patient(0)]).await;
     let onc = encrypt_many(&a, "onc", &(0..20).map(patient).collect::<Vec<_>>()).await;
     let other = encrypt_many(&a, "t-other", &(0..5).map(patient).collect::<Vec<_>>()).await;
     for sc in [&a, &b] {
@@ -240,6 +245,15 @@ async fn shredding_needs_two_people_and_reaches_every_sidecar() {
     assert_eq!(status, 409, "decided once");
     let shredded_at = Instant::now();
 
+    // Sidecar c has DEKs pooled for "onc" for the next 10 minutes; the first
+    // `key_destroyed` it hears (a cold decrypt) drops them, so its next
+    // encrypt fails at once instead of writing records no one can read.
+    let encrypt_onc = json!({"tenant": "onc", "schema": "patient", "record": patient(1)});
+    let (status, body) = decrypt(&c, &onc[1]).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (410, Some("key_destroyed")), "{body}");
+    let (status, body) = c.post("/v1/encrypt", &encrypt_onc).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (410, Some("key_destroyed")), "{body}");
+
     // Within the cache TTL bound, every sidecar refuses, old cache included.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     for sc in [&a, &b] {
@@ -254,12 +268,7 @@ async fn shredding_needs_two_people_and_reaches_every_sidecar() {
         for record in &other {
             assert_eq!(decrypt(sc, record).await.0, 200, "other tenants are unaffected");
         }
-        let (status, body) = sc
-            .post(
-                "/v1/encrypt",
-                &json!({"tenant": "onc", "schema": "patient", "record": patient(1)}),
-            )
-            .await;
+        let (status, body) = sc.post("/v1/encrypt", &encrypt_onc).await;
         assert_eq!(
             (status, body["error"]["code"].as_str()),
             (410, Some("key_destroyed")),

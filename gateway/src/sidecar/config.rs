@@ -85,7 +85,8 @@ pub struct PoolConfig {
     pub batch: usize,
     /// Refill when fewer than this many remain.
     pub low_water: usize,
-    /// Seconds a pooled DEK may wait before it is discarded (and wiped).
+    /// Seconds a pooled DEK may wait before it is discarded (and wiped);
+    /// never longer than `[cache] ttl_secs`, the bound on a shred.
     pub ttl_secs: u64,
 }
 

@@ -23,7 +23,7 @@ use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use super::api::{DecryptRequest, one_or_many};
-use super::state::{SidecarState, dek_error, ks_error};
+use super::state::{SidecarState, ks_error};
 use crate::audit_log::now_ms;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
@@ -235,11 +235,15 @@ async fn deks(
             .filter_map(|i| parsed.get(*i))
             .map(super::handlers::dek_request)
             .collect();
-        let unwrapped = s.client.unwrap(&tenant, &items, purpose).await.map_err(ks_error)?;
+        let unwrapped = s
+            .client
+            .unwrap(&tenant, &items, purpose)
+            .await
+            .map_err(|e| s.tenant_error(&tenant, e))?;
         s.note_active(&tenant, unwrapped.active_version);
         let mut fresh = Vec::with_capacity(items.len());
         for ((i, item), result) in indices.iter().zip(&items).zip(unwrapped.results) {
-            let key = Arc::new(result.map_err(|code| dek_error(&code))?);
+            let key = Arc::new(result.map_err(|code| s.dek_error(&tenant, &code))?);
             fresh.push((item.record_key_id, item.kek_version, key.clone()));
             if let Some(slot) = deks.get_mut(*i) {
                 *slot = Some((key, false));
@@ -259,7 +263,8 @@ async fn resolve(
     purpose: Option<&str>,
 ) -> Result<Resolved, ApiError> {
     let schema = s.schema(header.schema().as_str(), Some(header.schema_version()))?.clone();
-    let keys = s.keyring.schema_keys(tenant, &schema).await.map_err(ks_error)?;
+    let keys =
+        s.keyring.schema_keys(tenant, &schema).await.map_err(|e| s.tenant_error(tenant, e))?;
     let mut access: Vec<(String, FieldAccess)> = Vec::new();
     for field in &schema.fields {
         if !access.iter().any(|(c, _)| *c == field.class) {

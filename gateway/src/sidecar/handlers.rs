@@ -13,7 +13,7 @@ use super::api::{
     DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, IndexRequest, IndexResponse,
     PseudonymRequest, PseudonymResponse, RewrapRequest, RewrapResponse, one_or_many,
 };
-use super::state::{SidecarState, dek_error, ks_error};
+use super::state::{SidecarState, ks_error};
 use crate::audit_log::now_ms;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
@@ -72,8 +72,16 @@ pub(super) async fn encrypt(
         }
     }
     s.reporter.check()?;
-    let keys = s.keyring.schema_keys(&req.tenant, &schema).await.map_err(ks_error)?;
-    let deks = s.pool.take(&req.tenant, records.len()).await.map_err(ks_error)?;
+    let keys = s
+        .keyring
+        .schema_keys(&req.tenant, &schema)
+        .await
+        .map_err(|e| s.tenant_error(&req.tenant, e))?;
+    let deks = s
+        .pool
+        .take(&req.tenant, records.len())
+        .await
+        .map_err(|e| s.tenant_error(&req.tenant, e))?;
     let mut out = Vec::with_capacity(records.len());
     let mut ids = Vec::with_capacity(records.len());
     // Warm the DEK cache (the app often reads back what it just wrote):
@@ -151,9 +159,10 @@ pub(super) async fn rewrap(
         authorize(&s, &tenant, &[Role::Encryptor]).await?;
         let items: Vec<DekRequest> =
             indices.iter().filter_map(|i| parsed.get(*i)).map(dek_request).collect();
-        let results = s.client.rewrap(&tenant, &items).await.map_err(ks_error)?;
+        let results =
+            s.client.rewrap(&tenant, &items).await.map_err(|e| s.tenant_error(&tenant, e))?;
         for (i, result) in indices.iter().zip(results) {
-            let moved = result.map_err(|code| dek_error(&code))?;
+            let moved = result.map_err(|code| s.dek_error(&tenant, &code))?;
             s.note_active(&tenant, moved.kek_version);
             if let Some(slot) = new_parts.get_mut(*i) {
                 *slot = Some((moved.kek_version, moved.wrapped));
@@ -195,7 +204,11 @@ pub(super) async fn index(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&s, &req.tenant, &[Role::Encryptor, Role::Decryptor]).await?;
     let schema = s.schema(req.schema.as_str(), req.schema_version)?.clone();
-    let keys = s.keyring.schema_keys(&req.tenant, &schema).await.map_err(ks_error)?;
+    let keys = s
+        .keyring
+        .schema_keys(&req.tenant, &schema)
+        .await
+        .map_err(|e| s.tenant_error(&req.tenant, e))?;
     let token = index_token(&schema, &keys, &req.path, &req.value)?;
     Ok(Json(json!({ "token": token })))
 }
@@ -216,6 +229,10 @@ pub(super) async fn pseudonymize(
     ApiJson(req): ApiJson<PseudonymRequest>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&s, &req.tenant, &[Role::Encryptor, Role::Decryptor]).await?;
-    let key = s.keyring.namespace_key(&req.tenant, &req.namespace).await.map_err(ks_error)?;
+    let key = s
+        .keyring
+        .namespace_key(&req.tenant, &req.namespace)
+        .await
+        .map_err(|e| s.tenant_error(&req.tenant, e))?;
     Ok(Json(json!({ "pseudonym": pseudonym(&key, &req.value) })))
 }

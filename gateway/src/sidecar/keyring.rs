@@ -95,6 +95,18 @@ impl Keyring {
         Ok(grants)
     }
 
+    /// Drops the derived keys of `tenant`.
+    pub(super) fn forget(&self, tenant: &TenantId) {
+        self.schema_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(t, _, _), _| t != tenant);
+        self.namespace_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(t, _), _| t != tenant);
+    }
+
     /// Drops everything older than the TTL.
     pub(super) fn evict_expired(&self) {
         let ttl = self.ttl;

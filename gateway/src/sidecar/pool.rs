@@ -5,6 +5,10 @@
 //! low-water mark. Pooled DEKs expire after a TTL and are dropped (wiped);
 //! each DEK leaves the pool exactly once, so none is ever reused. While the
 //! key service is unreachable, encryption continues from what is pooled.
+//!
+//! A pooled DEK lives no longer than the cache TTL, the bound in which a
+//! shred reaches this sidecar; and the key service saying `key_destroyed`
+//! for a tenant drops that tenant's pool at once.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,13 +35,20 @@ struct TenantPool {
 pub(super) struct DekPool {
     client: Arc<KeyServiceClient>,
     config: PoolConfig,
+    ttl: Duration,
     tenants: Mutex<HashMap<TenantId, Arc<TenantPool>>>,
 }
 
 impl DekPool {
-    /// An empty pool; tenants are added on first use.
-    pub(super) fn new(client: Arc<KeyServiceClient>, config: PoolConfig) -> Arc<Self> {
-        Arc::new(Self { client, config, tenants: Mutex::default() })
+    /// An empty pool; tenants are added on first use. Pooled DEKs expire
+    /// after `pool.ttl_secs` or `cache_ttl`, whichever is shorter.
+    pub(super) fn new(
+        client: Arc<KeyServiceClient>,
+        config: PoolConfig,
+        cache_ttl: Duration,
+    ) -> Arc<Self> {
+        let ttl = Duration::from_secs(config.ttl_secs).min(cache_ttl);
+        Arc::new(Self { client, config, ttl, tenants: Mutex::default() })
     }
 
     fn tenant(&self, tenant: &TenantId) -> Arc<TenantPool> {
@@ -81,7 +92,7 @@ impl DekPool {
     }
 
     fn push(&self, pool: &TenantPool, deks: Vec<IssuedDek>) {
-        let expires = Instant::now() + Duration::from_secs(self.config.ttl_secs);
+        let expires = Instant::now() + self.ttl;
         let mut queue = pool.queue.lock().unwrap_or_else(|p| p.into_inner());
         queue.extend(deks.into_iter().map(|dek| Pooled { dek, expires }));
     }
@@ -99,6 +110,15 @@ impl DekPool {
             }
             pool.refilling.store(false, Ordering::Release);
         });
+    }
+
+    /// Drops (and wipes) every pooled DEK of `tenant`. A refill under way
+    /// fills the discarded pool and is dropped with it.
+    pub(super) fn forget(&self, tenant: &TenantId) {
+        let pool = self.tenants.lock().unwrap_or_else(|p| p.into_inner()).remove(tenant);
+        if let Some(pool) = pool {
+            pool.queue.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        }
     }
 
     /// Drops expired DEKs of every tenant; returns how many remain.

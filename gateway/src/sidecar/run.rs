@@ -72,7 +72,7 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
     let reporter = Reporter::new(client.clone(), config.audit.clone());
     let state = Arc::new(SidecarState {
         schemas,
-        pool: DekPool::new(client.clone(), config.pool.clone()),
+        pool: DekPool::new(client.clone(), config.pool.clone(), ttl),
         cache: DekCache::new(ttl, config.cache.max_entries),
         keyring: Keyring::new(client.clone(), ttl),
         reporter: reporter.clone(),

@@ -59,6 +59,31 @@ impl SidecarState {
     pub(super) fn active(&self, tenant: &TenantId) -> Option<KekVersion> {
         self.active_versions.lock().unwrap_or_else(|p| p.into_inner()).get(tenant).copied()
     }
+
+    /// Maps a key service failure of a call for `tenant`.
+    pub(super) fn tenant_error(&self, tenant: &TenantId, e: KsError) -> ApiError {
+        if matches!(&e, KsError::Api { code, .. } if code == "key_destroyed") {
+            self.forget_destroyed(tenant);
+        }
+        ks_error(e)
+    }
+
+    /// Maps a per-item DEK error of `tenant` from the key service.
+    pub(super) fn dek_error(&self, tenant: &TenantId, code: &str) -> ApiError {
+        if code == "key_destroyed" {
+            self.forget_destroyed(tenant);
+        }
+        dek_error(code)
+    }
+
+    /// A key of `tenant` was destroyed: its pooled DEKs (possibly wrapped
+    /// under the destroyed version) and derived keys go at once rather than
+    /// at the end of the cache TTL, so no new record is written under them.
+    fn forget_destroyed(&self, tenant: &TenantId) {
+        self.pool.forget(tenant);
+        self.keyring.forget(tenant);
+        tracing::info!(tenant = %tenant, "key destroyed: pooled and derived keys dropped");
+    }
 }
 
 /// Maps a key service failure to the sidecar's answer.
@@ -102,7 +127,7 @@ pub(super) fn ks_error(e: KsError) -> ApiError {
 }
 
 /// Maps a per-item DEK error code from the key service.
-pub(super) fn dek_error(code: &str) -> ApiError {
+fn dek_error(code: &str) -> ApiError {
     use axum::http::StatusCode;
     match code {
         "key_version_disabled" => ApiError::new(
