@@ -230,6 +230,43 @@ pub fn server_report_with(
     r
 }
 
+/// Adds the live check that every tenant rotates its KEK on schedule:
+/// `schedules` holds each live (not shredded) tenant's auto-rotation
+/// period in seconds, if it has one.
+pub fn add_tenant_rotation(
+    report: &mut Report,
+    max_days: u64,
+    schedules: &[(String, Option<i64>)],
+) {
+    report.add("keys.tenant_rotation", hipaa::ACCESS_CONTROL, tenant_rotation(max_days, schedules));
+}
+
+fn tenant_rotation(max_days: u64, schedules: &[(String, Option<i64>)]) -> Result<String, String> {
+    let max_secs = i64::try_from(max_days.saturating_mul(86_400)).unwrap_or(i64::MAX);
+    let late: Vec<&str> = schedules
+        .iter()
+        .filter(|(_, every)| every.is_none_or(|secs| secs > max_secs))
+        .map(|(tenant, _)| tenant.as_str())
+        .collect();
+    if late.is_empty() {
+        return Ok(format!(
+            "all {} tenants rotate their KEK at least every {max_days} days",
+            schedules.len()
+        ));
+    }
+    const SHOWN: usize = 10;
+    let mut names = late.iter().take(SHOWN).copied().collect::<Vec<_>>().join(", ");
+    if late.len() > SHOWN {
+        names.push_str(&format!(" and {} more", late.len() - SHOWN));
+    }
+    Err(format!(
+        "{} of {} tenants have no auto-rotation or one longer than {max_days} days: {names} \
+         (keygate admin key auto-rotate --tenant T --every 90d)",
+        late.len(),
+        schedules.len()
+    ))
+}
+
 /// The sidecar's checks.
 pub fn sidecar_report(config: &SidecarConfig, hygiene: &Hygiene) -> Report {
     let mut r = Report::new(config.profile);
@@ -521,6 +558,18 @@ mod tests {
             "[[grant]]\nidentity = \"b\"\ntenants = [\"onc\"]\nroles = [\"encryptor\", \"decryptor\", \"admin\", \"security_officer\", \"auditor\"]\nclasses = [\"phi\"]\npurposes = [\"x\"]\n",
         );
         assert!(least_privilege(&all_roles).unwrap_err().contains("every role"));
+    }
+
+    #[test]
+    fn tenant_rotation_schedules() {
+        let t = |id: &str, every: Option<i64>| (id.to_owned(), every);
+        assert!(tenant_rotation(365, &[]).is_ok());
+        assert!(tenant_rotation(90, &[t("a", Some(90 * 86_400)), t("b", Some(60))]).is_ok());
+        let err = tenant_rotation(90, &[t("a", Some(91 * 86_400)), t("b", None), t("c", Some(1))])
+            .unwrap_err();
+        assert!(err.starts_with("2 of 3 tenants") && err.contains("a, b"), "{err}");
+        let many: Vec<_> = (0..12).map(|i| t(&format!("t{i}"), None)).collect();
+        assert!(tenant_rotation(90, &many).unwrap_err().contains("t9 and 2 more"));
     }
 
     #[test]

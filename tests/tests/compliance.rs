@@ -330,6 +330,38 @@ async fn a_good_production_stack_starts_and_reports_every_check_passing() {
     assert_core_limit_zero(pid);
     assert_not_dumpable(pid);
 
+    // Every live tenant must rotate on a schedule within the maximum.
+    let (status, body) = ks.post(ADMIN, "/v1/tenants", &serde_json::json!({"tenant": "onc"})).await;
+    assert_eq!(status, 201, "{body}");
+    let failed_rules = |body: &str| -> Vec<String> {
+        let report: Value = serde_json::from_str(body).unwrap();
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["status"] == "fail")
+            .map(|c| format!("{}: {}", c["rule"].as_str().unwrap(), c["detail"]))
+            .collect()
+    };
+    let (_, body) = ks.get(ADMIN, "/v1/compliance").await;
+    let failed = failed_rules(&body);
+    assert!(
+        failed.len() == 1
+            && failed[0].starts_with("keys.tenant_rotation: ")
+            && failed[0].contains("onc"),
+        "{failed:?}"
+    );
+    let response = ks
+        .client(ADMIN)
+        .put(format!("{}/v1/tenants/onc/keys/auto-rotate", ks.url))
+        .json(&serde_json::json!({"every_secs": 90 * 86_400}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let (_, body) = ks.get(ADMIN, "/v1/compliance").await;
+    assert_eq!(failed_rules(&body), Vec::<String>::new());
+
     // The live report follows the policy: a wildcard grant shows up at once.
     std::fs::write(ks_dir.join("policy.toml"), format!("{PRODUCTION_POLICY}{WILDCARD_GRANT}"))
         .unwrap();

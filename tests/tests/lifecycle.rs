@@ -377,6 +377,9 @@ async fn auto_rotation_fires_once_per_period() {
     };
     let (status, body) = put(json!({"every_secs": 0})).await;
     assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_period")));
+    // Longer than keys.max_rotation_period_days (365 by default).
+    let (status, body) = put(json!({"every_secs": 366 * 86_400})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_period")), "{body}");
     let (status, body) = put(json!({"every_secs": 2})).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["rotate_every_secs"], 2);

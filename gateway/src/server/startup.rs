@@ -84,6 +84,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         metrics,
         limits: config.limits.clone(),
         lifecycle: config.lifecycle.clone(),
+        keys: config.keys.clone(),
     };
 
     // Signal handlers exist before anyone is told where to connect, so a

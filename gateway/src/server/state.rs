@@ -6,7 +6,7 @@ use kms_core::{KeyHierarchy, TenantId};
 
 use super::listener::Caller;
 use crate::audit_log::AuditLog;
-use crate::config::{LifecycleConfig, Limits};
+use crate::config::{KeysConfig, LifecycleConfig, Limits};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::policy::{PolicyHandle, Role};
@@ -26,6 +26,8 @@ pub struct AppState {
     pub limits: Limits,
     /// Lifecycle settings.
     pub lifecycle: LifecycleConfig,
+    /// Tenant key settings (the longest auto-rotation period allowed).
+    pub keys: KeysConfig,
 }
 
 impl AppState {

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::{Extension, Json};
 
-use crate::compliance::{Report, server_report_with};
+use crate::compliance::{Report, add_tenant_rotation, server_report_with};
 use crate::config::ServerConfig;
-use crate::error::ApiError;
+use crate::error::{ApiError, store_error};
 use crate::hygiene::Hygiene;
 use crate::policy::Role;
 use crate::server::{AppState, Caller};
@@ -39,5 +39,13 @@ pub(crate) async fn report(
         .authorize_global(&caller, &[Role::Admin, Role::Auditor], "read the compliance report")
         .await?;
     let policy = state.policy.current();
-    Ok(Json(server_report_with(&context.config, &context.hygiene, Ok(&policy))))
+    let mut report = server_report_with(&context.config, &context.hygiene, Ok(&policy));
+    let tenants = state.hierarchy.store().list_tenants().await.map_err(|e| store_error(&e))?;
+    let schedules: Vec<(String, Option<i64>)> = tenants
+        .into_iter()
+        .filter(|t| t.index_root_wrapped.is_some()) // shredded tenants hold no key
+        .map(|t| (t.id.to_string(), t.rotate_every_secs))
+        .collect();
+    add_tenant_rotation(&mut report, context.config.keys.max_rotation_period_days, &schedules);
+    Ok(Json(report))
 }

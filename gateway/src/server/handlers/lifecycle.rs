@@ -74,6 +74,15 @@ pub(crate) async fn auto_rotate(
                 "every_secs must be at least 1 (or null to turn auto-rotation off)",
             ));
         }
+        Some(secs) if secs > state.keys.max_rotation_period_days.saturating_mul(86_400) => {
+            return Err(ApiError::bad_request(
+                "invalid_period",
+                format!(
+                    "every_secs is longer than keys.max_rotation_period_days ({} days)",
+                    state.keys.max_rotation_period_days
+                ),
+            ));
+        }
         Some(secs) if i64::try_from(secs).is_err() => {
             return Err(ApiError::bad_request("invalid_period", "every_secs is too large"));
         }
