@@ -1,11 +1,12 @@
 //! Row decoding both SQL stores share: the same columns decode the same way
 //! whatever the database, so one generic function serves each row shape.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
-use super::{Approval, ApprovalState, MasterKeyId, StoreError, StoredKey, StoredKeyRef};
+use super::{Approval, ApprovalState, AuditRow, MasterKeyId, StoreError, StoredKey, StoredKeyRef};
 use crate::dek::KekVersion;
 use crate::ids::TenantId;
 
@@ -90,4 +91,22 @@ pub(super) fn count(n: i64) -> u64 {
 
 fn tenant(id: String) -> Result<TenantId, StoreError> {
     TenantId::new(id).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// The first row of `rows` that `inserted` (a multiset) does not account for.
+pub(super) fn first_not_inserted(
+    rows: &[AuditRow],
+    inserted: Vec<(String, i64)>,
+) -> Option<&AuditRow> {
+    let mut remaining: HashMap<(String, i64), usize> = HashMap::new();
+    for key in inserted {
+        *remaining.entry(key).or_default() += 1;
+    }
+    rows.iter().find(|r| match remaining.get_mut(&(r.instance.clone(), r.seq)) {
+        Some(n) if *n > 0 => {
+            *n -= 1;
+            false
+        }
+        _ => true,
+    })
 }

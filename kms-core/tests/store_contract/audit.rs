@@ -102,6 +102,29 @@ pub(crate) async fn a_batch_with_a_duplicate_writes_nothing(f: Fixture) {
     store.append_audit_batch(&[], None).await.unwrap();
 }
 
+pub(crate) async fn large_batches_are_written_whole_or_not_at_all(f: Fixture) {
+    let store = f.open().await;
+    let mut chain = AuditChain::new("i1");
+    // More rows than one multi-row INSERT holds.
+    let first = chain.seal_all(events(1..=700));
+    store.append_audit_batch(&first, None).await.unwrap();
+    let rows = store.audit_rows("i1", 0, 1_000).await.unwrap();
+    assert_eq!(rows, first);
+
+    // 700 new rows whose 600th repeats an existing one: a conflict found in a
+    // later statement of the batch rolls back the earlier statements too.
+    let mut next = chain.seal_all(events(701..=1_400));
+    let fresh = next.clone();
+    next[599] = first[9].clone();
+    let refused = store.append_audit_batch(&next, None).await;
+    assert!(matches!(refused, Err(StoreError::AuditConflict { seq: 10, .. })), "{refused:?}");
+    assert_eq!(store.last_audit_row("i1").await.unwrap().unwrap().seq, 700);
+
+    store.append_audit_batch(&fresh, None).await.unwrap();
+    let rows = store.audit_rows("i1", 0, 2_000).await.unwrap();
+    assert_eq!(rows, [first, fresh].concat(), "the chain continues where it stood");
+}
+
 pub(crate) async fn racing_appends_of_one_position_conflict(f: Fixture) {
     let stores: [Arc<dyn KeyStore>; 2] = [f.open().await, f.open().await];
     let attempts: Vec<_> = (0..8)

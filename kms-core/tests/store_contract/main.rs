@@ -50,6 +50,7 @@ for_each_store!(
     audit::audit_appends_are_atomic_and_ordered,
     audit::a_batch_with_a_duplicate_writes_nothing,
     audit::racing_appends_of_one_position_conflict,
+    audit::large_batches_are_written_whole_or_not_at_all,
     audit::instances_are_listed_from_events_checkpoints_and_keys,
     audit::racing_first_starts_agree_on_one_signing_key,
     audit::signing_keys_survive_reopen,

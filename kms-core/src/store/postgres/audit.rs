@@ -2,11 +2,10 @@
 //! (replica) appends to its own chain, keyed by `(instance, seq)`, so
 //! replicas never contend; verifiers read every chain back.
 
-use std::collections::HashMap;
-
 use sqlx::postgres::{PgPool, PgRow};
 
 use super::{get, unavailable};
+use crate::store::rows::first_not_inserted;
 use crate::store::{AuditRow, AuditSigningKeyRecord, CheckpointRow, MasterKeyId, StoreError};
 
 /// The columns of `audit_events`, in the order [`audit_from_row`] reads
@@ -87,21 +86,6 @@ pub(super) async fn append_batch(
         }
     }
     tx.commit().await.map_err(unavailable)
-}
-
-/// The first row of `rows` that `inserted` (a multiset) does not account for.
-fn first_not_inserted(rows: &[AuditRow], inserted: Vec<(String, i64)>) -> Option<&AuditRow> {
-    let mut remaining: HashMap<(String, i64), usize> = HashMap::new();
-    for key in inserted {
-        *remaining.entry(key).or_default() += 1;
-    }
-    rows.iter().find(|r| match remaining.get_mut(&(r.instance.clone(), r.seq)) {
-        Some(n) if *n > 0 => {
-            *n -= 1;
-            false
-        }
-        _ => true,
-    })
 }
 
 pub(super) async fn rows(
