@@ -241,7 +241,13 @@ impl Writer {
 
     async fn commit_jobs(&mut self, jobs: Vec<Job>, force_checkpoint: bool) {
         let before = self.chain.clone();
-        let events: Vec<AuditEvent> = jobs.iter().flat_map(|j| j.events.iter().cloned()).collect();
+        // The events move into the chain; only the acknowledgements stay.
+        let mut acks = Vec::with_capacity(jobs.len());
+        let mut events = Vec::with_capacity(jobs.iter().map(|j| j.events.len()).sum());
+        for job in jobs {
+            events.extend(job.events);
+            acks.push(job.ack);
+        }
         let count = events.len() as u64;
         let rows = self.chain.seal_all(events);
         let due = force_checkpoint
@@ -273,8 +279,8 @@ impl Writer {
                     self.since_checkpoint += count;
                 }
                 self.shared.healthy.store(true, Ordering::Relaxed);
-                for job in jobs {
-                    let _ = job.ack.send(Ok(()));
+                for ack in acks {
+                    let _ = ack.send(Ok(()));
                 }
             }
             Err(e) => {
@@ -284,8 +290,8 @@ impl Writer {
                     Some(e.to_string());
                 self.shared.healthy.store(false, Ordering::Relaxed);
                 self.chain = self.resync(before).await;
-                for job in jobs {
-                    let _ = job.ack.send(Err(()));
+                for ack in acks {
+                    let _ = ack.send(Err(()));
                 }
             }
         }
