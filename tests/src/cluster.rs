@@ -70,6 +70,12 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `n` replicas under `dir`; `extra` goes into each config.
     pub fn start(dir: &Path, n: usize, extra: &str) -> Self {
+        Self::start_with_env(dir, n, extra, &[])
+    }
+
+    /// Like [`Cluster::start`], with environment variables for every
+    /// replica (e.g. `SOFTHSM2_CONF` for a PKCS#11 master key).
+    pub fn start_with_env(dir: &Path, n: usize, extra: &str, env: &[(&str, &str)]) -> Self {
         let schema = PgSchema::create();
         let pki = Arc::new(Pki::create(&dir.join("pki")));
         let url = pg_url();
@@ -90,6 +96,7 @@ impl Cluster {
                     instance: Some(&instance),
                     storage_url: Some(&url),
                     storage_schema: Some(&schema.name),
+                    env,
                     ..Options::default()
                 },
             ));

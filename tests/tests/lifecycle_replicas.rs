@@ -1,11 +1,14 @@
 //! The lifecycle across key-service replicas on one PostgreSQL database:
-//! a shred reaches every replica's cache at once (NOTIFY), and scheduled
-//! rotations run on one replica, once per period.
+//! a shred reaches every replica's cache at once (NOTIFY), scheduled
+//! rotations run on one replica, once per period, and a master rotation
+//! run on one replica is followed by the others.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
 
 use std::time::{Duration, Instant};
 
 use keygate_tests::cluster::Cluster;
+use keygate_tests::keyservice::{keygate_binary, write_private};
+use keygate_tests::providers::softhsm2::{self, SoftHsm2};
 use serde_json::{Value, json};
 
 const ADMIN: &str = "spiffe://test/admin";
@@ -111,4 +114,107 @@ async fn scheduled_rotation_runs_once_per_period_across_replicas() {
     versions.sort_unstable();
     let expected: Vec<i64> = (2..=created.len() as i64).collect();
     assert_eq!(versions, expected, "one scheduled event per new version");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_master_rotation_on_one_replica_is_followed_by_every_replica() {
+    let token = SoftHsm2::new_token();
+    let dir = tempfile::tempdir().unwrap();
+    let pin = dir.path().join("pin");
+    write_private(&pin, softhsm2::USER_PIN);
+    let conf = token.conf();
+    let create = dir.path().join("create.toml");
+    std::fs::write(
+        &create,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"d\"\n[tls]\ncert = \"x\"\nkey = \"x\"\nclient_ca = \"x\"\n\
+             [root]\nprovider = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"{}\"\nkey_label = \"{}\"\npin_file = \"{}\"\n\
+             [policy]\nfile = \"p\"\n",
+            token.module().display(),
+            softhsm2::TOKEN_LABEL,
+            softhsm2::KEY_LABEL,
+            pin.display()
+        ),
+    )
+    .unwrap();
+    let created = std::process::Command::new(keygate_binary())
+        .args(["admin", "master", "create-pkcs11-key", "--config"])
+        .arg(&create)
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    // Replica B keeps unwrapped KEKs for one second only: after the
+    // rotation it must unwrap them again, from whichever master holds them.
+    let env = [("SOFTHSM2_CONF", conf.to_str().unwrap())];
+    let cluster = Cluster::start_with_env(dir.path(), 2, "[keys]\nkek_ttl_secs = 1\n", &env);
+    let (a, b) = (&cluster.replicas[0], &cluster.replicas[1]);
+
+    let mut deks = Vec::new();
+    for i in 0..20 {
+        let tenant = format!("t-{i:02}");
+        let (status, body) = a.post(ADMIN, "/v1/tenants", &json!({"tenant": tenant})).await;
+        assert_eq!(status, 201, "{body}");
+        let (status, issued) = a
+            .post(ENCRYPTOR, &format!("/v1/tenants/{tenant}/datakeys"), &json!({"count": 1}))
+            .await;
+        assert_eq!(status, 200, "{issued}");
+        deks.push((tenant, issued["keys"][0].clone()));
+    }
+    let unwrap_all_on = |replica: &'static str| {
+        let ks = if replica == "a" { a } else { b };
+        let deks = deks.clone();
+        async move {
+            for (tenant, key) in deks {
+                let item = json!({"record_key_id": key["record_key_id"], "kek_version": 1,
+                                  "wrapped": key["wrapped"]});
+                let (status, body) = ks
+                    .post(
+                        DECRYPTOR,
+                        &format!("/v1/tenants/{tenant}/datakeys/unwrap"),
+                        &json!({"items": [item]}),
+                    )
+                    .await;
+                assert_eq!(status, 200, "{replica} {tenant}: {body}");
+                assert_eq!(body["results"][0]["dek"], key["dek"], "{replica} {tenant}");
+            }
+        }
+    };
+    unwrap_all_on("b").await;
+
+    let to = json!({"to": {
+        "provider": "pkcs11",
+        "module": token.module(),
+        "token_label": softhsm2::TOKEN_LABEL,
+        "key_label": softhsm2::KEY_LABEL,
+        "pin_file": pin,
+    }});
+    let (status, done) = a.post(ADMIN, "/v1/master/rotate", &to).await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!((done["state"].as_str(), done["remaining"].as_u64()), (Some("complete"), Some(0)));
+
+    // B learns the new master from the keystore: it unwraps every tenant's
+    // KEK under it, wraps a new tenant's keys under it, and reports it.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    unwrap_all_on("b").await;
+    let (status, body) = b.post(ADMIN, "/v1/tenants", &json!({"tenant": "t-after"})).await;
+    assert_eq!(status, 201, "{body}");
+    let (_, masters) = b.get(AUDITOR, "/v1/master").await;
+    let masters: Value = serde_json::from_str(&masters).unwrap();
+    assert_eq!(masters["active"]["kind"], "pkcs11", "{masters}");
+    let wrapped: Vec<(String, u64)> = masters["masters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["kind"].as_str().unwrap().to_owned(), m["keys_wrapped"].as_u64().unwrap()))
+        .collect();
+    // 21 tenants (KEK v1 + index root each) and one audit signing key per
+    // replica, all under the HSM key; nothing left under the old one.
+    assert!(wrapped.contains(&("pkcs11".to_owned(), 2 * 21 + 2)), "{wrapped:?}");
+    assert!(wrapped.contains(&("local".to_owned(), 0)), "{wrapped:?}");
+    unwrap_all_on("a").await;
+    for replica in [a, b] {
+        let (_, verify) = replica.get(AUDITOR, "/v1/audit/verify").await;
+        assert!(verify.contains("\"ok\":true"), "{verify}");
+    }
 }
