@@ -97,7 +97,6 @@ impl Cluster {
                     storage_url: Some(&url),
                     storage_schema: Some(&schema.name),
                     env,
-                    ..Options::default()
                 },
             ));
         }
