@@ -6,7 +6,10 @@ use std::str::FromStr;
 
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
-use super::{Approval, ApprovalState, AuditRow, MasterKeyId, StoreError, StoredKey, StoredKeyRef};
+use super::{
+    Approval, ApprovalState, AuditRow, AuditSigningKeyRecord, MasterKeyId, StoreError, StoredKey,
+    StoredKeyRef,
+};
 use crate::dek::KekVersion;
 use crate::ids::TenantId;
 
@@ -91,6 +94,51 @@ pub(super) fn count(n: i64) -> u64 {
 
 fn tenant(id: String) -> Result<TenantId, StoreError> {
     TenantId::new(id).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// A row of `audit_events` (the columns of `audit_columns!`).
+pub(super) fn audit_row<'r, R>(row: &'r R) -> Result<AuditRow, StoreError>
+where
+    R: Row,
+    for<'a> &'a str: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    Option<String>: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    Option<i64>: Decode<'r, R::Database> + Type<R::Database>,
+    Vec<u8>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    Ok(AuditRow {
+        instance: column(row, "instance")?,
+        seq: column(row, "seq")?,
+        ts_ms: column(row, "ts_ms")?,
+        actor: column(row, "actor")?,
+        action: column(row, "action")?,
+        tenant: column(row, "tenant")?,
+        kek_version: column(row, "kek_version")?,
+        record_key_ids: column(row, "record_key_ids")?,
+        outcome: column(row, "outcome")?,
+        detail: column(row, "detail")?,
+        prev_hash: column(row, "prev_hash")?,
+        hash: column(row, "hash")?,
+    })
+}
+
+/// A row of `audit_signing_keys`.
+pub(super) fn signing_key<'r, R>(row: &'r R) -> Result<AuditSigningKeyRecord, StoreError>
+where
+    R: Row,
+    for<'a> &'a str: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    Vec<u8>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    Ok(AuditSigningKeyRecord {
+        instance: column(row, "instance")?,
+        wrapped: column(row, "wrapped")?,
+        master: MasterKeyId(column(row, "master_key")?),
+        public_key: column(row, "public_key")?,
+        created_at: column(row, "created_at")?,
+    })
 }
 
 /// The first row of `rows` that `inserted` (a multiset) does not account for.

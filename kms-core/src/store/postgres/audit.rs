@@ -2,13 +2,13 @@
 //! (replica) appends to its own chain, keyed by `(instance, seq)`, so
 //! replicas never contend; verifiers read every chain back.
 
-use sqlx::postgres::{PgPool, PgRow};
+use sqlx::postgres::PgPool;
 
 use super::{get, unavailable};
-use crate::store::rows::first_not_inserted;
-use crate::store::{AuditRow, AuditSigningKeyRecord, CheckpointRow, MasterKeyId, StoreError};
+use crate::store::rows::{self, first_not_inserted};
+use crate::store::{AuditRow, AuditSigningKeyRecord, CheckpointRow, StoreError};
 
-/// The columns of `audit_events`, in the order [`audit_from_row`] reads
+/// The columns of `audit_events`, in the order [`rows::audit_row`] reads
 /// them and [`append_batch`] binds them.
 macro_rules! audit_columns {
     () => {
@@ -106,7 +106,7 @@ pub(super) async fn rows(
     .await
     .map_err(unavailable)?
     .iter()
-    .map(audit_from_row)
+    .map(rows::audit_row)
     .collect()
 }
 
@@ -124,7 +124,7 @@ pub(super) async fn last_row(
     .await
     .map_err(unavailable)?
     .as_ref()
-    .map(audit_from_row)
+    .map(rows::audit_row)
     .transpose()
 }
 
@@ -187,7 +187,7 @@ pub(super) async fn signing_key(
         .await
         .map_err(unavailable)?
         .as_ref()
-        .map(signing_key_from_row)
+        .map(rows::signing_key)
         .transpose()
 }
 
@@ -216,34 +216,7 @@ pub(super) async fn insert_signing_key(
         .fetch_one(&mut *tx)
         .await
         .map_err(unavailable)?;
-    let stored = signing_key_from_row(&stored)?;
+    let stored = rows::signing_key(&stored)?;
     tx.commit().await.map_err(unavailable)?;
     Ok(stored)
-}
-
-fn audit_from_row(row: &PgRow) -> Result<AuditRow, StoreError> {
-    Ok(AuditRow {
-        instance: get(row, "instance")?,
-        seq: get(row, "seq")?,
-        ts_ms: get(row, "ts_ms")?,
-        actor: get(row, "actor")?,
-        action: get(row, "action")?,
-        tenant: get(row, "tenant")?,
-        kek_version: get(row, "kek_version")?,
-        record_key_ids: get(row, "record_key_ids")?,
-        outcome: get(row, "outcome")?,
-        detail: get(row, "detail")?,
-        prev_hash: get(row, "prev_hash")?,
-        hash: get(row, "hash")?,
-    })
-}
-
-fn signing_key_from_row(row: &PgRow) -> Result<AuditSigningKeyRecord, StoreError> {
-    Ok(AuditSigningKeyRecord {
-        instance: get(row, "instance")?,
-        wrapped: get(row, "wrapped")?,
-        master: MasterKeyId(get(row, "master_key")?),
-        public_key: get(row, "public_key")?,
-        created_at: get(row, "created_at")?,
-    })
 }

@@ -18,7 +18,7 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::coordination::try_local_job_lock;
-use super::rows::first_not_inserted;
+use super::rows::{self, first_not_inserted};
 use super::{
     Approval, ApprovalState, AuditRow, AuditSigningKeyRecord, CheckpointRow, DecideApproval,
     Invalidations, JobLock, KekRecord, KeyStore, MasterKeyId, MasterRecord, NewTenant, StoreError,
@@ -32,7 +32,7 @@ use crate::root::ProviderInfo;
 /// File name of the keystore inside a data directory.
 pub const KEYSTORE_FILE: &str = "keystore.sqlite3";
 
-/// The columns of `audit_events`, in the order [`audit_from_row`] reads and
+/// The columns of `audit_events`, in the order [`rows::audit_row`] reads and
 /// the INSERT of [`KeyStore::append_audit_batch`] binds them (a macro so
 /// the queries stay `&'static str`).
 macro_rules! audit_columns {
@@ -441,7 +441,7 @@ impl KeyStore for SqliteStore {
         .await
         .map_err(unavailable)?
         .iter()
-        .map(audit_from_row)
+        .map(rows::audit_row)
         .collect()
     }
 
@@ -517,7 +517,7 @@ impl KeyStore for SqliteStore {
         .await
         .map_err(unavailable)?
         .as_ref()
-        .map(audit_from_row)
+        .map(rows::audit_row)
         .transpose()
     }
 
@@ -583,7 +583,7 @@ impl KeyStore for SqliteStore {
         .await
         .map_err(unavailable)?
         .as_ref()
-        .map(signing_key_from_row)
+        .map(rows::signing_key)
         .transpose()
     }
 
@@ -612,7 +612,7 @@ impl KeyStore for SqliteStore {
         .fetch_one(&mut *tx)
         .await
         .map_err(unavailable)?;
-        let stored = signing_key_from_row(&stored)?;
+        let stored = rows::signing_key(&stored)?;
         tx.commit().await.map_err(unavailable)?;
         Ok(stored)
     }
@@ -633,33 +633,6 @@ impl KeyStore for SqliteStore {
     async fn subscribe_invalidations(&self) -> Result<Option<Invalidations>, StoreError> {
         Ok(None)
     }
-}
-
-fn audit_from_row(row: &SqliteRow) -> Result<AuditRow, StoreError> {
-    Ok(AuditRow {
-        instance: get(row, "instance")?,
-        seq: get(row, "seq")?,
-        ts_ms: get(row, "ts_ms")?,
-        actor: get(row, "actor")?,
-        action: get(row, "action")?,
-        tenant: get(row, "tenant")?,
-        kek_version: get(row, "kek_version")?,
-        record_key_ids: get(row, "record_key_ids")?,
-        outcome: get(row, "outcome")?,
-        detail: get(row, "detail")?,
-        prev_hash: get(row, "prev_hash")?,
-        hash: get(row, "hash")?,
-    })
-}
-
-fn signing_key_from_row(row: &SqliteRow) -> Result<AuditSigningKeyRecord, StoreError> {
-    Ok(AuditSigningKeyRecord {
-        instance: get(row, "instance")?,
-        wrapped: get(row, "wrapped")?,
-        master: MasterKeyId(get(row, "master_key")?),
-        public_key: get(row, "public_key")?,
-        created_at: get(row, "created_at")?,
-    })
 }
 
 /// Events per `INSERT`: 12 parameters each, well under SQLite's 32,766.
