@@ -113,7 +113,7 @@ impl Default for Metrics {
         );
         registry.register(
             "audit_pending",
-            "Field events not yet reported (sidecar)",
+            "Record accesses in field events not yet reported (sidecar)",
             audit_pending.clone(),
         );
         Self {

@@ -1,7 +1,10 @@
 //! Wire helpers shared by the key service and its clients.
 
+use axum::body::{Body, Bytes};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use data_encoding::BASE64URL_NOPAD;
-use kms_core::Key256;
+use kms_core::{Key256, SecretBuf};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
@@ -46,6 +49,51 @@ impl<'de> Deserialize<'de> for SecretB64 {
     }
 }
 
+/// Serializes a borrowed key as base64url (`#[serde(serialize_with)]`),
+/// like [`SecretB64`] without taking the key.
+pub fn key_b64<S: serde::Serializer>(key: &&Key256, s: S) -> Result<S::Ok, S::Error> {
+    let encoded = Zeroizing::new(BASE64URL_NOPAD.encode(key.expose_secret()));
+    s.serialize_str(&encoded)
+}
+
+/// A JSON response whose body carries key material. axum's `Json` writes
+/// into a buffer that doubles as it grows, freeing each outgrown copy
+/// unwiped; this serializes into one buffer sized up front from
+/// `size_hint` (a [`SecretBuf`], so a wrong hint costs a wiped copy, not a
+/// leaked one) that is wiped when the body is dropped after sending. (The
+/// HTTP and TLS layers copy what they send into their own buffers; those
+/// are out of our reach.)
+pub struct SecretJson<T> {
+    value: T,
+    size_hint: usize,
+}
+
+impl<T: Serialize> SecretJson<T> {
+    /// `value`, expected to serialize to about `size_hint` bytes.
+    pub fn new(value: T, size_hint: usize) -> Self {
+        Self { value, size_hint }
+    }
+}
+
+impl<T: Serialize> IntoResponse for SecretJson<T> {
+    fn into_response(self) -> Response {
+        let mut buf = SecretBuf::with_capacity(self.size_hint);
+        match serde_json::to_writer(&mut buf, &self.value) {
+            Ok(()) => (
+                [(header::CONTENT_TYPE, "application/json")],
+                Body::from(Bytes::from_owner(buf.into_inner())),
+            )
+                .into_response(),
+            // Only a failing `Serialize` impl gets here; the error text is
+            // serde's, which never includes the values.
+            Err(e) => {
+                tracing::error!(error = %e, "response serialization failed");
+                StatusCode::INTERNAL_SERVER_ERROR.into_response()
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,5 +107,25 @@ mod tests {
         assert!(serde_json::from_str::<SecretB64>("\"AAAA\"").is_err());
         assert!(serde_json::from_str::<SecretB64>("\"!!\"").is_err());
         assert_eq!(format!("{key:?}"), "SecretB64(..)");
+    }
+
+    #[tokio::test]
+    async fn secret_json_is_the_json_text() {
+        use http_body_util::BodyExt;
+        let key = Key256::from_array(&mut [9; 32]);
+        #[derive(Serialize)]
+        struct Out<'a> {
+            #[serde(serialize_with = "key_b64")]
+            dek: &'a Key256,
+            n: u32,
+        }
+        // A hint too small: the buffer grows (wiping) and the text is whole.
+        let response = SecretJson::new(Out { dek: &key, n: 3 }, 4).into_response();
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value["n"], 3);
+        let back: SecretB64 = serde_json::from_value(value["dek"].clone()).unwrap();
+        assert_eq!(back.0.expose_secret(), &[9; 32]);
     }
 }

@@ -47,11 +47,11 @@ pub use crate::dek::{
     DekBinding, IssuedDek, KekVersion, WRAPPED_DEK_LEN, WrappedDek, unwrap_dek, wrap_dek,
 };
 pub use crate::hierarchy::{
-    CacheStats, DekError, DekRequest, HierarchyConfig, HierarchyError, KeyHierarchy,
+    CacheStats, DekError, DekIssue, DekRequest, HierarchyConfig, HierarchyError, KeyHierarchy,
     MasterConnector, MasterRotation, Rewrapped, ScheduledRotation,
 };
 pub use crate::ids::{InvalidName, MAX_NAME_LEN, Name, RecordKeyId, TenantId};
 pub use crate::kek::{InvalidTransition, KekState, StateChange};
 pub use crate::pointer::{ExpandError, MAX_POINTER_LEN, PathPattern, PatternToken, PointerError};
 pub use crate::root::{KeyPurpose, ProviderInfo, RootKeyError, RootKeyProvider, WrapContext};
-pub use crate::secret::{KEY_LEN, Key256};
+pub use crate::secret::{KEY_LEN, Key256, SecretBuf};

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::crypto::rng;
 use crate::crypto::rng::RandomError;
@@ -69,6 +69,60 @@ impl fmt::Debug for Key256 {
     }
 }
 
+/// A growable byte buffer for secrets (serialized plaintext, JSON bodies
+/// carrying keys) that wipes every allocation it lets go of: a plain `Vec`
+/// frees its old buffer unwiped each time it grows.
+#[derive(Default)]
+pub struct SecretBuf(Zeroizing<Vec<u8>>);
+
+impl SecretBuf {
+    /// An empty buffer with room for `capacity` bytes (size it right and it
+    /// never reallocates).
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self(Zeroizing::new(Vec::with_capacity(capacity)))
+    }
+
+    /// Empties the buffer, keeping (and wiping) its allocation.
+    pub fn clear(&mut self) {
+        self.0.zeroize();
+    }
+
+    /// The bytes written so far.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The bytes, still wiped when finally dropped.
+    pub fn into_inner(self) -> Zeroizing<Vec<u8>> {
+        self.0
+    }
+}
+
+impl fmt::Debug for SecretBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretBuf({} bytes)", self.0.len())
+    }
+}
+
+impl std::io::Write for SecretBuf {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let needed = self.0.len() + data.len();
+        if needed > self.0.capacity() {
+            let mut bigger =
+                Zeroizing::new(Vec::with_capacity(needed.max(2 * self.0.capacity()).max(64)));
+            bigger.extend_from_slice(&self.0);
+            // The old buffer is wiped (whole capacity) as it drops.
+            self.0 = bigger;
+        }
+        self.0.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,5 +149,20 @@ mod tests {
         assert!(Key256::from_slice(&[1u8; 31]).is_none());
         assert!(Key256::from_slice(&[1u8; 33]).is_none());
         assert!(Key256::from_slice(&[1u8; 32]).is_some());
+    }
+
+    #[test]
+    fn secret_buf_grows_and_keeps_its_bytes() {
+        use std::io::Write;
+        let mut buf = SecretBuf::with_capacity(4);
+        buf.write_all(b"abc").unwrap();
+        buf.write_all(&[7u8; 300]).unwrap();
+        assert_eq!(buf.as_slice().len(), 303);
+        assert_eq!(&buf.as_slice()[..3], b"abc");
+        assert_eq!(format!("{buf:?}"), "SecretBuf(303 bytes)");
+        buf.clear();
+        assert!(buf.as_slice().is_empty());
+        buf.write_all(b"x").unwrap();
+        assert_eq!(buf.into_inner().as_slice(), b"x");
     }
 }

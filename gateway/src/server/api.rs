@@ -87,13 +87,14 @@ pub(crate) struct IssueRequest {
 
 /// One issued DEK.
 #[derive(Serialize, ToSchema)]
-pub(crate) struct IssuedKey {
+pub(crate) struct IssuedKey<'a> {
     /// 32 hex digits.
     #[schema(value_type = String)]
     pub(crate) record_key_id: RecordKeyId,
     /// The plaintext DEK, base64url.
     #[schema(value_type = String)]
-    pub(crate) dek: SecretB64,
+    #[serde(serialize_with = "crate::wire::key_b64")]
+    pub(crate) dek: &'a kms_core::Key256,
     /// The DEK wrapped under the KEK version, base64url.
     #[schema(value_type = String)]
     pub(crate) wrapped: WrappedDek,
@@ -101,9 +102,27 @@ pub(crate) struct IssuedKey {
 
 /// `POST /v1/tenants/{t}/datakeys` response.
 #[derive(Serialize, ToSchema)]
-pub(crate) struct IssueResponse {
+pub(crate) struct IssueResponse<'a> {
     pub(crate) kek_version: KekVersion,
-    pub(crate) keys: Vec<IssuedKey>,
+    pub(crate) keys: Vec<IssuedKey<'a>>,
+}
+
+/// Issued DEKs, serialized as an [`IssueResponse`] straight from the
+/// keys (no copy of a key is made for the response).
+pub(crate) struct IssuedKeys {
+    pub(crate) kek_version: KekVersion,
+    pub(crate) issued: Vec<kms_core::IssuedDek>,
+}
+
+impl Serialize for IssuedKeys {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let keys = self
+            .issued
+            .iter()
+            .map(|d| IssuedKey { record_key_id: d.record_key_id, dek: d.dek(), wrapped: d.wrapped })
+            .collect();
+        IssueResponse { kek_version: self.kek_version, keys }.serialize(s)
+    }
 }
 
 /// A wrapped DEK presented for unwrap or rewrap.

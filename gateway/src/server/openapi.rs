@@ -51,7 +51,7 @@ use super::handlers::{audit, compliance, datakeys, lifecycle, master, ops, tenan
     ),
     components(schemas(
         BatchRequest, ChangeState, CreateTenant, DerivedField, DerivedKey, DerivedKeys,
-        DerivedMode, IssueRequest, IssueResponse, IssuedKey, Recorded, ReportedEvent,
+        DerivedMode, IssueRequest, IssueResponse<'_>, IssuedKey<'_>, Recorded, ReportedEvent,
         ReportedEvents, RewrapResponse, RewrapResult, StateAction, TenantView, UnwrapResponse,
         UnwrapResult, VerifyReport, VersionView, WrappedItem, crate::openapi::ErrorBody,
         ApprovalList, ApprovalView, AutoRotate, AutoRotateView, DecideRequest, DecisionBody,

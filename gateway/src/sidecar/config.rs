@@ -123,7 +123,8 @@ impl Default for CacheConfig {
 pub struct ReportConfig {
     /// Milliseconds between flushes.
     pub flush_interval_ms: u64,
-    /// Most events held while the key service cannot take them…
+    /// Most record accesses (record key ids of waiting events) held while
+    /// the key service cannot take them…
     pub max_buffered: usize,
     /// …and for at most this many seconds; past either bound, requests
     /// whose events cannot be recorded are refused (never silently lost).

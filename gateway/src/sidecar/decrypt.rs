@@ -20,11 +20,11 @@ use kms_core::record::{
 use kms_core::schema::{FieldSpec, Schema};
 use kms_core::{DekRequest, KekVersion, Key256, Name, RecordKeyId, TenantId};
 use serde::Serialize;
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 
 use super::api::{DecryptRequest, one_or_many};
+use super::reporter::{Access, AccessEvent};
 use super::state::{SidecarState, ks_error};
-use crate::audit_log::now_ms;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::policy::{EffectiveGrants, FieldAccess, Role};
@@ -187,19 +187,19 @@ pub(super) async fn decrypt(
         });
         out.push(plain);
     }
-    let ts_ms = now_ms();
     s.reporter.record(
         groups
             .into_iter()
-            .map(|g| {
-                let fields: Map<String, Value> =
-                    g.outcomes.into_iter().map(|(p, o)| (p, Value::from(o))).collect();
-                json!({
-                    "actor": s.app, "action": "record.decrypt", "tenant": g.tenant,
-                    "kek_version": g.kek_version, "record_key_ids": g.ids, "outcome": "ok",
-                    "purpose": purpose, "ts_ms": ts_ms,
-                    "fields": {"cache_hit": g.cached, "schema": g.schema, "fields": fields},
-                })
+            .map(|g| AccessEvent {
+                tenant: g.tenant,
+                kek_version: Some(g.kek_version),
+                access: Access::Decrypt {
+                    schema: g.schema,
+                    purpose: req.purpose.clone(),
+                    cache_hit: g.cached,
+                    fields: g.outcomes,
+                },
+                record_key_ids: g.ids,
             })
             .collect(),
     );

@@ -13,8 +13,8 @@ use super::api::{
     DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, IndexRequest, IndexResponse,
     PseudonymRequest, PseudonymResponse, RewrapRequest, RewrapResponse, one_or_many,
 };
+use super::reporter::{Access, AccessEvent};
 use super::state::{SidecarState, ks_error};
-use crate::audit_log::now_ms;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::policy::Role;
@@ -96,10 +96,12 @@ pub(super) async fn encrypt(
         s.note_active(&req.tenant, *version);
     }
     s.cache.insert_many(&req.tenant, warm);
-    s.reporter.record(vec![json!({
-        "actor": s.app, "action": "record.encrypt", "tenant": req.tenant, "record_key_ids": ids,
-        "outcome": "ok", "ts_ms": now_ms(), "fields": {"schema": schema.name, "records": out.len()},
-    })]);
+    s.reporter.record(vec![AccessEvent {
+        tenant: req.tenant.clone(),
+        kek_version: None,
+        access: Access::Encrypt { schema: schema.name.clone() },
+        record_key_ids: ids,
+    }]);
     Ok(respond(out, single, Map::new()))
 }
 

@@ -340,7 +340,7 @@ impl KeyServiceClient {
     }
 
     /// Reports field-level access events.
-    pub(super) async fn report(&self, events: &Value) -> Result<(), KsError> {
+    pub(super) async fn report(&self, events: &impl Serialize) -> Result<(), KsError> {
         let _: Value = self.call(reqwest::Method::POST, "/v1/audit/events", Some(events)).await?;
         Ok(())
     }

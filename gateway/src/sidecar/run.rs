@@ -69,7 +69,7 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
         KeyServiceClient::new(&config.key_service).map_err(|e| fail("key service client")(&e))?,
     );
     let ttl = Duration::from_secs(config.cache.ttl_secs);
-    let reporter = Reporter::new(client.clone(), config.audit.clone());
+    let reporter = Reporter::new(client.clone(), config.audit.clone(), config.app_identity.clone());
     let state = Arc::new(SidecarState {
         schemas,
         pool: DekPool::new(client.clone(), config.pool.clone(), ttl),
@@ -79,7 +79,6 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
         client,
         limits: config.limits.clone(),
         token,
-        app: config.app_identity.clone(),
         metrics: Metrics::default(),
         active_versions: Mutex::default(),
     });

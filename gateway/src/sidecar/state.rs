@@ -26,7 +26,6 @@ pub(super) struct SidecarState {
     pub(super) reporter: Arc<Reporter>,
     pub(super) limits: SidecarLimits,
     pub(super) token: Option<SecretString>,
-    pub(super) app: String,
     pub(super) metrics: Metrics,
     /// Last known active KEK version per tenant (from unwraps and issues).
     pub(super) active_versions: Mutex<HashMap<TenantId, KekVersion>>,

@@ -341,6 +341,20 @@ impl KeyHierarchy {
         id: &TenantId,
         count: usize,
     ) -> Result<Vec<IssuedDek>, HierarchyError> {
+        let issue = self.prepare_issue(id, count).await?;
+        self.issue(issue)
+    }
+
+    /// The first half of [`KeyHierarchy::issue_deks`]: fixes the KEK
+    /// version and the record key ids, and makes no key. A caller that
+    /// must record the issue durably before the keys exist (the key
+    /// service's audit) does so between this and [`KeyHierarchy::issue`];
+    /// while it waits it holds ids, not keys.
+    pub async fn prepare_issue(
+        &self,
+        id: &TenantId,
+        count: usize,
+    ) -> Result<DekIssue, HierarchyError> {
         self.check_batch(count)?;
         let version = self.active_version(id).await?;
         let kek = match self.kek(id, version).await? {
@@ -351,16 +365,26 @@ impl KeyHierarchy {
                 return Err(HierarchyError::NoActiveKey(id.clone()));
             }
         };
-        let mut out = Vec::with_capacity(count);
-        for _ in 0..count {
-            let record_key_id = RecordKeyId::generate()?;
+        let record_key_ids =
+            (0..count).map(|_| RecordKeyId::generate()).collect::<Result<Vec<_>, _>>()?;
+        Ok(DekIssue { tenant: id.clone(), version, kek, record_key_ids })
+    }
+
+    /// Makes the DEKs of a prepared issue: a fresh key per record key id,
+    /// wrapped under the KEK version the issue was prepared with (even if
+    /// the tenant rotated meanwhile: that version stays usable for
+    /// decryption, and it is the one the caller recorded).
+    pub fn issue(&self, issue: DekIssue) -> Result<Vec<IssuedDek>, HierarchyError> {
+        let DekIssue { tenant, version, kek, record_key_ids } = issue;
+        let mut out = Vec::with_capacity(record_key_ids.len());
+        for record_key_id in record_key_ids {
             let dek = Key256::generate()?;
             let binding =
-                DekBinding { tenant: id, kek_version: version, record_key_id: &record_key_id };
+                DekBinding { tenant: &tenant, kek_version: version, record_key_id: &record_key_id };
             let wrapped = dek::wrap_dek(&kek, &binding, &dek)?;
             out.push(IssuedDek::new(record_key_id, version, wrapped, dek));
         }
-        self.usage.issued(id, version, count, unix_now());
+        self.usage.issued(&tenant, version, out.len(), unix_now());
         Ok(out)
     }
 
@@ -575,4 +599,36 @@ fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// DEKs about to be issued (see [`KeyHierarchy::prepare_issue`]): the
+/// tenant's active KEK version and one fresh record key id per DEK, the
+/// KEK already unwrapped. Holds no DEK.
+pub struct DekIssue {
+    tenant: TenantId,
+    version: KekVersion,
+    kek: Arc<Aead>,
+    record_key_ids: Vec<RecordKeyId>,
+}
+
+impl DekIssue {
+    /// The KEK version the DEKs will be wrapped under.
+    pub fn kek_version(&self) -> KekVersion {
+        self.version
+    }
+
+    /// The record key ids, one per DEK, in issue order.
+    pub fn record_key_ids(&self) -> &[RecordKeyId] {
+        &self.record_key_ids
+    }
+}
+
+impl std::fmt::Debug for DekIssue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DekIssue")
+            .field("tenant", &self.tenant)
+            .field("kek_version", &self.version)
+            .field("count", &self.record_key_ids.len())
+            .finish_non_exhaustive()
+    }
 }

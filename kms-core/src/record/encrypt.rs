@@ -1,7 +1,6 @@
 //! Encrypting a record.
 
 use serde_json::Value;
-use zeroize::Zeroizing;
 
 use super::header::{HeaderContents, HeaderField};
 use super::keys::{FieldKeys, SchemaKeys};
@@ -12,6 +11,7 @@ use crate::dek::IssuedDek;
 use crate::ids::TenantId;
 use crate::pointer;
 use crate::schema::{FieldMode, FieldSpec, Schema};
+use crate::secret::SecretBuf;
 
 /// A protected location found in a record: its concrete pointer and the
 /// index of the schema field that matched it.
@@ -179,41 +179,6 @@ fn sibling_is_free(record: &Value, sibling: &str) -> bool {
     match parent {
         Some(Value::Object(map)) => !map.contains_key(pointer::unescape_token(name).as_ref()),
         _ => false,
-    }
-}
-
-/// A growable buffer for serialized plaintext that wipes every allocation
-/// it lets go of (a plain `Vec` would free its old buffer unwiped when it
-/// grows).
-#[derive(Default)]
-struct SecretBuf(Zeroizing<Vec<u8>>);
-
-impl SecretBuf {
-    fn clear(&mut self) {
-        self.0.clear();
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl std::io::Write for SecretBuf {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        let needed = self.0.len() + data.len();
-        if needed > self.0.capacity() {
-            let mut bigger =
-                Zeroizing::new(Vec::with_capacity(needed.max(2 * self.0.capacity()).max(64)));
-            bigger.extend_from_slice(&self.0);
-            // The old buffer is wiped (whole capacity) as it drops.
-            self.0 = bigger;
-        }
-        self.0.extend_from_slice(data);
-        Ok(data.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 

@@ -16,9 +16,16 @@ use crate::error::ApiError;
 use crate::policy::Role;
 use crate::server::api::{
     BatchRequest, DerivedKey, DerivedKeys, DerivedMode, DerivedRequest, IssueRequest,
-    IssueResponse, IssuedKey, RewrapResponse, RewrapResult, SecretB64, UnwrapResponse,
+    IssueResponse, IssuedKeys, RewrapResponse, RewrapResult, SecretB64, UnwrapResponse,
     UnwrapResult, WrappedItem,
 };
+use crate::wire::SecretJson;
+
+/// JSON bytes of one issued key:
+/// `{"record_key_id":"<32>","dek":"<43>","wrapped":"<80>"},`.
+const ISSUED_KEY_JSON_LEN: usize = 198;
+/// JSON bytes of one unwrapped key: `{"record_key_id":"<32>","dek":"<43>"},`.
+const UNWRAPPED_KEY_JSON_LEN: usize = 105;
 use crate::server::{AppState, Caller};
 
 /// Issues `count` fresh DEKs (role `encryptor`); audited before they leave.
@@ -29,7 +36,7 @@ use crate::server::{AppState, Caller};
     params(("tenant" = String, Path, description = "Tenant id, `[a-z0-9][a-z0-9_-]{0,62}`")),
     request_body = IssueRequest,
     responses(
-        (status = 200, description = "Fresh DEKs, each with its wrapped form", body = IssueResponse),
+        (status = 200, description = "Fresh DEKs, each with its wrapped form", body = IssueResponse<'_>),
         (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
     ),
 )]
@@ -38,27 +45,24 @@ pub(crate) async fn issue(
     Extension(caller): Extension<Caller>,
     ApiPath(tenant): ApiPath<String>,
     ApiJson(body): ApiJson<IssueRequest>,
-) -> Result<Json<IssueResponse>, ApiError> {
+) -> Result<SecretJson<IssuedKeys>, ApiError> {
     let tenant = tenant_id(&tenant)?;
     let actor = state.authorize(&caller, &tenant, &[Role::Encryptor], "issue data keys").await?;
     check_batch(&state, body.count)?;
-    let issued = state.hierarchy.issue_deks(&tenant, body.count).await?;
-    let kek_version = issued.first().map_or(0, |d| d.kek_version);
+    // The ids and version are fixed and audited first; the keys are made
+    // only once the event is durable, so requests waiting for the audit
+    // commit hold ids, not keys.
+    let prepared = state.hierarchy.prepare_issue(&tenant, body.count).await?;
+    let kek_version = prepared.kek_version();
     let event = AuditEvent::new(now_ms(), actor, "dek.issue", Outcome::Ok)
         .with_tenant(tenant)
         .with_kek_version(kek_version)
-        .with_record_key_ids(issued.iter().map(|d| d.record_key_id))
-        .with_detail("count", issued.len());
+        .with_record_key_ids(prepared.record_key_ids().iter().copied())
+        .with_detail("count", body.count);
     state.audit.record(vec![event]).await?;
-    let keys = issued
-        .into_iter()
-        .map(|d| IssuedKey {
-            record_key_id: d.record_key_id,
-            wrapped: d.wrapped,
-            dek: SecretB64(d.dek().duplicate()),
-        })
-        .collect();
-    Ok(Json(IssueResponse { kek_version, keys }))
+    let issued = state.hierarchy.issue(prepared)?;
+    let size_hint = 64 + issued.len() * ISSUED_KEY_JSON_LEN;
+    Ok(SecretJson::new(IssuedKeys { kek_version, issued }, size_hint))
 }
 
 /// Unwraps a batch of DEKs (role `decryptor`); audited before they leave.
@@ -78,7 +82,7 @@ pub(crate) async fn unwrap(
     Extension(caller): Extension<Caller>,
     ApiPath(tenant): ApiPath<String>,
     ApiJson(body): ApiJson<BatchRequest>,
-) -> Result<Json<UnwrapResponse>, ApiError> {
+) -> Result<SecretJson<UnwrapResponse>, ApiError> {
     let tenant = tenant_id(&tenant)?;
     let actor = state.authorize(&caller, &tenant, &[Role::Decryptor], "unwrap data keys").await?;
     check_batch(&state, body.items.len())?;
@@ -115,7 +119,8 @@ pub(crate) async fn unwrap(
             },
         })
         .collect();
-    Ok(Json(UnwrapResponse { active_version, results }))
+    let size_hint = 64 + results.len() * UNWRAPPED_KEY_JSON_LEN;
+    Ok(SecretJson::new(UnwrapResponse { active_version, results }, size_hint))
 }
 
 /// Rewraps a batch of DEKs under the active KEK version (role `encryptor`).
