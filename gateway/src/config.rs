@@ -212,6 +212,11 @@ pub struct Limits {
     pub request_timeout_secs: u64,
     /// TLS handshake timeout, in seconds.
     pub handshake_timeout_secs: u64,
+    /// Most plaintext DEKs (issued or unwrapped) in responses being made
+    /// or not yet sent. Requests beyond it wait their turn, first come
+    /// first served: the key service's memory stays bounded whatever the
+    /// clients' concurrency. A single request for more runs alone.
+    pub max_keys_in_flight: usize,
 }
 
 impl Default for Limits {
@@ -221,6 +226,7 @@ impl Default for Limits {
             max_body_bytes: 8 * 1024 * 1024,
             request_timeout_secs: 30,
             handshake_timeout_secs: 10,
+            max_keys_in_flight: 16_384,
         }
     }
 }

@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use data_encoding::BASE64URL_NOPAD;
 use kms_core::{Key256, SecretBuf};
 use serde::{Deserialize, Serialize};
+use tokio::sync::OwnedSemaphorePermit;
 use zeroize::Zeroizing;
 
 /// A 256-bit secret carried as base64url in a JSON body. Serializing and
@@ -66,12 +67,31 @@ pub fn key_b64<S: serde::Serializer>(key: &&Key256, s: S) -> Result<S::Ok, S::Er
 pub struct SecretJson<T> {
     value: T,
     size_hint: usize,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl<T: Serialize> SecretJson<T> {
     /// `value`, expected to serialize to about `size_hint` bytes.
     pub fn new(value: T, size_hint: usize) -> Self {
-        Self { value, size_hint }
+        Self { value, size_hint, permit: None }
+    }
+
+    /// Keeps `permit` until the body has been sent (or dropped unsent).
+    pub fn holding(mut self, permit: OwnedSemaphorePermit) -> Self {
+        self.permit = Some(permit);
+        self
+    }
+}
+
+/// The bytes of a [`SecretJson`] body and what it holds until dropped.
+struct SecretBody {
+    bytes: Zeroizing<Vec<u8>>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl AsRef<[u8]> for SecretBody {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
     }
 }
 
@@ -81,7 +101,10 @@ impl<T: Serialize> IntoResponse for SecretJson<T> {
         match serde_json::to_writer(&mut buf, &self.value) {
             Ok(()) => (
                 [(header::CONTENT_TYPE, "application/json")],
-                Body::from(Bytes::from_owner(buf.into_inner())),
+                Body::from(Bytes::from_owner(SecretBody {
+                    bytes: buf.into_inner(),
+                    _permit: self.permit,
+                })),
             )
                 .into_response(),
             // Only a failing `Serialize` impl gets here; the error text is
@@ -127,5 +150,21 @@ mod tests {
         assert_eq!(value["n"], 3);
         let back: SecretB64 = serde_json::from_value(value["dek"].clone()).unwrap();
         assert_eq!(back.0.expose_secret(), &[9; 32]);
+    }
+
+    #[tokio::test]
+    async fn a_held_permit_returns_when_the_body_is_dropped() {
+        use std::sync::Arc;
+
+        use http_body_util::BodyExt;
+        let permits = Arc::new(tokio::sync::Semaphore::new(3));
+        let permit = permits.clone().acquire_many_owned(3).await.unwrap();
+        let response = SecretJson::new([1, 2, 3], 16).holding(permit).into_response();
+        assert_eq!(permits.available_permits(), 0, "held while the response exists");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"[1,2,3]");
+        assert_eq!(permits.available_permits(), 0, "held by the sent bytes until they go");
+        drop(body);
+        assert_eq!(permits.available_permits(), 3);
     }
 }

@@ -162,3 +162,59 @@ async fn concurrent_requests_share_audit_commits() {
     assert!(events >= 64, "every issue was audited: {events}");
     assert!(commits < events, "group commit: {commits} commits for {events} events");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_in_flight_are_bounded_and_every_request_is_served() {
+    // Room for 1,000 plaintext DEKs at a time: 12 concurrent requests of
+    // 500 take turns, a request for 2,500 runs alone, and unwraps share
+    // the same bound. Nobody is refused and every key is distinct.
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(dir.path(), "[limits]\nmax_keys_in_flight = 1000\n");
+    let (status, _) = ks.post(ADMIN, "/v1/tenants", &json!({"tenant": "onc"})).await;
+    assert_eq!(status, 201);
+    let ks = std::sync::Arc::new(ks);
+    let mut requests: Vec<_> = (0..12)
+        .map(|_| {
+            let ks = ks.clone();
+            tokio::spawn(async move {
+                ks.post(ENC, "/v1/tenants/onc/datakeys", &json!({"count": 500})).await
+            })
+        })
+        .collect();
+    requests.push({
+        let ks = ks.clone();
+        tokio::spawn(async move {
+            ks.post(ENC, "/v1/tenants/onc/datakeys", &json!({"count": 2500})).await
+        })
+    });
+    let mut issued = Vec::new();
+    for r in requests {
+        let (status, body) = r.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        issued.extend(body["keys"].as_array().unwrap().iter().cloned());
+    }
+    assert_eq!(issued.len(), 12 * 500 + 2500);
+    let distinct: std::collections::HashSet<&str> =
+        issued.iter().map(|k| k["dek"].as_str().unwrap()).collect();
+    assert_eq!(distinct.len(), issued.len());
+
+    let items: Vec<Value> = issued[..1500]
+        .iter()
+        .map(|k| json!({"record_key_id": k["record_key_id"], "kek_version": 1, "wrapped": k["wrapped"]}))
+        .collect();
+    let unwraps: Vec<_> = (0..3)
+        .map(|_| {
+            let (ks, items) = (ks.clone(), items.clone());
+            tokio::spawn(async move {
+                ks.post(DEC, "/v1/tenants/onc/datakeys/unwrap", &json!({"items": items})).await
+            })
+        })
+        .collect();
+    for u in unwraps {
+        let (status, body) = u.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        let results = body["results"].as_array().unwrap();
+        assert_eq!(results.len(), 1500);
+        assert!(results.iter().zip(&issued).all(|(r, k)| r["dek"] == k["dek"]));
+    }
+}

@@ -85,6 +85,9 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         limits: config.limits.clone(),
         lifecycle: config.lifecycle.clone(),
         keys: config.keys.clone(),
+        key_permits: Arc::new(tokio::sync::Semaphore::new(
+            config.limits.max_keys_in_flight.clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+        )),
     };
 
     // Signal handlers exist before anyone is told where to connect, so a

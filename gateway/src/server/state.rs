@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use kms_core::{KeyHierarchy, TenantId};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::listener::Caller;
 use crate::audit_log::AuditLog;
@@ -28,6 +29,8 @@ pub struct AppState {
     pub lifecycle: LifecycleConfig,
     /// Tenant key settings (the longest auto-rotation period allowed).
     pub keys: KeysConfig,
+    /// One permit per plaintext DEK in flight (`limits.max_keys_in_flight`).
+    pub key_permits: Arc<Semaphore>,
 }
 
 impl AppState {
@@ -56,6 +59,19 @@ impl AppState {
         }
         self.audit.record_denial(identity, action, Some(tenant)).await;
         Err(ApiError::forbidden(format!("{identity} may not {action} for tenant {tenant}")))
+    }
+
+    /// Waits for room for `count` more plaintext DEKs in flight; the
+    /// permit is held until the response carrying them has been sent.
+    pub async fn room_for_keys(&self, count: usize) -> Result<OwnedSemaphorePermit, ApiError> {
+        let most = self.limits.max_keys_in_flight.clamp(1, Semaphore::MAX_PERMITS);
+        let wanted = u32::try_from(count.clamp(1, most)).unwrap_or(u32::MAX);
+        // The semaphore is never closed; the error arm only keeps this total.
+        self.key_permits
+            .clone()
+            .acquire_many_owned(wanted)
+            .await
+            .map_err(|_| ApiError::unavailable("shutting_down", "the key service is shutting down"))
     }
 
     /// Like [`AppState::authorize`] for calls not scoped to one tenant: the

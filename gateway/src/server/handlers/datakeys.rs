@@ -49,6 +49,7 @@ pub(crate) async fn issue(
     let tenant = tenant_id(&tenant)?;
     let actor = state.authorize(&caller, &tenant, &[Role::Encryptor], "issue data keys").await?;
     check_batch(&state, body.count)?;
+    let room = state.room_for_keys(body.count).await?;
     // The ids and version are fixed and audited first; the keys are made
     // only once the event is durable, so requests waiting for the audit
     // commit hold ids, not keys.
@@ -62,7 +63,7 @@ pub(crate) async fn issue(
     state.audit.record(vec![event]).await?;
     let issued = state.hierarchy.issue(prepared)?;
     let size_hint = 64 + issued.len() * ISSUED_KEY_JSON_LEN;
-    Ok(SecretJson::new(IssuedKeys { kek_version, issued }, size_hint))
+    Ok(SecretJson::new(IssuedKeys { kek_version, issued }, size_hint).holding(room))
 }
 
 /// Unwraps a batch of DEKs (role `decryptor`); audited before they leave.
@@ -86,6 +87,7 @@ pub(crate) async fn unwrap(
     let tenant = tenant_id(&tenant)?;
     let actor = state.authorize(&caller, &tenant, &[Role::Decryptor], "unwrap data keys").await?;
     check_batch(&state, body.items.len())?;
+    let room = state.room_for_keys(body.items.len()).await?;
     let requests = requests(&body.items);
     let deks = state.hierarchy.unwrap_deks(&tenant, &requests).await?;
     let active_version = state.hierarchy.active_version(&tenant).await?;
@@ -120,7 +122,7 @@ pub(crate) async fn unwrap(
         })
         .collect();
     let size_hint = 64 + results.len() * UNWRAPPED_KEY_JSON_LEN;
-    Ok(SecretJson::new(UnwrapResponse { active_version, results }, size_hint))
+    Ok(SecretJson::new(UnwrapResponse { active_version, results }, size_hint).holding(room))
 }
 
 /// Rewraps a batch of DEKs under the active KEK version (role `encryptor`).
