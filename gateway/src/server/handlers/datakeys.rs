@@ -19,6 +19,7 @@ use crate::server::api::{
     IssueResponse, IssuedKeys, RewrapResponse, RewrapResult, SecretB64, UnwrapResponse,
     UnwrapResult, WrappedItem,
 };
+use crate::server::{AppState, Caller};
 use crate::wire::SecretJson;
 
 /// JSON bytes of one issued key:
@@ -26,7 +27,6 @@ use crate::wire::SecretJson;
 const ISSUED_KEY_JSON_LEN: usize = 198;
 /// JSON bytes of one unwrapped key: `{"record_key_id":"<32>","dek":"<43>"},`.
 const UNWRAPPED_KEY_JSON_LEN: usize = 105;
-use crate::server::{AppState, Caller};
 
 /// Issues `count` fresh DEKs (role `encryptor`); audited before they leave.
 #[utoipa::path(
