@@ -49,6 +49,12 @@ pub(super) async fn serve_tls(
             },
             () = &mut shutdown => break,
         };
+        // Responses go out as several writes (TLS records, HTTP/2
+        // frames); with Nagle's algorithm on, a write waits for the ACK
+        // of the previous one, which a client may delay by 40 ms.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(peer = %peer, error = %e, "cannot set TCP_NODELAY");
+        }
         let acceptor = tls.acceptor();
         let router = router.clone();
         let watcher = graceful.watcher();

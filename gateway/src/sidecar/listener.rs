@@ -66,7 +66,13 @@ enum Accepted {
 async fn accept(listener: &AppListener) -> std::io::Result<Accepted> {
     match listener {
         AppListener::Unix(l) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
-        AppListener::Tcp(l) => l.accept().await.map(|(s, _)| Accepted::Tcp(s)),
+        AppListener::Tcp(l) => l.accept().await.map(|(s, _)| {
+            // As on the key service: no Nagle delay between response writes.
+            if let Err(e) = s.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+            Accepted::Tcp(s)
+        }),
     }
 }
 
