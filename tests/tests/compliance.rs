@@ -281,26 +281,15 @@ async fn a_good_production_stack_starts_and_reports_every_check_passing() {
     std::fs::create_dir_all(&ks_dir).unwrap();
     write_private(&ks_dir.join("pin"), softhsm2::USER_PIN);
     std::fs::write(ks_dir.join("policy.toml"), PRODUCTION_POLICY).unwrap();
-    let root = format!(
-        "[root]\nprovider = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"{}\"\nkey_label = \"{}\"\npin_file = \"pin\"\n",
-        token.module().display(),
-        softhsm2::TOKEN_LABEL,
-        softhsm2::KEY_LABEL
-    );
+    let root = token.root_section("pin");
     let conf = token.conf();
     let admin_config = dir.path().join("create-key.toml");
     std::fs::write(
         &admin_config,
-        format!("listen = \"127.0.0.1:0\"\ndata_dir = \"ks/data\"\n[tls]\ncert = \"x\"\nkey = \"x\"\nclient_ca = \"x\"\n{}[policy]\nfile = \"x\"\n", root.replace("pin_file = \"pin\"", "pin_file = \"ks/pin\"")),
+        format!("listen = \"127.0.0.1:0\"\ndata_dir = \"ks/data\"\n[tls]\ncert = \"x\"\nkey = \"x\"\nclient_ca = \"x\"\n{}[policy]\nfile = \"x\"\n", token.root_section("ks/pin")),
     )
     .unwrap();
-    let created = Command::new(keygate_binary())
-        .args(["admin", "master", "create-pkcs11-key", "--config"])
-        .arg(&admin_config)
-        .env("SOFTHSM2_CONF", &conf)
-        .output()
-        .unwrap();
-    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    token.create_key_with_cli(&admin_config);
     let env = [("SOFTHSM2_CONF", conf.to_str().unwrap()), ("KEYGATE_PROFILE", "production")];
     let ks = KeyService::start_with(
         &ks_dir,

@@ -41,12 +41,7 @@ async fn master_key_in_softhsm2() {
     let token = SoftHsm2::new_token();
     let dir = tempfile::tempdir().unwrap();
     write_private(&dir.path().join("pin"), softhsm2::USER_PIN);
-    let root = format!(
-        "[root]\nprovider = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"{}\"\nkey_label = \"{}\"\npin_file = \"pin\"\n",
-        token.module().display(),
-        softhsm2::TOKEN_LABEL,
-        softhsm2::KEY_LABEL
-    );
+    let root = token.root_section("pin");
     let conf = token.conf();
     let env = [("SOFTHSM2_CONF", conf.to_str().unwrap())];
 
@@ -55,14 +50,7 @@ async fn master_key_in_softhsm2() {
     std::fs::create_dir_all(dir.path().join("ks")).unwrap();
     std::fs::copy(dir.path().join("pin"), dir.path().join("ks/pin")).unwrap();
     std::fs::write(&server_toml, format!("listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n[tls]\ncert = \"x\"\nkey = \"x\"\nclient_ca = \"x\"\n{root}[policy]\nfile = \"policy.toml\"\n")).unwrap();
-    let created = std::process::Command::new(keygate_binary())
-        .args(["admin", "master", "create-pkcs11-key", "--config"])
-        .arg(&server_toml)
-        .env("SOFTHSM2_CONF", &conf)
-        .output()
-        .unwrap();
-    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
-    let said = String::from_utf8_lossy(&created.stdout);
+    let said = token.create_key_with_cli(&server_toml);
     assert!(said.contains("non-extractable") && !said.contains(softhsm2::USER_PIN), "{said}");
     std::fs::remove_file(&server_toml).unwrap();
 

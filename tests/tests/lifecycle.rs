@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use keygate_tests::keyservice::{KeyService, Options, keygate_binary, write_private};
+use keygate_tests::keyservice::{KeyService, Options, write_private};
 use keygate_tests::providers::softhsm2::{self, SoftHsm2};
 use keygate_tests::sidecar::Sidecar;
 use serde_json::{Value, json};
@@ -444,22 +444,10 @@ async fn master_rotation_to_softhsm2_resumes_after_a_crash() {
     let pin = dir.path().join("pin");
     write_private(&pin, softhsm2::USER_PIN);
     let conf = token.conf();
-    let hsm_root = format!(
-        "[root]\nprovider = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"{}\"\nkey_label = \"{}\"\npin_file = \"{}\"\n",
-        token.module().display(),
-        softhsm2::TOKEN_LABEL,
-        softhsm2::KEY_LABEL,
-        pin.display()
-    );
+    let hsm_root = token.root_section(&pin.display().to_string());
     let create = dir.path().join("create.toml");
     std::fs::write(&create, format!("listen = \"127.0.0.1:0\"\ndata_dir = \"d\"\n[tls]\ncert = \"x\"\nkey = \"x\"\nclient_ca = \"x\"\n{hsm_root}[policy]\nfile = \"p\"\n")).unwrap();
-    let created = std::process::Command::new(keygate_binary())
-        .args(["admin", "master", "create-pkcs11-key", "--config"])
-        .arg(&create)
-        .env("SOFTHSM2_CONF", &conf)
-        .output()
-        .unwrap();
-    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    token.create_key_with_cli(&create);
     let env = [("SOFTHSM2_CONF", conf.to_str().unwrap())];
     let mut ks = KeyService::start_with(&ks_dir, &Options { env: &env, ..Options::default() });
 

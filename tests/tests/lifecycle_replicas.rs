@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use keygate_tests::cluster::Cluster;
-use keygate_tests::keyservice::{keygate_binary, write_private};
+use keygate_tests::keyservice::write_private;
 use keygate_tests::providers::softhsm2::{self, SoftHsm2};
 use serde_json::{Value, json};
 
@@ -127,23 +127,13 @@ async fn a_master_rotation_on_one_replica_is_followed_by_every_replica() {
     std::fs::write(
         &create,
         format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"d\"\n[tls]\ncert = \"x\"\nkey = \"x\"\nclient_ca = \"x\"\n\
-             [root]\nprovider = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"{}\"\nkey_label = \"{}\"\npin_file = \"{}\"\n\
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"d\"\n[tls]\ncert = \"x\"\nkey = \"x\"\nclient_ca = \"x\"\n{}\
              [policy]\nfile = \"p\"\n",
-            token.module().display(),
-            softhsm2::TOKEN_LABEL,
-            softhsm2::KEY_LABEL,
-            pin.display()
+            token.root_section(&pin.display().to_string())
         ),
     )
     .unwrap();
-    let created = std::process::Command::new(keygate_binary())
-        .args(["admin", "master", "create-pkcs11-key", "--config"])
-        .arg(&create)
-        .env("SOFTHSM2_CONF", &conf)
-        .output()
-        .unwrap();
-    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    token.create_key_with_cli(&create);
     // Replica B keeps unwrapped KEKs for one second only: after the
     // rotation it must unwrap them again, from whichever master holds them.
     let env = [("SOFTHSM2_CONF", conf.to_str().unwrap())];

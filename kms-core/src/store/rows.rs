@@ -7,8 +7,8 @@ use std::str::FromStr;
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use super::{
-    Approval, ApprovalState, AuditRow, AuditSigningKeyRecord, MasterKeyId, StoreError, StoredKey,
-    StoredKeyRef,
+    Approval, ApprovalState, AuditRow, AuditSigningKeyRecord, CheckpointRow, MasterKeyId,
+    StoreError, StoredKey, StoredKeyRef,
 };
 use crate::dek::KekVersion;
 use crate::ids::TenantId;
@@ -120,6 +120,24 @@ where
         detail: column(row, "detail")?,
         prev_hash: column(row, "prev_hash")?,
         hash: column(row, "hash")?,
+    })
+}
+
+/// A row of `audit_checkpoints`.
+pub(super) fn checkpoint_row<'r, R>(row: &'r R) -> Result<CheckpointRow, StoreError>
+where
+    R: Row,
+    for<'a> &'a str: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    Vec<u8>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    Ok(CheckpointRow {
+        instance: column(row, "instance")?,
+        seq: column(row, "seq")?,
+        hash: column(row, "hash")?,
+        signature: column(row, "signature")?,
+        ts_ms: column(row, "ts_ms")?,
     })
 }
 

@@ -185,6 +185,31 @@ impl SoftHsm2 {
         Pkcs11RootKey::create_master_key(&self.config()).unwrap()
     }
 
+    /// A key service's `[root]` section for this token's master key, with
+    /// the PIN read from `pin_file`.
+    pub fn root_section(&self, pin_file: &str) -> String {
+        format!(
+            "[root]\nprovider = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"{TOKEN_LABEL}\"\n\
+             key_label = \"{KEY_LABEL}\"\npin_file = \"{pin_file}\"\n",
+            self.module.display()
+        )
+    }
+
+    /// Creates the master key the way an operator does: `keygate admin
+    /// master create-pkcs11-key --config <config>` (a key-service config
+    /// whose `[root]` is [`SoftHsm2::root_section`]), in a child process
+    /// that sees this token. Asserts success; returns what it printed.
+    pub fn create_key_with_cli(&self, config: &Path) -> String {
+        let created = Command::new(crate::keyservice::keygate_binary())
+            .args(["admin", "master", "create-pkcs11-key", "--config"])
+            .arg(config)
+            .env("SOFTHSM2_CONF", self.conf())
+            .output()
+            .unwrap();
+        assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+        String::from_utf8_lossy(&created.stdout).into_owned()
+    }
+
     /// Direct access to the token, beside the provider (same process, same
     /// module instance).
     pub fn admin(&self) -> TokenAdmin {

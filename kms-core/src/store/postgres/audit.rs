@@ -4,7 +4,7 @@
 
 use sqlx::postgres::PgPool;
 
-use super::{get, unavailable};
+use super::unavailable;
 use crate::store::rows::{self, first_not_inserted};
 use crate::store::{AuditRow, AuditSigningKeyRecord, CheckpointRow, StoreError};
 
@@ -145,15 +145,7 @@ pub(super) async fn checkpoints(
     .await
     .map_err(unavailable)?
     .iter()
-    .map(|row| {
-        Ok(CheckpointRow {
-            instance: get(row, "instance")?,
-            seq: get(row, "seq")?,
-            hash: get(row, "hash")?,
-            signature: get(row, "signature")?,
-            ts_ms: get(row, "ts_ms")?,
-        })
-    })
+    .map(rows::checkpoint_row)
     .collect()
 }
 

@@ -538,15 +538,7 @@ impl KeyStore for SqliteStore {
         .await
         .map_err(unavailable)?
         .iter()
-        .map(|row| {
-            Ok(CheckpointRow {
-                instance: get(row, "instance")?,
-                seq: get(row, "seq")?,
-                hash: get(row, "hash")?,
-                signature: get(row, "signature")?,
-                ts_ms: get(row, "ts_ms")?,
-            })
-        })
+        .map(rows::checkpoint_row)
         .collect()
     }
 
