@@ -1,7 +1,7 @@
 //! JSON pointers (RFC 6901) and the schema's path patterns, which may use
 //! `*` as a token meaning "every element of this array".
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 
 use serde_json::Value;
 
@@ -165,8 +165,8 @@ fn expand_into(
         (_, Value::Null) => {}
         (PatternToken::AnyIndex, Value::Array(items)) => {
             for (i, item) in items.iter().enumerate() {
-                prefix.push('/');
-                prefix.push_str(&i.to_string());
+                // Writing into a `String` cannot fail.
+                let _ = write!(prefix, "/{i}");
                 expand_into(rest, item, prefix, out, limit)?;
                 prefix.truncate(len);
             }
@@ -265,6 +265,39 @@ pub(crate) fn unescape_token(token: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// The value at a concrete pointer (`""` is the whole document), like
+/// `serde_json::Value::pointer` but without allocating: that one copies
+/// every token into a new `String` to unescape it, and records are looked
+/// into several times per protected field.
+pub(crate) fn get<'v>(mut value: &'v Value, pointer: &str) -> Option<&'v Value> {
+    if pointer.is_empty() {
+        return Some(value);
+    }
+    for token in pointer.strip_prefix('/')?.split('/') {
+        value = match value {
+            Value::Object(map) => map.get(unescape_token(token).as_ref())?,
+            Value::Array(items) => items.get(array_index(token)?)?,
+            _ => return None,
+        };
+    }
+    Some(value)
+}
+
+/// [`get`], mutably.
+pub(crate) fn get_mut<'v>(mut value: &'v mut Value, pointer: &str) -> Option<&'v mut Value> {
+    if pointer.is_empty() {
+        return Some(value);
+    }
+    for token in pointer.strip_prefix('/')?.split('/') {
+        value = match value {
+            Value::Object(map) => map.get_mut(unescape_token(token).as_ref())?,
+            Value::Array(items) => items.get_mut(array_index(token)?)?,
+            _ => return None,
+        };
+    }
+    Some(value)
+}
+
 /// Splits and unescapes a non-empty JSON pointer into its tokens.
 pub(crate) fn split(text: &str) -> Result<Vec<String>, PointerError> {
     if text.is_empty() {
@@ -304,6 +337,41 @@ mod tests {
         let mut out = Vec::new();
         PathPattern::parse(pattern).unwrap().expand(doc, &mut out, 1000).unwrap();
         out
+    }
+
+    #[test]
+    fn get_agrees_with_serde_json() {
+        let mut doc = json!({
+            "a": {"b/c": 1, "m~n": [10, {"x": "y"}], "": 3},
+            "list": [0, 1, 2],
+            "n": null
+        });
+        for p in [
+            "",
+            "/a",
+            "/a/b~1c",
+            "/a/m~0n",
+            "/a/m~0n/1/x",
+            "/a/",
+            "/list/0",
+            "/list/2",
+            "/list/3",
+            "/list/01",
+            "/list/-1",
+            "/list/+1",
+            "/list/x",
+            "/n",
+            "/n/x",
+            "/missing",
+            "a",
+            "/a/b/c",
+            "/a/b~1c/d",
+        ] {
+            assert_eq!(get(&doc, p), doc.pointer(p), "{p:?}");
+        }
+        *get_mut(&mut doc, "/a/m~0n/1/x").unwrap() = json!("z");
+        assert_eq!(doc["a"]["m~n"][1]["x"], "z");
+        assert!(get_mut(&mut doc, "/list/9").is_none());
     }
 
     #[test]

@@ -8,6 +8,7 @@ use super::keys::{FieldKeys, SchemaKeys};
 use super::transform::{self, RANDOMIZED_PREFIX};
 use super::{HEADER_MEMBER, RecordError};
 use crate::crypto::{Aead, ct_eq};
+use crate::pointer;
 use crate::schema::{FieldMode, FieldSpec, Schema};
 use crate::secret::Key256;
 
@@ -120,7 +121,7 @@ impl EncryptedRecord {
         let mut bound = Vec::new();
         for listed in header.fields() {
             if matches!(listed.mode, FieldMode::Deterministic | FieldMode::Pseudonym) {
-                match self.body.pointer(&listed.pointer) {
+                match pointer::get(&self.body, &listed.pointer) {
                     Some(Value::String(text)) => bound.push(text.as_str()),
                     _ => return Err(RecordError::CannotDecrypt),
                 }
@@ -158,7 +159,7 @@ impl EncryptedRecord {
         let mut opened = Vec::with_capacity(locations.len());
         for loc in &locations {
             let spec = field(schema, loc.field)?;
-            let Some(Value::String(text)) = self.body.pointer(&loc.pointer) else {
+            let Some(Value::String(text)) = pointer::get(&self.body, &loc.pointer) else {
                 return Err(RecordError::CannotDecrypt);
             };
             let value = match spec.mode {
@@ -207,7 +208,7 @@ impl EncryptedRecord {
             };
             let outcome = match shown {
                 Some((value, outcome)) => {
-                    if let Some(slot) = self.body.pointer_mut(&loc.pointer) {
+                    if let Some(slot) = pointer::get_mut(&mut self.body, &loc.pointer) {
                         *slot = value;
                     }
                     outcome
@@ -225,9 +226,9 @@ impl EncryptedRecord {
 
 /// Removes an object member; replaces an array element by `null` so that
 /// the indices of the others do not shift.
-fn withhold(record: &mut Value, pointer: &str) {
-    if remove_member(record, pointer).is_none()
-        && let Some(slot) = record.pointer_mut(pointer)
+fn withhold(record: &mut Value, location: &str) {
+    if remove_member(record, location).is_none()
+        && let Some(slot) = pointer::get_mut(record, location)
     {
         *slot = Value::Null;
     }

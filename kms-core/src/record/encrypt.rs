@@ -91,7 +91,8 @@ pub fn encrypt_record(
         let field_keys = keys.field(index);
         // One lookup: the value is taken out and its replacement written
         // back through the same reference.
-        let slot = record.pointer_mut(&listed.pointer).ok_or(RecordError::CannotDecrypt)?;
+        let slot =
+            pointer::get_mut(&mut record, &listed.pointer).ok_or(RecordError::CannotDecrypt)?;
         let value = std::mem::take(slot);
         plaintext.clear();
         serde_json::to_writer(&mut plaintext, &value).map_err(|_| RecordError::NotAnObject)?;
@@ -175,7 +176,7 @@ fn sibling_is_free(record: &Value, sibling: &str) -> bool {
     let Some((parent, name)) = sibling.rsplit_once('/') else {
         return false;
     };
-    let parent = if parent.is_empty() { Some(record) } else { record.pointer(parent) };
+    let parent = pointer::get(record, parent);
     match parent {
         Some(Value::Object(map)) => !map.contains_key(pointer::unescape_token(name).as_ref()),
         _ => false,
@@ -187,7 +188,7 @@ fn insert_sibling(record: &mut Value, sibling: &str, token: String) {
         return;
     };
     let name = pointer::unescape_token(name).into_owned();
-    let parent = if parent.is_empty() { Some(record) } else { record.pointer_mut(parent) };
+    let parent = pointer::get_mut(record, parent);
     if let Some(Value::Object(map)) = parent {
         map.insert(name, Value::String(token));
     }
@@ -208,7 +209,7 @@ fn missing(spec: &FieldSpec) -> RecordError {
 pub(super) fn remove_member(record: &mut Value, pointer: &str) -> Option<Value> {
     let (parent, name) = pointer.rsplit_once('/')?;
     let name = pointer::unescape_token(name);
-    let parent = if parent.is_empty() { Some(record) } else { record.pointer_mut(parent) };
+    let parent = pointer::get_mut(record, parent);
     match parent {
         Some(Value::Object(map)) => map.remove(name.as_ref()),
         _ => None,
