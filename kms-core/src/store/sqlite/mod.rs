@@ -3,6 +3,7 @@
 //! foreign keys on, and writes in `BEGIN IMMEDIATE` transactions so two
 //! writers never deadlock upgrading a read lock. `secure_delete` is on, so
 //! shredded key material is overwritten, not merely unlinked from its page.
+//! Each connection's page cache is kept small (see [`PAGE_CACHE_KIB`]).
 
 mod lifecycle;
 
@@ -44,6 +45,12 @@ macro_rules! audit_columns {
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTIONS: u32 = 4;
+/// Each connection's page cache, in KiB (SQLite's default is 2,000). The
+/// keystore's reads are fronted by the key hierarchy's caches and its
+/// writes append audit rows, which fill a cache with pages never read
+/// again; and where the process locks its memory (DESIGN §11) whatever a
+/// cache ever held stays resident.
+const PAGE_CACHE_KIB: u32 = 512;
 
 /// The SQLite keystore.
 #[derive(Debug, Clone)]
@@ -71,6 +78,8 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .pragma("secure_delete", "ON")
+            // Negative: a size in KiB rather than in pages.
+            .pragma("cache_size", format!("-{PAGE_CACHE_KIB}"))
             .busy_timeout(BUSY_TIMEOUT);
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
@@ -459,7 +468,10 @@ impl KeyStore for SqliteStore {
         // worker thread, and a group commit can hold hundreds of events.
         // Rows that already exist are skipped and reported as a conflict (at
         // the first such row, in batch order), then everything rolls back.
-        for chunk in rows.chunks(AUDIT_ROWS_PER_INSERT) {
+        let mut rest = rows;
+        while !rest.is_empty() {
+            let (chunk, after) = rest.split_at(insert_len(rest.len()));
+            rest = after;
             let mut insert = sqlx::QueryBuilder::<Sqlite>::new(concat!(
                 "INSERT INTO audit_events (",
                 audit_columns!(),
@@ -627,8 +639,24 @@ impl KeyStore for SqliteStore {
     }
 }
 
-/// Events per `INSERT`: 12 parameters each, well under SQLite's 32,766.
+/// Most events per `INSERT`: 12 parameters each, well under SQLite's 32,766.
 const AUDIT_ROWS_PER_INSERT: usize = 256;
+
+/// How many of `remaining` rows the next `INSERT` takes: 256 while there
+/// are that many, then the largest power of two that fits. Every row
+/// count is a different SQL text, and sqlx keeps up to 100 prepared
+/// statements per connection: with any count from 1 to 256, each
+/// connection's cache filled with large multi-row statements (15–18 MiB
+/// over four connections, resident for good where memory is locked).
+/// Nine sizes keep the cache small and every statement reused.
+fn insert_len(remaining: usize) -> usize {
+    if remaining >= AUDIT_ROWS_PER_INSERT {
+        AUDIT_ROWS_PER_INSERT
+    } else {
+        // The largest power of two not above `remaining` (0 stays 0).
+        remaining.checked_ilog2().map_or(0, |log| 1 << log)
+    }
+}
 
 /// Maps a unique violation of an audit insert to [`StoreError::AuditConflict`].
 fn conflict_or(
@@ -702,4 +730,30 @@ fn create_private_file(path: &Path) -> Result<(), StoreError> {
         .open(path)
         .map(drop)
         .map_err(|e| StoreError::Unavailable(format!("keystore file {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::{AUDIT_ROWS_PER_INSERT, insert_len};
+
+    #[test]
+    fn audit_inserts_cover_every_row_in_nine_sizes() {
+        let mut sizes = BTreeSet::new();
+        for rows in 0..=1_000 {
+            let (mut rest, mut statements) = (rows, 0);
+            while rest > 0 {
+                let take = insert_len(rest);
+                assert!((1..=rest).contains(&take), "{rows} rows: took {take} of {rest}");
+                sizes.insert(take);
+                rest -= take;
+                statements += 1;
+            }
+            // 256s, then one statement per set bit of the remainder.
+            let remainder = u32::try_from(rows % AUDIT_ROWS_PER_INSERT).unwrap();
+            assert_eq!(statements, rows / AUDIT_ROWS_PER_INSERT + remainder.count_ones() as usize);
+        }
+        assert_eq!(sizes, (0..=8).map(|bit| 1usize << bit).collect::<BTreeSet<_>>());
+    }
 }
