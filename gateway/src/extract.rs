@@ -25,39 +25,62 @@ where
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        let bounds = request.extensions().get::<BodyBounds>().copied().unwrap_or_default();
-        if !is_json(request.headers()) {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "send Content-Type: application/json",
-            ));
+        let (bytes, max_depth) = read_body(request, state).await?;
+        parse(&bytes, max_depth).map(ApiJson)
+    }
+}
+
+/// [`ApiJson`] and the length of the body it was read from, for handlers
+/// that size their answer by their request (a batch of records comes back
+/// about as large as it went in).
+#[derive(Debug)]
+pub struct ApiJsonLen<T>(pub T, pub usize);
+
+impl<T, S> FromRequest<S> for ApiJsonLen<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let (bytes, max_depth) = read_body(request, state).await?;
+        parse(&bytes, max_depth).map(|value| ApiJsonLen(value, bytes.len()))
+    }
+}
+
+/// A JSON request's body, read within its bounds, and the nesting depth
+/// it may have.
+async fn read_body<S: Send + Sync>(
+    request: Request,
+    state: &S,
+) -> Result<(Bytes, usize), ApiError> {
+    let bounds = request.extensions().get::<BodyBounds>().copied().unwrap_or_default();
+    if !is_json(request.headers()) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send Content-Type: application/json",
+        ));
+    }
+    let read = tokio::time::timeout(bounds.read_timeout, Bytes::from_request(request, state));
+    match read.await {
+        Ok(Ok(bytes)) => Ok((bytes, bounds.max_depth)),
+        Ok(Err(rejection)) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                "the request body is too large",
+            ))
         }
-        let read = tokio::time::timeout(bounds.read_timeout, Bytes::from_request(request, state));
-        let bytes = match read.await {
-            Ok(Ok(bytes)) => bytes,
-            Ok(Err(rejection)) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    "the request body is too large",
-                ));
-            }
-            Ok(Err(_)) => {
-                return Err(ApiError::bad_request(
-                    "invalid_request",
-                    "the request body could not be read",
-                ));
-            }
-            Err(_) => {
-                return Err(ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "body_timeout",
-                    "the request body did not arrive in time",
-                ));
-            }
-        };
-        parse(&bytes, bounds.max_depth).map(ApiJson)
+        Ok(Err(_)) => {
+            Err(ApiError::bad_request("invalid_request", "the request body could not be read"))
+        }
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            "the request body did not arrive in time",
+        )),
     }
 }
 

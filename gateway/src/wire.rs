@@ -57,7 +57,9 @@ pub fn key_b64<S: serde::Serializer>(key: &&Key256, s: S) -> Result<S::Ok, S::Er
     s.serialize_str(&encoded)
 }
 
-/// A JSON response whose body carries key material. axum's `Json` writes
+/// A JSON response whose body carries key material (the key service's
+/// issue and unwrap answers) or record values (the sidecar's encrypt,
+/// decrypt and rewrap answers). axum's `Json` writes
 /// into a buffer that doubles as it grows, freeing each outgrown copy
 /// unwiped; this serializes into one buffer sized up front from
 /// `size_hint` (a [`SecretBuf`], so a wrong hint costs a wiped copy, not a

@@ -12,7 +12,6 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::Json;
 use axum::extract::State;
 use kms_core::record::{
     DecryptedRecord, Disclosure, EncryptedRecord, FieldOutcome, FieldReport, SchemaKeys,
@@ -26,8 +25,12 @@ use super::api::{DecryptRequest, one_or_many};
 use super::reporter::{Access, AccessEvent};
 use super::state::{SidecarState, ks_error};
 use crate::error::ApiError;
-use crate::extract::ApiJson;
+use crate::extract::ApiJsonLen;
 use crate::policy::{EffectiveGrants, FieldAccess, Role};
+use crate::wire::SecretJson;
+
+/// Room for the response's members beyond what the records take.
+const REPORT_BYTES: usize = 256;
 
 /// The answer: `record` or `records`, then `report` (the same members, in
 /// the same order, as before the report was typed).
@@ -93,8 +96,8 @@ struct EventGroup {
 
 pub(super) async fn decrypt(
     State(s): State<Arc<SidecarState>>,
-    ApiJson(req): ApiJson<DecryptRequest>,
-) -> Result<Json<DecryptResponse>, ApiError> {
+    ApiJsonLen(req, request_len): ApiJsonLen<DecryptRequest>,
+) -> Result<SecretJson<DecryptResponse>, ApiError> {
     let (records, single) =
         one_or_many(req.record, req.records, s.limits.max_records, s.limits.max_depth)?;
     let grants = s.keyring.grants().await.map_err(ks_error)?;
@@ -204,7 +207,11 @@ pub(super) async fn decrypt(
             .collect(),
     );
     let (record, records) = if single { (out.into_iter().next(), None) } else { (None, Some(out)) };
-    Ok(Json(DecryptResponse { record, records, report: reports }))
+    // Plaintext leaves in this body: one buffer, sized from the request
+    // (records shrink as their ciphertexts open, and each gains a report
+    // of about that size), wiped once sent.
+    let response = DecryptResponse { record, records, report: reports };
+    Ok(SecretJson::new(response, request_len.saturating_add(REPORT_BYTES)))
 }
 
 /// Each record's DEK and whether it came from the cache: cache first, then

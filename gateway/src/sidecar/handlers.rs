@@ -16,19 +16,34 @@ use super::api::{
 use super::reporter::{Access, AccessEvent};
 use super::state::{SidecarState, ks_error};
 use crate::error::ApiError;
-use crate::extract::ApiJson;
+use crate::extract::{ApiJson, ApiJsonLen};
 use crate::policy::Role;
+use crate::wire::SecretJson;
 
 type Shared = State<Arc<SidecarState>>;
 
-fn respond(records: Vec<Value>, single: bool, extra: Map<String, Value>) -> Json<Value> {
+/// An encrypted record is about twice its plaintext (each value becomes
+/// nonce, ciphertext and tag in base64, plus the `_kg` header).
+const ENCRYPT_GROWTH: usize = 2;
+/// Room for the response's own members beyond its records.
+const ENVELOPE_BYTES: usize = 256;
+
+/// The answer with its records, in one buffer sized up front from the
+/// request (`size_hint`) and wiped when sent: records carry what the app
+/// sent us, and axum's `Json` would leave every outgrown copy unwiped.
+fn respond(
+    records: Vec<Value>,
+    single: bool,
+    extra: Map<String, Value>,
+    size_hint: usize,
+) -> SecretJson<Value> {
     let mut body = extra;
     if single {
         body.insert("record".into(), records.into_iter().next().unwrap_or(Value::Null));
     } else {
         body.insert("records".into(), Value::Array(records));
     }
-    Json(Value::Object(body))
+    SecretJson::new(Value::Object(body), size_hint.saturating_add(ENVELOPE_BYTES))
 }
 
 async fn authorize(s: &SidecarState, tenant: &TenantId, roles: &[Role]) -> Result<(), ApiError> {
@@ -55,8 +70,8 @@ async fn authorize(s: &SidecarState, tenant: &TenantId, roles: &[Role]) -> Resul
 )]
 pub(super) async fn encrypt(
     State(s): Shared,
-    ApiJson(req): ApiJson<EncryptRequest>,
-) -> Result<Json<Value>, ApiError> {
+    ApiJsonLen(req, request_len): ApiJsonLen<EncryptRequest>,
+) -> Result<SecretJson<Value>, ApiError> {
     let (records, single) =
         one_or_many(req.record, req.records, s.limits.max_records, s.limits.max_depth)?;
     authorize(&s, &req.tenant, &[Role::Encryptor]).await?;
@@ -102,7 +117,7 @@ pub(super) async fn encrypt(
         access: Access::Encrypt { schema: schema.name.clone() },
         record_key_ids: ids,
     }]);
-    Ok(respond(out, single, Map::new()))
+    Ok(respond(out, single, Map::new(), request_len.saturating_mul(ENCRYPT_GROWTH)))
 }
 
 /// Decrypts the fields this sidecar's identity may see.
@@ -118,8 +133,8 @@ pub(super) async fn encrypt(
 )]
 pub(super) async fn decrypt(
     state: Shared,
-    req: ApiJson<DecryptRequest>,
-) -> Result<Json<super::decrypt::DecryptResponse>, ApiError> {
+    req: ApiJsonLen<DecryptRequest>,
+) -> Result<SecretJson<super::decrypt::DecryptResponse>, ApiError> {
     super::decrypt::decrypt(state, req).await
 }
 
@@ -146,8 +161,8 @@ pub(super) fn dek_request(record: &EncryptedRecord) -> DekRequest {
 )]
 pub(super) async fn rewrap(
     State(s): Shared,
-    ApiJson(req): ApiJson<RewrapRequest>,
-) -> Result<Json<Value>, ApiError> {
+    ApiJsonLen(req, request_len): ApiJsonLen<RewrapRequest>,
+) -> Result<SecretJson<Value>, ApiError> {
     let (records, single) =
         one_or_many(req.record, req.records, s.limits.max_records, s.limits.max_depth)?;
     let parsed: Vec<EncryptedRecord> =
@@ -186,7 +201,7 @@ pub(super) async fn rewrap(
         .collect();
     let mut extra = Map::new();
     extra.insert("rewrapped".into(), json!(changed));
-    Ok(respond(out, single, extra))
+    Ok(respond(out, single, extra, request_len))
 }
 
 /// The blind-index or deterministic token of a value.
