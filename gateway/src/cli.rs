@@ -80,6 +80,10 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(&e),
     };
+    if matches!(cli.command, Command::Server { .. } | Command::Sidecar { .. } | Command::Up { .. })
+    {
+        crate::hygiene::allocate_from_the_os();
+    }
     match cli.command {
         Command::Server { config, profile } => {
             let mut config = match ServerConfig::load(&config) {
