@@ -103,6 +103,9 @@ pub(super) fn ks_error(e: KsError) -> ApiError {
                 "batch_too_large" => "batch_too_large",
                 "audit_unavailable" => "audit_unavailable",
                 "invalid_tenant" => "invalid_tenant",
+                // The key service limits this sidecar's identity: 429, so
+                // the app backs off and retries rather than failing hard.
+                "rate_limited" => "rate_limited",
                 _ => {
                     tracing::error!(code, message, "key service error");
                     return ApiError::new(
@@ -138,5 +141,33 @@ fn dek_error(code: &str) -> ApiError {
             ApiError::new(StatusCode::GONE, "key_destroyed", "the record's key was destroyed")
         }
         _ => crate::error::cannot_decrypt(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::StatusCode;
+
+    use super::*;
+
+    fn api(status: u16, code: &str) -> KsError {
+        KsError::Api { status, code: code.to_owned(), message: format!("{code} from upstream") }
+    }
+
+    #[test]
+    fn key_service_refusals_reach_the_app_with_their_meaning() {
+        let limited = ks_error(api(429, "rate_limited"));
+        assert_eq!(
+            (limited.status(), limited.code()),
+            (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
+        );
+        let gone = ks_error(api(410, "key_destroyed"));
+        assert_eq!((gone.status(), gone.code()), (StatusCode::GONE, "key_destroyed"));
+        // Anything unexpected is the key service's fault, not the app's,
+        // and its message stays in our log.
+        let other = ks_error(api(400, "invalid_request"));
+        assert_eq!((other.status(), other.code()), (StatusCode::BAD_GATEWAY, "key_service_error"));
+        let unavailable = ks_error(KsError::Unavailable("connection refused".into()));
+        assert_eq!(unavailable.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 }
