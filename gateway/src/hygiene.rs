@@ -11,9 +11,8 @@
 //!   as they are touched instead of populating every mapping up front.
 //!
 //! - Long-running processes (key service, sidecar, `keygate up`) make the
-//!   allocator take memory from the OS page by page, so that memory freed
-//!   after a burst goes back even though it is locked
-//!   ([`allocate_from_the_os`]).
+//!   allocator map its large pages from the OS, so that memory freed after
+//!   a burst goes back even though it is locked ([`allocate_from_the_os`]).
 //!
 //! Everything goes through rustix's and std's safe wrappers; there is no
 //! `unsafe` here.
@@ -99,10 +98,15 @@ fn lock_memory(notes: &mut Vec<String>) -> bool {
     }
 }
 
-/// The `keygate` binary's allocator (mimalloc) reads this option from
-/// the environment when the process starts: set, it maps pages from the
-/// OS as it needs them instead of carving them from arenas it reserves.
-pub const ALLOCATOR_ENV: &str = "MIMALLOC_DISALLOW_ARENA_ALLOC";
+/// The `keygate` binary's allocator (mimalloc) reads this option from the
+/// environment when the process starts: the largest page, in KiB, it
+/// carves from its arenas. Anything larger — the pages of request and
+/// response bodies, big vectors — is mapped from the OS and unmapped when
+/// free.
+pub const ALLOCATOR_ENV: &str = "MIMALLOC_ARENA_MAX_OBJECT_SIZE";
+/// [`ALLOCATOR_ENV`]'s value: small-object pages (64 KiB) stay in arenas,
+/// where reuse is cheapest.
+pub const ALLOCATOR_ARENA_MAX_KIB: &str = "128";
 
 /// Restarts this process (same binary, arguments and process id) with
 /// [`ALLOCATOR_ENV`] set, unless it is set already (by an earlier restart
@@ -110,15 +114,16 @@ pub const ALLOCATOR_ENV: &str = "MIMALLOC_DISALLOW_ARENA_ALLOC";
 /// restart.
 ///
 /// Why: with memory locked (`mlockall`), the kernel refuses the `madvise`
-/// by which mimalloc gives freed arena memory back, so a process stays at
+/// by which mimalloc gives freed arena memory back, so a process stayed at
 /// the high-water mark of its whole life — a key service that had served
 /// a burst of 100-record encrypts sat at 80 MiB with a live heap of about
 /// 7 MB. Memory mapped from the OS is unmapped when free, which the kernel
-/// allows locked or not: in the same benchmark runs the key service stayed
-/// under 46 MiB and a sidecar with 100,000 cached DEKs at 36 MiB instead
-/// of 58, for 6–11 % of batch throughput (docs/performance.md). The option
-/// can only be read at startup, before `main`, hence the restart; it goes
-/// through `/proc/self/exe`, so it runs the very file that was started.
+/// allows locked or not. In benchmark runs the key service stayed under
+/// 46 MiB and a sidecar with 100,000 cached DEKs at 35–37 MiB instead of
+/// 55–66, at the same throughput within the runs' noise
+/// (docs/performance.md). The option can only be read at startup, before
+/// `main`, hence the restart; it goes through `/proc/self/exe`, so it runs
+/// the very file that was started.
 pub fn allocate_from_the_os() {
     #[cfg(target_os = "linux")]
     {
@@ -132,11 +137,11 @@ pub fn allocate_from_the_os() {
         if let Some(name) = args.next() {
             restart.arg0(name);
         }
-        let error = restart.args(args).env(ALLOCATOR_ENV, "1").exec();
-        // Still here: the restart failed. Run on, with arenas.
+        let error = restart.args(args).env(ALLOCATOR_ENV, ALLOCATOR_ARENA_MAX_KIB).exec();
+        // Still here: the restart failed. Run on, with every page in arenas.
         eprintln!(
-            "keygate: could not restart with {ALLOCATOR_ENV}=1 ({error}); freed memory will \
-             stay resident where memory is locked"
+            "keygate: could not restart with {ALLOCATOR_ENV}={ALLOCATOR_ARENA_MAX_KIB} ({error}); \
+             freed memory will stay resident where memory is locked"
         );
     }
 }
