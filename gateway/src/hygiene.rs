@@ -118,9 +118,10 @@ pub const ALLOCATOR_ARENA_MAX_KIB: &str = "128";
 /// the high-water mark of its whole life — a key service that had served
 /// a burst of 100-record encrypts sat at 80 MiB with a live heap of about
 /// 7 MB. Memory mapped from the OS is unmapped when free, which the kernel
-/// allows locked or not. In benchmark runs the key service stayed under
-/// 46 MiB and a sidecar with 100,000 cached DEKs at 35–37 MiB instead of
-/// 55–66, at the same throughput within the runs' noise
+/// allows locked or not. In benchmark runs the key service peaked at
+/// 43–47 MiB instead of 64–86 and a sidecar with 100,000 cached DEKs sat
+/// at 35–37 MiB instead of 55–66, at the same throughput within the runs'
+/// noise
 /// (docs/performance.md). The option can only be read at startup, before
 /// `main`, hence the restart; it goes through `/proc/self/exe`, so it runs
 /// the very file that was started.
