@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use tokio::sync::Semaphore;
@@ -193,19 +193,19 @@ async fn read_body(
 /// 429 `rate_limited` with `Retry-After` (whole seconds, at least 1).
 fn rate_limited(wait: Duration, message: &str) -> Response {
     let seconds = wait.as_secs().saturating_add(u64::from(wait.subsec_nanos() > 0)).max(1);
-    let mut response = ApiError::new(
+    ApiError::new(
         StatusCode::TOO_MANY_REQUESTS,
         "rate_limited",
         format!("{message}; retry after {seconds} s"),
     )
-    .into_response();
-    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-    response
+    .with_retry_after(Some(seconds))
+    .into_response()
 }
 
 #[cfg(test)]
 mod tests {
     use axum::body::Body;
+    use axum::http::header;
     use axum::routing::get;
     use tower::ServiceExt;
 

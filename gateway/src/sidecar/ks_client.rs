@@ -34,6 +34,8 @@ pub(super) enum KsError {
         code: String,
         /// Its message.
         message: String,
+        /// Its `Retry-After` seconds, if it sent them.
+        retry_after: Option<u64>,
     },
     /// The answer did not decode.
     #[error("unexpected key service answer: {0}")]
@@ -181,6 +183,11 @@ impl KeyServiceClient {
                 continue;
             }
             self.preferred.store(index, Ordering::Relaxed);
+            // Delta-seconds only (what keygate sends); a date is ignored.
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
             let bytes =
                 response.bytes().await.map_err(|e| KsError::Unavailable(without_url(&e)))?;
             if status.is_success() {
@@ -198,7 +205,7 @@ impl KeyServiceClient {
             if status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
                 return Err(KsError::Unavailable(format!("{code}: {message}")));
             }
-            return Err(KsError::Api { status: status.as_u16(), code, message });
+            return Err(KsError::Api { status: status.as_u16(), code, message, retry_after });
         }
         Err(KsError::Unavailable(last_error))
     }

@@ -93,7 +93,7 @@ pub(super) fn ks_error(e: KsError) -> ApiError {
             tracing::warn!(detail, "key service unavailable");
             ApiError::unavailable("key_service_unavailable", "the key service cannot be reached")
         }
-        KsError::Api { status, code, message } => {
+        KsError::Api { status, code, message, retry_after } => {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
             let code = match code.as_str() {
                 "unknown_tenant" => "unknown_tenant",
@@ -115,7 +115,7 @@ pub(super) fn ks_error(e: KsError) -> ApiError {
                     );
                 }
             };
-            ApiError::new(status, code, message)
+            ApiError::new(status, code, message).with_retry_after(retry_after)
         }
         KsError::Decode(detail) => {
             tracing::error!(detail, "unexpected key service answer");
@@ -151,7 +151,12 @@ mod tests {
     use super::*;
 
     fn api(status: u16, code: &str) -> KsError {
-        KsError::Api { status, code: code.to_owned(), message: format!("{code} from upstream") }
+        KsError::Api {
+            status,
+            code: code.to_owned(),
+            message: format!("{code} from upstream"),
+            retry_after: (status == 429).then_some(3),
+        }
     }
 
     #[test]
@@ -161,6 +166,9 @@ mod tests {
             (limited.status(), limited.code()),
             (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
         );
+        // The key service's Retry-After reaches the app.
+        let response = axum::response::IntoResponse::into_response(limited);
+        assert_eq!(response.headers()[axum::http::header::RETRY_AFTER], "3");
         let gone = ks_error(api(410, "key_destroyed"));
         assert_eq!((gone.status(), gone.code()), (StatusCode::GONE, "key_destroyed"));
         // Anything unexpected is the key service's fault, not the app's,
