@@ -87,13 +87,13 @@ impl<T: Serialize> SecretJson<T> {
 
 /// The bytes of a [`SecretJson`] body and what it holds until dropped.
 struct SecretBody {
-    bytes: Zeroizing<Vec<u8>>,
+    bytes: SecretBuf,
     _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl AsRef<[u8]> for SecretBody {
     fn as_ref(&self) -> &[u8] {
-        &self.bytes
+        self.bytes.as_slice()
     }
 }
 
@@ -103,10 +103,7 @@ impl<T: Serialize> IntoResponse for SecretJson<T> {
         match serde_json::to_writer(&mut buf, &self.value) {
             Ok(()) => (
                 [(header::CONTENT_TYPE, "application/json")],
-                Body::from(Bytes::from_owner(SecretBody {
-                    bytes: buf.into_inner(),
-                    _permit: self.permit,
-                })),
+                Body::from(Bytes::from_owner(SecretBody { bytes: buf, _permit: self.permit })),
             )
                 .into_response(),
             // Only a failing `Serialize` impl gets here; the error text is

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroize;
 
 use crate::crypto::rng;
 use crate::crypto::rng::RandomError;
@@ -72,19 +72,25 @@ impl fmt::Debug for Key256 {
 /// A growable byte buffer for secrets (serialized plaintext, JSON bodies
 /// carrying keys) that wipes every allocation it lets go of: a plain `Vec`
 /// frees its old buffer unwiped each time it grows.
+///
+/// Only bytes that were written are wiped: the buffer grows by copying
+/// into a new allocation (never `Vec`'s own reallocation) and empties by
+/// wiping, so nothing is ever left beyond its length. A buffer reserved
+/// far larger than what it ends up holding (a response sized from its
+/// request) costs a wipe of what it holds, not of its whole capacity.
 #[derive(Default)]
-pub struct SecretBuf(Zeroizing<Vec<u8>>);
+pub struct SecretBuf(Vec<u8>);
 
 impl SecretBuf {
     /// An empty buffer with room for `capacity` bytes (size it right and it
     /// never reallocates).
     pub fn with_capacity(capacity: usize) -> Self {
-        Self(Zeroizing::new(Vec::with_capacity(capacity)))
+        Self(Vec::with_capacity(capacity))
     }
 
     /// Empties the buffer, keeping (and wiping) its allocation.
     pub fn clear(&mut self) {
-        self.0.zeroize();
+        wipe_written(&mut self.0);
     }
 
     /// The bytes written so far.
@@ -92,9 +98,48 @@ impl SecretBuf {
         &self.0
     }
 
-    /// The bytes, still wiped when finally dropped.
-    pub fn into_inner(self) -> Zeroizing<Vec<u8>> {
-        self.0
+    /// Appends `data`, moving to a larger allocation (and wiping the old
+    /// one) when it does not fit.
+    #[inline]
+    pub fn extend_from_slice(&mut self, data: &[u8]) {
+        if data.len() > self.0.capacity() - self.0.len() {
+            self.grow(data.len());
+        }
+        self.0.extend_from_slice(data);
+    }
+
+    /// Moves to an allocation with room for `additional` more bytes.
+    #[cold]
+    fn grow(&mut self, additional: usize) {
+        let needed = self.0.len().saturating_add(additional);
+        let mut bigger = Vec::with_capacity(needed.max(2 * self.0.capacity()).max(64));
+        bigger.extend_from_slice(&self.0);
+        let mut old = std::mem::replace(&mut self.0, bigger);
+        wipe_written(&mut old);
+    }
+}
+
+/// Wipes a vector's bytes and empties it. Spare capacity is left alone:
+/// every writer of a [`SecretBuf`] appends, so it was never written.
+fn wipe_written(bytes: &mut Vec<u8>) {
+    let written = bytes.len();
+    bytes.clear();
+    if let Some(spare) = bytes.spare_capacity_mut().get_mut(..written) {
+        spare.zeroize();
+    }
+}
+
+impl Drop for SecretBuf {
+    fn drop(&mut self) {
+        wipe_written(&mut self.0);
+    }
+}
+
+impl zeroize::ZeroizeOnDrop for SecretBuf {}
+
+impl AsRef<[u8]> for SecretBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
     }
 }
 
@@ -105,17 +150,18 @@ impl fmt::Debug for SecretBuf {
 }
 
 impl std::io::Write for SecretBuf {
+    // serde_json writes a value as many small pieces (quotes, separators,
+    // string runs): inlined, the common case is a bounds check and a copy.
+    #[inline]
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        let needed = self.0.len() + data.len();
-        if needed > self.0.capacity() {
-            let mut bigger =
-                Zeroizing::new(Vec::with_capacity(needed.max(2 * self.0.capacity()).max(64)));
-            bigger.extend_from_slice(&self.0);
-            // The old buffer is wiped (whole capacity) as it drops.
-            self.0 = bigger;
-        }
-        self.0.extend_from_slice(data);
+        self.extend_from_slice(data);
         Ok(data.len())
+    }
+
+    #[inline]
+    fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.extend_from_slice(data);
+        Ok(())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -163,6 +209,15 @@ mod tests {
         buf.clear();
         assert!(buf.as_slice().is_empty());
         buf.write_all(b"x").unwrap();
-        assert_eq!(buf.into_inner().as_slice(), b"x");
+        assert_eq!(buf.as_ref(), b"x");
+        // Pieces of every size across many growths, as serde_json writes.
+        let mut expected = Vec::new();
+        let mut buf = SecretBuf::default();
+        for n in 0..200usize {
+            let piece: Vec<u8> = (0..n % 37).map(|i| (n + i) as u8).collect();
+            buf.write_all(&piece).unwrap();
+            expected.extend_from_slice(&piece);
+            assert_eq!(buf.as_slice(), expected.as_slice(), "after piece {n}");
+        }
     }
 }
