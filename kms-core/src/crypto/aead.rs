@@ -71,21 +71,32 @@ impl Aead {
 
     /// Opens a sealed `nonce ‖ ciphertext ‖ tag` message.
     pub fn open(&self, sealed: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>, CannotDecrypt> {
-        let (nonce, rest) = sealed.split_at_checked(NONCE_LEN).ok_or(CannotDecrypt)?;
-        let ct_len = rest.len().checked_sub(TAG_LEN).ok_or(CannotDecrypt)?;
-        let (ciphertext, tag) = rest.split_at(ct_len);
-        let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| CannotDecrypt)?;
-        let tag: [u8; TAG_LEN] = tag.try_into().map_err(|_| CannotDecrypt)?;
-        let mut buffer = Zeroizing::new(ciphertext.to_vec());
-        self.0
-            .decrypt_inout_detached(
-                &Nonce::from(nonce),
-                aad,
-                buffer.as_mut_slice().into(),
-                &Tag::from(tag),
-            )
-            .map_err(|_| CannotDecrypt)?;
+        let mut buffer = Zeroizing::new(sealed.to_vec());
+        let len = self.open_in_place(&mut buffer, aad)?.len();
+        buffer.copy_within(NONCE_LEN..NONCE_LEN + len, 0);
+        buffer.truncate(len);
         Ok(buffer)
+    }
+
+    /// Opens a sealed `nonce ‖ ciphertext ‖ tag` message where it lies,
+    /// returning the plaintext: the part of `sealed` that held the
+    /// ciphertext. On failure `sealed` holds the ciphertext again, never
+    /// unauthenticated plaintext.
+    pub fn open_in_place<'a>(
+        &self,
+        sealed: &'a mut [u8],
+        aad: &[u8],
+    ) -> Result<&'a [u8], CannotDecrypt> {
+        let (nonce, rest) = sealed.split_at_mut_checked(NONCE_LEN).ok_or(CannotDecrypt)?;
+        let ct_len = rest.len().checked_sub(TAG_LEN).ok_or(CannotDecrypt)?;
+        let (body, tag) = rest.split_at_mut(ct_len);
+        let nonce: [u8; NONCE_LEN] = (&*nonce).try_into().map_err(|_| CannotDecrypt)?;
+        let tag: [u8; TAG_LEN] = (&*tag).try_into().map_err(|_| CannotDecrypt)?;
+        // aes-gcm-siv re-encrypts the buffer when the tag does not match.
+        self.0
+            .decrypt_inout_detached(&Nonce::from(nonce), aad, (&mut *body).into(), &Tag::from(tag))
+            .map_err(|_| CannotDecrypt)?;
+        Ok(body)
     }
 }
 
@@ -106,6 +117,11 @@ mod tests {
         assert_eq!(aead.open(&sealed, b"context")?.as_slice(), b"hello");
         assert_eq!(aead.open(&sealed, b"other"), Err(CannotDecrypt));
         assert_eq!(Aead::new(&key(8)).open(&sealed, b"context"), Err(CannotDecrypt));
+        let mut in_place = sealed.clone();
+        assert_eq!(aead.open_in_place(&mut in_place, b"context")?, b"hello");
+        let mut refused = sealed.clone();
+        assert_eq!(aead.open_in_place(&mut refused, b"other"), Err(CannotDecrypt));
+        assert_eq!(refused, sealed, "a refused message is left as it was, not decrypted");
         Ok(())
     }
 
@@ -129,6 +145,7 @@ mod tests {
         let aead = Aead::new(&key(1));
         for len in 0..SEAL_OVERHEAD {
             assert_eq!(aead.open(&vec![0u8; len], b""), Err(CannotDecrypt));
+            assert_eq!(aead.open_in_place(&mut vec![0u8; len], b""), Err(CannotDecrypt));
         }
     }
 }

@@ -156,6 +156,8 @@ impl EncryptedRecord {
         let aad_prefix = header.field_aad_prefix();
         let record_aead = Aead::new(dek);
         let mut aad = Vec::with_capacity(64);
+        // Each field's token is decoded and opened here, one after another.
+        let mut scratch = zeroize::Zeroizing::new(Vec::with_capacity(256));
         let mut opened = Vec::with_capacity(locations.len());
         for loc in &locations {
             let spec = field(schema, loc.field)?;
@@ -164,16 +166,16 @@ impl EncryptedRecord {
             };
             let value = match spec.mode {
                 FieldMode::Randomized | FieldMode::BlindIndex => {
-                    let sealed = transform::decode_token(RANDOMIZED_PREFIX, text)
+                    transform::decode_token_into(RANDOMIZED_PREFIX, text, &mut scratch)
                         .ok_or(RecordError::CannotDecrypt)?;
                     aad.clear();
                     aad.extend_from_slice(&aad_prefix);
                     aad.extend_from_slice(loc.pointer.as_bytes());
-                    parse_plaintext(&record_aead.open(&sealed, &aad)?)?
+                    parse_plaintext(record_aead.open_in_place(&mut scratch, &aad)?)?
                 }
                 FieldMode::Deterministic => {
                     let keys = keys.field(loc.field).ok_or(RecordError::CannotDecrypt)?;
-                    parse_plaintext(&transform::open_deterministic(keys, text)?)?
+                    parse_plaintext(transform::open_deterministic(keys, text, &mut scratch)?)?
                 }
                 FieldMode::Pseudonym if transform::is_pseudonym(text) => {
                     Value::String(text.clone())

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::keys::FieldKeys;
 use crate::crypto::mac::MacKey;
-use crate::crypto::{Aead, CannotDecrypt, NONCE_LEN};
+use crate::crypto::{CannotDecrypt, NONCE_LEN};
 use crate::schema::{BlindIndexSpec, Mask, Normalizer};
 use crate::secret::Key256;
 
@@ -30,12 +30,6 @@ pub(crate) fn encode_token(prefix: &str, bytes: &[u8]) -> String {
     out.push_str(prefix);
     BASE64URL_NOPAD.encode_append(bytes, &mut out);
     out
-}
-
-/// Strips `prefix` and decodes the base64url body (canonical encoding only).
-pub(crate) fn decode_token(prefix: &str, text: &str) -> Option<Vec<u8>> {
-    let body = text.strip_prefix(prefix)?;
-    BASE64URL_NOPAD.decode(body.as_bytes()).ok()
 }
 
 /// The text a value is indexed or pseudonymized by: a string's own
@@ -101,6 +95,22 @@ pub(crate) fn pseudonym_with(key: &MacKey, value: &Value) -> String {
     out
 }
 
+/// Decodes `prefix ‖ base64url` (canonical encoding only) into `out`,
+/// which is wiped and emptied first: one buffer serves every field of a
+/// record, ciphertext in, plaintext out.
+pub(crate) fn decode_token_into(
+    prefix: &str,
+    text: &str,
+    out: &mut zeroize::Zeroizing<Vec<u8>>,
+) -> Option<()> {
+    let body = text.strip_prefix(prefix)?.as_bytes();
+    zeroize::Zeroize::zeroize(&mut **out);
+    out.resize(BASE64URL_NOPAD.decode_len(body.len()).ok()?, 0);
+    let len = BASE64URL_NOPAD.decode_mut(body, out).ok()?;
+    out.truncate(len);
+    Some(())
+}
+
 /// Whether `text` has the form of a pseudonym.
 pub(crate) fn is_pseudonym(text: &str) -> bool {
     text.strip_prefix(PSEUDONYM_PREFIX)
@@ -121,24 +131,18 @@ pub(crate) fn seal_deterministic(keys: &FieldKeys, plaintext: &[u8]) -> Option<S
     Some(encode_token(DETERMINISTIC_PREFIX, &sealed))
 }
 
-/// Opens a deterministic field.
-pub(crate) fn open_deterministic(
+/// Opens a deterministic field in `scratch` (see [`decode_token_into`]),
+/// returning its plaintext.
+pub(crate) fn open_deterministic<'a>(
     keys: &FieldKeys,
     text: &str,
-) -> Result<zeroize::Zeroizing<Vec<u8>>, CannotDecrypt> {
+    scratch: &'a mut zeroize::Zeroizing<Vec<u8>>,
+) -> Result<&'a [u8], CannotDecrypt> {
     let FieldKeys::Deterministic { enc, aad, .. } = keys else {
         return Err(CannotDecrypt);
     };
-    let sealed = decode_token(DETERMINISTIC_PREFIX, text).ok_or(CannotDecrypt)?;
-    open_with(enc, &sealed, aad)
-}
-
-pub(crate) fn open_with(
-    aead: &Aead,
-    sealed: &[u8],
-    aad: &[u8],
-) -> Result<zeroize::Zeroizing<Vec<u8>>, CannotDecrypt> {
-    aead.open(sealed, aad)
+    decode_token_into(DETERMINISTIC_PREFIX, text, scratch).ok_or(CannotDecrypt)?;
+    enc.open_in_place(scratch, aad)
 }
 
 /// The masked view of a value.
@@ -183,6 +187,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tokens_decode_into_a_reused_buffer() {
+        let mut buf = zeroize::Zeroizing::new(Vec::new());
+        for bytes in [&b"a longer first value"[..], b"", b"xy", &[0u8, 255, 7]] {
+            let token = encode_token(RANDOMIZED_PREFIX, bytes);
+            assert_eq!(decode_token_into(RANDOMIZED_PREFIX, &token, &mut buf), Some(()));
+            assert_eq!(buf.as_slice(), bytes);
+        }
+        // Wrong prefix, padding, non-zero trailing bits, bad characters.
+        for bad in ["kg1d:eHk", "kg1:eHk=", "kg1:eHl", "kg1:e+k", "kg1:e", "eHk"] {
+            assert_eq!(decode_token_into(RANDOMIZED_PREFIX, bad, &mut buf), None, "{bad}");
+        }
+    }
+
+    #[test]
     fn normalizers() {
         use Normalizer::*;
         assert_eq!(normalize("  A@B.org ", &[Trim, Lowercase]), "a@b.org");
@@ -215,7 +233,8 @@ mod tests {
         for bits in [8u16, 12, 31, 32, 100, 256] {
             let spec = BlindIndexSpec { bits, normalize: vec![Normalizer::Lowercase] };
             let token = blind_index_token(&key, &spec, &json!("Jane@Example.org"));
-            let bytes = decode_token(BLIND_INDEX_PREFIX, &token).unwrap();
+            let mut bytes = zeroize::Zeroizing::new(vec![0xff; 3]);
+            decode_token_into(BLIND_INDEX_PREFIX, &token, &mut bytes).unwrap();
             assert_eq!(bytes.len(), usize::from(bits).div_ceil(8));
             let spare = bytes.len() * 8 - usize::from(bits);
             assert_eq!(bytes.last().unwrap() & ((1u8 << spare) - 1), 0, "bits={bits}");
