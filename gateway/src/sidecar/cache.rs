@@ -252,6 +252,44 @@ mod tests {
     }
 
     #[test]
+    fn churn_keeps_every_live_key_and_every_slot_accounted_for() {
+        let max = 50;
+        let cache = DekCache::new(Duration::from_secs(60), max);
+        let id = |n: u32| {
+            let mut bytes = [0u8; 16];
+            bytes[..4].copy_from_slice(&n.to_be_bytes());
+            RecordKeyId::from_bytes(bytes)
+        };
+        // Batches of fresh ids mixed with re-cached recent ones (as two
+        // requests that missed the same DEK would), under two tenants.
+        for round in 0..40u32 {
+            let tenant = if round % 3 == 0 { t("b") } else { t("a") };
+            let batch: Vec<_> = (0..17u32)
+                .map(|i| {
+                    let n = if i % 5 == 0 {
+                        (round * 17 + i).saturating_sub(20)
+                    } else {
+                        round * 17 + i
+                    };
+                    (id(n), 1 + round % 2, key((n % 250) as u8))
+                })
+                .collect();
+            cache.insert_many(&tenant, batch.clone());
+            for (id, version, key) in &batch {
+                let got = cache.get(id, &tenant, *version).expect("just cached");
+                assert_eq!(got.expose_secret(), key.expose_secret());
+            }
+            let inner = cache.inner.lock().unwrap();
+            assert!(inner.map.len() <= max && inner.keys.len() <= max);
+            let mut slots: Vec<u32> = inner.map.values().map(|e| e.slot).collect();
+            slots.extend(&inner.free);
+            slots.sort_unstable();
+            slots.dedup();
+            assert_eq!(slots.len(), inner.keys.len(), "each slot is live or free, once");
+        }
+    }
+
+    #[test]
     fn disabled_cache_holds_nothing() {
         let cache = DekCache::new(Duration::from_secs(60), 0);
         let id = RecordKeyId::from_bytes([1; 16]);
