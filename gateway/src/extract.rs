@@ -134,11 +134,17 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8], max_depth: usize) -> Result<T, A
             format!("the request body nests deeper than {max_depth} levels"),
         ));
     }
-    let value = serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+    let malformed =
+        || ApiError::bad_request("malformed_json", "the request body is not valid JSON");
+    // Validated as UTF-8 once, in one pass: parsing from `&str` then takes
+    // each string as it is, where parsing bytes validates every string
+    // separately (3 % of the sidecar's batch decrypt profile).
+    let text = std::str::from_utf8(bytes).map_err(|_| malformed())?;
+    let value = serde_json::from_str(text).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => {
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", e.to_string())
         }
-        _ => ApiError::bad_request("malformed_json", "the request body is not valid JSON"),
+        _ => malformed(),
     })?;
     // Every request body is an object; serde would also read a struct from
     // an array of its fields in order (`[1]` as `{"count": 1}`).
@@ -164,6 +170,8 @@ fn is_json(headers: &axum::http::HeaderMap) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
     use super::*;
 
     #[derive(Debug, serde::Deserialize)]
@@ -187,6 +195,25 @@ mod tests {
         assert_eq!(code(b"1"), "invalid_request");
         let deep = format!("{}{}", "[".repeat(200_000), "]".repeat(200_000));
         assert_eq!(code(deep.as_bytes()), "json_too_deep");
+    }
+
+    #[test]
+    fn text_that_is_not_utf8_is_malformed() {
+        let code = |body: &[u8]| parse::<Value>(body, 4).map(|_| "ok").unwrap_or_else(|e| e.code());
+        assert_eq!(code("{\"name\": \"Zoë 😀\"}".as_bytes()), "ok");
+        // A lone continuation byte, an overlong '/', a UTF-16 surrogate
+        // encoded as UTF-8 and a truncated sequence: inside a string, in a
+        // key, and outside any string.
+        for bad in [&b"\x80"[..], b"\xc0\xaf", b"\xed\xa0\x80", b"\xe2\x82"] {
+            let in_value = [&b"{\"a\": \""[..], bad, b"\"}"].concat();
+            let in_key = [&b"{\""[..], bad, b"\": 1}"].concat();
+            let outside = [&b"{\"a\": 1}"[..], bad].concat();
+            for body in [in_value, in_key, outside] {
+                assert_eq!(code(&body), "malformed_json", "{body:?}");
+            }
+        }
+        // An escaped lone surrogate is valid UTF-8 text but not a string.
+        assert_eq!(code(br#"{"a": "\ud800"}"#), "malformed_json");
     }
 
     #[test]
