@@ -32,12 +32,12 @@ pub fn exceeds_depth(body: &[u8], max: usize) -> bool {
 /// sidecar's batch decrypt profile.
 fn after_string(mut rest: &[u8]) -> &[u8] {
     while let Some(at) = memchr::memchr2(b'"', b'\\', rest) {
-        match rest.get(at..).unwrap_or_default().split_first() {
-            Some((b'"', after)) => return after,
-            // A backslash: the byte after it is escaped, whatever it is.
-            Some((_, after)) => rest = after.get(1..).unwrap_or_default(),
-            None => break,
+        let after = rest.get(at + 1..).unwrap_or_default();
+        if rest.get(at) == Some(&b'"') {
+            return after;
         }
+        // A backslash: the byte after it is escaped, whatever it is.
+        rest = after.get(1..).unwrap_or_default();
     }
     &[]
 }
