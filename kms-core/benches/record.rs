@@ -13,11 +13,12 @@ use std::hint::black_box;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use kms_core::crypto::Aead;
 use kms_core::record::{
-    Disclosure, EncryptedRecord, HeaderContents, HeaderField, RecordHeader, SchemaKeys,
-    blind_index_token, encrypt_record, index_token, pseudonym,
+    Disclosure, EncryptedRecord, EncryptedText, HeaderContents, HeaderField, RecordHeader,
+    SchemaKeys, TextWorkspace, blind_index_token, encrypt_record, index_token, pseudonym,
 };
 use kms_core::schema::{FieldMode, Schema, SchemaSet};
-use kms_core::{DekBinding, IssuedDek, Key256, Name, RecordKeyId, TenantId, wrap_dek};
+use kms_core::{DekBinding, IssuedDek, Key256, Name, RecordKeyId, SecretBuf, TenantId, wrap_dek};
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 /// The patient schema of DESIGN §3.4 (every field mode), one schema per
@@ -136,6 +137,41 @@ fn whole_record(c: &mut Criterion) {
             let out =
                 EncryptedRecord::parse(r).unwrap().decrypt(&dek, schema, &keys, &reveal).unwrap();
             serde_json::to_vec(&out.record).unwrap()
+        })
+    });
+    // JSON text to JSON text, as the sidecar does: through a tree, and
+    // through the text path.
+    let plain_text = serde_json::to_string(&record).unwrap();
+    let plain_raw = RawValue::from_string(plain_text.clone()).unwrap();
+    let encrypted_raw = RawValue::from_string(text.clone()).unwrap();
+    group.bench_function("encrypt from JSON text (tree)", |b| {
+        b.iter_batched(
+            || fx.dek(),
+            |d| {
+                let r: Value = serde_json::from_str(black_box(&plain_text)).unwrap();
+                let out = encrypt_record(r, &fx.tenant, schema, &keys, d).unwrap();
+                serde_json::to_vec(&out).unwrap()
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    let mut ws = TextWorkspace::default();
+    let mut out = SecretBuf::with_capacity(4096);
+    group.bench_function("encrypt from JSON text (text path)", |b| {
+        b.iter_batched(
+            || fx.dek(),
+            |d| {
+                out.clear();
+                ws.encrypt(black_box(&plain_raw), &fx.tenant, schema, &keys, d, &mut out).unwrap();
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.bench_function("decrypt from JSON text (text path)", |b| {
+        b.iter(|| {
+            out.clear();
+            let parsed = EncryptedText::parse(black_box(&encrypted_raw)).unwrap();
+            ws.decrypt(parsed, &dek, schema, &keys, &reveal, &mut out).unwrap()
         })
     });
     group.finish();

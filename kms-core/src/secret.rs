@@ -93,6 +93,25 @@ impl SecretBuf {
         wipe_written(&mut self.0);
     }
 
+    /// Shortens the buffer to `len` bytes, wiping what it drops (a no-op if
+    /// it is not longer).
+    pub fn truncate(&mut self, len: usize) {
+        if let Some(tail) = self.0.get_mut(len..) {
+            tail.zeroize();
+            self.0.truncate(len);
+        }
+    }
+
+    /// The number of bytes written.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether nothing has been written.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// The bytes written so far.
     pub fn as_slice(&self) -> &[u8] {
         &self.0

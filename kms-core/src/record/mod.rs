@@ -10,6 +10,7 @@ mod encrypt;
 mod header;
 mod index;
 mod keys;
+mod text;
 mod transform;
 
 pub use self::decrypt::{DecryptedRecord, Disclosure, EncryptedRecord, FieldOutcome, FieldReport};
@@ -23,6 +24,7 @@ pub use self::keys::{
     IndexPurpose, MissingFieldKey, SchemaKeys, derive_field_key, derive_path_key,
     derive_pseudonym_key,
 };
+pub use self::text::{EncryptedText, TextWorkspace, check_encryptable};
 pub use self::transform::{
     BLIND_INDEX_PREFIX, DETERMINISTIC_PREFIX, PSEUDONYM_PREFIX, RANDOMIZED_PREFIX, apply_mask,
     blind_index_token, normalize, pseudonym,

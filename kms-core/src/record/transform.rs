@@ -27,9 +27,15 @@ const PSEUDONYM_LEN: usize = 16;
 /// `prefix ‖ base64url_nopad(bytes)`.
 pub(crate) fn encode_token(prefix: &str, bytes: &[u8]) -> String {
     let mut out = String::with_capacity(prefix.len() + BASE64URL_NOPAD.encode_len(bytes.len()));
-    out.push_str(prefix);
-    BASE64URL_NOPAD.encode_append(bytes, &mut out);
+    encode_token_into(prefix, bytes, &mut out);
     out
+}
+
+/// [`encode_token`] into a reused string (emptied first).
+pub(crate) fn encode_token_into(prefix: &str, bytes: &[u8], out: &mut String) {
+    out.clear();
+    out.push_str(prefix);
+    BASE64URL_NOPAD.encode_append(bytes, out);
 }
 
 /// The text a value is indexed or pseudonymized by: a string's own
@@ -66,8 +72,12 @@ pub fn blind_index_token(key: &Key256, spec: &BlindIndexSpec, value: &Value) -> 
 
 /// [`blind_index_token`] with the MAC already keyed.
 pub(crate) fn blind_index_with(key: &MacKey, spec: &BlindIndexSpec, value: &Value) -> String {
-    let text = index_text(value);
-    let normalized = normalize(&text, &spec.normalize);
+    blind_index_of_text(key, spec, &index_text(value))
+}
+
+/// [`blind_index_token`] of a value's index text (see [`index_text`]).
+pub(crate) fn blind_index_of_text(key: &MacKey, spec: &BlindIndexSpec, text: &str) -> String {
+    let normalized = normalize(text, &spec.normalize);
     let tag = key.tag(&[normalized.as_bytes()]);
     let bits = usize::from(spec.bits.clamp(8, 256));
     let len = bits.div_ceil(8);
@@ -87,12 +97,63 @@ pub fn pseudonym(key: &Key256, value: &Value) -> String {
 
 /// [`pseudonym`] with the MAC already keyed.
 pub(crate) fn pseudonym_with(key: &MacKey, value: &Value) -> String {
-    let tag = key.tag(&[index_text(value).as_bytes()]);
+    pseudonym_of_text(key, &index_text(value))
+}
+
+/// [`pseudonym`] of a value's index text (see [`index_text`]).
+pub(crate) fn pseudonym_of_text(key: &MacKey, text: &str) -> String {
+    let tag = key.tag(&[text.as_bytes()]);
     let kept = tag.get(..PSEUDONYM_LEN).unwrap_or(&tag);
     let mut out = String::with_capacity(PSEUDONYM_PREFIX.len() + 26);
     out.push_str(PSEUDONYM_PREFIX);
     BASE32_NOPAD.encode_append(kept, &mut out);
     out
+}
+
+/// The index text of a value given as JSON text (see [`index_text`]): a
+/// string without escapes is its own contents, anything else is parsed.
+/// `None` if `json` is not JSON.
+pub(crate) fn index_text_of_json(json: &[u8]) -> Option<Cow<'_, str>> {
+    if let Some(contents) = plain_string_contents(json) {
+        return Some(Cow::Borrowed(contents));
+    }
+    let value: Value = serde_json::from_slice(json).ok()?;
+    Some(Cow::Owned(index_text(&value).into_owned()))
+}
+
+/// The contents of `json` if it is a JSON string without escapes: a quote,
+/// UTF-8 text without quotes, backslashes or control characters, a quote.
+/// Such a string is also exactly how serde_json writes its value.
+pub(crate) fn plain_string_contents(json: &[u8]) -> Option<&str> {
+    let inner = json.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
+    if inner.iter().any(|&b| b == b'"' || b == b'\\' || b < 0x20) {
+        return None;
+    }
+    std::str::from_utf8(inner).ok()
+}
+
+/// Decodes `prefix ‖ base64url` (canonical encoding only) and appends the
+/// bytes to `out`, returning where they lie in it.
+pub(crate) fn decode_token_append(
+    prefix: &str,
+    text: &str,
+    out: &mut zeroize::Zeroizing<Vec<u8>>,
+) -> Option<std::ops::Range<usize>> {
+    let body = text.strip_prefix(prefix)?.as_bytes();
+    let start = out.len();
+    out.resize(start + BASE64URL_NOPAD.decode_len(body.len()).ok()?, 0);
+    let len = BASE64URL_NOPAD.decode_mut(body, out.get_mut(start..)?).ok();
+    match len {
+        Some(len) => {
+            out.truncate(start + len);
+            Some(start..start + len)
+        }
+        None => {
+            zeroize::Zeroize::zeroize(out.get_mut(start..).unwrap_or_default());
+            out.truncate(start);
+            None
+        }
+    }
 }
 
 /// Decodes `prefix ‖ base64url` (canonical encoding only) into `out`,
@@ -120,15 +181,27 @@ pub(crate) fn is_pseudonym(text: &str) -> bool {
 
 /// Deterministic encryption of a field's canonical JSON text.
 pub(crate) fn seal_deterministic(keys: &FieldKeys, plaintext: &[u8]) -> Option<String> {
+    let mut sealed = Vec::with_capacity(plaintext.len() + crate::crypto::SEAL_OVERHEAD);
+    seal_deterministic_into(keys, plaintext, &mut sealed)?;
+    Some(encode_token(DETERMINISTIC_PREFIX, &sealed))
+}
+
+/// Deterministic encryption into `sealed` (emptied first): `nonce ‖
+/// ciphertext ‖ tag`, the nonce a MAC of the plaintext.
+pub(crate) fn seal_deterministic_into(
+    keys: &FieldKeys,
+    plaintext: &[u8],
+    sealed: &mut Vec<u8>,
+) -> Option<()> {
     let FieldKeys::Deterministic { enc, nonce, aad } = keys else {
         return None;
     };
     let tag = nonce.tag(&[plaintext]);
     let mut n = [0u8; NONCE_LEN];
     n.copy_from_slice(tag.get(..NONCE_LEN)?);
-    let mut sealed = Vec::with_capacity(plaintext.len() + crate::crypto::SEAL_OVERHEAD);
-    enc.seal_with_nonce(&n, aad, plaintext, &mut sealed);
-    Some(encode_token(DETERMINISTIC_PREFIX, &sealed))
+    sealed.clear();
+    enc.seal_with_nonce(&n, aad, plaintext, sealed);
+    Some(())
 }
 
 /// Opens a deterministic field in `scratch` (see [`decode_token_into`]),

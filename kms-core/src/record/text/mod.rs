@@ -1,0 +1,620 @@
+//! Records as JSON text: encrypted and decrypted without building a
+//! `serde_json::Value` tree.
+//!
+//! The sidecar receives records as text and answers with text; building a
+//! tree of every record only to find six values in it, and writing the tree
+//! back, was most of its work per record. Here one pass over the text
+//! ([`scan`]) finds the protected values, and the answer is written from
+//! the pieces of the original text and the new values. The result is the
+//! same record format, byte for byte in every protected value and header,
+//! as [`encrypt_record`] and [`EncryptedRecord::decrypt`] give; members
+//! keep the order they came in (a tree writes them sorted).
+//!
+//! Records this path does not reproduce exactly (a member name with an
+//! escape, a relevant member twice, a value of the wrong shape) and every
+//! record that fails to decrypt go through the tree path instead, which
+//! gives the answer or the error: errors are always the tree path's.
+//!
+//! [`encrypt_record`]: super::encrypt_record
+
+mod scan;
+mod write;
+
+use serde_json::Value;
+use serde_json::value::RawValue;
+use zeroize::Zeroizing;
+
+use self::scan::{Bail, Direction, Event, Scan, Span, Step};
+use self::write::Writer;
+use super::decrypt::{Disclosure, EncryptedRecord, FieldOutcome, FieldReport};
+use super::header::{HeaderContents, HeaderField, RecordHeader};
+use super::keys::{FieldKeys, SchemaKeys};
+use super::transform::{self, DETERMINISTIC_PREFIX, RANDOMIZED_PREFIX};
+use super::{BLIND_INDEX_SUFFIX, HEADER_MEMBER, RecordError, encrypt_record};
+use crate::crypto::{Aead, ct_eq};
+use crate::dek::{IssuedDek, KekVersion, WrappedDek};
+use crate::ids::TenantId;
+use crate::schema::{FieldMode, FieldSpec, Schema};
+use crate::secret::{Key256, SecretBuf};
+
+/// Buffers reused from one record to the next; one per thread of work
+/// (a request's records, say). Plaintext it held is wiped before reuse
+/// and on drop.
+#[derive(Default)]
+pub struct TextWorkspace {
+    scan: Scan,
+    /// Header position of each found location (by document order).
+    rank: Vec<usize>,
+    /// Found locations in header order.
+    order: Vec<usize>,
+    empty: Vec<bool>,
+    sealed: Vec<u8>,
+    token: String,
+    aad: Vec<u8>,
+    /// A value's canonical JSON text when it is not its own.
+    plaintext: SecretBuf,
+    /// Decrypt: every field's plaintext, until all have been checked.
+    opened: Zeroizing<Vec<u8>>,
+    plains: Vec<Plain>,
+    used: Vec<bool>,
+    /// Encrypt: where each bound value went in the output, in header order.
+    bound: Vec<Option<(usize, usize)>>,
+}
+
+impl std::fmt::Debug for TextWorkspace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TextWorkspace(..)")
+    }
+}
+
+/// Where a decrypted field's JSON text lies.
+#[derive(Debug, Clone, Copy)]
+enum Plain {
+    /// In [`TextWorkspace::opened`].
+    Opened(usize, usize),
+    /// In the record itself (a pseudonym shows as it is stored).
+    Stored(Span),
+}
+
+/// An encrypted record, as text, whose header has been found and parsed
+/// (not yet authenticated); the text form of [`EncryptedRecord`].
+#[derive(Debug)]
+pub struct EncryptedText<'a>(Source<'a>);
+
+#[derive(Debug)]
+enum Source<'a> {
+    Text {
+        text: &'a str,
+        header: RecordHeader,
+        header_value: Span,
+    },
+    /// A record this path does not handle, as a tree.
+    Tree(EncryptedRecord),
+}
+
+impl<'a> EncryptedText<'a> {
+    /// Finds and parses the `_kg` header.
+    pub fn parse(record: &'a RawValue) -> Result<Self, RecordError> {
+        let text = record.get();
+        if let Ok(Some(value)) = scan::root_member(text, HEADER_MEMBER)
+            && let Some(header) = text.get(value.start..value.end).and_then(|v| {
+                transform::plain_string_contents(v.as_bytes())
+                    .and_then(|s| RecordHeader::parse(s).ok())
+            })
+        {
+            return Ok(Self(Source::Text { text, header, header_value: value }));
+        }
+        Ok(Self(Source::Tree(EncryptedRecord::parse(tree(text)?)?)))
+    }
+
+    /// The parsed header.
+    pub fn header(&self) -> &RecordHeader {
+        match &self.0 {
+            Source::Text { header, .. } => header,
+            Source::Tree(record) => record.header(),
+        }
+    }
+
+    /// Writes the record with its key part replaced (a rewrap) to `out`:
+    /// field ciphertexts and the rest of the header are byte-identical.
+    pub fn write_rewrapped(
+        self,
+        kek_version: KekVersion,
+        wrapped: WrappedDek,
+        out: &mut SecretBuf,
+    ) -> Result<(), RecordError> {
+        match self.0 {
+            Source::Text { text, header, header_value } => {
+                let header = header.with_key_part(kek_version, wrapped);
+                let bytes = text.as_bytes();
+                out.extend_from_slice(bytes.get(..header_value.start).unwrap_or_default());
+                out.extend_from_slice(b"\"");
+                out.extend_from_slice(header.encode().as_bytes());
+                out.extend_from_slice(b"\"");
+                out.extend_from_slice(bytes.get(header_value.end..).unwrap_or_default());
+                Ok(())
+            }
+            Source::Tree(record) => write_tree(&record.into_rewrapped(kek_version, wrapped), out),
+        }
+    }
+}
+
+/// Checks, before any DEK is spent on it, that [`TextWorkspace::encrypt`]
+/// can encrypt `record`: a JSON object without a `_kg` member.
+pub fn check_encryptable(record: &RawValue) -> Result<(), RecordError> {
+    match scan::root_member(record.get(), HEADER_MEMBER) {
+        Ok(None) => Ok(()),
+        Ok(Some(_)) => Err(RecordError::AlreadyEncrypted),
+        Err(Bail) => match tree(record.get())? {
+            Value::Object(map) if map.contains_key(HEADER_MEMBER) => {
+                Err(RecordError::AlreadyEncrypted)
+            }
+            Value::Object(_) => Ok(()),
+            _ => Err(RecordError::NotAnObject),
+        },
+    }
+}
+
+impl TextWorkspace {
+    /// [`encrypt_record`] on text: appends the encrypted record to `out`.
+    pub fn encrypt(
+        &mut self,
+        record: &RawValue,
+        tenant: &TenantId,
+        schema: &Schema,
+        keys: &SchemaKeys,
+        dek: IssuedDek,
+        out: &mut SecretBuf,
+    ) -> Result<(), RecordError> {
+        let start = out.len();
+        match self.encrypt_text(record.get(), tenant, schema, keys, &dek, out) {
+            Ok(()) => Ok(()),
+            Err(Fallback::Error(e)) => {
+                out.truncate(start);
+                Err(e)
+            }
+            Err(Fallback::Tree) => {
+                out.truncate(start);
+                let encrypted = encrypt_record(tree(record.get())?, tenant, schema, keys, dek)?;
+                write_tree(&encrypted, out)
+            }
+        }
+    }
+
+    /// [`EncryptedRecord::decrypt`] on text: appends the decrypted record to
+    /// `out` and returns the field reports. Fails as a whole, writing
+    /// nothing, if any check fails.
+    pub fn decrypt(
+        &mut self,
+        record: EncryptedText<'_>,
+        dek: &Key256,
+        schema: &Schema,
+        keys: &SchemaKeys,
+        disclose: &dyn Fn(&FieldSpec) -> Disclosure,
+        out: &mut SecretBuf,
+    ) -> Result<Vec<FieldReport>, RecordError> {
+        let record = match record.0 {
+            Source::Text { text, header, .. } => {
+                let start = out.len();
+                let result = self.decrypt_text(text, &header, dek, schema, keys, disclose, out);
+                zeroize::Zeroize::zeroize(&mut *self.opened);
+                match result {
+                    Ok(reports) => return Ok(reports),
+                    Err(_) => out.truncate(start),
+                }
+                EncryptedRecord::parse(tree(text)?)?
+            }
+            Source::Tree(record) => record,
+        };
+        let decrypted = record.decrypt(dek, schema, keys, disclose)?;
+        write_tree(&decrypted.record, out)?;
+        Ok(decrypted.fields)
+    }
+
+    fn encrypt_text(
+        &mut self,
+        text: &str,
+        tenant: &TenantId,
+        schema: &Schema,
+        keys: &SchemaKeys,
+        dek: &IssuedDek,
+        out: &mut SecretBuf,
+    ) -> Result<(), Fallback> {
+        if !keys.is_for(tenant, schema) {
+            return Err(Fallback::Tree);
+        }
+        self.scan.run(text, schema, Direction::Encrypt)?;
+        let mut fields = self.header_order(schema)?;
+        for (field, &at) in fields.iter_mut().zip(&self.order) {
+            let found = self.scan.found.get_mut(at).ok_or(Fallback::Tree)?;
+            field.pointer = std::mem::take(&mut found.pointer);
+        }
+        let unsigned = HeaderContents {
+            tenant,
+            schema: &schema.name,
+            schema_version: schema.version,
+            record_key_id: dek.record_key_id,
+            fields,
+            kek_version: dek.kek_version,
+            wrapped_dek: dek.wrapped,
+        }
+        .layout()
+        .map_err(|_| Fallback::Tree)?;
+        let aad_prefix = unsigned.field_aad_prefix();
+        let record_aead = Aead::new(dek.dek());
+        self.bound.clear();
+        self.bound.resize(self.order.len(), None);
+
+        let bytes = text.as_bytes();
+        let mut w = Writer::new(bytes, out, &mut self.empty);
+        for event in &self.scan.events {
+            match *event {
+                Event::Open(bracket) => w.open(bracket),
+                Event::Close(bracket) => {
+                    if w.depth() == 1 {
+                        break; // the root's end, written below with `_kg`
+                    }
+                    w.close(bracket);
+                }
+                Event::Name(name) => w.name(name),
+                Event::Raw(span) => w.raw(span),
+                Event::Found(at) => {
+                    let found = self.scan.found.get(at).ok_or(Fallback::Tree)?;
+                    let rank = *self.rank.get(at).ok_or(Fallback::Tree)?;
+                    let listed = unsigned.fields().get(rank).ok_or(Fallback::Tree)?;
+                    let spec = schema.fields.get(found.field).ok_or(Fallback::Tree)?;
+                    let field_keys = keys.field(found.field);
+                    let raw = w.slice(found.value);
+                    // The plaintext is the value's canonical JSON text: a
+                    // string without escapes is its own.
+                    let plaintext = if transform::plain_string_contents(raw).is_some() {
+                        raw
+                    } else {
+                        self.plaintext.clear();
+                        let value: Value =
+                            serde_json::from_slice(raw).map_err(|_| Fallback::Tree)?;
+                        serde_json::to_writer(&mut self.plaintext, &value)
+                            .map_err(|_| Fallback::Tree)?;
+                        self.plaintext.as_slice()
+                    };
+                    let mut sibling = None;
+                    match spec.mode {
+                        FieldMode::Randomized | FieldMode::BlindIndex => {
+                            self.aad.clear();
+                            self.aad.extend_from_slice(&aad_prefix);
+                            self.aad.extend_from_slice(listed.pointer.as_bytes());
+                            self.sealed.clear();
+                            record_aead
+                                .seal_random(&self.aad, plaintext, &mut self.sealed)
+                                .map_err(|e| Fallback::Error(e.into()))?;
+                            transform::encode_token_into(
+                                RANDOMIZED_PREFIX,
+                                &self.sealed,
+                                &mut self.token,
+                            );
+                            if spec.mode == FieldMode::BlindIndex {
+                                let (Some(FieldKeys::BlindIndex(key)), Some(bidx)) =
+                                    (field_keys, &spec.blind_index)
+                                else {
+                                    return Err(Fallback::Tree);
+                                };
+                                let index =
+                                    transform::index_text_of_json(raw).ok_or(Fallback::Tree)?;
+                                sibling = Some(transform::blind_index_of_text(key, bidx, &index));
+                            }
+                        }
+                        FieldMode::Deterministic => {
+                            let field_keys = field_keys.ok_or(Fallback::Tree)?;
+                            transform::seal_deterministic_into(
+                                field_keys,
+                                plaintext,
+                                &mut self.sealed,
+                            )
+                            .ok_or(Fallback::Tree)?;
+                            transform::encode_token_into(
+                                DETERMINISTIC_PREFIX,
+                                &self.sealed,
+                                &mut self.token,
+                            );
+                        }
+                        FieldMode::Pseudonym => {
+                            let Some(FieldKeys::Pseudonym(key)) = field_keys else {
+                                return Err(Fallback::Tree);
+                            };
+                            let index = transform::index_text_of_json(raw).ok_or(Fallback::Tree)?;
+                            self.token = transform::pseudonym_of_text(key, &index);
+                        }
+                    }
+                    let name = w.begin();
+                    w.out.extend_from_slice(b"\"");
+                    let at_out = w.out.len();
+                    w.out.extend_from_slice(self.token.as_bytes());
+                    w.out.extend_from_slice(b"\"");
+                    if matches!(spec.mode, FieldMode::Deterministic | FieldMode::Pseudonym)
+                        && let Some(slot) = self.bound.get_mut(rank)
+                    {
+                        *slot = Some((at_out, at_out + self.token.len()));
+                    }
+                    if let Some(token) = sibling {
+                        let name = name.ok_or(Fallback::Tree)?;
+                        w.added_member(w.slice(name), BLIND_INDEX_SUFFIX, token.as_bytes());
+                    }
+                }
+                Event::Sibling(_) | Event::Header(_) => return Err(Fallback::Tree),
+            }
+        }
+        // The header tag covers the deterministic and pseudonym values as
+        // stored, in header order: they are in the output already.
+        let written = w.out.as_slice();
+        let bound: Vec<&str> = self
+            .bound
+            .iter()
+            .flatten()
+            .map(|&(start, end)| {
+                written.get(start..end).and_then(|b| std::str::from_utf8(b).ok()).unwrap_or("")
+            })
+            .collect();
+        let header = unsigned.sign(dek.dek(), &bound).encode();
+        w.added_member(format!("\"{HEADER_MEMBER}\"").as_bytes(), "", header.as_bytes());
+        w.close(b'}');
+        Ok(())
+    }
+
+    /// Sorts the found locations into header order (by pointer) and
+    /// returns the header's fields (pointers still to be filled in).
+    fn header_order(&mut self, schema: &Schema) -> Step<Vec<HeaderField>> {
+        let found = &self.scan.found;
+        self.order.clear();
+        self.order.extend(0..found.len());
+        self.order.sort_unstable_by(|&a, &b| {
+            let pointer = |i: usize| found.get(i).map(|f| f.pointer.as_bytes());
+            pointer(a).cmp(&pointer(b))
+        });
+        self.rank.clear();
+        self.rank.resize(found.len(), 0);
+        let mut fields = Vec::with_capacity(found.len());
+        for (rank, &at) in self.order.iter().enumerate() {
+            let f = found.get(at).ok_or(Bail)?;
+            *self.rank.get_mut(at).ok_or(Bail)? = rank;
+            let mode = schema.fields.get(f.field).ok_or(Bail)?.mode;
+            fields.push(HeaderField { pointer: String::new(), mode });
+        }
+        Ok(fields)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn decrypt_text(
+        &mut self,
+        text: &str,
+        header: &RecordHeader,
+        dek: &Key256,
+        schema: &Schema,
+        keys: &SchemaKeys,
+        disclose: &dyn Fn(&FieldSpec) -> Disclosure,
+        out: &mut SecretBuf,
+    ) -> Step<Vec<FieldReport>> {
+        if header.schema() != &schema.name
+            || header.schema_version() != schema.version
+            || !keys.is_for(header.tenant(), schema)
+        {
+            return Err(Bail);
+        }
+        self.scan.run(text, schema, Direction::Decrypt)?;
+        // The protected locations present must be exactly those the header
+        // lists, with the schema's modes.
+        let fields = self.header_order(schema)?;
+        if fields.len() != header.fields().len() {
+            return Err(Bail);
+        }
+        let bytes = text.as_bytes();
+        let mut bound = Vec::new();
+        for ((field, listed), &at) in fields.iter().zip(header.fields()).zip(&self.order) {
+            let found = self.scan.found.get(at).ok_or(Bail)?;
+            if found.pointer != listed.pointer || field.mode != listed.mode {
+                return Err(Bail);
+            }
+            if matches!(listed.mode, FieldMode::Deterministic | FieldMode::Pseudonym) {
+                bound.push(stored_string(bytes, found.value)?);
+            }
+        }
+        header.verify(dek, &bound).map_err(|_| Bail)?;
+
+        let aad_prefix = header.field_aad_prefix();
+        let record_aead = Aead::new(dek);
+        self.plains.clear();
+        self.used.clear();
+        self.used.resize(self.scan.siblings.len(), false);
+        for found in &self.scan.found {
+            let spec = schema.fields.get(found.field).ok_or(Bail)?;
+            let stored = stored_string(bytes, found.value)?;
+            let plain = match spec.mode {
+                FieldMode::Randomized | FieldMode::BlindIndex => {
+                    let range =
+                        transform::decode_token_append(RANDOMIZED_PREFIX, stored, &mut self.opened)
+                            .ok_or(Bail)?;
+                    self.aad.clear();
+                    self.aad.extend_from_slice(&aad_prefix);
+                    self.aad.extend_from_slice(found.pointer.as_bytes());
+                    let sealed = self.opened.get_mut(range.clone()).ok_or(Bail)?;
+                    let len = record_aead.open_in_place(sealed, &self.aad).map_err(|_| Bail)?.len();
+                    let start = range.start + crate::crypto::NONCE_LEN;
+                    canonical(&mut self.opened, start, start + len)?
+                }
+                FieldMode::Deterministic => {
+                    let Some(FieldKeys::Deterministic { enc, aad, .. }) = keys.field(found.field)
+                    else {
+                        return Err(Bail);
+                    };
+                    let range = transform::decode_token_append(
+                        DETERMINISTIC_PREFIX,
+                        stored,
+                        &mut self.opened,
+                    )
+                    .ok_or(Bail)?;
+                    let sealed = self.opened.get_mut(range.clone()).ok_or(Bail)?;
+                    let len = enc.open_in_place(sealed, aad).map_err(|_| Bail)?.len();
+                    let start = range.start + crate::crypto::NONCE_LEN;
+                    canonical(&mut self.opened, start, start + len)?
+                }
+                FieldMode::Pseudonym if transform::is_pseudonym(stored) => {
+                    Plain::Stored(found.value)
+                }
+                FieldMode::Pseudonym => return Err(Bail),
+            };
+            if spec.mode == FieldMode::BlindIndex {
+                // Its sibling must be there and hold this plaintext's token.
+                let (Some(FieldKeys::BlindIndex(key)), Some(bidx)) =
+                    (keys.field(found.field), &spec.blind_index)
+                else {
+                    return Err(Bail);
+                };
+                let at = self
+                    .scan
+                    .siblings
+                    .iter()
+                    .position(|s| {
+                        s.pointer.strip_prefix(found.pointer.as_str()) == Some(BLIND_INDEX_SUFFIX)
+                    })
+                    .ok_or(Bail)?;
+                let sibling = self.scan.siblings.get(at).ok_or(Bail)?;
+                let stored = stored_string(bytes, sibling.value)?;
+                let index = transform::index_text_of_json(plain_bytes(plain, &self.opened, bytes))
+                    .ok_or(Bail)?;
+                let expected = transform::blind_index_of_text(key, bidx, &index);
+                if !ct_eq(stored.as_bytes(), expected.as_bytes()) {
+                    return Err(Bail);
+                }
+                *self.used.get_mut(at).ok_or(Bail)? = true;
+            }
+            self.plains.push(plain);
+        }
+
+        // Every check passed: only now does any plaintext enter the output.
+        let mut shown = Vec::with_capacity(self.scan.found.len());
+        for (found, &plain) in self.scan.found.iter().zip(&self.plains) {
+            let spec = schema.fields.get(found.field).ok_or(Bail)?;
+            shown.push(match disclose(spec) {
+                Disclosure::Reveal => Shown::Plain(plain),
+                Disclosure::Mask => match spec.mask {
+                    Some(mask) => {
+                        let value: Value =
+                            serde_json::from_slice(plain_bytes(plain, &self.opened, bytes))
+                                .map_err(|_| Bail)?;
+                        Shown::Masked(transform::apply_mask(mask, &value))
+                    }
+                    None => Shown::Withheld,
+                },
+                Disclosure::Withhold => Shown::Withheld,
+            });
+        }
+        let mut w = Writer::new(bytes, out, &mut self.empty);
+        for event in &self.scan.events {
+            match *event {
+                Event::Open(bracket) => w.open(bracket),
+                Event::Close(bracket) => w.close(bracket),
+                Event::Name(name) => w.name(name),
+                Event::Raw(span) => w.raw(span),
+                Event::Header(_) => {
+                    w.drop_member();
+                }
+                Event::Sibling(at) => {
+                    let sibling = self.scan.siblings.get(at).ok_or(Bail)?;
+                    if self.used.get(at) == Some(&true) {
+                        w.drop_member();
+                    } else {
+                        w.raw(sibling.value);
+                    }
+                }
+                Event::Found(at) => match shown.get(at).ok_or(Bail)? {
+                    Shown::Plain(plain) => w.value(plain_bytes(*plain, &self.opened, bytes)),
+                    Shown::Masked(value) => {
+                        w.begin();
+                        serde_json::to_writer(&mut *w.out, value).map_err(|_| Bail)?;
+                    }
+                    // A member goes; an array element becomes null, so
+                    // that the others keep their indices.
+                    Shown::Withheld => {
+                        if w.drop_member().is_none() {
+                            w.value(b"null");
+                        }
+                    }
+                },
+            }
+        }
+        let mut reports = Vec::with_capacity(self.order.len());
+        for &at in &self.order {
+            let found = self.scan.found.get(at).ok_or(Bail)?;
+            let spec = schema.fields.get(found.field).ok_or(Bail)?;
+            let outcome = match shown.get(at).ok_or(Bail)? {
+                Shown::Plain(_) => FieldOutcome::Revealed,
+                Shown::Masked(_) => FieldOutcome::Masked,
+                Shown::Withheld => FieldOutcome::Withheld,
+            };
+            reports.push(FieldReport {
+                pointer: found.pointer.clone(),
+                class: spec.class.clone(),
+                outcome,
+            });
+        }
+        Ok(reports)
+    }
+}
+
+/// The opened plaintext at `start..end` of `opened`, as the JSON text the
+/// tree path would write for it (appended, if it is not that already):
+/// authenticated bytes that are not JSON mean a bug or a forged key, and
+/// fail.
+fn canonical(opened: &mut Zeroizing<Vec<u8>>, start: usize, end: usize) -> Step<Plain> {
+    let plaintext = opened.get(start..end).ok_or(Bail)?;
+    if transform::plain_string_contents(plaintext).is_some() {
+        return Ok(Plain::Opened(start, end));
+    }
+    let value: Value = serde_json::from_slice(plaintext).map_err(|_| Bail)?;
+    let at = opened.len();
+    serde_json::to_writer(&mut **opened, &value).map_err(|_| Bail)?;
+    Ok(Plain::Opened(at, opened.len()))
+}
+
+/// What a caller gets of one field.
+enum Shown {
+    Plain(Plain),
+    Masked(Value),
+    Withheld,
+}
+
+/// The text path gives way to the tree path, or fails for good.
+enum Fallback {
+    Tree,
+    Error(RecordError),
+}
+
+impl From<Bail> for Fallback {
+    fn from(_: Bail) -> Self {
+        Self::Tree
+    }
+}
+
+fn plain_bytes<'b>(plain: Plain, opened: &'b [u8], text: &'b [u8]) -> &'b [u8] {
+    match plain {
+        Plain::Opened(start, end) => opened.get(start..end),
+        Plain::Stored(span) => text.get(span.start..span.end),
+    }
+    .unwrap_or_default()
+}
+
+/// The contents of a stored value that must be a string without escapes
+/// (every token and pseudonym keygate writes is one).
+fn stored_string(text: &[u8], span: Span) -> Step<&str> {
+    text.get(span.start..span.end).and_then(transform::plain_string_contents).ok_or(Bail)
+}
+
+/// The record as a tree, for the tree path.
+fn tree(text: &str) -> Result<Value, RecordError> {
+    // A `RawValue` is valid JSON, so this only fails for a caller that
+    // built one unchecked.
+    serde_json::from_str(text).map_err(|_| RecordError::NotAnObject)
+}
+
+fn write_tree(record: &Value, out: &mut SecretBuf) -> Result<(), RecordError> {
+    serde_json::to_writer(out, record).map_err(|_| RecordError::NotAnObject)
+}

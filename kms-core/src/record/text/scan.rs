@@ -1,0 +1,534 @@
+//! One pass over a record's JSON text that finds what the schema protects,
+//! without building a tree.
+//!
+//! The pass follows only the members and elements that some schema path
+//! can still reach (its "cursors"); every other value is skipped as a byte
+//! span (strings by a vectorized search for `"` and `\`) and later copied
+//! as it is. What it leaves is a flat list of [`Event`]s in document order
+//! — enough to write the record back out with protected values replaced,
+//! members added or members dropped — and the protected locations with
+//! their concrete pointers, exactly as [`PathPattern::expand`] would name
+//! them.
+//!
+//! Anything the tree path would treat in a way this pass does not
+//! reproduce exactly is a [`Bail`]: a member name with an escape (the tree
+//! compares unescaped names), a relevant member name that occurs twice in
+//! one object (the tree keeps the last), a value of the wrong shape on a
+//! schema path (the tree reports which), too many locations. The caller
+//! then runs the tree path, which gives its answer or its error; nothing
+//! here ever decides an error.
+//!
+//! [`PathPattern::expand`]: crate::pointer::PathPattern::expand
+
+use crate::pointer::{MAX_POINTER_LEN, PatternToken};
+use crate::record::{BLIND_INDEX_SUFFIX, HEADER_MEMBER, MAX_FIELDS};
+use crate::schema::{FieldMode, Schema};
+
+/// The record is not one this pass reproduces exactly: use the tree path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Bail;
+
+pub(super) type Step<T> = Result<T, Bail>;
+
+/// A byte range of the record text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Span {
+    pub(super) start: usize,
+    pub(super) end: usize,
+}
+
+/// What the pass saw, in document order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Event {
+    /// `{` or `[` of a container some schema path goes into.
+    Open(u8),
+    /// Its `}` or `]`.
+    Close(u8),
+    /// A member name, with its quotes (no escapes in it).
+    Name(Span),
+    /// A value no schema path reaches: copied as it is.
+    Raw(Span),
+    /// A protected location (index into [`Scan::found`]).
+    Found(usize),
+    /// A `<name>_bidx` member beside a blind index path (index into
+    /// [`Scan::siblings`]; decrypt only).
+    Sibling(usize),
+    /// The root's `_kg` member's value (decrypt only).
+    Header(Span),
+}
+
+/// A protected location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Found {
+    /// Concrete pointer, as the header lists it.
+    pub(super) pointer: String,
+    /// Index of the schema field whose path matched.
+    pub(super) field: usize,
+    /// The value's text.
+    pub(super) value: Span,
+}
+
+/// A member named like a blind index path's sibling (`<name>_bidx`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Sibling {
+    /// Its concrete pointer (the location's pointer and the suffix).
+    pub(super) pointer: String,
+    /// Its value's text.
+    pub(super) value: Span,
+}
+
+/// Which direction the record is going.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Direction {
+    /// Plain record: a root `_kg` or a `<name>_bidx` member beside a blind
+    /// index path is the tree path's business (it refuses both).
+    Encrypt,
+    /// Encrypted record: both are noted.
+    Decrypt,
+}
+
+/// The result of one pass (its buffers are reused from record to record).
+#[derive(Debug, Default)]
+pub(super) struct Scan {
+    pub(super) events: Vec<Event>,
+    pub(super) found: Vec<Found>,
+    pub(super) siblings: Vec<Sibling>,
+    /// Schema paths still possible at each level: (field index, tokens
+    /// matched). A level's cursors are a range of this stack.
+    cursors: Vec<(usize, usize)>,
+    /// Names already seen in the objects being walked (to catch repeats).
+    seen: Vec<Span>,
+    /// The concrete pointer of the value being walked.
+    pointer: String,
+}
+
+impl Scan {
+    /// Walks `text` (one JSON value, known to be valid JSON) for `schema`.
+    pub(super) fn run(&mut self, text: &str, schema: &Schema, direction: Direction) -> Step<()> {
+        self.events.clear();
+        self.found.clear();
+        self.siblings.clear();
+        self.cursors.clear();
+        self.seen.clear();
+        self.pointer.clear();
+        let r = Reader { text: text.as_bytes(), pos: 0 };
+        let mut walk = Walk { r, schema, direction, scan: self };
+        walk.r.skip_ws();
+        if walk.r.peek() != Some(b'{') {
+            return Err(Bail); // not an object: the tree path says so
+        }
+        walk.scan.cursors.extend((0..schema.fields.len()).map(|field| (field, 0)));
+        let root = walk.scan.cursors.len();
+        walk.object(0, root, true)?;
+        walk.r.skip_ws();
+        if walk.r.pos != walk.r.text.len() {
+            return Err(Bail);
+        }
+        Ok(())
+    }
+}
+
+/// Reads valid JSON text token by token.
+struct Reader<'t> {
+    text: &'t [u8],
+    pos: usize,
+}
+
+struct Walk<'t, 's> {
+    r: Reader<'t>,
+    schema: &'s Schema,
+    direction: Direction,
+    scan: &'s mut Scan,
+}
+
+impl Reader<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.text.get(self.pos).copied()
+    }
+
+    fn skip_ws(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.pos += 1;
+        }
+    }
+
+    fn expect(&mut self, byte: u8) -> Step<()> {
+        self.skip_ws();
+        if self.peek() != Some(byte) {
+            return Err(Bail);
+        }
+        self.pos += 1;
+        Ok(())
+    }
+
+    /// A member name at `pos`, quotes included; a name with an escape is
+    /// compared unescaped by the tree path, so it is not ours.
+    fn name(&mut self) -> Step<Span> {
+        let start = self.pos;
+        if self.peek() != Some(b'"') {
+            return Err(Bail);
+        }
+        let rest = self.text.get(start + 1..).ok_or(Bail)?;
+        let at = memchr::memchr2(b'"', b'\\', rest).ok_or(Bail)?;
+        if rest.get(at) != Some(&b'"') {
+            return Err(Bail);
+        }
+        self.pos = start + 1 + at + 1;
+        Ok(Span { start, end: self.pos })
+    }
+
+    /// Skips the value at `pos` (valid JSON), returning its span.
+    fn skip_value(&mut self) -> Step<Span> {
+        let start = self.pos;
+        match self.peek().ok_or(Bail)? {
+            b'"' => self.pos = string_end(self.text, start)?,
+            b'{' | b'[' => {
+                let mut depth = 0usize;
+                loop {
+                    match self.peek().ok_or(Bail)? {
+                        b'"' => {
+                            self.pos = string_end(self.text, self.pos)?;
+                            continue;
+                        }
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => {
+                            depth = depth.checked_sub(1).ok_or(Bail)?;
+                            if depth == 0 {
+                                self.pos += 1;
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                    self.pos += 1;
+                }
+            }
+            _ => {
+                while let Some(b) = self.peek() {
+                    if matches!(b, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r') {
+                        break;
+                    }
+                    self.pos += 1;
+                }
+            }
+        }
+        if self.pos == start {
+            return Err(Bail);
+        }
+        Ok(Span { start, end: self.pos })
+    }
+}
+
+impl Walk<'_, '_> {
+    fn tokens(&self, field: usize) -> Step<&[PatternToken]> {
+        self.schema.fields.get(field).map(|f| f.path.tokens()).ok_or(Bail)
+    }
+
+    /// The value at `pos` for the cursors `from..to` of the stack.
+    fn value(&mut self, from: usize, to: usize) -> Step<()> {
+        self.r.skip_ws();
+        if from == to {
+            let span = self.r.skip_value()?;
+            self.scan.events.push(Event::Raw(span));
+            return Ok(());
+        }
+        let mut complete = None;
+        for &(field, matched) in self.scan.cursors.get(from..to).ok_or(Bail)? {
+            if matched == self.tokens(field)?.len() {
+                complete = Some(field);
+            }
+        }
+        if let Some(field) = complete {
+            // A schema never has a path that is a prefix of another, so a
+            // location is reached by exactly one cursor.
+            if to - from != 1 {
+                return Err(Bail);
+            }
+            if self.scan.found.len() >= MAX_FIELDS || self.scan.pointer.len() > MAX_POINTER_LEN {
+                return Err(Bail);
+            }
+            let value = self.r.skip_value()?;
+            self.scan.events.push(Event::Found(self.scan.found.len()));
+            self.scan.found.push(Found { pointer: self.scan.pointer.clone(), field, value });
+            return Ok(());
+        }
+        match self.r.peek() {
+            Some(b'{') => self.object(from, to, false),
+            Some(b'[') => self.array(from, to),
+            // A null on the way protects nothing.
+            Some(b'n') => {
+                let span = self.r.skip_value()?;
+                self.scan.events.push(Event::Raw(span));
+                Ok(())
+            }
+            // Any other value where a path needs an object or an array is
+            // a shape error, which the tree path reports.
+            _ => Err(Bail),
+        }
+    }
+
+    fn object(&mut self, from: usize, to: usize, root: bool) -> Step<()> {
+        // `*` over an object, even an empty one, is a shape error in the
+        // tree path.
+        for i in from..to {
+            let &(field, matched) = self.scan.cursors.get(i).ok_or(Bail)?;
+            if !matches!(self.tokens(field)?.get(matched), Some(PatternToken::Key(_))) {
+                return Err(Bail);
+            }
+        }
+        self.r.pos += 1; // '{'
+        self.scan.events.push(Event::Open(b'{'));
+        let seen_base = self.scan.seen.len();
+        self.r.skip_ws();
+        if self.r.peek() == Some(b'}') {
+            self.r.pos += 1;
+            self.scan.events.push(Event::Close(b'}'));
+            return Ok(());
+        }
+        loop {
+            self.r.skip_ws();
+            let name = self.r.name()?;
+            self.r.expect(b':')?;
+            let bytes = self.r.text.get(name.start + 1..name.end - 1).ok_or(Bail)?;
+            let children = self.scan.cursors.len();
+            let mut sibling = false;
+            for i in from..to {
+                let &(field, matched) = self.scan.cursors.get(i).ok_or(Bail)?;
+                let tokens = self.tokens(field)?;
+                match tokens.get(matched) {
+                    Some(PatternToken::Key(key)) if key.as_bytes() == bytes => {
+                        self.scan.cursors.push((field, matched + 1));
+                    }
+                    Some(PatternToken::Key(key))
+                        if matched + 1 == tokens.len() && is_sibling(bytes, key) =>
+                    {
+                        let blind = self.schema.fields.get(field).map(|f| f.mode);
+                        sibling = blind == Some(FieldMode::BlindIndex);
+                    }
+                    Some(PatternToken::Key(_)) => {}
+                    // `*` over an object, or a cursor already complete
+                    // above this value: the tree path's shape error.
+                    Some(PatternToken::AnyIndex) | None => return Err(Bail),
+                }
+            }
+            let header = root && bytes == HEADER_MEMBER.as_bytes();
+            let relevant = self.scan.cursors.len() > children || sibling || header;
+            if relevant {
+                // The tree keeps the last of repeated members; this pass
+                // would see both.
+                let seen = self.scan.seen.get(seen_base..).ok_or(Bail)?;
+                if seen.iter().any(|s| self.r.text.get(s.start..s.end) == Some(bytes)) {
+                    return Err(Bail);
+                }
+                self.scan.seen.push(Span { start: name.start + 1, end: name.end - 1 });
+            }
+            self.scan.events.push(Event::Name(name));
+            if self.scan.cursors.len() > children {
+                if sibling || header {
+                    return Err(Bail);
+                }
+                let len = self.scan.pointer.len();
+                push_escaped(&mut self.scan.pointer, bytes);
+                let result = self.value(children, self.scan.cursors.len());
+                self.scan.pointer.truncate(len);
+                self.scan.cursors.truncate(children);
+                result?;
+            } else if sibling || header {
+                if self.direction == Direction::Encrypt || (sibling && header) {
+                    return Err(Bail);
+                }
+                self.r.skip_ws();
+                let value = self.r.skip_value()?;
+                if header {
+                    self.scan.events.push(Event::Header(value));
+                } else {
+                    let mut pointer = self.scan.pointer.clone();
+                    push_escaped(&mut pointer, bytes);
+                    self.scan.events.push(Event::Sibling(self.scan.siblings.len()));
+                    self.scan.siblings.push(Sibling { pointer, value });
+                }
+            } else {
+                self.r.skip_ws();
+                let span = self.r.skip_value()?;
+                self.scan.events.push(Event::Raw(span));
+            }
+            self.r.skip_ws();
+            match self.r.peek() {
+                Some(b',') => self.r.pos += 1,
+                Some(b'}') => {
+                    self.r.pos += 1;
+                    break;
+                }
+                _ => return Err(Bail),
+            }
+        }
+        self.scan.seen.truncate(seen_base);
+        self.scan.events.push(Event::Close(b'}'));
+        Ok(())
+    }
+
+    fn array(&mut self, from: usize, to: usize) -> Step<()> {
+        // A member name that is not an index, over an array, is a shape
+        // error in the tree path.
+        for i in from..to {
+            let &(field, matched) = self.scan.cursors.get(i).ok_or(Bail)?;
+            match self.tokens(field)?.get(matched) {
+                Some(PatternToken::Key(key)) if array_index(key.as_bytes()).is_none() => {
+                    return Err(Bail);
+                }
+                None => return Err(Bail),
+                _ => {}
+            }
+        }
+        self.r.pos += 1; // '['
+        self.scan.events.push(Event::Open(b'['));
+        self.r.skip_ws();
+        if self.r.peek() == Some(b']') {
+            self.r.pos += 1;
+            self.scan.events.push(Event::Close(b']'));
+            return Ok(());
+        }
+        let mut index = 0usize;
+        loop {
+            let children = self.scan.cursors.len();
+            for i in from..to {
+                let &(field, matched) = self.scan.cursors.get(i).ok_or(Bail)?;
+                let advance = match self.tokens(field)?.get(matched) {
+                    Some(PatternToken::AnyIndex) => true,
+                    Some(PatternToken::Key(key)) => array_index(key.as_bytes()) == Some(index),
+                    None => false,
+                };
+                if advance {
+                    self.scan.cursors.push((field, matched + 1));
+                }
+            }
+            if self.scan.cursors.len() > children {
+                let len = self.scan.pointer.len();
+                self.scan.pointer.push('/');
+                self.scan.pointer.push_str(itoa(index, &mut [0; 20]));
+                let result = self.value(children, self.scan.cursors.len());
+                self.scan.pointer.truncate(len);
+                self.scan.cursors.truncate(children);
+                result?;
+            } else {
+                self.r.skip_ws();
+                let span = self.r.skip_value()?;
+                self.scan.events.push(Event::Raw(span));
+            }
+            self.r.skip_ws();
+            match self.r.peek() {
+                Some(b',') => self.r.pos += 1,
+                Some(b']') => {
+                    self.r.pos += 1;
+                    break;
+                }
+                _ => return Err(Bail),
+            }
+            index += 1;
+        }
+        self.scan.events.push(Event::Close(b']'));
+        Ok(())
+    }
+}
+
+/// The value of the root object's member `name`, if it has one, found
+/// without looking into any value. Bails if the text is not an object,
+/// if a root member name has an escape (it might spell `name`) or if
+/// `name` occurs twice.
+pub(super) fn root_member(text: &str, name: &str) -> Step<Option<Span>> {
+    let mut r = Reader { text: text.as_bytes(), pos: 0 };
+    r.skip_ws();
+    if r.peek() != Some(b'{') {
+        return Err(Bail);
+    }
+    r.pos += 1;
+    r.skip_ws();
+    if r.peek() == Some(b'}') {
+        return Ok(None);
+    }
+    let mut found = None;
+    loop {
+        r.skip_ws();
+        let member = r.name()?;
+        r.expect(b':')?;
+        r.skip_ws();
+        let value = r.skip_value()?;
+        if r.text.get(member.start + 1..member.end - 1) == Some(name.as_bytes()) {
+            if found.is_some() {
+                return Err(Bail);
+            }
+            found = Some(value);
+        }
+        r.skip_ws();
+        match r.peek() {
+            Some(b',') => r.pos += 1,
+            Some(b'}') => return Ok(found),
+            _ => return Err(Bail),
+        }
+    }
+}
+
+/// The position after the string whose opening quote is at `start`.
+pub(super) fn string_end(text: &[u8], start: usize) -> Step<usize> {
+    let mut at = start + 1;
+    loop {
+        let rest = text.get(at..).ok_or(Bail)?;
+        let found = memchr::memchr2(b'"', b'\\', rest).ok_or(Bail)?;
+        at += found;
+        if text.get(at) == Some(&b'"') {
+            return Ok(at + 1);
+        }
+        at += 2; // a backslash and the byte it escapes
+    }
+}
+
+/// Whether `name` is `key` followed by the blind index suffix.
+fn is_sibling(name: &[u8], key: &str) -> bool {
+    name.strip_prefix(key.as_bytes()) == Some(BLIND_INDEX_SUFFIX.as_bytes())
+}
+
+/// RFC 6901 array index: `0` or digits without a leading zero.
+fn array_index(token: &[u8]) -> Option<usize> {
+    match token {
+        [b'0'] => Some(0),
+        [b'1'..=b'9', rest @ ..] if rest.iter().all(u8::is_ascii_digit) => {
+            std::str::from_utf8(token).ok()?.parse().ok()
+        }
+        _ => None,
+    }
+}
+
+/// `/` and the member name, escaped as a pointer token (`~` → `~0`,
+/// `/` → `~1`). The name is valid UTF-8 (it is a slice of a `&str` between
+/// two quotes).
+fn push_escaped(pointer: &mut String, name: &[u8]) {
+    pointer.push('/');
+    let name = String::from_utf8_lossy(name);
+    if !name.contains(['~', '/']) {
+        pointer.push_str(&name);
+        return;
+    }
+    for c in name.chars() {
+        match c {
+            '~' => pointer.push_str("~0"),
+            '/' => pointer.push_str("~1"),
+            c => pointer.push(c),
+        }
+    }
+}
+
+/// Decimal text of `n` in `buf`.
+fn itoa(mut n: usize, buf: &mut [u8; 20]) -> &str {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        if let Some(slot) = buf.get_mut(at) {
+            *slot = b'0' + (n % 10) as u8;
+        }
+        n /= 10;
+        if n == 0 || at == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(buf.get(at..).unwrap_or_default()).unwrap_or_default()
+}
