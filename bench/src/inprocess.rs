@@ -1,25 +1,32 @@
 //! The in-process reference: the same records encrypted and decrypted by
 //! kms-core called directly, on as many OS threads as the cell's
-//! concurrency — no HTTP, no JSON text, no sidecar or key service process.
-//! It is the ceiling of the sidecar's HTTP + JSON path on these cores.
+//! concurrency — no HTTP, no request or answer around the records, no
+//! sidecar or key service process. It is the ceiling of the sidecar's
+//! path on these cores. Records go from JSON text to JSON text through
+//! kms-core's text path (`TextWorkspace`), the fastest way kms-core has,
+//! which is also the sidecar's.
 //!
-//! - `encrypt`: `encrypt_record` on a copy of each record's `Value`, with
+//! - `encrypt`: each record's text encrypted into a reused buffer, with
 //!   DEKs issued in-process beforehand (untimed), as the sidecar's pool does;
-//! - `decrypt-warm`: parse + `decrypt` with the DEK at hand (a cache hit);
+//! - `decrypt-warm`: header parse + decrypt with the DEK at hand (a cache hit);
 //! - `decrypt-cold`: the same plus the DEK unwrap (what the key service does);
-//! - `rewrap`: unwrap under KEK v1, wrap under v2, re-encode the header;
+//! - `rewrap`: unwrap under KEK v1, wrap under v2, write the new header;
 //! - `datakeys`: issue 1,000 DEKs (fresh id and key, wrapped).
 
+use std::cell::RefCell;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use gateway::up::PATIENT_SCHEMA;
 use kms_core::crypto::Aead;
-use kms_core::record::{Disclosure, EncryptedRecord, SchemaKeys, encrypt_record};
+use kms_core::record::{Disclosure, EncryptedText, SchemaKeys, TextWorkspace};
 use kms_core::schema::{FieldSpec, Schema, SchemaSet};
-use kms_core::{DekBinding, IssuedDek, Key256, RecordKeyId, TenantId, unwrap_dek, wrap_dek};
+use kms_core::{
+    DekBinding, IssuedDek, Key256, RecordKeyId, SecretBuf, TenantId, unwrap_dek, wrap_dek,
+};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::error::{BenchError, Result};
 use crate::ours::DATAKEYS_BATCH;
@@ -70,13 +77,37 @@ impl World {
         Ok(IssuedDek::new(id, version, wrapped, dek))
     }
 
-    fn encrypt(&self, record: &Value, dek: IssuedDek) -> std::result::Result<Value, String> {
-        encrypt_record(record.clone(), &self.tenant, &self.schema, &self.keys, dek)
-            .map_err(|e| e.to_string())
+    /// Encrypts a record's text; the result is in the thread's buffer.
+    fn encrypt(&self, record: &RawValue, dek: IssuedDek) -> std::result::Result<(), String> {
+        with_workspace(|workspace, out| {
+            workspace
+                .encrypt(record, &self.tenant, &self.schema, &self.keys, dek, out)
+                .map_err(|e| e.to_string())
+        })
     }
 
-    fn decrypt(&self, record: &Value, cold: bool, dek: &Key256) -> std::result::Result<(), String> {
-        let parsed = EncryptedRecord::parse(record.clone()).map_err(|e| e.to_string())?;
+    /// The encrypted text of a record (untimed set-up).
+    fn encrypted(
+        &self,
+        record: &RawValue,
+        dek: IssuedDek,
+    ) -> std::result::Result<Box<RawValue>, String> {
+        let text = with_workspace(|workspace, out| {
+            workspace
+                .encrypt(record, &self.tenant, &self.schema, &self.keys, dek, out)
+                .map_err(|e| e.to_string())?;
+            Ok(String::from_utf8_lossy(out.as_slice()).into_owned())
+        })?;
+        RawValue::from_string(text).map_err(|e| e.to_string())
+    }
+
+    fn decrypt(
+        &self,
+        record: &RawValue,
+        cold: bool,
+        dek: &Key256,
+    ) -> std::result::Result<(), String> {
+        let parsed = EncryptedText::parse(record).map_err(|e| e.to_string())?;
         let unwrapped;
         let dek = if cold {
             let h = parsed.header();
@@ -91,14 +122,17 @@ impl World {
         } else {
             dek
         };
-        let out =
-            parsed.decrypt(dek, &self.schema, &self.keys, &reveal).map_err(|e| e.to_string())?;
-        std::hint::black_box(out);
-        Ok(())
+        with_workspace(|workspace, out| {
+            let reports = workspace
+                .decrypt(parsed, dek, &self.schema, &self.keys, &reveal, out)
+                .map_err(|e| e.to_string())?;
+            std::hint::black_box(reports);
+            Ok(())
+        })
     }
 
-    fn rewrap(&self, record: &Value) -> std::result::Result<(), String> {
-        let parsed = EncryptedRecord::parse(record.clone()).map_err(|e| e.to_string())?;
+    fn rewrap(&self, record: &RawValue) -> std::result::Result<(), String> {
+        let parsed = EncryptedText::parse(record).map_err(|e| e.to_string())?;
         let h = parsed.header();
         let old = DekBinding {
             tenant: h.tenant(),
@@ -108,9 +142,38 @@ impl World {
         let dek = unwrap_dek(&self.kek, &old, h.wrapped_dek()).map_err(|e| e.to_string())?;
         let new = DekBinding { kek_version: 2, ..old };
         let wrapped = wrap_dek(&self.kek2, &new, &dek).map_err(|e| e.to_string())?;
-        std::hint::black_box(parsed.into_rewrapped(2, wrapped));
-        Ok(())
+        with_workspace(|_, out| parsed.write_rewrapped(2, wrapped, out).map_err(|e| e.to_string()))
     }
+}
+
+thread_local! {
+    /// Each thread's reused buffers, as a sidecar request reuses them
+    /// across its records.
+    static WORKSPACE: RefCell<(TextWorkspace, SecretBuf)> =
+        RefCell::new((TextWorkspace::default(), SecretBuf::with_capacity(64 * 1024)));
+}
+
+/// Runs `f` with this thread's workspace and an emptied output buffer.
+fn with_workspace<T>(
+    f: impl FnOnce(&mut TextWorkspace, &mut SecretBuf) -> std::result::Result<T, String>,
+) -> std::result::Result<T, String> {
+    WORKSPACE.with(|cell| {
+        let mut guard = cell.borrow_mut();
+        let (workspace, out) = &mut *guard;
+        out.clear();
+        f(workspace, out)
+    })
+}
+
+/// Each record's JSON text (untimed set-up).
+fn texts(records: &[Value]) -> Result<Vec<Box<RawValue>>> {
+    records
+        .iter()
+        .map(|r| {
+            let text = serde_json::to_string(r).map_err(err)?;
+            RawValue::from_string(text).map_err(err)
+        })
+        .collect()
 }
 
 /// Runs the reference's side of the selected scenarios.
@@ -127,6 +190,8 @@ pub(crate) fn run(
         return Ok(cells);
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let records = texts(records)?;
+    let records = records.as_slice();
     let seconds = (plan.duration + plan.warmup).as_secs_f64();
 
     if wants("encrypt") {
@@ -165,7 +230,7 @@ pub(crate) fn run(
                     let start = usize::try_from(i).unwrap_or(0).wrapping_mul(batch);
                     for (k, dek) in chunk.into_iter().enumerate() {
                         let record = records.get((start + k) % records.len()).ok_or("no record")?;
-                        std::hint::black_box(world.encrypt(record, dek)?);
+                        world.encrypt(record, dek)?;
                     }
                     Ok(batch as u64)
                 };
@@ -177,12 +242,13 @@ pub(crate) fn run(
     let decrypting = ["decrypt-warm", "decrypt-cold", "rewrap"].iter().any(|s| wants(s));
     if decrypting {
         let set = warm.get(..warm.len().min(DECRYPT_SET)).unwrap_or(warm);
-        let encrypted: Vec<(Value, Key256)> = set
+        let set = texts(set)?;
+        let encrypted: Vec<(Box<RawValue>, Key256)> = set
             .iter()
             .map(|r| {
                 let dek = world.issue(&world.kek, 1)?;
                 let copy = dek.dek().duplicate();
-                Ok((world.encrypt(r, dek)?, copy))
+                Ok((world.encrypted(r, dek)?, copy))
             })
             .collect::<std::result::Result<_, String>>()?;
         for scenario in ["decrypt-warm", "decrypt-cold", "rewrap"] {

@@ -6,9 +6,13 @@
 //! serde_json.
 
 use kms_core::crypto::Aead;
-use kms_core::record::{Disclosure, EncryptedRecord, HEADER_PREFIX, RecordHeader, SchemaKeys};
+use kms_core::record::{
+    Disclosure, EncryptedRecord, EncryptedText, HEADER_PREFIX, RecordHeader, SchemaKeys,
+    TextWorkspace,
+};
+use kms_core::schema::FieldSpec;
 use kms_core::schema::SchemaSet;
-use kms_core::{DekBinding, Key256, unwrap_dek};
+use kms_core::{DekBinding, Key256, SecretBuf, unwrap_dek};
 
 /// A target's entry point.
 pub type Target = fn(&[u8]);
@@ -45,10 +49,14 @@ const KEYS: &[(&str, u8, u8)] =
     &[("onc-centre", 0x10, 0x11), ("t2", 0x12, 0x13), ("t3", 0x14, 0x15)];
 
 /// Decrypting an arbitrary record (JSON text) with real keys must never
-/// panic. Seeds are the format-stability vectors, whose published test
-/// keys are the ones above.
+/// panic, and the text path must give what the tree path gives (the same
+/// record and reports, or the same error) under every disclosure. Seeds
+/// are the format-stability vectors, whose published test keys are the
+/// ones above.
 pub fn record_decrypt(data: &[u8]) {
-    let Ok(record) = serde_json::from_slice::<serde_json::Value>(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(raw) = serde_json::value::RawValue::from_string(text.to_owned()) else { return };
+    let Ok(record) = serde_json::from_str::<serde_json::Value>(text) else { return };
     let Ok(encrypted) = EncryptedRecord::parse(record) else { return };
     let header = encrypted.header();
     let Some(&(_, kek_byte, root_byte)) =
@@ -67,7 +75,31 @@ pub fn record_decrypt(data: &[u8]) {
     let Ok(dek) = unwrap_dek(&kek, &binding, header.wrapped_dek()) else { return };
     let root = Key256::from_array(&mut [root_byte; 32]);
     let keys = SchemaKeys::derive(&root, header.tenant(), schema);
-    let _ = encrypted.decrypt(&dek, schema, &keys, &|_| Disclosure::Reveal);
+    let reveal = |_: &FieldSpec| Disclosure::Reveal;
+    let withhold = |_: &FieldSpec| Disclosure::Withhold;
+    let by_class = |f: &FieldSpec| match f.class.len() % 3 {
+        0 => Disclosure::Reveal,
+        1 => Disclosure::Mask,
+        _ => Disclosure::Withhold,
+    };
+    let mut workspace = TextWorkspace::default();
+    for disclose in [&reveal as &dyn Fn(&FieldSpec) -> Disclosure, &withhold, &by_class] {
+        let Ok(tree) = serde_json::from_str::<serde_json::Value>(text) else { return };
+        let by_tree = EncryptedRecord::parse(tree)
+            .and_then(|r| r.decrypt(&dek, schema, &keys, disclose))
+            .map(|d| (d.record, d.fields))
+            .map_err(|e| e.to_string());
+        let mut out = SecretBuf::default();
+        let by_text = EncryptedText::parse(&raw)
+            .and_then(|r| workspace.decrypt(r, &dek, schema, &keys, disclose, &mut out))
+            .map_err(|e| e.to_string())
+            .map(|fields| {
+                let record =
+                    serde_json::from_slice(out.as_slice()).expect("the text path wrote JSON");
+                (record, fields)
+            });
+        assert_eq!(by_text, by_tree, "text and tree decrypt differ");
+    }
 }
 
 /// The schema file parser must be total on any text.

@@ -4,6 +4,7 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::abuse::{BodyBounds, exceeds_depth};
@@ -46,6 +47,42 @@ where
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
         let (bytes, max_depth) = read_body(request, state).await?;
         parse(&bytes, max_depth).map(|value| ApiJsonLen(value, bytes.len()))
+    }
+}
+
+/// A JSON request body, read within its bounds like [`ApiJson`]'s but
+/// parsed by the handler ([`ApiBody::parse`]) into a type that may borrow
+/// from it: the sidecar takes records as text (`&RawValue`) instead of
+/// copying each into a tree.
+#[derive(Debug)]
+pub struct ApiBody {
+    bytes: Bytes,
+    max_depth: usize,
+}
+
+impl ApiBody {
+    /// The body parsed as `T`, with [`ApiJson`]'s errors.
+    pub fn parse<'a, T: Deserialize<'a>>(&'a self) -> Result<T, ApiError> {
+        parse(&self.bytes, self.max_depth)
+    }
+
+    /// The body's length in bytes.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Whether the body is empty.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+impl<S: Send + Sync> FromRequest<S> for ApiBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let (bytes, max_depth) = read_body(request, state).await?;
+        Ok(Self { bytes, max_depth })
     }
 }
 
@@ -127,7 +164,7 @@ where
 
 /// Parses a JSON body after checking its nesting depth. Public for the
 /// fuzz targets, which feed it every request type of both APIs.
-pub fn parse<T: DeserializeOwned>(bytes: &[u8], max_depth: usize) -> Result<T, ApiError> {
+pub fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8], max_depth: usize) -> Result<T, ApiError> {
     if exceeds_depth(bytes, max_depth) {
         return Err(ApiError::bad_request(
             "json_too_deep",

@@ -7,9 +7,14 @@
 //! inside are properties, and a failed one is a bug.
 
 use kms_core::audit::Outcome;
-use kms_core::record::{EncryptedRecord, SchemaKeys, encrypt_record, index_token, pseudonym};
-use kms_core::schema::SchemaSet;
-use kms_core::{IssuedDek, Key256, PathPattern, RecordKeyId, TenantId, WrappedDek};
+use kms_core::record::{
+    Disclosure, EncryptedRecord, EncryptedText, SchemaKeys, TextWorkspace, encrypt_record,
+    index_token, pseudonym,
+};
+use kms_core::schema::{FieldSpec, SchemaSet};
+use kms_core::{IssuedDek, Key256, PathPattern, RecordKeyId, SecretBuf, TenantId, WrappedDek};
+use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::extract::parse;
 use crate::policy::{EffectiveGrants, Policy};
@@ -52,35 +57,38 @@ pub fn key_service_request(data: &[u8]) {
 }
 
 /// Every sidecar request body, validated and then processed by the record
-/// code with fixed keys and the sample `patient` schema.
+/// code with fixed keys and the sample `patient` schema: each record is
+/// encrypted by the text path and by the tree path, which must agree (see
+/// [`text_and_tree_agree`]).
 pub fn sidecar_request(data: &[u8]) {
     const RECORDS: usize = 1_000;
     const DEPTH: usize = 64;
     let body_depth = DEPTH + 2;
-    if let Ok(request) = parse::<sc::EncryptRequest>(data, body_depth)
+    if let Ok(request) = parse::<sc::EncryptRequest<'_>>(data, body_depth)
         && let Ok((records, _)) = sc::one_or_many(request.record, request.records, RECORDS, DEPTH)
     {
         let fixture = Fixture::new();
+        let mut workspace = TextWorkspace::default();
         for record in records {
-            let _ = encrypt_record(
-                record,
-                &fixture.tenant,
-                &fixture.schema(),
-                &fixture.keys(),
-                fixture.dek(),
-            );
+            text_and_tree_agree(&fixture, &mut workspace, record);
         }
     }
     for records in [
-        parse::<sc::DecryptRequest>(data, body_depth).map(|r| (r.record, r.records)),
-        parse::<sc::RewrapRequest>(data, body_depth).map(|r| (r.record, r.records)),
+        parse::<sc::DecryptRequest<'_>>(data, body_depth).map(|r| (r.record, r.records)),
+        parse::<sc::RewrapRequest<'_>>(data, body_depth).map(|r| (r.record, r.records)),
     ]
     .into_iter()
     .flatten()
     {
         if let Ok((records, _)) = sc::one_or_many(records.0, records.1, RECORDS, DEPTH) {
             for record in records {
-                let _ = EncryptedRecord::parse(record);
+                let tree = tree_of(record).map(EncryptedRecord::parse);
+                let text = EncryptedText::parse(record);
+                match (tree, text) {
+                    (Some(Ok(tree)), Ok(text)) => assert_eq!(tree.header(), text.header()),
+                    (Some(Err(tree)), Err(text)) => assert_eq!(tree.to_string(), text.to_string()),
+                    (tree, text) => unreachable!("headers differ: {tree:?} / {text:?}"),
+                }
             }
         }
     }
@@ -90,6 +98,58 @@ pub fn sidecar_request(data: &[u8]) {
     }
     if let Ok(request) = parse::<sc::PseudonymRequest>(data, body_depth) {
         let _ = pseudonym(&Key256::from_array(&mut [9; 32]), &request.value);
+    }
+}
+
+fn tree_of(record: &RawValue) -> Option<Value> {
+    serde_json::from_str(record.get()).ok()
+}
+
+/// The text path and the tree path encrypt `record` alike (the same error,
+/// or records with the same header fields that decrypt to the same
+/// record), and decrypt the result alike, revealing or masking all.
+fn text_and_tree_agree(fixture: &Fixture, workspace: &mut TextWorkspace, record: &RawValue) {
+    let (schema, keys) = (fixture.schema(), fixture.keys());
+    let Some(value) = tree_of(record) else { return };
+    let tree = encrypt_record(value, &fixture.tenant, &schema, &keys, fixture.dek());
+    let mut out = SecretBuf::default();
+    let text = workspace.encrypt(record, &fixture.tenant, &schema, &keys, fixture.dek(), &mut out);
+    let (tree, ()) = match (tree, text) {
+        (Ok(tree), Ok(text)) => (tree, text),
+        (Err(tree), Err(text)) => {
+            assert_eq!(tree.to_string(), text.to_string(), "encrypt errors differ");
+            return;
+        }
+        (tree, text) => unreachable!("encrypt outcomes differ: {tree:?} / {text:?}"),
+    };
+    let text = String::from_utf8(out.as_slice().to_vec()).unwrap_or_default();
+    let Ok(ours) = RawValue::from_string(text) else {
+        unreachable!("the text path wrote something that is not JSON")
+    };
+    let dek = fixture.dek();
+    let reveal = |_: &FieldSpec| Disclosure::Reveal;
+    let mask = |_: &FieldSpec| Disclosure::Mask;
+    for disclose in [&reveal as &dyn Fn(&FieldSpec) -> Disclosure, &mask] {
+        let by_tree = |value: Value| {
+            EncryptedRecord::parse(value)
+                .and_then(|r| r.decrypt(dek.dek(), &schema, &keys, disclose))
+                .map(|d| (d.record, d.fields))
+                .map_err(|e| e.to_string())
+        };
+        let expected = by_tree(tree.clone());
+        assert!(expected.is_ok(), "the tree path decrypts its own record");
+        let Some(ours_tree) = tree_of(&ours) else { unreachable!("parsed once already") };
+        assert_eq!(by_tree(ours_tree), expected, "text-encrypted record decrypts differently");
+        let mut plain = SecretBuf::default();
+        let by_text = EncryptedText::parse(&ours)
+            .and_then(|r| workspace.decrypt(r, dek.dek(), &schema, &keys, disclose, &mut plain))
+            .map_err(|e| e.to_string())
+            .map(|fields| {
+                let record = serde_json::from_slice::<Value>(plain.as_slice()).ok();
+                (record, fields)
+            });
+        let expected = expected.map(|(record, fields)| (Some(record), fields));
+        assert_eq!(by_text, expected, "the text path decrypts differently");
     }
 }
 

@@ -85,6 +85,21 @@ impl<T: Serialize> SecretJson<T> {
     }
 }
 
+/// A JSON response already written into a [`SecretBuf`] (the sidecar's
+/// record answers, assembled record by record), wiped when the body is
+/// dropped after sending, like [`SecretJson`]'s.
+pub struct SecretJsonText(pub SecretBuf);
+
+impl IntoResponse for SecretJsonText {
+    fn into_response(self) -> Response {
+        (
+            [(header::CONTENT_TYPE, "application/json")],
+            Body::from(Bytes::from_owner(SecretBody { bytes: self.0, _permit: None })),
+        )
+            .into_response()
+    }
+}
+
 /// The bytes of a [`SecretJson`] body and what it holds until dropped.
 struct SecretBody {
     bytes: SecretBuf,

@@ -30,7 +30,7 @@ pub fn exceeds_depth(body: &[u8], max: usize) -> bool {
 /// base64 tokens), so they are skipped by a vectorized search for the only
 /// two bytes that matter there: a byte-at-a-time scan was 7 % of the
 /// sidecar's batch decrypt profile.
-fn after_string(mut rest: &[u8]) -> &[u8] {
+pub(crate) fn after_string(mut rest: &[u8]) -> &[u8] {
     while let Some(at) = memchr::memchr2(b'"', b'\\', rest) {
         let after = rest.get(at + 1..).unwrap_or_default();
         if rest.get(at) == Some(&b'"') {

@@ -3,6 +3,7 @@
 use kms_core::{Name, TenantId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use utoipa::ToSchema;
 
 use crate::error::ApiError;
@@ -10,7 +11,7 @@ use crate::error::ApiError;
 /// `POST /v1/encrypt`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct EncryptRequest {
+pub(crate) struct EncryptRequest<'a> {
     #[schema(value_type = String, pattern = "^[a-z0-9][a-z0-9_-]{0,62}$")]
     pub(crate) tenant: TenantId,
     #[schema(value_type = String, pattern = "^[a-z0-9][a-z0-9_-]{0,62}$")]
@@ -18,27 +19,27 @@ pub(crate) struct EncryptRequest {
     #[serde(default)]
     pub(crate) schema_version: Option<u32>,
     /// One record (a JSON object); or use `records`.
-    #[serde(default)]
+    #[serde(default, borrow)]
     #[schema(value_type = Option<Object>)]
-    pub(crate) record: Option<Value>,
+    pub(crate) record: Option<&'a RawValue>,
     /// Several records (1 to `limits.max_records`); or use `record`.
-    #[serde(default)]
+    #[serde(default, borrow)]
     #[schema(value_type = Option<Vec<Object>>)]
-    pub(crate) records: Option<Vec<Value>>,
+    pub(crate) records: Option<Vec<&'a RawValue>>,
 }
 
 /// `POST /v1/decrypt`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct DecryptRequest {
+pub(crate) struct DecryptRequest<'a> {
     /// One record (a JSON object); or use `records`.
-    #[serde(default)]
+    #[serde(default, borrow)]
     #[schema(value_type = Option<Object>)]
-    pub(crate) record: Option<Value>,
+    pub(crate) record: Option<&'a RawValue>,
     /// Several records (1 to `limits.max_records`); or use `record`.
-    #[serde(default)]
+    #[serde(default, borrow)]
     #[schema(value_type = Option<Vec<Object>>)]
-    pub(crate) records: Option<Vec<Value>>,
+    pub(crate) records: Option<Vec<&'a RawValue>>,
     #[serde(default)]
     #[schema(value_type = Option<String>, pattern = "^[a-z0-9][a-z0-9_-]{0,62}$")]
     pub(crate) purpose: Option<Name>,
@@ -47,15 +48,15 @@ pub(crate) struct DecryptRequest {
 /// `POST /v1/rewrap`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RewrapRequest {
+pub(crate) struct RewrapRequest<'a> {
     /// One record (a JSON object); or use `records`.
-    #[serde(default)]
+    #[serde(default, borrow)]
     #[schema(value_type = Option<Object>)]
-    pub(crate) record: Option<Value>,
+    pub(crate) record: Option<&'a RawValue>,
     /// Several records (1 to `limits.max_records`); or use `record`.
-    #[serde(default)]
+    #[serde(default, borrow)]
     #[schema(value_type = Option<Vec<Object>>)]
-    pub(crate) records: Option<Vec<Value>>,
+    pub(crate) records: Option<Vec<&'a RawValue>>,
 }
 
 /// `POST /v1/index`.
@@ -165,12 +166,12 @@ pub(crate) struct PseudonymResponse {
 
 /// Exactly one of `record` and `records`; returns the records and whether
 /// the answer should use the single form.
-pub(crate) fn one_or_many(
-    record: Option<Value>,
-    records: Option<Vec<Value>>,
+pub(crate) fn one_or_many<'a>(
+    record: Option<&'a RawValue>,
+    records: Option<Vec<&'a RawValue>>,
     max: usize,
     max_depth: usize,
-) -> Result<(Vec<Value>, bool), ApiError> {
+) -> Result<(Vec<&'a RawValue>, bool), ApiError> {
     let (records, single) = match (record, records) {
         (Some(r), None) => (vec![r], true),
         (None, Some(rs)) if !rs.is_empty() => (rs, false),
@@ -187,7 +188,7 @@ pub(crate) fn one_or_many(
             format!("at most {max} records per request"),
         ));
     }
-    if records.iter().any(|r| depth(r) > max_depth) {
+    if records.iter().any(|r| depth(r.get().as_bytes()) > max_depth) {
         return Err(ApiError::bad_request(
             "json_too_deep",
             format!("records may nest at most {max_depth} levels"),
@@ -196,17 +197,90 @@ pub(crate) fn one_or_many(
     Ok((records, single))
 }
 
-/// Nesting depth of a JSON value (a scalar is 0).
-fn depth(value: &Value) -> usize {
-    let mut deepest = 0;
-    let mut stack = vec![(value, 0usize)];
-    while let Some((v, d)) = stack.pop() {
-        deepest = deepest.max(d);
-        match v {
-            Value::Array(items) => stack.extend(items.iter().map(|i| (i, d + 1))),
-            Value::Object(map) => stack.extend(map.values().map(|i| (i, d + 1))),
-            _ => {}
+/// Nesting depth of a JSON value given as (valid) text: how many arrays
+/// and objects enclose its deepest value (a scalar is 0, `{"a":1}` is 1,
+/// `{"a":{}}` is 1 too).
+fn depth(text: &[u8]) -> usize {
+    let (mut deepest, mut open) = (0usize, 0usize);
+    let mut rest = text;
+    while let Some((&byte, tail)) = rest.split_first() {
+        rest = tail;
+        match byte {
+            b'{' | b'[' => {
+                deepest = deepest.max(open);
+                open += 1;
+            }
+            b'}' | b']' => open = open.saturating_sub(1),
+            b' ' | b'\t' | b'\n' | b'\r' | b',' | b':' => {}
+            // A string (a member name counts with its value, which is as
+            // deep) or a scalar is a value at this depth.
+            b'"' => {
+                deepest = deepest.max(open);
+                rest = crate::abuse::after_string(rest);
+            }
+            _ => deepest = deepest.max(open),
         }
     }
     deepest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The depth of the text is the depth of its tree.
+    #[test]
+    fn depth_of_text_is_depth_of_tree() {
+        fn tree_depth(value: &Value) -> usize {
+            match value {
+                Value::Array(items) => items.iter().map(|i| 1 + tree_depth(i)).max().unwrap_or(0),
+                Value::Object(map) => map.values().map(|v| 1 + tree_depth(v)).max().unwrap_or(0),
+                _ => 0,
+            }
+        }
+        let mut cases: Vec<String> = [
+            "1",
+            "\"a\"",
+            "{}",
+            "[]",
+            "{\"a\":1}",
+            "{\"a\":{}}",
+            "[[]]",
+            "[[1]]",
+            "[{},[]]",
+            "{\"a\":[1,{\"b\":\"x]}\\\"\"}]}",
+            " { \"a\" : [ ] , \"b\" : [ [ ] ] } ",
+            "[1,[2,[3,[4]]]]",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        // Seeded random trees of empty and non-empty containers and
+        // strings holding brackets and escapes, written compactly.
+        fn tree(state: &mut u64, level: usize) -> Value {
+            *state ^= *state << 13;
+            *state ^= *state >> 7;
+            *state ^= *state << 17;
+            let width = (*state % 4) as usize;
+            match (*state >> 8) % 5 {
+                _ if level > 6 => Value::from(1),
+                0 => Value::Array((0..width).map(|_| tree(state, level + 1)).collect()),
+                1 => Value::Object(
+                    (0..width).map(|i| (format!("k{i}]"), tree(state, level + 1))).collect(),
+                ),
+                2 => Value::from("s[{\\\"}"),
+                3 => Value::Null,
+                _ => Value::from(7.5),
+            }
+        }
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        cases.extend((0..2_000).map(|_| tree(&mut state, 0).to_string()));
+        let mut deepest = 0;
+        for text in cases {
+            let value: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(depth(text.as_bytes()), tree_depth(&value), "{text}");
+            deepest = deepest.max(tree_depth(&value));
+        }
+        assert!(deepest >= 5, "the generated trees nest");
+    }
 }

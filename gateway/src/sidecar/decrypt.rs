@@ -14,34 +14,20 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use kms_core::record::{
-    DecryptedRecord, Disclosure, EncryptedRecord, FieldOutcome, FieldReport, SchemaKeys,
+    Disclosure, EncryptedText, FieldOutcome, FieldReport, SchemaKeys, TextWorkspace,
 };
 use kms_core::schema::{FieldSpec, Schema};
 use kms_core::{DekRequest, KekVersion, Key256, Name, RecordKeyId, TenantId};
 use serde::Serialize;
-use serde_json::Value;
 
 use super::api::{DecryptRequest, one_or_many};
+use super::handlers::Answer;
 use super::reporter::{Access, AccessEvent};
 use super::state::{SidecarState, ks_error};
 use crate::error::ApiError;
-use crate::extract::ApiJsonLen;
+use crate::extract::ApiBody;
 use crate::policy::{EffectiveGrants, FieldAccess, Role};
-use crate::wire::SecretJson;
-
-/// Room for the response's members beyond what the records take.
-const REPORT_BYTES: usize = 256;
-
-/// The answer: `record` or `records`, then `report` (the same members, in
-/// the same order, as before the report was typed).
-#[derive(Serialize)]
-pub(super) struct DecryptResponse {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    record: Option<Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    records: Option<Vec<Value>>,
-    report: Vec<RecordReport>,
-}
+use crate::wire::SecretJsonText;
 
 /// One record's report (members in alphabetical order, as a JSON map
 /// would print them).
@@ -94,16 +80,21 @@ struct EventGroup {
     ids: Vec<RecordKeyId>,
 }
 
+/// The answer: `record` or `records`, then `report`. Plaintext leaves in
+/// it: one buffer, sized from the request (records shrink as their
+/// ciphertexts open, and each gains a report of about that size), wiped
+/// once sent.
 pub(super) async fn decrypt(
     State(s): State<Arc<SidecarState>>,
-    ApiJsonLen(req, request_len): ApiJsonLen<DecryptRequest>,
-) -> Result<SecretJson<DecryptResponse>, ApiError> {
+    body: ApiBody,
+) -> Result<SecretJsonText, ApiError> {
+    let req: DecryptRequest<'_> = body.parse()?;
     let (records, single) =
         one_or_many(req.record, req.records, s.limits.max_records, s.limits.max_depth)?;
     let grants = s.keyring.grants().await.map_err(ks_error)?;
     s.reporter.check()?;
-    let parsed: Vec<EncryptedRecord> =
-        records.into_iter().map(EncryptedRecord::parse).collect::<Result<_, _>>()?;
+    let parsed: Vec<EncryptedText<'_>> =
+        records.into_iter().map(EncryptedText::parse).collect::<Result<_, _>>()?;
     for record in &parsed {
         let tenant = record.header().tenant();
         if !grants.authorize(tenant, Role::Decryptor) {
@@ -115,7 +106,8 @@ pub(super) async fn decrypt(
     let deks = deks(&s, &parsed, req.purpose.as_ref()).await?;
 
     let purpose = req.purpose.as_ref().map(|p| p.as_str());
-    let mut out = Vec::with_capacity(parsed.len());
+    let mut answer = Answer::new(single, body.len());
+    let mut workspace = TextWorkspace::default();
     let mut reports = Vec::with_capacity(parsed.len());
     let mut groups: Vec<EventGroup> = Vec::new();
     let mut resolved: Vec<Resolved> = Vec::new();
@@ -141,8 +133,8 @@ pub(super) async fn decrypt(
             FieldAccess::Mask => Disclosure::Mask,
             FieldAccess::Withhold => Disclosure::Withhold,
         };
-        let DecryptedRecord { record: plain, fields } =
-            record.decrypt(&dek, &r.schema, &r.keys, &disclose)?;
+        let fields =
+            workspace.decrypt(record, &dek, &r.schema, &r.keys, &disclose, answer.next_record())?;
         let same_outcomes = |g: &EventGroup| {
             g.outcomes.len() == fields.len()
                 && g.outcomes
@@ -188,7 +180,6 @@ pub(super) async fn decrypt(
             stale_key_version: r.active.is_some_and(|active| active != version),
             tenant: r.tenant.clone(),
         });
-        out.push(plain);
     }
     s.reporter.record(
         groups
@@ -206,19 +197,22 @@ pub(super) async fn decrypt(
             })
             .collect(),
     );
-    let (record, records) = if single { (out.into_iter().next(), None) } else { (None, Some(out)) };
-    // Plaintext leaves in this body: one buffer, sized from the request
-    // (records shrink as their ciphertexts open, and each gains a report
-    // of about that size), wiped once sent.
-    let response = DecryptResponse { record, records, report: reports };
-    Ok(SecretJson::new(response, request_len.saturating_add(REPORT_BYTES)))
+    let out = answer.end_records();
+    out.extend_from_slice(b",\"report\":");
+    serde_json::to_writer(&mut *out, &reports).map_err(|e| {
+        // Only a failing `Serialize` impl gets here; serde's text never
+        // includes values.
+        tracing::error!(error = %e, "report serialization failed");
+        crate::error::cannot_decrypt()
+    })?;
+    Ok(answer.finish())
 }
 
 /// Each record's DEK and whether it came from the cache: cache first, then
 /// one unwrap call per tenant for all misses.
 async fn deks(
     s: &SidecarState,
-    parsed: &[EncryptedRecord],
+    parsed: &[EncryptedText<'_>],
     purpose: Option<&Name>,
 ) -> Result<Vec<Option<(Arc<Key256>, bool)>>, ApiError> {
     let mut deks: Vec<Option<(Arc<Key256>, bool)>> = parsed

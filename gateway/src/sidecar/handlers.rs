@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
-use kms_core::record::{EncryptedRecord, encrypt_record, index_token, pseudonym};
-use kms_core::{DekRequest, TenantId};
-use serde_json::{Map, Value, json};
+use kms_core::record::{EncryptedText, TextWorkspace, check_encryptable, index_token, pseudonym};
+use kms_core::{DekRequest, SecretBuf, TenantId};
+use serde_json::{Value, json};
 
 use super::api::{
     DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, IndexRequest, IndexResponse,
@@ -16,9 +16,9 @@ use super::api::{
 use super::reporter::{Access, AccessEvent};
 use super::state::{SidecarState, ks_error};
 use crate::error::ApiError;
-use crate::extract::{ApiJson, ApiJsonLen};
+use crate::extract::{ApiBody, ApiJson};
 use crate::policy::Role;
-use crate::wire::SecretJson;
+use crate::wire::SecretJsonText;
 
 type Shared = State<Arc<SidecarState>>;
 
@@ -28,22 +28,45 @@ const ENCRYPT_GROWTH: usize = 2;
 /// Room for the response's own members beyond its records.
 const ENVELOPE_BYTES: usize = 256;
 
-/// The answer with its records, in one buffer sized up front from the
-/// request (`size_hint`) and wiped when sent: records carry what the app
-/// sent us, and axum's `Json` would leave every outgrown copy unwiped.
-fn respond(
-    records: Vec<Value>,
+/// An answer with records, written record by record into one buffer sized
+/// up front from the request and wiped when sent: records carry what the
+/// app sent us (and, for decrypt, plaintext).
+pub(super) struct Answer {
+    out: SecretBuf,
     single: bool,
-    extra: Map<String, Value>,
-    size_hint: usize,
-) -> SecretJson<Value> {
-    let mut body = extra;
-    if single {
-        body.insert("record".into(), records.into_iter().next().unwrap_or(Value::Null));
-    } else {
-        body.insert("records".into(), Value::Array(records));
+    count: usize,
+}
+
+impl Answer {
+    /// `{"record":` or `{"records":[`, in a buffer of `size_hint` bytes.
+    pub(super) fn new(single: bool, size_hint: usize) -> Self {
+        let mut out = SecretBuf::with_capacity(size_hint.saturating_add(ENVELOPE_BYTES));
+        out.extend_from_slice(if single { b"{\"record\":" } else { b"{\"records\":[" });
+        Self { out, single, count: 0 }
     }
-    SecretJson::new(Value::Object(body), size_hint.saturating_add(ENVELOPE_BYTES))
+
+    /// Where the next record goes (after a separator if needed).
+    pub(super) fn next_record(&mut self) -> &mut SecretBuf {
+        if self.count > 0 {
+            self.out.extend_from_slice(b",");
+        }
+        self.count += 1;
+        &mut self.out
+    }
+
+    /// Closes the records; more members (`,"name":value`) may follow
+    /// before [`Answer::finish`].
+    pub(super) fn end_records(&mut self) -> &mut SecretBuf {
+        if !self.single {
+            self.out.extend_from_slice(b"]");
+        }
+        &mut self.out
+    }
+
+    pub(super) fn finish(mut self) -> SecretJsonText {
+        self.out.extend_from_slice(b"}");
+        SecretJsonText(self.out)
+    }
 }
 
 async fn authorize(s: &SidecarState, tenant: &TenantId, roles: &[Role]) -> Result<(), ApiError> {
@@ -62,29 +85,21 @@ async fn authorize(s: &SidecarState, tenant: &TenantId, roles: &[Role]) -> Resul
     post,
     path = "/v1/encrypt",
     tag = "records",
-    request_body = EncryptRequest,
+    request_body = EncryptRequest<'_>,
     responses(
         (status = 200, description = "The encrypted record(s)", body = EncryptResponse),
         (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 401 no token, 403 not granted, 404 unknown tenant or schema, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 422 cannot decrypt, 429 rate limited, 503 key service or audit unavailable", body = crate::openapi::ErrorBody)
     ),
 )]
-pub(super) async fn encrypt(
-    State(s): Shared,
-    ApiJsonLen(req, request_len): ApiJsonLen<EncryptRequest>,
-) -> Result<SecretJson<Value>, ApiError> {
+pub(super) async fn encrypt(State(s): Shared, body: ApiBody) -> Result<SecretJsonText, ApiError> {
+    let req: EncryptRequest<'_> = body.parse()?;
     let (records, single) =
         one_or_many(req.record, req.records, s.limits.max_records, s.limits.max_depth)?;
     authorize(&s, &req.tenant, &[Role::Encryptor]).await?;
     let schema = s.schema(req.schema.as_str(), req.schema_version)?.clone();
     // Refuse what cannot be encrypted before any DEK is spent on it.
     for record in &records {
-        match record {
-            Value::Object(map) if map.contains_key(kms_core::record::HEADER_MEMBER) => {
-                return Err(kms_core::record::RecordError::AlreadyEncrypted.into());
-            }
-            Value::Object(_) => {}
-            _ => return Err(kms_core::record::RecordError::NotAnObject.into()),
-        }
+        check_encryptable(record)?;
     }
     s.reporter.check()?;
     let keys = s
@@ -97,16 +112,18 @@ pub(super) async fn encrypt(
         .take(&req.tenant, records.len())
         .await
         .map_err(|e| s.tenant_error(&req.tenant, e))?;
-    let mut out = Vec::with_capacity(records.len());
+    let mut answer = Answer::new(single, body.len().saturating_mul(ENCRYPT_GROWTH));
     let mut ids = Vec::with_capacity(records.len());
     // Warm the DEK cache (the app often reads back what it just wrote):
     // collected here, inserted under one lock after the loop.
     let mut warm = Vec::with_capacity(records.len());
+    let mut workspace = TextWorkspace::default();
     for (record, dek) in records.into_iter().zip(deks) {
         ids.push(dek.record_key_id);
         warm.push((dek.record_key_id, dek.kek_version, Arc::new(dek.dek().duplicate())));
-        out.push(encrypt_record(record, &req.tenant, &schema, &keys, dek)?);
+        workspace.encrypt(record, &req.tenant, &schema, &keys, dek, answer.next_record())?;
     }
+    answer.end_records();
     if let Some((_, version, _)) = warm.last() {
         s.note_active(&req.tenant, *version);
     }
@@ -117,7 +134,7 @@ pub(super) async fn encrypt(
         access: Access::Encrypt { schema: schema.name.clone() },
         record_key_ids: ids,
     }]);
-    Ok(respond(out, single, Map::new(), request_len.saturating_mul(ENCRYPT_GROWTH)))
+    Ok(answer.finish())
 }
 
 /// Decrypts the fields this sidecar's identity may see.
@@ -125,21 +142,18 @@ pub(super) async fn encrypt(
     post,
     path = "/v1/decrypt",
     tag = "records",
-    request_body = DecryptRequest,
+    request_body = DecryptRequest<'_>,
     responses(
         (status = 200, description = "The record(s) with what the policy allows, and a report", body = DecryptResponse),
         (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 401 no token, 403 not granted, 404 unknown tenant or schema, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 422 cannot decrypt, 429 rate limited, 503 key service or audit unavailable", body = crate::openapi::ErrorBody)
     ),
 )]
-pub(super) async fn decrypt(
-    state: Shared,
-    req: ApiJsonLen<DecryptRequest>,
-) -> Result<SecretJson<super::decrypt::DecryptResponse>, ApiError> {
-    super::decrypt::decrypt(state, req).await
+pub(super) async fn decrypt(state: Shared, body: ApiBody) -> Result<SecretJsonText, ApiError> {
+    super::decrypt::decrypt(state, body).await
 }
 
 /// What the key service needs to unwrap or rewrap a record's DEK.
-pub(super) fn dek_request(record: &EncryptedRecord) -> DekRequest {
+pub(super) fn dek_request(record: &EncryptedText<'_>) -> DekRequest {
     let header = record.header();
     DekRequest {
         record_key_id: *header.record_key_id(),
@@ -153,20 +167,18 @@ pub(super) fn dek_request(record: &EncryptedRecord) -> DekRequest {
     post,
     path = "/v1/rewrap",
     tag = "records",
-    request_body = RewrapRequest,
+    request_body = RewrapRequest<'_>,
     responses(
         (status = 200, description = "The records with their key part under the active KEK version", body = RewrapResponse),
         (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 401 no token, 403 not granted, 404 unknown tenant or schema, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 422 cannot decrypt, 429 rate limited, 503 key service or audit unavailable", body = crate::openapi::ErrorBody)
     ),
 )]
-pub(super) async fn rewrap(
-    State(s): Shared,
-    ApiJsonLen(req, request_len): ApiJsonLen<RewrapRequest>,
-) -> Result<SecretJson<Value>, ApiError> {
+pub(super) async fn rewrap(State(s): Shared, body: ApiBody) -> Result<SecretJsonText, ApiError> {
+    let req: RewrapRequest<'_> = body.parse()?;
     let (records, single) =
         one_or_many(req.record, req.records, s.limits.max_records, s.limits.max_depth)?;
-    let parsed: Vec<EncryptedRecord> =
-        records.into_iter().map(EncryptedRecord::parse).collect::<Result<_, _>>()?;
+    let parsed: Vec<EncryptedText<'_>> =
+        records.into_iter().map(EncryptedText::parse).collect::<Result<_, _>>()?;
     let mut by_tenant: BTreeMap<TenantId, Vec<usize>> = BTreeMap::new();
     for (i, r) in parsed.iter().enumerate() {
         by_tenant.entry(r.header().tenant().clone()).or_default().push(i);
@@ -187,21 +199,19 @@ pub(super) async fn rewrap(
         }
     }
     let mut changed = 0u64;
-    let out: Vec<Value> = parsed
-        .into_iter()
-        .zip(new_parts)
-        .map(|(record, part)| {
-            let header = record.header();
-            let (version, wrapped) = part.unwrap_or((header.kek_version(), *header.wrapped_dek()));
-            if version != header.kek_version() {
-                changed += 1;
-            }
-            record.into_rewrapped(version, wrapped)
-        })
-        .collect();
-    let mut extra = Map::new();
-    extra.insert("rewrapped".into(), json!(changed));
-    Ok(respond(out, single, extra, request_len))
+    let mut answer = Answer::new(single, body.len());
+    for (record, part) in parsed.into_iter().zip(new_parts) {
+        let header = record.header();
+        let (version, wrapped) = part.unwrap_or((header.kek_version(), *header.wrapped_dek()));
+        if version != header.kek_version() {
+            changed += 1;
+        }
+        record.write_rewrapped(version, wrapped, answer.next_record())?;
+    }
+    let out = answer.end_records();
+    out.extend_from_slice(b",\"rewrapped\":");
+    out.extend_from_slice(changed.to_string().as_bytes());
+    Ok(answer.finish())
 }
 
 /// The blind-index or deterministic token of a value.

@@ -31,9 +31,9 @@ use super::{handlers, run};
         run::metrics,
     ),
     components(schemas(
-        DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, FieldReport,
+        DecryptRequest<'_>, DecryptResponse, EncryptRequest<'_>, EncryptResponse, FieldReport,
         IndexRequest, IndexResponse, PseudonymRequest, PseudonymResponse, RecordReport,
-        RewrapRequest, RewrapResponse, crate::openapi::ErrorBody,
+        RewrapRequest<'_>, RewrapResponse, crate::openapi::ErrorBody,
     )),
     modifiers(&BearerToken),
     security((), ("bearer_token" = [])),
