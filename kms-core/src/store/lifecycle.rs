@@ -5,7 +5,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use super::{MasterKeyId, StoreError};
+use super::MasterKeyId;
 use crate::dek::KekVersion;
 use crate::ids::TenantId;
 use crate::kek::KekState;
@@ -218,13 +218,14 @@ impl Approval {
     }
 
     /// This request with `d` applied, if the rules allow: it must be
-    /// pending and `d.by` must not be its requester.
-    pub(crate) fn decide(self, d: &DecideApproval<'_>) -> Result<Self, StoreError> {
+    /// pending and `d.by` must not be its requester. (Used by the stores.)
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
+    pub(crate) fn decide(self, d: &DecideApproval<'_>) -> Result<Self, super::StoreError> {
         if self.state != ApprovalState::Pending {
-            return Err(StoreError::ApprovalNotPending { id: self.id, state: self.state });
+            return Err(super::StoreError::ApprovalNotPending { id: self.id, state: self.state });
         }
         if self.requested_by == d.by {
-            return Err(StoreError::SelfApproval);
+            return Err(super::StoreError::SelfApproval);
         }
         let approved = d.decision == Decision::Approve;
         Ok(Self {
