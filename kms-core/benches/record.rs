@@ -167,6 +167,9 @@ fn whole_record(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+    group.bench_function("header from JSON text (text path)", |b| {
+        b.iter(|| EncryptedText::parse(black_box(&encrypted_raw)).unwrap())
+    });
     group.bench_function("decrypt from JSON text (text path)", |b| {
         b.iter(|| {
             out.clear();

@@ -197,7 +197,7 @@ impl RecordHeader {
             return Err(HeaderError::TooLarge);
         }
         let bytes = BASE64URL_NOPAD.decode(body.as_bytes()).map_err(|_| HeaderError::Encoding)?;
-        Self::parse_bytes(&bytes)
+        Self::parse_vec(bytes)
     }
 
     /// Parses decoded header bytes.
@@ -205,7 +205,16 @@ impl RecordHeader {
         if bytes.len() > MAX_HEADER_LEN {
             return Err(HeaderError::TooLarge);
         }
-        let mut r = Reader(bytes);
+        Self::parse_vec(bytes.to_vec())
+    }
+
+    /// Parses decoded header bytes, keeping their record part as `signed`
+    /// (no second copy).
+    fn parse_vec(mut bytes: Vec<u8>) -> Result<Self, HeaderError> {
+        if bytes.len() > MAX_HEADER_LEN {
+            return Err(HeaderError::TooLarge);
+        }
+        let mut r = Reader(&bytes);
         let (format, alg) = (r.u8()?, r.u8()?);
         if format != FORMAT_V1 || alg != ALG_AES256_GCM_SIV {
             return Err(HeaderError::Unsupported { format, alg });
@@ -242,6 +251,7 @@ impl RecordHeader {
         if !r.0.is_empty() {
             return Err(HeaderError::TrailingBytes);
         }
+        bytes.truncate(signed_len);
         Ok(Self {
             tenant,
             schema,
@@ -250,7 +260,7 @@ impl RecordHeader {
             fields,
             kek_version,
             wrapped_dek,
-            signed: bytes.get(..signed_len).ok_or(HeaderError::Truncated)?.to_vec(),
+            signed: bytes,
             tag,
         })
     }

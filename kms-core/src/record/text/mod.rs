@@ -97,10 +97,7 @@ impl<'a> EncryptedText<'a> {
     pub fn parse(record: &'a RawValue) -> Result<Self, RecordError> {
         let text = record.get();
         if let Ok(Some(value)) = scan::root_member(text, HEADER_MEMBER)
-            && let Some(header) = text.get(value.start..value.end).and_then(|v| {
-                transform::plain_string_contents(v.as_bytes())
-                    .and_then(|s| RecordHeader::parse(s).ok())
-            })
+            && let Ok(Ok(header)) = stored_string(text, value).map(RecordHeader::parse)
         {
             return Ok(Self(Source::Text { text, header, header_value: value }));
         }
@@ -224,10 +221,12 @@ impl TextWorkspace {
             return Err(Fallback::Tree);
         }
         self.scan.run(text, schema, Direction::Encrypt)?;
-        let mut fields = self.header_order(schema)?;
-        for (field, &at) in fields.iter_mut().zip(&self.order) {
+        self.sort_found()?;
+        let mut fields = Vec::with_capacity(self.order.len());
+        for &at in &self.order {
             let found = self.scan.found.get_mut(at).ok_or(Fallback::Tree)?;
-            field.pointer = std::mem::take(&mut found.pointer);
+            let mode = schema.fields.get(found.field).ok_or(Fallback::Tree)?.mode;
+            fields.push(HeaderField { pointer: std::mem::take(&mut found.pointer), mode });
         }
         let unsigned = HeaderContents {
             tenant,
@@ -266,8 +265,14 @@ impl TextWorkspace {
                     let field_keys = keys.field(found.field);
                     let raw = w.slice(found.value);
                     // The plaintext is the value's canonical JSON text: a
-                    // string without escapes is its own.
-                    let plaintext = if transform::plain_string_contents(raw).is_some() {
+                    // string without escapes is its own, and its index text
+                    // is its contents.
+                    let simple = stored_string(text, found.value).ok();
+                    let index_text = || match simple {
+                        Some(contents) => Some(std::borrow::Cow::Borrowed(contents)),
+                        None => transform::index_text_of_json(raw),
+                    };
+                    let plaintext = if simple.is_some() {
                         raw
                     } else {
                         self.plaintext.clear();
@@ -298,8 +303,7 @@ impl TextWorkspace {
                                 else {
                                     return Err(Fallback::Tree);
                                 };
-                                let index =
-                                    transform::index_text_of_json(raw).ok_or(Fallback::Tree)?;
+                                let index = index_text().ok_or(Fallback::Tree)?;
                                 sibling = Some(transform::blind_index_of_text(key, bidx, &index));
                             }
                         }
@@ -321,7 +325,7 @@ impl TextWorkspace {
                             let Some(FieldKeys::Pseudonym(key)) = field_keys else {
                                 return Err(Fallback::Tree);
                             };
-                            let index = transform::index_text_of_json(raw).ok_or(Fallback::Tree)?;
+                            let index = index_text().ok_or(Fallback::Tree)?;
                             self.token = transform::pseudonym_of_text(key, &index);
                         }
                     }
@@ -360,9 +364,9 @@ impl TextWorkspace {
         Ok(())
     }
 
-    /// Sorts the found locations into header order (by pointer) and
-    /// returns the header's fields (pointers still to be filled in).
-    fn header_order(&mut self, schema: &Schema) -> Step<Vec<HeaderField>> {
+    /// Sorts the found locations into header order (by pointer):
+    /// `order` lists them in that order, `rank` gives each one's place.
+    fn sort_found(&mut self) -> Step<()> {
         let found = &self.scan.found;
         self.order.clear();
         self.order.extend(0..found.len());
@@ -372,14 +376,10 @@ impl TextWorkspace {
         });
         self.rank.clear();
         self.rank.resize(found.len(), 0);
-        let mut fields = Vec::with_capacity(found.len());
         for (rank, &at) in self.order.iter().enumerate() {
-            let f = found.get(at).ok_or(Bail)?;
             *self.rank.get_mut(at).ok_or(Bail)? = rank;
-            let mode = schema.fields.get(f.field).ok_or(Bail)?.mode;
-            fields.push(HeaderField { pointer: String::new(), mode });
         }
-        Ok(fields)
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -402,19 +402,20 @@ impl TextWorkspace {
         self.scan.run(text, schema, Direction::Decrypt)?;
         // The protected locations present must be exactly those the header
         // lists, with the schema's modes.
-        let fields = self.header_order(schema)?;
-        if fields.len() != header.fields().len() {
+        self.sort_found()?;
+        if self.order.len() != header.fields().len() {
             return Err(Bail);
         }
         let bytes = text.as_bytes();
         let mut bound = Vec::new();
-        for ((field, listed), &at) in fields.iter().zip(header.fields()).zip(&self.order) {
+        for (listed, &at) in header.fields().iter().zip(&self.order) {
             let found = self.scan.found.get(at).ok_or(Bail)?;
-            if found.pointer != listed.pointer || field.mode != listed.mode {
+            let mode = schema.fields.get(found.field).ok_or(Bail)?.mode;
+            if found.pointer != listed.pointer || mode != listed.mode {
                 return Err(Bail);
             }
             if matches!(listed.mode, FieldMode::Deterministic | FieldMode::Pseudonym) {
-                bound.push(stored_string(bytes, found.value)?);
+                bound.push(stored_string(text, found.value)?);
             }
         }
         header.verify(dek, &bound).map_err(|_| Bail)?;
@@ -426,7 +427,7 @@ impl TextWorkspace {
         self.used.resize(self.scan.siblings.len(), false);
         for found in &self.scan.found {
             let spec = schema.fields.get(found.field).ok_or(Bail)?;
-            let stored = stored_string(bytes, found.value)?;
+            let stored = stored_string(text, found.value)?;
             let plain = match spec.mode {
                 FieldMode::Randomized | FieldMode::BlindIndex => {
                     let range =
@@ -477,7 +478,7 @@ impl TextWorkspace {
                     })
                     .ok_or(Bail)?;
                 let sibling = self.scan.siblings.get(at).ok_or(Bail)?;
-                let stored = stored_string(bytes, sibling.value)?;
+                let stored = stored_string(text, sibling.value)?;
                 let index = transform::index_text_of_json(plain_bytes(plain, &self.opened, bytes))
                     .ok_or(Bail)?;
                 let expected = transform::blind_index_of_text(key, bidx, &index);
@@ -543,7 +544,7 @@ impl TextWorkspace {
         }
         let mut reports = Vec::with_capacity(self.order.len());
         for &at in &self.order {
-            let found = self.scan.found.get(at).ok_or(Bail)?;
+            let found = self.scan.found.get_mut(at).ok_or(Bail)?;
             let spec = schema.fields.get(found.field).ok_or(Bail)?;
             let outcome = match shown.get(at).ok_or(Bail)? {
                 Shown::Plain(_) => FieldOutcome::Revealed,
@@ -551,7 +552,7 @@ impl TextWorkspace {
                 Shown::Withheld => FieldOutcome::Withheld,
             };
             reports.push(FieldReport {
-                pointer: found.pointer.clone(),
+                pointer: std::mem::take(&mut found.pointer),
                 class: spec.class.clone(),
                 outcome,
             });
@@ -603,9 +604,16 @@ fn plain_bytes<'b>(plain: Plain, opened: &'b [u8], text: &'b [u8]) -> &'b [u8] {
 }
 
 /// The contents of a stored value that must be a string without escapes
-/// (every token and pseudonym keygate writes is one).
-fn stored_string(text: &[u8], span: Span) -> Step<&str> {
-    text.get(span.start..span.end).and_then(transform::plain_string_contents).ok_or(Bail)
+/// (every token and pseudonym keygate writes is one). The record is valid
+/// JSON, so a string span without a backslash holds no quote or control
+/// character, and its contents are a `str` slice at quote boundaries.
+fn stored_string(text: &str, span: Span) -> Step<&str> {
+    let quoted = text.get(span.start..span.end).ok_or(Bail)?;
+    let contents = quoted.strip_prefix('"').and_then(|q| q.strip_suffix('"')).ok_or(Bail)?;
+    match memchr::memchr(b'\\', contents.as_bytes()) {
+        None => Ok(contents),
+        Some(_) => Err(Bail),
+    }
 }
 
 /// The record as a tree, for the tree path.

@@ -111,7 +111,7 @@ impl Scan {
         self.cursors.clear();
         self.seen.clear();
         self.pointer.clear();
-        let r = Reader { text: text.as_bytes(), pos: 0 };
+        let r = Reader { text: text.as_bytes(), source: text, pos: 0 };
         let mut walk = Walk { r, schema, direction, scan: self };
         walk.r.skip_ws();
         if walk.r.peek() != Some(b'{') {
@@ -131,6 +131,9 @@ impl Scan {
 /// Reads valid JSON text token by token.
 struct Reader<'t> {
     text: &'t [u8],
+    /// The same text as `str`, to slice names from without validating
+    /// them again.
+    source: &'t str,
     pos: usize,
 }
 
@@ -289,26 +292,28 @@ impl Walk<'_, '_> {
             self.r.skip_ws();
             let name = self.r.name()?;
             self.r.expect(b':')?;
-            let bytes = self.r.text.get(name.start + 1..name.end - 1).ok_or(Bail)?;
+            let unquoted = self.r.source.get(name.start + 1..name.end - 1).ok_or(Bail)?;
+            let bytes = unquoted.as_bytes();
             let children = self.scan.cursors.len();
             let mut sibling = false;
             for i in from..to {
                 let &(field, matched) = self.scan.cursors.get(i).ok_or(Bail)?;
-                let tokens = self.tokens(field)?;
-                match tokens.get(matched) {
-                    Some(PatternToken::Key(key)) if key.as_bytes() == bytes => {
-                        self.scan.cursors.push((field, matched + 1));
-                    }
-                    Some(PatternToken::Key(key))
-                        if matched + 1 == tokens.len() && is_sibling(bytes, key) =>
-                    {
-                        let blind = self.schema.fields.get(field).map(|f| f.mode);
-                        sibling = blind == Some(FieldMode::BlindIndex);
-                    }
-                    Some(PatternToken::Key(_)) => {}
-                    // `*` over an object, or a cursor already complete
-                    // above this value: the tree path's shape error.
-                    Some(PatternToken::AnyIndex) | None => return Err(Bail),
+                let spec = self.schema.fields.get(field).ok_or(Bail)?;
+                let tokens = spec.path.tokens();
+                let Some(PatternToken::Key(key)) = tokens.get(matched) else {
+                    return Err(Bail); // checked above; a cursor is never complete here
+                };
+                let key = key.as_bytes();
+                // Lengths and first bytes settle most pairs without a
+                // call to memcmp.
+                if key.len() == bytes.len() && key.first() == bytes.first() && key == bytes {
+                    self.scan.cursors.push((field, matched + 1));
+                } else if spec.mode == FieldMode::BlindIndex
+                    && matched + 1 == tokens.len()
+                    && bytes.len() == key.len() + BLIND_INDEX_SUFFIX.len()
+                    && is_sibling(bytes, key)
+                {
+                    sibling = true;
                 }
             }
             let header = root && bytes == HEADER_MEMBER.as_bytes();
@@ -328,7 +333,7 @@ impl Walk<'_, '_> {
                     return Err(Bail);
                 }
                 let len = self.scan.pointer.len();
-                push_escaped(&mut self.scan.pointer, bytes);
+                push_escaped(&mut self.scan.pointer, unquoted);
                 let result = self.value(children, self.scan.cursors.len());
                 self.scan.pointer.truncate(len);
                 self.scan.cursors.truncate(children);
@@ -343,7 +348,7 @@ impl Walk<'_, '_> {
                     self.scan.events.push(Event::Header(value));
                 } else {
                     let mut pointer = self.scan.pointer.clone();
-                    push_escaped(&mut pointer, bytes);
+                    push_escaped(&mut pointer, unquoted);
                     self.scan.events.push(Event::Sibling(self.scan.siblings.len()));
                     self.scan.siblings.push(Sibling { pointer, value });
                 }
@@ -436,7 +441,7 @@ impl Walk<'_, '_> {
 /// if a root member name has an escape (it might spell `name`) or if
 /// `name` occurs twice.
 pub(super) fn root_member(text: &str, name: &str) -> Step<Option<Span>> {
-    let mut r = Reader { text: text.as_bytes(), pos: 0 };
+    let mut r = Reader { text: text.as_bytes(), source: text, pos: 0 };
     r.skip_ws();
     if r.peek() != Some(b'{') {
         return Err(Bail);
@@ -483,8 +488,8 @@ pub(super) fn string_end(text: &[u8], start: usize) -> Step<usize> {
 }
 
 /// Whether `name` is `key` followed by the blind index suffix.
-fn is_sibling(name: &[u8], key: &str) -> bool {
-    name.strip_prefix(key.as_bytes()) == Some(BLIND_INDEX_SUFFIX.as_bytes())
+fn is_sibling(name: &[u8], key: &[u8]) -> bool {
+    name.strip_prefix(key) == Some(BLIND_INDEX_SUFFIX.as_bytes())
 }
 
 /// RFC 6901 array index: `0` or digits without a leading zero.
@@ -499,13 +504,11 @@ fn array_index(token: &[u8]) -> Option<usize> {
 }
 
 /// `/` and the member name, escaped as a pointer token (`~` → `~0`,
-/// `/` → `~1`). The name is valid UTF-8 (it is a slice of a `&str` between
-/// two quotes).
-fn push_escaped(pointer: &mut String, name: &[u8]) {
+/// `/` → `~1`).
+fn push_escaped(pointer: &mut String, name: &str) {
     pointer.push('/');
-    let name = String::from_utf8_lossy(name);
-    if !name.contains(['~', '/']) {
-        pointer.push_str(&name);
+    if !name.bytes().any(|b| b == b'~' || b == b'/') {
+        pointer.push_str(name);
         return;
     }
     for c in name.chars() {
