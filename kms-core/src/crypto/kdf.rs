@@ -1,7 +1,11 @@
 //! HKDF-SHA256 key derivation with unambiguous, versioned `info` strings.
 
+use std::sync::OnceLock;
+
 use hkdf::Hkdf;
+use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
+use zeroize::Zeroizing;
 
 use crate::secret::{KEY_LEN, Key256};
 
@@ -36,13 +40,30 @@ impl Info {
 }
 
 /// `HKDF-SHA256(ikm = key, salt = none, info)` → a 256-bit key.
+///
+/// Every record's header key is derived this way, so the extract step
+/// (HMAC keyed with the absent salt, i.e. 32 zero bytes) starts from that
+/// key's pads, hashed once per process: two of HKDF's eight SHA-256 blocks.
 pub fn derive(key: &Key256, info: &[u8]) -> Key256 {
-    let hk = Hkdf::<Sha256>::new(None, key.expose_secret());
+    let mut extract = zero_salt().clone();
+    extract.update(key.expose_secret());
+    let prk = Zeroizing::new(<[u8; 32]>::from(extract.finalize().into_bytes()));
+    let hk = match Hkdf::<Sha256>::from_prk(&*prk) {
+        Ok(hk) => hk,
+        // A 32-byte PRK is always accepted; the plain form gives the same key.
+        Err(_) => Hkdf::<Sha256>::new(None, key.expose_secret()),
+    };
     let mut okm = [0u8; KEY_LEN];
     // 32 bytes is far below HKDF-SHA256's 255 × 32 byte limit, so expand
     // cannot fail; the zero key it would leave is never reached.
     let _ = hk.expand(info, &mut okm);
     Key256::from_array(&mut okm)
+}
+
+/// HMAC-SHA256 keyed with HKDF's default salt (32 zero bytes).
+fn zero_salt() -> &'static Hmac<Sha256> {
+    static ZERO_SALT: OnceLock<Hmac<Sha256>> = OnceLock::new();
+    ZERO_SALT.get_or_init(|| <Hmac<Sha256> as KeyInit>::new(&Default::default()))
 }
 
 #[cfg(test)]
@@ -61,6 +82,17 @@ mod tests {
             "8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d\
              9d201395faa4b61a96c8"
         );
+    }
+
+    /// The precomputed extract gives exactly the hkdf crate's HKDF.
+    #[test]
+    fn derive_is_hkdf_with_no_salt() {
+        for (byte, info) in [(0u8, &b""[..]), (7, b"keygate/v1/header"), (0xff, &[9u8; 300])] {
+            let key = Key256::from_array(&mut [byte; 32]);
+            let mut expected = [0u8; 32];
+            Hkdf::<Sha256>::new(None, key.expose_secret()).expand(info, &mut expected).unwrap();
+            assert_eq!(derive(&key, info).expose_secret(), &expected);
+        }
     }
 
     #[test]
