@@ -7,7 +7,7 @@ use axum::http::{StatusCode, header};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::abuse::{BodyBounds, exceeds_depth};
+use crate::abuse::{BodyBounds, nesting};
 use crate::error::ApiError;
 
 /// A JSON request body, read within the request's [`BodyBounds`] (time and
@@ -58,12 +58,19 @@ where
 pub struct ApiBody {
     bytes: Bytes,
     max_depth: usize,
+    nesting: usize,
 }
 
 impl ApiBody {
     /// The body parsed as `T`, with [`ApiJson`]'s errors.
     pub fn parse<'a, T: Deserialize<'a>>(&'a self) -> Result<T, ApiError> {
-        parse(&self.bytes, self.max_depth)
+        parse_measured(&self.bytes, self.nesting, self.max_depth)
+    }
+
+    /// How deeply the body nests arrays and objects (counted up to one
+    /// level past the limit): what is inside it nests less.
+    pub fn nesting(&self) -> usize {
+        self.nesting
     }
 
     /// The body's length in bytes.
@@ -82,7 +89,8 @@ impl<S: Send + Sync> FromRequest<S> for ApiBody {
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
         let (bytes, max_depth) = read_body(request, state).await?;
-        Ok(Self { bytes, max_depth })
+        let nesting = nesting(&bytes, max_depth);
+        Ok(Self { bytes, max_depth, nesting })
     }
 }
 
@@ -165,7 +173,16 @@ where
 /// Parses a JSON body after checking its nesting depth. Public for the
 /// fuzz targets, which feed it every request type of both APIs.
 pub fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8], max_depth: usize) -> Result<T, ApiError> {
-    if exceeds_depth(bytes, max_depth) {
+    parse_measured(bytes, nesting(bytes, max_depth), max_depth)
+}
+
+/// [`parse`] of a body whose [`nesting`] is known.
+fn parse_measured<'a, T: Deserialize<'a>>(
+    bytes: &'a [u8],
+    nesting: usize,
+    max_depth: usize,
+) -> Result<T, ApiError> {
+    if nesting > max_depth {
         return Err(ApiError::bad_request(
             "json_too_deep",
             format!("the request body nests deeper than {max_depth} levels"),

@@ -65,7 +65,8 @@ pub fn sidecar_request(data: &[u8]) {
     const DEPTH: usize = 64;
     let body_depth = DEPTH + 2;
     if let Ok(request) = parse::<sc::EncryptRequest<'_>>(data, body_depth)
-        && let Ok((records, _)) = sc::one_or_many(request.record, request.records, RECORDS, DEPTH)
+        && let Ok((records, _)) =
+            sc::one_or_many(request.record, request.records, RECORDS, DEPTH, usize::MAX)
     {
         let fixture = Fixture::new();
         let mut workspace = TextWorkspace::default();
@@ -80,7 +81,8 @@ pub fn sidecar_request(data: &[u8]) {
     .into_iter()
     .flatten()
     {
-        if let Ok((records, _)) = sc::one_or_many(records.0, records.1, RECORDS, DEPTH) {
+        if let Ok((records, _)) = sc::one_or_many(records.0, records.1, RECORDS, DEPTH, usize::MAX)
+        {
             for record in records {
                 let tree = tree_of(record).map(EncryptedRecord::parse);
                 let text = EncryptedText::parse(record);

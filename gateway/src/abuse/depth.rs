@@ -6,7 +6,14 @@
 /// point. Brackets inside strings do not count. Not a validator: malformed
 /// JSON is left to the parser.
 pub fn exceeds_depth(body: &[u8], max: usize) -> bool {
-    let mut depth = 0usize;
+    nesting(body, max) > max
+}
+
+/// How many arrays and objects `body` opens inside one another at most,
+/// counting no further than `max + 1` (the scan stops there). Brackets
+/// inside strings do not count.
+pub fn nesting(body: &[u8], max: usize) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
     let mut rest = body;
     while let Some((&byte, tail)) = rest.split_first() {
         rest = tail;
@@ -14,15 +21,18 @@ pub fn exceeds_depth(body: &[u8], max: usize) -> bool {
             b'"' => rest = after_string(rest),
             b'[' | b'{' => {
                 depth += 1;
-                if depth > max {
-                    return true;
+                if depth > deepest {
+                    deepest = depth;
+                    if deepest > max {
+                        break;
+                    }
                 }
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
             _ => {}
         }
     }
-    false
+    deepest
 }
 
 /// What follows the string whose opening quote was just read; empty if it

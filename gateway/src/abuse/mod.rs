@@ -23,5 +23,5 @@ mod layer;
 pub use self::bucket::{KeyedBuckets, TokenBucket};
 pub use self::config::{AbuseConfig, SidecarAbuseConfig};
 pub(crate) use self::depth::after_string;
-pub use self::depth::exceeds_depth;
+pub use self::depth::{exceeds_depth, nesting};
 pub use self::layer::{BodyBounds, ConnectionGuard, protect_key_service, protect_sidecar};

@@ -165,12 +165,16 @@ pub(crate) struct PseudonymResponse {
 }
 
 /// Exactly one of `record` and `records`; returns the records and whether
-/// the answer should use the single form.
+/// the answer should use the single form. `body_nesting` is how deeply the
+/// request body nests (`ApiBody::nesting`): records inside a body that
+/// nests at most one level more than `max_depth` cannot be too deep, and
+/// are not measured again.
 pub(crate) fn one_or_many<'a>(
     record: Option<&'a RawValue>,
     records: Option<Vec<&'a RawValue>>,
     max: usize,
     max_depth: usize,
+    body_nesting: usize,
 ) -> Result<(Vec<&'a RawValue>, bool), ApiError> {
     let (records, single) = match (record, records) {
         (Some(r), None) => (vec![r], true),
@@ -188,7 +192,8 @@ pub(crate) fn one_or_many<'a>(
             format!("at most {max} records per request"),
         ));
     }
-    if records.iter().any(|r| depth(r.get().as_bytes()) > max_depth) {
+    let measure = body_nesting > max_depth.saturating_add(1);
+    if measure && records.iter().any(|r| depth(r.get().as_bytes()) > max_depth) {
         return Err(ApiError::bad_request(
             "json_too_deep",
             format!("records may nest at most {max_depth} levels"),
@@ -227,6 +232,33 @@ fn depth(text: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A record one level too deep is refused, whether alone or in a
+    /// batch: by the body's own depth check or, where that lets it in
+    /// (a single record), by `one_or_many`.
+    #[test]
+    fn records_too_deep_are_refused_at_the_edge() {
+        const MAX: usize = 4;
+        let nested = |levels: usize| format!("{}1{}", "[".repeat(levels), "]".repeat(levels));
+        for (levels, ok) in [(MAX - 1, true), (MAX, false)] {
+            // {"x": [[..1..]]}: the record's depth is levels + 1.
+            let record = format!(r#"{{"x":{}}}"#, nested(levels));
+            for body in [
+                format!(r#"{{"record":{record}}}"#),
+                format!(r#"{{"records":[{{"y":1}},{record}]}}"#),
+            ] {
+                let request: DecryptRequest<'_> = serde_json::from_str(&body).unwrap();
+                let nesting = crate::abuse::nesting(body.as_bytes(), MAX + 2);
+                let accepted = nesting <= MAX + 2
+                    && one_or_many(request.record, request.records, 10, MAX, nesting).is_ok();
+                assert_eq!(accepted, ok, "{body}");
+                // The single form is the one only `one_or_many` can refuse.
+                if body.starts_with(r#"{"record""#) {
+                    assert!(nesting <= MAX + 2, "{body}");
+                }
+            }
+        }
+    }
 
     /// The depth of the text is the depth of its tree.
     #[test]

@@ -89,8 +89,13 @@ pub(super) async fn decrypt(
     body: ApiBody,
 ) -> Result<SecretJsonText, ApiError> {
     let req: DecryptRequest<'_> = body.parse()?;
-    let (records, single) =
-        one_or_many(req.record, req.records, s.limits.max_records, s.limits.max_depth)?;
+    let (records, single) = one_or_many(
+        req.record,
+        req.records,
+        s.limits.max_records,
+        s.limits.max_depth,
+        body.nesting(),
+    )?;
     let grants = s.keyring.grants().await.map_err(ks_error)?;
     s.reporter.check()?;
     let parsed: Vec<EncryptedText<'_>> =
