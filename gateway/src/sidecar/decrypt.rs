@@ -20,7 +20,7 @@ use kms_core::schema::{FieldSpec, Schema};
 use kms_core::{DekRequest, KekVersion, Key256, Name, RecordKeyId, TenantId};
 use serde::Serialize;
 
-use super::api::{DecryptRequest, one_or_many};
+use super::api::DecryptRequest;
 use super::handlers::Answer;
 use super::reporter::{Access, AccessEvent};
 use super::state::{SidecarState, ks_error};
@@ -89,13 +89,7 @@ pub(super) async fn decrypt(
     body: ApiBody,
 ) -> Result<SecretJsonText, ApiError> {
     let req: DecryptRequest<'_> = body.parse()?;
-    let (records, single) = one_or_many(
-        req.record,
-        req.records,
-        s.limits.max_records,
-        s.limits.max_depth,
-        body.nesting(),
-    )?;
+    let (records, single) = s.records(req.record, req.records, &body)?;
     let grants = s.keyring.grants().await.map_err(ks_error)?;
     s.reporter.check()?;
     let parsed: Vec<EncryptedText<'_>> =

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::api::{
     DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, IndexRequest, IndexResponse,
-    PseudonymRequest, PseudonymResponse, RewrapRequest, RewrapResponse, one_or_many,
+    PseudonymRequest, PseudonymResponse, RewrapRequest, RewrapResponse,
 };
 use super::reporter::{Access, AccessEvent};
 use super::state::{SidecarState, ks_error};
@@ -93,13 +93,7 @@ async fn authorize(s: &SidecarState, tenant: &TenantId, roles: &[Role]) -> Resul
 )]
 pub(super) async fn encrypt(State(s): Shared, body: ApiBody) -> Result<SecretJsonText, ApiError> {
     let req: EncryptRequest<'_> = body.parse()?;
-    let (records, single) = one_or_many(
-        req.record,
-        req.records,
-        s.limits.max_records,
-        s.limits.max_depth,
-        body.nesting(),
-    )?;
+    let (records, single) = s.records(req.record, req.records, &body)?;
     authorize(&s, &req.tenant, &[Role::Encryptor]).await?;
     let schema = s.schema(req.schema.as_str(), req.schema_version)?.clone();
     // Refuse what cannot be encrypted before any DEK is spent on it.
@@ -180,13 +174,7 @@ pub(super) fn dek_request(record: &EncryptedText<'_>) -> DekRequest {
 )]
 pub(super) async fn rewrap(State(s): Shared, body: ApiBody) -> Result<SecretJsonText, ApiError> {
     let req: RewrapRequest<'_> = body.parse()?;
-    let (records, single) = one_or_many(
-        req.record,
-        req.records,
-        s.limits.max_records,
-        s.limits.max_depth,
-        body.nesting(),
-    )?;
+    let (records, single) = s.records(req.record, req.records, &body)?;
     let parsed: Vec<EncryptedText<'_>> =
         records.into_iter().map(EncryptedText::parse).collect::<Result<_, _>>()?;
     let mut by_tenant: BTreeMap<TenantId, Vec<usize>> = BTreeMap::new();

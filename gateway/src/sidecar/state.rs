@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 use kms_core::schema::{Schema, SchemaSet};
 use kms_core::{KekVersion, TenantId};
 use secrecy::SecretString;
+use serde_json::value::RawValue;
 
+use super::api::one_or_many;
 use super::cache::DekCache;
 use super::config::SidecarLimits;
 use super::keyring::Keyring;
@@ -14,6 +16,7 @@ use super::ks_client::{KeyServiceClient, KsError};
 use super::pool::DekPool;
 use super::reporter::Reporter;
 use crate::error::ApiError;
+use crate::extract::ApiBody;
 use crate::metrics::Metrics;
 
 /// Everything a sidecar handler needs.
@@ -46,6 +49,17 @@ impl SidecarState {
             let v = version.map(|v| format!(" v{v}")).unwrap_or_default();
             ApiError::not_found("unknown_schema", format!("no schema {name}{v} is loaded"))
         })
+    }
+
+    /// A request's records (exactly one of `record` and `records`) within
+    /// this sidecar's limits, and whether the answer uses the single form.
+    pub(super) fn records<'a>(
+        &self,
+        record: Option<&'a RawValue>,
+        records: Option<Vec<&'a RawValue>>,
+        body: &ApiBody,
+    ) -> Result<(Vec<&'a RawValue>, bool), ApiError> {
+        one_or_many(record, records, self.limits.max_records, self.limits.max_depth, body.nesting())
     }
 
     pub(super) fn note_active(&self, tenant: &TenantId, version: KekVersion) {

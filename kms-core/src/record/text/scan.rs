@@ -164,6 +164,23 @@ impl Reader<'_> {
         Ok(())
     }
 
+    /// After a member or element: `true` at the container's end (`close`,
+    /// consumed), `false` at a comma (consumed).
+    fn next_or_close(&mut self, close: u8) -> Step<bool> {
+        self.skip_ws();
+        match self.peek() {
+            Some(b',') => {
+                self.pos += 1;
+                Ok(false)
+            }
+            Some(b) if b == close => {
+                self.pos += 1;
+                Ok(true)
+            }
+            _ => Err(Bail),
+        }
+    }
+
     /// A member name at `pos`, quotes included; a name with an escape is
     /// compared unescaped by the tree path, so it is not ours.
     fn name(&mut self) -> Step<Span> {
@@ -223,18 +240,24 @@ impl Reader<'_> {
 }
 
 impl Walk<'_, '_> {
+    /// A value no schema path reaches: skipped, to be copied as it is.
+    fn raw_value(&mut self) -> Step<()> {
+        self.r.skip_ws();
+        let span = self.r.skip_value()?;
+        self.scan.events.push(Event::Raw(span));
+        Ok(())
+    }
+
     fn tokens(&self, field: usize) -> Step<&[PatternToken]> {
         self.schema.fields.get(field).map(|f| f.path.tokens()).ok_or(Bail)
     }
 
     /// The value at `pos` for the cursors `from..to` of the stack.
     fn value(&mut self, from: usize, to: usize) -> Step<()> {
-        self.r.skip_ws();
         if from == to {
-            let span = self.r.skip_value()?;
-            self.scan.events.push(Event::Raw(span));
-            return Ok(());
+            return self.raw_value();
         }
+        self.r.skip_ws();
         let mut complete = None;
         for &(field, matched) in self.scan.cursors.get(from..to).ok_or(Bail)? {
             if matched == self.tokens(field)?.len() {
@@ -259,11 +282,7 @@ impl Walk<'_, '_> {
             Some(b'{') => self.object(from, to, false),
             Some(b'[') => self.array(from, to),
             // A null on the way protects nothing.
-            Some(b'n') => {
-                let span = self.r.skip_value()?;
-                self.scan.events.push(Event::Raw(span));
-                Ok(())
-            }
+            Some(b'n') => self.raw_value(),
             // Any other value where a path needs an object or an array is
             // a shape error, which the tree path reports.
             _ => Err(Bail),
@@ -353,18 +372,10 @@ impl Walk<'_, '_> {
                     self.scan.siblings.push(Sibling { pointer, value });
                 }
             } else {
-                self.r.skip_ws();
-                let span = self.r.skip_value()?;
-                self.scan.events.push(Event::Raw(span));
+                self.raw_value()?;
             }
-            self.r.skip_ws();
-            match self.r.peek() {
-                Some(b',') => self.r.pos += 1,
-                Some(b'}') => {
-                    self.r.pos += 1;
-                    break;
-                }
-                _ => return Err(Bail),
+            if self.r.next_or_close(b'}')? {
+                break;
             }
         }
         self.scan.seen.truncate(seen_base);
@@ -416,18 +427,10 @@ impl Walk<'_, '_> {
                 self.scan.cursors.truncate(children);
                 result?;
             } else {
-                self.r.skip_ws();
-                let span = self.r.skip_value()?;
-                self.scan.events.push(Event::Raw(span));
+                self.raw_value()?;
             }
-            self.r.skip_ws();
-            match self.r.peek() {
-                Some(b',') => self.r.pos += 1,
-                Some(b']') => {
-                    self.r.pos += 1;
-                    break;
-                }
-                _ => return Err(Bail),
+            if self.r.next_or_close(b']')? {
+                break;
             }
             index += 1;
         }
@@ -464,11 +467,8 @@ pub(super) fn root_member(text: &str, name: &str) -> Step<Option<Span>> {
             }
             found = Some(value);
         }
-        r.skip_ws();
-        match r.peek() {
-            Some(b',') => r.pos += 1,
-            Some(b'}') => return Ok(found),
-            _ => return Err(Bail),
+        if r.next_or_close(b'}')? {
+            return Ok(found);
         }
     }
 }
