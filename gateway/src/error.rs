@@ -180,6 +180,10 @@ impl From<kms_core::record::RecordError> for ApiError {
             R::NotAnObject => {
                 Self::bad_request("invalid_request", "a record must be a JSON object")
             }
+            R::Unreadable(detail) => Self::bad_request(
+                "invalid_request",
+                format!("a record has a value that cannot be read ({detail})"),
+            ),
             R::AlreadyEncrypted => Self::bad_request(
                 "already_encrypted",
                 "the record is already encrypted (it has _kg)",

@@ -514,6 +514,22 @@ fn escaped_or_repeated_names_take_the_tree_path() {
     }
 }
 
+/// A number no `f64` holds is valid JSON text: the text path passes it
+/// through where nothing reads it, and a record that needs a tree says
+/// what it cannot read.
+#[test]
+fn numbers_out_of_range_pass_through_or_are_named() {
+    let keys = TenantKeys::random("onc");
+    let mut ws = TextWorkspace::default();
+    let passed = text_encrypt(&mut ws, &keys, r#"{"age": 1e400, "ssn": "1"}"#).unwrap();
+    assert!(passed.starts_with(r#"{"age":1e400,"ssn":"kg1:"#), "{passed}");
+    for text in [r#"{"ssn": 1e400}"#, r#"{"age": 1e400, "s\u0073n": "1"}"#] {
+        let refused = text_encrypt(&mut ws, &keys, text).unwrap_err();
+        assert!(refused.starts_with("the record has a value that cannot be read"), "{refused}");
+        assert!(refused.contains("number out of range"), "{refused}");
+    }
+}
+
 /// A rewrap changes the header's key part only, in place.
 #[test]
 fn rewrap_replaces_only_the_header() {

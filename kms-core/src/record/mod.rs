@@ -46,6 +46,11 @@ pub enum RecordError {
     /// The record is not a JSON object.
     #[error("a record must be a JSON object")]
     NotAnObject,
+    /// The record is valid JSON text, but a value in it cannot be read
+    /// into a tree (a number out of range, say), which this record needs
+    /// (see [`TextWorkspace`]). The detail is serde_json's, without values.
+    #[error("the record has a value that cannot be read: {0}")]
+    Unreadable(String),
     /// The record already has a `_kg` member.
     #[error("record is already encrypted (it has a {HEADER_MEMBER} member)")]
     AlreadyEncrypted,

@@ -616,11 +616,12 @@ fn stored_string(text: &str, span: Span) -> Step<&str> {
     }
 }
 
-/// The record as a tree, for the tree path.
+/// The record as a tree, for the tree path. A `RawValue` is valid JSON
+/// text, but a number too large for an `f64` is valid text that no tree
+/// holds; the text path copies such a value as it is when nothing needs to
+/// read it, and this is where a record that does need a tree stops.
 fn tree(text: &str) -> Result<Value, RecordError> {
-    // A `RawValue` is valid JSON, so this only fails for a caller that
-    // built one unchecked.
-    serde_json::from_str(text).map_err(|_| RecordError::NotAnObject)
+    serde_json::from_str(text).map_err(|e| RecordError::Unreadable(e.to_string()))
 }
 
 fn write_tree(record: &Value, out: &mut SecretBuf) -> Result<(), RecordError> {
