@@ -31,25 +31,6 @@ where
     }
 }
 
-/// [`ApiJson`] and the length of the body it was read from, for handlers
-/// that size their answer by their request (a batch of records comes back
-/// about as large as it went in).
-#[derive(Debug)]
-pub struct ApiJsonLen<T>(pub T, pub usize);
-
-impl<T, S> FromRequest<S> for ApiJsonLen<T>
-where
-    T: DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        let (bytes, max_depth) = read_body(request, state).await?;
-        parse(&bytes, max_depth).map(|value| ApiJsonLen(value, bytes.len()))
-    }
-}
-
 /// A JSON request body, read within its bounds like [`ApiJson`]'s but
 /// parsed by the handler ([`ApiBody::parse`]) into a type that may borrow
 /// from it: the sidecar takes records as text (`&RawValue`) instead of

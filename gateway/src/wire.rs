@@ -92,11 +92,7 @@ pub struct SecretJsonText(pub SecretBuf);
 
 impl IntoResponse for SecretJsonText {
     fn into_response(self) -> Response {
-        (
-            [(header::CONTENT_TYPE, "application/json")],
-            Body::from(Bytes::from_owner(SecretBody { bytes: self.0, _permit: None })),
-        )
-            .into_response()
+        SecretBody { bytes: self.0, _permit: None }.into_response()
     }
 }
 
@@ -112,15 +108,18 @@ impl AsRef<[u8]> for SecretBody {
     }
 }
 
+impl IntoResponse for SecretBody {
+    fn into_response(self) -> Response {
+        ([(header::CONTENT_TYPE, "application/json")], Body::from(Bytes::from_owner(self)))
+            .into_response()
+    }
+}
+
 impl<T: Serialize> IntoResponse for SecretJson<T> {
     fn into_response(self) -> Response {
         let mut buf = SecretBuf::with_capacity(self.size_hint);
         match serde_json::to_writer(&mut buf, &self.value) {
-            Ok(()) => (
-                [(header::CONTENT_TYPE, "application/json")],
-                Body::from(Bytes::from_owner(SecretBody { bytes: buf, _permit: self.permit })),
-            )
-                .into_response(),
+            Ok(()) => SecretBody { bytes: buf, _permit: self.permit }.into_response(),
             // Only a failing `Serialize` impl gets here; the error text is
             // serde's, which never includes the values.
             Err(e) => {

@@ -102,6 +102,22 @@ impl SecretBuf {
         }
     }
 
+    /// Appends `n` zero bytes, to be written in place, and returns them
+    /// (growing, like every append, by a wiped move).
+    pub fn extend_zeroed(&mut self, n: usize) -> &mut [u8] {
+        if n > self.0.capacity() - self.0.len() {
+            self.grow(n);
+        }
+        let start = self.0.len();
+        self.0.resize(start + n, 0);
+        self.0.get_mut(start..).unwrap_or_default()
+    }
+
+    /// The bytes written so far, to change in place.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+
     /// The number of bytes written.
     pub fn len(&self) -> usize {
         self.0.len()
@@ -238,5 +254,21 @@ mod tests {
             expected.extend_from_slice(&piece);
             assert_eq!(buf.as_slice(), expected.as_slice(), "after piece {n}");
         }
+    }
+
+    #[test]
+    fn secret_buf_room_to_write_in_place_and_truncate() {
+        let mut buf = SecretBuf::with_capacity(2);
+        buf.extend_from_slice(b"ab");
+        // Growing past the capacity keeps what was written.
+        let room = buf.extend_zeroed(5);
+        assert_eq!(room, &[0; 5]);
+        room.copy_from_slice(b"cdefg");
+        assert_eq!(buf.as_slice(), b"abcdefg");
+        buf.as_mut_slice()[0] = b'A';
+        buf.truncate(3);
+        assert_eq!((buf.as_slice(), buf.len(), buf.is_empty()), (&b"Abc"[..], 3, false));
+        buf.truncate(10);
+        assert_eq!(buf.as_slice(), b"Abc", "truncating to more is a no-op");
     }
 }

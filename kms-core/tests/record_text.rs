@@ -530,6 +530,22 @@ fn numbers_out_of_range_pass_through_or_are_named() {
     }
 }
 
+/// A parsed record's `Debug` shows its header, never the record: the
+/// members a schema does not protect are in clear.
+#[test]
+fn debug_shows_the_header_only() {
+    let keys = TenantKeys::random("onc");
+    let mut ws = TextWorkspace::default();
+    for plain in [r#"{"name": "Jane Roe", "ssn": "1"}"#, r#"{"n\u0061me": "Jane Roe", "ssn": "1"}"#]
+    {
+        let encrypted = text_encrypt(&mut ws, &keys, plain).unwrap();
+        let record = raw(&encrypted);
+        let shown = format!("{:?}", EncryptedText::parse(&record).unwrap());
+        assert!(shown.contains("RecordHeader") && shown.contains("onc"), "{shown}");
+        assert!(!shown.contains("Jane") && !shown.contains("kg1:"), "{shown}");
+    }
+}
+
 /// A rewrap changes the header's key part only, in place.
 #[test]
 fn rewrap_replaces_only_the_header() {

@@ -10,7 +10,7 @@ use super::{HEADER_MEMBER, RecordError};
 use crate::crypto::{Aead, ct_eq};
 use crate::pointer;
 use crate::schema::{FieldMode, FieldSpec, Schema};
-use crate::secret::Key256;
+use crate::secret::{Key256, SecretBuf};
 
 /// What a caller may see of one field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,7 +157,7 @@ impl EncryptedRecord {
         let record_aead = Aead::new(dek);
         let mut aad = Vec::with_capacity(64);
         // Each field's token is decoded and opened here, one after another.
-        let mut scratch = zeroize::Zeroizing::new(Vec::with_capacity(256));
+        let mut scratch = SecretBuf::with_capacity(256);
         let mut opened = Vec::with_capacity(locations.len());
         for loc in &locations {
             let spec = field(schema, loc.field)?;
@@ -171,7 +171,7 @@ impl EncryptedRecord {
                     aad.clear();
                     aad.extend_from_slice(&aad_prefix);
                     aad.extend_from_slice(loc.pointer.as_bytes());
-                    parse_plaintext(record_aead.open_in_place(&mut scratch, &aad)?)?
+                    parse_plaintext(record_aead.open_in_place(scratch.as_mut_slice(), &aad)?)?
                 }
                 FieldMode::Deterministic => {
                     let keys = keys.field(loc.field).ok_or(RecordError::CannotDecrypt)?;

@@ -10,7 +10,7 @@ use super::keys::FieldKeys;
 use crate::crypto::mac::MacKey;
 use crate::crypto::{CannotDecrypt, NONCE_LEN};
 use crate::schema::{BlindIndexSpec, Mask, Normalizer};
-use crate::secret::Key256;
+use crate::secret::{Key256, SecretBuf};
 
 /// Prefix of a randomized field.
 pub const RANDOMIZED_PREFIX: &str = "kg1:";
@@ -72,11 +72,19 @@ pub fn blind_index_token(key: &Key256, spec: &BlindIndexSpec, value: &Value) -> 
 
 /// [`blind_index_token`] with the MAC already keyed.
 pub(crate) fn blind_index_with(key: &MacKey, spec: &BlindIndexSpec, value: &Value) -> String {
-    blind_index_of_text(key, spec, &index_text(value))
+    let mut out = String::new();
+    blind_index_of_text(key, spec, &index_text(value), &mut out);
+    out
 }
 
-/// [`blind_index_token`] of a value's index text (see [`index_text`]).
-pub(crate) fn blind_index_of_text(key: &MacKey, spec: &BlindIndexSpec, text: &str) -> String {
+/// [`blind_index_token`] of a value's index text (see [`index_text`]),
+/// into a reused string (emptied first).
+pub(crate) fn blind_index_of_text(
+    key: &MacKey,
+    spec: &BlindIndexSpec,
+    text: &str,
+    out: &mut String,
+) {
     let normalized = normalize(text, &spec.normalize);
     let tag = key.tag(&[normalized.as_bytes()]);
     let bits = usize::from(spec.bits.clamp(8, 256));
@@ -87,7 +95,7 @@ pub(crate) fn blind_index_of_text(key: &MacKey, spec: &BlindIndexSpec, text: &st
     if let Some(last) = kept.last_mut() {
         *last &= 0xffu8 << spare;
     }
-    encode_token(BLIND_INDEX_PREFIX, kept)
+    encode_token_into(BLIND_INDEX_PREFIX, kept, out);
 }
 
 /// The pseudonym of `value`: `kgp:` + base32(HMAC(K_pseud, text)[..16]).
@@ -97,17 +105,19 @@ pub fn pseudonym(key: &Key256, value: &Value) -> String {
 
 /// [`pseudonym`] with the MAC already keyed.
 pub(crate) fn pseudonym_with(key: &MacKey, value: &Value) -> String {
-    pseudonym_of_text(key, &index_text(value))
+    let mut out = String::with_capacity(PSEUDONYM_PREFIX.len() + 26);
+    pseudonym_of_text(key, &index_text(value), &mut out);
+    out
 }
 
-/// [`pseudonym`] of a value's index text (see [`index_text`]).
-pub(crate) fn pseudonym_of_text(key: &MacKey, text: &str) -> String {
+/// [`pseudonym`] of a value's index text (see [`index_text`]), into a
+/// reused string (emptied first).
+pub(crate) fn pseudonym_of_text(key: &MacKey, text: &str, out: &mut String) {
     let tag = key.tag(&[text.as_bytes()]);
     let kept = tag.get(..PSEUDONYM_LEN).unwrap_or(&tag);
-    let mut out = String::with_capacity(PSEUDONYM_PREFIX.len() + 26);
+    out.clear();
     out.push_str(PSEUDONYM_PREFIX);
-    BASE32_NOPAD.encode_append(kept, &mut out);
-    out
+    BASE32_NOPAD.encode_append(kept, out);
 }
 
 /// The index text of a value given as JSON text (see [`index_text`]): a
@@ -133,23 +143,22 @@ pub(crate) fn plain_string_contents(json: &[u8]) -> Option<&str> {
 }
 
 /// Decodes `prefix ‖ base64url` (canonical encoding only) and appends the
-/// bytes to `out`, returning where they lie in it.
+/// bytes to `out`, returning where they lie in it. On failure `out` is as
+/// it was.
 pub(crate) fn decode_token_append(
     prefix: &str,
     text: &str,
-    out: &mut zeroize::Zeroizing<Vec<u8>>,
+    out: &mut SecretBuf,
 ) -> Option<std::ops::Range<usize>> {
     let body = text.strip_prefix(prefix)?.as_bytes();
     let start = out.len();
-    out.resize(start + BASE64URL_NOPAD.decode_len(body.len()).ok()?, 0);
-    let len = BASE64URL_NOPAD.decode_mut(body, out.get_mut(start..)?).ok();
-    match len {
-        Some(len) => {
+    let room = out.extend_zeroed(BASE64URL_NOPAD.decode_len(body.len()).ok()?);
+    match BASE64URL_NOPAD.decode_mut(body, room) {
+        Ok(len) => {
             out.truncate(start + len);
             Some(start..start + len)
         }
-        None => {
-            zeroize::Zeroize::zeroize(out.get_mut(start..).unwrap_or_default());
+        Err(_) => {
             out.truncate(start);
             None
         }
@@ -159,17 +168,9 @@ pub(crate) fn decode_token_append(
 /// Decodes `prefix ‖ base64url` (canonical encoding only) into `out`,
 /// which is wiped and emptied first: one buffer serves every field of a
 /// record, ciphertext in, plaintext out.
-pub(crate) fn decode_token_into(
-    prefix: &str,
-    text: &str,
-    out: &mut zeroize::Zeroizing<Vec<u8>>,
-) -> Option<()> {
-    let body = text.strip_prefix(prefix)?.as_bytes();
-    zeroize::Zeroize::zeroize(&mut **out);
-    out.resize(BASE64URL_NOPAD.decode_len(body.len()).ok()?, 0);
-    let len = BASE64URL_NOPAD.decode_mut(body, out).ok()?;
-    out.truncate(len);
-    Some(())
+pub(crate) fn decode_token_into(prefix: &str, text: &str, out: &mut SecretBuf) -> Option<()> {
+    out.clear();
+    decode_token_append(prefix, text, out).map(|_| ())
 }
 
 /// Whether `text` has the form of a pseudonym.
@@ -209,13 +210,13 @@ pub(crate) fn seal_deterministic_into(
 pub(crate) fn open_deterministic<'a>(
     keys: &FieldKeys,
     text: &str,
-    scratch: &'a mut zeroize::Zeroizing<Vec<u8>>,
+    scratch: &'a mut SecretBuf,
 ) -> Result<&'a [u8], CannotDecrypt> {
     let FieldKeys::Deterministic { enc, aad, .. } = keys else {
         return Err(CannotDecrypt);
     };
     decode_token_into(DETERMINISTIC_PREFIX, text, scratch).ok_or(CannotDecrypt)?;
-    enc.open_in_place(scratch, aad)
+    enc.open_in_place(scratch.as_mut_slice(), aad)
 }
 
 /// The masked view of a value.
@@ -261,7 +262,7 @@ mod tests {
 
     #[test]
     fn tokens_decode_into_a_reused_buffer() {
-        let mut buf = zeroize::Zeroizing::new(Vec::new());
+        let mut buf = SecretBuf::default();
         for bytes in [&b"a longer first value"[..], b"", b"xy", &[0u8, 255, 7]] {
             let token = encode_token(RANDOMIZED_PREFIX, bytes);
             assert_eq!(decode_token_into(RANDOMIZED_PREFIX, &token, &mut buf), Some(()));
@@ -306,8 +307,10 @@ mod tests {
         for bits in [8u16, 12, 31, 32, 100, 256] {
             let spec = BlindIndexSpec { bits, normalize: vec![Normalizer::Lowercase] };
             let token = blind_index_token(&key, &spec, &json!("Jane@Example.org"));
-            let mut bytes = zeroize::Zeroizing::new(vec![0xff; 3]);
+            let mut bytes = SecretBuf::default();
+            bytes.extend_from_slice(&[0xff; 3]);
             decode_token_into(BLIND_INDEX_PREFIX, &token, &mut bytes).unwrap();
+            let bytes = bytes.as_slice();
             assert_eq!(bytes.len(), usize::from(bits).div_ceil(8));
             let spare = bytes.len() * 8 - usize::from(bits);
             assert_eq!(bytes.last().unwrap() & ((1u8 << spare) - 1), 0, "bits={bits}");

@@ -22,7 +22,6 @@ mod write;
 
 use serde_json::Value;
 use serde_json::value::RawValue;
-use zeroize::Zeroizing;
 
 use self::scan::{Bail, Direction, Event, Scan, Span, Step};
 use self::write::Writer;
@@ -50,11 +49,14 @@ pub struct TextWorkspace {
     empty: Vec<bool>,
     sealed: Vec<u8>,
     token: String,
+    /// A blind index sibling's token (encrypt) or the expected one (decrypt).
+    sibling: String,
     aad: Vec<u8>,
     /// A value's canonical JSON text when it is not its own.
     plaintext: SecretBuf,
-    /// Decrypt: every field's plaintext, until all have been checked.
-    opened: Zeroizing<Vec<u8>>,
+    /// Decrypt: every field's plaintext, until all have been checked (a
+    /// `SecretBuf`: it grows by wiped moves).
+    opened: SecretBuf,
     plains: Vec<Plain>,
     used: Vec<bool>,
     /// Encrypt: where each bound value went in the output, in header order.
@@ -78,10 +80,17 @@ enum Plain {
 
 /// An encrypted record, as text, whose header has been found and parsed
 /// (not yet authenticated); the text form of [`EncryptedRecord`].
-#[derive(Debug)]
+///
+/// Its `Debug` shows the header only, never the record: the members a
+/// schema does not protect are in clear.
 pub struct EncryptedText<'a>(Source<'a>);
 
-#[derive(Debug)]
+impl std::fmt::Debug for EncryptedText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EncryptedText").field("header", self.header()).finish_non_exhaustive()
+    }
+}
+
 enum Source<'a> {
     Text {
         text: &'a str,
@@ -194,7 +203,7 @@ impl TextWorkspace {
             Source::Text { text, header, .. } => {
                 let start = out.len();
                 let result = self.decrypt_text(text, &header, dek, schema, keys, disclose, out);
-                zeroize::Zeroize::zeroize(&mut *self.opened);
+                self.opened.clear();
                 match result {
                     Ok(reports) => return Ok(reports),
                     Err(_) => out.truncate(start),
@@ -282,7 +291,7 @@ impl TextWorkspace {
                             .map_err(|_| Fallback::Tree)?;
                         self.plaintext.as_slice()
                     };
-                    let mut sibling = None;
+                    let mut sibling = false;
                     match spec.mode {
                         FieldMode::Randomized | FieldMode::BlindIndex => {
                             self.aad.clear();
@@ -304,7 +313,13 @@ impl TextWorkspace {
                                     return Err(Fallback::Tree);
                                 };
                                 let index = index_text().ok_or(Fallback::Tree)?;
-                                sibling = Some(transform::blind_index_of_text(key, bidx, &index));
+                                transform::blind_index_of_text(
+                                    key,
+                                    bidx,
+                                    &index,
+                                    &mut self.sibling,
+                                );
+                                sibling = true;
                             }
                         }
                         FieldMode::Deterministic => {
@@ -326,7 +341,7 @@ impl TextWorkspace {
                                 return Err(Fallback::Tree);
                             };
                             let index = index_text().ok_or(Fallback::Tree)?;
-                            self.token = transform::pseudonym_of_text(key, &index);
+                            transform::pseudonym_of_text(key, &index, &mut self.token);
                         }
                     }
                     let name = w.begin();
@@ -339,9 +354,11 @@ impl TextWorkspace {
                     {
                         *slot = Some((at_out, at_out + self.token.len()));
                     }
-                    if let Some(token) = sibling {
+                    if sibling {
                         let name = name.ok_or(Fallback::Tree)?;
-                        w.added_member(w.slice(name), BLIND_INDEX_SUFFIX, token.as_bytes());
+                        let quoted = w.slice(name);
+                        let unquoted = quoted.get(1..quoted.len() - 1).ok_or(Fallback::Tree)?;
+                        w.added_member(unquoted, BLIND_INDEX_SUFFIX, self.sibling.as_bytes());
                     }
                 }
                 Event::Sibling(_) | Event::Header(_) => return Err(Fallback::Tree),
@@ -359,7 +376,7 @@ impl TextWorkspace {
             })
             .collect();
         let header = unsigned.sign(dek.dek(), &bound).encode();
-        w.added_member(format!("\"{HEADER_MEMBER}\"").as_bytes(), "", header.as_bytes());
+        w.added_member(HEADER_MEMBER.as_bytes(), "", header.as_bytes());
         w.close(b'}');
         Ok(())
     }
@@ -428,40 +445,31 @@ impl TextWorkspace {
         for found in &self.scan.found {
             let spec = schema.fields.get(found.field).ok_or(Bail)?;
             let stored = stored_string(text, found.value)?;
-            let plain = match spec.mode {
-                FieldMode::Randomized | FieldMode::BlindIndex => {
-                    let range =
-                        transform::decode_token_append(RANDOMIZED_PREFIX, stored, &mut self.opened)
-                            .ok_or(Bail)?;
+            // Randomized and blind index fields open under the record's DEK
+            // with the record-bound AAD, deterministic ones under their
+            // field key; a pseudonym shows as it is stored.
+            let (prefix, aead, aad) = match (spec.mode, keys.field(found.field)) {
+                (FieldMode::Randomized | FieldMode::BlindIndex, _) => {
                     self.aad.clear();
                     self.aad.extend_from_slice(&aad_prefix);
                     self.aad.extend_from_slice(found.pointer.as_bytes());
-                    let sealed = self.opened.get_mut(range.clone()).ok_or(Bail)?;
-                    let len = record_aead.open_in_place(sealed, &self.aad).map_err(|_| Bail)?.len();
-                    let start = range.start + crate::crypto::NONCE_LEN;
-                    canonical(&mut self.opened, start, start + len)?
+                    (RANDOMIZED_PREFIX, &record_aead, self.aad.as_slice())
                 }
-                FieldMode::Deterministic => {
-                    let Some(FieldKeys::Deterministic { enc, aad, .. }) = keys.field(found.field)
-                    else {
-                        return Err(Bail);
-                    };
-                    let range = transform::decode_token_append(
-                        DETERMINISTIC_PREFIX,
-                        stored,
-                        &mut self.opened,
-                    )
-                    .ok_or(Bail)?;
-                    let sealed = self.opened.get_mut(range.clone()).ok_or(Bail)?;
-                    let len = enc.open_in_place(sealed, aad).map_err(|_| Bail)?.len();
-                    let start = range.start + crate::crypto::NONCE_LEN;
-                    canonical(&mut self.opened, start, start + len)?
+                (FieldMode::Deterministic, Some(FieldKeys::Deterministic { enc, aad, .. })) => {
+                    (DETERMINISTIC_PREFIX, &**enc, aad.as_slice())
                 }
-                FieldMode::Pseudonym if transform::is_pseudonym(stored) => {
-                    Plain::Stored(found.value)
+                (FieldMode::Pseudonym, _) if transform::is_pseudonym(stored) => {
+                    self.plains.push(Plain::Stored(found.value));
+                    continue;
                 }
-                FieldMode::Pseudonym => return Err(Bail),
+                _ => return Err(Bail),
             };
+            let range =
+                transform::decode_token_append(prefix, stored, &mut self.opened).ok_or(Bail)?;
+            let sealed = self.opened.as_mut_slice().get_mut(range.clone()).ok_or(Bail)?;
+            let len = aead.open_in_place(sealed, aad).map_err(|_| Bail)?.len();
+            let start = range.start + crate::crypto::NONCE_LEN;
+            let plain = canonical(&mut self.opened, start, start + len)?;
             if spec.mode == FieldMode::BlindIndex {
                 // Its sibling must be there and hold this plaintext's token.
                 let (Some(FieldKeys::BlindIndex(key)), Some(bidx)) =
@@ -479,10 +487,10 @@ impl TextWorkspace {
                     .ok_or(Bail)?;
                 let sibling = self.scan.siblings.get(at).ok_or(Bail)?;
                 let stored = stored_string(text, sibling.value)?;
-                let index = transform::index_text_of_json(plain_bytes(plain, &self.opened, bytes))
-                    .ok_or(Bail)?;
-                let expected = transform::blind_index_of_text(key, bidx, &index);
-                if !ct_eq(stored.as_bytes(), expected.as_bytes()) {
+                let plaintext = plain_bytes(plain, self.opened.as_slice(), bytes);
+                let index = transform::index_text_of_json(plaintext).ok_or(Bail)?;
+                transform::blind_index_of_text(key, bidx, &index, &mut self.sibling);
+                if !ct_eq(stored.as_bytes(), self.sibling.as_bytes()) {
                     return Err(Bail);
                 }
                 *self.used.get_mut(at).ok_or(Bail)? = true;
@@ -498,9 +506,12 @@ impl TextWorkspace {
                 Disclosure::Reveal => Shown::Plain(plain),
                 Disclosure::Mask => match spec.mask {
                     Some(mask) => {
-                        let value: Value =
-                            serde_json::from_slice(plain_bytes(plain, &self.opened, bytes))
-                                .map_err(|_| Bail)?;
+                        let value: Value = serde_json::from_slice(plain_bytes(
+                            plain,
+                            self.opened.as_slice(),
+                            bytes,
+                        ))
+                        .map_err(|_| Bail)?;
                         Shown::Masked(transform::apply_mask(mask, &value))
                     }
                     None => Shown::Withheld,
@@ -527,7 +538,9 @@ impl TextWorkspace {
                     }
                 }
                 Event::Found(at) => match shown.get(at).ok_or(Bail)? {
-                    Shown::Plain(plain) => w.value(plain_bytes(*plain, &self.opened, bytes)),
+                    Shown::Plain(plain) => {
+                        w.value(plain_bytes(*plain, self.opened.as_slice(), bytes))
+                    }
                     Shown::Masked(value) => {
                         w.begin();
                         serde_json::to_writer(&mut *w.out, value).map_err(|_| Bail)?;
@@ -565,14 +578,14 @@ impl TextWorkspace {
 /// tree path would write for it (appended, if it is not that already):
 /// authenticated bytes that are not JSON mean a bug or a forged key, and
 /// fail.
-fn canonical(opened: &mut Zeroizing<Vec<u8>>, start: usize, end: usize) -> Step<Plain> {
-    let plaintext = opened.get(start..end).ok_or(Bail)?;
+fn canonical(opened: &mut SecretBuf, start: usize, end: usize) -> Step<Plain> {
+    let plaintext = opened.as_slice().get(start..end).ok_or(Bail)?;
     if transform::plain_string_contents(plaintext).is_some() {
         return Ok(Plain::Opened(start, end));
     }
     let value: Value = serde_json::from_slice(plaintext).map_err(|_| Bail)?;
     let at = opened.len();
-    serde_json::to_writer(&mut **opened, &value).map_err(|_| Bail)?;
+    serde_json::to_writer(&mut *opened, &value).map_err(|_| Bail)?;
     Ok(Plain::Opened(at, opened.len()))
 }
 
@@ -625,5 +638,7 @@ fn tree(text: &str) -> Result<Value, RecordError> {
 }
 
 fn write_tree(record: &Value, out: &mut SecretBuf) -> Result<(), RecordError> {
-    serde_json::to_writer(out, record).map_err(|_| RecordError::NotAnObject)
+    // Writing a tree into memory does not fail; should serde_json ever
+    // refuse one, its message says why (never a value).
+    serde_json::to_writer(out, record).map_err(|e| RecordError::Unreadable(e.to_string()))
 }

@@ -111,7 +111,7 @@ impl Scan {
         self.cursors.clear();
         self.seen.clear();
         self.pointer.clear();
-        let r = Reader { text: text.as_bytes(), source: text, pos: 0 };
+        let r = Reader { text, pos: 0 };
         let mut walk = Walk { r, schema, direction, scan: self };
         walk.r.skip_ws();
         if walk.r.peek() != Some(b'{') {
@@ -130,10 +130,7 @@ impl Scan {
 
 /// Reads valid JSON text token by token.
 struct Reader<'t> {
-    text: &'t [u8],
-    /// The same text as `str`, to slice names from without validating
-    /// them again.
-    source: &'t str,
+    text: &'t str,
     pos: usize,
 }
 
@@ -144,9 +141,13 @@ struct Walk<'t, 's> {
     scan: &'s mut Scan,
 }
 
-impl Reader<'_> {
+impl<'t> Reader<'t> {
+    fn bytes(&self) -> &'t [u8] {
+        self.text.as_bytes()
+    }
+
     fn peek(&self) -> Option<u8> {
-        self.text.get(self.pos).copied()
+        self.bytes().get(self.pos).copied()
     }
 
     fn skip_ws(&mut self) {
@@ -188,7 +189,7 @@ impl Reader<'_> {
         if self.peek() != Some(b'"') {
             return Err(Bail);
         }
-        let rest = self.text.get(start + 1..).ok_or(Bail)?;
+        let rest = self.bytes().get(start + 1..).ok_or(Bail)?;
         let at = memchr::memchr2(b'"', b'\\', rest).ok_or(Bail)?;
         if rest.get(at) != Some(&b'"') {
             return Err(Bail);
@@ -201,13 +202,13 @@ impl Reader<'_> {
     fn skip_value(&mut self) -> Step<Span> {
         let start = self.pos;
         match self.peek().ok_or(Bail)? {
-            b'"' => self.pos = string_end(self.text, start)?,
+            b'"' => self.pos = string_end(self.bytes(), start)?,
             b'{' | b'[' => {
                 let mut depth = 0usize;
                 loop {
                     match self.peek().ok_or(Bail)? {
                         b'"' => {
-                            self.pos = string_end(self.text, self.pos)?;
+                            self.pos = string_end(self.bytes(), self.pos)?;
                             continue;
                         }
                         b'{' | b'[' => depth += 1,
@@ -311,7 +312,7 @@ impl Walk<'_, '_> {
             self.r.skip_ws();
             let name = self.r.name()?;
             self.r.expect(b':')?;
-            let unquoted = self.r.source.get(name.start + 1..name.end - 1).ok_or(Bail)?;
+            let unquoted = self.r.text.get(name.start + 1..name.end - 1).ok_or(Bail)?;
             let bytes = unquoted.as_bytes();
             let children = self.scan.cursors.len();
             let mut sibling = false;
@@ -341,7 +342,7 @@ impl Walk<'_, '_> {
                 // The tree keeps the last of repeated members; this pass
                 // would see both.
                 let seen = self.scan.seen.get(seen_base..).ok_or(Bail)?;
-                if seen.iter().any(|s| self.r.text.get(s.start..s.end) == Some(bytes)) {
+                if seen.iter().any(|s| self.r.bytes().get(s.start..s.end) == Some(bytes)) {
                     return Err(Bail);
                 }
                 self.scan.seen.push(Span { start: name.start + 1, end: name.end - 1 });
@@ -358,7 +359,7 @@ impl Walk<'_, '_> {
                 self.scan.cursors.truncate(children);
                 result?;
             } else if sibling || header {
-                if self.direction == Direction::Encrypt || (sibling && header) {
+                if self.direction == Direction::Encrypt {
                     return Err(Bail);
                 }
                 self.r.skip_ws();
@@ -444,7 +445,7 @@ impl Walk<'_, '_> {
 /// if a root member name has an escape (it might spell `name`) or if
 /// `name` occurs twice.
 pub(super) fn root_member(text: &str, name: &str) -> Step<Option<Span>> {
-    let mut r = Reader { text: text.as_bytes(), source: text, pos: 0 };
+    let mut r = Reader { text, pos: 0 };
     r.skip_ws();
     if r.peek() != Some(b'{') {
         return Err(Bail);
@@ -461,7 +462,7 @@ pub(super) fn root_member(text: &str, name: &str) -> Step<Option<Span>> {
         r.expect(b':')?;
         r.skip_ws();
         let value = r.skip_value()?;
-        if r.text.get(member.start + 1..member.end - 1) == Some(name.as_bytes()) {
+        if r.text.get(member.start + 1..member.end - 1) == Some(name) {
             if found.is_some() {
                 return Err(Bail);
             }

@@ -75,11 +75,13 @@ impl<'t, 'o> Writer<'t, 'o> {
     }
 
     /// A member added to the innermost object: `"<name><suffix>":"<string>"`,
-    /// where `name` is a member name's span (with its quotes) and the
-    /// suffix and string need no escaping.
+    /// where `name` is written as it is (a member name's text without its
+    /// quotes, or a name that needs no escaping) and so are the suffix and
+    /// the string.
     pub(super) fn added_member(&mut self, name: &[u8], suffix: &str, string: &[u8]) {
         self.begin();
-        self.out.extend_from_slice(name.strip_suffix(b"\"").unwrap_or(name));
+        self.out.extend_from_slice(b"\"");
+        self.out.extend_from_slice(name);
         self.out.extend_from_slice(suffix.as_bytes());
         self.out.extend_from_slice(b"\":\"");
         self.out.extend_from_slice(string);
