@@ -4,6 +4,7 @@ use axum::body::{Body, Bytes};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use data_encoding::BASE64URL_NOPAD;
+use kms_core::fixed_text;
 use kms_core::{Key256, SecretBuf};
 use serde::{Deserialize, Serialize};
 use tokio::sync::OwnedSemaphorePermit;
@@ -22,39 +23,28 @@ impl std::fmt::Debug for SecretB64 {
 
 impl Serialize for SecretB64 {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let encoded = Zeroizing::new(BASE64URL_NOPAD.encode(self.0.expose_secret()));
-        s.serialize_str(&encoded)
+        key_b64(&&self.0, s)
     }
 }
 
 impl<'de> Deserialize<'de> for SecretB64 {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl serde::de::Visitor<'_> for Visitor {
-            type Value = SecretB64;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a 32-byte key in base64url")
-            }
-            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<SecretB64, E> {
-                let bytes = Zeroizing::new(
-                    BASE64URL_NOPAD
-                        .decode(text.as_bytes())
-                        .map_err(|_| E::custom("bad key encoding"))?,
-                );
-                Key256::from_slice(&bytes)
-                    .map(SecretB64)
-                    .ok_or_else(|| E::custom("a key is 32 bytes"))
-            }
-        }
-        d.deserialize_str(Visitor)
+        fixed_text::deserialize_with(d, "a 32-byte key in base64url", |text| {
+            Key256::decode_with(|key| fixed_text::decode_exact_into(&BASE64URL_NOPAD, text, key))
+                .map(SecretB64)
+        })
     }
 }
 
+/// A key's length in base64url: 32 bytes, 43 characters.
+const KEY_TEXT_LEN: usize = 43;
+
 /// Serializes a borrowed key as base64url (`#[serde(serialize_with)]`),
-/// like [`SecretB64`] without taking the key.
+/// like [`SecretB64`] without taking the key. The encoding is written to a
+/// wiped stack buffer, not the heap.
 pub fn key_b64<S: serde::Serializer>(key: &&Key256, s: S) -> Result<S::Ok, S::Error> {
-    let encoded = Zeroizing::new(BASE64URL_NOPAD.encode(key.expose_secret()));
-    s.serialize_str(&encoded)
+    let mut buf = Zeroizing::new([0u8; KEY_TEXT_LEN]);
+    s.serialize_str(fixed_text::encode_into(&BASE64URL_NOPAD, key.expose_secret(), &mut *buf))
 }
 
 /// A JSON response whose body carries key material (the key service's
@@ -138,10 +128,18 @@ mod tests {
     fn round_trip_and_rejects() {
         let key = SecretB64(Key256::from_array(&mut [7; 32]));
         let text = serde_json::to_string(&key).unwrap();
+        assert_eq!(text, format!("\"{}\"", BASE64URL_NOPAD.encode(&[7; 32])));
         let back: SecretB64 = serde_json::from_str(&text).unwrap();
         assert_eq!(back.0.expose_secret(), &[7; 32]);
-        assert!(serde_json::from_str::<SecretB64>("\"AAAA\"").is_err());
-        assert!(serde_json::from_str::<SecretB64>("\"!!\"").is_err());
+        // An escaped first character (serde_json's scratch buffer).
+        let escaped = format!("\"\\u00{:x}{}", text.as_bytes()[1], &text[2..]);
+        let back: SecretB64 = serde_json::from_str(&escaped).unwrap();
+        assert_eq!(back.0.expose_secret(), &[7; 32]);
+        let long = format!("{}A\"", &text[..text.len() - 1]);
+        for bad in ["\"AAAA\"", "\"!!\"", &long, "32", "null"] {
+            let e = serde_json::from_str::<SecretB64>(bad).err().map(|e| e.to_string());
+            assert!(e.is_some_and(|e| e.contains("a 32-byte key in base64url")), "{bad}");
+        }
         assert_eq!(format!("{key:?}"), "SecretB64(..)");
     }
 

@@ -8,15 +8,20 @@
 
 use std::fmt;
 
+use data_encoding::BASE64URL_NOPAD;
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::rng::RandomError;
 use crate::crypto::{Aead, CannotDecrypt, SEAL_OVERHEAD};
+use crate::fixed_text;
 use crate::ids::{RecordKeyId, TenantId};
 use crate::secret::{KEY_LEN, Key256};
 
 /// Length of a wrapped DEK: nonce ‖ 32-byte key ‖ tag.
 pub const WRAPPED_DEK_LEN: usize = KEY_LEN + SEAL_OVERHEAD;
+
+/// Length of a wrapped DEK in base64url: 60 bytes, 80 characters.
+const WRAPPED_DEK_TEXT_LEN: usize = WRAPPED_DEK_LEN / 3 * 4;
 
 const DEK_AAD_LABEL: &[u8] = b"keygate/v1/dek";
 
@@ -47,18 +52,16 @@ impl fmt::Debug for WrappedDek {
 
 impl Serialize for WrappedDek {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&data_encoding::BASE64URL_NOPAD.encode(&self.0))
+        let mut buf = [0; WRAPPED_DEK_TEXT_LEN];
+        s.serialize_str(fixed_text::encode_into(&BASE64URL_NOPAD, &self.0, &mut buf))
     }
 }
 
 impl<'de> Deserialize<'de> for WrappedDek {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        data_encoding::BASE64URL_NOPAD
-            .decode(text.as_bytes())
-            .ok()
-            .and_then(|bytes| Self::from_slice(&bytes))
-            .ok_or_else(|| serde::de::Error::custom("wrapped DEK must be 60 bytes of base64url"))
+        fixed_text::deserialize_with(d, "wrapped DEK must be 60 bytes of base64url", |text| {
+            fixed_text::decode_exact(&BASE64URL_NOPAD, text).map(Self)
+        })
     }
 }
 
@@ -188,6 +191,22 @@ mod tests {
         }
         let other_kek = Aead::new(&Key256::generate()?);
         assert!(unwrap_dek(&other_kek, &binding, &wrapped).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn wrapped_dek_json() -> Result<(), Box<dyn std::error::Error>> {
+        let wrapped = WrappedDek(std::array::from_fn(|i| (i * 5 + 1) as u8));
+        let text = serde_json::to_string(&wrapped)?;
+        assert_eq!(text, format!("\"{}\"", BASE64URL_NOPAD.encode(wrapped.as_bytes())));
+        assert_eq!(serde_json::from_str::<WrappedDek>(&text)?, wrapped);
+        let short = format!("{}\"", &text[..text.len() - 5]);
+        let padded = format!("{}=\"", &text[..text.len() - 1]);
+        let standard = format!("\"+{}", &text[2..]);
+        for bad in [short.as_str(), &padded, &standard, "\"\"", "60", "null"] {
+            let e = serde_json::from_str::<WrappedDek>(bad).expect_err(bad).to_string();
+            assert!(e.contains("wrapped DEK must be 60 bytes of base64url"), "{bad}: {e}");
+        }
         Ok(())
     }
 }

@@ -5,6 +5,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::rng::{self, RandomError};
+use crate::fixed_text;
 
 /// Longest tenant id or name, in bytes.
 pub const MAX_NAME_LEN: usize = 63;
@@ -127,10 +128,14 @@ impl RecordKeyId {
         data_encoding::HEXLOWER.encode(&self.0)
     }
 
+    /// [`Self::to_hex`] into a stack buffer.
+    pub fn hex_in<'b>(&self, buf: &'b mut [u8; 2 * Self::LEN]) -> &'b str {
+        fixed_text::encode_into(&data_encoding::HEXLOWER, &self.0, buf)
+    }
+
     /// Parses 32 lowercase hex digits (one canonical form).
     pub fn from_hex(text: &str) -> Option<Self> {
-        let bytes = data_encoding::HEXLOWER.decode(text.as_bytes()).ok()?;
-        Some(Self(bytes.try_into().ok()?))
+        fixed_text::decode_exact(&data_encoding::HEXLOWER, text).map(Self)
     }
 }
 
@@ -150,21 +155,19 @@ impl std::hash::Hash for RecordKeyId {
 
 impl fmt::Debug for RecordKeyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "RecordKeyId({})", self.to_hex())
+        write!(f, "RecordKeyId({})", self.hex_in(&mut [0; 2 * Self::LEN]))
     }
 }
 
 impl Serialize for RecordKeyId {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_hex())
+        s.serialize_str(self.hex_in(&mut [0; 2 * Self::LEN]))
     }
 }
 
 impl<'de> Deserialize<'de> for RecordKeyId {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        Self::from_hex(&text)
-            .ok_or_else(|| serde::de::Error::custom("record_key_id must be 32 hex digits"))
+        fixed_text::deserialize_with(d, "record_key_id must be 32 hex digits", Self::from_hex)
     }
 }
 
@@ -188,6 +191,23 @@ mod tests {
         assert_eq!(RecordKeyId::from_hex(&id.to_hex()), Some(id));
         assert_eq!(RecordKeyId::from_hex("00"), None);
         assert_eq!(RecordKeyId::from_hex(&"zz".repeat(16)), None);
+        Ok(())
+    }
+
+    #[test]
+    fn record_key_id_json() -> Result<(), Box<dyn std::error::Error>> {
+        let id = RecordKeyId::from_bytes(std::array::from_fn(|i| (i * 16 + i) as u8));
+        let text = serde_json::to_string(&id)?;
+        assert_eq!(text, "\"00112233445566778899aabbccddeeff\"");
+        assert_eq!(serde_json::from_str::<RecordKeyId>(&text)?, id);
+        // An escaped digit goes through serde_json's scratch buffer.
+        let escaped = "\"\\u0030\\u0030112233445566778899aabbccddeeff\"";
+        assert_eq!(serde_json::from_str::<RecordKeyId>(escaped)?, id);
+        for bad in ["\"00112233445566778899AABBCCDDEEFF\"", "\"0011\"", "7", "null", "[]"] {
+            let e = serde_json::from_str::<RecordKeyId>(bad).expect_err(bad).to_string();
+            assert!(e.contains("record_key_id must be 32 hex digits"), "{bad}: {e}");
+        }
+        assert_eq!(format!("{id:?}"), "RecordKeyId(00112233445566778899aabbccddeeff)");
         Ok(())
     }
 }

@@ -33,6 +33,7 @@
 pub mod audit;
 pub mod crypto;
 mod dek;
+pub mod fixed_text;
 mod hierarchy;
 mod ids;
 mod kek;

@@ -41,6 +41,13 @@ impl Key256 {
         Some(Self(Box::new(*array)))
     }
 
+    /// A key decoded by `decode` straight into its own allocation, or
+    /// `None` (the partial bytes wiped) when `decode` says it failed.
+    pub fn decode_with(decode: impl FnOnce(&mut [u8; KEY_LEN]) -> bool) -> Option<Self> {
+        let mut key = Self(Box::new([0u8; KEY_LEN]));
+        decode(&mut key.0).then_some(key)
+    }
+
     /// The raw key bytes. Every call site is a place where key material is used.
     pub fn expose_secret(&self) -> &[u8; KEY_LEN] {
         &self.0

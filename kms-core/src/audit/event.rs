@@ -243,13 +243,14 @@ impl AuditEvent {
 /// `["<32 hex digits>", …]`: hex digits need no JSON escaping.
 fn encode_record_key_ids(ids: &[RecordKeyId]) -> String {
     let mut out = String::with_capacity(2 + ids.len() * (2 * RecordKeyId::LEN + 3));
+    let mut hex = [0; 2 * RecordKeyId::LEN];
     out.push('[');
     for (i, id) in ids.iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
         out.push('"');
-        out.push_str(&id.to_hex());
+        out.push_str(id.hex_in(&mut hex));
         out.push('"');
     }
     out.push(']');
