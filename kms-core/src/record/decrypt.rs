@@ -5,7 +5,7 @@ use serde_json::Value;
 use super::encrypt::{blind_index_sibling, field, locate, remove_member};
 use super::header::RecordHeader;
 use super::keys::{FieldKeys, SchemaKeys};
-use super::transform::{self, RANDOMIZED_PREFIX};
+use super::transform::{self, RANDOMIZED_PREFIX, WipedValue};
 use super::{HEADER_MEMBER, RecordError};
 use crate::crypto::{Aead, ct_eq};
 use crate::pointer;
@@ -178,7 +178,7 @@ impl EncryptedRecord {
                     parse_plaintext(transform::open_deterministic(keys, text, &mut scratch)?)?
                 }
                 FieldMode::Pseudonym if transform::is_pseudonym(text) => {
-                    Value::String(text.clone())
+                    WipedValue(Value::String(text.clone()))
                 }
                 FieldMode::Pseudonym => return Err(RecordError::CannotDecrypt),
             };
@@ -189,7 +189,7 @@ impl EncryptedRecord {
                 else {
                     return Err(RecordError::CannotDecrypt);
                 };
-                let expected = transform::blind_index_with(key, bidx, &value);
+                let expected = transform::blind_index_with(key, bidx, &value.0);
                 if !ct_eq(stored.as_bytes(), expected.as_bytes()) {
                     return Err(RecordError::CannotDecrypt);
                 }
@@ -198,14 +198,16 @@ impl EncryptedRecord {
         }
 
         // Every check passed: only now does any plaintext enter the output.
+        // Opened values that do not enter it (masked, withheld, or all of
+        // them after a failed check above) are wiped as they drop.
         let mut reports = Vec::with_capacity(locations.len());
-        for (loc, value) in locations.into_iter().zip(opened) {
+        for (loc, mut value) in locations.into_iter().zip(opened) {
             let spec = field(schema, loc.field)?;
             let shown = match disclose(spec) {
-                Disclosure::Reveal => Some((value, FieldOutcome::Revealed)),
+                Disclosure::Reveal => Some((std::mem::take(&mut value.0), FieldOutcome::Revealed)),
                 Disclosure::Mask => spec
                     .mask
-                    .map(|mask| (transform::apply_mask(mask, &value), FieldOutcome::Masked)),
+                    .map(|mask| (transform::apply_mask(mask, &value.0), FieldOutcome::Masked)),
                 Disclosure::Withhold => None,
             };
             let outcome = match shown {
@@ -236,8 +238,8 @@ fn withhold(record: &mut Value, location: &str) {
     }
 }
 
-fn parse_plaintext(bytes: &[u8]) -> Result<Value, RecordError> {
+fn parse_plaintext(bytes: &[u8]) -> Result<WipedValue, RecordError> {
     // Authenticated bytes that are not JSON mean a bug or a forged key;
     // either way, fail closed.
-    serde_json::from_slice(bytes).map_err(|_| RecordError::CannotDecrypt)
+    WipedValue::parse(bytes).ok_or(RecordError::CannotDecrypt)
 }

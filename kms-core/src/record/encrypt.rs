@@ -4,7 +4,7 @@ use serde_json::Value;
 
 use super::header::{HeaderContents, HeaderField};
 use super::keys::{FieldKeys, SchemaKeys};
-use super::transform::{self, RANDOMIZED_PREFIX};
+use super::transform::{self, RANDOMIZED_PREFIX, WipedValue};
 use super::{BLIND_INDEX_SUFFIX, HEADER_MEMBER, MAX_FIELDS, RecordError};
 use crate::crypto::Aead;
 use crate::dek::IssuedDek;
@@ -93,9 +93,9 @@ pub fn encrypt_record(
         // back through the same reference.
         let slot =
             pointer::get_mut(&mut record, &listed.pointer).ok_or(RecordError::CannotDecrypt)?;
-        let value = std::mem::take(slot);
+        let value = WipedValue(std::mem::take(slot));
         plaintext.clear();
-        serde_json::to_writer(&mut plaintext, &value).map_err(|_| RecordError::NotAnObject)?;
+        serde_json::to_writer(&mut plaintext, &value.0).map_err(|_| RecordError::NotAnObject)?;
         let plaintext = plaintext.as_slice();
         let (replacement, sibling_token) = match spec.mode {
             FieldMode::Randomized | FieldMode::BlindIndex => {
@@ -106,7 +106,7 @@ pub fn encrypt_record(
                 record_aead.seal_random(&aad, plaintext, &mut sealed)?;
                 let token = match (field_keys, &spec.blind_index) {
                     (Some(FieldKeys::BlindIndex(key)), Some(bidx)) => {
-                        Some(transform::blind_index_with(key, bidx, &value))
+                        Some(transform::blind_index_with(key, bidx, &value.0))
                     }
                     (_, Some(_)) => return Err(missing(spec)),
                     _ => None,
@@ -118,12 +118,12 @@ pub fn encrypt_record(
                 (transform::seal_deterministic(keys, plaintext).ok_or_else(|| missing(spec))?, None)
             }
             FieldMode::Pseudonym => match field_keys {
-                Some(FieldKeys::Pseudonym(key)) => (transform::pseudonym_with(key, &value), None),
+                Some(FieldKeys::Pseudonym(key)) => (transform::pseudonym_with(key, &value.0), None),
                 _ => return Err(missing(spec)),
             },
         };
-        // The plaintext `Value` is dropped here; its buffer is not wiped
-        // (serde_json offers no way to), but the serialized copy above is.
+        // The plaintext `Value` is wiped as it drops here; its serialized
+        // copy is in a buffer that wipes itself.
         drop(value);
         if matches!(spec.mode, FieldMode::Deterministic | FieldMode::Pseudonym) {
             bound.push(replacement.clone());

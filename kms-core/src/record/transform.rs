@@ -1,10 +1,9 @@
 //! The value-level transforms of the field modes: blind index tokens,
 //! pseudonyms, deterministic encryption, normalizers and masks.
 
-use std::borrow::Cow;
-
 use data_encoding::{BASE32_NOPAD, BASE64URL_NOPAD};
-use serde_json::Value;
+use serde_json::{Number, Value};
+use zeroize::{Zeroize, Zeroizing};
 
 use super::keys::FieldKeys;
 use crate::crypto::mac::MacKey;
@@ -38,30 +37,110 @@ pub(crate) fn encode_token_into(prefix: &str, bytes: &[u8], out: &mut String) {
     BASE64URL_NOPAD.encode_append(bytes, out);
 }
 
-/// The text a value is indexed or pseudonymized by: a string's own
-/// contents, otherwise the value's canonical JSON text.
-pub(crate) fn index_text(value: &Value) -> Cow<'_, str> {
-    match value {
-        Value::String(s) => Cow::Borrowed(s),
-        other => Cow::Owned(other.to_string()),
+/// The text a value is indexed, pseudonymized or masked by (see
+/// [`index_text`]): borrowed where it can be, otherwise an owned copy that
+/// is wiped when dropped, since it is plaintext or made from it.
+pub enum IndexText<'a> {
+    /// A slice of the value or of the text given.
+    Borrowed(&'a str),
+    /// Made for the purpose; wiped on drop.
+    Owned(Zeroizing<String>),
+}
+
+impl std::ops::Deref for IndexText<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        match self {
+            Self::Borrowed(text) => text,
+            Self::Owned(text) => text,
+        }
     }
 }
 
-/// Applies normalizers in order.
-pub fn normalize<'a>(text: &'a str, normalizers: &[Normalizer]) -> Cow<'a, str> {
-    let mut out = Cow::Borrowed(text);
+impl std::fmt::Debug for IndexText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IndexText(..)")
+    }
+}
+
+fn owned(text: String) -> IndexText<'static> {
+    IndexText::Owned(Zeroizing::new(text))
+}
+
+/// The text a value is indexed or pseudonymized by: a string's own
+/// contents, otherwise the value's canonical JSON text.
+pub(crate) fn index_text(value: &Value) -> IndexText<'_> {
+    match value {
+        Value::String(s) => IndexText::Borrowed(s),
+        other => IndexText::Owned(json_text(other)),
+    }
+}
+
+/// A value's compact JSON text (what `Display` writes), grown in a buffer
+/// that wipes what it outgrows.
+fn json_text(value: &Value) -> Zeroizing<String> {
+    let mut buf = SecretBuf::with_capacity(32);
+    // Writing a `Value` to memory cannot fail, and JSON text is UTF-8.
+    let _ = serde_json::to_writer(&mut buf, value);
+    Zeroizing::new(std::str::from_utf8(buf.as_slice()).unwrap_or_default().to_owned())
+}
+
+/// Applies normalizers in order. What they make is wiped when dropped,
+/// except what `to_lowercase` outgrows in the rare case a lowercase form
+/// is longer than the text.
+pub fn normalize<'a>(text: &'a str, normalizers: &[Normalizer]) -> IndexText<'a> {
+    let mut out = IndexText::Borrowed(text);
     for n in normalizers {
-        out = match n {
-            Normalizer::Exact => out,
-            Normalizer::Lowercase => Cow::Owned(out.to_lowercase()),
-            Normalizer::Trim => match out {
-                Cow::Borrowed(s) => Cow::Borrowed(s.trim()),
-                Cow::Owned(s) => Cow::Owned(s.trim().to_owned()),
-            },
-            Normalizer::Digits => Cow::Owned(out.chars().filter(char::is_ascii_digit).collect()),
+        out = match (n, out) {
+            (Normalizer::Exact, same) => same,
+            (Normalizer::Lowercase, text) => owned(text.to_lowercase()),
+            (Normalizer::Trim, IndexText::Borrowed(text)) => IndexText::Borrowed(text.trim()),
+            (Normalizer::Trim, text) => owned(text.trim().to_owned()),
+            (Normalizer::Digits, text) => {
+                let mut digits = String::with_capacity(text.len());
+                digits.extend(text.chars().filter(char::is_ascii_digit));
+                owned(digits)
+            }
         };
     }
     out
+}
+
+/// A JSON value parsed from plaintext. When dropped, what it holds is
+/// first overwritten in place: strings and member names zeroized, numbers
+/// set to 0, booleans to false. (serde_json may have unescaped a string
+/// in a scratch buffer of its own while parsing; that one is out of reach.)
+pub(crate) struct WipedValue(pub(crate) Value);
+
+impl WipedValue {
+    /// Parses `json`; `None` if it is not JSON.
+    pub(crate) fn parse(json: &[u8]) -> Option<Self> {
+        serde_json::from_slice(json).ok().map(Self)
+    }
+}
+
+impl Drop for WipedValue {
+    fn drop(&mut self) {
+        wipe(&mut self.0);
+    }
+}
+
+fn wipe(value: &mut Value) {
+    match value {
+        Value::Null => {}
+        Value::Bool(b) => *b = false,
+        Value::Number(n) => *n = Number::from(0u8),
+        Value::String(s) => s.zeroize(),
+        Value::Array(items) => items.iter_mut().for_each(wipe),
+        Value::Object(map) => {
+            // Values in place first: one moved out of the map would leave
+            // its bytes behind in the map's node.
+            map.values_mut().for_each(wipe);
+            for (mut name, _) in std::mem::take(map) {
+                name.zeroize();
+            }
+        }
+    }
 }
 
 /// The blind index token of `value`: `kg1b:` + the first `bits` bits of
@@ -123,12 +202,16 @@ pub(crate) fn pseudonym_of_text(key: &MacKey, text: &str, out: &mut String) {
 /// The index text of a value given as JSON text (see [`index_text`]): a
 /// string without escapes is its own contents, anything else is parsed.
 /// `None` if `json` is not JSON.
-pub(crate) fn index_text_of_json(json: &[u8]) -> Option<Cow<'_, str>> {
+pub(crate) fn index_text_of_json(json: &[u8]) -> Option<IndexText<'_>> {
     if let Some(contents) = plain_string_contents(json) {
-        return Some(Cow::Borrowed(contents));
+        return Some(IndexText::Borrowed(contents));
     }
-    let value: Value = serde_json::from_slice(json).ok()?;
-    Some(Cow::Owned(index_text(&value).into_owned()))
+    let value = WipedValue::parse(json)?;
+    let text = match index_text(&value.0) {
+        IndexText::Borrowed(text) => Zeroizing::new(text.to_owned()),
+        IndexText::Owned(text) => text,
+    };
+    Some(IndexText::Owned(text))
 }
 
 /// The contents of `json` if it is a JSON string without escapes: a quote,
@@ -219,7 +302,8 @@ pub(crate) fn open_deterministic<'a>(
     enc.open_in_place(scratch.as_mut_slice(), aad)
 }
 
-/// The masked view of a value.
+/// The masked view of a value. Its copies of the value's text are wiped;
+/// the masked string is sized up front, so nothing it outgrows is left.
 pub fn apply_mask(mask: Mask, value: &Value) -> Value {
     const HIDDEN: &str = "***";
     let text = index_text(value);
@@ -229,20 +313,27 @@ pub fn apply_mask(mask: Mask, value: &Value) -> Value {
             let total = text.chars().filter(|c| c.is_alphanumeric()).count();
             let keep_from = total.saturating_sub(4);
             let mut seen = 0;
-            text.chars()
-                .map(|c| {
-                    if !c.is_alphanumeric() {
-                        return c;
-                    }
-                    seen += 1;
-                    if seen > keep_from && total > 4 { c } else { '*' }
-                })
-                .collect()
+            // Never longer than the text: a kept character is itself, a
+            // hidden one a single '*'.
+            let mut out = String::with_capacity(text.len());
+            out.extend(text.chars().map(|c| {
+                if !c.is_alphanumeric() {
+                    return c;
+                }
+                seen += 1;
+                if seen > keep_from && total > 4 { c } else { '*' }
+            }));
+            out
         }
         Mask::Email => match text.split_once('@') {
             Some((local, domain)) if !local.is_empty() && !domain.is_empty() => {
-                let first: String = local.chars().take(1).collect();
-                format!("{first}{HIDDEN}@{domain}")
+                let first = local.chars().next().map_or(0, char::len_utf8);
+                let mut out = String::with_capacity(first + HIDDEN.len() + 1 + domain.len());
+                out.push_str(local.get(..first).unwrap_or_default());
+                out.push_str(HIDDEN);
+                out.push('@');
+                out.push_str(domain);
+                out
             }
             _ => HIDDEN.to_owned(),
         },
@@ -277,9 +368,48 @@ mod tests {
     #[test]
     fn normalizers() {
         use Normalizer::*;
-        assert_eq!(normalize("  A@B.org ", &[Trim, Lowercase]), "a@b.org");
-        assert_eq!(normalize("+1 (555) 010-9999", &[Digits]), "15550109999");
-        assert_eq!(normalize("Ab", &[Exact]), "Ab");
+        assert_eq!(&*normalize("  A@B.org ", &[Trim, Lowercase]), "a@b.org");
+        assert_eq!(&*normalize("+1 (555) 010-9999", &[Digits]), "15550109999");
+        assert_eq!(&*normalize("Ab", &[Exact]), "Ab");
+        // `str::to_lowercase` itself (a final sigma), as stored indexes expect.
+        assert_eq!(&*normalize("ΟΔΟΣ", &[Lowercase]), "οδος".replace('σ', "ς"));
+        // Borrowed while nothing had to be made; made text is owned (wiped).
+        assert!(matches!(normalize(" a ", &[Trim, Exact]), IndexText::Borrowed("a")));
+        assert!(matches!(normalize("a ", &[Lowercase, Trim]), IndexText::Owned(_)));
+        assert_eq!(format!("{:?}", normalize("secret", &[Digits])), "IndexText(..)");
+    }
+
+    #[test]
+    fn index_text_is_the_contents_or_the_compact_json() {
+        for value in [
+            json!(5550001234u64),
+            json!(-2.5),
+            json!(true),
+            json!(null),
+            json!({"b": [1, "x"], "a": {}}),
+        ] {
+            let text = index_text(&value);
+            assert!(matches!(text, IndexText::Owned(_)));
+            assert_eq!(&*text, value.to_string());
+            let again = index_text_of_json(value.to_string().as_bytes()).map(|t| t.to_owned());
+            assert_eq!(again.as_deref(), Some(value.to_string().as_str()));
+        }
+        assert!(matches!(index_text(&json!("Jane")), IndexText::Borrowed("Jane")));
+        assert_eq!(index_text_of_json(br#""Jane""#).as_deref(), Some("Jane"));
+        assert_eq!(index_text_of_json(br#""J\u0061ne""#).as_deref(), Some("Jane"));
+        assert!(index_text_of_json(b"{").is_none());
+    }
+
+    #[test]
+    fn a_wiped_value_holds_nothing_afterwards() {
+        let mut value = json!(["123-45-6789", 5550001234u64, -3, 2.5, true, null, [false, "bb"]]);
+        wipe(&mut value);
+        assert_eq!(value, json!(["", 0, 0, 0, false, null, [false, ""]]));
+        // Member names cannot be overwritten in place: they leave the map
+        // and are zeroized; the values are wiped before that.
+        let mut value = json!({"ssn": "123-45-6789", "n": {"deep": 7}});
+        wipe(&mut value);
+        assert_eq!(value, json!({}));
     }
 
     #[test]

@@ -28,7 +28,7 @@ use self::write::Writer;
 use super::decrypt::{Disclosure, EncryptedRecord, FieldOutcome, FieldReport};
 use super::header::{HeaderContents, HeaderField, RecordHeader};
 use super::keys::{FieldKeys, SchemaKeys};
-use super::transform::{self, DETERMINISTIC_PREFIX, RANDOMIZED_PREFIX};
+use super::transform::{self, DETERMINISTIC_PREFIX, IndexText, RANDOMIZED_PREFIX, WipedValue};
 use super::{BLIND_INDEX_SUFFIX, HEADER_MEMBER, RecordError, encrypt_record};
 use crate::crypto::{Aead, ct_eq};
 use crate::dek::{IssuedDek, KekVersion, WrappedDek};
@@ -213,7 +213,9 @@ impl TextWorkspace {
             Source::Tree(record) => record,
         };
         let decrypted = record.decrypt(dek, schema, keys, disclose)?;
-        write_tree(&decrypted.record, out)?;
+        // The tree holds the plaintext: wiped once written.
+        let tree = WipedValue(decrypted.record);
+        write_tree(&tree.0, out)?;
         Ok(decrypted.fields)
     }
 
@@ -278,16 +280,15 @@ impl TextWorkspace {
                     // is its contents.
                     let simple = stored_string(text, found.value).ok();
                     let index_text = || match simple {
-                        Some(contents) => Some(std::borrow::Cow::Borrowed(contents)),
+                        Some(contents) => Some(IndexText::Borrowed(contents)),
                         None => transform::index_text_of_json(raw),
                     };
                     let plaintext = if simple.is_some() {
                         raw
                     } else {
                         self.plaintext.clear();
-                        let value: Value =
-                            serde_json::from_slice(raw).map_err(|_| Fallback::Tree)?;
-                        serde_json::to_writer(&mut self.plaintext, &value)
+                        let value = WipedValue::parse(raw).ok_or(Fallback::Tree)?;
+                        serde_json::to_writer(&mut self.plaintext, &value.0)
                             .map_err(|_| Fallback::Tree)?;
                         self.plaintext.as_slice()
                     };
@@ -506,13 +507,10 @@ impl TextWorkspace {
                 Disclosure::Reveal => Shown::Plain(plain),
                 Disclosure::Mask => match spec.mask {
                     Some(mask) => {
-                        let value: Value = serde_json::from_slice(plain_bytes(
-                            plain,
-                            self.opened.as_slice(),
-                            bytes,
-                        ))
-                        .map_err(|_| Bail)?;
-                        Shown::Masked(transform::apply_mask(mask, &value))
+                        let value =
+                            WipedValue::parse(plain_bytes(plain, self.opened.as_slice(), bytes))
+                                .ok_or(Bail)?;
+                        Shown::Masked(WipedValue(transform::apply_mask(mask, &value.0)))
                     }
                     None => Shown::Withheld,
                 },
@@ -543,7 +541,7 @@ impl TextWorkspace {
                     }
                     Shown::Masked(value) => {
                         w.begin();
-                        serde_json::to_writer(&mut *w.out, value).map_err(|_| Bail)?;
+                        serde_json::to_writer(&mut *w.out, &value.0).map_err(|_| Bail)?;
                     }
                     // A member goes; an array element becomes null, so
                     // that the others keep their indices.
@@ -583,16 +581,16 @@ fn canonical(opened: &mut SecretBuf, start: usize, end: usize) -> Step<Plain> {
     if transform::plain_string_contents(plaintext).is_some() {
         return Ok(Plain::Opened(start, end));
     }
-    let value: Value = serde_json::from_slice(plaintext).map_err(|_| Bail)?;
+    let value = WipedValue::parse(plaintext).ok_or(Bail)?;
     let at = opened.len();
-    serde_json::to_writer(&mut *opened, &value).map_err(|_| Bail)?;
+    serde_json::to_writer(&mut *opened, &value.0).map_err(|_| Bail)?;
     Ok(Plain::Opened(at, opened.len()))
 }
 
 /// What a caller gets of one field.
 enum Shown {
     Plain(Plain),
-    Masked(Value),
+    Masked(WipedValue),
     Withheld,
 }
 
