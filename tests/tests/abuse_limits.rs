@@ -229,6 +229,53 @@ async fn slow_clients_are_cut_off_at_the_key_service() {
     assert_eq!(status, 200);
 }
 
+/// HTTP/2 streams are held to the same body deadline: a stream whose body
+/// stalls is answered 408 `body_timeout`, and the connection's other
+/// streams are served as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_http2_bodies_are_cut_off_at_the_key_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(
+        dir.path(),
+        "[abuse]\nheader_read_timeout_secs = 1\nbody_read_timeout_secs = 1\n",
+    );
+    let tls = tls_connect(&ks, ENC).await;
+    let (client, connection) = h2::client::handshake(tls).await.unwrap();
+    let driver = tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::post("https://localhost/v1/tenants/onc/datakeys")
+        .header("content-type", "application/json")
+        .header("content-length", "500")
+        .body(())
+        .unwrap();
+    let started = Instant::now();
+    let (response, mut body) = client.send_request(request, false).unwrap();
+    body.send_data(bytes::Bytes::from_static(b"{\"count\":"), false).unwrap();
+    // ... and nothing more.
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("a stalled body is answered")
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    assert_eq!(response.status().as_u16(), 408);
+    let mut answer = Vec::new();
+    let mut data = response.into_body();
+    while let Some(chunk) = data.data().await {
+        let chunk = chunk.unwrap();
+        let _ = data.flow_control().release_capacity(chunk.len());
+        answer.extend_from_slice(&chunk);
+    }
+    assert_eq!(code(&serde_json::from_slice(&answer).unwrap()), "body_timeout");
+
+    // The same connection still serves another stream.
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::get("https://localhost/healthz").body(()).unwrap();
+    let (response, _) = client.send_request(request, true).unwrap();
+    assert_eq!(response.await.unwrap().status().as_u16(), 200);
+    drop(client);
+    driver.abort();
+}
+
 fn nested(depth: usize) -> String {
     format!("{}1{}", "[".repeat(depth), "]".repeat(depth))
 }
