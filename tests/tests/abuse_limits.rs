@@ -276,6 +276,86 @@ async fn slow_http2_bodies_are_cut_off_at_the_key_service() {
     driver.abort();
 }
 
+/// Waits up to 10 s for the peer to close `stream` without a word;
+/// returns how long that took.
+async fn closed_silently<S: AsyncRead + Unpin>(stream: &mut S) -> Duration {
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+        .await
+        .expect("an idle connection is closed, not kept");
+    assert!(matches!(read, Ok(0) | Err(_)), "closed without an answer: {read:?}");
+    started.elapsed()
+}
+
+/// A connection with no request in flight and no byte moving for
+/// `idle_timeout_secs` is closed: one that never sends a byte (which no
+/// header timeout covers), and an HTTP/2 one after its handshake. A
+/// request in flight keeps its connection however quiet it is, and a
+/// pooling client carries on over a new connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_connections_are_closed_at_the_key_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(
+        dir.path(),
+        "[abuse]\nidle_timeout_secs = 1\nheader_read_timeout_secs = 30\nbody_read_timeout_secs = 3\n",
+    );
+    let mut tls = tls_connect(&ks, ENC).await;
+    let closed = closed_silently(&mut tls).await;
+    assert!(closed < Duration::from_secs(4), "{closed:?}");
+
+    let tls = tls_connect(&ks, ENC).await;
+    let (client, connection) = h2::client::handshake(tls).await.unwrap();
+    let started = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .expect("an idle HTTP/2 connection is closed, not kept");
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    drop((client, ended));
+
+    // In flight: a stalled body waits for its own deadline (3 s), well past
+    // the idle timeout, and is answered.
+    let mut tls = tls_connect(&ks, ENC).await;
+    let started = Instant::now();
+    tls.write_all(
+        b"POST /v1/tenants/onc/datakeys HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"count\":",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408") && answer.contains("body_timeout"), "{answer}");
+    assert!(started.elapsed() >= Duration::from_millis(2500), "{:?}", started.elapsed());
+
+    // A client that keeps its connections in a pool: the one it used is
+    // closed while it waits, and its next request goes over a new one.
+    let client = ks.client(ENC);
+    let url = format!("{}/healthz", ks.url);
+    for _ in 0..2 {
+        assert_eq!(client.get(&url).send().await.unwrap().status().as_u16(), 200);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_connections_are_closed_at_the_sidecar() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(&dir.path().join("ks"), "");
+    let sc = Sidecar::start_tcp(
+        &ks,
+        &dir.path().join("sc"),
+        SIDECAR,
+        "[abuse]\nidle_timeout_secs = 1\n",
+    );
+    let addr = sc.base.trim_start_matches("http://").to_owned();
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let closed = closed_silently(&mut tcp).await;
+    assert!(closed < Duration::from_secs(4), "{closed:?}");
+    let (status, _) = sc.get("/healthz").await;
+    assert_eq!(status, 200);
+}
+
 fn nested(depth: usize) -> String {
     format!("{}1{}", "[".repeat(depth), "]".repeat(depth))
 }

@@ -4,6 +4,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// Longer than the 90 s for which reqwest's and hyper's clients keep an
+/// idle connection by default, so that a client reusing one does not race
+/// the server closing it.
+const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 120;
+
 /// Key service `[abuse]`: per-identity rate limit, slow-client timeouts,
 /// JSON nesting.
 #[derive(Debug, Clone, Deserialize)]
@@ -18,6 +23,9 @@ pub struct AbuseConfig {
     pub header_read_timeout_secs: u64,
     /// Seconds a client has to send a JSON request body (408 after that).
     pub body_read_timeout_secs: u64,
+    /// Seconds a connection may sit with no request in flight and no byte
+    /// moving before it is closed.
+    pub idle_timeout_secs: u64,
     /// Deepest nesting of arrays and objects accepted in a JSON body.
     pub max_json_depth: usize,
     /// Most identities tracked at once (refilled buckets are dropped first).
@@ -31,6 +39,7 @@ impl Default for AbuseConfig {
             burst: 10_000,
             header_read_timeout_secs: 30,
             body_read_timeout_secs: 30,
+            idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
             max_json_depth: 64,
             max_tracked_identities: 100_000,
         }
@@ -41,6 +50,11 @@ impl AbuseConfig {
     /// The HTTP/1 header read timeout.
     pub fn header_read_timeout(&self) -> Duration {
         Duration::from_secs(self.header_read_timeout_secs.max(1))
+    }
+
+    /// How long a connection may sit idle.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs.max(1))
     }
 }
 
@@ -59,6 +73,9 @@ pub struct SidecarAbuseConfig {
     pub header_read_timeout_secs: u64,
     /// Seconds a client has to send a JSON request body (408 after that).
     pub body_read_timeout_secs: u64,
+    /// Seconds a connection may sit with no request in flight and no byte
+    /// moving before it is closed.
+    pub idle_timeout_secs: u64,
 }
 
 impl Default for SidecarAbuseConfig {
@@ -69,6 +86,7 @@ impl Default for SidecarAbuseConfig {
             burst_per_connection: 40_000,
             header_read_timeout_secs: 30,
             body_read_timeout_secs: 30,
+            idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
         }
     }
 }
@@ -77,5 +95,10 @@ impl SidecarAbuseConfig {
     /// The HTTP/1 header read timeout.
     pub fn header_read_timeout(&self) -> Duration {
         Duration::from_secs(self.header_read_timeout_secs.max(1))
+    }
+
+    /// How long a connection may sit idle.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs.max(1))
     }
 }

@@ -9,7 +9,10 @@
 //!   with `Retry-After`.
 //! - **Slow clients** (slowloris): HTTP/1 request headers must arrive within
 //!   `header_read_timeout_secs` (hyper closes the connection otherwise) and
-//!   a JSON body within `body_read_timeout_secs` (408 `body_timeout`).
+//!   a JSON body within `body_read_timeout_secs` (408 `body_timeout`); a
+//!   connection with no request in flight and no byte moving for
+//!   `idle_timeout_secs` is closed (HTTP/1 and HTTP/2, and a client that
+//!   never sends a byte).
 //! - **Nesting**: JSON bodies nesting deeper than `max_json_depth` are
 //!   refused with 400 `json_too_deep` before any parser recursion.
 //! - Batch sizes are bounded where the batches are read (`limits.max_batch`
@@ -18,10 +21,12 @@
 mod bucket;
 mod config;
 mod depth;
+mod idle;
 mod layer;
 
 pub use self::bucket::{KeyedBuckets, TokenBucket};
 pub use self::config::{AbuseConfig, SidecarAbuseConfig};
 pub(crate) use self::depth::after_string;
 pub use self::depth::{exceeds_depth, nesting};
+pub(crate) use self::idle::{Activity, Counted, Watched};
 pub use self::layer::{BodyBounds, ConnectionGuard, protect_key_service, protect_sidecar};

@@ -15,6 +15,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
+use crate::abuse::{Activity, Counted, Watched};
 use crate::tls::{TlsReloader, identity_of};
 
 /// The verified identity of a connection's client (its certificate's URI
@@ -22,16 +23,25 @@ use crate::tls::{TlsReloader, identity_of};
 #[derive(Debug, Clone)]
 pub struct Caller(pub Option<String>);
 
+/// How long a client may take over each part of a connection.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ConnectionTimeouts {
+    /// To finish the TLS handshake.
+    pub(super) handshake: Duration,
+    /// To send an HTTP/1 request's headers, once begun.
+    pub(super) headers: Duration,
+    /// To do anything: no request in flight and no byte moving this long
+    /// closes the connection.
+    pub(super) idle: Duration,
+}
+
 /// Serves `router` on `listener` over mutual TLS until `shutdown`
-/// resolves, then lets in-flight requests finish (up to `drain`). A client
-/// must finish the handshake within `handshake_timeout` and send each
-/// HTTP/1 request's headers within `header_timeout`.
+/// resolves, then lets in-flight requests finish (up to `drain`).
 pub(super) async fn serve_tls(
     listener: TcpListener,
     tls: Arc<TlsReloader>,
     router: Router,
-    handshake_timeout: Duration,
-    header_timeout: Duration,
+    timeouts: ConnectionTimeouts,
     shutdown: impl std::future::Future<Output = ()>,
     drain: Duration,
 ) {
@@ -59,7 +69,8 @@ pub(super) async fn serve_tls(
         let router = router.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+            let stream = match tokio::time::timeout(timeouts.handshake, acceptor.accept(tcp)).await
+            {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => {
                     tracing::info!(peer = %peer, error = %e, "TLS handshake refused");
@@ -75,12 +86,19 @@ pub(super) async fn serve_tls(
                 request.extensions_mut().insert(caller.clone());
                 request
             });
+            let activity = Activity::new();
+            let service = Counted::new(service, activity.clone());
+            let io = TokioIo::new(Watched::new(stream, activity.clone()));
             let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
-            let connection =
-                builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
-            if let Err(e) = watcher.watch(connection.into_owned()).await {
-                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+            builder.http1().timer(TokioTimer::new()).header_read_timeout(timeouts.headers);
+            let connection = builder.serve_connection(io, TowerToHyperService::new(service));
+            tokio::select! {
+                served = watcher.watch(connection.into_owned()) => if let Err(e) = served {
+                    tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+                },
+                () = activity.idle_for(timeouts.idle) => {
+                    tracing::debug!(peer = %peer, "idle connection closed");
+                }
             }
         });
     }

@@ -126,9 +126,12 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     let router = routes::api(state).layer(axum::Extension(compliance));
     let router =
         crate::abuse::protect_key_service(router, &config.abuse, config.limits.max_body_bytes);
-    let handshake = Duration::from_secs(config.limits.handshake_timeout_secs.max(1));
-    let headers = config.abuse.header_read_timeout();
-    listener::serve_tls(listener, tls, router, handshake, headers, terminated, DRAIN).await;
+    let timeouts = listener::ConnectionTimeouts {
+        handshake: Duration::from_secs(config.limits.handshake_timeout_secs.max(1)),
+        headers: config.abuse.header_read_timeout(),
+        idle: config.abuse.idle_timeout(),
+    };
+    listener::serve_tls(listener, tls, router, timeouts, terminated, DRAIN).await;
     tracing::info!("shutting down: flushing the audit log");
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(DRAIN, jobs).await;

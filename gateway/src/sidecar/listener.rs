@@ -1,7 +1,7 @@
 //! Serving the app-facing API on a unix socket or a loopback TCP address:
 //! HTTP/1.1 and HTTP/2, a [`ConnectionGuard`] per connection (rate and
-//! concurrency limits), a header read timeout against slow clients, and
-//! graceful shutdown.
+//! concurrency limits), header read and idle timeouts against slow
+//! clients, and graceful shutdown.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +16,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tower::ServiceExt;
 
-use crate::abuse::{ConnectionGuard, SidecarAbuseConfig};
+use crate::abuse::{Activity, ConnectionGuard, Counted, SidecarAbuseConfig, Watched};
 
 /// A bound app-facing listener.
 pub(super) enum AppListener {
@@ -89,14 +89,20 @@ fn spawn_connection<I>(
         request.extensions_mut().insert(guard.clone());
         request
     });
+    let activity = Activity::new();
+    let service = Counted::new(service, activity.clone());
+    let io = TokioIo::new(Watched::new(io, activity.clone()));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(abuse.header_read_timeout());
+    let idle = abuse.idle_timeout();
     let watcher = graceful.watcher();
     tokio::spawn(async move {
-        let connection =
-            builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
-        if let Err(e) = watcher.watch(connection.into_owned()).await {
-            tracing::debug!(error = %e, "app connection ended with an error");
+        let connection = builder.serve_connection(io, TowerToHyperService::new(service));
+        tokio::select! {
+            served = watcher.watch(connection.into_owned()) => if let Err(e) = served {
+                tracing::debug!(error = %e, "app connection ended with an error");
+            },
+            () = activity.idle_for(idle) => tracing::debug!("idle app connection closed"),
         }
     });
 }

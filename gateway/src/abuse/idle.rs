@@ -1,0 +1,233 @@
+//! Closing connections that sit idle.
+//!
+//! hyper's HTTP/1 header timeout starts with a request's first byte; the
+//! protocol detection in front of it and HTTP/2 have no timeout at all. A
+//! client that connects and then sends nothing would hold its socket (and
+//! one of the process's file descriptors) for ever, and so would one that
+//! stops reading its answer. A connection is idle while no request is in
+//! flight and no byte moves either way; idle for `idle_timeout_secs`, it is
+//! closed.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+/// What one connection is doing, shared by its IO, its requests and the
+/// task that closes it.
+pub(crate) struct Activity {
+    epoch: Instant,
+    /// Milliseconds from `epoch` to the last read or write that moved bytes.
+    last_io_ms: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Self {
+            epoch: Instant::now(),
+            last_io_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        })
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_io_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Counts a request as in flight until the guard is dropped.
+    pub(crate) fn busy(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Busy(self.clone())
+    }
+
+    /// Resolves once the connection has been idle for `timeout`.
+    pub(crate) async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let last_io = Duration::from_millis(self.last_io_ms.load(Ordering::Relaxed));
+            let quiet = self.epoch.elapsed().saturating_sub(last_io);
+            let wait = if self.in_flight.load(Ordering::Relaxed) > 0 {
+                // A request may take long without a byte moving (waiting
+                // for its body has a deadline of its own); look again later.
+                timeout
+            } else if quiet >= timeout {
+                return;
+            } else {
+                timeout - quiet
+            };
+            tokio::time::sleep(wait.max(Duration::from_millis(10))).await;
+        }
+    }
+}
+
+/// A request in flight on a connection (see [`Activity::busy`]).
+pub(crate) struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection's service, counting each request in flight on the
+/// connection's [`Activity`] until its response is ready.
+#[derive(Clone)]
+pub(crate) struct Counted<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S> Counted<S> {
+    pub(crate) fn new(inner: S, activity: Arc<Activity>) -> Self {
+        Self { inner, activity }
+    }
+}
+
+impl<S, R> tower::Service<R> for Counted<S>
+where
+    S: tower::Service<R>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: R) -> Self::Future {
+        let busy = self.activity.busy();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await;
+            drop(busy);
+            response
+        })
+    }
+}
+
+/// A connection's byte stream, noting in its [`Activity`] every read and
+/// write that moves bytes.
+pub(crate) struct Watched<T> {
+    io: T,
+    activity: Arc<Activity>,
+}
+
+impl<T> Watched<T> {
+    pub(crate) fn new(io: T, activity: Arc<Activity>) -> Self {
+        Self { io, activity }
+    }
+
+    fn moved(&self, poll: &Poll<io::Result<usize>>) {
+        if matches!(poll, Poll::Ready(Ok(n)) if *n > 0) {
+            self.activity.touch();
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut this.io).poll_read(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.activity.touch();
+        }
+        poll
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_write(cx, data);
+        this.moved(&poll);
+        poll
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_write_vectored(cx, data);
+        this.moved(&poll);
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_only_when_nothing_moves_and_nothing_is_in_flight() {
+        let timeout = Duration::from_secs(10);
+        let activity = Activity::new();
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut watched = Watched::new(a, activity.clone());
+
+        // Bytes moving either way keep the connection from being idle.
+        let started = Instant::now();
+        let watchdog = tokio::spawn({
+            let activity = activity.clone();
+            async move { activity.idle_for(timeout).await }
+        });
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            b.write_all(b"x").await.unwrap();
+            let mut byte = [0u8; 1];
+            watched.read_exact(&mut byte).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            watched.write_all(b"y").await.unwrap();
+            b.read_exact(&mut byte).await.unwrap();
+        }
+        assert!(!watchdog.is_finished());
+        watchdog.await.unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(36 + 10));
+
+        // A request in flight keeps it too, however long it is quiet.
+        let started = Instant::now();
+        let busy = activity.busy();
+        let watchdog = tokio::spawn({
+            let activity = activity.clone();
+            async move { activity.idle_for(timeout).await }
+        });
+        tokio::time::sleep(Duration::from_secs(35)).await;
+        assert!(!watchdog.is_finished());
+        drop(busy);
+        watchdog.await.unwrap();
+        // Idle from the last byte, once nothing is in flight: at the next look.
+        assert_eq!(started.elapsed(), Duration::from_secs(40));
+    }
+}
