@@ -8,8 +8,8 @@
 
 use kms_core::audit::Outcome;
 use kms_core::record::{
-    Disclosure, EncryptedRecord, EncryptedText, SchemaKeys, TextWorkspace, encrypt_record,
-    index_token, pseudonym,
+    Disclosure, EncryptedRecord, EncryptedText, RecordError, SchemaKeys, TextWorkspace,
+    encrypt_record, index_token, pseudonym,
 };
 use kms_core::schema::{FieldSpec, SchemaSet};
 use kms_core::{IssuedDek, Key256, PathPattern, RecordKeyId, SecretBuf, TenantId, WrappedDek};
@@ -89,6 +89,10 @@ pub fn sidecar_request(data: &[u8]) {
                 match (tree, text) {
                     (Some(Ok(tree)), Ok(text)) => assert_eq!(tree.header(), text.header()),
                     (Some(Err(tree)), Err(text)) => assert_eq!(tree.to_string(), text.to_string()),
+                    // No tree holds the record (a number beyond `f64`):
+                    // the text path reads the header if it can, and
+                    // otherwise says it cannot read the record.
+                    (None, Ok(_) | Err(RecordError::Unreadable(_))) => {}
                     (tree, text) => unreachable!("headers differ: {tree:?} / {text:?}"),
                 }
             }
