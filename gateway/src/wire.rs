@@ -36,8 +36,8 @@ impl<'de> Deserialize<'de> for SecretB64 {
     }
 }
 
-/// A key's length in base64url: 32 bytes, 43 characters.
-const KEY_TEXT_LEN: usize = 43;
+/// A key's length in base64url.
+const KEY_TEXT_LEN: usize = fixed_text::base64_nopad_len(kms_core::KEY_LEN);
 
 /// Serializes a borrowed key as base64url (`#[serde(serialize_with)]`),
 /// like [`SecretB64`] without taking the key. The encoding is written to a

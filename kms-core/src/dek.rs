@@ -20,8 +20,8 @@ use crate::secret::{KEY_LEN, Key256};
 /// Length of a wrapped DEK: nonce ‖ 32-byte key ‖ tag.
 pub const WRAPPED_DEK_LEN: usize = KEY_LEN + SEAL_OVERHEAD;
 
-/// Length of a wrapped DEK in base64url: 60 bytes, 80 characters.
-const WRAPPED_DEK_TEXT_LEN: usize = WRAPPED_DEK_LEN / 3 * 4;
+/// Length of a wrapped DEK in base64url.
+const WRAPPED_DEK_TEXT_LEN: usize = fixed_text::base64_nopad_len(WRAPPED_DEK_LEN);
 
 const DEK_AAD_LABEL: &[u8] = b"keygate/v1/dek";
 

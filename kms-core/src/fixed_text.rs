@@ -21,8 +21,17 @@ pub fn decode_exact_into(encoding: &Encoding, text: &str, out: &mut [u8]) -> boo
         && encoding.decode_mut(text.as_bytes(), out) == Ok(out.len())
 }
 
-/// Encodes `bytes` into `buf` (which must be exactly `encode_len` long)
-/// and returns the text.
+/// Length of `n` bytes in base64 without padding, for sizing buffers at
+/// compile time.
+pub const fn base64_nopad_len(n: usize) -> usize {
+    (n * 8).div_ceil(6)
+}
+
+/// Encodes `bytes` into `buf` and returns the text.
+///
+/// # Panics
+/// If `buf` is not exactly `encoding.encode_len(bytes.len())` long (a
+/// buffer sized by [`base64_nopad_len`] or `2 * n` for hex always is).
 pub fn encode_into<'b>(encoding: &Encoding, bytes: &[u8], buf: &'b mut [u8]) -> &'b str {
     encoding.encode_mut(bytes, buf);
     // Every encoding's alphabet is ASCII.
@@ -85,6 +94,13 @@ mod tests {
         assert_eq!(decode_exact::<32>(&BASE64URL_NOPAD, &key), Some([0xff; 32]));
         let loose = format!("{}9", &key[..key.len() - 1]);
         assert_eq!(decode_exact::<32>(&BASE64URL_NOPAD, &loose), None);
+    }
+
+    #[test]
+    fn sizes_match_the_encoder() {
+        for n in [0, 1, 2, 3, 16, 32, 60, 61] {
+            assert_eq!(base64_nopad_len(n), BASE64URL_NOPAD.encode_len(n), "{n}");
+        }
     }
 
     #[test]

@@ -131,20 +131,23 @@ async fn trickle<S: AsyncRead + AsyncWrite + Unpin>(
     (None, answer)
 }
 
+/// A key service and a sidecar on loopback TCP with these `[abuse]`
+/// settings, and the sidecar's address.
+fn tcp_sidecar(dir: &std::path::Path, abuse: &str) -> (KeyService, Sidecar, String) {
+    let ks = KeyService::start(&dir.join("ks"), "");
+    let sc = Sidecar::start_tcp(&ks, &dir.join("sc"), SIDECAR, &format!("[abuse]\n{abuse}"));
+    let addr = sc.base.trim_start_matches("http://").to_owned();
+    (ks, sc, addr)
+}
+
 const SLOW_HEADERS: &[u8] =
     b"POST /v1/encrypt HTTP/1.1\r\nHost: localhost\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_clients_are_cut_off_at_the_sidecar() {
     let dir = tempfile::tempdir().unwrap();
-    let ks = KeyService::start(&dir.path().join("ks"), "");
-    let sc = Sidecar::start_tcp(
-        &ks,
-        &dir.path().join("sc"),
-        SIDECAR,
-        "[abuse]\nheader_read_timeout_secs = 1\nbody_read_timeout_secs = 1\n",
-    );
-    let addr = sc.base.trim_start_matches("http://").to_owned();
+    let (_ks, sc, addr) =
+        tcp_sidecar(dir.path(), "header_read_timeout_secs = 1\nbody_read_timeout_secs = 1\n");
 
     // Headers byte by byte: the connection is closed after ~1 s.
     let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
@@ -341,14 +344,7 @@ async fn idle_connections_are_closed_at_the_key_service() {
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_connections_are_closed_at_the_sidecar() {
     let dir = tempfile::tempdir().unwrap();
-    let ks = KeyService::start(&dir.path().join("ks"), "");
-    let sc = Sidecar::start_tcp(
-        &ks,
-        &dir.path().join("sc"),
-        SIDECAR,
-        "[abuse]\nidle_timeout_secs = 1\n",
-    );
-    let addr = sc.base.trim_start_matches("http://").to_owned();
+    let (_ks, sc, addr) = tcp_sidecar(dir.path(), "idle_timeout_secs = 1\n");
     let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let closed = closed_silently(&mut tcp).await;
     assert!(closed < Duration::from_secs(4), "{closed:?}");

@@ -206,12 +206,12 @@ pub(crate) fn index_text_of_json(json: &[u8]) -> Option<IndexText<'_>> {
     if let Some(contents) = plain_string_contents(json) {
         return Some(IndexText::Borrowed(contents));
     }
-    let value = WipedValue::parse(json)?;
-    let text = match index_text(&value.0) {
-        IndexText::Borrowed(text) => Zeroizing::new(text.to_owned()),
-        IndexText::Owned(text) => text,
-    };
-    Some(IndexText::Owned(text))
+    let mut value = WipedValue::parse(json)?;
+    Some(IndexText::Owned(match &mut value.0 {
+        // An escaped string: its buffer moves into the wiping wrapper.
+        Value::String(text) => Zeroizing::new(std::mem::take(text)),
+        other => json_text(other),
+    }))
 }
 
 /// The contents of `json` if it is a JSON string without escapes: a quote,
