@@ -48,11 +48,19 @@ struct Style {
     escapes: bool,
     /// Some members written twice (the first with another value).
     repeats: bool,
+    /// `_kg` written last, where the text path writes it.
+    header_last: bool,
 }
 
 impl Style {
-    const PLAIN: Style =
-        Style { seed: 1, shuffle: false, spaces: false, escapes: false, repeats: false };
+    const PLAIN: Style = Style {
+        seed: 1,
+        shuffle: false,
+        spaces: false,
+        escapes: false,
+        repeats: false,
+        header_last: false,
+    };
 }
 
 fn write(value: &Value, style: Style) -> String {
@@ -93,6 +101,10 @@ fn write_value(value: &Value, style: Style, choices: &mut Choices, out: &mut Str
                 for i in (1..members.len()).rev() {
                     members.swap(i, (choices.next() % (i as u64 + 1)) as usize);
                 }
+            }
+            if style.header_last {
+                // A stable sort on one key: `_kg` to the end, the rest in order.
+                members.sort_by_key(|(name, _)| name.as_str() == "_kg");
             }
             out.push('{');
             let mut first = true;
@@ -331,13 +343,15 @@ fn style() -> impl Strategy<Value = Style> {
         any::<bool>(),
         prop::bool::weighted(0.2),
         prop::bool::weighted(0.1),
+        any::<bool>(),
     )
-        .prop_map(|(seed, shuffle, spaces, escapes, repeats)| Style {
+        .prop_map(|(seed, shuffle, spaces, escapes, repeats, header_last)| Style {
             seed,
             shuffle,
             spaces,
             escapes,
             repeats,
+            header_last,
         })
 }
 
@@ -409,6 +423,26 @@ proptest! {
         let Ok(encrypted) = tree_encrypt(&keys, &plain) else { return Ok(()) };
         let text = write(&encrypted, style);
         decrypts_alike(&mut ws, &keys, &text)?;
+    }
+
+    /// Rewrapping text gives the tree's rewrapped record however the record
+    /// is written out, a shadowed `_kg` member included; only the header
+    /// changes.
+    #[test]
+    fn text_rewrap_agrees_with_the_tree(record in record(), style in style()) {
+        let keys = TenantKeys::new("onc", common::key(1), common::key(2));
+        let plain = write(&record, Style::PLAIN);
+        let Ok(encrypted) = tree_encrypt(&keys, &plain) else { return Ok(()) };
+        let text = write(&encrypted, style);
+        let wrapped = kms_core::WrappedDek::from_slice(&[7; 60]).unwrap();
+        let tree = EncryptedRecord::parse(serde_json::from_str(&text).unwrap())
+            .unwrap()
+            .into_rewrapped(9, wrapped);
+        let record = raw(&text);
+        let mut out = SecretBuf::default();
+        EncryptedText::parse(&record).unwrap().write_rewrapped(9, wrapped, &mut out).unwrap();
+        let rewrapped: Value = serde_json::from_slice(out.as_slice()).unwrap();
+        prop_assert_eq!(rewrapped, tree);
     }
 
     /// A tampered record: the text path refuses it when the tree path does,
@@ -544,6 +578,30 @@ fn debug_shows_the_header_only() {
         assert!(shown.contains("RecordHeader") && shown.contains("onc"), "{shown}");
         assert!(!shown.contains("Jane") && !shown.contains("kg1:"), "{shown}");
     }
+}
+
+/// A header found at the end that is not the record's only `_kg` member
+/// is not trusted: decrypt and rewrap go through the tree (which writes
+/// members sorted and keeps the last of repeated ones).
+#[test]
+fn a_shadowed_header_takes_the_tree_path() {
+    let keys = TenantKeys::random("onc");
+    let mut ws = TextWorkspace::default();
+    let encrypted = text_encrypt(&mut ws, &keys, r#"{"b": 2, "ssn": "1", "a": 1}"#).unwrap();
+    let shadowed = encrypted.replacen('{', r#"{"_kg":"kg1h:AAAA","#, 1);
+    let record = raw(&shadowed);
+    let parsed = EncryptedText::parse(&record).unwrap();
+    let dek = dek_for(&keys, parsed.header()).unwrap();
+    let mut out = SecretBuf::default();
+    ws.decrypt(parsed, &dek, &keys.schema, &keys.schema_keys, &reveal, &mut out).unwrap();
+    assert_eq!(std::str::from_utf8(out.as_slice()).unwrap(), r#"{"a":1,"b":2,"ssn":"1"}"#);
+
+    let wrapped = kms_core::WrappedDek::from_slice(&[7; 60]).unwrap();
+    let mut out = SecretBuf::default();
+    EncryptedText::parse(&record).unwrap().write_rewrapped(9, wrapped, &mut out).unwrap();
+    let moved = std::str::from_utf8(out.as_slice()).unwrap();
+    assert!(moved.starts_with(r#"{"_kg":"kg1h:"#), "sorted, so the tree wrote it: {moved}");
+    assert_eq!(moved.matches("_kg").count(), 1, "{moved}");
 }
 
 /// A rewrap changes the header's key part only, in place.

@@ -103,9 +103,16 @@ enum Source<'a> {
 
 impl<'a> EncryptedText<'a> {
     /// Finds and parses the `_kg` header.
+    ///
+    /// It is looked for at the end first, where keygate writes it. Found
+    /// there, it is not yet known to be the record's only `_kg` member:
+    /// the walk of a decrypt and [`Self::write_rewrapped`] check that
+    /// before they rely on it, and fall back to the tree otherwise.
     pub fn parse(record: &'a RawValue) -> Result<Self, RecordError> {
         let text = record.get();
-        if let Ok(Some(value)) = scan::root_member(text, HEADER_MEMBER)
+        let found = scan::last_string_member(text, HEADER_MEMBER, is_header_byte)
+            .or_else(|| scan::root_member(text, HEADER_MEMBER).ok().flatten());
+        if let Some(value) = found
             && let Ok(Ok(header)) = stored_string(text, value).map(RecordHeader::parse)
         {
             return Ok(Self(Source::Text { text, header, header_value: value }));
@@ -130,7 +137,9 @@ impl<'a> EncryptedText<'a> {
         out: &mut SecretBuf,
     ) -> Result<(), RecordError> {
         match self.0 {
-            Source::Text { text, header, header_value } => {
+            Source::Text { text, header, header_value }
+                if scan::root_member(text, HEADER_MEMBER) == Ok(Some(header_value)) =>
+            {
                 let header = header.with_key_part(kek_version, wrapped);
                 let bytes = text.as_bytes();
                 out.extend_from_slice(bytes.get(..header_value.start).unwrap_or_default());
@@ -140,9 +149,19 @@ impl<'a> EncryptedText<'a> {
                 out.extend_from_slice(bytes.get(header_value.end..).unwrap_or_default());
                 Ok(())
             }
+            // The header found at the end is not the only `_kg` member.
+            Source::Text { text, .. } => write_tree(
+                &EncryptedRecord::parse(tree(text)?)?.into_rewrapped(kek_version, wrapped),
+                out,
+            ),
             Source::Tree(record) => write_tree(&record.into_rewrapped(kek_version, wrapped), out),
         }
     }
+}
+
+/// Whether `byte` may occur in a stored header (`kg1h:` and base64url).
+fn is_header_byte(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b':')
 }
 
 /// Checks, before any DEK is spent on it, that [`TextWorkspace::encrypt`]
@@ -200,9 +219,18 @@ impl TextWorkspace {
         out: &mut SecretBuf,
     ) -> Result<Vec<FieldReport>, RecordError> {
         let record = match record.0 {
-            Source::Text { text, header, .. } => {
+            Source::Text { text, header, header_value } => {
                 let start = out.len();
-                let result = self.decrypt_text(text, &header, dek, schema, keys, disclose, out);
+                let result = self.decrypt_text(
+                    text,
+                    &header,
+                    header_value,
+                    dek,
+                    schema,
+                    keys,
+                    disclose,
+                    out,
+                );
                 self.opened.clear();
                 match result {
                     Ok(reports) => return Ok(reports),
@@ -405,6 +433,7 @@ impl TextWorkspace {
         &mut self,
         text: &str,
         header: &RecordHeader,
+        header_value: Span,
         dek: &Key256,
         schema: &Schema,
         keys: &SchemaKeys,
@@ -418,6 +447,15 @@ impl TextWorkspace {
             return Err(Bail);
         }
         self.scan.run(text, schema, Direction::Decrypt)?;
+        // The walk bails on a second `_kg` member; this makes sure the one
+        // it saw is the one the header was read from.
+        let mut headers = self.scan.events.iter().filter_map(|event| match *event {
+            Event::Header(span) => Some(span),
+            _ => None,
+        });
+        if headers.next() != Some(header_value) || headers.next().is_some() {
+            return Err(Bail);
+        }
         // The protected locations present must be exactly those the header
         // lists, with the schema's modes.
         self.sort_found()?;

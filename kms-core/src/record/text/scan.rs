@@ -474,6 +474,56 @@ pub(super) fn root_member(text: &str, name: &str) -> Step<Option<Span>> {
     }
 }
 
+/// The value of the root object's last member, if that member is `name`
+/// and its value a string whose bytes all satisfy `plain` (which must
+/// refuse `"` and `\`): found from the end, without reading the rest of
+/// the record. keygate writes the header member last, so this finds it in
+/// the records it wrote while reading a few hundred bytes fewer than
+/// [`root_member`].
+///
+/// `text` must be valid JSON (the sidecar's body was parsed). Then a match
+/// is exact: the value's quotes are real delimiters (nothing between them
+/// is a quote or an escape, and a colon precedes the first), the string
+/// before the colon is a member name that starts after a `,` or `{`, and
+/// only whitespace separates the value from the root's closing brace.
+/// It does not show that `name` occurs only once: a caller that needs
+/// that must check it (the walk does).
+pub(super) fn last_string_member(
+    text: &str,
+    name: &str,
+    plain: impl Fn(u8) -> bool,
+) -> Option<Span> {
+    let bytes = text.as_bytes();
+    let before_ws = |mut at: usize| {
+        while at > 0 && matches!(bytes.get(at - 1), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            at -= 1;
+        }
+        at
+    };
+    // `at` is an exclusive end throughout: the byte looked at is `at - 1`.
+    let mut at = before_ws(bytes.len());
+    let closing =
+        |at: usize, byte: u8| (bytes.get(at.checked_sub(1)?) == Some(&byte)).then(|| at - 1);
+    at = before_ws(closing(at, b'}')?);
+    let end = at;
+    at = closing(at, b'"')?;
+    while at > 0 && bytes.get(at - 1).copied().is_some_and(&plain) {
+        at -= 1;
+    }
+    let start = closing(at, b'"')?;
+    at = before_ws(closing(before_ws(start), b':')?);
+    let quoted = at.checked_sub(name.len() + 2)?;
+    let member = bytes.get(quoted..at)?;
+    if member.first() != Some(&b'"')
+        || member.last() != Some(&b'"')
+        || member.get(1..member.len() - 1) != Some(name.as_bytes())
+    {
+        return None;
+    }
+    closing(before_ws(quoted), b',').or_else(|| closing(before_ws(quoted), b'{'))?;
+    Some(Span { start, end })
+}
+
 /// The position after the string whose opening quote is at `start`.
 pub(super) fn string_end(text: &[u8], start: usize) -> Step<usize> {
     let mut at = start + 1;
@@ -535,4 +585,54 @@ fn itoa(mut n: usize, buf: &mut [u8; 20]) -> &str {
         }
     }
     std::str::from_utf8(buf.get(at..).unwrap_or_default()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::is_header_byte;
+    use super::*;
+
+    fn last(text: &str) -> Option<&str> {
+        last_string_member(text, "_kg", is_header_byte).map(|s| &text[s.start..s.end])
+    }
+
+    #[test]
+    fn the_last_member_is_found_from_the_end() {
+        assert_eq!(last(r#"{"a":1,"_kg":"kg1h:AB-_9"}"#), Some(r#""kg1h:AB-_9""#));
+        assert_eq!(last(r#"{"_kg":"x"}"#), Some(r#""x""#));
+        assert_eq!(last(r#"{"_kg":""}"#), Some(r#""""#));
+        assert_eq!(last("{\"a\":[1,{}] ,\r\n \"_kg\" \t:\n \"h\" \n}\t "), Some(r#""h""#));
+        // Whatever comes first: checking it is the walk's job.
+        assert_eq!(last(r#"{"_kg":"a","_kg":"b"}"#), Some(r#""b""#));
+    }
+
+    #[test]
+    fn anything_else_is_left_to_the_forward_scan() {
+        for text in [
+            // Not last, not the name, not a plain string.
+            r#"{"_kg":"h","a":1}"#,
+            r#"{"a":1,"kg":"h"}"#,
+            r#"{"a":1,"__kg":"h"}"#,
+            r#"{"a":1,"\u005fkg":"h"}"#,
+            r#"{"a":1,"_kg":1}"#,
+            r#"{"a":1,"_kg":"h\"x"}"#,
+            r#"{"a":1,"_kg":"h\\"}"#,
+            r#"{"a":1,"_kg":"h.x"}"#,
+            r#"{"a":1,"_kg":{"b":"h"}}"#,
+            // The tail of a longer string, or of a nested value.
+            r#"{"a":"x\",\"_kg\":\"h"}"#,
+            r#"{"a":"\"_kg\":\"h"}"#,
+            r#"{"a":{"_kg":"h"}}"#,
+            r#"["_kg","h"]"#,
+            r#""_kg:h}""#,
+            // Truncated or empty text.
+            "",
+            "}",
+            "\"}",
+            r#"":"h"}"#,
+            r#""_kg":"h"}"#,
+        ] {
+            assert_eq!(last(text), None, "{text}");
+        }
+    }
 }
