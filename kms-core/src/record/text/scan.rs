@@ -481,13 +481,13 @@ pub(super) fn root_member(text: &str, name: &str) -> Step<Option<Span>> {
 /// the records it wrote while reading a few hundred bytes fewer than
 /// [`root_member`].
 ///
-/// `text` must be valid JSON (the sidecar's body was parsed). Then a match
-/// is exact: the value's quotes are real delimiters (nothing between them
-/// is a quote or an escape, and a colon precedes the first), the string
-/// before the colon is a member name that starts after a `,` or `{`, and
-/// only whitespace separates the value from the root's closing brace.
-/// It does not show that `name` occurs only once: a caller that needs
-/// that must check it (the walk does).
+/// `text` must be valid JSON, as a `RawValue`'s text is by construction.
+/// Then a match is exact: the value's quotes are real delimiters (nothing
+/// between them is a quote or an escape, and a colon precedes the first),
+/// the string before the colon is a member name that starts after a `,`
+/// or `{`, and only whitespace separates the value from the root's
+/// closing brace. It does not show that `name` occurs only once: a caller
+/// that needs that must check it (the walk does).
 pub(super) fn last_string_member(
     text: &str,
     name: &str,
