@@ -48,6 +48,13 @@ pub(crate) struct Args {
     /// Measure a peer in the same run.
     #[arg(long, value_enum, default_value_t = Peer::None)]
     pub(crate) peer: Peer,
+    /// Measure everything this many times, each round on a fresh stack
+    /// (and a fresh peer), one system after the other: the table shows
+    /// each cell's median, and each ratio is the median of the rounds'
+    /// own ratios with their lowest and highest. On a shared or noisy
+    /// machine one round can be off by 10 %.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=99))]
+    pub(crate) rounds: u32,
     /// Skip the in-process reference.
     #[arg(long)]
     pub(crate) no_in_process: bool,

@@ -90,28 +90,47 @@ async fn run(args: Args) -> Result<()> {
     );
 
     // Ours first, alone on the machine; then the peer, alone; then the
-    // in-process reference, alone.
-    let (mut cells, warm_state) = {
-        let (keygate, stack) = ours_target(&args).await?;
-        if let Some(stack) = &stack {
-            eprintln!("keygate stack in {}", stack.dir().display());
-        }
-        keygate.run(&plan, &args.scenarios, &records, &warm, stack.as_ref()).await?
+    // in-process reference, alone; as many rounds as asked.
+    let bao = match args.peer {
+        Peer::Openbao => Some(openbao::find_bao(args.bao.as_deref())?),
+        Peer::None => None,
     };
-    if args.peer == Peer::Openbao {
-        let bao = openbao::find_bao(args.bao.as_deref())?;
-        eprintln!("OpenBao: {}", bao.display());
-        let server = openbao::OpenBao::start(&bao).await?;
-        cells.extend(server.run(&plan, &args.scenarios, &records, &warm).await?);
-    }
-    if !args.no_in_process {
-        let (plan, scenarios) = (plan.clone(), args.scenarios.clone());
-        let (records, warm) = (records.clone(), warm.clone());
-        let reference =
-            tokio::task::spawn_blocking(move || inprocess::run(&plan, &scenarios, &records, &warm))
-                .await
-                .map_err(|e| error::BenchError(e.to_string()))??;
-        cells.extend(reference);
+    let mut cells = Vec::new();
+    let mut warm_state = ours::WarmState::default();
+    for round in 0..args.rounds {
+        if args.rounds > 1 {
+            eprintln!("round {} of {}", round + 1, args.rounds);
+        }
+        let (mut measured, this_warm) = {
+            let (keygate, stack) = ours_target(&args).await?;
+            if let Some(stack) = &stack {
+                eprintln!("keygate stack in {}", stack.dir().display());
+            }
+            keygate.run(&plan, &args.scenarios, &records, &warm, stack.as_ref()).await?
+        };
+        // The memory target is about the worst round.
+        if this_warm.sidecar_rss_kib >= warm_state.sidecar_rss_kib {
+            warm_state = this_warm;
+        }
+        if let Some(bao) = &bao {
+            eprintln!("OpenBao: {}", bao.display());
+            let server = openbao::OpenBao::start(bao).await?;
+            measured.extend(server.run(&plan, &args.scenarios, &records, &warm).await?);
+        }
+        if !args.no_in_process {
+            let (plan, scenarios) = (plan.clone(), args.scenarios.clone());
+            let (records, warm) = (records.clone(), warm.clone());
+            let reference = tokio::task::spawn_blocking(move || {
+                inprocess::run(&plan, &scenarios, &records, &warm)
+            })
+            .await
+            .map_err(|e| error::BenchError(e.to_string()))??;
+            measured.extend(reference);
+        }
+        for cell in &mut measured {
+            cell.round = round;
+        }
+        cells.extend(measured);
     }
 
     let comparisons = report::compare(&cells);
@@ -120,11 +139,16 @@ async fn run(args: Args) -> Result<()> {
     let machine = report::Machine::this();
     println!("{}", report::table(&comparisons));
     println!(
-        "{} cores ({}); {:.1} s per cell after {:.1} s warm-up; records of {mean_size} bytes, {} protected values",
+        "{} cores ({}); {:.1} s per cell after {:.1} s warm-up{}; records of {mean_size} bytes, {} protected values",
         machine.cores,
         machine.cpu,
         plan.duration.as_secs_f64(),
         plan.warmup.as_secs_f64(),
+        if args.rounds > 1 {
+            format!("; medians of {} rounds (lowest–highest round in brackets)", args.rounds)
+        } else {
+            String::new()
+        },
         dataset::PROTECTED.len()
     );
     if let Some(kib) = memory.sidecar_rss_kib_cache_full {
@@ -155,6 +179,7 @@ async fn run(args: Args) -> Result<()> {
             "scenarios": args.scenarios,
             "warm_records": warm.len(),
             "seed": args.seed,
+            "rounds": args.rounds,
             "peer": format!("{:?}", args.peer).to_lowercase(),
         }),
         record: json!({

@@ -20,6 +20,8 @@ pub(crate) const IN_PROCESS: &str = "in-process";
 /// One measured cell.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Cell {
+    /// Which round of `--rounds` (from 0).
+    pub(crate) round: u32,
     pub(crate) system: &'static str,
     pub(crate) scenario: &'static str,
     /// Records (DEKs for `datakeys`) per request.
@@ -49,6 +51,7 @@ impl Cell {
         processes: BTreeMap<String, ProcUse>,
     ) -> Self {
         Self {
+            round: 0,
             system,
             scenario,
             batch,
@@ -122,10 +125,15 @@ impl Machine {
 
 /// keygate against the peer and the in-process limit, for one scenario.
 #[derive(Debug, Clone, Serialize)]
+/// With several rounds, every figure is the median over the rounds, and
+/// each ratio the median of the rounds' own ratios (a round's keygate
+/// against the same round's peer), with the lowest and highest beside it.
 pub(crate) struct Comparison {
     pub(crate) scenario: &'static str,
     pub(crate) batch: usize,
     pub(crate) concurrency: usize,
+    /// Rounds this comparison is the median of.
+    pub(crate) rounds: usize,
     pub(crate) keygate_records_per_s: f64,
     pub(crate) keygate_p99_us: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -135,6 +143,9 @@ pub(crate) struct Comparison {
     /// keygate records/s ÷ OpenBao records/s.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) vs_openbao: Option<f64>,
+    /// The lowest and highest round's `vs_openbao`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) vs_openbao_range: Option<(f64, f64)>,
     /// keygate p99 ÷ OpenBao p99.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) p99_vs_openbao: Option<f64>,
@@ -143,6 +154,9 @@ pub(crate) struct Comparison {
     /// keygate records/s ÷ in-process records/s.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) vs_in_process: Option<f64>,
+    /// The lowest and highest round's `vs_in_process`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) vs_in_process_range: Option<(f64, f64)>,
 }
 
 /// One of the issue's targets, evaluated on this run.
@@ -192,13 +206,15 @@ fn peer_scenario(scenario: &str) -> &str {
 
 fn find<'a>(
     cells: &'a [Cell],
+    round: u32,
     system: &str,
     scenario: &str,
     batch: Option<usize>,
     concurrency: usize,
 ) -> Option<&'a Cell> {
     cells.iter().find(|c| {
-        c.system == system
+        c.round == round
+            && c.system == system
             && c.scenario == scenario
             && batch.is_none_or(|b| b == c.batch)
             && c.concurrency == concurrency
@@ -209,37 +225,97 @@ fn ratio(a: f64, b: f64) -> Option<f64> {
     (b > 0.0).then(|| a / b)
 }
 
-/// keygate against the others, cell by cell.
+/// The median (the mean of the middle two for an even count).
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    match values.len() {
+        0 => None,
+        n if n % 2 == 1 => values.get(mid).copied(),
+        _ => Some((values.get(mid - 1)? + values.get(mid)?) / 2.0),
+    }
+}
+
+/// The median, lowest and highest of some rounds' values.
+fn spread(values: Vec<f64>) -> (Option<f64>, Option<(f64, f64)>) {
+    let low = values.iter().copied().reduce(f64::min);
+    let high = values.iter().copied().reduce(f64::max);
+    (median(values), low.zip(high))
+}
+
+/// keygate against the others, cell by cell (medians over rounds).
 pub(crate) fn compare(cells: &[Cell]) -> Vec<Comparison> {
     let order = |c: &&Cell| {
         let at = crate::ours::SCENARIOS.iter().position(|s| *s == c.scenario);
         (at.unwrap_or(usize::MAX), c.batch, c.concurrency)
     };
-    let mut ours: Vec<&Cell> = cells.iter().filter(|c| c.system == KEYGATE).collect();
+    let rounds = cells.iter().map(|c| c.round).max().map_or(0, |r| r + 1);
+    let mut ours: Vec<&Cell> =
+        cells.iter().filter(|c| c.system == KEYGATE && c.round == 0).collect();
     ours.sort_by_key(order);
     ours.into_iter()
-        .map(|ours| {
+        .map(|first| {
             // datakeys: ours issues 1,000 per request; OpenBao has no batch.
-            let same_batch = (ours.scenario != "datakeys").then_some(ours.batch);
-            let peer =
-                find(cells, OPENBAO, peer_scenario(ours.scenario), same_batch, ours.concurrency);
-            let local = find(cells, IN_PROCESS, ours.scenario, same_batch, ours.concurrency);
+            let same_batch = (first.scenario != "datakeys").then_some(first.batch);
+            let (scenario, concurrency) = (first.scenario, first.concurrency);
+            let mut per = PerRound::default();
+            for round in 0..rounds {
+                let Some(ours) =
+                    find(cells, round, KEYGATE, scenario, Some(first.batch), concurrency)
+                else {
+                    continue;
+                };
+                per.ours.push(ours.records_per_s);
+                per.ours_p99.push(ours.latency_us.p99 as f64);
+                let peer =
+                    find(cells, round, OPENBAO, peer_scenario(scenario), same_batch, concurrency);
+                if let Some(peer) = peer {
+                    per.peer.push(peer.records_per_s);
+                    per.peer_p99.push(peer.latency_us.p99 as f64);
+                    per.vs_peer.extend(ratio(ours.records_per_s, peer.records_per_s));
+                    per.p99_vs_peer
+                        .extend(ratio(ours.latency_us.p99 as f64, peer.latency_us.p99 as f64));
+                }
+                if let Some(local) =
+                    find(cells, round, IN_PROCESS, scenario, same_batch, concurrency)
+                {
+                    per.local.push(local.records_per_s);
+                    per.vs_local.extend(ratio(ours.records_per_s, local.records_per_s));
+                }
+            }
+            let (vs_openbao, vs_openbao_range) = spread(per.vs_peer);
+            let (vs_in_process, vs_in_process_range) = spread(per.vs_local);
             Comparison {
-                scenario: ours.scenario,
-                batch: ours.batch,
-                concurrency: ours.concurrency,
-                keygate_records_per_s: ours.records_per_s,
-                keygate_p99_us: ours.latency_us.p99,
-                openbao_records_per_s: peer.map(|p| p.records_per_s),
-                openbao_p99_us: peer.map(|p| p.latency_us.p99),
-                vs_openbao: peer.and_then(|p| ratio(ours.records_per_s, p.records_per_s)),
-                p99_vs_openbao: peer
-                    .and_then(|p| ratio(ours.latency_us.p99 as f64, p.latency_us.p99 as f64)),
-                in_process_records_per_s: local.map(|l| l.records_per_s),
-                vs_in_process: local.and_then(|l| ratio(ours.records_per_s, l.records_per_s)),
+                scenario,
+                batch: first.batch,
+                concurrency,
+                rounds: per.ours.len(),
+                keygate_records_per_s: median(per.ours).unwrap_or(0.0),
+                keygate_p99_us: median(per.ours_p99).map_or(0, |v| v.round() as u64),
+                openbao_records_per_s: median(per.peer),
+                openbao_p99_us: median(per.peer_p99).map(|v| v.round() as u64),
+                vs_openbao,
+                vs_openbao_range,
+                p99_vs_openbao: median(per.p99_vs_peer),
+                in_process_records_per_s: median(per.local),
+                vs_in_process,
+                vs_in_process_range,
             }
         })
         .collect()
+}
+
+/// One cell's figures, round by round.
+#[derive(Default)]
+struct PerRound {
+    ours: Vec<f64>,
+    ours_p99: Vec<f64>,
+    peer: Vec<f64>,
+    peer_p99: Vec<f64>,
+    vs_peer: Vec<f64>,
+    p99_vs_peer: Vec<f64>,
+    local: Vec<f64>,
+    vs_local: Vec<f64>,
 }
 
 /// The sidecar's and key service's memory across the relevant cells.
@@ -342,12 +418,28 @@ pub(crate) fn table(comparisons: &[Comparison]) -> String {
             millis(c.keygate_p99_us),
             opt(c.openbao_records_per_s, &thousands),
             c.openbao_p99_us.map_or("–".to_owned(), millis),
-            opt(c.vs_openbao, &|r| format!("{r:.1}×")),
+            opt(c.vs_openbao, &|r| with_range(format!("{r:.2}×"), c.vs_openbao_range, &|v| {
+                format!("{v:.2}")
+            })),
             opt(c.in_process_records_per_s, &thousands),
-            opt(c.vs_in_process, &|r| format!("{:.0}%", r * 100.0)),
+            opt(c.vs_in_process, &|r| with_range(
+                format!("{:.0}%", r * 100.0),
+                c.vs_in_process_range,
+                &|v| format!("{:.0}", v * 100.0)
+            )),
         );
     }
     out
+}
+
+/// `median (low–high)` when the rounds differ, else the median alone.
+fn with_range(median: String, range: Option<(f64, f64)>, show: &dyn Fn(f64) -> String) -> String {
+    match range {
+        Some((low, high)) if show(low) != show(high) => {
+            format!("{median} ({}–{})", show(low), show(high))
+        }
+        _ => median,
+    }
 }
 
 /// The targets as a Markdown list.
@@ -391,6 +483,76 @@ fn micros(us: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cell(round: u32, system: &'static str, scenario: &'static str, rate: f64, p99: u64) -> Cell {
+        Cell {
+            round,
+            system,
+            scenario,
+            batch: 100,
+            concurrency: 16,
+            requests: 1,
+            records: 100,
+            errors: 0,
+            first_error: None,
+            seconds: 1.0,
+            records_per_s: rate,
+            requests_per_s: rate / 100.0,
+            latency_us: Latency { p99, ..Latency::default() },
+            processes: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn one_round_compares_its_cells() {
+        let cells = [
+            cell(0, KEYGATE, "decrypt-cold", 120.0, 20),
+            cell(0, OPENBAO, "decrypt", 60.0, 100),
+            cell(0, IN_PROCESS, "decrypt-cold", 400.0, 1),
+        ];
+        let [c] = compare(&cells).try_into().unwrap();
+        assert_eq!((c.rounds, c.keygate_records_per_s, c.keygate_p99_us), (1, 120.0, 20));
+        assert_eq!((c.openbao_records_per_s, c.openbao_p99_us), (Some(60.0), Some(100)));
+        assert_eq!((c.vs_openbao, c.vs_openbao_range), (Some(2.0), Some((2.0, 2.0))));
+        assert_eq!(c.p99_vs_openbao, Some(0.2));
+        assert_eq!(c.vs_in_process, Some(0.3));
+        assert!(table(&[c]).contains("| 2.00× | 400 | 30% |"), "{}", table(&compare(&cells)));
+    }
+
+    /// Each round's keygate is set against the same round's peer: a round
+    /// where the machine was slow for both does not skew the ratio.
+    #[test]
+    fn rounds_give_medians_of_their_own_ratios() {
+        let cells = [
+            cell(0, KEYGATE, "decrypt-cold", 120.0, 10),
+            cell(0, OPENBAO, "decrypt", 60.0, 50),
+            cell(1, KEYGATE, "decrypt-cold", 60.0, 30),
+            cell(1, OPENBAO, "decrypt", 40.0, 60),
+            cell(2, KEYGATE, "decrypt-cold", 100.0, 20),
+            cell(2, OPENBAO, "decrypt", 50.0, 70),
+        ];
+        let [c] = compare(&cells).try_into().unwrap();
+        assert_eq!(c.rounds, 3);
+        assert_eq!((c.keygate_records_per_s, c.keygate_p99_us), (100.0, 20));
+        assert_eq!((c.openbao_records_per_s, c.openbao_p99_us), (Some(50.0), Some(60)));
+        // Ratios 2.0, 1.5 and 2.0; the ratio of the medians would be 2.0 too,
+        // but its range would not show the slow round.
+        assert_eq!((c.vs_openbao, c.vs_openbao_range), (Some(2.0), Some((1.5, 2.0))));
+        assert_eq!(c.vs_in_process, None);
+        let shown = table(&[c]);
+        assert!(shown.contains("| 2.00× (1.50–2.00) |"), "{shown}");
+        let targets = targets(&compare(&cells), &Memory::default());
+        let cold = targets.iter().find(|t| t.name.starts_with("decrypt-cold")).unwrap();
+        assert!(cold.met && cold.measured == 2.0, "{cold:?}");
+    }
+
+    #[test]
+    fn medians_of_even_counts_are_the_middle_mean() {
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![3.0]), Some(3.0));
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(vec![5.0, 1.0, 3.0]), Some(3.0));
+    }
 
     #[test]
     fn thousands_separators() {

@@ -80,3 +80,52 @@ fn quick_run_against_a_real_stack_writes_well_formed_json() {
     assert!(report["memory"]["sidecar_rss_kib_cache_full"].as_u64().unwrap() > 0);
     assert!(!report["targets"].as_array().unwrap().is_empty());
 }
+
+/// `--rounds 2` measures every cell twice, each round on its own stack,
+/// and compares the medians.
+#[test]
+fn rounds_measure_every_cell_again() {
+    let keygate = keygate_tests::keyservice::keygate_binary();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("results.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_keygate-bench"))
+        .args(["--quick", "--duration", "0.1", "--warmup", "0.02", "--rounds", "2"])
+        .args(["--concurrency", "2", "--batch", "10", "--scenarios", "decrypt-cold"])
+        .args(["--records", "50", "--warm-records", "50"])
+        .arg("--keygate")
+        .arg(&keygate)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "keygate-bench failed:\n{stderr}");
+    assert!(stderr.contains("round 2 of 2"), "{stderr}");
+    assert_eq!(stderr.matches("keygate stack in").count(), 2, "{stderr}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("medians of 2 rounds"), "{stdout}");
+
+    let report: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(report["options"]["rounds"], 2);
+    let rounds: Vec<(u64, &str)> = report["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["round"].as_u64().unwrap(), c["system"].as_str().unwrap()))
+        .collect();
+    assert_eq!(rounds, [(0, "keygate"), (0, "in-process"), (1, "keygate"), (1, "in-process")]);
+    let [comparison] = report["comparisons"].as_array().unwrap().as_slice() else {
+        panic!("one comparison: {}", report["comparisons"]);
+    };
+    assert_eq!(comparison["rounds"], 2);
+    let (low, high) =
+        (&comparison["vs_in_process_range"][0], &comparison["vs_in_process_range"][1]);
+    let median = comparison["vs_in_process"].as_f64().unwrap();
+    assert!(low.as_f64().unwrap() <= median && median <= high.as_f64().unwrap(), "{comparison}");
+
+    // Out of range: refused before anything starts.
+    let refused =
+        Command::new(env!("CARGO_BIN_EXE_keygate-bench")).args(["--rounds", "0"]).output().unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--rounds"));
+}
