@@ -291,6 +291,47 @@ async fn closed_silently<S: AsyncRead + Unpin>(stream: &mut S) -> Duration {
     started.elapsed()
 }
 
+/// The HTTP/2 client preface and an empty SETTINGS frame.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+const GOAWAY: u8 = 7;
+const PING: u8 = 6;
+
+/// Reads HTTP/2 frames until the stream ends, acknowledging SETTINGS and,
+/// if `answer_pings`, PINGs. Returns the frame types read, and how the
+/// stream ended: `Ok` at a clean end (TLS: with close_notify).
+async fn h2_frames<S>(stream: &mut S, answer_pings: bool) -> (Vec<u8>, std::io::Result<()>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut buf, mut types, mut chunk) = (Vec::new(), Vec::new(), [0u8; 4096]);
+    loop {
+        while buf.len() >= 9 {
+            let len = usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
+            if buf.len() < 9 + len {
+                break;
+            }
+            let (kind, ack) = (buf[3], buf[4] & 1 == 1);
+            let answer = match kind {
+                4 if !ack => vec![0, 0, 0, 4, 1, 0, 0, 0, 0],
+                PING if !ack && answer_pings => {
+                    [&[0, 0, 8, PING, 1, 0, 0, 0, 0], &buf[9..17]].concat()
+                }
+                _ => Vec::new(),
+            };
+            if let Err(e) = stream.write_all(&answer).await {
+                return (types, Err(e));
+            }
+            types.push(kind);
+            buf.drain(..9 + len);
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) => return (types, Ok(())),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return (types, Err(e)),
+        }
+    }
+}
+
 /// A connection with no request in flight and no byte moving for
 /// `idle_timeout_secs` is closed: one that never sends a byte (which no
 /// header timeout covers), and an HTTP/2 one after its handshake. A
@@ -307,14 +348,30 @@ async fn idle_connections_are_closed_at_the_key_service() {
     let closed = closed_silently(&mut tls).await;
     assert!(closed < Duration::from_secs(4), "{closed:?}");
 
-    let tls = tls_connect(&ks, ENC).await;
-    let (client, connection) = h2::client::handshake(tls).await.unwrap();
+    // HTTP/2: closed in order, with a GOAWAY and TLS's close_notify.
+    let mut tls = tls_connect(&ks, ENC).await;
+    tls.write_all(H2_PREFACE).await.unwrap();
     let started = Instant::now();
-    let ended = tokio::time::timeout(Duration::from_secs(10), connection)
+    let (frames, ended) = tokio::time::timeout(Duration::from_secs(10), h2_frames(&mut tls, true))
         .await
         .expect("an idle HTTP/2 connection is closed, not kept");
     assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
-    drop((client, ended));
+    assert!(frames.contains(&GOAWAY), "{frames:?}");
+    ended.expect("closed with TLS's close_notify, not dropped");
+
+    // An HTTP/2 client that stops reading never answers the PING that
+    // comes with the first GOAWAY: its connection is dropped a grace
+    // period (5 s) later.
+    let mut tls = tls_connect(&ks, ENC).await;
+    tls.write_all(H2_PREFACE).await.unwrap();
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (frames, _) = tokio::time::timeout(Duration::from_secs(10), h2_frames(&mut tls, false))
+        .await
+        .expect("dropped, not kept");
+    let closed = started.elapsed();
+    assert!(closed > Duration::from_secs(5) && closed < Duration::from_secs(9), "{closed:?}");
+    assert!(frames.contains(&GOAWAY) && frames.contains(&PING), "{frames:?}");
 
     // In flight: a stalled body waits for its own deadline (3 s), well past
     // the idle timeout, and is answered.
@@ -341,6 +398,47 @@ async fn idle_connections_are_closed_at_the_key_service() {
     }
 }
 
+/// Shutting down (SIGTERM): a request in flight is still answered, and a
+/// connection with nothing in flight is closed in order (HTTP/2: GOAWAY).
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_answers_requests_in_flight_and_closes_the_rest_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ks = KeyService::start(dir.path(), "[abuse]\nbody_read_timeout_secs = 30\n");
+    let (status, _) = ks.post(ADMIN, "/v1/tenants", &json!({"tenant": "onc"})).await;
+    assert_eq!(status, 201);
+    let mut idle = tls_connect(&ks, ENC).await;
+    idle.write_all(H2_PREFACE).await.unwrap();
+    let closing = tokio::spawn(async move { h2_frames(&mut idle, true).await });
+
+    // A request whose body is half sent when the signal comes.
+    let body = r#"{"count": 1}"#;
+    let mut in_flight = tls_connect(&ks, ENC).await;
+    let head = format!(
+        "POST /v1/tenants/onc/datakeys HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    in_flight.write_all(head.as_bytes()).await.unwrap();
+    in_flight.write_all(&body.as_bytes()[..5]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopped = tokio::task::spawn_blocking(move || ks.stop());
+
+    let (frames, ended) = tokio::time::timeout(Duration::from_secs(10), closing)
+        .await
+        .expect("the idle HTTP/2 connection is closed on shutdown")
+        .unwrap();
+    assert!(frames.contains(&GOAWAY), "{frames:?}");
+    ended.expect("closed with TLS's close_notify, not dropped");
+    in_flight.write_all(&body.as_bytes()[5..]).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), in_flight.read_to_end(&mut answer))
+        .await
+        .expect("answered, then closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    stopped.await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_connections_are_closed_at_the_sidecar() {
     let dir = tempfile::tempdir().unwrap();
@@ -350,6 +448,15 @@ async fn idle_connections_are_closed_at_the_sidecar() {
     assert!(closed < Duration::from_secs(4), "{closed:?}");
     let (status, _) = sc.get("/healthz").await;
     assert_eq!(status, 200);
+
+    // HTTP/2: closed in order, with a GOAWAY.
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tcp.write_all(H2_PREFACE).await.unwrap();
+    let (frames, ended) = tokio::time::timeout(Duration::from_secs(10), h2_frames(&mut tcp, true))
+        .await
+        .expect("an idle HTTP/2 connection is closed, not kept");
+    assert!(frames.contains(&GOAWAY), "{frames:?}");
+    ended.unwrap();
 }
 
 fn nested(depth: usize) -> String {

@@ -6,7 +6,7 @@
 //! one of the process's file descriptors) for ever, and so would one that
 //! stops reading its answer. A connection is idle while no request is in
 //! flight and no byte moves either way; idle for `idle_timeout_secs`, it is
-//! closed.
+//! closed, in order ([`serve_until_idle`]).
 
 use std::io;
 use std::pin::Pin;
@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 /// What one connection is doing, shared by its IO, its requests and the
@@ -62,6 +64,79 @@ impl Activity {
                 timeout - quiet
             };
             tokio::time::sleep(wait.max(Duration::from_millis(10))).await;
+        }
+    }
+}
+
+/// How long an idle connection may take to close in order (HTTP/2 waits
+/// for the client to answer a PING before its last GOAWAY; a client that
+/// stopped reading never does).
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Serves `connection` until it ends. Once it has been idle for `idle`, or
+/// when `stop` turns true (the server shutting down), it is closed in
+/// order: HTTP/2 sends GOAWAY and finishes the streams in flight, HTTP/1
+/// stops keep-alive, and the stream is shut down after (with TLS's
+/// close_notify), so a client can tell a closed connection from a lost
+/// one. An idle one that has not closed [`CLOSE_GRACE`] later is dropped;
+/// on shutdown, the server's drain bound applies instead
+/// ([`OpenConnections::close_all`]).
+pub(crate) async fn serve_until_idle<C>(
+    connection: C,
+    activity: &Activity,
+    idle: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), C::Error>
+where
+    C: GracefulConnection,
+{
+    tokio::pin!(connection);
+    let idle = tokio::select! {
+        served = connection.as_mut() => return served,
+        () = activity.idle_for(idle) => true,
+        // An error: the server is gone, which is a reason to stop too.
+        _ = stop.wait_for(|stopping| *stopping) => false,
+    };
+    connection.as_mut().graceful_shutdown();
+    if !idle {
+        return connection.await;
+    }
+    tracing::debug!("idle connection: closing it");
+    match tokio::time::timeout(CLOSE_GRACE, connection).await {
+        Ok(served) => served,
+        Err(_) => {
+            tracing::debug!("an idle connection did not close in time: dropped");
+            Ok(())
+        }
+    }
+}
+
+/// A server's open connections, as far as shutting down goes: each one
+/// served by [`serve_until_idle`] with a [`Self::watcher`].
+pub(crate) struct OpenConnections {
+    stop: watch::Sender<bool>,
+}
+
+impl OpenConnections {
+    pub(crate) fn new() -> Self {
+        Self { stop: watch::Sender::new(false) }
+    }
+
+    /// For a new connection: tells it when the server stops, and counts it
+    /// as open until dropped.
+    pub(crate) fn watcher(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    /// Closes every connection in order and waits until all have ended,
+    /// for `drain` at most.
+    pub(crate) async fn close_all(self, drain: Duration) {
+        self.stop.send_replace(true);
+        tokio::select! {
+            () = self.stop.closed() => {}
+            () = tokio::time::sleep(drain) => {
+                tracing::warn!("shutdown: in-flight requests did not finish in time");
+            }
         }
     }
 }

@@ -10,12 +10,11 @@ use hyper::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
-use crate::abuse::{Activity, Counted, Watched};
+use crate::abuse::{Activity, Counted, OpenConnections, Watched, serve_until_idle};
 use crate::tls::{TlsReloader, identity_of};
 
 /// The verified identity of a connection's client (its certificate's URI
@@ -45,7 +44,7 @@ pub(super) async fn serve_tls(
     shutdown: impl std::future::Future<Output = ()>,
     drain: Duration,
 ) {
-    let graceful = GracefulShutdown::new();
+    let open = OpenConnections::new();
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -67,7 +66,7 @@ pub(super) async fn serve_tls(
         }
         let acceptor = tls.acceptor();
         let router = router.clone();
-        let watcher = graceful.watcher();
+        let stop = open.watcher();
         tokio::spawn(async move {
             let stream = match tokio::time::timeout(timeouts.handshake, acceptor.accept(tcp)).await
             {
@@ -92,20 +91,13 @@ pub(super) async fn serve_tls(
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder.http1().timer(TokioTimer::new()).header_read_timeout(timeouts.headers);
             let connection = builder.serve_connection(io, TowerToHyperService::new(service));
-            tokio::select! {
-                served = watcher.watch(connection.into_owned()) => if let Err(e) = served {
-                    tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
-                },
-                () = activity.idle_for(timeouts.idle) => {
-                    tracing::debug!(peer = %peer, "idle connection closed");
-                }
+            let served = serve_until_idle(connection, &activity, timeouts.idle, stop).await;
+            if let Err(e) = served {
+                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
             }
         });
     }
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(drain) => tracing::warn!("shutdown: in-flight requests did not finish in time"),
-    }
+    open.close_all(drain).await;
 }
 
 /// Serves `router` over plain HTTP (the ops endpoints) until `shutdown`.

@@ -11,12 +11,14 @@ use hyper::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tower::ServiceExt;
 
-use crate::abuse::{Activity, ConnectionGuard, Counted, SidecarAbuseConfig, Watched};
+use crate::abuse::{
+    Activity, ConnectionGuard, Counted, OpenConnections, SidecarAbuseConfig, Watched,
+    serve_until_idle,
+};
 
 /// A bound app-facing listener.
 pub(super) enum AppListener {
@@ -35,7 +37,7 @@ pub(super) async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
     drain: Duration,
 ) {
-    let graceful = GracefulShutdown::new();
+    let open = OpenConnections::new();
     let abuse = Arc::new(abuse);
     tokio::pin!(shutdown);
     loop {
@@ -44,18 +46,15 @@ pub(super) async fn serve(
             () = &mut shutdown => break,
         };
         match accepted {
-            Ok(Accepted::Unix(stream)) => spawn_connection(stream, &router, &abuse, &graceful),
-            Ok(Accepted::Tcp(stream)) => spawn_connection(stream, &router, &abuse, &graceful),
+            Ok(Accepted::Unix(stream)) => spawn_connection(stream, &router, &abuse, &open),
+            Ok(Accepted::Tcp(stream)) => spawn_connection(stream, &router, &abuse, &open),
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(drain) => tracing::warn!("shutdown: in-flight requests did not finish in time"),
-    }
+    open.close_all(drain).await;
 }
 
 enum Accepted {
@@ -80,7 +79,7 @@ fn spawn_connection<I>(
     io: I,
     router: &Router,
     abuse: &Arc<SidecarAbuseConfig>,
-    graceful: &GracefulShutdown,
+    open: &OpenConnections,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -95,14 +94,11 @@ fn spawn_connection<I>(
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(abuse.header_read_timeout());
     let idle = abuse.idle_timeout();
-    let watcher = graceful.watcher();
+    let stop = open.watcher();
     tokio::spawn(async move {
         let connection = builder.serve_connection(io, TowerToHyperService::new(service));
-        tokio::select! {
-            served = watcher.watch(connection.into_owned()) => if let Err(e) = served {
-                tracing::debug!(error = %e, "app connection ended with an error");
-            },
-            () = activity.idle_for(idle) => tracing::debug!("idle app connection closed"),
+        if let Err(e) = serve_until_idle(connection, &activity, idle, stop).await {
+            tracing::debug!(error = %e, "app connection ended with an error");
         }
     });
 }
