@@ -8,35 +8,44 @@ use std::process::Command;
 
 use serde_json::Value;
 
-#[test]
-fn quick_run_against_a_real_stack_writes_well_formed_json() {
+/// Runs keygate-bench against a fresh stack with `args` (and `--out`):
+/// its stdout, stderr and JSON report; panics if it fails.
+fn bench(args: &[&str]) -> (String, String, Value) {
     let keygate = keygate_tests::keyservice::keygate_binary();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("results.json");
     let output = Command::new(env!("CARGO_BIN_EXE_keygate-bench"))
-        .args(["--quick", "--duration", "0.15", "--warmup", "0.05"])
-        .args([
-            "--concurrency",
-            "2",
-            "--batch",
-            "1,10",
-            "--records",
-            "200",
-            "--warm-records",
-            "300",
-        ])
+        .args(args)
         .arg("--keygate")
         .arg(&keygate)
         .arg("--out")
         .arg(&out)
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(output.status.success(), "keygate-bench failed:\n{stderr}");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(stdout.contains("| scenario |"), "no table:\n{stdout}");
+    let report = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    (String::from_utf8_lossy(&output.stdout).into_owned(), stderr, report)
+}
 
-    let report: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+#[test]
+fn quick_run_against_a_real_stack_writes_well_formed_json() {
+    let (stdout, _, report) = bench(&[
+        "--quick",
+        "--duration",
+        "0.15",
+        "--warmup",
+        "0.05",
+        "--concurrency",
+        "2",
+        "--batch",
+        "1,10",
+        "--records",
+        "200",
+        "--warm-records",
+        "300",
+    ]);
+    assert!(stdout.contains("| scenario |"), "no table:\n{stdout}");
     assert_eq!(report["tool"], "keygate-bench");
     assert!(report["machine"]["cores"].as_u64().unwrap() >= 1);
     let cells = report["cells"].as_array().unwrap();
@@ -85,27 +94,28 @@ fn quick_run_against_a_real_stack_writes_well_formed_json() {
 /// and compares the medians.
 #[test]
 fn rounds_measure_every_cell_again() {
-    let keygate = keygate_tests::keyservice::keygate_binary();
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("results.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_keygate-bench"))
-        .args(["--quick", "--duration", "0.1", "--warmup", "0.02", "--rounds", "2"])
-        .args(["--concurrency", "2", "--batch", "10", "--scenarios", "decrypt-cold"])
-        .args(["--records", "50", "--warm-records", "50"])
-        .arg("--keygate")
-        .arg(&keygate)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "keygate-bench failed:\n{stderr}");
+    let (stdout, stderr, report) = bench(&[
+        "--quick",
+        "--duration",
+        "0.1",
+        "--warmup",
+        "0.02",
+        "--rounds",
+        "2",
+        "--concurrency",
+        "2",
+        "--batch",
+        "10",
+        "--scenarios",
+        "decrypt-cold",
+        "--records",
+        "50",
+        "--warm-records",
+        "50",
+    ]);
     assert!(stderr.contains("round 2 of 2"), "{stderr}");
     assert_eq!(stderr.matches("keygate stack in").count(), 2, "{stderr}");
-    let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("medians of 2 rounds"), "{stdout}");
-
-    let report: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     assert_eq!(report["options"]["rounds"], 2);
     let rounds: Vec<(u64, &str)> = report["cells"]
         .as_array()
