@@ -124,10 +124,10 @@ impl Machine {
 }
 
 /// keygate against the peer and the in-process limit, for one scenario.
-#[derive(Debug, Clone, Serialize)]
 /// With several rounds, every figure is the median over the rounds, and
 /// each ratio the median of the rounds' own ratios (a round's keygate
 /// against the same round's peer), with the lowest and highest beside it.
+#[derive(Debug, Clone, Serialize)]
 pub(crate) struct Comparison {
     pub(crate) scenario: &'static str,
     pub(crate) batch: usize,

@@ -620,4 +620,17 @@ fn rewrap_replaces_only_the_header() {
     let new_header = header.with_key_part(9, wrapped).encode();
     assert_eq!(moved, encrypted.replace(&header.encode(), &new_header));
     assert_ne!(moved, encrypted);
+
+    // A record the tree wrote (members sorted, `_kg` first, as stored
+    // before the text path) is rewrapped in place too.
+    let sorted =
+        serde_json::to_string(&tree_encrypt(&keys, r#"{"b": 2, "ssn": "1"}"#).unwrap()).unwrap();
+    assert!(sorted.starts_with(r#"{"_kg":"#), "{sorted}");
+    let record = raw(&sorted);
+    let parsed = EncryptedText::parse(&record).unwrap();
+    let header = parsed.header().clone();
+    let mut out = SecretBuf::default();
+    parsed.write_rewrapped(9, wrapped, &mut out).unwrap();
+    let new_header = header.with_key_part(9, wrapped).encode();
+    assert_eq!(out.as_slice(), sorted.replace(&header.encode(), &new_header).as_bytes());
 }

@@ -96,6 +96,8 @@ enum Source<'a> {
         text: &'a str,
         header: RecordHeader,
         header_value: Span,
+        /// Found from the end: not yet known to be the only `_kg` member.
+        unchecked: bool,
     },
     /// A record this path does not handle, as a tree.
     Tree(EncryptedRecord),
@@ -110,12 +112,14 @@ impl<'a> EncryptedText<'a> {
     /// before they rely on it, and fall back to the tree otherwise.
     pub fn parse(record: &'a RawValue) -> Result<Self, RecordError> {
         let text = record.get();
-        let found = scan::last_string_member(text, HEADER_MEMBER, is_header_byte)
-            .or_else(|| scan::root_member(text, HEADER_MEMBER).ok().flatten());
-        if let Some(value) = found
+        let found = match scan::last_string_member(text, HEADER_MEMBER, is_header_byte) {
+            Some(value) => Some((value, true)),
+            None => scan::root_member(text, HEADER_MEMBER).ok().flatten().map(|v| (v, false)),
+        };
+        if let Some((value, unchecked)) = found
             && let Ok(Ok(header)) = stored_string(text, value).map(RecordHeader::parse)
         {
-            return Ok(Self(Source::Text { text, header, header_value: value }));
+            return Ok(Self(Source::Text { text, header, header_value: value, unchecked }));
         }
         Ok(Self(Source::Tree(EncryptedRecord::parse(tree(text)?)?)))
     }
@@ -137,8 +141,9 @@ impl<'a> EncryptedText<'a> {
         out: &mut SecretBuf,
     ) -> Result<(), RecordError> {
         match self.0 {
-            Source::Text { text, header, header_value }
-                if scan::root_member(text, HEADER_MEMBER) == Ok(Some(header_value)) =>
+            Source::Text { text, header, header_value, unchecked }
+                if !unchecked
+                    || scan::root_member(text, HEADER_MEMBER) == Ok(Some(header_value)) =>
             {
                 let header = header.with_key_part(kek_version, wrapped);
                 let bytes = text.as_bytes();
@@ -219,7 +224,7 @@ impl TextWorkspace {
         out: &mut SecretBuf,
     ) -> Result<Vec<FieldReport>, RecordError> {
         let record = match record.0 {
-            Source::Text { text, header, header_value } => {
+            Source::Text { text, header, header_value, .. } => {
                 let start = out.len();
                 let result = self.decrypt_text(
                     text,
@@ -449,11 +454,11 @@ impl TextWorkspace {
         self.scan.run(text, schema, Direction::Decrypt)?;
         // The walk bails on a second `_kg` member; this makes sure the one
         // it saw is the one the header was read from.
-        let mut headers = self.scan.events.iter().filter_map(|event| match *event {
+        let seen = self.scan.events.iter().find_map(|event| match *event {
             Event::Header(span) => Some(span),
             _ => None,
         });
-        if headers.next() != Some(header_value) || headers.next().is_some() {
+        if seen != Some(header_value) {
             return Err(Bail);
         }
         // The protected locations present must be exactly those the header
