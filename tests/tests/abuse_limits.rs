@@ -537,3 +537,105 @@ async fn oversized_batches_are_refused() {
     let (status, body) = sc.post("/v1/decrypt", &json!({"records": records})).await;
     assert_eq!((status, code(&body)), (400, "too_many_records"));
 }
+
+/// Writes a whole HTTP/1.1 request, as most clients do before they read,
+/// then reads the answer's head and JSON body.
+async fn send_whole_then_read<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    head: &str,
+    body: impl Iterator<Item = Vec<u8>>,
+) -> std::io::Result<(String, Value)> {
+    stream.write_all(head.as_bytes()).await?;
+    for chunk in body {
+        stream.write_all(&chunk).await?;
+    }
+    stream.flush().await?;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read_all = async {
+        loop {
+            let n = stream.read(&mut buf).await?;
+            answer.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&answer);
+            if let Some((head, body)) = text.split_once("\r\n\r\n")
+                && let Ok(json) = serde_json::from_str::<Value>(body)
+            {
+                return Ok((head.to_owned(), json));
+            }
+            if n == 0 {
+                return Err(std::io::Error::other(format!("closed after {text:?}")));
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), read_all).await.expect("an answer in time")
+}
+
+/// An oversized body is answered 413 `body_too_large` to a client that
+/// sends it all before reading (not a reset connection), declared or
+/// chunked, at the sidecar and over TLS at the key service; the connection
+/// then serves its next request.
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_bodies_are_answered_not_reset() {
+    const MIB: usize = 1024 * 1024;
+    let mib = |count: usize| (0..count).map(|_| vec![b' '; MIB]);
+    let chunked = |count: usize| {
+        mib(count)
+            .map(|c| [format!("{:x}\r\n", c.len()).into_bytes(), c, b"\r\n".to_vec()].concat())
+            .chain(std::iter::once(b"0\r\n\r\n".to_vec()))
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (ks, _sc, addr) = tcp_sidecar(dir.path(), "");
+
+    // The sidecar's limit is 16 MiB.
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/encrypt HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        40 * MIB
+    );
+    let (status, answer) = send_whole_then_read(&mut tcp, &head, mib(40)).await.unwrap();
+    assert!(status.starts_with("HTTP/1.1 413"), "{status}");
+    assert_eq!(code(&answer), "body_too_large");
+    let head = "POST /v1/encrypt HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let (status, answer) = send_whole_then_read(&mut tcp, head, chunked(40)).await.unwrap();
+    assert!(status.starts_with("HTTP/1.1 413"), "{status}");
+    assert_eq!(code(&answer), "body_too_large");
+    let (status, _) =
+        send_whole_then_read(&mut tcp, "GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n", mib(0))
+            .await
+            .unwrap();
+    assert!(status.starts_with("HTTP/1.1 200"), "the same connection serves on: {status}");
+
+    // The key service's limit is 8 MiB.
+    let mut tls = tls_connect(&ks, ENC).await;
+    let head = format!(
+        "POST /v1/tenants/onc/datakeys HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        20 * MIB
+    );
+    let (status, answer) = send_whole_then_read(&mut tls, &head, mib(20)).await.unwrap();
+    assert!(status.starts_with("HTTP/1.1 413"), "{status}");
+    assert_eq!(code(&answer), "body_too_large");
+    let head = "POST /v1/tenants/onc/datakeys HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let (status, answer) = send_whole_then_read(&mut tls, head, chunked(20)).await.unwrap();
+    assert!(status.starts_with("HTTP/1.1 413"), "{status}");
+    assert_eq!(code(&answer), "body_too_large");
+}
+
+/// Past the drain limit (64 MiB beyond what was read) the connection is
+/// closed: a refused body cannot hold the server reading indefinitely.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_endless_oversized_body_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_ks, sc, addr) = tcp_sidecar(dir.path(), "");
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = "POST /v1/encrypt HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 1000000000000\r\n\r\n";
+    let endless = (0..1000).map(|_| vec![b' '; 1024 * 1024]);
+    let sent = tokio::time::timeout(
+        Duration::from_secs(20),
+        send_whole_then_read(&mut tcp, head, endless),
+    )
+    .await
+    .expect("cut off in time");
+    assert!(sent.is_err(), "1000 MiB were taken: {sent:?}");
+    let (status, _) = sc.get("/healthz").await;
+    assert_eq!(status, 200);
+}

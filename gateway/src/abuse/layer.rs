@@ -13,6 +13,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use tokio::sync::Semaphore;
 
+use super::body::{BodyRead, read_within};
 use super::bucket::{KeyedBuckets, TokenBucket};
 use super::config::{AbuseConfig, SidecarAbuseConfig};
 use crate::error::ApiError;
@@ -157,37 +158,32 @@ async fn limit_connection(
 
 /// Reads the whole body within the bounds and puts it back, so that no
 /// answer (a refusal included) leaves unread bytes on an HTTP/1 connection
-/// (closing a socket with unread data resets it, and the client may lose
-/// the answer). Slow bodies get 408 `body_timeout`, oversized ones 413.
+/// (see [`super::body`]). Slow bodies get 408 `body_timeout`, oversized ones
+/// 413 `body_too_large`.
 async fn read_body(
     request: Request,
     bounds: BodyBounds,
     max_body: usize,
 ) -> Result<Request, Response> {
     let (parts, body) = request.into_parts();
-    match tokio::time::timeout(bounds.read_timeout, axum::body::to_bytes(body, max_body)).await {
-        Ok(Ok(bytes)) => Ok(Request::from_parts(parts, Body::from(bytes))),
-        Ok(Err(e)) => {
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            Err(if too_large {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    "the request body is too large",
-                )
-            } else {
-                ApiError::bad_request("invalid_request", "the request body could not be read")
-            }
-            .into_response())
-        }
-        Err(_) => Err(ApiError::new(
+    let deadline = tokio::time::Instant::now() + bounds.read_timeout;
+    let refusal = match read_within(body, max_body, deadline, parts.version, &parts.headers).await {
+        BodyRead::Complete(bytes) => return Ok(Request::from_parts(parts, Body::from(bytes))),
+        BodyRead::TooLarge => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "the request body is too large",
+        ),
+        BodyRead::TimedOut => ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "body_timeout",
             "the request body did not arrive in time",
-        )
-        .into_response()),
-    }
+        ),
+        BodyRead::Failed => {
+            ApiError::bad_request("invalid_request", "the request body could not be read")
+        }
+    };
+    Err(refusal.into_response())
 }
 
 /// 429 `rate_limited` with `Retry-After` (whole seconds, at least 1).

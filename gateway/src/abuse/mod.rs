@@ -13,11 +13,15 @@
 //!   connection with no request in flight and no byte moving for
 //!   `idle_timeout_secs` is closed (HTTP/1 and HTTP/2, and a client that
 //!   never sends a byte).
+//! - **Oversized bodies** get 413 `body_too_large`; on HTTP/1 the rest of
+//!   the body is read and dropped first (up to a bound), so the client
+//!   gets the answer rather than a reset connection.
 //! - **Nesting**: JSON bodies nesting deeper than `max_json_depth` are
 //!   refused with 400 `json_too_deep` before any parser recursion.
 //! - Batch sizes are bounded where the batches are read (`limits.max_batch`
 //!   at the key service, `limits.max_records` at the sidecar).
 
+mod body;
 mod bucket;
 mod config;
 mod depth;

@@ -1,0 +1,227 @@
+//! Reading a request body within its bounds, and what happens to the rest
+//! of a body that is refused.
+//!
+//! An HTTP/1 server that answers before it has read the whole body, and
+//! then closes, resets the connection: the kernel sends RST for the unread
+//! bytes, and a client that writes its whole body before it reads (most
+//! do) gets a broken pipe instead of the 413. So an oversized HTTP/1 body
+//! is read on to its end and thrown away, within the same deadline and at
+//! most [`DRAIN_LIMIT`] bytes, before the 413 goes out. HTTP/2 needs none
+//! of this: the stream is reset on its own and the connection carries on.
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, Version, header};
+use http_body_util::BodyExt;
+use tokio::time::{Instant, timeout_at};
+
+/// The most an oversized HTTP/1 body is read past its refusal, to be
+/// thrown away. Past it (or past the deadline) the connection is closed
+/// and the client may see a reset instead of the 413; the limit keeps one
+/// refused request from costing more than a few ordinary ones.
+pub(super) const DRAIN_LIMIT: u64 = 64 * 1024 * 1024;
+
+/// What reading a body came to.
+#[derive(Debug)]
+pub(super) enum BodyRead {
+    /// The whole body, within the limit.
+    Complete(Bytes),
+    /// More than the limit (declared up front, or sent).
+    TooLarge,
+    /// The body had not ended by the deadline.
+    TimedOut,
+    /// The connection failed while the body was read.
+    Failed,
+}
+
+/// Reads `body` whole if it is at most `max` bytes and ends by `deadline`.
+/// `version` and `headers` are the request's: they tell whether an oversized
+/// body must be drained (HTTP/1) and whether it has been sent at all (a
+/// client waiting for `100 Continue` has not sent it, and gets its 413
+/// without it).
+pub(super) async fn read_within(
+    mut body: Body,
+    max: usize,
+    deadline: Instant,
+    version: Version,
+    headers: &HeaderMap,
+) -> BodyRead {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let http1 = version < Version::HTTP_2;
+    if declared.is_some_and(|length| length > max as u64) {
+        let waiting_to_send = headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if http1 && !waiting_to_send {
+            discard(body, DRAIN_LIMIT, deadline).await;
+        }
+        return BodyRead::TooLarge;
+    }
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut kept = 0usize;
+    loop {
+        let frame = match timeout_at(deadline, body.frame()).await {
+            Err(_) => return BodyRead::TimedOut,
+            Ok(None) => return BodyRead::Complete(joined(chunks, kept)),
+            Ok(Some(Err(_))) => return BodyRead::Failed,
+            Ok(Some(Ok(frame))) => frame,
+        };
+        // Trailers carry nothing a JSON API reads.
+        let Ok(data) = frame.into_data() else { continue };
+        kept = kept.saturating_add(data.len());
+        if kept > max {
+            break;
+        }
+        chunks.push(data);
+    }
+    drop(chunks);
+    if http1 {
+        discard(body, DRAIN_LIMIT, deadline).await;
+    }
+    BodyRead::TooLarge
+}
+
+/// Reads and drops the rest of `body`: to its end, `limit` bytes, the
+/// deadline or an error, whichever comes first.
+async fn discard(mut body: Body, limit: u64, deadline: Instant) {
+    let mut dropped = 0u64;
+    while dropped <= limit {
+        match timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    dropped = dropped.saturating_add(data.len() as u64);
+                }
+            }
+            _ => return,
+        }
+    }
+}
+
+/// The chunks as one buffer (without a copy when there is one chunk).
+fn joined(mut chunks: Vec<Bytes>, length: usize) -> Bytes {
+    if chunks.len() == 1 {
+        return chunks.pop().unwrap_or_default();
+    }
+    let mut whole = Vec::with_capacity(length);
+    for chunk in &chunks {
+        whole.extend_from_slice(chunk);
+    }
+    Bytes::from(whole)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+
+    use axum::http::HeaderValue;
+    use hyper::body::Frame;
+
+    use super::*;
+
+    /// A body of these chunks that counts those taken, and then ends or
+    /// (`never_ends`) stays pending.
+    struct Chunks {
+        left: VecDeque<Bytes>,
+        taken: Arc<AtomicUsize>,
+        never_ends: bool,
+    }
+
+    impl hyper::body::Body for Chunks {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            match self.left.pop_front() {
+                Some(chunk) => {
+                    self.taken.fetch_add(1, Ordering::Relaxed);
+                    Poll::Ready(Some(Ok(Frame::data(chunk))))
+                }
+                None if self.never_ends => Poll::Pending,
+                None => Poll::Ready(None),
+            }
+        }
+    }
+
+    fn body(chunks: &[&'static [u8]], never_ends: bool) -> (Body, Arc<AtomicUsize>) {
+        let taken = Arc::new(AtomicUsize::new(0));
+        let left = chunks.iter().map(|c| Bytes::from_static(c)).collect();
+        (Body::new(Chunks { left, taken: taken.clone(), never_ends }), taken)
+    }
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(5)
+    }
+
+    async fn read(chunks: &[&'static [u8]], max: usize, version: Version) -> (BodyRead, usize) {
+        let (body, taken) = body(chunks, false);
+        let read = read_within(body, max, soon(), version, &HeaderMap::new()).await;
+        (read, taken.load(Ordering::Relaxed))
+    }
+
+    #[tokio::test]
+    async fn a_body_within_the_limit_is_read_whole() {
+        let (got, _) = read(&[b"ab", b"cd", b"e"], 5, Version::HTTP_11).await;
+        assert!(matches!(got, BodyRead::Complete(ref b) if b == "abcde"), "{got:?}");
+        let (got, _) = read(&[b"abcde"], 5, Version::HTTP_11).await;
+        assert!(matches!(got, BodyRead::Complete(ref b) if b == "abcde"), "{got:?}");
+        let (got, _) = read(&[], 5, Version::HTTP_11).await;
+        assert!(matches!(got, BodyRead::Complete(ref b) if b.is_empty()), "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn an_oversized_http1_body_is_read_to_its_end_and_http2_is_not() {
+        let chunks: &[&[u8]] = &[b"abc", b"def", b"ghi", b"jkl"];
+        let (got, taken) = read(chunks, 5, Version::HTTP_11).await;
+        assert!(matches!(got, BodyRead::TooLarge), "{got:?}");
+        assert_eq!(taken, 4, "drained");
+        let (got, taken) = read(chunks, 5, Version::HTTP_2).await;
+        assert!(matches!(got, BodyRead::TooLarge), "{got:?}");
+        assert_eq!(taken, 2, "left for the stream reset");
+    }
+
+    #[tokio::test]
+    async fn a_declared_length_over_the_limit_is_refused_before_the_body() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("6"));
+        for (version, drained) in [(Version::HTTP_11, 2), (Version::HTTP_2, 0)] {
+            let (b, taken) = body(&[b"ab", b"cdef"], false);
+            let got = read_within(b, 5, soon(), version, &headers).await;
+            assert!(matches!(got, BodyRead::TooLarge), "{got:?}");
+            assert_eq!(taken.load(Ordering::Relaxed), drained, "{version:?}");
+        }
+        // A client waiting for 100 Continue has sent nothing to drain.
+        headers.insert(header::EXPECT, HeaderValue::from_static("100-Continue"));
+        let (b, taken) = body(&[b"ab", b"cdef"], false);
+        let got = read_within(b, 5, soon(), Version::HTTP_11, &headers).await;
+        assert!(matches!(got, BodyRead::TooLarge), "{got:?}");
+        assert_eq!(taken.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn draining_stops_at_its_limit() {
+        let (b, taken) = body(&[b"abcd", b"efgh", b"ijkl", b"mnop"], false);
+        discard(b, 6, soon()).await;
+        assert_eq!(taken.load(Ordering::Relaxed), 2, "8 bytes dropped, past the limit of 6");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_does_not_end_times_out_and_so_does_its_drain() {
+        let (b, _) = body(&[b"ab"], true);
+        let got = read_within(b, 5, soon(), Version::HTTP_11, &HeaderMap::new()).await;
+        assert!(matches!(got, BodyRead::TimedOut), "{got:?}");
+        let (b, taken) = body(&[b"abcdef"], true);
+        let got = read_within(b, 5, soon(), Version::HTTP_11, &HeaderMap::new()).await;
+        assert!(matches!(got, BodyRead::TooLarge), "{got:?}");
+        assert_eq!(taken.load(Ordering::Relaxed), 1);
+    }
+}
