@@ -11,6 +11,7 @@
 //! scattered long-lived keys across pages otherwise freed after each
 //! request and kept the sidecar's resident set far above what was live.
 
+use std::borrow::Borrow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,7 +30,11 @@ struct Entry {
 }
 
 struct Inner {
-    map: HashMap<RecordKeyId, Entry>,
+    /// Keyed by foldhash, not SipHash: every id in the map was chosen at
+    /// random by the key service (an id enters only with its DEK, from the
+    /// pool or unwrapped under an AAD that binds it), so no caller can fill
+    /// a bucket, and foldhash is keyed per process besides.
+    map: HashMap<RecordKeyId, Entry, foldhash::fast::RandomState>,
     order: VecDeque<(RecordKeyId, Instant)>,
     tenants: Vec<TenantId>,
     /// Key bytes; capacity fixed at `max_entries` when the cache is made.
@@ -42,6 +47,19 @@ impl Inner {
     fn remove(&mut self, id: &RecordKeyId) {
         if let Some(entry) = self.map.remove(id) {
             self.release(entry.slot);
+        }
+    }
+
+    /// Removes `id` if its entry is the one queued with `stamp` (an id
+    /// cached again has a later stamp, queued later). One lookup: the entry
+    /// is put back in the rare case it is not that one.
+    fn remove_if_stamped(&mut self, id: &RecordKeyId, stamp: Instant) {
+        match self.map.remove(id) {
+            Some(entry) if entry.expires == stamp => self.release(entry.slot),
+            Some(entry) => {
+                self.map.insert(*id, entry);
+            }
+            None => {}
         }
     }
 
@@ -96,7 +114,7 @@ impl DekCache {
     pub(super) fn new(ttl: Duration, max_entries: usize) -> Self {
         let max_entries = max_entries.min(u32::MAX as usize);
         let inner = Inner {
-            map: HashMap::new(),
+            map: HashMap::default(),
             order: VecDeque::new(),
             tenants: Vec::new(),
             keys: Vec::with_capacity(max_entries),
@@ -137,11 +155,12 @@ impl DekCache {
         found.map(Arc::new)
     }
 
-    /// Caches the DEKs of one tenant under a single lock.
-    pub(super) fn insert_many(
+    /// Caches the DEKs of one tenant under a single lock (the key bytes are
+    /// copied into the slab, so a borrowed key will do).
+    pub(super) fn insert_many<K: Borrow<Key256>>(
         &self,
         tenant: &TenantId,
-        deks: impl IntoIterator<Item = (RecordKeyId, KekVersion, Arc<Key256>)>,
+        deks: impl IntoIterator<Item = (RecordKeyId, KekVersion, K)>,
     ) {
         if self.max_entries == 0 || self.ttl.is_zero() {
             return;
@@ -150,20 +169,30 @@ impl DekCache {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let tenant = inner.tenant_index(tenant);
         for (id, version, key) in deks {
-            inner.remove(&id);
-            // Room first (oldest out), so the slab never outgrows its
-            // reservation.
-            while inner.map.len() >= self.max_entries {
-                let Some((oldest, stamp)) = inner.order.pop_front() else { break };
-                if inner.map.get(&oldest).is_some_and(|e| e.expires == stamp) {
-                    inner.remove(&oldest);
+            let slot = match inner.map.get_mut(&id) {
+                // Cached already (rare): the entry and its slot are reused.
+                Some(entry) => {
+                    *entry = Entry { tenant, kek_version: version, slot: entry.slot, expires };
+                    Some(entry.slot)
                 }
-            }
-            let Some(slot) = inner.slot() else { continue };
+                None => {
+                    // Room first (oldest out), so the slab never outgrows
+                    // its reservation.
+                    while inner.map.len() >= self.max_entries {
+                        let Some((oldest, stamp)) = inner.order.pop_front() else { break };
+                        inner.remove_if_stamped(&oldest, stamp);
+                    }
+                    let slot = inner.slot();
+                    if let Some(slot) = slot {
+                        inner.map.insert(id, Entry { tenant, kek_version: version, slot, expires });
+                    }
+                    slot
+                }
+            };
+            let Some(slot) = slot else { continue };
             if let Some(bytes) = inner.keys.get_mut(slot as usize) {
-                bytes.copy_from_slice(key.expose_secret());
+                bytes.copy_from_slice(key.borrow().expose_secret());
             }
-            inner.map.insert(id, Entry { tenant, kek_version: version, slot, expires });
             inner.order.push_back((id, expires));
         }
         // The order queue may hold stale stamps of re-inserted ids; keep it bounded.
@@ -287,6 +316,24 @@ mod tests {
             slots.dedup();
             assert_eq!(slots.len(), inner.keys.len(), "each slot is live or free, once");
         }
+    }
+
+    #[test]
+    fn a_recached_key_outlives_its_first_place_in_line() {
+        let cache = DekCache::new(Duration::from_secs(60), 2);
+        let [a, b, c] = [1u8, 2, 3].map(|i| RecordKeyId::from_bytes([i; 16]));
+        cache.insert_many(&t("x"), [(a, 1, key(1)), (b, 1, key(2))]);
+        std::thread::sleep(Duration::from_millis(2));
+        // `a` again: its first place in line is now stale.
+        cache.insert_many(&t("x"), [(a, 2, key(11))]);
+        // Room for `c` is made past `a`'s stale place, from `b`.
+        cache.insert_many(&t("x"), [(c, 1, key(3))]);
+        assert_eq!(cache.get(&a, &t("x"), 2).unwrap().expose_secret(), &[11; 32]);
+        assert!(cache.get(&a, &t("x"), 1).is_none(), "replaced, version and all");
+        assert!(cache.get(&b, &t("x"), 1).is_none(), "the oldest live entry went");
+        assert_eq!(cache.get(&c, &t("x"), 1).unwrap().expose_secret(), &[3; 32]);
+        let inner = cache.inner.lock().unwrap();
+        assert_eq!((inner.map.len(), inner.keys.len()), (2, 2));
     }
 
     #[test]

@@ -112,21 +112,22 @@ pub(super) async fn encrypt(State(s): Shared, body: ApiBody) -> Result<SecretJso
         .await
         .map_err(|e| s.tenant_error(&req.tenant, e))?;
     let mut answer = Answer::new(single, body.len().saturating_mul(ENCRYPT_GROWTH));
+    // Warm the DEK cache (the app often reads back what it just wrote),
+    // under one lock and from the pool's own keys, before they are spent.
+    // Should a record then fail, its DEK is cached under an id no record
+    // carries, until the TTL; the DEK was in this process already.
+    s.cache
+        .insert_many(&req.tenant, deks.iter().map(|d| (d.record_key_id, d.kek_version, d.dek())));
+    if let Some(dek) = deks.last() {
+        s.note_active(&req.tenant, dek.kek_version);
+    }
     let mut ids = Vec::with_capacity(records.len());
-    // Warm the DEK cache (the app often reads back what it just wrote):
-    // collected here, inserted under one lock after the loop.
-    let mut warm = Vec::with_capacity(records.len());
     let mut workspace = TextWorkspace::default();
     for (record, dek) in records.into_iter().zip(deks) {
         ids.push(dek.record_key_id);
-        warm.push((dek.record_key_id, dek.kek_version, Arc::new(dek.dek().duplicate())));
         workspace.encrypt(record, &req.tenant, &schema, &keys, dek, answer.next_record())?;
     }
     answer.end_records();
-    if let Some((_, version, _)) = warm.last() {
-        s.note_active(&req.tenant, *version);
-    }
-    s.cache.insert_many(&req.tenant, warm);
     s.reporter.record(vec![AccessEvent {
         tenant: req.tenant.clone(),
         kek_version: None,
