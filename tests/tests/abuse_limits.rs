@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gateway::pki::Validity;
-use keygate_tests::keyservice::KeyService;
+use keygate_tests::keyservice::{KeyService, Options};
 use keygate_tests::sidecar::Sidecar;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -638,4 +638,40 @@ async fn an_endless_oversized_body_is_cut_off() {
     assert!(sent.is_err(), "1000 MiB were taken: {sent:?}");
     let (status, _) = sc.get("/healthz").await;
     assert_eq!(status, 200);
+}
+
+/// The plain ops listener (`ops_listen`) is held to the API's limits: a
+/// client trickling its headers is cut off, a silent connection is closed,
+/// and the endpoints still answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ops_listener_cuts_off_slow_and_idle_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let ops = format!("127.0.0.1:{port}");
+    let _ks = KeyService::start_with(
+        dir.path(),
+        &Options {
+            extra: "[abuse]\nheader_read_timeout_secs = 1\nidle_timeout_secs = 2\n",
+            env: &[("KEYGATE_OPS_LISTEN", &ops)],
+            ..Options::default()
+        },
+    );
+    let url = format!("http://{ops}");
+    let metrics = reqwest::get(format!("{url}/metrics")).await.unwrap();
+    assert_eq!(metrics.status(), 200);
+    let healthz = reqwest::get(format!("{url}/healthz")).await.unwrap();
+    assert_eq!(healthz.status(), 200);
+
+    let mut tcp = tokio::net::TcpStream::connect(&ops).await.unwrap();
+    let (closed, _) =
+        trickle(&mut tcp, SLOW_HEADERS, Duration::from_millis(200), Duration::from_secs(10)).await;
+    let closed = closed.expect("a client trickling headers is cut off");
+    assert!(closed < Duration::from_secs(4), "{closed:?}");
+
+    let mut silent = tokio::net::TcpStream::connect(&ops).await.unwrap();
+    let closed = closed_silently(&mut silent).await;
+    assert!(closed >= Duration::from_millis(1500), "not before the idle timeout: {closed:?}");
+
+    let healthz = reqwest::get(format!("{url}/healthz")).await.unwrap();
+    assert_eq!(healthz.status(), 200, "still serving");
 }

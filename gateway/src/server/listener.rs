@@ -1,6 +1,7 @@
 //! Accepting mutual-TLS connections and serving HTTP/1.1 and HTTP/2 on
 //! them, with the caller's identity attached to every request.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +12,9 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tower::ServiceExt;
 
 use crate::abuse::{Activity, Counted, OpenConnections, Watched, serve_until_idle};
@@ -46,24 +49,7 @@ pub(super) async fn serve_tls(
 ) {
     let open = OpenConnections::new();
     tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        // Responses go out as several writes (TLS records, HTTP/2
-        // frames); with Nagle's algorithm on, a write waits for the ACK
-        // of the previous one, which a client may delay by 40 ms.
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(peer = %peer, error = %e, "cannot set TCP_NODELAY");
-        }
+    while let Some((tcp, peer)) = accept(&listener, &mut shutdown).await {
         let acceptor = tls.acceptor();
         let router = router.clone();
         let stop = open.watcher();
@@ -85,28 +71,89 @@ pub(super) async fn serve_tls(
                 request.extensions_mut().insert(caller.clone());
                 request
             });
-            let activity = Activity::new();
-            let service = Counted::new(service, activity.clone());
-            let io = TokioIo::new(Watched::new(stream, activity.clone()));
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder.http1().timer(TokioTimer::new()).header_read_timeout(timeouts.headers);
-            let connection = builder.serve_connection(io, TowerToHyperService::new(service));
-            let served = serve_until_idle(connection, &activity, timeouts.idle, stop).await;
-            if let Err(e) = served {
-                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
-            }
+            serve_connection(stream, service, timeouts, stop, peer).await;
         });
     }
     open.close_all(drain).await;
 }
 
-/// Serves `router` over plain HTTP (the ops endpoints) until `shutdown`.
+/// Serves `router` over plain HTTP (the ops endpoints) on `addr` until
+/// `shutdown`, with the same header and idle timeouts and the same drain
+/// as the API (no TLS, so no handshake timeout): the ops port is often
+/// open to a whole cluster network, and a connection it holds open costs
+/// the same file descriptors the API needs.
 pub(super) async fn serve_plain(
     addr: SocketAddr,
     router: Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    timeouts: ConnectionTimeouts,
+    shutdown: impl std::future::Future<Output = ()>,
+    drain: Duration,
 ) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "ops endpoints listening (plain HTTP)");
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+    let open = OpenConnections::new();
+    tokio::pin!(shutdown);
+    while let Some((tcp, peer)) = accept(&listener, &mut shutdown).await {
+        let (router, stop) = (router.clone(), open.watcher());
+        tokio::spawn(serve_connection(tcp, router, timeouts, stop, peer));
+    }
+    open.close_all(drain).await;
+    Ok(())
+}
+
+/// The next connection (with `TCP_NODELAY`), or `None` once `shutdown`
+/// resolves. Accept errors (out of file descriptors, say) are retried
+/// after a pause.
+async fn accept(
+    listener: &TcpListener,
+    shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.as_mut() => return None,
+        };
+        // Responses go out as several writes (TLS records, HTTP/2
+        // frames); with Nagle's algorithm on, a write waits for the ACK
+        // of the previous one, which a client may delay by 40 ms.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(peer = %peer, error = %e, "cannot set TCP_NODELAY");
+        }
+        return Some((tcp, peer));
+    }
+}
+
+/// Serves HTTP/1.1 or HTTP/2 on one connection: headers within
+/// `timeouts.headers`, closed in order when idle or when `stop` is set.
+async fn serve_connection<I, S>(
+    stream: I,
+    service: S,
+    timeouts: ConnectionTimeouts,
+    stop: watch::Receiver<bool>,
+    peer: SocketAddr,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<Request<Incoming>, Response = axum::response::Response, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let activity = Activity::new();
+    let service = Counted::new(service, activity.clone());
+    let io = TokioIo::new(Watched::new(stream, activity.clone()));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(timeouts.headers);
+    let connection = builder.serve_connection(io, TowerToHyperService::new(service));
+    let served = serve_until_idle(connection, &activity, timeouts.idle, stop).await;
+    if let Err(e) = served {
+        tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+    }
 }

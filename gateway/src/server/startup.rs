@@ -110,6 +110,11 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         config.tls.reload_interval_secs,
         stop_rx.clone(),
     );
+    let timeouts = listener::ConnectionTimeouts {
+        handshake: Duration::from_secs(config.limits.handshake_timeout_secs.max(1)),
+        headers: config.abuse.header_read_timeout(),
+        idle: config.abuse.idle_timeout(),
+    };
     if let Some(ops_addr) = config.ops_listen {
         let router = routes::ops(state.clone());
         let mut stop = stop_rx.clone();
@@ -117,7 +122,8 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
             let shutdown = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            if let Err(e) = listener::serve_plain(ops_addr, router, shutdown).await {
+            let served = listener::serve_plain(ops_addr, router, timeouts, shutdown, DRAIN).await;
+            if let Err(e) = served {
                 tracing::error!(error = %e, "ops listener failed");
             }
         });
@@ -126,11 +132,6 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     let router = routes::api(state).layer(axum::Extension(compliance));
     let router =
         crate::abuse::protect_key_service(router, &config.abuse, config.limits.max_body_bytes);
-    let timeouts = listener::ConnectionTimeouts {
-        handshake: Duration::from_secs(config.limits.handshake_timeout_secs.max(1)),
-        headers: config.abuse.header_read_timeout(),
-        idle: config.abuse.idle_timeout(),
-    };
     listener::serve_tls(listener, tls, router, timeouts, terminated, DRAIN).await;
     tracing::info!("shutting down: flushing the audit log");
     let _ = stop_tx.send(true);
