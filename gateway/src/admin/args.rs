@@ -375,6 +375,10 @@ pub enum AuditCommand {
         /// Only this key-service instance's chain.
         #[arg(long)]
         instance: Option<String>,
+        /// Events per request to the key service (1 to 100000); the
+        /// export goes on page after page to the end either way.
+        #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        page_size: u64,
     },
 }
 

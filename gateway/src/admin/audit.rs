@@ -13,9 +13,6 @@ use super::client::{Client, decode, transport_error};
 use super::error::AdminError;
 use super::output::{Table, emit, or_dash, stdout_error};
 
-/// Events asked for per export call (the key service's largest page).
-const EXPORT_PAGE: u64 = 100_000;
-
 /// `GET /v1/audit/verify`.
 #[derive(Debug, Deserialize)]
 struct Verified {
@@ -47,8 +44,8 @@ pub(crate) async fn run(ctx: &Ctx, command: AuditCommand) -> Result<(), AdminErr
     let client = ctx.client()?;
     match command {
         AuditCommand::Verify => verify(ctx, &client).await,
-        AuditCommand::Export { since, tenant, instance } => {
-            export(&client, since, tenant.as_ref(), instance.as_deref()).await
+        AuditCommand::Export { since, tenant, instance, page_size } => {
+            export(&client, since, tenant.as_ref(), instance.as_deref(), page_size).await
         }
     }
 }
@@ -88,19 +85,24 @@ async fn verify(ctx: &Ctx, client: &Client) -> Result<(), AdminError> {
     }
 }
 
-/// Streams `GET /v1/audit` to stdout as JSON lines. With `--instance`,
-/// pages through that chain to its end; across all instances one page is
-/// all the API offers, so a full page is reported rather than cut silently.
+/// Streams `GET /v1/audit` to stdout as JSON lines, page by page to the
+/// end: of one chain with `--instance`, else of every chain (each page
+/// resumes after the last line's instance and sequence number).
 async fn export(
     client: &Client,
     since_ms: Option<i64>,
     tenant: Option<&TenantId>,
     instance: Option<&str>,
+    page_size: u64,
 ) -> Result<(), AdminError> {
     let mut after: i64 = 0;
+    let mut after_instance: Option<String> = None;
     let mut total: u64 = 0;
     loop {
-        let mut query = vec![format!("limit={EXPORT_PAGE}"), format!("after={after}")];
+        let mut query = vec![format!("limit={page_size}"), format!("after={after}")];
+        if let Some(i) = &after_instance {
+            query.push(format!("after_instance={}", query_value(i)));
+        }
         if let Some(since) = since_ms {
             query.push(format!("since_ms={since}"));
         }
@@ -108,39 +110,59 @@ async fn export(
             query.push(format!("tenant={}", t.as_str()));
         }
         if let Some(i) = instance {
-            let mut encoded = String::new();
-            for b in i.bytes() {
-                if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                    encoded.push(char::from(b));
-                } else {
-                    encoded.push_str(&format!("%{b:02X}"));
-                }
-            }
-            query.push(format!("instance={encoded}"));
+            query.push(format!("instance={}", query_value(i)));
         }
         let path = format!("/v1/audit?{}", query.join("&"));
         let response = client.send(Method::GET, &path, None).await?;
         let page = stream_lines(response).await?;
         total += page.lines;
-        if page.lines < EXPORT_PAGE {
+        if page.lines < page_size {
             return Ok(());
         }
-        match (instance, page.last_seq) {
-            (Some(_), Some(seq)) if seq > after => after = seq,
+        // A full page that does not move the cursor forward would repeat
+        // itself: refused rather than looping.
+        let moved = match (&page.last, instance) {
+            (Some((_, seq)), Some(_)) => *seq > after,
+            (Some((i, seq)), None) => {
+                after_instance.as_ref().is_none_or(|from| i > from) || *seq > after
+            }
+            (None, _) => false,
+        };
+        match page.last {
+            Some((i, seq)) if moved => {
+                after = seq;
+                if instance.is_none() {
+                    after_instance = Some(i);
+                }
+            }
             _ => {
                 return Err(AdminError::refused(format!(
-                    "the export stopped after {total} events, the key service's page size; \
-                     export one instance at a time with --instance (or narrow --since)"
+                    "the export stopped after {total} events: a full page did not end \
+                     after the one before"
                 )));
             }
         }
     }
 }
 
+/// `value` percent-encoded for a query string.
+fn query_value(value: &str) -> String {
+    let mut encoded = String::new();
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            encoded.push(char::from(b));
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    encoded
+}
+
 /// What one page of the export held.
 struct Page {
     lines: u64,
-    last_seq: Option<i64>,
+    /// The last line's instance and sequence number.
+    last: Option<(String, i64)>,
 }
 
 /// Copies the body to stdout as it arrives, whole lines at a time.
@@ -174,8 +196,9 @@ async fn stream_lines(mut response: reqwest::Response) -> Result<Page, AdminErro
         }
     }
     stdout.flush().map_err(stdout_error)?;
-    let last_seq = serde_json::from_slice::<Value>(&last)
-        .ok()
-        .and_then(|v| v.get("seq").and_then(Value::as_i64));
-    Ok(Page { lines, last_seq })
+    let last = serde_json::from_slice::<Value>(&last).ok().and_then(|v| {
+        let instance = v.get("instance")?.as_str()?.to_owned();
+        Some((instance, v.get("seq")?.as_i64()?))
+    });
+    Ok(Page { lines, last })
 }

@@ -280,8 +280,15 @@ pub(crate) struct AuditQuery {
     /// Only this instance's chain.
     #[serde(default)]
     pub(crate) instance: Option<String>,
+    /// Only events after this sequence number: of `instance`'s chain, or
+    /// with `after_instance`, of that chain (then every later instance from
+    /// its start); alone, of every chain.
     #[serde(default)]
     pub(crate) after: i64,
+    /// Resumes an export of every instance: the last line's `instance`
+    /// (with its `seq` as `after`). Instances come in byte order.
+    #[serde(default)]
+    pub(crate) after_instance: Option<String>,
     #[serde(default)]
     pub(crate) since_ms: Option<i64>,
     #[serde(default)]

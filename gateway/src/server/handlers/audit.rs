@@ -96,15 +96,30 @@ pub(crate) async fn export(
 ) -> Result<Response, ApiError> {
     state.authorize_global(&caller, &[Role::Auditor], "export the audit log").await?;
     let store = state.hierarchy.store();
-    let instances = match &query.instance {
-        Some(i) => vec![i.clone()],
-        None => store.audit_instances().await.map_err(|e| crate::error::store_error(&e))?,
+    let mut instances = match (&query.instance, &query.after_instance) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                "give instance (one chain) or after_instance (resuming all of them), not both",
+            ));
+        }
+        (Some(i), None) => vec![i.clone()],
+        (None, _) => store.audit_instances().await.map_err(|e| crate::error::store_error(&e))?,
     };
+    // Byte order, whatever the database's collation, so that a cursor
+    // (`after_instance`, `after`) resumes exactly where a page ended.
+    instances.sort_unstable();
+    if let Some(from) = &query.after_instance {
+        instances.retain(|i| i >= from);
+    }
     let limit = query.limit.clamp(1, 100_000);
     let mut out = String::new();
     let mut written = 0u32;
     for instance in instances {
-        let mut after = query.after;
+        let mut after = match &query.after_instance {
+            Some(from) if *from != instance => 0,
+            _ => query.after,
+        };
         while written < limit {
             let rows = store
                 .audit_rows(&instance, after, (limit - written).min(VERIFY_PAGE))
