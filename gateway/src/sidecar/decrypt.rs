@@ -3,11 +3,12 @@
 //! events.
 //!
 //! Per request, each (tenant, schema) pair's disclosures are resolved once
-//! (not once per field of every record), the report is serialized from
-//! typed values (no intermediate JSON tree), and records that share
-//! tenant, KEK version, schema, field outcomes and cache hit share one
-//! `record.decrypt` event listing all their record key ids — the same
-//! facts as one event per record, at a fraction of the audit volume.
+//! (not once per field of every record), the report is written from
+//! typed values (no intermediate JSON tree; [`super::report`]), and
+//! records that share tenant, KEK version, schema, field outcomes and
+//! cache hit share one `record.decrypt` event listing all their record key
+//! ids — the same facts as one event per record, at a fraction of the
+//! audit volume.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,38 +19,16 @@ use kms_core::record::{
 };
 use kms_core::schema::{FieldSpec, Schema};
 use kms_core::{DekRequest, KekVersion, Key256, Name, RecordKeyId, TenantId};
-use serde::Serialize;
 
 use super::api::DecryptRequest;
 use super::handlers::Answer;
+use super::report::{FieldEntry, RecordReport, write_reports};
 use super::reporter::{Access, AccessEvent};
 use super::state::{SidecarState, ks_error};
 use crate::error::ApiError;
 use crate::extract::ApiBody;
 use crate::policy::{EffectiveGrants, FieldAccess, Role};
 use crate::wire::SecretJsonText;
-
-/// One record's report (members in alphabetical order, as a JSON map
-/// would print them).
-#[derive(Serialize)]
-struct RecordReport {
-    fields: Vec<FieldEntry>,
-    kek_version: KekVersion,
-    record_key_id: RecordKeyId,
-    schema: Name,
-    schema_version: u32,
-    stale_key_version: bool,
-    tenant: TenantId,
-}
-
-#[derive(Serialize)]
-struct FieldEntry {
-    class: String,
-    outcome: &'static str,
-    pointer: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reason: Option<String>,
-}
 
 /// A schema, its derived keys, and what this caller may see of each of
 /// its field classes, for one tenant (resolved once per request).
@@ -198,9 +177,7 @@ pub(super) async fn decrypt(
     );
     let out = answer.end_records();
     out.extend_from_slice(b",\"report\":");
-    // Only a failing `Serialize` impl gets here (a bug, ours: 500); the
-    // report holds pointers, classes and ids, and serde's text no values.
-    serde_json::to_writer(&mut *out, &reports).map_err(|e| crate::error::internal(&e))?;
+    write_reports(out, &reports);
     Ok(answer.finish())
 }
 

@@ -17,6 +17,7 @@ mod ks_client;
 mod listener;
 mod openapi;
 mod pool;
+mod report;
 mod reporter;
 mod run;
 mod state;
