@@ -420,6 +420,7 @@ async fn shutdown_answers_requests_in_flight_and_closes_the_rest_in_order() {
     in_flight.write_all(head.as_bytes()).await.unwrap();
     in_flight.write_all(&body.as_bytes()[..5]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let port: u16 = ks.url.rsplit(':').next().unwrap().parse().unwrap();
     let stopped = tokio::task::spawn_blocking(move || ks.stop());
 
     let (frames, ended) = tokio::time::timeout(Duration::from_secs(10), closing)
@@ -428,6 +429,10 @@ async fn shutdown_answers_requests_in_flight_and_closes_the_rest_in_order() {
         .unwrap();
     assert!(frames.contains(&GOAWAY), "{frames:?}");
     ended.expect("closed with TLS's close_notify, not dropped");
+    // While the request in flight holds the drain open, a new client is
+    // refused, not left waiting in the backlog.
+    let late = tokio::net::TcpStream::connect(("127.0.0.1", port)).await;
+    assert!(late.is_err(), "a connection was accepted during the drain");
     in_flight.write_all(&body.as_bytes()[5..]).await.unwrap();
     let mut answer = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), in_flight.read_to_end(&mut answer))

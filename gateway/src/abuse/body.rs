@@ -5,19 +5,21 @@
 //! then closes, resets the connection: the kernel sends RST for the unread
 //! bytes, and a client that writes its whole body before it reads (most
 //! do) gets a broken pipe instead of the 413. So an oversized HTTP/1 body
-//! is read on to its end and thrown away, within the same deadline and at
-//! most [`DRAIN_LIMIT`] bytes, before the 413 goes out. HTTP/2 needs none
-//! of this: the stream is reset on its own and the connection carries on.
+//! is read on to its end and thrown away, within the same deadline and if
+//! it is at most [`DRAIN_LIMIT`] bytes over the limit, before the 413 goes
+//! out. HTTP/2 needs none of this: the stream is reset on its own and the
+//! connection carries on.
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Version, header};
 use http_body_util::BodyExt;
 use tokio::time::{Instant, timeout_at};
 
-/// The most an oversized HTTP/1 body is read past its refusal, to be
-/// thrown away. Past it (or past the deadline) the connection is closed
-/// and the client may see a reset instead of the 413; the limit keeps one
-/// refused request from costing more than a few ordinary ones.
+/// The most an oversized HTTP/1 body may exceed the limit and still be
+/// read to its end (and thrown away) before the 413. A larger one (or one
+/// past the deadline) has its connection closed after the 413, and the
+/// client may see a reset instead; the bound keeps one refused request
+/// from costing more than a few ordinary ones.
 pub(super) const DRAIN_LIMIT: u64 = 64 * 1024 * 1024;
 
 /// What reading a body came to.
@@ -50,21 +52,31 @@ pub(super) async fn read_within(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let http1 = version < Version::HTTP_2;
-    if declared.is_some_and(|length| length > max as u64) {
+    if let Some(length) = declared.filter(|length| *length > max as u64) {
         let waiting_to_send = headers
             .get(header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-        if http1 && !waiting_to_send {
-            discard(body, DRAIN_LIMIT, deadline).await;
+        // A body that cannot be drained whole is not drained at all: the
+        // connection is closed after the 413 straight away.
+        let drainable = length - max as u64 <= DRAIN_LIMIT;
+        if http1 && !waiting_to_send && drainable {
+            discard(body, length, deadline).await;
         }
         return BodyRead::TooLarge;
     }
-    let mut chunks: Vec<Bytes> = Vec::new();
+    // The first chunk is kept as it came (no copy for a body in one piece);
+    // from the second on, chunks are copied into one buffer, so that many
+    // tiny chunks cost their bytes and not a buffer handle each.
+    let mut first: Option<Bytes> = None;
+    let mut joined: Vec<u8> = Vec::new();
     let mut kept = 0usize;
     loop {
         let frame = match timeout_at(deadline, body.frame()).await {
             Err(_) => return BodyRead::TimedOut,
-            Ok(None) => return BodyRead::Complete(joined(chunks, kept)),
+            Ok(None) => {
+                let whole = if joined.is_empty() { first } else { Some(Bytes::from(joined)) };
+                return BodyRead::Complete(whole.unwrap_or_default());
+            }
             Ok(Some(Err(_))) => return BodyRead::Failed,
             Ok(Some(Ok(frame))) => frame,
         };
@@ -74,16 +86,28 @@ pub(super) async fn read_within(
         if kept > max {
             break;
         }
-        chunks.push(data);
+        match first.take() {
+            None if joined.is_empty() => first = Some(data),
+            held => {
+                if let Some(held) = held {
+                    // The declared length, when there is one, is the size.
+                    let expected = declared.map_or(2 * kept, |d| d as usize).clamp(kept, max);
+                    joined.reserve_exact(expected);
+                    joined.extend_from_slice(&held);
+                }
+                joined.extend_from_slice(&data);
+            }
+        }
     }
-    drop(chunks);
+    drop((first, joined));
     if http1 {
-        discard(body, DRAIN_LIMIT, deadline).await;
+        let past = (kept - max) as u64;
+        discard(body, DRAIN_LIMIT.saturating_sub(past), deadline).await;
     }
     BodyRead::TooLarge
 }
 
-/// Reads and drops the rest of `body`: to its end, `limit` bytes, the
+/// Reads and drops the rest of `body`: to its end, past `limit` bytes, the
 /// deadline or an error, whichever comes first.
 async fn discard(mut body: Body, limit: u64, deadline: Instant) {
     let mut dropped = 0u64;
@@ -97,18 +121,6 @@ async fn discard(mut body: Body, limit: u64, deadline: Instant) {
             _ => return,
         }
     }
-}
-
-/// The chunks as one buffer (without a copy when there is one chunk).
-fn joined(mut chunks: Vec<Bytes>, length: usize) -> Bytes {
-    if chunks.len() == 1 {
-        return chunks.pop().unwrap_or_default();
-    }
-    let mut whole = Vec::with_capacity(length);
-    for chunk in &chunks {
-        whole.extend_from_slice(chunk);
-    }
-    Bytes::from(whole)
 }
 
 #[cfg(test)]
@@ -190,7 +202,33 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_declared_length_over_the_limit_is_refused_before_the_body() {
+    async fn a_body_in_many_pieces_is_one_buffer_of_its_bytes() {
+        let pieces: Vec<&'static [u8]> = vec![b"x"; 1000];
+        for declared in [None, Some("1000")] {
+            let (b, _) = body(&pieces, false);
+            let mut headers = HeaderMap::new();
+            if let Some(length) = declared {
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static(length));
+            }
+            let got = read_within(b, 1000, soon(), Version::HTTP_11, &headers).await;
+            let BodyRead::Complete(bytes) = got else { panic!("{got:?}") };
+            assert_eq!(bytes, vec![b'x'; 1000]);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_declared_length_too_far_over_is_not_drained() {
+        let mut headers = HeaderMap::new();
+        let over = (5 + DRAIN_LIMIT + 1).to_string();
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_str(&over).unwrap());
+        let (b, taken) = body(&[b"ab", b"cdef"], false);
+        let got = read_within(b, 5, soon(), Version::HTTP_11, &headers).await;
+        assert!(matches!(got, BodyRead::TooLarge), "{got:?}");
+        assert_eq!(taken.load(Ordering::Relaxed), 0, "closed at once, not drained");
+    }
+
+    #[tokio::test]
+    async fn a_declared_length_over_the_limit_is_refused_without_buffering() {
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("6"));
         for (version, drained) in [(Version::HTTP_11, 2), (Version::HTTP_2, 0)] {

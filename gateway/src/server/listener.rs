@@ -74,6 +74,9 @@ pub(super) async fn serve_tls(
             serve_connection(stream, service, timeouts, stop, peer).await;
         });
     }
+    // Closed first, so that new clients are refused during the drain
+    // rather than left waiting in the backlog.
+    drop(listener);
     open.close_all(drain).await;
 }
 
@@ -97,6 +100,7 @@ pub(super) async fn serve_plain(
         let (router, stop) = (router.clone(), open.watcher());
         tokio::spawn(serve_connection(tcp, router, timeouts, stop, peer));
     }
+    drop(listener);
     open.close_all(drain).await;
     Ok(())
 }

@@ -54,6 +54,9 @@ pub(super) async fn serve(
             }
         }
     }
+    // Closed first: new clients are refused during the drain rather than
+    // left waiting in the backlog.
+    drop(listener);
     open.close_all(drain).await;
 }
 
