@@ -581,29 +581,12 @@ async fn send_whole_then_read<S: AsyncRead + AsyncWrite + Unpin>(
 /// then serves its next request.
 #[tokio::test(flavor = "multi_thread")]
 async fn oversized_bodies_are_answered_not_reset() {
-    const MIB: usize = 1024 * 1024;
-    let mib = |count: usize| (0..count).map(|_| vec![b' '; MIB]);
-    let chunked = |count: usize| {
-        mib(count)
-            .map(|c| [format!("{:x}\r\n", c.len()).into_bytes(), c, b"\r\n".to_vec()].concat())
-            .chain(std::iter::once(b"0\r\n\r\n".to_vec()))
-    };
     let dir = tempfile::tempdir().unwrap();
     let (ks, _sc, addr) = tcp_sidecar(dir.path(), "");
 
     // The sidecar's limit is 16 MiB.
     let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let head = format!(
-        "POST /v1/encrypt HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        40 * MIB
-    );
-    let (status, answer) = send_whole_then_read(&mut tcp, &head, mib(40)).await.unwrap();
-    assert!(status.starts_with("HTTP/1.1 413"), "{status}");
-    assert_eq!(code(&answer), "body_too_large");
-    let head = "POST /v1/encrypt HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
-    let (status, answer) = send_whole_then_read(&mut tcp, head, chunked(40)).await.unwrap();
-    assert!(status.starts_with("HTTP/1.1 413"), "{status}");
-    assert_eq!(code(&answer), "body_too_large");
+    refused_both_ways(&mut tcp, "/v1/encrypt", 40).await;
     let (status, _) =
         send_whole_then_read(&mut tcp, "GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n", mib(0))
             .await
@@ -612,28 +595,47 @@ async fn oversized_bodies_are_answered_not_reset() {
 
     // The key service's limit is 8 MiB.
     let mut tls = tls_connect(&ks, ENC).await;
-    let head = format!(
-        "POST /v1/tenants/onc/datakeys HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        20 * MIB
-    );
-    let (status, answer) = send_whole_then_read(&mut tls, &head, mib(20)).await.unwrap();
-    assert!(status.starts_with("HTTP/1.1 413"), "{status}");
-    assert_eq!(code(&answer), "body_too_large");
-    let head = "POST /v1/tenants/onc/datakeys HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
-    let (status, answer) = send_whole_then_read(&mut tls, head, chunked(20)).await.unwrap();
-    assert!(status.starts_with("HTTP/1.1 413"), "{status}");
-    assert_eq!(code(&answer), "body_too_large");
+    refused_both_ways(&mut tls, "/v1/tenants/onc/datakeys", 20).await;
 }
 
-/// Past the drain limit (64 MiB beyond what was read) the connection is
-/// closed: a refused body cannot hold the server reading indefinitely.
+/// `count` MiB of spaces, a MiB at a time.
+fn mib(count: usize) -> impl Iterator<Item = Vec<u8>> {
+    (0..count).map(|_| vec![b' '; 1024 * 1024])
+}
+
+/// Posts `mib` MiB to `path` with a Content-Length, then chunked, on one
+/// connection; each must be answered 413 `body_too_large`.
+async fn refused_both_ways<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    path: &str,
+    mib: usize,
+) {
+    let head = "Host: localhost\r\nContent-Type: application/json\r\n";
+    let declared = format!("POST {path} HTTP/1.1\r\n{head}Content-Length: {}\r\n\r\n", mib << 20);
+    let chunked = format!("POST {path} HTTP/1.1\r\n{head}Transfer-Encoding: chunked\r\n\r\n");
+    let chunks = self::mib(mib)
+        .map(|c| [format!("{:x}\r\n", c.len()).into_bytes(), c, b"\r\n".to_vec()].concat())
+        .chain(std::iter::once(b"0\r\n\r\n".to_vec()));
+    for (head, body) in [
+        (declared, Box::new(self::mib(mib)) as Box<dyn Iterator<Item = Vec<u8>>>),
+        (chunked, Box::new(chunks)),
+    ] {
+        let (status, answer) = send_whole_then_read(stream, &head, body).await.unwrap();
+        assert!(status.starts_with("HTTP/1.1 413"), "{path}: {status}");
+        assert_eq!(code(&answer), "body_too_large");
+    }
+}
+
+/// A body further over the limit than the drain allows (64 MiB) is not
+/// read on: the connection is closed, so a refused body cannot hold the
+/// server reading indefinitely.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_endless_oversized_body_is_cut_off() {
     let dir = tempfile::tempdir().unwrap();
     let (_ks, sc, addr) = tcp_sidecar(dir.path(), "");
     let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let head = "POST /v1/encrypt HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 1000000000000\r\n\r\n";
-    let endless = (0..1000).map(|_| vec![b' '; 1024 * 1024]);
+    let endless = mib(1000);
     let sent = tokio::time::timeout(
         Duration::from_secs(20),
         send_whole_then_read(&mut tcp, head, endless),
