@@ -143,6 +143,15 @@ fn tcp_sidecar(dir: &std::path::Path, abuse: &str) -> (KeyService, Sidecar, Stri
 const SLOW_HEADERS: &[u8] =
     b"POST /v1/encrypt HTTP/1.1\r\nHost: localhost\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 
+/// Sends [`SLOW_HEADERS`] a byte at a time; the server (with
+/// `header_read_timeout_secs = 1`) must close the connection within 4 s.
+async fn headers_are_cut_off<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
+    let (closed, _) =
+        trickle(stream, SLOW_HEADERS, Duration::from_millis(200), Duration::from_secs(10)).await;
+    let closed = closed.expect("a client trickling headers is cut off");
+    assert!(closed < Duration::from_secs(4), "{closed:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_clients_are_cut_off_at_the_sidecar() {
     let dir = tempfile::tempdir().unwrap();
@@ -151,10 +160,7 @@ async fn slow_clients_are_cut_off_at_the_sidecar() {
 
     // Headers byte by byte: the connection is closed after ~1 s.
     let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let (closed, _) =
-        trickle(&mut tcp, SLOW_HEADERS, Duration::from_millis(200), Duration::from_secs(10)).await;
-    let closed = closed.expect("a client trickling headers is cut off");
-    assert!(closed < Duration::from_secs(4), "{closed:?}");
+    headers_are_cut_off(&mut tcp).await;
 
     // Complete headers, then the body byte by byte: 408 body_timeout.
     let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
@@ -210,10 +216,7 @@ async fn slow_clients_are_cut_off_at_the_key_service() {
         "[abuse]\nheader_read_timeout_secs = 1\nbody_read_timeout_secs = 1\n",
     );
     let mut tls = tls_connect(&ks, ENC).await;
-    let (closed, _) =
-        trickle(&mut tls, SLOW_HEADERS, Duration::from_millis(200), Duration::from_secs(10)).await;
-    let closed = closed.expect("a client trickling headers is cut off");
-    assert!(closed < Duration::from_secs(4), "{closed:?}");
+    headers_are_cut_off(&mut tls).await;
 
     let mut tls = tls_connect(&ks, ENC).await;
     tls.write_all(
@@ -670,10 +673,7 @@ async fn the_ops_listener_cuts_off_slow_and_idle_clients() {
     assert_eq!(healthz.status(), 200);
 
     let mut tcp = tokio::net::TcpStream::connect(&ops).await.unwrap();
-    let (closed, _) =
-        trickle(&mut tcp, SLOW_HEADERS, Duration::from_millis(200), Duration::from_secs(10)).await;
-    let closed = closed.expect("a client trickling headers is cut off");
-    assert!(closed < Duration::from_secs(4), "{closed:?}");
+    headers_are_cut_off(&mut tcp).await;
 
     let mut silent = tokio::net::TcpStream::connect(&ops).await.unwrap();
     let closed = closed_silently(&mut silent).await;

@@ -64,9 +64,9 @@ pub(super) async fn read_within(
         }
         return BodyRead::TooLarge;
     }
-    // The first chunk is kept as it came (no copy for a body in one piece);
-    // from the second on, chunks are copied into one buffer, so that many
-    // tiny chunks cost their bytes and not a buffer handle each.
+    // The body is kept as it came while it is one chunk (no copy); from the
+    // second chunk on, chunks are copied into one buffer, so that many tiny
+    // chunks cost their bytes and not a buffer handle each.
     let mut first: Option<Bytes> = None;
     let mut joined: Vec<u8> = Vec::new();
     let mut kept = 0usize;
@@ -74,8 +74,8 @@ pub(super) async fn read_within(
         let frame = match timeout_at(deadline, body.frame()).await {
             Err(_) => return BodyRead::TimedOut,
             Ok(None) => {
-                let whole = if joined.is_empty() { first } else { Some(Bytes::from(joined)) };
-                return BodyRead::Complete(whole.unwrap_or_default());
+                let whole = first.unwrap_or_else(|| Bytes::from(joined));
+                return BodyRead::Complete(whole);
             }
             Ok(Some(Err(_))) => return BodyRead::Failed,
             Ok(Some(Ok(frame))) => frame,
@@ -86,18 +86,16 @@ pub(super) async fn read_within(
         if kept > max {
             break;
         }
-        match first.take() {
-            None if joined.is_empty() => first = Some(data),
-            held => {
-                if let Some(held) = held {
-                    // The declared length, when there is one, is the size.
-                    let expected = declared.map_or(2 * kept, |d| d as usize).clamp(kept, max);
-                    joined.reserve_exact(expected);
-                    joined.extend_from_slice(&held);
-                }
-                joined.extend_from_slice(&data);
-            }
+        if kept == data.len() && joined.is_empty() {
+            first = Some(data);
+            continue;
         }
+        if let Some(held) = first.take() {
+            // The declared length, when there is one, is the size.
+            joined.reserve_exact(declared.map_or(2 * kept, |d| d as usize).clamp(kept, max));
+            joined.extend_from_slice(&held);
+        }
+        joined.extend_from_slice(&data);
     }
     drop((first, joined));
     if http1 {
@@ -202,7 +200,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_body_in_many_pieces_is_one_buffer_of_its_bytes() {
+    async fn a_body_in_many_pieces_comes_out_whole() {
         let pieces: Vec<&'static [u8]> = vec![b"x"; 1000];
         for declared in [None, Some("1000")] {
             let (b, _) = body(&pieces, false);

@@ -15,14 +15,19 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use hyper::Request;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
+use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 /// What one connection is doing, shared by its IO, its requests and the
 /// task that closes it.
-pub(crate) struct Activity {
+struct Activity {
     epoch: Instant,
     /// Milliseconds from `epoch` to the last read or write that moved bytes.
     last_io_ms: AtomicU64,
@@ -73,6 +78,37 @@ impl Activity {
 /// stopped reading never does).
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// Serves HTTP/1.1 or HTTP/2 with `service` on one accepted connection:
+/// an HTTP/1 request's headers within `headers`, and the connection closed
+/// in order when idle for `idle` or when `stop` turns true
+/// ([`serve_until_idle`]). Every listener serves its connections so.
+pub(crate) async fn serve_http<I, S>(
+    io: I,
+    service: S,
+    headers: Duration,
+    idle: Duration,
+    stop: watch::Receiver<bool>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<
+            Request<Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let activity = Activity::new();
+    let service = Counted::new(service, activity.clone());
+    let io = TokioIo::new(Watched::new(io, activity.clone()));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(headers);
+    let connection = builder.serve_connection(io, TowerToHyperService::new(service));
+    serve_until_idle(connection, &activity, idle, stop).await
+}
+
 /// Serves `connection` until it ends. Once it has been idle for `idle`, or
 /// when `stop` turns true (the server shutting down), it is closed in
 /// order: HTTP/2 sends GOAWAY and finishes the streams in flight, HTTP/1
@@ -81,7 +117,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// one. An idle one that has not closed [`CLOSE_GRACE`] later is dropped;
 /// on shutdown, the server's drain bound applies instead
 /// ([`OpenConnections::close_all`]).
-pub(crate) async fn serve_until_idle<C>(
+async fn serve_until_idle<C>(
     connection: C,
     activity: &Activity,
     idle: Duration,
@@ -153,7 +189,7 @@ impl Drop for Busy {
 /// A connection's service, counting each request in flight on the
 /// connection's [`Activity`] until its response is ready.
 #[derive(Clone)]
-pub(crate) struct Counted<S> {
+struct Counted<S> {
     inner: S,
     activity: Arc<Activity>,
 }
@@ -190,7 +226,7 @@ where
 
 /// A connection's byte stream, noting in its [`Activity`] every read and
 /// write that moves bytes.
-pub(crate) struct Watched<T> {
+struct Watched<T> {
     io: T,
     activity: Arc<Activity>,
 }

@@ -32,5 +32,5 @@ pub use self::bucket::{KeyedBuckets, TokenBucket};
 pub use self::config::{AbuseConfig, SidecarAbuseConfig};
 pub(crate) use self::depth::after_string;
 pub use self::depth::{exceeds_depth, nesting};
-pub(crate) use self::idle::{Activity, Counted, OpenConnections, Watched, serve_until_idle};
+pub(crate) use self::idle::{OpenConnections, serve_http};
 pub use self::layer::{BodyBounds, ConnectionGuard, protect_key_service, protect_sidecar};

@@ -119,17 +119,11 @@ async fn export(
         if page.lines < page_size {
             return Ok(());
         }
-        // A full page that does not move the cursor forward would repeat
-        // itself: refused rather than looping.
-        let moved = match (&page.last, instance) {
-            (Some((_, seq)), Some(_)) => *seq > after,
-            (Some((i, seq)), None) => {
-                after_instance.as_ref().is_none_or(|from| i > from) || *seq > after
-            }
-            (None, _) => false,
-        };
+        // The cursor is (instance, seq); a full page that does not move it
+        // forward would repeat itself: refused rather than looping.
+        let from = (instance.or(after_instance.as_deref()).unwrap_or_default(), after);
         match page.last {
-            Some((i, seq)) if moved => {
+            Some((i, seq)) if (i.as_str(), seq) > from => {
                 after = seq;
                 if instance.is_none() {
                     after_instance = Some(i);

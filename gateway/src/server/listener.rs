@@ -9,15 +9,12 @@ use std::time::Duration;
 use axum::Router;
 use hyper::Request;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tower::ServiceExt;
 
-use crate::abuse::{Activity, Counted, OpenConnections, Watched, serve_until_idle};
+use crate::abuse::{OpenConnections, serve_http};
 use crate::tls::{TlsReloader, identity_of};
 
 /// The verified identity of a connection's client (its certificate's URI
@@ -134,8 +131,7 @@ async fn accept(
     }
 }
 
-/// Serves HTTP/1.1 or HTTP/2 on one connection: headers within
-/// `timeouts.headers`, closed in order when idle or when `stop` is set.
+/// Serves one connection (see [`serve_http`]), logging how it ended.
 async fn serve_connection<I, S>(
     stream: I,
     service: S,
@@ -150,13 +146,7 @@ async fn serve_connection<I, S>(
         + 'static,
     S::Future: Send + 'static,
 {
-    let activity = Activity::new();
-    let service = Counted::new(service, activity.clone());
-    let io = TokioIo::new(Watched::new(stream, activity.clone()));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(timeouts.headers);
-    let connection = builder.serve_connection(io, TowerToHyperService::new(service));
-    let served = serve_until_idle(connection, &activity, timeouts.idle, stop).await;
+    let served = serve_http(stream, service, timeouts.headers, timeouts.idle, stop).await;
     if let Err(e) = served {
         tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
     }

@@ -9,16 +9,10 @@ use std::time::Duration;
 use axum::Router;
 use hyper::Request;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tower::ServiceExt;
 
-use crate::abuse::{
-    Activity, ConnectionGuard, Counted, OpenConnections, SidecarAbuseConfig, Watched,
-    serve_until_idle,
-};
+use crate::abuse::{ConnectionGuard, OpenConnections, SidecarAbuseConfig, serve_http};
 
 /// A bound app-facing listener.
 pub(super) enum AppListener {
@@ -91,16 +85,10 @@ fn spawn_connection<I>(
         request.extensions_mut().insert(guard.clone());
         request
     });
-    let activity = Activity::new();
-    let service = Counted::new(service, activity.clone());
-    let io = TokioIo::new(Watched::new(io, activity.clone()));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(abuse.header_read_timeout());
-    let idle = abuse.idle_timeout();
+    let (headers, idle) = (abuse.header_read_timeout(), abuse.idle_timeout());
     let stop = open.watcher();
     tokio::spawn(async move {
-        let connection = builder.serve_connection(io, TowerToHyperService::new(service));
-        if let Err(e) = serve_until_idle(connection, &activity, idle, stop).await {
+        if let Err(e) = serve_http(io, service, headers, idle, stop).await {
             tracing::debug!(error = %e, "app connection ended with an error");
         }
     });
