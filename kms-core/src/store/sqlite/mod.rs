@@ -83,6 +83,11 @@ impl SqliteStore {
             .busy_timeout(BUSY_TIMEOUT);
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
+            // sqlx pings a connection each time the pool hands it out. For
+            // SQLite that is one more round trip to the connection's thread
+            // for every query, and it checks nothing a query would not:
+            // the database is a local file, not a peer that may have gone.
+            .test_before_acquire(false)
             .acquire_timeout(BUSY_TIMEOUT)
             .connect_with(options)
             .await
