@@ -49,6 +49,9 @@ pub mod hipaa {
     }
 }
 
+/// The rule that the master key is in an HSM or a KMS.
+const ROOT_KEY_RULE: &str = "root_key.hardware_backed";
+
 /// Longest KEK auto-rotation period a production deployment may allow.
 pub const MAX_ROTATION_DAYS: u64 = 365;
 /// Longest a signed audit checkpoint may wait, in seconds.
@@ -138,6 +141,11 @@ impl Report {
         Self { profile, checks: Vec::new() }
     }
 
+    /// A report with no checks yet, for checks added one by one.
+    pub fn for_profile(profile: Profile) -> Self {
+        Self::new(profile)
+    }
+
     fn add(&mut self, rule: &str, hipaa: &str, outcome: Result<String, String>) {
         let (status, detail) = match outcome {
             Ok(detail) => (Status::Pass, detail),
@@ -184,7 +192,7 @@ pub fn server_report_with(
     policy: Result<&Policy, String>,
 ) -> Report {
     let mut r = Report::new(config.profile);
-    r.add("root_key.hardware_backed", hipaa::ACCESS_CONTROL, root_key(&config.root));
+    r.add(ROOT_KEY_RULE, hipaa::ACCESS_CONTROL, root_key(&config.root));
     r.add(
         "transmission.api_mtls",
         hipaa::TRANSMISSION,
@@ -335,6 +343,38 @@ pub fn sidecar_report(config: &SidecarConfig, hygiene: &Hygiene) -> Report {
     r.add("files.private_keys", hipaa::ACCESS_CONTROL, private_files(&secrets));
     r.add("process.core_dumps", hipaa::ACCESS_CONTROL, core_dumps(hygiene));
     r
+}
+
+/// Adds to `report` what the keystore says about the master key in use:
+/// a master rotation can have moved the keys to another master than the
+/// configured `[root]`, and `root_key.hardware_backed` holds for the one
+/// that wraps them. `kind` and `key_ref` are the active master's
+/// [`kms_core::ProviderInfo`].
+pub fn add_active_master(report: &mut Report, kind: &str, key_ref: &str) {
+    if kind != hsm_adapters::LOCAL_PROVIDER_KIND {
+        return;
+    }
+    let detail = format!(
+        "the active master key ({kind}:{key_ref}), which a master rotation put in use, is a \
+         local development key file, not an HSM or KMS key"
+    );
+    match report.checks.iter_mut().find(|c| c.rule == ROOT_KEY_RULE) {
+        Some(check) if check.status == Status::Pass => {
+            check.status = Status::Fail;
+            check.detail = detail;
+        }
+        Some(_) => {}
+        None => report.add(ROOT_KEY_RULE, hipaa::ACCESS_CONTROL, Err(detail)),
+    }
+}
+
+/// Whether the profile allows `root` as a master key: the production
+/// profile refuses what `root_key.hardware_backed` fails (the reason).
+pub fn refused_root(profile: Profile, root: &RootConfig) -> Option<String> {
+    match profile {
+        Profile::Production => root_key(root).err(),
+        Profile::Development => None,
+    }
 }
 
 fn root_key(root: &RootConfig) -> Result<String, String> {

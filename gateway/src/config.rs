@@ -162,6 +162,15 @@ impl RootConfig {
         Ok(config)
     }
 
+    /// The `provider` name, as written in the config.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::DevLocal { .. } => "dev_local",
+            Self::Pkcs11 { .. } => "pkcs11",
+            Self::AwsKms { .. } => "aws_kms",
+        }
+    }
+
     /// Whether every file path in it is absolute (settings sent over the
     /// API have no directory to be relative to).
     pub fn paths_are_absolute(&self) -> bool {

@@ -59,7 +59,9 @@ mod readiness;
 
 pub use crate::aws_kms::{AwsKmsConfig, AwsKmsError, AwsKmsRootKey};
 #[cfg(unix)]
-pub use crate::local::{Argon2Params, FormatError, LocalKeyError, LocalRootKey};
+pub use crate::local::{
+    Argon2Params, FormatError, LocalKeyError, LocalRootKey, PROVIDER_KIND as LOCAL_PROVIDER_KIND,
+};
 #[cfg(unix)]
 pub use crate::pkcs11::{
     MasterKeyInfo, PinSource, Pkcs11Config, Pkcs11Error, Pkcs11RootKey, ckr_name,

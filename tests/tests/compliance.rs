@@ -4,8 +4,10 @@
 //! started processes have core dumps off.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
 
+use std::io::Read;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use keygate_tests::keyservice::{KeyService, Options, Pki, keygate_binary, write_private};
 use keygate_tests::providers::softhsm2::{self, SoftHsm2};
@@ -85,13 +87,43 @@ file = "policy.toml"
 /// Runs `keygate <command> --config <config> [--profile production]`
 /// until it exits; returns (success, stderr).
 fn run_once(command: &str, config: &Path, production_flag: bool) -> (bool, String) {
+    run_once_with(command, config, production_flag, &[])
+}
+
+/// [`run_once`] with environment variables for the process.
+fn run_once_with(
+    command: &str,
+    config: &Path,
+    production_flag: bool,
+    env: &[(&str, &str)],
+) -> (bool, String) {
     let mut cmd = Command::new(keygate_binary());
-    cmd.arg(command).arg("--config").arg(config);
+    cmd.arg(command).arg("--config").arg(config).envs(env.iter().copied());
     if production_flag {
         cmd.args(["--profile", "production"]);
     }
-    let out = cmd.output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut pipe = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut stderr = String::new();
+        pipe.read_to_string(&mut stderr).unwrap();
+        stderr
+    });
+    // A process that should have been refused but started runs until
+    // stopped: stop it, so the test fails instead of hanging.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let exited = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = child.wait();
+    (exited.is_none_or(|s| s.success()), reader.join().unwrap())
 }
 
 fn assert_refused(stderr: &str, rule: &str, provision: &str) {
@@ -390,6 +422,35 @@ async fn a_good_production_stack_starts_and_reports_every_check_passing() {
     }
     assert_eq!(failed, ["policy.least_privilege"]);
 
+    // No master rotation may take the keys out of the HSM: one admin
+    // cannot move them under a key file on disk (nor have one created).
+    let stolen = dir.path().join("stolen-root.key");
+    let to_file = serde_json::json!({"to": {
+        "provider": "dev_local",
+        "key_file": stolen,
+        "create_if_missing": true,
+    }});
+    let (status, body) = ks.post(ADMIN, "/v1/master/rotate", &to_file).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "refused_by_profile", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("development key file"), "{body}");
+    assert!(!stolen.exists(), "no key file was created");
+    let (status, body) = ks.get(ADMIN, "/v1/master").await;
+    assert_eq!(status, 200, "{body}");
+    let masters: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(masters["masters"].as_array().unwrap().len(), 1, "no master was added: {masters}");
+    assert_eq!(masters["active"]["kind"], "pkcs11", "{masters}");
+    let (status, export) = ks.get(AUDITOR, "/v1/audit").await;
+    assert_eq!(status, 200);
+    let refusal: Value = export
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["action"] == "master.rotate")
+        .expect("the refused rotation is audited");
+    assert_eq!(refusal["outcome"], "denied", "{refusal}");
+    assert_eq!(refusal["actor"], ADMIN);
+    assert_eq!(refusal["detail"]["to"], "dev_local");
+
     // A production sidecar beside it.
     let sc = Sidecar::start(&ks, &dir.path().join("sc"), SIDECAR, "profile = \"production\"\n");
     let (status, _) = sc.get("/healthz").await;
@@ -422,4 +483,62 @@ async fn the_development_profile_reports_what_production_would_refuse() {
     assert_core_limit_zero(pid);
     assert_not_dumpable(pid);
     assert_allocates_from_the_os(pid);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_moved_to_a_development_master_fail_the_check_and_a_production_start() {
+    let token = SoftHsm2::new_token();
+    let dir = tempfile::tempdir().unwrap();
+    let ks_dir = dir.path().join("ks");
+    std::fs::create_dir_all(&ks_dir).unwrap();
+    write_private(&ks_dir.join("pin"), softhsm2::USER_PIN);
+    std::fs::write(ks_dir.join("policy.toml"), PRODUCTION_POLICY).unwrap();
+    let root = token.root_section("pin");
+    let conf = token.conf();
+    let admin_config = dir.path().join("create-key.toml");
+    std::fs::write(
+        &admin_config,
+        format!("listen = \"127.0.0.1:0\"\ndata_dir = \"ks/data\"\n[tls]\ncert = \"x\"\nkey = \"x\"\nclient_ca = \"x\"\n{}[policy]\nfile = \"x\"\n", token.root_section("ks/pin")),
+    )
+    .unwrap();
+    token.create_key_with_cli(&admin_config);
+    // The development profile lets an admin move the keys to a key file.
+    let env = [("SOFTHSM2_CONF", conf.to_str().unwrap())];
+    let mut ks = KeyService::start_with(
+        &ks_dir,
+        &Options { root: Some(&root), env: &env, ..Options::default() },
+    );
+    let (status, body) = ks.post(ADMIN, "/v1/tenants", &serde_json::json!({"tenant": "onc"})).await;
+    assert_eq!(status, 201, "{body}");
+    let hardware_check = |body: &str| -> Value {
+        let report: Value = serde_json::from_str(body).unwrap();
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["rule"] == "root_key.hardware_backed")
+            .cloned()
+            .unwrap()
+    };
+    let (_, body) = ks.get(ADMIN, "/v1/compliance").await;
+    assert_eq!(hardware_check(&body)["status"], "pass", "{body}");
+    let key_file = dir.path().join("dev-root.key");
+    let to_file = serde_json::json!({"to": {
+        "provider": "dev_local",
+        "key_file": key_file,
+        "create_if_missing": true,
+    }});
+    let (status, body) = ks.post(ADMIN, "/v1/master/rotate", &to_file).await;
+    assert_eq!(status, 200, "{body}");
+
+    // The configured [root] is still the HSM; the keys are not under it.
+    let (_, body) = ks.get(ADMIN, "/v1/compliance").await;
+    let check = hardware_check(&body);
+    assert_eq!(check["status"], "fail", "{check}");
+    assert!(check["detail"].as_str().unwrap().contains("active master key"), "{check}");
+    ks.stop();
+    let (started, stderr) = run_once_with("server", &ks_dir.join("keygate.toml"), true, &env);
+    assert!(!started, "{stderr}");
+    assert_refused(&stderr, "root_key.hardware_backed", "164.312(a)(1)");
+    assert!(stderr.contains("active master key"), "{stderr}");
 }

@@ -69,6 +69,13 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         .await
         .map_err(|e| fail("key hierarchy")(&e))?,
     );
+    // The configured [root] passed the checks above; the keys may be under
+    // another master since a master rotation, and that one must pass too.
+    let (_, active) = hierarchy.active_master().await.map_err(|e| fail("master key")(&e))?;
+    let mut live = crate::compliance::Report::for_profile(config.profile);
+    let info = active.describe();
+    crate::compliance::add_active_master(&mut live, info.kind, &info.key_ref);
+    live.enforce().map_err(|e| fail("compliance")(&e))?;
     tokio::spawn(follow_invalidations(store.clone(), hierarchy.clone()));
     let policy = Arc::new(PolicyHandle::load(&config.policy.file).map_err(|e| fail("policy")(&e))?);
     let metrics = Arc::new(Metrics::default());

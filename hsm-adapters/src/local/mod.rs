@@ -40,8 +40,9 @@ pub use self::error::LocalKeyError;
 pub use self::file::FormatError;
 pub use self::passphrase::Argon2Params;
 
-/// Provider kind reported by [`RootKeyProvider::describe`].
-const PROVIDER_KIND: &str = "local";
+/// Provider kind reported by [`RootKeyProvider::describe`]: what tells a
+/// development master key apart from an HSM's or a KMS's.
+pub const PROVIDER_KIND: &str = "local";
 /// HKDF label of the wrapping key.
 const WRAP_LABEL: &[u8] = b"keygate/v1/local-root-wrap";
 /// HKDF label of the fingerprint.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::{Extension, Json};
 
-use crate::compliance::{Report, add_tenant_rotation, server_report_with};
+use crate::compliance::{Report, add_active_master, add_tenant_rotation, server_report_with};
 use crate::config::ServerConfig;
 use crate::error::{ApiError, store_error};
 use crate::hygiene::Hygiene;
@@ -47,5 +47,8 @@ pub(crate) async fn report(
         .map(|t| (t.id.to_string(), t.rotate_every_secs))
         .collect();
     add_tenant_rotation(&mut report, context.config.keys.max_rotation_period_days, &schedules);
+    let (_, active) = state.hierarchy.active_master().await?;
+    let info = active.describe();
+    add_active_master(&mut report, info.kind, &info.key_ref);
     Ok(Json(report))
 }

@@ -1,5 +1,7 @@
 //! Master keys: which exist, which is active, and master rotation.
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
@@ -7,11 +9,13 @@ use kms_core::audit::{AuditEvent, Outcome};
 
 use super::ApiJson;
 use crate::audit_log::now_ms;
+use crate::compliance::refused_root;
 use crate::error::{ApiError, store_error};
 use crate::policy::Role;
 use crate::server::api::{
     MasterEntry, MasterRotateRequest, MasterRotateView, MasterView, MastersView, RewrappedCounts,
 };
+use crate::server::handlers::compliance::ComplianceContext;
 use crate::server::masters::recorded_settings;
 use crate::server::startup::root_provider;
 use crate::server::{AppState, Caller};
@@ -70,9 +74,22 @@ pub(crate) async fn show(
 pub(crate) async fn rotate(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(compliance): Extension<Arc<ComplianceContext>>,
     ApiJson(body): ApiJson<MasterRotateRequest>,
 ) -> Result<Json<MasterRotateView>, ApiError> {
     let actor = state.authorize_global(&caller, &[Role::Admin], "rotate the master key").await?;
+    // The profile's rule on the master key holds for every master the keys
+    // can be moved to, not only for the configured one.
+    if let Some(reason) = refused_root(compliance.config.profile, &body.to) {
+        let event = AuditEvent::new(now_ms(), actor, "master.rotate", Outcome::Denied)
+            .with_detail("to", body.to.kind())
+            .with_detail("rule", "root_key.hardware_backed");
+        state.audit.record(vec![event]).await?;
+        return Err(ApiError::bad_request(
+            "refused_by_profile",
+            format!("the production profile refuses this master key: {reason}"),
+        ));
+    }
     if !body.to.paths_are_absolute() {
         return Err(ApiError::bad_request(
             "invalid_provider",
