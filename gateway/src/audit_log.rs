@@ -9,10 +9,12 @@
 //! request is refused (fail closed) and readiness reports it until a commit
 //! succeeds again.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use axum::http::StatusCode;
 use kms_core::audit::{AuditChain, AuditEvent, AuditSigner, Outcome};
 use kms_core::store::{AuditSigningKeyRecord, KeyStore};
 use kms_core::{KeyHierarchy, TenantId};
@@ -117,6 +119,38 @@ impl AuditLog {
             Ok(Ok(())) => Ok(()),
             _ => Err(unavailable()),
         }
+    }
+
+    /// Makes a change only once its event is durable, so that no change
+    /// goes unaudited (fail closed): records `event(Outcome::Ok)`, then
+    /// runs `change`. If the change fails, the same event is recorded again
+    /// with the failure's outcome (`denied`, `invalid` or `error`), and the
+    /// change's error is returned. So an admin event means "authorized and
+    /// made", unless a later event of the same action says it failed.
+    pub async fn before<T>(
+        &self,
+        event: impl Fn(Outcome) -> AuditEvent,
+        change: impl Future<Output = Result<T, ApiError>>,
+    ) -> Result<T, ApiError> {
+        self.record(vec![event(Outcome::Ok)]).await?;
+        let error = match change.await {
+            Ok(done) => return Ok(done),
+            Err(error) => error,
+        };
+        let outcome = match error.status() {
+            StatusCode::FORBIDDEN => Outcome::Denied,
+            status if status.is_client_error() => Outcome::Invalid,
+            _ => Outcome::Error,
+        };
+        let failed = event(outcome);
+        let action = failed.action.clone();
+        if self.record(vec![failed]).await.is_err() {
+            tracing::error!(
+                action,
+                "a change failed after its event was recorded; its failure could not be recorded"
+            );
+        }
+        Err(error)
     }
 
     /// Records a refused request. Best effort: a denial stays a denial even

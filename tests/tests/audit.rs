@@ -169,3 +169,121 @@ async fn every_unwrap_is_exported_with_its_record_key_ids() {
     let (status, _) = ks.get(ENC, "/v1/audit").await;
     assert_eq!(status, 403);
 }
+
+const OFFICER: &str = "spiffe://test/officer";
+
+/// Every audit event of `action`, in chain order: (outcome, detail).
+async fn events_of(ks: &KeyService, action: &str) -> Vec<(String, Value)> {
+    let (status, export) = ks.get(AUDITOR, "/v1/audit").await;
+    assert_eq!(status, 200, "{export}");
+    export
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["action"] == action)
+        .map(|e| (e["outcome"].as_str().unwrap().to_owned(), e["detail"].clone()))
+        .collect()
+}
+
+async fn tenant_view(ks: &KeyService) -> Value {
+    let (status, body) = ks.get(ADMIN, "/v1/tenants/onc").await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_admin_change_is_made_when_the_audit_log_cannot_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(dir.path(), "");
+    let (status, _) = ks.post(ADMIN, "/v1/tenants", &json!({"tenant": "onc"})).await;
+    assert_eq!(status, 201);
+    // Version 1 decrypt-only (so it may be disabled), and a pending shred.
+    let (status, _) = ks.post(ADMIN, "/v1/tenants/onc/keys/rotate", &json!({})).await;
+    assert_eq!(status, 200);
+    let (status, pending) =
+        ks.post(ADMIN, "/v1/tenants/onc/shred", &json!({"version": 1, "reason": "test"})).await;
+    assert_eq!(status, 202, "{pending}");
+    let approval = pending["id"].as_str().unwrap().to_owned();
+    let before = tenant_view(&ks).await;
+    let (_, masters_before) = ks.get(ADMIN, "/v1/master").await;
+
+    let mut conn = db(&ks).await;
+    sqlx::query("CREATE TRIGGER audit_unwritable BEFORE INSERT ON audit_events BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let refused = |(status, body): (u16, Value), what: &str| {
+        assert_eq!(status, 503, "{what}: {body}");
+        assert_eq!(body["error"]["code"], "audit_unavailable", "{what}: {body}");
+    };
+    refused(ks.post(ADMIN, "/v1/tenants", &json!({"tenant": "new"})).await, "create");
+    refused(ks.post(ADMIN, "/v1/tenants/onc/keys/rotate", &json!({})).await, "rotate");
+    let disable = json!({"action": "disable"});
+    refused(ks.post(ADMIN, "/v1/tenants/onc/keys/1/state", &disable).await, "disable");
+    let shred = json!({"version": 1, "reason": "again"});
+    refused(ks.post(ADMIN, "/v1/tenants/onc/shred", &shred).await, "shred request");
+    let approve = json!({"decision": "approve"});
+    refused(ks.post(OFFICER, &format!("/v1/approvals/{approval}"), &approve).await, "approve");
+    let to = json!({"to": {
+        "provider": "dev_local",
+        "key_file": dir.path().join("second-root.key"),
+        "create_if_missing": true,
+    }});
+    refused(ks.post(ADMIN, "/v1/master/rotate", &to).await, "master rotate");
+    let response = ks
+        .client(ADMIN)
+        .put(format!("{}/v1/tenants/onc/keys/auto-rotate", ks.url))
+        .json(&json!({"every_secs": 86_400}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503, "auto-rotate");
+
+    // Nothing changed.
+    sqlx::query("DROP TRIGGER audit_unwritable").execute(&mut conn).await.unwrap();
+    let (status, _) = ks.get(ADMIN, "/v1/tenants/new").await;
+    assert_eq!(status, 404, "the tenant was not created");
+    assert_eq!(tenant_view(&ks).await, before, "versions, states and schedule unchanged");
+    let (_, approvals) = ks.get(ADMIN, "/v1/approvals").await;
+    let approvals: Value = serde_json::from_str(&approvals).unwrap();
+    let approvals = approvals["approvals"].as_array().unwrap();
+    assert_eq!(approvals.len(), 1, "no second shred request: {approvals:?}");
+    assert_eq!(approvals[0]["state"], "pending", "not approved");
+    assert_eq!(ks.get(ADMIN, "/v1/master").await.1, masters_before, "no master rotation");
+    assert_eq!(verify(&ks).await["ok"], true);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admin_change_is_recorded_before_it_is_made_and_again_if_it_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(dir.path(), "");
+    let (status, _) = ks.post(ADMIN, "/v1/tenants", &json!({"tenant": "onc"})).await;
+    assert_eq!(status, 201);
+    let (status, body) = ks.post(ADMIN, "/v1/tenants/onc/keys/rotate", &json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) =
+        ks.post(ADMIN, "/v1/tenants/onc/keys/1/state", &json!({"action": "disable"})).await;
+    assert_eq!(status, 200, "{body}");
+    // The active version cannot be disabled: refused after its event.
+    let (status, body) =
+        ks.post(ADMIN, "/v1/tenants/onc/keys/2/state", &json!({"action": "disable"})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (409, Some("invalid_transition")));
+    // A tenant that exists already.
+    let (status, _) = ks.post(ADMIN, "/v1/tenants", &json!({"tenant": "onc"})).await;
+    assert_eq!(status, 409);
+
+    let states = events_of(&ks, "kek.state").await;
+    let outcomes: Vec<&str> = states.iter().map(|(o, _)| o.as_str()).collect();
+    assert_eq!(outcomes, ["ok", "ok", "invalid"], "{states:?}");
+    assert!(states.iter().all(|(_, d)| d["state"] == "disabled"), "{states:?}");
+    let creates = events_of(&ks, "tenant.create").await;
+    let outcomes: Vec<&str> = creates.iter().map(|(o, _)| o.as_str()).collect();
+    assert_eq!(outcomes, ["ok", "ok", "invalid"], "{creates:?}");
+    let (status, export) = ks.get(AUDITOR, "/v1/audit").await;
+    assert_eq!(status, 200);
+    let rotation: Value = export
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["action"] == "kek.rotate")
+        .unwrap();
+    assert_eq!((&rotation["outcome"], &rotation["kek_version"]), (&json!("ok"), &json!(2)));
+}

@@ -9,6 +9,7 @@ use kms_core::store::{Approval, ApprovalState};
 use tokio::sync::watch;
 
 use super::AppState;
+use super::handlers::tenants::rotate_once;
 use crate::audit_log::now_ms;
 use crate::error::{ApiError, store_error};
 
@@ -107,19 +108,14 @@ async fn run_scheduled(state: &AppState) {
         }
     };
     let now = unix_now();
-    match state.hierarchy.rotate_due(now).await {
-        Ok(rotated) => {
-            let events: Vec<_> = rotated
-                .iter()
-                .map(|r| {
-                    AuditEvent::new(now_ms(), SCHEDULER, "kek.rotate", Outcome::Ok)
-                        .with_tenant(r.tenant.clone())
-                        .with_kek_version(r.record.version)
-                        .with_detail("scheduled", true)
-                })
-                .collect();
-            if !events.is_empty() && state.audit.record(events).await.is_err() {
-                tracing::error!("scheduled rotations done but not audited: audit log unavailable");
+    // Each due tenant once: one rotated meanwhile by anyone (another
+    // replica, an operator) has its version taken and is left as it is.
+    match state.hierarchy.due_for_rotation(now).await {
+        Ok(due) => {
+            for tenant in &due {
+                if let Err(e) = rotate_once(state, SCHEDULER, tenant, true).await {
+                    tracing::error!(tenant = %tenant.id, error = e.code(), "scheduled rotation failed");
+                }
             }
         }
         Err(e) => tracing::warn!(error = %e, "scheduler: auto-rotation failed"),

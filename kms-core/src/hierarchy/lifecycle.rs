@@ -9,7 +9,7 @@ use crate::audit::AuditSigner;
 use crate::dek::KekVersion;
 use crate::ids::TenantId;
 use crate::root::{ProviderInfo, RootKeyProvider, WrapContext};
-use crate::store::{KekRecord, MasterKeyId, StoredKeyRef, TenantRecord, VersionUsage};
+use crate::store::{MasterKeyId, StoredKeyRef, TenantRecord, VersionUsage};
 
 /// Stored keys a master rotation moves per keystore read.
 const MASTER_ROTATION_PAGE: u32 = 256;
@@ -29,15 +29,6 @@ pub struct MasterRotation {
     pub index_roots: u64,
     /// Audit signing keys moved to it by this run.
     pub audit_signing_keys: u64,
-}
-
-/// A rotation done by the scheduler.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ScheduledRotation {
-    /// Tenant.
-    pub tenant: TenantId,
-    /// The new active version.
-    pub record: KekRecord,
 }
 
 impl KeyHierarchy {
@@ -66,28 +57,20 @@ impl KeyHierarchy {
         Ok(self.store.set_rotation_period(id, secs).await?)
     }
 
-    /// Rotates every tenant whose active version is older than its
-    /// auto-rotation period, once: a tenant rotated meanwhile by anyone
-    /// (another replica, an operator) is not due any more, and of racing
-    /// rotations only one adds the version. Shredded tenants are skipped.
-    pub async fn rotate_due(&self, now: i64) -> Result<Vec<ScheduledRotation>, HierarchyError> {
-        let mut done = Vec::new();
-        for tenant in self.store.list_tenants().await? {
-            let Some(every) = tenant.rotate_every_secs else { continue };
-            let Some(active) = tenant.active() else { continue };
-            if tenant.index_root_wrapped.is_none() || active.created_at.saturating_add(every) > now
-            {
-                continue;
-            }
-            match self.rotate_from(&tenant).await {
-                Ok(Some(record)) => done.push(ScheduledRotation { tenant: tenant.id, record }),
-                Ok(None) => {} // someone else rotated it first
-                Err(e) => {
-                    tracing::error!(tenant = %tenant.id, error = %e, "scheduled rotation failed");
-                }
-            }
-        }
-        Ok(done)
+    /// The tenants whose auto-rotation period has run out at `now` (Unix
+    /// seconds): each has an active version at least its period old and
+    /// is not shredded. The scheduler rotates each with
+    /// [`KeyHierarchy::prepare_rotation`] and
+    /// [`KeyHierarchy::commit_rotation`], recording it in between.
+    pub async fn due_for_rotation(&self, now: i64) -> Result<Vec<TenantRecord>, HierarchyError> {
+        let mut due = self.store.list_tenants().await?;
+        due.retain(|tenant| {
+            let (Some(every), Some(active)) = (tenant.rotate_every_secs, tenant.active()) else {
+                return false;
+            };
+            tenant.index_root_wrapped.is_some() && active.created_at.saturating_add(every) <= now
+        });
+        Ok(due)
     }
 
     /// Makes `provider` the active master key and rewraps every stored key

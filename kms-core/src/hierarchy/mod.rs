@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use self::cache::CacheStats;
 use self::cache::{Cached, KeyCache, Slot};
-pub use self::lifecycle::{MasterRotation, ScheduledRotation};
+pub use self::lifecycle::MasterRotation;
 pub use self::masters::MasterConnector;
 use self::masters::Masters;
 use self::usage::UsageMeter;
@@ -299,17 +299,40 @@ impl KeyHierarchy {
         &self,
         tenant: &TenantRecord,
     ) -> Result<Option<KekRecord>, HierarchyError> {
+        let prepared = self.prepare_rotation(tenant).await?;
+        self.commit_rotation(prepared).await
+    }
+
+    /// The first half of a rotation of `tenant` (as read): the new
+    /// version's number, and its KEK made and wrapped under the active
+    /// master, nothing stored. A caller that must record the rotation
+    /// durably before it is made (the key service's audit) does so between
+    /// this and [`KeyHierarchy::commit_rotation`].
+    pub async fn prepare_rotation(
+        &self,
+        tenant: &TenantRecord,
+    ) -> Result<PreparedRotation, HierarchyError> {
         let id = &tenant.id;
         if tenant.index_root_wrapped.is_none() {
             return Err(HierarchyError::KeyDestroyed(id.clone()));
         }
-        let next = tenant.versions.last().map_or(1, |v| v.version + 1);
+        let version = tenant.versions.last().map_or(1, |v| v.version + 1);
         let kek = Key256::generate()?;
         let (master, root) = self.active_master().await?;
-        let wrapped = root.wrap(&kek, &WrapContext::tenant_kek(id, next)).await?;
-        match self.store.add_kek_version(id, next, &wrapped, master, unix_now()).await {
+        let wrapped = root.wrap(&kek, &WrapContext::tenant_kek(id, version)).await?;
+        Ok(PreparedRotation { tenant: id.clone(), version, wrapped, master })
+    }
+
+    /// Stores a prepared rotation: its version becomes the active one.
+    /// `None` if another writer added that version first (prepare again).
+    pub async fn commit_rotation(
+        &self,
+        prepared: PreparedRotation,
+    ) -> Result<Option<KekRecord>, HierarchyError> {
+        let PreparedRotation { tenant, version, wrapped, master } = prepared;
+        match self.store.add_kek_version(&tenant, version, &wrapped, master, unix_now()).await {
             Ok(record) => {
-                self.cache.invalidate_tenant(id);
+                self.cache.invalidate_tenant(&tenant);
                 Ok(Some(record))
             }
             Err(StoreError::VersionConflict(_)) => Ok(None),
@@ -599,6 +622,29 @@ fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// A KEK rotation about to be stored (see
+/// [`KeyHierarchy::prepare_rotation`]): the new version's number and its
+/// KEK, wrapped under the active master. Holds no plaintext key.
+#[derive(Debug)]
+pub struct PreparedRotation {
+    tenant: TenantId,
+    version: KekVersion,
+    wrapped: Vec<u8>,
+    master: MasterKeyId,
+}
+
+impl PreparedRotation {
+    /// The tenant rotated.
+    pub fn tenant(&self) -> &TenantId {
+        &self.tenant
+    }
+
+    /// The version the rotation adds (and makes active).
+    pub fn version(&self) -> KekVersion {
+        self.version
+    }
 }
 
 /// DEKs about to be issued (see [`KeyHierarchy::prepare_issue`]): the

@@ -6,7 +6,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use kms_core::audit::{AuditEvent, Outcome};
+use kms_core::audit::AuditEvent;
 use kms_core::store::{Approval, ApprovalState, DecideApproval, Decision};
 use kms_core::{KekState, TenantId};
 
@@ -88,11 +88,13 @@ pub(crate) async fn auto_rotate(
         }
         other => other.map(Duration::from_secs),
     };
-    let record = state.hierarchy.set_rotation_period(&tenant, every).await?;
-    let event = AuditEvent::new(now_ms(), actor, "kek.auto_rotate", Outcome::Ok)
-        .with_tenant(tenant)
-        .with_detail("every_secs", body.every_secs);
-    state.audit.record(vec![event]).await?;
+    let event = |outcome| {
+        AuditEvent::new(now_ms(), actor.as_str(), "kek.auto_rotate", outcome)
+            .with_tenant(tenant.clone())
+            .with_detail("every_secs", body.every_secs)
+    };
+    let set = async { Ok(state.hierarchy.set_rotation_period(&tenant, every).await?) };
+    let record = state.audit.before(event, set).await?;
     Ok(Json(AutoRotateView::from(&record)))
 }
 
@@ -135,15 +137,19 @@ pub(crate) async fn request_shred(
         actor.clone(),
         unix_now(),
     );
-    state.hierarchy.store().create_approval(&approval).await.map_err(|e| store_error(&e))?;
-    let mut event = AuditEvent::new(now_ms(), actor, "shred.request", Outcome::Ok)
-        .with_tenant(tenant)
-        .with_detail("approval", approval.id.clone())
-        .with_detail("reason", approval.reason.clone());
-    if let Some(v) = body.version {
-        event = event.with_kek_version(v);
-    }
-    state.audit.record(vec![event]).await?;
+    let event = |outcome| {
+        let event = AuditEvent::new(now_ms(), actor.as_str(), "shred.request", outcome)
+            .with_tenant(tenant.clone())
+            .with_detail("approval", approval.id.clone())
+            .with_detail("reason", approval.reason.clone());
+        match body.version {
+            Some(v) => event.with_kek_version(v),
+            None => event,
+        }
+    };
+    let store = state.hierarchy.store();
+    let created = async { store.create_approval(&approval).await.map_err(|e| store_error(&e)) };
+    state.audit.before(event, created).await?;
     Ok((StatusCode::ACCEPTED, Json(ApprovalView::from(&approval))))
 }
 
@@ -253,37 +259,43 @@ pub(crate) async fn decide(
         DecisionBody::Approve => Decision::Approve,
         DecisionBody::Reject => Decision::Reject,
     };
-    let decided = store
-        .decide_approval(&DecideApproval {
-            id: &id,
-            decision,
-            by: &actor,
-            comment: body.comment.as_deref(),
-            now: unix_now(),
-            delay_secs: i64::try_from(state.lifecycle.shred_delay_secs).unwrap_or(i64::MAX),
-        })
-        .await;
-    let decided = match decided {
-        Ok(decided) => decided,
-        Err(e) => {
-            if matches!(e, kms_core::store::StoreError::SelfApproval) {
-                state
-                    .audit
-                    .record_denial(&actor, "approve own request", Some(&pending.tenant))
-                    .await;
-            }
-            return Err(store_error(&e));
+    // Refused before anything is recorded as decided (the keystore checks
+    // both again, should the request change meanwhile).
+    if pending.state != ApprovalState::Pending {
+        return Err(store_error(&kms_core::store::StoreError::ApprovalNotPending {
+            id: pending.id.clone(),
+            state: pending.state,
+        }));
+    }
+    if pending.requested_by == actor {
+        state.audit.record_denial(&actor, "approve own request", Some(&pending.tenant)).await;
+        return Err(store_error(&kms_core::store::StoreError::SelfApproval));
+    }
+    let action = if decision == Decision::Approve { "shred.approve" } else { "shred.reject" };
+    let event = |outcome| {
+        let event = AuditEvent::new(now_ms(), actor.as_str(), action, outcome)
+            .with_tenant(pending.tenant.clone())
+            .with_detail("approval", pending.id.clone())
+            .with_detail("requested_by", pending.requested_by.clone());
+        match pending.version {
+            Some(v) => event.with_kek_version(v),
+            None => event,
         }
     };
-    let action = if decision == Decision::Approve { "shred.approve" } else { "shred.reject" };
-    let mut event = AuditEvent::new(now_ms(), actor, action, Outcome::Ok)
-        .with_tenant(decided.tenant.clone())
-        .with_detail("approval", decided.id.clone())
-        .with_detail("requested_by", decided.requested_by.clone());
-    if let Some(v) = decided.version {
-        event = event.with_kek_version(v);
-    }
-    state.audit.record(vec![event]).await?;
+    let decide = async {
+        store
+            .decide_approval(&DecideApproval {
+                id: &id,
+                decision,
+                by: &actor,
+                comment: body.comment.as_deref(),
+                now: unix_now(),
+                delay_secs: i64::try_from(state.lifecycle.shred_delay_secs).unwrap_or(i64::MAX),
+            })
+            .await
+            .map_err(|e| store_error(&e))
+    };
+    let decided = state.audit.before(event, decide).await?;
     let due = decided.state == ApprovalState::Approved
         && decided.execute_after.is_some_and(|t| t <= unix_now());
     if due {

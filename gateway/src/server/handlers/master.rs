@@ -109,32 +109,24 @@ pub(crate) async fn rotate(
         tracing::warn!(error = %e, "master rotation: cannot use the new master key");
         ApiError::bad_request("invalid_provider", format!("the new master key is unusable: {e}"))
     })?;
-    let target = provider.describe();
-    // The rotation runs in its own task: a client that gives up (or a
-    // request timeout) does not stop it halfway.
-    let hierarchy = state.hierarchy.clone();
-    let task = tokio::spawn(async move {
-        let result = hierarchy.rotate_master(provider, &settings).await;
-        drop(lock);
-        result
-    });
-    let result = task.await.map_err(|e| crate::error::internal(&e))?;
-    let report = match result {
-        Ok(report) => report,
-        Err(e) => {
-            let event = AuditEvent::new(now_ms(), actor, "master.rotate", Outcome::Error)
-                .with_detail("to", target.to_string());
-            state.audit.record(vec![event]).await?;
-            return Err(e.into());
-        }
+    let target = provider.describe().to_string();
+    let event = |outcome| {
+        AuditEvent::new(now_ms(), actor.as_str(), "master.rotate", outcome)
+            .with_detail("to", target.clone())
     };
+    // The rotation runs in its own task: a client that gives up (or a
+    // request timeout) does not stop it halfway once it is recorded.
+    let hierarchy = state.hierarchy.clone();
+    let rotation = async move {
+        let task = tokio::spawn(async move {
+            let result = hierarchy.rotate_master(provider, &settings).await;
+            drop(lock);
+            result
+        });
+        Ok(task.await.map_err(|e| crate::error::internal(&e))??)
+    };
+    let report = state.audit.before(event, rotation).await?;
     let remaining = store.keys_not_under(report.master, 1).await.map_err(|e| store_error(&e))?;
-    let event = AuditEvent::new(now_ms(), actor, "master.rotate", Outcome::Ok)
-        .with_detail("to", report.info.to_string())
-        .with_detail("tenant_keys", report.tenant_keys)
-        .with_detail("index_roots", report.index_roots)
-        .with_detail("audit_signing_keys", report.audit_signing_keys);
-    state.audit.record(vec![event]).await?;
     Ok(Json(MasterRotateView {
         master: MasterView {
             id: report.master.0,

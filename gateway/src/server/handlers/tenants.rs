@@ -3,8 +3,9 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use kms_core::StateChange;
-use kms_core::audit::{AuditEvent, Outcome};
+use kms_core::audit::AuditEvent;
+use kms_core::store::{KekRecord, TenantRecord};
+use kms_core::{KekState, StateChange};
 
 use super::{ApiJson, ApiPath, tenant_id};
 use crate::audit_log::now_ms;
@@ -30,11 +31,13 @@ pub(crate) async fn create(
     ApiJson(body): ApiJson<CreateTenant>,
 ) -> Result<(StatusCode, Json<TenantView>), ApiError> {
     let actor = state.authorize(&caller, &body.tenant, &[Role::Admin], "create tenants").await?;
-    let record = state.hierarchy.create_tenant(&body.tenant).await?;
-    let event = AuditEvent::new(now_ms(), actor, "tenant.create", Outcome::Ok)
-        .with_tenant(body.tenant.clone())
-        .with_kek_version(1);
-    state.audit.record(vec![event]).await?;
+    let event = |outcome| {
+        AuditEvent::new(now_ms(), actor.as_str(), "tenant.create", outcome)
+            .with_tenant(body.tenant.clone())
+            .with_kek_version(1)
+    };
+    let created = async { Ok(state.hierarchy.create_tenant(&body.tenant).await?) };
+    let record = state.audit.before(event, created).await?;
     Ok((StatusCode::CREATED, Json(TenantView::from(&record))))
 }
 
@@ -102,12 +105,57 @@ pub(crate) async fn rotate(
 ) -> Result<Json<VersionView>, ApiError> {
     let tenant = tenant_id(&tenant)?;
     let actor = state.authorize(&caller, &tenant, &[Role::Admin], "rotate keys").await?;
-    let record = state.hierarchy.rotate(&tenant).await?;
-    let event = AuditEvent::new(now_ms(), actor, "kek.rotate", Outcome::Ok)
-        .with_tenant(tenant)
-        .with_kek_version(record.version);
-    state.audit.record(vec![event]).await?;
-    Ok(Json(VersionView::from(&record)))
+    // Concurrent rotations (here or on other replicas) each get their own
+    // version: one that finds its version taken prepares the next.
+    for _ in 0..ROTATION_ATTEMPTS {
+        let record = state.hierarchy.tenant(&tenant).await?;
+        if let Some(added) = rotate_once(&state, &actor, &record, false).await? {
+            return Ok(Json(VersionView::from(&added)));
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        ROTATION_CONFLICT,
+        "other rotations of this tenant kept taking the next version; retry",
+    ))
+}
+
+/// How often a rotation prepares again after losing its version to another.
+const ROTATION_ATTEMPTS: usize = 32;
+/// The error of a rotation whose version another rotation added first.
+const ROTATION_CONFLICT: &str = "rotation_conflict";
+
+/// Rotates `tenant` (as read) once, recording the new version before it is
+/// stored ([`crate::audit_log::AuditLog::before`]). `None` if another
+/// rotation added that version first (also recorded, as `invalid`).
+pub(crate) async fn rotate_once(
+    state: &AppState,
+    actor: &str,
+    tenant: &TenantRecord,
+    scheduled: bool,
+) -> Result<Option<KekRecord>, ApiError> {
+    let prepared = state.hierarchy.prepare_rotation(tenant).await?;
+    let version = prepared.version();
+    let event = |outcome| {
+        let event = AuditEvent::new(now_ms(), actor, "kek.rotate", outcome)
+            .with_tenant(tenant.id.clone())
+            .with_kek_version(version);
+        if scheduled { event.with_detail("scheduled", true) } else { event }
+    };
+    let stored = async {
+        state.hierarchy.commit_rotation(prepared).await?.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                ROTATION_CONFLICT,
+                format!("another rotation added version {version} first"),
+            )
+        })
+    };
+    match state.audit.before(event, stored).await {
+        Ok(record) => Ok(Some(record)),
+        Err(e) if e.code() == ROTATION_CONFLICT => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Disables, enables or makes decrypt-only one KEK version (role `admin`).
@@ -138,11 +186,18 @@ pub(crate) async fn change_state(
         StateAction::Disable => StateChange::Disable,
         StateAction::DecryptOnly => StateChange::DecryptOnly,
     };
-    let record = state.hierarchy.change_state(&tenant, version, change).await?;
-    let event = AuditEvent::new(now_ms(), actor, "kek.state", Outcome::Ok)
-        .with_tenant(tenant)
-        .with_kek_version(version)
-        .with_detail("state", record.state.as_str());
-    state.audit.record(vec![event]).await?;
+    // The state the change leads to when it is allowed (KekState::apply).
+    let target = match change {
+        StateChange::Disable => KekState::Disabled,
+        _ => KekState::DecryptOnly,
+    };
+    let event = |outcome| {
+        AuditEvent::new(now_ms(), actor.as_str(), "kek.state", outcome)
+            .with_tenant(tenant.clone())
+            .with_kek_version(version)
+            .with_detail("state", target.as_str())
+    };
+    let changed = async { Ok(state.hierarchy.change_state(&tenant, version, change).await?) };
+    let record = state.audit.before(event, changed).await?;
     Ok(Json(VersionView::from(&record)))
 }
