@@ -15,7 +15,7 @@ pub struct IssuedCert {
     /// The certificate.
     pub cert_pem: String,
     /// The private key (PKCS#8). Secret: write it with mode 0600.
-    pub key_pem: String,
+    pub key_pem: zeroize::Zeroizing<String>,
 }
 
 impl std::fmt::Debug for IssuedCert {
@@ -141,6 +141,9 @@ impl DevCa {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         validity.apply(&mut params);
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(IssuedCert { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: zeroize::Zeroizing::new(key.serialize_pem()),
+        })
     }
 }

@@ -187,7 +187,7 @@ async fn create_demo_tenant(dir: &Path, port: u16) -> Result<(), UpError> {
     let read = |name: &str| std::fs::read(dir.join("pki").join(name)).map_err(err);
     let mut pem = zeroize::Zeroizing::new(read("admin.crt")?);
     pem.push(b'\n');
-    pem.extend(read("admin.key")?);
+    pem.extend_from_slice(&zeroize::Zeroizing::new(read("admin.key")?));
     let client = reqwest::Client::builder()
         .tls_certs_only([reqwest::Certificate::from_pem(&read("ca.crt")?).map_err(err)?])
         .identity(reqwest::Identity::from_pem(&pem).map_err(err)?)

@@ -139,7 +139,7 @@ impl KeyServiceClient {
             .map_err(|e| ClientSetupError(format!("CA bundle: {e}")))?;
         let mut pem = zeroize::Zeroizing::new(read(&config.cert)?);
         pem.push(b'\n');
-        pem.extend(read(&config.key)?);
+        pem.extend_from_slice(&zeroize::Zeroizing::new(read(&config.key)?));
         let identity = reqwest::Identity::from_pem(&pem)
             .map_err(|e| ClientSetupError(format!("client certificate: {e}")))?;
         let timeout = Duration::from_millis(config.timeout_ms.max(1));

@@ -196,7 +196,7 @@ pub(crate) async fn derived(
     Extension(caller): Extension<Caller>,
     ApiPath(tenant): ApiPath<String>,
     ApiJson(body): ApiJson<DerivedRequest>,
-) -> Result<Json<DerivedKeys>, ApiError> {
+) -> Result<SecretJson<DerivedKeys>, ApiError> {
     let tenant = tenant_id(&tenant)?;
     let actor = state
         .authorize(&caller, &tenant, &[Role::Encryptor, Role::Decryptor], "derive index keys")
@@ -239,7 +239,9 @@ pub(crate) async fn derived(
         .with_detail("schema", body.schema.as_str())
         .with_detail("paths", body.fields.iter().map(|f| f.path.clone()).collect::<Vec<_>>());
     state.audit.record(vec![event]).await?;
-    Ok(Json(DerivedKeys { keys }))
+    // `{"path":"…","purpose":"…","key":"<43>"},` per key, paths as sent.
+    let size_hint = 16 + keys.iter().map(|k| k.path.len() + k.purpose.len() + 72).sum::<usize>();
+    Ok(SecretJson::new(DerivedKeys { keys }, size_hint))
 }
 
 fn check_batch(state: &AppState, count: usize) -> Result<(), ApiError> {
