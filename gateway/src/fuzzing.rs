@@ -100,10 +100,10 @@ pub fn sidecar_request(data: &[u8]) {
     }
     if let Ok(request) = parse::<sc::IndexRequest>(data, body_depth) {
         let fixture = Fixture::new();
-        let _ = index_token(&fixture.schema(), &fixture.keys(), &request.path, &request.value);
+        let _ = index_token(&fixture.schema(), &fixture.keys(), &request.path, request.value.get());
     }
     if let Ok(request) = parse::<sc::PseudonymRequest>(data, body_depth) {
-        let _ = pseudonym(&Key256::from_array(&mut [9; 32]), &request.value);
+        let _ = pseudonym(&Key256::from_array(&mut [9; 32]), request.value.get());
     }
 }
 

@@ -1,5 +1,6 @@
 //! Request bodies of the sidecar API (DESIGN §5).
 
+use kms_core::record::WipedValue;
 use kms_core::{Name, TenantId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -70,7 +71,10 @@ pub(crate) struct IndexRequest {
     #[serde(default)]
     pub(crate) schema_version: Option<u32>,
     pub(crate) path: String,
-    pub(crate) value: Value,
+    /// The value to search for, as it appears in the record (any JSON).
+    // Plaintext: wiped when the request is dropped.
+    #[schema(value_type = Value)]
+    pub(crate) value: WipedValue,
 }
 
 /// `POST /v1/pseudonym`.
@@ -81,7 +85,10 @@ pub(crate) struct PseudonymRequest {
     pub(crate) tenant: TenantId,
     #[schema(value_type = String, pattern = "^[a-z0-9][a-z0-9_-]{0,62}$")]
     pub(crate) namespace: Name,
-    pub(crate) value: Value,
+    /// The value to pseudonymize (any JSON).
+    // Plaintext: wiped when the request is dropped.
+    #[schema(value_type = Value)]
+    pub(crate) value: WipedValue,
 }
 
 /// `POST /v1/encrypt` response: `record` or `records`, as sent.

@@ -235,7 +235,7 @@ pub(super) async fn index(
         .schema_keys(&req.tenant, &schema)
         .await
         .map_err(|e| s.tenant_error(&req.tenant, e))?;
-    let token = index_token(&schema, &keys, &req.path, &req.value)?;
+    let token = index_token(&schema, &keys, &req.path, req.value.get())?;
     Ok(Json(json!({ "token": token })))
 }
 
@@ -260,5 +260,5 @@ pub(super) async fn pseudonymize(
         .namespace_key(&req.tenant, &req.namespace)
         .await
         .map_err(|e| s.tenant_error(&req.tenant, e))?;
-    Ok(Json(json!({ "pseudonym": pseudonym(&key, &req.value) })))
+    Ok(Json(json!({ "pseudonym": pseudonym(&key, req.value.get()) })))
 }

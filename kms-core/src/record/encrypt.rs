@@ -29,12 +29,16 @@ pub(super) struct Location {
 ///
 /// The DEK is taken by value: one DEK encrypts exactly one record.
 pub fn encrypt_record(
-    mut record: Value,
+    record: Value,
     tenant: &TenantId,
     schema: &Schema,
     keys: &SchemaKeys,
     dek: IssuedDek,
 ) -> Result<Value, RecordError> {
+    // Refused or failed halfway, the record (with whatever plaintext it
+    // still holds) is wiped as it drops; encrypted, it is taken out whole.
+    let mut plain = WipedValue(record);
+    let record = &mut plain.0;
     let object = record.as_object().ok_or(RecordError::NotAnObject)?;
     if object.contains_key(HEADER_MEMBER) {
         return Err(RecordError::AlreadyEncrypted);
@@ -46,7 +50,7 @@ pub fn encrypt_record(
             version: schema.version,
         });
     }
-    let locations = locate(&record, schema)?;
+    let locations = locate(record, schema)?;
     // Each blind index sibling's pointer, made once and checked before
     // anything is changed.
     let mut siblings: Vec<Option<String>> = Vec::with_capacity(locations.len());
@@ -55,7 +59,7 @@ pub fn encrypt_record(
         let spec = field(schema, loc.field)?;
         let sibling = blind_index_sibling(&loc.pointer, spec);
         if let Some(sibling) = &sibling
-            && !sibling_is_free(&record, sibling)
+            && !sibling_is_free(record, sibling)
         {
             return Err(RecordError::ReservedMember { pointer: sibling.clone() });
         }
@@ -91,8 +95,7 @@ pub fn encrypt_record(
         let field_keys = keys.field(index);
         // One lookup: the value is taken out and its replacement written
         // back through the same reference.
-        let slot =
-            pointer::get_mut(&mut record, &listed.pointer).ok_or(RecordError::CannotDecrypt)?;
+        let slot = pointer::get_mut(record, &listed.pointer).ok_or(RecordError::CannotDecrypt)?;
         let value = WipedValue(std::mem::take(slot));
         plaintext.clear();
         serde_json::to_writer(&mut plaintext, &value.0).map_err(|_| RecordError::NotAnObject)?;
@@ -130,7 +133,7 @@ pub fn encrypt_record(
         }
         *slot = Value::String(replacement);
         if let (Some(token), Some(sibling)) = (sibling_token, sibling) {
-            insert_sibling(&mut record, &sibling, token);
+            insert_sibling(record, &sibling, token);
         }
     }
     let bound: Vec<&str> = bound.iter().map(String::as_str).collect();
@@ -138,7 +141,7 @@ pub fn encrypt_record(
     if let Some(object) = record.as_object_mut() {
         object.insert(HEADER_MEMBER.to_owned(), Value::String(header.encode()));
     }
-    Ok(record)
+    Ok(std::mem::take(record))
 }
 
 /// Every location the schema protects in `record`, sorted by pointer.

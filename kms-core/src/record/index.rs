@@ -1,8 +1,8 @@
 //! Query tokens: what an application searches its database with for a
 //! deterministic or blind-index field.
 
+use crate::secret::SecretBuf;
 use serde_json::Value;
-use zeroize::Zeroizing;
 
 use super::keys::{FieldKeys, SchemaKeys};
 use super::{RecordError, transform};
@@ -26,8 +26,10 @@ pub fn index_token(
     let missing = || RecordError::UnknownField { path: path.to_owned() };
     match (spec.mode, keys.field(index), &spec.blind_index) {
         (FieldMode::Deterministic, Some(field_keys), _) => {
-            let plaintext = Zeroizing::new(serde_json::to_vec(value).map_err(|_| missing())?);
-            transform::seal_deterministic(field_keys, &plaintext).ok_or_else(missing)
+            // A buffer that wipes what it outgrows, and itself.
+            let mut plaintext = SecretBuf::default();
+            serde_json::to_writer(&mut plaintext, value).map_err(|_| missing())?;
+            transform::seal_deterministic(field_keys, plaintext.as_slice()).ok_or_else(missing)
         }
         (FieldMode::BlindIndex, Some(FieldKeys::BlindIndex(key)), Some(bidx)) => {
             Ok(transform::blind_index_with(key, bidx, value))

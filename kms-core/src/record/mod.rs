@@ -27,7 +27,7 @@ pub use self::keys::{
 pub use self::text::{EncryptedText, TextWorkspace, check_encryptable};
 pub use self::transform::{
     BLIND_INDEX_PREFIX, DETERMINISTIC_PREFIX, IndexText, PSEUDONYM_PREFIX, RANDOMIZED_PREFIX,
-    apply_mask, blind_index_token, normalize, pseudonym,
+    WipedValue, apply_mask, blind_index_token, normalize, pseudonym,
 };
 pub use crate::schema::{BLIND_INDEX_SUFFIX, HEADER_MEMBER};
 

@@ -106,16 +106,34 @@ pub fn normalize<'a>(text: &'a str, normalizers: &[Normalizer]) -> IndexText<'a>
     out
 }
 
-/// A JSON value parsed from plaintext. When dropped, what it holds is
-/// first overwritten in place: strings and member names zeroized, numbers
-/// set to 0, booleans to false. (serde_json may have unescaped a string
-/// in a scratch buffer of its own while parsing; that one is out of reach.)
-pub(crate) struct WipedValue(pub(crate) Value);
+/// A JSON value holding plaintext. When dropped, what it holds is first
+/// overwritten in place: strings and member names zeroized, numbers set to
+/// 0, booleans to false. (serde_json may have unescaped a string in a
+/// scratch buffer of its own while parsing; that one is out of reach.) Its
+/// `Debug` shows no value.
+pub struct WipedValue(pub(crate) Value);
 
 impl WipedValue {
     /// Parses `json`; `None` if it is not JSON.
     pub(crate) fn parse(json: &[u8]) -> Option<Self> {
         serde_json::from_slice(json).ok().map(Self)
+    }
+
+    /// The value.
+    pub fn get(&self) -> &Value {
+        &self.0
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for WipedValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Value::deserialize(deserializer).map(Self)
+    }
+}
+
+impl std::fmt::Debug for WipedValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WipedValue(..)")
     }
 }
 
@@ -410,6 +428,14 @@ mod tests {
         let mut value = json!({"ssn": "123-45-6789", "n": {"deep": 7}});
         wipe(&mut value);
         assert_eq!(value, json!({}));
+    }
+
+    #[test]
+    fn a_wiped_value_parsed_from_a_request_shows_nothing_in_debug() {
+        let value: WipedValue = serde_json::from_str(r#"{"ssn":"123-45-6789"}"#).unwrap();
+        assert_eq!(value.get(), &json!({"ssn": "123-45-6789"}));
+        let debug = format!("{value:?}");
+        assert!(!debug.contains("6789") && !debug.contains("ssn"), "{debug}");
     }
 
     #[test]

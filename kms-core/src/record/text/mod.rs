@@ -175,7 +175,8 @@ pub fn check_encryptable(record: &RawValue) -> Result<(), RecordError> {
     match scan::root_member(record.get(), HEADER_MEMBER) {
         Ok(None) => Ok(()),
         Ok(Some(_)) => Err(RecordError::AlreadyEncrypted),
-        Err(Bail) => match tree(record.get())? {
+        // The whole plaintext record as a tree: wiped as it drops.
+        Err(Bail) => match &WipedValue(tree(record.get())?).0 {
             Value::Object(map) if map.contains_key(HEADER_MEMBER) => {
                 Err(RecordError::AlreadyEncrypted)
             }
