@@ -127,7 +127,23 @@ impl AuditLog {
     /// with the failure's outcome (`denied`, `invalid` or `error`), and the
     /// change's error is returned. So an admin event means "authorized and
     /// made", unless a later event of the same action says it failed.
-    pub async fn before<T>(
+    ///
+    /// All of it runs in a task of its own: a request dropped halfway (the
+    /// client gone, the request timeout) leaves neither an event for a
+    /// change never attempted nor a failure unrecorded.
+    pub async fn before<T, E, C>(&self, event: E, change: C) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        E: Fn(Outcome) -> AuditEvent + Send + 'static,
+        C: Future<Output = Result<T, ApiError>> + Send + 'static,
+    {
+        let log = self.clone();
+        tokio::spawn(async move { log.record_then(event, change).await })
+            .await
+            .map_err(|e| crate::error::internal(&e))?
+    }
+
+    async fn record_then<T>(
         &self,
         event: impl Fn(Outcome) -> AuditEvent,
         change: impl Future<Output = Result<T, ApiError>>,

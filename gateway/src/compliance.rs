@@ -137,13 +137,9 @@ impl fmt::Display for ComplianceError {
 }
 
 impl Report {
-    fn new(profile: Profile) -> Self {
-        Self { profile, checks: Vec::new() }
-    }
-
     /// A report with no checks yet, for checks added one by one.
-    pub fn for_profile(profile: Profile) -> Self {
-        Self::new(profile)
+    pub fn new(profile: Profile) -> Self {
+        Self { profile, checks: Vec::new() }
     }
 
     fn add(&mut self, rule: &str, hipaa: &str, outcome: Result<String, String>) {
@@ -345,18 +341,25 @@ pub fn sidecar_report(config: &SidecarConfig, hygiene: &Hygiene) -> Report {
     r
 }
 
-/// Adds to `report` what the keystore says about the master key in use:
-/// a master rotation can have moved the keys to another master than the
-/// configured `[root]`, and `root_key.hardware_backed` holds for the one
-/// that wraps them. `kind` and `key_ref` are the active master's
-/// [`kms_core::ProviderInfo`].
-pub fn add_active_master(report: &mut Report, kind: &str, key_ref: &str) {
-    if kind != hsm_adapters::LOCAL_PROVIDER_KIND {
+/// Adds to `report` what the keystore says about the masters in use: a
+/// master rotation can have moved keys away from the configured `[root]`,
+/// and `root_key.hardware_backed` holds for every master that wraps keys
+/// (or wraps the new ones) as much as for the configured one. `in_use`
+/// holds each such master's kind and key reference
+/// ([`kms_core::ProviderInfo`]); a `local` one fails the rule.
+pub fn add_masters_in_use(report: &mut Report, in_use: &[(String, String)]) {
+    let local: Vec<String> = in_use
+        .iter()
+        .filter(|(kind, _)| kind == hsm_adapters::LOCAL_PROVIDER_KIND)
+        .map(|(kind, key_ref)| format!("{kind}:{key_ref}"))
+        .collect();
+    if local.is_empty() {
         return;
     }
     let detail = format!(
-        "the active master key ({kind}:{key_ref}), which a master rotation put in use, is a \
-         local development key file, not an HSM or KMS key"
+        "keys are wrapped under a local development key file ({}), not an HSM or KMS key \
+         (a master rotation moved them there)",
+        local.join(", ")
     );
     match report.checks.iter_mut().find(|c| c.rule == ROOT_KEY_RULE) {
         Some(check) if check.status == Status::Pass => {

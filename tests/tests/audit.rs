@@ -249,6 +249,8 @@ async fn no_admin_change_is_made_when_the_audit_log_cannot_write() {
     assert_eq!(approvals.len(), 1, "no second shred request: {approvals:?}");
     assert_eq!(approvals[0]["state"], "pending", "not approved");
     assert_eq!(ks.get(ADMIN, "/v1/master").await.1, masters_before, "no master rotation");
+    // (Connecting the target, before the event, created its key file.)
+    assert!(dir.path().join("second-root.key").exists());
     assert_eq!(verify(&ks).await["ok"], true);
 }
 
@@ -286,4 +288,20 @@ async fn an_admin_change_is_recorded_before_it_is_made_and_again_if_it_fails() {
         .find(|e| e["action"] == "kek.rotate")
         .unwrap();
     assert_eq!((&rotation["outcome"], &rotation["kek_version"]), (&json!("ok"), &json!(2)));
+
+    // A master rotation: recorded with its target, then what it moved.
+    let to = json!({"to": {
+        "provider": "dev_local",
+        "key_file": dir.path().join("second-root.key"),
+        "create_if_missing": true,
+    }});
+    let (status, body) = ks.post(ADMIN, "/v1/master/rotate", &to).await;
+    assert_eq!(status, 200, "{body}");
+    let started = events_of(&ks, "master.rotate").await;
+    assert_eq!(started.len(), 1, "{started:?}");
+    assert_eq!(started[0].0, "ok");
+    assert!(started[0].1["to"].as_str().unwrap().starts_with("local:"), "{started:?}");
+    let done = events_of(&ks, "master.rotate.done").await;
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert_eq!((&done[0].1["tenant_keys"], &done[0].1["index_roots"]), (&json!(2), &json!(1)));
 }

@@ -431,7 +431,7 @@ async fn a_good_production_stack_starts_and_reports_every_check_passing() {
         "create_if_missing": true,
     }});
     let (status, body) = ks.post(ADMIN, "/v1/master/rotate", &to_file).await;
-    assert_eq!(status, 400, "{body}");
+    assert_eq!(status, 403, "{body}");
     assert_eq!(body["error"]["code"], "refused_by_profile", "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("development key file"), "{body}");
     assert!(!stolen.exists(), "no key file was created");
@@ -449,7 +449,7 @@ async fn a_good_production_stack_starts_and_reports_every_check_passing() {
         .expect("the refused rotation is audited");
     assert_eq!(refusal["outcome"], "denied", "{refusal}");
     assert_eq!(refusal["actor"], ADMIN);
-    assert_eq!(refusal["detail"]["to"], "dev_local");
+    assert_eq!(refusal["detail"]["provider"], "dev_local");
 
     // A production sidecar beside it.
     let sc = Sidecar::start(&ks, &dir.path().join("sc"), SIDECAR, "profile = \"production\"\n");
@@ -535,10 +535,10 @@ async fn keys_moved_to_a_development_master_fail_the_check_and_a_production_star
     let (_, body) = ks.get(ADMIN, "/v1/compliance").await;
     let check = hardware_check(&body);
     assert_eq!(check["status"], "fail", "{check}");
-    assert!(check["detail"].as_str().unwrap().contains("active master key"), "{check}");
+    assert!(check["detail"].as_str().unwrap().contains("local development key file"), "{check}");
     ks.stop();
     let (started, stderr) = run_once_with("server", &ks_dir.join("keygate.toml"), true, &env);
     assert!(!started, "{stderr}");
     assert_refused(&stderr, "root_key.hardware_backed", "164.312(a)(1)");
-    assert!(stderr.contains("active master key"), "{stderr}");
+    assert!(stderr.contains("a master rotation moved them there"), "{stderr}");
 }

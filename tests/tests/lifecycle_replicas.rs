@@ -107,7 +107,7 @@ async fn scheduled_rotation_runs_once_per_period_across_replicas() {
     let scheduled: Vec<Value> = export
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|e| e["actor"] == "keygate:scheduler")
+        .filter(|e| e["actor"] == "keygate:scheduler" && e["outcome"] == "ok")
         .collect();
     let mut versions: Vec<i64> =
         scheduled.iter().map(|e| e["kek_version"].as_i64().unwrap()).collect();

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use kms_core::audit::{AuditEvent, Outcome};
+use kms_core::audit::AuditEvent;
 use kms_core::store::{Approval, ApprovalState};
 use tokio::sync::watch;
 
@@ -33,28 +33,24 @@ pub(crate) async fn execute_shred(
     approval: &Approval,
 ) -> Result<Approval, ApiError> {
     let action = if approval.version.is_some() { "kek.shred" } else { "tenant.shred" };
-    let event = |outcome| {
-        let mut e = AuditEvent::new(
-            now_ms(),
-            approval.decided_by.clone().unwrap_or_default(),
-            action,
-            outcome,
-        )
-        .with_tenant(approval.tenant.clone())
-        .with_detail("approval", approval.id.clone())
-        .with_detail("requested_by", approval.requested_by.clone())
-        .with_detail("approved_by", approval.decided_by.clone())
-        .with_detail("reason", approval.reason.clone());
-        if let Some(v) = approval.version {
-            e = e.with_kek_version(v);
+    let recorded = approval.clone();
+    let event = move |outcome| {
+        let a = &recorded;
+        let e =
+            AuditEvent::new(now_ms(), a.decided_by.clone().unwrap_or_default(), action, outcome)
+                .with_tenant(a.tenant.clone())
+                .with_detail("approval", a.id.clone())
+                .with_detail("requested_by", a.requested_by.clone())
+                .with_detail("approved_by", a.decided_by.clone())
+                .with_detail("reason", a.reason.clone());
+        match a.version {
+            Some(v) => e.with_kek_version(v),
+            None => e,
         }
-        e
     };
-    state.audit.record(vec![event(Outcome::Ok)]).await?;
-    if let Err(e) = state.hierarchy.destroy(&approval.tenant, approval.version).await {
-        state.audit.record(vec![event(Outcome::Error)]).await?;
-        return Err(e.into());
-    }
+    let (hierarchy, shred) = (state.hierarchy.clone(), approval.clone());
+    let destroyed = async move { Ok(hierarchy.destroy(&shred.tenant, shred.version).await?) };
+    state.audit.before(event, destroyed).await?;
     let store = state.hierarchy.store();
     store.mark_approval_executed(&approval.id, unix_now()).await.map_err(|e| store_error(&e))?;
     tracing::warn!(tenant = %approval.tenant, version = ?approval.version, approval = approval.id,

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use kms_core::store::MasterRecord;
+use kms_core::store::{KeyStore, MasterRecord, StoreError};
 use kms_core::{MasterConnector, RootKeyError, RootKeyProvider};
 
 use super::startup::root_provider;
@@ -49,4 +49,22 @@ impl MasterConnector for RecordedMasters {
 pub(crate) fn recorded_settings(config: &RootConfig) -> Result<String, String> {
     let absolute = config.with_absolute_paths().map_err(|e| e.to_string())?;
     serde_json::to_string(&absolute).map_err(|e| e.to_string())
+}
+
+/// The masters in use (the active one, and every one that still wraps a
+/// key), as (kind, key reference): what `root_key.hardware_backed` checks
+/// besides the configured root.
+pub(crate) async fn masters_in_use(
+    store: &dyn KeyStore,
+) -> Result<Vec<(String, String)>, StoreError> {
+    let counts = store.keys_per_master().await?;
+    let wraps_keys =
+        |master: &MasterRecord| counts.iter().any(|(id, n)| *id == master.id && *n > 0);
+    Ok(store
+        .masters()
+        .await?
+        .into_iter()
+        .filter(|m| m.active || wraps_keys(m))
+        .map(|m| (m.kind, m.key_ref))
+        .collect())
 }

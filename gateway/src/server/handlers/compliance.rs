@@ -6,11 +6,12 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::{Extension, Json};
 
-use crate::compliance::{Report, add_active_master, add_tenant_rotation, server_report_with};
+use crate::compliance::{Report, add_masters_in_use, add_tenant_rotation, server_report_with};
 use crate::config::ServerConfig;
 use crate::error::{ApiError, store_error};
 use crate::hygiene::Hygiene;
 use crate::policy::Role;
+use crate::server::masters::masters_in_use;
 use crate::server::{AppState, Caller};
 
 /// What the report is computed from besides the live policy.
@@ -47,8 +48,8 @@ pub(crate) async fn report(
         .map(|t| (t.id.to_string(), t.rotate_every_secs))
         .collect();
     add_tenant_rotation(&mut report, context.config.keys.max_rotation_period_days, &schedules);
-    let (_, active) = state.hierarchy.active_master().await?;
-    let info = active.describe();
-    add_active_master(&mut report, info.kind, &info.key_ref);
+    let in_use =
+        masters_in_use(state.hierarchy.store().as_ref()).await.map_err(|e| store_error(&e))?;
+    add_masters_in_use(&mut report, &in_use);
     Ok(Json(report))
 }

@@ -239,8 +239,9 @@ pub(crate) async fn derived(
         .with_detail("schema", body.schema.as_str())
         .with_detail("paths", body.fields.iter().map(|f| f.path.clone()).collect::<Vec<_>>());
     state.audit.record(vec![event]).await?;
-    // `{"path":"…","purpose":"…","key":"<43>"},` per key, paths as sent.
-    let size_hint = 16 + keys.iter().map(|k| k.path.len() + k.purpose.len() + 72).sum::<usize>();
+    // `{"keys":[` and `]}`, then `{"path":"…","purpose":"…","key":"<43>"},`
+    // per key (paths as sent; one with escapes costs a wiped copy).
+    let size_hint = 11 + keys.iter().map(|k| k.path.len() + k.purpose.len() + 77).sum::<usize>();
     Ok(SecretJson::new(DerivedKeys { keys }, size_hint))
 }
 

@@ -88,12 +88,14 @@ pub(crate) async fn auto_rotate(
         }
         other => other.map(Duration::from_secs),
     };
-    let event = |outcome| {
+    let (id, every_secs) = (tenant.clone(), body.every_secs);
+    let event = move |outcome| {
         AuditEvent::new(now_ms(), actor.as_str(), "kek.auto_rotate", outcome)
-            .with_tenant(tenant.clone())
-            .with_detail("every_secs", body.every_secs)
+            .with_tenant(id.clone())
+            .with_detail("every_secs", every_secs)
     };
-    let set = async { Ok(state.hierarchy.set_rotation_period(&tenant, every).await?) };
+    let hierarchy = state.hierarchy.clone();
+    let set = async move { Ok(hierarchy.set_rotation_period(&tenant, every).await?) };
     let record = state.audit.before(event, set).await?;
     Ok(Json(AutoRotateView::from(&record)))
 }
@@ -137,18 +139,19 @@ pub(crate) async fn request_shred(
         actor.clone(),
         unix_now(),
     );
-    let event = |outcome| {
+    let (id, reason, version) = (approval.id.clone(), approval.reason.clone(), body.version);
+    let event = move |outcome| {
         let event = AuditEvent::new(now_ms(), actor.as_str(), "shred.request", outcome)
             .with_tenant(tenant.clone())
-            .with_detail("approval", approval.id.clone())
-            .with_detail("reason", approval.reason.clone());
-        match body.version {
+            .with_detail("approval", id.clone())
+            .with_detail("reason", reason.clone());
+        match version {
             Some(v) => event.with_kek_version(v),
             None => event,
         }
     };
-    let store = state.hierarchy.store();
-    let created = async { store.create_approval(&approval).await.map_err(|e| store_error(&e)) };
+    let (store, request) = (state.hierarchy.store().clone(), approval.clone());
+    let created = async move { store.create_approval(&request).await.map_err(|e| store_error(&e)) };
     state.audit.before(event, created).await?;
     Ok((StatusCode::ACCEPTED, Json(ApprovalView::from(&approval))))
 }
@@ -272,17 +275,19 @@ pub(crate) async fn decide(
         return Err(store_error(&kms_core::store::StoreError::SelfApproval));
     }
     let action = if decision == Decision::Approve { "shred.approve" } else { "shred.reject" };
-    let event = |outcome| {
-        let event = AuditEvent::new(now_ms(), actor.as_str(), action, outcome)
-            .with_tenant(pending.tenant.clone())
-            .with_detail("approval", pending.id.clone())
-            .with_detail("requested_by", pending.requested_by.clone());
-        match pending.version {
+    let (by, request) = (actor.clone(), pending.clone());
+    let event = move |outcome| {
+        let event = AuditEvent::new(now_ms(), by.as_str(), action, outcome)
+            .with_tenant(request.tenant.clone())
+            .with_detail("approval", request.id.clone())
+            .with_detail("requested_by", request.requested_by.clone());
+        match request.version {
             Some(v) => event.with_kek_version(v),
             None => event,
         }
     };
-    let decide = async {
+    let delay_secs = i64::try_from(state.lifecycle.shred_delay_secs).unwrap_or(i64::MAX);
+    let decide = async move {
         store
             .decide_approval(&DecideApproval {
                 id: &id,
@@ -290,7 +295,7 @@ pub(crate) async fn decide(
                 by: &actor,
                 comment: body.comment.as_deref(),
                 now: unix_now(),
-                delay_secs: i64::try_from(state.lifecycle.shred_delay_secs).unwrap_or(i64::MAX),
+                delay_secs,
             })
             .await
             .map_err(|e| store_error(&e))

@@ -81,13 +81,17 @@ pub(crate) async fn rotate(
     // The profile's rule on the master key holds for every master the keys
     // can be moved to, not only for the configured one.
     if let Some(reason) = refused_root(compliance.config.profile, &body.to) {
+        // A refusal stays one if it cannot be recorded (as other denials).
         let event = AuditEvent::new(now_ms(), actor, "master.rotate", Outcome::Denied)
-            .with_detail("to", body.to.kind())
+            .with_detail("provider", body.to.kind())
             .with_detail("rule", "root_key.hardware_backed");
-        state.audit.record(vec![event]).await?;
-        return Err(ApiError::bad_request(
+        if state.audit.record(vec![event]).await.is_err() {
+            tracing::error!("could not record a refused master rotation in the audit log");
+        }
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
             "refused_by_profile",
-            format!("the production profile refuses this master key: {reason}"),
+            format!("the production profile forbids this master key: {reason}"),
         ));
     }
     if !body.to.paths_are_absolute() {
@@ -110,20 +114,29 @@ pub(crate) async fn rotate(
         ApiError::bad_request("invalid_provider", format!("the new master key is unusable: {e}"))
     })?;
     let target = provider.describe().to_string();
-    let event = |outcome| {
-        AuditEvent::new(now_ms(), actor.as_str(), "master.rotate", outcome)
-            .with_detail("to", target.clone())
+    let (by, to) = (actor.clone(), target.clone());
+    let event = move |outcome| {
+        AuditEvent::new(now_ms(), by.as_str(), "master.rotate", outcome)
+            .with_detail("to", to.clone())
     };
-    // The rotation runs in its own task: a client that gives up (or a
-    // request timeout) does not stop it halfway once it is recorded.
-    let hierarchy = state.hierarchy.clone();
+    // Recorded first, then run to its end (its own task, see `before`)
+    // whether or not the client waits: a rotation is not stopped halfway.
+    let (hierarchy, audit) = (state.hierarchy.clone(), state.audit.clone());
     let rotation = async move {
-        let task = tokio::spawn(async move {
-            let result = hierarchy.rotate_master(provider, &settings).await;
-            drop(lock);
-            result
-        });
-        Ok(task.await.map_err(|e| crate::error::internal(&e))??)
+        let result = hierarchy.rotate_master(provider, &settings).await;
+        drop(lock);
+        let report = result?;
+        // What this run moved, for the record; the rotation itself is
+        // already recorded, so this one is best effort.
+        let moved = AuditEvent::new(now_ms(), actor, "master.rotate.done", Outcome::Ok)
+            .with_detail("to", target)
+            .with_detail("tenant_keys", report.tenant_keys)
+            .with_detail("index_roots", report.index_roots)
+            .with_detail("audit_signing_keys", report.audit_signing_keys);
+        if audit.record(vec![moved]).await.is_err() {
+            tracing::error!("could not record what a master rotation moved in the audit log");
+        }
+        Ok(report)
     };
     let report = state.audit.before(event, rotation).await?;
     let remaining = store.keys_not_under(report.master, 1).await.map_err(|e| store_error(&e))?;

@@ -31,12 +31,14 @@ pub(crate) async fn create(
     ApiJson(body): ApiJson<CreateTenant>,
 ) -> Result<(StatusCode, Json<TenantView>), ApiError> {
     let actor = state.authorize(&caller, &body.tenant, &[Role::Admin], "create tenants").await?;
-    let event = |outcome| {
+    let tenant = body.tenant.clone();
+    let event = move |outcome| {
         AuditEvent::new(now_ms(), actor.as_str(), "tenant.create", outcome)
-            .with_tenant(body.tenant.clone())
+            .with_tenant(tenant.clone())
             .with_kek_version(1)
     };
-    let created = async { Ok(state.hierarchy.create_tenant(&body.tenant).await?) };
+    let hierarchy = state.hierarchy.clone();
+    let created = async move { Ok(hierarchy.create_tenant(&body.tenant).await?) };
     let record = state.audit.before(event, created).await?;
     Ok((StatusCode::CREATED, Json(TenantView::from(&record))))
 }
@@ -136,14 +138,16 @@ pub(crate) async fn rotate_once(
 ) -> Result<Option<KekRecord>, ApiError> {
     let prepared = state.hierarchy.prepare_rotation(tenant).await?;
     let version = prepared.version();
-    let event = |outcome| {
-        let event = AuditEvent::new(now_ms(), actor, "kek.rotate", outcome)
-            .with_tenant(tenant.id.clone())
+    let (actor, id) = (actor.to_owned(), tenant.id.clone());
+    let event = move |outcome| {
+        let event = AuditEvent::new(now_ms(), actor.as_str(), "kek.rotate", outcome)
+            .with_tenant(id.clone())
             .with_kek_version(version);
         if scheduled { event.with_detail("scheduled", true) } else { event }
     };
-    let stored = async {
-        state.hierarchy.commit_rotation(prepared).await?.ok_or_else(|| {
+    let hierarchy = state.hierarchy.clone();
+    let stored = async move {
+        hierarchy.commit_rotation(prepared).await?.ok_or_else(|| {
             ApiError::new(
                 StatusCode::CONFLICT,
                 ROTATION_CONFLICT,
@@ -186,18 +190,17 @@ pub(crate) async fn change_state(
         StateAction::Disable => StateChange::Disable,
         StateAction::DecryptOnly => StateChange::DecryptOnly,
     };
-    // The state the change leads to when it is allowed (KekState::apply).
-    let target = match change {
-        StateChange::Disable => KekState::Disabled,
-        _ => KekState::DecryptOnly,
-    };
-    let event = |outcome| {
+    // The state the change leads to where it is allowed.
+    let target = KekState::DecryptOnly.apply(change).map_err(|e| crate::error::internal(&e))?;
+    let id = tenant.clone();
+    let event = move |outcome| {
         AuditEvent::new(now_ms(), actor.as_str(), "kek.state", outcome)
-            .with_tenant(tenant.clone())
+            .with_tenant(id.clone())
             .with_kek_version(version)
             .with_detail("state", target.as_str())
     };
-    let changed = async { Ok(state.hierarchy.change_state(&tenant, version, change).await?) };
+    let hierarchy = state.hierarchy.clone();
+    let changed = async move { Ok(hierarchy.change_state(&tenant, version, change).await?) };
     let record = state.audit.before(event, changed).await?;
     Ok(Json(VersionView::from(&record)))
 }
