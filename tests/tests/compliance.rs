@@ -322,23 +322,31 @@ fn assert_allocates_from_the_os(pid: u32) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_good_production_stack_starts_and_reports_every_check_passing() {
-    let token = SoftHsm2::new_token();
-    let dir = tempfile::tempdir().unwrap();
-    let ks_dir = dir.path().join("ks");
+/// A key service directory in `dir` (`ks/`, returned with its `[root]`
+/// section and the `SOFTHSM2_CONF` path) with the production policy, a PIN
+/// file and a master key created in `token` by the CLI.
+fn hsm_key_service_dir(
+    token: &SoftHsm2,
+    dir: &Path,
+) -> (std::path::PathBuf, String, std::path::PathBuf) {
+    let ks_dir = dir.join("ks");
     std::fs::create_dir_all(&ks_dir).unwrap();
     write_private(&ks_dir.join("pin"), softhsm2::USER_PIN);
     std::fs::write(ks_dir.join("policy.toml"), PRODUCTION_POLICY).unwrap();
-    let root = token.root_section("pin");
-    let conf = token.conf();
-    let admin_config = dir.path().join("create-key.toml");
+    let admin_config = dir.join("create-key.toml");
     std::fs::write(
         &admin_config,
         format!("listen = \"127.0.0.1:0\"\ndata_dir = \"ks/data\"\n[tls]\ncert = \"x\"\nkey = \"x\"\nclient_ca = \"x\"\n{}[policy]\nfile = \"x\"\n", token.root_section("ks/pin")),
     )
     .unwrap();
     token.create_key_with_cli(&admin_config);
+    (ks_dir, token.root_section("pin"), token.conf())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_good_production_stack_starts_and_reports_every_check_passing() {
+    let (token, dir) = (SoftHsm2::new_token(), tempfile::tempdir().unwrap());
+    let (ks_dir, root, conf) = hsm_key_service_dir(&token, dir.path());
     let env = [("SOFTHSM2_CONF", conf.to_str().unwrap()), ("KEYGATE_PROFILE", "production")];
     let ks = KeyService::start_with(
         &ks_dir,
@@ -487,21 +495,8 @@ async fn the_development_profile_reports_what_production_would_refuse() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn keys_moved_to_a_development_master_fail_the_check_and_a_production_start() {
-    let token = SoftHsm2::new_token();
-    let dir = tempfile::tempdir().unwrap();
-    let ks_dir = dir.path().join("ks");
-    std::fs::create_dir_all(&ks_dir).unwrap();
-    write_private(&ks_dir.join("pin"), softhsm2::USER_PIN);
-    std::fs::write(ks_dir.join("policy.toml"), PRODUCTION_POLICY).unwrap();
-    let root = token.root_section("pin");
-    let conf = token.conf();
-    let admin_config = dir.path().join("create-key.toml");
-    std::fs::write(
-        &admin_config,
-        format!("listen = \"127.0.0.1:0\"\ndata_dir = \"ks/data\"\n[tls]\ncert = \"x\"\nkey = \"x\"\nclient_ca = \"x\"\n{}[policy]\nfile = \"x\"\n", token.root_section("ks/pin")),
-    )
-    .unwrap();
-    token.create_key_with_cli(&admin_config);
+    let (token, dir) = (SoftHsm2::new_token(), tempfile::tempdir().unwrap());
+    let (ks_dir, root, conf) = hsm_key_service_dir(&token, dir.path());
     // The development profile lets an admin move the keys to a key file.
     let env = [("SOFTHSM2_CONF", conf.to_str().unwrap())];
     let mut ks = KeyService::start_with(
