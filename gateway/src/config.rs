@@ -454,6 +454,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_root_kind_is_its_provider_name_in_the_config() {
+        let roots = [
+            r#"{"provider":"dev_local","key_file":"/k"}"#,
+            r#"{"provider":"pkcs11","module":"/m.so","token_label":"t","key_label":"k"}"#,
+            r#"{"provider":"aws_kms","region":"eu-west-1","key_id":"alias/k"}"#,
+        ];
+        for text in roots {
+            let root: RootConfig = serde_json::from_str(text).unwrap();
+            let written = serde_json::to_value(&root).unwrap();
+            assert_eq!(written["provider"], root.kind(), "{text}");
+        }
+    }
+
+    #[test]
     fn loads_with_defaults_and_resolves_paths() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keygate.toml");

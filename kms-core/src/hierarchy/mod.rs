@@ -636,11 +636,6 @@ pub struct PreparedRotation {
 }
 
 impl PreparedRotation {
-    /// The tenant rotated.
-    pub fn tenant(&self) -> &TenantId {
-        &self.tenant
-    }
-
     /// The version the rotation adds (and makes active).
     pub fn version(&self) -> KekVersion {
         self.version

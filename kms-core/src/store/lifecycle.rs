@@ -217,16 +217,27 @@ impl Approval {
         }
     }
 
-    /// This request with `d` applied, if the rules allow: it must be
-    /// pending and `d.by` must not be its requester. (Used by the stores.)
-    #[cfg(any(feature = "sqlite", feature = "postgres"))]
-    pub(crate) fn decide(self, d: &DecideApproval<'_>) -> Result<Self, super::StoreError> {
+    /// Whether `by` may decide this request: it must be pending and `by`
+    /// must not be its requester. The stores check it again as they write
+    /// the decision ([`Approval::decide`]).
+    pub fn check_decider(&self, by: &str) -> Result<(), super::StoreError> {
         if self.state != ApprovalState::Pending {
-            return Err(super::StoreError::ApprovalNotPending { id: self.id, state: self.state });
+            return Err(super::StoreError::ApprovalNotPending {
+                id: self.id.clone(),
+                state: self.state,
+            });
         }
-        if self.requested_by == d.by {
+        if self.requested_by == by {
             return Err(super::StoreError::SelfApproval);
         }
+        Ok(())
+    }
+
+    /// This request with `d` applied, if [`Approval::check_decider`]
+    /// allows. (Used by the stores.)
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
+    pub(crate) fn decide(self, d: &DecideApproval<'_>) -> Result<Self, super::StoreError> {
+        self.check_decider(d.by)?;
         let approved = d.decision == Decision::Approve;
         Ok(Self {
             state: if approved { ApprovalState::Approved } else { ApprovalState::Rejected },

@@ -263,16 +263,12 @@ pub(crate) async fn decide(
         DecisionBody::Reject => Decision::Reject,
     };
     // Refused before anything is recorded as decided (the keystore checks
-    // both again, should the request change meanwhile).
-    if pending.state != ApprovalState::Pending {
-        return Err(store_error(&kms_core::store::StoreError::ApprovalNotPending {
-            id: pending.id.clone(),
-            state: pending.state,
-        }));
-    }
-    if pending.requested_by == actor {
-        state.audit.record_denial(&actor, "approve own request", Some(&pending.tenant)).await;
-        return Err(store_error(&kms_core::store::StoreError::SelfApproval));
+    // again, should the request change meanwhile).
+    if let Err(e) = pending.check_decider(&actor) {
+        if matches!(e, kms_core::store::StoreError::SelfApproval) {
+            state.audit.record_denial(&actor, "approve own request", Some(&pending.tenant)).await;
+        }
+        return Err(store_error(&e));
     }
     let action = if decision == Decision::Approve { "shred.approve" } else { "shred.reject" };
     let (by, request) = (actor.clone(), pending.clone());
