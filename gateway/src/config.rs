@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
@@ -372,6 +373,27 @@ fn default_reload_secs() -> u64 {
     5
 }
 
+/// The longest any timeout, interval or time-to-live in a configuration
+/// may be. Longer is a mistake (a cached key outliving a shred by days, a
+/// timeout never reached), and a value near `u64::MAX` would overflow the
+/// clock arithmetic at its first use and stop the process.
+pub const MAX_DURATION: Duration = Duration::from_secs(86_400);
+
+/// Refuses the first of `durations` (a setting's name and value) longer
+/// than [`MAX_DURATION`].
+pub(crate) fn check_durations(
+    durations: impl IntoIterator<Item = (&'static str, Duration)>,
+) -> Result<(), ConfigError> {
+    match durations.into_iter().find(|(_, value)| *value > MAX_DURATION) {
+        Some((name, _)) => Err(ConfigError(format!(
+            "{name} is longer than a day ({} s), the most a timeout, interval or key \
+             lifetime may be",
+            MAX_DURATION.as_secs()
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 #[error("configuration error: {0}")]
@@ -418,7 +440,40 @@ impl ServerConfig {
         let mut config: Self = load_layered(path, TOP_LEVEL_KEYS)?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
+        check_durations(config.durations())?;
         Ok(config)
+    }
+
+    /// Every timeout, interval and time-to-live, named as in the file.
+    /// (`lifecycle.shred_delay_secs` is a wait measured in days, not a
+    /// timer, and is not bounded by [`MAX_DURATION`].)
+    fn durations(&self) -> Vec<(&'static str, Duration)> {
+        let mut durations = vec![
+            ("tls.reload_interval_secs", Duration::from_secs(self.tls.reload_interval_secs)),
+            ("limits.request_timeout_secs", Duration::from_secs(self.limits.request_timeout_secs)),
+            (
+                "limits.handshake_timeout_secs",
+                Duration::from_secs(self.limits.handshake_timeout_secs),
+            ),
+            ("keys.kek_ttl_secs", Duration::from_secs(self.keys.kek_ttl_secs)),
+            (
+                "audit.checkpoint_interval_secs",
+                Duration::from_secs(self.audit.checkpoint_interval_secs),
+            ),
+            (
+                "lifecycle.scheduler_interval_ms",
+                Duration::from_millis(self.lifecycle.scheduler_interval_ms),
+            ),
+            (
+                "lifecycle.usage_flush_interval_ms",
+                Duration::from_millis(self.lifecycle.usage_flush_interval_ms),
+            ),
+        ];
+        durations.extend(self.abuse.durations());
+        if let RootConfig::AwsKms { timeout_ms, .. } = &self.root {
+            durations.push(("root.timeout_ms", Duration::from_millis(*timeout_ms)));
+        }
+        durations
     }
 
     fn resolve_paths(&mut self, base: &Path) {
@@ -497,6 +552,51 @@ max_batch = 500
         assert!(
             matches!(config.root, RootConfig::DevLocal { ref key_file, .. } if key_file == &dir.path().join("root.key"))
         );
+    }
+
+    #[test]
+    fn a_duration_longer_than_a_day_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keygate.toml");
+        // `tls` and `root` lines go into those tables; `tables` follow.
+        let load = |tls: &str, root: &str, tables: &str| {
+            let text = format!(
+                "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\
+                 [tls]\ncert = \"server.crt\"\nkey = \"server.key\"\nclient_ca = \"ca.crt\"\n{tls}\n\
+                 [policy]\nfile = \"policy.toml\"\n[root]\n{root}\n{tables}\n"
+            );
+            std::fs::write(&path, text).unwrap();
+            ServerConfig::load(&path).map(|_| ()).map_err(|e| e.to_string())
+        };
+        let local = "provider = \"dev_local\"\nkey_file = \"root.key\"";
+        let aws = "provider = \"aws_kms\"\nregion = \"r\"\nkey_id = \"k\"";
+        // A day is allowed; a second more, or the largest TOML integer (which would
+        // overflow at its first use), is refused with the setting's name.
+        for (table, key, day) in [
+            ("keys", "kek_ttl_secs", 86_400),
+            ("tls", "reload_interval_secs", 86_400),
+            ("limits", "request_timeout_secs", 86_400),
+            ("audit", "checkpoint_interval_secs", 86_400),
+            ("lifecycle", "scheduler_interval_ms", 86_400_000),
+            ("abuse", "idle_timeout_secs", 86_400),
+            ("root", "timeout_ms", 86_400_000),
+        ] {
+            let set = |value: u64| {
+                let line = format!("{key} = {value}");
+                match table {
+                    "tls" => load(&line, local, ""),
+                    "root" => load("", &format!("{aws}\n{line}"), ""),
+                    _ => load("", local, &format!("[{table}]\n{line}")),
+                }
+            };
+            assert!(set(day).is_ok(), "{table}.{key} = a day");
+            for too_long in [day + 1, i64::MAX as u64] {
+                let e = set(too_long).unwrap_err();
+                assert!(e.contains(&format!("{table}.{key} is longer than a day")), "{e}");
+            }
+        }
+        // The shred delay is a wait of days, not a timer.
+        assert!(load("", local, "[lifecycle]\nshred_delay_secs = 259200").is_ok());
     }
 
     #[test]

@@ -47,6 +47,15 @@ impl Default for AbuseConfig {
 }
 
 impl AbuseConfig {
+    /// Its timeouts, named as in the file.
+    pub(crate) fn durations(&self) -> [(&'static str, Duration); 3] {
+        [
+            ("abuse.header_read_timeout_secs", Duration::from_secs(self.header_read_timeout_secs)),
+            ("abuse.body_read_timeout_secs", Duration::from_secs(self.body_read_timeout_secs)),
+            ("abuse.idle_timeout_secs", Duration::from_secs(self.idle_timeout_secs)),
+        ]
+    }
+
     /// The HTTP/1 header read timeout.
     pub fn header_read_timeout(&self) -> Duration {
         Duration::from_secs(self.header_read_timeout_secs.max(1))
@@ -92,6 +101,15 @@ impl Default for SidecarAbuseConfig {
 }
 
 impl SidecarAbuseConfig {
+    /// Its timeouts, named as in the file.
+    pub(crate) fn durations(&self) -> [(&'static str, Duration); 3] {
+        [
+            ("abuse.header_read_timeout_secs", Duration::from_secs(self.header_read_timeout_secs)),
+            ("abuse.body_read_timeout_secs", Duration::from_secs(self.body_read_timeout_secs)),
+            ("abuse.idle_timeout_secs", Duration::from_secs(self.idle_timeout_secs)),
+        ]
+    }
+
     /// The HTTP/1 header read timeout.
     pub fn header_read_timeout(&self) -> Duration {
         Duration::from_secs(self.header_read_timeout_secs.max(1))

@@ -3,10 +3,11 @@
 //! paths against the file's directory).
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::{ConfigError, LogConfig, load_layered};
+use crate::config::{ConfigError, LogConfig, check_durations, load_layered};
 
 /// Where the app-facing API listens.
 #[derive(Debug, Clone, Deserialize)]
@@ -183,6 +184,19 @@ const TOP_LEVEL_KEYS: &[&str] = &[
 ];
 
 impl SidecarConfig {
+    /// Every timeout, interval and time-to-live, named as in the file.
+    fn durations(&self) -> Vec<(&'static str, Duration)> {
+        let mut durations = vec![
+            ("key_service.timeout_ms", Duration::from_millis(self.key_service.timeout_ms)),
+            ("pool.ttl_secs", Duration::from_secs(self.pool.ttl_secs)),
+            ("cache.ttl_secs", Duration::from_secs(self.cache.ttl_secs)),
+            ("audit.flush_interval_ms", Duration::from_millis(self.audit.flush_interval_ms)),
+            ("audit.max_unreported_secs", Duration::from_secs(self.audit.max_unreported_secs)),
+        ];
+        durations.extend(self.abuse.durations());
+        durations
+    }
+
     /// Loads `path` with `KEYGATE_…` overrides; resolves relative paths.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let mut config: Self = load_layered(path, TOP_LEVEL_KEYS)?;
@@ -202,6 +216,7 @@ impl SidecarConfig {
         fix(&mut config.key_service.ca);
         fix(&mut config.key_service.cert);
         fix(&mut config.key_service.key);
+        check_durations(config.durations())?;
         if config.key_service.urls.is_empty() {
             return Err(ConfigError::new("key_service.urls lists no key service"));
         }
@@ -214,5 +229,53 @@ impl SidecarConfig {
             )));
         }
         Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_duration_longer_than_a_day_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sidecar.toml");
+        // `tables` are appended after `[key_service]`, whose own keys come first.
+        let load = |key_service: &str, tables: &str| {
+            let text = format!(
+                "schemas = [\"patient.toml\"]\n[key_service]\n\
+                 urls = [\"https://127.0.0.1:8443\"]\nca = \"ca.crt\"\n\
+                 cert = \"app.crt\"\nkey = \"app.key\"\n{key_service}\n{tables}\n"
+            );
+            std::fs::write(&path, text).unwrap();
+            SidecarConfig::load(&path).map_err(|e| e.to_string())
+        };
+        let config = load("", "").unwrap();
+        assert_eq!(config.cache.ttl_secs, 60);
+        assert_eq!(config.key_service.ca, dir.path().join("ca.crt"));
+        // A day is allowed; a second more, or the largest TOML integer (which would
+        // overflow at its first use), is refused with the setting's name.
+        for (table, key, day) in [
+            ("cache", "ttl_secs", 86_400),
+            ("pool", "ttl_secs", 86_400),
+            ("audit", "flush_interval_ms", 86_400_000),
+            ("audit", "max_unreported_secs", 86_400),
+            ("abuse", "body_read_timeout_secs", 86_400),
+            ("key_service", "timeout_ms", 86_400_000),
+        ] {
+            let set = |value: u64| {
+                let line = format!("{key} = {value}");
+                if table == "key_service" {
+                    load(&line, "")
+                } else {
+                    load("", &format!("[{table}]\n{line}"))
+                }
+            };
+            assert!(set(day).is_ok(), "{table}.{key} = a day");
+            for too_long in [day + 1, i64::MAX as u64] {
+                let e = set(too_long).unwrap_err();
+                assert!(e.contains(&format!("{table}.{key} is longer than a day")), "{e}");
+            }
+        }
     }
 }
