@@ -25,6 +25,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("policy_parse", policy_parse),
     ("keyservice_request", keyservice_request),
     ("sidecar_request", sidecar_request),
+    ("unwrap_binary", unwrap_binary),
 ];
 
 /// The record header parser must be total: any bytes give a header or an
@@ -122,4 +123,10 @@ pub fn keyservice_request(data: &[u8]) {
 /// Every sidecar request body, through the record code.
 pub fn sidecar_request(data: &[u8]) {
     gateway::fuzzing::sidecar_request(data);
+}
+
+/// The binary unwrap exchange (request and answer); see
+/// `gateway::fuzzing::unwrap_binary`.
+pub fn unwrap_binary(data: &[u8]) {
+    gateway::fuzzing::unwrap_binary(data);
 }

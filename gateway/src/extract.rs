@@ -81,7 +81,6 @@ async fn read_body<S: Send + Sync>(
     request: Request,
     state: &S,
 ) -> Result<(Bytes, usize), ApiError> {
-    let bounds = request.extensions().get::<BodyBounds>().copied().unwrap_or_default();
     if !is_json(request.headers()) {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -89,9 +88,17 @@ async fn read_body<S: Send + Sync>(
             "send Content-Type: application/json",
         ));
     }
+    let max_depth = request.extensions().get::<BodyBounds>().copied().unwrap_or_default().max_depth;
+    Ok((read_bytes(request, state).await?, max_depth))
+}
+
+/// A request's body of any media type, read within its time bound and the
+/// router's size limit, with [`ApiJson`]'s errors for those.
+pub async fn read_bytes<S: Send + Sync>(request: Request, state: &S) -> Result<Bytes, ApiError> {
+    let bounds = request.extensions().get::<BodyBounds>().copied().unwrap_or_default();
     let read = tokio::time::timeout(bounds.read_timeout, Bytes::from_request(request, state));
     match read.await {
-        Ok(Ok(bytes)) => Ok((bytes, bounds.max_depth)),
+        Ok(Ok(bytes)) => Ok(bytes),
         Ok(Err(rejection)) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -195,12 +202,22 @@ fn parse_measured<'a, T: Deserialize<'a>>(
 
 /// `application/json` or `application/<something>+json`, any parameters.
 fn is_json(headers: &axum::http::HeaderMap) -> bool {
-    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
-        return false;
-    };
-    let essence = value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
-    essence == "application/json"
-        || essence.strip_prefix("application/").is_some_and(|sub| sub.ends_with("+json"))
+    media_type(headers).is_some_and(|essence| {
+        essence == "application/json"
+            || essence.strip_prefix("application/").is_some_and(|sub| sub.ends_with("+json"))
+    })
+}
+
+/// Whether the request's `Content-Type` is `expected` (lower case), with
+/// any parameters.
+pub fn has_media_type(headers: &axum::http::HeaderMap, expected: &str) -> bool {
+    media_type(headers).is_some_and(|essence| essence == expected)
+}
+
+/// The request's media type without its parameters, in lower case.
+fn media_type(headers: &axum::http::HeaderMap) -> Option<String> {
+    let value = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    Some(value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
 }
 
 #[cfg(test)]

@@ -56,6 +56,32 @@ pub fn key_service_request(data: &[u8]) {
     }
 }
 
+/// The binary unwrap exchange: any bytes give a request or an error, and a
+/// request writes back to the same bytes (one encoding per request); after
+/// a first byte giving the item count, any bytes give an answer or an
+/// error, and an answer writes back to the same bytes.
+pub fn unwrap_binary(data: &[u8]) {
+    use crate::unwrap_binary::{
+        decode_answer, decode_request, encode_request, write_active_version, write_error, write_key,
+    };
+    if let Ok(request) = decode_request(data) {
+        let again = encode_request(request.purpose.as_ref(), &request.items);
+        assert_eq!(again, data, "a request has one encoding");
+    }
+    let Some((&count, answer)) = data.split_first() else { return };
+    if let Ok((active, results)) = decode_answer(answer, usize::from(count)) {
+        let mut again = SecretBuf::with_capacity(answer.len());
+        write_active_version(&mut again, active);
+        for result in &results {
+            match result {
+                Ok(key) => write_key(&mut again, key),
+                Err(code) => write_error(&mut again, code),
+            }
+        }
+        assert_eq!(again.as_slice(), answer, "an answer has one encoding");
+    }
+}
+
 /// Every sidecar request body, validated and then processed by the record
 /// code with fixed keys and the sample `patient` schema: each record is
 /// encrypted by the text path and by the tree path, which must agree (see

@@ -37,5 +37,6 @@ pub mod server;
 pub mod sidecar;
 mod signals;
 pub mod tls;
+pub mod unwrap_binary;
 pub mod up;
 pub mod wire;

@@ -17,6 +17,13 @@ pub(crate) struct ErrorBody {
     pub(crate) error: ErrorDetail,
 }
 
+/// A body in the binary form of the unwrap exchange (the operation says
+/// its layout).
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)] // only its schema is used
+pub(crate) struct BinaryBody(Vec<u8>);
+
 /// A stable, snake_case `code` and a message without secrets.
 #[derive(Serialize, ToSchema)]
 pub(crate) struct ErrorDetail {

@@ -82,13 +82,40 @@ pub struct SecretJsonText(pub SecretBuf);
 
 impl IntoResponse for SecretJsonText {
     fn into_response(self) -> Response {
-        SecretBody { bytes: self.0, _permit: None }.into_response()
+        SecretBody { bytes: self.0, content_type: JSON, _permit: None }.into_response()
     }
 }
 
-/// The bytes of a [`SecretJson`] body and what it holds until dropped.
+/// A response body of another media type carrying key material (the key
+/// service's binary unwrap answer), sent and wiped like [`SecretJson`]'s.
+pub struct SecretBytes {
+    body: SecretBody,
+}
+
+impl SecretBytes {
+    /// `bytes` sent as `content_type`, holding `permit` until dropped.
+    pub fn new(
+        bytes: SecretBuf,
+        content_type: &'static str,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Self {
+        Self { body: SecretBody { bytes, content_type, _permit: permit } }
+    }
+}
+
+impl IntoResponse for SecretBytes {
+    fn into_response(self) -> Response {
+        self.body.into_response()
+    }
+}
+
+const JSON: &str = "application/json";
+
+/// The bytes of a secret body, its media type, and what it holds until
+/// dropped.
 struct SecretBody {
     bytes: SecretBuf,
+    content_type: &'static str,
     _permit: Option<OwnedSemaphorePermit>,
 }
 
@@ -100,7 +127,8 @@ impl AsRef<[u8]> for SecretBody {
 
 impl IntoResponse for SecretBody {
     fn into_response(self) -> Response {
-        ([(header::CONTENT_TYPE, "application/json")], Body::from(Bytes::from_owner(self)))
+        let content_type = self.content_type;
+        ([(header::CONTENT_TYPE, content_type)], Body::from(Bytes::from_owner(self)))
             .into_response()
     }
 }
@@ -109,7 +137,9 @@ impl<T: Serialize> IntoResponse for SecretJson<T> {
     fn into_response(self) -> Response {
         let mut buf = SecretBuf::with_capacity(self.size_hint);
         match serde_json::to_writer(&mut buf, &self.value) {
-            Ok(()) => SecretBody { bytes: buf, _permit: self.permit }.into_response(),
+            Ok(()) => {
+                SecretBody { bytes: buf, content_type: JSON, _permit: self.permit }.into_response()
+            }
             // Only a failing `Serialize` impl gets here; the error text is
             // serde's, which never includes the values.
             Err(e) => {

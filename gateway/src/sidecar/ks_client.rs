@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use axum::body::Bytes;
 use kms_core::record::{IndexPurpose, SchemaKeys};
 use kms_core::schema::{FieldMode, Schema};
 use kms_core::{
@@ -13,9 +14,11 @@ use kms_core::{
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use zeroize::Zeroize;
 
 use super::config::KeyServiceConfig;
 use crate::policy::EffectiveGrants;
+use crate::unwrap_binary;
 use crate::wire::SecretB64;
 
 /// A key service call failed.
@@ -71,19 +74,11 @@ struct IssueWire {
 #[derive(Deserialize)]
 struct ItemWire {
     #[serde(default)]
-    dek: Option<SecretB64>,
-    #[serde(default)]
     kek_version: Option<KekVersion>,
     #[serde(default)]
     wrapped: Option<WrappedDek>,
     #[serde(default)]
     error: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct UnwrapWire {
-    active_version: KekVersion,
-    results: Vec<ItemWire>,
 }
 
 #[derive(Deserialize)]
@@ -116,6 +111,12 @@ struct ItemOut {
     record_key_id: RecordKeyId,
     kek_version: KekVersion,
     wrapped: WrappedDek,
+}
+
+/// A request body and its media type.
+struct Body {
+    bytes: Bytes,
+    content_type: &'static str,
 }
 
 /// Per-item results of an unwrap, and the tenant's active version.
@@ -154,20 +155,43 @@ impl KeyServiceClient {
         Ok(Self { http, urls: config.urls.clone(), preferred: AtomicUsize::new(0) })
     }
 
+    /// A JSON call: `body` sent as JSON, the answer read as JSON.
     async fn call<T: DeserializeOwned, B: Serialize + ?Sized>(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<&B>,
     ) -> Result<T, KsError> {
+        let body = match body {
+            Some(body) => Some(Body {
+                bytes: serde_json::to_vec(body).map_err(|e| KsError::Decode(e.to_string()))?.into(),
+                content_type: "application/json",
+            }),
+            None => None,
+        };
+        let bytes = self.send(method, path, body).await?;
+        serde_json::from_slice(&bytes).map_err(|e| KsError::Decode(e.to_string()))
+    }
+
+    /// Sends a request to the preferred replica, failing over to the next
+    /// on a connection error or a 503; a success's body comes back as it
+    /// is, an error answer as [`KsError::Api`].
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Body>,
+    ) -> Result<Bytes, KsError> {
         let start = self.preferred.load(Ordering::Relaxed);
         let mut last_error = String::from("no key service configured");
         for attempt in 0..self.urls.len() {
             let index = (start + attempt) % self.urls.len();
             let Some(base) = self.urls.get(index) else { continue };
             let mut request = self.http.request(method.clone(), format!("{base}{path}"));
-            if let Some(body) = body {
-                request = request.json(body);
+            if let Some(body) = &body {
+                request = request
+                    .header(reqwest::header::CONTENT_TYPE, body.content_type)
+                    .body(body.bytes.clone());
             }
             let response = match request.send().await {
                 Ok(r) => r,
@@ -191,7 +215,7 @@ impl KeyServiceClient {
             let bytes =
                 response.bytes().await.map_err(|e| KsError::Unavailable(without_url(&e)))?;
             if status.is_success() {
-                return serde_json::from_slice(&bytes).map_err(|e| KsError::Decode(e.to_string()));
+                return Ok(bytes);
             }
             let error: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             let field = |name: &str| {
@@ -227,34 +251,25 @@ impl KeyServiceClient {
             .collect())
     }
 
-    /// Unwraps DEKs (one call for the whole batch).
+    /// Unwraps DEKs (one call for the whole batch), in the binary form of
+    /// the exchange ([`crate::unwrap_binary`]).
     pub(super) async fn unwrap(
         &self,
         tenant: &TenantId,
         items: &[DekRequest],
         purpose: Option<&Name>,
     ) -> Result<Unwrapped, KsError> {
-        // Serialized straight from typed items (no JSON tree per item).
-        let body = BatchOut { items: wire_items(items), purpose };
-        let wire: UnwrapWire = self
-            .call(
-                reqwest::Method::POST,
-                &format!("/v1/tenants/{tenant}/datakeys/unwrap"),
-                Some(&body),
-            )
-            .await?;
-        if wire.results.len() != items.len() {
-            return Err(KsError::Decode("unwrap answered a different number of items".into()));
-        }
-        let results = wire
-            .results
-            .into_iter()
-            .map(|r| match (r.dek, r.error) {
-                (Some(dek), _) => Ok(dek.0),
-                (None, error) => Err(error.unwrap_or_else(|| "cannot_decrypt".into())),
-            })
-            .collect();
-        Ok(Unwrapped { active_version: wire.active_version, results })
+        let body = Body {
+            bytes: unwrap_binary::encode_request(purpose, items).into(),
+            content_type: unwrap_binary::CONTENT_TYPE,
+        };
+        let path = format!("/v1/tenants/{tenant}/datakeys/unwrap");
+        let answer = self.send(reqwest::Method::POST, &path, Some(body)).await?;
+        let decoded = unwrap_binary::decode_answer(&answer, items.len());
+        wipe(answer);
+        let (active_version, results) =
+            decoded.map_err(|e| KsError::Decode(format!("unwrap: {e}")))?;
+        Ok(Unwrapped { active_version, results })
     }
 
     /// Moves wrapped DEKs to the active KEK version (no plaintext travels).
@@ -362,6 +377,16 @@ fn wire_items(items: &[DekRequest]) -> Vec<ItemOut> {
             wrapped: i.wrapped,
         })
         .collect()
+}
+
+/// Wipes an answer that carried keys once they are copied out, if this is
+/// the buffer's only reference (a body that came in several frames was
+/// gathered into a buffer of its own; one frame may share hyper's). The
+/// buffers of hyper and rustls are out of reach: see the threat model.
+fn wipe(answer: Bytes) {
+    if let Ok(mut owned) = answer.try_into_mut() {
+        owned.as_mut().zeroize();
+    }
 }
 
 /// A transport error's text without the URL's query (none is used) —

@@ -4,15 +4,17 @@
 //! before any key leaves: if the event cannot be made durable, the keys
 //! are dropped (and wiped) and the caller gets 503 `audit_unavailable`.
 
-use axum::extract::State;
+use axum::extract::{FromRequest, Request, State};
+use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use kms_core::audit::{AuditEvent, Outcome};
 use kms_core::record::{IndexPurpose, derive_path_key, derive_pseudonym_key};
-use kms_core::{DekError, DekRequest, PathPattern, RecordKeyId};
+use kms_core::{DekError, DekRequest, Name, PathPattern, RecordKeyId, SecretBuf};
 
 use super::{ApiJson, ApiPath, tenant_id};
 use crate::audit_log::now_ms;
 use crate::error::ApiError;
+use crate::extract::{has_media_type, read_bytes};
 use crate::policy::Role;
 use crate::server::api::{
     BatchRequest, DerivedKey, DerivedKeys, DerivedMode, DerivedRequest, IssueRequest,
@@ -20,7 +22,8 @@ use crate::server::api::{
     UnwrapResult, WrappedItem,
 };
 use crate::server::{AppState, Caller};
-use crate::wire::SecretJson;
+use crate::unwrap_binary;
+use crate::wire::{SecretBytes, SecretJson};
 
 /// JSON bytes of one issued key:
 /// `{"record_key_id":"<32>","dek":"<43>","wrapped":"<80>"},`.
@@ -67,45 +70,68 @@ pub(crate) async fn issue(
 }
 
 /// Unwraps a batch of DEKs (role `decryptor`); audited before they leave.
+///
+/// Asked in the binary form (`Content-Type:
+/// application/vnd.keygate.unwrap.v1`, what the sidecar sends), it answers
+/// in that form.
 #[utoipa::path(
     post,
     path = "/v1/tenants/{tenant}/datakeys/unwrap",
     tag = "datakeys",
     params(("tenant" = String, Path, description = "Tenant id, `[a-z0-9][a-z0-9_-]{0,62}`")),
-    request_body = BatchRequest,
+    request_body(
+        content(
+            (BatchRequest = "application/json"),
+            (crate::openapi::BinaryBody = "application/vnd.keygate.unwrap.v1"),
+        ),
+        description = "The wrapped DEKs: JSON, or the binary form the sidecar sends (the purpose's length in one byte, the purpose, then per item the record key id (16 bytes), the KEK version (u32, big-endian) and the wrapped DEK (60 bytes))"
+    ),
     responses(
-        (status = 200, description = "Per item: the DEK or an error code", body = UnwrapResponse),
-        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
+        (status = 200, description = "Per item: the DEK or an error code. In the binary form: the active version (u32, big-endian), then per item either 0 and the DEK (32 bytes) or an error code's length and the code", content(
+            (UnwrapResponse = "application/json"),
+            (crate::openapi::BinaryBody = "application/vnd.keygate.unwrap.v1"),
+        )),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 415 neither JSON nor the binary form, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
     ),
 )]
 pub(crate) async fn unwrap(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     ApiPath(tenant): ApiPath<String>,
-    ApiJson(body): ApiJson<BatchRequest>,
-) -> Result<SecretJson<UnwrapResponse>, ApiError> {
+    body: UnwrapCall,
+) -> Result<Response, ApiError> {
     let tenant = tenant_id(&tenant)?;
     let actor = state.authorize(&caller, &tenant, &[Role::Decryptor], "unwrap data keys").await?;
-    check_batch(&state, body.items.len())?;
-    let room = state.room_for_keys(body.items.len()).await?;
-    let requests = requests(&body.items);
-    let deks = state.hierarchy.unwrap_deks(&tenant, &requests).await?;
+    let UnwrapCall { items, purpose, binary } = body;
+    check_batch(&state, items.len())?;
+    let room = state.room_for_keys(items.len()).await?;
+    let deks = state.hierarchy.unwrap_deks(&tenant, &items).await?;
     let active_version = state.hierarchy.active_version(&tenant).await?;
-    let (ok, failed) = split_ids(&body.items, deks.iter().map(Result::is_ok));
+    let (ok, failed) = split_ids(&items, deks.iter().map(Result::is_ok));
     let mut event = AuditEvent::new(now_ms(), actor, "dek.unwrap", outcome(ok.len(), failed))
         .with_tenant(tenant)
         .with_record_key_ids(ok)
         .with_detail("failed", failed);
-    if let Some(v) = single_version(&body.items) {
+    if let Some(v) = single_version(&items) {
         event = event.with_kek_version(v);
     }
-    if let Some(purpose) = &body.purpose {
+    if let Some(purpose) = &purpose {
         event = event.with_purpose(purpose.as_str());
     }
     // Durable before any DEK is returned.
     state.audit.record(vec![event]).await?;
-    let results: Vec<UnwrapResult> = body
-        .items
+    if binary {
+        let mut out = SecretBuf::with_capacity(4 + deks.len() * unwrap_binary::ANSWER_KEY_LEN);
+        unwrap_binary::write_active_version(&mut out, active_version);
+        for dek in &deks {
+            match dek {
+                Ok(dek) => unwrap_binary::write_key(&mut out, dek),
+                Err(e) => unwrap_binary::write_error(&mut out, dek_error_code(*e)),
+            }
+        }
+        return Ok(SecretBytes::new(out, unwrap_binary::CONTENT_TYPE, Some(room)).into_response());
+    }
+    let results: Vec<UnwrapResult> = items
         .iter()
         .zip(deks)
         .map(|(item, dek)| match dek {
@@ -122,7 +148,31 @@ pub(crate) async fn unwrap(
         })
         .collect();
     let size_hint = 64 + results.len() * UNWRAPPED_KEY_JSON_LEN;
-    Ok(SecretJson::new(UnwrapResponse { active_version, results }, size_hint).holding(room))
+    Ok(SecretJson::new(UnwrapResponse { active_version, results }, size_hint)
+        .holding(room)
+        .into_response())
+}
+
+/// An unwrap request in either form, and which form to answer in.
+pub(crate) struct UnwrapCall {
+    items: Vec<DekRequest>,
+    purpose: Option<Name>,
+    binary: bool,
+}
+
+impl<S: Send + Sync> FromRequest<S> for UnwrapCall {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        if !has_media_type(request.headers(), unwrap_binary::CONTENT_TYPE) {
+            let ApiJson(body) = ApiJson::<BatchRequest>::from_request(request, state).await?;
+            return Ok(Self { items: requests(&body.items), purpose: body.purpose, binary: false });
+        }
+        let bytes = read_bytes(request, state).await?;
+        let request = unwrap_binary::decode_request(&bytes)
+            .map_err(|e| ApiError::bad_request("malformed_body", e.to_string()))?;
+        Ok(Self { items: request.items, purpose: request.purpose, binary: true })
+    }
 }
 
 /// Rewraps a batch of DEKs under the active KEK version (role `encryptor`).
@@ -148,7 +198,7 @@ pub(crate) async fn rewrap(
     check_batch(&state, body.items.len())?;
     let requests = requests(&body.items);
     let rewrapped = state.hierarchy.rewrap_deks(&tenant, &requests).await?;
-    let (ok, failed) = split_ids(&body.items, rewrapped.iter().map(Result::is_ok));
+    let (ok, failed) = split_ids(&requests, rewrapped.iter().map(Result::is_ok));
     let mut event = AuditEvent::new(now_ms(), actor, "dek.rewrap", outcome(ok.len(), failed))
         .with_tenant(tenant)
         .with_record_key_ids(ok)
@@ -267,7 +317,7 @@ fn requests(items: &[WrappedItem]) -> Vec<DekRequest> {
         .collect()
 }
 
-fn split_ids(items: &[WrappedItem], ok: impl Iterator<Item = bool>) -> (Vec<RecordKeyId>, usize) {
+fn split_ids(items: &[DekRequest], ok: impl Iterator<Item = bool>) -> (Vec<RecordKeyId>, usize) {
     let mut good = Vec::with_capacity(items.len());
     let mut failed = 0;
     for (item, ok) in items.iter().zip(ok) {
@@ -280,7 +330,7 @@ fn split_ids(items: &[WrappedItem], ok: impl Iterator<Item = bool>) -> (Vec<Reco
     (good, failed)
 }
 
-fn single_version(items: &[WrappedItem]) -> Option<u32> {
+fn single_version(items: &[DekRequest]) -> Option<u32> {
     let first = items.first()?.kek_version;
     items.iter().all(|i| i.kek_version == first).then_some(first)
 }
