@@ -3,7 +3,8 @@
 //! fields where the JSON form spells every id in hex and every key in
 //! base64 (docs/performance.md, item 31). JSON stays the documented form
 //! of `POST /v1/tenants/{t}/datakeys/unwrap`; the key service answers in
-//! the form it was asked in.
+//! the form it was asked in. A sidecar whose key service predates this
+//! form gets 415 and unwraps as JSON from then on.
 //!
 //! Request: the purpose's length (one byte, 0 for none), the purpose, then
 //! for each item its record key id (16 bytes), KEK version (u32,

@@ -2,7 +2,7 @@
 //! identity, HTTP/2 connection reuse, a timeout on every call, and
 //! failover across replicas.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -56,6 +56,9 @@ pub(super) struct KeyServiceClient {
     http: reqwest::Client,
     urls: Vec<String>,
     preferred: AtomicUsize,
+    /// Whether unwraps go in the binary form; cleared for good when a key
+    /// service older than it answers 415 (a sidecar upgraded first).
+    binary_unwrap: AtomicBool,
 }
 
 #[derive(Deserialize)]
@@ -74,11 +77,19 @@ struct IssueWire {
 #[derive(Deserialize)]
 struct ItemWire {
     #[serde(default)]
+    dek: Option<SecretB64>,
+    #[serde(default)]
     kek_version: Option<KekVersion>,
     #[serde(default)]
     wrapped: Option<WrappedDek>,
     #[serde(default)]
     error: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct UnwrapWire {
+    active_version: KekVersion,
+    results: Vec<ItemWire>,
 }
 
 #[derive(Deserialize)]
@@ -152,7 +163,12 @@ impl KeyServiceClient {
             .pool_idle_timeout(Duration::from_secs(90))
             .build()
             .map_err(|e| ClientSetupError(e.to_string()))?;
-        Ok(Self { http, urls: config.urls.clone(), preferred: AtomicUsize::new(0) })
+        Ok(Self {
+            http,
+            urls: config.urls.clone(),
+            preferred: AtomicUsize::new(0),
+            binary_unwrap: AtomicBool::new(true),
+        })
     }
 
     /// A JSON call: `body` sent as JSON, the answer read as JSON.
@@ -252,10 +268,34 @@ impl KeyServiceClient {
     }
 
     /// Unwraps DEKs (one call for the whole batch), in the binary form of
-    /// the exchange ([`crate::unwrap_binary`]).
+    /// the exchange ([`crate::unwrap_binary`]) unless the key service
+    /// predates it, then as JSON.
     pub(super) async fn unwrap(
         &self,
         tenant: &TenantId,
+        items: &[DekRequest],
+        purpose: Option<&Name>,
+    ) -> Result<Unwrapped, KsError> {
+        let path = format!("/v1/tenants/{tenant}/datakeys/unwrap");
+        if self.binary_unwrap.load(Ordering::Relaxed) {
+            match self.unwrap_binary(&path, items, purpose).await {
+                Err(KsError::Api { status: 415, .. }) => {
+                    if self.binary_unwrap.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(
+                            "the key service does not take the binary unwrap form \
+                             (an older version); unwrapping as JSON until restarted"
+                        );
+                    }
+                }
+                answer => return answer,
+            }
+        }
+        self.unwrap_json(&path, items, purpose).await
+    }
+
+    async fn unwrap_binary(
+        &self,
+        path: &str,
         items: &[DekRequest],
         purpose: Option<&Name>,
     ) -> Result<Unwrapped, KsError> {
@@ -263,13 +303,35 @@ impl KeyServiceClient {
             bytes: unwrap_binary::encode_request(purpose, items).into(),
             content_type: unwrap_binary::CONTENT_TYPE,
         };
-        let path = format!("/v1/tenants/{tenant}/datakeys/unwrap");
-        let answer = self.send(reqwest::Method::POST, &path, Some(body)).await?;
+        let answer = self.send(reqwest::Method::POST, path, Some(body)).await?;
         let decoded = unwrap_binary::decode_answer(&answer, items.len());
         wipe(answer);
         let (active_version, results) =
             decoded.map_err(|e| KsError::Decode(format!("unwrap: {e}")))?;
         Ok(Unwrapped { active_version, results })
+    }
+
+    async fn unwrap_json(
+        &self,
+        path: &str,
+        items: &[DekRequest],
+        purpose: Option<&Name>,
+    ) -> Result<Unwrapped, KsError> {
+        // Serialized straight from typed items (no JSON tree per item).
+        let body = BatchOut { items: wire_items(items), purpose };
+        let wire: UnwrapWire = self.call(reqwest::Method::POST, path, Some(&body)).await?;
+        if wire.results.len() != items.len() {
+            return Err(KsError::Decode("unwrap answered a different number of items".into()));
+        }
+        let results = wire
+            .results
+            .into_iter()
+            .map(|r| match (r.dek, r.error) {
+                (Some(dek), _) => Ok(dek.0),
+                (None, error) => Err(error.unwrap_or_else(|| "cannot_decrypt".into())),
+            })
+            .collect();
+        Ok(Unwrapped { active_version: wire.active_version, results })
     }
 
     /// Moves wrapped DEKs to the active KEK version (no plaintext travels).
@@ -398,5 +460,129 @@ fn without_url(e: &reqwest::Error) -> String {
         "connection refused or failed".to_owned()
     } else {
         e.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use axum::Router;
+    use axum::extract::Path as UrlPath;
+    use axum::http::{HeaderMap, StatusCode, header};
+    use axum::response::IntoResponse;
+    use axum::routing::post;
+    use data_encoding::BASE64URL_NOPAD;
+
+    use super::*;
+    use crate::config::TlsConfig;
+    use crate::pki::{DevCa, Validity};
+
+    /// Calls a fake key service saw: refused binary ones and JSON ones.
+    #[derive(Default)]
+    struct Seen {
+        binary: AtomicUsize,
+        json: AtomicUsize,
+    }
+
+    /// A key service from before the binary form, as far as unwrap goes:
+    /// JSON only, 415 `unsupported_media_type` for anything else (what
+    /// `ApiJson` answered), 403 for tenant `denied`. Every DEK is `[7; 32]`.
+    async fn older_key_service(dir: &Path, ca: &DevCa, seen: Arc<Seen>) -> String {
+        let server = ca.issue_server(&["localhost"], Validity::days(1)).unwrap();
+        let tls = TlsConfig {
+            cert: dir.join("server.crt"),
+            key: dir.join("server.key"),
+            client_ca: dir.join("ca.crt"),
+            reload_interval_secs: 5,
+        };
+        std::fs::write(&tls.cert, &server.cert_pem).unwrap();
+        std::fs::write(&tls.key, server.key_pem.as_bytes()).unwrap();
+        std::fs::write(&tls.client_ca, ca.cert_pem()).unwrap();
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(crate::tls::build_server_config(&tls).unwrap());
+        let unwrap = move |UrlPath(tenant): UrlPath<String>, headers: HeaderMap, body: String| {
+            let seen = seen.clone();
+            async move {
+                let json =
+                    headers.get(header::CONTENT_TYPE).is_some_and(|v| v == "application/json");
+                if !json {
+                    seen.binary.fetch_add(1, Ordering::Relaxed);
+                    let error = json!({"error": {"code": "unsupported_media_type", "message": "send Content-Type: application/json"}});
+                    return (StatusCode::UNSUPPORTED_MEDIA_TYPE, axum::Json(error)).into_response();
+                }
+                seen.json.fetch_add(1, Ordering::Relaxed);
+                if tenant == "denied" {
+                    let error = json!({"error": {"code": "forbidden", "message": "not granted"}});
+                    return (StatusCode::FORBIDDEN, axum::Json(error)).into_response();
+                }
+                let request: Value = serde_json::from_str(&body).unwrap();
+                let dek = BASE64URL_NOPAD.encode(&[7; 32]);
+                let results: Vec<Value> = request["items"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|i| json!({"record_key_id": i["record_key_id"], "dek": dek}))
+                    .collect();
+                axum::Json(json!({"active_version": 4, "results": results})).into_response()
+            }
+        };
+        let router = Router::new().route("/v1/tenants/{tenant}/datakeys/unwrap", post(unwrap));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, router) = (acceptor.clone(), router.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(
+                        hyper_util::rt::TokioIo::new(tls),
+                        hyper_util::service::TowerToHyperService::new(router),
+                    )
+                    .await;
+                });
+            }
+        });
+        format!("https://localhost:{port}")
+    }
+
+    #[tokio::test]
+    async fn an_older_key_service_is_asked_in_json_from_its_first_415_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = DevCa::generate("test CA").unwrap();
+        let seen = Arc::new(Seen::default());
+        let url = older_key_service(dir.path(), &ca, seen.clone()).await;
+        let app = ca.issue_client("spiffe://test/app", Validity::days(1)).unwrap();
+        std::fs::write(dir.path().join("app.crt"), &app.cert_pem).unwrap();
+        std::fs::write(dir.path().join("app.key"), app.key_pem.as_bytes()).unwrap();
+        let client = KeyServiceClient::new(&KeyServiceConfig {
+            urls: vec![url],
+            ca: dir.path().join("ca.crt"),
+            cert: dir.path().join("app.crt"),
+            key: dir.path().join("app.key"),
+            timeout_ms: 10_000,
+        })
+        .unwrap();
+        let items = [DekRequest {
+            record_key_id: RecordKeyId::from_bytes([1; 16]),
+            kek_version: 1,
+            wrapped: WrappedDek::from_slice(&[2; kms_core::WRAPPED_DEK_LEN]).unwrap(),
+        }];
+        let tenant = TenantId::new("onc").unwrap();
+        for _ in 0..3 {
+            let answer = client.unwrap(&tenant, &items, None).await.unwrap();
+            assert_eq!(answer.active_version, 4);
+            assert_eq!(answer.results[0].as_ref().unwrap().expose_secret(), &[7; 32]);
+        }
+        assert_eq!(seen.binary.load(Ordering::Relaxed), 1, "the binary form was tried once");
+        assert_eq!(seen.json.load(Ordering::Relaxed), 3);
+        // Other refusals come back as they are.
+        let denied = TenantId::new("denied").unwrap();
+        let e = client.unwrap(&denied, &items, None).await.err();
+        assert!(matches!(e, Some(KsError::Api { status: 403, .. })), "{e:?}");
     }
 }
