@@ -172,6 +172,18 @@ impl RootConfig {
         }
     }
 
+    /// Its timeouts, named as in the file (`[root]`). Checked with
+    /// [`check_durations`] at load, and for settings sent to a master
+    /// rotation or recorded in the keystore.
+    pub fn durations(&self) -> Vec<(&'static str, Duration)> {
+        match self {
+            Self::AwsKms { timeout_ms, .. } => {
+                vec![("root.timeout_ms", Duration::from_millis(*timeout_ms))]
+            }
+            Self::DevLocal { .. } | Self::Pkcs11 { .. } => Vec::new(),
+        }
+    }
+
     /// Whether every file path in it is absolute (settings sent over the
     /// API have no directory to be relative to).
     pub fn paths_are_absolute(&self) -> bool {
@@ -381,14 +393,15 @@ pub const MAX_DURATION: Duration = Duration::from_secs(86_400);
 
 /// Refuses the first of `durations` (a setting's name and value) longer
 /// than [`MAX_DURATION`].
-pub(crate) fn check_durations(
+pub fn check_durations(
     durations: impl IntoIterator<Item = (&'static str, Duration)>,
 ) -> Result<(), ConfigError> {
     match durations.into_iter().find(|(_, value)| *value > MAX_DURATION) {
         Some((name, _)) => Err(ConfigError(format!(
-            "{name} is longer than a day ({} s), the most a timeout, interval or key \
-             lifetime may be",
-            MAX_DURATION.as_secs()
+            "{name} is longer than a day ({} s, {} ms), the most a timeout, interval \
+             or key lifetime may be",
+            MAX_DURATION.as_secs(),
+            MAX_DURATION.as_millis()
         ))),
         None => Ok(()),
     }
@@ -470,9 +483,7 @@ impl ServerConfig {
             ),
         ];
         durations.extend(self.abuse.durations());
-        if let RootConfig::AwsKms { timeout_ms, .. } = &self.root {
-            durations.push(("root.timeout_ms", Duration::from_millis(*timeout_ms)));
-        }
+        durations.extend(self.root.durations());
         durations
     }
 

@@ -76,7 +76,10 @@ pub fn decode_request(bytes: &[u8]) -> Result<UnwrapRequest, Malformed> {
             Some(Name::new(text).map_err(|_| Malformed("the purpose is not a name"))?)
         }
     };
-    if items.is_empty() || items.len() % ITEM_LEN != 0 {
+    if items.is_empty() {
+        return Err(Malformed("the request holds no item"));
+    }
+    if items.len() % ITEM_LEN != 0 {
         return Err(Malformed("the items are not a whole number of 80-byte items"));
     }
     let items = items
@@ -111,11 +114,17 @@ pub fn write_key(out: &mut SecretBuf, dek: &Key256) {
 /// Answers an item with an error code (`[a-z0-9_]{1,63}`; the key
 /// service's own constants).
 pub fn write_error(out: &mut SecretBuf, code: &str) {
-    // Anything else would make the answer unreadable: it goes as the
-    // generic code instead.
-    let code = if (1..=MAX_CODE_LEN).contains(&code.len()) { code } else { "cannot_decrypt" };
+    // Anything else would make the whole answer unreadable: it goes as
+    // the generic code instead.
+    let code = if is_code(code) { code } else { "cannot_decrypt" };
     out.extend_from_slice(&[code.len() as u8]);
     out.extend_from_slice(code.as_bytes());
+}
+
+/// An error code as the answer may carry it: `[a-z0-9_]{1,63}`.
+fn is_code(code: &str) -> bool {
+    (1..=MAX_CODE_LEN).contains(&code.len())
+        && code.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 /// A decoded answer: the active version and, per item, the DEK or the
@@ -135,13 +144,19 @@ pub fn decode_answer(bytes: &[u8], expected: usize) -> Result<UnwrapAnswer, Malf
         }
         let (value, after) = after.split_at(len);
         results.push(if tag == 0 {
-            Ok(Key256::from_slice(value).ok_or(Malformed("a key is not 32 bytes"))?)
+            // Copied straight into the key's own (wiped) allocation.
+            let key = Key256::decode_with(|key| match <&[u8; KEY_LEN]>::try_from(value) {
+                Ok(value) => {
+                    *key = *value;
+                    true
+                }
+                Err(_) => false,
+            });
+            Ok(key.ok_or(Malformed("a key is not 32 bytes"))?)
         } else {
             let code = std::str::from_utf8(value)
                 .ok()
-                .filter(|c| {
-                    c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-                })
+                .filter(|c| is_code(c))
                 .ok_or(Malformed("an error code is not [a-z0-9_]"))?;
             Err(code.to_owned())
         });
@@ -197,7 +212,7 @@ mod tests {
         let good = encode_request(Some(&Name::new("care").unwrap()), &[item(1), item(2)]);
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (vec![], "empty"),
-            (vec![0], "whole number"),
+            (vec![0], "no item"),
             (good[..good.len() - 1].to_vec(), "whole number"),
             ([&good[..], &[0]].concat(), "whole number"),
             (vec![64; 200], "purpose's length"),
@@ -219,11 +234,16 @@ mod tests {
         write_key(&mut out, &keys[0]);
         write_error(&mut out, "key_destroyed");
         write_key(&mut out, &keys[1]);
-        let (active, results) = decode_answer(out.as_slice(), 3).unwrap();
+        // A code the sidecar could not read goes as the generic one.
+        write_error(&mut out, "not-a-code");
+        write_error(&mut out, "");
+        let (active, results) = decode_answer(out.as_slice(), 5).unwrap();
         assert_eq!(active, 3);
         assert_eq!(results[0].as_ref().unwrap().expose_secret(), &[7; 32]);
         assert_eq!(results[1].as_ref().unwrap_err(), "key_destroyed");
         assert_eq!(results[2].as_ref().unwrap().expose_secret(), &[9; 32]);
+        assert_eq!(results[3].as_ref().unwrap_err(), "cannot_decrypt");
+        assert_eq!(results[4].as_ref().unwrap_err(), "cannot_decrypt");
     }
 
     #[test]

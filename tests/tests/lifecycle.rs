@@ -475,6 +475,12 @@ async fn master_rotation_to_softhsm2_resumes_after_a_crash() {
     relative["to"]["pin_file"] = json!("pin");
     let (status, body) = ks.post(ADMIN, "/v1/master/rotate", &relative).await;
     assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_provider")), "{body}");
+    // A timeout over a day, as the config file would refuse it (before
+    // any attempt to reach the provider).
+    let slow = json!({"to": {"provider": "aws_kms", "region": "eu-west-1", "key_id": "alias/k", "timeout_ms": 86_400_001}});
+    let (status, body) = ks.post(ADMIN, "/v1/master/rotate", &slow).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_provider")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("root.timeout_ms is longer"));
     let mut wrong = to.clone();
     wrong["to"]["key_label"] = json!("no-such-key");
     assert_eq!(ks.post(ADMIN, "/v1/master/rotate", &wrong).await.0, 400);

@@ -9,6 +9,15 @@ use serde::Deserialize;
 /// the server closing it.
 const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 120;
 
+/// The slow-client timeouts of either `[abuse]` table, named as in the file.
+fn timeouts(header: u64, body: u64, idle: u64) -> [(&'static str, Duration); 3] {
+    [
+        ("abuse.header_read_timeout_secs", Duration::from_secs(header)),
+        ("abuse.body_read_timeout_secs", Duration::from_secs(body)),
+        ("abuse.idle_timeout_secs", Duration::from_secs(idle)),
+    ]
+}
+
 /// Key service `[abuse]`: per-identity rate limit, slow-client timeouts,
 /// JSON nesting.
 #[derive(Debug, Clone, Deserialize)]
@@ -21,7 +30,7 @@ pub struct AbuseConfig {
     /// Seconds a client has to send a request's headers (HTTP/1; the
     /// connection is closed after that).
     pub header_read_timeout_secs: u64,
-    /// Seconds a client has to send a JSON request body (408 after that).
+    /// Seconds a client has to send a request body (408 after that).
     pub body_read_timeout_secs: u64,
     /// Seconds a connection may sit with no request in flight and no byte
     /// moving before it is closed.
@@ -49,11 +58,7 @@ impl Default for AbuseConfig {
 impl AbuseConfig {
     /// Its timeouts, named as in the file.
     pub(crate) fn durations(&self) -> [(&'static str, Duration); 3] {
-        [
-            ("abuse.header_read_timeout_secs", Duration::from_secs(self.header_read_timeout_secs)),
-            ("abuse.body_read_timeout_secs", Duration::from_secs(self.body_read_timeout_secs)),
-            ("abuse.idle_timeout_secs", Duration::from_secs(self.idle_timeout_secs)),
-        ]
+        timeouts(self.header_read_timeout_secs, self.body_read_timeout_secs, self.idle_timeout_secs)
     }
 
     /// The HTTP/1 header read timeout.
@@ -80,7 +85,7 @@ pub struct SidecarAbuseConfig {
     pub burst_per_connection: u32,
     /// Seconds a client has to send a request's headers (HTTP/1).
     pub header_read_timeout_secs: u64,
-    /// Seconds a client has to send a JSON request body (408 after that).
+    /// Seconds a client has to send a request body (408 after that).
     pub body_read_timeout_secs: u64,
     /// Seconds a connection may sit with no request in flight and no byte
     /// moving before it is closed.
@@ -103,11 +108,7 @@ impl Default for SidecarAbuseConfig {
 impl SidecarAbuseConfig {
     /// Its timeouts, named as in the file.
     pub(crate) fn durations(&self) -> [(&'static str, Duration); 3] {
-        [
-            ("abuse.header_read_timeout_secs", Duration::from_secs(self.header_read_timeout_secs)),
-            ("abuse.body_read_timeout_secs", Duration::from_secs(self.body_read_timeout_secs)),
-            ("abuse.idle_timeout_secs", Duration::from_secs(self.idle_timeout_secs)),
-        ]
+        timeouts(self.header_read_timeout_secs, self.body_read_timeout_secs, self.idle_timeout_secs)
     }
 
     /// The HTTP/1 header read timeout.

@@ -33,6 +33,8 @@ impl MasterConnector for RecordedMasters {
             .ok_or_else(|| misconfigured("no connection settings recorded".into()))?;
         let config: RootConfig = serde_json::from_str(settings)
             .map_err(|e| misconfigured(format!("recorded settings unreadable: {e}")))?;
+        crate::config::check_durations(config.durations())
+            .map_err(|e| misconfigured(format!("recorded settings: {e}")))?;
         let provider = root_provider(&config).await.map_err(|e| misconfigured(e.to_string()))?;
         let info = provider.describe();
         if info.kind != master.kind || info.key_ref != master.key_ref {

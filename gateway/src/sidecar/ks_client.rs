@@ -2,8 +2,8 @@
 //! identity, HTTP/2 connection reuse, a timeout on every call, and
 //! failover across replicas.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use kms_core::record::{IndexPurpose, SchemaKeys};
@@ -56,10 +56,19 @@ pub(super) struct KeyServiceClient {
     http: reqwest::Client,
     urls: Vec<String>,
     preferred: AtomicUsize,
-    /// Whether unwraps go in the binary form; cleared for good when a key
-    /// service older than it answers 415 (a sidecar upgraded first).
-    binary_unwrap: AtomicBool,
+    /// Until when (ms after `started`) unwraps go as JSON, because a key
+    /// service older than the binary form answered it 415 (a sidecar
+    /// upgraded first); 0 while the binary form works.
+    json_until_ms: AtomicU64,
+    started: Instant,
+    /// How long a 415 sends unwraps back to JSON before the binary form is
+    /// tried again (the key service may have been upgraded meanwhile).
+    json_for: Duration,
 }
+
+/// [`KeyServiceClient::json_for`]: one extra round trip a minute against
+/// an older key service.
+const JSON_FOR: Duration = Duration::from_secs(60);
 
 #[derive(Deserialize)]
 struct IssuedWire {
@@ -130,6 +139,12 @@ struct Body {
     content_type: &'static str,
 }
 
+/// A success answer: its body and media type.
+struct Answer {
+    body: Bytes,
+    media_type: Option<reqwest::header::HeaderValue>,
+}
+
 /// Per-item results of an unwrap, and the tenant's active version.
 pub(super) struct Unwrapped {
     /// The active KEK version now.
@@ -167,7 +182,9 @@ impl KeyServiceClient {
             http,
             urls: config.urls.clone(),
             preferred: AtomicUsize::new(0),
-            binary_unwrap: AtomicBool::new(true),
+            json_until_ms: AtomicU64::new(0),
+            started: Instant::now(),
+            json_for: JSON_FOR,
         })
     }
 
@@ -180,24 +197,27 @@ impl KeyServiceClient {
     ) -> Result<T, KsError> {
         let body = match body {
             Some(body) => Some(Body {
-                bytes: serde_json::to_vec(body).map_err(|e| KsError::Decode(e.to_string()))?.into(),
+                // Not reached with these types; named as what it would be.
+                bytes: serde_json::to_vec(body)
+                    .map_err(|e| KsError::Decode(format!("request not encodable: {e}")))?
+                    .into(),
                 content_type: "application/json",
             }),
             None => None,
         };
-        let bytes = self.send(method, path, body).await?;
-        serde_json::from_slice(&bytes).map_err(|e| KsError::Decode(e.to_string()))
+        let answer = self.send(method, path, body).await?;
+        serde_json::from_slice(&answer.body).map_err(|e| KsError::Decode(e.to_string()))
     }
 
     /// Sends a request to the preferred replica, failing over to the next
-    /// on a connection error or a 503; a success's body comes back as it
-    /// is, an error answer as [`KsError::Api`].
+    /// on a connection error or a 503; a success comes back as it is, an
+    /// error answer as [`KsError::Api`].
     async fn send(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<Body>,
-    ) -> Result<Bytes, KsError> {
+    ) -> Result<Answer, KsError> {
         let start = self.preferred.load(Ordering::Relaxed);
         let mut last_error = String::from("no key service configured");
         for attempt in 0..self.urls.len() {
@@ -228,10 +248,11 @@ impl KeyServiceClient {
                 .headers()
                 .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            let media_type = response.headers().get(reqwest::header::CONTENT_TYPE).cloned();
             let bytes =
                 response.bytes().await.map_err(|e| KsError::Unavailable(without_url(&e)))?;
             if status.is_success() {
-                return Ok(bytes);
+                return Ok(Answer { body: bytes, media_type });
             }
             let error: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             let field = |name: &str| {
@@ -269,7 +290,7 @@ impl KeyServiceClient {
 
     /// Unwraps DEKs (one call for the whole batch), in the binary form of
     /// the exchange ([`crate::unwrap_binary`]) unless the key service
-    /// predates it, then as JSON.
+    /// predates it: then as JSON for [`JSON_FOR`] before trying again.
     pub(super) async fn unwrap(
         &self,
         tenant: &TenantId,
@@ -277,17 +298,28 @@ impl KeyServiceClient {
         purpose: Option<&Name>,
     ) -> Result<Unwrapped, KsError> {
         let path = format!("/v1/tenants/{tenant}/datakeys/unwrap");
-        if self.binary_unwrap.load(Ordering::Relaxed) {
+        let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let json_until = self.json_until_ms.load(Ordering::Relaxed);
+        if now_ms >= json_until {
             match self.unwrap_binary(&path, items, purpose).await {
                 Err(KsError::Api { status: 415, .. }) => {
-                    if self.binary_unwrap.swap(false, Ordering::Relaxed) {
+                    let json_for = u64::try_from(self.json_for.as_millis()).unwrap_or(u64::MAX);
+                    let until = now_ms.saturating_add(json_for).max(1);
+                    if self.json_until_ms.swap(until, Ordering::Relaxed) == 0 {
                         tracing::warn!(
-                            "the key service does not take the binary unwrap form \
-                             (an older version); unwrapping as JSON until restarted"
+                            "the key service does not take the binary unwrap form (an older \
+                             version); unwrapping as JSON, and trying again every {} s",
+                            self.json_for.as_secs()
                         );
                     }
                 }
-                answer => return answer,
+                answer => {
+                    if answer.is_ok() && json_until != 0 {
+                        self.json_until_ms.store(0, Ordering::Relaxed);
+                        tracing::info!("the key service takes the binary unwrap form again");
+                    }
+                    return answer;
+                }
             }
         }
         self.unwrap_json(&path, items, purpose).await
@@ -304,8 +336,12 @@ impl KeyServiceClient {
             content_type: unwrap_binary::CONTENT_TYPE,
         };
         let answer = self.send(reqwest::Method::POST, path, Some(body)).await?;
-        let decoded = unwrap_binary::decode_answer(&answer, items.len());
-        wipe(answer);
+        if answer.media_type.as_ref().is_none_or(|m| m != unwrap_binary::CONTENT_TYPE) {
+            wipe(answer.body);
+            return Err(KsError::Decode("unwrap: the answer is not in the form asked".into()));
+        }
+        let decoded = unwrap_binary::decode_answer(&answer.body, items.len());
+        wipe(answer.body);
         let (active_version, results) =
             decoded.map_err(|e| KsError::Decode(format!("unwrap: {e}")))?;
         Ok(Unwrapped { active_version, results })
@@ -469,27 +505,34 @@ mod tests {
     use std::sync::Arc;
 
     use axum::Router;
+    use axum::body::Bytes;
     use axum::extract::Path as UrlPath;
     use axum::http::{HeaderMap, StatusCode, header};
     use axum::response::IntoResponse;
     use axum::routing::post;
     use data_encoding::BASE64URL_NOPAD;
+    use kms_core::SecretBuf;
 
     use super::*;
     use crate::config::TlsConfig;
     use crate::pki::{DevCa, Validity};
 
-    /// Calls a fake key service saw: refused binary ones and JSON ones.
+    /// The unwrap calls a fake key service saw, by form.
     #[derive(Default)]
     struct Seen {
         binary: AtomicUsize,
         json: AtomicUsize,
     }
 
-    /// A key service from before the binary form, as far as unwrap goes:
-    /// JSON only, 415 `unsupported_media_type` for anything else (what
-    /// `ApiJson` answered), 403 for tenant `denied`. Every DEK is `[7; 32]`.
-    async fn older_key_service(dir: &Path, ca: &DevCa, seen: Arc<Seen>) -> String {
+    fn refusal(status: StatusCode, code: &str) -> axum::response::Response {
+        (status, axum::Json(json!({"error": {"code": code, "message": "refused"}}))).into_response()
+    }
+
+    /// A fake key service's unwrap, behind mutual TLS: JSON, and the
+    /// binary form if `takes_binary` (otherwise 415, what a key service
+    /// older than it answered); 403 for tenant `denied`. Every DEK is
+    /// `[7; 32]`, the active version 4. Returns its URL.
+    async fn key_service(dir: &Path, ca: &DevCa, seen: Arc<Seen>, takes_binary: bool) -> String {
         let server = ca.issue_server(&["localhost"], Validity::days(1)).unwrap();
         let tls = TlsConfig {
             cert: dir.join("server.crt"),
@@ -502,30 +545,46 @@ mod tests {
         std::fs::write(&tls.client_ca, ca.cert_pem()).unwrap();
         let acceptor =
             tokio_rustls::TlsAcceptor::from(crate::tls::build_server_config(&tls).unwrap());
-        let unwrap = move |UrlPath(tenant): UrlPath<String>, headers: HeaderMap, body: String| {
+        let unwrap = move |UrlPath(tenant): UrlPath<String>, headers: HeaderMap, body: Bytes| {
             let seen = seen.clone();
             async move {
-                let json =
-                    headers.get(header::CONTENT_TYPE).is_some_and(|v| v == "application/json");
-                if !json {
-                    seen.binary.fetch_add(1, Ordering::Relaxed);
-                    let error = json!({"error": {"code": "unsupported_media_type", "message": "send Content-Type: application/json"}});
-                    return (StatusCode::UNSUPPORTED_MEDIA_TYPE, axum::Json(error)).into_response();
-                }
-                seen.json.fetch_add(1, Ordering::Relaxed);
+                let media = headers.get(header::CONTENT_TYPE).cloned();
+                let json = media.as_ref().is_some_and(|v| v == "application/json");
+                let binary = media.as_ref().is_some_and(|v| v == unwrap_binary::CONTENT_TYPE);
+                match (json, binary && takes_binary) {
+                    (true, _) => seen.json.fetch_add(1, Ordering::Relaxed),
+                    (false, true) => seen.binary.fetch_add(1, Ordering::Relaxed),
+                    (false, false) => {
+                        seen.binary.fetch_add(1, Ordering::Relaxed);
+                        return refusal(
+                            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                            "unsupported_media_type",
+                        );
+                    }
+                };
                 if tenant == "denied" {
-                    let error = json!({"error": {"code": "forbidden", "message": "not granted"}});
-                    return (StatusCode::FORBIDDEN, axum::Json(error)).into_response();
+                    return refusal(StatusCode::FORBIDDEN, "forbidden");
                 }
-                let request: Value = serde_json::from_str(&body).unwrap();
-                let dek = BASE64URL_NOPAD.encode(&[7; 32]);
-                let results: Vec<Value> = request["items"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|i| json!({"record_key_id": i["record_key_id"], "dek": dek}))
-                    .collect();
-                axum::Json(json!({"active_version": 4, "results": results})).into_response()
+                if json {
+                    let request: Value = serde_json::from_slice(&body).unwrap();
+                    let dek = BASE64URL_NOPAD.encode(&[7; 32]);
+                    let results: Vec<Value> = request["items"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|i| json!({"record_key_id": i["record_key_id"], "dek": dek}))
+                        .collect();
+                    return axum::Json(json!({"active_version": 4, "results": results}))
+                        .into_response();
+                }
+                let request = unwrap_binary::decode_request(&body).unwrap();
+                let mut out = SecretBuf::with_capacity(0);
+                unwrap_binary::write_active_version(&mut out, 4);
+                for _ in &request.items {
+                    unwrap_binary::write_key(&mut out, &Key256::from_array(&mut [7; 32]));
+                }
+                ([(header::CONTENT_TYPE, unwrap_binary::CONTENT_TYPE)], out.as_slice().to_vec())
+                    .into_response()
             }
         };
         let router = Router::new().route("/v1/tenants/{tenant}/datakeys/unwrap", post(unwrap));
@@ -550,12 +609,12 @@ mod tests {
         format!("https://localhost:{port}")
     }
 
-    #[tokio::test]
-    async fn an_older_key_service_is_asked_in_json_from_its_first_415_on() {
+    /// A client of a fake key service, and what that service saw.
+    async fn client_of(takes_binary: bool) -> (tempfile::TempDir, KeyServiceClient, Arc<Seen>) {
         let dir = tempfile::tempdir().unwrap();
         let ca = DevCa::generate("test CA").unwrap();
         let seen = Arc::new(Seen::default());
-        let url = older_key_service(dir.path(), &ca, seen.clone()).await;
+        let url = key_service(dir.path(), &ca, seen.clone(), takes_binary).await;
         let app = ca.issue_client("spiffe://test/app", Validity::days(1)).unwrap();
         std::fs::write(dir.path().join("app.crt"), &app.cert_pem).unwrap();
         std::fs::write(dir.path().join("app.key"), app.key_pem.as_bytes()).unwrap();
@@ -567,22 +626,54 @@ mod tests {
             timeout_ms: 10_000,
         })
         .unwrap();
+        (dir, client, seen)
+    }
+
+    /// Unwraps one item for `tenant`.
+    async fn unwrap_one(client: &KeyServiceClient, tenant: &str) -> Result<Unwrapped, KsError> {
         let items = [DekRequest {
             record_key_id: RecordKeyId::from_bytes([1; 16]),
             kek_version: 1,
             wrapped: WrappedDek::from_slice(&[2; kms_core::WRAPPED_DEK_LEN]).unwrap(),
         }];
-        let tenant = TenantId::new("onc").unwrap();
-        for _ in 0..3 {
-            let answer = client.unwrap(&tenant, &items, None).await.unwrap();
+        client.unwrap(&TenantId::new(tenant).unwrap(), &items, None).await
+    }
+
+    fn counts(seen: &Seen) -> (usize, usize) {
+        (seen.binary.load(Ordering::Relaxed), seen.json.load(Ordering::Relaxed))
+    }
+
+    #[tokio::test]
+    async fn unwraps_go_in_the_binary_form_whatever_the_answer() {
+        let (_dir, client, seen) = client_of(true).await;
+        for _ in 0..2 {
+            let answer = unwrap_one(&client, "onc").await.unwrap();
             assert_eq!(answer.active_version, 4);
             assert_eq!(answer.results[0].as_ref().unwrap().expose_secret(), &[7; 32]);
         }
-        assert_eq!(seen.binary.load(Ordering::Relaxed), 1, "the binary form was tried once");
-        assert_eq!(seen.json.load(Ordering::Relaxed), 3);
-        // Other refusals come back as they are.
-        let denied = TenantId::new("denied").unwrap();
-        let e = client.unwrap(&denied, &items, None).await.err();
+        // A refusal is the answer, not a reason to change form.
+        let e = unwrap_one(&client, "denied").await.err();
         assert!(matches!(e, Some(KsError::Api { status: 403, .. })), "{e:?}");
+        assert!(unwrap_one(&client, "onc").await.is_ok());
+        assert_eq!(counts(&seen), (4, 0), "all in the binary form");
+    }
+
+    #[tokio::test]
+    async fn an_older_key_service_is_asked_in_json_after_its_415_and_asked_again_later() {
+        let (_dir, client, seen) = client_of(false).await;
+        for _ in 0..3 {
+            let answer = unwrap_one(&client, "onc").await.unwrap();
+            assert_eq!(answer.active_version, 4);
+            assert_eq!(answer.results[0].as_ref().unwrap().expose_secret(), &[7; 32]);
+        }
+        assert_eq!(counts(&seen), (1, 3), "the binary form was tried once");
+
+        // Once the JSON period is over, the binary form is tried again.
+        let (_dir, mut client, seen) = client_of(false).await;
+        client.json_for = Duration::ZERO;
+        for _ in 0..3 {
+            assert!(unwrap_one(&client, "onc").await.is_ok());
+        }
+        assert_eq!(counts(&seen), (3, 3));
     }
 }

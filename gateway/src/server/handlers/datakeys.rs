@@ -84,10 +84,10 @@ pub(crate) async fn issue(
             (BatchRequest = "application/json"),
             (crate::openapi::BinaryBody = "application/vnd.keygate.unwrap.v1"),
         ),
-        description = "The wrapped DEKs: JSON, or the binary form the sidecar sends (the purpose's length in one byte, the purpose, then per item the record key id (16 bytes), the KEK version (u32, big-endian) and the wrapped DEK (60 bytes))"
+        description = "The wrapped DEKs: JSON, or the binary form the sidecar sends: the purpose's length in one byte (0: none; at most 63), the purpose, then per item the record key id (16 bytes), the KEK version (u32, big-endian) and the wrapped DEK (60 bytes). A binary body off by any length is refused whole (400 `malformed_body`)."
     ),
     responses(
-        (status = 200, description = "Per item: the DEK or an error code. In the binary form: the active version (u32, big-endian), then per item either 0 and the DEK (32 bytes) or an error code's length and the code", content(
+        (status = 200, description = "Per item: the DEK or an error code. In the binary form: the active version (u32, big-endian), then per item, in order, either 0 and the DEK (32 bytes) or an error code's length (1 to 63) and the code (`[a-z0-9_]`)", content(
             (UnwrapResponse = "application/json"),
             (crate::openapi::BinaryBody = "application/vnd.keygate.unwrap.v1"),
         )),

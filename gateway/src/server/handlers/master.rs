@@ -100,6 +100,8 @@ pub(crate) async fn rotate(
             "file paths in the provider settings must be absolute",
         ));
     }
+    crate::config::check_durations(body.to.durations())
+        .map_err(|e| ApiError::bad_request("invalid_provider", e.to_string()))?;
     let settings = recorded_settings(&body.to).map_err(|e| crate::error::internal(&e))?;
     let store = state.hierarchy.store().clone();
     let Some(lock) = store.try_job_lock("master-rotate").await.map_err(|e| store_error(&e))? else {
