@@ -21,6 +21,7 @@
 //! - Batch sizes are bounded where the batches are read (`limits.max_batch`
 //!   at the key service, `limits.max_records` at the sidecar).
 
+mod accept;
 mod body;
 mod bucket;
 mod config;
@@ -28,6 +29,7 @@ mod depth;
 mod idle;
 mod layer;
 
+pub(crate) use self::accept::AcceptBackoff;
 pub use self::bucket::{KeyedBuckets, TokenBucket};
 pub use self::config::{AbuseConfig, SidecarAbuseConfig};
 pub(crate) use self::depth::after_string;

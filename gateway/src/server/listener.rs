@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tower::ServiceExt;
 
-use crate::abuse::{OpenConnections, serve_http};
+use crate::abuse::{AcceptBackoff, OpenConnections, serve_http};
 use crate::tls::{TlsReloader, identity_of};
 
 /// The verified identity of a connection's client (its certificate's URI
@@ -104,23 +104,24 @@ pub(super) async fn serve_plain(
 
 /// The next connection (with `TCP_NODELAY`), or `None` once `shutdown`
 /// resolves. Accept errors (out of file descriptors, say) are retried
-/// after a pause.
+/// after a pause ([`AcceptBackoff`]).
 async fn accept(
     listener: &TcpListener,
     shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
 ) -> Option<(TcpStream, SocketAddr)> {
+    let mut backoff = AcceptBackoff::default();
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(backoff.failed(&e)).await;
                     continue;
                 }
             },
             () = shutdown.as_mut() => return None,
         };
+        backoff.succeeded();
         // Responses go out as several writes (TLS records, HTTP/2
         // frames); with Nagle's algorithm on, a write waits for the ACK
         // of the previous one, which a client may delay by 40 ms.

@@ -12,7 +12,9 @@ use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tower::ServiceExt;
 
-use crate::abuse::{ConnectionGuard, OpenConnections, SidecarAbuseConfig, serve_http};
+use crate::abuse::{
+    AcceptBackoff, ConnectionGuard, OpenConnections, SidecarAbuseConfig, serve_http,
+};
 
 /// A bound app-facing listener.
 pub(super) enum AppListener {
@@ -34,18 +36,21 @@ pub(super) async fn serve(
     let open = OpenConnections::new();
     let abuse = Arc::new(abuse);
     tokio::pin!(shutdown);
+    let mut backoff = AcceptBackoff::default();
     loop {
         let accepted = tokio::select! {
             accepted = accept(&listener) => accepted,
             () = &mut shutdown => break,
         };
         match accepted {
-            Ok(Accepted::Unix(stream)) => spawn_connection(stream, &router, &abuse, &open),
-            Ok(Accepted::Tcp(stream)) => spawn_connection(stream, &router, &abuse, &open),
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok(accepted) => {
+                backoff.succeeded();
+                match accepted {
+                    Accepted::Unix(stream) => spawn_connection(stream, &router, &abuse, &open),
+                    Accepted::Tcp(stream) => spawn_connection(stream, &router, &abuse, &open),
+                }
             }
+            Err(e) => tokio::time::sleep(backoff.failed(&e)).await,
         }
     }
     // Closed first: new clients are refused during the drain rather than
