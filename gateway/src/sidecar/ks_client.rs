@@ -56,9 +56,9 @@ pub(super) struct KeyServiceClient {
     http: reqwest::Client,
     urls: Vec<String>,
     preferred: AtomicUsize,
-    /// Until when (ms after `started`) unwraps go as JSON, because a key
-    /// service older than the binary form answered it 415 (a sidecar
-    /// upgraded first); 0 while the binary form works.
+    /// Until when (ms after `started`, counted from 1) unwraps go as JSON,
+    /// because a key service older than the binary form answered it 415 (a
+    /// sidecar upgraded first); 0 while the binary form works.
     json_until_ms: AtomicU64,
     started: Instant,
     /// How long a 415 sends unwraps back to JSON before the binary form is
@@ -298,13 +298,15 @@ impl KeyServiceClient {
         purpose: Option<&Name>,
     ) -> Result<Unwrapped, KsError> {
         let path = format!("/v1/tenants/{tenant}/datakeys/unwrap");
-        let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        // Counted from 1, so that 0 always means "binary".
+        let now_ms =
+            u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX).saturating_add(1);
         let json_until = self.json_until_ms.load(Ordering::Relaxed);
         if now_ms >= json_until {
             match self.unwrap_binary(&path, items, purpose).await {
                 Err(KsError::Api { status: 415, .. }) => {
                     let json_for = u64::try_from(self.json_for.as_millis()).unwrap_or(u64::MAX);
-                    let until = now_ms.saturating_add(json_for).max(1);
+                    let until = now_ms.saturating_add(json_for);
                     if self.json_until_ms.swap(until, Ordering::Relaxed) == 0 {
                         tracing::warn!(
                             "the key service does not take the binary unwrap form (an older \
