@@ -58,6 +58,10 @@ pub struct Metrics {
     pub dek_cache_entries: Gauge<u64, AtomicU64>,
     /// Sidecar: field-level events not yet reported.
     pub audit_pending: Gauge<u64, AtomicU64>,
+    /// Sidecar: unwrap calls made to the key service.
+    pub dek_unwrap_calls: Gauge<u64, AtomicU64>,
+    /// Sidecar: requests whose cache misses those calls carried.
+    pub dek_unwrap_requests: Gauge<u64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -76,6 +80,7 @@ impl Default for Metrics {
             Gauge::default(),
             Gauge::default(),
         );
+        let (dek_unwrap_calls, dek_unwrap_requests) = (Gauge::default(), Gauge::default());
 
         let mut registry = Registry::with_prefix("keygate");
         registry.register("requests", "API requests by route and status", requests.clone());
@@ -116,6 +121,16 @@ impl Default for Metrics {
             "Record accesses in field events not yet reported (sidecar)",
             audit_pending.clone(),
         );
+        registry.register(
+            "dek_unwrap_calls",
+            "Unwrap calls to the key service (sidecar)",
+            dek_unwrap_calls.clone(),
+        );
+        registry.register(
+            "dek_unwrap_requests",
+            "Requests whose cache misses were unwrapped; above the calls when calls were shared (sidecar)",
+            dek_unwrap_requests.clone(),
+        );
         Self {
             registry,
             requests,
@@ -132,6 +147,8 @@ impl Default for Metrics {
             dek_cache_misses,
             dek_cache_entries,
             audit_pending,
+            dek_unwrap_calls,
+            dek_unwrap_requests,
         }
     }
 }

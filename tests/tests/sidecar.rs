@@ -420,3 +420,78 @@ fn a_non_loopback_listener_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("refusing to listen on 0.0.0.0:9999"), "{stderr}");
 }
+
+/// A sidecar without a DEK cache unwraps every record's DEK; concurrent
+/// requests may share unwrap calls. However they are shared, each request
+/// gets its own record back, each unwrap is audited once under the purpose
+/// it was made for, and the metrics count calls and requests.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_cold_decrypts_share_unwrap_calls_and_each_gets_its_own_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ks, warm) = stack(dir.path(), "").await;
+    let cold =
+        Sidecar::start(&ks, &dir.path().join("cold"), CLINICAL, "[cache]\nmax_entries = 0\n");
+    let n = 48;
+    let mut encrypted = Vec::with_capacity(n);
+    for i in 0..n {
+        encrypted.push(encrypt(&warm, &patient(i)).await);
+    }
+    let purposes = ["treatment", "billing"];
+    let tasks: Vec<_> = encrypted
+        .iter()
+        .enumerate()
+        .map(|(i, record)| {
+            let (client, base) = (cold.new_client(), cold.base.clone());
+            let body = json!({"record": record, "purpose": purposes[i % 2]});
+            tokio::spawn(async move {
+                let response =
+                    client.post(format!("{base}/v1/decrypt")).json(&body).send().await.unwrap();
+                (response.status().as_u16(), response.json::<Value>().await.unwrap())
+            })
+        })
+        .collect();
+    let mut ids = Vec::with_capacity(n);
+    for (i, task) in tasks.into_iter().enumerate() {
+        let (status, body) = task.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["record"]["ssn"], patient(i)["ssn"], "request {i} got its own record");
+        ids.push((body["report"][0]["record_key_id"].clone(), purposes[i % 2]));
+    }
+
+    let (status, metrics) = cold.get("/metrics").await;
+    assert_eq!(status, 200);
+    let gauge = |name: &str| -> u64 {
+        let line =
+            metrics.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let (calls, requests) =
+        (gauge("keygate_dek_unwrap_calls "), gauge("keygate_dek_unwrap_requests "));
+    assert_eq!(requests, n as u64, "every request missed the (absent) cache once");
+    assert!((2..=requests).contains(&calls), "{calls} calls for {requests} requests");
+
+    // The key service audited each unwrap once, under its request's purpose.
+    let (_, export) = ks.get(AUDITOR, "/v1/audit?tenant=onc").await;
+    let unwraps: Vec<Value> = export
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["action"] == "dek.unwrap" && e["actor"] == CLINICAL)
+        .collect();
+    let mut audited: Vec<(Value, String)> = unwraps
+        .iter()
+        .flat_map(|e| {
+            let purpose = e["detail"]["purpose"].as_str().unwrap().to_owned();
+            e["record_key_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(move |id| (id.clone(), purpose.clone()))
+        })
+        .collect();
+    let mut expected: Vec<(Value, String)> =
+        ids.into_iter().map(|(id, purpose)| (id, purpose.to_owned())).collect();
+    audited.sort_by_key(|(id, p)| format!("{id}{p}"));
+    expected.sort_by_key(|(id, p)| format!("{id}{p}"));
+    assert_eq!(audited, expected);
+    assert_eq!(unwraps.len() as u64, calls, "one event per call");
+}

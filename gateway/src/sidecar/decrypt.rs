@@ -182,7 +182,8 @@ pub(super) async fn decrypt(
 }
 
 /// Each record's DEK and whether it came from the cache: cache first, then
-/// one unwrap call per tenant for all misses.
+/// the misses of each tenant in one unwrap (a call this request may share
+/// with others: [`super::unwrapper`]).
 async fn deks(
     s: &SidecarState,
     parsed: &[EncryptedText<'_>],
@@ -210,8 +211,8 @@ async fn deks(
             .map(super::handlers::dek_request)
             .collect();
         let unwrapped = s
-            .client
-            .unwrap(&tenant, &items, purpose)
+            .unwrapper
+            .unwrap(&tenant, items.clone(), purpose)
             .await
             .map_err(|e| s.tenant_error(&tenant, e))?;
         s.note_active(&tenant, unwrapped.active_version);

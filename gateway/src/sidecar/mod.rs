@@ -3,7 +3,8 @@
 //! Runs beside each application, on a unix socket or loopback address, so
 //! the application never holds a key. Encrypts with pre-issued DEKs from a
 //! per-tenant pool, decrypts with DEKs unwrapped by the key service (one
-//! batched call for all cache misses) or from a bounded TTL cache, reveals
+//! batched call for all cache misses, shared with concurrent requests of
+//! the same tenant and purpose) or from a bounded TTL cache, reveals
 //! only the field classes this sidecar's identity may see, and reports
 //! every field-level access to the key service's audit chain.
 
@@ -21,6 +22,7 @@ mod report;
 mod reporter;
 mod run;
 mod state;
+mod unwrapper;
 
 pub use self::config::SidecarConfig;
 pub(crate) use self::openapi::document as openapi_document;

@@ -23,6 +23,7 @@ use super::listener::{AppListener, serve};
 use super::pool::DekPool;
 use super::reporter::Reporter;
 use super::state::SidecarState;
+use super::unwrapper::Unwrapper;
 use crate::error::ApiError;
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
 
@@ -76,6 +77,7 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
         cache: DekCache::new(ttl, config.cache.max_entries),
         keyring: Keyring::new(client.clone(), ttl),
         reporter: reporter.clone(),
+        unwrapper: Unwrapper::new(client.clone(), config.limits.max_records),
         client,
         limits: config.limits.clone(),
         token,
@@ -245,6 +247,9 @@ pub(super) async fn metrics(State(s): State<Arc<SidecarState>>) -> Response {
     m.dek_cache_entries.set(u64::try_from(entries).unwrap_or(u64::MAX));
     m.dek_pool_size.set(u64::try_from(s.pool.evict_expired()).unwrap_or(u64::MAX));
     m.audit_pending.set(u64::try_from(s.reporter.pending()).unwrap_or(u64::MAX));
+    let (calls, requests) = s.unwrapper.stats();
+    m.dek_unwrap_calls.set(calls);
+    m.dek_unwrap_requests.set(requests);
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         m.encode(),

@@ -15,6 +15,7 @@ use super::keyring::Keyring;
 use super::ks_client::{KeyServiceClient, KsError};
 use super::pool::DekPool;
 use super::reporter::Reporter;
+use super::unwrapper::Unwrapper;
 use crate::error::ApiError;
 use crate::extract::ApiBody;
 use crate::metrics::Metrics;
@@ -23,6 +24,8 @@ use crate::metrics::Metrics;
 pub(super) struct SidecarState {
     pub(super) schemas: SchemaSet,
     pub(super) client: Arc<KeyServiceClient>,
+    /// DEK unwraps, calls shared between concurrent requests.
+    pub(super) unwrapper: Unwrapper,
     pub(super) pool: Arc<DekPool>,
     pub(super) cache: DekCache,
     pub(super) keyring: Keyring,

@@ -1,0 +1,513 @@
+//! Unwrap calls shared by concurrent requests.
+//!
+//! Every DEK the cache does not hold is unwrapped by the key service, and
+//! each call costs the key service a fixed amount on top of its DEKs: TLS
+//! and HTTP/2 framing, dispatch, and one audit event in a durable group
+//! commit — about as much CPU as a hundred DEKs (docs/performance.md, 32).
+//! So calls for one tenant and purpose do not pile up side by side: while
+//! [`IN_FLIGHT`] of them are out, the items of later requests wait here and
+//! leave together in the next call, up to the sidecar's own limit of records
+//! per request (which the key service must already accept in one call).
+//! Each request gets back exactly its own results. A request that finds a
+//! call slot free is sent at once: nothing waits on a timer, so a lone
+//! request is never slower for this.
+//!
+//! What the key service sees is unchanged in kind: one unwrap call by this
+//! sidecar's identity for a tenant and purpose, audited with every record
+//! key id it carries. The sidecar's own field-level events still say which
+//! application request read which record.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use kms_core::{DekRequest, Key256, Name, TenantId};
+use tokio::sync::oneshot;
+
+use super::ks_client::{KeyServiceClient, KsError, Unwrapped};
+
+/// What makes the calls: the key service client (a fake in tests).
+pub(super) trait UnwrapCall: Send + Sync + 'static {
+    /// One unwrap call for `items` of `tenant`.
+    fn call(
+        &self,
+        tenant: &TenantId,
+        items: &[DekRequest],
+        purpose: Option<&Name>,
+    ) -> impl Future<Output = Result<Unwrapped, KsError>> + Send;
+}
+
+impl UnwrapCall for KeyServiceClient {
+    fn call(
+        &self,
+        tenant: &TenantId,
+        items: &[DekRequest],
+        purpose: Option<&Name>,
+    ) -> impl Future<Output = Result<Unwrapped, KsError>> + Send {
+        self.unwrap(tenant, items, purpose)
+    }
+}
+
+/// Calls for one tenant and purpose out at once. Two let the key service
+/// group-commit one call's audit event while it reads the next, and each
+/// call collects what arrived during the previous one.
+const IN_FLIGHT: usize = 2;
+
+/// The results of one request's items, in order, and the tenant's active
+/// KEK version as the call's answer gave it.
+type Answer = Result<Unwrapped, KsError>;
+
+/// One request's items, waiting for a call.
+struct Waiter {
+    items: Vec<DekRequest>,
+    answer: oneshot::Sender<Answer>,
+}
+
+/// The calls of one tenant and purpose.
+#[derive(Default)]
+struct Line {
+    calls: usize,
+    waiting: Vec<Waiter>,
+}
+
+type LineKey = (TenantId, Option<Name>);
+
+struct Inner<C> {
+    client: Arc<C>,
+    max_items: usize,
+    lines: Mutex<HashMap<LineKey, Line>>,
+    calls: AtomicU64,
+    requests: AtomicU64,
+}
+
+impl<C> Inner<C> {
+    fn lines(&self) -> MutexGuard<'_, HashMap<LineKey, Line>> {
+        self.lines.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Unwraps DEKs for requests, sharing calls between them.
+pub(super) struct Unwrapper<C = KeyServiceClient>(Arc<Inner<C>>);
+
+impl<C: UnwrapCall> Unwrapper<C> {
+    /// Calls through `client`, at most `max_items` DEKs per call (a request
+    /// with more goes alone).
+    pub(super) fn new(client: Arc<C>, max_items: usize) -> Self {
+        Self(Arc::new(Inner {
+            client,
+            max_items: max_items.max(1),
+            lines: Mutex::default(),
+            calls: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+        }))
+    }
+
+    /// Calls made, and requests whose items they carried (more than the
+    /// calls when calls were shared).
+    pub(super) fn stats(&self) -> (u64, u64) {
+        (self.0.calls.load(Ordering::Relaxed), self.0.requests.load(Ordering::Relaxed))
+    }
+
+    /// Unwraps `items` of `tenant` for `purpose`: one result per item, in
+    /// order, as if this request had made the call alone.
+    pub(super) async fn unwrap(
+        &self,
+        tenant: &TenantId,
+        items: Vec<DekRequest>,
+        purpose: Option<&Name>,
+    ) -> Answer {
+        let (answer, result) = oneshot::channel();
+        let key = (tenant.clone(), purpose.cloned());
+        let start = {
+            let mut lines = self.0.lines();
+            let line = lines.entry(key.clone()).or_default();
+            line.waiting.push(Waiter { items, answer });
+            let start = line.calls < IN_FLIGHT;
+            if start {
+                line.calls += 1;
+            }
+            start
+        };
+        if start {
+            let slot = Slot { inner: self.0.clone(), key, held: true };
+            tokio::spawn(slot.drive());
+        }
+        // A dropped sender means the driving task died (a panic, or the
+        // runtime stopping): fail closed, like a lost connection.
+        result.await.unwrap_or_else(|_| Err(KsError::Unavailable("unwrap call abandoned".into())))
+    }
+}
+
+/// One call slot of a line, held by the task that drives it. Dropped
+/// without being released (the task panicked or was cancelled), it still
+/// gives the slot back; if no other call is out, the line's waiters are
+/// dropped with it and their requests fail closed rather than hang.
+struct Slot<C> {
+    inner: Arc<Inner<C>>,
+    key: LineKey,
+    held: bool,
+}
+
+impl<C: UnwrapCall> Slot<C> {
+    /// Sends what waits on the line, call after call, until nothing does.
+    async fn drive(mut self) {
+        while let Some(batch) = self.next_batch() {
+            let items: Vec<DekRequest> =
+                batch.iter().flat_map(|w| w.items.iter().copied()).collect();
+            self.inner.calls.fetch_add(1, Ordering::Relaxed);
+            self.inner.requests.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            let (tenant, purpose) = &self.key;
+            let answer = self.inner.client.call(tenant, &items, purpose.as_ref()).await;
+            hand_out(batch, answer);
+        }
+    }
+
+    /// The waiters of the next call (oldest first, whole requests, at most
+    /// `max_items` DEKs unless one request alone has more), or `None` after
+    /// giving the slot back when nothing waits. Waiters whose request has
+    /// gone are dropped unsent.
+    fn next_batch(&mut self) -> Option<Vec<Waiter>> {
+        let mut lines = self.inner.lines();
+        let line = lines.get_mut(&self.key)?;
+        line.waiting.retain(|w| !w.answer.is_closed());
+        let mut count = 0;
+        let mut take = 0;
+        for waiter in &line.waiting {
+            if take > 0 && count + waiter.items.len() > self.inner.max_items {
+                break;
+            }
+            count += waiter.items.len();
+            take += 1;
+        }
+        if take == 0 {
+            line.calls = line.calls.saturating_sub(1);
+            if line.calls == 0 {
+                lines.remove(&self.key);
+            }
+            self.held = false;
+            return None;
+        }
+        Some(line.waiting.drain(..take).collect())
+    }
+}
+
+impl<C> Drop for Slot<C> {
+    fn drop(&mut self) {
+        if !self.held {
+            return;
+        }
+        let mut lines = self.inner.lines();
+        if let Some(line) = lines.get_mut(&self.key) {
+            line.calls = line.calls.saturating_sub(1);
+            if line.calls == 0 {
+                lines.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Splits a shared call's answer between its waiters, in order.
+fn hand_out(batch: Vec<Waiter>, answer: Answer) {
+    match answer {
+        Ok(Unwrapped { active_version, results }) => {
+            let mut results = results.into_iter();
+            for waiter in batch {
+                let own: Vec<Result<Key256, String>> =
+                    results.by_ref().take(waiter.items.len()).collect();
+                // The client checked the count; a short answer is refused, not padded.
+                let answer = if own.len() == waiter.items.len() {
+                    Ok(Unwrapped { active_version, results: own })
+                } else {
+                    Err(KsError::Decode("unwrap: fewer results than items".into()))
+                };
+                // A request that has gone no longer wants its keys.
+                let _ = waiter.answer.send(answer);
+            }
+        }
+        Err(e) => {
+            for waiter in batch {
+                let _ = waiter.answer.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    use kms_core::{RecordKeyId, WRAPPED_DEK_LEN, WrappedDek};
+    use tokio::sync::Semaphore;
+    use tokio::task::JoinHandle;
+
+    use super::*;
+
+    /// A fake key service. Each call is recorded (the first byte of each
+    /// item's id), then waits for a permit of `gate`; each item's DEK is 32
+    /// copies of that byte. `fail` refuses whole calls; `short` answers one
+    /// result fewer than asked.
+    struct Fake {
+        gate: Semaphore,
+        calls: Mutex<Vec<(LineKey, Vec<u8>)>>,
+        fail: AtomicBool,
+        short: AtomicBool,
+    }
+
+    impl Default for Fake {
+        fn default() -> Self {
+            Self {
+                gate: Semaphore::new(0),
+                calls: Mutex::default(),
+                fail: AtomicBool::default(),
+                short: AtomicBool::default(),
+            }
+        }
+    }
+
+    impl UnwrapCall for Fake {
+        async fn call(
+            &self,
+            tenant: &TenantId,
+            items: &[DekRequest],
+            purpose: Option<&Name>,
+        ) -> Result<Unwrapped, KsError> {
+            let ids: Vec<u8> = items.iter().map(|i| i.record_key_id.as_bytes()[0]).collect();
+            self.calls.lock().unwrap().push(((tenant.clone(), purpose.cloned()), ids.clone()));
+            self.gate.acquire().await.unwrap().forget();
+            if self.fail.load(Ordering::Relaxed) {
+                return Err(KsError::Unavailable("down".into()));
+            }
+            let keep = ids.len() - usize::from(self.short.load(Ordering::Relaxed));
+            let results =
+                ids.iter().take(keep).map(|b| Ok(Key256::from_array(&mut [*b; 32]))).collect();
+            Ok(Unwrapped { active_version: 3, results })
+        }
+    }
+
+    impl Fake {
+        fn calls(&self) -> Vec<Vec<u8>> {
+            self.calls.lock().unwrap().iter().map(|(_, ids)| ids.clone()).collect()
+        }
+    }
+
+    fn items(ids: &[u8]) -> Vec<DekRequest> {
+        ids.iter()
+            .map(|b| DekRequest {
+                record_key_id: RecordKeyId::from_bytes([*b; 16]),
+                kek_version: 1,
+                wrapped: WrappedDek::from_slice(&[*b; WRAPPED_DEK_LEN]).unwrap(),
+            })
+            .collect()
+    }
+
+    fn tenant(name: &str) -> TenantId {
+        TenantId::new(name).unwrap()
+    }
+
+    impl<C> Unwrapper<C> {
+        fn waiting(&self) -> usize {
+            self.0.lines().values().map(|l| l.waiting.len()).sum()
+        }
+
+        fn open_lines(&self) -> usize {
+            self.0.lines().len()
+        }
+    }
+
+    impl<C> Clone for Unwrapper<C> {
+        fn clone(&self) -> Self {
+            Self(self.0.clone())
+        }
+    }
+
+    /// A request of `ids` for `tenant` and `purpose`, running.
+    fn request(
+        u: &Unwrapper<Fake>,
+        tenant: &str,
+        purpose: Option<&str>,
+        ids: &[u8],
+    ) -> JoinHandle<Answer> {
+        let (u, tenant, items) = (u.clone(), self::tenant(tenant), items(ids));
+        let purpose = purpose.map(|p| Name::new(p).unwrap());
+        tokio::spawn(async move { u.unwrap(&tenant, items, purpose.as_ref()).await })
+    }
+
+    /// Waits (up to 5 s) until `done` holds.
+    async fn until(mut done: impl FnMut() -> bool) {
+        for _ in 0..5_000 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("the condition never held");
+    }
+
+    /// Each result is the DEK of its own item, in order.
+    fn assert_own_keys(answer: Answer, ids: &[u8]) {
+        let answer = answer.unwrap();
+        assert_eq!(answer.active_version, 3);
+        let keys: Vec<u8> =
+            answer.results.iter().map(|r| r.as_ref().unwrap().expose_secret()[0]).collect();
+        assert_eq!(keys, ids);
+    }
+
+    /// Starts two requests and waits until both calls are out (blocked
+    /// at the gate), so that what comes next has to wait.
+    async fn fill_both_slots(u: &Unwrapper<Fake>, fake: &Fake) -> [JoinHandle<Answer>; 2] {
+        let first = request(u, "onc", None, &[1]);
+        until(|| fake.calls().len() == 1).await;
+        let second = request(u, "onc", None, &[2]);
+        until(|| fake.calls().len() == 2).await;
+        [first, second]
+    }
+
+    #[tokio::test]
+    async fn waiting_requests_share_the_next_call_and_each_gets_its_own_keys() {
+        let fake = Arc::new(Fake::default());
+        let u = Unwrapper::new(fake.clone(), 100);
+        let [a, b] = fill_both_slots(&u, &fake).await;
+        let c = request(&u, "onc", None, &[3, 4]);
+        let d = request(&u, "onc", None, &[5]);
+        let e = request(&u, "onc", None, &[6, 7, 8]);
+        until(|| u.waiting() == 3).await;
+        assert_eq!(fake.calls().len(), 2, "no third call while two are out");
+
+        fake.gate.add_permits(100);
+        assert_own_keys(a.await.unwrap(), &[1]);
+        assert_own_keys(b.await.unwrap(), &[2]);
+        assert_own_keys(c.await.unwrap(), &[3, 4]);
+        assert_own_keys(d.await.unwrap(), &[5]);
+        assert_own_keys(e.await.unwrap(), &[6, 7, 8]);
+        assert_eq!(fake.calls(), [vec![1], vec![2], vec![3, 4, 5, 6, 7, 8]]);
+        assert_eq!(u.stats(), (3, 5));
+        until(|| u.open_lines() == 0).await;
+
+        // A lone request is sent at once, not held for company.
+        let f = request(&u, "onc", None, &[9]);
+        assert_own_keys(f.await.unwrap(), &[9]);
+        assert_eq!(fake.calls().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_call_carries_at_most_max_items_and_a_larger_request_goes_alone() {
+        let fake = Arc::new(Fake::default());
+        let u = Unwrapper::new(fake.clone(), 4);
+        let [a, b] = fill_both_slots(&u, &fake).await;
+        let queued = [
+            (request(&u, "onc", None, &[3, 4, 5]), vec![3, 4, 5]),
+            (request(&u, "onc", None, &[6, 7]), vec![6, 7]),
+            (request(&u, "onc", None, &[10, 11, 12, 13, 14, 15, 16]), (10..=16).collect()),
+            (request(&u, "onc", None, &[20]), vec![20]),
+        ];
+        until(|| u.waiting() == 4).await;
+        fake.gate.add_permits(100);
+        assert_own_keys(a.await.unwrap(), &[1]);
+        assert_own_keys(b.await.unwrap(), &[2]);
+        for (handle, ids) in queued {
+            assert_own_keys(handle.await.unwrap(), &ids);
+        }
+        let mut calls = fake.calls();
+        calls.sort();
+        // [3, 4, 5] and [6, 7] would be five together; [6, 7] and [20] may share.
+        let expected: Vec<Vec<u8>> = vec![vec![1], vec![2], vec![3, 4, 5]];
+        assert_eq!(calls[..3], expected[..]);
+        assert!(calls.contains(&(10..=16).collect()), "{calls:?}");
+        assert!(
+            calls.contains(&vec![6, 7, 20])
+                || (calls.contains(&vec![6, 7]) && calls.contains(&vec![20])),
+            "{calls:?}"
+        );
+        until(|| u.open_lines() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn tenants_and_purposes_have_calls_of_their_own() {
+        let fake = Arc::new(Fake::default());
+        let u = Unwrapper::new(fake.clone(), 100);
+        let a = request(&u, "onc", None, &[1]);
+        let b = request(&u, "derm", None, &[2]);
+        let c = request(&u, "onc", Some("treatment"), &[3]);
+        // Each is the first of its line: all three are out at once.
+        until(|| fake.calls().len() == 3).await;
+        fake.gate.add_permits(100);
+        assert_own_keys(a.await.unwrap(), &[1]);
+        assert_own_keys(b.await.unwrap(), &[2]);
+        assert_own_keys(c.await.unwrap(), &[3]);
+        let mut seen: Vec<(String, Option<String>, Vec<u8>)> = fake
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|((t, p), ids)| (t.to_string(), p.as_ref().map(|p| p.to_string()), ids.clone()))
+            .collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                ("derm".into(), None, vec![2]),
+                ("onc".into(), None, vec![1]),
+                ("onc".into(), Some("treatment".into()), vec![3]),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_call_fails_each_request_in_it_and_the_line_goes_on() {
+        let fake = Arc::new(Fake::default());
+        let u = Unwrapper::new(fake.clone(), 100);
+        fake.fail.store(true, Ordering::Relaxed);
+        let [a, b] = fill_both_slots(&u, &fake).await;
+        let c = request(&u, "onc", None, &[3]);
+        let d = request(&u, "onc", None, &[4]);
+        until(|| u.waiting() == 2).await;
+        fake.gate.add_permits(100);
+        for handle in [a, b, c, d] {
+            let e = handle.await.unwrap().err();
+            assert!(matches!(e, Some(KsError::Unavailable(ref m)) if m == "down"), "{e:?}");
+        }
+        assert_eq!(fake.calls().len(), 3, "c and d shared the failed call");
+        fake.fail.store(false, Ordering::Relaxed);
+        assert_own_keys(request(&u, "onc", None, &[5]).await.unwrap(), &[5]);
+        until(|| u.open_lines() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn a_request_that_has_gone_is_not_sent() {
+        let fake = Arc::new(Fake::default());
+        let u = Unwrapper::new(fake.clone(), 100);
+        let [a, b] = fill_both_slots(&u, &fake).await;
+        let gone = request(&u, "onc", None, &[3]);
+        let d = request(&u, "onc", None, &[4]);
+        until(|| u.waiting() == 2).await;
+        gone.abort();
+        assert!(gone.await.is_err_and(|e| e.is_cancelled()));
+        fake.gate.add_permits(100);
+        for handle in [a, b] {
+            assert!(handle.await.unwrap().is_ok());
+        }
+        assert_own_keys(d.await.unwrap(), &[4]);
+        assert_eq!(fake.calls(), [vec![1], vec![2], vec![4]]);
+        until(|| u.open_lines() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn an_answer_short_of_its_items_fails_the_requests_it_cannot_serve() {
+        let fake = Arc::new(Fake::default());
+        let u = Unwrapper::new(fake.clone(), 100);
+        let [a, b] = fill_both_slots(&u, &fake).await;
+        let c = request(&u, "onc", None, &[3, 4]);
+        let d = request(&u, "onc", None, &[5, 6]);
+        until(|| u.waiting() == 2).await;
+        fake.short.store(true, Ordering::Relaxed);
+        fake.gate.add_permits(100);
+        for handle in [a, b] {
+            assert!(matches!(handle.await.unwrap(), Err(KsError::Decode(_))));
+        }
+        // The shared call answered 3 of 4: c is whole, d is refused, not padded.
+        assert_own_keys(c.await.unwrap(), &[3, 4]);
+        assert!(matches!(d.await.unwrap(), Err(KsError::Decode(_))));
+    }
+}
