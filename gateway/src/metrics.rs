@@ -62,6 +62,10 @@ pub struct Metrics {
     pub dek_unwrap_calls: Gauge<u64, AtomicU64>,
     /// Sidecar: requests whose cache misses those calls carried.
     pub dek_unwrap_requests: Gauge<u64, AtomicU64>,
+    /// Sidecar: rewrap calls made to the key service.
+    pub dek_rewrap_calls: Gauge<u64, AtomicU64>,
+    /// Sidecar: rewrap requests those calls carried.
+    pub dek_rewrap_requests: Gauge<u64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -80,7 +84,8 @@ impl Default for Metrics {
             Gauge::default(),
             Gauge::default(),
         );
-        let (dek_unwrap_calls, dek_unwrap_requests) = (Gauge::default(), Gauge::default());
+        let (dek_unwrap_calls, dek_unwrap_requests, dek_rewrap_calls, dek_rewrap_requests) =
+            (Gauge::default(), Gauge::default(), Gauge::default(), Gauge::default());
 
         let mut registry = Registry::with_prefix("keygate");
         registry.register("requests", "API requests by route and status", requests.clone());
@@ -131,6 +136,16 @@ impl Default for Metrics {
             "Requests whose cache misses were unwrapped; above the calls when calls were shared (sidecar)",
             dek_unwrap_requests.clone(),
         );
+        registry.register(
+            "dek_rewrap_calls",
+            "Rewrap calls to the key service (sidecar)",
+            dek_rewrap_calls.clone(),
+        );
+        registry.register(
+            "dek_rewrap_requests",
+            "Rewrap requests; above the calls when calls were shared (sidecar)",
+            dek_rewrap_requests.clone(),
+        );
         Self {
             registry,
             requests,
@@ -149,6 +164,8 @@ impl Default for Metrics {
             audit_pending,
             dek_unwrap_calls,
             dek_unwrap_requests,
+            dek_rewrap_calls,
+            dek_rewrap_requests,
         }
     }
 }

@@ -73,7 +73,9 @@ pub struct KeyServiceConfig {
     pub cert: PathBuf,
     /// Its private key.
     pub key: PathBuf,
-    /// Timeout of each call, in milliseconds.
+    /// Timeout of each call, in milliseconds. A decrypt whose unwrap waits
+    /// for a call already out (calls are shared, see `sidecar::shared_calls`)
+    /// may wait up to twice this.
     #[serde(default = "default_call_timeout_ms")]
     pub timeout_ms: u64,
 }

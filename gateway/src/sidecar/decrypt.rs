@@ -183,7 +183,7 @@ pub(super) async fn decrypt(
 
 /// Each record's DEK and whether it came from the cache: cache first, then
 /// the misses of each tenant in one unwrap (a call this request may share
-/// with others: [`super::unwrapper`]).
+/// with others: [`super::shared_calls`]).
 async fn deks(
     s: &SidecarState,
     parsed: &[EncryptedText<'_>],
@@ -211,11 +211,11 @@ async fn deks(
             .map(super::handlers::dek_request)
             .collect();
         let unwrapped = s
-            .unwrapper
-            .unwrap(&tenant, items.clone(), purpose)
+            .unwraps
+            .call(&tenant, items.clone(), purpose)
             .await
             .map_err(|e| s.tenant_error(&tenant, e))?;
-        s.note_active(&tenant, unwrapped.active_version);
+        s.note_active(&tenant, unwrapped.common);
         let mut fresh = Vec::with_capacity(items.len());
         for ((i, item), result) in indices.iter().zip(&items).zip(unwrapped.results) {
             let key = Arc::new(result.map_err(|code| s.dek_error(&tenant, &code))?);

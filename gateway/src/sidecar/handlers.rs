@@ -188,8 +188,8 @@ pub(super) async fn rewrap(State(s): Shared, body: ApiBody) -> Result<SecretJson
         let items: Vec<DekRequest> =
             indices.iter().filter_map(|i| parsed.get(*i)).map(dek_request).collect();
         let results =
-            s.client.rewrap(&tenant, &items).await.map_err(|e| s.tenant_error(&tenant, e))?;
-        for (i, result) in indices.iter().zip(results) {
+            s.rewraps.call(&tenant, items, None).await.map_err(|e| s.tenant_error(&tenant, e))?;
+        for (i, result) in indices.iter().zip(results.results) {
             let moved = result.map_err(|code| s.dek_error(&tenant, &code))?;
             s.note_active(&tenant, moved.kek_version);
             if let Some(slot) = new_parts.get_mut(*i) {

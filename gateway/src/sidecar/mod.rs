@@ -21,8 +21,8 @@ mod pool;
 mod report;
 mod reporter;
 mod run;
+mod shared_calls;
 mod state;
-mod unwrapper;
 
 pub use self::config::SidecarConfig;
 pub(crate) use self::openapi::document as openapi_document;

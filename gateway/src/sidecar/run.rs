@@ -22,8 +22,8 @@ use super::ks_client::KeyServiceClient;
 use super::listener::{AppListener, serve};
 use super::pool::DekPool;
 use super::reporter::Reporter;
+use super::shared_calls::{Rewraps, SharedCalls, Unwraps};
 use super::state::SidecarState;
-use super::unwrapper::Unwrapper;
 use crate::error::ApiError;
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
 
@@ -77,8 +77,8 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
         cache: DekCache::new(ttl, config.cache.max_entries),
         keyring: Keyring::new(client.clone(), ttl),
         reporter: reporter.clone(),
-        unwrapper: Unwrapper::new(client.clone(), config.limits.max_records),
-        client,
+        unwraps: SharedCalls::new(Unwraps(client.clone()), config.limits.max_records),
+        rewraps: SharedCalls::new(Rewraps(client), config.limits.max_records),
         limits: config.limits.clone(),
         token,
         metrics: Metrics::default(),
@@ -247,9 +247,12 @@ pub(super) async fn metrics(State(s): State<Arc<SidecarState>>) -> Response {
     m.dek_cache_entries.set(u64::try_from(entries).unwrap_or(u64::MAX));
     m.dek_pool_size.set(u64::try_from(s.pool.evict_expired()).unwrap_or(u64::MAX));
     m.audit_pending.set(u64::try_from(s.reporter.pending()).unwrap_or(u64::MAX));
-    let (calls, requests) = s.unwrapper.stats();
+    let (calls, requests) = s.unwraps.stats();
     m.dek_unwrap_calls.set(calls);
     m.dek_unwrap_requests.set(requests);
+    let (calls, requests) = s.rewraps.stats();
+    m.dek_rewrap_calls.set(calls);
+    m.dek_rewrap_requests.set(requests);
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         m.encode(),

@@ -12,10 +12,10 @@ use super::api::one_or_many;
 use super::cache::DekCache;
 use super::config::SidecarLimits;
 use super::keyring::Keyring;
-use super::ks_client::{KeyServiceClient, KsError};
+use super::ks_client::KsError;
 use super::pool::DekPool;
 use super::reporter::Reporter;
-use super::unwrapper::Unwrapper;
+use super::shared_calls::{Rewraps, SharedCalls, Unwraps};
 use crate::error::ApiError;
 use crate::extract::ApiBody;
 use crate::metrics::Metrics;
@@ -23,9 +23,10 @@ use crate::metrics::Metrics;
 /// Everything a sidecar handler needs.
 pub(super) struct SidecarState {
     pub(super) schemas: SchemaSet,
-    pub(super) client: Arc<KeyServiceClient>,
     /// DEK unwraps, calls shared between concurrent requests.
-    pub(super) unwrapper: Unwrapper,
+    pub(super) unwraps: SharedCalls<Unwraps>,
+    /// DEK rewraps, likewise.
+    pub(super) rewraps: SharedCalls<Rewraps>,
     pub(super) pool: Arc<DekPool>,
     pub(super) cache: DekCache,
     pub(super) keyring: Keyring,

@@ -1,18 +1,21 @@
-//! Unwrap calls shared by concurrent requests.
+//! Key service calls shared by concurrent requests: unwraps and rewraps.
 //!
 //! Every DEK the cache does not hold is unwrapped by the key service, and
-//! each call costs the key service a fixed amount on top of its DEKs: TLS
-//! and HTTP/2 framing, dispatch, and one audit event in a durable group
-//! commit — about as much CPU as a hundred DEKs (docs/performance.md, 32).
-//! So calls for one tenant and purpose do not pile up side by side: while
+//! every record rewrapped is a DEK moved by it. Each call costs the key
+//! service a fixed amount on top of its DEKs: TLS and HTTP/2 framing,
+//! dispatch, and one audit event in a durable group commit — about as much
+//! CPU as a hundred DEKs (docs/performance.md, 32). So calls of one kind
+//! for one tenant and purpose do not pile up side by side: while
 //! [`IN_FLIGHT`] of them are out, the items of later requests wait here and
 //! leave together in the next call, up to the sidecar's own limit of records
 //! per request (which the key service must already accept in one call).
 //! Each request gets back exactly its own results. A request that finds a
 //! call slot free is sent at once: nothing waits on a timer, so a lone
-//! request is never slower for this.
+//! request is never slower for this. One that waits may wait for a call
+//! out before its own, so with a key service that does not answer it fails
+//! after up to twice `key_service.timeout_ms`.
 //!
-//! What the key service sees is unchanged in kind: one unwrap call by this
+//! What the key service sees is unchanged in kind: one call by this
 //! sidecar's identity for a tenant and purpose, audited with every record
 //! key id it carries. The sidecar's own field-level events still say which
 //! application request read which record.
@@ -22,78 +25,116 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use kms_core::{DekRequest, Key256, Name, TenantId};
+use kms_core::{DekRequest, KekVersion, Key256, Name, Rewrapped, TenantId};
 use tokio::sync::oneshot;
 
 use super::ks_client::{KeyServiceClient, KsError, Unwrapped};
 
-/// What makes the calls: the key service client (a fake in tests).
-pub(super) trait UnwrapCall: Send + Sync + 'static {
-    /// One unwrap call for `items` of `tenant`.
+/// A batch call to the key service that requests may share.
+pub(super) trait BatchCall: Send + Sync + 'static {
+    /// What one item gives back.
+    type Item: Send + 'static;
+    /// What the whole answer gives besides its items (every request in the
+    /// call gets a copy).
+    type Common: Copy + Send + 'static;
+
+    /// One call for `items` of `tenant`: one result per item, in order.
     fn call(
         &self,
         tenant: &TenantId,
         items: &[DekRequest],
         purpose: Option<&Name>,
-    ) -> impl Future<Output = Result<Unwrapped, KsError>> + Send;
+    ) -> impl Future<Output = Result<Batch<Self::Common, Self::Item>, KsError>> + Send;
 }
 
-impl UnwrapCall for KeyServiceClient {
-    fn call(
+/// A call's answer: what it says for all, and one result per item.
+pub(super) struct Batch<C, T> {
+    /// For unwraps, the tenant's active KEK version.
+    pub(super) common: C,
+    /// One per item, in order.
+    pub(super) results: Vec<T>,
+}
+
+/// `POST /v1/tenants/{t}/datakeys/unwrap`: each item's DEK or error code,
+/// and the active KEK version.
+pub(super) struct Unwraps(pub(super) Arc<KeyServiceClient>);
+
+impl BatchCall for Unwraps {
+    type Item = Result<Key256, String>;
+    type Common = KekVersion;
+
+    async fn call(
         &self,
         tenant: &TenantId,
         items: &[DekRequest],
         purpose: Option<&Name>,
-    ) -> impl Future<Output = Result<Unwrapped, KsError>> + Send {
-        self.unwrap(tenant, items, purpose)
+    ) -> Result<Batch<KekVersion, Self::Item>, KsError> {
+        let Unwrapped { active_version, results } = self.0.unwrap(tenant, items, purpose).await?;
+        Ok(Batch { common: active_version, results })
     }
 }
 
-/// Calls for one tenant and purpose out at once. Two let the key service
-/// group-commit one call's audit event while it reads the next, and each
-/// call collects what arrived during the previous one.
+/// `POST /v1/tenants/{t}/datakeys/rewrap`: each item's DEK moved to the
+/// active KEK version, or its error code. No purpose: none is sent.
+pub(super) struct Rewraps(pub(super) Arc<KeyServiceClient>);
+
+impl BatchCall for Rewraps {
+    type Item = Result<Rewrapped, String>;
+    type Common = ();
+
+    async fn call(
+        &self,
+        tenant: &TenantId,
+        items: &[DekRequest],
+        _purpose: Option<&Name>,
+    ) -> Result<Batch<(), Self::Item>, KsError> {
+        Ok(Batch { common: (), results: self.0.rewrap(tenant, items).await? })
+    }
+}
+
+/// Calls of one kind for one tenant and purpose out at once. Two let the
+/// key service group-commit one call's audit event while it reads the
+/// next, and each call collects what arrived during the previous one.
 const IN_FLIGHT: usize = 2;
 
-/// The results of one request's items, in order, and the tenant's active
-/// KEK version as the call's answer gave it.
-type Answer = Result<Unwrapped, KsError>;
+/// One request's share of a call's answer, or why the call failed.
+type Answer<C> = Result<Batch<<C as BatchCall>::Common, <C as BatchCall>::Item>, KsError>;
 
 /// One request's items, waiting for a call.
-struct Waiter {
+struct Waiter<C: BatchCall> {
     items: Vec<DekRequest>,
-    answer: oneshot::Sender<Answer>,
+    answer: oneshot::Sender<Answer<C>>,
 }
 
 /// The calls of one tenant and purpose.
-#[derive(Default)]
-struct Line {
+struct Line<C: BatchCall> {
     calls: usize,
-    waiting: Vec<Waiter>,
+    waiting: Vec<Waiter<C>>,
 }
 
 type LineKey = (TenantId, Option<Name>);
 
-struct Inner<C> {
-    client: Arc<C>,
+struct Inner<C: BatchCall> {
+    client: C,
     max_items: usize,
-    lines: Mutex<HashMap<LineKey, Line>>,
+    lines: Mutex<HashMap<LineKey, Line<C>>>,
     calls: AtomicU64,
     requests: AtomicU64,
 }
 
-impl<C> Inner<C> {
-    fn lines(&self) -> MutexGuard<'_, HashMap<LineKey, Line>> {
+impl<C: BatchCall> Inner<C> {
+    fn lines(&self) -> MutexGuard<'_, HashMap<LineKey, Line<C>>> {
         self.lines.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-/// Unwraps DEKs for requests, sharing calls between them.
-pub(super) struct Unwrapper<C = KeyServiceClient>(Arc<Inner<C>>);
+/// Makes calls of one kind for requests, sharing them between requests.
+pub(super) struct SharedCalls<C: BatchCall>(Arc<Inner<C>>);
 
-impl<C: UnwrapCall> Unwrapper<C> {
-    /// Calls through `client`, at most `max_items` DEKs per call (a request
+impl<C: BatchCall> SharedCalls<C> {
+    /// Calls through `client`, at most `max_items` items per call (a request
     /// with more goes alone).
-    pub(super) fn new(client: Arc<C>, max_items: usize) -> Self {
+    pub(super) fn new(client: C, max_items: usize) -> Self {
         Self(Arc::new(Inner {
             client,
             max_items: max_items.max(1),
@@ -109,19 +150,20 @@ impl<C: UnwrapCall> Unwrapper<C> {
         (self.0.calls.load(Ordering::Relaxed), self.0.requests.load(Ordering::Relaxed))
     }
 
-    /// Unwraps `items` of `tenant` for `purpose`: one result per item, in
+    /// Sends `items` of `tenant` for `purpose`: one result per item, in
     /// order, as if this request had made the call alone.
-    pub(super) async fn unwrap(
+    pub(super) async fn call(
         &self,
         tenant: &TenantId,
         items: Vec<DekRequest>,
         purpose: Option<&Name>,
-    ) -> Answer {
+    ) -> Answer<C> {
         let (answer, result) = oneshot::channel();
         let key = (tenant.clone(), purpose.cloned());
         let start = {
             let mut lines = self.0.lines();
-            let line = lines.entry(key.clone()).or_default();
+            let line =
+                lines.entry(key.clone()).or_insert_with(|| Line { calls: 0, waiting: Vec::new() });
             line.waiting.push(Waiter { items, answer });
             let start = line.calls < IN_FLIGHT;
             if start {
@@ -135,7 +177,9 @@ impl<C: UnwrapCall> Unwrapper<C> {
         }
         // A dropped sender means the driving task died (a panic, or the
         // runtime stopping): fail closed, like a lost connection.
-        result.await.unwrap_or_else(|_| Err(KsError::Unavailable("unwrap call abandoned".into())))
+        result
+            .await
+            .unwrap_or_else(|_| Err(KsError::Unavailable("key service call abandoned".into())))
     }
 }
 
@@ -143,13 +187,13 @@ impl<C: UnwrapCall> Unwrapper<C> {
 /// without being released (the task panicked or was cancelled), it still
 /// gives the slot back; if no other call is out, the line's waiters are
 /// dropped with it and their requests fail closed rather than hang.
-struct Slot<C> {
+struct Slot<C: BatchCall> {
     inner: Arc<Inner<C>>,
     key: LineKey,
     held: bool,
 }
 
-impl<C: UnwrapCall> Slot<C> {
+impl<C: BatchCall> Slot<C> {
     /// Sends what waits on the line, call after call, until nothing does.
     async fn drive(mut self) {
         while let Some(batch) = self.next_batch() {
@@ -164,10 +208,10 @@ impl<C: UnwrapCall> Slot<C> {
     }
 
     /// The waiters of the next call (oldest first, whole requests, at most
-    /// `max_items` DEKs unless one request alone has more), or `None` after
+    /// `max_items` items unless one request alone has more), or `None` after
     /// giving the slot back when nothing waits. Waiters whose request has
     /// gone are dropped unsent.
-    fn next_batch(&mut self) -> Option<Vec<Waiter>> {
+    fn next_batch(&mut self) -> Option<Vec<Waiter<C>>> {
         let mut lines = self.inner.lines();
         let line = lines.get_mut(&self.key)?;
         line.waiting.retain(|w| !w.answer.is_closed());
@@ -192,7 +236,7 @@ impl<C: UnwrapCall> Slot<C> {
     }
 }
 
-impl<C> Drop for Slot<C> {
+impl<C: BatchCall> Drop for Slot<C> {
     fn drop(&mut self) {
         if !self.held {
             return;
@@ -208,18 +252,17 @@ impl<C> Drop for Slot<C> {
 }
 
 /// Splits a shared call's answer between its waiters, in order.
-fn hand_out(batch: Vec<Waiter>, answer: Answer) {
+fn hand_out<C: BatchCall>(batch: Vec<Waiter<C>>, answer: Answer<C>) {
     match answer {
-        Ok(Unwrapped { active_version, results }) => {
+        Ok(Batch { common, results }) => {
             let mut results = results.into_iter();
             for waiter in batch {
-                let own: Vec<Result<Key256, String>> =
-                    results.by_ref().take(waiter.items.len()).collect();
+                let own: Vec<C::Item> = results.by_ref().take(waiter.items.len()).collect();
                 // The client checked the count; a short answer is refused, not padded.
                 let answer = if own.len() == waiter.items.len() {
-                    Ok(Unwrapped { active_version, results: own })
+                    Ok(Batch { common, results: own })
                 } else {
-                    Err(KsError::Decode("unwrap: fewer results than items".into()))
+                    Err(KsError::Decode("fewer results than items".into()))
                 };
                 // A request that has gone no longer wants its keys.
                 let _ = waiter.answer.send(answer);
@@ -266,13 +309,16 @@ mod tests {
         }
     }
 
-    impl UnwrapCall for Fake {
+    impl BatchCall for Arc<Fake> {
+        type Item = Result<Key256, String>;
+        type Common = KekVersion;
+
         async fn call(
             &self,
             tenant: &TenantId,
             items: &[DekRequest],
             purpose: Option<&Name>,
-        ) -> Result<Unwrapped, KsError> {
+        ) -> Result<Batch<KekVersion, Self::Item>, KsError> {
             let ids: Vec<u8> = items.iter().map(|i| i.record_key_id.as_bytes()[0]).collect();
             self.calls.lock().unwrap().push(((tenant.clone(), purpose.cloned()), ids.clone()));
             self.gate.acquire().await.unwrap().forget();
@@ -282,7 +328,7 @@ mod tests {
             let keep = ids.len() - usize::from(self.short.load(Ordering::Relaxed));
             let results =
                 ids.iter().take(keep).map(|b| Ok(Key256::from_array(&mut [*b; 32]))).collect();
-            Ok(Unwrapped { active_version: 3, results })
+            Ok(Batch { common: 3, results })
         }
     }
 
@@ -306,7 +352,10 @@ mod tests {
         TenantId::new(name).unwrap()
     }
 
-    impl<C> Unwrapper<C> {
+    type Answer = super::Answer<Arc<Fake>>;
+    type Unwrapper = SharedCalls<Arc<Fake>>;
+
+    impl<C: BatchCall> SharedCalls<C> {
         fn waiting(&self) -> usize {
             self.0.lines().values().map(|l| l.waiting.len()).sum()
         }
@@ -316,7 +365,7 @@ mod tests {
         }
     }
 
-    impl<C> Clone for Unwrapper<C> {
+    impl<C: BatchCall> Clone for SharedCalls<C> {
         fn clone(&self) -> Self {
             Self(self.0.clone())
         }
@@ -324,14 +373,14 @@ mod tests {
 
     /// A request of `ids` for `tenant` and `purpose`, running.
     fn request(
-        u: &Unwrapper<Fake>,
+        u: &Unwrapper,
         tenant: &str,
         purpose: Option<&str>,
         ids: &[u8],
     ) -> JoinHandle<Answer> {
         let (u, tenant, items) = (u.clone(), self::tenant(tenant), items(ids));
         let purpose = purpose.map(|p| Name::new(p).unwrap());
-        tokio::spawn(async move { u.unwrap(&tenant, items, purpose.as_ref()).await })
+        tokio::spawn(async move { u.call(&tenant, items, purpose.as_ref()).await })
     }
 
     /// Waits (up to 5 s) until `done` holds.
@@ -348,7 +397,7 @@ mod tests {
     /// Each result is the DEK of its own item, in order.
     fn assert_own_keys(answer: Answer, ids: &[u8]) {
         let answer = answer.unwrap();
-        assert_eq!(answer.active_version, 3);
+        assert_eq!(answer.common, 3);
         let keys: Vec<u8> =
             answer.results.iter().map(|r| r.as_ref().unwrap().expose_secret()[0]).collect();
         assert_eq!(keys, ids);
@@ -356,7 +405,7 @@ mod tests {
 
     /// Starts two requests and waits until both calls are out (blocked
     /// at the gate), so that what comes next has to wait.
-    async fn fill_both_slots(u: &Unwrapper<Fake>, fake: &Fake) -> [JoinHandle<Answer>; 2] {
+    async fn fill_both_slots(u: &Unwrapper, fake: &Fake) -> [JoinHandle<Answer>; 2] {
         let first = request(u, "onc", None, &[1]);
         until(|| fake.calls().len() == 1).await;
         let second = request(u, "onc", None, &[2]);
@@ -367,7 +416,7 @@ mod tests {
     #[tokio::test]
     async fn waiting_requests_share_the_next_call_and_each_gets_its_own_keys() {
         let fake = Arc::new(Fake::default());
-        let u = Unwrapper::new(fake.clone(), 100);
+        let u = SharedCalls::new(fake.clone(), 100);
         let [a, b] = fill_both_slots(&u, &fake).await;
         let c = request(&u, "onc", None, &[3, 4]);
         let d = request(&u, "onc", None, &[5]);
@@ -394,7 +443,7 @@ mod tests {
     #[tokio::test]
     async fn a_call_carries_at_most_max_items_and_a_larger_request_goes_alone() {
         let fake = Arc::new(Fake::default());
-        let u = Unwrapper::new(fake.clone(), 4);
+        let u = SharedCalls::new(fake.clone(), 4);
         let [a, b] = fill_both_slots(&u, &fake).await;
         let queued = [
             (request(&u, "onc", None, &[3, 4, 5]), vec![3, 4, 5]),
@@ -426,7 +475,7 @@ mod tests {
     #[tokio::test]
     async fn tenants_and_purposes_have_calls_of_their_own() {
         let fake = Arc::new(Fake::default());
-        let u = Unwrapper::new(fake.clone(), 100);
+        let u = SharedCalls::new(fake.clone(), 100);
         let a = request(&u, "onc", None, &[1]);
         let b = request(&u, "derm", None, &[2]);
         let c = request(&u, "onc", Some("treatment"), &[3]);
@@ -457,7 +506,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_call_fails_each_request_in_it_and_the_line_goes_on() {
         let fake = Arc::new(Fake::default());
-        let u = Unwrapper::new(fake.clone(), 100);
+        let u = SharedCalls::new(fake.clone(), 100);
         fake.fail.store(true, Ordering::Relaxed);
         let [a, b] = fill_both_slots(&u, &fake).await;
         let c = request(&u, "onc", None, &[3]);
@@ -477,7 +526,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_that_has_gone_is_not_sent() {
         let fake = Arc::new(Fake::default());
-        let u = Unwrapper::new(fake.clone(), 100);
+        let u = SharedCalls::new(fake.clone(), 100);
         let [a, b] = fill_both_slots(&u, &fake).await;
         let gone = request(&u, "onc", None, &[3]);
         let d = request(&u, "onc", None, &[4]);
@@ -496,7 +545,7 @@ mod tests {
     #[tokio::test]
     async fn an_answer_short_of_its_items_fails_the_requests_it_cannot_serve() {
         let fake = Arc::new(Fake::default());
-        let u = Unwrapper::new(fake.clone(), 100);
+        let u = SharedCalls::new(fake.clone(), 100);
         let [a, b] = fill_both_slots(&u, &fake).await;
         let c = request(&u, "onc", None, &[3, 4]);
         let d = request(&u, "onc", None, &[5, 6]);
