@@ -133,7 +133,7 @@ impl Default for Metrics {
         );
         registry.register(
             "dek_unwrap_requests",
-            "Requests whose cache misses were unwrapped; above the calls when calls were shared (sidecar)",
+            "Requests (per tenant) whose cache misses were unwrapped; above the calls when calls were shared (sidecar)",
             dek_unwrap_requests.clone(),
         );
         registry.register(
@@ -143,7 +143,7 @@ impl Default for Metrics {
         );
         registry.register(
             "dek_rewrap_requests",
-            "Rewrap requests; above the calls when calls were shared (sidecar)",
+            "Rewrap requests (per tenant); above the calls when calls were shared (sidecar)",
             dek_rewrap_requests.clone(),
         );
         Self {

@@ -452,7 +452,7 @@ fn gauge(metrics: &str, name: &str) -> u64 {
 /// gets its own record back, each unwrap is audited once under the purpose
 /// it was made for, and the metrics count calls and requests.
 #[tokio::test(flavor = "multi_thread")]
-async fn concurrent_cold_decrypts_share_unwrap_calls_and_each_gets_its_own_record() {
+async fn concurrent_cold_decrypts_each_get_their_own_record_and_every_unwrap_is_audited() {
     let dir = tempfile::tempdir().unwrap();
     let (ks, warm) = stack(dir.path(), "").await;
     let cold =
@@ -514,7 +514,7 @@ async fn concurrent_cold_decrypts_share_unwrap_calls_and_each_gets_its_own_recor
 /// request still gets its own record back, moved to the new version and
 /// decrypting to what was written.
 #[tokio::test(flavor = "multi_thread")]
-async fn concurrent_rewraps_share_calls_and_each_gets_its_own_record() {
+async fn concurrent_rewraps_each_get_their_own_record() {
     let dir = tempfile::tempdir().unwrap();
     let (ks, sc) = stack(dir.path(), "").await;
     let n = 32;

@@ -73,9 +73,10 @@ pub struct KeyServiceConfig {
     pub cert: PathBuf,
     /// Its private key.
     pub key: PathBuf,
-    /// Timeout of each call, in milliseconds. A decrypt whose unwrap waits
-    /// for a call already out (calls are shared, see `sidecar::shared_calls`)
-    /// may wait up to twice this.
+    /// Timeout of each call, in milliseconds. Unwrap and rewrap calls are
+    /// shared between concurrent requests (`sidecar::shared_calls`): a
+    /// request that waits for a call ahead of its own gives up after
+    /// `2 × (replicas + 1) ×` this.
     #[serde(default = "default_call_timeout_ms")]
     pub timeout_ms: u64,
 }

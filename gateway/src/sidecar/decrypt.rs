@@ -212,14 +212,16 @@ async fn deks(
             .collect();
         let unwrapped = s
             .unwraps
-            .call(&tenant, items.clone(), purpose)
+            .call(&tenant, items, purpose)
             .await
             .map_err(|e| s.tenant_error(&tenant, e))?;
         s.note_active(&tenant, unwrapped.common);
-        let mut fresh = Vec::with_capacity(items.len());
-        for ((i, item), result) in indices.iter().zip(&items).zip(unwrapped.results) {
+        let mut fresh = Vec::with_capacity(indices.len());
+        for (i, result) in indices.iter().zip(unwrapped.results) {
             let key = Arc::new(result.map_err(|code| s.dek_error(&tenant, &code))?);
-            fresh.push((item.record_key_id, item.kek_version, key.clone()));
+            if let Some(header) = parsed.get(*i).map(EncryptedText::header) {
+                fresh.push((*header.record_key_id(), header.kek_version(), key.clone()));
+            }
             if let Some(slot) = deks.get_mut(*i) {
                 *slot = Some((key, false));
             }

@@ -7,23 +7,31 @@
 //! CPU as a hundred DEKs (docs/performance.md, 32). So calls of one kind
 //! for one tenant and purpose do not pile up side by side: while
 //! [`IN_FLIGHT`] of them are out, the items of later requests wait here and
-//! leave together in the next call, up to the sidecar's own limit of records
-//! per request (which the key service must already accept in one call).
+//! leave together in the next call, whole requests up to [`SHARE_UP_TO`]
+//! items (a larger request goes alone, as it would have). A full call's
+//! worth waiting is sent at once whatever is out, so large requests keep
+//! the key service's cores busy in parallel as before.
+//!
 //! Each request gets back exactly its own results. A request that finds a
 //! call slot free is sent at once: nothing waits on a timer, so a lone
-//! request is never slower for this. One that waits may wait for a call
-//! out before its own, so with a key service that does not answer it fails
-//! after up to twice `key_service.timeout_ms`.
+//! request is never slower for this. One that waits gives up after the
+//! time two calls could take ([`SharedCalls::new`]'s `wait_limit`), and is
+//! then not sent. If the key service refuses a shared call as too large
+//! (its `limits.max_batch` below this sidecar's), each request in it is
+//! sent again alone.
 //!
-//! What the key service sees is unchanged in kind: one call by this
-//! sidecar's identity for a tenant and purpose, audited with every record
-//! key id it carries. The sidecar's own field-level events still say which
+//! The key service sees fewer, larger calls by this sidecar's identity for
+//! a tenant and purpose. Each is audited as one `dek.unwrap` (or
+//! `dek.rewrap`) event listing every record key id it unwrapped and, in
+//! `detail.failed`, every one it could not; its outcome is the whole
+//! call's. The sidecar's own field-level events still say which
 //! application request read which record.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use kms_core::{DekRequest, KekVersion, Key256, Name, Rewrapped, TenantId};
 use tokio::sync::oneshot;
@@ -92,10 +100,17 @@ impl BatchCall for Rewraps {
     }
 }
 
-/// Calls of one kind for one tenant and purpose out at once. Two let the
-/// key service group-commit one call's audit event while it reads the
-/// next, and each call collects what arrived during the previous one.
+/// Calls of one kind for one tenant and purpose out at once (more only
+/// when a full call's worth waits). Two let the key service group-commit
+/// one call's audit event while it reads the next, and each call collects
+/// what arrived during the previous one; one left the key service idle
+/// between calls, four shared too little (docs/performance.md, 32).
 const IN_FLIGHT: usize = 2;
+
+/// Items a shared call carries at most: past a few hundred, a call's fixed
+/// cost is small beside its items, and the key service handles one call's
+/// items one after another.
+const SHARE_UP_TO: usize = 256;
 
 /// One request's share of a call's answer, or why the call failed.
 type Answer<C> = Result<Batch<<C as BatchCall>::Common, <C as BatchCall>::Item>, KsError>;
@@ -108,8 +123,14 @@ struct Waiter<C: BatchCall> {
 
 /// The calls of one tenant and purpose.
 struct Line<C: BatchCall> {
-    calls: usize,
+    in_flight: usize,
     waiting: Vec<Waiter<C>>,
+}
+
+impl<C: BatchCall> Line<C> {
+    fn waiting_items(&self) -> usize {
+        self.waiting.iter().map(|w| w.items.len()).sum()
+    }
 }
 
 type LineKey = (TenantId, Option<Name>);
@@ -117,6 +138,7 @@ type LineKey = (TenantId, Option<Name>);
 struct Inner<C: BatchCall> {
     client: C,
     max_items: usize,
+    wait_limit: Duration,
     lines: Mutex<HashMap<LineKey, Line<C>>>,
     calls: AtomicU64,
     requests: AtomicU64,
@@ -132,12 +154,14 @@ impl<C: BatchCall> Inner<C> {
 pub(super) struct SharedCalls<C: BatchCall>(Arc<Inner<C>>);
 
 impl<C: BatchCall> SharedCalls<C> {
-    /// Calls through `client`, at most `max_items` items per call (a request
-    /// with more goes alone).
-    pub(super) fn new(client: C, max_items: usize) -> Self {
+    /// Calls through `client`, sharing calls up to `max_items` items
+    /// (capped at [`SHARE_UP_TO`]; a request with more goes alone). A
+    /// request waits at most `wait_limit` for its answer.
+    pub(super) fn new(client: C, max_items: usize, wait_limit: Duration) -> Self {
         Self(Arc::new(Inner {
             client,
-            max_items: max_items.max(1),
+            max_items: max_items.clamp(1, SHARE_UP_TO),
+            wait_limit,
             lines: Mutex::default(),
             calls: AtomicU64::new(0),
             requests: AtomicU64::new(0),
@@ -162,12 +186,13 @@ impl<C: BatchCall> SharedCalls<C> {
         let key = (tenant.clone(), purpose.cloned());
         let start = {
             let mut lines = self.0.lines();
-            let line =
-                lines.entry(key.clone()).or_insert_with(|| Line { calls: 0, waiting: Vec::new() });
+            let line = lines
+                .entry(key.clone())
+                .or_insert_with(|| Line { in_flight: 0, waiting: Vec::new() });
             line.waiting.push(Waiter { items, answer });
-            let start = line.calls < IN_FLIGHT;
+            let start = line.in_flight < IN_FLIGHT || line.waiting_items() >= self.0.max_items;
             if start {
-                line.calls += 1;
+                line.in_flight += 1;
             }
             start
         };
@@ -175,11 +200,18 @@ impl<C: BatchCall> SharedCalls<C> {
             let slot = Slot { inner: self.0.clone(), key, held: true };
             tokio::spawn(slot.drive());
         }
-        // A dropped sender means the driving task died (a panic, or the
-        // runtime stopping): fail closed, like a lost connection.
-        result
-            .await
-            .unwrap_or_else(|_| Err(KsError::Unavailable("key service call abandoned".into())))
+        match tokio::time::timeout(self.0.wait_limit, result).await {
+            Ok(Ok(answer)) => answer,
+            // The driving task died (a panic, or the runtime stopping):
+            // fail closed, like a lost connection.
+            Ok(Err(_)) => Err(KsError::Unavailable("key service call abandoned".into())),
+            // Our receiver is dropped with the timeout: if still waiting,
+            // the items are not sent; if out, their keys are dropped.
+            Err(_) => Err(KsError::Unavailable(format!(
+                "no key service answer within {} ms",
+                self.0.wait_limit.as_millis()
+            ))),
+        }
     }
 }
 
@@ -196,22 +228,35 @@ struct Slot<C: BatchCall> {
 impl<C: BatchCall> Slot<C> {
     /// Sends what waits on the line, call after call, until nothing does.
     async fn drive(mut self) {
-        while let Some(batch) = self.next_batch() {
-            let items: Vec<DekRequest> =
-                batch.iter().flat_map(|w| w.items.iter().copied()).collect();
-            self.inner.calls.fetch_add(1, Ordering::Relaxed);
-            self.inner.requests.fetch_add(batch.len() as u64, Ordering::Relaxed);
-            let (tenant, purpose) = &self.key;
-            let answer = self.inner.client.call(tenant, &items, purpose.as_ref()).await;
-            hand_out(batch, answer);
+        while let Some(riders) = self.next_riders() {
+            match self.send(&riders).await {
+                // The key service takes fewer items per call than this
+                // sidecar shares: each request alone, as it would have gone.
+                Err(KsError::Api { code, .. }) if code == "batch_too_large" && riders.len() > 1 => {
+                    for rider in riders.into_iter().filter(|r| !r.answer.is_closed()) {
+                        let answer = self.send(std::slice::from_ref(&rider)).await;
+                        hand_out(vec![rider], answer);
+                    }
+                }
+                answer => hand_out(riders, answer),
+            }
         }
+    }
+
+    /// One call carrying the items of `riders`, in order.
+    async fn send(&self, riders: &[Waiter<C>]) -> Answer<C> {
+        let items: Vec<DekRequest> = riders.iter().flat_map(|w| w.items.iter().copied()).collect();
+        self.inner.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.requests.fetch_add(riders.len() as u64, Ordering::Relaxed);
+        let (tenant, purpose) = &self.key;
+        self.inner.client.call(tenant, &items, purpose.as_ref()).await
     }
 
     /// The waiters of the next call (oldest first, whole requests, at most
     /// `max_items` items unless one request alone has more), or `None` after
     /// giving the slot back when nothing waits. Waiters whose request has
     /// gone are dropped unsent.
-    fn next_batch(&mut self) -> Option<Vec<Waiter<C>>> {
+    fn next_riders(&mut self) -> Option<Vec<Waiter<C>>> {
         let mut lines = self.inner.lines();
         let line = lines.get_mut(&self.key)?;
         line.waiting.retain(|w| !w.answer.is_closed());
@@ -225,8 +270,8 @@ impl<C: BatchCall> Slot<C> {
             take += 1;
         }
         if take == 0 {
-            line.calls = line.calls.saturating_sub(1);
-            if line.calls == 0 {
+            line.in_flight = line.in_flight.saturating_sub(1);
+            if line.in_flight == 0 {
                 lines.remove(&self.key);
             }
             self.held = false;
@@ -243,20 +288,20 @@ impl<C: BatchCall> Drop for Slot<C> {
         }
         let mut lines = self.inner.lines();
         if let Some(line) = lines.get_mut(&self.key) {
-            line.calls = line.calls.saturating_sub(1);
-            if line.calls == 0 {
+            line.in_flight = line.in_flight.saturating_sub(1);
+            if line.in_flight == 0 {
                 lines.remove(&self.key);
             }
         }
     }
 }
 
-/// Splits a shared call's answer between its waiters, in order.
-fn hand_out<C: BatchCall>(batch: Vec<Waiter<C>>, answer: Answer<C>) {
+/// Splits a shared call's answer between its riders, in order.
+fn hand_out<C: BatchCall>(riders: Vec<Waiter<C>>, answer: Answer<C>) {
     match answer {
         Ok(Batch { common, results }) => {
             let mut results = results.into_iter();
-            for waiter in batch {
+            for waiter in riders {
                 let own: Vec<C::Item> = results.by_ref().take(waiter.items.len()).collect();
                 // The client checked the count; a short answer is refused, not padded.
                 let answer = if own.len() == waiter.items.len() {
@@ -269,7 +314,7 @@ fn hand_out<C: BatchCall>(batch: Vec<Waiter<C>>, answer: Answer<C>) {
             }
         }
         Err(e) => {
-            for waiter in batch {
+            for waiter in riders {
                 let _ = waiter.answer.send(Err(e.clone()));
             }
         }
@@ -278,7 +323,7 @@ fn hand_out<C: BatchCall>(batch: Vec<Waiter<C>>, answer: Answer<C>) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
     use std::time::Duration;
 
     use kms_core::{RecordKeyId, WRAPPED_DEK_LEN, WrappedDek};
@@ -290,12 +335,15 @@ mod tests {
     /// A fake key service. Each call is recorded (the first byte of each
     /// item's id), then waits for a permit of `gate`; each item's DEK is 32
     /// copies of that byte. `fail` refuses whole calls; `short` answers one
-    /// result fewer than asked.
+    /// result fewer than asked; a call of more than `max_batch` items is
+    /// refused as too large; `panic` panics.
     struct Fake {
         gate: Semaphore,
         calls: Mutex<Vec<(LineKey, Vec<u8>)>>,
         fail: AtomicBool,
         short: AtomicBool,
+        max_batch: AtomicUsize,
+        panic: AtomicBool,
     }
 
     impl Default for Fake {
@@ -305,6 +353,8 @@ mod tests {
                 calls: Mutex::default(),
                 fail: AtomicBool::default(),
                 short: AtomicBool::default(),
+                max_batch: AtomicUsize::new(usize::MAX),
+                panic: AtomicBool::default(),
             }
         }
     }
@@ -322,6 +372,15 @@ mod tests {
             let ids: Vec<u8> = items.iter().map(|i| i.record_key_id.as_bytes()[0]).collect();
             self.calls.lock().unwrap().push(((tenant.clone(), purpose.cloned()), ids.clone()));
             self.gate.acquire().await.unwrap().forget();
+            assert!(!self.panic.load(Ordering::Relaxed), "the fake key service panics");
+            if ids.len() > self.max_batch.load(Ordering::Relaxed) {
+                return Err(KsError::Api {
+                    status: 400,
+                    code: "batch_too_large".into(),
+                    message: "too many items".into(),
+                    retry_after: None,
+                });
+            }
             if self.fail.load(Ordering::Relaxed) {
                 return Err(KsError::Unavailable("down".into()));
             }
@@ -353,7 +412,12 @@ mod tests {
     }
 
     type Answer = super::Answer<Arc<Fake>>;
-    type Unwrapper = SharedCalls<Arc<Fake>>;
+    type Shared = SharedCalls<Arc<Fake>>;
+
+    /// Shares calls through `fake`, up to `max_items`; requests wait 10 s.
+    fn shared(fake: &Arc<Fake>, max_items: usize) -> Shared {
+        SharedCalls::new(fake.clone(), max_items, Duration::from_secs(10))
+    }
 
     impl<C: BatchCall> SharedCalls<C> {
         fn waiting(&self) -> usize {
@@ -372,12 +436,7 @@ mod tests {
     }
 
     /// A request of `ids` for `tenant` and `purpose`, running.
-    fn request(
-        u: &Unwrapper,
-        tenant: &str,
-        purpose: Option<&str>,
-        ids: &[u8],
-    ) -> JoinHandle<Answer> {
+    fn request(u: &Shared, tenant: &str, purpose: Option<&str>, ids: &[u8]) -> JoinHandle<Answer> {
         let (u, tenant, items) = (u.clone(), self::tenant(tenant), items(ids));
         let purpose = purpose.map(|p| Name::new(p).unwrap());
         tokio::spawn(async move { u.call(&tenant, items, purpose.as_ref()).await })
@@ -405,7 +464,7 @@ mod tests {
 
     /// Starts two requests and waits until both calls are out (blocked
     /// at the gate), so that what comes next has to wait.
-    async fn fill_both_slots(u: &Unwrapper, fake: &Fake) -> [JoinHandle<Answer>; 2] {
+    async fn fill_both_slots(u: &Shared, fake: &Fake) -> [JoinHandle<Answer>; 2] {
         let first = request(u, "onc", None, &[1]);
         until(|| fake.calls().len() == 1).await;
         let second = request(u, "onc", None, &[2]);
@@ -416,7 +475,7 @@ mod tests {
     #[tokio::test]
     async fn waiting_requests_share_the_next_call_and_each_gets_its_own_keys() {
         let fake = Arc::new(Fake::default());
-        let u = SharedCalls::new(fake.clone(), 100);
+        let u = shared(&fake, 100);
         let [a, b] = fill_both_slots(&u, &fake).await;
         let c = request(&u, "onc", None, &[3, 4]);
         let d = request(&u, "onc", None, &[5]);
@@ -441,41 +500,103 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_call_carries_at_most_max_items_and_a_larger_request_goes_alone() {
+    async fn a_call_carries_at_most_max_items_and_a_full_call_leaves_at_once() {
         let fake = Arc::new(Fake::default());
-        let u = SharedCalls::new(fake.clone(), 4);
+        let u = shared(&fake, 4);
         let [a, b] = fill_both_slots(&u, &fake).await;
-        let queued = [
-            (request(&u, "onc", None, &[3, 4, 5]), vec![3, 4, 5]),
-            (request(&u, "onc", None, &[6, 7]), vec![6, 7]),
-            (request(&u, "onc", None, &[10, 11, 12, 13, 14, 15, 16]), (10..=16).collect()),
-            (request(&u, "onc", None, &[20]), vec![20]),
-        ];
-        until(|| u.waiting() == 4).await;
+        let c = request(&u, "onc", None, &[3, 4, 5]);
+        until(|| u.waiting() == 1).await;
+        assert_eq!(fake.calls().len(), 2, "three items wait for a slot");
+        // Five items wait: a full call's worth leaves although two are out.
+        let d = request(&u, "onc", None, &[6, 7]);
+        until(|| fake.calls().len() == 3).await;
+        // A request above the limit goes alone, and so at once.
+        let e = request(&u, "onc", None, &[10, 11, 12, 13, 14, 15, 16]);
+        let f = request(&u, "onc", None, &[20]);
+        until(|| fake.calls().len() == 5 && u.waiting() == 1).await;
         fake.gate.add_permits(100);
-        assert_own_keys(a.await.unwrap(), &[1]);
-        assert_own_keys(b.await.unwrap(), &[2]);
-        for (handle, ids) in queued {
+        for (handle, ids) in [
+            (a, vec![1]),
+            (b, vec![2]),
+            (c, vec![3, 4, 5]),
+            (d, vec![6, 7]),
+            (e, (10..=16).collect()),
+            (f, vec![20]),
+        ] {
             assert_own_keys(handle.await.unwrap(), &ids);
         }
         let mut calls = fake.calls();
         calls.sort();
-        // [3, 4, 5] and [6, 7] would be five together; [6, 7] and [20] may share.
-        let expected: Vec<Vec<u8>> = vec![vec![1], vec![2], vec![3, 4, 5]];
-        assert_eq!(calls[..3], expected[..]);
-        assert!(calls.contains(&(10..=16).collect()), "{calls:?}");
-        assert!(
-            calls.contains(&vec![6, 7, 20])
-                || (calls.contains(&vec![6, 7]) && calls.contains(&vec![20])),
-            "{calls:?}"
-        );
+        let expected: [Vec<u8>; 6] =
+            [vec![1], vec![2], vec![3, 4, 5], vec![6, 7], (10..=16).collect(), vec![20]];
+        assert_eq!(calls, expected);
         until(|| u.open_lines() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn a_shared_call_refused_as_too_large_is_sent_again_request_by_request() {
+        let fake = Arc::new(Fake::default());
+        fake.max_batch.store(2, Ordering::Relaxed);
+        let u = shared(&fake, 100);
+        let [a, b] = fill_both_slots(&u, &fake).await;
+        let c = request(&u, "onc", None, &[3, 4]);
+        let d = request(&u, "onc", None, &[5]);
+        until(|| u.waiting() == 2).await;
+        fake.gate.add_permits(100);
+        assert_own_keys(a.await.unwrap(), &[1]);
+        assert_own_keys(b.await.unwrap(), &[2]);
+        assert_own_keys(c.await.unwrap(), &[3, 4]);
+        assert_own_keys(d.await.unwrap(), &[5]);
+        assert_eq!(fake.calls(), [vec![1], vec![2], vec![3, 4, 5], vec![3, 4], vec![5]]);
+        // A request too large on its own gets the refusal, as it would have.
+        let e = request(&u, "onc", None, &[6, 7, 8]).await.unwrap();
+        assert!(matches!(e, Err(KsError::Api { status: 400, .. })));
+    }
+
+    #[tokio::test]
+    async fn a_request_gives_up_after_its_wait_limit_and_is_not_sent_later() {
+        let fake = Arc::new(Fake::default());
+        let u = SharedCalls::new(fake.clone(), 100, Duration::from_millis(200));
+        let [a, b] = fill_both_slots(&u, &fake).await;
+        let c = request(&u, "onc", None, &[3]);
+        for handle in [a, b, c] {
+            let e = handle.await.unwrap().err();
+            assert!(
+                matches!(e, Some(KsError::Unavailable(ref m)) if m.contains("within 200 ms")),
+                "{e:?}"
+            );
+        }
+        fake.gate.add_permits(100);
+        until(|| u.open_lines() == 0).await;
+        assert_eq!(fake.calls(), [vec![1], vec![2]], "the request that gave up was not sent");
+        assert_own_keys(request(&u, "onc", None, &[4]).await.unwrap(), &[4]);
+    }
+
+    #[tokio::test]
+    async fn a_call_that_panics_fails_its_requests_closed_and_frees_the_line() {
+        let fake = Arc::new(Fake::default());
+        fake.panic.store(true, Ordering::Relaxed);
+        let u = shared(&fake, 100);
+        let [a, b] = fill_both_slots(&u, &fake).await;
+        let c = request(&u, "onc", None, &[3]);
+        until(|| u.waiting() == 1).await;
+        fake.gate.add_permits(100);
+        for handle in [a, b, c] {
+            let e = handle.await.unwrap().err();
+            assert!(
+                matches!(e, Some(KsError::Unavailable(ref m)) if m == "key service call abandoned"),
+                "{e:?}"
+            );
+        }
+        until(|| u.open_lines() == 0).await;
+        fake.panic.store(false, Ordering::Relaxed);
+        assert_own_keys(request(&u, "onc", None, &[4]).await.unwrap(), &[4]);
     }
 
     #[tokio::test]
     async fn tenants_and_purposes_have_calls_of_their_own() {
         let fake = Arc::new(Fake::default());
-        let u = SharedCalls::new(fake.clone(), 100);
+        let u = shared(&fake, 100);
         let a = request(&u, "onc", None, &[1]);
         let b = request(&u, "derm", None, &[2]);
         let c = request(&u, "onc", Some("treatment"), &[3]);
@@ -506,7 +627,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_call_fails_each_request_in_it_and_the_line_goes_on() {
         let fake = Arc::new(Fake::default());
-        let u = SharedCalls::new(fake.clone(), 100);
+        let u = shared(&fake, 100);
         fake.fail.store(true, Ordering::Relaxed);
         let [a, b] = fill_both_slots(&u, &fake).await;
         let c = request(&u, "onc", None, &[3]);
@@ -526,7 +647,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_that_has_gone_is_not_sent() {
         let fake = Arc::new(Fake::default());
-        let u = SharedCalls::new(fake.clone(), 100);
+        let u = shared(&fake, 100);
         let [a, b] = fill_both_slots(&u, &fake).await;
         let gone = request(&u, "onc", None, &[3]);
         let d = request(&u, "onc", None, &[4]);
@@ -545,7 +666,7 @@ mod tests {
     #[tokio::test]
     async fn an_answer_short_of_its_items_fails_the_requests_it_cannot_serve() {
         let fake = Arc::new(Fake::default());
-        let u = SharedCalls::new(fake.clone(), 100);
+        let u = shared(&fake, 100);
         let [a, b] = fill_both_slots(&u, &fake).await;
         let c = request(&u, "onc", None, &[3, 4]);
         let d = request(&u, "onc", None, &[5, 6]);
