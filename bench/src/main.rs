@@ -51,12 +51,39 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    // On SIGINT or SIGTERM the run is dropped, and with it every process
+    // it started (each stopped and reaped) and their temporary directories;
+    // the default action would leave the stack and OpenBao running.
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            outcome = run(args) => outcome,
+            signal = stop_signal() => Err(crate::error::BenchError(format!(
+                "stopped by {signal}; the processes it started are stopped"
+            ))),
+        }
+    });
+    // The in-process reference runs on blocking threads: not waited for.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("keygate-bench: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The first SIGINT or SIGTERM, by name (never, if they cannot be caught).
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut terminate)) =
+        (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = interrupt.recv() => "SIGINT",
+        _ = terminate.recv() => "SIGTERM",
     }
 }
 

@@ -139,3 +139,81 @@ fn rounds_measure_every_cell_again() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--rounds"));
 }
+
+/// The pids of `parent`'s children (from `/proc/<pid>/stat`).
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // "pid (comm) state ppid ...": comm may hold spaces, so read after its ')'.
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1));
+        if ppid.and_then(|p| p.parse::<u32>().ok()) == Some(parent) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Kills the processes still running among its pids when dropped.
+struct Reap(Vec<u32>);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+            }
+        }
+    }
+}
+
+#[test]
+fn a_run_stopped_by_sigterm_stops_the_stack_it_started() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let keygate = keygate_tests::keyservice::keygate_binary();
+    let mut bench = Command::new(env!("CARGO_BIN_EXE_keygate-bench"))
+        .args(["--quick", "--scenarios", "encrypt", "--batch", "1", "--concurrency", "1"])
+        .args(["--duration", "60", "--warm-records", "100", "--no-in-process", "--keygate"])
+        .arg(&keygate)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The key service and both sidecars.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let stack = loop {
+        let children = children_of(bench.id());
+        if children.len() >= 3 {
+            break children;
+        }
+        assert!(Instant::now() < deadline, "the stack did not start");
+        assert!(bench.try_wait().unwrap().is_none(), "keygate-bench ended early");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Should this test fail, what the bench left behind is killed.
+    let _reap = Reap(stack.clone());
+    std::thread::sleep(Duration::from_millis(500));
+    let status = Command::new("kill").arg("-TERM").arg(bench.id().to_string()).status().unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = bench.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "keygate-bench did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut bench.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(stderr.contains("stopped by SIGTERM"), "{stderr}");
+    for pid in stack {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "process {pid} of the stack is still running"
+        );
+    }
+}
