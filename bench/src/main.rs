@@ -56,10 +56,13 @@ fn main() -> ExitCode {
     // the default action would leave the stack and OpenBao running.
     let outcome = runtime.block_on(async {
         tokio::select! {
-            outcome = run(args) => outcome,
+            // The handlers first, so that they are in place before the
+            // run starts any process.
+            biased;
             signal = stop_signal() => Err(crate::error::BenchError(format!(
                 "stopped by {signal}; the processes it started are stopped"
             ))),
+            outcome = run(args) => outcome,
         }
     });
     // The in-process reference runs on blocking threads: not waited for.

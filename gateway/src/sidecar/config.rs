@@ -76,7 +76,7 @@ pub struct KeyServiceConfig {
     /// Timeout of each call, in milliseconds. Unwrap and rewrap calls are
     /// shared between concurrent requests (`sidecar::shared_calls`): a
     /// request that waits for a call ahead of its own gives up after
-    /// `2 × (replicas + 1) ×` this.
+    /// `4 × replicas ×` this.
     #[serde(default = "default_call_timeout_ms")]
     pub timeout_ms: u64,
 }

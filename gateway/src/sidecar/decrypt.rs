@@ -205,23 +205,22 @@ async fn deks(
         }
     }
     for (tenant, indices) in misses {
-        let items: Vec<DekRequest> = indices
-            .iter()
-            .filter_map(|i| parsed.get(*i))
-            .map(super::handlers::dek_request)
-            .collect();
+        // Each item beside the record it came from, so results cannot shift.
+        let missed: Vec<(usize, &EncryptedText<'_>)> =
+            indices.iter().filter_map(|i| Some((*i, parsed.get(*i)?))).collect();
+        let items: Vec<DekRequest> =
+            missed.iter().map(|(_, r)| super::handlers::dek_request(r)).collect();
         let unwrapped = s
             .unwraps
             .call(&tenant, items, purpose)
             .await
             .map_err(|e| s.tenant_error(&tenant, e))?;
         s.note_active(&tenant, unwrapped.common);
-        let mut fresh = Vec::with_capacity(indices.len());
-        for (i, result) in indices.iter().zip(unwrapped.results) {
+        let mut fresh = Vec::with_capacity(missed.len());
+        for ((i, record), result) in missed.iter().zip(unwrapped.results) {
             let key = Arc::new(result.map_err(|code| s.dek_error(&tenant, &code))?);
-            if let Some(header) = parsed.get(*i).map(EncryptedText::header) {
-                fresh.push((*header.record_key_id(), header.kek_version(), key.clone()));
-            }
+            let header = record.header();
+            fresh.push((*header.record_key_id(), header.kek_version(), key.clone()));
             if let Some(slot) = deks.get_mut(*i) {
                 *slot = Some((key, false));
             }

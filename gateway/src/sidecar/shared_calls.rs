@@ -17,8 +17,9 @@
 //! request is never slower for this. One that waits gives up after the
 //! time two calls could take ([`SharedCalls::new`]'s `wait_limit`), and is
 //! then not sent. If the key service refuses a shared call as too large
-//! (its `limits.max_batch` below this sidecar's), each request in it is
-//! sent again alone.
+//! (its `limits.max_batch` below [`SHARE_UP_TO`]), its requests go back to
+//! the head of the line and calls are shared up to half that size from
+//! then on; a request refused alone gets the refusal, as it would have.
 //!
 //! The key service sees fewer, larger calls by this sidecar's identity for
 //! a tenant and purpose. Each is audited as one `dek.unwrap` (or
@@ -29,7 +30,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -131,13 +132,30 @@ impl<C: BatchCall> Line<C> {
     fn waiting_items(&self) -> usize {
         self.waiting.iter().map(|w| w.items.len()).sum()
     }
+
+    /// The riders of the next call: oldest first, whole requests, at most
+    /// `max_items` items unless the first alone has more. Requests that have
+    /// gone are dropped unsent.
+    fn take_riders(&mut self, max_items: usize) -> Vec<Waiter<C>> {
+        self.waiting.retain(|w| !w.answer.is_closed());
+        let (mut count, mut take) = (0, 0);
+        for waiter in &self.waiting {
+            if take > 0 && count + waiter.items.len() > max_items {
+                break;
+            }
+            count += waiter.items.len();
+            take += 1;
+        }
+        self.waiting.drain(..take).collect()
+    }
 }
 
 type LineKey = (TenantId, Option<Name>);
 
 struct Inner<C: BatchCall> {
     client: C,
-    max_items: usize,
+    /// Lowered when the key service refuses a shared call as too large.
+    max_items: AtomicUsize,
     wait_limit: Duration,
     lines: Mutex<HashMap<LineKey, Line<C>>>,
     calls: AtomicU64,
@@ -160,7 +178,7 @@ impl<C: BatchCall> SharedCalls<C> {
     pub(super) fn new(client: C, max_items: usize, wait_limit: Duration) -> Self {
         Self(Arc::new(Inner {
             client,
-            max_items: max_items.clamp(1, SHARE_UP_TO),
+            max_items: AtomicUsize::new(max_items.clamp(1, SHARE_UP_TO)),
             wait_limit,
             lines: Mutex::default(),
             calls: AtomicU64::new(0),
@@ -184,21 +202,29 @@ impl<C: BatchCall> SharedCalls<C> {
     ) -> Answer<C> {
         let (answer, result) = oneshot::channel();
         let key = (tenant.clone(), purpose.cloned());
+        // A slot is free: its task takes what waits when it runs. A full
+        // call's worth waits beyond the slots: taken now, under the lock
+        // that counted it, so no later arrival counts it again.
         let start = {
+            let max_items = self.0.max_items.load(Ordering::Relaxed);
             let mut lines = self.0.lines();
             let line = lines
                 .entry(key.clone())
                 .or_insert_with(|| Line { in_flight: 0, waiting: Vec::new() });
             line.waiting.push(Waiter { items, answer });
-            let start = line.in_flight < IN_FLIGHT || line.waiting_items() >= self.0.max_items;
-            if start {
+            if line.in_flight < IN_FLIGHT {
                 line.in_flight += 1;
+                Some(Vec::new())
+            } else if line.waiting_items() >= max_items {
+                line.in_flight += 1;
+                Some(line.take_riders(max_items))
+            } else {
+                None
             }
-            start
         };
-        if start {
+        if let Some(first) = start {
             let slot = Slot { inner: self.0.clone(), key, held: true };
-            tokio::spawn(slot.drive());
+            tokio::spawn(slot.drive(first));
         }
         match tokio::time::timeout(self.0.wait_limit, result).await {
             Ok(Ok(answer)) => answer,
@@ -226,50 +252,56 @@ struct Slot<C: BatchCall> {
 }
 
 impl<C: BatchCall> Slot<C> {
-    /// Sends what waits on the line, call after call, until nothing does.
-    async fn drive(mut self) {
-        while let Some(riders) = self.next_riders() {
-            match self.send(&riders).await {
+    /// Sends `first` (if any), then what waits on the line, call after
+    /// call, until nothing does (or, for a slot beyond [`IN_FLIGHT`], until
+    /// less than a full call's worth does).
+    async fn drive(mut self, first: Vec<Waiter<C>>) {
+        let mut riders = first;
+        loop {
+            if riders.is_empty() {
+                match self.next_riders() {
+                    Some(next) => riders = next,
+                    None => return,
+                }
+            }
+            let items: Vec<DekRequest> =
+                riders.iter().flat_map(|w| w.items.iter().copied()).collect();
+            self.inner.calls.fetch_add(1, Ordering::Relaxed);
+            let (tenant, purpose) = &self.key;
+            let answer = self.inner.client.call(tenant, &items, purpose.as_ref()).await;
+            let riders = std::mem::take(&mut riders);
+            match answer {
                 // The key service takes fewer items per call than this
-                // sidecar shares: each request alone, as it would have gone.
+                // sidecar shares: share half as many from now on, and put
+                // these requests back at the head of the line, in order.
                 Err(KsError::Api { code, .. }) if code == "batch_too_large" && riders.len() > 1 => {
-                    for rider in riders.into_iter().filter(|r| !r.answer.is_closed()) {
-                        let answer = self.send(std::slice::from_ref(&rider)).await;
-                        hand_out(vec![rider], answer);
+                    self.inner.max_items.fetch_min((items.len() / 2).max(1), Ordering::Relaxed);
+                    let mut lines = self.inner.lines();
+                    if let Some(line) = lines.get_mut(&self.key) {
+                        line.waiting.splice(..0, riders);
                     }
                 }
-                answer => hand_out(riders, answer),
+                answer => {
+                    self.inner.requests.fetch_add(riders.len() as u64, Ordering::Relaxed);
+                    hand_out(riders, answer);
+                }
             }
         }
     }
 
-    /// One call carrying the items of `riders`, in order.
-    async fn send(&self, riders: &[Waiter<C>]) -> Answer<C> {
-        let items: Vec<DekRequest> = riders.iter().flat_map(|w| w.items.iter().copied()).collect();
-        self.inner.calls.fetch_add(1, Ordering::Relaxed);
-        self.inner.requests.fetch_add(riders.len() as u64, Ordering::Relaxed);
-        let (tenant, purpose) = &self.key;
-        self.inner.client.call(tenant, &items, purpose.as_ref()).await
-    }
-
-    /// The waiters of the next call (oldest first, whole requests, at most
-    /// `max_items` items unless one request alone has more), or `None` after
-    /// giving the slot back when nothing waits. Waiters whose request has
-    /// gone are dropped unsent.
+    /// The riders of the next call, or `None` after giving the slot back
+    /// when nothing waits, or when this slot is an extra one and less than
+    /// a full call's worth waits.
     fn next_riders(&mut self) -> Option<Vec<Waiter<C>>> {
+        let max_items = self.inner.max_items.load(Ordering::Relaxed);
         let mut lines = self.inner.lines();
         let line = lines.get_mut(&self.key)?;
-        line.waiting.retain(|w| !w.answer.is_closed());
-        let mut count = 0;
-        let mut take = 0;
-        for waiter in &line.waiting {
-            if take > 0 && count + waiter.items.len() > self.inner.max_items {
-                break;
-            }
-            count += waiter.items.len();
-            take += 1;
-        }
-        if take == 0 {
+        let riders = if line.in_flight > IN_FLIGHT && line.waiting_items() < max_items {
+            Vec::new()
+        } else {
+            line.take_riders(max_items)
+        };
+        if riders.is_empty() {
             line.in_flight = line.in_flight.saturating_sub(1);
             if line.in_flight == 0 {
                 lines.remove(&self.key);
@@ -277,7 +309,7 @@ impl<C: BatchCall> Slot<C> {
             self.held = false;
             return None;
         }
-        Some(line.waiting.drain(..take).collect())
+        Some(riders)
     }
 }
 
@@ -514,6 +546,9 @@ mod tests {
         let e = request(&u, "onc", None, &[10, 11, 12, 13, 14, 15, 16]);
         let f = request(&u, "onc", None, &[20]);
         until(|| fake.calls().len() == 5 && u.waiting() == 1).await;
+        // One item waiting is not a full call's worth: no sixth call.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(fake.calls().len(), 5);
         fake.gate.add_permits(100);
         for (handle, ids) in [
             (a, vec![1]),
@@ -548,6 +583,18 @@ mod tests {
         assert_own_keys(c.await.unwrap(), &[3, 4]);
         assert_own_keys(d.await.unwrap(), &[5]);
         assert_eq!(fake.calls(), [vec![1], vec![2], vec![3, 4, 5], vec![3, 4], vec![5]]);
+        // Calls are shared up to half the refused size from now on (one
+        // item): behind two calls out, each waiting item is a full call.
+        fake.gate.forget_permits(fake.gate.available_permits());
+        let (h, i) = (request(&u, "onc", None, &[11]), request(&u, "onc", None, &[12]));
+        until(|| fake.calls().len() == 7).await;
+        let (f, g) = (request(&u, "onc", None, &[9]), request(&u, "onc", None, &[10]));
+        until(|| fake.calls().len() == 9).await;
+        fake.gate.add_permits(100);
+        for (handle, id) in [(h, 11), (i, 12), (f, 9), (g, 10)] {
+            assert_own_keys(handle.await.unwrap(), &[id]);
+        }
+        assert!(fake.calls()[5..].iter().all(|c| c.len() == 1), "{:?}", fake.calls());
         // A request too large on its own gets the refusal, as it would have.
         let e = request(&u, "onc", None, &[6, 7, 8]).await.unwrap();
         assert!(matches!(e, Err(KsError::Api { status: 400, .. })));
