@@ -542,3 +542,45 @@ async fn concurrent_rewraps_each_get_their_own_record() {
     assert_eq!(requests, n as u64);
     assert!((1..=requests).contains(&calls), "{calls} calls for {requests} requests");
 }
+
+/// One request of records of two tenants, interleaved: one unwrap (then
+/// one rewrap) per tenant, and every record gets its own key back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_mixing_tenants_is_served_tenant_by_tenant_record_by_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ks, warm) = stack(dir.path(), "").await;
+    let (status, _) = ks.post(ADMIN, "/v1/tenants", &json!({"tenant": "t-derm"})).await;
+    assert_eq!(status, 201);
+    let cold =
+        Sidecar::start(&ks, &dir.path().join("cold"), CLINICAL, "[cache]\nmax_entries = 0\n");
+    let tenants = ["onc", "t-derm"];
+    let mut records = Vec::new();
+    for i in 0..8 {
+        let tenant = tenants[i % 2];
+        let body = json!({"tenant": tenant, "schema": "patient", "record": patient(i)});
+        let (status, body) = warm.post("/v1/encrypt", &body).await;
+        assert_eq!(status, 200, "{body}");
+        records.push(body["record"].clone());
+    }
+    let check = |body: &Value, version: u64| {
+        for (i, report) in body["report"].as_array().unwrap().iter().enumerate() {
+            assert_eq!(report["tenant"], tenants[i % 2], "{report}");
+            assert_eq!(report["kek_version"], version, "{report}");
+            assert_eq!(body["records"][i]["ssn"], patient(i)["ssn"], "record {i}");
+        }
+    };
+    let (status, body) = cold.post("/v1/decrypt", &json!({"records": records})).await;
+    assert_eq!(status, 200, "{body}");
+    check(&body, 1);
+
+    for tenant in tenants {
+        let (status, _) =
+            ks.post(ADMIN, &format!("/v1/tenants/{tenant}/keys/rotate"), &json!({})).await;
+        assert_eq!(status, 200);
+    }
+    let (status, body) = cold.post("/v1/rewrap", &json!({"records": records})).await;
+    assert_eq!((status, body["rewrapped"].as_u64()), (200, Some(8)), "{body}");
+    let (status, body) = cold.post("/v1/decrypt", &json!({"records": body["records"]})).await;
+    assert_eq!(status, 200, "{body}");
+    check(&body, 2);
+}

@@ -10,7 +10,6 @@
 //! ids — the same facts as one event per record, at a fraction of the
 //! audit volume.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -18,10 +17,10 @@ use kms_core::record::{
     Disclosure, EncryptedText, FieldOutcome, FieldReport, SchemaKeys, TextWorkspace,
 };
 use kms_core::schema::{FieldSpec, Schema};
-use kms_core::{DekRequest, KekVersion, Key256, Name, RecordKeyId, TenantId};
+use kms_core::{KekVersion, Key256, Name, RecordKeyId, TenantId};
 
 use super::api::DecryptRequest;
-use super::handlers::Answer;
+use super::handlers::{Answer, dek_requests_by_tenant};
 use super::report::{FieldEntry, RecordReport, write_reports};
 use super::reporter::{Access, AccessEvent};
 use super::state::{SidecarState, ks_error};
@@ -196,20 +195,9 @@ async fn deks(
             s.cache.get(h.record_key_id(), h.tenant(), h.kek_version()).map(|k| (k, true))
         })
         .collect();
-    let mut misses: BTreeMap<TenantId, Vec<usize>> = BTreeMap::new();
-    for (i, dek) in deks.iter().enumerate() {
-        if dek.is_none()
-            && let Some(r) = parsed.get(i)
-        {
-            misses.entry(r.header().tenant().clone()).or_default().push(i);
-        }
-    }
-    for (tenant, indices) in misses {
-        // Each item beside the record it came from, so results cannot shift.
-        let missed: Vec<(usize, &EncryptedText<'_>)> =
-            indices.iter().filter_map(|i| Some((*i, parsed.get(*i)?))).collect();
-        let items: Vec<DekRequest> =
-            missed.iter().map(|(_, r)| super::handlers::dek_request(r)).collect();
+    let misses = dek_requests_by_tenant(parsed, |i| deks.get(i).is_some_and(Option::is_none));
+    for (tenant, missed) in misses {
+        let items = missed.iter().map(|(_, item)| *item).collect();
         let unwrapped = s
             .unwraps
             .call(&tenant, items, purpose)
@@ -217,10 +205,9 @@ async fn deks(
             .map_err(|e| s.tenant_error(&tenant, e))?;
         s.note_active(&tenant, unwrapped.common);
         let mut fresh = Vec::with_capacity(missed.len());
-        for ((i, record), result) in missed.iter().zip(unwrapped.results) {
+        for ((i, item), result) in missed.iter().zip(unwrapped.results) {
             let key = Arc::new(result.map_err(|code| s.dek_error(&tenant, &code))?);
-            let header = record.header();
-            fresh.push((*header.record_key_id(), header.kek_version(), key.clone()));
+            fresh.push((item.record_key_id, item.kek_version, key.clone()));
             if let Some(slot) = deks.get_mut(*i) {
                 *slot = Some((key, false));
             }

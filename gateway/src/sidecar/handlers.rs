@@ -162,6 +162,28 @@ pub(super) fn dek_request(record: &EncryptedText<'_>) -> DekRequest {
     }
 }
 
+/// The DEK requests of the records `wanted` keeps (by index), by tenant,
+/// each beside its record's index, so that one call per tenant can serve
+/// them and no result can shift onto another record. A tenant's id is
+/// copied once per request, not once per record.
+pub(super) fn dek_requests_by_tenant(
+    parsed: &[EncryptedText<'_>],
+    mut wanted: impl FnMut(usize) -> bool,
+) -> BTreeMap<TenantId, Vec<(usize, DekRequest)>> {
+    let mut by_tenant: BTreeMap<TenantId, Vec<(usize, DekRequest)>> = BTreeMap::new();
+    for (i, record) in parsed.iter().enumerate().filter(|(i, _)| wanted(*i)) {
+        let item = (i, dek_request(record));
+        let tenant = record.header().tenant();
+        match by_tenant.get_mut(tenant) {
+            Some(items) => items.push(item),
+            None => {
+                by_tenant.insert(tenant.clone(), vec![item]);
+            }
+        }
+    }
+    by_tenant
+}
+
 /// Moves records' key parts to the active KEK version.
 #[utoipa::path(
     post,
@@ -178,18 +200,13 @@ pub(super) async fn rewrap(State(s): Shared, body: ApiBody) -> Result<SecretJson
     let (records, single) = s.records(req.record, req.records, &body)?;
     let parsed: Vec<EncryptedText<'_>> =
         records.into_iter().map(EncryptedText::parse).collect::<Result<_, _>>()?;
-    let mut by_tenant: BTreeMap<TenantId, Vec<usize>> = BTreeMap::new();
-    for (i, r) in parsed.iter().enumerate() {
-        by_tenant.entry(r.header().tenant().clone()).or_default().push(i);
-    }
     let mut new_parts: Vec<Option<(u32, kms_core::WrappedDek)>> = vec![None; parsed.len()];
-    for (tenant, indices) in by_tenant {
+    for (tenant, wanted) in dek_requests_by_tenant(&parsed, |_| true) {
         authorize(&s, &tenant, &[Role::Encryptor]).await?;
-        let items: Vec<DekRequest> =
-            indices.iter().filter_map(|i| parsed.get(*i)).map(dek_request).collect();
+        let items = wanted.iter().map(|(_, item)| *item).collect();
         let results =
             s.rewraps.call(&tenant, items, None).await.map_err(|e| s.tenant_error(&tenant, e))?;
-        for (i, result) in indices.iter().zip(results.results) {
+        for ((i, _), result) in wanted.iter().zip(results.results) {
             let moved = result.map_err(|code| s.dek_error(&tenant, &code))?;
             s.note_active(&tenant, moved.kek_version);
             if let Some(slot) = new_parts.get_mut(*i) {

@@ -55,6 +55,8 @@ pub(super) struct ClientSetupError(String);
 pub(super) struct KeyServiceClient {
     http: reqwest::Client,
     urls: Vec<String>,
+    /// Each attempt's timeout.
+    timeout: Duration,
     preferred: AtomicUsize,
     /// Until when (ms after `started`, counted from 1) unwraps go as JSON,
     /// because a key service older than the binary form answered it 415 (a
@@ -181,11 +183,19 @@ impl KeyServiceClient {
         Ok(Self {
             http,
             urls: config.urls.clone(),
+            timeout,
             preferred: AtomicUsize::new(0),
             json_until_ms: AtomicU64::new(0),
             started: Instant::now(),
             json_for: JSON_FOR,
         })
+    }
+
+    /// The longest one call can take: every replica in turn, and for an
+    /// unwrap, again as JSON after a 415.
+    pub(super) fn longest_call(&self) -> Duration {
+        let attempts = u32::try_from(self.urls.len()).unwrap_or(u32::MAX).saturating_mul(2);
+        self.timeout.saturating_mul(attempts)
     }
 
     /// A JSON call: `body` sent as JSON, the answer read as JSON.
@@ -648,6 +658,8 @@ mod tests {
     #[tokio::test]
     async fn unwraps_go_in_the_binary_form_whatever_the_answer() {
         let (_dir, client, seen) = client_of(true).await;
+        // One replica at 10 s: the binary try, then JSON after a 415.
+        assert_eq!(client.longest_call(), Duration::from_secs(20));
         for _ in 0..2 {
             let answer = unwrap_one(&client, "onc").await.unwrap();
             assert_eq!(answer.active_version, 4);

@@ -71,12 +71,9 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
     );
     let ttl = Duration::from_secs(config.cache.ttl_secs);
     let reporter = Reporter::new(client.clone(), config.audit.clone(), config.app_identity.clone());
-    // Long enough for the call ahead and a request's own, each trying every
-    // replica twice (the binary form, then JSON after a 415): a shared call
+    // Long enough for the call ahead and a request's own: a shared call
     // never cuts failover short.
-    let replicas = u32::try_from(config.key_service.urls.len()).unwrap_or(u32::MAX);
-    let wait_limit = Duration::from_millis(config.key_service.timeout_ms.max(1))
-        .saturating_mul(replicas.saturating_mul(4));
+    let wait_limit = client.longest_call().saturating_mul(2);
     let state = Arc::new(SidecarState {
         schemas,
         pool: DekPool::new(client.clone(), config.pool.clone(), ttl),
