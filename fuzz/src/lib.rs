@@ -97,7 +97,7 @@ pub fn record_decrypt(data: &[u8]) {
             .map(|fields| {
                 let record =
                     serde_json::from_slice(out.as_slice()).expect("the text path wrote JSON");
-                (record, fields)
+                (record, fields.to_vec())
             });
         assert_eq!(by_text, by_tree, "text and tree decrypt differ");
     }

@@ -178,7 +178,7 @@ fn text_and_tree_agree(fixture: &Fixture, workspace: &mut TextWorkspace, record:
             .map_err(|e| e.to_string())
             .map(|fields| {
                 let record = serde_json::from_slice::<Value>(plain.as_slice()).ok();
-                (record, fields)
+                (record, fields.to_vec())
             });
         let expected = expected.map(|(record, fields)| (Some(record), fields));
         assert_eq!(by_text, expected, "the text path decrypts differently");

@@ -37,7 +37,7 @@ fn protected_strings(record: &Value) -> Vec<(String, String)> {
         .fields()
         .iter()
         .map(|f| {
-            (f.pointer.clone(), record.pointer(&f.pointer).unwrap().as_str().unwrap().to_owned())
+            (f.pointer.to_owned(), record.pointer(f.pointer).unwrap().as_str().unwrap().to_owned())
         })
         .collect()
 }

@@ -196,7 +196,7 @@ fn text_decrypt(
             let written = std::str::from_utf8(&out.as_slice()[1..]).unwrap();
             let value = serde_json::from_str(written)
                 .unwrap_or_else(|e| panic!("not JSON ({e}): {written}"));
-            Ok((value, reports))
+            Ok((value, reports.to_vec()))
         }
         Err(e) => {
             assert_eq!(out.as_slice(), b"[", "a failed decrypt wrote nothing");
@@ -385,7 +385,7 @@ proptest! {
                         kms_core::schema::FieldMode::Deterministic | kms_core::schema::FieldMode::Pseudonym
                     );
                     if deterministic {
-                        prop_assert_eq!(tree.pointer(&field.pointer), ours.pointer(&field.pointer));
+                        prop_assert_eq!(tree.pointer(field.pointer), ours.pointer(field.pointer));
                     }
                     if field.mode == kms_core::schema::FieldMode::BlindIndex {
                         let sibling = format!("{}_bidx", field.pointer);
@@ -454,7 +454,7 @@ proptest! {
         let plain = write(&record, Style::PLAIN);
         let Ok(mut encrypted) = tree_encrypt(&keys, &plain) else { return Ok(()) };
         let header = header_of(&encrypted);
-        let pointers: Vec<String> = header.fields().iter().map(|f| f.pointer.clone()).collect();
+        let pointers: Vec<String> = header.fields().iter().map(|f| f.pointer.to_owned()).collect();
         let map = encrypted.as_object_mut().unwrap();
         let names: Vec<String> = map.keys().cloned().collect();
         let name = at.get(&names).clone();
@@ -633,4 +633,78 @@ fn rewrap_replaces_only_the_header() {
     parsed.write_rewrapped(9, wrapped, &mut out).unwrap();
     let new_header = header.with_key_part(9, wrapped).encode();
     assert_eq!(out.as_slice(), sorted.replace(&header.encode(), &new_header).as_bytes());
+}
+
+/// One workspace serves records of any shape in turn: a record with fewer
+/// protected fields than the last, one the tree path decrypts, one that
+/// fails and a one-field record each get exactly their own reports.
+#[test]
+fn a_workspace_reports_each_record_alone_whatever_came_before() {
+    let keys = TenantKeys::random("onc");
+    let mut ws = TextWorkspace::default();
+    let texts = [
+        r#"{"ssn": "1", "email": "a@b.c", "allergies": ["x", "y", "z"], "mrn": "M", "patient_id": "P"}"#,
+        r#"{"ssn": "2", "mrn": "M2"}"#,
+        r#"{"zeta": 1, "s\u0073n": "3", "allergies": ["w"]}"#,
+        r#"{"allergies": ["a", "b"], "email": "c@d.e"}"#,
+        r#"{"ssn": "4"}"#,
+    ];
+    let encrypted: Vec<String> =
+        texts.iter().map(|text| text_encrypt(&mut ws, &keys, text).unwrap()).collect();
+    let mut tampered = encrypted[0].clone();
+    let at = tampered.find(r#""ssn":"kg1:"#).unwrap() + r#""ssn":"kg1:"#.len();
+    tampered.replace_range(at..at + 1, if &tampered[at..=at] == "A" { "B" } else { "A" });
+    let mut sequence = encrypted.clone();
+    sequence.insert(2, tampered);
+    for text in sequence.iter().chain(encrypted.iter().rev()) {
+        for (name, policy) in policies() {
+            let ours = text_decrypt(&mut ws, &keys, text, policy);
+            assert_eq!(ours, tree_decrypt(&keys, text, policy), "policy {name}: {text}");
+        }
+    }
+    let last = text_decrypt(&mut ws, &keys, &encrypted[4], &reveal).unwrap();
+    assert_eq!(last.1.len(), 1, "{:?}", last.1);
+    assert_eq!(last.1[0].pointer, "/ssn");
+}
+
+/// A schema with more paths through one object than a walk keeps on the
+/// stack still takes the text path, and agrees with the tree path.
+#[test]
+fn a_wide_schema_takes_the_text_path_too() {
+    use kms_core::schema::SchemaSet;
+    let mut toml = String::from("[[schema]]\nname = \"wide\"\nversion = 1\nfields = [\n");
+    for i in 0..40 {
+        let mode = match i % 4 {
+            0 => "mode = \"randomized\"",
+            1 => "mode = \"deterministic\"",
+            2 => "mode = \"blind_index\", bits = 32",
+            _ => "mode = \"pseudonym\"",
+        };
+        toml.push_str(&format!("  {{ path = \"/f{i:02}\", {mode}, class = \"c{}\" }},\n", i % 3));
+    }
+    toml.push_str("]\n");
+    let schema =
+        (**SchemaSet::from_toml(&toml, "wide.toml").unwrap().latest("wide").unwrap()).clone();
+    let mut keys = TenantKeys::random("onc");
+    keys.schema_keys =
+        kms_core::record::SchemaKeys::derive(&keys.index_root, &keys.tenant, &schema);
+    keys.schema = schema;
+    // Members in reverse order: the tree path would write them sorted.
+    let members: Vec<String> =
+        (0..40).rev().map(|i| format!("\"f{i:02}\": \"value {i}\"")).collect();
+    let text = format!("{{\"plain\": true, {}}}", members.join(", "));
+    let mut ws = TextWorkspace::default();
+    let encrypted = text_encrypt(&mut ws, &keys, &text).unwrap();
+    assert!(encrypted.starts_with(r#"{"plain":true,"f39":"kgp:"#), "{encrypted}");
+    assert!(encrypted.contains(r#""f38":"kg1:"#) && encrypted.contains(r#""f38_bidx":"kg1b:"#));
+    for (name, policy) in policies() {
+        let ours = text_decrypt(&mut ws, &keys, &encrypted, policy);
+        assert_eq!(ours, tree_decrypt(&keys, &encrypted, policy), "policy {name}");
+    }
+    let (record, reports) = text_decrypt(&mut ws, &keys, &encrypted, &reveal).unwrap();
+    assert_eq!(reports.len(), 40);
+    assert_eq!(record["f38"], "value 38");
+    assert!(record.get("f38_bidx").is_none(), "the checked sibling is dropped: {record}");
+    let with_pseudonyms: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(record["f00"], with_pseudonyms["f00"]);
 }

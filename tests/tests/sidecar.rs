@@ -544,7 +544,9 @@ async fn concurrent_rewraps_each_get_their_own_record() {
 }
 
 /// One request of records of two tenants, interleaved: one unwrap (then
-/// one rewrap) per tenant, and every record gets its own key back.
+/// one rewrap) per tenant, and every record gets its own key back. The
+/// records differ in shape too (one to three allergies), and each one's
+/// report lists its own fields.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_mixing_tenants_is_served_tenant_by_tenant_record_by_record() {
     let dir = tempfile::tempdir().unwrap();
@@ -555,9 +557,15 @@ async fn a_batch_mixing_tenants_is_served_tenant_by_tenant_record_by_record() {
         Sidecar::start(&ks, &dir.path().join("cold"), CLINICAL, "[cache]\nmax_entries = 0\n");
     let tenants = ["onc", "t-derm"];
     let mut records = Vec::new();
+    let allergies = |i: usize| i % 3 + 1;
+    let record = |i: usize| {
+        let mut record = patient(i);
+        record["allergies"] = json!(vec!["latex"; allergies(i)]);
+        record
+    };
     for i in 0..8 {
         let tenant = tenants[i % 2];
-        let body = json!({"tenant": tenant, "schema": "patient", "record": patient(i)});
+        let body = json!({"tenant": tenant, "schema": "patient", "record": record(i)});
         let (status, body) = warm.post("/v1/encrypt", &body).await;
         assert_eq!(status, 200, "{body}");
         records.push(body["record"].clone());
@@ -567,6 +575,15 @@ async fn a_batch_mixing_tenants_is_served_tenant_by_tenant_record_by_record() {
             assert_eq!(report["tenant"], tenants[i % 2], "{report}");
             assert_eq!(report["kek_version"], version, "{report}");
             assert_eq!(body["records"][i]["ssn"], patient(i)["ssn"], "record {i}");
+            assert_eq!(body["records"][i]["allergies"], record(i)["allergies"], "record {i}");
+            let listed: Vec<&str> = report["fields"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|f| f["pointer"].as_str()?.strip_prefix("/allergies/"))
+                .collect();
+            let expected: Vec<String> = (0..allergies(i)).map(|k| k.to_string()).collect();
+            assert_eq!(listed, expected, "record {i}: {report}");
         }
     };
     let (status, body) = cold.post("/v1/decrypt", &json!({"records": records})).await;

@@ -3,12 +3,12 @@
 //! events.
 //!
 //! Per request, each (tenant, schema) pair's disclosures are resolved once
-//! (not once per field of every record), the report is written from
-//! typed values (no intermediate JSON tree; [`super::report`]), and
-//! records that share tenant, KEK version, schema, field outcomes and
-//! cache hit share one `record.decrypt` event listing all their record key
-//! ids — the same facts as one event per record, at a fraction of the
-//! audit volume.
+//! (not once per field of every record), and records that share tenant,
+//! KEK version, schema, field outcomes and cache hit share one
+//! `record.decrypt` event listing all their record key ids — the same
+//! facts as one event per record, at a fraction of the audit volume. The
+//! report is written as text as records are decrypted ([`super::report`]),
+//! each kind of record's `fields` list once.
 
 use std::sync::Arc;
 
@@ -21,7 +21,7 @@ use kms_core::{KekVersion, Key256, Name, RecordKeyId, TenantId};
 
 use super::api::DecryptRequest;
 use super::handlers::{Answer, dek_requests_by_tenant};
-use super::report::{FieldEntry, RecordReport, write_reports};
+use super::report::{FieldEntry, Report, ReportContext};
 use super::reporter::{Access, AccessEvent};
 use super::state::{SidecarState, ks_error};
 use crate::error::ApiError;
@@ -37,6 +37,7 @@ struct Resolved {
     keys: Arc<SchemaKeys>,
     access: Vec<(String, FieldAccess)>,
     active: Option<KekVersion>,
+    report: ReportContext,
 }
 
 impl Resolved {
@@ -85,7 +86,7 @@ pub(super) async fn decrypt(
     let purpose = req.purpose.as_ref().map(|p| p.as_str());
     let mut answer = Answer::new(single, body.len());
     let mut workspace = TextWorkspace::default();
-    let mut reports = Vec::with_capacity(parsed.len());
+    let mut report = Report::with_capacity(parsed.len());
     let mut groups: Vec<EventGroup> = Vec::new();
     let mut resolved: Vec<Resolved> = Vec::new();
     for (record, dek) in parsed.into_iter().zip(deks) {
@@ -116,47 +117,51 @@ pub(super) async fn decrypt(
             g.outcomes.len() == fields.len()
                 && g.outcomes
                     .iter()
-                    .zip(&fields)
+                    .zip(fields)
                     .all(|((p, o), f)| *p == f.pointer && *o == outcome(f.outcome))
         };
-        match groups.iter_mut().find(|g| {
+        let group = match groups.iter().position(|g| {
             g.cached == cached
                 && g.kek_version == version
                 && g.tenant == r.tenant
                 && g.schema == r.schema.name
                 && same_outcomes(g)
         }) {
-            Some(group) => group.ids.push(id),
-            None => groups.push(EventGroup {
-                tenant: r.tenant.clone(),
-                kek_version: version,
-                schema: r.schema.name.clone(),
-                cached,
-                outcomes: fields.iter().map(|f| (f.pointer.clone(), outcome(f.outcome))).collect(),
-                ids: vec![id],
-            }),
+            Some(group) => group,
+            None => {
+                groups.push(EventGroup {
+                    tenant: r.tenant.clone(),
+                    kek_version: version,
+                    schema: r.schema.name.clone(),
+                    cached,
+                    outcomes: fields
+                        .iter()
+                        .map(|f| (f.pointer.clone(), outcome(f.outcome)))
+                        .collect(),
+                    ids: Vec::new(),
+                });
+                groups.len() - 1
+            }
+        };
+        if let Some(g) = groups.get_mut(group) {
+            g.ids.push(id);
         }
-        let fields = fields
-            .into_iter()
-            .map(|f| {
-                let reason = reason(&f, r.access(&f.class));
-                FieldEntry {
+        // The event group fixes every field's pointer and outcome, and the
+        // resolved schema each one's class and reason: together they fix
+        // the `fields` list.
+        let listed = report.fields((group, at), || {
+            fields
+                .iter()
+                .map(|f| FieldEntry {
                     outcome: outcome(f.outcome),
-                    class: f.class,
-                    pointer: f.pointer,
-                    reason,
-                }
-            })
-            .collect();
-        reports.push(RecordReport {
-            fields,
-            kek_version: version,
-            record_key_id: id,
-            schema: r.schema.name.clone(),
-            schema_version: r.schema.version,
-            stale_key_version: r.active.is_some_and(|active| active != version),
-            tenant: r.tenant.clone(),
+                    class: &f.class,
+                    pointer: &f.pointer,
+                    reason: reason(f, r.access(&f.class)),
+                })
+                .collect()
         });
+        let stale = r.active.is_some_and(|active| active != version);
+        report.record(listed, version, &id, stale, &r.report);
     }
     s.reporter.record(
         groups
@@ -176,7 +181,7 @@ pub(super) async fn decrypt(
     );
     let out = answer.end_records();
     out.extend_from_slice(b",\"report\":");
-    write_reports(out, &reports);
+    out.extend_from_slice(report.text());
     Ok(answer.finish())
 }
 
@@ -234,7 +239,8 @@ async fn resolve(
             access.push((field.class.clone(), grants.disclosure(tenant, &field.class, purpose)));
         }
     }
-    Ok(Resolved { tenant: tenant.clone(), schema, keys, access, active: s.active(tenant) })
+    let report = ReportContext::new(tenant, &schema.name, schema.version);
+    Ok(Resolved { tenant: tenant.clone(), schema, keys, access, active: s.active(tenant), report })
 }
 
 /// Why a field was not revealed (for the caller; never a value).

@@ -216,7 +216,11 @@ impl KeyServiceClient {
             None => None,
         };
         let answer = self.send(method, path, body).await?;
-        serde_json::from_slice(&answer.body).map_err(|e| KsError::Decode(e.to_string()))
+        let parsed =
+            serde_json::from_slice(&answer.body).map_err(|e| KsError::Decode(e.to_string()));
+        // Issued, unwrapped and derived keys come in JSON answers too.
+        wipe(answer.body);
+        parsed
     }
 
     /// Sends a request to the preferred replica, failing over to the next

@@ -49,9 +49,42 @@ pub fn hmac(key: &Key256, parts: &[&[u8]]) -> MacTag {
 /// Verifies that `tag` equals the leftmost `tag.len()` bytes of
 /// `HMAC-SHA256(key, message)`, in constant time.
 pub fn verify_truncated(key: &Key256, message: &[u8], tag: &[u8]) -> Result<(), CannotDecrypt> {
-    let mut mac = keyed(key);
+    let mut mac = MacStream::new(key);
     mac.update(message);
-    mac.verify_truncated_left(tag).map_err(|_| CannotDecrypt)
+    mac.verify_truncated(tag)
+}
+
+/// One HMAC-SHA256 over a message fed in pieces, so that a message made
+/// of parts need not be copied into one buffer first.
+pub struct MacStream(Hmac<Sha256>);
+
+impl MacStream {
+    /// Keys HMAC-SHA256 with `key`.
+    pub fn new(key: &Key256) -> Self {
+        Self(keyed(key))
+    }
+
+    /// Appends `part` to the message.
+    pub fn update(&mut self, part: &[u8]) {
+        self.0.update(part);
+    }
+
+    /// The tag.
+    pub fn finish(self) -> MacTag {
+        self.0.finalize().into_bytes().into()
+    }
+
+    /// Whether `tag` is the leftmost `tag.len()` bytes of the tag, in
+    /// constant time.
+    pub fn verify_truncated(self, tag: &[u8]) -> Result<(), CannotDecrypt> {
+        self.0.verify_truncated_left(tag).map_err(|_| CannotDecrypt)
+    }
+}
+
+impl std::fmt::Debug for MacStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MacStream(..)")
+    }
 }
 
 fn keyed(key: &Key256) -> Hmac<Sha256> {

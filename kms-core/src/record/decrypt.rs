@@ -121,7 +121,7 @@ impl EncryptedRecord {
         let mut bound = Vec::new();
         for listed in header.fields() {
             if matches!(listed.mode, FieldMode::Deterministic | FieldMode::Pseudonym) {
-                match pointer::get(&self.body, &listed.pointer) {
+                match pointer::get(&self.body, listed.pointer) {
                     Some(Value::String(text)) => bound.push(text.as_str()),
                     _ => return Err(RecordError::CannotDecrypt),
                 }

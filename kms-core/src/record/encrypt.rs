@@ -95,7 +95,7 @@ pub fn encrypt_record(
         let field_keys = keys.field(index);
         // One lookup: the value is taken out and its replacement written
         // back through the same reference.
-        let slot = pointer::get_mut(record, &listed.pointer).ok_or(RecordError::CannotDecrypt)?;
+        let slot = pointer::get_mut(record, listed.pointer).ok_or(RecordError::CannotDecrypt)?;
         let value = WipedValue(std::mem::take(slot));
         plaintext.clear();
         serde_json::to_writer(&mut plaintext, &value.0).map_err(|_| RecordError::NotAnObject)?;

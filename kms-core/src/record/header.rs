@@ -15,7 +15,8 @@ use std::fmt;
 
 use data_encoding::BASE64URL_NOPAD;
 
-use crate::crypto::{CannotDecrypt, kdf, mac, sha256};
+use crate::crypto::mac::MacStream;
+use crate::crypto::{CannotDecrypt, kdf, sha256};
 use crate::dek::{KekVersion, WRAPPED_DEK_LEN, WrappedDek};
 use crate::ids::{Name, RecordKeyId, TenantId};
 use crate::pointer::{self, MAX_POINTER_LEN};
@@ -68,13 +69,138 @@ pub enum HeaderError {
     Invalid(&'static str),
 }
 
-/// One protected location listed in a header.
+/// One protected location for a new header to list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeaderField {
     /// Concrete JSON pointer (array elements by index).
     pub pointer: String,
     /// The field's mode.
     pub mode: FieldMode,
+}
+
+/// One protected location a header lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListedField<'h> {
+    /// Concrete JSON pointer (array elements by index).
+    pub pointer: &'h str,
+    /// The field's mode.
+    pub mode: FieldMode,
+}
+
+/// The protected locations a header lists, sorted by pointer.
+///
+/// A header holds its pointers in one string, not one string each: a
+/// header is parsed for every record read.
+#[derive(Clone, Copy)]
+pub struct ListedFields<'h> {
+    pointers: &'h str,
+    fields: &'h [FieldAt],
+}
+
+/// Where a listed field's pointer lies in the header's pointer string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FieldAt {
+    start: usize,
+    end: usize,
+    mode: FieldMode,
+}
+
+impl<'h> ListedFields<'h> {
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.fields.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+
+    /// The `i`th, in pointer order.
+    pub fn get(&self, i: usize) -> Option<ListedField<'h>> {
+        self.fields.get(i).map(|at| self.listed(at))
+    }
+
+    /// All of them, in pointer order.
+    pub fn iter(&self) -> ListedIter<'h> {
+        ListedIter { pointers: self.pointers, fields: self.fields.iter() }
+    }
+
+    fn listed(&self, at: &FieldAt) -> ListedField<'h> {
+        listed(self.pointers, at)
+    }
+}
+
+fn listed<'h>(pointers: &'h str, at: &FieldAt) -> ListedField<'h> {
+    ListedField { pointer: pointers.get(at.start..at.end).unwrap_or_default(), mode: at.mode }
+}
+
+/// The iterator of [`ListedFields`].
+#[derive(Debug, Clone)]
+pub struct ListedIter<'h> {
+    pointers: &'h str,
+    fields: std::slice::Iter<'h, FieldAt>,
+}
+
+impl<'h> Iterator for ListedIter<'h> {
+    type Item = ListedField<'h>;
+
+    fn next(&mut self) -> Option<ListedField<'h>> {
+        self.fields.next().map(|at| listed(self.pointers, at))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.fields.size_hint()
+    }
+}
+
+impl ExactSizeIterator for ListedIter<'_> {}
+
+impl<'h> IntoIterator for ListedFields<'h> {
+    type Item = ListedField<'h>;
+    type IntoIter = ListedIter<'h>;
+    fn into_iter(self) -> ListedIter<'h> {
+        self.iter()
+    }
+}
+
+impl PartialEq for ListedFields<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl fmt::Debug for ListedFields<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+/// A header's pointer string and spans.
+#[derive(Default, Clone, PartialEq, Eq)]
+struct Listing {
+    pointers: String,
+    fields: Vec<FieldAt>,
+}
+
+impl Listing {
+    fn with_capacity(n: usize) -> Self {
+        Self { pointers: String::with_capacity(n * 16), fields: Vec::with_capacity(n) }
+    }
+
+    fn push(&mut self, pointer: &str, mode: FieldMode) {
+        let start = self.pointers.len();
+        self.pointers.push_str(pointer);
+        self.fields.push(FieldAt { start, end: self.pointers.len(), mode });
+    }
+
+    fn last(&self) -> Option<&str> {
+        self.fields.last().and_then(|at| self.pointers.get(at.start..at.end))
+    }
+
+    fn view(&self) -> ListedFields<'_> {
+        ListedFields { pointers: &self.pointers, fields: &self.fields }
+    }
 }
 
 /// A parsed (or freshly built) record header.
@@ -84,7 +210,7 @@ pub struct RecordHeader {
     schema: Name,
     schema_version: u32,
     record_key_id: RecordKeyId,
-    fields: Vec<HeaderField>,
+    fields: Listing,
     kek_version: KekVersion,
     wrapped_dek: WrappedDek,
     /// The exact record-part bytes before the tag: what the tag and the
@@ -136,10 +262,10 @@ impl HeaderContents<'_> {
         }
         let n = u16::try_from(self.fields.len()).map_err(|_| HeaderError::TooLarge)?;
         signed.extend_from_slice(&n.to_be_bytes());
-        let mut previous: Option<&str> = None;
+        let mut fields = Listing::with_capacity(self.fields.len());
         for field in &self.fields {
-            check_pointer(&field.pointer, previous)?;
-            previous = Some(&field.pointer);
+            check_pointer(&field.pointer, fields.last())?;
+            fields.push(&field.pointer, field.mode);
             let len = u16::try_from(field.pointer.len()).map_err(|_| HeaderError::TooLarge)?;
             signed.extend_from_slice(&len.to_be_bytes());
             signed.extend_from_slice(field.pointer.as_bytes());
@@ -154,7 +280,7 @@ impl HeaderContents<'_> {
                 schema: self.schema.clone(),
                 schema_version: self.schema_version,
                 record_key_id: self.record_key_id,
-                fields: self.fields,
+                fields,
                 kek_version: self.kek_version,
                 wrapped_dek: self.wrapped_dek,
                 signed,
@@ -166,8 +292,8 @@ impl HeaderContents<'_> {
 
 impl UnsignedHeader {
     /// Protected locations, sorted by pointer.
-    pub fn fields(&self) -> &[HeaderField] {
-        &self.header.fields
+    pub fn fields(&self) -> ListedFields<'_> {
+        self.header.fields.view()
     }
 
     /// `SHA-256(record part without tag)`: the prefix of every randomized
@@ -180,7 +306,7 @@ impl UnsignedHeader {
     /// and `bound`: the stored strings of the deterministic and pseudonym
     /// fields, in header order.
     pub fn sign(mut self, dek: &Key256, bound: &[&str]) -> RecordHeader {
-        let full = mac::hmac(&tag_key(dek), &[&tag_message(&self.header.signed, bound)]);
+        let full = tag_mac(dek, &self.header.signed, bound).finish();
         self.header.tag.copy_from_slice(full.get(..HEADER_TAG_LEN).unwrap_or(&[0; HEADER_TAG_LEN]));
         self.header
     }
@@ -231,14 +357,14 @@ impl RecordHeader {
         if n > MAX_FIELDS {
             return Err(HeaderError::TooLarge);
         }
-        let mut fields: Vec<HeaderField> = Vec::with_capacity(n.min(64));
+        let mut fields = Listing::with_capacity(n.min(64));
         for _ in 0..n {
             let len = usize::from(r.u16()?);
             let pointer = std::str::from_utf8(r.take(len)?)
                 .map_err(|_| HeaderError::Invalid("pointer is not UTF-8"))?;
-            check_pointer(pointer, fields.last().map(|f| f.pointer.as_str()))?;
+            check_pointer(pointer, fields.last())?;
             let mode = FieldMode::from_byte(r.u8()?).ok_or(HeaderError::Invalid("field mode"))?;
-            fields.push(HeaderField { pointer: pointer.to_owned(), mode });
+            fields.push(pointer, mode);
         }
         let signed_len = bytes.len() - r.0.len();
         let tag = r.array()?;
@@ -268,7 +394,7 @@ impl RecordHeader {
     /// Checks the header tag with the record's DEK (constant time);
     /// `bound` as for [`UnsignedHeader::sign`].
     pub fn verify(&self, dek: &Key256, bound: &[&str]) -> Result<(), CannotDecrypt> {
-        mac::verify_truncated(&tag_key(dek), &tag_message(&self.signed, bound), &self.tag)
+        tag_mac(dek, &self.signed, bound).verify_truncated(&self.tag)
     }
 
     /// The `_kg` member's value.
@@ -314,8 +440,8 @@ impl RecordHeader {
         &self.record_key_id
     }
     /// Protected locations, sorted by pointer.
-    pub fn fields(&self) -> &[HeaderField] {
-        &self.fields
+    pub fn fields(&self) -> ListedFields<'_> {
+        self.fields.view()
     }
     /// KEK version of the wrapped DEK.
     pub fn kek_version(&self) -> KekVersion {
@@ -334,27 +460,23 @@ impl fmt::Debug for RecordHeader {
             .field("schema", &self.schema)
             .field("schema_version", &self.schema_version)
             .field("record_key_id", &self.record_key_id)
-            .field("fields", &self.fields)
+            .field("fields", &self.fields.view())
             .field("kek_version", &self.kek_version)
             .finish_non_exhaustive()
     }
 }
 
-fn tag_key(dek: &Key256) -> Key256 {
-    kdf::derive(dek, HEADER_TAG_LABEL)
-}
-
-/// `record part ‖ n × (u32be len ‖ value)`: what the header tag covers.
-fn tag_message(signed: &[u8], bound: &[&str]) -> Vec<u8> {
-    let extra: usize = bound.iter().map(|b| b.len() + 4).sum();
-    let mut message = Vec::with_capacity(signed.len() + extra);
-    message.extend_from_slice(signed);
+/// The header tag's MAC over `record part ‖ n × (u32be len ‖ value)`,
+/// keyed with the key derived from the record's DEK.
+fn tag_mac(dek: &Key256, signed: &[u8], bound: &[&str]) -> MacStream {
+    let mut mac = MacStream::new(&kdf::derive(dek, HEADER_TAG_LABEL));
+    mac.update(signed);
     for value in bound {
         let len = u32::try_from(value.len()).unwrap_or(u32::MAX);
-        message.extend_from_slice(&len.to_be_bytes());
-        message.extend_from_slice(value.as_bytes());
+        mac.update(&len.to_be_bytes());
+        mac.update(value.as_bytes());
     }
-    message
+    mac
 }
 
 /// A pointer in a header must be a valid, non-root pointer, strictly after

@@ -274,11 +274,13 @@ pub(crate) fn decode_token_into(prefix: &str, text: &str, out: &mut SecretBuf) -
     decode_token_append(prefix, text, out).map(|_| ())
 }
 
-/// Whether `text` has the form of a pseudonym.
+/// Whether `text` has the form of a pseudonym (decoded on the stack: it
+/// is checked for every pseudonym field read).
 pub(crate) fn is_pseudonym(text: &str) -> bool {
-    text.strip_prefix(PSEUDONYM_PREFIX)
-        .and_then(|body| BASE32_NOPAD.decode(body.as_bytes()).ok())
-        .is_some_and(|bytes| bytes.len() == PSEUDONYM_LEN)
+    let Some(body) = text.strip_prefix(PSEUDONYM_PREFIX) else { return false };
+    let mut bytes = [0u8; PSEUDONYM_LEN];
+    BASE32_NOPAD.decode_len(body.len()) == Ok(PSEUDONYM_LEN)
+        && BASE32_NOPAD.decode_mut(body.as_bytes(), &mut bytes).is_ok_and(|n| n == PSEUDONYM_LEN)
 }
 
 /// Deterministic encryption of a field's canonical JSON text.
@@ -479,6 +481,17 @@ mod tests {
         let key = Key256::from_array(&mut [4; 32]);
         let p = pseudonym(&key, &json!("MRN-1"));
         assert!(is_pseudonym(&p), "{p}");
+        let body = &p[PSEUDONYM_PREFIX.len()..];
+        for not in [
+            format!("kgq:{body}"),
+            format!("{p}A"),
+            p[..p.len() - 1].to_owned(),
+            format!("{PSEUDONYM_PREFIX}{}", body.to_lowercase()),
+            format!("{PSEUDONYM_PREFIX}{}1", &body[..body.len() - 1]),
+            PSEUDONYM_PREFIX.to_owned(),
+        ] {
+            assert!(!is_pseudonym(&not), "{not}");
+        }
         assert_eq!(p, pseudonym(&key, &json!("MRN-1")));
         assert_ne!(p, pseudonym(&key, &json!("MRN-2")));
         assert_ne!(p, pseudonym(&Key256::from_array(&mut [5; 32]), &json!("MRN-1")));

@@ -58,9 +58,54 @@ pub struct TextWorkspace {
     /// `SecretBuf`: it grows by wiped moves).
     opened: SecretBuf,
     plains: Vec<Plain>,
+    /// Decrypt: what the caller gets of each field, once all are checked.
+    shown: Vec<Shown>,
     used: Vec<bool>,
     /// Encrypt: where each bound value went in the output, in header order.
     bound: Vec<Option<(usize, usize)>>,
+    /// Decrypt: the last record's field reports.
+    reports: Reports,
+}
+
+/// Field reports reused from record to record: a report's strings keep
+/// their room, so a record of the same shape as the last allocates none.
+#[derive(Default)]
+struct Reports {
+    all: Vec<FieldReport>,
+    len: usize,
+}
+
+impl Reports {
+    fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    fn push(&mut self, pointer: &str, class: &str, outcome: FieldOutcome) {
+        match self.all.get_mut(self.len) {
+            Some(report) => {
+                report.pointer.clear();
+                report.pointer.push_str(pointer);
+                report.class.clear();
+                report.class.push_str(class);
+                report.outcome = outcome;
+            }
+            None => self.all.push(FieldReport {
+                pointer: pointer.to_owned(),
+                class: class.to_owned(),
+                outcome,
+            }),
+        }
+        self.len += 1;
+    }
+
+    fn replace(&mut self, reports: Vec<FieldReport>) {
+        self.len = reports.len();
+        self.all = reports;
+    }
+
+    fn as_slice(&self) -> &[FieldReport] {
+        self.all.get(..self.len).unwrap_or_default()
+    }
 }
 
 impl std::fmt::Debug for TextWorkspace {
@@ -213,8 +258,8 @@ impl TextWorkspace {
     }
 
     /// [`EncryptedRecord::decrypt`] on text: appends the decrypted record to
-    /// `out` and returns the field reports. Fails as a whole, writing
-    /// nothing, if any check fails.
+    /// `out` and returns the field reports (held here until the next
+    /// record). Fails as a whole, writing nothing, if any check fails.
     pub fn decrypt(
         &mut self,
         record: EncryptedText<'_>,
@@ -223,7 +268,8 @@ impl TextWorkspace {
         keys: &SchemaKeys,
         disclose: &dyn Fn(&FieldSpec) -> Disclosure,
         out: &mut SecretBuf,
-    ) -> Result<Vec<FieldReport>, RecordError> {
+    ) -> Result<&[FieldReport], RecordError> {
+        self.reports.clear();
         let record = match record.0 {
             Source::Text { text, header, header_value, .. } => {
                 let start = out.len();
@@ -238,8 +284,9 @@ impl TextWorkspace {
                     out,
                 );
                 self.opened.clear();
+                self.shown.clear();
                 match result {
-                    Ok(reports) => return Ok(reports),
+                    Ok(()) => return Ok(self.reports.as_slice()),
                     Err(_) => out.truncate(start),
                 }
                 EncryptedRecord::parse(tree(text)?)?
@@ -250,7 +297,8 @@ impl TextWorkspace {
         // The tree holds the plaintext: wiped once written.
         let tree = WipedValue(decrypted.record);
         write_tree(&tree.0, out)?;
-        Ok(decrypted.fields)
+        self.reports.replace(decrypted.fields);
+        Ok(self.reports.as_slice())
     }
 
     fn encrypt_text(
@@ -269,9 +317,9 @@ impl TextWorkspace {
         self.sort_found()?;
         let mut fields = Vec::with_capacity(self.order.len());
         for &at in &self.order {
-            let found = self.scan.found.get_mut(at).ok_or(Fallback::Tree)?;
+            let found = self.scan.found.get(at).ok_or(Fallback::Tree)?;
             let mode = schema.fields.get(found.field).ok_or(Fallback::Tree)?.mode;
-            fields.push(HeaderField { pointer: std::mem::take(&mut found.pointer), mode });
+            fields.push(HeaderField { pointer: self.scan.pointer(found.pointer).to_owned(), mode });
         }
         let unsigned = HeaderContents {
             tenant,
@@ -419,15 +467,15 @@ impl TextWorkspace {
     /// Sorts the found locations into header order (by pointer):
     /// `order` lists them in that order, `rank` gives each one's place.
     fn sort_found(&mut self) -> Step<()> {
-        let found = &self.scan.found;
+        let scan = &self.scan;
         self.order.clear();
-        self.order.extend(0..found.len());
+        self.order.extend(0..scan.found.len());
         self.order.sort_unstable_by(|&a, &b| {
-            let pointer = |i: usize| found.get(i).map(|f| f.pointer.as_bytes());
+            let pointer = |i: usize| scan.found.get(i).map(|f| scan.pointer(f.pointer).as_bytes());
             pointer(a).cmp(&pointer(b))
         });
         self.rank.clear();
-        self.rank.resize(found.len(), 0);
+        self.rank.resize(scan.found.len(), 0);
         for (rank, &at) in self.order.iter().enumerate() {
             *self.rank.get_mut(at).ok_or(Bail)? = rank;
         }
@@ -445,7 +493,7 @@ impl TextWorkspace {
         keys: &SchemaKeys,
         disclose: &dyn Fn(&FieldSpec) -> Disclosure,
         out: &mut SecretBuf,
-    ) -> Step<Vec<FieldReport>> {
+    ) -> Step<()> {
         if header.schema() != &schema.name
             || header.schema_version() != schema.version
             || !keys.is_for(header.tenant(), schema)
@@ -473,7 +521,7 @@ impl TextWorkspace {
         for (listed, &at) in header.fields().iter().zip(&self.order) {
             let found = self.scan.found.get(at).ok_or(Bail)?;
             let mode = schema.fields.get(found.field).ok_or(Bail)?.mode;
-            if found.pointer != listed.pointer || mode != listed.mode {
+            if self.scan.pointer(found.pointer) != listed.pointer || mode != listed.mode {
                 return Err(Bail);
             }
             if matches!(listed.mode, FieldMode::Deterministic | FieldMode::Pseudonym) {
@@ -497,7 +545,7 @@ impl TextWorkspace {
                 (FieldMode::Randomized | FieldMode::BlindIndex, _) => {
                     self.aad.clear();
                     self.aad.extend_from_slice(&aad_prefix);
-                    self.aad.extend_from_slice(found.pointer.as_bytes());
+                    self.aad.extend_from_slice(self.scan.pointer(found.pointer).as_bytes());
                     (RANDOMIZED_PREFIX, &record_aead, self.aad.as_slice())
                 }
                 (FieldMode::Deterministic, Some(FieldKeys::Deterministic { enc, aad, .. })) => {
@@ -522,12 +570,14 @@ impl TextWorkspace {
                 else {
                     return Err(Bail);
                 };
+                let pointer = self.scan.pointer(found.pointer);
                 let at = self
                     .scan
                     .siblings
                     .iter()
                     .position(|s| {
-                        s.pointer.strip_prefix(found.pointer.as_str()) == Some(BLIND_INDEX_SUFFIX)
+                        self.scan.pointer(s.pointer).strip_prefix(pointer)
+                            == Some(BLIND_INDEX_SUFFIX)
                     })
                     .ok_or(Bail)?;
                 let sibling = self.scan.siblings.get(at).ok_or(Bail)?;
@@ -544,10 +594,10 @@ impl TextWorkspace {
         }
 
         // Every check passed: only now does any plaintext enter the output.
-        let mut shown = Vec::with_capacity(self.scan.found.len());
+        self.shown.clear();
         for (found, &plain) in self.scan.found.iter().zip(&self.plains) {
             let spec = schema.fields.get(found.field).ok_or(Bail)?;
-            shown.push(match disclose(spec) {
+            self.shown.push(match disclose(spec) {
                 Disclosure::Reveal => Shown::Plain(plain),
                 Disclosure::Mask => match spec.mask {
                     Some(mask) => {
@@ -579,7 +629,7 @@ impl TextWorkspace {
                         w.raw(sibling.value);
                     }
                 }
-                Event::Found(at) => match shown.get(at).ok_or(Bail)? {
+                Event::Found(at) => match self.shown.get(at).ok_or(Bail)? {
                     Shown::Plain(plain) => {
                         w.value(plain_bytes(*plain, self.opened.as_slice(), bytes))
                     }
@@ -597,22 +647,17 @@ impl TextWorkspace {
                 },
             }
         }
-        let mut reports = Vec::with_capacity(self.order.len());
         for &at in &self.order {
-            let found = self.scan.found.get_mut(at).ok_or(Bail)?;
+            let found = self.scan.found.get(at).ok_or(Bail)?;
             let spec = schema.fields.get(found.field).ok_or(Bail)?;
-            let outcome = match shown.get(at).ok_or(Bail)? {
+            let outcome = match self.shown.get(at).ok_or(Bail)? {
                 Shown::Plain(_) => FieldOutcome::Revealed,
                 Shown::Masked(_) => FieldOutcome::Masked,
                 Shown::Withheld => FieldOutcome::Withheld,
             };
-            reports.push(FieldReport {
-                pointer: std::mem::take(&mut found.pointer),
-                class: spec.class.clone(),
-                outcome,
-            });
+            self.reports.push(self.scan.pointer(found.pointer), &spec.class, outcome);
         }
-        Ok(reports)
+        Ok(())
     }
 }
 

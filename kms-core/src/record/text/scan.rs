@@ -57,11 +57,18 @@ pub(super) enum Event {
     Header(Span),
 }
 
+/// Where a concrete pointer lies in [`Scan::pointers`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct PointerSpan {
+    start: usize,
+    end: usize,
+}
+
 /// A protected location.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Found {
     /// Concrete pointer, as the header lists it.
-    pub(super) pointer: String,
+    pub(super) pointer: PointerSpan,
     /// Index of the schema field whose path matched.
     pub(super) field: usize,
     /// The value's text.
@@ -72,7 +79,7 @@ pub(super) struct Found {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Sibling {
     /// Its concrete pointer (the location's pointer and the suffix).
-    pub(super) pointer: String,
+    pub(super) pointer: PointerSpan,
     /// Its value's text.
     pub(super) value: Span,
 }
@@ -100,6 +107,10 @@ pub(super) struct Scan {
     seen: Vec<Span>,
     /// The concrete pointer of the value being walked.
     pointer: String,
+    /// The pointers of [`Self::found`] and [`Self::siblings`], one after
+    /// another: one buffer reused from record to record, not a string
+    /// allocated per location.
+    pointers: String,
 }
 
 impl Scan {
@@ -111,6 +122,7 @@ impl Scan {
         self.cursors.clear();
         self.seen.clear();
         self.pointer.clear();
+        self.pointers.clear();
         let r = Reader { text, pos: 0 };
         let mut walk = Walk { r, schema, direction, scan: self };
         walk.r.skip_ws();
@@ -126,6 +138,40 @@ impl Scan {
         }
         Ok(())
     }
+
+    /// The pointer a location or sibling was found at.
+    pub(super) fn pointer(&self, at: PointerSpan) -> &str {
+        self.pointers.get(at.start..at.end).unwrap_or_default()
+    }
+
+    /// Keeps `pointer` (with `suffix`, if any) for a location or sibling.
+    fn hold(&mut self, suffix: Option<&str>) -> PointerSpan {
+        let start = self.pointers.len();
+        self.pointers.push_str(&self.pointer);
+        if let Some(name) = suffix {
+            push_escaped(&mut self.pointers, name);
+        }
+        PointerSpan { start, end: self.pointers.len() }
+    }
+}
+
+/// Schema paths through one object whose expected names a walk keeps on
+/// the stack (more go to the heap).
+const EXPECTED_ON_STACK: usize = 16;
+
+/// A member name a cursor expects next.
+#[derive(Clone, Copy)]
+struct Expected<'s> {
+    key: &'s [u8],
+    field: usize,
+    matched: usize,
+    /// The key is a blind index path's last token: `<key>_bidx` is its
+    /// sibling.
+    sibling: bool,
+}
+
+impl Expected<'_> {
+    const NONE: Self = Self { key: &[], field: 0, matched: 0, sibling: false };
 }
 
 /// Reads valid JSON text token by token.
@@ -276,7 +322,8 @@ impl Walk<'_, '_> {
             }
             let value = self.r.skip_value()?;
             self.scan.events.push(Event::Found(self.scan.found.len()));
-            self.scan.found.push(Found { pointer: self.scan.pointer.clone(), field, value });
+            let pointer = self.scan.hold(None);
+            self.scan.found.push(Found { pointer, field, value });
             return Ok(());
         }
         match self.r.peek() {
@@ -291,13 +338,34 @@ impl Walk<'_, '_> {
     }
 
     fn object(&mut self, from: usize, to: usize, root: bool) -> Step<()> {
-        // `*` over an object, even an empty one, is a shape error in the
-        // tree path.
-        for i in from..to {
-            let &(field, matched) = self.scan.cursors.get(i).ok_or(Bail)?;
-            if !matches!(self.tokens(field)?.get(matched), Some(PatternToken::Key(_))) {
-                return Err(Bail);
+        // What each cursor expects next, fetched from the schema once per
+        // object rather than once per member: a member name is compared
+        // with these without going through the schema's fields, paths and
+        // tokens each time (that pointer chase was most of this walk).
+        let mut on_stack = [Expected::NONE; EXPECTED_ON_STACK];
+        let mut on_heap = Vec::new();
+        let expected = match on_stack.get_mut(..to - from) {
+            Some(expected) => expected,
+            None => {
+                on_heap.resize(to - from, Expected::NONE);
+                on_heap.as_mut_slice()
             }
+        };
+        for (slot, i) in expected.iter_mut().zip(from..to) {
+            let &(field, matched) = self.scan.cursors.get(i).ok_or(Bail)?;
+            let spec = self.schema.fields.get(field).ok_or(Bail)?;
+            let tokens = spec.path.tokens();
+            // `*` over an object, even an empty one, is a shape error in
+            // the tree path.
+            let Some(PatternToken::Key(key)) = tokens.get(matched) else {
+                return Err(Bail);
+            };
+            *slot = Expected {
+                key: key.as_bytes(),
+                field,
+                matched,
+                sibling: spec.mode == FieldMode::BlindIndex && matched + 1 == tokens.len(),
+            };
         }
         self.r.pos += 1; // '{'
         self.scan.events.push(Event::Open(b'{'));
@@ -316,20 +384,13 @@ impl Walk<'_, '_> {
             let bytes = unquoted.as_bytes();
             let children = self.scan.cursors.len();
             let mut sibling = false;
-            for i in from..to {
-                let &(field, matched) = self.scan.cursors.get(i).ok_or(Bail)?;
-                let spec = self.schema.fields.get(field).ok_or(Bail)?;
-                let tokens = spec.path.tokens();
-                let Some(PatternToken::Key(key)) = tokens.get(matched) else {
-                    return Err(Bail); // checked above; a cursor is never complete here
-                };
-                let key = key.as_bytes();
+            for e in expected.iter() {
+                let key = e.key;
                 // Lengths and first bytes settle most pairs without a
                 // call to memcmp.
                 if key.len() == bytes.len() && key.first() == bytes.first() && key == bytes {
-                    self.scan.cursors.push((field, matched + 1));
-                } else if spec.mode == FieldMode::BlindIndex
-                    && matched + 1 == tokens.len()
+                    self.scan.cursors.push((e.field, e.matched + 1));
+                } else if e.sibling
                     && bytes.len() == key.len() + BLIND_INDEX_SUFFIX.len()
                     && is_sibling(bytes, key)
                 {
@@ -367,8 +428,7 @@ impl Walk<'_, '_> {
                 if header {
                     self.scan.events.push(Event::Header(value));
                 } else {
-                    let mut pointer = self.scan.pointer.clone();
-                    push_escaped(&mut pointer, unquoted);
+                    let pointer = self.scan.hold(Some(unquoted));
                     self.scan.events.push(Event::Sibling(self.scan.siblings.len()));
                     self.scan.siblings.push(Sibling { pointer, value });
                 }
