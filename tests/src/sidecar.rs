@@ -64,7 +64,10 @@ impl Sidecar {
         std::fs::write(dir.join("ca.crt"), pki.ca.cert_pem()).unwrap();
         let urls: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
         let urls = urls.join(", ");
-        std::fs::write(dir.join("patient.toml"), PATIENT_SCHEMA).unwrap();
+        // A test may have written schemas of its own there.
+        if !dir.join("patient.toml").exists() {
+            std::fs::write(dir.join("patient.toml"), PATIENT_SCHEMA).unwrap();
+        }
         let socket = dir.join("sidecar.sock");
         // Top-level keys of `extra` go before the first table, tables after.
         let split = if extra.starts_with('[') {

@@ -601,3 +601,53 @@ async fn a_batch_mixing_tenants_is_served_tenant_by_tenant_record_by_record() {
     assert_eq!(status, 200, "{body}");
     check(&body, 2);
 }
+
+/// Records of one tenant and schema under two schema versions, decrypted
+/// alike (the same fields, the same outcomes): each record's report gives
+/// its own version's class and reason, not the other's.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_mixing_schema_versions_reports_each_versions_classes() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(&dir.path().join("ks"), "");
+    let (status, _) = ks.post(ADMIN, "/v1/tenants", &json!({"tenant": "onc"})).await;
+    assert_eq!(status, 201);
+    // Version 2 files the diagnosis under another class, which this
+    // identity is not granted either.
+    let v2 = keygate_tests::PATIENT_SCHEMA.replace("version = 1", "version = 2").replace(
+        r#""/diagnosis",  mode = "randomized",    class = "phi.clinical""#,
+        r#""/diagnosis",  mode = "randomized",    class = "phi.notes""#,
+    );
+    assert!(v2.contains("phi.notes"));
+    let sidecar_dir = dir.path().join("contact");
+    std::fs::create_dir_all(&sidecar_dir).unwrap();
+    std::fs::write(
+        sidecar_dir.join("patient.toml"),
+        format!("{}\n{v2}", keygate_tests::PATIENT_SCHEMA),
+    )
+    .unwrap();
+    let contact = Sidecar::start(&ks, &sidecar_dir, CONTACT, "");
+    let mut records = Vec::new();
+    for i in 0..4 {
+        let version = i % 2 + 1;
+        let body = json!({"tenant": "onc", "schema": "patient", "schema_version": version, "record": patient(i)});
+        let (status, body) = contact.post("/v1/encrypt", &body).await;
+        assert_eq!(status, 200, "{body}");
+        records.push(body["record"].clone());
+    }
+    let (status, body) = contact.post("/v1/decrypt", &json!({"records": records})).await;
+    assert_eq!(status, 200, "{body}");
+    for (i, report) in body["report"].as_array().unwrap().iter().enumerate() {
+        let version = i % 2 + 1;
+        assert_eq!(report["schema_version"], version, "{report}");
+        let diagnosis =
+            report["fields"].as_array().unwrap().iter().find(|f| f["pointer"] == "/diagnosis");
+        let diagnosis = diagnosis.unwrap_or_else(|| panic!("record {i}: {report}"));
+        let class = if version == 1 { "phi.clinical" } else { "phi.notes" };
+        assert_eq!(
+            (&diagnosis["class"], &diagnosis["outcome"]),
+            (&json!(class), &json!("withheld"))
+        );
+        assert!(diagnosis["reason"].as_str().unwrap().contains(class), "{diagnosis}");
+        assert!(body["records"][i].get("diagnosis").is_none(), "record {i}");
+    }
+}

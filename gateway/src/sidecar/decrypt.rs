@@ -21,7 +21,7 @@ use kms_core::{KekVersion, Key256, Name, RecordKeyId, TenantId};
 
 use super::api::DecryptRequest;
 use super::handlers::{Answer, dek_requests_by_tenant};
-use super::report::{FieldEntry, Report, ReportContext};
+use super::report::{FieldEntry, FieldsKey, Report, ReportContext};
 use super::reporter::{Access, AccessEvent};
 use super::state::{SidecarState, ks_error};
 use crate::error::ApiError;
@@ -147,9 +147,10 @@ pub(super) async fn decrypt(
             g.ids.push(id);
         }
         // The event group fixes every field's pointer and outcome, and the
-        // resolved schema each one's class and reason: together they fix
-        // the `fields` list.
-        let listed = report.fields((group, at), || {
+        // resolved schema version each one's class (a schema's paths never
+        // overlap, so a pointer names one field) and the access that gives
+        // its reason: together they fix the `fields` list.
+        let listed = report.fields(FieldsKey { group, resolved: at }, || {
             fields
                 .iter()
                 .map(|f| FieldEntry {
@@ -181,7 +182,7 @@ pub(super) async fn decrypt(
     );
     let out = answer.end_records();
     out.extend_from_slice(b",\"report\":");
-    out.extend_from_slice(report.text());
+    out.extend_from_slice(&report.finish());
     Ok(answer.finish())
 }
 

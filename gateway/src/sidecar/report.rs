@@ -1,9 +1,9 @@
 //! The decrypt answer's `report`: one entry per record, written as JSON
 //! text as the records are decrypted.
 //!
-//! The text is what serde_json writes for the `RecordReport` of the API
-//! (members in alphabetical order, as a JSON map would print them); the
-//! tests hold the writer to serde's own output. Written by hand because
+//! Members are in alphabetical order, as serde_json writes a JSON map:
+//! that order is the wire form, and the tests hold the writer to serde's
+//! own output for structs declared in that order. Written by hand because
 //! serde's string escaping, one call per pointer and class, was about 4 %
 //! of a batch decrypt; nearly every string here needs no escape at all.
 //!
@@ -47,13 +47,27 @@ impl ReportContext {
     }
 }
 
+/// What decides a record's `fields` list in one request: the audit event
+/// group it joined (which fixes each field's pointer and outcome) and the
+/// tenant and schema version it was resolved under (which fix each
+/// field's class and the caller's access to it, hence the reasons).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct FieldsKey {
+    pub(super) group: usize,
+    pub(super) resolved: usize,
+}
+
+/// A `fields` list [`Report::fields`] has written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Fields(usize);
+
 /// The report's text: a JSON array with one entry per record, and the
 /// `fields` lists written so far, for reuse.
 #[derive(Default)]
 pub(super) struct Report {
     text: Vec<u8>,
-    /// Each `fields` list written, under the key its writer gave it.
-    fields: Vec<((usize, usize), Vec<u8>)>,
+    /// Each `fields` list written, under its key.
+    fields: Vec<(FieldsKey, Vec<u8>)>,
 }
 
 impl Report {
@@ -63,28 +77,25 @@ impl Report {
     }
 
     /// The `fields` list under `key`, written by `entries` the first time
-    /// `key` is asked for. A key must stand for one list: the caller keys
-    /// by what decides every entry (which records share an audit event,
-    /// and the tenant and schema version).
+    /// `key` is asked for.
     pub(super) fn fields<'e>(
         &mut self,
-        key: (usize, usize),
+        key: FieldsKey,
         entries: impl FnOnce() -> Vec<FieldEntry<'e>>,
-    ) -> usize {
+    ) -> Fields {
         if let Some(at) = self.fields.iter().position(|(k, _)| *k == key) {
-            return at;
+            return Fields(at);
         }
         let mut text = Vec::with_capacity(512);
         write_fields(&mut text, &entries());
         self.fields.push((key, text));
-        self.fields.len() - 1
+        Fields(self.fields.len() - 1)
     }
 
-    /// Appends one record's entry, with the `fields` list [`Self::fields`]
-    /// returned `fields` for.
+    /// Appends one record's entry, with a `fields` list of this report.
     pub(super) fn record(
         &mut self,
-        fields: usize,
+        fields: Fields,
         kek_version: KekVersion,
         record_key_id: &RecordKeyId,
         stale_key_version: bool,
@@ -93,8 +104,10 @@ impl Report {
         let out = &mut self.text;
         out.extend_from_slice(if out.is_empty() { b"[" } else { b"," });
         out.extend_from_slice(b"{\"fields\":");
-        if let Some((_, text)) = self.fields.get(fields) {
-            out.extend_from_slice(text);
+        match self.fields.get(fields.0) {
+            Some((_, text)) => out.extend_from_slice(text),
+            // A `Fields` comes from this report's own list.
+            None => out.extend_from_slice(b"[]"),
         }
         out.extend_from_slice(b",\"kek_version\":");
         number(out, kek_version.into());
@@ -111,12 +124,12 @@ impl Report {
     }
 
     /// The whole array.
-    pub(super) fn text(&mut self) -> &[u8] {
+    pub(super) fn finish(mut self) -> Vec<u8> {
         if self.text.is_empty() {
             self.text.extend_from_slice(b"[");
         }
         self.text.extend_from_slice(b"]");
-        &self.text
+        self.text
     }
 }
 
@@ -165,7 +178,7 @@ mod tests {
 
     use super::*;
 
-    /// What serde_json writes: the API's types, in miniature.
+    /// What serde_json writes, with members declared in the wire order.
     #[derive(Serialize)]
     struct RecordReport {
         fields: Vec<Entry>,
@@ -199,7 +212,7 @@ mod tests {
     fn written(reports: &[RecordReport]) -> String {
         let mut report = Report::default();
         for (i, r) in reports.iter().enumerate() {
-            let fields = report.fields((i, 0), || {
+            let fields = report.fields(FieldsKey { group: i, resolved: 0 }, || {
                 r.fields
                     .iter()
                     .map(|e| FieldEntry {
@@ -213,7 +226,7 @@ mod tests {
             let context = ReportContext::new(&r.tenant, &r.schema, r.schema_version);
             report.record(fields, r.kek_version, &r.record_key_id, r.stale_key_version, &context);
         }
-        String::from_utf8(report.text().to_vec()).unwrap()
+        String::from_utf8(report.finish()).unwrap()
     }
 
     fn odd_reports() -> Vec<RecordReport> {
@@ -267,9 +280,10 @@ mod tests {
                 vec![FieldEntry { class, outcome: "revealed", pointer: "/a", reason: None }]
             })
         };
-        let first = list(&mut report, (0, 0), "x");
-        assert_eq!(list(&mut report, (0, 0), "ignored: the key is known"), first);
-        let other = list(&mut report, (0, 1), "y");
+        let key = |group, resolved| FieldsKey { group, resolved };
+        let first = list(&mut report, key(0, 0), "x");
+        assert_eq!(list(&mut report, key(0, 0), "ignored: the key is known"), first);
+        let other = list(&mut report, key(0, 1), "y");
         assert_ne!(other, first);
         assert_eq!(calls, 2);
         let context = ReportContext::new(&TenantId::new("t").unwrap(), &Name::new("s").unwrap(), 1);
@@ -277,7 +291,7 @@ mod tests {
         report.record(first, 1, &id, false, &context);
         report.record(other, 2, &id, true, &context);
         report.record(first, 1, &id, false, &context);
-        let value: serde_json::Value = serde_json::from_slice(report.text()).unwrap();
+        let value: serde_json::Value = serde_json::from_slice(&report.finish()).unwrap();
         let classes: Vec<&str> = value
             .as_array()
             .unwrap()

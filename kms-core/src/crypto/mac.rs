@@ -46,14 +46,6 @@ pub fn hmac(key: &Key256, parts: &[&[u8]]) -> MacTag {
     mac.finalize().into_bytes().into()
 }
 
-/// Verifies that `tag` equals the leftmost `tag.len()` bytes of
-/// `HMAC-SHA256(key, message)`, in constant time.
-pub fn verify_truncated(key: &Key256, message: &[u8], tag: &[u8]) -> Result<(), CannotDecrypt> {
-    let mut mac = MacStream::new(key);
-    mac.update(message);
-    mac.verify_truncated(tag)
-}
-
 /// One HMAC-SHA256 over a message fed in pieces, so that a message made
 /// of parts need not be copied into one buffer first.
 pub struct MacStream(Hmac<Sha256>);
@@ -121,13 +113,20 @@ mod tests {
     }
 
     #[test]
-    fn truncated_verification() {
+    fn a_stream_fed_in_pieces_tags_and_verifies_the_whole_message() {
         let key = Key256::from_array(&mut [9; 32]);
         let tag = hmac(&key, &[b"message"]);
-        assert!(verify_truncated(&key, b"message", &tag[..16]).is_ok());
-        assert!(verify_truncated(&key, b"messagf", &tag[..16]).is_err());
+        let fed = |pieces: &[&[u8]]| {
+            let mut mac = MacStream::new(&key);
+            pieces.iter().for_each(|p| mac.update(p));
+            mac
+        };
+        assert_eq!(fed(&[b"mes", b"", b"sage"]).finish(), tag);
+        assert!(fed(&[b"message"]).verify_truncated(&tag[..16]).is_ok());
+        assert!(fed(&[b"messa", b"gf"]).verify_truncated(&tag[..16]).is_err());
         let mut bad = tag;
         bad[15] ^= 1;
-        assert!(verify_truncated(&key, b"message", &bad[..16]).is_err());
+        assert!(fed(&[b"message"]).verify_truncated(&bad[..16]).is_err());
+        assert_eq!(format!("{:?}", fed(&[])), "MacStream(..)");
     }
 }

@@ -118,16 +118,12 @@ impl<'h> ListedFields<'h> {
 
     /// The `i`th, in pointer order.
     pub fn get(&self, i: usize) -> Option<ListedField<'h>> {
-        self.fields.get(i).map(|at| self.listed(at))
+        self.fields.get(i).map(|at| listed(self.pointers, at))
     }
 
     /// All of them, in pointer order.
     pub fn iter(&self) -> ListedIter<'h> {
         ListedIter { pointers: self.pointers, fields: self.fields.iter() }
-    }
-
-    fn listed(&self, at: &FieldAt) -> ListedField<'h> {
-        listed(self.pointers, at)
     }
 }
 
@@ -185,6 +181,8 @@ struct Listing {
 
 impl Listing {
     fn with_capacity(n: usize) -> Self {
+        // Room for pointers of 16 bytes on average (`/diagnosis/notes`),
+        // so that a usual header's fit without growing.
         Self { pointers: String::with_capacity(n * 16), fields: Vec::with_capacity(n) }
     }
 
