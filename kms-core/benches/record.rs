@@ -13,7 +13,7 @@ use std::hint::black_box;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use kms_core::crypto::Aead;
 use kms_core::record::{
-    Disclosure, EncryptedRecord, EncryptedText, HeaderContents, HeaderField, RecordHeader,
+    Disclosure, EncryptedRecord, EncryptedText, HeaderContents, ListedField, RecordHeader,
     SchemaKeys, TextWorkspace, blind_index_token, encrypt_record, index_token, pseudonym,
 };
 use kms_core::schema::{FieldMode, Schema, SchemaSet};
@@ -248,11 +248,8 @@ fn header(c: &mut Criterion) {
         FieldMode::Pseudonym,
         FieldMode::Randomized,
     ];
-    let fields: Vec<HeaderField> = pointers
-        .iter()
-        .zip(modes)
-        .map(|(p, mode)| HeaderField { pointer: (*p).to_owned(), mode })
-        .collect();
+    let fields: Vec<ListedField<'_>> =
+        pointers.iter().zip(modes).map(|(p, mode)| ListedField { pointer: p, mode }).collect();
     let contents = || HeaderContents {
         tenant: &fx.tenant,
         schema: &schema_name,

@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use super::header::{HeaderContents, HeaderField};
+use super::header::{HeaderContents, ListedField};
 use super::keys::{FieldKeys, SchemaKeys};
 use super::transform::{self, RANDOMIZED_PREFIX, WipedValue};
 use super::{BLIND_INDEX_SUFFIX, HEADER_MEMBER, MAX_FIELDS, RecordError};
@@ -73,9 +73,9 @@ pub fn encrypt_record(
         schema_version: schema.version,
         record_key_id: dek.record_key_id,
         fields: locations
-            .into_iter()
+            .iter()
             .zip(&specs)
-            .map(|(loc, (_, spec))| HeaderField { pointer: loc.pointer, mode: spec.mode })
+            .map(|(loc, (_, spec))| ListedField { pointer: &loc.pointer, mode: spec.mode })
             .collect(),
         kek_version: dek.kek_version,
         wrapped_dek: dek.wrapped,

@@ -69,16 +69,7 @@ pub enum HeaderError {
     Invalid(&'static str),
 }
 
-/// One protected location for a new header to list.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeaderField {
-    /// Concrete JSON pointer (array elements by index).
-    pub pointer: String,
-    /// The field's mode.
-    pub mode: FieldMode,
-}
-
-/// One protected location a header lists.
+/// One protected location a header lists (or is to list).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ListedField<'h> {
     /// Concrete JSON pointer (array elements by index).
@@ -229,7 +220,7 @@ pub struct HeaderContents<'a> {
     /// The record's DEK id.
     pub record_key_id: RecordKeyId,
     /// Protected locations; must be sorted by pointer, without duplicates.
-    pub fields: Vec<HeaderField>,
+    pub fields: Vec<ListedField<'a>>,
     /// KEK version the DEK is wrapped under.
     pub kek_version: KekVersion,
     /// The wrapped DEK.
@@ -262,8 +253,8 @@ impl HeaderContents<'_> {
         signed.extend_from_slice(&n.to_be_bytes());
         let mut fields = Listing::with_capacity(self.fields.len());
         for field in &self.fields {
-            check_pointer(&field.pointer, fields.last())?;
-            fields.push(&field.pointer, field.mode);
+            check_pointer(field.pointer, fields.last())?;
+            fields.push(field.pointer, field.mode);
             let len = u16::try_from(field.pointer.len()).map_err(|_| HeaderError::TooLarge)?;
             signed.extend_from_slice(&len.to_be_bytes());
             signed.extend_from_slice(field.pointer.as_bytes());
@@ -526,7 +517,7 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
 
-    fn sample(fields: Vec<HeaderField>) -> (RecordHeader, Key256) {
+    fn sample(fields: Vec<ListedField<'_>>) -> (RecordHeader, Key256) {
         let dek = Key256::from_array(&mut [9; 32]);
         let header = HeaderContents {
             tenant: &TenantId::new("onc").unwrap(),
@@ -543,8 +534,8 @@ mod tests {
         (header, dek)
     }
 
-    fn field(p: &str, mode: FieldMode) -> HeaderField {
-        HeaderField { pointer: p.to_owned(), mode }
+    fn field(pointer: &str, mode: FieldMode) -> ListedField<'_> {
+        ListedField { pointer, mode }
     }
 
     #[test]

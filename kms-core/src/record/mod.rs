@@ -16,8 +16,8 @@ mod transform;
 pub use self::decrypt::{DecryptedRecord, Disclosure, EncryptedRecord, FieldOutcome, FieldReport};
 pub use self::encrypt::encrypt_record;
 pub use self::header::{
-    HEADER_PREFIX, HeaderContents, HeaderError, HeaderField, ListedField, ListedFields, ListedIter,
-    MAX_FIELDS, MAX_HEADER_LEN, RecordHeader, UnsignedHeader,
+    HEADER_PREFIX, HeaderContents, HeaderError, ListedField, ListedFields, ListedIter, MAX_FIELDS,
+    MAX_HEADER_LEN, RecordHeader, UnsignedHeader,
 };
 pub use self::index::index_token;
 pub use self::keys::{

@@ -26,7 +26,7 @@ use serde_json::value::RawValue;
 use self::scan::{Bail, Direction, Event, Scan, Span, Step};
 use self::write::Writer;
 use super::decrypt::{Disclosure, EncryptedRecord, FieldOutcome, FieldReport};
-use super::header::{HeaderContents, HeaderField, RecordHeader};
+use super::header::{HeaderContents, ListedField, RecordHeader};
 use super::keys::{FieldKeys, SchemaKeys};
 use super::transform::{self, DETERMINISTIC_PREFIX, IndexText, RANDOMIZED_PREFIX, WipedValue};
 use super::{BLIND_INDEX_SUFFIX, HEADER_MEMBER, RecordError, encrypt_record};
@@ -319,7 +319,7 @@ impl TextWorkspace {
         for &at in &self.order {
             let found = self.scan.found.get(at).ok_or(Fallback::Tree)?;
             let mode = schema.fields.get(found.field).ok_or(Fallback::Tree)?.mode;
-            fields.push(HeaderField { pointer: self.scan.pointer(found.pointer).to_owned(), mode });
+            fields.push(ListedField { pointer: self.scan.pointer(found.pointer), mode });
         }
         let unsigned = HeaderContents {
             tenant,
