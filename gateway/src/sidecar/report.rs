@@ -49,8 +49,8 @@ impl ReportContext {
 
 /// What decides a record's `fields` list in one request: the audit event
 /// group it joined (which fixes each field's pointer and outcome) and the
-/// tenant and schema version it was resolved under (which fix each
-/// field's class and the caller's access to it, hence the reasons).
+/// tenant, schema and schema version it was resolved under (which fix
+/// each field's class and the caller's access to it, hence the reasons).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct FieldsKey {
     pub(super) group: usize,
@@ -106,7 +106,8 @@ impl Report {
         out.extend_from_slice(b"{\"fields\":");
         match self.fields.get(fields.0) {
             Some((_, text)) => out.extend_from_slice(text),
-            // A `Fields` comes from this report's own list.
+            // Not reached: a `Fields` is only made by this report's
+            // `fields`, and the list never shrinks.
             None => out.extend_from_slice(b"[]"),
         }
         out.extend_from_slice(b",\"kek_version\":");

@@ -173,7 +173,7 @@ struct Listing {
 impl Listing {
     fn with_capacity(n: usize) -> Self {
         // Room for pointers of 16 bytes on average (`/diagnosis/notes`),
-        // so that a usual header's fit without growing.
+        // so that a usual header's pointers fit without growing.
         Self { pointers: String::with_capacity(n * 16), fields: Vec::with_capacity(n) }
     }
 
