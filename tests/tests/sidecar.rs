@@ -23,10 +23,16 @@ fn patient(i: usize) -> Value {
     })
 }
 
-async fn stack(dir: &std::path::Path, sidecar_extra: &str) -> (KeyService, Sidecar) {
+/// A key service in `dir/ks` with the tenant `onc`.
+async fn key_service_with_onc(dir: &std::path::Path) -> KeyService {
     let ks = KeyService::start(&dir.join("ks"), "");
     let (status, _) = ks.post(ADMIN, "/v1/tenants", &json!({"tenant": "onc"})).await;
     assert_eq!(status, 201);
+    ks
+}
+
+async fn stack(dir: &std::path::Path, sidecar_extra: &str) -> (KeyService, Sidecar) {
+    let ks = key_service_with_onc(dir).await;
     let sidecar = Sidecar::start(&ks, &dir.join("sidecar"), CLINICAL, sidecar_extra);
     (ks, sidecar)
 }
@@ -355,9 +361,7 @@ async fn refuses_when_audit_events_cannot_be_delivered_for_too_long() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bearer_token_and_reasons() {
     let dir = tempfile::tempdir().unwrap();
-    let ks = KeyService::start(&dir.path().join("ks"), "");
-    let (status, _) = ks.post(ADMIN, "/v1/tenants", &json!({"tenant": "onc"})).await;
-    assert_eq!(status, 201);
+    let ks = key_service_with_onc(dir.path()).await;
     let token_dir = dir.path().join("contact");
     std::fs::create_dir_all(&token_dir).unwrap();
     std::fs::write(token_dir.join("token"), "a-long-enough-bearer-token-for-tests\n").unwrap();
@@ -608,9 +612,7 @@ async fn a_batch_mixing_tenants_is_served_tenant_by_tenant_record_by_record() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_mixing_schema_versions_reports_each_versions_classes() {
     let dir = tempfile::tempdir().unwrap();
-    let ks = KeyService::start(&dir.path().join("ks"), "");
-    let (status, _) = ks.post(ADMIN, "/v1/tenants", &json!({"tenant": "onc"})).await;
-    assert_eq!(status, 201);
+    let ks = key_service_with_onc(dir.path()).await;
     // Version 2 files the diagnosis under another class, which this
     // identity is not granted either.
     let v2 = keygate_tests::PATIENT_SCHEMA.replace("version = 1", "version = 2").replace(

@@ -62,7 +62,8 @@ struct EventGroup {
 /// The answer: `record` or `records`, then `report`. Plaintext leaves in
 /// it: one buffer, sized from the request (records shrink as their
 /// ciphertexts open, and each gains a report of about that size), wiped
-/// once sent.
+/// once sent. The report, which holds no values, is written beside it as
+/// the records are decrypted and copied in at the end.
 pub(super) async fn decrypt(
     State(s): State<Arc<SidecarState>>,
     body: ApiBody,
