@@ -26,6 +26,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("keyservice_request", keyservice_request),
     ("sidecar_request", sidecar_request),
     ("unwrap_binary", unwrap_binary),
+    ("issue_binary", issue_binary),
 ];
 
 /// The record header parser must be total: any bytes give a header or an
@@ -129,4 +130,9 @@ pub fn sidecar_request(data: &[u8]) {
 /// `gateway::fuzzing::unwrap_binary`.
 pub fn unwrap_binary(data: &[u8]) {
     gateway::fuzzing::unwrap_binary(data);
+}
+
+/// The binary issue answer; see `gateway::fuzzing::issue_binary`.
+pub fn issue_binary(data: &[u8]) {
+    gateway::fuzzing::issue_binary(data);
 }

@@ -82,6 +82,20 @@ pub fn unwrap_binary(data: &[u8]) {
     }
 }
 
+/// The binary issue answer as the sidecar reads it: after a first byte
+/// giving the key count, any bytes give the keys or an error, and keys
+/// write back to the same bytes.
+pub fn issue_binary(data: &[u8]) {
+    use crate::issue_binary::{decode_answer, write_answer};
+    let Some((&count, answer)) = data.split_first() else { return };
+    if let Ok(keys) = decode_answer(answer, usize::from(count)) {
+        let version = answer.first_chunk::<4>().map(|v| u32::from_be_bytes(*v));
+        assert!(keys.iter().all(|k| Some(k.kek_version) == version), "one version for all");
+        let again = write_answer(version.unwrap_or_default(), &keys);
+        assert_eq!(again.as_slice(), answer, "an answer has one encoding");
+    }
+}
+
 /// Every sidecar request body, validated and then processed by the record
 /// code with fixed keys and the sample `patient` schema: each record is
 /// encrypted by the text path and by the tree path, which must agree (see

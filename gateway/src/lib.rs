@@ -29,6 +29,7 @@ pub mod extract;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod hygiene;
+pub mod issue_binary;
 pub mod metrics;
 pub mod openapi;
 pub mod pki;

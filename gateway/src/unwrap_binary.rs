@@ -33,7 +33,7 @@ pub const ANSWER_KEY_LEN: usize = 1 + KEY_LEN;
 /// what is wrong, never the bytes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct Malformed(&'static str);
+pub struct Malformed(pub(crate) &'static str);
 
 /// A decoded unwrap request.
 #[derive(Debug)]

@@ -18,8 +18,8 @@ use zeroize::Zeroize;
 
 use super::config::KeyServiceConfig;
 use crate::policy::EffectiveGrants;
-use crate::unwrap_binary;
 use crate::wire::SecretB64;
+use crate::{issue_binary, unwrap_binary};
 
 /// A key service call failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -135,10 +135,12 @@ struct ItemOut {
     wrapped: WrappedDek,
 }
 
-/// A request body and its media type.
+/// A request body, its media type, and the answer's media type asked for
+/// (if not JSON).
 struct Body {
     bytes: Bytes,
     content_type: &'static str,
+    accept: Option<&'static str>,
 }
 
 /// A success answer: its body and media type.
@@ -212,6 +214,7 @@ impl KeyServiceClient {
                     .map_err(|e| KsError::Decode(format!("request not encodable: {e}")))?
                     .into(),
                 content_type: "application/json",
+                accept: None,
             }),
             None => None,
         };
@@ -242,6 +245,9 @@ impl KeyServiceClient {
                 request = request
                     .header(reqwest::header::CONTENT_TYPE, body.content_type)
                     .body(body.bytes.clone());
+                if let Some(accept) = body.accept {
+                    request = request.header(reqwest::header::ACCEPT, accept);
+                }
             }
             let response = match request.send().await {
                 Ok(r) => r,
@@ -285,21 +291,46 @@ impl KeyServiceClient {
         Err(KsError::Unavailable(last_error))
     }
 
-    /// Issues `count` fresh DEKs for `tenant`.
+    /// Issues `count` fresh DEKs for `tenant`, asked in the binary form
+    /// ([`crate::issue_binary`]) and read in whichever form the answer is
+    /// (a key service older than the binary form answers JSON). Exactly
+    /// `count` keys, or an error.
     pub(super) async fn issue(
         &self,
         tenant: &TenantId,
         count: usize,
     ) -> Result<Vec<IssuedDek>, KsError> {
-        let body = json!({ "count": count });
-        let wire: IssueWire = self
-            .call(reqwest::Method::POST, &format!("/v1/tenants/{tenant}/datakeys"), Some(&body))
-            .await?;
-        Ok(wire
-            .keys
-            .into_iter()
-            .map(|k| IssuedDek::new(k.record_key_id, wire.kek_version, k.wrapped, k.dek.0))
-            .collect())
+        let body = Body {
+            bytes: format!("{{\"count\":{count}}}").into_bytes().into(),
+            content_type: "application/json",
+            accept: Some(issue_binary::ACCEPT),
+        };
+        let path = format!("/v1/tenants/{tenant}/datakeys");
+        let answer = self.send(reqwest::Method::POST, &path, Some(body)).await?;
+        let binary = answer.media_type.as_ref().is_some_and(|m| m == issue_binary::CONTENT_TYPE);
+        let decoded = if binary {
+            issue_binary::decode_answer(&answer.body, count)
+                .map_err(|e| KsError::Decode(format!("issue: {e}")))
+        } else {
+            serde_json::from_slice::<IssueWire>(&answer.body)
+                .map_err(|e| KsError::Decode(format!("issue: {e}")))
+                .and_then(|wire| {
+                    if wire.keys.len() != count {
+                        return Err(KsError::Decode(
+                            "issue: the answer holds a different number of keys".into(),
+                        ));
+                    }
+                    Ok(wire
+                        .keys
+                        .into_iter()
+                        .map(|k| {
+                            IssuedDek::new(k.record_key_id, wire.kek_version, k.wrapped, k.dek.0)
+                        })
+                        .collect())
+                })
+        };
+        wipe(answer.body);
+        decoded
     }
 
     /// Unwraps DEKs (one call for the whole batch), in the binary form of
@@ -350,6 +381,7 @@ impl KeyServiceClient {
         let body = Body {
             bytes: unwrap_binary::encode_request(purpose, items).into(),
             content_type: unwrap_binary::CONTENT_TYPE,
+            accept: None,
         };
         let answer = self.send(reqwest::Method::POST, path, Some(body)).await?;
         if answer.media_type.as_ref().is_none_or(|m| m != unwrap_binary::CONTENT_TYPE) {
@@ -533,11 +565,13 @@ mod tests {
     use crate::config::TlsConfig;
     use crate::pki::{DevCa, Validity};
 
-    /// The unwrap calls a fake key service saw, by form.
+    /// The unwrap and issue calls a fake key service saw, by form.
     #[derive(Default)]
     struct Seen {
         binary: AtomicUsize,
         json: AtomicUsize,
+        issued_binary: AtomicUsize,
+        issued_json: AtomicUsize,
     }
 
     fn refusal(status: StatusCode, code: &str) -> axum::response::Response {
@@ -547,7 +581,9 @@ mod tests {
     /// A fake key service's unwrap, behind mutual TLS: JSON, and the
     /// binary form if `takes_binary` (otherwise 415, what a key service
     /// older than it answered); 403 for tenant `denied`. Every DEK is
-    /// `[7; 32]`, the active version 4. Returns its URL.
+    /// `[7; 32]`, the active version 4. And its issue: in the binary form
+    /// when asked and `takes_binary`, otherwise JSON (an older one ignores
+    /// `Accept`); one key short for tenant `short`. Returns its URL.
     async fn key_service(dir: &Path, ca: &DevCa, seen: Arc<Seen>, takes_binary: bool) -> String {
         let server = ca.issue_server(&["localhost"], Validity::days(1)).unwrap();
         let tls = TlsConfig {
@@ -561,6 +597,7 @@ mod tests {
         std::fs::write(&tls.client_ca, ca.cert_pem()).unwrap();
         let acceptor =
             tokio_rustls::TlsAcceptor::from(crate::tls::build_server_config(&tls).unwrap());
+        let seen_issue = seen.clone();
         let unwrap = move |UrlPath(tenant): UrlPath<String>, headers: HeaderMap, body: Bytes| {
             let seen = seen.clone();
             async move {
@@ -603,7 +640,48 @@ mod tests {
                     .into_response()
             }
         };
-        let router = Router::new().route("/v1/tenants/{tenant}/datakeys/unwrap", post(unwrap));
+        let issue = move |UrlPath(tenant): UrlPath<String>, headers: HeaderMap, body: Bytes| {
+            let seen = seen_issue.clone();
+            async move {
+                let request: Value = serde_json::from_slice(&body).unwrap();
+                let count = request["count"].as_u64().unwrap() as u8;
+                let count = if tenant == "short" { count - 1 } else { count };
+                let keys: Vec<IssuedDek> = (0..count)
+                    .map(|n| {
+                        IssuedDek::new(
+                            RecordKeyId::from_bytes([n; 16]),
+                            4,
+                            WrappedDek::from_slice(&[n; kms_core::WRAPPED_DEK_LEN]).unwrap(),
+                            Key256::from_array(&mut [n; 32]),
+                        )
+                    })
+                    .collect();
+                if takes_binary && issue_binary::is_asked(&headers) {
+                    seen.issued_binary.fetch_add(1, Ordering::Relaxed);
+                    let out = issue_binary::write_answer(4, &keys);
+                    return (
+                        [(header::CONTENT_TYPE, issue_binary::CONTENT_TYPE)],
+                        out.as_slice().to_vec(),
+                    )
+                        .into_response();
+                }
+                seen.issued_json.fetch_add(1, Ordering::Relaxed);
+                let keys: Vec<Value> = keys
+                    .iter()
+                    .map(|k| {
+                        json!({
+                            "record_key_id": k.record_key_id.to_hex(),
+                            "dek": BASE64URL_NOPAD.encode(k.dek().expose_secret()),
+                            "wrapped": BASE64URL_NOPAD.encode(k.wrapped.as_bytes()),
+                        })
+                    })
+                    .collect();
+                axum::Json(json!({"kek_version": 4, "keys": keys})).into_response()
+            }
+        };
+        let router = Router::new()
+            .route("/v1/tenants/{tenant}/datakeys/unwrap", post(unwrap))
+            .route("/v1/tenants/{tenant}/datakeys", post(issue));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         tokio::spawn(async move {
@@ -693,5 +771,37 @@ mod tests {
             assert!(unwrap_one(&client, "onc").await.is_ok());
         }
         assert_eq!(counts(&seen), (3, 3));
+    }
+
+    /// Issues `count` keys for `tenant`; checks each key is the fake's.
+    async fn issue(client: &KeyServiceClient, tenant: &str, count: u8) -> Result<(), KsError> {
+        let keys = client.issue(&TenantId::new(tenant).unwrap(), usize::from(count)).await?;
+        assert_eq!(keys.len(), usize::from(count));
+        for (n, key) in (0..count).zip(&keys) {
+            assert_eq!(key.record_key_id, RecordKeyId::from_bytes([n; 16]));
+            assert_eq!((key.kek_version, key.wrapped.as_bytes()), (4, &[n; 60]));
+            assert_eq!(key.dek().expose_secret(), &[n; 32]);
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn issued_keys_come_in_the_binary_form_and_from_an_older_key_service_as_json() {
+        for takes_binary in [true, false] {
+            let (_dir, client, seen) = client_of(takes_binary).await;
+            issue(&client, "onc", 3).await.unwrap();
+            issue(&client, "onc", 1).await.unwrap();
+            let forms = (
+                seen.issued_binary.load(Ordering::Relaxed),
+                seen.issued_json.load(Ordering::Relaxed),
+            );
+            assert_eq!(forms, if takes_binary { (2, 0) } else { (0, 2) });
+            // A short answer is an error in either form, never fewer keys.
+            let e = issue(&client, "short", 3).await.unwrap_err();
+            assert!(
+                matches!(&e, KsError::Decode(m) if m.contains("different number of keys")),
+                "{e:?}"
+            );
+        }
     }
 }

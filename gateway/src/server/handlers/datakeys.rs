@@ -5,6 +5,7 @@
 //! are dropped (and wiped) and the caller gets 503 `audit_unavailable`.
 
 use axum::extract::{FromRequest, Request, State};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use kms_core::audit::{AuditEvent, Outcome};
@@ -22,8 +23,8 @@ use crate::server::api::{
     UnwrapResult, WrappedItem,
 };
 use crate::server::{AppState, Caller};
-use crate::unwrap_binary;
 use crate::wire::{SecretBytes, SecretJson};
+use crate::{issue_binary, unwrap_binary};
 
 /// JSON bytes of one issued key:
 /// `{"record_key_id":"<32>","dek":"<43>","wrapped":"<80>"},`.
@@ -32,6 +33,9 @@ const ISSUED_KEY_JSON_LEN: usize = 198;
 const UNWRAPPED_KEY_JSON_LEN: usize = 105;
 
 /// Issues `count` fresh DEKs (role `encryptor`); audited before they leave.
+///
+/// With `Accept: application/vnd.keygate.datakeys.v1` (what the sidecar's
+/// DEK pool sends) it answers in that binary form.
 #[utoipa::path(
     post,
     path = "/v1/tenants/{tenant}/datakeys",
@@ -39,7 +43,10 @@ const UNWRAPPED_KEY_JSON_LEN: usize = 105;
     params(("tenant" = String, Path, description = "Tenant id, `[a-z0-9][a-z0-9_-]{0,62}`")),
     request_body = IssueRequest,
     responses(
-        (status = 200, description = "Fresh DEKs, each with its wrapped form", body = IssueResponse<'_>),
+        (status = 200, description = "Fresh DEKs, each with its wrapped form. In the binary form (asked with `Accept: application/vnd.keygate.datakeys.v1`): the KEK version (u32, big-endian), then per key its record key id (16 bytes), wrapped DEK (60 bytes) and DEK (32 bytes)", content(
+            (IssueResponse<'_> = "application/json"),
+            (crate::openapi::BinaryBody = "application/vnd.keygate.datakeys.v1"),
+        )),
         (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
     ),
 )]
@@ -47,8 +54,9 @@ pub(crate) async fn issue(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     ApiPath(tenant): ApiPath<String>,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<IssueRequest>,
-) -> Result<SecretJson<IssuedKeys>, ApiError> {
+) -> Result<Response, ApiError> {
     let tenant = tenant_id(&tenant)?;
     let actor = state.authorize(&caller, &tenant, &[Role::Encryptor], "issue data keys").await?;
     check_batch(&state, body.count)?;
@@ -65,8 +73,12 @@ pub(crate) async fn issue(
         .with_detail("count", body.count);
     state.audit.record(vec![event]).await?;
     let issued = state.hierarchy.issue(prepared)?;
+    if issue_binary::is_asked(&headers) {
+        let out = issue_binary::write_answer(kek_version, &issued);
+        return Ok(SecretBytes::new(out, issue_binary::CONTENT_TYPE, Some(room)).into_response());
+    }
     let size_hint = 64 + issued.len() * ISSUED_KEY_JSON_LEN;
-    Ok(SecretJson::new(IssuedKeys { kek_version, issued }, size_hint).holding(room))
+    Ok(SecretJson::new(IssuedKeys { kek_version, issued }, size_hint).holding(room).into_response())
 }
 
 /// Unwraps a batch of DEKs (role `decryptor`); audited before they leave.

@@ -1,7 +1,8 @@
-//! The binary form of `POST /v1/tenants/{t}/datakeys/unwrap` (what the
-//! sidecar sends) against a real key service: the bytes are assembled and
-//! read here by hand, so the layout is pinned independently of
-//! `gateway::unwrap_binary`.
+//! The binary forms of `POST /v1/tenants/{t}/datakeys/unwrap` and of the
+//! answer to `POST /v1/tenants/{t}/datakeys` (what the sidecar sends and
+//! asks for) against a real key service: the bytes are assembled and read
+//! here by hand, so the layouts are pinned independently of
+//! `gateway::unwrap_binary` and `gateway::issue_binary`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
 
 use data_encoding::{BASE64URL_NOPAD, HEXLOWER};
@@ -13,6 +14,7 @@ const ENC: &str = "spiffe://test/encryptor";
 const DEC: &str = "spiffe://test/decryptor";
 const AUDITOR: &str = "spiffe://test/auditor";
 const BINARY: &str = "application/vnd.keygate.unwrap.v1";
+const ISSUED: &str = "application/vnd.keygate.datakeys.v1";
 const PATH: &str = "/v1/tenants/onc/datakeys/unwrap";
 
 /// A key service with tenant `onc`, batches of at most 4 and bodies of at
@@ -168,4 +170,100 @@ async fn a_bad_binary_request_is_refused_before_any_key_is_unwrapped() {
     let (status, _, answer) = post(&ks, DEC, &format!("{BINARY}; charset=binary"), good).await;
     assert_eq!((status, answer.len()), (200, 4 + 33));
     assert_eq!(unwrap_events(&ks).await.len(), 1);
+}
+
+/// Asks `identity` for `count` keys with `accept` (none if empty); status,
+/// media type and body.
+async fn issue(
+    ks: &KeyService,
+    identity: &str,
+    accept: &str,
+    count: usize,
+) -> (u16, String, Vec<u8>) {
+    let mut request = ks
+        .client(identity)
+        .post(format!("{}/v1/tenants/onc/datakeys", ks.url))
+        .json(&json!({ "count": count }));
+    if !accept.is_empty() {
+        request = request.header("accept", accept);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let media = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (status, media, response.bytes().await.unwrap().to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn issued_keys_come_in_the_binary_form_only_when_asked_and_unwrap_like_json_ones() {
+    let (_dir, ks, _) = started().await;
+    let (status, media, answer) = issue(&ks, ENC, ISSUED, 3).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(media, ISSUED);
+    // The version, then per key: id (16), wrapped DEK (60), DEK (32).
+    assert_eq!(answer.len(), 4 + 3 * 108);
+    assert_eq!(&answer[..4], &1u32.to_be_bytes());
+    let keys: Vec<&[u8]> = answer[4..].chunks(108).collect();
+    let ids: Vec<String> = keys.iter().map(|k| HEXLOWER.encode(&k[..16])).collect();
+    assert!(ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2], "fresh ids");
+    assert!(keys[0][76..] != keys[1][76..], "fresh keys");
+
+    // Each wrapped DEK unwraps (as JSON) to the DEK that came with it.
+    let items: Vec<Value> = keys
+        .iter()
+        .map(|k| {
+            json!({
+                "record_key_id": HEXLOWER.encode(&k[..16]),
+                "kek_version": 1,
+                "wrapped": BASE64URL_NOPAD.encode(&k[16..76]),
+            })
+        })
+        .collect();
+    let (status, unwrapped) = ks.post(DEC, PATH, &json!({ "items": items })).await;
+    assert_eq!(status, 200, "{unwrapped}");
+    for (result, key) in unwrapped["results"].as_array().unwrap().iter().zip(&keys) {
+        assert_eq!(result["dek"], BASE64URL_NOPAD.encode(&key[76..]));
+    }
+
+    // Audited like a JSON issue: the ids that left.
+    let (status, export) = ks.get(AUDITOR, "/v1/audit?tenant=onc").await;
+    assert_eq!(status, 200);
+    let issues: Vec<Value> = export
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["action"] == "dek.issue")
+        .collect();
+    assert_eq!(issues.last().unwrap()["record_key_ids"], json!(ids));
+
+    // Not asked (or asked never), the answer is JSON.
+    for accept in ["", "application/json", "*/*", &format!("{ISSUED};q=0, application/json")] {
+        let (status, media, answer) = issue(&ks, ENC, accept, 2).await;
+        assert_eq!((status, media.as_str()), (200, "application/json"), "{accept:?}");
+        let answer: Value = serde_json::from_slice(&answer).unwrap();
+        assert_eq!(answer["keys"].as_array().unwrap().len(), 2, "{accept:?}");
+    }
+    // What the sidecar sends.
+    let (_, media, answer) = issue(&ks, ENC, &format!("{ISSUED}, application/json;q=0.5"), 1).await;
+    assert_eq!((media.as_str(), answer.len()), (ISSUED, 4 + 108));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_issue_is_a_json_error_whatever_was_asked() {
+    let (_dir, ks, _) = started().await;
+    let (_, before) = ks.get(AUDITOR, "/v1/audit?tenant=onc").await;
+    for (what, identity, count, status, code) in [
+        ("not an encryptor", DEC, 1, 403, "forbidden"),
+        ("over max_batch", ENC, 5, 400, "batch_too_large"),
+        ("no key", ENC, 0, 400, "batch_too_large"),
+    ] {
+        let (got, media, answer) = issue(&ks, identity, ISSUED, count).await;
+        assert_eq!((got, error_code(&answer).as_str()), (status, code), "{what}");
+        assert_eq!(media, "application/json", "{what}: errors are JSON");
+    }
+    let (_, after) = ks.get(AUDITOR, "/v1/audit?tenant=onc").await;
+    let issued = |export: &str| export.lines().filter(|l| l.contains("\"dek.issue\"")).count();
+    assert_eq!(issued(&after), issued(&before), "no key was issued");
 }
