@@ -580,6 +580,40 @@ fn debug_shows_the_header_only() {
     }
 }
 
+/// The pre-check refuses a root `_kg` member however it is written, and
+/// only that: `_kg` in a value or deeper down, or an escape elsewhere,
+/// does not make a record unencryptable.
+#[test]
+fn the_pre_check_finds_a_root_header_however_it_is_written() {
+    let encryptable = [
+        r#"{"a": 1}"#,
+        r#" {}"#,
+        r#"{"note": "_kg", "weight_kg": 70}"#,
+        r#"{"a": {"_kg": 1}, "b": [{"_kg": 2}]}"#,
+        r#"{"a": "tab\there", "b": "x"}"#,
+        r#"{"\u0061": "_kg"}"#,
+    ];
+    for text in encryptable {
+        assert!(check_encryptable(&raw(text)).is_ok(), "{text}");
+    }
+    let encrypted = [
+        r#"{"_kg": "kg1h:x"}"#,
+        r#"{"a": 1, "_kg": 2}"#,
+        r#"{"\u005fkg": 1}"#,
+        r#"{"_\u006bg": 1, "a": "b"}"#,
+        r#"{"a": "\n", "_kg": {}}"#,
+    ];
+    for text in encrypted {
+        assert!(
+            matches!(check_encryptable(&raw(text)), Err(RecordError::AlreadyEncrypted)),
+            "{text}"
+        );
+    }
+    for text in [r#"[{"a": 1}]"#, r#""_kg""#, "3", "null"] {
+        assert!(matches!(check_encryptable(&raw(text)), Err(RecordError::NotAnObject)), "{text}");
+    }
+}
+
 /// A header found at the end that is not the record's only `_kg` member
 /// is not trusted: decrypt and rewrap go through the tree (which writes
 /// members sorted and keeps the last of repeated ones).
