@@ -504,11 +504,25 @@ impl Walk<'_, '_> {
 /// without looking into any value. Bails if the text is not an object,
 /// if a root member name has an escape (it might spell `name`) or if
 /// `name` occurs twice.
+///
+/// In a text without a backslash, a member named `name` spells `name`
+/// literally: two vectorized searches first count its occurrences (up to
+/// two). None, and there is no such member, without reading the text's
+/// structure; one, and the first root member of that name is the only
+/// one, so the walk stops there.
 pub(super) fn root_member(text: &str, name: &str) -> Step<Option<Span>> {
     let mut r = Reader { text, pos: 0 };
     r.skip_ws();
     if r.peek() != Some(b'{') {
         return Err(Bail);
+    }
+    let bytes = text.as_bytes();
+    let spelled = match memchr::memchr(b'\\', bytes) {
+        None if !name.is_empty() => memchr::memmem::find_iter(bytes, name).take(2).count(),
+        _ => 2,
+    };
+    if spelled == 0 {
+        return Ok(None);
     }
     r.pos += 1;
     r.skip_ws();
@@ -525,6 +539,9 @@ pub(super) fn root_member(text: &str, name: &str) -> Step<Option<Span>> {
         if r.text.get(member.start + 1..member.end - 1) == Some(name) {
             if found.is_some() {
                 return Err(Bail);
+            }
+            if spelled == 1 {
+                return Ok(Some(value));
             }
             found = Some(value);
         }
@@ -693,6 +710,36 @@ mod tests {
             r#""_kg":"h"}"#,
         ] {
             assert_eq!(last(text), None, "{text}");
+        }
+    }
+
+    fn root(text: &str) -> Step<Option<&str>> {
+        root_member(text, "_kg").map(|found| found.map(|s| &text[s.start..s.end]))
+    }
+
+    #[test]
+    fn a_root_member_is_found_with_or_without_the_shortcuts() {
+        let cases: [(&str, Step<Option<&str>>); 12] = [
+            // No `_kg` and no backslash: answered before any walk.
+            (r#"{"a":1,"b":{"c":"kg"}}"#, Ok(None)),
+            (r#" {}"#, Ok(None)),
+            // Spelled once: the walk stops at it, or finds it is not a root member.
+            (r#"{"_kg":"h","a":[1,2]}"#, Ok(Some(r#""h""#))),
+            (r#"{"a":1, "_kg" : {"b":2}, "c":3}"#, Ok(Some(r#"{"b":2}"#))),
+            (r#"{"a":"_kg"}"#, Ok(None)),
+            (r#"{"a":{"_kg":"h"}}"#, Ok(None)),
+            // Spelled twice: the whole walk.
+            (r#"{"a":{"_kg":"x"},"_kg":"h"}"#, Ok(Some(r#""h""#))),
+            (r#"{"_kg":"h","b":"_kg"}"#, Ok(Some(r#""h""#))),
+            (r#"{"_kg":"h","b":1,"_kg":"i"}"#, Err(Bail)),
+            // A backslash anywhere: the whole walk, which bails on an escaped name.
+            (r#"{"a":"\n","_kg":"h"}"#, Ok(Some(r#""h""#))),
+            (r#"{"\u005fkg":"h"}"#, Err(Bail)),
+            // Not an object.
+            (r#"["_kg"]"#, Err(Bail)),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(root(text), expected, "{text}");
         }
     }
 }
