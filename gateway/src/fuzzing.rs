@@ -9,7 +9,7 @@
 use kms_core::audit::Outcome;
 use kms_core::record::{
     Disclosure, EncryptedRecord, EncryptedText, RecordError, SchemaKeys, TextWorkspace,
-    encrypt_record, index_token, pseudonym,
+    check_encryptable, encrypt_record, index_token, pseudonym,
 };
 use kms_core::schema::{FieldSpec, SchemaSet};
 use kms_core::{IssuedDek, Key256, PathPattern, RecordKeyId, SecretBuf, TenantId, WrappedDek};
@@ -160,10 +160,20 @@ fn text_and_tree_agree(fixture: &Fixture, workspace: &mut TextWorkspace, record:
     let tree = encrypt_record(value, &fixture.tenant, &schema, &keys, fixture.dek());
     let mut out = SecretBuf::default();
     let text = workspace.encrypt(record, &fixture.tenant, &schema, &keys, fixture.dek(), &mut out);
+    // The sidecar's pre-check refuses exactly what encryption refuses for
+    // being encrypted already or not an object, and nothing else.
+    let checked = check_encryptable(record).map_err(|e| e.to_string());
+    if let Err(refused) = &checked {
+        let tree = tree.as_ref().map_err(ToString::to_string).err();
+        assert_eq!(tree.as_ref(), Some(refused), "the pre-check refused what encrypts");
+    }
     let (tree, ()) = match (tree, text) {
         (Ok(tree), Ok(text)) => (tree, text),
         (Err(tree), Err(text)) => {
             assert_eq!(tree.to_string(), text.to_string(), "encrypt errors differ");
+            if matches!(tree, RecordError::AlreadyEncrypted | RecordError::NotAnObject) {
+                assert_eq!(checked, Err(tree.to_string()), "the pre-check let it through");
+            }
             return;
         }
         (tree, text) => unreachable!("encrypt outcomes differ: {tree:?} / {text:?}"),

@@ -27,20 +27,39 @@ pub const ACCEPT: &str = "application/vnd.keygate.datakeys.v1, application/json;
 /// One key's length in the answer.
 pub const KEY_ITEM_LEN: usize = RecordKeyId::LEN + WRAPPED_DEK_LEN + KEY_LEN;
 
-/// Whether the request's `Accept` names this form (with a weight above 0).
+/// Whether the request's `Accept` asks for this form: names it, with a
+/// weight above 0 and at least JSON's (that of `application/json`, or
+/// failing it `application/*`, or `*/*`, as RFC 9110 ranks ranges). A
+/// range whose weight is not a number from 0 to 1 is ignored.
 pub fn is_asked(headers: &HeaderMap) -> bool {
-    headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).any(|value| {
-        value.split(',').any(|range| {
-            let mut parts = range.split(';').map(str::trim);
-            let essence = parts.next().unwrap_or_default();
-            let refused = parts.any(|p| {
-                p.strip_prefix("q=")
-                    .or_else(|| p.strip_prefix("Q="))
-                    .is_some_and(|q| q.parse::<f32>().is_ok_and(|q| q <= 0.0))
-            });
-            essence.eq_ignore_ascii_case(CONTENT_TYPE) && !refused
-        })
-    })
+    let (mut ours, mut json, mut application, mut any) = (None, None, None, None);
+    let ranges = headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok());
+    for range in ranges.flat_map(|value| value.split(',')) {
+        let mut parts = range.split(';').map(str::trim);
+        let essence = parts.next().unwrap_or_default();
+        let mut weight = Some(1.0f32);
+        for parameter in parts {
+            if let Some(q) = parameter.strip_prefix("q=").or_else(|| parameter.strip_prefix("Q=")) {
+                weight = q.parse().ok().filter(|q| (0.0..=1.0).contains(q));
+            }
+        }
+        let Some(weight) = weight else { continue };
+        let is = |name: &str| essence.eq_ignore_ascii_case(name);
+        let slot = if is(CONTENT_TYPE) {
+            &mut ours
+        } else if is("application/json") {
+            &mut json
+        } else if is("application/*") {
+            &mut application
+        } else if is("*/*") {
+            &mut any
+        } else {
+            continue;
+        };
+        *slot = Some(slot.map_or(weight, |w: f32| w.max(weight)));
+    }
+    let json = json.or(application).or(any).unwrap_or(0.0);
+    ours.is_some_and(|q| q > 0.0 && q >= json)
 }
 
 /// Writes the answer for `issued`, all wrapped under `kek_version` (the
@@ -164,5 +183,17 @@ mod tests {
         assert!(!asked(&["application/vnd.keygate.datakeys.v2"]));
         assert!(!asked(&["application/vnd.keygate.datakeys.v1;q=0"]));
         assert!(!asked(&["application/vnd.keygate.datakeys.v1; q=0.000"]));
+        // JSON preferred, by name or by a wildcard: JSON.
+        assert!(!asked(&["application/json, application/vnd.keygate.datakeys.v1;q=0.1"]));
+        assert!(!asked(&["application/vnd.keygate.datakeys.v1;q=0.5, */*"]));
+        assert!(!asked(&["application/vnd.keygate.datakeys.v1;q=0.5, application/*;q=0.6"]));
+        assert!(asked(&["application/vnd.keygate.datakeys.v1;q=0.5, application/*;q=0.5"]));
+        assert!(asked(&[
+            "application/vnd.keygate.datakeys.v1;q=0.5, */*;q=0.9, application/json;q=0.2"
+        ]));
+        // A weight that is not one is not an ask.
+        for q in ["nan", "inf", "2", "-1", "", "high"] {
+            assert!(!asked(&[&format!("application/vnd.keygate.datakeys.v1;q={q}")]), "q={q}");
+        }
     }
 }

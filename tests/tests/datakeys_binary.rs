@@ -65,6 +65,11 @@ async fn post(
         .send()
         .await
         .unwrap();
+    answer(response).await
+}
+
+/// Status, media type and body of an answer.
+async fn answer(response: reqwest::Response) -> (u16, String, Vec<u8>) {
     let status = response.status().as_u16();
     let media = response
         .headers()
@@ -187,14 +192,7 @@ async fn issue(
     if !accept.is_empty() {
         request = request.header("accept", accept);
     }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    let media = response
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
-    (status, media, response.bytes().await.unwrap().to_vec())
+    answer(request.send().await.unwrap()).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -238,8 +236,14 @@ async fn issued_keys_come_in_the_binary_form_only_when_asked_and_unwrap_like_jso
         .collect();
     assert_eq!(issues.last().unwrap()["record_key_ids"], json!(ids));
 
-    // Not asked (or asked never), the answer is JSON.
-    for accept in ["", "application/json", "*/*", &format!("{ISSUED};q=0, application/json")] {
+    // Not asked, asked never, or JSON preferred: the answer is JSON.
+    for accept in [
+        "",
+        "application/json",
+        "*/*",
+        &format!("{ISSUED};q=0, application/json"),
+        &format!("application/json, {ISSUED};q=0.1"),
+    ] {
         let (status, media, answer) = issue(&ks, ENC, accept, 2).await;
         assert_eq!((status, media.as_str()), (200, "application/json"), "{accept:?}");
         let answer: Value = serde_json::from_slice(&answer).unwrap();

@@ -149,6 +149,16 @@ struct Answer {
     media_type: Option<reqwest::header::HeaderValue>,
 }
 
+impl Answer {
+    /// Whether the answer is of media type `expected` (lower case), with
+    /// any parameters (a proxy may add a charset).
+    fn is(&self, expected: &str) -> bool {
+        self.media_type.as_ref().and_then(|m| m.to_str().ok()).is_some_and(|m| {
+            m.split(';').next().unwrap_or_default().trim().eq_ignore_ascii_case(expected)
+        })
+    }
+}
+
 /// Per-item results of an unwrap, and the tenant's active version.
 pub(super) struct Unwrapped {
     /// The active KEK version now.
@@ -307,7 +317,7 @@ impl KeyServiceClient {
         };
         let path = format!("/v1/tenants/{tenant}/datakeys");
         let answer = self.send(reqwest::Method::POST, &path, Some(body)).await?;
-        let binary = answer.media_type.as_ref().is_some_and(|m| m == issue_binary::CONTENT_TYPE);
+        let binary = answer.is(issue_binary::CONTENT_TYPE);
         let decoded = if binary {
             issue_binary::decode_answer(&answer.body, count)
                 .map_err(|e| KsError::Decode(format!("issue: {e}")))
@@ -384,7 +394,7 @@ impl KeyServiceClient {
             accept: None,
         };
         let answer = self.send(reqwest::Method::POST, path, Some(body)).await?;
-        if answer.media_type.as_ref().is_none_or(|m| m != unwrap_binary::CONTENT_TYPE) {
+        if !answer.is(unwrap_binary::CONTENT_TYPE) {
             wipe(answer.body);
             return Err(KsError::Decode("unwrap: the answer is not in the form asked".into()));
         }
@@ -583,7 +593,8 @@ mod tests {
     /// older than it answered); 403 for tenant `denied`. Every DEK is
     /// `[7; 32]`, the active version 4. And its issue: in the binary form
     /// when asked and `takes_binary`, otherwise JSON (an older one ignores
-    /// `Accept`); one key short for tenant `short`. Returns its URL.
+    /// `Accept`); one key short for tenant `short`, one over for `long`.
+    /// Returns its URL.
     async fn key_service(dir: &Path, ca: &DevCa, seen: Arc<Seen>, takes_binary: bool) -> String {
         let server = ca.issue_server(&["localhost"], Validity::days(1)).unwrap();
         let tls = TlsConfig {
@@ -645,7 +656,11 @@ mod tests {
             async move {
                 let request: Value = serde_json::from_slice(&body).unwrap();
                 let count = request["count"].as_u64().unwrap() as u8;
-                let count = if tenant == "short" { count - 1 } else { count };
+                let count = match tenant.as_str() {
+                    "short" => count - 1,
+                    "long" => count + 1,
+                    _ => count,
+                };
                 let keys: Vec<IssuedDek> = (0..count)
                     .map(|n| {
                         IssuedDek::new(
@@ -659,10 +674,9 @@ mod tests {
                 if takes_binary && issue_binary::is_asked(&headers) {
                     seen.issued_binary.fetch_add(1, Ordering::Relaxed);
                     let out = issue_binary::write_answer(4, &keys);
-                    return (
-                        [(header::CONTENT_TYPE, issue_binary::CONTENT_TYPE)],
-                        out.as_slice().to_vec(),
-                    )
+                    // With a parameter, as a proxy might add.
+                    let media = format!("{}; charset=binary", issue_binary::CONTENT_TYPE);
+                    return ([(header::CONTENT_TYPE, media)], out.as_slice().to_vec())
                         .into_response();
                 }
                 seen.issued_json.fetch_add(1, Ordering::Relaxed);
@@ -796,12 +810,15 @@ mod tests {
                 seen.issued_json.load(Ordering::Relaxed),
             );
             assert_eq!(forms, if takes_binary { (2, 0) } else { (0, 2) });
-            // A short answer is an error in either form, never fewer keys.
-            let e = issue(&client, "short", 3).await.unwrap_err();
-            assert!(
-                matches!(&e, KsError::Decode(m) if m.contains("different number of keys")),
-                "{e:?}"
-            );
+            // A short or long answer is an error in either form, never
+            // fewer or more keys.
+            for tenant in ["short", "long"] {
+                let e = issue(&client, tenant, 3).await.unwrap_err();
+                assert!(
+                    matches!(&e, KsError::Decode(m) if m.contains("different number of keys")),
+                    "{tenant}: {e:?}"
+                );
+            }
         }
     }
 }

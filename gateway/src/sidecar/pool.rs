@@ -60,8 +60,9 @@ impl DekPool {
             .clone()
     }
 
-    /// Takes `count` DEKs, from the pool first and from the key service for
-    /// the rest; starts a background refill below the low-water mark.
+    /// Takes exactly `count` DEKs, from the pool first and from the key
+    /// service for the rest; starts a background refill below the
+    /// low-water mark.
     pub(super) async fn take(
         self: &Arc<Self>,
         tenant: &TenantId,
@@ -88,6 +89,10 @@ impl DekPool {
             self.push(&pool, rest);
         }
         self.refill_if_low(tenant, &pool);
+        // Callers pair keys with records: one short would leave a record out.
+        if out.len() != count {
+            return Err(KsError::Decode("fewer keys issued than asked for".into()));
+        }
         Ok(out)
     }
 
