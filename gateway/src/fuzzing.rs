@@ -161,7 +161,8 @@ fn text_and_tree_agree(fixture: &Fixture, workspace: &mut TextWorkspace, record:
     let mut out = SecretBuf::default();
     let text = workspace.encrypt(record, &fixture.tenant, &schema, &keys, fixture.dek(), &mut out);
     // The sidecar's pre-check refuses exactly what encryption refuses for
-    // being encrypted already or not an object, and nothing else.
+    // being encrypted already or not an object (and what no tree holds,
+    // which returned above).
     let checked = check_encryptable(record).map_err(|e| e.to_string());
     if let Err(refused) = &checked {
         let tree = tree.as_ref().map_err(ToString::to_string).err();
