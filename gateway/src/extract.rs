@@ -211,13 +211,23 @@ fn is_json(headers: &axum::http::HeaderMap) -> bool {
 /// Whether the request's `Content-Type` is `expected` (lower case), with
 /// any parameters.
 pub fn has_media_type(headers: &axum::http::HeaderMap, expected: &str) -> bool {
-    media_type(headers).is_some_and(|essence| essence == expected)
+    is_media_type(headers.get(header::CONTENT_TYPE), expected)
+}
+
+/// Whether a `Content-Type` value is `expected` (lower case), with any
+/// parameters (a proxy may add a charset).
+pub fn is_media_type(value: Option<&axum::http::HeaderValue>, expected: &str) -> bool {
+    value.and_then(essence).is_some_and(|essence| essence.eq_ignore_ascii_case(expected))
 }
 
 /// The request's media type without its parameters, in lower case.
 fn media_type(headers: &axum::http::HeaderMap) -> Option<String> {
-    let value = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
-    Some(value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
+    Some(essence(headers.get(header::CONTENT_TYPE)?)?.to_ascii_lowercase())
+}
+
+/// A media type's type and subtype, without its parameters.
+fn essence(value: &axum::http::HeaderValue) -> Option<&str> {
+    Some(value.to_str().ok()?.split(';').next().unwrap_or_default().trim())
 }
 
 #[cfg(test)]

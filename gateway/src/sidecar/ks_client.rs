@@ -85,6 +85,22 @@ struct IssueWire {
     keys: Vec<IssuedWire>,
 }
 
+impl IssueWire {
+    /// The keys of a JSON issue answer that must hold exactly `count`.
+    fn keys_from(body: &[u8], count: usize) -> Result<Vec<IssuedDek>, String> {
+        let wire: Self = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+        if wire.keys.len() != count {
+            return Err("the answer holds a different number of keys".into());
+        }
+        let version = wire.kek_version;
+        Ok(wire
+            .keys
+            .into_iter()
+            .map(|k| IssuedDek::new(k.record_key_id, version, k.wrapped, k.dek.0))
+            .collect())
+    }
+}
+
 #[derive(Deserialize)]
 struct ItemWire {
     #[serde(default)]
@@ -150,12 +166,9 @@ struct Answer {
 }
 
 impl Answer {
-    /// Whether the answer is of media type `expected` (lower case), with
-    /// any parameters (a proxy may add a charset).
+    /// Whether the answer is of media type `expected` (lower case).
     fn is(&self, expected: &str) -> bool {
-        self.media_type.as_ref().and_then(|m| m.to_str().ok()).is_some_and(|m| {
-            m.split(';').next().unwrap_or_default().trim().eq_ignore_ascii_case(expected)
-        })
+        crate::extract::is_media_type(self.media_type.as_ref(), expected)
     }
 }
 
@@ -317,30 +330,13 @@ impl KeyServiceClient {
         };
         let path = format!("/v1/tenants/{tenant}/datakeys");
         let answer = self.send(reqwest::Method::POST, &path, Some(body)).await?;
-        let binary = answer.is(issue_binary::CONTENT_TYPE);
-        let decoded = if binary {
-            issue_binary::decode_answer(&answer.body, count)
-                .map_err(|e| KsError::Decode(format!("issue: {e}")))
+        let decoded = if answer.is(issue_binary::CONTENT_TYPE) {
+            issue_binary::decode_answer(&answer.body, count).map_err(|e| e.to_string())
         } else {
-            serde_json::from_slice::<IssueWire>(&answer.body)
-                .map_err(|e| KsError::Decode(format!("issue: {e}")))
-                .and_then(|wire| {
-                    if wire.keys.len() != count {
-                        return Err(KsError::Decode(
-                            "issue: the answer holds a different number of keys".into(),
-                        ));
-                    }
-                    Ok(wire
-                        .keys
-                        .into_iter()
-                        .map(|k| {
-                            IssuedDek::new(k.record_key_id, wire.kek_version, k.wrapped, k.dek.0)
-                        })
-                        .collect())
-                })
+            IssueWire::keys_from(&answer.body, count)
         };
         wipe(answer.body);
-        decoded
+        decoded.map_err(|e| KsError::Decode(format!("issue: {e}")))
     }
 
     /// Unwraps DEKs (one call for the whole batch), in the binary form of

@@ -518,13 +518,15 @@ pub(super) fn root_member(text: &str, name: &str) -> Step<Option<Span>> {
         return Err(Bail);
     }
     let bytes = text.as_bytes();
+    // Not counted where a backslash could spell `name` some other way.
     let spelled = match memchr::memchr(b'\\', bytes) {
-        None if !name.is_empty() => memchr::memmem::find_iter(bytes, name).take(2).count(),
-        _ => 2,
+        None if !name.is_empty() => Some(memchr::memmem::find_iter(bytes, name).take(2).count()),
+        _ => None,
     };
-    if spelled == 0 {
+    if spelled == Some(0) {
         return Ok(None);
     }
+    let only_one = spelled == Some(1);
     r.pos += 1;
     r.skip_ws();
     if r.peek() == Some(b'}') {
@@ -541,7 +543,7 @@ pub(super) fn root_member(text: &str, name: &str) -> Step<Option<Span>> {
             if found.is_some() {
                 return Err(Bail);
             }
-            if spelled == 1 {
+            if only_one {
                 return Ok(Some(value));
             }
             found = Some(value);
