@@ -39,6 +39,10 @@ pub struct ServerConfig {
     pub tls: TlsConfig,
     /// The root (master) key provider.
     pub root: RootConfig,
+    /// What other master keys (a master rotation's target, a master the
+    /// keystore recorded) may load or reach besides `[root]`'s.
+    #[serde(default)]
+    pub trusted_masters: TrustedMasters,
     /// The access policy.
     pub policy: PolicyConfig,
     /// Request limits.
@@ -131,6 +135,28 @@ pub enum RootConfig {
         #[serde(default = "default_kms_timeout_ms")]
         timeout_ms: u64,
     },
+}
+
+/// What a master key other than the configured `[root]` may load or reach:
+/// a master rotation's target, or a master the keystore recorded (after a
+/// rotation, every instance reconnects to the masters that still wrap
+/// keys from the settings the keystore holds).
+///
+/// The keystore is outside the trust boundary, and a master rotation is
+/// one admin's request, so neither may choose a library for this process
+/// to load or an endpoint to hand key material to: a PKCS#11 module or an
+/// AWS KMS endpoint override is used only if it is the configured root's
+/// or listed here, exactly as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedMasters {
+    /// PKCS#11 modules (`.so`), besides `[root]`'s.
+    #[serde(default)]
+    pub pkcs11_modules: Vec<PathBuf>,
+    /// AWS KMS endpoint overrides, besides `[root]`'s (a master without one
+    /// uses AWS's own endpoint for its region and needs no entry).
+    #[serde(default)]
+    pub aws_kms_endpoints: Vec<String>,
 }
 
 fn default_pool_size() -> usize {

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use keygate_tests::keyservice::{KeyService, Options, write_private};
+use keygate_tests::keyservice::{KeyService, Options, keygate_binary, write_private};
 use keygate_tests::providers::softhsm2::{self, SoftHsm2};
 use keygate_tests::sidecar::Sidecar;
 use serde_json::{Value, json};
@@ -449,7 +449,12 @@ async fn master_rotation_to_softhsm2_resumes_after_a_crash() {
     std::fs::write(&create, format!("listen = \"127.0.0.1:0\"\ndata_dir = \"d\"\n[tls]\ncert = \"x\"\nkey = \"x\"\nclient_ca = \"x\"\n{hsm_root}[policy]\nfile = \"p\"\n")).unwrap();
     token.create_key_with_cli(&create);
     let env = [("SOFTHSM2_CONF", conf.to_str().unwrap())];
-    let mut ks = KeyService::start_with(&ks_dir, &Options { env: &env, ..Options::default() });
+    // The root is a local key file, so the HSM's module is listed.
+    let trusted = format!("[trusted_masters]\npkcs11_modules = [{:?}]\n", token.module());
+    let mut ks = KeyService::start_with(
+        &ks_dir,
+        &Options { env: &env, extra: &trusted, ..Options::default() },
+    );
 
     const TENANTS: usize = 300;
     let mut deks = Vec::new();
@@ -564,4 +569,137 @@ async fn master_rotation_to_softhsm2_resumes_after_a_crash() {
     let (_, verify) = ks.get(AUDITOR, "/v1/audit/verify").await;
     assert!(verify.contains("\"ok\":true"), "{verify}");
     assert!(!ks.log().contains(softhsm2::USER_PIN));
+}
+
+/// A master other than the configured root loads only a PKCS#11 module
+/// this host lists: neither an admin's rotation request nor a row someone
+/// rewrote in the keystore chooses the library the key service loads.
+#[tokio::test(flavor = "multi_thread")]
+async fn masters_load_only_the_modules_this_host_trusts() {
+    let token = SoftHsm2::new_token();
+    let dir = tempfile::tempdir().unwrap();
+    let ks_dir = dir.path().join("ks");
+    std::fs::create_dir_all(&ks_dir).unwrap();
+    let pin = dir.path().join("pin");
+    write_private(&pin, softhsm2::USER_PIN);
+    let create = dir.path().join("create.toml");
+    let hsm_root = token.root_section(&pin.display().to_string());
+    std::fs::write(&create, format!("listen = \"127.0.0.1:0\"\ndata_dir = \"d\"\n[tls]\ncert = \"x\"\nkey = \"x\"\nclient_ca = \"x\"\n{hsm_root}[policy]\nfile = \"p\"\n")).unwrap();
+    token.create_key_with_cli(&create);
+    // The same module at a path nobody listed: it would load and work.
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let copy = elsewhere.join("libsofthsm2.so");
+    std::fs::copy(token.module(), &copy).unwrap();
+    let conf = token.conf();
+    let env = [("SOFTHSM2_CONF", conf.to_str().unwrap())];
+    let trusted = format!("[trusted_masters]\npkcs11_modules = [{:?}]\n", token.module());
+    let mut ks = KeyService::start_with(
+        &ks_dir,
+        &Options { env: &env, extra: &trusted, ..Options::default() },
+    );
+    create_tenant(&ks, "onc").await;
+    let (status, issued) =
+        ks.post(ENCRYPTOR, "/v1/tenants/onc/datakeys", &json!({"count": 1})).await;
+    assert_eq!(status, 200, "{issued}");
+    let unwrap = json!({"items": [{"record_key_id": issued["keys"][0]["record_key_id"],
+        "kek_version": issued["kek_version"], "wrapped": issued["keys"][0]["wrapped"]}]});
+
+    // An admin's rotation to the unlisted copy: refused before it is
+    // loaded, and recorded as refused.
+    let to = |module: &std::path::Path| {
+        json!({"to": {
+            "provider": "pkcs11",
+            "module": module,
+            "token_label": softhsm2::TOKEN_LABEL,
+            "key_label": softhsm2::KEY_LABEL,
+            "pin_file": pin,
+        }})
+    };
+    let (status, body) = ks.post(ADMIN, "/v1/master/rotate", &to(&copy)).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("untrusted_provider")),
+        "{body}"
+    );
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&copy.display().to_string())
+            && message.contains("trusted_masters.pkcs11_modules"),
+        "{message}"
+    );
+    assert_eq!(keys_per_master(&ks).await, [("local".to_owned(), 3)]);
+    let (_, export) = ks.get(AUDITOR, "/v1/audit").await;
+    let refused = export
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["action"] == "master.rotate")
+        .unwrap();
+    assert_eq!(refused["outcome"], "denied", "{refused}");
+    assert_eq!(refused["detail"]["rule"], "trusted_masters", "{refused}");
+
+    // The listed module: the keys move under the HSM.
+    let (status, done) = ks.post(ADMIN, "/v1/master/rotate", &to(token.module())).await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(keys_per_master(&ks).await, [("pkcs11".to_owned(), 3)]);
+
+    // Someone with write access to the keystore points the recorded
+    // master at the copy: the key service does not load it, and keys
+    // under that master are unavailable rather than reached through it.
+    ks.stop();
+    let mut db = sqlx::SqliteConnection::connect(&format!("sqlite://{}", ks.database().display()))
+        .await
+        .unwrap();
+    let rewritten =
+        sqlx::query("UPDATE master_keys SET config = replace(config, ?, ?) WHERE kind = 'pkcs11'")
+            .bind(token.module().to_str().unwrap())
+            .bind(copy.to_str().unwrap())
+            .execute(&mut db)
+            .await
+            .unwrap();
+    assert_eq!(rewritten.rows_affected(), 1);
+    db.close().await.unwrap();
+    // The audit signing key is under that master too, so the service
+    // does not start, and says why.
+    let mut server = std::process::Command::new(keygate_binary())
+        .args(["server", "--config"])
+        .arg(ks_dir.join("keygate.toml"))
+        .current_dir(&ks_dir)
+        .envs(env)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = server.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            server.kill().unwrap();
+            panic!("the key service started on a module nobody listed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut server.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("recorded settings refused")
+            && stderr.contains(&copy.display().to_string())
+            && stderr.contains("trusted_masters.pkcs11_modules"),
+        "{stderr}"
+    );
+
+    // Listed by the host's operator, the same settings work: the refusal
+    // above was the check, not a broken copy.
+    ks.stop();
+    let config = std::fs::read_to_string(ks_dir.join("keygate.toml")).unwrap();
+    let listed = format!("pkcs11_modules = [{:?}, {:?}]", token.module(), copy);
+    let config = config.replace(&format!("pkcs11_modules = [{:?}]", token.module()), &listed);
+    std::fs::write(ks_dir.join("keygate.toml"), config).unwrap();
+    ks.restart();
+    let (status, body) = ks.post(DECRYPTOR, "/v1/tenants/onc/datakeys/unwrap", &unwrap).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"][0]["dek"], issued["keys"][0]["dek"]);
 }

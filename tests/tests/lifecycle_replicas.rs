@@ -137,7 +137,12 @@ async fn a_master_rotation_on_one_replica_is_followed_by_every_replica() {
     // Replica B keeps unwrapped KEKs for one second only: after the
     // rotation it must unwrap them again, from whichever master holds them.
     let env = [("SOFTHSM2_CONF", conf.to_str().unwrap())];
-    let cluster = Cluster::start_with_env(dir.path(), 2, "[keys]\nkek_ttl_secs = 1\n", &env);
+    // Both replicas run with a local root, so the HSM's module is listed.
+    let extra = format!(
+        "[keys]\nkek_ttl_secs = 1\n[trusted_masters]\npkcs11_modules = [{:?}]\n",
+        token.module()
+    );
+    let cluster = Cluster::start_with_env(dir.path(), 2, &extra, &env);
     let (a, b) = (&cluster.replicas[0], &cluster.replicas[1]);
 
     let mut deks = Vec::new();

@@ -1,8 +1,10 @@
 //! Reaching master keys other than the configured one: the keystore records
 //! each master's provider settings (paths and secret *names*, never
 //! secrets), and after a master rotation — or in the middle of one — an
-//! instance connects to the masters its keys are wrapped under from those.
+//! instance connects to the masters its keys are wrapped under from those,
+//! if this host's configuration trusts what they name ([`MasterTrust`]).
 
+use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -10,12 +12,75 @@ use kms_core::store::{KeyStore, MasterRecord, StoreError};
 use kms_core::{MasterConnector, RootKeyError, RootKeyProvider};
 
 use super::startup::root_provider;
-use crate::config::RootConfig;
+use crate::config::{RootConfig, TrustedMasters};
+
+/// What this host lets a master other than its configured root load or
+/// reach: the configured root's PKCS#11 module and AWS KMS endpoint, and
+/// those listed in `[trusted_masters]`.
+#[derive(Debug, Clone)]
+pub(crate) struct MasterTrust {
+    root: RootConfig,
+    trusted: TrustedMasters,
+}
+
+impl MasterTrust {
+    pub(crate) fn new(root: &RootConfig, trusted: &TrustedMasters) -> Self {
+        Self { root: root.clone(), trusted: trusted.clone() }
+    }
+
+    /// Why `config` may not be used as a master, if it may not: it names a
+    /// module or an endpoint this host does not trust. Compared exactly as
+    /// written (a module may be a bare name the loader searches for).
+    pub(crate) fn refusal(&self, config: &RootConfig) -> Option<String> {
+        match config {
+            RootConfig::Pkcs11 { module, .. } => {
+                let configured =
+                    matches!(&self.root, RootConfig::Pkcs11 { module: ours, .. } if ours == module);
+                let listed = self.trusted.pkcs11_modules.iter().any(|m| m == module);
+                (!configured && !listed).then(|| {
+                    format!(
+                        "the PKCS#11 module {} is neither [root]'s nor listed in \
+                         trusted_masters.pkcs11_modules",
+                        quoted(module)
+                    )
+                })
+            }
+            RootConfig::AwsKms { endpoint_url: Some(endpoint), .. } => {
+                let same =
+                    |other: &str| other.trim_end_matches('/') == endpoint.trim_end_matches('/');
+                let configured = matches!(
+                    &self.root,
+                    RootConfig::AwsKms { endpoint_url: Some(ours), .. } if same(ours)
+                );
+                let listed = self.trusted.aws_kms_endpoints.iter().any(|e| same(e));
+                (!configured && !listed).then(|| {
+                    format!(
+                        "the AWS KMS endpoint {endpoint:?} is neither [root]'s nor listed in \
+                         trusted_masters.aws_kms_endpoints"
+                    )
+                })
+            }
+            RootConfig::AwsKms { endpoint_url: None, .. } | RootConfig::DevLocal { .. } => None,
+        }
+    }
+}
+
+fn quoted(path: &Path) -> String {
+    format!("{:?}", path.display().to_string())
+}
 
 /// Connects to recorded masters with the same code that connects the
-/// configured root key.
-#[derive(Debug, Default)]
-pub(crate) struct RecordedMasters;
+/// configured root key, once [`MasterTrust`] allows what they name.
+#[derive(Debug)]
+pub(crate) struct RecordedMasters {
+    trust: MasterTrust,
+}
+
+impl RecordedMasters {
+    pub(crate) fn new(trust: MasterTrust) -> Self {
+        Self { trust }
+    }
+}
 
 #[async_trait]
 impl MasterConnector for RecordedMasters {
@@ -31,10 +96,17 @@ impl MasterConnector for RecordedMasters {
             .config
             .as_deref()
             .ok_or_else(|| misconfigured("no connection settings recorded".into()))?;
-        let config: RootConfig = serde_json::from_str(settings)
+        let mut config: RootConfig = serde_json::from_str(settings)
             .map_err(|e| misconfigured(format!("recorded settings unreadable: {e}")))?;
         crate::config::check_durations(config.durations())
             .map_err(|e| misconfigured(format!("recorded settings: {e}")))?;
+        if let Some(reason) = self.trust.refusal(&config) {
+            return Err(misconfigured(format!("recorded settings refused: {reason}")));
+        }
+        // Recorded settings reach a key file that exists; they never make one.
+        if let RootConfig::DevLocal { create_if_missing, .. } = &mut config {
+            *create_if_missing = false;
+        }
         let provider = root_provider(&config).await.map_err(|e| misconfigured(e.to_string()))?;
         let info = provider.describe();
         if info.kind != master.kind || info.key_ref != master.key_ref {
@@ -69,4 +141,81 @@ pub(crate) async fn masters_in_use(
         .filter(|m| m.active || wraps_keys(m))
         .map(|m| (m.kind, m.key_ref))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn settings(value: serde_json::Value) -> RootConfig {
+        serde_json::from_value(value).unwrap()
+    }
+
+    fn pkcs11(module: &str) -> RootConfig {
+        settings(json!({"provider": "pkcs11", "module": module, "token_label": "t",
+                        "key_label": "k", "pin_env": "PIN"}))
+    }
+
+    fn kms(endpoint: Option<&str>) -> RootConfig {
+        settings(json!({"provider": "aws_kms", "region": "eu-west-1", "key_id": "alias/k",
+                        "endpoint_url": endpoint}))
+    }
+
+    fn local() -> RootConfig {
+        settings(json!({"provider": "dev_local", "key_file": "/keys/root.key"}))
+    }
+
+    #[test]
+    fn modules_and_endpoints_must_be_the_roots_or_listed() {
+        let trusted = TrustedMasters {
+            pkcs11_modules: vec!["/opt/hsm/listed.so".into()],
+            aws_kms_endpoints: vec!["https://vpce.example:443/".into()],
+        };
+        let hsm_root = MasterTrust::new(&pkcs11("/usr/lib/softhsm/libsofthsm2.so"), &trusted);
+        assert_eq!(hsm_root.refusal(&pkcs11("/usr/lib/softhsm/libsofthsm2.so")), None);
+        assert_eq!(hsm_root.refusal(&pkcs11("/opt/hsm/listed.so")), None);
+        let refused = hsm_root.refusal(&pkcs11("/tmp/evil.so")).unwrap();
+        assert!(
+            refused.contains("\"/tmp/evil.so\"")
+                && refused.contains("trusted_masters.pkcs11_modules"),
+            "{refused}"
+        );
+        // Exactly as written: another spelling, or a bare name the loader
+        // would search for, is not the listed file.
+        assert!(hsm_root.refusal(&pkcs11("/opt/hsm/../hsm/listed.so")).is_some());
+        assert!(hsm_root.refusal(&pkcs11("listed.so")).is_some());
+
+        // No endpoint override: AWS's own endpoint, nothing to list.
+        assert_eq!(hsm_root.refusal(&kms(None)), None);
+        assert_eq!(hsm_root.refusal(&kms(Some("https://vpce.example:443"))), None);
+        let refused = hsm_root.refusal(&kms(Some("https://kms.attacker.example"))).unwrap();
+        assert!(refused.contains("trusted_masters.aws_kms_endpoints"), "{refused}");
+        assert_eq!(hsm_root.refusal(&local()), None);
+
+        // The configured root's own endpoint and module need no entry.
+        let kms_root = MasterTrust::new(&kms(Some("http://127.0.0.1:5000")), &Default::default());
+        assert_eq!(kms_root.refusal(&kms(Some("http://127.0.0.1:5000/"))), None);
+        assert!(kms_root.refusal(&kms(Some("http://127.0.0.1:5001"))).is_some());
+        assert!(kms_root.refusal(&pkcs11("/usr/lib/softhsm/libsofthsm2.so")).is_some());
+        let local_root = MasterTrust::new(&local(), &Default::default());
+        assert!(local_root.refusal(&pkcs11("/usr/lib/softhsm/libsofthsm2.so")).is_some());
+    }
+
+    #[test]
+    fn the_server_config_reads_the_trusted_masters_table() {
+        let table: TrustedMasters = toml::from_str(
+            "pkcs11_modules = [\"/usr/lib/softhsm/libsofthsm2.so\"]\n\
+             aws_kms_endpoints = [\"https://kms.example\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            table.pkcs11_modules,
+            [std::path::PathBuf::from("/usr/lib/softhsm/libsofthsm2.so")]
+        );
+        assert_eq!(table.aws_kms_endpoints, ["https://kms.example"]);
+        let unknown = toml::from_str::<TrustedMasters>("modules = []\n").unwrap_err();
+        assert!(unknown.to_string().contains("unknown field"), "{unknown}");
+    }
 }

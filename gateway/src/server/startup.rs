@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::handlers::compliance::ComplianceContext;
-use super::masters::{RecordedMasters, masters_in_use, recorded_settings};
+use super::masters::{MasterTrust, RecordedMasters, masters_in_use, recorded_settings};
 use super::{AppState, jobs, listener, routes};
 use crate::audit_log::AuditLog;
 use crate::config::{RootConfig, ServerConfig};
@@ -60,7 +60,10 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
             store.clone(),
             root.clone(),
             Some(&settings),
-            Some(Arc::new(RecordedMasters)),
+            Some(Arc::new(RecordedMasters::new(MasterTrust::new(
+                &config.root,
+                &config.trusted_masters,
+            )))),
             HierarchyConfig {
                 key_ttl: Duration::from_secs(config.keys.kek_ttl_secs),
                 max_batch: config.limits.max_batch,

@@ -10,13 +10,14 @@ use kms_core::audit::{AuditEvent, Outcome};
 use super::ApiJson;
 use crate::audit_log::now_ms;
 use crate::compliance::refused_root;
+use crate::config::RootConfig;
 use crate::error::{ApiError, store_error};
 use crate::policy::Role;
 use crate::server::api::{
     MasterEntry, MasterRotateRequest, MasterRotateView, MasterView, MastersView, RewrappedCounts,
 };
 use crate::server::handlers::compliance::ComplianceContext;
-use crate::server::masters::recorded_settings;
+use crate::server::masters::{MasterTrust, recorded_settings};
 use crate::server::startup::root_provider;
 use crate::server::{AppState, Caller};
 
@@ -81,18 +82,18 @@ pub(crate) async fn rotate(
     // The profile's rule on the master key holds for every master the keys
     // can be moved to, not only for the configured one.
     if let Some(reason) = refused_root(compliance.config.profile, &body.to) {
-        // A refusal stays one if it cannot be recorded (as other denials).
-        let event = AuditEvent::new(now_ms(), actor, "master.rotate", Outcome::Denied)
-            .with_detail("provider", body.to.kind())
-            .with_detail("rule", "root_key.hardware_backed");
-        if state.audit.record(vec![event]).await.is_err() {
-            tracing::error!("could not record a refused master rotation in the audit log");
-        }
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "refused_by_profile",
-            format!("the production profile forbids this master key: {reason}"),
-        ));
+        let message = format!("the production profile forbids this master key: {reason}");
+        let refusal = Refusal { rule: "root_key.hardware_backed", code: "refused_by_profile" };
+        return Err(refusal.record(&state, actor, &body.to, message).await);
+    }
+    // One admin's request does not choose a library for the key service to
+    // load or an endpoint to hand keys to: the host's configuration does.
+    let trust = MasterTrust::new(&compliance.config.root, &compliance.config.trusted_masters);
+    if let Some(reason) = trust.refusal(&body.to) {
+        let message =
+            format!("this key service does not use the new master key's settings: {reason}");
+        let refusal = Refusal { rule: "trusted_masters", code: "untrusted_provider" };
+        return Err(refusal.record(&state, actor, &body.to, message).await);
     }
     if !body.to.paths_are_absolute() {
         return Err(ApiError::bad_request(
@@ -156,4 +157,32 @@ pub(crate) async fn rotate(
         remaining: remaining.len() as u64,
         state: if remaining.is_empty() { "complete" } else { "incomplete" },
     }))
+}
+
+/// A master rotation refused by a rule, before anything is connected.
+struct Refusal {
+    /// The rule, as the audit event names it.
+    rule: &'static str,
+    /// The API error code.
+    code: &'static str,
+}
+
+impl Refusal {
+    /// Records the refusal as a denied `master.rotate` (it stays refused if
+    /// it cannot be recorded, as other denials) and gives the 403 answer.
+    async fn record(
+        self,
+        state: &AppState,
+        actor: String,
+        to: &RootConfig,
+        message: String,
+    ) -> ApiError {
+        let event = AuditEvent::new(now_ms(), actor, "master.rotate", Outcome::Denied)
+            .with_detail("provider", to.kind())
+            .with_detail("rule", self.rule);
+        if state.audit.record(vec![event]).await.is_err() {
+            tracing::error!("could not record a refused master rotation in the audit log");
+        }
+        ApiError::new(StatusCode::FORBIDDEN, self.code, message)
+    }
 }
