@@ -146,7 +146,8 @@ pub enum RootConfig {
 /// one admin's request, so neither may choose a library for this process
 /// to load or an endpoint to hand key material to: a PKCS#11 module or an
 /// AWS KMS endpoint override is used only if it is the configured root's
-/// or listed here, exactly as written.
+/// or listed here: modules compared as paths, without resolving `..` or
+/// symlinks (list absolute paths), endpoints as text without a trailing `/`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrustedMasters {
@@ -371,6 +372,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "instance",
     "tls",
     "root",
+    "trusted_masters",
     "policy",
     "limits",
     "keys",

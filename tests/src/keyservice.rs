@@ -3,13 +3,48 @@
 //! mTLS clients for any identity.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use gateway::pki::{DevCa, Validity};
+
+/// Runs `keygate <args>` until it exits; returns whether it succeeded and
+/// its stderr (read as it comes, so a chatty process never blocks on a
+/// full pipe). A process that should have been refused but started runs
+/// until stopped: after 60 s it is killed and counts as a success, so the
+/// test fails instead of hanging.
+pub fn run_to_exit<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &str)]) -> (bool, String) {
+    let mut child = Command::new(keygate_binary())
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut stderr = String::new();
+        pipe.read_to_string(&mut stderr).unwrap();
+        stderr
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let exited = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = child.wait();
+    (exited.is_none_or(|s| s.success()), reader.join().unwrap())
+}
 
 /// Locates (building once if needed) the `keygate` binary of this profile.
 pub fn keygate_binary() -> PathBuf {

@@ -4,12 +4,10 @@
 //! started processes have core dumps off.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
 
-use std::io::Read;
+use std::ffi::OsStr;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
-use keygate_tests::keyservice::{KeyService, Options, Pki, keygate_binary, write_private};
+use keygate_tests::keyservice::{KeyService, Options, Pki, run_to_exit, write_private};
 use keygate_tests::providers::softhsm2::{self, SoftHsm2};
 use keygate_tests::sidecar::Sidecar;
 use serde_json::Value;
@@ -97,33 +95,11 @@ fn run_once_with(
     production_flag: bool,
     env: &[(&str, &str)],
 ) -> (bool, String) {
-    let mut cmd = Command::new(keygate_binary());
-    cmd.arg(command).arg("--config").arg(config).envs(env.iter().copied());
+    let mut args = vec![OsStr::new(command), OsStr::new("--config"), config.as_os_str()];
     if production_flag {
-        cmd.args(["--profile", "production"]);
+        args.extend([OsStr::new("--profile"), OsStr::new("production")]);
     }
-    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-    let mut pipe = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut stderr = String::new();
-        pipe.read_to_string(&mut stderr).unwrap();
-        stderr
-    });
-    // A process that should have been refused but started runs until
-    // stopped: stop it, so the test fails instead of hanging.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let exited = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let _ = child.wait();
-    (exited.is_none_or(|s| s.success()), reader.join().unwrap())
+    run_to_exit(&args, env)
 }
 
 fn assert_refused(stderr: &str, rule: &str, provision: &str) {

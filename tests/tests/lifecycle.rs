@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use keygate_tests::keyservice::{KeyService, Options, keygate_binary, write_private};
+use keygate_tests::keyservice::{KeyService, Options, run_to_exit, write_private};
 use keygate_tests::providers::softhsm2::{self, SoftHsm2};
 use keygate_tests::sidecar::Sidecar;
 use serde_json::{Value, json};
@@ -628,6 +628,8 @@ async fn masters_load_only_the_modules_this_host_trusts() {
             && message.contains("trusted_masters.pkcs11_modules"),
         "{message}"
     );
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", ks.pid().unwrap())).unwrap();
+    assert!(!maps.contains(copy.to_str().unwrap()), "the refused module was loaded");
     assert_eq!(keys_per_master(&ks).await, [("local".to_owned(), 3)]);
     let (_, export) = ks.get(AUDITOR, "/v1/audit").await;
     let refused = export
@@ -661,29 +663,10 @@ async fn masters_load_only_the_modules_this_host_trusts() {
     db.close().await.unwrap();
     // The audit signing key is under that master too, so the service
     // does not start, and says why.
-    let mut server = std::process::Command::new(keygate_binary())
-        .args(["server", "--config"])
-        .arg(ks_dir.join("keygate.toml"))
-        .current_dir(&ks_dir)
-        .envs(env)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = server.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            server.kill().unwrap();
-            panic!("the key service started on a module nobody listed");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut server.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert!(!status.success());
+    let config = ks_dir.join("keygate.toml");
+    let (started, stderr) =
+        run_to_exit(&["server".as_ref(), "--config".as_ref(), config.as_os_str()], &env);
+    assert!(!started, "the key service started on a module nobody listed: {stderr}");
     assert!(
         stderr.contains("recorded settings refused")
             && stderr.contains(&copy.display().to_string())
@@ -693,7 +676,6 @@ async fn masters_load_only_the_modules_this_host_trusts() {
 
     // Listed by the host's operator, the same settings work: the refusal
     // above was the check, not a broken copy.
-    ks.stop();
     let config = std::fs::read_to_string(ks_dir.join("keygate.toml")).unwrap();
     let listed = format!("pkcs11_modules = [{:?}, {:?}]", token.module(), copy);
     let config = config.replace(&format!("pkcs11_modules = [{:?}]", token.module()), &listed);

@@ -29,8 +29,9 @@ impl MasterTrust {
     }
 
     /// Why `config` may not be used as a master, if it may not: it names a
-    /// module or an endpoint this host does not trust. Compared exactly as
-    /// written (a module may be a bare name the loader searches for).
+    /// module or an endpoint this host does not trust. Modules compare as
+    /// paths (no `..` or symlink resolved; a module may be a bare name the
+    /// loader searches for), endpoints as text without a trailing `/`.
     pub(crate) fn refusal(&self, config: &RootConfig) -> Option<String> {
         match config {
             RootConfig::Pkcs11 { module, .. } => {
@@ -203,19 +204,63 @@ mod tests {
         assert!(local_root.refusal(&pkcs11("/usr/lib/softhsm/libsofthsm2.so")).is_some());
     }
 
+    fn recorded(settings: serde_json::Value) -> MasterRecord {
+        MasterRecord {
+            id: kms_core::store::MasterKeyId(2),
+            kind: "local".into(),
+            key_ref: "recorded".into(),
+            config: Some(settings.to_string()),
+            active: true,
+            created_at: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn recorded_settings_are_checked_and_never_create_a_key_file() {
+        let connector = RecordedMasters::new(MasterTrust::new(&local(), &Default::default()));
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("new-root.key");
+        let asks_to_create = recorded(json!({"provider": "dev_local", "key_file": key_file,
+                                             "create_if_missing": true}));
+        let error = connector.connect(&asks_to_create).await.unwrap_err().to_string();
+        assert!(error.contains("master key #2"), "{error}");
+        assert!(!key_file.exists(), "recorded settings created a key file");
+
+        // A module nobody listed is refused by name, not tried (a missing
+        // file would otherwise be reported as such).
+        let module = dir.path().join("evil.so");
+        let unlisted = recorded(json!({"provider": "pkcs11", "module": module,
+                                       "token_label": "t", "key_label": "k", "pin_env": "PIN"}));
+        let error = connector.connect(&unlisted).await.unwrap_err().to_string();
+        assert!(
+            error.contains("recorded settings refused") && error.contains("evil.so"),
+            "{error}"
+        );
+    }
+
     #[test]
     fn the_server_config_reads_the_trusted_masters_table() {
-        let table: TrustedMasters = toml::from_str(
-            "pkcs11_modules = [\"/usr/lib/softhsm/libsofthsm2.so\"]\n\
-             aws_kms_endpoints = [\"https://kms.example\"]\n",
-        )
-        .unwrap();
-        assert_eq!(
-            table.pkcs11_modules,
-            [std::path::PathBuf::from("/usr/lib/softhsm/libsofthsm2.so")]
-        );
-        assert_eq!(table.aws_kms_endpoints, ["https://kms.example"]);
-        let unknown = toml::from_str::<TrustedMasters>("modules = []\n").unwrap_err();
-        assert!(unknown.to_string().contains("unknown field"), "{unknown}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keygate.toml");
+        let base = "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\
+                    [tls]\ncert = \"c\"\nkey = \"k\"\nclient_ca = \"ca\"\n\
+                    [root]\nprovider = \"dev_local\"\nkey_file = \"root.key\"\n\
+                    [policy]\nfile = \"policy.toml\"\n";
+        std::fs::write(&path, base).unwrap();
+        let config = crate::config::ServerConfig::load(&path).unwrap();
+        assert!(config.trusted_masters.pkcs11_modules.is_empty());
+        assert!(config.trusted_masters.aws_kms_endpoints.is_empty());
+
+        let table = "[trusted_masters]\npkcs11_modules = [\"/usr/lib/softhsm/libsofthsm2.so\"]\n\
+                     aws_kms_endpoints = [\"https://kms.example\"]\n";
+        std::fs::write(&path, format!("{base}{table}")).unwrap();
+        let config = crate::config::ServerConfig::load(&path).unwrap();
+        let trusted = config.trusted_masters;
+        assert_eq!(trusted.pkcs11_modules, [Path::new("/usr/lib/softhsm/libsofthsm2.so")]);
+        assert_eq!(trusted.aws_kms_endpoints, ["https://kms.example"]);
+
+        std::fs::write(&path, format!("{base}[trusted_masters]\nmodules = []\n")).unwrap();
+        let error = crate::config::ServerConfig::load(&path).unwrap_err().to_string();
+        assert!(error.contains("unknown field"), "{error}");
     }
 }

@@ -304,9 +304,24 @@ pub(crate) async fn root_provider(
     }
 }
 
-/// Reads a secret from a file (trailing newline removed).
+/// Most bytes of a passphrase file.
+const MAX_SECRET_FILE_LEN: u64 = 4096;
+
+/// Reads a secret from a regular file of at most 4 KiB (trailing newline
+/// removed). Settings recorded in the keystore may name any path, so it
+/// looks before opening (a FIFO would block, a device never end).
 fn read_secret(path: &Path) -> std::io::Result<SecretString> {
-    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path)?);
+    use std::io::{Error, ErrorKind, Read};
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    let mut bytes = zeroize::Zeroizing::new(Vec::new());
+    std::fs::File::open(path)?.take(MAX_SECRET_FILE_LEN + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_SECRET_FILE_LEN {
+        return Err(Error::new(ErrorKind::InvalidData, "longer than 4096 bytes"));
+    }
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| Error::new(ErrorKind::InvalidData, "not valid UTF-8"))?;
     Ok(SecretString::from(text.trim_end_matches(['\n', '\r']).to_owned()))
 }
 
@@ -326,5 +341,30 @@ fn instance_id(config: &ServerConfig) -> std::io::Result<String> {
             std::fs::write(&path, format!("{id}\n"))?;
             Ok(id)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use secrecy::ExposeSecret;
+
+    use super::*;
+
+    #[test]
+    fn a_secret_file_is_a_short_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("passphrase");
+        std::fs::write(&file, "correct horse\r\n").unwrap();
+        assert_eq!(read_secret(&file).unwrap().expose_secret(), "correct horse");
+        // A device never ends and a directory has no contents: refused
+        // before they are read.
+        for other in [Path::new("/dev/zero"), dir.path()] {
+            let error = read_secret(other).unwrap_err();
+            assert_eq!(error.to_string(), "not a regular file", "{}", other.display());
+        }
+        std::fs::write(&file, vec![b'x'; 4097]).unwrap();
+        assert_eq!(read_secret(&file).unwrap_err().to_string(), "longer than 4096 bytes");
+        std::fs::write(&file, [0xff, 0xfe]).unwrap();
+        assert_eq!(read_secret(&file).unwrap_err().to_string(), "not valid UTF-8");
     }
 }

@@ -143,6 +143,14 @@ impl PinSource {
 /// Reads a PIN file (bounded), warning if group or others can read it.
 fn read_pin_file(path: &Path) -> Result<SecretString, Pkcs11Error> {
     let io_error = |source| Pkcs11Error::PinFile { path: path.to_owned(), source };
+    // Look before opening: a FIFO would block and a device never end (a
+    // master's recorded settings may name any path).
+    if !std::fs::metadata(path).map_err(io_error)?.is_file() {
+        return Err(io_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )));
+    }
     let file = File::open(path).map_err(io_error)?;
     let mode = file.metadata().map_err(io_error)?.permissions().mode();
     if mode & 0o077 != 0 {

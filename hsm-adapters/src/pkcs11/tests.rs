@@ -154,6 +154,11 @@ fn pin_files_are_read_without_their_newline() {
     let error = PinSource::File(missing.clone()).load().unwrap_err();
     assert!(matches!(error, Pkcs11Error::PinFile { .. }));
     assert!(error.to_string().contains(&missing.display().to_string()));
+    // A device or a directory is refused before it is opened or read.
+    for other in [std::path::Path::new("/dev/zero"), dir.path()] {
+        let error = PinSource::File(other.to_owned()).load().unwrap_err();
+        assert!(error.to_string().ends_with("not a regular file"), "{error}");
+    }
 }
 
 #[test]
