@@ -158,6 +158,14 @@ pub struct TrustedMasters {
     /// uses AWS's own endpoint for its region and needs no entry).
     #[serde(default)]
     pub aws_kms_endpoints: Vec<String>,
+    /// The master keys besides `[root]`'s that may be used at all, named as
+    /// `GET /v1/master` names them (`kind:key_ref`, e.g.
+    /// `pkcs11:prod-token/master-2` or `aws-kms:arn:aws:kms:…:key/…`).
+    /// Absent: any key reached through a trusted module or endpoint. Set,
+    /// a keystore row can no longer point a master at another key the
+    /// key service's credentials happen to reach.
+    #[serde(default)]
+    pub keys: Option<Vec<String>>,
 }
 
 fn default_pool_size() -> usize {

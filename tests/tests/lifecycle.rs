@@ -572,8 +572,9 @@ async fn master_rotation_to_softhsm2_resumes_after_a_crash() {
 }
 
 /// A master other than the configured root loads only a PKCS#11 module
-/// this host lists: neither an admin's rotation request nor a row someone
-/// rewrote in the keystore chooses the library the key service loads.
+/// this host lists, and is only a key it lists: neither an admin's
+/// rotation request nor a row someone rewrote in the keystore chooses the
+/// library the key service loads.
 #[tokio::test(flavor = "multi_thread")]
 async fn masters_load_only_the_modules_this_host_trusts() {
     let token = SoftHsm2::new_token();
@@ -593,7 +594,13 @@ async fn masters_load_only_the_modules_this_host_trusts() {
     std::fs::copy(token.module(), &copy).unwrap();
     let conf = token.conf();
     let env = [("SOFTHSM2_CONF", conf.to_str().unwrap())];
-    let trusted = format!("[trusted_masters]\npkcs11_modules = [{:?}]\n", token.module());
+    // The module is listed, but only another key in it.
+    let hsm_key = format!("pkcs11:{}/{}", softhsm2::TOKEN_LABEL, softhsm2::KEY_LABEL);
+    let other_key = format!("pkcs11:{}/another-key", softhsm2::TOKEN_LABEL);
+    let trusted = format!(
+        "[trusted_masters]\npkcs11_modules = [{:?}]\nkeys = [{other_key:?}]\n",
+        token.module()
+    );
     let mut ks = KeyService::start_with(
         &ks_dir,
         &Options { env: &env, extra: &trusted, ..Options::default() },
@@ -640,7 +647,24 @@ async fn masters_load_only_the_modules_this_host_trusts() {
     assert_eq!(refused["outcome"], "denied", "{refused}");
     assert_eq!(refused["detail"]["rule"], "trusted_masters", "{refused}");
 
-    // The listed module: the keys move under the HSM.
+    // The listed module, but a key the host did not list: refused too.
+    let (status, body) = ks.post(ADMIN, "/v1/master/rotate", &to(token.module())).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("untrusted_provider")),
+        "{body}"
+    );
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&hsm_key) && message.contains("trusted_masters.keys"), "{message}");
+    assert_eq!(keys_per_master(&ks).await, [("local".to_owned(), 3)]);
+
+    // Listed module and key: the keys move under the HSM.
+    ks.stop();
+    let config = std::fs::read_to_string(ks_dir.join("keygate.toml")).unwrap();
+    let config =
+        config.replace(&format!("keys = [{other_key:?}]"), &format!("keys = [{hsm_key:?}]"));
+    std::fs::write(ks_dir.join("keygate.toml"), config).unwrap();
+    ks.restart();
     let (status, done) = ks.post(ADMIN, "/v1/master/rotate", &to(token.module())).await;
     assert_eq!(status, 200, "{done}");
     assert_eq!(keys_per_master(&ks).await, [("pkcs11".to_owned(), 3)]);

@@ -9,23 +9,45 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use kms_core::store::{KeyStore, MasterRecord, StoreError};
-use kms_core::{MasterConnector, RootKeyError, RootKeyProvider};
+use kms_core::{MasterConnector, ProviderInfo, RootKeyError, RootKeyProvider};
 
 use super::startup::root_provider;
 use crate::config::{RootConfig, TrustedMasters};
 
 /// What this host lets a master other than its configured root load or
 /// reach: the configured root's PKCS#11 module and AWS KMS endpoint, and
-/// those listed in `[trusted_masters]`.
+/// those listed in `[trusted_masters]`; and, if it lists keys, which
+/// master keys.
 #[derive(Debug, Clone)]
 pub(crate) struct MasterTrust {
     root: RootConfig,
+    /// The configured root's key (`kind:key_ref`), once connected.
+    root_key: Option<String>,
     trusted: TrustedMasters,
 }
 
 impl MasterTrust {
     pub(crate) fn new(root: &RootConfig, trusted: &TrustedMasters) -> Self {
-        Self { root: root.clone(), trusted: trusted.clone() }
+        Self { root: root.clone(), root_key: None, trusted: trusted.clone() }
+    }
+
+    /// The same, knowing the configured root's key (a rotation back to it
+    /// needs no entry in `trusted_masters.keys`).
+    pub(crate) fn with_root_key(mut self, root: &ProviderInfo) -> Self {
+        self.root_key = Some(root.to_string());
+        self
+    }
+
+    /// Why the master key `key`, reached through trusted settings, may not
+    /// be used, if it may not: `trusted_masters.keys` is set and names
+    /// neither it nor the configured root's.
+    pub(crate) fn key_refusal(&self, key: &ProviderInfo) -> Option<String> {
+        let keys = self.trusted.keys.as_ref()?;
+        let name = key.to_string();
+        let listed = self.root_key.as_ref() == Some(&name) || keys.contains(&name);
+        (!listed).then(|| {
+            format!("the master key {name} is neither [root]'s nor listed in trusted_masters.keys")
+        })
     }
 
     /// Why `config` may not be used as a master, if it may not: it names a
@@ -116,6 +138,9 @@ impl MasterConnector for RecordedMasters {
                 master.kind, master.key_ref
             )));
         }
+        if let Some(reason) = self.trust.key_refusal(&info) {
+            return Err(misconfigured(format!("recorded settings refused: {reason}")));
+        }
         Ok(provider)
     }
 }
@@ -173,6 +198,7 @@ mod tests {
         let trusted = TrustedMasters {
             pkcs11_modules: vec!["/opt/hsm/listed.so".into()],
             aws_kms_endpoints: vec!["https://vpce.example:443/".into()],
+            keys: None,
         };
         let hsm_root = MasterTrust::new(&pkcs11("/usr/lib/softhsm/libsofthsm2.so"), &trusted);
         assert_eq!(hsm_root.refusal(&pkcs11("/usr/lib/softhsm/libsofthsm2.so")), None);
@@ -202,6 +228,35 @@ mod tests {
         assert!(kms_root.refusal(&pkcs11("/usr/lib/softhsm/libsofthsm2.so")).is_some());
         let local_root = MasterTrust::new(&local(), &Default::default());
         assert!(local_root.refusal(&pkcs11("/usr/lib/softhsm/libsofthsm2.so")).is_some());
+    }
+
+    #[test]
+    fn listed_keys_bound_which_master_keys_may_be_used() {
+        let key = |kind, key_ref: &str| ProviderInfo { kind, key_ref: key_ref.to_owned() };
+        let root = key("pkcs11", "prod/master-1");
+        // No list: any key behind a trusted module or endpoint.
+        let open = MasterTrust::new(&local(), &Default::default()).with_root_key(&root);
+        assert_eq!(open.key_refusal(&key("pkcs11", "prod/other")), None);
+
+        let trusted = TrustedMasters {
+            keys: Some(vec!["pkcs11:prod/master-2".into()]),
+            ..Default::default()
+        };
+        let strict = MasterTrust::new(&local(), &trusted).with_root_key(&root);
+        assert_eq!(strict.key_refusal(&key("pkcs11", "prod/master-2")), None);
+        assert_eq!(strict.key_refusal(&root), None, "the configured root's own key");
+        let refused = strict.key_refusal(&key("pkcs11", "prod/master-3")).unwrap();
+        assert!(
+            refused.contains("pkcs11:prod/master-3") && refused.contains("trusted_masters.keys"),
+            "{refused}"
+        );
+        let arn = "arn:aws:kms:eu-west-1:999999999999:key/0000";
+        assert!(strict.key_refusal(&key("aws-kms", arn)).is_some());
+        // An empty list: only the configured root's key.
+        let none = TrustedMasters { keys: Some(Vec::new()), ..Default::default() };
+        let only_root = MasterTrust::new(&local(), &none).with_root_key(&root);
+        assert_eq!(only_root.key_refusal(&root), None);
+        assert!(only_root.key_refusal(&key("pkcs11", "prod/master-2")).is_some());
     }
 
     fn recorded(settings: serde_json::Value) -> MasterRecord {
@@ -250,14 +305,17 @@ mod tests {
         let config = crate::config::ServerConfig::load(&path).unwrap();
         assert!(config.trusted_masters.pkcs11_modules.is_empty());
         assert!(config.trusted_masters.aws_kms_endpoints.is_empty());
+        assert_eq!(config.trusted_masters.keys, None);
 
         let table = "[trusted_masters]\npkcs11_modules = [\"/usr/lib/softhsm/libsofthsm2.so\"]\n\
-                     aws_kms_endpoints = [\"https://kms.example\"]\n";
+                     aws_kms_endpoints = [\"https://kms.example\"]\n\
+                     keys = [\"pkcs11:prod/master-2\"]\n";
         std::fs::write(&path, format!("{base}{table}")).unwrap();
         let config = crate::config::ServerConfig::load(&path).unwrap();
         let trusted = config.trusted_masters;
         assert_eq!(trusted.pkcs11_modules, [Path::new("/usr/lib/softhsm/libsofthsm2.so")]);
         assert_eq!(trusted.aws_kms_endpoints, ["https://kms.example"]);
+        assert_eq!(trusted.keys, Some(vec!["pkcs11:prod/master-2".to_owned()]));
 
         std::fs::write(&path, format!("{base}[trusted_masters]\nmodules = []\n")).unwrap();
         let error = crate::config::ServerConfig::load(&path).unwrap_err().to_string();

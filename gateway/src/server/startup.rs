@@ -55,15 +55,15 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     let root = root_provider(&config.root).await?;
     let (store, sqlite) = open_store(&config).await?;
     let settings = recorded_settings(&config.root).map_err(|e| fail("root key settings")(&e))?;
+    let master_trust = Arc::new(
+        MasterTrust::new(&config.root, &config.trusted_masters).with_root_key(&root.describe()),
+    );
     let hierarchy = Arc::new(
         KeyHierarchy::open(
             store.clone(),
             root.clone(),
             Some(&settings),
-            Some(Arc::new(RecordedMasters::new(MasterTrust::new(
-                &config.root,
-                &config.trusted_masters,
-            )))),
+            Some(Arc::new(RecordedMasters::new(master_trust.as_ref().clone()))),
             HierarchyConfig {
                 key_ttl: Duration::from_secs(config.keys.kek_ttl_secs),
                 max_batch: config.limits.max_batch,
@@ -97,6 +97,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         limits: config.limits.clone(),
         lifecycle: config.lifecycle.clone(),
         keys: config.keys.clone(),
+        master_trust,
         key_permits: Arc::new(tokio::sync::Semaphore::new(
             config.limits.max_keys_in_flight.clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
         )),

@@ -6,6 +6,7 @@ use kms_core::{KeyHierarchy, TenantId};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::listener::Caller;
+use super::masters::MasterTrust;
 use crate::audit_log::AuditLog;
 use crate::config::{KeysConfig, LifecycleConfig, Limits};
 use crate::error::ApiError;
@@ -29,6 +30,8 @@ pub struct AppState {
     pub lifecycle: LifecycleConfig,
     /// Tenant key settings (the longest auto-rotation period allowed).
     pub keys: KeysConfig,
+    /// What masters other than the configured root may load, reach and be.
+    pub(crate) master_trust: Arc<MasterTrust>,
     /// One permit per plaintext DEK in flight (`limits.max_keys_in_flight`).
     pub key_permits: Arc<Semaphore>,
 }

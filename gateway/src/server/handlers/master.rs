@@ -17,7 +17,7 @@ use crate::server::api::{
     MasterEntry, MasterRotateRequest, MasterRotateView, MasterView, MastersView, RewrappedCounts,
 };
 use crate::server::handlers::compliance::ComplianceContext;
-use crate::server::masters::{MasterTrust, recorded_settings};
+use crate::server::masters::recorded_settings;
 use crate::server::startup::root_provider;
 use crate::server::{AppState, Caller};
 
@@ -88,8 +88,7 @@ pub(crate) async fn rotate(
     }
     // One admin's request does not choose a library for the key service to
     // load or an endpoint to hand keys to: the host's configuration does.
-    let trust = MasterTrust::new(&compliance.config.root, &compliance.config.trusted_masters);
-    if let Some(reason) = trust.refusal(&body.to) {
+    if let Some(reason) = state.master_trust.refusal(&body.to) {
         let message =
             format!("this key service does not use the new master key's settings: {reason}");
         let refusal = Refusal { rule: "trusted_masters", code: "untrusted_provider" };
@@ -116,6 +115,13 @@ pub(crate) async fn rotate(
         tracing::warn!(error = %e, "master rotation: cannot use the new master key");
         ApiError::bad_request("invalid_provider", format!("the new master key is unusable: {e}"))
     })?;
+    // Which key it is shows only once connected (an AWS KMS alias, say).
+    if let Some(reason) = state.master_trust.key_refusal(&provider.describe()) {
+        drop(lock);
+        let message = format!("this key service does not use the new master key: {reason}");
+        let refusal = Refusal { rule: "trusted_masters", code: "untrusted_provider" };
+        return Err(refusal.record(&state, actor, &body.to, message).await);
+    }
     let target = provider.describe().to_string();
     let (by, to) = (actor.clone(), target.clone());
     let event = move |outcome| {
