@@ -2,8 +2,8 @@
 //! `fuzz_targets/` are one-liners calling these). The main workspace's
 //! `tests/tests/fuzz_regressions.rs` includes this file to replay every
 //! seed and every saved crash under `cargo test`, so it may depend only on
-//! crates that test crate has: kms-core, gateway (feature `fuzzing`) and
-//! serde_json.
+//! crates that test crate has: kms-core, gateway and hsm-adapters (each
+//! with feature `fuzzing`) and serde_json.
 
 use kms_core::crypto::Aead;
 use kms_core::record::{
@@ -27,6 +27,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("sidecar_request", sidecar_request),
     ("unwrap_binary", unwrap_binary),
     ("issue_binary", issue_binary),
+    ("root_key_file", root_key_file),
+    ("ks_answer", ks_answer),
 ];
 
 /// The record header parser must be total: any bytes give a header or an
@@ -135,4 +137,14 @@ pub fn unwrap_binary(data: &[u8]) {
 /// The binary issue answer; see `gateway::fuzzing::issue_binary`.
 pub fn issue_binary(data: &[u8]) {
     gateway::fuzzing::issue_binary(data);
+}
+
+/// The local root key file parser; see `hsm_adapters::fuzzing::root_key_file`.
+pub fn root_key_file(data: &[u8]) {
+    hsm_adapters::fuzzing::root_key_file(data);
+}
+
+/// The key service's JSON answers; see `gateway::fuzzing::ks_answer`.
+pub fn ks_answer(data: &[u8]) {
+    gateway::fuzzing::ks_answer(data);
 }

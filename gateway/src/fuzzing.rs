@@ -16,9 +16,11 @@ use kms_core::{IssuedDek, Key256, PathPattern, RecordKeyId, SecretBuf, TenantId,
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use crate::config::{RootConfig, TrustedMasters};
 use crate::extract::parse;
 use crate::policy::{EffectiveGrants, Policy};
 use crate::server::api as ks;
+use crate::server::masters::{MasterTrust, recorded_settings};
 use crate::sidecar::api as sc;
 
 /// The policy file parser: any text gives a policy or an error; a policy's
@@ -54,6 +56,48 @@ pub fn key_service_request(data: &[u8]) {
             let _ = event.outcome.parse::<Outcome>();
         }
     }
+    let _ = parse::<ks::AutoRotate>(data, DEPTH);
+    let _ = parse::<ks::ShredRequest>(data, DEPTH);
+    let _ = parse::<ks::DecideRequest>(data, DEPTH);
+    if let Ok(request) = parse::<ks::MasterRotateRequest>(data, DEPTH) {
+        master_rotation_target(&request.to);
+    }
+}
+
+/// A master rotation's target, checked as the handler checks it: the
+/// settings the key service records read back, and the trust rule lets
+/// through only the module and endpoint the host configured.
+fn master_rotation_target(to: &RootConfig) {
+    const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+    const ENDPOINT: &str = "https://kms.example";
+    let _ = crate::config::check_durations(to.durations());
+    let _ = to.paths_are_absolute();
+    if let Ok(recorded) = recorded_settings(to) {
+        let back = serde_json::from_str::<RootConfig>(&recorded);
+        assert!(back.is_ok_and(|back| back.kind() == to.kind()), "recorded settings read back");
+    }
+    let trusted = TrustedMasters {
+        pkcs11_modules: vec![MODULE.into()],
+        aws_kms_endpoints: vec![ENDPOINT.into()],
+        keys: None,
+    };
+    let root = RootConfig::DevLocal {
+        key_file: "/keys/root.key".into(),
+        passphrase_file: None,
+        create_if_missing: false,
+    };
+    let allowed = MasterTrust::new(&root, &trusted).refusal(to).is_none();
+    match to {
+        RootConfig::Pkcs11 { module, .. } => {
+            assert_eq!(allowed, module == std::path::Path::new(MODULE), "module {module:?}");
+        }
+        RootConfig::AwsKms { endpoint_url: Some(endpoint), .. } => {
+            assert_eq!(allowed, endpoint.trim_end_matches('/') == ENDPOINT, "{endpoint:?}");
+        }
+        RootConfig::AwsKms { endpoint_url: None, .. } | RootConfig::DevLocal { .. } => {
+            assert!(allowed);
+        }
+    }
 }
 
 /// The binary unwrap exchange: any bytes give a request or an error, and a
@@ -86,7 +130,22 @@ pub fn unwrap_binary(data: &[u8]) {
 /// giving the key count, any bytes give the keys or an error, and keys
 /// write back to the same bytes.
 pub fn issue_binary(data: &[u8]) {
-    use crate::issue_binary::{decode_answer, write_answer};
+    use crate::issue_binary::{CONTENT_TYPE, decode_answer, is_asked, write_answer};
+    // The same bytes as `Accept` header lines: the binary form is chosen
+    // only when named.
+    let mut headers = axum::http::HeaderMap::new();
+    for line in data.split(|b| *b == b'\n') {
+        if let Ok(value) = axum::http::HeaderValue::from_bytes(line) {
+            headers.append(axum::http::header::ACCEPT, value);
+        }
+    }
+    if is_asked(&headers) {
+        let named = data
+            .to_ascii_lowercase()
+            .windows(CONTENT_TYPE.len())
+            .any(|w| w == CONTENT_TYPE.as_bytes());
+        assert!(named, "the binary form chosen without being named");
+    }
     let Some((&count, answer)) = data.split_first() else { return };
     if let Ok(keys) = decode_answer(answer, usize::from(count)) {
         let version = answer.first_chunk::<4>().map(|v| u32::from_be_bytes(*v));
@@ -94,6 +153,13 @@ pub fn issue_binary(data: &[u8]) {
         let again = write_answer(version.unwrap_or_default(), &keys);
         assert_eq!(again.as_slice(), answer, "an answer has one encoding");
     }
+}
+
+/// Every JSON answer of the key service (issued keys, unwrap and rewrap
+/// results, derived keys) as the sidecar reads it: any bytes give an
+/// answer or an error, and an issue answer holds exactly the keys asked.
+pub fn ks_answer(data: &[u8]) {
+    crate::sidecar::fuzz_answers(data);
 }
 
 /// Every sidecar request body, validated and then processed by the record

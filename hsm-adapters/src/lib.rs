@@ -51,6 +51,8 @@
 #![forbid(unsafe_code)]
 
 mod aws_kms;
+#[cfg(all(unix, any(test, feature = "fuzzing")))]
+pub mod fuzzing;
 #[cfg(unix)]
 mod local;
 #[cfg(unix)]

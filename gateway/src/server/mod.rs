@@ -9,7 +9,7 @@ pub(crate) mod api;
 mod handlers;
 mod jobs;
 mod listener;
-mod masters;
+pub(crate) mod masters;
 mod openapi;
 mod routes;
 mod startup;

@@ -553,6 +553,20 @@ fn without_url(e: &reqwest::Error) -> String {
     }
 }
 
+/// The body of the `ks_answer` fuzz target (see `crate::fuzzing`): every
+/// JSON answer of the key service as the sidecar reads it. The first byte
+/// is the number of keys an issue asked for; the rest is the answer.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn fuzz_answers(data: &[u8]) {
+    let Some((&count, answer)) = data.split_first() else { return };
+    if let Ok(keys) = IssueWire::keys_from(answer, usize::from(count)) {
+        assert_eq!(keys.len(), usize::from(count), "an issue answer holds what was asked");
+    }
+    let _ = serde_json::from_slice::<UnwrapWire>(answer);
+    let _ = serde_json::from_slice::<ResultsWire>(answer);
+    let _ = serde_json::from_slice::<DerivedWire>(answer);
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;

@@ -25,5 +25,7 @@ mod shared_calls;
 mod state;
 
 pub use self::config::SidecarConfig;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use self::ks_client::fuzz_answers;
 pub(crate) use self::openapi::document as openapi_document;
 pub use self::run::{SidecarError, run};

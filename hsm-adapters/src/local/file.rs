@@ -272,6 +272,67 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The passphrase-derived key the fuzz seeds of sealed files are sealed
+/// under (Argon2id is too slow to run per fuzz input, so the fuzzer opens
+/// with the derived key directly).
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) const FUZZ_PASSPHRASE_KEY: [u8; KEY_LEN] = [0x7f; KEY_LEN];
+
+/// The body of the `root_key_file` fuzz target (see `crate::fuzzing`).
+#[cfg(any(test, feature = "fuzzing"))]
+#[allow(clippy::panic, clippy::expect_used)] // a failed property is a bug
+pub(crate) fn fuzz(data: &[u8]) {
+    let passphrase_key = Key256::from_array(&mut FUZZ_PASSPHRASE_KEY.clone());
+    match parse(data) {
+        Ok(Parsed::Plain(key)) => {
+            assert_eq!(&encode_plain(&key)[..], data, "a plain file has one encoding");
+            for i in 0..data.len() {
+                let changed = with_byte_changed(data, i);
+                assert!(parse(&changed).is_err(), "plain file accepted with byte {i} changed");
+            }
+        }
+        Ok(Parsed::Sealed(sealed)) => {
+            assert_eq!(data.len(), SEALED_LEN);
+            let salt: [u8; SALT_LEN] = sealed.salt.try_into().expect("a salt of SALT_LEN bytes");
+            assert_eq!(
+                Some(sealed_aad(sealed.params, &salt).as_slice()),
+                data.get(..SEALED_AAD_LEN),
+                "the associated data is what sealing binds"
+            );
+            if sealed.open(&passphrase_key).is_some() {
+                for i in 0..data.len() {
+                    match parse(&with_byte_changed(data, i)) {
+                        Ok(Parsed::Sealed(other)) => assert!(
+                            other.open(&passphrase_key).is_none(),
+                            "sealed file opened with byte {i} changed"
+                        ),
+                        Ok(Parsed::Plain(_)) => panic!("byte {i} turned a sealed file plain"),
+                        Err(_) => {}
+                    }
+                }
+            }
+        }
+        Err(error) => {
+            let _ = error.to_string();
+            match error {
+                FormatError::Truncated { expected, actual } => {
+                    assert!(actual == data.len() && expected > actual, "{error}");
+                }
+                FormatError::TrailingBytes { expected, actual } => {
+                    assert!(actual == data.len() && expected < actual, "{error}");
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// `data` with one bit of byte `i` flipped.
+#[cfg(any(test, feature = "fuzzing"))]
+fn with_byte_changed(data: &[u8], i: usize) -> Vec<u8> {
+    data.iter().enumerate().map(|(j, b)| if j == i { b ^ 0x01 } else { *b }).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -405,6 +466,22 @@ mod tests {
             parse(&bytes).err().unwrap(),
             FormatError::Argon2ParamsOutOfRange { p_cost: 1000, .. }
         ));
+    }
+
+    #[test]
+    fn the_fuzz_properties_hold_for_valid_files() {
+        let passphrase_key = Key256::from_array(&mut FUZZ_PASSPHRASE_KEY.clone());
+        let sealed = encode_sealed(&root(3), &passphrase_key, cheap(), &[9; SALT_LEN]).unwrap();
+        // The sealed file opens under the fuzz key, so the target checks
+        // every changed byte of it, not only its layout.
+        let Parsed::Sealed(parsed) = parse(&sealed).unwrap() else { panic!("not sealed") };
+        assert!(parsed.open(&passphrase_key).is_some());
+        fuzz(&sealed);
+        fuzz(&encode_plain(&root(3)));
+        for len in 0..sealed.len() {
+            fuzz(&sealed[..len]);
+        }
+        fuzz(&[sealed.as_slice(), b"x"].concat());
     }
 
     #[test]

@@ -38,6 +38,8 @@ mod passphrase;
 
 pub use self::error::LocalKeyError;
 pub use self::file::FormatError;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use self::file::fuzz as fuzz_root_key_file;
 pub use self::passphrase::Argon2Params;
 
 /// Provider kind reported by [`RootKeyProvider::describe`]: what tells a
