@@ -168,6 +168,30 @@ pub struct TrustedMasters {
     pub keys: Option<Vec<String>>,
 }
 
+impl TrustedMasters {
+    /// Provider kinds as keys are named (`GET /v1/master`), which are not
+    /// the `provider` names of the config file (`aws-kms`, not `aws_kms`).
+    const KEY_KINDS: [&'static str; 3] = ["local", "pkcs11", "aws-kms"];
+
+    /// Refuses a `keys` entry that could never name a master key, so a
+    /// misspelt one is reported at start rather than refusing every
+    /// rotation.
+    fn check_keys(&self) -> Result<(), ConfigError> {
+        for key in self.keys.iter().flatten() {
+            let named = key.split_once(':').is_some_and(|(kind, key_ref)| {
+                Self::KEY_KINDS.contains(&kind) && !key_ref.is_empty()
+            });
+            if !named {
+                return Err(ConfigError(format!(
+                    "trusted_masters.keys: {key:?} is not kind:key_ref with kind one of local, \
+                     pkcs11, aws-kms (as GET /v1/master names master keys)"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 fn default_pool_size() -> usize {
     8
 }
@@ -490,6 +514,7 @@ impl ServerConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         check_durations(config.durations())?;
+        config.trusted_masters.check_keys()?;
         Ok(config)
     }
 
@@ -653,5 +678,41 @@ max_batch = 500
         std::fs::write(&path, "listen = \"127.0.0.1:0\"\ncolour = \"red\"\n").unwrap();
         assert!(ServerConfig::load(&path).is_err());
         assert!(ServerConfig::load(&dir.path().join("absent.toml")).is_err());
+    }
+
+    #[test]
+    fn the_server_config_reads_the_trusted_masters_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keygate.toml");
+        let base = "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\
+                    [tls]\ncert = \"c\"\nkey = \"k\"\nclient_ca = \"ca\"\n\
+                    [root]\nprovider = \"dev_local\"\nkey_file = \"root.key\"\n\
+                    [policy]\nfile = \"policy.toml\"\n";
+        std::fs::write(&path, base).unwrap();
+        let config = ServerConfig::load(&path).unwrap();
+        assert!(config.trusted_masters.pkcs11_modules.is_empty());
+        assert!(config.trusted_masters.aws_kms_endpoints.is_empty());
+        assert_eq!(config.trusted_masters.keys, None);
+
+        let table = "[trusted_masters]\npkcs11_modules = [\"/usr/lib/softhsm/libsofthsm2.so\"]\n\
+                     aws_kms_endpoints = [\"https://kms.example\"]\n\
+                     keys = [\"pkcs11:prod/master-2\"]\n";
+        std::fs::write(&path, format!("{base}{table}")).unwrap();
+        let config = ServerConfig::load(&path).unwrap();
+        let trusted = config.trusted_masters;
+        assert_eq!(trusted.pkcs11_modules, [Path::new("/usr/lib/softhsm/libsofthsm2.so")]);
+        assert_eq!(trusted.aws_kms_endpoints, ["https://kms.example"]);
+        assert_eq!(trusted.keys, Some(vec!["pkcs11:prod/master-2".to_owned()]));
+
+        std::fs::write(&path, format!("{base}[trusted_masters]\nmodules = []\n")).unwrap();
+        let error = ServerConfig::load(&path).unwrap_err().to_string();
+        assert!(error.contains("unknown field"), "{error}");
+        // Keys are named as GET /v1/master names them, not as the file's
+        // `provider` values: a misspelt kind is refused at load.
+        for key in ["aws_kms:arn:aws:kms:eu-west-1:1:key/k", "pkcs11:", "master-2"] {
+            std::fs::write(&path, format!("{base}[trusted_masters]\nkeys = [{key:?}]\n")).unwrap();
+            let error = ServerConfig::load(&path).unwrap_err().to_string();
+            assert!(error.contains("trusted_masters.keys") && error.contains(key), "{error}");
+        }
     }
 }

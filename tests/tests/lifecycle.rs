@@ -657,6 +657,15 @@ async fn masters_load_only_the_modules_this_host_trusts() {
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains(&hsm_key) && message.contains("trusted_masters.keys"), "{message}");
     assert_eq!(keys_per_master(&ks).await, [("local".to_owned(), 3)]);
+    let (_, export) = ks.get(AUDITOR, "/v1/audit").await;
+    let reasons: Vec<String> = export
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["action"] == "master.rotate" && e["outcome"] == "denied")
+        .map(|e| e["detail"]["reason"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons[0].contains("pkcs11_modules") && reasons[1].contains(&hsm_key), "{reasons:?}");
 
     // Listed module and key: the keys move under the HSM.
     ks.stop();
@@ -670,26 +679,47 @@ async fn masters_load_only_the_modules_this_host_trusts() {
     assert_eq!(keys_per_master(&ks).await, [("pkcs11".to_owned(), 3)]);
 
     // Someone with write access to the keystore points the recorded
-    // master at the copy: the key service does not load it, and keys
-    // under that master are unavailable rather than reached through it.
+    // master at another key in the listed module: refused by name before
+    // the module is asked for it (an unknown label would say so instead).
     ks.stop();
-    let mut db = sqlx::SqliteConnection::connect(&format!("sqlite://{}", ks.database().display()))
-        .await
-        .unwrap();
-    let rewritten =
-        sqlx::query("UPDATE master_keys SET config = replace(config, ?, ?) WHERE kind = 'pkcs11'")
-            .bind(token.module().to_str().unwrap())
-            .bind(copy.to_str().unwrap())
+    let database = ks.database();
+    let rewrite = |from: String, to: String| {
+        let database = database.clone();
+        async move {
+            let url = format!("sqlite://{}", database.display());
+            let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            let done = sqlx::query(
+                "UPDATE master_keys SET config = replace(config, ?1, ?2),
+                                        key_ref = replace(key_ref, ?1, ?2) WHERE kind = 'pkcs11'",
+            )
+            .bind(from)
+            .bind(to)
             .execute(&mut db)
             .await
             .unwrap();
-    assert_eq!(rewritten.rows_affected(), 1);
-    db.close().await.unwrap();
+            assert_eq!(done.rows_affected(), 1);
+            db.close().await.unwrap();
+        }
+    };
+    rewrite(softhsm2::KEY_LABEL.to_owned(), "rogue".to_owned()).await;
+    let config = ks_dir.join("keygate.toml");
+    let server = ["server".as_ref(), "--config".as_ref(), config.as_os_str()];
+    let (started, stderr) = run_to_exit(&server, &env);
+    assert!(!started, "the key service started on a key nobody listed: {stderr}");
+    let rogue = format!("pkcs11:{}/rogue", softhsm2::TOKEN_LABEL);
+    assert!(stderr.contains(&rogue) && stderr.contains("trusted_masters.keys"), "{stderr}");
+    rewrite("rogue".to_owned(), softhsm2::KEY_LABEL.to_owned()).await;
+    ks.restart();
+
+    // Someone with write access to the keystore points the recorded
+    // master at the copy: the key service does not load it, and keys
+    // under that master are unavailable rather than reached through it.
     // The audit signing key is under that master too, so the service
     // does not start, and says why.
-    let config = ks_dir.join("keygate.toml");
-    let (started, stderr) =
-        run_to_exit(&["server".as_ref(), "--config".as_ref(), config.as_os_str()], &env);
+    ks.stop();
+    let module = token.module().to_str().unwrap().to_owned();
+    rewrite(module, copy.to_str().unwrap().to_owned()).await;
+    let (started, stderr) = run_to_exit(&server, &env);
     assert!(!started, "the key service started on a module nobody listed: {stderr}");
     assert!(
         stderr.contains("recorded settings refused")

@@ -4,7 +4,7 @@
 //! instance connects to the masters its keys are wrapped under from those,
 //! if this host's configuration trusts what they name ([`MasterTrust`]).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -20,7 +20,10 @@ use crate::config::{RootConfig, TrustedMasters};
 /// master keys.
 #[derive(Debug, Clone)]
 pub(crate) struct MasterTrust {
-    root: RootConfig,
+    /// The configured root's module, if it is a PKCS#11 one.
+    root_module: Option<PathBuf>,
+    /// The configured root's endpoint override, if it is an AWS KMS one.
+    root_endpoint: Option<String>,
     /// The configured root's key (`kind:key_ref`), once connected.
     root_key: Option<String>,
     trusted: TrustedMasters,
@@ -28,7 +31,12 @@ pub(crate) struct MasterTrust {
 
 impl MasterTrust {
     pub(crate) fn new(root: &RootConfig, trusted: &TrustedMasters) -> Self {
-        Self { root: root.clone(), root_key: None, trusted: trusted.clone() }
+        let (root_module, root_endpoint) = match root {
+            RootConfig::Pkcs11 { module, .. } => (Some(module.clone()), None),
+            RootConfig::AwsKms { endpoint_url, .. } => (None, endpoint_url.clone()),
+            RootConfig::DevLocal { .. } => (None, None),
+        };
+        Self { root_module, root_endpoint, root_key: None, trusted: trusted.clone() }
     }
 
     /// The same, knowing the configured root's key (a rotation back to it
@@ -38,53 +46,65 @@ impl MasterTrust {
         self
     }
 
-    /// Why the master key `key`, reached through trusted settings, may not
-    /// be used, if it may not: `trusted_masters.keys` is set and names
-    /// neither it nor the configured root's.
-    pub(crate) fn key_refusal(&self, key: &ProviderInfo) -> Option<String> {
-        let keys = self.trusted.keys.as_ref()?;
-        let name = key.to_string();
-        let listed = self.root_key.as_ref() == Some(&name) || keys.contains(&name);
-        (!listed).then(|| {
-            format!("the master key {name} is neither [root]'s nor listed in trusted_masters.keys")
-        })
-    }
-
     /// Why `config` may not be used as a master, if it may not: it names a
-    /// module or an endpoint this host does not trust. Modules compare as
-    /// paths (no `..` or symlink resolved; a module may be a bare name the
-    /// loader searches for), endpoints as text without a trailing `/`.
+    /// module or an endpoint this host does not trust, or (when
+    /// `trusted_masters.keys` is set) a key that is not listed, as far as
+    /// the settings tell before connecting. Modules compare as paths (no
+    /// `..` or symlink resolved; a module may be a bare name the loader
+    /// searches for), endpoints as text without a trailing `/`.
     pub(crate) fn refusal(&self, config: &RootConfig) -> Option<String> {
         match config {
-            RootConfig::Pkcs11 { module, .. } => {
-                let configured =
-                    matches!(&self.root, RootConfig::Pkcs11 { module: ours, .. } if ours == module);
+            RootConfig::Pkcs11 { module, token_label, key_label, .. } => {
+                let configured = self.root_module.as_ref() == Some(module);
                 let listed = self.trusted.pkcs11_modules.iter().any(|m| m == module);
-                (!configured && !listed).then(|| {
-                    format!(
+                if !configured && !listed {
+                    return Some(format!(
                         "the PKCS#11 module {} is neither [root]'s nor listed in \
                          trusted_masters.pkcs11_modules",
                         quoted(module)
-                    )
-                })
+                    ));
+                }
+                self.key_refusal(&format!("pkcs11:{token_label}/{key_label}"))
             }
-            RootConfig::AwsKms { endpoint_url: Some(endpoint), .. } => {
-                let same =
-                    |other: &str| other.trim_end_matches('/') == endpoint.trim_end_matches('/');
-                let configured = matches!(
-                    &self.root,
-                    RootConfig::AwsKms { endpoint_url: Some(ours), .. } if same(ours)
-                );
-                let listed = self.trusted.aws_kms_endpoints.iter().any(|e| same(e));
-                (!configured && !listed).then(|| {
+            RootConfig::AwsKms { endpoint_url, key_id, .. } => {
+                if let Some(endpoint) = endpoint_url {
+                    let same =
+                        |other: &str| other.trim_end_matches('/') == endpoint.trim_end_matches('/');
+                    let configured = self.root_endpoint.as_deref().is_some_and(same);
+                    let listed = self.trusted.aws_kms_endpoints.iter().any(|e| same(e));
+                    if !configured && !listed {
+                        return Some(format!(
+                            "the AWS KMS endpoint {endpoint:?} is neither [root]'s nor listed \
+                             in trusted_masters.aws_kms_endpoints"
+                        ));
+                    }
+                }
+                // A key ARN names the key; an alias shows it only once connected.
+                let is_arn = key_id.starts_with("arn:") && key_id.contains(":key/");
+                is_arn.then(|| self.key_refusal(&format!("aws-kms:{key_id}"))).flatten()
+            }
+            RootConfig::DevLocal { key_file, create_if_missing, .. } => {
+                // A key made now has a fingerprint nobody could have listed.
+                let new_key = *create_if_missing && !key_file.exists();
+                (new_key && self.trusted.keys.is_some()).then(|| {
                     format!(
-                        "the AWS KMS endpoint {endpoint:?} is neither [root]'s nor listed in \
-                         trusted_masters.aws_kms_endpoints"
+                        "a new key file {} could not be listed in trusted_masters.keys",
+                        quoted(key_file)
                     )
                 })
             }
-            RootConfig::AwsKms { endpoint_url: None, .. } | RootConfig::DevLocal { .. } => None,
         }
+    }
+
+    /// Why the master key `key` (`kind:key_ref`, as `GET /v1/master` names
+    /// it) may not be used, if it may not: `trusted_masters.keys` is set and
+    /// names neither it nor the configured root's.
+    pub(crate) fn key_refusal(&self, key: &str) -> Option<String> {
+        let keys = self.trusted.keys.as_ref()?;
+        let listed = self.root_key.as_deref() == Some(key) || keys.iter().any(|k| k == key);
+        (!listed).then(|| {
+            format!("the master key {key} is neither [root]'s nor listed in trusted_masters.keys")
+        })
     }
 }
 
@@ -96,11 +116,11 @@ fn quoted(path: &Path) -> String {
 /// configured root key, once [`MasterTrust`] allows what they name.
 #[derive(Debug)]
 pub(crate) struct RecordedMasters {
-    trust: MasterTrust,
+    trust: Arc<MasterTrust>,
 }
 
 impl RecordedMasters {
-    pub(crate) fn new(trust: MasterTrust) -> Self {
+    pub(crate) fn new(trust: Arc<MasterTrust>) -> Self {
         Self { trust }
     }
 }
@@ -123,7 +143,11 @@ impl MasterConnector for RecordedMasters {
             .map_err(|e| misconfigured(format!("recorded settings unreadable: {e}")))?;
         crate::config::check_durations(config.durations())
             .map_err(|e| misconfigured(format!("recorded settings: {e}")))?;
-        if let Some(reason) = self.trust.refusal(&config) {
+        // The key the row names is checked before anything is loaded or
+        // logged in to; once connected, the provider must be that key.
+        let named = format!("{}:{}", master.kind, master.key_ref);
+        if let Some(reason) = self.trust.refusal(&config).or_else(|| self.trust.key_refusal(&named))
+        {
             return Err(misconfigured(format!("recorded settings refused: {reason}")));
         }
         // Recorded settings reach a key file that exists; they never make one.
@@ -137,9 +161,6 @@ impl MasterConnector for RecordedMasters {
                 "the recorded settings now reach {info}, not {}:{}",
                 master.kind, master.key_ref
             )));
-        }
-        if let Some(reason) = self.trust.key_refusal(&info) {
-            return Err(misconfigured(format!("recorded settings refused: {reason}")));
         }
         Ok(provider)
     }
@@ -232,31 +253,50 @@ mod tests {
 
     #[test]
     fn listed_keys_bound_which_master_keys_may_be_used() {
-        let key = |kind, key_ref: &str| ProviderInfo { kind, key_ref: key_ref.to_owned() };
-        let root = key("pkcs11", "prod/master-1");
+        let root = ProviderInfo { kind: "pkcs11", key_ref: "prod/master-1".into() };
         // No list: any key behind a trusted module or endpoint.
         let open = MasterTrust::new(&local(), &Default::default()).with_root_key(&root);
-        assert_eq!(open.key_refusal(&key("pkcs11", "prod/other")), None);
+        assert_eq!(open.key_refusal("pkcs11:prod/other"), None);
 
         let trusted = TrustedMasters {
+            pkcs11_modules: vec!["/opt/hsm/listed.so".into()],
             keys: Some(vec!["pkcs11:prod/master-2".into()]),
             ..Default::default()
         };
         let strict = MasterTrust::new(&local(), &trusted).with_root_key(&root);
-        assert_eq!(strict.key_refusal(&key("pkcs11", "prod/master-2")), None);
-        assert_eq!(strict.key_refusal(&root), None, "the configured root's own key");
-        let refused = strict.key_refusal(&key("pkcs11", "prod/master-3")).unwrap();
+        assert_eq!(strict.key_refusal("pkcs11:prod/master-2"), None);
+        assert_eq!(strict.key_refusal("pkcs11:prod/master-1"), None, "[root]'s own key");
+        let refused = strict.key_refusal("pkcs11:prod/master-3").unwrap();
         assert!(
             refused.contains("pkcs11:prod/master-3") && refused.contains("trusted_masters.keys"),
             "{refused}"
         );
-        let arn = "arn:aws:kms:eu-west-1:999999999999:key/0000";
-        assert!(strict.key_refusal(&key("aws-kms", arn)).is_some());
         // An empty list: only the configured root's key.
         let none = TrustedMasters { keys: Some(Vec::new()), ..Default::default() };
         let only_root = MasterTrust::new(&local(), &none).with_root_key(&root);
-        assert_eq!(only_root.key_refusal(&root), None);
-        assert!(only_root.key_refusal(&key("pkcs11", "prod/master-2")).is_some());
+        assert_eq!(only_root.key_refusal("pkcs11:prod/master-1"), None);
+        assert!(only_root.key_refusal("pkcs11:prod/master-2").is_some());
+
+        // Before connecting, as far as the settings name the key: a PKCS#11
+        // token and label, an AWS KMS key ARN (an alias shows its key only
+        // once connected), a new key file (which nobody could have listed).
+        let hsm = |label: &str| {
+            settings(json!({"provider": "pkcs11", "module": "/opt/hsm/listed.so",
+                            "token_label": "prod", "key_label": label, "pin_env": "PIN"}))
+        };
+        assert_eq!(strict.refusal(&hsm("master-2")), None);
+        assert!(strict.refusal(&hsm("master-3")).unwrap().contains("trusted_masters.keys"));
+        let arn = "arn:aws:kms:eu-west-1:999999999999:key/0000";
+        let kms_key = |key_id: &str| {
+            settings(json!({"provider": "aws_kms", "region": "eu-west-1", "key_id": key_id}))
+        };
+        assert!(strict.refusal(&kms_key(arn)).is_some());
+        assert_eq!(strict.refusal(&kms_key("alias/k")), None);
+        let dir = tempfile::tempdir().unwrap();
+        let new_file = settings(json!({"provider": "dev_local", "create_if_missing": true,
+                                        "key_file": dir.path().join("new.key")}));
+        assert!(strict.refusal(&new_file).unwrap().contains("could not be listed"));
+        assert_eq!(open.refusal(&new_file), None, "no list, no refusal");
     }
 
     fn recorded(settings: serde_json::Value) -> MasterRecord {
@@ -272,7 +312,8 @@ mod tests {
 
     #[tokio::test]
     async fn recorded_settings_are_checked_and_never_create_a_key_file() {
-        let connector = RecordedMasters::new(MasterTrust::new(&local(), &Default::default()));
+        let connector =
+            RecordedMasters::new(Arc::new(MasterTrust::new(&local(), &Default::default())));
         let dir = tempfile::tempdir().unwrap();
         let key_file = dir.path().join("new-root.key");
         let asks_to_create = recorded(json!({"provider": "dev_local", "key_file": key_file,
@@ -291,34 +332,5 @@ mod tests {
             error.contains("recorded settings refused") && error.contains("evil.so"),
             "{error}"
         );
-    }
-
-    #[test]
-    fn the_server_config_reads_the_trusted_masters_table() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keygate.toml");
-        let base = "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\
-                    [tls]\ncert = \"c\"\nkey = \"k\"\nclient_ca = \"ca\"\n\
-                    [root]\nprovider = \"dev_local\"\nkey_file = \"root.key\"\n\
-                    [policy]\nfile = \"policy.toml\"\n";
-        std::fs::write(&path, base).unwrap();
-        let config = crate::config::ServerConfig::load(&path).unwrap();
-        assert!(config.trusted_masters.pkcs11_modules.is_empty());
-        assert!(config.trusted_masters.aws_kms_endpoints.is_empty());
-        assert_eq!(config.trusted_masters.keys, None);
-
-        let table = "[trusted_masters]\npkcs11_modules = [\"/usr/lib/softhsm/libsofthsm2.so\"]\n\
-                     aws_kms_endpoints = [\"https://kms.example\"]\n\
-                     keys = [\"pkcs11:prod/master-2\"]\n";
-        std::fs::write(&path, format!("{base}{table}")).unwrap();
-        let config = crate::config::ServerConfig::load(&path).unwrap();
-        let trusted = config.trusted_masters;
-        assert_eq!(trusted.pkcs11_modules, [Path::new("/usr/lib/softhsm/libsofthsm2.so")]);
-        assert_eq!(trusted.aws_kms_endpoints, ["https://kms.example"]);
-        assert_eq!(trusted.keys, Some(vec!["pkcs11:prod/master-2".to_owned()]));
-
-        std::fs::write(&path, format!("{base}[trusted_masters]\nmodules = []\n")).unwrap();
-        let error = crate::config::ServerConfig::load(&path).unwrap_err().to_string();
-        assert!(error.contains("unknown field"), "{error}");
     }
 }

@@ -9,13 +9,15 @@ pub(crate) mod api;
 mod handlers;
 mod jobs;
 mod listener;
-pub(crate) mod masters;
+mod masters;
 mod openapi;
 mod routes;
 mod startup;
 mod state;
 
 pub use self::listener::Caller;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use self::masters::{MasterTrust, recorded_settings};
 pub(crate) use self::openapi::document as openapi_document;
 pub use self::startup::{ServerError, run};
 pub use self::state::AppState;

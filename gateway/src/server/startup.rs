@@ -63,7 +63,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
             store.clone(),
             root.clone(),
             Some(&settings),
-            Some(Arc::new(RecordedMasters::new(master_trust.as_ref().clone()))),
+            Some(Arc::new(RecordedMasters::new(master_trust.clone()))),
             HierarchyConfig {
                 key_ttl: Duration::from_secs(config.keys.kek_ttl_secs),
                 max_batch: config.limits.max_batch,

@@ -119,9 +119,44 @@ struct UnwrapWire {
     results: Vec<ItemWire>,
 }
 
+impl UnwrapWire {
+    /// The results of a JSON unwrap answer that must hold exactly `count`.
+    fn unwrapped(self, count: usize) -> Result<Unwrapped, KsError> {
+        if self.results.len() != count {
+            return Err(KsError::Decode("unwrap answered a different number of items".into()));
+        }
+        let results = self
+            .results
+            .into_iter()
+            .map(|r| match (r.dek, r.error) {
+                (Some(dek), _) => Ok(dek.0),
+                (None, error) => Err(error.unwrap_or_else(|| "cannot_decrypt".into())),
+            })
+            .collect();
+        Ok(Unwrapped { active_version: self.active_version, results })
+    }
+}
+
 #[derive(Deserialize)]
 struct ResultsWire {
     results: Vec<ItemWire>,
+}
+
+impl ResultsWire {
+    /// The results of a rewrap answer that must hold exactly `count`.
+    fn rewrapped(self, count: usize) -> Result<Vec<Result<Rewrapped, String>>, KsError> {
+        if self.results.len() != count {
+            return Err(KsError::Decode("rewrap answered a different number of items".into()));
+        }
+        Ok(self
+            .results
+            .into_iter()
+            .map(|r| match (r.kek_version, r.wrapped, r.error) {
+                (Some(kek_version), Some(wrapped), _) => Ok(Rewrapped { kek_version, wrapped }),
+                (_, _, error) => Err(error.unwrap_or_else(|| "cannot_decrypt".into())),
+            })
+            .collect())
+    }
 }
 
 #[derive(Deserialize)]
@@ -410,18 +445,7 @@ impl KeyServiceClient {
         // Serialized straight from typed items (no JSON tree per item).
         let body = BatchOut { items: wire_items(items), purpose };
         let wire: UnwrapWire = self.call(reqwest::Method::POST, path, Some(&body)).await?;
-        if wire.results.len() != items.len() {
-            return Err(KsError::Decode("unwrap answered a different number of items".into()));
-        }
-        let results = wire
-            .results
-            .into_iter()
-            .map(|r| match (r.dek, r.error) {
-                (Some(dek), _) => Ok(dek.0),
-                (None, error) => Err(error.unwrap_or_else(|| "cannot_decrypt".into())),
-            })
-            .collect();
-        Ok(Unwrapped { active_version: wire.active_version, results })
+        wire.unwrapped(items.len())
     }
 
     /// Moves wrapped DEKs to the active KEK version (no plaintext travels).
@@ -438,17 +462,7 @@ impl KeyServiceClient {
                 Some(&body),
             )
             .await?;
-        if wire.results.len() != items.len() {
-            return Err(KsError::Decode("rewrap answered a different number of items".into()));
-        }
-        Ok(wire
-            .results
-            .into_iter()
-            .map(|r| match (r.kek_version, r.wrapped, r.error) {
-                (Some(kek_version), Some(wrapped), _) => Ok(Rewrapped { kek_version, wrapped }),
-                (_, _, error) => Err(error.unwrap_or_else(|| "cannot_decrypt".into())),
-            })
-            .collect())
+        wire.rewrapped(items.len())
     }
 
     /// The index-derived keys of a schema for a tenant.
@@ -554,16 +568,26 @@ fn without_url(e: &reqwest::Error) -> String {
 }
 
 /// The body of the `ks_answer` fuzz target (see `crate::fuzzing`): every
-/// JSON answer of the key service as the sidecar reads it. The first byte
-/// is the number of keys an issue asked for; the rest is the answer.
+/// JSON answer of the key service read as the sidecar reads it. The first
+/// byte is the number of keys or items asked for; the rest is the answer.
+/// Whatever is read holds exactly one result per item asked.
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn fuzz_answers(data: &[u8]) {
     let Some((&count, answer)) = data.split_first() else { return };
-    if let Ok(keys) = IssueWire::keys_from(answer, usize::from(count)) {
-        assert_eq!(keys.len(), usize::from(count), "an issue answer holds what was asked");
+    let count = usize::from(count);
+    if let Ok(keys) = IssueWire::keys_from(answer, count) {
+        assert_eq!(keys.len(), count, "an issue answer holds the keys asked");
     }
-    let _ = serde_json::from_slice::<UnwrapWire>(answer);
-    let _ = serde_json::from_slice::<ResultsWire>(answer);
+    if let Ok(Ok(unwrapped)) =
+        serde_json::from_slice::<UnwrapWire>(answer).map(|w| w.unwrapped(count))
+    {
+        assert_eq!(unwrapped.results.len(), count, "an unwrap answer holds the items asked");
+    }
+    if let Ok(Ok(rewrapped)) =
+        serde_json::from_slice::<ResultsWire>(answer).map(|w| w.rewrapped(count))
+    {
+        assert_eq!(rewrapped.len(), count, "a rewrap answer holds the items asked");
+    }
     let _ = serde_json::from_slice::<DerivedWire>(answer);
 }
 

@@ -161,7 +161,12 @@ fn read_pin_file(path: &Path) -> Result<SecretString, Pkcs11Error> {
         );
     }
     let mut contents = Zeroizing::new(Vec::new());
-    file.take(MAX_PIN_FILE_LEN).read_to_end(&mut contents).map_err(io_error)?;
+    file.take(MAX_PIN_FILE_LEN + 1).read_to_end(&mut contents).map_err(io_error)?;
+    if contents.len() as u64 > MAX_PIN_FILE_LEN {
+        return Err(Pkcs11Error::InvalidConfig {
+            reason: format!("the PKCS#11 PIN file is longer than {MAX_PIN_FILE_LEN} bytes"),
+        });
+    }
     pin_from(&contents)
 }
 

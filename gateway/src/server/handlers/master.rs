@@ -10,7 +10,6 @@ use kms_core::audit::{AuditEvent, Outcome};
 use super::ApiJson;
 use crate::audit_log::now_ms;
 use crate::compliance::refused_root;
-use crate::config::RootConfig;
 use crate::error::{ApiError, store_error};
 use crate::policy::Role;
 use crate::server::api::{
@@ -81,18 +80,17 @@ pub(crate) async fn rotate(
     let actor = state.authorize_global(&caller, &[Role::Admin], "rotate the master key").await?;
     // The profile's rule on the master key holds for every master the keys
     // can be moved to, not only for the configured one.
+    let kind = body.to.kind();
     if let Some(reason) = refused_root(compliance.config.profile, &body.to) {
         let message = format!("the production profile forbids this master key: {reason}");
-        let refusal = Refusal { rule: "root_key.hardware_backed", code: "refused_by_profile" };
-        return Err(refusal.record(&state, actor, &body.to, message).await);
+        return Err(Refusal::PROFILE.refuse(&state, actor, kind, &reason, message).await);
     }
     // One admin's request does not choose a library for the key service to
-    // load or an endpoint to hand keys to: the host's configuration does.
+    // load, an endpoint to hand keys to or (if the host lists them) the key:
+    // the host's configuration does.
     if let Some(reason) = state.master_trust.refusal(&body.to) {
-        let message =
-            format!("this key service does not use the new master key's settings: {reason}");
-        let refusal = Refusal { rule: "trusted_masters", code: "untrusted_provider" };
-        return Err(refusal.record(&state, actor, &body.to, message).await);
+        let message = format!("this key service does not use the new master key: {reason}");
+        return Err(Refusal::UNTRUSTED.refuse(&state, actor, kind, &reason, message).await);
     }
     if !body.to.paths_are_absolute() {
         return Err(ApiError::bad_request(
@@ -115,12 +113,13 @@ pub(crate) async fn rotate(
         tracing::warn!(error = %e, "master rotation: cannot use the new master key");
         ApiError::bad_request("invalid_provider", format!("the new master key is unusable: {e}"))
     })?;
-    // Which key it is shows only once connected (an AWS KMS alias, say).
-    if let Some(reason) = state.master_trust.key_refusal(&provider.describe()) {
+    // Which key an AWS KMS alias names shows only once connected.
+    if let Some(reason) = state.master_trust.key_refusal(&provider.describe().to_string()) {
+        // Nothing to undo; the lock is not held across a slow audit write
+        // (other replicas' rotations wait on it).
         drop(lock);
         let message = format!("this key service does not use the new master key: {reason}");
-        let refusal = Refusal { rule: "trusted_masters", code: "untrusted_provider" };
-        return Err(refusal.record(&state, actor, &body.to, message).await);
+        return Err(Refusal::UNTRUSTED.refuse(&state, actor, kind, &reason, message).await);
     }
     let target = provider.describe().to_string();
     let (by, to) = (actor.clone(), target.clone());
@@ -165,7 +164,7 @@ pub(crate) async fn rotate(
     }))
 }
 
-/// A master rotation refused by a rule, before anything is connected.
+/// A master rotation refused by a rule, before any key is moved.
 struct Refusal {
     /// The rule, as the audit event names it.
     rule: &'static str,
@@ -174,18 +173,26 @@ struct Refusal {
 }
 
 impl Refusal {
-    /// Records the refusal as a denied `master.rotate` (it stays refused if
-    /// it cannot be recorded, as other denials) and gives the 403 answer.
-    async fn record(
+    /// The production profile's rule on master keys.
+    const PROFILE: Self = Self { rule: "root_key.hardware_backed", code: "refused_by_profile" };
+    /// The host's `[trusted_masters]`.
+    const UNTRUSTED: Self = Self { rule: "trusted_masters", code: "untrusted_provider" };
+
+    /// Records the refusal as a denied `master.rotate` naming the rule and
+    /// the reason (it stays refused if it cannot be recorded, as other
+    /// denials) and gives the 403 answer.
+    async fn refuse(
         self,
         state: &AppState,
         actor: String,
-        to: &RootConfig,
+        provider: &'static str,
+        reason: &str,
         message: String,
     ) -> ApiError {
         let event = AuditEvent::new(now_ms(), actor, "master.rotate", Outcome::Denied)
-            .with_detail("provider", to.kind())
-            .with_detail("rule", self.rule);
+            .with_detail("provider", provider)
+            .with_detail("rule", self.rule)
+            .with_detail("reason", reason);
         if state.audit.record(vec![event]).await.is_err() {
             tracing::error!("could not record a refused master rotation in the audit log");
         }
