@@ -435,19 +435,37 @@ async fn keys_per_master(ks: &KeyService) -> Vec<(String, i64)> {
     rows
 }
 
+/// A SoftHSM2 token holding a master key (made with `keygate admin`), a
+/// PIN file for it, and a directory for a key service.
+struct Hsm {
+    token: SoftHsm2,
+    dir: tempfile::TempDir,
+    ks_dir: std::path::PathBuf,
+    pin: std::path::PathBuf,
+    /// A key service `[root]` section for the token's master key.
+    hsm_root: String,
+}
+
+impl Hsm {
+    fn with_master_key() -> Self {
+        let token = SoftHsm2::new_token();
+        let dir = tempfile::tempdir().unwrap();
+        let ks_dir = dir.path().join("ks");
+        std::fs::create_dir_all(&ks_dir).unwrap();
+        let pin = dir.path().join("pin");
+        write_private(&pin, softhsm2::USER_PIN);
+        let hsm_root = token.root_section(&pin.display().to_string());
+        let create = dir.path().join("create.toml");
+        std::fs::write(&create, format!("listen = \"127.0.0.1:0\"\ndata_dir = \"d\"\n[tls]\ncert = \"x\"\nkey = \"x\"\nclient_ca = \"x\"\n{hsm_root}[policy]\nfile = \"p\"\n")).unwrap();
+        token.create_key_with_cli(&create);
+        Self { token, dir, ks_dir, pin, hsm_root }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn master_rotation_to_softhsm2_resumes_after_a_crash() {
-    let token = SoftHsm2::new_token();
-    let dir = tempfile::tempdir().unwrap();
-    let ks_dir = dir.path().join("ks");
-    std::fs::create_dir_all(&ks_dir).unwrap();
-    let pin = dir.path().join("pin");
-    write_private(&pin, softhsm2::USER_PIN);
+    let Hsm { token, dir: _dir, ks_dir, pin, hsm_root } = Hsm::with_master_key();
     let conf = token.conf();
-    let hsm_root = token.root_section(&pin.display().to_string());
-    let create = dir.path().join("create.toml");
-    std::fs::write(&create, format!("listen = \"127.0.0.1:0\"\ndata_dir = \"d\"\n[tls]\ncert = \"x\"\nkey = \"x\"\nclient_ca = \"x\"\n{hsm_root}[policy]\nfile = \"p\"\n")).unwrap();
-    token.create_key_with_cli(&create);
     let env = [("SOFTHSM2_CONF", conf.to_str().unwrap())];
     // The root is a local key file, so the HSM's module is listed.
     let trusted = format!("[trusted_masters]\npkcs11_modules = [{:?}]\n", token.module());
@@ -577,16 +595,7 @@ async fn master_rotation_to_softhsm2_resumes_after_a_crash() {
 /// library the key service loads.
 #[tokio::test(flavor = "multi_thread")]
 async fn masters_load_only_the_modules_this_host_trusts() {
-    let token = SoftHsm2::new_token();
-    let dir = tempfile::tempdir().unwrap();
-    let ks_dir = dir.path().join("ks");
-    std::fs::create_dir_all(&ks_dir).unwrap();
-    let pin = dir.path().join("pin");
-    write_private(&pin, softhsm2::USER_PIN);
-    let create = dir.path().join("create.toml");
-    let hsm_root = token.root_section(&pin.display().to_string());
-    std::fs::write(&create, format!("listen = \"127.0.0.1:0\"\ndata_dir = \"d\"\n[tls]\ncert = \"x\"\nkey = \"x\"\nclient_ca = \"x\"\n{hsm_root}[policy]\nfile = \"p\"\n")).unwrap();
-    token.create_key_with_cli(&create);
+    let Hsm { token, dir, ks_dir, pin, .. } = Hsm::with_master_key();
     // The same module at a path nobody listed: it would load and work.
     let elsewhere = dir.path().join("elsewhere");
     std::fs::create_dir_all(&elsewhere).unwrap();
