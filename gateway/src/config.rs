@@ -169,22 +169,26 @@ pub struct TrustedMasters {
 }
 
 impl TrustedMasters {
-    /// Provider kinds as keys are named (`GET /v1/master`), which are not
-    /// the `provider` names of the config file (`aws-kms`, not `aws_kms`).
-    const KEY_KINDS: [&'static str; 3] = ["local", "pkcs11", "aws-kms"];
-
-    /// Refuses a `keys` entry that could never name a master key, so a
-    /// misspelt one is reported at start rather than refusing every
-    /// rotation.
+    /// Refuses a `keys` entry that could never name a master key (kinds are
+    /// those of `GET /v1/master`, not the file's `provider` names: `aws-kms`,
+    /// not `aws_kms`; an AWS KMS key by its ARN, not an alias), so a misspelt
+    /// one is reported at start rather than refusing every rotation.
     fn check_keys(&self) -> Result<(), ConfigError> {
         for key in self.keys.iter().flatten() {
-            let named = key.split_once(':').is_some_and(|(kind, key_ref)| {
-                Self::KEY_KINDS.contains(&kind) && !key_ref.is_empty()
-            });
+            // What each provider reports: a fingerprint, token/label, a key ARN.
+            let named = match key.split_once(':') {
+                Some(("local", fingerprint)) => !fingerprint.is_empty(),
+                Some(("pkcs11", key_ref)) => {
+                    key_ref.split_once('/').is_some_and(|(t, l)| !t.is_empty() && !l.is_empty())
+                }
+                Some(("aws-kms", arn)) => arn.starts_with("arn:") && arn.contains(":key/"),
+                _ => false,
+            };
             if !named {
                 return Err(ConfigError(format!(
-                    "trusted_masters.keys: {key:?} is not kind:key_ref with kind one of local, \
-                     pkcs11, aws-kms (as GET /v1/master names master keys)"
+                    "trusted_masters.keys: {key:?} names no master key; keys are named as \
+                     GET /v1/master names them: local:<fingerprint>, pkcs11:<token>/<label> \
+                     or aws-kms:<key ARN>"
                 )));
             }
         }
@@ -709,7 +713,14 @@ max_batch = 500
         assert!(error.contains("unknown field"), "{error}");
         // Keys are named as GET /v1/master names them, not as the file's
         // `provider` values: a misspelt kind is refused at load.
-        for key in ["aws_kms:arn:aws:kms:eu-west-1:1:key/k", "pkcs11:", "master-2"] {
+        for key in [
+            "aws_kms:arn:aws:kms:eu-west-1:1:key/k",
+            "aws-kms:alias/prod",
+            "pkcs11:master-2",
+            "pkcs11:",
+            "local:",
+            "master-2",
+        ] {
             std::fs::write(&path, format!("{base}[trusted_masters]\nkeys = [{key:?}]\n")).unwrap();
             let error = ServerConfig::load(&path).unwrap_err().to_string();
             assert!(error.contains("trusted_masters.keys") && error.contains(key), "{error}");

@@ -85,8 +85,9 @@ impl MasterTrust {
             }
             RootConfig::DevLocal { key_file, create_if_missing, .. } => {
                 // A key made now has a fingerprint nobody could have listed.
-                let new_key = *create_if_missing && !key_file.exists();
-                (new_key && self.trusted.keys.is_some()).then(|| {
+                let listing = self.trusted.keys.is_some();
+                let new_key = listing && *create_if_missing && !key_file.exists();
+                new_key.then(|| {
                     format!(
                         "a new key file {} could not be listed in trusted_masters.keys",
                         quoted(key_file)
@@ -143,16 +144,16 @@ impl MasterConnector for RecordedMasters {
             .map_err(|e| misconfigured(format!("recorded settings unreadable: {e}")))?;
         crate::config::check_durations(config.durations())
             .map_err(|e| misconfigured(format!("recorded settings: {e}")))?;
+        // Recorded settings reach a key file that exists; they never make one.
+        if let RootConfig::DevLocal { create_if_missing, .. } = &mut config {
+            *create_if_missing = false;
+        }
         // The key the row names is checked before anything is loaded or
         // logged in to; once connected, the provider must be that key.
         let named = format!("{}:{}", master.kind, master.key_ref);
         if let Some(reason) = self.trust.refusal(&config).or_else(|| self.trust.key_refusal(&named))
         {
             return Err(misconfigured(format!("recorded settings refused: {reason}")));
-        }
-        // Recorded settings reach a key file that exists; they never make one.
-        if let RootConfig::DevLocal { create_if_missing, .. } = &mut config {
-            *create_if_missing = false;
         }
         let provider = root_provider(&config).await.map_err(|e| misconfigured(e.to_string()))?;
         let info = provider.describe();

@@ -154,6 +154,8 @@ fn pin_files_are_read_without_their_newline() {
     let error = PinSource::File(missing.clone()).load().unwrap_err();
     assert!(matches!(error, Pkcs11Error::PinFile { .. }));
     assert!(error.to_string().contains(&missing.display().to_string()));
+    std::fs::write(&path, vec![b'7'; 4096]).unwrap();
+    assert_eq!(PinSource::File(path.clone()).load().unwrap().expose_secret().len(), 4096);
     std::fs::write(&path, vec![b'7'; 4097]).unwrap();
     let error = PinSource::File(path.clone()).load().unwrap_err();
     assert!(error.to_string().contains("longer than 4096 bytes"), "{error}");

@@ -85,13 +85,6 @@ pub(crate) async fn rotate(
         let message = format!("the production profile forbids this master key: {reason}");
         return Err(Refusal::PROFILE.refuse(&state, actor, kind, &reason, message).await);
     }
-    // One admin's request does not choose a library for the key service to
-    // load, an endpoint to hand keys to or (if the host lists them) the key:
-    // the host's configuration does.
-    if let Some(reason) = state.master_trust.refusal(&body.to) {
-        let message = format!("this key service does not use the new master key: {reason}");
-        return Err(Refusal::UNTRUSTED.refuse(&state, actor, kind, &reason, message).await);
-    }
     if !body.to.paths_are_absolute() {
         return Err(ApiError::bad_request(
             "invalid_provider",
@@ -100,6 +93,13 @@ pub(crate) async fn rotate(
     }
     crate::config::check_durations(body.to.durations())
         .map_err(|e| ApiError::bad_request("invalid_provider", e.to_string()))?;
+    // One admin's request does not choose a library for the key service to
+    // load, an endpoint to hand keys to or (if the host lists them) the key:
+    // the host's configuration does.
+    if let Some(reason) = state.master_trust.refusal(&body.to) {
+        let message = format!("this key service does not use the new master key: {reason}");
+        return Err(Refusal::UNTRUSTED.refuse(&state, actor, kind, &reason, message).await);
+    }
     let settings = recorded_settings(&body.to).map_err(|e| crate::error::internal(&e))?;
     let store = state.hierarchy.store().clone();
     let Some(lock) = store.try_job_lock("master-rotate").await.map_err(|e| store_error(&e))? else {
