@@ -177,11 +177,11 @@ impl TrustedMasters {
         for key in self.keys.iter().flatten() {
             // What each provider reports: a fingerprint, token/label, a key ARN.
             let named = match key.split_once(':') {
-                Some(("local", fingerprint)) => !fingerprint.is_empty(),
+                Some((hsm_adapters::LOCAL_PROVIDER_KIND, fingerprint)) => !fingerprint.is_empty(),
                 Some(("pkcs11", key_ref)) => {
                     key_ref.split_once('/').is_some_and(|(t, l)| !t.is_empty() && !l.is_empty())
                 }
-                Some(("aws-kms", arn)) => arn.starts_with("arn:") && arn.contains(":key/"),
+                Some(("aws-kms", arn)) => is_key_arn(arn),
                 _ => false,
             };
             if !named {
@@ -194,6 +194,12 @@ impl TrustedMasters {
         }
         Ok(())
     }
+}
+
+/// Whether an AWS KMS key id is a key ARN (which names the key itself; an
+/// alias or alias ARN shows its key only once KMS is asked).
+pub(crate) fn is_key_arn(key_id: &str) -> bool {
+    key_id.starts_with("arn:") && key_id.contains(":key/")
 }
 
 fn default_pool_size() -> usize {

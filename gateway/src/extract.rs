@@ -202,9 +202,13 @@ fn parse_measured<'a, T: Deserialize<'a>>(
 
 /// `application/json` or `application/<something>+json`, any parameters.
 fn is_json(headers: &axum::http::HeaderMap) -> bool {
-    media_type(headers).is_some_and(|essence| {
-        essence == "application/json"
-            || essence.strip_prefix("application/").is_some_and(|sub| sub.ends_with("+json"))
+    // Compared without lowercasing into a new string: this runs per request.
+    headers.get(header::CONTENT_TYPE).and_then(essence).is_some_and(|essence| {
+        let Some((kind, subtype)) = essence.split_once('/') else { return false };
+        let suffix = subtype.len().checked_sub(5).and_then(|at| subtype.get(at..));
+        kind.eq_ignore_ascii_case("application")
+            && (subtype.eq_ignore_ascii_case("json")
+                || suffix.is_some_and(|s| s.eq_ignore_ascii_case("+json")))
     })
 }
 
@@ -221,10 +225,6 @@ pub fn is_media_type(value: Option<&axum::http::HeaderValue>, expected: &str) ->
 }
 
 /// The request's media type without its parameters, in lower case.
-fn media_type(headers: &axum::http::HeaderMap) -> Option<String> {
-    Some(essence(headers.get(header::CONTENT_TYPE)?)?.to_ascii_lowercase())
-}
-
 /// A media type's type and subtype, without its parameters.
 fn essence(value: &axum::http::HeaderValue) -> Option<&str> {
     Some(value.to_str().ok()?.split(';').next().unwrap_or_default().trim())

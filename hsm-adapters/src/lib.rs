@@ -58,6 +58,7 @@ mod local;
 #[cfg(unix)]
 mod pkcs11;
 mod readiness;
+mod secret_file;
 
 pub use crate::aws_kms::{AwsKmsConfig, AwsKmsError, AwsKmsRootKey};
 #[cfg(unix)]
@@ -69,3 +70,4 @@ pub use crate::pkcs11::{
     MasterKeyInfo, PinSource, Pkcs11Config, Pkcs11Error, Pkcs11RootKey, ckr_name,
 };
 pub use crate::readiness::{check_ready, readiness_context};
+pub use crate::secret_file::read_secret_file;

@@ -4,7 +4,7 @@
 //! instance connects to the masters its keys are wrapped under from those,
 //! if this host's configuration trusts what they name ([`MasterTrust`]).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -59,9 +59,8 @@ impl MasterTrust {
                 let listed = self.trusted.pkcs11_modules.iter().any(|m| m == module);
                 if !configured && !listed {
                     return Some(format!(
-                        "the PKCS#11 module {} is neither [root]'s nor listed in \
-                         trusted_masters.pkcs11_modules",
-                        quoted(module)
+                        "the PKCS#11 module {module:?} is neither [root]'s nor listed in \
+                         trusted_masters.pkcs11_modules"
                     ));
                 }
                 self.key_refusal(&format!("pkcs11:{token_label}/{key_label}"))
@@ -74,14 +73,16 @@ impl MasterTrust {
                     let listed = self.trusted.aws_kms_endpoints.iter().any(|e| same(e));
                     if !configured && !listed {
                         return Some(format!(
-                            "the AWS KMS endpoint {endpoint:?} is neither [root]'s nor listed \
-                             in trusted_masters.aws_kms_endpoints"
+                            "the AWS KMS endpoint {:?} is neither [root]'s nor listed in \
+                             trusted_masters.aws_kms_endpoints",
+                            without_userinfo(endpoint)
                         ));
                     }
                 }
                 // A key ARN names the key; an alias shows it only once connected.
-                let is_arn = key_id.starts_with("arn:") && key_id.contains(":key/");
-                is_arn.then(|| self.key_refusal(&format!("aws-kms:{key_id}"))).flatten()
+                crate::config::is_key_arn(key_id)
+                    .then(|| self.key_refusal(&format!("aws-kms:{key_id}")))
+                    .flatten()
             }
             RootConfig::DevLocal { key_file, create_if_missing, .. } => {
                 // A key made now has a fingerprint nobody could have listed.
@@ -89,8 +90,7 @@ impl MasterTrust {
                 let new_key = listing && *create_if_missing && !key_file.exists();
                 new_key.then(|| {
                     format!(
-                        "a new key file {} could not be listed in trusted_masters.keys",
-                        quoted(key_file)
+                        "a new key file {key_file:?} could not be listed in trusted_masters.keys"
                     )
                 })
             }
@@ -109,8 +109,14 @@ impl MasterTrust {
     }
 }
 
-fn quoted(path: &Path) -> String {
-    format!("{:?}", path.display().to_string())
+/// `endpoint` as errors and the audit log may show it: a user or password
+/// in its authority (which AWS KMS never needs) is left out.
+fn without_userinfo(endpoint: &str) -> String {
+    let (scheme, rest) = endpoint.split_once("://").unwrap_or(("", endpoint));
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let separator = if scheme.is_empty() { "" } else { "://" };
+    format!("{scheme}{separator}{host}{path}")
 }
 
 /// Connects to recorded masters with the same code that connects the
@@ -241,6 +247,12 @@ mod tests {
         assert_eq!(hsm_root.refusal(&kms(Some("https://vpce.example:443"))), None);
         let refused = hsm_root.refusal(&kms(Some("https://kms.attacker.example"))).unwrap();
         assert!(refused.contains("trusted_masters.aws_kms_endpoints"), "{refused}");
+        // What the refusal shows (in the answer and the audit log) holds no
+        // credentials an endpoint might carry.
+        let with_password = kms(Some("https://user:s3cret@kms.attacker.example/x"));
+        let refused = hsm_root.refusal(&with_password).unwrap();
+        assert!(refused.contains("\"https://kms.attacker.example/x\""), "{refused}");
+        assert!(!refused.contains("s3cret") && !refused.contains("user"), "{refused}");
         assert_eq!(hsm_root.refusal(&local()), None);
 
         // The configured root's own endpoint and module need no entry.

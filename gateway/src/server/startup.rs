@@ -309,20 +309,11 @@ pub(crate) async fn root_provider(
 const MAX_SECRET_FILE_LEN: u64 = 4096;
 
 /// Reads a secret from a regular file of at most 4 KiB (trailing newline
-/// removed). Settings recorded in the keystore may name any path, so it
-/// looks before opening (a FIFO would block, a device never end).
+/// removed); settings recorded in the keystore may name any path.
 fn read_secret(path: &Path) -> std::io::Result<SecretString> {
-    use std::io::{Error, ErrorKind, Read};
-    if !std::fs::metadata(path)?.is_file() {
-        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
-    }
-    let mut bytes = zeroize::Zeroizing::new(Vec::new());
-    std::fs::File::open(path)?.take(MAX_SECRET_FILE_LEN + 1).read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > MAX_SECRET_FILE_LEN {
-        return Err(Error::new(ErrorKind::InvalidData, "longer than 4096 bytes"));
-    }
+    let bytes = hsm_adapters::read_secret_file(path, MAX_SECRET_FILE_LEN)?;
     let text = std::str::from_utf8(&bytes)
-        .map_err(|_| Error::new(ErrorKind::InvalidData, "not valid UTF-8"))?;
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not valid UTF-8"))?;
     Ok(SecretString::from(text.trim_end_matches(['\n', '\r']).to_owned()))
 }
 

@@ -1,8 +1,6 @@
 //! Configuration of the PKCS#11 provider, and where its PIN comes from.
 
 use std::fmt;
-use std::fs::File;
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -11,6 +9,7 @@ use secrecy::{ExposeSecret, SecretString};
 use zeroize::Zeroizing;
 
 use super::error::Pkcs11Error;
+use crate::secret_file::read_secret_file;
 
 /// Longest PIN file read (PKCS#11 PINs are short; this only bounds the read).
 const MAX_PIN_FILE_LEN: u64 = 4096;
@@ -143,16 +142,7 @@ impl PinSource {
 /// Reads a PIN file (bounded), warning if group or others can read it.
 fn read_pin_file(path: &Path) -> Result<SecretString, Pkcs11Error> {
     let io_error = |source| Pkcs11Error::PinFile { path: path.to_owned(), source };
-    // Look before opening: a FIFO would block and a device never end (a
-    // master's recorded settings may name any path).
-    if !std::fs::metadata(path).map_err(io_error)?.is_file() {
-        return Err(io_error(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a regular file",
-        )));
-    }
-    let file = File::open(path).map_err(io_error)?;
-    let mode = file.metadata().map_err(io_error)?.permissions().mode();
+    let mode = std::fs::metadata(path).map_err(io_error)?.permissions().mode();
     if mode & 0o077 != 0 {
         tracing::warn!(
             path = %path.display(),
@@ -160,14 +150,7 @@ fn read_pin_file(path: &Path) -> Result<SecretString, Pkcs11Error> {
             "the PKCS#11 PIN file is accessible to group or others; run `chmod 600` on it"
         );
     }
-    let mut contents = Zeroizing::new(Vec::new());
-    file.take(MAX_PIN_FILE_LEN + 1).read_to_end(&mut contents).map_err(io_error)?;
-    if contents.len() as u64 > MAX_PIN_FILE_LEN {
-        return Err(Pkcs11Error::InvalidConfig {
-            reason: format!("the PKCS#11 PIN file is longer than {MAX_PIN_FILE_LEN} bytes"),
-        });
-    }
-    pin_from(&contents)
+    pin_from(&read_secret_file(path, MAX_PIN_FILE_LEN).map_err(io_error)?)
 }
 
 /// A PIN from raw bytes: UTF-8, one trailing `\n` or `\r\n` dropped,

@@ -113,15 +113,15 @@ pub(crate) async fn rotate(
         tracing::warn!(error = %e, "master rotation: cannot use the new master key");
         ApiError::bad_request("invalid_provider", format!("the new master key is unusable: {e}"))
     })?;
+    let target = provider.describe().to_string();
     // Which key an AWS KMS alias names shows only once connected.
-    if let Some(reason) = state.master_trust.key_refusal(&provider.describe().to_string()) {
+    if let Some(reason) = state.master_trust.key_refusal(&target) {
         // Nothing to undo; the lock is not held across a slow audit write
         // (other replicas' rotations wait on it).
         drop(lock);
         let message = format!("this key service does not use the new master key: {reason}");
         return Err(Refusal::UNTRUSTED.refuse(&state, actor, kind, &reason, message).await);
     }
-    let target = provider.describe().to_string();
     let (by, to) = (actor.clone(), target.clone());
     let event = move |outcome| {
         AuditEvent::new(now_ms(), by.as_str(), "master.rotate", outcome)
