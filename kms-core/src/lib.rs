@@ -48,8 +48,8 @@ pub use crate::dek::{
     DekBinding, IssuedDek, KekVersion, WRAPPED_DEK_LEN, WrappedDek, unwrap_dek, wrap_dek,
 };
 pub use crate::hierarchy::{
-    CacheStats, DekError, DekIssue, DekRequest, HierarchyConfig, HierarchyError, KeyHierarchy,
-    MasterConnector, MasterRotation, PreparedRotation, Rewrapped,
+    CacheStats, ConnectBackoff, DekError, DekIssue, DekRequest, HierarchyConfig, HierarchyError,
+    KeyHierarchy, MasterConnector, MasterRotation, PreparedRotation, Rewrapped,
 };
 pub use crate::ids::{InvalidName, MAX_NAME_LEN, Name, RecordKeyId, TenantId};
 pub use crate::kek::{InvalidTransition, KekState, StateChange};

@@ -42,7 +42,7 @@ pub async fn open_hierarchy(dir: &Path, key_ttl: Duration) -> KeyHierarchy {
     KeyHierarchy::new(
         Arc::new(store),
         Arc::new(root),
-        HierarchyConfig { key_ttl, max_batch: 1_000 },
+        HierarchyConfig { key_ttl, max_batch: 1_000, ..HierarchyConfig::default() },
     )
     .await
     .unwrap()

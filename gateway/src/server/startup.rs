@@ -67,6 +67,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
             HierarchyConfig {
                 key_ttl: Duration::from_secs(config.keys.kek_ttl_secs),
                 max_batch: config.limits.max_batch,
+                ..HierarchyConfig::default()
             },
         )
         .await

@@ -4,7 +4,8 @@
 //! settings the keystore recorded.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
@@ -23,6 +24,75 @@ pub trait MasterConnector: Send + Sync + std::fmt::Debug {
     ) -> Result<Arc<dyn RootKeyProvider>, RootKeyError>;
 }
 
+/// How long a master that could not be connected is left alone before the
+/// next attempt. Without a wait every request needing the master would try
+/// again: with a wrong PIN that is a failed `C_Login` per request, which
+/// can lock the HSM user out, and a provider that is down would be
+/// hammered. Attempts never stop, since both can heal (a PIN file
+/// rewritten, an HSM back); each failure in a row doubles the wait, up to
+/// a ceiling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectBackoff {
+    /// The first wait after a failure that may pass by itself
+    /// ([`RootKeyError::is_retryable`]: unavailable, throttled).
+    pub transient: Duration,
+    /// The longest wait after such failures.
+    pub transient_ceiling: Duration,
+    /// The first wait after any other failure (refused settings, a
+    /// rejected PIN, a missing key), which needs someone to act.
+    pub persistent: Duration,
+    /// The longest wait after such failures.
+    pub persistent_ceiling: Duration,
+}
+
+impl Default for ConnectBackoff {
+    fn default() -> Self {
+        Self {
+            transient: Duration::from_secs(1),
+            transient_ceiling: Duration::from_secs(60),
+            // As long as the PKCS#11 provider's own wait after a rejected PIN.
+            persistent: Duration::from_secs(30),
+            persistent_ceiling: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+impl ConnectBackoff {
+    /// The same wait after every failure.
+    pub fn fixed(wait: Duration) -> Self {
+        Self {
+            transient: wait,
+            transient_ceiling: wait,
+            persistent: wait,
+            persistent_ceiling: wait,
+        }
+    }
+
+    /// The wait after the `failures`-th failure in a row (from 1).
+    fn wait(&self, retryable: bool, failures: u32) -> Duration {
+        let (first, ceiling) = if retryable {
+            (self.transient, self.transient_ceiling)
+        } else {
+            (self.persistent, self.persistent_ceiling)
+        };
+        let doublings = failures.saturating_sub(1).min(31);
+        first.saturating_mul(1 << doublings).min(ceiling)
+    }
+}
+
+/// A failed connection to a master, remembered until its wait is over or
+/// the keystore's record of the master changes.
+#[derive(Debug)]
+struct Failure {
+    /// What the attempt was made from.
+    record: MasterRecord,
+    /// Failures in a row.
+    count: u32,
+    until: Instant,
+    retryable: bool,
+    error: String,
+}
+
 /// Providers by master key id.
 #[derive(Debug)]
 pub(super) struct Masters {
@@ -30,14 +100,26 @@ pub(super) struct Masters {
     connector: Option<Arc<dyn MasterConnector>>,
     /// One connection attempt at a time (HSM logins are not free).
     connecting: tokio::sync::Mutex<()>,
+    failures: Mutex<HashMap<MasterKeyId, Failure>>,
+    backoff: ConnectBackoff,
 }
 
 impl Masters {
-    pub(super) fn new(connector: Option<Arc<dyn MasterConnector>>) -> Self {
-        Self { providers: RwLock::default(), connector, connecting: tokio::sync::Mutex::new(()) }
+    pub(super) fn new(
+        connector: Option<Arc<dyn MasterConnector>>,
+        backoff: ConnectBackoff,
+    ) -> Self {
+        Self {
+            providers: RwLock::default(),
+            connector,
+            connecting: tokio::sync::Mutex::new(()),
+            failures: Mutex::default(),
+            backoff,
+        }
     }
 
     pub(super) fn insert(&self, id: MasterKeyId, provider: Arc<dyn RootKeyProvider>) {
+        self.failures().remove(&id);
         if let Ok(mut map) = self.providers.write() {
             map.insert(id, provider);
         }
@@ -47,7 +129,8 @@ impl Masters {
         self.providers.read().ok().and_then(|map| map.get(&id).cloned())
     }
 
-    /// The provider of master `id`, connecting to it if needed.
+    /// The provider of master `id`, connecting to it if needed and if the
+    /// last failed attempt's wait is over.
     pub(super) async fn get(
         &self,
         store: &dyn KeyStore,
@@ -72,10 +155,66 @@ impl Masters {
         if record.config.is_none() {
             return Err(HierarchyError::ForeignMaster(id.0));
         }
-        let provider = connector.connect(&record).await?;
-        tracing::info!(master = id.0, provider = %provider.describe(), "connected to master key");
-        self.insert(id, provider.clone());
-        Ok(provider)
+        if let Some(waiting) = self.still_waiting(&record) {
+            return Err(waiting.into());
+        }
+        match connector.connect(&record).await {
+            Ok(provider) => {
+                tracing::info!(master = id.0, provider = %provider.describe(), "connected to master key");
+                self.insert(id, provider.clone());
+                Ok(provider)
+            }
+            Err(e) => {
+                self.remember_failure(record, &e);
+                Err(e.into())
+            }
+        }
+    }
+
+    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<MasterKeyId, Failure>> {
+        self.failures.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The error to answer with instead of trying again, while the last
+    /// failure's wait lasts and the keystore still records the master as
+    /// it did then.
+    fn still_waiting(&self, record: &MasterRecord) -> Option<RootKeyError> {
+        let failures = self.failures();
+        let failure = failures.get(&record.id).filter(|f| f.record == *record)?;
+        let left = failure.until.checked_duration_since(Instant::now())?;
+        let detail = format!(
+            "master key #{}: not tried again for another {} s after {} failed attempt(s); \
+             the last: {}",
+            record.id.0,
+            left.as_secs().max(1),
+            failure.count,
+            failure.error
+        );
+        let provider = "recorded master";
+        Some(if failure.retryable {
+            RootKeyError::Unavailable { provider, detail }
+        } else {
+            RootKeyError::Misconfigured { provider, detail }
+        })
+    }
+
+    fn remember_failure(&self, record: MasterRecord, error: &RootKeyError) {
+        let mut failures = self.failures();
+        let id = record.id;
+        // A changed record (new settings) starts a new series.
+        let before = failures.get(&id).filter(|f| f.record == record).map_or(0, |f| f.count);
+        let count = before.saturating_add(1);
+        let retryable = error.is_retryable();
+        let wait = self.backoff.wait(retryable, count);
+        tracing::warn!(
+            master = id.0,
+            failures = count,
+            retry_after = ?wait,
+            error = %error,
+            "cannot connect to a master key; not trying again before the wait is over"
+        );
+        let until = Instant::now() + wait;
+        failures.insert(id, Failure { record, count, until, retryable, error: error.to_string() });
     }
 
     /// The keystore's active master key and its provider.
@@ -89,5 +228,187 @@ impl Masters {
             ))
         })?;
         Ok((active.id, self.get(store, active.id).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::root::{ProviderInfo, WrapContext};
+    use crate::secret::Key256;
+    use crate::store::SqliteStore;
+
+    /// A master that was reached; the tests only ask which it is.
+    #[derive(Debug)]
+    struct Reached(MasterRecord);
+
+    #[async_trait]
+    impl RootKeyProvider for Reached {
+        fn describe(&self) -> ProviderInfo {
+            ProviderInfo { kind: "local", key_ref: self.0.key_ref.clone() }
+        }
+        async fn wrap(&self, _: &Key256, _: &WrapContext) -> Result<Vec<u8>, RootKeyError> {
+            Err(RootKeyError::CannotUnwrap)
+        }
+        async fn unwrap(&self, _: &[u8], _: &WrapContext) -> Result<Key256, RootKeyError> {
+            Err(RootKeyError::CannotUnwrap)
+        }
+    }
+
+    /// Answers connection attempts from a script (success once it runs
+    /// out) and counts them.
+    #[derive(Debug, Default)]
+    struct Scripted {
+        failures: std::sync::Mutex<VecDeque<RootKeyError>>,
+        attempts: AtomicUsize,
+    }
+
+    impl Scripted {
+        fn failing(failures: impl IntoIterator<Item = RootKeyError>) -> Arc<Self> {
+            Arc::new(Self {
+                failures: std::sync::Mutex::new(failures.into_iter().collect()),
+                ..Default::default()
+            })
+        }
+        fn attempts(&self) -> usize {
+            self.attempts.load(Ordering::SeqCst)
+        }
+    }
+
+    #[async_trait]
+    impl MasterConnector for Scripted {
+        async fn connect(
+            &self,
+            master: &MasterRecord,
+        ) -> Result<Arc<dyn RootKeyProvider>, RootKeyError> {
+            self.attempts.fetch_add(1, Ordering::SeqCst);
+            // Slow enough for concurrent callers to pile up behind it.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            match self.failures.lock().unwrap().pop_front() {
+                Some(error) => Err(error),
+                None => Ok(Arc::new(Reached(master.clone()))),
+            }
+        }
+    }
+
+    fn pin_rejected() -> RootKeyError {
+        RootKeyError::Misconfigured {
+            provider: "pkcs11",
+            detail: "C_Login failed: CKR_PIN_INCORRECT".into(),
+        }
+    }
+
+    fn unreachable() -> RootKeyError {
+        RootKeyError::Unavailable { provider: "pkcs11", detail: "CKR_DEVICE_REMOVED".into() }
+    }
+
+    async fn store_with_master(dir: &std::path::Path) -> (SqliteStore, MasterKeyId) {
+        let store = SqliteStore::open_in_dir(dir).await.unwrap();
+        let info = ProviderInfo { kind: "local", key_ref: "second".into() };
+        let id = store.register_master(&info).await.unwrap();
+        store.set_master_config(id, r#"{"provider":"dev_local","key_file":"/k"}"#).await.unwrap();
+        (store, id)
+    }
+
+    fn hours() -> ConnectBackoff {
+        ConnectBackoff::fixed(Duration::from_secs(3600))
+    }
+
+    #[test]
+    fn each_failure_in_a_row_doubles_the_wait_up_to_the_ceiling() {
+        let backoff = ConnectBackoff::default();
+        let secs = |retryable, n| backoff.wait(retryable, n).as_secs();
+        assert_eq!([1, 2, 3, 4].map(|n| secs(false, n)), [30, 60, 120, 240]);
+        assert_eq!([1, 2, 6, 7].map(|n| secs(true, n)), [1, 2, 32, 60]);
+        assert_eq!(secs(false, 6), 900, "the ceiling");
+        assert_eq!(secs(false, u32::MAX), 900, "no overflow");
+    }
+
+    #[tokio::test]
+    async fn a_failed_connection_is_not_retried_until_its_wait_is_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, id) = store_with_master(dir.path()).await;
+        let connector = Scripted::failing([pin_rejected()]);
+        let masters = Masters::new(Some(connector.clone()), hours());
+
+        // However many requests arrive at once, and however many follow
+        // in the wait, the PIN is tried once.
+        let (a, b, c, d) = tokio::join!(
+            masters.get(&store, id),
+            masters.get(&store, id),
+            masters.get(&store, id),
+            masters.get(&store, id)
+        );
+        let later = masters.get(&store, id).await;
+        assert_eq!(connector.attempts(), 1, "a rejected PIN was tried again");
+        let errors: Vec<String> =
+            [a, b, c, d, later].into_iter().map(|r| r.unwrap_err().to_string()).collect();
+        assert_eq!(
+            errors.iter().filter(|e| e.contains("not tried again")).count(),
+            4,
+            "{errors:?}"
+        );
+        for error in &errors {
+            assert!(error.contains("CKR_PIN_INCORRECT"), "{error}");
+        }
+        let waiting = masters.get(&store, id).await.unwrap_err();
+        let HierarchyError::Root(e @ RootKeyError::Misconfigured { .. }) = &waiting else {
+            panic!("a rejected PIN became retryable: {waiting:?}")
+        };
+        assert!(e.to_string().contains(&format!("master key #{}", id.0)), "{e}");
+
+        // New settings for the master (a new rotation recorded them) are
+        // tried at once.
+        store.set_master_config(id, r#"{"provider":"dev_local","key_file":"/k2"}"#).await.unwrap();
+        let provider = masters.get(&store, id).await.unwrap();
+        assert_eq!(provider.describe().key_ref, "second");
+        assert_eq!(connector.attempts(), 2);
+    }
+
+    #[tokio::test]
+    async fn attempts_resume_once_the_wait_is_over_and_stop_once_connected() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, id) = store_with_master(dir.path()).await;
+        let connector = Scripted::failing([unreachable(), unreachable()]);
+        let short = Duration::from_millis(30);
+        let backoff = ConnectBackoff {
+            transient: short,
+            transient_ceiling: short * 2,
+            ..ConnectBackoff::fixed(Duration::from_secs(3600))
+        };
+        let masters = Masters::new(Some(connector.clone()), backoff);
+
+        // (Only waits longer than the backoff's: a stalled machine makes
+        // them longer still, never shorter.)
+        masters.get(&store, id).await.unwrap_err();
+        assert_eq!(connector.attempts(), 1);
+        tokio::time::sleep(short * 2).await;
+        masters.get(&store, id).await.unwrap_err();
+        assert_eq!(connector.attempts(), 2, "tried again after the wait");
+        tokio::time::sleep(short * 3).await;
+        masters.get(&store, id).await.unwrap();
+        masters.get(&store, id).await.unwrap();
+        assert_eq!(connector.attempts(), 3, "connected once, then kept");
+    }
+
+    #[tokio::test]
+    async fn an_outage_stays_retryable_while_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, id) = store_with_master(dir.path()).await;
+        let connector = Scripted::failing([unreachable()]);
+        let masters = Masters::new(Some(connector.clone()), hours());
+        let first = masters.get(&store, id).await.unwrap_err();
+        let waiting = masters.get(&store, id).await.unwrap_err();
+        for error in [first, waiting] {
+            assert!(
+                matches!(&error, HierarchyError::Root(e @ RootKeyError::Unavailable { .. })
+                    if e.is_retryable()),
+                "{error:?}"
+            );
+        }
+        assert_eq!(connector.attempts(), 1);
     }
 }

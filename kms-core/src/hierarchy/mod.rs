@@ -16,8 +16,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub use self::cache::CacheStats;
 use self::cache::{Cached, KeyCache, Slot};
 pub use self::lifecycle::MasterRotation;
-pub use self::masters::MasterConnector;
 use self::masters::Masters;
+pub use self::masters::{ConnectBackoff, MasterConnector};
 use self::usage::UsageMeter;
 use crate::crypto::Aead;
 use crate::crypto::rng::RandomError;
@@ -42,11 +42,17 @@ pub struct HierarchyConfig {
     pub key_ttl: Duration,
     /// Most DEKs one issue, unwrap or rewrap call handles.
     pub max_batch: usize,
+    /// How long a master that could not be connected is left alone.
+    pub master_backoff: ConnectBackoff,
 }
 
 impl Default for HierarchyConfig {
     fn default() -> Self {
-        Self { key_ttl: Duration::from_secs(60), max_batch: 10_000 }
+        Self {
+            key_ttl: Duration::from_secs(60),
+            max_batch: 10_000,
+            master_backoff: ConnectBackoff::default(),
+        }
     }
 }
 
@@ -197,7 +203,7 @@ impl KeyHierarchy {
         if let Some(root_config) = root_config {
             store.set_master_config(configured, root_config).await?;
         }
-        let masters = Masters::new(connector);
+        let masters = Masters::new(connector, config.master_backoff);
         masters.insert(configured, root);
         match store.masters().await?.into_iter().find(|m| m.active) {
             None => store.activate_master(configured).await?,
