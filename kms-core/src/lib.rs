@@ -49,7 +49,7 @@ pub use crate::dek::{
 };
 pub use crate::hierarchy::{
     CacheStats, ConnectBackoff, DekError, DekIssue, DekRequest, HierarchyConfig, HierarchyError,
-    KeyHierarchy, MasterConnector, MasterRotation, PreparedRotation, Rewrapped,
+    KeyHierarchy, MasterConnection, MasterConnector, MasterRotation, PreparedRotation, Rewrapped,
 };
 pub use crate::ids::{InvalidName, MAX_NAME_LEN, Name, RecordKeyId, TenantId};
 pub use crate::kek::{InvalidTransition, KekState, StateChange};

@@ -136,6 +136,8 @@ fn master_show_and_rotate_to_a_new_root_key() {
     let out = &table.ok().stdout;
     assert!(out.starts_with(&format!("active master key: {first} (")), "{out}");
     assert!(out.lines().nth(1).unwrap().starts_with("ID  KIND"), "{out}");
+    assert!(out.lines().nth(1).unwrap().ends_with("CONNECTION"), "{out}");
+    assert!(out.lines().nth(2).unwrap().ends_with("connected"), "{out}");
 
     // The new provider, as a key service's [root] section.
     let new_root = dir.path().join("new-master.toml");
@@ -167,6 +169,9 @@ fn master_show_and_rotate_to_a_new_root_key() {
     );
     assert_eq!(new["active"], true);
     assert!(new["keys_wrapped"].as_u64().unwrap() >= 6, "{after}");
+    for master in [old, new] {
+        assert_eq!(master["connection"], json!({"state": "connected"}), "{after}");
+    }
 
     // Keys still work, and the audit chain still verifies.
     admin.run(&["key", "rotate", "--tenant", "onc"]).ok();

@@ -530,6 +530,51 @@ async fn master_rotation_to_softhsm2_resumes_after_a_crash() {
     let midway = keys_per_master(&ks).await;
     assert_eq!(midway.len(), 2, "killed in the middle: keys under both masters {midway:?}");
 
+    // Restarted with a PIN the token rejects (someone rewrote the file):
+    // keys still under the old master are served, those under the HSM get
+    // 503 at once, and however many requests need the HSM, its PIN is
+    // tried once per wait, not once per request (a token that counts
+    // failed logins would lock its user), as `GET /v1/master` shows.
+    write_private(&pin, "not-the-pin");
+    let rejections = |ks: &KeyService| ks.log().matches("the token rejected the user PIN").count();
+    let rejected_before = rejections(&ks);
+    ks.resume();
+    let mut statuses = Vec::new();
+    for (tenant, version, key) in &deks {
+        let item = json!({"record_key_id": key["record_key_id"], "kek_version": version,
+                          "wrapped": key["wrapped"]});
+        let path = format!("/v1/tenants/{tenant}/datakeys/unwrap");
+        let (status, body) = ks.post(DECRYPTOR, &path, &json!({"items": [item]})).await;
+        assert!(
+            status == 200
+                || (status, body["error"]["code"].as_str()) == (503, Some("root_key_unavailable")),
+            "{tenant}: {status} {body}"
+        );
+        statuses.push(status);
+    }
+    // (Tenant keys move first, and the rotation was killed once 20 had.)
+    let refused = statuses.iter().filter(|s| **s == 503).count();
+    assert!(refused >= 20, "{refused} requests refused");
+    let (_, masters) = ks.get(AUDITOR, "/v1/master").await;
+    let masters: Value = serde_json::from_str(&masters).unwrap();
+    let connection = |kind: &str| {
+        let master = masters["masters"].as_array().unwrap().iter().find(|m| m["kind"] == kind);
+        master.unwrap()["connection"].clone()
+    };
+    assert_eq!(connection("local"), json!({"state": "connected"}), "{masters}");
+    let hsm = connection("pkcs11");
+    assert_eq!(hsm["state"], "failing", "{hsm}");
+    // One failed login per wait (30 s, then 60 s): one, or two on a
+    // machine slow enough to take 30 s over these requests.
+    let logins = rejections(&ks) - rejected_before;
+    assert_eq!(hsm["failures"].as_u64(), Some(logins as u64), "{hsm}");
+    assert!((1..=2).contains(&logins), "{logins} failed logins for {refused} requests");
+    assert!((1..=60).contains(&hsm["retry_in_secs"].as_u64().unwrap()), "{hsm}");
+    assert!(hsm["last_error"].as_str().unwrap().contains("CKR_PIN_INCORRECT"), "{hsm}");
+    assert!(!masters.to_string().contains(softhsm2::USER_PIN));
+    ks.stop();
+    write_private(&pin, softhsm2::USER_PIN);
+
     // Restarted with its old configuration: every tenant readable, under
     // whichever master each key is on.
     ks.resume();

@@ -26,6 +26,35 @@ struct Master {
     active: bool,
     #[serde(default)]
     keys_wrapped: Option<u64>,
+    /// Absent from a key service older than this CLI.
+    #[serde(default)]
+    connection: Option<Connection>,
+}
+
+/// How the answering key service stands with a master.
+#[derive(Debug, Deserialize)]
+struct Connection {
+    state: String,
+    #[serde(default)]
+    failures: Option<u32>,
+    #[serde(default)]
+    retry_in_secs: Option<u64>,
+    #[serde(default)]
+    last_error: Option<String>,
+}
+
+impl Connection {
+    /// `connected`, `not tried`, `failing (3x, retry in 40 s): <error>`.
+    fn summary(&self) -> String {
+        let state = self.state.replace('_', " ");
+        let Some(n) = self.failures else { return state };
+        let retry = match self.retry_in_secs {
+            Some(0) | None => "the next request retries".to_owned(),
+            Some(secs) => format!("retry in {secs} s"),
+        };
+        let error = self.last_error.as_deref().unwrap_or("?");
+        format!("{state} ({n}x, {retry}): {error}")
+    }
 }
 
 /// `GET /v1/master`.
@@ -69,7 +98,8 @@ pub(crate) async fn run(ctx: &Ctx, command: MasterCommand) -> Result<(), AdminEr
                 None => "no active master key".to_owned(),
             };
             emit(ctx.output, &answer, Some(&title), || {
-                let mut table = Table::new(&["ID", "KIND", "KEY_REF", "ACTIVE", "KEYS_WRAPPED"]);
+                let mut table =
+                    Table::new(&["ID", "KIND", "KEY_REF", "ACTIVE", "KEYS_WRAPPED", "CONNECTION"]);
                 for m in &masters.masters {
                     table.row(vec![
                         m.id.to_string(),
@@ -77,6 +107,7 @@ pub(crate) async fn run(ctx: &Ctx, command: MasterCommand) -> Result<(), AdminEr
                         m.key_ref.clone(),
                         if m.active { "yes" } else { "no" }.to_owned(),
                         m.keys_wrapped.map_or_else(|| "-".to_owned(), |n| n.to_string()),
+                        m.connection.as_ref().map_or_else(|| "-".to_owned(), Connection::summary),
                     ]);
                 }
                 table
@@ -164,6 +195,18 @@ pub(crate) fn create_pkcs11_key(config: &Path) -> Result<(), AdminError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connections_read_as_a_table_cell() {
+        let cell = |value: Value| serde_json::from_value::<Connection>(value).unwrap().summary();
+        assert_eq!(cell(json!({"state": "connected"})), "connected");
+        assert_eq!(cell(json!({"state": "not_tried"})), "not tried");
+        let failing = json!({"state": "failing", "failures": 3, "retry_in_secs": 40,
+                             "last_error": "C_Login failed: CKR_PIN_INCORRECT"});
+        assert_eq!(cell(failing), "failing (3x, retry in 40 s): C_Login failed: CKR_PIN_INCORRECT");
+        let due = json!({"state": "failing", "failures": 1, "retry_in_secs": 0, "last_error": "x"});
+        assert_eq!(cell(due), "failing (1x, the next request retries): x");
+    }
 
     #[test]
     fn root_provider_files_top_level_or_under_root() {

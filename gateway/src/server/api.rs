@@ -502,6 +502,44 @@ pub(crate) struct MasterEntry {
     pub(crate) key_ref: String,
     pub(crate) active: bool,
     pub(crate) keys_wrapped: u64,
+    /// How the instance that answers stands with this master.
+    pub(crate) connection: ConnectionView,
+}
+
+/// How one key service instance stands with a master key.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ConnectionView {
+    /// `connected`, `not_tried` (no key under it needed since start) or
+    /// `failing`.
+    #[schema(value_type = String)]
+    pub(crate) state: &'static str,
+    /// Failed attempts in a row (`failing` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) failures: Option<u32>,
+    /// Seconds until a request that needs the master may try again
+    /// (`failing` only; 0: the next one tries).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) retry_in_secs: Option<u64>,
+    /// The last attempt's error (`failing` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) last_error: Option<String>,
+}
+
+impl From<kms_core::MasterConnection> for ConnectionView {
+    fn from(connection: kms_core::MasterConnection) -> Self {
+        let state = |state| Self { state, failures: None, retry_in_secs: None, last_error: None };
+        match connection {
+            kms_core::MasterConnection::Connected => state("connected"),
+            kms_core::MasterConnection::NotTried => state("not_tried"),
+            kms_core::MasterConnection::Failing { failures, retry_in, last_error } => Self {
+                state: "failing",
+                failures: Some(failures),
+                // Rounded up: 0 only once the wait is over.
+                retry_in_secs: Some(retry_in.as_secs() + u64::from(retry_in.subsec_nanos() > 0)),
+                last_error: Some(last_error),
+            },
+        }
+    }
 }
 
 /// `POST /v1/audit/events` response.

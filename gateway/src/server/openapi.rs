@@ -5,11 +5,12 @@ use utoipa::{Modify, OpenApi};
 
 use super::api::{
     ApprovalList, ApprovalView, AutoRotate, AutoRotateView, BatchRequest, ChangeState,
-    CreateTenant, DecideRequest, DecisionBody, DerivedField, DerivedKey, DerivedKeys, DerivedMode,
-    IssueRequest, IssueResponse, IssuedKey, MasterEntry, MasterRotateRequest, MasterRotateView,
-    MasterView, MastersView, Recorded, ReportedEvent, ReportedEvents, RewrapResponse, RewrapResult,
-    RewrappedCounts, ShredRequest, StateAction, TenantView, UnwrapResponse, UnwrapResult,
-    UsageView, VerifyReport, VersionUsageView, VersionView, WrappedItem,
+    ConnectionView, CreateTenant, DecideRequest, DecisionBody, DerivedField, DerivedKey,
+    DerivedKeys, DerivedMode, IssueRequest, IssueResponse, IssuedKey, MasterEntry,
+    MasterRotateRequest, MasterRotateView, MasterView, MastersView, Recorded, ReportedEvent,
+    ReportedEvents, RewrapResponse, RewrapResult, RewrappedCounts, ShredRequest, StateAction,
+    TenantView, UnwrapResponse, UnwrapResult, UsageView, VerifyReport, VersionUsageView,
+    VersionView, WrappedItem,
 };
 use super::handlers::{audit, compliance, datakeys, lifecycle, master, ops, tenants};
 
@@ -55,7 +56,7 @@ use super::handlers::{audit, compliance, datakeys, lifecycle, master, ops, tenan
         ReportedEvents, RewrapResponse, RewrapResult, StateAction, TenantView, UnwrapResponse,
         UnwrapResult, VerifyReport, VersionView, WrappedItem, crate::openapi::ErrorBody,
         ApprovalList, ApprovalView, AutoRotate, AutoRotateView, DecideRequest, DecisionBody,
-        MasterEntry, MasterRotateRequest, MasterRotateView, MasterView, MastersView,
+        ConnectionView, MasterEntry, MasterRotateRequest, MasterRotateView, MasterView, MastersView,
         RewrappedCounts, ShredRequest, UsageView, VersionUsageView,
     )),
     modifiers(&MutualTls),

@@ -93,6 +93,25 @@ struct Failure {
     error: String,
 }
 
+/// How this instance stands with a master key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MasterConnection {
+    /// Connected (the configured root, or a master reached since start).
+    Connected,
+    /// Not tried since start: no key under it was needed.
+    NotTried,
+    /// The last attempt to connect failed.
+    Failing {
+        /// Failed attempts in a row.
+        failures: u32,
+        /// How long until the next attempt is allowed (zero: the next
+        /// request that needs the master tries).
+        retry_in: Duration,
+        /// The last attempt's error.
+        last_error: String,
+    },
+}
+
 /// Providers by master key id.
 #[derive(Debug)]
 pub(super) struct Masters {
@@ -217,6 +236,21 @@ impl Masters {
         failures.insert(id, Failure { record, count, until, retryable, error: error.to_string() });
     }
 
+    /// How this instance stands with master `id`.
+    pub(super) fn connection(&self, id: MasterKeyId) -> MasterConnection {
+        if self.cached(id).is_some() {
+            return MasterConnection::Connected;
+        }
+        match self.failures().get(&id) {
+            Some(failure) => MasterConnection::Failing {
+                failures: failure.count,
+                retry_in: failure.until.saturating_duration_since(Instant::now()),
+                last_error: failure.error.clone(),
+            },
+            None => MasterConnection::NotTried,
+        }
+    }
+
     /// The keystore's active master key and its provider.
     pub(super) async fn active(
         &self,
@@ -333,6 +367,7 @@ mod tests {
         let (store, id) = store_with_master(dir.path()).await;
         let connector = Scripted::failing([pin_rejected()]);
         let masters = Masters::new(Some(connector.clone()), hours());
+        assert_eq!(masters.connection(id), MasterConnection::NotTried);
 
         // However many requests arrive at once, and however many follow
         // in the wait, the PIN is tried once.
@@ -359,6 +394,13 @@ mod tests {
             panic!("a rejected PIN became retryable: {waiting:?}")
         };
         assert!(e.to_string().contains(&format!("master key #{}", id.0)), "{e}");
+        let MasterConnection::Failing { failures: 1, retry_in, last_error } =
+            masters.connection(id)
+        else {
+            panic!("{:?}", masters.connection(id))
+        };
+        assert!(retry_in > Duration::from_secs(3000), "{retry_in:?}");
+        assert!(last_error.contains("CKR_PIN_INCORRECT"), "{last_error}");
 
         // New settings for the master (a new rotation recorded them) are
         // tried at once.
@@ -366,6 +408,7 @@ mod tests {
         let provider = masters.get(&store, id).await.unwrap();
         assert_eq!(provider.describe().key_ref, "second");
         assert_eq!(connector.attempts(), 2);
+        assert_eq!(masters.connection(id), MasterConnection::Connected);
     }
 
     #[tokio::test]

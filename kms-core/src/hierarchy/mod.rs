@@ -17,7 +17,7 @@ pub use self::cache::CacheStats;
 use self::cache::{Cached, KeyCache, Slot};
 pub use self::lifecycle::MasterRotation;
 use self::masters::Masters;
-pub use self::masters::{ConnectBackoff, MasterConnector};
+pub use self::masters::{ConnectBackoff, MasterConnection, MasterConnector};
 use self::usage::UsageMeter;
 use crate::crypto::Aead;
 use crate::crypto::rng::RandomError;
@@ -236,6 +236,12 @@ impl KeyHierarchy {
     /// The store.
     pub fn store(&self) -> &Arc<dyn KeyStore> {
         &self.store
+    }
+
+    /// How this instance stands with master `id`: connected, not tried
+    /// since start, or failing (and when it may be tried again).
+    pub fn master_connection(&self, id: MasterKeyId) -> MasterConnection {
+        self.masters.connection(id)
     }
 
     /// The store's active master key (new keys are wrapped under it) and

@@ -26,7 +26,7 @@ use crate::server::{AppState, Caller};
     path = "/v1/master",
     tag = "master",
     responses(
-        (status = 200, description = "The active master key and every registered one", body = MastersView),
+        (status = 200, description = "The active master key and every registered one, with how the answering instance stands with each", body = MastersView),
         (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
     ),
 )]
@@ -53,6 +53,7 @@ pub(crate) async fn show(
                 key_ref: m.key_ref.clone(),
                 active: m.active,
                 keys_wrapped: keys_of(m.id),
+                connection: state.hierarchy.master_connection(m.id).into(),
             })
             .collect(),
     }))
