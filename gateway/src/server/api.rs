@@ -520,9 +520,22 @@ pub(crate) struct ConnectionView {
     /// (`failing` only; 0: the next one tries).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) retry_in_secs: Option<u64>,
-    /// The last attempt's error (`failing` only).
+    /// The last attempt's error (`failing` only, and only to admins: it
+    /// may name module paths, PIN sources and endpoints).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) last_error: Option<String>,
+}
+
+impl ConnectionView {
+    /// `connection` as shown to a caller who may (`with_error`) or may not
+    /// see the last error.
+    pub(crate) fn new(connection: kms_core::MasterConnection, with_error: bool) -> Self {
+        let mut view = Self::from(connection);
+        if !with_error {
+            view.last_error = None;
+        }
+        view
+    }
 }
 
 impl From<kms_core::MasterConnection> for ConnectionView {

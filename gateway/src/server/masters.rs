@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use kms_core::store::{KeyStore, MasterRecord, StoreError};
 use kms_core::{MasterConnector, ProviderInfo, RootKeyError, RootKeyProvider};
 
-use super::startup::root_provider;
+use super::startup::connect_provider;
 use crate::config::{RootConfig, TrustedMasters};
 
 /// What this host lets a master other than its configured root load or
@@ -161,7 +161,16 @@ impl MasterConnector for RecordedMasters {
         {
             return Err(misconfigured(format!("recorded settings refused: {reason}")));
         }
-        let provider = root_provider(&config).await.map_err(|e| misconfigured(e.to_string()))?;
+        let provider = connect_provider(&config).await.map_err(|failure| {
+            let detail =
+                format!("master key #{}: {}: {}", master.id.0, failure.step, failure.detail);
+            // An outage is tried again sooner than wrong settings.
+            if failure.retryable {
+                RootKeyError::Unavailable { provider: "recorded master", detail }
+            } else {
+                RootKeyError::Misconfigured { provider: "recorded master", detail }
+            }
+        })?;
         let info = provider.describe();
         if info.kind != master.kind || info.key_ref != master.key_ref {
             return Err(misconfigured(format!(

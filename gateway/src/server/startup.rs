@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use hsm_adapters::{Argon2Params, LocalRootKey};
 use kms_core::store::{Invalidation, KeyStore, PgStoreOptions, PostgresStore, SqliteStore};
-use kms_core::{HierarchyConfig, KeyHierarchy, RootKeyProvider};
+use kms_core::{HierarchyConfig, KeyHierarchy, RootKeyError, RootKeyProvider};
 use secrecy::SecretString;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
@@ -263,17 +263,57 @@ fn spawn_maintenance(
 pub(crate) async fn root_provider(
     config: &RootConfig,
 ) -> Result<Arc<dyn RootKeyProvider>, ServerError> {
+    connect_provider(config)
+        .await
+        .map_err(|f| ServerError::Startup { step: f.step, detail: f.detail })
+}
+
+/// Why a provider could not be connected, keeping what the provider says
+/// about retrying (a master that is only unreachable is tried again
+/// sooner than one whose settings are wrong).
+#[derive(Debug)]
+pub(crate) struct ConnectFailure {
+    /// The step, naming the provider: `root key (pkcs11)`.
+    pub(crate) step: &'static str,
+    /// The provider's message (never a secret).
+    pub(crate) detail: String,
+    /// Whether the same attempt may succeed later.
+    pub(crate) retryable: bool,
+}
+
+impl ConnectFailure {
+    /// A provider's own error, whose kind says whether to retry.
+    fn provider<E: std::fmt::Display + Into<RootKeyError>>(
+        step: &'static str,
+    ) -> impl FnOnce(E) -> Self {
+        move |e| {
+            let detail = e.to_string();
+            Self { step, detail, retryable: e.into().is_retryable() }
+        }
+    }
+
+    /// Anything else: settings, files, a task that did not finish.
+    fn fixed(step: &'static str) -> impl FnOnce(&dyn std::fmt::Display) -> Self {
+        move |e| Self { step, detail: e.to_string(), retryable: false }
+    }
+}
+
+/// [`root_provider`], keeping the failure's kind.
+pub(crate) async fn connect_provider(
+    config: &RootConfig,
+) -> Result<Arc<dyn RootKeyProvider>, ConnectFailure> {
     match config {
         RootConfig::Pkcs11 { .. } => {
+            const STEP: &str = "root key (pkcs11)";
             let pkcs11 = config
                 .pkcs11()
-                .map_err(|e| fail("root key (pkcs11)")(&e))?
-                .ok_or_else(|| fail("root key (pkcs11)")(&"not a pkcs11 configuration"))?;
+                .map_err(|e| ConnectFailure::fixed(STEP)(&e))?
+                .ok_or_else(|| ConnectFailure::fixed(STEP)(&"not a pkcs11 configuration"))?;
             let provider =
                 tokio::task::spawn_blocking(move || hsm_adapters::Pkcs11RootKey::connect(pkcs11))
                     .await
-                    .map_err(|e| fail("root key (pkcs11)")(&e))?
-                    .map_err(|e| fail("root key (pkcs11)")(&e))?;
+                    .map_err(|e| ConnectFailure::fixed(STEP)(&e))?
+                    .map_err(ConnectFailure::provider(STEP))?;
             Ok(Arc::new(provider))
         }
         RootConfig::AwsKms { region, key_id, endpoint_url, timeout_ms } => {
@@ -282,12 +322,15 @@ pub(crate) async fn root_provider(
             kms.timeout = Duration::from_millis((*timeout_ms).max(1));
             let provider = hsm_adapters::AwsKmsRootKey::connect(kms)
                 .await
-                .map_err(|e| fail("root key (aws-kms)")(&e))?;
+                .map_err(ConnectFailure::provider("root key (aws-kms)"))?;
             Ok(Arc::new(provider))
         }
         RootConfig::DevLocal { key_file, passphrase_file, create_if_missing } => {
             let passphrase = match passphrase_file {
-                Some(path) => Some(read_secret(path).map_err(|e| fail("root key passphrase")(&e))?),
+                Some(path) => Some(
+                    read_secret(path)
+                        .map_err(|e| ConnectFailure::fixed("root key passphrase")(&e))?,
+                ),
                 None => None,
             };
             let (path, create) = (key_file.clone(), *create_if_missing && !key_file.exists());
@@ -299,8 +342,8 @@ pub(crate) async fn root_provider(
                 }
             })
             .await
-            .map_err(|e| fail("root key")(&e))?
-            .map_err(|e| fail("root key")(&e))?;
+            .map_err(|e| ConnectFailure::fixed("root key")(&e))?
+            .map_err(ConnectFailure::provider("root key"))?;
             Ok(Arc::new(provider))
         }
     }

@@ -58,6 +58,10 @@ impl Default for ConnectBackoff {
 }
 
 impl ConnectBackoff {
+    /// No wait is longer than a day, whatever the settings say (so that the
+    /// end of one is always a valid `Instant`).
+    pub const LONGEST: Duration = Duration::from_secs(24 * 3600);
+
     /// The same wait after every failure.
     pub fn fixed(wait: Duration) -> Self {
         Self {
@@ -76,21 +80,40 @@ impl ConnectBackoff {
             (self.persistent, self.persistent_ceiling)
         };
         let doublings = failures.saturating_sub(1).min(31);
-        first.saturating_mul(1 << doublings).min(ceiling)
+        first.saturating_mul(1 << doublings).min(ceiling).min(Self::LONGEST)
+    }
+}
+
+/// What a connection to a master is made from: a change (new settings
+/// recorded) is worth trying at once. Whether the master is active is not.
+#[derive(Debug, PartialEq, Eq)]
+struct Settings {
+    kind: String,
+    key_ref: String,
+    config: Option<String>,
+}
+
+impl Settings {
+    fn of(record: &MasterRecord) -> Self {
+        Self {
+            kind: record.kind.clone(),
+            key_ref: record.key_ref.clone(),
+            config: record.config.clone(),
+        }
     }
 }
 
 /// A failed connection to a master, remembered until its wait is over or
-/// the keystore's record of the master changes.
+/// the keystore records other settings for the master.
 #[derive(Debug)]
 struct Failure {
-    /// What the attempt was made from.
-    record: MasterRecord,
+    settings: Settings,
     /// Failures in a row.
     count: u32,
     until: Instant,
     retryable: bool,
-    error: String,
+    /// The last error's detail (never a secret).
+    detail: String,
 }
 
 /// How this instance stands with a master key.
@@ -161,10 +184,6 @@ impl Masters {
         let Some(connector) = &self.connector else {
             return Err(HierarchyError::ForeignMaster(id.0));
         };
-        let _one_at_a_time = self.connecting.lock().await;
-        if let Some(provider) = self.cached(id) {
-            return Ok(provider);
-        }
         let record = store
             .masters()
             .await?
@@ -173,6 +192,15 @@ impl Masters {
             .ok_or(HierarchyError::ForeignMaster(id.0))?;
         if record.config.is_none() {
             return Err(HierarchyError::ForeignMaster(id.0));
+        }
+        // In a wait, answer at once rather than queue behind another
+        // master's connection attempt; once in line, look again.
+        if let Some(waiting) = self.still_waiting(&record) {
+            return Err(waiting.into());
+        }
+        let _one_at_a_time = self.connecting.lock().await;
+        if let Some(provider) = self.cached(id) {
+            return Ok(provider);
         }
         if let Some(waiting) = self.still_waiting(&record) {
             return Err(waiting.into());
@@ -184,7 +212,7 @@ impl Masters {
                 Ok(provider)
             }
             Err(e) => {
-                self.remember_failure(record, &e);
+                self.remember_failure(&record, &e);
                 Err(e.into())
             }
         }
@@ -199,15 +227,13 @@ impl Masters {
     /// it did then.
     fn still_waiting(&self, record: &MasterRecord) -> Option<RootKeyError> {
         let failures = self.failures();
-        let failure = failures.get(&record.id).filter(|f| f.record == *record)?;
+        let failure = failures.get(&record.id).filter(|f| f.settings == Settings::of(record))?;
         let left = failure.until.checked_duration_since(Instant::now())?;
         let detail = format!(
-            "master key #{}: not tried again for another {} s after {} failed attempt(s); \
-             the last: {}",
-            record.id.0,
+            "not tried again for another {} s after {} failed attempt(s) in a row; the last: {}",
             left.as_secs().max(1),
             failure.count,
-            failure.error
+            failure.detail
         );
         let provider = "recorded master";
         Some(if failure.retryable {
@@ -217,11 +243,12 @@ impl Masters {
         })
     }
 
-    fn remember_failure(&self, record: MasterRecord, error: &RootKeyError) {
+    fn remember_failure(&self, record: &MasterRecord, error: &RootKeyError) {
         let mut failures = self.failures();
         let id = record.id;
-        // A changed record (new settings) starts a new series.
-        let before = failures.get(&id).filter(|f| f.record == record).map_or(0, |f| f.count);
+        let settings = Settings::of(record);
+        // New settings start a new series.
+        let before = failures.get(&id).filter(|f| f.settings == settings).map_or(0, |f| f.count);
         let count = before.saturating_add(1);
         let retryable = error.is_retryable();
         let wait = self.backoff.wait(retryable, count);
@@ -232,8 +259,13 @@ impl Masters {
             error = %error,
             "cannot connect to a master key; not trying again before the wait is over"
         );
+        let detail = match error {
+            RootKeyError::Unavailable { detail, .. }
+            | RootKeyError::Misconfigured { detail, .. } => detail.clone(),
+            other => other.to_string(),
+        };
         let until = Instant::now() + wait;
-        failures.insert(id, Failure { record, count, until, retryable, error: error.to_string() });
+        failures.insert(id, Failure { settings, count, until, retryable, detail });
     }
 
     /// How this instance stands with master `id`.
@@ -245,7 +277,7 @@ impl Masters {
             Some(failure) => MasterConnection::Failing {
                 failures: failure.count,
                 retry_in: failure.until.saturating_duration_since(Instant::now()),
-                last_error: failure.error.clone(),
+                last_error: failure.detail.clone(),
             },
             None => MasterConnection::NotTried,
         }
@@ -359,6 +391,8 @@ mod tests {
         assert_eq!([1, 2, 6, 7].map(|n| secs(true, n)), [1, 2, 32, 60]);
         assert_eq!(secs(false, 6), 900, "the ceiling");
         assert_eq!(secs(false, u32::MAX), 900, "no overflow");
+        let endless = ConnectBackoff::fixed(Duration::MAX);
+        assert_eq!(endless.wait(true, 1), ConnectBackoff::LONGEST);
     }
 
     #[tokio::test]
@@ -393,7 +427,9 @@ mod tests {
         let HierarchyError::Root(e @ RootKeyError::Misconfigured { .. }) = &waiting else {
             panic!("a rejected PIN became retryable: {waiting:?}")
         };
-        assert!(e.to_string().contains(&format!("master key #{}", id.0)), "{e}");
+        let text = e.to_string();
+        assert!(text.contains("1 failed attempt(s) in a row"), "{text}");
+        assert_eq!(text.matches("CKR_PIN_INCORRECT").count(), 1, "{text}");
         let MasterConnection::Failing { failures: 1, retry_in, last_error } =
             masters.connection(id)
         else {
@@ -401,6 +437,11 @@ mod tests {
         };
         assert!(retry_in > Duration::from_secs(3000), "{retry_in:?}");
         assert!(last_error.contains("CKR_PIN_INCORRECT"), "{last_error}");
+
+        // Becoming the active master changes nothing about reaching it.
+        store.activate_master(id).await.unwrap();
+        masters.get(&store, id).await.unwrap_err();
+        assert_eq!(connector.attempts(), 1, "activation reset the wait");
 
         // New settings for the master (a new rotation recorded them) are
         // tried at once.
@@ -452,6 +493,22 @@ mod tests {
                 "{error:?}"
             );
         }
+        assert_eq!(connector.attempts(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_master_put_in_place_ends_its_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, id) = store_with_master(dir.path()).await;
+        let connector = Scripted::failing([unreachable()]);
+        // Even an endless wait (as the settings could say) ends with a
+        // rotation that connects the master itself, and never overflows.
+        let masters = Masters::new(Some(connector.clone()), ConnectBackoff::fixed(Duration::MAX));
+        masters.get(&store, id).await.unwrap_err();
+        let record = store.masters().await.unwrap().into_iter().find(|m| m.id == id).unwrap();
+        masters.insert(id, Arc::new(Reached(record)));
+        assert_eq!(masters.connection(id), MasterConnection::Connected);
+        masters.get(&store, id).await.unwrap();
         assert_eq!(connector.attempts(), 1);
     }
 }

@@ -13,7 +13,8 @@ use crate::compliance::refused_root;
 use crate::error::{ApiError, store_error};
 use crate::policy::Role;
 use crate::server::api::{
-    MasterEntry, MasterRotateRequest, MasterRotateView, MasterView, MastersView, RewrappedCounts,
+    ConnectionView, MasterEntry, MasterRotateRequest, MasterRotateView, MasterView, MastersView,
+    RewrappedCounts,
 };
 use crate::server::handlers::compliance::ComplianceContext;
 use crate::server::masters::recorded_settings;
@@ -34,7 +35,9 @@ pub(crate) async fn show(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
 ) -> Result<Json<MastersView>, ApiError> {
-    state.authorize_global(&caller, &[Role::Admin, Role::Auditor], "view master keys").await?;
+    let identity =
+        state.authorize_global(&caller, &[Role::Admin, Role::Auditor], "view master keys").await?;
+    let admin = state.policy.current().authorize_any_tenant(&identity, Role::Admin);
     let store = state.hierarchy.store();
     let masters = store.masters().await.map_err(|e| store_error(&e))?;
     let counts = store.keys_per_master().await.map_err(|e| store_error(&e))?;
@@ -53,7 +56,7 @@ pub(crate) async fn show(
                 key_ref: m.key_ref.clone(),
                 active: m.active,
                 keys_wrapped: keys_of(m.id),
-                connection: state.hierarchy.master_connection(m.id).into(),
+                connection: ConnectionView::new(state.hierarchy.master_connection(m.id), admin),
             })
             .collect(),
     }))
