@@ -302,11 +302,15 @@ fn edit_list<T: Clone>(items: &mut Vec<T>, what: u8, at: u8, other: u8) {
 
 /// Audit chain verification, on a real chain the input edits (a field of
 /// a row or a checkpoint changed; rows or checkpoints dropped, repeated,
-/// swapped or cut): whatever verifies must be the original's, that is its
-/// rows a prefix of the original chain and its checkpoints original ones
-/// (dropping checkpoints, or the events after the last one given, is what
-/// verification cannot see: the report's unsigned tail says how many).
-/// Verifying page by page, and from a checkpoint as an anchor, must agree.
+/// swapped or cut). Whatever verifies is the original's as far as its
+/// checkpoints vouch: the events up to the last checkpoint given are the
+/// original chain's, and each checkpoint vouches for what an original one
+/// does, and was checked. (Dropped checkpoints, and events after the last
+/// one given, are what verification cannot see; the report's unsigned
+/// tail counts the latter.) What is left of the original (a prefix of its
+/// events, some of its checkpoints in order up to there) always verifies.
+/// Verifying page by page agrees with one call, and verifying from a
+/// checkpoint as an anchor holds to the same rules.
 pub fn audit_chain(data: &[u8]) {
     let (original_rows, original_checkpoints, public_key) = audit_fixture();
     let mut rows = original_rows.clone();
@@ -334,23 +338,37 @@ pub fn audit_chain(data: &[u8]) {
             _ => edit_list(&mut checkpoints, field, at, how),
         }
     }
-    let is_original_checkpoint = |c: &CheckpointRow| original_checkpoints.contains(c);
+    // What a checkpoint vouches for. (Its signature is not unique: ECDSA
+    // accepts `s` and `n − s` alike, over the same contents.)
+    let vouches = |c: &CheckpointRow| (c.instance.clone(), c.seq, c.hash.clone(), c.ts_ms);
+    let is_original_checkpoint =
+        |c: &CheckpointRow| original_checkpoints.iter().any(|o| vouches(o) == vouches(c));
+    // Events after the last checkpoint given are vouched for by nothing:
+    // rewritten with their hashes recomputed, they verify (the report's
+    // unsigned tail counts them). Those up to it must be the original's.
+    let signed_part = |rows: &[AuditRow], from: usize, last_checkpoint: Option<i64>| {
+        let signed = last_checkpoint.map_or(0, |seq| usize::try_from(seq).unwrap_or(0));
+        rows.len().min(signed.saturating_sub(from))
+    };
     let is_original_prefix =
         |rows: &[AuditRow], from: usize| original_rows.get(from..from + rows.len()) == Some(rows);
 
     // What verification cannot tell from the original: its events up to
-    // some point, and some of its checkpoints (in order) up to there.
+    // some point, and some of its checkpoints (in order, signatures and
+    // all) up to there.
     let is_untouched = |rows: &[AuditRow], from: usize, checkpoints: &[CheckpointRow]| {
         let end = i64::try_from(from + rows.len()).unwrap_or(i64::MAX);
         is_original_prefix(rows, from)
             && checkpoints.windows(2).all(|pair| matches!(pair, [a, b] if a.seq < b.seq))
-            && checkpoints.iter().all(|c| is_original_checkpoint(c) && c.seq <= end)
+            && checkpoints.iter().all(|c| original_checkpoints.contains(c) && c.seq <= end)
     };
 
     let whole = verify_chain(AUDIT_INSTANCE, &rows, &checkpoints, public_key);
     match &whole {
         Ok(report) => {
-            assert!(is_original_prefix(&rows, 0), "an edited chain verified: {report:?}");
+            let signed = signed_part(&rows, 0, report.last_checkpoint);
+            let signed_rows = rows.get(..signed).unwrap_or_default();
+            assert!(is_original_prefix(signed_rows, 0), "an edited chain verified: {report:?}");
             assert!(
                 checkpoints.iter().all(is_original_checkpoint),
                 "an edited checkpoint verified"
@@ -393,7 +411,10 @@ pub fn audit_chain(data: &[u8]) {
     let Some(anchor) = checkpoints.get(anchor % (checkpoints.len() + 1)) else { return };
     let anchored = ChainVerifier::from_checkpoint(key, anchor);
     let Ok(mut verifier) = anchored else {
-        assert!(!is_original_checkpoint(anchor), "an original anchor was refused: {anchored:?}");
+        assert!(
+            !original_checkpoints.contains(anchor),
+            "an original anchor was refused: {anchored:?}"
+        );
         return;
     };
     let from = usize::try_from(anchor.seq).unwrap_or(usize::MAX).min(rows.len());
@@ -407,14 +428,15 @@ pub fn audit_chain(data: &[u8]) {
     match result {
         Ok(report) => {
             assert!(is_original_checkpoint(anchor), "an edited anchor verified");
+            let signed = signed_part(tail, from, report.last_checkpoint);
             assert!(
-                is_original_prefix(tail, from),
+                is_original_prefix(tail.get(..signed).unwrap_or_default(), from),
                 "edited events after an anchor verified: {report:?}"
             );
             assert!(after.iter().all(is_original_checkpoint), "an edited checkpoint verified");
         }
         Err(broken) => {
-            let original = is_original_checkpoint(anchor)
+            let original = original_checkpoints.contains(anchor)
                 && usize::try_from(anchor.seq).is_ok_and(|seq| seq == from)
                 && is_untouched(tail, from, &after);
             assert!(!original, "the original chain failed after an anchor: {broken:?}");

@@ -574,12 +574,14 @@ async fn master_rotation_to_softhsm2_resumes_after_a_crash() {
     let hsm = master(&masters, "pkcs11")["connection"].clone();
     assert_eq!(hsm["state"], "failing", "{hsm}");
     assert!(hsm["last_error"].as_str().unwrap().contains("CKR_PIN_INCORRECT"), "{hsm}");
-    assert!(hsm["retry_in_secs"].as_u64().unwrap() <= 60, "{hsm}");
+
     // One failed login per wait (30 s, then 60 s, …), so at most one more
     // than the waits this took; the log and the answer agree.
     let logins = rejections(&ks) - rejected_before;
     let waits_over = started.elapsed().as_secs() / 30;
     assert_eq!(hsm["failures"].as_u64(), Some(logins as u64), "{hsm}");
+    let longest_wait = (30 << (logins - 1)).min(900);
+    assert!(hsm["retry_in_secs"].as_u64().unwrap() <= longest_wait, "{hsm}");
     assert!(
         logins >= 1 && logins as u64 <= 1 + waits_over,
         "{logins} failed logins for {} requests",
@@ -593,9 +595,10 @@ async fn master_rotation_to_softhsm2_resumes_after_a_crash() {
     assert!(!masters.contains("not-the-pin") && !ks.log().contains("not-the-pin"));
 
     // An HSM whose token is gone is an outage: tried again after 1 s, 2 s,
-    // 4 s …, not after the 30 s that wrong settings wait. (SoftHSM2 reads
-    // its tokens once per process, at C_Initialize, so this one would not
-    // see the token come back before a restart.)
+    // 4 s …, not after the 30 s, 60 s … that wrong settings wait (three
+    // failures would take them 90 s). SoftHSM2 reads its tokens once per
+    // process, at C_Initialize, so this one would not see the token come
+    // back before a restart.
     ks.stop();
     write_private(&pin, softhsm2::USER_PIN);
     let tokens = token.tokens_dir();
@@ -603,14 +606,17 @@ async fn master_rotation_to_softhsm2_resumes_after_a_crash() {
     std::fs::rename(&tokens, &away).unwrap();
     std::fs::create_dir(&tokens).unwrap();
     ks.resume();
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(80);
     loop {
         let (status, body) = unwrap_one(&ks, &on_hsm[0]).await;
         assert_eq!((status, body["error"]["code"].as_str()), (503, Some("root_key_unavailable")));
         let (_, masters) = ks.get(ADMIN, "/v1/master").await;
         let hsm = master(&masters, "pkcs11")["connection"].clone();
         assert_eq!(hsm["state"], "failing", "{hsm}");
-        if hsm["failures"].as_u64().unwrap() >= 3 {
+        let failures = hsm["failures"].as_u64().unwrap();
+        let longest_wait = (1 << (failures - 1)).min(60);
+        assert!(hsm["retry_in_secs"].as_u64().unwrap() <= longest_wait, "{hsm}");
+        if failures >= 3 {
             assert!(hsm["last_error"].as_str().unwrap().contains(softhsm2::TOKEN_LABEL), "{hsm}");
             break;
         }

@@ -52,8 +52,11 @@ impl Connection {
             Some(0) | None => "the next request retries".to_owned(),
             Some(secs) => format!("retry in {secs} s"),
         };
-        let error = self.last_error.as_deref().unwrap_or("?");
-        format!("{state} ({n}x, {retry}): {error}")
+        match &self.last_error {
+            Some(error) => format!("{state} ({n}x, {retry}): {error}"),
+            // Only admins are shown the error.
+            None => format!("{state} ({n}x, {retry})"),
+        }
     }
 }
 
@@ -206,6 +209,8 @@ mod tests {
         assert_eq!(cell(failing), "failing (3x, retry in 40 s): C_Login failed: CKR_PIN_INCORRECT");
         let due = json!({"state": "failing", "failures": 1, "retry_in_secs": 0, "last_error": "x"});
         assert_eq!(cell(due), "failing (1x, the next request retries): x");
+        let to_auditor = json!({"state": "failing", "failures": 2, "retry_in_secs": 9});
+        assert_eq!(cell(to_auditor), "failing (2x, retry in 9 s)");
     }
 
     #[test]

@@ -313,7 +313,13 @@ pub(crate) async fn connect_provider(
                 tokio::task::spawn_blocking(move || hsm_adapters::Pkcs11RootKey::connect(pkcs11))
                     .await
                     .map_err(|e| ConnectFailure::fixed(STEP)(&e))?
-                    .map_err(ConnectFailure::provider(STEP))?;
+                    .map_err(|e| {
+                        // A token that answers a wrong PIN with, say,
+                        // CKR_DEVICE_ERROR still gets the long wait.
+                        let login = e.is_login_failure();
+                        let failure = ConnectFailure::provider(STEP)(e);
+                        ConnectFailure { retryable: failure.retryable && !login, ..failure }
+                    })?;
             Ok(Arc::new(provider))
         }
         RootConfig::AwsKms { region, key_id, endpoint_url, timeout_ms } => {

@@ -178,6 +178,13 @@ pub enum Pkcs11Error {
 }
 
 impl Pkcs11Error {
+    /// Whether `C_Login` failed (or was not tried after a rejected PIN),
+    /// whatever the code: trying again soon could count towards locking
+    /// the token's user out.
+    pub fn is_login_failure(&self) -> bool {
+        matches!(self, Self::Call { function: Function::Login, .. } | Self::PinRejected { .. })
+    }
+
     /// The PKCS#11 return value, if a PKCS#11 function failed.
     pub fn rv(&self) -> Option<RvError> {
         match self {

@@ -95,6 +95,22 @@ fn errors_map_to_root_key_errors() {
 }
 
 #[test]
+fn any_failed_login_is_a_login_failure_whatever_its_code() {
+    for rv in [RvError::PinIncorrect, RvError::DeviceError, RvError::GeneralError] {
+        assert!(call(Function::Login, rv).is_login_failure(), "{rv:?}");
+    }
+    assert!(!call(Function::Encrypt, RvError::DeviceError).is_login_failure());
+    let gated = Pkcs11Error::PinRejected {
+        token: "t".to_owned(),
+        rv: RvError::PinIncorrect,
+        retry_in: std::time::Duration::from_secs(3),
+    };
+    assert!(gated.is_login_failure());
+    let gone = Pkcs11Error::TokenNotFound { label: "t".to_owned(), present: vec![] };
+    assert!(!gone.is_login_failure());
+}
+
+#[test]
 fn only_session_and_device_failures_get_a_fresh_session() {
     for rv in [
         RvError::SessionClosed,

@@ -184,24 +184,17 @@ impl Masters {
         let Some(connector) = &self.connector else {
             return Err(HierarchyError::ForeignMaster(id.0));
         };
-        let record = store
-            .masters()
-            .await?
-            .into_iter()
-            .find(|m| m.id == id)
-            .ok_or(HierarchyError::ForeignMaster(id.0))?;
-        if record.config.is_none() {
-            return Err(HierarchyError::ForeignMaster(id.0));
-        }
         // In a wait, answer at once rather than queue behind another
-        // master's connection attempt; once in line, look again.
-        if let Some(waiting) = self.still_waiting(&record) {
+        // master's connection attempt; once in line, look again (at the
+        // settings as they are then: a rotation may have recorded new ones).
+        if let Some(waiting) = self.still_waiting(&Self::record(store, id).await?) {
             return Err(waiting.into());
         }
         let _one_at_a_time = self.connecting.lock().await;
         if let Some(provider) = self.cached(id) {
             return Ok(provider);
         }
+        let record = Self::record(store, id).await?;
         if let Some(waiting) = self.still_waiting(&record) {
             return Err(waiting.into());
         }
@@ -216,6 +209,21 @@ impl Masters {
                 Err(e.into())
             }
         }
+    }
+
+    /// What the keystore records about master `id`, if it can be connected
+    /// from that.
+    async fn record(store: &dyn KeyStore, id: MasterKeyId) -> Result<MasterRecord, HierarchyError> {
+        let record = store
+            .masters()
+            .await?
+            .into_iter()
+            .find(|m| m.id == id)
+            .ok_or(HierarchyError::ForeignMaster(id.0))?;
+        if record.config.is_none() {
+            return Err(HierarchyError::ForeignMaster(id.0));
+        }
+        Ok(record)
     }
 
     fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<MasterKeyId, Failure>> {
