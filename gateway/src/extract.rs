@@ -224,7 +224,6 @@ pub fn is_media_type(value: Option<&axum::http::HeaderValue>, expected: &str) ->
     value.and_then(essence).is_some_and(|essence| essence.eq_ignore_ascii_case(expected))
 }
 
-/// The request's media type without its parameters, in lower case.
 /// A media type's type and subtype, without its parameters.
 fn essence(value: &axum::http::HeaderValue) -> Option<&str> {
     Some(value.to_str().ok()?.split(';').next().unwrap_or_default().trim())

@@ -70,4 +70,4 @@ pub use crate::pkcs11::{
     MasterKeyInfo, PinSource, Pkcs11Config, Pkcs11Error, Pkcs11RootKey, ckr_name,
 };
 pub use crate::readiness::{check_ready, readiness_context};
-pub use crate::secret_file::read_secret_file;
+pub use crate::secret_file::{SecretFile, read_secret_file};

@@ -530,16 +530,6 @@ impl ConnectionView {
     /// `connection` as shown to a caller who may (`with_error`) or may not
     /// see the last error.
     pub(crate) fn new(connection: kms_core::MasterConnection, with_error: bool) -> Self {
-        let mut view = Self::from(connection);
-        if !with_error {
-            view.last_error = None;
-        }
-        view
-    }
-}
-
-impl From<kms_core::MasterConnection> for ConnectionView {
-    fn from(connection: kms_core::MasterConnection) -> Self {
         let state = |state| Self { state, failures: None, retry_in_secs: None, last_error: None };
         match connection {
             kms_core::MasterConnection::Connected => state("connected"),
@@ -549,7 +539,7 @@ impl From<kms_core::MasterConnection> for ConnectionView {
                 failures: Some(failures),
                 // Rounded up: 0 only once the wait is over.
                 retry_in_secs: Some(retry_in.as_secs() + u64::from(retry_in.subsec_nanos() > 0)),
-                last_error: Some(last_error),
+                last_error: with_error.then_some(last_error),
             },
         }
     }

@@ -361,8 +361,8 @@ const MAX_SECRET_FILE_LEN: u64 = 4096;
 /// Reads a secret from a regular file of at most 4 KiB (trailing newline
 /// removed); settings recorded in the keystore may name any path.
 fn read_secret(path: &Path) -> std::io::Result<SecretString> {
-    let bytes = hsm_adapters::read_secret_file(path, MAX_SECRET_FILE_LEN)?;
-    let text = std::str::from_utf8(&bytes)
+    let file = hsm_adapters::read_secret_file(path, MAX_SECRET_FILE_LEN)?;
+    let text = std::str::from_utf8(&file.contents)
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not valid UTF-8"))?;
     Ok(SecretString::from(text.trim_end_matches(['\n', '\r']).to_owned()))
 }

@@ -1,7 +1,6 @@
 //! Configuration of the PKCS#11 provider, and where its PIN comes from.
 
 use std::fmt;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -142,7 +141,8 @@ impl PinSource {
 /// Reads a PIN file (bounded), warning if group or others can read it.
 fn read_pin_file(path: &Path) -> Result<SecretString, Pkcs11Error> {
     let io_error = |source| Pkcs11Error::PinFile { path: path.to_owned(), source };
-    let mode = std::fs::metadata(path).map_err(io_error)?.permissions().mode();
+    let file = read_secret_file(path, MAX_PIN_FILE_LEN).map_err(io_error)?;
+    let mode = file.mode;
     if mode & 0o077 != 0 {
         tracing::warn!(
             path = %path.display(),
@@ -150,7 +150,7 @@ fn read_pin_file(path: &Path) -> Result<SecretString, Pkcs11Error> {
             "the PKCS#11 PIN file is accessible to group or others; run `chmod 600` on it"
         );
     }
-    pin_from(&read_secret_file(path, MAX_PIN_FILE_LEN).map_err(io_error)?)
+    pin_from(&file.contents)
 }
 
 /// A PIN from raw bytes: UTF-8, one trailing `\n` or `\r\n` dropped,

@@ -86,7 +86,7 @@ impl ConnectBackoff {
 
 /// What a connection to a master is made from: a change (new settings
 /// recorded) is worth trying at once. Whether the master is active is not.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 struct Settings {
     kind: String,
     key_ref: String,
@@ -100,6 +100,11 @@ impl Settings {
             key_ref: record.key_ref.clone(),
             config: record.config.clone(),
         }
+    }
+
+    /// Whether `record` still records these settings.
+    fn are_those_of(&self, record: &MasterRecord) -> bool {
+        self.kind == record.kind && self.key_ref == record.key_ref && self.config == record.config
     }
 }
 
@@ -187,7 +192,9 @@ impl Masters {
         // In a wait, answer at once rather than queue behind another
         // master's connection attempt; once in line, look again (at the
         // settings as they are then: a rotation may have recorded new ones).
-        if let Some(waiting) = self.still_waiting(&Self::record(store, id).await?) {
+        let failed_before = self.failures().contains_key(&id);
+        if failed_before && let Some(waiting) = self.still_waiting(&Self::record(store, id).await?)
+        {
             return Err(waiting.into());
         }
         let _one_at_a_time = self.connecting.lock().await;
@@ -235,7 +242,7 @@ impl Masters {
     /// it did then.
     fn still_waiting(&self, record: &MasterRecord) -> Option<RootKeyError> {
         let failures = self.failures();
-        let failure = failures.get(&record.id).filter(|f| f.settings == Settings::of(record))?;
+        let failure = failures.get(&record.id).filter(|f| f.settings.are_those_of(record))?;
         let left = failure.until.checked_duration_since(Instant::now())?;
         let detail = format!(
             "not tried again for another {} s after {} failed attempt(s) in a row; the last: {}",
@@ -254,9 +261,9 @@ impl Masters {
     fn remember_failure(&self, record: &MasterRecord, error: &RootKeyError) {
         let mut failures = self.failures();
         let id = record.id;
-        let settings = Settings::of(record);
         // New settings start a new series.
-        let before = failures.get(&id).filter(|f| f.settings == settings).map_or(0, |f| f.count);
+        let same = failures.get(&id).filter(|f| f.settings.are_those_of(record));
+        let before = same.map_or(0, |f| f.count);
         let count = before.saturating_add(1);
         let retryable = error.is_retryable();
         let wait = self.backoff.wait(retryable, count);
@@ -273,6 +280,7 @@ impl Masters {
             other => other.to_string(),
         };
         let until = Instant::now() + wait;
+        let settings = Settings::of(record);
         failures.insert(id, Failure { settings, count, until, retryable, detail });
     }
 
@@ -379,12 +387,28 @@ mod tests {
         RootKeyError::Unavailable { provider: "pkcs11", detail: "CKR_DEVICE_REMOVED".into() }
     }
 
-    async fn store_with_master(dir: &std::path::Path) -> (SqliteStore, MasterKeyId) {
-        let store = SqliteStore::open_in_dir(dir).await.unwrap();
+    /// A keystore recording a second master, and `Masters` reaching it
+    /// through a connector that fails with `failures` first.
+    struct Setup {
+        _dir: tempfile::TempDir,
+        store: SqliteStore,
+        id: MasterKeyId,
+        connector: Arc<Scripted>,
+        masters: Masters,
+    }
+
+    async fn setup(
+        failures: impl IntoIterator<Item = RootKeyError>,
+        backoff: ConnectBackoff,
+    ) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_in_dir(dir.path()).await.unwrap();
         let info = ProviderInfo { kind: "local", key_ref: "second".into() };
         let id = store.register_master(&info).await.unwrap();
         store.set_master_config(id, r#"{"provider":"dev_local","key_file":"/k"}"#).await.unwrap();
-        (store, id)
+        let connector = Scripted::failing(failures);
+        let masters = Masters::new(Some(connector.clone()), backoff);
+        Setup { _dir: dir, store, id, connector, masters }
     }
 
     fn hours() -> ConnectBackoff {
@@ -405,10 +429,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_connection_is_not_retried_until_its_wait_is_over() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, id) = store_with_master(dir.path()).await;
-        let connector = Scripted::failing([pin_rejected()]);
-        let masters = Masters::new(Some(connector.clone()), hours());
+        let Setup { _dir, store, id, connector, masters } = setup([pin_rejected()], hours()).await;
         assert_eq!(masters.connection(id), MasterConnection::NotTried);
 
         // However many requests arrive at once, and however many follow
@@ -462,16 +483,14 @@ mod tests {
 
     #[tokio::test]
     async fn attempts_resume_once_the_wait_is_over_and_stop_once_connected() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, id) = store_with_master(dir.path()).await;
-        let connector = Scripted::failing([unreachable(), unreachable()]);
         let short = Duration::from_millis(30);
         let backoff = ConnectBackoff {
             transient: short,
             transient_ceiling: short * 2,
             ..ConnectBackoff::fixed(Duration::from_secs(3600))
         };
-        let masters = Masters::new(Some(connector.clone()), backoff);
+        let Setup { _dir, store, id, connector, masters } =
+            setup([unreachable(), unreachable()], backoff).await;
 
         // (Only waits longer than the backoff's: a stalled machine makes
         // them longer still, never shorter.)
@@ -488,10 +507,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_outage_stays_retryable_while_waiting() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, id) = store_with_master(dir.path()).await;
-        let connector = Scripted::failing([unreachable()]);
-        let masters = Masters::new(Some(connector.clone()), hours());
+        let Setup { _dir, store, id, connector, masters } = setup([unreachable()], hours()).await;
         let first = masters.get(&store, id).await.unwrap_err();
         let waiting = masters.get(&store, id).await.unwrap_err();
         for error in [first, waiting] {
@@ -506,12 +522,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_master_put_in_place_ends_its_wait() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, id) = store_with_master(dir.path()).await;
-        let connector = Scripted::failing([unreachable()]);
         // Even an endless wait (as the settings could say) ends with a
         // rotation that connects the master itself, and never overflows.
-        let masters = Masters::new(Some(connector.clone()), ConnectBackoff::fixed(Duration::MAX));
+        let Setup { _dir, store, id, connector, masters } =
+            setup([unreachable()], ConnectBackoff::fixed(Duration::MAX)).await;
         masters.get(&store, id).await.unwrap_err();
         let record = store.masters().await.unwrap().into_iter().find(|m| m.id == id).unwrap();
         masters.insert(id, Arc::new(Reached(record)));
