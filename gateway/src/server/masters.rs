@@ -75,7 +75,7 @@ impl MasterTrust {
                         return Some(format!(
                             "the AWS KMS endpoint {:?} is neither [root]'s nor listed in \
                              trusted_masters.aws_kms_endpoints",
-                            without_userinfo(endpoint)
+                            hsm_adapters::endpoint_without_userinfo(endpoint)
                         ));
                     }
                 }
@@ -107,16 +107,6 @@ impl MasterTrust {
             format!("the master key {key} is neither [root]'s nor listed in trusted_masters.keys")
         })
     }
-}
-
-/// `endpoint` as errors and the audit log may show it: a user or password
-/// in its authority (which AWS KMS never needs) is left out.
-fn without_userinfo(endpoint: &str) -> String {
-    let (scheme, rest) = endpoint.split_once("://").unwrap_or(("", endpoint));
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
-    let separator = if scheme.is_empty() { "" } else { "://" };
-    format!("{scheme}{separator}{host}{path}")
 }
 
 /// Connects to recorded masters with the same code that connects the

@@ -91,18 +91,27 @@ impl AwsKmsConfig {
     }
 }
 
-/// Accepts `https://host…`, and `http://` only to a loopback host.
+/// Accepts `https://host…`, and `http://` only to a loopback host; never a
+/// user or password in the authority.
+///
+/// The URL is read with the `http` crate, as the SDK's HTTP stack reads it,
+/// so the host checked here is the one the requests go to: a hand-made
+/// split would read `http://localhost:1@kms.example` as a loopback host.
 fn check_endpoint(url: &str) -> Result<(), AwsKmsError> {
     let invalid = |reason: &str| AwsKmsError::InvalidConfig {
-        reason: format!("endpoint URL {url:?}: {reason}"),
+        reason: format!("endpoint URL {:?}: {reason}", endpoint_without_userinfo(url)),
     };
-    let (scheme, rest) = url.split_once("://").ok_or_else(|| invalid("not a URL"))?;
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let host = match authority.strip_prefix('[') {
-        // [v6]:port
-        Some(v6) => v6.split(']').next().unwrap_or_default(),
-        None => authority.rsplit_once(':').map_or(authority, |(host, _port)| host),
+    let uri: http::Uri = url.parse().map_err(|_| invalid("not a URL"))?;
+    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        return Err(invalid("not a URL"));
     };
+    // AWS KMS authenticates requests with SigV4, never with userinfo; a
+    // user or password here is a mistake at best, and it would show in
+    // errors and logs.
+    if authority.as_str().contains('@') {
+        return Err(invalid("a user or password in the endpoint URL is not allowed"));
+    }
+    let host = authority.host();
     if host.is_empty() {
         return Err(invalid("no host"));
     }
@@ -123,7 +132,20 @@ fn check_endpoint(url: &str) -> Result<(), AwsKmsError> {
     }
 }
 
+/// `url` as errors, logs and the audit log may show it: a user or password
+/// in its authority is left out.
+pub fn endpoint_without_userinfo(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let (authority, path) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
+    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let separator = if scheme.is_empty() { "" } else { "://" };
+    format!("{scheme}{separator}{host}{path}")
+}
+
+/// `host` as [`http::uri::Authority::host`] gives it (an IPv6 address in
+/// brackets).
 fn is_loopback(host: &str) -> bool {
+    let address = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
     host.eq_ignore_ascii_case("localhost")
-        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        || address.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }

@@ -49,6 +49,27 @@ fn provider_is_send_and_sync() {
 }
 
 #[test]
+fn endpoint_errors_never_show_a_password() {
+    for url in [
+        "https://user:s3cret@kms.eu-west-1.amazonaws.com/",
+        "http://admin:s3cret@10.0.0.5:4566",
+        "ftp://user:s3cret@127.0.0.1?x#y",
+    ] {
+        let Err(AwsKmsError::InvalidConfig { reason }) = config(url).validate() else {
+            panic!("{url} accepted");
+        };
+        assert!(!reason.contains("s3cret") && !reason.contains("user:"), "{reason}");
+        assert!(reason.contains("user or password"), "{reason}");
+    }
+    assert_eq!(
+        endpoint_without_userinfo("https://user:pw@kms.example:443/p?q#f"),
+        "https://kms.example:443/p?q#f"
+    );
+    assert_eq!(endpoint_without_userinfo("http://[::1]:4566/"), "http://[::1]:4566/");
+    assert_eq!(endpoint_without_userinfo("kms.example@x"), "x");
+}
+
+#[test]
 fn config_is_validated() {
     let ok = |url: &str| config(url).validate().is_ok();
     assert!(ok("https://kms.eu-west-1.amazonaws.com"));
@@ -61,6 +82,13 @@ fn config_is_validated() {
     assert!(!ok("ftp://127.0.0.1"));
     assert!(!ok("http://"));
     assert!(!ok("127.0.0.1:4566"));
+    // The host is what follows the userinfo: plain HTTP to kms.example.
+    assert!(!ok("http://localhost:4566@kms.example"), "userinfo read as the host");
+    assert!(!ok("http://127.0.0.1@kms.example:80"));
+    // No userinfo at all, even to a host that would be accepted.
+    assert!(!ok("http://user@127.0.0.1:4566"));
+    assert!(!ok("https://user:pw@kms.eu-west-1.amazonaws.com"));
+    assert!(!ok("http://[::2]:4566"));
     assert!(AwsKmsConfig::new("eu-west-1", "k").validate().is_ok());
 
     let invalid = |adjust: fn(&mut AwsKmsConfig)| {
