@@ -124,6 +124,7 @@ mod tests {
             "/v1/approvals/{id}",
             "/v1/master",
             "/v1/master/rotate",
+            "/v1/master/{id}/connect",
             "/v1/tenants/{tenant}/datakeys",
             "/v1/tenants/{tenant}/datakeys/unwrap",
             "/v1/tenants/{tenant}/datakeys/rewrap",

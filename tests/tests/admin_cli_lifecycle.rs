@@ -183,6 +183,21 @@ fn master_show_and_rotate_to_a_new_root_key() {
             .fails(1)
             .contains("forbidden")
     );
+
+    // `master connect`: admins only, known masters only.
+    let (first, second) = (first.to_string(), second.to_string());
+    let out = admin.run(&["master", "connect", &first]).ok().stdout.clone();
+    assert!(out.starts_with(&format!("master key {first} (local ")), "{out}");
+    assert!(out.trim_end().ends_with(": connected"), "{out}");
+    assert!(auditor.run(&["master", "connect", &first]).fails(1).contains("forbidden"));
+    assert!(admin.run(&["master", "connect", "999"]).fails(1).contains("no master key 999"));
+
+    // (A master that cannot be reached, and reached once put right:
+    // lifecycle.rs, `master_rotation_to_softhsm2_resumes_after_a_crash`.)
+    let connected = admin.run(&["master", "connect", &second, "-o", "json"]).ok().json();
+    assert_eq!(connected["connection"], json!({"state": "connected"}), "{connected}");
+    assert_eq!(connected["active"], true, "{connected}");
+    admin.run(&["key", "rotate", "--tenant", "t-one"]).ok();
 }
 
 #[test]

@@ -594,6 +594,48 @@ async fn master_rotation_to_softhsm2_resumes_after_a_crash() {
     assert!(hsm_to_auditor.get("last_error").is_none(), "{hsm_to_auditor}");
     assert!(!masters.contains("not-the-pin") && !ks.log().contains("not-the-pin"));
 
+    // `POST /v1/master/{id}/connect` tries now, wait or not: still wrong,
+    // it fails, says why and counts; put right, the master is back at once
+    // rather than after up to 15 minutes. Admins only, audited.
+    let hsm_id = master(&masters, "pkcs11")["id"].as_i64().unwrap();
+    let connect = format!("/v1/master/{hsm_id}/connect");
+    assert_eq!(ks.post(AUDITOR, &connect, &json!({})).await.0, 403);
+    assert_eq!(ks.post(ADMIN, "/v1/master/0/connect", &json!({})).await.0, 400);
+    assert_eq!(ks.post(ADMIN, "/v1/master/x/connect", &json!({})).await.0, 400);
+    let (status, body) = ks.post(ADMIN, "/v1/master/999/connect", &json!({})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("unknown_master")), "{body}");
+    let (status, body) = ks.post(ADMIN, &connect, &json!({})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (503, Some("master_unreachable")));
+    assert!(body["error"]["message"].as_str().unwrap().contains("CKR_PIN_INCORRECT"), "{body}");
+    assert_eq!(rejections(&ks) - rejected_before, logins + 1, "one login per attempt");
+    let (_, masters) = ks.get(ADMIN, "/v1/master").await;
+    let hsm = master(&masters, "pkcs11")["connection"].clone();
+    assert_eq!(hsm["failures"].as_u64(), Some(logins as u64 + 1), "{hsm}");
+    write_private(&pin, softhsm2::USER_PIN);
+    let (status, body) = ks.post(ADMIN, &connect, &json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!((body["id"].as_i64(), body["kind"].as_str()), (Some(hsm_id), Some("pkcs11")));
+    assert_eq!(body["connection"], json!({"state": "connected"}), "{body}");
+    let (status, body) = unwrap_one(&ks, &on_hsm[0]).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, export) = ks.get(AUDITOR, "/v1/audit").await;
+    let outcomes: Vec<String> = export
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["action"] == "master.connect")
+        .map(|e| {
+            assert_eq!(e["detail"]["master"], hsm_id, "{e}");
+            format!("{} {}", e["actor"].as_str().unwrap(), e["outcome"].as_str().unwrap())
+        })
+        .collect();
+    let admin_ = |outcome| format!("{ADMIN} {outcome}");
+    assert_eq!(outcomes, [admin_("ok"), admin_("error"), admin_("ok")], "{export}");
+    let refused = export.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).any(|e| {
+        (e["actor"].as_str(), e["action"].as_str(), e["outcome"].as_str())
+            == (Some(AUDITOR), Some("connect to a master key"), Some("denied"))
+    });
+    assert!(refused, "the auditor's attempt is audited as denied");
+
     // An HSM whose token is gone is an outage: tried again after 1 s, 2 s,
     // 4 s …, not after the 30 s, 60 s … that wrong settings wait (three
     // failures would take them 90 s). SoftHSM2 reads its tokens once per

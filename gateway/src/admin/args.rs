@@ -262,6 +262,18 @@ pub enum MasterCommand {
         #[arg(long, value_name = "FILE")]
         to: PathBuf,
     },
+    /// Connect the key service that answers to master key ID now, rather
+    /// than when the wait after its last failed attempt ends (up to 15
+    /// minutes): for after the master's settings were put right (a PIN file
+    /// rewritten, an HSM back). Only the instance that answers stops
+    /// waiting; with several replicas, run it against each (--url). A
+    /// failed attempt counts like any other, so do not loop it.
+    ///
+    /// Example: keygate admin master connect 2
+    Connect {
+        /// The master key's id, as `keygate admin master show` lists it.
+        id: i64,
+    },
     /// Create the master key in the HSM named by a key service config's
     /// `[root]` (provider = "pkcs11"): AES-256, sensitive, non-extractable.
     /// Local: talks to the HSM, not to the key service.

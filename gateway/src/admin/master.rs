@@ -1,4 +1,4 @@
-//! `keygate admin master show|rotate|create-pkcs11-key`.
+//! `keygate admin master show|connect|rotate|create-pkcs11-key`.
 
 use std::path::Path;
 
@@ -115,6 +115,20 @@ pub(crate) async fn run(ctx: &Ctx, command: MasterCommand) -> Result<(), AdminEr
                 }
                 table
             })
+        }
+        MasterCommand::Connect { id } => {
+            let answer = ctx.client()?.post_empty(&format!("/v1/master/{id}/connect")).await?;
+            let master: Master = decode(&answer, "master connect")?;
+            let state =
+                master.connection.as_ref().map_or_else(|| "-".to_owned(), Connection::summary);
+            match ctx.output {
+                super::OutputFormat::Json => print_json(&answer)?,
+                super::OutputFormat::Table => println(&format!(
+                    "master key {} ({} {}): {state}",
+                    master.id, master.kind, master.key_ref
+                ))?,
+            }
+            Ok(())
         }
         MasterCommand::Rotate { to } => {
             let provider = read_root_provider(&to)?;

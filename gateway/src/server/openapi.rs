@@ -36,6 +36,7 @@ use super::handlers::{audit, compliance, datakeys, lifecycle, master, ops, tenan
         lifecycle::decide,
         master::show,
         master::rotate,
+        master::connect,
         datakeys::issue,
         datakeys::unwrap,
         datakeys::rewrap,

@@ -32,6 +32,7 @@ pub(super) fn api(state: AppState) -> Router {
         .route("/v1/approvals/{id}", post(lifecycle::decide))
         .route("/v1/master", get(master::show))
         .route("/v1/master/rotate", post(master::rotate))
+        .route("/v1/master/{id}/connect", post(master::connect))
         .route("/v1/tenants/{tenant}/datakeys", post(datakeys::issue))
         .route("/v1/tenants/{tenant}/datakeys/unwrap", post(datakeys::unwrap))
         .route("/v1/tenants/{tenant}/datakeys/rewrap", post(datakeys::rewrap))

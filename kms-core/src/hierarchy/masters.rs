@@ -205,14 +205,47 @@ impl Masters {
         if let Some(waiting) = self.still_waiting(&record) {
             return Err(waiting.into());
         }
-        match connector.connect(&record).await {
+        self.attempt(connector.as_ref(), &record).await
+    }
+
+    /// The provider of master `id`, connecting to it now even in the wait
+    /// after a failed attempt: for someone who has put its settings right
+    /// (a PIN file rewritten, an HSM back) and will not wait up to
+    /// [`ConnectBackoff::persistent_ceiling`]. A failure counts as one more
+    /// in a row. Attempts still go one at a time.
+    pub(super) async fn connect_now(
+        &self,
+        store: &dyn KeyStore,
+        id: MasterKeyId,
+    ) -> Result<Arc<dyn RootKeyProvider>, HierarchyError> {
+        if let Some(provider) = self.cached(id) {
+            return Ok(provider);
+        }
+        let Some(connector) = &self.connector else {
+            return Err(HierarchyError::ForeignMaster(id.0));
+        };
+        let _one_at_a_time = self.connecting.lock().await;
+        if let Some(provider) = self.cached(id) {
+            return Ok(provider);
+        }
+        let record = Self::record(store, id).await?;
+        self.attempt(connector.as_ref(), &record).await
+    }
+
+    /// One connection attempt, remembered either way.
+    async fn attempt(
+        &self,
+        connector: &dyn MasterConnector,
+        record: &MasterRecord,
+    ) -> Result<Arc<dyn RootKeyProvider>, HierarchyError> {
+        match connector.connect(record).await {
             Ok(provider) => {
-                tracing::info!(master = id.0, provider = %provider.describe(), "connected to master key");
-                self.insert(id, provider.clone());
+                tracing::info!(master = record.id.0, provider = %provider.describe(), "connected to master key");
+                self.insert(record.id, provider.clone());
                 Ok(provider)
             }
             Err(e) => {
-                self.remember_failure(&record, &e);
+                self.remember_failure(record, &e);
                 Err(e.into())
             }
         }
@@ -284,15 +317,21 @@ impl Masters {
         failures.insert(id, Failure { settings, count, until, retryable, detail });
     }
 
-    /// How this instance stands with master `id`.
-    pub(super) fn connection(&self, id: MasterKeyId) -> MasterConnection {
-        if self.cached(id).is_some() {
+    /// How this instance stands with `master` as the keystore records it
+    /// now: after a failure with settings recorded since, the next request
+    /// tries at once.
+    pub(super) fn connection(&self, master: &MasterRecord) -> MasterConnection {
+        if self.cached(master.id).is_some() {
             return MasterConnection::Connected;
         }
-        match self.failures().get(&id) {
+        match self.failures().get(&master.id) {
             Some(failure) => MasterConnection::Failing {
                 failures: failure.count,
-                retry_in: failure.until.saturating_duration_since(Instant::now()),
+                retry_in: if failure.settings.are_those_of(master) {
+                    failure.until.saturating_duration_since(Instant::now())
+                } else {
+                    Duration::ZERO
+                },
                 last_error: failure.detail.clone(),
             },
             None => MasterConnection::NotTried,
@@ -411,6 +450,19 @@ mod tests {
         Setup { _dir: dir, store, id, connector, masters }
     }
 
+    async fn record(store: &SqliteStore, id: MasterKeyId) -> MasterRecord {
+        store.masters().await.unwrap().into_iter().find(|m| m.id == id).unwrap()
+    }
+
+    /// How `masters` stands with master `id` as `store` records it now.
+    async fn connection(
+        masters: &Masters,
+        store: &SqliteStore,
+        id: MasterKeyId,
+    ) -> MasterConnection {
+        masters.connection(&record(store, id).await)
+    }
+
     fn hours() -> ConnectBackoff {
         ConnectBackoff::fixed(Duration::from_secs(3600))
     }
@@ -430,7 +482,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_connection_is_not_retried_until_its_wait_is_over() {
         let Setup { _dir, store, id, connector, masters } = setup([pin_rejected()], hours()).await;
-        assert_eq!(masters.connection(id), MasterConnection::NotTried);
+        assert_eq!(connection(&masters, &store, id).await, MasterConnection::NotTried);
 
         // However many requests arrive at once, and however many follow
         // in the wait, the PIN is tried once.
@@ -460,9 +512,9 @@ mod tests {
         assert!(text.contains("1 failed attempt(s) in a row"), "{text}");
         assert_eq!(text.matches("CKR_PIN_INCORRECT").count(), 1, "{text}");
         let MasterConnection::Failing { failures: 1, retry_in, last_error } =
-            masters.connection(id)
+            connection(&masters, &store, id).await
         else {
-            panic!("{:?}", masters.connection(id))
+            panic!("{:?}", connection(&masters, &store, id).await)
         };
         assert!(retry_in > Duration::from_secs(3000), "{retry_in:?}");
         assert!(last_error.contains("CKR_PIN_INCORRECT"), "{last_error}");
@@ -475,10 +527,15 @@ mod tests {
         // New settings for the master (a new rotation recorded them) are
         // tried at once.
         store.set_master_config(id, r#"{"provider":"dev_local","key_file":"/k2"}"#).await.unwrap();
+        let MasterConnection::Failing { failures: 1, retry_in: Duration::ZERO, .. } =
+            connection(&masters, &store, id).await
+        else {
+            panic!("still waiting after new settings: {:?}", connection(&masters, &store, id).await)
+        };
         let provider = masters.get(&store, id).await.unwrap();
         assert_eq!(provider.describe().key_ref, "second");
         assert_eq!(connector.attempts(), 2);
-        assert_eq!(masters.connection(id), MasterConnection::Connected);
+        assert_eq!(connection(&masters, &store, id).await, MasterConnection::Connected);
     }
 
     #[tokio::test]
@@ -527,10 +584,40 @@ mod tests {
         let Setup { _dir, store, id, connector, masters } =
             setup([unreachable()], ConnectBackoff::fixed(Duration::MAX)).await;
         masters.get(&store, id).await.unwrap_err();
-        let record = store.masters().await.unwrap().into_iter().find(|m| m.id == id).unwrap();
-        masters.insert(id, Arc::new(Reached(record)));
-        assert_eq!(masters.connection(id), MasterConnection::Connected);
+        masters.insert(id, Arc::new(Reached(record(&store, id).await)));
+        assert_eq!(connection(&masters, &store, id).await, MasterConnection::Connected);
         masters.get(&store, id).await.unwrap();
         assert_eq!(connector.attempts(), 1);
+    }
+
+    #[tokio::test]
+    async fn connecting_now_skips_the_wait_and_a_failure_counts() {
+        let Setup { _dir, store, id, connector, masters } =
+            setup([pin_rejected(), pin_rejected()], hours()).await;
+        masters.get(&store, id).await.unwrap_err();
+
+        // Still wrong: one more failure in the series, and a longer wait
+        // for the requests.
+        let error = masters.connect_now(&store, id).await.unwrap_err();
+        assert!(error.to_string().contains("CKR_PIN_INCORRECT"), "{error}");
+        assert!(!error.to_string().contains("not tried again"), "{error}");
+        assert_eq!(connector.attempts(), 2);
+        let MasterConnection::Failing { failures: 2, retry_in, .. } =
+            connection(&masters, &store, id).await
+        else {
+            panic!("{:?}", connection(&masters, &store, id).await)
+        };
+        assert!(retry_in > Duration::from_secs(3000), "{retry_in:?}");
+        masters.get(&store, id).await.unwrap_err();
+        assert_eq!(connector.attempts(), 2, "a request did not wait");
+
+        // Put right: connected at once, and kept.
+        let (a, b) = tokio::join!(masters.connect_now(&store, id), masters.connect_now(&store, id));
+        a.unwrap();
+        b.unwrap();
+        assert_eq!(connector.attempts(), 3, "two attempts for one connection");
+        assert_eq!(connection(&masters, &store, id).await, MasterConnection::Connected);
+        masters.get(&store, id).await.unwrap();
+        assert_eq!(connector.attempts(), 3);
     }
 }

@@ -28,7 +28,9 @@ use crate::record::SchemaKeys;
 use crate::root::{RootKeyError, RootKeyProvider, WrapContext};
 use crate::schema::Schema;
 use crate::secret::Key256;
-use crate::store::{KekRecord, KeyStore, MasterKeyId, NewTenant, StoreError, TenantRecord};
+use crate::store::{
+    KekRecord, KeyStore, MasterKeyId, MasterRecord, NewTenant, StoreError, TenantRecord,
+};
 
 /// How many times a rotation is retried when another writer rotates first.
 const ROTATION_ATTEMPTS: usize = 32;
@@ -238,10 +240,22 @@ impl KeyHierarchy {
         &self.store
     }
 
-    /// How this instance stands with master `id`: connected, not tried
-    /// since start, or failing (and when it may be tried again).
-    pub fn master_connection(&self, id: MasterKeyId) -> MasterConnection {
-        self.masters.connection(id)
+    /// How this instance stands with `master` (as the keystore records it
+    /// now): connected, not tried since start, or failing (and when it may
+    /// be tried again).
+    pub fn master_connection(&self, master: &MasterRecord) -> MasterConnection {
+        self.masters.connection(master)
+    }
+
+    /// Connects to master key `id` now, even while this instance waits
+    /// after a failed attempt ([`ConnectBackoff`]), unless it is connected
+    /// already; for after its settings were put right. Only this instance
+    /// stops waiting.
+    pub async fn connect_master(
+        &self,
+        id: MasterKeyId,
+    ) -> Result<Arc<dyn RootKeyProvider>, HierarchyError> {
+        self.masters.connect_now(self.store.as_ref(), id).await
     }
 
     /// The store's active master key (new keys are wrapped under it) and

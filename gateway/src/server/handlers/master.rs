@@ -1,13 +1,16 @@
-//! Master keys: which exist, which is active, and master rotation.
+//! Master keys: which exist, which is active, how this instance stands
+//! with each, connecting to one now, and master rotation.
 
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
+use kms_core::HierarchyError;
 use kms_core::audit::{AuditEvent, Outcome};
+use kms_core::store::{MasterKeyId, MasterRecord};
 
-use super::ApiJson;
+use super::{ApiJson, ApiPath};
 use crate::audit_log::now_ms;
 use crate::compliance::refused_root;
 use crate::error::{ApiError, store_error};
@@ -41,25 +44,96 @@ pub(crate) async fn show(
     let store = state.hierarchy.store();
     let masters = store.masters().await.map_err(|e| store_error(&e))?;
     let counts = store.keys_per_master().await.map_err(|e| store_error(&e))?;
-    let keys_of = |id| counts.iter().find(|(m, _)| *m == id).map_or(0, |(_, n)| *n);
     Ok(Json(MastersView {
         active: masters.iter().find(|m| m.active).map(|m| MasterView {
             id: m.id.0,
             kind: m.kind.clone(),
             key_ref: m.key_ref.clone(),
         }),
-        masters: masters
-            .iter()
-            .map(|m| MasterEntry {
-                id: m.id.0,
-                kind: m.kind.clone(),
-                key_ref: m.key_ref.clone(),
-                active: m.active,
-                keys_wrapped: keys_of(m.id),
-                connection: ConnectionView::new(state.hierarchy.master_connection(m.id), admin),
-            })
-            .collect(),
+        masters: masters.iter().map(|m| entry(&state, m, &counts, admin)).collect(),
     }))
+}
+
+/// `master` as `GET /v1/master` lists it.
+fn entry(
+    state: &AppState,
+    master: &MasterRecord,
+    keys_per_master: &[(MasterKeyId, u64)],
+    admin: bool,
+) -> MasterEntry {
+    let keys_wrapped = keys_per_master.iter().find(|(m, _)| *m == master.id).map_or(0, |(_, n)| *n);
+    MasterEntry {
+        id: master.id.0,
+        kind: master.kind.clone(),
+        key_ref: master.key_ref.clone(),
+        active: master.active,
+        keys_wrapped,
+        connection: ConnectionView::new(state.hierarchy.master_connection(master), admin),
+    }
+}
+
+/// `POST /v1/master/{id}/connect`: connects the answering instance to a
+/// master key now, even while it waits after a failed attempt; for after
+/// the master's settings were put right (a PIN file rewritten, an HSM
+/// back) rather than wait up to 15 minutes. Other instances keep their
+/// own wait. A failed attempt counts as one more in a row, as a request's
+/// would, and attempts still go one at a time.
+#[utoipa::path(
+    post,
+    path = "/v1/master/{id}/connect",
+    tag = "master",
+    params(("id" = i64, Path, minimum = 1, description = "Master key id, as `GET /v1/master` lists it")),
+    responses(
+        (status = 200, description = "Connected: the master as the answering instance now stands with it", body = MasterEntry),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 no recorded settings to connect with, 503 the attempt failed (the message says why)", body = crate::openapi::ErrorBody)
+    ),
+)]
+pub(crate) async fn connect(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<MasterEntry>, ApiError> {
+    let actor = state.authorize_global(&caller, &[Role::Admin], "connect to a master key").await?;
+    let id = id.parse().ok().filter(|id| *id >= 1).map(MasterKeyId).ok_or_else(|| {
+        ApiError::bad_request("invalid_master", "a master key id is a number from 1")
+    })?;
+    let store = state.hierarchy.store();
+    let known = |masters: Vec<MasterRecord>| masters.into_iter().find(|m| m.id == id);
+    let masters = store.masters().await.map_err(|e| store_error(&e))?;
+    if known(masters).is_none() {
+        return Err(ApiError::not_found("unknown_master", format!("no master key {}", id.0)));
+    }
+    let event = move |outcome| {
+        AuditEvent::new(now_ms(), actor.as_str(), "master.connect", outcome)
+            .with_detail("master", id.0)
+    };
+    let hierarchy = state.hierarchy.clone();
+    let attempt = async move {
+        match hierarchy.connect_master(id).await {
+            Ok(_) => Ok(()),
+            Err(HierarchyError::Root(e)) => Err(ApiError::unavailable(
+                "master_unreachable",
+                format!("cannot connect to master key {}: {e}", id.0),
+            )),
+            Err(HierarchyError::ForeignMaster(_)) => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "master_not_connectable",
+                format!(
+                    "the keystore records no provider settings for master key {}: only a key \
+                     service configured with it as [root] can use it",
+                    id.0
+                ),
+            )),
+            Err(other) => Err(other.into()),
+        }
+    };
+    state.audit.before(event, attempt).await?;
+    // As the keystore records it now (a rotation may have run meanwhile).
+    let masters = store.masters().await.map_err(|e| store_error(&e))?;
+    let counts = store.keys_per_master().await.map_err(|e| store_error(&e))?;
+    let master = known(masters)
+        .ok_or_else(|| ApiError::not_found("unknown_master", format!("no master key {}", id.0)))?;
+    Ok(Json(entry(&state, &master, &counts, true)))
 }
 
 /// `POST /v1/master/rotate`: connects to the new master (a real wrap and
