@@ -6,7 +6,8 @@
 //! with feature `fuzzing`) and serde_json.
 
 use kms_core::audit::{
-    AuditChain, AuditEvent, AuditSigner, AuditVerifyingKey, ChainVerifier, Outcome, verify_chain,
+    Anchor, AuditChain, AuditEvent, AuditSigner, AuditVerifyingKey, ChainVerifier, Outcome,
+    verify_chain,
 };
 use kms_core::crypto::Aead;
 use kms_core::record::{
@@ -405,6 +406,41 @@ pub fn audit_chain(data: &[u8]) {
     );
     if let (Ok(streamed), Ok(whole)) = (&streamed, &whole) {
         assert_eq!(streamed, whole);
+    }
+
+    // Through an anchor of the original (an event's position and hash, kept
+    // elsewhere): whatever verifies has the original's events up to it,
+    // signed or not; what is left of the original and reaches it verifies;
+    // an anchor with another hash there never holds.
+    let at = anchor % original_rows.len().max(1);
+    if let Some(event) = original_rows.get(at) {
+        let hash: [u8; 32] = event.hash.as_slice().try_into().expect("the fixture's hashes");
+        let held = Anchor { seq: event.seq, hash };
+        let through = |anchor: Anchor| {
+            let mut verifier = ChainVerifier::new(AUDIT_INSTANCE, key.clone());
+            verifier
+                .expect_anchors(&[anchor])
+                .and_then(|()| verifier.push_checkpoints(&checkpoints))
+                .and_then(|()| verifier.push_rows(&rows))
+                .and_then(|()| verifier.finish())
+        };
+        let reaches = rows.len() > at;
+        match through(held) {
+            Ok(report) => {
+                assert!(is_original_prefix(rows.get(..=at).unwrap_or_default(), 0), "{report:?}");
+                assert_eq!(report.anchors, 1);
+            }
+            Err(broken) => {
+                let untouched = reaches && is_untouched(&rows, 0, &checkpoints);
+                assert!(!untouched, "the original chain failed through its anchor: {broken:?}");
+            }
+        }
+        let mut forged = held;
+        let flip = usize::from(data.last().copied().unwrap_or(0)) % forged.hash.len();
+        if let Some(byte) = forged.hash.get_mut(flip) {
+            *byte ^= 1;
+        }
+        assert!(through(forged).is_err(), "a chain passed through a forged anchor");
     }
 
     // From a checkpoint, verifying only the events after it.

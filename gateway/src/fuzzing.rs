@@ -64,6 +64,22 @@ pub fn key_service_request(data: &[u8]) {
     if let Ok(request) = parse::<ks::MasterRotateRequest>(data, DEPTH) {
         master_rotation_target(&request.to);
     }
+    if let Ok(request) = parse::<ks::VerifyRequest>(data, DEPTH)
+        && let Ok(by_instance) = request.anchors_by_instance()
+    {
+        // Every anchor given is checked, under its own instance.
+        let checked: usize = by_instance.values().map(Vec::len).sum();
+        assert_eq!(checked, request.anchors.len(), "anchors lost");
+        for entry in &request.anchors {
+            let hash = data_encoding::HEXLOWER.decode(entry.hash.as_bytes()).ok();
+            let found = by_instance.get(&entry.instance).is_some_and(|anchors| {
+                anchors
+                    .iter()
+                    .any(|a| a.seq == entry.seq && Some(a.hash.as_slice()) == hash.as_deref())
+            });
+            assert!(found, "anchor {} of {:?} checked as given", entry.seq, entry.instance);
+        }
+    }
 }
 
 /// A master rotation's target, checked as the handler checks it: the

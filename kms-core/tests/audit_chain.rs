@@ -4,8 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
 
 use kms_core::audit::{
-    AuditChain, AuditEvent, AuditSigner, BreakReason, ChainBreak, HASH_LEN, Outcome, VerifyReport,
-    VerifyStoredError, chain_hash, verify_chain, verify_stored_chain,
+    Anchor, AuditChain, AuditEvent, AuditSigner, BreakReason, ChainBreak, ChainVerifier, HASH_LEN,
+    Outcome, VerifyReport, VerifyStoredError, chain_hash, verify_chain, verify_stored_chain,
 };
 use kms_core::store::{AuditRow, CheckpointRow, KeyStore, SqliteStore};
 use kms_core::{RecordKeyId, TenantId};
@@ -80,12 +80,12 @@ async fn verify(f: &Fixture) -> Result<VerifyReport, ChainBreak> {
     let rows = all_rows(&f.store).await;
     let checkpoints = f.store.audit_checkpoints(INSTANCE, 0, 10_000).await.unwrap();
     let in_memory = verify_chain(INSTANCE, &rows, &checkpoints, &f.signer.public_key_sec1());
-    let streamed = match verify_stored_chain(&f.store, INSTANCE, f.signer.verifying_key(), 7).await
-    {
-        Ok(report) => Ok(report),
-        Err(VerifyStoredError::Broken(broken)) => Err(broken),
-        Err(e) => panic!("store failed: {e}"),
-    };
+    let streamed =
+        match verify_stored_chain(&f.store, INSTANCE, f.signer.verifying_key(), &[], 7).await {
+            Ok(report) => Ok(report),
+            Err(VerifyStoredError::Broken(broken)) => Err(broken),
+            Err(e) => panic!("store failed: {e}"),
+        };
     assert_eq!(in_memory, streamed);
     in_memory
 }
@@ -270,6 +270,80 @@ async fn truncation_is_caught_up_to_the_last_checkpoint_only() {
     assert_breaks(verify(&f).await, 50, BreakReason::CheckpointPastEnd);
     exec(&f.store, "DELETE FROM audit_events").await;
     assert_breaks(verify(&f).await, 10, BreakReason::CheckpointPastEnd);
+}
+
+/// Verifies under `anchors` both ways (in memory, and streamed from the
+/// store in pages of 7) and checks they agree.
+async fn verify_anchored(f: &Fixture, anchors: &[Anchor]) -> Result<VerifyReport, ChainBreak> {
+    let rows = all_rows(&f.store).await;
+    let checkpoints = f.store.audit_checkpoints(INSTANCE, 0, 10_000).await.unwrap();
+    let mut verifier = ChainVerifier::new(INSTANCE, f.signer.verifying_key());
+    let in_memory = verifier
+        .expect_anchors(anchors)
+        .and_then(|()| verifier.push_checkpoints(&checkpoints))
+        .and_then(|()| verifier.push_rows(&rows))
+        .and_then(|()| verifier.finish());
+    let key = f.signer.verifying_key();
+    let streamed = match verify_stored_chain(&f.store, INSTANCE, key, anchors, 7).await {
+        Ok(report) => Ok(report),
+        Err(VerifyStoredError::Broken(broken)) => Err(broken),
+        Err(e) => panic!("store failed: {e}"),
+    };
+    assert_eq!(in_memory, streamed);
+    in_memory
+}
+
+#[tokio::test]
+async fn anchors_catch_a_cut_or_rewritten_tail_that_checkpoints_cannot() {
+    let mut f = fixture().await;
+    let before_tail = f.chain.clone();
+    let rows = f.chain.seal_all((51..=55).map(event));
+    f.store.append_audit_batch(&rows, None).await.unwrap();
+    let (seq, hash) = f.chain.head();
+    let head = Anchor { seq, hash };
+    let earlier =
+        Anchor { seq: 30, hash: all_rows(&f.store).await[29].hash.clone().try_into().unwrap() };
+    let report = verify_anchored(&f, &[head, earlier, head]).await.unwrap();
+    assert_eq!((report.head_seq, report.anchors), (55, 2), "repeats count once");
+    assert_eq!(verify(&f).await.unwrap().anchors, 0);
+
+    // The unsigned tail rewritten consistently: the chain still verifies
+    // alone, not through the anchor.
+    exec(&f.store, "DELETE FROM audit_events WHERE seq > 50").await;
+    let mut rewritten = before_tail;
+    let forged = rewritten.seal_all((51..=55).map(|i| event(i + 1)));
+    f.store.append_audit_batch(&forged, None).await.unwrap();
+    assert_eq!(verify(&f).await.unwrap().head_seq, 55);
+    assert_breaks(verify_anchored(&f, &[earlier, head]).await, 55, BreakReason::AnchorMismatch);
+    assert_eq!(verify_anchored(&f, &[earlier]).await.unwrap().anchors, 1);
+
+    // Cut back: unnoticed alone, past the anchor with it.
+    exec(&f.store, "DELETE FROM audit_events WHERE seq > 50").await;
+    assert_eq!(verify(&f).await.unwrap().head_seq, 50);
+    assert_breaks(verify_anchored(&f, &[head]).await, 55, BreakReason::AnchorPastEnd);
+    exec(&f.store, "DELETE FROM audit_events").await;
+    exec(&f.store, "DELETE FROM audit_checkpoints").await;
+    assert_eq!(verify(&f).await.unwrap().head_seq, 0, "an emptied chain verifies alone");
+    assert_breaks(verify_anchored(&f, &[earlier]).await, 30, BreakReason::AnchorPastEnd);
+}
+
+#[tokio::test]
+async fn anchors_that_cannot_hold_are_refused() {
+    let f = fixture().await;
+    let at = |seq, byte| Anchor { seq, hash: [byte; HASH_LEN] };
+    assert_breaks(verify_anchored(&f, &[at(5, 1), at(5, 2)]).await, 5, BreakReason::AnchorMismatch);
+    assert_breaks(
+        verify_anchored(&f, &[at(0, 1), at(3, 1)]).await,
+        0,
+        BreakReason::AnchorOutOfOrder,
+    );
+    assert_breaks(verify_anchored(&f, &[at(7, 9)]).await, 7, BreakReason::AnchorMismatch);
+    // Anchors come before their events.
+    let rows = all_rows(&f.store).await;
+    let mut verifier = ChainVerifier::new(INSTANCE, f.signer.verifying_key());
+    verifier.push_rows(&rows[..3]).unwrap();
+    let late = verifier.expect_anchors(&[at(3, 1)]).unwrap_err();
+    assert_eq!((late.position, late.reason), (3, BreakReason::AnchorOutOfOrder));
 }
 
 #[tokio::test]

@@ -285,10 +285,44 @@ async fn audit_verify_and_export() {
     let auditor = Admin::new(&ks, &dir.path().join("auditor"), AUDITOR);
     auditor.run(&["audit", "verify"]).ok();
 
-    // Edit one event: verification fails with exit 1 and names the place.
+    // An anchor per chain, kept in a file (blank lines and extra fields
+    // are fine), and verification through it.
+    let anchors = auditor.run(&["audit", "anchor"]).ok().json_lines();
+    assert_eq!(anchors.len(), 1, "{anchors:?}");
+    let anchor = &anchors[0];
+    let seq = anchor["seq"].as_i64().unwrap();
+    assert_eq!(anchor["instance"], "ks-test");
+    assert!(seq >= 3 && anchor["hash"].as_str().unwrap().len() == 64, "{anchor}");
+    assert!(anchor["taken_at"].as_str().unwrap().ends_with('Z'), "{anchor}");
+    let file = dir.path().join("anchors.jsonl");
+    std::fs::write(&file, format!("{anchor}\n\n{anchor}\n")).unwrap();
+    let file_arg = file.to_str().unwrap();
+    let through = admin.run(&["audit", "verify", "--anchors", file_arg]);
+    assert!(through.ok().stdout.contains("through 1 distinct anchor(s)"), "{}", through.stdout);
+    std::fs::write(&file, format!("{anchor}\n{{\"instance\": \"ks-test\"}}\n")).unwrap();
+    let malformed = admin.run(&["audit", "verify", "--anchors", file_arg]);
+    assert!(malformed.fails(2).contains("line 2: not an anchor"), "{}", malformed.stderr);
+    let missing = admin.run(&["audit", "verify", "--anchors", "/nonexistent/anchors"]);
+    assert!(missing.fails(2).contains("--anchors /nonexistent/anchors"));
+
+    // The last event cut together with its checkpoint: the shorter chain
+    // verifies alone, not through the anchor.
     let mut db = sqlx::SqliteConnection::connect(&format!("sqlite://{}", ks.database().display()))
         .await
         .unwrap();
+    for statement in
+        ["DELETE FROM audit_events WHERE seq >= ?", "DELETE FROM audit_checkpoints WHERE seq >= ?"]
+    {
+        sqlx::query(statement).bind(seq).execute(&mut db).await.unwrap();
+    }
+    std::fs::write(&file, format!("{anchor}\n")).unwrap();
+    admin.run(&["audit", "verify"]).ok();
+    let cut = admin.run(&["audit", "verify", "--anchors", file_arg]);
+    let line = cut.fails(1);
+    assert!(line.contains(&format!("broken at position {seq}")), "{line}");
+    assert!(line.contains("past the end of the chain"), "{line}");
+
+    // Edit one event: verification fails with exit 1 and names the place.
     sqlx::query("UPDATE audit_events SET actor = 'spiffe://test/mallory' WHERE seq = 2")
         .execute(&mut db)
         .await
@@ -300,6 +334,10 @@ async fn audit_verify_and_export() {
     let json = admin.run(&["audit", "verify", "-o", "json"]);
     json.fails(1);
     assert_eq!(json.json()["ok"], false);
+    // No anchor is taken of a broken log.
+    let refused = admin.run(&["audit", "anchor"]);
+    assert!(refused.fails(1).contains("no anchor taken"), "{}", refused.stderr);
+    assert_eq!(refused.stdout, "");
 }
 
 /// An export of every instance goes on page after page to the end: each

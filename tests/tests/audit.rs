@@ -305,3 +305,84 @@ async fn an_admin_change_is_recorded_before_it_is_made_and_again_if_it_fails() {
     assert_eq!(done.len(), 1, "{done:?}");
     assert_eq!((&done[0].1["tenant_keys"], &done[0].1["index_roots"]), (&json!(2), &json!(1)));
 }
+
+/// Events after the last checkpoint are protected by the hash chain alone:
+/// someone who can write the keystore can cut the tail back together with
+/// its checkpoints and the shorter chain verifies. An anchor taken before
+/// (a report's head, kept elsewhere) catches it.
+#[tokio::test(flavor = "multi_thread")]
+async fn anchors_catch_a_tail_cut_back_with_its_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(dir.path(), "");
+    traffic(&ks).await;
+    let report = verify(&ks).await;
+    let head = &report["instances"][0];
+    let (instance, seq) = (head["instance"].as_str().unwrap(), head["head_seq"].as_i64().unwrap());
+    let hash = head["head_hash"].as_str().unwrap();
+    assert_eq!(hash.len(), 64, "{report}");
+    let anchor = json!({"instance": instance, "seq": seq, "hash": hash});
+    let anchored = |anchors: Value| {
+        let body = json!({ "anchors": anchors });
+        let ks = &ks;
+        async move { ks.post(AUDITOR, "/v1/audit/verify", &body).await }
+    };
+    let (status, through) = anchored(json!([anchor, anchor])).await;
+    assert_eq!(status, 200, "{through}");
+    assert_eq!(
+        (through["ok"].as_bool(), through["instances"][0]["anchors"].as_u64()),
+        (Some(true), Some(1))
+    );
+
+    // Cut back by ten events, with every checkpoint past what is left.
+    let mut conn = db(&ks).await;
+    let cut = seq - 10;
+    for statement in
+        ["DELETE FROM audit_events WHERE seq > ?", "DELETE FROM audit_checkpoints WHERE seq > ?"]
+    {
+        sqlx::query(statement).bind(cut).execute(&mut conn).await.unwrap();
+    }
+    let alone = verify(&ks).await;
+    assert_eq!(alone["ok"], true, "the documented limit: {alone}");
+    assert!(alone["instances"][0]["head_seq"].as_i64().unwrap() < seq, "{alone}");
+    let (status, caught) = anchored(json!([anchor])).await;
+    assert_eq!(status, 200, "{caught}");
+    assert_eq!(caught["ok"], false, "{caught}");
+    assert_eq!(caught["first_break"]["position"], seq, "{caught}");
+    assert!(caught["first_break"]["reason"].as_str().unwrap().contains("past the end"), "{caught}");
+
+    // A chain gone whole: its anchor breaks too.
+    let gone = json!({"instance": "ks-gone", "seq": 3, "hash": hash});
+    let (_, caught) = anchored(json!([gone])).await;
+    assert_eq!(
+        (caught["ok"].as_bool(), caught["first_break"]["instance"].as_str()),
+        (Some(false), Some("ks-gone"))
+    );
+    assert!(
+        caught["first_break"]["reason"].as_str().unwrap().contains("no chain is stored"),
+        "{caught}"
+    );
+
+    // Bad anchors are refused before any verification; auditors only.
+    let with = |field: &str, value: Value| {
+        let mut bad = anchor.clone();
+        bad[field] = value;
+        json!([bad])
+    };
+    let too_many = json!(vec![anchor.clone(); 10_001]);
+    for (anchors, code) in [
+        (json!([]), "invalid_anchor"),
+        (too_many, "invalid_anchor"),
+        (with("seq", json!(0)), "invalid_anchor"),
+        (with("hash", json!(hash.to_uppercase())), "invalid_anchor"),
+        (with("hash", json!(&hash[..62])), "invalid_anchor"),
+        (with("instance", json!("")), "invalid_anchor"),
+        (with("instance", json!("i".repeat(1025))), "invalid_anchor"),
+        (with("extra", json!(1)), "invalid_request"),
+        (with("seq", json!("7")), "invalid_request"),
+    ] {
+        let (status, body) = anchored(anchors).await;
+        assert_eq!((status / 100, body["error"]["code"].as_str()), (4, Some(code)), "{body}");
+    }
+    let (status, _) = ks.post(ENC, "/v1/audit/verify", &json!({"anchors": [anchor]})).await;
+    assert_eq!(status, 403);
+}

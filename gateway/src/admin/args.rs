@@ -371,8 +371,28 @@ pub enum AuditCommand {
     /// name the first broken position if anything was edited, deleted or
     /// reordered.
     ///
-    /// Example: keygate admin audit verify
-    Verify,
+    /// Events after an instance's last checkpoint are protected by the hash
+    /// chain alone: someone who can write the keystore can cut them, or
+    /// rewrite them, undetected. With --anchors, each chain must also still
+    /// pass through the anchors that `keygate admin audit anchor` took
+    /// earlier, which catches that.
+    ///
+    /// Example: keygate admin audit verify --anchors /mnt/worm/keygate-anchors.jsonl
+    Verify {
+        /// JSON lines from `keygate admin audit anchor` (other fields on a
+        /// line are ignored; at most 10,000 lines).
+        #[arg(long, value_name = "FILE")]
+        anchors: Option<PathBuf>,
+    },
+    /// Verify the audit log, then print an anchor for each instance's
+    /// chain: one JSON line `{instance, seq, hash, taken_at}` naming its
+    /// last event. Keep them where the keystore's writers cannot change
+    /// them (a WORM bucket, a SIEM, a ticket), e.g. hourly from cron, and
+    /// give them to `audit verify --anchors`. Exit 1, printing nothing, if
+    /// the log does not verify.
+    ///
+    /// Example: keygate admin audit anchor >> /mnt/worm/keygate-anchors.jsonl
+    Anchor,
     /// Export audit events as JSON lines on stdout.
     ///
     /// Example: keygate admin audit export --since 24h --tenant onc > onc-audit.jsonl

@@ -1,17 +1,19 @@
-//! `keygate admin audit verify|export`.
+//! `keygate admin audit verify|anchor|export`.
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::path::Path;
 
 use kms_core::TenantId;
 use reqwest::Method;
-use serde::Deserialize;
-use serde_json::Value;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 
 use super::Ctx;
 use super::args::AuditCommand;
 use super::client::{Client, decode, transport_error};
 use super::error::AdminError;
-use super::output::{Table, emit, or_dash, stdout_error};
+use super::output::{Table, emit, or_dash, println, stdout_error};
+use super::timefmt::rfc3339;
 
 /// `GET /v1/audit/verify`.
 #[derive(Debug, Deserialize)]
@@ -29,9 +31,29 @@ struct InstanceReport {
     events: u64,
     checkpoints: u64,
     head_seq: i64,
+    /// Absent from a key service older than this CLI.
+    #[serde(default)]
+    head_hash: Option<String>,
     #[serde(default)]
     last_checkpoint: Option<i64>,
+    /// Anchors the chain passed through (`POST /v1/audit/verify`).
+    #[serde(default)]
+    anchors: u64,
 }
+
+/// Where a chain stood: one line of `audit anchor`, as `audit verify
+/// --anchors` reads it back (other fields are ignored).
+#[derive(Debug, Deserialize, Serialize)]
+struct AnchorLine {
+    instance: String,
+    seq: i64,
+    hash: String,
+}
+
+/// Largest `--anchors` file read, in bytes.
+const MAX_ANCHORS_FILE_BYTES: u64 = 8 * 1024 * 1024;
+/// Most anchors sent in one verification (the key service's limit).
+const MAX_ANCHORS: usize = 10_000;
 
 #[derive(Debug, Deserialize)]
 struct Break {
@@ -43,19 +65,31 @@ struct Break {
 pub(crate) async fn run(ctx: &Ctx, command: AuditCommand) -> Result<(), AdminError> {
     let client = ctx.client()?;
     match command {
-        AuditCommand::Verify => verify(ctx, &client).await,
+        AuditCommand::Verify { anchors } => verify(ctx, &client, anchors.as_deref()).await,
+        AuditCommand::Anchor => anchor(&client).await,
         AuditCommand::Export { since, tenant, instance, page_size } => {
             export(&client, since, tenant.as_ref(), instance.as_deref(), page_size).await
         }
     }
 }
 
-async fn verify(ctx: &Ctx, client: &Client) -> Result<(), AdminError> {
-    let answer = client.get("/v1/audit/verify").await?;
+async fn verify(ctx: &Ctx, client: &Client, anchors: Option<&Path>) -> Result<(), AdminError> {
+    let answer = match anchors {
+        None => client.get("/v1/audit/verify").await?,
+        Some(path) => {
+            let anchors = read_anchors(path)?;
+            client.post("/v1/audit/verify", &json!({ "anchors": anchors })).await?
+        }
+    };
     let report: Verified = decode(&answer, "audit verify")?;
     let title = if report.ok {
+        let anchored: u64 = report.instances.iter().map(|i| i.anchors).sum();
+        let through = match anchors {
+            Some(_) => format!(", through {anchored} distinct anchor(s)"),
+            None => String::new(),
+        };
         format!(
-            "audit log verified: {} instance(s), every chain and checkpoint intact",
+            "audit log verified: {} instance(s), every chain and checkpoint intact{through}",
             report.instances.len()
         )
     } else {
@@ -82,6 +116,64 @@ async fn verify(ctx: &Ctx, client: &Client) -> Result<(), AdminError> {
             b.instance, b.position, b.reason
         ))),
         (false, None) => Err(AdminError::refused("the audit log did not verify")),
+    }
+}
+
+/// Verifies the log, then prints one anchor line per chain with events.
+async fn anchor(client: &Client) -> Result<(), AdminError> {
+    let answer = client.get("/v1/audit/verify").await?;
+    let report: Verified = decode(&answer, "audit verify")?;
+    if !report.ok {
+        let why = report.first_break.map_or_else(
+            || "the audit log did not verify".to_owned(),
+            |b| {
+                format!(
+                    "audit chain of instance {} is broken at position {}: {}",
+                    b.instance, b.position, b.reason
+                )
+            },
+        );
+        return Err(AdminError::refused(format!("no anchor taken: {why}")));
+    }
+    let taken_at = rfc3339(crate::audit_log::now_ms() / 1000);
+    for i in report.instances.iter().filter(|i| i.head_seq >= 1) {
+        let Some(hash) = &i.head_hash else {
+            return Err(AdminError::refused(
+                "the key service does not report chain heads; upgrade it to take anchors",
+            ));
+        };
+        let line =
+            json!({"instance": i.instance, "seq": i.head_seq, "hash": hash, "taken_at": taken_at});
+        println(&line.to_string())?;
+    }
+    Ok(())
+}
+
+/// The anchor lines of `path` (blank lines skipped), checked enough to
+/// name the line of a mistake; the key service checks the rest.
+fn read_anchors(path: &Path) -> Result<Vec<AnchorLine>, AdminError> {
+    let shown = path.display();
+    let fail = |reason: String| AdminError::usage(format!("--anchors {shown}: {reason}"));
+    let file = std::fs::File::open(path).map_err(|e| fail(super::output::io_reason(&e)))?;
+    let mut text = String::new();
+    file.take(MAX_ANCHORS_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| fail(super::output::io_reason(&e)))?;
+    if u64::try_from(text.len()).unwrap_or(u64::MAX) > MAX_ANCHORS_FILE_BYTES {
+        return Err(fail(format!("larger than {MAX_ANCHORS_FILE_BYTES} bytes")));
+    }
+    let mut anchors = Vec::new();
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let anchor: AnchorLine = serde_json::from_str(line)
+            .map_err(|e| fail(format!("line {}: not an anchor ({e})", n + 1)))?;
+        anchors.push(anchor);
+    }
+    match anchors.len() {
+        0 => Err(fail("no anchors in it".to_owned())),
+        n if n > MAX_ANCHORS => {
+            Err(fail(format!("{n} anchors; at most {MAX_ANCHORS} at a time (keep the newest)")))
+        }
+        _ => Ok(anchors),
     }
 }
 

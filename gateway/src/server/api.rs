@@ -1,11 +1,16 @@
 //! Request and response bodies of the key service API.
 
+use std::collections::BTreeMap;
+
+use kms_core::audit::{Anchor, HASH_LEN};
 use kms_core::store::{Approval, KekRecord, TenantRecord, VersionUsage};
 use kms_core::{KekVersion, Name, RecordKeyId, TenantId, WrappedDek};
 
 pub(crate) use crate::wire::SecretB64;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
+
+use crate::error::ApiError;
 
 /// `POST /v1/tenants`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -552,12 +557,74 @@ pub(crate) struct Recorded {
     pub(crate) recorded: usize,
 }
 
-/// `GET /v1/audit/verify` response.
+/// `POST /v1/audit/verify` request.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct VerifyRequest {
+    /// Where chains stood before, kept outside the keystore (`keygate
+    /// admin audit anchor`): 1 to 10,000, in any order.
+    pub(crate) anchors: Vec<AnchorEntry>,
+}
+
+/// Where one instance's chain stood: the event at `seq` had `hash`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AnchorEntry {
+    /// The instance (a report's `instance`).
+    pub(crate) instance: String,
+    /// Sequence number of the event, from 1 (a report's `head_seq`).
+    #[schema(minimum = 1)]
+    pub(crate) seq: i64,
+    /// That event's hash: 64 lowercase hex digits (a report's `head_hash`).
+    pub(crate) hash: String,
+}
+
+impl VerifyRequest {
+    /// Most anchors in one request.
+    pub(crate) const MAX_ANCHORS: usize = 10_000;
+    /// Longest instance name in an anchor, in bytes.
+    const MAX_INSTANCE_BYTES: usize = 1024;
+
+    /// The anchors, checked, by instance.
+    pub(crate) fn anchors_by_instance(&self) -> Result<BTreeMap<String, Vec<Anchor>>, ApiError> {
+        let count = self.anchors.len();
+        if count == 0 || count > Self::MAX_ANCHORS {
+            return Err(ApiError::bad_request(
+                "invalid_anchor",
+                format!("give 1 to {} anchors, not {count}", Self::MAX_ANCHORS),
+            ));
+        }
+        let mut by_instance: BTreeMap<String, Vec<Anchor>> = BTreeMap::new();
+        for (i, entry) in self.anchors.iter().enumerate() {
+            let invalid = |what: &str| {
+                ApiError::bad_request("invalid_anchor", format!("anchors[{i}]: {what}"))
+            };
+            if entry.instance.is_empty() || entry.instance.len() > Self::MAX_INSTANCE_BYTES {
+                return Err(invalid("the instance must be 1 to 1024 bytes"));
+            }
+            if entry.seq < 1 {
+                return Err(invalid("seq must be 1 or more"));
+            }
+            let hash = data_encoding::HEXLOWER
+                .decode(entry.hash.as_bytes())
+                .ok()
+                .and_then(|bytes| <[u8; HASH_LEN]>::try_from(bytes).ok())
+                .ok_or_else(|| invalid("hash must be 64 lowercase hex digits"))?;
+            let anchor = Anchor { seq: entry.seq, hash };
+            by_instance.entry(entry.instance.clone()).or_default().push(anchor);
+        }
+        Ok(by_instance)
+    }
+}
+
+/// `GET /v1/audit/verify` and `POST /v1/audit/verify` response.
 #[derive(Serialize, ToSchema)]
 pub(crate) struct VerifyReport {
-    /// Every chain and checkpoint signature verified.
+    /// Every chain and checkpoint signature verified (and every anchor held).
     pub(crate) ok: bool,
-    /// Per instance: `{instance, events, checkpoints, head_seq, last_checkpoint}`.
+    /// Per instance: `{instance, events, checkpoints, head_seq, head_hash,
+    /// last_checkpoint, anchors}`; `head_seq` and `head_hash` make an
+    /// anchor for later, `anchors` counts those the chain passed through.
     #[schema(value_type = Vec<Object>)]
     pub(crate) instances: Vec<serde_json::Value>,
     /// When `ok` is false: `{instance, position, reason}`.

@@ -45,6 +45,7 @@ use super::handlers::{audit, compliance, datakeys, lifecycle, master, ops, tenan
         audit::ingest,
         audit::export,
         audit::verify,
+        audit::verify_anchored,
         compliance::report,
         openapi_json,
         ops::healthz,

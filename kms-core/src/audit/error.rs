@@ -61,6 +61,19 @@ pub enum BreakReason {
     /// was truncated (or the checkpoint was forged).
     #[error("the checkpoint covers an event past the end of the chain")]
     CheckpointPastEnd,
+    /// The event at an anchor's position is not the anchored one: the chain
+    /// up to there was rewritten since the anchor was taken (or two
+    /// anchors disagree on this position).
+    #[error("the event differs from the one anchored at this position")]
+    AnchorMismatch,
+    /// An anchor names an event past the end of the chain: events the
+    /// anchor saw were deleted since (the tail was cut back).
+    #[error("the anchored event is past the end of the chain")]
+    AnchorPastEnd,
+    /// An anchor names a position before 1, or one already verified;
+    /// anchors must be supplied before their events.
+    #[error("the anchor is out of order")]
+    AnchorOutOfOrder,
     /// The public key is not a valid P-256 point, so no checkpoint can be
     /// verified.
     #[error("the audit public key is invalid")]

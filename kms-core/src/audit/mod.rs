@@ -45,9 +45,11 @@
 //! alone: deleting that tail, or rewriting it and recomputing its hashes,
 //! leaves a chain that verifies; nor can a deleted checkpoint be told from
 //! one never written. Only an external anchor closes that gap (the last
-//! checkpoint copied to a log, a ticket or another system): the
-//! [`VerifyReport`] names the last verified checkpoint and the events after
-//! it, to compare with such an anchor. Writers keep the gap small by signing
+//! checkpoint or head copied to a log, a ticket or another system): the
+//! [`VerifyReport`] names the head and the last verified checkpoint, and
+//! [`ChainVerifier::expect_anchors`] (or the `anchors` of
+//! [`verify_stored_chain`]) requires a chain to still pass through such
+//! copies ([`Anchor`]). Writers keep the gap small by signing
 //! a checkpoint with every group commit.
 //!
 //! The public key must come from a trusted source: the instance's wrapped
@@ -82,4 +84,4 @@ pub use self::signing::{
     checkpoint_message, verify_checkpoint,
 };
 pub use self::stored::{VerifyStoredError, verify_stored_chain};
-pub use self::verify::{ChainVerifier, VerifyReport, verify_chain};
+pub use self::verify::{Anchor, ChainVerifier, VerifyReport, verify_chain};

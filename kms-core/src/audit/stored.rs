@@ -2,7 +2,7 @@
 
 use super::error::ChainBreak;
 use super::signing::AuditVerifyingKey;
-use super::verify::{ChainVerifier, VerifyReport};
+use super::verify::{Anchor, ChainVerifier, VerifyReport};
 use crate::store::{KeyStore, StoreError};
 
 /// Verifying a stored chain failed.
@@ -20,15 +20,18 @@ pub enum VerifyStoredError {
 /// Verifies `instance`'s whole chain in `store`, reading at most `page`
 /// events or checkpoints at a time, so memory stays bounded however long
 /// the chain is. `key` must come from a trusted source (see the
-/// [module docs](super)).
+/// [module docs](super)). The chain must pass through every one of
+/// `anchors` ([`ChainVerifier::expect_anchors`]).
 pub async fn verify_stored_chain(
     store: &dyn KeyStore,
     instance: &str,
     key: AuditVerifyingKey,
+    anchors: &[Anchor],
     page: u32,
 ) -> Result<VerifyReport, VerifyStoredError> {
     let page = page.max(1);
     let mut verifier = ChainVerifier::new(instance, key);
+    verifier.expect_anchors(anchors)?;
     // Highest checkpoint sequence number fetched so far; `None` once all are.
     let mut checkpoints_after = Some(0);
     loop {

@@ -20,6 +20,8 @@ pub struct VerifyReport {
     pub events: u64,
     /// Checkpoints verified.
     pub checkpoints: u64,
+    /// Anchors the chain passed through ([`ChainVerifier::expect_anchors`]).
+    pub anchors: u64,
     /// Sequence number of the last event (`0`: no events).
     pub head_seq: i64,
     /// Hash of the last event ([`GENESIS_HASH`] when there are none).
@@ -37,8 +39,22 @@ impl VerifyReport {
     }
 }
 
+/// Where a chain stood when someone looked, kept outside the keystore (a
+/// WORM bucket, a SIEM, a ticket): the event at `seq` had `hash`. Since
+/// each event's hash covers every event before it, a chain that still has
+/// that hash there has the same events up to there; one that ends before
+/// `seq` was cut back. This is what closes the gap the module docs leave
+/// open after the last checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Anchor {
+    /// Sequence number of the anchored event (from 1).
+    pub seq: i64,
+    /// That event's hash.
+    pub hash: [u8; HASH_LEN],
+}
+
 /// Verifies one instance's chain incrementally, holding only its head and
-/// the checkpoints not yet reached.
+/// the checkpoints and anchors not yet reached.
 ///
 /// Feed checkpoints in ascending order and each one **before** the event it
 /// covers ([`ChainVerifier::push_checkpoints`]), the events in ascending
@@ -53,8 +69,11 @@ pub struct ChainVerifier {
     seq: i64,
     hash: [u8; HASH_LEN],
     pending: VecDeque<CheckpointRow>,
+    /// Ascending, each after the head.
+    anchors: VecDeque<Anchor>,
     events: u64,
     checkpoints: u64,
+    anchors_matched: u64,
     last_checkpoint: Option<i64>,
     broken: Option<ChainBreak>,
 }
@@ -68,8 +87,10 @@ impl ChainVerifier {
             seq: 0,
             hash: GENESIS_HASH,
             pending: VecDeque::new(),
+            anchors: VecDeque::new(),
             events: 0,
             checkpoints: 0,
+            anchors_matched: 0,
             last_checkpoint: None,
             broken: None,
         }
@@ -127,6 +148,31 @@ impl ChainVerifier {
         })
     }
 
+    /// Requires the chain to pass through each of `anchors` (in any order;
+    /// repeats count once): the event at an anchor's position must have its
+    /// hash, and [`finish`](Self::finish) fails if the chain ends before an
+    /// anchor. Give anchors before the events they name; two anchors that
+    /// disagree on one position break the chain there.
+    pub fn expect_anchors(&mut self, anchors: &[Anchor]) -> Result<(), ChainBreak> {
+        self.guard(|v| {
+            let mut all: Vec<Anchor> = v.anchors.drain(..).chain(anchors.iter().copied()).collect();
+            all.sort_unstable();
+            all.dedup();
+            if let Some(seq) = all
+                .iter()
+                .zip(all.iter().skip(1))
+                .find_map(|(a, b)| (a.seq == b.seq).then_some(a.seq))
+            {
+                return Err((seq, BreakReason::AnchorMismatch));
+            }
+            if let Some(first) = all.first().filter(|a| a.seq <= v.seq || a.seq < 1) {
+                return Err((first.seq, BreakReason::AnchorOutOfOrder));
+            }
+            v.anchors = all.into();
+            Ok(())
+        })
+    }
+
     /// Verifies events in ascending order.
     pub fn push_rows(&mut self, rows: &[AuditRow]) -> Result<(), ChainBreak> {
         for row in rows {
@@ -155,6 +201,13 @@ impl ChainVerifier {
                 return Err((expected, reason));
             }
             let (_, hash) = check_row(row).map_err(|reason| (expected, reason))?;
+            if let Some(anchor) = v.anchors.front().filter(|a| a.seq == expected) {
+                if anchor.hash != hash {
+                    return Err((expected, BreakReason::AnchorMismatch));
+                }
+                v.anchors.pop_front();
+                v.anchors_matched += 1;
+            }
             v.seq = expected;
             v.hash = hash;
             v.events += 1;
@@ -186,10 +239,14 @@ impl ChainVerifier {
                 BreakReason::CheckpointPastEnd,
             ));
         }
+        if let Some(anchor) = self.anchors.front() {
+            return Err(ChainBreak::new(&self.instance, anchor.seq, BreakReason::AnchorPastEnd));
+        }
         Ok(VerifyReport {
             instance: self.instance,
             events: self.events,
             checkpoints: self.checkpoints,
+            anchors: self.anchors_matched,
             head_seq: self.seq,
             head_hash: self.hash,
             last_checkpoint: self.last_checkpoint,

@@ -268,7 +268,7 @@ pub(crate) async fn chains_of_several_replicas_verify_together(f: Fixture) {
     let reader = f.open().await;
     for writer in writers {
         let (instance, signer) = writer.await.unwrap();
-        let report = verify_stored_chain(reader.as_ref(), instance, signer.verifying_key(), 7)
+        let report = verify_stored_chain(reader.as_ref(), instance, signer.verifying_key(), &[], 7)
             .await
             .unwrap();
         assert_eq!((report.events, report.checkpoints, report.head_seq), (50, 5, 50), "{instance}");

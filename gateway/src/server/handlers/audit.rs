@@ -6,14 +6,16 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::Response;
 use axum::{Extension, Json};
-use kms_core::audit::{AuditEvent, AuditSigner, Outcome, verify_stored_chain};
+use std::collections::BTreeMap;
+
+use kms_core::audit::{Anchor, AuditEvent, AuditSigner, BreakReason, Outcome, verify_stored_chain};
 use serde_json::{Value, json};
 
 use super::ApiJson;
 use crate::error::ApiError;
 use crate::extract::ApiQuery;
 use crate::policy::Role;
-use crate::server::api::{AuditQuery, Recorded, ReportedEvents};
+use crate::server::api::{AuditQuery, Recorded, ReportedEvents, VerifyRequest};
 use crate::server::{AppState, Caller};
 
 /// Verification reads the chain this many rows at a time.
@@ -178,48 +180,86 @@ pub(crate) async fn verify(
     Extension(caller): Extension<Caller>,
 ) -> Result<Json<Value>, ApiError> {
     state.authorize_global(&caller, &[Role::Auditor], "verify the audit log").await?;
+    verify_chains(&state, &BTreeMap::new()).await.map(Json)
+}
+
+/// `POST /v1/audit/verify`: verifies as `GET` does, and requires each
+/// chain to still pass through the anchors given (taken earlier from a
+/// report's `head_seq` and `head_hash`, and kept outside the keystore): a
+/// chain cut back or rewritten after its last checkpoint verifies alone,
+/// but not through an anchor taken before.
+#[utoipa::path(
+    post,
+    path = "/v1/audit/verify",
+    tag = "audit",
+    request_body = VerifyRequest,
+    responses(
+        (status = 200, description = "`{ok: true, instances}` or `{ok: false, instances, first_break: {instance, position, reason}}`; an anchor whose instance has no chain any more breaks at the anchor", body = crate::server::api::VerifyReport),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
+pub(crate) async fn verify_anchored(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ApiJson(body): ApiJson<VerifyRequest>,
+) -> Result<Json<Value>, ApiError> {
+    state.authorize_global(&caller, &[Role::Auditor], "verify the audit log").await?;
+    let anchors = body.anchors_by_instance()?;
+    verify_chains(&state, &anchors).await.map(Json)
+}
+
+/// Verifies every stored chain, each through its `anchors`; anchors of an
+/// instance with no chain stored break at the first of them.
+async fn verify_chains(
+    state: &AppState,
+    anchors: &BTreeMap<String, Vec<Anchor>>,
+) -> Result<Value, ApiError> {
     let store = state.hierarchy.store();
     let instances = store.audit_instances().await.map_err(|e| crate::error::store_error(&e))?;
     let mut reports = Vec::new();
-    for instance in instances {
+    for instance in &instances {
         // The public key is taken from the wrapped signing key (only the
         // master key can have made it), not from the stored copy.
         let Some(record) =
-            store.audit_signing_key(&instance).await.map_err(|e| crate::error::store_error(&e))?
+            store.audit_signing_key(instance).await.map_err(|e| crate::error::store_error(&e))?
         else {
-            return Ok(Json(broken(
-                &instance,
-                0,
-                "no signing key is stored for this instance",
-                reports,
-            )));
+            return Ok(broken(instance, 0, "no signing key is stored for this instance", reports));
         };
         let root = state.hierarchy.master(record.master).await?;
-        let key = match root.unwrap(&record.wrapped, &AuditSigner::wrap_context(&instance)).await {
+        let key = match root.unwrap(&record.wrapped, &AuditSigner::wrap_context(instance)).await {
             Ok(key) => key,
             Err(e) => {
                 tracing::error!(error = %e, instance, "cannot unwrap an audit signing key");
-                return Ok(Json(broken(
-                    &instance,
+                return Ok(broken(
+                    instance,
                     0,
                     "the signing key does not unwrap under the master key",
                     reports,
-                )));
+                ));
             }
         };
         let signer = AuditSigner::from_key(&key).map_err(|e| crate::error::internal(&e))?;
-        match verify_stored_chain(store.as_ref(), &instance, signer.verifying_key(), VERIFY_PAGE)
-            .await
-        {
+        let anchored = anchors.get(instance).map_or(&[][..], Vec::as_slice);
+        let verified = verify_stored_chain(
+            store.as_ref(),
+            instance,
+            signer.verifying_key(),
+            anchored,
+            VERIFY_PAGE,
+        )
+        .await;
+        match verified {
             Ok(report) => reports.push(json!({
                 "instance": report.instance,
                 "events": report.events,
                 "checkpoints": report.checkpoints,
                 "head_seq": report.head_seq,
+                "head_hash": data_encoding::HEXLOWER.encode(&report.head_hash),
                 "last_checkpoint": report.last_checkpoint,
+                "anchors": report.anchors,
             })),
             Err(kms_core::audit::VerifyStoredError::Broken(b)) => {
-                return Ok(Json(broken(&instance, b.position, &b.reason.to_string(), reports)));
+                return Ok(broken(instance, b.position, &b.reason.to_string(), reports));
             }
             Err(kms_core::audit::VerifyStoredError::Store(e)) => {
                 return Err(crate::error::store_error(&e));
@@ -227,7 +267,20 @@ pub(crate) async fn verify(
             Err(e) => return Err(crate::error::internal(&e)),
         }
     }
-    Ok(Json(json!({ "ok": true, "instances": reports })))
+    for (instance, anchored) in anchors {
+        if let Some(first) =
+            anchored.iter().map(|a| a.seq).min().filter(|_| !instances.contains(instance))
+        {
+            let reason = BreakReason::AnchorPastEnd.to_string();
+            return Ok(broken(
+                instance,
+                first,
+                &format!("{reason} (no chain is stored for this instance)"),
+                reports,
+            ));
+        }
+    }
+    Ok(json!({ "ok": true, "instances": reports }))
 }
 
 fn broken(instance: &str, position: i64, reason: &str, verified: Vec<Value>) -> Value {
