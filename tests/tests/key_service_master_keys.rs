@@ -69,14 +69,56 @@ async fn master_key_in_aws_kms() {
         moto::REGION,
         kms.endpoint()
     );
+    // Endpoints from the environment (or a profile) never replace the
+    // configured one, which alone passed the endpoint checks and the trust
+    // list: here they lead nowhere.
     let env = [
         ("AWS_ACCESS_KEY_ID", moto::ACCESS_KEY_ID),
         ("AWS_SECRET_ACCESS_KEY", moto::SECRET_ACCESS_KEY),
         ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
+        ("AWS_ENDPOINT_URL_KMS", "http://127.0.0.1:9"),
     ];
     let mut ks = KeyService::start_with_root(dir.path(), "[log]\nlevel = \"debug\"\n", &root, &env);
     issue_restart_unwrap(&mut ks, "aws-kms").await;
     assert!(!ks.log().contains(moto::SECRET_ACCESS_KEY), "the AWS secret never reaches the log");
+}
+
+/// Only the configured endpoint (or, without one, AWS's own) passed the
+/// endpoint checks and `[trusted_masters]`: an endpoint from the
+/// environment is never used instead, so this KMS, reachable only through
+/// one, is never reached.
+#[tokio::test(flavor = "multi_thread")]
+async fn endpoints_from_the_environment_are_never_used() {
+    let kms = MotoServer::start();
+    let key = kms.create_key().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("keygate.toml");
+    std::fs::write(dir.path().join("policy.toml"), "").unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n[tls]\ncert = \"x\"\nkey = \"x\"\n\
+             client_ca = \"x\"\n[policy]\nfile = \"policy.toml\"\n[root]\nprovider = \"aws_kms\"\n\
+             region = \"{}\"\nkey_id = \"{key}\"\ntimeout_ms = 500\n",
+            moto::REGION
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(keygate_binary())
+        .args(["server", "--config"])
+        .arg(&config)
+        .env("AWS_ACCESS_KEY_ID", moto::ACCESS_KEY_ID)
+        .env("AWS_SECRET_ACCESS_KEY", moto::SECRET_ACCESS_KEY)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_ENDPOINT_URL", kms.endpoint())
+        .env("AWS_ENDPOINT_URL_KMS", kms.endpoint())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "reached the KMS through the environment's endpoint");
+    assert!(stderr.contains("root key (aws-kms)"), "{stderr}");
+    assert!(!stderr.contains(&kms.endpoint()), "{stderr}");
 }
 
 #[test]

@@ -101,16 +101,17 @@ fn check_endpoint(url: &str) -> Result<(), AwsKmsError> {
     let invalid = |reason: &str| AwsKmsError::InvalidConfig {
         reason: format!("endpoint URL {:?}: {reason}", endpoint_without_userinfo(url)),
     };
+    // AWS KMS authenticates requests with SigV4, never with userinfo; a
+    // user or password here is a mistake at best, and it would show in
+    // errors and logs. Refused wherever the `@` is: a password holding `/`,
+    // `?` or `#` would move it out of what a parser takes as the authority.
+    if url.contains('@') {
+        return Err(invalid("a user or password in the endpoint URL is not allowed"));
+    }
     let uri: http::Uri = url.parse().map_err(|_| invalid("not a URL"))?;
     let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
         return Err(invalid("not a URL"));
     };
-    // AWS KMS authenticates requests with SigV4, never with userinfo; a
-    // user or password here is a mistake at best, and it would show in
-    // errors and logs.
-    if authority.as_str().contains('@') {
-        return Err(invalid("a user or password in the endpoint URL is not allowed"));
-    }
     let host = authority.host();
     if host.is_empty() {
         return Err(invalid("no host"));
@@ -132,14 +133,15 @@ fn check_endpoint(url: &str) -> Result<(), AwsKmsError> {
     }
 }
 
-/// `url` as errors, logs and the audit log may show it: a user or password
-/// in its authority is left out.
+/// `url` as errors, logs and the audit log may show it: with an `@` in it,
+/// everything before the last one is left out (a user, a password, and
+/// whatever a password holding `/` or `?` would drag along).
 pub fn endpoint_without_userinfo(url: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let (authority, path) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
-    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
-    let separator = if scheme.is_empty() { "" } else { "://" };
-    format!("{scheme}{separator}{host}{path}")
+    let Some((before, after)) = url.rsplit_once('@') else { return url.to_owned() };
+    match before.split_once("://") {
+        Some((scheme, _)) if !scheme.contains(['/', '?', '#']) => format!("{scheme}://{after}"),
+        _ => after.to_owned(),
+    }
 }
 
 /// `host` as [`http::uri::Authority::host`] gives it (an IPv6 address in

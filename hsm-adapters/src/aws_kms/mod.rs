@@ -120,13 +120,16 @@ impl AwsKmsRootKey {
                     .with_initial_backoff(config.initial_backoff)
                     .with_max_backoff(AwsKmsConfig::MAX_BACKOFF),
             );
-        if let Some(url) = &config.endpoint_url {
-            loader = loader.endpoint_url(url);
-        }
         if let Some(credentials) = credentials {
             loader = loader.credentials_provider(credentials);
         }
-        let client = Client::new(&loader.load().await);
+        // The configured endpoint, or AWS's own for the region, and never
+        // one from AWS_ENDPOINT_URL(_KMS) or a profile's endpoint_url, which
+        // the SDK would otherwise use: only the configured one passed
+        // `check_endpoint` and the key service's [trusted_masters].
+        let mut kms = aws_sdk_kms::config::Builder::from(&loader.load().await);
+        kms.set_endpoint_url(config.endpoint_url.clone());
+        let client = Client::from_conf(kms.build());
         let endpoint = config
             .endpoint_url
             .clone()

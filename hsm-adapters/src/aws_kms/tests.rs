@@ -54,6 +54,11 @@ fn endpoint_errors_never_show_a_password() {
         "https://user:s3cret@kms.eu-west-1.amazonaws.com/",
         "http://admin:s3cret@10.0.0.5:4566",
         "ftp://user:s3cret@127.0.0.1?x#y",
+        // A password with `/`, `?` or `#` would end the authority early.
+        "https://user:s3cret?x@kms.example/",
+        "https://user:s3cret/x@kms.example/",
+        "https://user:s3cret#x@kms.example/",
+        "https://user:p@s3cret@kms.example/",
     ] {
         let Err(AwsKmsError::InvalidConfig { reason }) = config(url).validate() else {
             panic!("{url} accepted");
@@ -61,12 +66,12 @@ fn endpoint_errors_never_show_a_password() {
         assert!(!reason.contains("s3cret") && !reason.contains("user:"), "{reason}");
         assert!(reason.contains("user or password"), "{reason}");
     }
-    assert_eq!(
-        endpoint_without_userinfo("https://user:pw@kms.example:443/p?q#f"),
-        "https://kms.example:443/p?q#f"
-    );
-    assert_eq!(endpoint_without_userinfo("http://[::1]:4566/"), "http://[::1]:4566/");
-    assert_eq!(endpoint_without_userinfo("kms.example@x"), "x");
+    let shown = |url| endpoint_without_userinfo(url);
+    assert_eq!(shown("https://user:pw@kms.example:443/p?q#f"), "https://kms.example:443/p?q#f");
+    assert_eq!(shown("https://u:s3cret?x@kms.example/"), "https://kms.example/");
+    assert_eq!(shown("https://u:p@ss@kms.example"), "https://kms.example");
+    assert_eq!(shown("http://[::1]:4566/"), "http://[::1]:4566/");
+    assert_eq!(shown("u:s3cret@kms.example"), "kms.example");
 }
 
 #[test]
@@ -89,6 +94,9 @@ fn config_is_validated() {
     assert!(!ok("http://user@127.0.0.1:4566"));
     assert!(!ok("https://user:pw@kms.eu-west-1.amazonaws.com"));
     assert!(!ok("http://[::2]:4566"));
+    assert!(ok("HTTP://127.0.0.1:4566"), "schemes are case-insensitive");
+    assert!(!ok("http://localhost.:4566"), "not the name localhost");
+    assert!(!ok("http://[::ffff:127.0.0.1]:4566"), "a mapped address is not loopback to Rust");
     assert!(AwsKmsConfig::new("eu-west-1", "k").validate().is_ok());
 
     let invalid = |adjust: fn(&mut AwsKmsConfig)| {
