@@ -427,6 +427,7 @@ pub fn audit_chain(data: &[u8]) {
         let reaches = rows.len() > at;
         match through(held) {
             Ok(report) => {
+                assert!(reaches, "verified through an anchor past its end: {report:?}");
                 assert!(is_original_prefix(rows.get(..=at).unwrap_or_default(), 0), "{report:?}");
                 assert_eq!(report.anchors, 1);
             }

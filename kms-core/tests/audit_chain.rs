@@ -74,18 +74,36 @@ async fn all_rows(store: &SqliteStore) -> Vec<AuditRow> {
     store.audit_rows(INSTANCE, 0, 10_000).await.unwrap()
 }
 
-/// Verifies both ways (everything in memory, and streamed from the store
-/// in pages of 7) and checks they agree.
+/// Verifies three ways (`verify_chain` on everything in memory, a
+/// `ChainVerifier` fed by hand, and streamed from the store in pages of 7)
+/// and checks they agree.
 async fn verify(f: &Fixture) -> Result<VerifyReport, ChainBreak> {
+    let result = verify_anchored(f, &[]).await;
     let rows = all_rows(&f.store).await;
     let checkpoints = f.store.audit_checkpoints(INSTANCE, 0, 10_000).await.unwrap();
     let in_memory = verify_chain(INSTANCE, &rows, &checkpoints, &f.signer.public_key_sec1());
-    let streamed =
-        match verify_stored_chain(&f.store, INSTANCE, f.signer.verifying_key(), &[], 7).await {
-            Ok(report) => Ok(report),
-            Err(VerifyStoredError::Broken(broken)) => Err(broken),
-            Err(e) => panic!("store failed: {e}"),
-        };
+    assert_eq!(in_memory, result);
+    result
+}
+
+/// Verifies under `anchors` both ways (a `ChainVerifier` fed everything in
+/// memory, and streamed from the store in pages of 7) and checks they
+/// agree.
+async fn verify_anchored(f: &Fixture, anchors: &[Anchor]) -> Result<VerifyReport, ChainBreak> {
+    let rows = all_rows(&f.store).await;
+    let checkpoints = f.store.audit_checkpoints(INSTANCE, 0, 10_000).await.unwrap();
+    let mut verifier = ChainVerifier::new(INSTANCE, f.signer.verifying_key());
+    let in_memory = verifier
+        .expect_anchors(anchors)
+        .and_then(|()| verifier.push_checkpoints(&checkpoints))
+        .and_then(|()| verifier.push_rows(&rows))
+        .and_then(|()| verifier.finish());
+    let key = f.signer.verifying_key();
+    let streamed = match verify_stored_chain(&f.store, INSTANCE, key, anchors, 7).await {
+        Ok(report) => Ok(report),
+        Err(VerifyStoredError::Broken(broken)) => Err(broken),
+        Err(e) => panic!("store failed: {e}"),
+    };
     assert_eq!(in_memory, streamed);
     in_memory
 }
@@ -272,27 +290,6 @@ async fn truncation_is_caught_up_to_the_last_checkpoint_only() {
     assert_breaks(verify(&f).await, 10, BreakReason::CheckpointPastEnd);
 }
 
-/// Verifies under `anchors` both ways (in memory, and streamed from the
-/// store in pages of 7) and checks they agree.
-async fn verify_anchored(f: &Fixture, anchors: &[Anchor]) -> Result<VerifyReport, ChainBreak> {
-    let rows = all_rows(&f.store).await;
-    let checkpoints = f.store.audit_checkpoints(INSTANCE, 0, 10_000).await.unwrap();
-    let mut verifier = ChainVerifier::new(INSTANCE, f.signer.verifying_key());
-    let in_memory = verifier
-        .expect_anchors(anchors)
-        .and_then(|()| verifier.push_checkpoints(&checkpoints))
-        .and_then(|()| verifier.push_rows(&rows))
-        .and_then(|()| verifier.finish());
-    let key = f.signer.verifying_key();
-    let streamed = match verify_stored_chain(&f.store, INSTANCE, key, anchors, 7).await {
-        Ok(report) => Ok(report),
-        Err(VerifyStoredError::Broken(broken)) => Err(broken),
-        Err(e) => panic!("store failed: {e}"),
-    };
-    assert_eq!(in_memory, streamed);
-    in_memory
-}
-
 #[tokio::test]
 async fn anchors_catch_a_cut_or_rewritten_tail_that_checkpoints_cannot() {
     let mut f = fixture().await;
@@ -338,6 +335,11 @@ async fn anchors_that_cannot_hold_are_refused() {
         BreakReason::AnchorOutOfOrder,
     );
     assert_breaks(verify_anchored(&f, &[at(7, 9)]).await, 7, BreakReason::AnchorMismatch);
+    // Anchors given in two calls are held together.
+    let mut verifier = ChainVerifier::new(INSTANCE, f.signer.verifying_key());
+    verifier.expect_anchors(&[at(9, 1)]).unwrap();
+    let conflict = verifier.expect_anchors(&[at(9, 2)]).unwrap_err();
+    assert_eq!((conflict.position, conflict.reason), (9, BreakReason::AnchorMismatch));
     // Anchors come before their events.
     let rows = all_rows(&f.store).await;
     let mut verifier = ChainVerifier::new(INSTANCE, f.signer.verifying_key());

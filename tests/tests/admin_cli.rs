@@ -298,7 +298,7 @@ async fn audit_verify_and_export() {
     std::fs::write(&file, format!("{anchor}\n\n{anchor}\n")).unwrap();
     let file_arg = file.to_str().unwrap();
     let through = admin.run(&["audit", "verify", "--anchors", file_arg]);
-    assert!(through.ok().stdout.contains("through 1 distinct anchor(s)"), "{}", through.stdout);
+    assert!(through.ok().stdout.contains("through 1 anchor(s)"), "{}", through.stdout);
     std::fs::write(&file, format!("{anchor}\n{{\"instance\": \"ks-test\"}}\n")).unwrap();
     let malformed = admin.run(&["audit", "verify", "--anchors", file_arg]);
     assert!(malformed.fails(2).contains("line 2: not an anchor"), "{}", malformed.stderr);

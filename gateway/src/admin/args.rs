@@ -266,8 +266,9 @@ pub enum MasterCommand {
     /// than when the wait after its last failed attempt ends (up to 15
     /// minutes): for after the master's settings were put right (a PIN file
     /// rewritten, an HSM back). Only the instance that answers stops
-    /// waiting; with several replicas, run it against each (--url). A
-    /// failed attempt counts like any other, so do not loop it.
+    /// waiting; with several replicas, run it against each (--url). After
+    /// an attempt that fails, the next one waits (30 s, doubling while they
+    /// keep failing), so that repeating it cannot lock an HSM user out.
     ///
     /// Example: keygate admin master connect 2
     Connect {
@@ -379,8 +380,9 @@ pub enum AuditCommand {
     ///
     /// Example: keygate admin audit verify --anchors /mnt/worm/keygate-anchors.jsonl
     Verify {
-        /// JSON lines from `keygate admin audit anchor` (other fields on a
-        /// line are ignored; at most 10,000 lines).
+        /// JSON lines from `keygate admin audit anchor` (blank lines and
+        /// other fields are ignored, repeats are checked once; at most 256
+        /// MiB). Every 50,000 anchors take one more pass over the chains.
         #[arg(long, value_name = "FILE")]
         anchors: Option<PathBuf>,
     },

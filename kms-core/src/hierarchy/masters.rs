@@ -115,10 +115,24 @@ struct Failure {
     settings: Settings,
     /// Failures in a row.
     count: u32,
+    /// Until then, requests do not try.
     until: Instant,
+    /// Failed forced attempts in a row ([`Masters::connect_now`]).
+    forced: u32,
+    /// Until then, forced attempts do not try either (`None`: one may).
+    forced_until: Option<Instant>,
     retryable: bool,
     /// The last error's detail (never a secret).
     detail: String,
+}
+
+/// Who asks for a connection, and so which wait applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    /// A request that needs the master.
+    Request,
+    /// Someone who put the settings right ([`Masters::connect_now`]).
+    Forced,
 }
 
 /// How this instance stands with a master key.
@@ -126,7 +140,8 @@ struct Failure {
 pub enum MasterConnection {
     /// Connected (the configured root, or a master reached since start).
     Connected,
-    /// Not tried since start: no key under it was needed.
+    /// Not tried since start (no key under it was needed), or not with
+    /// the settings the keystore records now.
     NotTried,
     /// The last attempt to connect failed.
     Failing {
@@ -183,6 +198,30 @@ impl Masters {
         store: &dyn KeyStore,
         id: MasterKeyId,
     ) -> Result<Arc<dyn RootKeyProvider>, HierarchyError> {
+        self.reach(store, id, Attempt::Request).await
+    }
+
+    /// The provider of master `id`, connecting to it now even in the wait
+    /// after a failed attempt: for someone who has put its settings right
+    /// (a PIN file rewritten, an HSM back) and will not wait up to
+    /// [`ConnectBackoff::persistent_ceiling`]. Such attempts have a wait of
+    /// their own after each that fails (the same schedule, counted on them
+    /// alone), so that a script repeating them cannot lock an HSM user out;
+    /// a failure also counts as one more in a row for requests.
+    pub(super) async fn connect_now(
+        &self,
+        store: &dyn KeyStore,
+        id: MasterKeyId,
+    ) -> Result<Arc<dyn RootKeyProvider>, HierarchyError> {
+        self.reach(store, id, Attempt::Forced).await
+    }
+
+    async fn reach(
+        &self,
+        store: &dyn KeyStore,
+        id: MasterKeyId,
+        attempt: Attempt,
+    ) -> Result<Arc<dyn RootKeyProvider>, HierarchyError> {
         if let Some(provider) = self.cached(id) {
             return Ok(provider);
         }
@@ -191,9 +230,11 @@ impl Masters {
         };
         // In a wait, answer at once rather than queue behind another
         // master's connection attempt; once in line, look again (at the
-        // settings as they are then: a rotation may have recorded new ones).
+        // settings as they are then: a rotation may have recorded new ones;
+        // and an attempt that failed while this one queued starts a wait).
         let failed_before = self.failures().contains_key(&id);
-        if failed_before && let Some(waiting) = self.still_waiting(&Self::record(store, id).await?)
+        if failed_before
+            && let Some(waiting) = self.still_waiting(&Self::record(store, id).await?, attempt)
         {
             return Err(waiting.into());
         }
@@ -202,50 +243,17 @@ impl Masters {
             return Ok(provider);
         }
         let record = Self::record(store, id).await?;
-        if let Some(waiting) = self.still_waiting(&record) {
+        if let Some(waiting) = self.still_waiting(&record, attempt) {
             return Err(waiting.into());
         }
-        self.attempt(connector.as_ref(), &record).await
-    }
-
-    /// The provider of master `id`, connecting to it now even in the wait
-    /// after a failed attempt: for someone who has put its settings right
-    /// (a PIN file rewritten, an HSM back) and will not wait up to
-    /// [`ConnectBackoff::persistent_ceiling`]. A failure counts as one more
-    /// in a row. Attempts still go one at a time.
-    pub(super) async fn connect_now(
-        &self,
-        store: &dyn KeyStore,
-        id: MasterKeyId,
-    ) -> Result<Arc<dyn RootKeyProvider>, HierarchyError> {
-        if let Some(provider) = self.cached(id) {
-            return Ok(provider);
-        }
-        let Some(connector) = &self.connector else {
-            return Err(HierarchyError::ForeignMaster(id.0));
-        };
-        let _one_at_a_time = self.connecting.lock().await;
-        if let Some(provider) = self.cached(id) {
-            return Ok(provider);
-        }
-        let record = Self::record(store, id).await?;
-        self.attempt(connector.as_ref(), &record).await
-    }
-
-    /// One connection attempt, remembered either way.
-    async fn attempt(
-        &self,
-        connector: &dyn MasterConnector,
-        record: &MasterRecord,
-    ) -> Result<Arc<dyn RootKeyProvider>, HierarchyError> {
-        match connector.connect(record).await {
+        match connector.connect(&record).await {
             Ok(provider) => {
-                tracing::info!(master = record.id.0, provider = %provider.describe(), "connected to master key");
-                self.insert(record.id, provider.clone());
+                tracing::info!(master = id.0, provider = %provider.describe(), "connected to master key");
+                self.insert(id, provider.clone());
                 Ok(provider)
             }
             Err(e) => {
-                self.remember_failure(record, &e);
+                self.remember_failure(&record, &e, attempt);
                 Err(e.into())
             }
         }
@@ -271,16 +279,19 @@ impl Masters {
     }
 
     /// The error to answer with instead of trying again, while the last
-    /// failure's wait lasts and the keystore still records the master as
-    /// it did then.
-    fn still_waiting(&self, record: &MasterRecord) -> Option<RootKeyError> {
+    /// failure's wait (for requests, or for forced attempts) lasts and the
+    /// keystore still records the master as it did then.
+    fn still_waiting(&self, record: &MasterRecord, attempt: Attempt) -> Option<RootKeyError> {
         let failures = self.failures();
         let failure = failures.get(&record.id).filter(|f| f.settings.are_those_of(record))?;
-        let left = failure.until.checked_duration_since(Instant::now())?;
+        let (until, count, what) = match attempt {
+            Attempt::Request => (failure.until, failure.count, "failed attempt(s)"),
+            Attempt::Forced => (failure.forced_until?, failure.forced, "failed forced attempt(s)"),
+        };
+        let left = until.checked_duration_since(Instant::now())?;
         let detail = format!(
-            "not tried again for another {} s after {} failed attempt(s) in a row; the last: {}",
+            "not tried again for another {} s after {count} {what} in a row; the last: {}",
             left.as_secs().max(1),
-            failure.count,
             failure.detail
         );
         let provider = "recorded master";
@@ -291,13 +302,21 @@ impl Masters {
         })
     }
 
-    fn remember_failure(&self, record: &MasterRecord, error: &RootKeyError) {
+    fn remember_failure(&self, record: &MasterRecord, error: &RootKeyError, attempt: Attempt) {
         let mut failures = self.failures();
         let id = record.id;
         // New settings start a new series.
         let same = failures.get(&id).filter(|f| f.settings.are_those_of(record));
-        let before = same.map_or(0, |f| f.count);
-        let count = before.saturating_add(1);
+        let count = same.map_or(0, |f| f.count).saturating_add(1);
+        let forced_before = same.map_or(0, |f| f.forced);
+        let (forced, forced_until) = match attempt {
+            Attempt::Request => (forced_before, same.and_then(|f| f.forced_until)),
+            Attempt::Forced => {
+                let forced = forced_before.saturating_add(1);
+                let wait = self.backoff.wait(error.is_retryable(), forced);
+                (forced, Some(Instant::now() + wait))
+            }
+        };
         let retryable = error.is_retryable();
         let wait = self.backoff.wait(retryable, count);
         tracing::warn!(
@@ -314,24 +333,22 @@ impl Masters {
         };
         let until = Instant::now() + wait;
         let settings = Settings::of(record);
-        failures.insert(id, Failure { settings, count, until, retryable, detail });
+        failures.insert(
+            id,
+            Failure { settings, count, until, forced, forced_until, retryable, detail },
+        );
     }
 
     /// How this instance stands with `master` as the keystore records it
-    /// now: after a failure with settings recorded since, the next request
-    /// tries at once.
+    /// now: settings recorded since the last failure are not tried yet.
     pub(super) fn connection(&self, master: &MasterRecord) -> MasterConnection {
         if self.cached(master.id).is_some() {
             return MasterConnection::Connected;
         }
-        match self.failures().get(&master.id) {
+        match self.failures().get(&master.id).filter(|f| f.settings.are_those_of(master)) {
             Some(failure) => MasterConnection::Failing {
                 failures: failure.count,
-                retry_in: if failure.settings.are_those_of(master) {
-                    failure.until.saturating_duration_since(Instant::now())
-                } else {
-                    Duration::ZERO
-                },
+                retry_in: failure.until.saturating_duration_since(Instant::now()),
                 last_error: failure.detail.clone(),
             },
             None => MasterConnection::NotTried,
@@ -527,11 +544,7 @@ mod tests {
         // New settings for the master (a new rotation recorded them) are
         // tried at once.
         store.set_master_config(id, r#"{"provider":"dev_local","key_file":"/k2"}"#).await.unwrap();
-        let MasterConnection::Failing { failures: 1, retry_in: Duration::ZERO, .. } =
-            connection(&masters, &store, id).await
-        else {
-            panic!("still waiting after new settings: {:?}", connection(&masters, &store, id).await)
-        };
+        assert_eq!(connection(&masters, &store, id).await, MasterConnection::NotTried);
         let provider = masters.get(&store, id).await.unwrap();
         assert_eq!(provider.describe().key_ref, "second");
         assert_eq!(connector.attempts(), 2);
@@ -591,33 +604,47 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn connecting_now_skips_the_wait_and_a_failure_counts() {
+    async fn a_forced_attempt_skips_the_wait_once_per_failure() {
         let Setup { _dir, store, id, connector, masters } =
-            setup([pin_rejected(), pin_rejected()], hours()).await;
+            setup([pin_rejected(), pin_rejected(), pin_rejected()], hours()).await;
         masters.get(&store, id).await.unwrap_err();
 
-        // Still wrong: one more failure in the series, and a longer wait
-        // for the requests.
-        let error = masters.connect_now(&store, id).await.unwrap_err();
-        assert!(error.to_string().contains("CKR_PIN_INCORRECT"), "{error}");
-        assert!(!error.to_string().contains("not tried again"), "{error}");
-        assert_eq!(connector.attempts(), 2);
+        // Still wrong: one login for two forced attempts at once (the one
+        // that queued sees the first fail), one more failure in a row.
+        let (a, b) = tokio::join!(masters.connect_now(&store, id), masters.connect_now(&store, id));
+        let errors = [a.unwrap_err().to_string(), b.unwrap_err().to_string()];
+        assert_eq!(connector.attempts(), 2, "{errors:?}");
+        assert!(errors.iter().all(|e| e.contains("CKR_PIN_INCORRECT")), "{errors:?}");
+        assert_eq!(errors.iter().filter(|e| e.contains("forced attempt")).count(), 1);
         let MasterConnection::Failing { failures: 2, retry_in, .. } =
             connection(&masters, &store, id).await
         else {
             panic!("{:?}", connection(&masters, &store, id).await)
         };
         assert!(retry_in > Duration::from_secs(3000), "{retry_in:?}");
-        masters.get(&store, id).await.unwrap_err();
-        assert_eq!(connector.attempts(), 2, "a request did not wait");
 
-        // Put right: connected at once, and kept.
-        let (a, b) = tokio::join!(masters.connect_now(&store, id), masters.connect_now(&store, id));
-        a.unwrap();
-        b.unwrap();
-        assert_eq!(connector.attempts(), 3, "two attempts for one connection");
+        // Requests keep their wait; forced attempts now have one too.
+        masters.get(&store, id).await.unwrap_err();
+        let again = masters.connect_now(&store, id).await.unwrap_err().to_string();
+        assert!(again.contains("1 failed forced attempt(s)"), "{again}");
+        assert_eq!(connector.attempts(), 2, "a wait was skipped");
+
+        // New settings: tried at once, by either.
+        store.set_master_config(id, r#"{"provider":"dev_local","key_file":"/k2"}"#).await.unwrap();
+        assert_eq!(connection(&masters, &store, id).await, MasterConnection::NotTried);
+        masters.connect_now(&store, id).await.unwrap_err();
+        assert_eq!(connector.attempts(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_forced_attempt_brings_a_master_back_at_once() {
+        let Setup { _dir, store, id, connector, masters } = setup([pin_rejected()], hours()).await;
+        masters.get(&store, id).await.unwrap_err();
+        masters.connect_now(&store, id).await.unwrap();
+        assert_eq!(connector.attempts(), 2);
         assert_eq!(connection(&masters, &store, id).await, MasterConnection::Connected);
         masters.get(&store, id).await.unwrap();
-        assert_eq!(connector.attempts(), 3);
+        masters.connect_now(&store, id).await.unwrap();
+        assert_eq!(connector.attempts(), 2, "connected once, then kept");
     }
 }
