@@ -17,6 +17,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use kms_core::store::{Durability, PgTarget};
+
 use crate::config::{RootConfig, ServerConfig};
 use crate::hygiene::Hygiene;
 use crate::policy::{Policy, PolicyHandle, Role};
@@ -51,6 +53,7 @@ pub mod hipaa {
 
 /// The rule that the master key is in an HSM or a KMS.
 const ROOT_KEY_RULE: &str = "root_key.hardware_backed";
+const AUDIT_DURABLE_RULE: &str = "audit.durable";
 
 /// Longest KEK auto-rotation period a production deployment may allow.
 pub const MAX_ROTATION_DAYS: u64 = 365;
@@ -210,7 +213,7 @@ pub fn server_report_with(
         hipaa::AUTHENTICATION,
         client_ca(&config.tls.client_ca),
     );
-    r.add("audit.durable", hipaa::AUDIT_CONTROLS, audit_durable(config));
+    r.add(AUDIT_DURABLE_RULE, hipaa::AUDIT_CONTROLS, audit_durable(config));
     r.add("integrity.audit_checkpoints", hipaa::INTEGRITY, checkpoints(config));
     r.add(
         "keys.rotation_period",
@@ -371,6 +374,23 @@ pub fn add_masters_in_use(report: &mut Report, in_use: &[(String, String)]) {
     }
 }
 
+/// Adds what the keystore itself says about its commits to the
+/// `audit.durable` check: settings of the server, the database, the role
+/// or `storage_url` that let an acknowledged commit (an audit event among
+/// them) be lost fail it, wherever they were made.
+pub fn add_keystore_durability(report: &mut Report, durability: &Durability) {
+    let Durability::Weakened(reason) = durability else { return };
+    let detail = format!("{reason}: audit events could be lost after they are acknowledged");
+    match report.checks.iter_mut().find(|c| c.rule == AUDIT_DURABLE_RULE) {
+        Some(check) if check.status == Status::Pass => {
+            check.status = Status::Fail;
+            check.detail = detail;
+        }
+        Some(_) => {}
+        None => report.add(AUDIT_DURABLE_RULE, hipaa::AUDIT_CONTROLS, Err(detail)),
+    }
+}
+
 /// Whether the profile allows `root` as a master key: the production
 /// profile refuses what `root_key.hardware_backed` fails (the reason).
 pub fn refused_root(profile: Profile, root: &RootConfig) -> Option<String> {
@@ -399,25 +419,19 @@ fn keystore_tls(config: &ServerConfig) -> Result<String, String> {
     let Some(url) = &config.storage_url else {
         return Ok("SQLite keystore on local disk (no network)".to_owned());
     };
-    let text = url.expose();
-    let host = text
-        .split_once("://")
-        .map(|(_, rest)| rest.rsplit_once('@').map_or(rest, |(_, h)| h))
-        .unwrap_or_default()
-        .split(['/', '?'])
-        .next()
-        .unwrap_or_default();
-    let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
-    let local = host.is_empty() || matches!(host, "localhost" | "127.0.0.1" | "[::1]");
-    let verified = ["sslmode=verify-full", "sslmode=verify-ca"].iter().any(|m| text.contains(m));
-    if verified {
+    // Judged as the store will connect, not by the text: a `host`
+    // parameter overrides the URL's host, the last `sslmode` wins, and a
+    // password may contain anything.
+    let target = PgTarget::of(url.expose()).map_err(|e| format!("keystore {url:?}: {e}"))?;
+    if target.verified_tls {
         Ok(format!("keystore {url:?} over TLS with a verified server certificate"))
-    } else if local {
-        Ok(format!("keystore {url:?} on this host (loopback or unix socket)"))
+    } else if target.local {
+        Ok(format!("keystore {url:?} on this host ({})", target.host))
     } else {
         Err(format!(
-            "keystore {url:?} is reached over the network without sslmode=verify-full \
-             (or verify-ca): wrapped keys and audit events would travel unprotected"
+            "keystore {url:?} is reached at {} over the network without sslmode=verify-full \
+             (or verify-ca): wrapped keys and audit events would travel unprotected",
+            target.host
         ))
     }
 }
@@ -439,18 +453,12 @@ fn client_ca(path: &Path) -> Result<String, String> {
 }
 
 fn audit_durable(config: &ServerConfig) -> Result<String, String> {
-    if let Some(url) = &config.storage_url {
-        let text = url.expose().to_ascii_lowercase().replace("%3d", "=");
-        for off in ["synchronous_commit=off", "synchronous_commit=local", "fsync=off"] {
-            if text.contains(off) {
-                return Err(format!(
-                    "storage_url sets {off}: audit events could be lost after they are \
-                     acknowledged"
-                ));
-            }
-        }
+    if config.storage_url.is_some() {
+        // What the server runs with is asked of it once connected
+        // (`add_keystore_durability`): the URL is only one of the places
+        // that can weaken a commit.
         return Ok("every key operation's event is committed to PostgreSQL before its result \
-                   leaves (fail closed)"
+                   leaves (fail closed), with synchronous_commit and fsync on"
             .to_owned());
     }
     let dir = &config.data_dir;

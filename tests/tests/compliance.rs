@@ -7,6 +7,7 @@
 use std::ffi::OsStr;
 use std::path::Path;
 
+use keygate_tests::cluster::{PgSchema, pg_url};
 use keygate_tests::keyservice::{KeyService, Options, Pki, run_to_exit, write_private};
 use keygate_tests::providers::softhsm2::{self, SoftHsm2};
 use keygate_tests::sidecar::Sidecar;
@@ -151,9 +152,18 @@ fn insecure_key_service_configs_are_refused_naming_the_rule() {
             "",
         ),
         (
-            "audit.durable",
-            "164.312(b)",
-            "storage_url = \"postgres://keygate@db.internal:5432/keygate?sslmode=verify-full&options=-c%20synchronous_commit%3Doff\"",
+            // Read as the store connects: the `host` parameter wins.
+            "transmission.keystore_tls",
+            "164.312(e)(1)",
+            "storage_url = \"postgres://keygate@localhost:5432/keygate?host=db.internal\"",
+            "",
+            "",
+        ),
+        (
+            // The last `sslmode` wins, whatever the password says.
+            "transmission.keystore_tls",
+            "164.312(e)(1)",
+            "storage_url = \"postgres://keygate:sslmode=verify-full@db.internal/keygate?sslmode=verify-full&sslmode=prefer\"",
             "",
             "",
         ),
@@ -317,6 +327,45 @@ fn hsm_key_service_dir(
     .unwrap();
     token.create_key_with_cli(&admin_config);
     (ks_dir, token.root_section("pin"), token.conf())
+}
+
+/// Commits that can be lost are found wherever they were set, as the
+/// database reports them for the keystore's own sessions: here a URL
+/// option in a spelling a text search for `synchronous_commit=off` missed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keystore_that_can_lose_commits_fails_audit_durable() {
+    let (token, dir) = (SoftHsm2::new_token(), tempfile::tempdir().unwrap());
+    let (ks_dir, root, conf) = hsm_key_service_dir(&token, dir.path());
+    let schema = PgSchema::create();
+    let base = pg_url();
+    let joiner = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{joiner}options[synchronous_commit]=off");
+    let env = [("SOFTHSM2_CONF", conf.to_str().unwrap())];
+    let options = Options {
+        root: Some(&root),
+        env: &env,
+        storage_url: Some(&url),
+        storage_schema: Some(&schema.name),
+        ..Options::default()
+    };
+    // The development profile starts, and the live report names it.
+    let mut ks = KeyService::start_with(&ks_dir, &options);
+    let (status, body) = ks.get(AUDITOR, "/v1/compliance").await;
+    assert_eq!(status, 200, "{body}");
+    let report: Value = serde_json::from_str(&body).unwrap();
+    let durable =
+        report["checks"].as_array().unwrap().iter().find(|c| c["rule"] == "audit.durable");
+    let durable = durable.unwrap();
+    assert_eq!(durable["status"], "fail", "{durable}");
+    assert!(durable["detail"].as_str().unwrap().contains("synchronous_commit=off"), "{durable}");
+    ks.stop();
+
+    // The production profile refuses to start, naming the rule.
+    let config = ks_dir.join("keygate.toml");
+    let (ok, stderr) = run_once_with("server", &config, true, &env);
+    assert!(!ok, "started");
+    assert_refused(&stderr, "audit.durable", "164.312(b)");
+    assert_eq!(rules_named(&stderr), 1, "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -8,6 +8,7 @@
 //! transaction.
 
 mod coordination;
+mod durability;
 mod lifecycle;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -19,12 +20,13 @@ mod sqlite;
 use async_trait::async_trait;
 
 pub use self::coordination::{Invalidation, Invalidations, JobLock};
+pub use self::durability::Durability;
 pub use self::lifecycle::{
     Approval, ApprovalState, DecideApproval, Decision, MasterRecord, StoredKey, StoredKeyRef,
     UsageDelta, VersionUsage,
 };
 #[cfg(feature = "postgres")]
-pub use self::postgres::{PgStoreOptions, PostgresStore};
+pub use self::postgres::{PgStoreOptions, PgTarget, PostgresStore};
 #[cfg(feature = "sqlite")]
 pub use self::sqlite::{KEYSTORE_FILE, SqliteStore};
 use crate::dek::KekVersion;
@@ -225,6 +227,10 @@ pub enum StoreError {
 pub trait KeyStore: Send + Sync + std::fmt::Debug {
     /// Answers only if the database really does.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Whether a commit this store acknowledges survives a crash, as the
+    /// database's settings for its sessions say.
+    async fn durability(&self) -> Result<Durability, StoreError>;
 
     /// Registers a master key (idempotent) and returns its id.
     async fn register_master(&self, info: &ProviderInfo) -> Result<MasterKeyId, StoreError>;

@@ -7,7 +7,9 @@ use kms_core::audit::{
     AuditChain, AuditEvent, AuditSigner, Outcome, verify_chain, verify_stored_chain,
 };
 use kms_core::crypto::Aead;
-use kms_core::store::{AuditRow, AuditSigningKeyRecord, KeyStore, MasterKeyId, StoreError};
+use kms_core::store::{
+    AuditRow, AuditSigningKeyRecord, Durability, KeyStore, MasterKeyId, StoreError,
+};
 
 use crate::harness::Fixture;
 
@@ -275,4 +277,14 @@ pub(crate) async fn chains_of_several_replicas_verify_together(f: Fixture) {
         assert_eq!(report.unsigned_tail(), 0);
     }
     assert_eq!(reader.audit_instances().await.unwrap(), replicas);
+}
+
+/// The audit promise rests on commits surviving a crash: a store as this
+/// crate opens it says they do, in the database's own words.
+pub(crate) async fn a_new_store_keeps_what_it_commits(f: Fixture) {
+    let store = f.open().await;
+    let Durability::Durable(how) = store.durability().await.unwrap() else {
+        panic!("a fresh store can lose commits");
+    };
+    assert!(how.contains("synchronous"), "{how}");
 }

@@ -55,6 +55,7 @@ for_each_store!(
     audit::racing_first_starts_agree_on_one_signing_key,
     audit::signing_keys_survive_reopen,
     audit::chains_of_several_replicas_verify_together,
+    audit::a_new_store_keeps_what_it_commits,
     coordination::job_locks_are_exclusive_across_stores,
     coordination::invalidations_follow_the_store_kind,
     lifecycle::shredding_erases_material_and_is_final,

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use kms_core::StateChange;
 use kms_core::store::{
-    Invalidation, Invalidations, KeyStore, NewTenant, PgStoreOptions, PostgresStore, StoreError,
+    Durability, Invalidation, Invalidations, KeyStore, NewTenant, PgStoreOptions, PostgresStore,
+    StoreError,
 };
 use sqlx::{AssertSqlSafe, Connection};
 
@@ -217,6 +218,29 @@ async fn an_unreachable_server_is_unavailable_in_time() {
     assert!(started.elapsed() < Duration::from_secs(5));
     let bad = PostgresStore::connect("mysql://x@127.0.0.1/test", PgStoreOptions::default()).await;
     assert!(matches!(bad, Err(StoreError::Config(_))), "{bad:?}");
+}
+
+/// Whether commits can be lost is read from the session, wherever it was
+/// set: here each spelling of the URL's options.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn weakened_commits_are_seen_wherever_they_are_set() {
+    let f = Fixture::postgres().await;
+    let durability = |param: &str| {
+        let url = f.pg().url_with(param);
+        let options = f.pg_options();
+        async move { PostgresStore::connect(&url, options).await.unwrap().durability().await.unwrap() }
+    };
+    for param in [
+        "options=-c%20synchronous_commit%3Doff",
+        "options=-c%20synchronous_commit%3Dlocal",
+        "options[synchronous_commit]=off",
+    ] {
+        let Durability::Weakened(why) = durability(param).await else {
+            panic!("{param}: durable");
+        };
+        assert!(why.contains("synchronous_commit="), "{param}: {why}");
+    }
+    assert!(matches!(durability("application_name=x").await, Durability::Durable(_)));
 }
 
 /// The URL's `sslmode` decides: `disable` is plain text, `require`

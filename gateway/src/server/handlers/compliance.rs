@@ -6,7 +6,9 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::{Extension, Json};
 
-use crate::compliance::{Report, add_masters_in_use, add_tenant_rotation, server_report_with};
+use crate::compliance::{
+    Report, add_keystore_durability, add_masters_in_use, add_tenant_rotation, server_report_with,
+};
 use crate::config::ServerConfig;
 use crate::error::{ApiError, store_error};
 use crate::hygiene::Hygiene;
@@ -51,5 +53,7 @@ pub(crate) async fn report(
     let in_use =
         masters_in_use(state.hierarchy.store().as_ref()).await.map_err(|e| store_error(&e))?;
     add_masters_in_use(&mut report, &in_use);
+    let durability = state.hierarchy.store().durability().await.map_err(|e| store_error(&e))?;
+    add_keystore_durability(&mut report, &durability);
     Ok(Json(report))
 }

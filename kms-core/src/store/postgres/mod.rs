@@ -36,12 +36,12 @@ use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row};
 use tokio::sync::OnceCell;
 
-pub use self::options::PgStoreOptions;
 use self::options::Settings;
+pub use self::options::{PgStoreOptions, PgTarget};
 use super::{
     Approval, ApprovalState, AuditRow, AuditSigningKeyRecord, CheckpointRow, DecideApproval,
-    Invalidations, JobLock, KekRecord, KeyStore, MasterKeyId, MasterRecord, NewTenant, StoreError,
-    StoredKey, StoredKeyRef, TenantRecord, UsageDelta, VersionUsage,
+    Durability, Invalidations, JobLock, KekRecord, KeyStore, MasterKeyId, MasterRecord, NewTenant,
+    StoreError, StoredKey, StoredKeyRef, TenantRecord, UsageDelta, VersionUsage,
 };
 use crate::dek::KekVersion;
 use crate::ids::TenantId;
@@ -151,6 +151,18 @@ impl KeyStore for PostgresStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await.map_err(unavailable)?;
         Ok(())
+    }
+
+    async fn durability(&self) -> Result<Durability, StoreError> {
+        // A pooled session: it carries storage_url's options and the
+        // role's and database's settings, as every write does.
+        let (commit, fsync): (String, String) = sqlx::query_as(
+            "SELECT current_setting('synchronous_commit'), current_setting('fsync')",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(super::durability::postgres(&commit, &fsync))
     }
 
     async fn register_master(&self, info: &ProviderInfo) -> Result<MasterKeyId, StoreError> {

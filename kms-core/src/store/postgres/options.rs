@@ -4,7 +4,7 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::PgConnectOptions;
+use sqlx::postgres::{PgConnectOptions, PgSslMode};
 
 use crate::store::StoreError;
 
@@ -69,6 +69,45 @@ impl PgStoreOptions {
     pub fn with_schema(mut self, schema: impl Into<String>) -> Self {
         self.schema = Some(schema.into());
         self
+    }
+}
+
+/// Where a keystore URL connects, read as
+/// [`PostgresStore::connect`](super::PostgresStore::connect) reads it: the
+/// URL with its `host`, `hostaddr` and `sslmode` parameters (the last of
+/// each wins), then the `PG*` environment variables for what it leaves out.
+/// For checks that must judge the connection that will be made rather than
+/// the text, which can say `localhost` or `sslmode=verify-full` in a part
+/// that is not the one used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PgTarget {
+    /// The host name or address, or the directory of a unix socket.
+    pub host: String,
+    /// A unix socket, `localhost` or a loopback address.
+    pub local: bool,
+    /// TLS with the server's certificate verified (`sslmode=verify-ca` or
+    /// `verify-full`).
+    pub verified_tls: bool,
+}
+
+impl PgTarget {
+    /// Reads `url` (never echoing its password in an error).
+    pub fn of(url: &str) -> Result<Self, StoreError> {
+        let parsed = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?;
+        let host = match parsed.get_socket() {
+            Some(socket) => socket.display().to_string(),
+            None => parsed.get_host().to_owned(),
+        };
+        let address = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(&host);
+        let local = parsed.get_socket().is_some()
+            || host.starts_with('/')
+            || host.eq_ignore_ascii_case("localhost")
+            || address.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        let verified_tls =
+            matches!(parsed.get_ssl_mode(), PgSslMode::VerifyCa | PgSslMode::VerifyFull);
+        Ok(Self { host, local, verified_tls })
     }
 }
 
@@ -189,6 +228,34 @@ mod tests {
             assert!(!is_valid_schema(bad), "{bad}");
         }
         assert_eq!(MAX_SCHEMA_LEN, 40);
+    }
+
+    #[test]
+    fn the_target_is_read_as_the_store_connects() {
+        let target = |url: &str| PgTarget::of(url).unwrap();
+        let remote = target("postgres://u:pw@db.internal:5432/k?sslmode=verify-full");
+        assert_eq!(
+            (remote.host.as_str(), remote.local, remote.verified_tls),
+            ("db.internal", false, true)
+        );
+        assert!(target("postgres://u@localhost/k").local);
+        assert!(target("postgres://u@127.0.0.2/k").local);
+        assert!(target("postgres://u@[::1]:5432/k").local);
+        assert!(target("postgres:///k?host=/var/run/postgresql").local);
+        // What the text says is not what counts.
+        let overridden = target("postgres://u@localhost/k?host=db.internal");
+        assert_eq!((overridden.host.as_str(), overridden.local), ("db.internal", false));
+        assert!(!target("postgres://u@localhost/k?hostaddr=10.0.0.5").local);
+        assert!(!target("postgres://u:sslmode=verify-full@db.internal/k").verified_tls);
+        assert!(
+            !target("postgres://u@db.internal/k?sslmode=verify-full&sslmode=disable").verified_tls
+        );
+        assert!(target("postgres://u@db.internal/k?ssl-mode=verify-ca").verified_tls);
+        assert!(!target("postgres://u@db.internal/sslmode=verify-full").verified_tls);
+        let Err(StoreError::Config(e)) = PgTarget::of("postgres://u:s3cret@h:notaport/k") else {
+            panic!("a bad port was read");
+        };
+        assert!(!e.contains("s3cret"), "{e}");
     }
 
     #[test]

@@ -22,8 +22,8 @@ use super::coordination::try_local_job_lock;
 use super::rows::{self, first_not_inserted};
 use super::{
     Approval, ApprovalState, AuditRow, AuditSigningKeyRecord, CheckpointRow, DecideApproval,
-    Invalidations, JobLock, KekRecord, KeyStore, MasterKeyId, MasterRecord, NewTenant, StoreError,
-    StoredKey, StoredKeyRef, TenantRecord, UsageDelta, VersionUsage,
+    Durability, Invalidations, JobLock, KekRecord, KeyStore, MasterKeyId, MasterRecord, NewTenant,
+    StoreError, StoredKey, StoredKeyRef, TenantRecord, UsageDelta, VersionUsage,
 };
 use crate::dek::KekVersion;
 use crate::ids::TenantId;
@@ -163,6 +163,20 @@ impl KeyStore for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await.map_err(unavailable)?;
         Ok(())
+    }
+
+    async fn durability(&self) -> Result<Durability, StoreError> {
+        // Per connection: asked of one the pool hands out, as writes are.
+        let mut conn = self.pool.acquire().await.map_err(unavailable)?;
+        let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+        let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(super::durability::sqlite(synchronous, &journal))
     }
 
     async fn register_master(&self, info: &ProviderInfo) -> Result<MasterKeyId, StoreError> {
