@@ -386,7 +386,7 @@ pub fn add_keystore_durability(report: &mut Report, durability: &Durability) {
             check.status = Status::Fail;
             check.detail = detail;
         }
-        Some(_) => {}
+        Some(check) => check.detail = format!("{}; {detail}", check.detail),
         None => report.add(AUDIT_DURABLE_RULE, hipaa::AUDIT_CONTROLS, Err(detail)),
     }
 }

@@ -443,11 +443,20 @@ impl StorageUrl {
 }
 
 impl std::fmt::Debug for StorageUrl {
+    /// The scheme and the host the store connects to, as sqlx reads the
+    /// URL; nothing of the text itself, any part of which may be or hold a
+    /// password (`?password=…`, a `/` in an unencoded password).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let scheme = self.0.split("://").next().unwrap_or_default();
-        let host =
-            self.0.rsplit('@').next().unwrap_or_default().split('/').next().unwrap_or_default();
-        write!(f, "{scheme}://…@{host}/…")
+        let scheme = self
+            .0
+            .split_once("://")
+            .map(|(scheme, _)| scheme)
+            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric()));
+        let Some(scheme) = scheme else { return f.write_str("…") };
+        match kms_core::store::PgTarget::of(&self.0) {
+            Ok(target) if self.is_postgres() => write!(f, "{scheme}://…@{}/…", target.host),
+            _ => write!(f, "{scheme}://…"),
+        }
     }
 }
 
@@ -588,6 +597,21 @@ impl ServerConfig {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_storage_url_shows_no_part_of_its_text_but_scheme_and_host() {
+        for (url, shown) in [
+            ("postgres://u:s3cret@db.internal:5432/k", "postgres://…@db.internal/…"),
+            ("postgres://db.internal/k?password=x@s3cret", "postgres://…@db.internal/…"),
+            ("postgres://u@db?sslmode=disable&password=s3cret", "postgres://…@db/…"),
+            ("postgres://u@localhost/k?host=db.internal", "postgres://…@db.internal/…"),
+            ("postgres://u:s3/cret@db/k", "postgres://…"),
+            ("mysql://u:s3cret@db/k", "mysql://…"),
+            ("u:s3cret@db", "…"),
+        ] {
+            assert_eq!(format!("{:?}", StorageUrl(url.to_owned())), shown, "{url}");
+        }
+    }
     use super::*;
 
     #[test]

@@ -302,6 +302,18 @@ async fn audit_verify_and_export() {
     std::fs::write(&file, format!("{anchor}\n{{\"instance\": \"ks-test\"}}\n")).unwrap();
     let malformed = admin.run(&["audit", "verify", "--anchors", file_arg]);
     assert!(malformed.fails(2).contains("line 2: not an anchor"), "{}", malformed.stderr);
+    // More anchors than one request takes: sent in parts, the first part
+    // that breaks is the answer (here anchors of a chain that is gone).
+    let gone: String = (1..=60_000)
+        .map(|seq| {
+            format!("{{\"instance\":\"ks-gone\",\"seq\":{seq},\"hash\":\"{}\"}}\n", "0".repeat(64))
+        })
+        .collect();
+    std::fs::write(&file, format!("{anchor}\n{gone}")).unwrap();
+    let many = admin.run(&["audit", "verify", "--anchors", file_arg]);
+    let line = many.fails(1);
+    assert!(line.contains("instance ks-gone is broken at position 1"), "{line}");
+    assert!(line.contains("no chain is stored"), "{line}");
     let missing = admin.run(&["audit", "verify", "--anchors", "/nonexistent/anchors"]);
     assert!(missing.fails(2).contains("--anchors /nonexistent/anchors"));
 

@@ -368,7 +368,7 @@ async fn anchors_catch_a_tail_cut_back_with_its_checkpoints() {
         bad[field] = value;
         json!([bad])
     };
-    let too_many = json!(vec![anchor.clone(); 10_001]);
+    let too_many = json!(vec![anchor.clone(); 50_001]);
     for (anchors, code) in [
         (json!([]), "invalid_anchor"),
         (too_many, "invalid_anchor"),

@@ -95,6 +95,8 @@ async fn endpoints_from_the_environment_are_never_used() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("keygate.toml");
     std::fs::write(dir.path().join("policy.toml"), "").unwrap();
+    let profile = dir.path().join("aws-config");
+    std::fs::write(&profile, format!("[default]\nendpoint_url = {}\n", kms.endpoint())).unwrap();
     std::fs::write(
         &config,
         format!(
@@ -113,6 +115,8 @@ async fn endpoints_from_the_environment_are_never_used() {
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("AWS_ENDPOINT_URL", kms.endpoint())
         .env("AWS_ENDPOINT_URL_KMS", kms.endpoint())
+        .env("AWS_CONFIG_FILE", &profile)
+        .env("AWS_PROFILE", "default")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -562,7 +562,7 @@ pub(crate) struct Recorded {
 #[serde(deny_unknown_fields)]
 pub(crate) struct VerifyRequest {
     /// Where chains stood before, kept outside the keystore (`keygate
-    /// admin audit anchor`): 1 to 10,000, in any order.
+    /// admin audit anchor`): 1 to 50,000, in any order.
     pub(crate) anchors: Vec<AnchorEntry>,
 }
 
@@ -581,7 +581,7 @@ pub(crate) struct AnchorEntry {
 
 impl VerifyRequest {
     /// Most anchors in one request.
-    pub(crate) const MAX_ANCHORS: usize = 10_000;
+    pub(crate) const MAX_ANCHORS: usize = 50_000;
     /// Longest instance name in an anchor, in bytes.
     const MAX_INSTANCE_BYTES: usize = 1024;
 

@@ -52,13 +52,14 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         .map_err(|e| fail("compliance")(&e))?;
     let compliance = Arc::new(ComplianceContext { config: config.clone(), hygiene });
     let instance = instance_id(&config).map_err(|e| fail("instance id")(&e))?;
-    let root = root_provider(&config.root).await?;
     let (store, sqlite) = open_store(&config).await?;
-    // Whether commits are durable is the database's answer, not the URL's.
+    // Whether commits are durable is the database's answer, not the URL's;
+    // asked before the root key is used at all.
     let durability = store.durability().await.map_err(|e| fail("keystore")(&e))?;
     let mut live = crate::compliance::Report::new(config.profile);
     crate::compliance::add_keystore_durability(&mut live, &durability);
     live.enforce().map_err(|e| fail("compliance")(&e))?;
+    let root = root_provider(&config.root).await?;
     let settings = recorded_settings(&config.root).map_err(|e| fail("root key settings")(&e))?;
     let master_trust = Arc::new(
         MasterTrust::new(&config.root, &config.trusted_masters).with_root_key(&root.describe()),

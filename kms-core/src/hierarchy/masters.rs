@@ -115,6 +115,8 @@ struct Failure {
     settings: Settings,
     /// Failures in a row.
     count: u32,
+    /// When the last one ended.
+    at: Instant,
     /// Until then, requests do not try.
     until: Instant,
     /// Failed forced attempts in a row ([`Masters::connect_now`]).
@@ -124,6 +126,18 @@ struct Failure {
     retryable: bool,
     /// The last error's detail (never a secret).
     detail: String,
+}
+
+impl Failure {
+    /// The error to answer with instead of an attempt, saying why.
+    fn error(&self, detail: String) -> RootKeyError {
+        let provider = "recorded master";
+        if self.retryable {
+            RootKeyError::Unavailable { provider, detail }
+        } else {
+            RootKeyError::Misconfigured { provider, detail }
+        }
+    }
 }
 
 /// Who asks for a connection, and so which wait applies.
@@ -228,6 +242,7 @@ impl Masters {
         let Some(connector) = &self.connector else {
             return Err(HierarchyError::ForeignMaster(id.0));
         };
+        let started = Instant::now();
         // In a wait, answer at once rather than queue behind another
         // master's connection attempt; once in line, look again (at the
         // settings as they are then: a rotation may have recorded new ones;
@@ -245,6 +260,14 @@ impl Masters {
         let record = Self::record(store, id).await?;
         if let Some(waiting) = self.still_waiting(&record, attempt) {
             return Err(waiting.into());
+        }
+        // A forced attempt that queued behind one that failed meanwhile (a
+        // request's, whose wait it may skip) answers with that failure: one
+        // attempt however many arrive at once.
+        if attempt == Attempt::Forced
+            && let Some(failed) = self.failed_since(&record, started)
+        {
+            return Err(failed.into());
         }
         match connector.connect(&record).await {
             Ok(provider) => {
@@ -289,17 +312,23 @@ impl Masters {
             Attempt::Forced => (failure.forced_until?, failure.forced, "failed forced attempt(s)"),
         };
         let left = until.checked_duration_since(Instant::now())?;
-        let detail = format!(
+        Some(failure.error(format!(
             "not tried again for another {} s after {count} {what} in a row; the last: {}",
             left.as_secs().max(1),
             failure.detail
-        );
-        let provider = "recorded master";
-        Some(if failure.retryable {
-            RootKeyError::Unavailable { provider, detail }
-        } else {
-            RootKeyError::Misconfigured { provider, detail }
-        })
+        )))
+    }
+
+    /// The failure of an attempt with the settings `record` holds that
+    /// ended after `since`, as an error to answer with.
+    fn failed_since(&self, record: &MasterRecord, since: Instant) -> Option<RootKeyError> {
+        let failures = self.failures();
+        let failure =
+            failures.get(&record.id).filter(|f| f.settings.are_those_of(record) && f.at > since)?;
+        Some(failure.error(format!(
+            "an attempt that ended while this one waited its turn failed: {}",
+            failure.detail
+        )))
     }
 
     fn remember_failure(&self, record: &MasterRecord, error: &RootKeyError, attempt: Attempt) {
@@ -331,11 +360,12 @@ impl Masters {
             | RootKeyError::Misconfigured { detail, .. } => detail.clone(),
             other => other.to_string(),
         };
-        let until = Instant::now() + wait;
+        let at = Instant::now();
+        let until = at + wait;
         let settings = Settings::of(record);
         failures.insert(
             id,
-            Failure { settings, count, until, forced, forced_until, retryable, detail },
+            Failure { settings, count, at, until, forced, forced_until, retryable, detail },
         );
     }
 
@@ -634,6 +664,18 @@ mod tests {
         assert_eq!(connection(&masters, &store, id).await, MasterConnection::NotTried);
         masters.connect_now(&store, id).await.unwrap_err();
         assert_eq!(connector.attempts(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_forced_attempt_queued_behind_a_failing_request_does_not_try() {
+        let Setup { _dir, store, id, connector, masters } =
+            setup([pin_rejected(), pin_rejected()], hours()).await;
+        let (a, b) = tokio::join!(masters.get(&store, id), masters.connect_now(&store, id));
+        let errors = [a.unwrap_err().to_string(), b.unwrap_err().to_string()];
+        assert_eq!(connector.attempts(), 1, "two logins for one failure: {errors:?}");
+        // Later, the forced attempt skips the requests' wait.
+        masters.connect_now(&store, id).await.unwrap_err();
+        assert_eq!(connector.attempts(), 2);
     }
 
     #[tokio::test]

@@ -13,28 +13,49 @@ pub enum Durability {
     Weakened(String),
 }
 
-/// Judges PostgreSQL's `synchronous_commit` and `fsync` as a session sees
-/// them. `local` is refused with `off`: with synchronous standbys it drops
-/// the wait for them, and the keystore never asks for it.
+/// What a PostgreSQL session reports about its commits.
 #[cfg(feature = "postgres")]
-pub(crate) fn postgres(synchronous_commit: &str, fsync: &str) -> Durability {
-    let commit = synchronous_commit.trim().to_ascii_lowercase();
-    let fsync_on =
-        matches!(fsync.trim().to_ascii_lowercase().as_str(), "on" | "true" | "yes" | "1");
-    if !fsync_on {
-        return Durability::Weakened(format!("the server runs with fsync={fsync}"));
-    }
-    if matches!(commit.as_str(), "off" | "local" | "false" | "no" | "0") {
-        return Durability::Weakened(format!(
-            "this keystore's sessions run with synchronous_commit={synchronous_commit} \
-             (set by the server, database, role or storage_url)"
-        ));
-    }
-    Durability::Durable(format!("synchronous_commit={commit}, fsync=on"))
+pub(crate) struct PgSettings<'a> {
+    pub(crate) synchronous_commit: &'a str,
+    pub(crate) fsync: &'a str,
+    pub(crate) full_page_writes: &'a str,
+    /// Tables of the keystore's schema that are UNLOGGED, if any.
+    pub(crate) unlogged_tables: Option<&'a str>,
 }
 
-/// Judges SQLite's `synchronous` (0 OFF, 1 NORMAL, 2 FULL, 3 EXTRA) in WAL
-/// mode: below FULL, the last commits can be lost on power loss.
+/// Judges PostgreSQL's settings as a session sees them. `local` is refused
+/// with `off`: with synchronous standbys it drops the wait for them, and
+/// the keystore never asks for it.
+#[cfg(feature = "postgres")]
+pub(crate) fn postgres(settings: &PgSettings<'_>) -> Durability {
+    let on = |value: &str| {
+        matches!(value.trim().to_ascii_lowercase().as_str(), "on" | "true" | "yes" | "1")
+    };
+    if !on(settings.fsync) {
+        return Durability::Weakened(format!("the server runs with fsync={}", settings.fsync));
+    }
+    if !on(settings.full_page_writes) {
+        return Durability::Weakened(format!(
+            "the server runs with full_page_writes={} (a crash can tear pages)",
+            settings.full_page_writes
+        ));
+    }
+    if let Some(tables) = settings.unlogged_tables.filter(|t| !t.is_empty()) {
+        return Durability::Weakened(format!(
+            "keystore tables are UNLOGGED (emptied by a crash): {tables}"
+        ));
+    }
+    let commit = settings.synchronous_commit.trim().to_ascii_lowercase();
+    if matches!(commit.as_str(), "off" | "local" | "false" | "no" | "0") {
+        return Durability::Weakened(format!(
+            "this keystore's sessions run with synchronous_commit={} \
+             (set by the server, database, role or storage_url)",
+            settings.synchronous_commit
+        ));
+    }
+    Durability::Durable(format!("synchronous_commit={commit}, fsync=on, full_page_writes=on"))
+}
+
 #[cfg(feature = "sqlite")]
 pub(crate) fn sqlite(synchronous: i64, journal_mode: &str) -> Durability {
     if synchronous >= 2 {
@@ -52,14 +73,32 @@ mod tests {
 
     #[test]
     fn only_settings_that_keep_commits_are_durable() {
+        let pg = |commit, fsync, full_pages, unlogged| {
+            postgres(&PgSettings {
+                synchronous_commit: commit,
+                fsync,
+                full_page_writes: full_pages,
+                unlogged_tables: unlogged,
+            })
+        };
         for commit in ["on", "remote_apply", "remote_write", "ON"] {
-            assert!(matches!(postgres(commit, "on"), Durability::Durable(_)), "{commit}");
+            assert!(matches!(pg(commit, "on", "on", None), Durability::Durable(_)), "{commit}");
         }
+        assert!(matches!(pg("on", "on", "on", Some("")), Durability::Durable(_)));
         for commit in ["off", "local", "OFF", "0", "false"] {
-            assert!(matches!(postgres(commit, "on"), Durability::Weakened(_)), "{commit}");
+            assert!(matches!(pg(commit, "on", "on", None), Durability::Weakened(_)), "{commit}");
         }
-        let Durability::Weakened(why) = postgres("on", "off") else { panic!("fsync off") };
-        assert!(why.contains("fsync=off"), "{why}");
+        for (weakened, needle) in [
+            (pg("on", "off", "on", None), "fsync=off"),
+            (pg("on", "on", "off", None), "full_page_writes=off"),
+            (
+                pg("on", "on", "on", Some("audit_events")),
+                "UNLOGGED (emptied by a crash): audit_events",
+            ),
+        ] {
+            let Durability::Weakened(why) = weakened else { panic!("{needle}: durable") };
+            assert!(why.contains(needle), "{why}");
+        }
         assert!(matches!(sqlite(2, "wal"), Durability::Durable(_)));
         assert!(matches!(sqlite(1, "wal"), Durability::Weakened(_)));
     }

@@ -221,7 +221,8 @@ async fn an_unreachable_server_is_unavailable_in_time() {
 }
 
 /// Whether commits can be lost is read from the session, wherever it was
-/// set: here each spelling of the URL's options.
+/// set (here each spelling of the URL's options), and tables of its schema
+/// made UNLOGGED.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn weakened_commits_are_seen_wherever_they_are_set() {
     let f = Fixture::postgres().await;
@@ -241,6 +242,14 @@ async fn weakened_commits_are_seen_wherever_they_are_set() {
         assert!(why.contains("synchronous_commit="), "{param}: {why}");
     }
     assert!(matches!(durability("application_name=x").await, Durability::Durable(_)));
+
+    // A keystore table made UNLOGGED (someone with DDL rights) loses its
+    // rows in a crash whatever the settings say.
+    f.exec("ALTER TABLE audit_events SET UNLOGGED").await;
+    let Durability::Weakened(why) = durability("application_name=x").await else {
+        panic!("an UNLOGGED audit table passed");
+    };
+    assert!(why.contains("UNLOGGED") && why.contains("audit_events"), "{why}");
 }
 
 /// The URL's `sslmode` decides: `disable` is plain text, `require`

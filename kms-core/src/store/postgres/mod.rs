@@ -155,14 +155,27 @@ impl KeyStore for PostgresStore {
 
     async fn durability(&self) -> Result<Durability, StoreError> {
         // A pooled session: it carries storage_url's options and the
-        // role's and database's settings, as every write does.
-        let (commit, fsync): (String, String) = sqlx::query_as(
-            "SELECT current_setting('synchronous_commit'), current_setting('fsync')",
-        )
-        .fetch_one(&self.pool)
-        .await
-        .map_err(unavailable)?;
-        Ok(super::durability::postgres(&commit, &fsync))
+        // role's and database's settings, as every write does. Tables of
+        // the keystore's schema made UNLOGGED lose their rows in a crash
+        // whatever the settings say.
+        let (commit, fsync, full_pages, unlogged): (String, String, String, Option<String>) =
+            sqlx::query_as(
+                "SELECT current_setting('synchronous_commit'), current_setting('fsync'),
+                        current_setting('full_page_writes'),
+                        (SELECT string_agg(c.relname, ', ' ORDER BY c.relname)
+                           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                          WHERE n.nspname = current_schema() AND c.relkind = 'r'
+                            AND c.relpersistence = 'u')",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(super::durability::postgres(&super::durability::PgSettings {
+            synchronous_commit: &commit,
+            fsync: &fsync,
+            full_page_writes: &full_pages,
+            unlogged_tables: unlogged.as_deref(),
+        }))
     }
 
     async fn register_master(&self, info: &ProviderInfo) -> Result<MasterKeyId, StoreError> {

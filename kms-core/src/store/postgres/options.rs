@@ -246,12 +246,15 @@ mod tests {
         let overridden = target("postgres://u@localhost/k?host=db.internal");
         assert_eq!((overridden.host.as_str(), overridden.local), ("db.internal", false));
         assert!(!target("postgres://u@localhost/k?hostaddr=10.0.0.5").local);
-        assert!(!target("postgres://u:sslmode=verify-full@db.internal/k").verified_tls);
+        // (An explicit sslmode each, so that PGSSLMODE cannot decide.)
+        assert!(
+            !target("postgres://u:sslmode=verify-full@db.internal/k?sslmode=prefer").verified_tls
+        );
         assert!(
             !target("postgres://u@db.internal/k?sslmode=verify-full&sslmode=disable").verified_tls
         );
         assert!(target("postgres://u@db.internal/k?ssl-mode=verify-ca").verified_tls);
-        assert!(!target("postgres://u@db.internal/sslmode=verify-full").verified_tls);
+        assert!(!target("postgres://u@db.internal/sslmode=verify-full?sslmode=allow").verified_tls);
         let Err(StoreError::Config(e)) = PgTarget::of("postgres://u:s3cret@h:notaport/k") else {
             panic!("a bad port was read");
         };
