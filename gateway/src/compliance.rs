@@ -17,7 +17,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use kms_core::store::{Durability, PgTarget};
+use kms_core::store::Durability;
 
 use crate::config::{RootConfig, ServerConfig};
 use crate::hygiene::Hygiene;
@@ -379,9 +379,19 @@ pub fn add_masters_in_use(report: &mut Report, in_use: &[(String, String)]) {
 /// or `storage_url` that let an acknowledged commit (an audit event among
 /// them) be lost fail it, wherever they were made.
 pub fn add_keystore_durability(report: &mut Report, durability: &Durability) {
-    let Durability::Weakened(reason) = durability else { return };
+    let check = report.checks.iter_mut().find(|c| c.rule == AUDIT_DURABLE_RULE);
+    let reason = match durability {
+        Durability::Weakened(reason) => reason,
+        Durability::Durable(how) => {
+            // The database's own words for a check that passes.
+            if let Some(check) = check.filter(|c| c.status == Status::Pass) {
+                check.detail = format!("{} ({how})", check.detail);
+            }
+            return;
+        }
+    };
     let detail = format!("{reason}: audit events could be lost after they are acknowledged");
-    match report.checks.iter_mut().find(|c| c.rule == AUDIT_DURABLE_RULE) {
+    match check {
         Some(check) if check.status == Status::Pass => {
             check.status = Status::Fail;
             check.detail = detail;
@@ -422,9 +432,12 @@ fn keystore_tls(config: &ServerConfig) -> Result<String, String> {
     // Judged as the store will connect, not by the text: a `host`
     // parameter overrides the URL's host, the last `sslmode` wins, and a
     // password may contain anything.
-    let target = PgTarget::of(url.expose()).map_err(|e| format!("keystore {url:?}: {e}"))?;
+    let target = url.target().map_err(|e| format!("keystore {url:?}: {e}"))?;
     if target.verified_tls {
-        Ok(format!("keystore {url:?} over TLS with a verified server certificate"))
+        Ok(format!(
+            "keystore {url:?} at {} over TLS with a verified server certificate",
+            target.host
+        ))
     } else if target.local {
         Ok(format!("keystore {url:?} on this host ({})", target.host))
     } else {
@@ -458,7 +471,7 @@ fn audit_durable(config: &ServerConfig) -> Result<String, String> {
         // (`add_keystore_durability`): the URL is only one of the places
         // that can weaken a commit.
         return Ok("every key operation's event is committed to PostgreSQL before its result \
-                   leaves (fail closed), with synchronous_commit and fsync on"
+                   leaves (fail closed)"
             .to_owned());
     }
     let dir = &config.data_dir;

@@ -5,10 +5,12 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
+use kms_core::store::PgTarget;
 use serde::{Deserialize, Serialize};
 
 /// The key service's configuration.
@@ -425,37 +427,59 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "profile",
 ];
 
-/// A keystore URL; its `Debug` hides any password.
-#[derive(Clone, serde::Deserialize)]
-#[serde(transparent)]
-pub struct StorageUrl(String);
+/// A keystore URL; its `Debug` shows only the scheme.
+#[derive(Clone)]
+pub struct StorageUrl {
+    text: String,
+    /// Where it connects, read once: sqlx's parser logs the value of any
+    /// parameter it does not know, which may be a secret.
+    target: OnceLock<Result<PgTarget, String>>,
+}
+
+impl<'de> serde::Deserialize<'de> for StorageUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(Self::new)
+    }
+}
 
 impl StorageUrl {
+    /// Wraps `text`.
+    pub fn new(text: String) -> Self {
+        Self { text, target: OnceLock::new() }
+    }
+
     /// The URL (may hold a password: never log it).
     pub fn expose(&self) -> &str {
-        &self.0
+        &self.text
     }
 
     /// Whether it names a PostgreSQL database.
     pub fn is_postgres(&self) -> bool {
-        self.0.starts_with("postgres://") || self.0.starts_with("postgresql://")
+        self.text.starts_with("postgres://") || self.text.starts_with("postgresql://")
+    }
+
+    /// Where a PostgreSQL URL connects, as the store reads it ([`PgTarget`]).
+    pub fn target(&self) -> Result<&PgTarget, &str> {
+        self.target
+            .get_or_init(|| PgTarget::of(&self.text).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(String::as_str)
     }
 }
 
 impl std::fmt::Debug for StorageUrl {
-    /// The scheme and the host the store connects to, as sqlx reads the
-    /// URL; nothing of the text itself, any part of which may be or hold a
-    /// password (`?password=…`, a `/` in an unencoded password).
+    /// The scheme alone: any other part of the text may be or hold a
+    /// password (`?password=…`, a `/` in an unencoded one). Messages that
+    /// need the host take it from [`StorageUrl::target`].
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let scheme = self
-            .0
+            .text
             .split_once("://")
             .map(|(scheme, _)| scheme)
             .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric()));
-        let Some(scheme) = scheme else { return f.write_str("…") };
-        match kms_core::store::PgTarget::of(&self.0) {
-            Ok(target) if self.is_postgres() => write!(f, "{scheme}://…@{}/…", target.host),
-            _ => write!(f, "{scheme}://…"),
+        match scheme {
+            Some(scheme) => write!(f, "{scheme}://…"),
+            None => f.write_str("…"),
         }
     }
 }
@@ -598,21 +622,24 @@ impl ServerConfig {
 #[cfg(test)]
 mod tests {
 
+    use super::*;
+
     #[test]
-    fn a_storage_url_shows_no_part_of_its_text_but_scheme_and_host() {
+    fn a_storage_url_shows_only_its_scheme_and_reads_its_target_once() {
         for (url, shown) in [
-            ("postgres://u:s3cret@db.internal:5432/k", "postgres://…@db.internal/…"),
-            ("postgres://db.internal/k?password=x@s3cret", "postgres://…@db.internal/…"),
-            ("postgres://u@db?sslmode=disable&password=s3cret", "postgres://…@db/…"),
-            ("postgres://u@localhost/k?host=db.internal", "postgres://…@db.internal/…"),
+            ("postgres://u:s3cret@db.internal:5432/k", "postgres://…"),
+            ("postgres://db.internal/k?password=x@s3cret", "postgres://…"),
             ("postgres://u:s3/cret@db/k", "postgres://…"),
             ("mysql://u:s3cret@db/k", "mysql://…"),
             ("u:s3cret@db", "…"),
         ] {
-            assert_eq!(format!("{:?}", StorageUrl(url.to_owned())), shown, "{url}");
+            assert_eq!(format!("{:?}", StorageUrl::new(url.to_owned())), shown, "{url}");
         }
+        let url = StorageUrl::new("postgres://u@localhost/k?host=db.internal".to_owned());
+        assert_eq!(url.target().map(|t| t.host.as_str()), Ok("db.internal"));
+        assert!(std::ptr::eq(url.target().unwrap(), url.target().unwrap()), "read once");
+        assert!(StorageUrl::new("postgres://u:s3cret@h:port/k".to_owned()).target().is_err());
     }
-    use super::*;
 
     #[test]
     fn a_root_kind_is_its_provider_name_in_the_config() {

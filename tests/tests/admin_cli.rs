@@ -302,8 +302,9 @@ async fn audit_verify_and_export() {
     std::fs::write(&file, format!("{anchor}\n{{\"instance\": \"ks-test\"}}\n")).unwrap();
     let malformed = admin.run(&["audit", "verify", "--anchors", file_arg]);
     assert!(malformed.fails(2).contains("line 2: not an anchor"), "{}", malformed.stderr);
-    // More anchors than one request takes: sent in parts, the first part
-    // that breaks is the answer (here anchors of a chain that is gone).
+    // More anchors than one request takes (the old limit was 10,000): the
+    // first part that breaks is the answer, here the first, all anchors of
+    // a chain that is gone. (How anchors are split: audit::tests.)
     let gone: String = (1..=60_000)
         .map(|seq| {
             format!("{{\"instance\":\"ks-gone\",\"seq\":{seq},\"hash\":\"{}\"}}\n", "0".repeat(64))

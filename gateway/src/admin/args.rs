@@ -267,8 +267,10 @@ pub enum MasterCommand {
     /// minutes): for after the master's settings were put right (a PIN file
     /// rewritten, an HSM back). Only the instance that answers stops
     /// waiting; with several replicas, run it against each (--url). After
-    /// an attempt that fails, the next one waits (30 s, doubling while they
-    /// keep failing), so that repeating it cannot lock an HSM user out.
+    /// an attempt that fails, the next one waits (30 s, doubling up to 15
+    /// minutes while they keep failing; 1 s up to a minute while the HSM or
+    /// KMS is only unavailable): repeating it costs at most 8 failed logins
+    /// in the first hour and 4 an hour after.
     ///
     /// Example: keygate admin master connect 2
     Connect {

@@ -72,7 +72,10 @@ struct AnchorLine {
 /// instances for years).
 const MAX_ANCHORS_FILE_BYTES: u64 = 256 * 1024 * 1024;
 /// Most anchors sent in one verification (the key service's limit).
-const MAX_ANCHORS: usize = 50_000;
+const MAX_ANCHORS: usize = crate::server::api::VerifyRequest::MAX_ANCHORS;
+/// Largest request body of anchors, in bytes: half the key service's
+/// default body limit, whatever the instance names' lengths.
+const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 
 #[derive(Debug, Deserialize)]
 struct Break {
@@ -100,13 +103,14 @@ async fn verify(ctx: &Ctx, client: &Client, anchors: Option<&Path>) -> Result<()
             (answer, report, None)
         }
         Some(path) => {
-            // Each request walks every chain once, through at most
-            // MAX_ANCHORS anchors; a longer file takes several walks, and
-            // the first that breaks is the answer.
+            // Each request walks every chain once, through the anchors of
+            // one part; a longer file takes several walks, and the first
+            // that breaks is the answer (with several, `-o json` prints
+            // the last answer).
             let anchors = read_anchors(path)?;
             let mut passed = 0;
             let mut last = None;
-            for chunk in anchors.chunks(MAX_ANCHORS) {
+            for chunk in parts(&anchors, MAX_ANCHORS, MAX_REQUEST_BYTES) {
                 let answer = client.post("/v1/audit/verify", &json!({ "anchors": chunk })).await?;
                 let report: Verified = decode(&answer, "audit verify")?;
                 passed += report.instances.iter().map(|i| i.anchors).sum::<u64>();
@@ -168,6 +172,31 @@ async fn anchor(client: &Client) -> Result<(), AdminError> {
         println(&line.to_string())?;
     }
     Ok(())
+}
+
+/// `anchors` in consecutive parts of at most `max_count` anchors and
+/// (roughly, as JSON) `max_bytes` each; never an empty part, and an anchor
+/// larger than `max_bytes` alone in one.
+fn parts(anchors: &[AnchorLine], max_count: usize, max_bytes: usize) -> Vec<&[AnchorLine]> {
+    // {"instance":"…","seq":…,"hash":"…"}, and a comma.
+    let size = |a: &AnchorLine| a.instance.len() + a.hash.len() + 60;
+    let mut parts = Vec::new();
+    let mut rest = anchors;
+    while !rest.is_empty() {
+        let mut bytes = 0;
+        let fitting = rest
+            .iter()
+            .take(max_count)
+            .take_while(|a| {
+                bytes += size(a);
+                bytes <= max_bytes
+            })
+            .count();
+        let Some((part, after)) = rest.split_at_checked(fitting.max(1)) else { break };
+        parts.push(part);
+        rest = after;
+    }
+    parts
 }
 
 /// The anchor lines of `path` (blank lines skipped), checked enough to
@@ -306,4 +335,27 @@ async fn stream_lines(mut response: reqwest::Response) -> Result<Page, AdminErro
         Some((instance, v.get("seq")?.as_i64()?))
     });
     Ok(Page { lines, last })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn anchors_go_in_parts_bounded_by_count_and_size() {
+        let anchor = |instance: &str, seq| AnchorLine {
+            instance: instance.to_owned(),
+            seq,
+            hash: "0".repeat(64),
+        };
+        let many: Vec<AnchorLine> = (1..=10).map(|seq| anchor("ks-1", seq)).collect();
+        let lens = |parts: Vec<&[AnchorLine]>| parts.iter().map(|p| p.len()).collect::<Vec<_>>();
+        assert_eq!(lens(parts(&many, 4, usize::MAX)), [4, 4, 2]);
+        assert_eq!(lens(parts(&many, 100, usize::MAX)), [10]);
+        // 132 bytes each: three fit in 400.
+        assert_eq!(lens(parts(&many, 100, 400)), [3, 3, 3, 1]);
+        let long = [anchor(&"i".repeat(1024), 1), anchor("ks-1", 2)];
+        assert_eq!(lens(parts(&long, 100, 400)), [1, 1], "a large anchor goes alone");
+        assert!(parts(&[], 4, 400).is_empty());
+    }
 }

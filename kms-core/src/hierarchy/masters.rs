@@ -220,8 +220,9 @@ impl Masters {
     /// (a PIN file rewritten, an HSM back) and will not wait up to
     /// [`ConnectBackoff::persistent_ceiling`]. Such attempts have a wait of
     /// their own after each that fails (the same schedule, counted on them
-    /// alone), so that a script repeating them cannot lock an HSM user out;
-    /// a failure also counts as one more in a row for requests.
+    /// alone): a script repeating them costs at most 8 failed logins in the
+    /// first hour and 4 an hour after, not one per call. A failure also
+    /// counts as one more in a row for requests.
     pub(super) async fn connect_now(
         &self,
         store: &dyn KeyStore,
@@ -337,16 +338,15 @@ impl Masters {
         // New settings start a new series.
         let same = failures.get(&id).filter(|f| f.settings.are_those_of(record));
         let count = same.map_or(0, |f| f.count).saturating_add(1);
+        let retryable = error.is_retryable();
         let forced_before = same.map_or(0, |f| f.forced);
         let (forced, forced_until) = match attempt {
             Attempt::Request => (forced_before, same.and_then(|f| f.forced_until)),
             Attempt::Forced => {
                 let forced = forced_before.saturating_add(1);
-                let wait = self.backoff.wait(error.is_retryable(), forced);
-                (forced, Some(Instant::now() + wait))
+                (forced, Some(Instant::now() + self.backoff.wait(retryable, forced)))
             }
         };
-        let retryable = error.is_retryable();
         let wait = self.backoff.wait(retryable, count);
         tracing::warn!(
             master = id.0,
@@ -634,7 +634,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_forced_attempt_skips_the_wait_once_per_failure() {
+    async fn a_forced_attempt_skips_the_requests_wait_then_waits_its_own() {
         let Setup { _dir, store, id, connector, masters } =
             setup([pin_rejected(), pin_rejected(), pin_rejected()], hours()).await;
         masters.get(&store, id).await.unwrap_err();

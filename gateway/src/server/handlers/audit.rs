@@ -217,6 +217,20 @@ async fn verify_chains(
     let store = state.hierarchy.store();
     let instances = store.audit_instances().await.map_err(|e| crate::error::store_error(&e))?;
     let mut reports = Vec::new();
+    // A chain gone whole breaks its anchors before any chain is walked.
+    for (instance, anchored) in anchors {
+        if let Some(first) =
+            anchored.iter().map(|a| a.seq).min().filter(|_| !instances.contains(instance))
+        {
+            let reason = BreakReason::AnchorPastEnd.to_string();
+            return Ok(broken(
+                instance,
+                first,
+                &format!("{reason} (no chain is stored for this instance)"),
+                reports,
+            ));
+        }
+    }
     for instance in &instances {
         // The public key is taken from the wrapped signing key (only the
         // master key can have made it), not from the stored copy.
@@ -265,19 +279,6 @@ async fn verify_chains(
                 return Err(crate::error::store_error(&e));
             }
             Err(e) => return Err(crate::error::internal(&e)),
-        }
-    }
-    for (instance, anchored) in anchors {
-        if let Some(first) =
-            anchored.iter().map(|a| a.seq).min().filter(|_| !instances.contains(instance))
-        {
-            let reason = BreakReason::AnchorPastEnd.to_string();
-            return Ok(broken(
-                instance,
-                first,
-                &format!("{reason} (no chain is stored for this instance)"),
-                reports,
-            ));
         }
     }
     Ok(json!({ "ok": true, "instances": reports }))

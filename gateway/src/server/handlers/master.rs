@@ -77,8 +77,9 @@ fn entry(
 /// the master's settings were put right (a PIN file rewritten, an HSM
 /// back) rather than wait up to 15 minutes. Other instances keep their
 /// own wait. A failed attempt counts as one more in a row, as a request's
-/// would, and starts a wait for such attempts of their own (so that
-/// repeating them cannot lock an HSM user out); attempts go one at a time.
+/// would, and starts a wait for such attempts of their own (repeating them
+/// costs at most 8 failed logins in the first hour, 4 an hour after);
+/// attempts go one at a time.
 #[utoipa::path(
     post,
     path = "/v1/master/{id}/connect",
