@@ -221,8 +221,8 @@ async fn an_unreachable_server_is_unavailable_in_time() {
 }
 
 /// Whether commits can be lost is read from the session, wherever it was
-/// set (here each spelling of the URL's options), and tables of its schema
-/// made UNLOGGED.
+/// set (each spelling of the URL's options, a role's own settings), and
+/// tables of its schema made UNLOGGED.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn weakened_commits_are_seen_wherever_they_are_set() {
     let f = Fixture::postgres().await;
@@ -242,6 +242,24 @@ async fn weakened_commits_are_seen_wherever_they_are_set() {
         assert!(why.contains("synchronous_commit="), "{param}: {why}");
     }
     assert!(matches!(durability("application_name=x").await, Durability::Durable(_)));
+
+    // A role whose own settings weaken commits: what its sessions run with
+    // counts, though neither the URL nor the server says so.
+    let role = format!("{}_weak", f.pg().name);
+    let schema = &f.pg().name;
+    f.exec(&format!(
+        "CREATE ROLE {role} LOGIN; ALTER ROLE {role} SET synchronous_commit = off;
+         GRANT ALL ON SCHEMA {schema} TO {role};
+         GRANT ALL ON ALL TABLES IN SCHEMA {schema} TO {role};
+         GRANT ALL ON ALL SEQUENCES IN SCHEMA {schema} TO {role}"
+    ))
+    .await;
+    let as_role = durability(&format!("user={role}")).await;
+    f.exec(&format!("DROP OWNED BY {role}; DROP ROLE {role}")).await;
+    let Durability::Weakened(why) = as_role else {
+        panic!("a role's synchronous_commit=off passed")
+    };
+    assert!(why.contains("synchronous_commit=off"), "{why}");
 
     // A keystore table made UNLOGGED (someone with DDL rights) loses its
     // rows in a crash whatever the settings say.
