@@ -153,6 +153,21 @@ impl Report {
         self.checks.push(Check { rule: rule.to_owned(), hipaa: hipaa.to_owned(), status, detail });
     }
 
+    /// Fails `rule` for `detail` as well, with what was found after the
+    /// configuration's checks (from the keystore, once connected): a
+    /// passing check fails, a failing one gives both reasons, a missing
+    /// one is added.
+    fn fail_also(&mut self, rule: &str, hipaa: &str, detail: String) {
+        match self.checks.iter_mut().find(|c| c.rule == rule) {
+            Some(check) if check.status == Status::Pass => {
+                check.status = Status::Fail;
+                check.detail = detail;
+            }
+            Some(check) => check.detail = format!("{}; {detail}", check.detail),
+            None => self.add(rule, hipaa, Err(detail)),
+        }
+    }
+
     /// The failed checks.
     pub fn failures(&self) -> impl Iterator<Item = &Check> {
         self.checks.iter().filter(|c| c.status == Status::Fail)
@@ -364,14 +379,7 @@ pub fn add_masters_in_use(report: &mut Report, in_use: &[(String, String)]) {
          (a master rotation moved them there)",
         local.join(", ")
     );
-    match report.checks.iter_mut().find(|c| c.rule == ROOT_KEY_RULE) {
-        Some(check) if check.status == Status::Pass => {
-            check.status = Status::Fail;
-            check.detail = detail;
-        }
-        Some(_) => {}
-        None => report.add(ROOT_KEY_RULE, hipaa::ACCESS_CONTROL, Err(detail)),
-    }
+    report.fail_also(ROOT_KEY_RULE, hipaa::ACCESS_CONTROL, detail);
 }
 
 /// Adds what the keystore itself says about its commits to the
@@ -379,25 +387,19 @@ pub fn add_masters_in_use(report: &mut Report, in_use: &[(String, String)]) {
 /// or `storage_url` that let an acknowledged commit (an audit event among
 /// them) be lost fail it, wherever they were made.
 pub fn add_keystore_durability(report: &mut Report, durability: &Durability) {
-    let check = report.checks.iter_mut().find(|c| c.rule == AUDIT_DURABLE_RULE);
-    let reason = match durability {
-        Durability::Weakened(reason) => reason,
+    match durability {
+        Durability::Weakened(reason) => report.fail_also(
+            AUDIT_DURABLE_RULE,
+            hipaa::AUDIT_CONTROLS,
+            format!("{reason}: audit events could be lost after they are acknowledged"),
+        ),
+        // The database's own words for a check that passes.
         Durability::Durable(how) => {
-            // The database's own words for a check that passes.
-            if let Some(check) = check.filter(|c| c.status == Status::Pass) {
+            let passing = report.checks.iter_mut().find(|c| c.rule == AUDIT_DURABLE_RULE);
+            if let Some(check) = passing.filter(|c| c.status == Status::Pass) {
                 check.detail = format!("{} ({how})", check.detail);
             }
-            return;
         }
-    };
-    let detail = format!("{reason}: audit events could be lost after they are acknowledged");
-    match check {
-        Some(check) if check.status == Status::Pass => {
-            check.status = Status::Fail;
-            check.detail = detail;
-        }
-        Some(check) => check.detail = format!("{}; {detail}", check.detail),
-        None => report.add(AUDIT_DURABLE_RULE, hipaa::AUDIT_CONTROLS, Err(detail)),
     }
 }
 
@@ -654,6 +656,28 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
         assert!(private_files(&[("k", &path)]).unwrap_err().contains("mode 640"));
         assert!(private_files(&[("k", &dir.path().join("absent"))]).is_err());
+    }
+
+    #[test]
+    fn what_the_keystore_says_fails_or_adds_to_a_check() {
+        let detail = |r: &Report| r.checks.iter().map(|c| c.detail.clone()).collect::<Vec<_>>();
+        let mut report = Report::new(Profile::Production);
+        report.add(AUDIT_DURABLE_RULE, hipaa::AUDIT_CONTROLS, Ok("committed".into()));
+        add_keystore_durability(&mut report, &Durability::Durable("fsync=on".into()));
+        assert_eq!(detail(&report), ["committed (fsync=on)"]);
+        assert_eq!(report.failures().count(), 0);
+        add_keystore_durability(&mut report, &Durability::Weakened("fsync=off".into()));
+        add_keystore_durability(&mut report, &Durability::Weakened("unlogged".into()));
+        let failed: Vec<&Check> = report.failures().collect();
+        assert_eq!(failed.len(), 1, "{report:?}");
+        assert!(failed[0].detail.starts_with("fsync=off: "), "{report:?}");
+        assert!(failed[0].detail.contains("; unlogged: "), "both reasons: {report:?}");
+        let mut empty = Report::new(Profile::Production);
+        add_keystore_durability(&mut empty, &Durability::Weakened("fsync=off".into()));
+        assert_eq!(
+            empty.failures().map(|c| c.rule.as_str()).collect::<Vec<_>>(),
+            [AUDIT_DURABLE_RULE]
+        );
     }
 
     #[test]

@@ -32,7 +32,10 @@ pub fn read_secret_file(path: &Path, max_len: u64) -> io::Result<SecretFile> {
     if !metadata.is_file() {
         return Err(not_a_file());
     }
-    let mut contents = Zeroizing::new(Vec::new());
+    // Sized up front, so that growing the buffer leaves no unwiped copy
+    // of the secret behind (a file still growing may yet force one).
+    let expected = usize::try_from(metadata.len().min(max_len)).unwrap_or(0);
+    let mut contents = Zeroizing::new(Vec::with_capacity(expected.saturating_add(1)));
     file.take(max_len.saturating_add(1)).read_to_end(&mut contents)?;
     if contents.len() as u64 > max_len {
         let message = format!("longer than {max_len} bytes");

@@ -339,12 +339,13 @@ impl Masters {
         let same = failures.get(&id).filter(|f| f.settings.are_those_of(record));
         let count = same.map_or(0, |f| f.count).saturating_add(1);
         let retryable = error.is_retryable();
+        let at = Instant::now();
         let forced_before = same.map_or(0, |f| f.forced);
         let (forced, forced_until) = match attempt {
             Attempt::Request => (forced_before, same.and_then(|f| f.forced_until)),
             Attempt::Forced => {
                 let forced = forced_before.saturating_add(1);
-                (forced, Some(Instant::now() + self.backoff.wait(retryable, forced)))
+                (forced, Some(at + self.backoff.wait(retryable, forced)))
             }
         };
         let wait = self.backoff.wait(retryable, count);
@@ -360,7 +361,6 @@ impl Masters {
             | RootKeyError::Misconfigured { detail, .. } => detail.clone(),
             other => other.to_string(),
         };
-        let at = Instant::now();
         let until = at + wait;
         let settings = Settings::of(record);
         failures.insert(

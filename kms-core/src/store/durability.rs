@@ -23,14 +23,13 @@ pub(crate) struct PgSettings<'a> {
     pub(crate) unlogged_tables: Option<&'a str>,
 }
 
-/// Judges PostgreSQL's settings as a session sees them. `local` is refused
-/// with `off`: with synchronous standbys it drops the wait for them, and
-/// the keystore never asks for it.
+/// Judges PostgreSQL's settings as a session sees them (`current_setting`
+/// gives each in its canonical spelling: `on`, `off`, `local` …). `local`
+/// is refused with `off`: with synchronous standbys it drops the wait for
+/// them, and the keystore never asks for it.
 #[cfg(feature = "postgres")]
 pub(crate) fn postgres(settings: &PgSettings<'_>) -> Durability {
-    let on = |value: &str| {
-        matches!(value.trim().to_ascii_lowercase().as_str(), "on" | "true" | "yes" | "1")
-    };
+    let on = |value: &str| value == "on";
     if !on(settings.fsync) {
         return Durability::Weakened(format!("the server runs with fsync={}", settings.fsync));
     }
@@ -45,12 +44,11 @@ pub(crate) fn postgres(settings: &PgSettings<'_>) -> Durability {
             "keystore tables are UNLOGGED (emptied by a crash): {tables}"
         ));
     }
-    let commit = settings.synchronous_commit.trim().to_ascii_lowercase();
-    if matches!(commit.as_str(), "off" | "local" | "false" | "no" | "0") {
+    let commit = settings.synchronous_commit;
+    if matches!(commit, "off" | "local") {
         return Durability::Weakened(format!(
-            "this keystore's sessions run with synchronous_commit={} \
-             (set by the server, database, role or storage_url)",
-            settings.synchronous_commit
+            "this keystore's sessions run with synchronous_commit={commit} \
+             (set by the server, database, role or storage_url)"
         ));
     }
     Durability::Durable(format!("synchronous_commit={commit}, fsync=on, full_page_writes=on"))
@@ -81,11 +79,11 @@ mod tests {
                 unlogged_tables: unlogged,
             })
         };
-        for commit in ["on", "remote_apply", "remote_write", "ON"] {
+        for commit in ["on", "remote_apply", "remote_write"] {
             assert!(matches!(pg(commit, "on", "on", None), Durability::Durable(_)), "{commit}");
         }
         assert!(matches!(pg("on", "on", "on", Some("")), Durability::Durable(_)));
-        for commit in ["off", "local", "OFF", "0", "false"] {
+        for commit in ["off", "local"] {
             assert!(matches!(pg(commit, "on", "on", None), Durability::Weakened(_)), "{commit}");
         }
         for (weakened, needle) in [

@@ -216,21 +216,14 @@ async fn verify_chains(
 ) -> Result<Value, ApiError> {
     let store = state.hierarchy.store();
     let instances = store.audit_instances().await.map_err(|e| crate::error::store_error(&e))?;
-    let mut reports = Vec::new();
     // A chain gone whole breaks its anchors before any chain is walked.
-    for (instance, anchored) in anchors {
-        if let Some(first) =
-            anchored.iter().map(|a| a.seq).min().filter(|_| !instances.contains(instance))
-        {
-            let reason = BreakReason::AnchorPastEnd.to_string();
-            return Ok(broken(
-                instance,
-                first,
-                &format!("{reason} (no chain is stored for this instance)"),
-                reports,
-            ));
-        }
+    if let Some((instance, anchored)) = anchors.iter().find(|(i, _)| !instances.contains(i)) {
+        let first = anchored.iter().map(|a| a.seq).min().unwrap_or(1);
+        let reason = BreakReason::AnchorPastEnd;
+        let reason = format!("{reason} (no chain is stored for this instance)");
+        return Ok(broken(instance, first, &reason, Vec::new()));
     }
+    let mut reports = Vec::new();
     for instance in &instances {
         // The public key is taken from the wrapped signing key (only the
         // master key can have made it), not from the stored copy.
