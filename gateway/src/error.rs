@@ -150,6 +150,11 @@ pub fn store_error(e: &StoreError) -> ApiError {
         StoreError::InvalidTransition(t) => {
             ApiError::new(StatusCode::CONFLICT, "invalid_transition", t.to_string())
         }
+        StoreError::Shredded(t) => ApiError::new(
+            StatusCode::GONE,
+            "key_destroyed",
+            format!("the keys of tenant {t} were destroyed"),
+        ),
         StoreError::UnknownApproval(_) => {
             ApiError::not_found("unknown_approval", "no such request for approval")
         }

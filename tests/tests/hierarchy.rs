@@ -158,6 +158,40 @@ async fn concurrent_rotations_from_two_instances_leave_one_active_version() {
 }
 
 #[tokio::test]
+async fn an_issue_after_another_instance_rotated_uses_the_new_active_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = open_hierarchy(dir.path(), TTL).await;
+    let second = open_hierarchy(dir.path(), TTL).await;
+    let onc = tenant("onc");
+    first.create_tenant(&onc).await.unwrap();
+    // `first` holds version 1 as the active one in its cache, not its KEK.
+    assert_eq!(first.active_version(&onc).await.unwrap(), 1);
+    second.rotate(&onc).await.unwrap();
+    // Its cached version is now decrypt-only in the store: it must look
+    // again, not answer that the tenant has no active key.
+    let issued = first.issue_deks(&onc, 3).await.unwrap();
+    assert!(issued.iter().all(|d| d.kek_version == 2), "issued under the new version");
+    let requests: Vec<_> = issued.iter().map(request).collect();
+    let unwrapped = second.unwrap_deks(&onc, &requests).await.unwrap();
+    assert!(unwrapped.iter().all(Result::is_ok));
+}
+
+#[tokio::test]
+async fn a_rotation_prepared_before_a_shred_is_refused_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open_hierarchy(dir.path(), TTL).await;
+    let onc = tenant("onc");
+    h.create_tenant(&onc).await.unwrap();
+    let read_before = h.tenant(&onc).await.unwrap();
+    let prepared = h.prepare_rotation(&read_before).await.unwrap();
+    h.destroy(&onc, None).await.unwrap();
+    assert!(matches!(h.commit_rotation(prepared).await, Err(HierarchyError::KeyDestroyed(_))));
+    assert!(matches!(h.issue_deks(&onc, 1).await, Err(HierarchyError::KeyDestroyed(_))));
+    let after = h.tenant(&onc).await.unwrap();
+    assert!(after.active().is_none() && after.versions.len() == 1, "{after:?}");
+}
+
+#[tokio::test]
 async fn kek_cache_entries_expire_and_are_evicted() {
     let dir = tempfile::tempdir().unwrap();
     let h = open_hierarchy(dir.path(), Duration::from_millis(100)).await;

@@ -116,6 +116,7 @@ impl From<StoreError> for HierarchyError {
                 Self::UnknownVersion { tenant, version }
             }
             StoreError::InvalidTransition(t) => Self::InvalidTransition(t),
+            StoreError::Shredded(t) => Self::KeyDestroyed(t),
             other => Self::Store(other),
         }
     }
@@ -405,13 +406,24 @@ impl KeyHierarchy {
         count: usize,
     ) -> Result<DekIssue, HierarchyError> {
         self.check_batch(count)?;
-        let version = self.active_version(id).await?;
-        let kek = match self.kek(id, version).await? {
-            (KekState::Active, Some(kek)) => kek,
-            // Rotated away between the two lookups: use the new active one.
-            _ => {
-                self.cache.invalidate_tenant(id);
-                return Err(HierarchyError::NoActiveKey(id.clone()));
+        // The active version (perhaps cached) and its KEK are two lookups;
+        // a rotation, here or on another replica, can come between them.
+        // Then the version read is no longer active: forget what this
+        // instance cached of the tenant and look again. A tenant that
+        // really has no active version answers so from the store.
+        let mut attempts = 0;
+        let (version, kek) = loop {
+            let version = self.active_version(id).await?;
+            match self.kek(id, version).await? {
+                (KekState::Active, Some(kek)) => break (version, kek),
+                _ if attempts < 2 => {
+                    attempts += 1;
+                    self.cache.invalidate_tenant(id);
+                }
+                _ => {
+                    self.cache.invalidate_tenant(id);
+                    return Err(HierarchyError::NoActiveKey(id.clone()));
+                }
             }
         };
         let record_key_ids =

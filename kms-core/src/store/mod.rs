@@ -182,6 +182,9 @@ pub enum StoreError {
     /// Another writer added a version first; re-read and retry.
     #[error("tenant {0} was rotated concurrently")]
     VersionConflict(TenantId),
+    /// The tenant's keys were shredded: it takes no new KEK version.
+    #[error("the keys of tenant {0} were destroyed")]
+    Shredded(TenantId),
     /// The state change is not allowed.
     #[error(transparent)]
     InvalidTransition(#[from] InvalidTransition),
@@ -255,6 +258,7 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug {
     /// Adds `version` as the new active version and makes the previous
     /// active one decrypt-only, atomically. `version` must be exactly one
     /// above the current highest; otherwise [`StoreError::VersionConflict`].
+    /// A shredded tenant takes none: [`StoreError::Shredded`].
     async fn add_kek_version(
         &self,
         id: &TenantId,

@@ -61,6 +61,14 @@ pub(crate) async fn shredding_erases_material_and_is_final(f: Fixture) {
     assert!(whole.index_root_wrapped.is_none());
     assert!(whole.versions.iter().all(|v| v.state == KekState::Destroyed && v.wrapped.is_none()));
     assert!(whole.active().is_none());
+    // A rotation prepared before the shred and committed after it (its
+    // number is still the next one) must not bring the tenant back.
+    assert!(matches!(
+        store.add_kek_version(&tenant("onc"), 4, &[5; 40], master, 51).await,
+        Err(StoreError::Shredded(_))
+    ));
+    let still = store.tenant(&tenant("onc")).await.unwrap().unwrap();
+    assert!(still.active().is_none() && still.versions.len() == 3, "{still:?}");
     let other = store.tenant(&tenant("other")).await.unwrap().unwrap();
     assert_eq!(
         other.active().unwrap().wrapped.as_deref(),

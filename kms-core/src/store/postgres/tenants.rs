@@ -136,6 +136,18 @@ pub(super) async fn add_kek_version(
     if !lock_tenant(&mut tx, id).await? {
         return Err(StoreError::UnknownTenant(id.clone()));
     }
+    // A shred adds no version, so the number alone cannot tell a rotation
+    // prepared before a shred from one prepared after it. The row lock
+    // orders this read after any shred that committed first.
+    let shredded: bool =
+        sqlx::query_scalar("SELECT index_root_wrapped IS NULL FROM tenants WHERE id = $1")
+            .bind(id.as_str())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+    if shredded {
+        return Err(StoreError::Shredded(id.clone()));
+    }
     let highest: Option<i64> =
         sqlx::query_scalar("SELECT MAX(version) FROM kek_versions WHERE tenant = $1")
             .bind(id.as_str())

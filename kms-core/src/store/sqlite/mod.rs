@@ -235,23 +235,29 @@ impl KeyStore for SqliteStore {
     }
 
     async fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>, StoreError> {
-        let mut conn = self.pool.acquire().await.map_err(unavailable)?;
-        self.load_tenant(&mut conn, id).await
+        // One read transaction, so the tenant row and its versions come
+        // from one snapshot (a shred between two reads would otherwise show
+        // an index root beside destroyed versions).
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let record = self.load_tenant(&mut tx, id).await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(record)
     }
 
     async fn list_tenants(&self) -> Result<Vec<TenantRecord>, StoreError> {
-        let mut conn = self.pool.acquire().await.map_err(unavailable)?;
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
         let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM tenants ORDER BY id")
-            .fetch_all(&mut *conn)
+            .fetch_all(&mut *tx)
             .await
             .map_err(unavailable)?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             let id = TenantId::new(id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            if let Some(t) = self.load_tenant(&mut conn, &id).await? {
+            if let Some(t) = self.load_tenant(&mut tx, &id).await? {
                 out.push(t);
             }
         }
+        tx.commit().await.map_err(unavailable)?;
         Ok(out)
     }
 
@@ -283,6 +289,19 @@ impl KeyStore for SqliteStore {
         now: i64,
     ) -> Result<KekRecord, StoreError> {
         let mut tx = self.write_tx().await?;
+        // A shred adds no version, so the number alone cannot tell a
+        // rotation prepared before a shred from one prepared after it.
+        let shredded: Option<bool> =
+            sqlx::query_scalar("SELECT index_root_wrapped IS NULL FROM tenants WHERE id = ?")
+                .bind(id.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        match shredded {
+            None => return Err(StoreError::UnknownTenant(id.clone())),
+            Some(true) => return Err(StoreError::Shredded(id.clone())),
+            Some(false) => {}
+        }
         let highest: Option<i64> =
             sqlx::query_scalar("SELECT MAX(version) FROM kek_versions WHERE tenant = ?")
                 .bind(id.as_str())
