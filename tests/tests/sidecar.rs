@@ -359,6 +359,99 @@ async fn refuses_when_audit_events_cannot_be_delivered_for_too_long() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_whose_events_are_refused_holds_up_only_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = key_service_with_onc(dir.path()).await;
+    let (status, _) = ks.post(ADMIN, "/v1/tenants", &json!({"tenant": "t-a"})).await;
+    assert_eq!(status, 201);
+    let sc = Sidecar::start(
+        &ks,
+        &dir.path().join("sidecar"),
+        CLINICAL,
+        "[audit]\nflush_interval_ms = 100\nmax_unreported_secs = 1\n",
+    );
+    let encrypt_for = |tenant: &'static str, i: usize| {
+        let sc = &sc;
+        async move {
+            sc.post(
+                "/v1/encrypt",
+                &json!({"tenant": tenant, "schema": "patient", "record": patient(i)}),
+            )
+            .await
+        }
+    };
+    assert_eq!(encrypt_for("t-a", 1).await.0, 200, "t-a's DEK pool filled, grants cached");
+
+    // The key service stops granting t-a to this sidecar. Its cached
+    // grants and pooled DEKs still encrypt for t-a a while; the key service
+    // refuses those events.
+    let policy = dir.path().join("ks/policy.toml");
+    let text = std::fs::read_to_string(&policy).unwrap();
+    let revoked = text.replace(
+        "identity = \"spiffe://test/sidecar-clinical\"\ntenants = [\"onc\", \"t-*\"]",
+        "identity = \"spiffe://test/sidecar-clinical\"\ntenants = [\"onc\"]",
+    );
+    assert_ne!(revoked, text);
+    std::fs::write(&policy, &revoked).unwrap();
+    ks.sighup();
+    let mut reloaded = false;
+    for _ in 0..100 {
+        let (_, grants) = ks.get(CLINICAL, "/v1/policy/self").await;
+        if !grants.contains("t-*") {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(reloaded, "policy reloaded");
+    assert_eq!(encrypt_for("t-a", 2).await.0, 200, "from the pool, on cached grants");
+
+    // That event is set aside: t-a's requests are refused, onc's go on,
+    // past the bound on undelivered events.
+    let mut held = false;
+    for _ in 0..100 {
+        let (status, body) = encrypt_for("t-a", 3).await;
+        if status == 503 {
+            assert_eq!(body["error"]["code"], "audit_unavailable", "{body}");
+            assert!(body["error"]["message"].as_str().unwrap().contains("t-a"), "{body}");
+            held = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(held, "t-a held once its event is refused");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let (status, body) = encrypt_for("onc", 4).await;
+    assert_eq!(status, 200, "onc is not held up by t-a's refused event: {body}");
+    let encrypted = body["record"].clone();
+    let (status, body) = sc.post("/v1/decrypt", &json!({"record": encrypted})).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(sc.log().contains("refuses an audit event"), "{}", sc.log());
+
+    // Granted again: the event set aside is taken, and t-a is served again.
+    std::fs::write(&policy, &text).unwrap();
+    ks.sighup();
+    let mut served = false;
+    for _ in 0..200 {
+        if encrypt_for("t-a", 5).await.0 == 200 {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(served, "t-a served again once its event was taken");
+    let (_, export) = ks.get(AUDITOR, "/v1/audit?tenant=t-a").await;
+    let encrypts: Vec<Value> = export
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["action"] == "record.encrypt")
+        .collect();
+    let requests: u64 =
+        encrypts.iter().map(|e| e["detail"]["fields"]["requests"].as_u64().unwrap()).sum();
+    assert!(requests >= 2, "the refused event is in the chain now: {export}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn bearer_token_and_reasons() {
     let dir = tempfile::tempdir().unwrap();
     let ks = key_service_with_onc(dir.path()).await;

@@ -81,6 +81,7 @@ pub(super) async fn decrypt(
                 "this sidecar's identity may not decrypt for tenant {tenant}"
             )));
         }
+        s.reporter.check_tenant(tenant)?;
     }
     let deks = deks(&s, &parsed, req.purpose.as_ref()).await?;
 

@@ -101,6 +101,7 @@ pub(super) async fn encrypt(State(s): Shared, body: ApiBody) -> Result<SecretJso
         check_encryptable(record)?;
     }
     s.reporter.check()?;
+    s.reporter.check_tenant(&req.tenant)?;
     let keys = s
         .keyring
         .schema_keys(&req.tenant, &schema)

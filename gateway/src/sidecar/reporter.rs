@@ -8,6 +8,14 @@
 //! events; the key service has already recorded every DEK unwrap behind
 //! them.)
 //!
+//! A report the key service refuses as a whole (a 4xx other than 408 and
+//! 429: a tenant this sidecar no longer serves, a report over its limits)
+//! is split until the events it refuses alone are found. Those are kept
+//! aside and offered again every [`REFUSED_RETRY`]; until one is taken,
+//! requests for its tenant are refused (503 `audit_unavailable`), while
+//! every other tenant's events flow as before. One refused event never
+//! holds up the rest.
+//!
 //! Accesses that differ only in which records and when — same tenant, KEK
 //! version, action, schema, purpose, field outcomes and cache hit — are
 //! coalesced while they wait: one event lists every record key id (once
@@ -26,7 +34,7 @@ use serde::ser::SerializeMap;
 use tokio::sync::Notify;
 
 use super::config::ReportConfig;
-use super::ks_client::KeyServiceClient;
+use super::ks_client::{KeyServiceClient, KsError};
 use crate::audit_log::now_ms;
 use crate::error::ApiError;
 
@@ -75,6 +83,12 @@ const COALESCE_WINDOW: usize = 8;
 const REPORT_ACCESSES: usize = 10_000;
 /// Most events sent in one report (the key service's default limit is 10,000).
 const REPORT_EVENTS: usize = 1_000;
+/// Most bytes of JSON, as estimated, in one report (the key service's
+/// default body limit is 8 MiB). A decrypt event lists each protected
+/// pointer of its records, so its size is not fixed by its record count.
+const REPORT_BYTES: usize = 1024 * 1024;
+/// How often events the key service refused are offered again.
+const REFUSED_RETRY: Duration = Duration::from_secs(5);
 
 /// An event waiting to be reported.
 #[derive(Debug)]
@@ -83,11 +97,45 @@ struct Pending {
     first_ms: i64,
     last_ms: i64,
     requests: u32,
+    /// When its first access was buffered.
+    buffered_at: Instant,
 }
 
 impl Pending {
     fn accesses(&self) -> usize {
         self.event.record_key_ids.len()
+    }
+
+    /// About how many bytes of JSON it is on the wire (over, not under).
+    fn wire_bytes(&self) -> usize {
+        let fields = match &self.event.access {
+            Access::Encrypt { .. } => 0,
+            Access::Decrypt { fields, .. } => {
+                fields.iter().map(|(pointer, _)| 2 * pointer.len() + 16).sum()
+            }
+        };
+        512 + 36 * self.accesses() + fields
+    }
+
+    /// Splits off the second half of its records as an event of the same
+    /// facts (each half counts the requests it may come from).
+    fn split_records(&mut self) -> Self {
+        let half = self.event.record_key_ids.len() / 2;
+        let rest = self.event.record_key_ids.split_off(half);
+        let requests = self.requests;
+        self.requests = requests - requests / 2;
+        Self {
+            event: AccessEvent {
+                tenant: self.event.tenant.clone(),
+                kek_version: self.event.kek_version,
+                access: self.event.access.clone(),
+                record_key_ids: rest,
+            },
+            first_ms: self.first_ms,
+            last_ms: self.last_ms,
+            requests: (requests / 2).max(1),
+            buffered_at: self.buffered_at,
+        }
     }
 
     /// Adds `event` to this one if they differ only in records and time.
@@ -109,21 +157,40 @@ impl Pending {
     }
 }
 
+/// An event the key service refused on its own.
+#[derive(Debug)]
+struct Refused {
+    pending: Pending,
+    /// The key service's error code.
+    code: String,
+    tried_at: Instant,
+}
+
 /// The waiting events and how many record accesses they list.
 #[derive(Debug, Default)]
 struct Buffer {
+    /// In the order their first access was buffered.
     events: Vec<Pending>,
+    /// Record accesses in `events` and `refused`.
     accesses: usize,
-    /// When the oldest unreported event was buffered (None: buffer empty).
-    oldest: Option<Instant>,
+    refused: Vec<Refused>,
 }
 
 impl Buffer {
+    /// When the oldest event still to be reported was buffered.
+    fn oldest(&self) -> Option<Instant> {
+        self.events.first().map(|p| p.buffered_at)
+    }
+
+    /// The error code of a refused event of `tenant`, if one waits.
+    fn refused_code(&self, tenant: &TenantId) -> Option<&str> {
+        self.refused.iter().find(|r| &r.pending.event.tenant == tenant).map(|r| r.code.as_str())
+    }
+
     fn add(&mut self, event: AccessEvent, at_ms: i64) {
         if event.record_key_ids.is_empty() {
             return;
         }
-        self.oldest.get_or_insert_with(Instant::now);
         self.accesses += event.record_key_ids.len();
         let start = self.events.len().saturating_sub(COALESCE_WINDOW);
         let mut event = Some(event);
@@ -134,21 +201,27 @@ impl Buffer {
             }
         }
         if let Some(event) = event {
-            self.events.push(Pending { event, first_ms: at_ms, last_ms: at_ms, requests: 1 });
+            self.events.push(Pending {
+                event,
+                first_ms: at_ms,
+                last_ms: at_ms,
+                requests: 1,
+                buffered_at: Instant::now(),
+            });
         }
     }
 
     /// The oldest events, up to one report's worth (at least one event).
     fn take_report(&mut self) -> Vec<Pending> {
-        let mut accesses = 0;
+        let (mut accesses, mut bytes, mut first) = (0, 0, true);
         let n = self
             .events
             .iter()
             .take(REPORT_EVENTS)
             .take_while(|p| {
-                let first = accesses == 0;
                 accesses += p.accesses();
-                first || accesses <= REPORT_ACCESSES
+                bytes += p.wire_bytes();
+                std::mem::take(&mut first) || (accesses <= REPORT_ACCESSES && bytes <= REPORT_BYTES)
             })
             .count();
         let batch: Vec<Pending> = self.events.drain(..n).collect();
@@ -156,12 +229,58 @@ impl Buffer {
         batch
     }
 
-    /// Puts a report that could not be delivered back in front.
-    fn put_back(&mut self, batch: Vec<Pending>, oldest: Option<Instant>) {
+    /// Puts events that could not be delivered back in front, in order.
+    fn put_back(&mut self, batch: Vec<Pending>) {
         self.accesses += batch.iter().map(Pending::accesses).sum::<usize>();
         let newer = std::mem::replace(&mut self.events, batch);
         self.events.extend(newer);
-        self.oldest = oldest;
+    }
+
+    /// Keeps an event the key service refused on its own.
+    fn set_aside(&mut self, pending: Pending, code: String) {
+        self.accesses += pending.accesses();
+        self.refused.push(Refused { pending, code, tried_at: Instant::now() });
+    }
+
+    /// Refused events due to be offered again (taken out).
+    fn take_refused_due(&mut self) -> Vec<Refused> {
+        let (due, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.refused)
+            .into_iter()
+            .partition(|r| r.tried_at.elapsed() >= REFUSED_RETRY);
+        self.refused = wait;
+        self.accesses -= due.iter().map(|r| r.pending.accesses()).sum::<usize>();
+        due
+    }
+
+    /// Puts refused events back after another try.
+    fn keep_refused(&mut self, refused: impl IntoIterator<Item = Refused>) {
+        for r in refused {
+            self.accesses += r.pending.accesses();
+            self.refused.push(r);
+        }
+    }
+}
+
+/// What became of a report.
+enum Delivery {
+    Taken,
+    /// Not now (the key service unreachable, busy or failing): try again.
+    Later(String),
+    /// The key service refused it as it is: its error code.
+    Refused(String),
+}
+
+impl From<Result<(), KsError>> for Delivery {
+    fn from(result: Result<(), KsError>) -> Self {
+        match result {
+            Ok(()) => Self::Taken,
+            Err(KsError::Api { status, code, .. })
+                if (400..500).contains(&status) && status != 408 && status != 429 =>
+            {
+                Self::Refused(code)
+            }
+            Err(e) => Self::Later(e.to_string()),
+        }
     }
 }
 
@@ -199,7 +318,7 @@ impl Reporter {
     pub(super) fn check(&self) -> Result<(), ApiError> {
         let buffer = self.buffer();
         let overdue = buffer
-            .oldest
+            .oldest()
             .is_some_and(|at| at.elapsed() > Duration::from_secs(self.config.max_unreported_secs));
         if overdue || buffer.accesses >= self.config.max_buffered {
             return Err(ApiError::unavailable(
@@ -208,6 +327,21 @@ impl Reporter {
             ));
         }
         Ok(())
+    }
+
+    /// Whether events of `tenant` can be accepted now: not while the key
+    /// service refuses one of its events.
+    pub(super) fn check_tenant(&self, tenant: &TenantId) -> Result<(), ApiError> {
+        match self.buffer().refused_code(tenant) {
+            None => Ok(()),
+            Some(code) => Err(ApiError::unavailable(
+                "audit_unavailable",
+                format!(
+                    "the key service refuses this sidecar's audit events of tenant {tenant} \
+                     ({code})"
+                ),
+            )),
+        }
     }
 
     /// Buffers events, stamped now (call [`Reporter::check`] first).
@@ -248,30 +382,95 @@ impl Reporter {
         }
     }
 
-    /// Sends everything buffered, in reports; keeps what fails.
+    /// Sends everything buffered, in reports; keeps what fails. Then
+    /// offers again the refused events that are due.
     pub(super) async fn flush(&self) {
         loop {
-            let (batch, oldest) = {
+            let batch = {
                 let mut buffer = self.buffer();
                 if buffer.events.is_empty() {
-                    return;
+                    break;
                 }
-                (buffer.take_report(), buffer.oldest)
+                buffer.take_report()
             };
-            let report = Report { actor: &self.actor, events: &batch };
-            match self.client.report(&report).await {
-                Ok(()) => {
-                    let mut buffer = self.buffer();
-                    buffer.oldest =
-                        if buffer.events.is_empty() { None } else { Some(Instant::now()) };
+            if !self.deliver(batch).await {
+                return;
+            }
+        }
+        self.retry_refused().await;
+    }
+
+    async fn send(&self, events: &[Pending]) -> Delivery {
+        self.client.report(&Report { actor: &self.actor, events }).await.into()
+    }
+
+    /// Sends `batch`; what the key service refuses as a whole is halved
+    /// (by events, then by records) until each refused event is alone, and
+    /// set aside. `false` if the key service could not take reports now:
+    /// what was not delivered is back in front of the buffer.
+    async fn deliver(&self, batch: Vec<Pending>) -> bool {
+        // Halves waiting their turn, the next one last.
+        let mut todo = vec![batch];
+        while let Some(mut batch) = todo.pop() {
+            match self.send(&batch).await {
+                Delivery::Taken => {}
+                Delivery::Later(error) => {
+                    tracing::warn!(%error, events = batch.len(), "audit report failed; will retry");
+                    batch.extend(todo.into_iter().rev().flatten());
+                    self.buffer().put_back(batch);
+                    return false;
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, events = batch.len(), "audit report failed; will retry");
-                    self.buffer().put_back(batch, oldest);
-                    return;
+                Delivery::Refused(code) if batch.len() > 1 => {
+                    tracing::warn!(%code, events = batch.len(), "audit report refused; splitting it");
+                    let second = batch.split_off(batch.len() / 2);
+                    todo.push(second);
+                    todo.push(batch);
+                }
+                Delivery::Refused(code) => {
+                    let Some(mut one) = batch.pop() else { continue };
+                    if one.accesses() > 1 {
+                        let second = one.split_records();
+                        todo.push(vec![second]);
+                        todo.push(vec![one]);
+                        continue;
+                    }
+                    tracing::error!(
+                        %code,
+                        tenant = %one.event.tenant,
+                        action = one.action(),
+                        "the key service refuses an audit event; requests for its tenant are \
+                         refused until it is taken"
+                    );
+                    self.buffer().set_aside(one, code);
                 }
             }
         }
+        true
+    }
+
+    /// Offers each refused event that is due again, alone.
+    async fn retry_refused(&self) {
+        let due = self.buffer().take_refused_due();
+        let mut kept = Vec::new();
+        let mut due = due.into_iter();
+        while let Some(mut refused) = due.next() {
+            match self.send(std::slice::from_ref(&refused.pending)).await {
+                Delivery::Taken => {
+                    tracing::info!(tenant = %refused.pending.event.tenant, "a refused audit event was taken");
+                }
+                Delivery::Refused(code) => {
+                    refused.code = code;
+                    refused.tried_at = Instant::now();
+                    kept.push(refused);
+                }
+                Delivery::Later(_) => {
+                    kept.push(refused);
+                    kept.extend(due);
+                    break;
+                }
+            }
+        }
+        self.buffer().keep_refused(kept);
     }
 }
 
@@ -297,12 +496,22 @@ struct WireEvent<'a> {
     pending: &'a Pending,
 }
 
+impl Pending {
+    fn action(&self) -> &'static str {
+        match self.event.access {
+            Access::Encrypt { .. } => "record.encrypt",
+            Access::Decrypt { .. } => "record.decrypt",
+        }
+    }
+}
+
 impl Serialize for WireEvent<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let p = self.pending;
-        let (action, purpose) = match &p.event.access {
-            Access::Encrypt { .. } => ("record.encrypt", None),
-            Access::Decrypt { purpose, .. } => ("record.decrypt", purpose.as_ref()),
+        let action = p.action();
+        let purpose = match &p.event.access {
+            Access::Encrypt { .. } => None,
+            Access::Decrypt { purpose, .. } => purpose.as_ref(),
         };
         let mut map = serializer.serialize_map(None)?;
         map.serialize_entry("actor", self.actor)?;
@@ -460,9 +669,97 @@ mod tests {
         assert_eq!(buffer.accesses, 2_500 + 20_000 - sent);
         // A failed report goes back in front, in order.
         let first_ids = first[0].event.record_key_ids.clone();
-        buffer.put_back(first, None);
+        buffer.put_back(first);
         assert_eq!(buffer.accesses, 22_500);
         assert_eq!(buffer.events[0].event.record_key_ids, first_ids);
+    }
+
+    #[test]
+    fn reports_are_bounded_in_bytes_and_halves_keep_every_record() {
+        let mut buffer = Buffer::default();
+        // Events of one record each, with many protected pointers: about
+        // 40 KiB each, so a report of 1 MiB takes a few dozen of them.
+        let fields: Vec<(String, &'static str)> =
+            (0..1_000).map(|i| (format!("/allergies/{i}"), "revealed")).collect();
+        for i in 0..100u8 {
+            let mut event = decrypt(&format!("t{i}"), true, 1, i); // not coalesced
+            if let Access::Decrypt { fields: f, .. } = &mut event.access {
+                f.clone_from(&fields);
+            }
+            buffer.add(event, i64::from(i));
+        }
+        let report = buffer.take_report();
+        let bytes = serde_json::to_vec(&Report { actor: "a", events: &report }).unwrap().len();
+        assert!(report.len() > 1 && report.len() < 100, "{}", report.len());
+        assert!(bytes <= REPORT_BYTES, "{bytes}");
+        let estimated: usize = report.iter().map(Pending::wire_bytes).sum();
+        assert!(estimated >= bytes, "the estimate is an upper bound: {estimated} < {bytes}");
+
+        let mut pending = Buffer::default();
+        pending.add(decrypt("onc", true, 5, 0), 7);
+        pending.add(decrypt("onc", true, 1, 5), 8); // coalesced: 6 ids, 2 requests
+        let mut first = pending.take_report().pop().unwrap();
+        let second = first.split_records();
+        let mut both = first.event.record_key_ids.clone();
+        both.extend(second.event.record_key_ids.clone());
+        assert_eq!(both, ids(5, 0).into_iter().chain(ids(1, 5)).collect::<Vec<_>>());
+        assert_eq!((first.accesses(), second.accesses()), (3, 3));
+        assert_eq!((first.requests, second.requests), (1, 1));
+        assert_eq!(first.event.access, second.event.access);
+        assert_eq!((second.first_ms, second.last_ms), (7, 8));
+    }
+
+    #[test]
+    fn refused_events_are_kept_apart_and_hold_only_their_tenant() {
+        let mut buffer = Buffer::default();
+        buffer.add(decrypt("onc", true, 2, 0), 1);
+        buffer.add(decrypt("card", true, 3, 2), 1);
+        let mut report = buffer.take_report();
+        let card = report.pop().unwrap();
+        buffer.put_back(report);
+        buffer.set_aside(card, "forbidden".into());
+        assert_eq!(buffer.accesses, 5, "set aside, still counted");
+        assert_eq!(buffer.refused_code(&tenant("card")), Some("forbidden"));
+        assert_eq!(buffer.refused_code(&tenant("onc")), None);
+        assert!(buffer.take_refused_due().is_empty(), "not due yet");
+        buffer.refused[0].tried_at -= REFUSED_RETRY;
+        let due = buffer.take_refused_due();
+        assert_eq!(
+            (due.len(), buffer.accesses, buffer.refused_code(&tenant("card"))),
+            (1, 2, None)
+        );
+        buffer.keep_refused(due);
+        assert_eq!(buffer.accesses, 5);
+        // The age that decides refusals is the oldest waiting event's own.
+        let oldest = buffer.oldest().unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        buffer.add(decrypt("onc", false, 1, 9), 2);
+        let first = buffer.take_report();
+        buffer.put_back(first);
+        assert_eq!(buffer.oldest(), Some(oldest), "put back with its own time");
+    }
+
+    #[test]
+    fn only_client_errors_other_than_408_and_429_are_refusals() {
+        let api = |status| {
+            Delivery::from(Err(KsError::Api {
+                status,
+                code: "c".into(),
+                message: String::new(),
+                retry_after: None,
+            }))
+        };
+        assert!(matches!(api(403), Delivery::Refused(_)));
+        assert!(matches!(api(413), Delivery::Refused(_)));
+        assert!(matches!(api(400), Delivery::Refused(_)));
+        assert!(matches!(api(408), Delivery::Later(_)));
+        assert!(matches!(api(429), Delivery::Later(_)));
+        assert!(matches!(api(503), Delivery::Later(_)));
+        assert!(matches!(
+            Delivery::from(Err(KsError::Unavailable("x".into()))),
+            Delivery::Later(_)
+        ));
+        assert!(matches!(Delivery::from(Ok(())), Delivery::Taken));
     }
 
     #[test]
