@@ -479,7 +479,7 @@ async fn deep_json_is_refused_before_parsing() {
     assert_eq!(status, 201);
     // Key service: 80 levels (under serde_json's own 128) is over our 64.
     let body = format!(
-        r#"{{"events":[{{"actor":"a","action":"x","tenant":"onc","outcome":"ok","ts_ms":1,"fields":{{"f":{}}}}}]}}"#,
+        r#"{{"events":[{{"actor":"a","action":"record.encrypt","tenant":"onc","outcome":"ok","ts_ms":1,"fields":{{"f":{}}}}}]}}"#,
         nested(80)
     );
     let response = ks
@@ -493,7 +493,7 @@ async fn deep_json_is_refused_before_parsing() {
     assert_eq!(response.status().as_u16(), 400);
     assert_eq!(code(&response.json::<Value>().await.unwrap()), "json_too_deep");
     // The same event, shallow, is accepted.
-    let shallow = json!({"events": [{"actor": "a", "action": "x", "tenant": "onc", "outcome": "ok", "ts_ms": 1, "fields": {"f": [[1]]}}]});
+    let shallow = json!({"events": [{"actor": "a", "action": "record.encrypt", "tenant": "onc", "outcome": "ok", "ts_ms": 1, "fields": {"f": [[1]]}}]});
     let (status, body) = ks.post(SIDECAR, "/v1/audit/events", &shallow).await;
     assert_eq!(status, 200, "{body}");
 

@@ -62,6 +62,17 @@ async fn sidecar_events_land_in_the_chain_with_their_reporter() {
     foreign["events"][0]["tenant"] = json!("b");
     let (status, _) = ks.post(DEC, "/v1/audit/events", &foreign).await;
     assert_eq!(status, 403);
+    // Only what a sidecar does: not a key service's or an officer's action.
+    let mut forged = event.clone();
+    forged["events"][0]["action"] = json!("shred.approve");
+    let (status, body) = ks.post(DEC, "/v1/audit/events", &forged).await;
+    assert_eq!(status, 422, "{body}");
+    // A time ahead of the key service's is recorded as the time it came.
+    let mut ahead = event.clone();
+    ahead["events"][0]["ts_ms"] = json!(i64::MAX / 2);
+    ahead["events"][0]["record_key_ids"] = json!(["ffeeddccbbaa99887766554433221100"]);
+    let (status, _) = ks.post(DEC, "/v1/audit/events", &ahead).await;
+    assert_eq!(status, 200);
     let (_, export) = ks.get(AUDITOR, "/v1/audit").await;
     let line: Value = export
         .lines()
@@ -71,6 +82,17 @@ async fn sidecar_events_land_in_the_chain_with_their_reporter() {
     assert_eq!(line["actor"], "spiffe://test/app");
     assert_eq!(line["detail"]["reported_by"], DEC);
     assert_eq!(line["detail"]["fields"]["/ssn"], "masked");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let ahead = export
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["record_key_ids"][0] == "ffeeddccbbaa99887766554433221100")
+        .unwrap();
+    assert!(u128::from(ahead["ts_ms"].as_u64().unwrap()) <= now_ms, "{ahead}");
+    assert!(!export.contains("shred.approve"), "{export}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -255,8 +255,9 @@ pub(crate) struct ReportedEvents {
 pub(crate) struct ReportedEvent {
     /// The application identity the sidecar served.
     pub(crate) actor: String,
-    /// `record.decrypt`, `record.encrypt`, …
-    pub(crate) action: String,
+    /// What the sidecar did: a sidecar reports nothing else, so no other
+    /// action (a key service's own, say) can be written through this call.
+    pub(crate) action: ReportedAction,
     #[schema(value_type = String, pattern = "^[a-z0-9][a-z0-9_-]{0,62}$")]
     pub(crate) tenant: TenantId,
     #[serde(default)]
@@ -275,6 +276,27 @@ pub(crate) struct ReportedEvent {
     pub(crate) fields: serde_json::Map<String, serde_json::Value>,
     /// When it happened at the sidecar (unix ms).
     pub(crate) ts_ms: i64,
+}
+
+/// The actions a sidecar reports.
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+pub(crate) enum ReportedAction {
+    /// Records encrypted.
+    #[serde(rename = "record.encrypt")]
+    RecordEncrypt,
+    /// Records decrypted.
+    #[serde(rename = "record.decrypt")]
+    RecordDecrypt,
+}
+
+impl ReportedAction {
+    /// The audit event's action.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::RecordEncrypt => "record.encrypt",
+            Self::RecordDecrypt => "record.decrypt",
+        }
+    }
 }
 
 /// `GET /v1/audit` query.

@@ -61,7 +61,10 @@ pub(crate) async fn ingest(
                 format!("unknown outcome {:?}", reported.outcome),
             )
         })?;
-        let mut event = AuditEvent::new(reported.ts_ms, reported.actor, reported.action, outcome)
+        // A sidecar's clock may run ahead; an event from the future would
+        // sort after events written later.
+        let ts_ms = reported.ts_ms.min(crate::audit_log::now_ms());
+        let mut event = AuditEvent::new(ts_ms, reported.actor, reported.action.as_str(), outcome)
             .with_tenant(reported.tenant)
             .with_record_key_ids(reported.record_key_ids)
             .with_detail("reported_by", reporter.clone())
