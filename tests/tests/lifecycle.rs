@@ -320,6 +320,18 @@ async fn shredding_needs_two_people_and_reaches_every_sidecar() {
     assert_eq!(shred_event["detail"]["approved_by"], OFFICER);
     assert!(export.contains("shred.request") && export.contains("shred.reject"));
     assert!(export.contains("\"self_approval\"") || export.contains("approve own request"));
+    // Who still tried to unwrap the shredded tenant's keys is on record.
+    let tried = export
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["action"] == "dek.unwrap" && e["outcome"] == "denied")
+        .expect("the refused unwraps are recorded");
+    assert_eq!(
+        (&tried["tenant"], &tried["actor"], &tried["detail"]["error"]),
+        (&json!("onc"), &json!(CLINICAL), &json!("key_destroyed")),
+        "{tried}"
+    );
+    assert!(!tried["record_key_ids"].as_array().unwrap().is_empty(), "{tried}");
     let (_, verify) = ks.get(AUDITOR, "/v1/audit/verify").await;
     assert!(verify.contains("\"ok\":true"), "{verify}");
 }

@@ -5,12 +5,14 @@
 //! are dropped (and wiped) and the caller gets 503 `audit_unavailable`.
 
 use axum::extract::{FromRequest, Request, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use kms_core::audit::{AuditEvent, Outcome};
 use kms_core::record::{IndexPurpose, derive_path_key, derive_pseudonym_key};
-use kms_core::{DekError, DekRequest, Name, PathPattern, RecordKeyId, SecretBuf};
+use kms_core::{
+    DekError, DekRequest, HierarchyError, Name, PathPattern, RecordKeyId, SecretBuf, TenantId,
+};
 
 use super::{ApiJson, ApiPath, tenant_id};
 use crate::audit_log::now_ms;
@@ -64,7 +66,10 @@ pub(crate) async fn issue(
     // The ids and version are fixed and audited first; the keys are made
     // only once the event is durable, so requests waiting for the audit
     // commit hold ids, not keys.
-    let prepared = state.hierarchy.prepare_issue(&tenant, body.count).await?;
+    let prepared = match state.hierarchy.prepare_issue(&tenant, body.count).await {
+        Ok(prepared) => prepared,
+        Err(e) => return Err(failed(&state, &actor, "dek.issue", &tenant, [], e).await),
+    };
     let kek_version = prepared.kek_version();
     let event = AuditEvent::new(now_ms(), actor, "dek.issue", Outcome::Ok)
         .with_tenant(tenant)
@@ -117,8 +122,17 @@ pub(crate) async fn unwrap(
     let UnwrapCall { items, purpose, binary } = body;
     check_batch(&state, items.len())?;
     let room = state.room_for_keys(items.len()).await?;
-    let deks = state.hierarchy.unwrap_deks(&tenant, &items).await?;
-    let active_version = state.hierarchy.active_version(&tenant).await?;
+    let ids = || items.iter().map(|i| i.record_key_id);
+    let deks = match state.hierarchy.unwrap_deks(&tenant, &items).await {
+        Ok(deks) => deks,
+        Err(e) => return Err(failed(&state, &actor, "dek.unwrap", &tenant, ids(), e).await),
+    };
+    // A shredded tenant has no active version: every item failed above,
+    // and the call fails here, recorded like the rest.
+    let active_version = match state.hierarchy.active_version(&tenant).await {
+        Ok(version) => version,
+        Err(e) => return Err(failed(&state, &actor, "dek.unwrap", &tenant, ids(), e).await),
+    };
     let (ok, failed) = split_ids(&items, deks.iter().map(Result::is_ok));
     let mut event = AuditEvent::new(now_ms(), actor, "dek.unwrap", outcome(ok.len(), failed))
         .with_tenant(tenant)
@@ -209,7 +223,13 @@ pub(crate) async fn rewrap(
     let actor = state.authorize(&caller, &tenant, &[Role::Encryptor], "rewrap data keys").await?;
     check_batch(&state, body.items.len())?;
     let requests = requests(&body.items);
-    let rewrapped = state.hierarchy.rewrap_deks(&tenant, &requests).await?;
+    let rewrapped = match state.hierarchy.rewrap_deks(&tenant, &requests).await {
+        Ok(rewrapped) => rewrapped,
+        Err(e) => {
+            let ids = requests.iter().map(|r| r.record_key_id);
+            return Err(failed(&state, &actor, "dek.rewrap", &tenant, ids, e).await);
+        }
+    };
     let (ok, failed) = split_ids(&requests, rewrapped.iter().map(Result::is_ok));
     let mut event = AuditEvent::new(now_ms(), actor, "dek.rewrap", outcome(ok.len(), failed))
         .with_tenant(tenant)
@@ -270,7 +290,10 @@ pub(crate) async fn derived(
             .map_err(|e| ApiError::bad_request("invalid_path", format!("{}: {e}", field.path)))?;
         paths.push(path);
     }
-    let root = state.hierarchy.index_root(&tenant).await?;
+    let root = match state.hierarchy.index_root(&tenant).await {
+        Ok(root) => root,
+        Err(e) => return Err(failed(&state, &actor, "index.derive", &tenant, [], e).await),
+    };
     let mut keys = Vec::new();
     for (field, path) in body.fields.iter().zip(&paths) {
         let purposes: &[IndexPurpose] = match field.mode {
@@ -305,6 +328,34 @@ pub(crate) async fn derived(
     // per key (paths as sent; one with escapes costs a wiped copy).
     let size_hint = 11 + keys.iter().map(|k| k.path.len() + k.purpose.len() + 77).sum::<usize>();
     Ok(SecretJson::new(DerivedKeys { keys }, size_hint))
+}
+
+/// A call that failed as a whole once authorized (the tenant's keys
+/// shredded, no such tenant, the keystore or root provider down) is
+/// recorded too: who tried, on which records, and why it failed. Best
+/// effort: the caller gets the call's own error either way.
+async fn failed(
+    state: &AppState,
+    actor: &str,
+    action: &str,
+    tenant: &TenantId,
+    record_key_ids: impl IntoIterator<Item = RecordKeyId>,
+    e: HierarchyError,
+) -> ApiError {
+    let error = ApiError::from(e);
+    let outcome = match error.status() {
+        status if status.is_server_error() => Outcome::Error,
+        StatusCode::GONE | StatusCode::CONFLICT => Outcome::Denied,
+        _ => Outcome::Invalid,
+    };
+    let event = AuditEvent::new(now_ms(), actor, action, outcome)
+        .with_tenant(tenant.clone())
+        .with_record_key_ids(record_key_ids)
+        .with_detail("error", error.code());
+    if let Err(audit) = state.audit.record(vec![event]).await {
+        tracing::warn!(action, error = audit.code(), "a failed call could not be recorded");
+    }
+    error
 }
 
 fn check_batch(state: &AppState, count: usize) -> Result<(), ApiError> {
