@@ -82,10 +82,8 @@ async fn sidecar_events_land_in_the_chain_with_their_reporter() {
     assert_eq!(line["actor"], "spiffe://test/app");
     assert_eq!(line["detail"]["reported_by"], DEC);
     assert_eq!(line["detail"]["fields"]["/ssn"], "masked");
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis();
+    let now_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
     let ahead = export
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())

@@ -75,6 +75,46 @@ async fn a_shred_on_one_replica_empties_every_replicas_cache_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_shred_approved_during_a_scheduler_round_runs_once() {
+    use kms_core::store::{KeyStore, PgStoreOptions, PostgresStore};
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), 1, "[lifecycle]\nscheduler_interval_ms = 100\n");
+    let a = &cluster.replicas[0];
+    let (status, _) = a.post(ADMIN, "/v1/tenants", &json!({"tenant": "onc"})).await;
+    assert_eq!(status, 201);
+    let (_, request) = a.post(ADMIN, "/v1/tenants/onc/shred", &json!({"reason": "erasure"})).await;
+    let id = request["id"].as_str().unwrap();
+
+    // A scheduler round elsewhere holds the job lock.
+    let mut options = PgStoreOptions::default();
+    options.schema = Some(cluster.schema.name.clone());
+    let elsewhere =
+        PostgresStore::connect(&keygate_tests::cluster::pg_url(), options).await.unwrap();
+    let lock = elsewhere.try_job_lock("lifecycle").await.unwrap().expect("the lock is free");
+    let (status, decided) =
+        a.post(OFFICER, &format!("/v1/approvals/{id}"), &json!({"decision": "approve"})).await;
+    assert_eq!(
+        (status, decided["state"].as_str()),
+        (200, Some("approved")),
+        "left to the scheduler, not run beside it: {decided}"
+    );
+    drop(lock);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, all) = a.get(OFFICER, "/v1/approvals").await;
+        if all.contains("\"executed\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the scheduler never ran it: {all}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, export) = a.get(AUDITOR, "/v1/audit").await;
+    let shreds = export.lines().filter(|l| l.contains("\"tenant.shred\"")).count();
+    assert_eq!(shreds, 1, "{export}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn scheduled_rotation_runs_once_per_period_across_replicas() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = Cluster::start(dir.path(), 3, "[lifecycle]\nscheduler_interval_ms = 100\n");

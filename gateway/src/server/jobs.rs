@@ -28,10 +28,7 @@ pub(crate) fn unix_now() -> i64 {
 /// Destroys what an approved request names and marks it executed. The
 /// audit event (naming requester and approver) is durable before any key
 /// is destroyed: with the audit log down, nothing is destroyed.
-pub(crate) async fn execute_shred(
-    state: &AppState,
-    approval: &Approval,
-) -> Result<Approval, ApiError> {
+async fn execute_shred(state: &AppState, approval: &Approval) -> Result<Approval, ApiError> {
     let action = if approval.version.is_some() { "kek.shred" } else { "tenant.shred" };
     let recorded = approval.clone();
     let event = move |outcome| {
@@ -60,6 +57,41 @@ pub(crate) async fn execute_shred(
         .await
         .map_err(|e| store_error(&e))?
         .ok_or_else(|| crate::error::internal(&"approval vanished"))
+}
+
+/// Runs a shred approved just now with no waiting period, under the
+/// scheduler's job lock, so that it runs once: the scheduler (on this
+/// replica or another) may find the same approval due meanwhile. If the
+/// scheduler ran it first, the approval as it is now; if the lock stays
+/// taken for `within`, the approval is left to the scheduler's next round.
+pub(crate) async fn execute_shred_now(
+    state: &AppState,
+    approval: &Approval,
+    within: Duration,
+) -> Result<Approval, ApiError> {
+    let store = state.hierarchy.store();
+    let deadline = tokio::time::Instant::now() + within;
+    let lock = loop {
+        match store.try_job_lock(LIFECYCLE_JOB).await.map_err(|e| store_error(&e))? {
+            Some(lock) => break lock,
+            None if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            None => return Ok(approval.clone()),
+        }
+    };
+    let current = store
+        .approval(&approval.id)
+        .await
+        .map_err(|e| store_error(&e))?
+        .ok_or_else(|| crate::error::internal(&"approval vanished"))?;
+    let result = if current.state == ApprovalState::Approved {
+        execute_shred(state, &current).await
+    } else {
+        Ok(current)
+    };
+    drop(lock);
+    result
 }
 
 /// Starts the scheduler and the usage flush; both stop when `stop` turns

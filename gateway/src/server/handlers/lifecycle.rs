@@ -19,11 +19,14 @@ use crate::server::api::{
     ApprovalList, ApprovalQuery, ApprovalView, AutoRotate, AutoRotateView, DecideRequest,
     DecisionBody, ShredRequest, UsageView, VersionUsageView,
 };
-use crate::server::jobs::{execute_shred, unix_now};
+use crate::server::jobs::{execute_shred_now, unix_now};
 use crate::server::{AppState, Caller};
 
 /// Longest reason or comment kept with a request for approval.
 const MAX_TEXT: usize = 1_000;
+/// How long an approval with no waiting period waits for a scheduler round
+/// under way to end before it is left to the next round.
+const SHRED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// `GET /v1/tenants/{t}/keys/usage`.
 #[utoipa::path(
@@ -300,7 +303,8 @@ pub(crate) async fn decide(
     let due = decided.state == ApprovalState::Approved
         && decided.execute_after.is_some_and(|t| t <= unix_now());
     if due {
-        return Ok(Json(ApprovalView::from(&execute_shred(&state, &decided).await?)));
+        let executed = execute_shred_now(&state, &decided, SHRED_LOCK_WAIT).await?;
+        return Ok(Json(ApprovalView::from(&executed)));
     }
     Ok(Json(ApprovalView::from(&decided)))
 }
