@@ -156,16 +156,21 @@ impl DekCache {
     }
 
     /// Caches the DEKs of one tenant under a single lock (the key bytes are
-    /// copied into the slab, so a borrowed key will do).
+    /// copied into the slab, so a borrowed key will do) until the TTL after
+    /// `known_at`, when the key service last vouched for them (asked to
+    /// issue or unwrap them): a shred or state change after that instant
+    /// reaches these entries within the TTL, however long they waited
+    /// before being cached.
     pub(super) fn insert_many<K: Borrow<Key256>>(
         &self,
         tenant: &TenantId,
+        known_at: Instant,
         deks: impl IntoIterator<Item = (RecordKeyId, KekVersion, K)>,
     ) {
-        if self.max_entries == 0 || self.ttl.is_zero() {
+        let expires = known_at + self.ttl;
+        if self.max_entries == 0 || expires <= Instant::now() {
             return;
         }
-        let expires = Instant::now() + self.ttl;
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let tenant = inner.tenant_index(tenant);
         for (id, version, key) in deks {
@@ -200,6 +205,23 @@ impl DekCache {
             let Inner { map, order, .. } = &mut *inner;
             order.retain(|(id, stamp)| map.get(id).is_some_and(|e| e.expires == *stamp));
         }
+    }
+
+    /// Drops (and wipes) every entry of `tenant`: its keys were destroyed.
+    pub(super) fn forget_tenant(&self, tenant: &TenantId) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(index) = inner.tenants.iter().position(|t| t == tenant) else { return };
+        let gone: Vec<RecordKeyId> = inner
+            .map
+            .iter()
+            .filter(|(_, e)| e.tenant as usize == index)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &gone {
+            inner.remove(id);
+        }
+        let Inner { map, order, .. } = &mut *inner;
+        order.retain(|(id, _)| map.contains_key(id));
     }
 
     /// Drops expired entries (wiping their keys); returns how many remain.
@@ -240,7 +262,7 @@ mod tests {
         let cache = DekCache::new(Duration::from_millis(50), 2);
         let ids: Vec<RecordKeyId> = (0..3u8).map(|i| RecordKeyId::from_bytes([i; 16])).collect();
         for (i, id) in ids.iter().enumerate() {
-            cache.insert_many(&t("a"), [(*id, 1, key(i as u8 + 1))]);
+            cache.insert_many(&t("a"), Instant::now(), [(*id, 1, key(i as u8 + 1))]);
         }
         assert!(cache.get(&ids[0], &t("a"), 1).is_none(), "oldest evicted at the bound");
         assert_eq!(cache.get(&ids[2], &t("a"), 1).unwrap().expose_secret(), &[3; 32]);
@@ -263,7 +285,7 @@ mod tests {
                     key(round),
                 )
             });
-            cache.insert_many(&t("a"), deks);
+            cache.insert_many(&t("a"), Instant::now(), deks);
         }
         let inner = cache.inner.lock().unwrap();
         assert_eq!(inner.map.len(), 3);
@@ -272,7 +294,7 @@ mod tests {
         drop(inner);
         // Re-inserting an id replaces its key in place.
         let id = RecordKeyId::from_bytes([9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-        cache.insert_many(&t("a"), [(id, 1, key(42))]);
+        cache.insert_many(&t("a"), Instant::now(), [(id, 1, key(42))]);
         assert_eq!(cache.get(&id, &t("a"), 1).unwrap().expose_secret(), &[42; 32]);
         let inner = cache.inner.lock().unwrap();
         for slot in &inner.free {
@@ -303,7 +325,7 @@ mod tests {
                     (id(n), 1 + round % 2, key((n % 250) as u8))
                 })
                 .collect();
-            cache.insert_many(&tenant, batch.clone());
+            cache.insert_many(&tenant, Instant::now(), batch.clone());
             for (id, version, key) in &batch {
                 let got = cache.get(id, &tenant, *version).expect("just cached");
                 assert_eq!(got.expose_secret(), key.expose_secret());
@@ -322,12 +344,12 @@ mod tests {
     fn a_recached_key_outlives_its_first_place_in_line() {
         let cache = DekCache::new(Duration::from_secs(60), 2);
         let [a, b, c] = [1u8, 2, 3].map(|i| RecordKeyId::from_bytes([i; 16]));
-        cache.insert_many(&t("x"), [(a, 1, key(1)), (b, 1, key(2))]);
+        cache.insert_many(&t("x"), Instant::now(), [(a, 1, key(1)), (b, 1, key(2))]);
         std::thread::sleep(Duration::from_millis(2));
         // `a` again: its first place in line is now stale.
-        cache.insert_many(&t("x"), [(a, 2, key(11))]);
+        cache.insert_many(&t("x"), Instant::now(), [(a, 2, key(11))]);
         // Room for `c` is made past `a`'s stale place, from `b`.
-        cache.insert_many(&t("x"), [(c, 1, key(3))]);
+        cache.insert_many(&t("x"), Instant::now(), [(c, 1, key(3))]);
         assert_eq!(cache.get(&a, &t("x"), 2).unwrap().expose_secret(), &[11; 32]);
         assert!(cache.get(&a, &t("x"), 1).is_none(), "replaced, version and all");
         assert!(cache.get(&b, &t("x"), 1).is_none(), "the oldest live entry went");
@@ -337,10 +359,52 @@ mod tests {
     }
 
     #[test]
+    fn entries_live_the_ttl_from_when_the_key_service_vouched_for_them() {
+        let ttl = Duration::from_millis(200);
+        let cache = DekCache::new(ttl, 10);
+        let (fresh, late, stale) = (
+            RecordKeyId::from_bytes([1; 16]),
+            RecordKeyId::from_bytes([2; 16]),
+            RecordKeyId::from_bytes([3; 16]),
+        );
+        let now = Instant::now();
+        cache.insert_many(&t("a"), now, [(fresh, 1, key(1))]);
+        // Issued 150 ms ago (say, pooled since): 50 ms left, not 200.
+        cache.insert_many(&t("a"), now - Duration::from_millis(150), [(late, 1, key(2))]);
+        // Issued longer ago than the TTL: not cached at all.
+        cache.insert_many(&t("a"), now - ttl, [(stale, 1, key(3))]);
+        assert!(cache.get(&stale, &t("a"), 1).is_none());
+        assert_eq!(cache.stats().2, 2);
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(cache.get(&late, &t("a"), 1).is_none(), "gone at its own deadline");
+        assert!(cache.get(&fresh, &t("a"), 1).is_some());
+    }
+
+    #[test]
+    fn a_destroyed_tenants_entries_are_forgotten_and_no_others() {
+        let cache = DekCache::new(Duration::from_secs(60), 10);
+        let ids: Vec<RecordKeyId> = (0..4u8).map(|i| RecordKeyId::from_bytes([i; 16])).collect();
+        cache.insert_many(&t("gone"), Instant::now(), [(ids[0], 1, key(1)), (ids[1], 2, key(2))]);
+        cache.insert_many(&t("kept"), Instant::now(), [(ids[2], 1, key(3))]);
+        cache.forget_tenant(&t("gone"));
+        cache.forget_tenant(&t("never-seen"));
+        assert!(
+            cache.get(&ids[0], &t("gone"), 1).is_none()
+                && cache.get(&ids[1], &t("gone"), 2).is_none()
+        );
+        assert!(cache.get(&ids[2], &t("kept"), 1).is_some());
+        assert_eq!(cache.stats().2, 1);
+        // Its slots are free (and wiped) for others.
+        let inner = cache.inner.lock().unwrap();
+        assert_eq!(inner.free.len(), 2);
+        assert!(inner.free.iter().all(|s| inner.keys[*s as usize] == [0; KEY_LEN]));
+    }
+
+    #[test]
     fn disabled_cache_holds_nothing() {
         let cache = DekCache::new(Duration::from_secs(60), 0);
         let id = RecordKeyId::from_bytes([1; 16]);
-        cache.insert_many(&t("a"), [(id, 1, key(1))]);
+        cache.insert_many(&t("a"), Instant::now(), [(id, 1, key(1))]);
         assert!(cache.get(&id, &t("a"), 1).is_none());
     }
 }

@@ -206,6 +206,7 @@ async fn deks(
     let misses = dek_requests_by_tenant(parsed, |i| deks.get(i).is_some_and(Option::is_none));
     for (tenant, missed) in misses {
         let items = missed.iter().map(|(_, item)| *item).collect();
+        let asked_at = std::time::Instant::now();
         let unwrapped = s
             .unwraps
             .call(&tenant, items, purpose)
@@ -220,7 +221,7 @@ async fn deks(
                 *slot = Some((key, false));
             }
         }
-        s.cache.insert_many(&tenant, fresh);
+        s.cache.insert_many(&tenant, asked_at, fresh);
     }
     Ok(deks)
 }

@@ -13,6 +13,7 @@ use super::api::{
     DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, IndexRequest, IndexResponse,
     PseudonymRequest, PseudonymResponse, RewrapRequest, RewrapResponse,
 };
+use super::pool::Taken;
 use super::reporter::{Access, AccessEvent};
 use super::state::{SidecarState, ks_error};
 use crate::error::ApiError;
@@ -107,7 +108,7 @@ pub(super) async fn encrypt(State(s): Shared, body: ApiBody) -> Result<SecretJso
         .schema_keys(&req.tenant, &schema)
         .await
         .map_err(|e| s.tenant_error(&req.tenant, e))?;
-    let deks = s
+    let Taken { deks, asked_at } = s
         .pool
         .take(&req.tenant, records.len())
         .await
@@ -117,8 +118,11 @@ pub(super) async fn encrypt(State(s): Shared, body: ApiBody) -> Result<SecretJso
     // under one lock and from the pool's own keys, before they are spent.
     // Should a record then fail, its DEK is cached under an id no record
     // carries, until the TTL; the DEK was in this process already.
-    s.cache
-        .insert_many(&req.tenant, deks.iter().map(|d| (d.record_key_id, d.kek_version, d.dek())));
+    s.cache.insert_many(
+        &req.tenant,
+        asked_at,
+        deks.iter().map(|d| (d.record_key_id, d.kek_version, d.dek())),
+    );
     if let Some(dek) = deks.last() {
         s.note_active(&req.tenant, dek.kek_version);
     }

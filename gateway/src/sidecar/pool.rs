@@ -22,7 +22,20 @@ use super::ks_client::{KeyServiceClient, KsError};
 
 struct Pooled {
     dek: IssuedDek,
-    expires: Instant,
+    /// When it was asked for: the key service issued it after this.
+    asked_at: Instant,
+}
+
+/// DEKs taken from the pool.
+pub(super) struct Taken {
+    /// Exactly as many as asked for.
+    pub(super) deks: Vec<IssuedDek>,
+    /// When the first of them was asked for of the key service: a shred
+    /// or state change after it may not have reached them. (The DEK
+    /// cache keeps what encrypt warms it with from this instant on, not
+    /// from when it is taken, so a shred still reaches it within the
+    /// cache TTL.)
+    pub(super) asked_at: Instant,
 }
 
 #[derive(Default)]
@@ -67,15 +80,20 @@ impl DekPool {
         self: &Arc<Self>,
         tenant: &TenantId,
         count: usize,
-    ) -> Result<Vec<IssuedDek>, KsError> {
+    ) -> Result<Taken, KsError> {
         let pool = self.tenant(tenant);
         let mut out = Vec::with_capacity(count);
+        let mut first_asked = None;
         {
             let now = Instant::now();
             let mut queue = pool.queue.lock().unwrap_or_else(|p| p.into_inner());
             while out.len() < count {
                 match queue.pop_front() {
-                    Some(p) if p.expires > now => out.push(p.dek),
+                    Some(p) if p.asked_at + self.ttl > now => {
+                        first_asked =
+                            Some(first_asked.map_or(p.asked_at, |a: Instant| a.min(p.asked_at)));
+                        out.push(p.dek);
+                    }
                     Some(_) => {} // expired: dropped and wiped
                     None => break,
                 }
@@ -83,21 +101,22 @@ impl DekPool {
         }
         if out.len() < count {
             let missing = count - out.len();
+            let asked_at = Instant::now();
             let mut fresh = self.client.issue(tenant, missing.max(self.config.batch)).await?;
+            first_asked = Some(first_asked.map_or(asked_at, |a| a.min(asked_at)));
             let rest = fresh.split_off(missing.min(fresh.len()));
             out.extend(fresh);
-            self.push(&pool, rest);
+            self.push(&pool, rest, asked_at);
         }
         self.refill_if_low(tenant, &pool);
         // Exactly `count`: `issue` answers exactly what it was asked (or
         // fails), at least `missing`, of which `missing` are kept.
-        Ok(out)
+        Ok(Taken { deks: out, asked_at: first_asked.unwrap_or_else(Instant::now) })
     }
 
-    fn push(&self, pool: &TenantPool, deks: Vec<IssuedDek>) {
-        let expires = Instant::now() + self.ttl;
+    fn push(&self, pool: &TenantPool, deks: Vec<IssuedDek>, asked_at: Instant) {
         let mut queue = pool.queue.lock().unwrap_or_else(|p| p.into_inner());
-        queue.extend(deks.into_iter().map(|dek| Pooled { dek, expires }));
+        queue.extend(deks.into_iter().map(|dek| Pooled { dek, asked_at }));
     }
 
     fn refill_if_low(self: &Arc<Self>, tenant: &TenantId, pool: &Arc<TenantPool>) {
@@ -107,8 +126,9 @@ impl DekPool {
         }
         let (this, pool, tenant) = (self.clone(), pool.clone(), tenant.clone());
         tokio::spawn(async move {
+            let asked_at = Instant::now();
             match this.client.issue(&tenant, this.config.batch).await {
-                Ok(deks) => this.push(&pool, deks),
+                Ok(deks) => this.push(&pool, deks, asked_at),
                 Err(e) => tracing::warn!(tenant = %tenant, error = %e, "DEK pool refill failed"),
             }
             pool.refilling.store(false, Ordering::Release);
@@ -133,7 +153,7 @@ impl DekPool {
             .iter()
             .map(|p| {
                 let mut q = p.queue.lock().unwrap_or_else(|e| e.into_inner());
-                q.retain(|d| d.expires > now);
+                q.retain(|d| d.asked_at + self.ttl > now);
                 q.len()
             })
             .sum()

@@ -1,7 +1,7 @@
 //! Starting, serving and stopping the sidecar.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -23,7 +23,7 @@ use super::listener::{AppListener, serve};
 use super::pool::DekPool;
 use super::reporter::Reporter;
 use super::shared_calls::{Rewraps, SharedCalls, Unwraps};
-use super::state::SidecarState;
+use super::state::{ActiveVersions, SidecarState};
 use crate::error::ApiError;
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
 
@@ -85,7 +85,7 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
         limits: config.limits.clone(),
         token,
         metrics: Metrics::default(),
-        active_versions: Mutex::default(),
+        active_versions: ActiveVersions::default(),
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let reporter_task = tokio::spawn(reporter.run(stop_rx.clone()));

@@ -35,7 +35,7 @@ pub(super) struct SidecarState {
     pub(super) token: Option<SecretString>,
     pub(super) metrics: Metrics,
     /// Last known active KEK version per tenant (from unwraps and issues).
-    pub(super) active_versions: Mutex<HashMap<TenantId, KekVersion>>,
+    pub(super) active_versions: ActiveVersions,
 }
 
 impl SidecarState {
@@ -67,14 +67,11 @@ impl SidecarState {
     }
 
     pub(super) fn note_active(&self, tenant: &TenantId, version: KekVersion) {
-        self.active_versions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(tenant.clone(), version);
+        self.active_versions.note(tenant, version);
     }
 
     pub(super) fn active(&self, tenant: &TenantId) -> Option<KekVersion> {
-        self.active_versions.lock().unwrap_or_else(|p| p.into_inner()).get(tenant).copied()
+        self.active_versions.get(tenant)
     }
 
     /// Maps a key service failure of a call for `tenant`.
@@ -99,7 +96,8 @@ impl SidecarState {
     fn forget_destroyed(&self, tenant: &TenantId) {
         self.pool.forget(tenant);
         self.keyring.forget(tenant);
-        tracing::info!(tenant = %tenant, "key destroyed: pooled and derived keys dropped");
+        self.cache.forget_tenant(tenant);
+        tracing::info!(tenant = %tenant, "key destroyed: pooled, cached and derived keys dropped");
     }
 }
 
@@ -162,6 +160,29 @@ fn dek_error(code: &str) -> ApiError {
     }
 }
 
+/// The newest KEK version per tenant this sidecar has seen in use, what
+/// `stale_key_version` compares records with.
+#[derive(Default)]
+pub(super) struct ActiveVersions(Mutex<HashMap<TenantId, KekVersion>>);
+
+impl ActiveVersions {
+    /// Notes a version seen active. Versions only grow; a DEK pooled
+    /// before a rotation still carries the version before, so what is
+    /// noted never goes back.
+    fn note(&self, tenant: &TenantId, version: KekVersion) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(tenant.clone())
+            .and_modify(|noted| *noted = (*noted).max(version))
+            .or_insert(version);
+    }
+
+    fn get(&self, tenant: &TenantId) -> Option<KekVersion> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(tenant).copied()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use axum::http::StatusCode;
@@ -175,6 +196,18 @@ mod tests {
             message: format!("{code} from upstream"),
             retry_after: (status == 429).then_some(3),
         }
+    }
+
+    #[test]
+    fn the_active_version_noted_never_goes_back() {
+        let versions = ActiveVersions::default();
+        let onc = TenantId::new("onc").unwrap();
+        assert_eq!(versions.get(&onc), None);
+        versions.note(&onc, 2);
+        versions.note(&onc, 1); // a DEK pooled before the rotation
+        assert_eq!(versions.get(&onc), Some(2));
+        versions.note(&onc, 3);
+        assert_eq!(versions.get(&onc), Some(3));
     }
 
     #[test]
