@@ -122,18 +122,25 @@ fn validate_schema(raw: RawSchema, source: &str) -> Result<Schema, SchemaError> 
     Ok(Schema { name, version: raw.version, fields })
 }
 
-/// Whether `b` can address `a`'s `<name>_bidx` sibling.
+/// Whether `b` can address `a`'s `<name>_bidx` sibling, or anything
+/// inside it (encryption writes the sibling as a string, so a path through
+/// it would find a string where it expects a container, and the record
+/// could not be decrypted).
 fn is_blind_index_sibling(a: &FieldSpec, b: &FieldSpec) -> bool {
     let Some(name) = a.path.last_key().filter(|_| a.blind_index.is_some()) else {
         return false;
     };
     let sibling = format!("{name}{BLIND_INDEX_SUFFIX}");
-    let (Some((_, a_parent)), Some((b_last, b_parent))) =
-        (a.path.tokens().split_last(), b.path.tokens().split_last())
+    let Some((_, a_parent)) = a.path.tokens().split_last() else {
+        return false;
+    };
+    let b_tokens = b.path.tokens();
+    let (Some(b_parent), Some(b_at)) =
+        (b_tokens.get(..a_parent.len()), b_tokens.get(a_parent.len()))
     else {
         return false;
     };
-    matches!(b_last, PatternToken::Key(k) if *k == sibling) && may_coincide(a_parent, b_parent)
+    matches!(b_at, PatternToken::Key(k) if *k == sibling) && may_coincide(a_parent, b_parent)
 }
 
 fn validate_field(f: RawField, schema: &Name) -> Result<FieldSpec, (String, String)> {
@@ -306,6 +313,22 @@ fields = [
             r#"{ path = "/l/*/e", mode = "blind_index", class = "phi" }, { path = "/l/0/e_bidx", mode = "randomized", class = "phi" }"#,
         );
         assert!(e.contains("blind index member"), "{e}");
+        // Through the sibling, in either order of declaration.
+        let e = error_of(
+            r#"{ path = "/email", mode = "blind_index", class = "phi" }, { path = "/email_bidx/x", mode = "randomized", class = "phi" }"#,
+        );
+        assert!(e.contains("field /email_bidx/x") && e.contains("blind index member"), "{e}");
+        let e = error_of(
+            r#"{ path = "/l/0/e_bidx/*/v", mode = "randomized", class = "phi" }, { path = "/l/*/e", mode = "blind_index", class = "phi" }"#,
+        );
+        assert!(e.contains("blind index member"), "{e}");
+        // A path beside the sibling, or above it, is fine.
+        for fine in [
+            r#"{ path = "/email", mode = "blind_index", class = "phi" }, { path = "/email_bidy/x", mode = "randomized", class = "phi" }"#,
+            r#"{ path = "/p/email", mode = "blind_index", class = "phi" }, { path = "/q/email_bidx/x", mode = "randomized", class = "phi" }"#,
+        ] {
+            assert!(SchemaSet::from_toml(&one_field(fine), "t.toml").is_ok(), "{fine}");
+        }
         let e = error_of(r#"{ path = "/a", mode = "randomized", class = "PHI!" }"#);
         assert!(e.contains("bad class"), "{e}");
         let e = error_of(r#"{ path = "/a", mode = "randomized", class = "phi", mask = "blur" }"#);
