@@ -1,6 +1,10 @@
 //! Lifecycle operations of the SQLite keystore: shredding, master keys,
 //! usage counters and approvals.
 
+use std::time::Duration;
+
+use sqlx::{Row, SqlitePool};
+
 use super::{SqliteStore, get, kek_from_row, unavailable};
 use crate::dek::KekVersion;
 use crate::ids::TenantId;
@@ -21,6 +25,42 @@ macro_rules! select_approvals {
             $rest
         )
     };
+}
+
+/// Waits before each further try to truncate the WAL after a shred.
+const WAL_RETRY_DELAYS: [Duration; 6] = [
+    Duration::from_secs(1),
+    Duration::from_secs(5),
+    Duration::from_secs(30),
+    Duration::from_secs(120),
+    Duration::from_secs(600),
+    Duration::from_secs(3600),
+];
+
+/// Checkpoints the WAL into the database and truncates it to nothing.
+/// `Ok(false)` when a reader's snapshot kept it from finishing: SQLite
+/// reports that in the pragma's first column (`busy`), not as an error.
+async fn truncate_wal(pool: &SqlitePool) -> Result<bool, sqlx::Error> {
+    let row = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").fetch_one(pool).await?;
+    Ok(row.try_get::<i64, _>(0)? == 0)
+}
+
+/// Tries [`truncate_wal`] again until it finishes, for a while.
+async fn truncate_wal_later(pool: SqlitePool) {
+    for delay in WAL_RETRY_DELAYS {
+        tokio::time::sleep(delay).await;
+        if pool.is_closed() {
+            return;
+        }
+        if let Ok(true) = truncate_wal(&pool).await {
+            tracing::info!("the WAL is truncated: no older copies of shredded keys remain in it");
+            return;
+        }
+    }
+    tracing::error!(
+        "the WAL could not be truncated after a shred: a reader keeps an old snapshot open; \
+         older copies of the erased keys may remain in the -wal file until it is"
+    );
 }
 
 impl SqliteStore {
@@ -94,10 +134,22 @@ impl SqliteStore {
         tx.commit().await.map_err(unavailable)?;
         // `secure_delete` zeroed the erased bytes in the pages the
         // transaction wrote; older copies of those pages may sit in the
-        // WAL until it is checkpointed and truncated. Best effort: a reader
-        // holding an old snapshot makes the truncation wait for later.
-        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&self.pool).await {
-            tracing::warn!(error = %e, "could not truncate the WAL after shredding");
+        // WAL until it is checkpointed and truncated. A reader holding a
+        // snapshot from before the shred keeps that from finishing (after
+        // the busy timeout); then it is tried again in the background.
+        match truncate_wal(&self.pool).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(
+                    "a reader holds a snapshot from before the shred: the WAL, which may hold \
+                     older copies of the erased keys, is truncated later"
+                );
+                tokio::spawn(truncate_wal_later(self.pool.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not truncate the WAL after shredding; retrying");
+                tokio::spawn(truncate_wal_later(self.pool.clone()));
+            }
         }
         record.ok_or_else(|| StoreError::UnknownTenant(id.clone()))
     }
