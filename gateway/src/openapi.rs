@@ -40,7 +40,10 @@ pub(crate) struct Health {
     pub(crate) status: String,
 }
 
-/// `GET /readyz`: `ready` and one `{ok, error?}` per dependency.
+/// `GET /readyz`: `ready` and one `{ok, error?}` per dependency; `error`
+/// is a stable code naming what failed (`store_unavailable`,
+/// `root_key_unavailable`, `key_service_unavailable`, `audit_unavailable`),
+/// and the reason is logged.
 #[derive(Serialize, ToSchema)]
 pub(crate) struct Readiness {
     pub(crate) ready: bool,

@@ -134,7 +134,9 @@ async fn unwrap_is_refused_when_the_audit_log_cannot_write() {
     assert_eq!(status, 503, "issuing is refused too");
     let (status, readiness) = ks.get(ADMIN, "/readyz").await;
     assert_eq!(status, 503, "{readiness}");
-    assert!(readiness.contains("\"audit\":{\"error\""), "{readiness}");
+    assert!(readiness.contains("\"audit\":{\"error\":\"audit_unavailable\""), "{readiness}");
+    assert!(!readiness.contains("disk full"), "the reason is for the log, not the caller");
+    assert!(ks.log().contains("disk full"), "{}", ks.log());
 
     sqlx::query("DROP TRIGGER audit_unwritable").execute(&mut conn).await.unwrap();
     let (status, body) = ks.post(DEC, "/v1/tenants/onc/datakeys/unwrap", &request).await;

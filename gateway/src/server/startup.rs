@@ -108,6 +108,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         key_permits: Arc::new(tokio::sync::Semaphore::new(
             config.limits.max_keys_in_flight.clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
         )),
+        root_probe: Arc::default(),
     };
 
     // Signal handlers exist before anyone is told where to connect, so a

@@ -34,6 +34,8 @@ pub struct AppState {
     pub(crate) master_trust: Arc<MasterTrust>,
     /// One permit per plaintext DEK in flight (`limits.max_keys_in_flight`).
     pub key_permits: Arc<Semaphore>,
+    /// The readiness check's last round trip through the root provider.
+    pub(crate) root_probe: Arc<super::handlers::ops::RootProbe>,
 }
 
 impl AppState {

@@ -223,10 +223,14 @@ pub(super) async fn healthz() -> axum::Json<serde_json::Value> {
     ),
 )]
 pub(super) async fn readyz(State(s): State<Arc<SidecarState>>) -> Response {
-    let key_service = s.keyring.grants().await.map(|_| ()).map_err(|e| e.to_string());
-    let audit = s.reporter.check().map_err(|e| e.code().to_owned());
+    // Codes only, as the key service's readiness: the reasons go to the log.
+    let key_service = s.keyring.grants().await.map(|_| ()).map_err(|e| {
+        tracing::warn!(error = %e, "readiness: the key service does not answer");
+        "key_service_unavailable"
+    });
+    let audit = s.reporter.check().map_err(|e| e.code());
     let ready = key_service.is_ok() && audit.is_ok();
-    let check = |r: &Result<(), String>| match r {
+    let check = |r: &Result<(), &str>| match r {
         Ok(()) => json!({"ok": true}),
         Err(e) => json!({"ok": false, "error": e}),
     };

@@ -6,6 +6,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use kms_core::{Key256, KeyPurpose, WrapContext};
 use serde_json::json;
+use std::time::{Duration, Instant};
 
 use crate::server::AppState;
 
@@ -25,6 +26,12 @@ pub(crate) async fn healthz() -> Json<serde_json::Value> {
 
 /// `GET /readyz`: the keystore answers, the root key provider really wraps
 /// and unwraps, and the audit log commits.
+///
+/// Anyone who reaches the listener may ask (probes carry no identity on
+/// `ops_listen`), so the answer names only which check failed, with a
+/// stable code; the reason goes to the log. The root provider's round trip
+/// (two HSM or KMS calls) is made at most once per [`ROOT_PROBE_FOR`],
+/// however often readiness is asked.
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -36,16 +43,21 @@ pub(crate) async fn healthz() -> Json<serde_json::Value> {
     ),
 )]
 pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
-    let store = state.hierarchy.store().ping().await.map_err(|e| e.to_string());
-    let root = root_round_trip(&state).await;
+    let store = state.hierarchy.store().ping().await.map_err(|e| {
+        tracing::warn!(error = %e, "readiness: the keystore does not answer");
+        "store_unavailable"
+    });
+    let root = state.root_probe.check(root_round_trip(&state)).await;
     let audit = if state.audit.is_healthy() {
         Ok(())
     } else {
-        Err(state.audit.last_error().unwrap_or_else(|| "the audit writer stopped".to_owned()))
+        let reason = state.audit.last_error();
+        tracing::warn!(error = reason.as_deref().unwrap_or("stopped"), "readiness: audit writer");
+        Err("audit_unavailable")
     };
-    let check = |r: &Result<(), String>| match r {
+    let check = |r: &Result<(), &str>| match r {
         Ok(()) => json!({ "ok": true }),
-        Err(e) => json!({ "ok": false, "error": e }),
+        Err(code) => json!({ "ok": false, "error": code }),
     };
     let ready = store.is_ok() && root.is_ok() && audit.is_ok();
     let body = json!({
@@ -54,6 +66,43 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     });
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
+}
+
+/// How long a root provider round trip answers readiness.
+const ROOT_PROBE_FOR: Duration = Duration::from_secs(2);
+
+/// The last root provider round trip of the readiness check.
+#[derive(Default)]
+pub(crate) struct RootProbe {
+    /// When it was made, and whether it worked. Held across a round trip,
+    /// so concurrent checks wait for one instead of each making their own.
+    last: tokio::sync::Mutex<Option<(Instant, bool)>>,
+}
+
+impl RootProbe {
+    /// Whether the root provider works, by `round_trip` unless a recent
+    /// one answers (a future does nothing until awaited).
+    async fn check(
+        &self,
+        round_trip: impl Future<Output = Result<(), String>>,
+    ) -> Result<(), &'static str> {
+        let mut last = self.last.lock().await;
+        let worked = match *last {
+            Some((at, worked)) if at.elapsed() < ROOT_PROBE_FOR => worked,
+            _ => {
+                let worked = match round_trip.await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "readiness: the root key provider failed");
+                        false
+                    }
+                };
+                *last = Some((Instant::now(), worked));
+                worked
+            }
+        };
+        if worked { Ok(()) } else { Err("root_key_unavailable") }
+    }
 }
 
 async fn root_round_trip(state: &AppState) -> Result<(), String> {
@@ -94,4 +143,43 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
         m.encode(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_flood_of_readiness_checks_makes_one_round_trip() {
+        let probe = RootProbe::default();
+        let trips = AtomicUsize::new(0);
+        let trip = |result: Result<(), String>| {
+            let trips = &trips;
+            async move {
+                trips.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                result
+            }
+        };
+        let answers = tokio::join!(
+            probe.check(trip(Ok(()))),
+            probe.check(trip(Ok(()))),
+            probe.check(trip(Ok(()))),
+            probe.check(trip(Ok(()))),
+        );
+        assert_eq!(answers, (Ok(()), Ok(()), Ok(()), Ok(())));
+        assert_eq!(trips.load(Ordering::SeqCst), 1, "concurrent checks share one");
+        assert_eq!(probe.check(trip(Err("down".into()))).await, Ok(()), "still fresh");
+        assert_eq!(trips.load(Ordering::SeqCst), 1);
+
+        // Once stale, the next check asks again, and a failure is a code.
+        *probe.last.lock().await = Some((Instant::now() - ROOT_PROBE_FOR, true));
+        assert_eq!(
+            probe.check(trip(Err("pin file gone".into()))).await,
+            Err("root_key_unavailable")
+        );
+        assert_eq!(trips.load(Ordering::SeqCst), 2);
+    }
 }
