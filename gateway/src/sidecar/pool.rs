@@ -102,7 +102,17 @@ impl DekPool {
         if out.len() < count {
             let missing = count - out.len();
             let asked_at = Instant::now();
-            let mut fresh = self.client.issue(tenant, missing.max(self.config.batch)).await?;
+            let issued = self.client.issue(tenant, missing.max(self.config.batch)).await;
+            let mut fresh = match issued {
+                Ok(fresh) => fresh,
+                Err(e) => {
+                    // A tenant that could not be served (unknown, say)
+                    // leaves no empty pool behind.
+                    drop(pool);
+                    self.drop_idle(|t| t == tenant);
+                    return Err(e);
+                }
+            };
             first_asked = Some(first_asked.map_or(asked_at, |a| a.min(asked_at)));
             let rest = fresh.split_off(missing.min(fresh.len()));
             out.extend(fresh);
@@ -144,18 +154,84 @@ impl DekPool {
         }
     }
 
-    /// Drops expired DEKs of every tenant; returns how many remain.
+    /// Drops expired DEKs of every tenant, and the pools left empty and
+    /// idle; returns how many DEKs remain.
     pub(super) fn evict_expired(&self) -> usize {
         let now = Instant::now();
         let pools: Vec<_> =
             self.tenants.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
-        pools
+        let left = pools
             .iter()
             .map(|p| {
                 let mut q = p.queue.lock().unwrap_or_else(|e| e.into_inner());
                 q.retain(|d| d.asked_at + self.ttl > now);
                 q.len()
             })
-            .sum()
+            .sum();
+        drop(pools);
+        self.drop_idle(|_| true);
+        left
+    }
+
+    /// Removes the pools of the tenants `which` picks that hold no DEK and
+    /// that nothing uses (no request taking from it, no refill filling it),
+    /// so the map holds only tenants served lately.
+    fn drop_idle(&self, which: impl Fn(&TenantId) -> bool) {
+        self.tenants.lock().unwrap_or_else(|p| p.into_inner()).retain(|tenant, pool| {
+            !which(tenant)
+                || Arc::strong_count(pool) > 1
+                || !pool.queue.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+        });
+    }
+
+    /// How many tenants have a pool.
+    #[cfg(test)]
+    fn tenants(&self) -> usize {
+        self.tenants.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{DevCa, Validity};
+    use crate::sidecar::config::KeyServiceConfig;
+
+    /// A client of a key service that cannot be reached.
+    fn unreachable_client(dir: &std::path::Path) -> Arc<KeyServiceClient> {
+        let ca = DevCa::generate("test CA").unwrap();
+        let app = ca.issue_client("spiffe://test/app", Validity::days(1)).unwrap();
+        std::fs::write(dir.join("ca.crt"), ca.cert_pem()).unwrap();
+        std::fs::write(dir.join("app.crt"), &app.cert_pem).unwrap();
+        std::fs::write(dir.join("app.key"), app.key_pem.as_bytes()).unwrap();
+        let config = KeyServiceConfig {
+            urls: vec!["https://127.0.0.1:1".to_owned()],
+            ca: dir.join("ca.crt"),
+            cert: dir.join("app.crt"),
+            key: dir.join("app.key"),
+            timeout_ms: 2_000,
+        };
+        Arc::new(KeyServiceClient::new(&config).unwrap())
+    }
+
+    #[tokio::test]
+    async fn tenants_that_could_not_be_served_leave_no_pool_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = DekPool::new(
+            unreachable_client(dir.path()),
+            PoolConfig::default(),
+            Duration::from_secs(60),
+        );
+        for i in 0..20 {
+            let tenant = TenantId::new(format!("t-{i}")).unwrap();
+            assert!(pool.take(&tenant, 1).await.is_err());
+        }
+        assert_eq!(pool.tenants(), 0, "one empty pool per tenant ever asked for");
+        // An idle, empty pool goes at the next eviction too.
+        let idle = TenantId::new("idle").unwrap();
+        drop(pool.tenant(&idle));
+        assert_eq!(pool.tenants(), 1);
+        assert_eq!(pool.evict_expired(), 0);
+        assert_eq!(pool.tenants(), 0);
     }
 }
