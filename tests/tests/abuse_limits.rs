@@ -546,6 +546,31 @@ async fn oversized_batches_are_refused() {
     assert_eq!((status, code(&body)), (400, "too_many_records"));
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn an_encrypt_answer_is_bounded_by_the_body_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(&dir.path().join("ks"), "");
+    let (status, _) = ks.post(ADMIN, "/v1/tenants", &json!({"tenant": "onc"})).await;
+    assert_eq!(status, 201);
+    let sc =
+        Sidecar::start(&ks, &dir.path().join("sc"), SIDECAR, "[limits]\nmax_body_bytes = 100000\n");
+    // Ten records of 3,000 one-digit allergies: 60 kB in, each digit a
+    // sealed value of some 70 bytes out, 2 MB in all.
+    let tiny: Vec<Value> = (0..10).map(|_| json!({"allergies": vec![1; 3_000]})).collect();
+    let request = json!({"tenant": "onc", "schema": "patient", "records": tiny});
+    assert!(serde_json::to_vec(&request).unwrap().len() < 100_000);
+    let (status, body) = sc.post("/v1/encrypt", &request).await;
+    assert_eq!((status, code(&body)), (413, "answer_too_large"), "{body}");
+    // Ordinary records under the same limit are fine.
+    let records: Vec<Value> = (0..50)
+        .map(|i| json!({"name": format!("p{i}"), "ssn": "123-45-6789", "allergies": ["latex"]}))
+        .collect();
+    let (status, body) = sc
+        .post("/v1/encrypt", &json!({"tenant": "onc", "schema": "patient", "records": records}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
+
 /// Writes a whole HTTP/1.1 request, as most clients do before they read,
 /// then reads the answer's head and JSON body.
 async fn send_whole_then_read<S: AsyncRead + AsyncWrite + Unpin>(

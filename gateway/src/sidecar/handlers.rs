@@ -28,6 +28,11 @@ type Shared = State<Arc<SidecarState>>;
 const ENCRYPT_GROWTH: usize = 2;
 /// Room for the response's own members beyond its records.
 const ENVELOPE_BYTES: usize = 256;
+/// The largest encrypt answer, as a multiple of the body limit. Real
+/// records grow about twofold; a body of many tiny protected values (an
+/// array of thousands of one-digit numbers) grows some thirtyfold, which
+/// would let one request make an answer of hundreds of MiB.
+const MAX_ENCRYPT_GROWTH: usize = 4;
 
 /// An answer with records, written record by record into one buffer sized
 /// up front from the request and wiped when sent: records carry what the
@@ -128,9 +133,20 @@ pub(super) async fn encrypt(State(s): Shared, body: ApiBody) -> Result<SecretJso
     }
     let mut ids = Vec::with_capacity(records.len());
     let mut workspace = TextWorkspace::default();
+    let max_answer = s.limits.max_body_bytes.saturating_mul(MAX_ENCRYPT_GROWTH);
     for (record, dek) in records.into_iter().zip(deks) {
         ids.push(dek.record_key_id);
         workspace.encrypt(record, &req.tenant, &schema, &keys, dek, answer.next_record())?;
+        if answer.out.len() > max_answer {
+            return Err(ApiError::new(
+                axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                "answer_too_large",
+                format!(
+                    "the encrypted records would exceed {max_answer} bytes; send fewer or \
+                     smaller records per request"
+                ),
+            ));
+        }
     }
     answer.end_records();
     s.reporter.record(vec![AccessEvent {
