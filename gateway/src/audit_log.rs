@@ -215,18 +215,27 @@ async fn load_signer(
         None => {
             let signer =
                 AuditSigner::generate().map_err(|e| AuditStartError::Chain(e.to_string()))?;
-            let (master, root) = hierarchy.active_master().await?;
-            let wrapped = root.wrap(&signer.to_key(), &context).await?;
-            let created_at = now_ms() / 1000;
-            store
-                .insert_audit_signing_key(&AuditSigningKeyRecord {
-                    instance: instance.to_owned(),
-                    wrapped,
-                    master,
-                    public_key: signer.public_key_sec1(),
-                    created_at,
-                })
-                .await?
+            let mut attempts = 0;
+            loop {
+                let (master, root) = hierarchy.active_master().await?;
+                let wrapped = root.wrap(&signer.to_key(), &context).await?;
+                let inserted = store
+                    .insert_audit_signing_key(&AuditSigningKeyRecord {
+                        instance: instance.to_owned(),
+                        wrapped,
+                        master,
+                        public_key: signer.public_key_sec1(),
+                        created_at: now_ms() / 1000,
+                    })
+                    .await;
+                match inserted {
+                    // A master rotation came between: wrap under the new one.
+                    Err(kms_core::store::StoreError::MasterNotActive(_)) if attempts < 2 => {
+                        attempts += 1
+                    }
+                    other => break other?,
+                }
+            }
         }
     };
     let root = hierarchy.master(record.master).await?;

@@ -150,6 +150,11 @@ pub fn store_error(e: &StoreError) -> ApiError {
         StoreError::InvalidTransition(t) => {
             ApiError::new(StatusCode::CONFLICT, "invalid_transition", t.to_string())
         }
+        StoreError::MasterNotActive(_) => ApiError::new(
+            StatusCode::CONFLICT,
+            "master_changed",
+            "the active master key changed while this was prepared; try again",
+        ),
         StoreError::Shredded(t) => ApiError::new(
             StatusCode::GONE,
             "key_destroyed",

@@ -285,20 +285,28 @@ impl KeyHierarchy {
     pub async fn create_tenant(&self, id: &TenantId) -> Result<TenantRecord, HierarchyError> {
         let kek = Key256::generate()?;
         let index_root = Key256::generate()?;
-        let (master, root) = self.active_master().await?;
-        let kek_wrapped = root.wrap(&kek, &WrapContext::tenant_kek(id, 1)).await?;
-        let index_root_wrapped = root.wrap(&index_root, &WrapContext::index_root(id)).await?;
-        let record = self
-            .store
-            .create_tenant(NewTenant {
-                id: id.clone(),
-                index_root_wrapped,
-                kek_wrapped,
-                master,
-                created_at: unix_now(),
-            })
-            .await?;
-        Ok(record)
+        let mut attempts = 0;
+        loop {
+            let (master, root) = self.active_master().await?;
+            let kek_wrapped = root.wrap(&kek, &WrapContext::tenant_kek(id, 1)).await?;
+            let index_root_wrapped = root.wrap(&index_root, &WrapContext::index_root(id)).await?;
+            let created = self
+                .store
+                .create_tenant(NewTenant {
+                    id: id.clone(),
+                    index_root_wrapped,
+                    kek_wrapped,
+                    master,
+                    created_at: unix_now(),
+                })
+                .await;
+            match created {
+                // A master rotation activated another master meanwhile:
+                // wrap under that one.
+                Err(StoreError::MasterNotActive(_)) if attempts < 2 => attempts += 1,
+                other => return Ok(other?),
+            }
+        }
     }
 
     /// A tenant's metadata and versions.
@@ -312,9 +320,11 @@ impl KeyHierarchy {
     pub async fn rotate(&self, id: &TenantId) -> Result<KekRecord, HierarchyError> {
         for _ in 0..ROTATION_ATTEMPTS {
             let tenant = self.tenant(id).await?;
-            match self.rotate_from(&tenant).await? {
-                Some(record) => return Ok(record),
-                None => continue,
+            match self.rotate_from(&tenant).await {
+                Ok(Some(record)) => return Ok(record),
+                // Another rotation, or a master rotation, came first.
+                Ok(None) | Err(HierarchyError::Store(StoreError::MasterNotActive(_))) => continue,
+                Err(e) => return Err(e),
             }
         }
         Err(HierarchyError::Store(StoreError::VersionConflict(id.clone())))
@@ -351,7 +361,9 @@ impl KeyHierarchy {
     }
 
     /// Stores a prepared rotation: its version becomes the active one.
-    /// `None` if another writer added that version first (prepare again).
+    /// `None` if another writer added that version first (prepare again);
+    /// [`StoreError::MasterNotActive`] if the master it was wrapped under
+    /// stopped being the active one meanwhile (prepare again too).
     pub async fn commit_rotation(
         &self,
         prepared: PreparedRotation,

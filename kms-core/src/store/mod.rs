@@ -185,6 +185,11 @@ pub enum StoreError {
     /// The tenant's keys were shredded: it takes no new KEK version.
     #[error("the keys of tenant {0} were destroyed")]
     Shredded(TenantId),
+    /// New key material goes under the active master only, and this one
+    /// is not (any more): a master rotation came between the wrap and the
+    /// insert. Wrap again under the active master.
+    #[error("master key #{0} is not the active master key")]
+    MasterNotActive(i64),
     /// The state change is not allowed.
     #[error(transparent)]
     InvalidTransition(#[from] InvalidTransition),

@@ -72,6 +72,8 @@ impl Fixture {
     pub(crate) async fn open_with_master(&self) -> (Arc<dyn KeyStore>, MasterKeyId) {
         let store = self.open().await;
         let master = store.register_master(&test_master()).await.unwrap();
+        // New key material goes under the active master only.
+        store.activate_master(master).await.unwrap();
         (store, master)
     }
 

@@ -114,6 +114,33 @@ pub(crate) async fn one_master_is_active_and_keys_move_by_compare_and_swap(f: Fi
         store.activate_master(MasterKeyId(9_999)).await,
         Err(StoreError::UnknownMaster(_))
     ));
+    // Keys wrapped under the old master before the activation and stored
+    // after it would escape the rotation's sweep: they are refused.
+    assert!(matches!(
+        store.create_tenant(new_tenant("late", old)).await,
+        Err(StoreError::MasterNotActive(id)) if id == old.0
+    ));
+    assert!(store.tenant(&tenant("late")).await.unwrap().is_none());
+    assert!(matches!(
+        store.add_kek_version(&tenant("onc"), 3, &[9; 40], old, 12).await,
+        Err(StoreError::MasterNotActive(_))
+    ));
+    assert!(matches!(
+        store
+            .insert_audit_signing_key(&kms_core::store::AuditSigningKeyRecord {
+                instance: "late".into(),
+                wrapped: vec![1; 40],
+                master: old,
+                public_key: vec![4; 65],
+                created_at: 12,
+            })
+            .await,
+        Err(StoreError::MasterNotActive(_))
+    ));
+    assert!(matches!(
+        store.create_tenant(new_tenant("late", MasterKeyId(9_999))).await,
+        Err(StoreError::UnknownMaster(_))
+    ));
 
     // Destroyed material is not listed: only onc's two KEKs and index root.
     let mut pending = store.keys_not_under(new, 100).await.unwrap();

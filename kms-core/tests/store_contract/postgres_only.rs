@@ -25,6 +25,7 @@ async fn next(subscription: &mut Invalidations) -> Invalidation {
 
 async fn with_tenant(store: &PostgresStore, name: &str) -> kms_core::store::MasterKeyId {
     let master = store.register_master(&test_master()).await.unwrap();
+    store.activate_master(master).await.unwrap();
     let new = NewTenant {
         id: tenant(name),
         index_root_wrapped: vec![1; 40],

@@ -29,6 +29,7 @@ async fn shredded_material_leaves_the_files() {
     let f = Fixture::sqlite().await;
     let store = f.open_sqlite().await;
     let master = store.register_master(&crate::harness::test_master()).await.unwrap();
+    store.activate_master(master).await.unwrap();
     let marker = |b: u8| -> Vec<u8> { (0..48).map(|i| b ^ (i as u8).wrapping_mul(37)).collect() };
     let (kek, root) = (marker(0xA5), marker(0x5A));
     store
@@ -64,6 +65,7 @@ async fn shredded_material_leaves_the_wal_once_an_old_reader_lets_go() {
     let f = Fixture::sqlite().await;
     let store = f.open_sqlite().await;
     let master = store.register_master(&crate::harness::test_master()).await.unwrap();
+    store.activate_master(master).await.unwrap();
     let kek: Vec<u8> = (0..48).map(|i| 0xC3 ^ (i as u8).wrapping_mul(41)).collect();
     store
         .create_tenant(NewTenant {

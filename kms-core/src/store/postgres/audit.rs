@@ -191,6 +191,7 @@ pub(super) async fn insert_signing_key(
     record: &AuditSigningKeyRecord,
 ) -> Result<AuditSigningKeyRecord, StoreError> {
     let mut tx = pool.begin().await.map_err(unavailable)?;
+    super::tenants::require_active_master(&mut tx, record.master).await?;
     sqlx::query(
         "INSERT INTO audit_signing_keys (instance, wrapped, master_key, public_key, created_at)
          VALUES ($1, $2, $3, $4, $5) ON CONFLICT (instance) DO NOTHING",

@@ -63,6 +63,7 @@ pub(super) async fn register_master(
 
 pub(super) async fn create_tenant(pool: &PgPool, t: NewTenant) -> Result<TenantRecord, StoreError> {
     let mut tx = begin(pool).await?;
+    require_active_master(&mut tx, t.master).await?;
     let inserted = sqlx::query(
         "INSERT INTO tenants (id, created_at, index_root_wrapped, index_root_master)
          VALUES ($1, $2, $3, $4)",
@@ -148,6 +149,7 @@ pub(super) async fn add_kek_version(
     if shredded {
         return Err(StoreError::Shredded(id.clone()));
     }
+    require_active_master(&mut tx, master).await?;
     let highest: Option<i64> =
         sqlx::query_scalar("SELECT MAX(version) FROM kek_versions WHERE tenant = $1")
             .bind(id.as_str())
@@ -234,6 +236,28 @@ pub(super) async fn change_kek_state(
     notify::notify(&mut *tx, channel, id).await?;
     tx.commit().await.map_err(unavailable)?;
     Ok(KekRecord { state: next, state_changed_at: now, ..current })
+}
+
+/// Refuses new key material under a master that is not the active one.
+/// `FOR SHARE` holds the master's row until the transaction ends: a master
+/// activation (which locks the table against it) waits for this insert, so
+/// a rotation's sweep of keys under the old master, made after the
+/// activation, sees it; and an activation that committed first is seen here.
+pub(super) async fn require_active_master(
+    conn: &mut PgConnection,
+    master: MasterKeyId,
+) -> Result<(), StoreError> {
+    let active: Option<bool> =
+        sqlx::query_scalar("SELECT active FROM master_keys WHERE id = $1 FOR SHARE")
+            .bind(master.0)
+            .fetch_optional(conn)
+            .await
+            .map_err(unavailable)?;
+    match active {
+        Some(true) => Ok(()),
+        Some(false) => Err(StoreError::MasterNotActive(master.0)),
+        None => Err(StoreError::UnknownMaster(master.0)),
+    }
 }
 
 pub(super) async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>, StoreError> {

@@ -158,6 +158,26 @@ impl SqliteStore {
     }
 }
 
+/// Refuses new key material under a master that is not the active one.
+/// Inside a write transaction, which SQLite serialises with the master
+/// activation's, so a rotation's sweep of keys under the old master, made
+/// after the activation, sees every key inserted under it.
+async fn require_active_master(
+    conn: &mut sqlx::SqliteConnection,
+    master: MasterKeyId,
+) -> Result<(), StoreError> {
+    let active: Option<i64> = sqlx::query_scalar("SELECT active FROM master_keys WHERE id = ?")
+        .bind(master.0)
+        .fetch_optional(conn)
+        .await
+        .map_err(unavailable)?;
+    match active {
+        Some(1) => Ok(()),
+        Some(_) => Err(StoreError::MasterNotActive(master.0)),
+        None => Err(StoreError::UnknownMaster(master.0)),
+    }
+}
+
 #[async_trait]
 impl KeyStore for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
@@ -203,6 +223,7 @@ impl KeyStore for SqliteStore {
 
     async fn create_tenant(&self, t: NewTenant) -> Result<TenantRecord, StoreError> {
         let mut tx = self.write_tx().await?;
+        require_active_master(&mut tx, t.master).await?;
         let inserted = sqlx::query(
             "INSERT INTO tenants (id, created_at, index_root_wrapped, index_root_master)
              VALUES (?, ?, ?, ?)",
@@ -302,6 +323,7 @@ impl KeyStore for SqliteStore {
             Some(true) => return Err(StoreError::Shredded(id.clone())),
             Some(false) => {}
         }
+        require_active_master(&mut tx, master).await?;
         let highest: Option<i64> =
             sqlx::query_scalar("SELECT MAX(version) FROM kek_versions WHERE tenant = ?")
                 .bind(id.as_str())
@@ -634,6 +656,7 @@ impl KeyStore for SqliteStore {
         record: &AuditSigningKeyRecord,
     ) -> Result<AuditSigningKeyRecord, StoreError> {
         let mut tx = self.write_tx().await?;
+        require_active_master(&mut tx, record.master).await?;
         sqlx::query(
             "INSERT INTO audit_signing_keys (instance, wrapped, master_key, public_key, created_at)
              VALUES (?, ?, ?, ?, ?) ON CONFLICT (instance) DO NOTHING",
