@@ -124,10 +124,23 @@ pub(crate) fn spawn(
     })
 }
 
+/// Whether the scheduler still certainly holds its lock: on PostgreSQL the
+/// lock lives on a database session, and if that ended another replica may
+/// be running the same round (a rotation or a shred twice).
+async fn still_held(lock: &mut kms_core::store::JobLock) -> bool {
+    match lock.check().await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "scheduler: the job lock may be lost; this round stops");
+            false
+        }
+    }
+}
+
 /// One scheduler round, if this replica gets the job lock.
 async fn run_scheduled(state: &AppState) {
     let store = state.hierarchy.store();
-    let lock = match store.try_job_lock(LIFECYCLE_JOB).await {
+    let mut lock = match store.try_job_lock(LIFECYCLE_JOB).await {
         Ok(Some(lock)) => lock,
         Ok(None) => return, // another replica runs it now
         Err(e) => {
@@ -141,6 +154,9 @@ async fn run_scheduled(state: &AppState) {
     match state.hierarchy.due_for_rotation(now).await {
         Ok(due) => {
             for tenant in &due {
+                if !still_held(&mut lock).await {
+                    return;
+                }
                 if let Err(e) = rotate_once(state, SCHEDULER, tenant, true).await {
                     tracing::error!(tenant = %tenant.id, error = e.code(), "scheduled rotation failed");
                 }
@@ -151,6 +167,9 @@ async fn run_scheduled(state: &AppState) {
     match store.approvals(Some(ApprovalState::Approved)).await {
         Ok(approved) => {
             for approval in approved.iter().filter(|a| a.execute_after.is_some_and(|t| t <= now)) {
+                if !still_held(&mut lock).await {
+                    return;
+                }
                 if let Err(e) = execute_shred(state, approval).await {
                     tracing::error!(
                         approval = approval.id,
