@@ -25,6 +25,7 @@
 //! the events (single-record traffic made it spend a third of the CPU on
 //! them).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -174,6 +175,9 @@ struct Buffer {
     /// Record accesses in `events` and `refused`.
     accesses: usize,
     refused: Vec<Refused>,
+    /// The tenants of refused events and the key service's code, as of
+    /// the last refusal or retry (unchanged while a retry is under way).
+    held: Vec<(TenantId, String)>,
 }
 
 impl Buffer {
@@ -184,7 +188,7 @@ impl Buffer {
 
     /// The error code of a refused event of `tenant`, if one waits.
     fn refused_code(&self, tenant: &TenantId) -> Option<&str> {
-        self.refused.iter().find(|r| &r.pending.event.tenant == tenant).map(|r| r.code.as_str())
+        self.held.iter().find(|(t, _)| t == tenant).map(|(_, code)| code.as_str())
     }
 
     fn add(&mut self, event: AccessEvent, at_ms: i64) {
@@ -239,10 +243,14 @@ impl Buffer {
     /// Keeps an event the key service refused on its own.
     fn set_aside(&mut self, pending: Pending, code: String) {
         self.accesses += pending.accesses();
+        if self.refused_code(&pending.event.tenant).is_none() {
+            self.held.push((pending.event.tenant.clone(), code.clone()));
+        }
         self.refused.push(Refused { pending, code, tried_at: Instant::now() });
     }
 
-    /// Refused events due to be offered again (taken out).
+    /// Refused events due to be offered again (taken out; their tenants
+    /// stay held until [`Buffer::keep_refused`]).
     fn take_refused_due(&mut self) -> Vec<Refused> {
         let (due, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.refused)
             .into_iter()
@@ -252,11 +260,18 @@ impl Buffer {
         due
     }
 
-    /// Puts refused events back after another try.
+    /// Puts refused events back after another try; only their tenants
+    /// stay held.
     fn keep_refused(&mut self, refused: impl IntoIterator<Item = Refused>) {
         for r in refused {
             self.accesses += r.pending.accesses();
             self.refused.push(r);
+        }
+        self.held.clear();
+        for r in &self.refused {
+            if !self.held.iter().any(|(t, _)| *t == r.pending.event.tenant) {
+                self.held.push((r.pending.event.tenant.clone(), r.code.clone()));
+            }
         }
     }
 }
@@ -291,6 +306,9 @@ pub(super) struct Reporter {
     /// The application identity the sidecar serves (every event's actor).
     actor: String,
     state: Mutex<Buffer>,
+    /// Whether any tenant is held (so that requests need not take the
+    /// buffer's lock to learn that none is).
+    any_held: AtomicBool,
     wake: Notify,
 }
 
@@ -306,6 +324,7 @@ impl Reporter {
             config,
             actor,
             state: Mutex::new(Buffer::default()),
+            any_held: AtomicBool::new(false),
             wake: Notify::new(),
         })
     }
@@ -332,6 +351,9 @@ impl Reporter {
     /// Whether events of `tenant` can be accepted now: not while the key
     /// service refuses one of its events.
     pub(super) fn check_tenant(&self, tenant: &TenantId) -> Result<(), ApiError> {
+        if !self.any_held.load(Ordering::Acquire) {
+            return Ok(());
+        }
         match self.buffer().refused_code(tenant) {
             None => Ok(()),
             Some(code) => Err(ApiError::unavailable(
@@ -441,7 +463,9 @@ impl Reporter {
                         "the key service refuses an audit event; requests for its tenant are \
                          refused until it is taken"
                     );
-                    self.buffer().set_aside(one, code);
+                    let mut buffer = self.buffer();
+                    buffer.set_aside(one, code);
+                    self.any_held.store(true, Ordering::Release);
                 }
             }
         }
@@ -470,7 +494,9 @@ impl Reporter {
                 }
             }
         }
-        self.buffer().keep_refused(kept);
+        let mut buffer = self.buffer();
+        buffer.keep_refused(kept);
+        self.any_held.store(!buffer.held.is_empty(), Ordering::Release);
     }
 }
 
@@ -726,10 +752,14 @@ mod tests {
         let due = buffer.take_refused_due();
         assert_eq!(
             (due.len(), buffer.accesses, buffer.refused_code(&tenant("card"))),
-            (1, 2, None)
+            (1, 2, Some("forbidden")),
+            "held while it is being offered again"
         );
         buffer.keep_refused(due);
         assert_eq!(buffer.accesses, 5);
+        let due = buffer.take_refused_due();
+        buffer.keep_refused(due.into_iter().filter(|_| false)); // taken this time
+        assert_eq!((buffer.accesses, buffer.refused_code(&tenant("card"))), (2, None));
         // The age that decides refusals is the oldest waiting event's own.
         let oldest = buffer.oldest().unwrap();
         std::thread::sleep(Duration::from_millis(5));
