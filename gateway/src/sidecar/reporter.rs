@@ -10,11 +10,12 @@
 //!
 //! A report the key service refuses as a whole (a 4xx other than 408 and
 //! 429: a tenant this sidecar no longer serves, a report over its limits)
-//! is split until the events it refuses alone are found. Those are kept
-//! aside and offered again every [`REFUSED_RETRY`]; until one is taken,
-//! requests for its tenant are refused (503 `audit_unavailable`), while
-//! every other tenant's events flow as before. One refused event never
-//! holds up the rest.
+//! is split by tenant, and a report too large (413) in halves, until the
+//! tenants whose events are refused are found. Their events are kept aside
+//! and offered again, one report per tenant, every [`REFUSED_RETRY`];
+//! until they are taken, requests for those tenants are refused (503
+//! `audit_unavailable`), while every other tenant's events flow as before.
+//! One tenant's refused events never hold up the rest.
 //!
 //! Accesses that differ only in which records and when — same tenant, KEK
 //! version, action, schema, purpose, field outcomes and cache hit — are
@@ -178,12 +179,20 @@ struct Buffer {
     /// The tenants of refused events and the key service's code, as of
     /// the last refusal or retry (unchanged while a retry is under way).
     held: Vec<(TenantId, String)>,
+    /// When the oldest event of the report being sent was buffered: out
+    /// of `events` while it is sent, still not delivered.
+    in_flight: Option<Instant>,
 }
 
 impl Buffer {
-    /// When the oldest event still to be reported was buffered.
+    /// When the oldest event still to be delivered was buffered (waiting
+    /// or being sent).
     fn oldest(&self) -> Option<Instant> {
-        self.events.first().map(|p| p.buffered_at)
+        let waiting = self.events.first().map(|p| p.buffered_at);
+        match (waiting, self.in_flight) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The error code of a refused event of `tenant`, if one waits.
@@ -230,6 +239,7 @@ impl Buffer {
             .count();
         let batch: Vec<Pending> = self.events.drain(..n).collect();
         self.accesses -= batch.iter().map(Pending::accesses).sum::<usize>();
+        self.in_flight = batch.iter().map(|p| p.buffered_at).min();
         batch
     }
 
@@ -281,8 +291,12 @@ enum Delivery {
     Taken,
     /// Not now (the key service unreachable, busy or failing): try again.
     Later(String),
-    /// The key service refused it as it is: its error code.
-    Refused(String),
+    /// The key service refused it as it is: its error code, and whether
+    /// it was for its size (413).
+    Refused {
+        code: String,
+        too_large: bool,
+    },
 }
 
 impl From<Result<(), KsError>> for Delivery {
@@ -292,7 +306,7 @@ impl From<Result<(), KsError>> for Delivery {
             Err(KsError::Api { status, code, .. })
                 if (400..500).contains(&status) && status != 408 && status != 429 =>
             {
-                Self::Refused(code)
+                Self::Refused { code, too_large: status == 413 }
             }
             Err(e) => Self::Later(e.to_string()),
         }
@@ -407,6 +421,8 @@ impl Reporter {
     /// Sends everything buffered, in reports; keeps what fails. Then
     /// offers again the refused events that are due.
     pub(super) async fn flush(&self) {
+        // First, so that steady traffic cannot keep them waiting.
+        self.retry_refused().await;
         loop {
             let batch = {
                 let mut buffer = self.buffer();
@@ -415,23 +431,25 @@ impl Reporter {
                 }
                 buffer.take_report()
             };
-            if !self.deliver(batch).await {
+            let delivered = self.deliver(batch).await;
+            self.buffer().in_flight = None;
+            if !delivered {
                 return;
             }
         }
-        self.retry_refused().await;
     }
 
     async fn send(&self, events: &[Pending]) -> Delivery {
         self.client.report(&Report { actor: &self.actor, events }).await.into()
     }
 
-    /// Sends `batch`; what the key service refuses as a whole is halved
-    /// (by events, then by records) until each refused event is alone, and
-    /// set aside. `false` if the key service could not take reports now:
-    /// what was not delivered is back in front of the buffer.
+    /// Sends `batch`. What the key service refuses as a whole is split by
+    /// tenant; a tenant's events refused for their size are halved (by
+    /// events, then by records); a tenant's events refused otherwise are
+    /// set aside together. `false` if the key service could not take
+    /// reports now: what was not delivered is back in front of the buffer.
     async fn deliver(&self, batch: Vec<Pending>) -> bool {
-        // Halves waiting their turn, the next one last.
+        // Parts waiting their turn, the next one last.
         let mut todo = vec![batch];
         while let Some(mut batch) = todo.pop() {
             match self.send(&batch).await {
@@ -442,29 +460,38 @@ impl Reporter {
                     self.buffer().put_back(batch);
                     return false;
                 }
-                Delivery::Refused(code) if batch.len() > 1 => {
-                    tracing::warn!(%code, events = batch.len(), "audit report refused; splitting it");
+                Delivery::Refused { code, .. } if spans_tenants(&batch) => {
+                    tracing::warn!(%code, events = batch.len(), "audit report refused; splitting it by tenant");
+                    todo.extend(by_tenant(batch, |p| &p.event.tenant).into_iter().rev());
+                }
+                Delivery::Refused { too_large: true, .. } if batch.len() > 1 => {
                     let second = batch.split_off(batch.len() / 2);
                     todo.push(second);
                     todo.push(batch);
                 }
-                Delivery::Refused(code) => {
+                Delivery::Refused { too_large: true, .. }
+                    if batch.first().is_some_and(|p| p.accesses() > 1) =>
+                {
                     let Some(mut one) = batch.pop() else { continue };
-                    if one.accesses() > 1 {
-                        let second = one.split_records();
-                        todo.push(vec![second]);
-                        todo.push(vec![one]);
+                    let second = one.split_records();
+                    todo.push(vec![second]);
+                    todo.push(vec![one]);
+                }
+                Delivery::Refused { code, .. } => {
+                    let Some(tenant) = batch.first().map(|p| p.event.tenant.clone()) else {
                         continue;
-                    }
+                    };
                     tracing::error!(
                         %code,
-                        tenant = %one.event.tenant,
-                        action = one.action(),
-                        "the key service refuses an audit event; requests for its tenant are \
-                         refused until it is taken"
+                        %tenant,
+                        events = batch.len(),
+                        "the key service refuses audit events; requests for their tenant are \
+                         refused until they are taken"
                     );
                     let mut buffer = self.buffer();
-                    buffer.set_aside(one, code);
+                    for pending in batch {
+                        buffer.set_aside(pending, code.clone());
+                    }
                     self.any_held.store(true, Ordering::Release);
                 }
             }
@@ -472,32 +499,62 @@ impl Reporter {
         true
     }
 
-    /// Offers each refused event that is due again, alone.
+    /// Offers the refused events that are due again, one report per tenant.
     async fn retry_refused(&self) {
         let due = self.buffer().take_refused_due();
+        if due.is_empty() {
+            return;
+        }
         let mut kept = Vec::new();
-        let mut due = due.into_iter();
-        while let Some(mut refused) = due.next() {
-            match self.send(std::slice::from_ref(&refused.pending)).await {
+        let mut groups = by_tenant(due, |r| &r.pending.event.tenant).into_iter();
+        while let Some(group) = groups.next() {
+            let code = group.first().map(|r| r.code.clone()).unwrap_or_default();
+            let events: Vec<Pending> = group.into_iter().map(|r| r.pending).collect();
+            let (code, reachable) = match self.send(&events).await {
                 Delivery::Taken => {
-                    tracing::info!(tenant = %refused.pending.event.tenant, "a refused audit event was taken");
+                    let tenant = events.first().map(|p| p.event.tenant.to_string());
+                    tracing::info!(tenant, "refused audit events were taken");
+                    continue;
                 }
-                Delivery::Refused(code) => {
-                    refused.code = code;
-                    refused.tried_at = Instant::now();
-                    kept.push(refused);
-                }
-                Delivery::Later(_) => {
-                    kept.push(refused);
-                    kept.extend(due);
-                    break;
-                }
+                Delivery::Refused { code, .. } => (code, true),
+                Delivery::Later(_) => (code, false),
+            };
+            let tried_at = Instant::now();
+            kept.extend(events.into_iter().map(|pending| Refused {
+                pending,
+                code: code.clone(),
+                tried_at,
+            }));
+            if !reachable {
+                // The rest waits for the next round.
+                kept.extend(groups.by_ref().flatten());
             }
         }
         let mut buffer = self.buffer();
         buffer.keep_refused(kept);
         self.any_held.store(!buffer.held.is_empty(), Ordering::Release);
     }
+}
+
+/// Whether `batch` holds events of more than one tenant.
+fn spans_tenants(batch: &[Pending]) -> bool {
+    batch
+        .split_first()
+        .is_some_and(|(first, rest)| rest.iter().any(|p| p.event.tenant != first.event.tenant))
+}
+
+/// `items` split into one group per tenant, each in the order given, the
+/// groups in the order of their tenants' first items.
+fn by_tenant<T>(items: Vec<T>, tenant: impl Fn(&T) -> &TenantId) -> Vec<Vec<T>> {
+    let mut groups: Vec<Vec<T>> = Vec::new();
+    for item in items {
+        let same = |group: &&mut Vec<T>| group.first().is_some_and(|g| tenant(g) == tenant(&item));
+        match groups.iter_mut().find(same) {
+            Some(group) => group.push(item),
+            None => groups.push(vec![item]),
+        }
+    }
+    groups
 }
 
 /// The body of `POST /v1/audit/events`.
@@ -770,6 +827,48 @@ mod tests {
     }
 
     #[test]
+    fn a_report_being_sent_still_counts_for_the_age_bound() {
+        let mut buffer = Buffer::default();
+        buffer.add(decrypt("onc", true, 1, 0), 1);
+        let buffered = buffer.oldest().unwrap();
+        let report = buffer.take_report();
+        assert!(buffer.events.is_empty());
+        assert_eq!(buffer.oldest(), Some(buffered), "in flight, not delivered");
+        buffer.add(decrypt("card", true, 1, 1), 2);
+        assert_eq!(buffer.oldest(), Some(buffered), "the older of waiting and in flight");
+        buffer.in_flight = None; // delivered
+        assert!(buffer.oldest().unwrap() > buffered);
+        drop(report);
+    }
+
+    #[test]
+    fn refused_reports_split_by_tenant_keeping_order() {
+        let mut buffer = Buffer::default();
+        for (i, t) in ["a", "b", "a", "c", "b"].iter().enumerate() {
+            // Different KEK versions keep them from coalescing.
+            let mut event = decrypt(t, true, 1, i as u8);
+            event.kek_version = Some(u32::try_from(i).unwrap());
+            buffer.add(event, i64::try_from(i).unwrap());
+        }
+        let batch = buffer.take_report();
+        assert!(spans_tenants(&batch));
+        let parts = by_tenant(batch, |p| &p.event.tenant);
+        let shape: Vec<Vec<(String, i64)>> = parts
+            .iter()
+            .map(|part| part.iter().map(|p| (p.event.tenant.to_string(), p.first_ms)).collect())
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                vec![("a".to_owned(), 0), ("a".to_owned(), 2)],
+                vec![("b".to_owned(), 1), ("b".to_owned(), 4)],
+                vec![("c".to_owned(), 3)],
+            ]
+        );
+        assert!(parts.iter().all(|part| !spans_tenants(part)));
+    }
+
+    #[test]
     fn only_client_errors_other_than_408_and_429_are_refusals() {
         let api = |status| {
             Delivery::from(Err(KsError::Api {
@@ -779,9 +878,9 @@ mod tests {
                 retry_after: None,
             }))
         };
-        assert!(matches!(api(403), Delivery::Refused(_)));
-        assert!(matches!(api(413), Delivery::Refused(_)));
-        assert!(matches!(api(400), Delivery::Refused(_)));
+        assert!(matches!(api(403), Delivery::Refused { too_large: false, .. }));
+        assert!(matches!(api(413), Delivery::Refused { too_large: true, .. }));
+        assert!(matches!(api(400), Delivery::Refused { too_large: false, .. }));
         assert!(matches!(api(408), Delivery::Later(_)));
         assert!(matches!(api(429), Delivery::Later(_)));
         assert!(matches!(api(503), Delivery::Later(_)));
