@@ -49,10 +49,13 @@ impl Sidecar {
     /// `unix:///path.sock` or `http://127.0.0.1:PORT` (loopback only: the
     /// API carries the bearer token and record keys).
     fn new(address: &str, token_file: Option<&std::path::Path>) -> Result<Self, AdminError> {
+        // No proxy: the sidecar is on this host, and the token and records
+        // go in clear over loopback; `HTTP_PROXY` must not send them away.
         let builder = reqwest::Client::builder()
             .timeout(CALL_TIMEOUT)
             .connect_timeout(Duration::from_secs(10))
-            .redirect(reqwest::redirect::Policy::none());
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy();
         let (builder, endpoint) = if let Some(path) = address.strip_prefix("unix://") {
             if path.is_empty() {
                 return Err(AdminError::usage("--sidecar unix://: give the socket path"));

@@ -238,6 +238,10 @@ impl KeyServiceClient {
             .timeout(timeout)
             .connect_timeout(timeout)
             .pool_idle_timeout(Duration::from_secs(90))
+            // A redirect would send the request (and take keys from
+            // whoever answers) somewhere the configuration never named,
+            // perhaps without TLS.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| ClientSetupError(e.to_string()))?;
         Ok(Self {
