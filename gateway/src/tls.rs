@@ -43,15 +43,23 @@ pub enum TlsError {
 pub struct TlsReloader {
     paths: TlsConfig,
     current: ArcSwap<ServerConfig>,
-    stamps: Mutex<Vec<Option<SystemTime>>>,
+    /// What the files looked like just before the current configuration
+    /// was read from them.
+    stamps: Mutex<Vec<Option<Stamp>>>,
 }
+
+/// A file's modification time, size and inode: a file replaced by a
+/// rename, or rewritten within the modification time's resolution,
+/// changes at least one.
+type Stamp = (SystemTime, u64, u64);
 
 impl TlsReloader {
     /// Loads the configured files.
     pub fn load(paths: &TlsConfig) -> Result<Self, TlsError> {
+        let before = stamps(paths);
         let config = build_server_config(paths)?;
         Ok(Self {
-            stamps: Mutex::new(stamps(paths)),
+            stamps: Mutex::new(before),
             paths: paths.clone(),
             current: ArcSwap::from(config),
         })
@@ -64,14 +72,17 @@ impl TlsReloader {
 
     /// Rebuilds from the files; on failure the old configuration stays.
     pub fn reload(&self) -> Result<(), TlsError> {
+        // Stamped before reading: a file changed while it is read is seen
+        // as changed at the next check, not taken as read.
+        let before = stamps(&self.paths);
         let config = build_server_config(&self.paths)?;
         self.current.store(config);
-        *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) = stamps(&self.paths);
+        *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) = before;
         tracing::info!("TLS certificate and client CA reloaded");
         Ok(())
     }
 
-    /// Reloads if any file's modification time changed.
+    /// Reloads if any file changed (modification time, size or inode).
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
         let now = stamps(&self.paths);
         let changed = *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) != now;
@@ -82,10 +93,14 @@ impl TlsReloader {
     }
 }
 
-fn stamps(paths: &TlsConfig) -> Vec<Option<SystemTime>> {
+fn stamps(paths: &TlsConfig) -> Vec<Option<Stamp>> {
+    use std::os::unix::fs::MetadataExt;
     [&paths.cert, &paths.key, &paths.client_ca]
         .iter()
-        .map(|p| fs::metadata(p).and_then(|m| m.modified()).ok())
+        .map(|p| {
+            let meta = fs::metadata(p).ok()?;
+            Some((meta.modified().ok()?, meta.len(), meta.ino()))
+        })
         .collect()
 }
 
