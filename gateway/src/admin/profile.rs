@@ -150,21 +150,24 @@ fn load(path: &Path) -> Result<ProfileFile, AdminError> {
 /// The key service URL: `https://` only (the API requires mutual TLS),
 /// without a trailing slash, path, query or credentials.
 fn check_url(url: &str) -> Result<String, AdminError> {
+    // Errors show the URL without anything before an `@`: a password put
+    // there by mistake must not reach a terminal or a CI log.
+    let shown = hsm_adapters::endpoint_without_userinfo(url.trim());
     let parsed = reqwest::Url::parse(url.trim())
-        .map_err(|e| AdminError::usage(format!("key service URL {url:?}: {e}")))?;
-    if parsed.scheme() != "https" {
-        return Err(AdminError::usage(format!(
-            "key service URL {url:?}: must be https:// (the key service requires mutual TLS)"
-        )));
-    }
+        .map_err(|e| AdminError::usage(format!("key service URL {shown:?}: {e}")))?;
     if !parsed.username().is_empty() || parsed.password().is_some() {
         return Err(AdminError::usage(
             "key service URL: must not hold credentials (the admin certificate is the identity)",
         ));
     }
+    if parsed.scheme() != "https" {
+        return Err(AdminError::usage(format!(
+            "key service URL {shown:?}: must be https:// (the key service requires mutual TLS)"
+        )));
+    }
     if parsed.query().is_some() || parsed.fragment().is_some() {
         return Err(AdminError::usage(format!(
-            "key service URL {url:?}: must not have a query or fragment"
+            "key service URL {shown:?}: must not have a query or fragment"
         )));
     }
     Ok(parsed.as_str().trim_end_matches('/').to_owned())
@@ -216,5 +219,19 @@ mod tests {
         std::fs::write(&path, "url = \"https://x\"\n").unwrap();
         let e = resolve(&args(Some(path))).unwrap_err().to_string();
         assert!(e.contains("--ca") && e.contains("KEYGATE_ADMIN_CA"), "{e}");
+    }
+
+    #[test]
+    fn a_password_in_the_url_never_reaches_an_error() {
+        for url in [
+            "http://admin:s3cret@ks.internal:8443",
+            "https://admin:s3cret@ks.internal:8443",
+            "https://admin:s3cret@[not-an-address",
+            "ftp://admin:s3cret@ks.internal",
+            "https://admin:s3cret@ks.internal/?q=1",
+        ] {
+            let e = check_url(url).unwrap_err().to_string();
+            assert!(!e.contains("s3cret"), "{url}: {e}");
+        }
     }
 }
