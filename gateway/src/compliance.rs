@@ -21,7 +21,7 @@ use kms_core::store::Durability;
 
 use crate::config::{RootConfig, ServerConfig};
 use crate::hygiene::Hygiene;
-use crate::policy::{Policy, PolicyHandle, Role};
+use crate::policy::{Grant, Policy, PolicyHandle, Role, TenantPattern};
 use crate::sidecar::SidecarConfig;
 use crate::sidecar::config::Listen;
 
@@ -421,6 +421,15 @@ fn root_key(root: &RootConfig) -> Result<String, String> {
         RootConfig::Pkcs11 { token_label, key_label, .. } => {
             Ok(format!("master key {key_label} in PKCS#11 token {token_label}"))
         }
+        RootConfig::AwsKms { endpoint_url: Some(url), .. }
+            if hsm_adapters::endpoint_is_plain_http(url) =>
+        {
+            Err(format!(
+                "the master key is reached over plain HTTP at {}: a local KMS emulator, not \
+                 AWS KMS",
+                hsm_adapters::endpoint_without_userinfo(url)
+            ))
+        }
         RootConfig::AwsKms { key_id, region, .. } => {
             Ok(format!("master key {key_id} in AWS KMS ({region})"))
         }
@@ -531,37 +540,80 @@ fn rotation(days: u64) -> Result<String, String> {
     }
 }
 
-/// No grant gives data access to every tenant, reveals every field class,
-/// or holds every role. (Admin, auditor and security officer grants may
-/// cover every tenant: the endpoints not scoped to one tenant need that.)
+/// No identity has data access to every tenant or holds every role, and
+/// no grant reveals every field class. (Admin, auditor and security
+/// officer grants may cover every tenant: the endpoints not scoped to one
+/// tenant need that.) An identity holds what every grant matching it
+/// gives, so roles and tenants are judged over those grants together.
 fn least_privilege(policy: &Policy) -> Result<String, String> {
-    let mut problems = Vec::new();
-    for (i, grant) in policy.grants().iter().enumerate() {
-        let who = format!("grant {} ({})", i + 1, grant.identity.as_str());
-        let data_roles: Vec<&str> = grant
-            .roles
+    let grants = policy.grants();
+    let mut problems: Vec<String> = Vec::new();
+    let mut note = |problem: String| {
+        if !problems.contains(&problem) {
+            problems.push(problem);
+        }
+    };
+    for (i, grant) in grants.iter().enumerate() {
+        if grant.classes.iter().any(|c| c.as_str() == "*") {
+            note(format!("grant {} ({}) reveals every field class (\"*\")", i + 1, grant.identity));
+        }
+    }
+    // Every identity matched by some set of grants is matched by all of
+    // them at one of these: each grant's identity without its `*` (for
+    // nested prefixes, the longest one).
+    for candidate in grants.iter().map(|g| g.identity.as_str().trim_end_matches('*')) {
+        let matching: Vec<(usize, &Grant)> =
+            grants.iter().enumerate().filter(|(_, g)| g.identity.matches(candidate)).collect();
+        let who = match matching.as_slice() {
+            [(i, g)] => format!("grant {} ({})", i + 1, g.identity),
+            _ => {
+                let numbers: Vec<String> =
+                    matching.iter().map(|(i, _)| (i + 1).to_string()).collect();
+                format!("grants {} (together, for identity {candidate:?})", numbers.join(", "))
+            }
+        };
+        let holds = |role: &Role| matching.iter().any(|(_, g)| g.roles.contains(role));
+        if Role::ALL.iter().all(holds) {
+            note(format!("{who} hold every role"));
+        }
+        let data_roles: Vec<&str> = [Role::Encryptor, Role::Decryptor]
             .iter()
-            .filter(|r| matches!(r, Role::Encryptor | Role::Decryptor))
+            .filter(|r| holds(r))
             .map(|r| r.as_str())
             .collect();
-        if !data_roles.is_empty() && grant.tenants.iter().any(|t| t.is_all()) {
-            problems.push(format!("{who} gives {} on every tenant (\"*\")", data_roles.join("+")));
-        }
-        if grant.classes.iter().any(|c| c.as_str() == "*") {
-            problems.push(format!("{who} reveals every field class (\"*\")"));
-        }
-        if Role::ALL.iter().all(|r| grant.roles.contains(r)) {
-            problems.push(format!("{who} holds every role"));
+        let data_tenants: Vec<&TenantPattern> = matching
+            .iter()
+            .filter(|(_, g)| g.roles.iter().any(|r| matches!(r, Role::Encryptor | Role::Decryptor)))
+            .flat_map(|(_, g)| &g.tenants)
+            .collect();
+        if covers_every_tenant(&data_tenants) {
+            note(format!(
+                "{who} give {} on every tenant (\"*\", or a prefix for every first character)",
+                data_roles.join("+")
+            ));
         }
     }
     if problems.is_empty() {
         Ok(format!(
-            "{} grants, none with data access to every tenant, every field class or every role",
-            policy.grants().len()
+            "{} grants, no identity with data access to every tenant or every role, no grant \
+             revealing every field class",
+            grants.len()
         ))
     } else {
         Err(problems.join("; "))
     }
+}
+
+/// Whether tenant patterns cover every tenant, present and future: `*`,
+/// or `c*` for every character a tenant id may start with.
+fn covers_every_tenant(patterns: &[&TenantPattern]) -> bool {
+    let first_chars = ('a'..='z').chain('0'..='9');
+    patterns.iter().any(|p| p.is_all())
+        || first_chars.into_iter().all(|c| {
+            patterns
+                .iter()
+                .any(|p| p.as_str().strip_suffix('*') == Some(c.encode_utf8(&mut [0; 4])))
+        })
 }
 
 fn private_files(files: &[(&str, &Path)]) -> Result<String, String> {
@@ -624,6 +676,64 @@ mod tests {
             "[[grant]]\nidentity = \"b\"\ntenants = [\"onc\"]\nroles = [\"encryptor\", \"decryptor\", \"admin\", \"security_officer\", \"auditor\"]\nclasses = [\"phi\"]\npurposes = [\"x\"]\n",
         );
         assert!(least_privilege(&all_roles).unwrap_err().contains("every role"));
+    }
+
+    #[test]
+    fn least_privilege_judges_an_identity_by_all_its_grants() {
+        // Bob holds the management roles on his own and the data roles
+        // through a prefix grant: every role, together.
+        let split = policy(
+            "[[grant]]\nidentity = \"spiffe://p/ops/bob\"\ntenants = [\"*\"]\nroles = [\"admin\", \"auditor\", \"security_officer\"]\n\
+             [[grant]]\nidentity = \"spiffe://p/ops/*\"\ntenants = [\"onc\"]\nroles = [\"encryptor\", \"decryptor\"]\nclasses = [\"phi\"]\npurposes = [\"x\"]\n",
+        );
+        let e = least_privilege(&split).unwrap_err();
+        assert!(e.contains("grants 1, 2") && e.contains("every role"), "{e}");
+        // Others under the prefix hold only the data roles: not flagged.
+        let apart = policy(
+            "[[grant]]\nidentity = \"spiffe://p/ops/bob\"\ntenants = [\"*\"]\nroles = [\"admin\", \"auditor\", \"security_officer\"]\n\
+             [[grant]]\nidentity = \"spiffe://p/app/*\"\ntenants = [\"onc\"]\nroles = [\"encryptor\", \"decryptor\"]\nclasses = [\"phi\"]\npurposes = [\"x\"]\n",
+        );
+        assert!(least_privilege(&apart).is_ok(), "{:?}", least_privilege(&apart));
+        // Every first character spelled out is every tenant.
+        let prefixes: Vec<String> =
+            ('a'..='z').chain('0'..='9').map(|c| format!("\"{c}*\"")).collect();
+        let spelled = policy(&format!(
+            "[[grant]]\nidentity = \"spiffe://p/app\"\ntenants = [{}]\nroles = [\"encryptor\"]\n",
+            prefixes.join(", ")
+        ));
+        let e = least_privilege(&spelled).unwrap_err();
+        assert!(e.contains("encryptor on every tenant"), "{e}");
+        // ... and so across two grants of one identity; but not one short.
+        let halves = policy(&format!(
+            "[[grant]]\nidentity = \"spiffe://p/app\"\ntenants = [{}]\nroles = [\"encryptor\"]\n\
+             [[grant]]\nidentity = \"spiffe://p/app\"\ntenants = [{}]\nroles = [\"decryptor\"]\nclasses = [\"phi\"]\npurposes = [\"x\"]\n",
+            prefixes[..18].join(", "),
+            prefixes[18..].join(", ")
+        ));
+        assert!(
+            least_privilege(&halves).unwrap_err().contains("encryptor+decryptor on every tenant")
+        );
+        let short = policy(&format!(
+            "[[grant]]\nidentity = \"spiffe://p/app\"\ntenants = [{}]\nroles = [\"encryptor\"]\n",
+            prefixes[1..].join(", ")
+        ));
+        assert!(least_privilege(&short).is_ok());
+    }
+
+    #[test]
+    fn an_aws_kms_master_over_plain_http_is_not_hardware() {
+        let kms = |endpoint_url: Option<&str>| RootConfig::AwsKms {
+            region: "us-east-1".into(),
+            key_id: "alias/keygate".into(),
+            endpoint_url: endpoint_url.map(str::to_owned),
+            timeout_ms: 1_000,
+        };
+        assert!(root_key(&kms(None)).is_ok());
+        assert!(root_key(&kms(Some("https://vpce-1.kms.us-east-1.vpce.amazonaws.com"))).is_ok());
+        let e = root_key(&kms(Some("http://127.0.0.1:4566"))).unwrap_err();
+        assert!(e.contains("plain HTTP") && e.contains("emulator"), "{e}");
+        assert!(refused_root(Profile::Production, &kms(Some("HTTP://localhost:4566"))).is_some());
+        assert!(refused_root(Profile::Development, &kms(Some("http://localhost:4566"))).is_none());
     }
 
     #[test]

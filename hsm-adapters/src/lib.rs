@@ -60,7 +60,9 @@ mod pkcs11;
 mod readiness;
 mod secret_file;
 
-pub use crate::aws_kms::{AwsKmsConfig, AwsKmsError, AwsKmsRootKey, endpoint_without_userinfo};
+pub use crate::aws_kms::{
+    AwsKmsConfig, AwsKmsError, AwsKmsRootKey, endpoint_is_plain_http, endpoint_without_userinfo,
+};
 #[cfg(unix)]
 pub use crate::local::{
     Argon2Params, FormatError, LocalKeyError, LocalRootKey, PROVIDER_KIND as LOCAL_PROVIDER_KIND,

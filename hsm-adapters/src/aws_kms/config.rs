@@ -144,6 +144,17 @@ pub fn endpoint_without_userinfo(url: &str) -> String {
     }
 }
 
+/// Whether an endpoint URL is plain HTTP, which the configuration allows
+/// only to a loopback host: a local emulator answers there, not AWS KMS,
+/// so the master key is in software.
+pub fn endpoint_is_plain_http(url: &str) -> bool {
+    url.trim()
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|uri| uri.scheme_str().map(|s| s.eq_ignore_ascii_case("http")))
+        .unwrap_or(false)
+}
+
 /// `host` as [`http::uri::Authority::host`] gives it (an IPv6 address in
 /// brackets).
 fn is_loopback(host: &str) -> bool {

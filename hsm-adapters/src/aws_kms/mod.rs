@@ -56,7 +56,7 @@ use crate::readiness::readiness_context;
 mod config;
 mod error;
 
-pub use self::config::{AwsKmsConfig, endpoint_without_userinfo};
+pub use self::config::{AwsKmsConfig, endpoint_is_plain_http, endpoint_without_userinfo};
 pub use self::error::AwsKmsError;
 
 /// Provider kind reported by [`RootKeyProvider::describe`].
