@@ -133,6 +133,9 @@ impl From<HierarchyError> for ApiError {
     }
 }
 
+/// The code of a write refused because the active master changed under it.
+pub const MASTER_CHANGED: &str = "master_changed";
+
 /// Maps a keystore failure.
 pub fn store_error(e: &StoreError) -> ApiError {
     match e {
@@ -152,7 +155,7 @@ pub fn store_error(e: &StoreError) -> ApiError {
         }
         StoreError::MasterNotActive(_) => ApiError::new(
             StatusCode::CONFLICT,
-            "master_changed",
+            MASTER_CHANGED,
             "the active master key changed while this was prepared; try again",
         ),
         StoreError::Shredded(t) => ApiError::new(

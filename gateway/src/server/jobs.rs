@@ -64,7 +64,22 @@ async fn execute_shred(state: &AppState, approval: &Approval) -> Result<Approval
 /// replica or another) may find the same approval due meanwhile. If the
 /// scheduler ran it first, the approval as it is now; if the lock stays
 /// taken for `within`, the approval is left to the scheduler's next round.
+///
+/// It runs in a task of its own: a request that goes away (the client
+/// gone, the request timed out) must not release the lock while the
+/// destruction it started goes on, nor leave the approval unmarked.
 pub(crate) async fn execute_shred_now(
+    state: &AppState,
+    approval: &Approval,
+    within: Duration,
+) -> Result<Approval, ApiError> {
+    let (state, approval) = (state.clone(), approval.clone());
+    tokio::spawn(async move { shred_under_lock(&state, &approval, within).await })
+        .await
+        .map_err(|e| crate::error::internal(&e))?
+}
+
+async fn shred_under_lock(
     state: &AppState,
     approval: &Approval,
     within: Duration,

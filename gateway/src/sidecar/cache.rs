@@ -360,7 +360,7 @@ mod tests {
 
     #[test]
     fn entries_live_the_ttl_from_when_the_key_service_vouched_for_them() {
-        let ttl = Duration::from_millis(200);
+        let ttl = Duration::from_secs(2);
         let cache = DekCache::new(ttl, 10);
         let (fresh, late, stale) = (
             RecordKeyId::from_bytes([1; 16]),
@@ -369,13 +369,13 @@ mod tests {
         );
         let now = Instant::now();
         cache.insert_many(&t("a"), now, [(fresh, 1, key(1))]);
-        // Issued 150 ms ago (say, pooled since): 50 ms left, not 200.
-        cache.insert_many(&t("a"), now - Duration::from_millis(150), [(late, 1, key(2))]);
+        // Issued 1.9 s ago (say, pooled since): 100 ms left, not 2 s.
+        cache.insert_many(&t("a"), now - Duration::from_millis(1_900), [(late, 1, key(2))]);
         // Issued longer ago than the TTL: not cached at all.
         cache.insert_many(&t("a"), now - ttl, [(stale, 1, key(3))]);
         assert!(cache.get(&stale, &t("a"), 1).is_none());
         assert_eq!(cache.stats().2, 2);
-        std::thread::sleep(Duration::from_millis(80));
+        std::thread::sleep(Duration::from_millis(300));
         assert!(cache.get(&late, &t("a"), 1).is_none(), "gone at its own deadline");
         assert!(cache.get(&fresh, &t("a"), 1).is_some());
     }

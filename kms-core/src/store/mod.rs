@@ -185,9 +185,9 @@ pub enum StoreError {
     /// The tenant's keys were shredded: it takes no new KEK version.
     #[error("the keys of tenant {0} were destroyed")]
     Shredded(TenantId),
-    /// New key material goes under the active master only, and this one
-    /// is not (any more): a master rotation came between the wrap and the
-    /// insert. Wrap again under the active master.
+    /// New or moved key material goes under the active master only, and
+    /// this one is not (any more): a master rotation came between the wrap
+    /// and the write. Wrap again under the active master.
     #[error("master key #{0} is not the active master key")]
     MasterNotActive(i64),
     /// The state change is not allowed.
@@ -323,7 +323,8 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug {
 
     /// Replaces a stored key's wrapping if it is still wrapped under
     /// `from` and not destroyed (compare and swap); `false` if it changed
-    /// in the meantime.
+    /// in the meantime. `to` must be the active master
+    /// ([`StoreError::MasterNotActive`]).
     async fn replace_wrapped(
         &self,
         key: &StoredKeyRef,

@@ -153,6 +153,11 @@ pub(crate) async fn one_master_is_active_and_keys_move_by_compare_and_swap(f: Fi
     let v1 = StoredKeyRef::Kek { tenant: tenant("onc"), version: 1 };
     assert!(store.replace_wrapped(&v1, old, &[7; 40], new).await.unwrap());
     assert!(!store.replace_wrapped(&v1, old, &[8; 40], new).await.unwrap(), "compare and swap");
+    // Back under a master that is no longer active: never.
+    assert!(matches!(
+        store.replace_wrapped(&v1, new, &[6; 40], old).await,
+        Err(StoreError::MasterNotActive(_))
+    ));
     let kek = store.kek(&tenant("onc"), 1).await.unwrap().unwrap();
     assert_eq!((kek.master, kek.wrapped.as_deref()), (new, Some(&[7u8; 40][..])));
 

@@ -9,7 +9,7 @@ use kms_core::{KekState, StateChange};
 
 use super::{ApiJson, ApiPath, tenant_id};
 use crate::audit_log::now_ms;
-use crate::error::ApiError;
+use crate::error::{ApiError, MASTER_CHANGED};
 use crate::policy::Role;
 use crate::server::api::{ChangeState, CreateTenant, StateAction, TenantView, VersionView};
 use crate::server::{AppState, Caller};
@@ -131,6 +131,23 @@ const ROTATION_CONFLICT: &str = "rotation_conflict";
 /// stored ([`crate::audit_log::AuditLog::before`]). `None` if another
 /// rotation added that version first (also recorded, as `invalid`).
 pub(crate) async fn rotate_once(
+    state: &AppState,
+    actor: &str,
+    tenant: &TenantRecord,
+    scheduled: bool,
+) -> Result<Option<KekRecord>, ApiError> {
+    // A master rotation that activates another master between the wrap and
+    // the store is met by wrapping again (each attempt audited).
+    let mut attempts = 0;
+    loop {
+        match rotate_attempt(state, actor, tenant, scheduled).await {
+            Err(e) if e.code() == MASTER_CHANGED && attempts < 2 => attempts += 1,
+            other => return other,
+        }
+    }
+}
+
+async fn rotate_attempt(
     state: &AppState,
     actor: &str,
     tenant: &TenantRecord,

@@ -227,7 +227,12 @@ pub(super) async fn replace_wrapped(
         .bind(instance.as_str())
         .bind(from.0),
     };
-    let updated = query.execute(pool).await.map_err(unavailable)?;
+    // Keys move only to the active master: a sweep whose rotation was
+    // overtaken by another (its job lock lost) must not move them back.
+    let mut tx = begin(pool).await?;
+    super::tenants::require_active_master(&mut tx, to).await?;
+    let updated = query.execute(&mut *tx).await.map_err(unavailable)?;
+    tx.commit().await.map_err(unavailable)?;
     Ok(updated.rows_affected() == 1)
 }
 

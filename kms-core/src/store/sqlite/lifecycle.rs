@@ -271,6 +271,9 @@ impl SqliteStore {
             .bind(from.0),
         };
         let mut tx = self.write_tx().await?;
+        // Keys move only to the active master: a sweep whose rotation was
+        // overtaken by another must not move them back.
+        super::require_active_master(&mut tx, to).await?;
         let updated = query.execute(&mut *tx).await.map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)?;
         Ok(updated.rows_affected() == 1)
