@@ -179,6 +179,21 @@ async fn refusals_are_final() {
 }
 
 #[tokio::test]
+async fn an_answer_announced_past_the_limit_is_refused_before_it_is_read() {
+    let limit = crate::transport::MAX_ANSWER_BYTES as u64;
+    let (server, url) = TestServer::tcp(vec![Reply::Announce(limit + 1)]).await;
+    let client = over_tcp(&url).timeout(Duration::from_secs(5)).build().unwrap();
+    let started = Instant::now();
+    let err = client.encrypt("demo", "patient", &json!({})).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Decode { detail, .. } if detail.contains("larger than")),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2), "not waiting for the body");
+    assert_eq!(server.requests().len(), 1, "not retried");
+}
+
+#[tokio::test]
 async fn an_error_status_without_an_error_body_is_unexpected() {
     let (server, url) =
         TestServer::tcp(vec![Reply::Answer(502, "<h1>Bad Gateway</h1>".into())]).await;

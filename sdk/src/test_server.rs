@@ -22,6 +22,9 @@ pub(crate) enum Reply {
     Close,
     /// Never answer.
     Hang,
+    /// A 200 whose head announces this many bytes of body, then a few,
+    /// then the connection stays open.
+    Announce(u64),
 }
 
 /// One request as received.
@@ -178,6 +181,16 @@ async fn serve(stream: impl AsyncRead + AsyncWrite + Unpin, state: Shared) {
             }
             Reply::Close => return,
             Reply::Hang => std::future::pending().await,
+            Reply::Announce(len) => {
+                let head = format!(
+                    "HTTP/1.1 200 Test\r\ncontent-type: application/json\r\n\
+                     content-length: {len}\r\n\r\n{{\"record\":"
+                );
+                if stream.write_all(head.as_bytes()).await.is_ok() {
+                    std::future::pending::<()>().await;
+                }
+                return;
+            }
         }
     }
 }

@@ -13,6 +13,9 @@ use crate::operation::Operation;
 use crate::redact::serde_message;
 
 const JSON: &str = "application/json";
+/// The largest answer read: a sidecar's encrypt answer is at most four
+/// times its body limit (16 MiB by default), and this is four times that.
+pub(crate) const MAX_ANSWER_BYTES: usize = 256 * 1024 * 1024;
 
 impl Client {
     /// POSTs `body` as JSON to `op`'s path, with retries, and decodes the
@@ -88,12 +91,29 @@ impl Client {
     }
 
     /// One exchange: the status and the complete body, or why there are none.
+    /// The body is read up to [`MAX_ANSWER_BYTES`]: a peer that is not a
+    /// sidecar (an `https://` endpoint can be anything) cannot make the
+    /// application hold more.
     async fn attempt(&self, op: Operation, request: Request) -> Result<(u16, Vec<u8>), Error> {
-        let response =
+        let mut response =
             self.inner().http.execute(request).await.map_err(|e| self.transport_error(op, e))?;
         let status = response.status().as_u16();
-        let body = response.bytes().await.map_err(|e| self.transport_error(op, e))?;
-        Ok((status, Vec::from(body)))
+        let too_large = || Error::Decode {
+            op,
+            detail: format!("the answer is larger than {MAX_ANSWER_BYTES} bytes"),
+        };
+        let announced = response.content_length().unwrap_or(0);
+        if announced > MAX_ANSWER_BYTES as u64 {
+            return Err(too_large());
+        }
+        let mut body = Vec::with_capacity(usize::try_from(announced).unwrap_or(0));
+        while let Some(chunk) = response.chunk().await.map_err(|e| self.transport_error(op, e))? {
+            if body.len().saturating_add(chunk.len()) > MAX_ANSWER_BYTES {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok((status, body))
     }
 
     fn transport_error(&self, op: Operation, err: reqwest::Error) -> Error {
