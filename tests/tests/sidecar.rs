@@ -452,6 +452,52 @@ async fn a_tenant_whose_events_are_refused_holds_up_only_itself() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_socket_is_private_and_nothing_else_at_its_path_is_deleted() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let ks = key_service_with_onc(dir.path()).await;
+    let sc_dir = dir.path().join("sc");
+    let mut sc = Sidecar::start(&ks, &sc_dir, CLINICAL, "");
+    let mode = std::fs::symlink_metadata(&sc.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    let config = sc_dir.join("sidecar.toml");
+    let start_again = || {
+        keygate_tests::keyservice::run_to_exit(
+            &["sidecar".as_ref(), "--config".as_ref(), config.as_os_str()],
+            &[],
+        )
+    };
+    // A live sidecar's socket is not taken over.
+    let (ok, stderr) = start_again();
+    assert!(!ok && stderr.contains("is in use"), "{stderr}");
+    assert_eq!(
+        encrypt(&sc, &patient(1)).await["mrn"].as_str().map(|m| m.starts_with("kg1")),
+        Some(true)
+    );
+
+    // Not a socket: left alone, and the start stops.
+    sc.stop();
+    std::fs::write(&sc.socket, "not a socket").unwrap();
+    let (ok, stderr) = start_again();
+    assert!(!ok && stderr.contains("is not a socket"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&sc.socket).unwrap(), "not a socket");
+
+    // A socket left by a sidecar that is gone is replaced.
+    std::fs::remove_file(&sc.socket).unwrap();
+    let mut crashed = Sidecar::start(&ks, &sc_dir, CLINICAL, "");
+    let pid = crashed.pid().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-KILL", &pid]).status().unwrap().success());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(crashed.socket.exists(), "a killed sidecar leaves its socket");
+    crashed.stop();
+    let again = Sidecar::start(&ks, &sc_dir, CLINICAL, "");
+    assert_eq!(
+        encrypt(&again, &patient(2)).await["mrn"].as_str().map(|m| m.starts_with("kg1")),
+        Some(true)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn bearer_token_and_reasons() {
     let dir = tempfile::tempdir().unwrap();
     let ks = key_service_with_onc(dir.path()).await;

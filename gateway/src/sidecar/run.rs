@@ -102,14 +102,11 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
     let drain = Duration::from_secs(20);
     match &config.listen {
         Listen::Unix(path) => {
-            if path.exists() {
-                std::fs::remove_file(path).map_err(|e| fail("listen")(&e))?;
-            }
+            clear_stale_socket(path).map_err(|e| fail("listen")(&e))?;
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| fail("listen")(&e))?;
             }
-            let listener = tokio::net::UnixListener::bind(path).map_err(|e| fail("listen")(&e))?;
-            set_mode(path, 0o660).map_err(|e| fail("listen")(&e))?;
+            let listener = bind_private(path).map_err(|e| fail("listen")(&e))?;
             tracing::info!(socket = %path.display(), "sidecar listening");
             let _ = writeln!(stdout, "keygate sidecar listening on unix:{}", path.display());
             let _ = stdout.flush();
@@ -153,6 +150,48 @@ fn spawn_maintenance(state: Arc<SidecarState>, mut stop: tokio::sync::watch::Rec
             }
         }
     });
+}
+
+/// Makes room for the socket at `path`: a socket left by a sidecar that
+/// is gone is removed; anything else there (a live sidecar's socket, a
+/// file, a link) stops the start instead of being deleted.
+fn clear_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(std::io::Error::other(format!(
+            "{} exists and is not a socket; not removing it",
+            path.display()
+        )));
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(std::io::Error::other(format!(
+            "{} is in use: another process listens on it",
+            path.display()
+        )));
+    }
+    std::fs::remove_file(path)
+}
+
+/// Binds the socket under a temporary name, gives it mode 0660, and only
+/// then renames it to `path`: nobody can connect at `path` before the
+/// mode is set, whatever the umask.
+fn bind_private(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(format!(".{}~", std::process::id()));
+    let temporary = std::path::PathBuf::from(temporary);
+    let _ = std::fs::remove_file(&temporary);
+    let listener = tokio::net::UnixListener::bind(&temporary)?;
+    let placed = set_mode(&temporary, 0o660).and_then(|()| std::fs::rename(&temporary, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(e);
+    }
+    Ok(listener)
 }
 
 fn router(state: Arc<SidecarState>) -> Router {
