@@ -327,6 +327,32 @@ async fn rewrap_index_pseudonym_and_stale_version_flag() {
         .post("/v1/pseudonym", &json!({"tenant": "onc", "namespace": "patient", "value": "P-4"}))
         .await;
     assert_eq!(p["pseudonym"], old["patient_id"]);
+
+    // Each token and pseudonym made is on record, never the value.
+    let mut found = (0, 0);
+    for _ in 0..50 {
+        let (_, export) = ks.get(AUDITOR, "/v1/audit?tenant=onc").await;
+        let events: Vec<Value> =
+            export.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).collect();
+        let requests = |action: &str, key: &str, value: &str| -> u64 {
+            events
+                .iter()
+                .filter(|e| e["action"] == action && e["detail"]["fields"][key] == value)
+                .map(|e| e["detail"]["fields"]["requests"].as_u64().unwrap())
+                .sum()
+        };
+        found = (
+            requests("field.index", "path", "/email") + requests("field.index", "path", "/mrn"),
+            requests("field.pseudonym", "namespace", "patient"),
+        );
+        if found == (2, 1) {
+            assert!(!export.contains("PATIENT4") && !export.contains("MRN-000004"), "{export}");
+            assert!(!export.contains("\"P-4\""), "{export}");
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(found, (2, 1), "two tokens (the refused /ssn is not one) and one pseudonym");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -287,6 +287,12 @@ pub(crate) enum ReportedAction {
     /// Records decrypted.
     #[serde(rename = "record.decrypt")]
     RecordDecrypt,
+    /// Search tokens made of values the app sent.
+    #[serde(rename = "field.index")]
+    FieldIndex,
+    /// Pseudonyms made of values the app sent.
+    #[serde(rename = "field.pseudonym")]
+    FieldPseudonym,
 }
 
 impl ReportedAction {
@@ -295,6 +301,8 @@ impl ReportedAction {
         match self {
             Self::RecordEncrypt => "record.encrypt",
             Self::RecordDecrypt => "record.decrypt",
+            Self::FieldIndex => "field.index",
+            Self::FieldPseudonym => "field.pseudonym",
         }
     }
 }

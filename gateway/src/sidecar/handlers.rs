@@ -268,12 +268,22 @@ pub(super) async fn index(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&s, &req.tenant, &[Role::Encryptor, Role::Decryptor]).await?;
     let schema = s.schema(req.schema.as_str(), req.schema_version)?.clone();
+    s.reporter.check()?;
+    s.reporter.check_tenant(&req.tenant)?;
     let keys = s
         .keyring
         .schema_keys(&req.tenant, &schema)
         .await
         .map_err(|e| s.tenant_error(&req.tenant, e))?;
     let token = index_token(&schema, &keys, &req.path, req.value.get())?;
+    // A token tests a value against every stored record: recorded, never
+    // the value itself.
+    s.reporter.record(vec![AccessEvent {
+        tenant: req.tenant.clone(),
+        kek_version: None,
+        access: Access::Index { schema: schema.name.clone(), path: req.path.clone() },
+        record_key_ids: Vec::new(),
+    }]);
     Ok(Json(json!({ "token": token })))
 }
 
@@ -293,10 +303,19 @@ pub(super) async fn pseudonymize(
     ApiJson(req): ApiJson<PseudonymRequest>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&s, &req.tenant, &[Role::Encryptor, Role::Decryptor]).await?;
+    s.reporter.check()?;
+    s.reporter.check_tenant(&req.tenant)?;
     let key = s
         .keyring
         .namespace_key(&req.tenant, &req.namespace)
         .await
         .map_err(|e| s.tenant_error(&req.tenant, e))?;
-    Ok(Json(json!({ "pseudonym": pseudonym(&key, req.value.get()) })))
+    let answer = json!({ "pseudonym": pseudonym(&key, req.value.get()) });
+    s.reporter.record(vec![AccessEvent {
+        tenant: req.tenant.clone(),
+        kek_version: None,
+        access: Access::Pseudonym { namespace: req.namespace.clone() },
+        record_key_ids: Vec::new(),
+    }]);
+    Ok(Json(answer))
 }

@@ -61,6 +61,35 @@ pub(super) enum Access {
         /// Each protected pointer and `revealed`/`masked`/`withheld`.
         fields: Vec<(String, &'static str)>,
     },
+    /// `field.index`: the search token (blind index or deterministic) of a
+    /// value the app sent, for one path. No record is read, but a token is
+    /// an equality test against every stored record, so it is recorded.
+    Index {
+        /// The schema.
+        schema: Name,
+        /// The path asked for.
+        path: String,
+    },
+    /// `field.pseudonym`: the pseudonym of a value the app sent.
+    Pseudonym {
+        /// The pseudonym namespace.
+        namespace: Name,
+    },
+}
+
+impl Access {
+    /// Whether events of this kind list records (one access per record);
+    /// the others count one access per request.
+    fn lists_records(&self) -> bool {
+        matches!(self, Self::Encrypt { .. } | Self::Decrypt { .. })
+    }
+}
+
+impl AccessEvent {
+    /// The accesses it adds to the buffer.
+    fn weight(&self) -> usize {
+        if self.access.lists_records() { self.record_key_ids.len() } else { 1 }
+    }
 }
 
 /// One access event as a request produces it.
@@ -105,16 +134,21 @@ struct Pending {
 
 impl Pending {
     fn accesses(&self) -> usize {
-        self.event.record_key_ids.len()
+        if self.event.access.lists_records() {
+            self.event.record_key_ids.len()
+        } else {
+            self.requests as usize
+        }
     }
 
     /// About how many bytes of JSON it is on the wire (over, not under).
     fn wire_bytes(&self) -> usize {
         let fields = match &self.event.access {
-            Access::Encrypt { .. } => 0,
+            Access::Encrypt { .. } | Access::Pseudonym { .. } => 0,
             Access::Decrypt { fields, .. } => {
                 fields.iter().map(|(pointer, _)| 2 * pointer.len() + 16).sum()
             }
+            Access::Index { path, .. } => 2 * path.len(),
         };
         512 + 36 * self.accesses() + fields
     }
@@ -143,7 +177,7 @@ impl Pending {
     /// Adds `event` to this one if they differ only in records and time.
     /// Gives the event back when they cannot be coalesced.
     fn absorb(&mut self, event: AccessEvent, at_ms: i64) -> Option<AccessEvent> {
-        let fits = self.accesses() + event.record_key_ids.len() <= MAX_IDS_PER_EVENT;
+        let fits = self.accesses() + event.weight() <= MAX_IDS_PER_EVENT;
         if !fits
             || self.event.tenant != event.tenant
             || self.event.kek_version != event.kek_version
@@ -201,10 +235,10 @@ impl Buffer {
     }
 
     fn add(&mut self, event: AccessEvent, at_ms: i64) {
-        if event.record_key_ids.is_empty() {
+        if event.weight() == 0 {
             return;
         }
-        self.accesses += event.record_key_ids.len();
+        self.accesses += event.weight();
         let start = self.events.len().saturating_sub(COALESCE_WINDOW);
         let mut event = Some(event);
         for waiting in self.events.iter_mut().skip(start).rev() {
@@ -584,6 +618,8 @@ impl Pending {
         match self.event.access {
             Access::Encrypt { .. } => "record.encrypt",
             Access::Decrypt { .. } => "record.decrypt",
+            Access::Index { .. } => "field.index",
+            Access::Pseudonym { .. } => "field.pseudonym",
         }
     }
 }
@@ -593,8 +629,8 @@ impl Serialize for WireEvent<'_> {
         let p = self.pending;
         let action = p.action();
         let purpose = match &p.event.access {
-            Access::Encrypt { .. } => None,
             Access::Decrypt { purpose, .. } => purpose.as_ref(),
+            _ => None,
         };
         let mut map = serializer.serialize_map(None)?;
         map.serialize_entry("actor", self.actor)?;
@@ -630,6 +666,13 @@ impl Serialize for Detail<'_> {
                 map.serialize_entry("cache_hit", cache_hit)?;
                 map.serialize_entry("schema", schema)?;
                 map.serialize_entry("fields", &Outcomes(fields))?;
+            }
+            Access::Index { schema, path } => {
+                map.serialize_entry("schema", schema)?;
+                map.serialize_entry("path", path)?;
+            }
+            Access::Pseudonym { namespace } => {
+                map.serialize_entry("namespace", namespace)?;
             }
         }
         map.serialize_entry("requests", &p.requests)?;
@@ -824,6 +867,43 @@ mod tests {
         let first = buffer.take_report();
         buffer.put_back(first);
         assert_eq!(buffer.oldest(), Some(oldest), "put back with its own time");
+    }
+
+    #[test]
+    fn search_tokens_and_pseudonyms_are_counted_per_request_and_path() {
+        let index = |path: &str| AccessEvent {
+            tenant: tenant("onc"),
+            kek_version: None,
+            access: Access::Index { schema: Name::new("patient").unwrap(), path: path.into() },
+            record_key_ids: Vec::new(),
+        };
+        let mut buffer = Buffer::default();
+        buffer.add(index("/mrn"), 1);
+        buffer.add(index("/mrn"), 3);
+        buffer.add(index("/email"), 2);
+        buffer.add(
+            AccessEvent {
+                tenant: tenant("onc"),
+                kek_version: None,
+                access: Access::Pseudonym { namespace: Name::new("patient").unwrap() },
+                record_key_ids: Vec::new(),
+            },
+            4,
+        );
+        assert_eq!((buffer.events.len(), buffer.accesses), (3, 4), "one access per request");
+        let body = wire(&buffer.take_report());
+        assert_eq!(buffer.accesses, 0);
+        let mrn = &body["events"][0];
+        assert_eq!(mrn["action"], "field.index");
+        assert_eq!(mrn["record_key_ids"], json!([]));
+        assert_eq!(
+            mrn["fields"],
+            json!({"schema": "patient", "path": "/mrn", "requests": 2, "last_ts_ms": 3})
+        );
+        assert_eq!(body["events"][1]["fields"]["path"], "/email");
+        let pseudonym = &body["events"][2];
+        assert_eq!(pseudonym["action"], "field.pseudonym");
+        assert_eq!(pseudonym["fields"]["namespace"], "patient");
     }
 
     #[test]
