@@ -373,6 +373,47 @@ async fn an_approved_shred_waits_for_its_delay() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_approved_shred_can_be_withdrawn_while_it_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(
+        &dir.path().join("ks"),
+        "[lifecycle]\nshred_delay_secs = 3\nscheduler_interval_ms = 100\n",
+    );
+    create_tenant(&ks, "onc").await;
+    let (_, request) = shred(&ks, ADMIN, "onc", None).await;
+    let id = request["id"].as_str().unwrap();
+    let (status, approved) = decide(&ks, OFFICER, id, "approve").await;
+    assert_eq!((status, approved["state"].as_str()), (200, Some("approved")), "{approved}");
+    // Not an admin's to stop; any security officer's, the approver's too.
+    assert_eq!(decide(&ks, ADMIN, id, "reject").await.0, 403);
+    let body = json!({"decision": "reject", "comment": "wrong tenant"});
+    let (status, withdrawn) = ks.post(OFFICER, &format!("/v1/approvals/{id}"), &body).await;
+    assert_eq!(status, 200, "{withdrawn}");
+    assert_eq!(withdrawn["state"], "rejected");
+    assert!(withdrawn["comment"].as_str().unwrap().contains("wrong tenant"), "{withdrawn}");
+    let (status, again) = decide(&ks, OFFICER, id, "reject").await;
+    assert_eq!((status, again["error"]["code"].as_str()), (409, Some("approval_not_pending")));
+
+    // Past its time, and a few scheduler rounds: nothing is destroyed.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let (_, tenant) = ks.get(ADMIN, "/v1/tenants/onc").await;
+    let tenant: Value = serde_json::from_str(&tenant).unwrap();
+    assert_eq!(tenant["shredded"], false, "{tenant}");
+    assert_eq!(tenant["versions"][0]["state"], "active", "{tenant}");
+    let (status, _) = ks.post(ENCRYPTOR, "/v1/tenants/onc/datakeys", &json!({"count": 1})).await;
+    assert_eq!(status, 200);
+    let (_, export) = ks.get(AUDITOR, "/v1/audit?tenant=onc").await;
+    let withdrawal = export
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["action"] == "shred.withdraw")
+        .expect("a shred.withdraw event");
+    assert_eq!((&withdrawal["actor"], &withdrawal["outcome"]), (&json!(OFFICER), &json!("ok")));
+    assert_eq!(withdrawal["detail"]["approved_by"], OFFICER);
+    assert!(!export.contains("\"tenant.shred\""), "{export}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn auto_rotation_fires_once_per_period() {
     let dir = tempfile::tempdir().unwrap();
     let ks =

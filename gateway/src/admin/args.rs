@@ -111,7 +111,8 @@ pub enum AdminCommand {
     ///
     /// Example: keygate admin approve 9f2c4e1a0b7d3c55
     Approve(DecisionArgs),
-    /// Reject a pending request.
+    /// Reject a pending request, or withdraw an approved shred that waits
+    /// for its time (any security officer).
     ///
     /// Example: keygate admin reject 9f2c4e1a0b7d3c55 --comment "wrong tenant"
     Reject(DecisionArgs),

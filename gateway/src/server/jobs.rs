@@ -79,21 +79,80 @@ pub(crate) async fn execute_shred_now(
         .map_err(|e| crate::error::internal(&e))?
 }
 
+/// Withdraws an approved shred before it runs, under the scheduler's job
+/// lock (so that it is not withdrawn while a round destroys its keys), and
+/// audited before it is made (`shred.withdraw`). If a round holds the lock
+/// for `within`, 503 `scheduler_busy`: the caller tries again.
+pub(crate) async fn withdraw_shred(
+    state: &AppState,
+    actor: String,
+    approval: &Approval,
+    comment: Option<String>,
+    within: Duration,
+) -> Result<Approval, ApiError> {
+    let (state, approval) = (state.clone(), approval.clone());
+    tokio::spawn(async move {
+        let store = state.hierarchy.store().clone();
+        let Some(lock) = wait_for_lock(&state, within).await? else {
+            return Err(ApiError::unavailable(
+                "scheduler_busy",
+                "a scheduler round holds the lifecycle lock; try again in a moment",
+            ));
+        };
+        let text = match &comment {
+            Some(c) => format!("withdrawn by {actor}: {c}"),
+            None => format!("withdrawn by {actor}"),
+        };
+        let recorded = approval.clone();
+        let event = move |outcome| {
+            let e = AuditEvent::new(now_ms(), actor.as_str(), "shred.withdraw", outcome)
+                .with_tenant(recorded.tenant.clone())
+                .with_detail("approval", recorded.id.clone())
+                .with_detail("requested_by", recorded.requested_by.clone())
+                .with_detail("approved_by", recorded.decided_by.clone())
+                .with_detail("comment", comment.clone());
+            match recorded.version {
+                Some(v) => e.with_kek_version(v),
+                None => e,
+            }
+        };
+        let id = approval.id.clone();
+        let withdraw =
+            async move { store.withdraw_approval(&id, &text).await.map_err(|e| store_error(&e)) };
+        let result = state.audit.before(event, withdraw).await;
+        drop(lock);
+        result
+    })
+    .await
+    .map_err(|e| crate::error::internal(&e))?
+}
+
+/// The scheduler's job lock, waiting up to `within` for a round to end.
+async fn wait_for_lock(
+    state: &AppState,
+    within: Duration,
+) -> Result<Option<kms_core::store::JobLock>, ApiError> {
+    let store = state.hierarchy.store();
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match store.try_job_lock(LIFECYCLE_JOB).await.map_err(|e| store_error(&e))? {
+            Some(lock) => return Ok(Some(lock)),
+            None if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            None => return Ok(None),
+        }
+    }
+}
+
 async fn shred_under_lock(
     state: &AppState,
     approval: &Approval,
     within: Duration,
 ) -> Result<Approval, ApiError> {
     let store = state.hierarchy.store();
-    let deadline = tokio::time::Instant::now() + within;
-    let lock = loop {
-        match store.try_job_lock(LIFECYCLE_JOB).await.map_err(|e| store_error(&e))? {
-            Some(lock) => break lock,
-            None if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            None => return Ok(approval.clone()),
-        }
+    let Some(lock) = wait_for_lock(state, within).await? else {
+        return Ok(approval.clone());
     };
     let current = store
         .approval(&approval.id)

@@ -362,6 +362,12 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug {
     /// the approved state (someone else executed it).
     async fn mark_approval_executed(&self, id: &str, now: i64) -> Result<bool, StoreError>;
 
+    /// Withdraws an approved request that has not run (it waits for its
+    /// execution time): it becomes `rejected`, with `comment` in place of
+    /// the decision's, and never runs. [`StoreError::ApprovalNotPending`]
+    /// (naming its state) if it is not approved.
+    async fn withdraw_approval(&self, id: &str, comment: &str) -> Result<Approval, StoreError>;
+
     /// Appends audit events atomically (all or none).
     async fn append_audit(&self, rows: &[AuditRow]) -> Result<(), StoreError>;
 

@@ -264,6 +264,37 @@ pub(crate) async fn approvals_need_a_second_person_and_decide_once(f: Fixture) {
     assert_eq!(all.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(), ["a1", "a3"]);
     let only = store.approvals(Some(ApprovalState::Pending)).await.unwrap();
     assert_eq!(only.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(), ["a3"]);
+
+    // An approved request waiting for its time can be withdrawn, once; a
+    // pending, decided or executed one cannot.
+    assert!(matches!(
+        store.withdraw_approval("a3", "no").await,
+        Err(StoreError::ApprovalNotPending { state: ApprovalState::Pending, .. })
+    ));
+    let approve_a3 = DecideApproval { id: "a3", ..decide("erin", Decision::Approve) };
+    store.decide_approval(&approve_a3).await.unwrap();
+    let withdrawn =
+        store.withdraw_approval("a3", "withdrawn by frank: wrong tenant").await.unwrap();
+    assert_eq!(
+        (withdrawn.state, withdrawn.comment.as_deref(), withdrawn.decided_by.as_deref()),
+        (ApprovalState::Rejected, Some("withdrawn by frank: wrong tenant"), Some("erin"))
+    );
+    assert!(!store.mark_approval_executed("a3", 400).await.unwrap(), "never runs");
+    assert!(matches!(
+        store.withdraw_approval("a3", "again").await,
+        Err(StoreError::ApprovalNotPending { state: ApprovalState::Rejected, .. })
+    ));
+    assert!(matches!(
+        store.withdraw_approval("a1", "late").await,
+        Err(StoreError::ApprovalNotPending {
+            state: ApprovalState::Executed | ApprovalState::Rejected,
+            ..
+        })
+    ));
+    assert!(matches!(
+        store.withdraw_approval("nope", "x").await,
+        Err(StoreError::UnknownApproval(_))
+    ));
 }
 
 /// The database itself refuses an approval decided by its requester.

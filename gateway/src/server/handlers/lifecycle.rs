@@ -19,7 +19,7 @@ use crate::server::api::{
     ApprovalList, ApprovalQuery, ApprovalView, AutoRotate, AutoRotateView, DecideRequest,
     DecisionBody, ShredRequest, UsageView, VersionUsageView,
 };
-use crate::server::jobs::{execute_shred_now, unix_now};
+use crate::server::jobs::{execute_shred_now, unix_now, withdraw_shred};
 use crate::server::{AppState, Caller};
 
 /// Longest reason or comment kept with a request for approval.
@@ -226,7 +226,8 @@ pub(crate) async fn list_approvals(
 
 /// `POST /v1/approvals/{id}`: a security officer other than the requester
 /// approves or rejects. An approved shred runs at once unless a waiting
-/// period is configured (then the scheduler runs it when it is over).
+/// period is configured (then the scheduler runs it when it is over);
+/// while it waits, `reject` from any security officer withdraws it.
 #[utoipa::path(
     post,
     path = "/v1/approvals/{id}",
@@ -265,6 +266,14 @@ pub(crate) async fn decide(
         DecisionBody::Approve => Decision::Approve,
         DecisionBody::Reject => Decision::Reject,
     };
+    // Rejecting an approved shred that waits for its time withdraws it:
+    // the waiting period is there so that a mistaken approval can be
+    // stopped, and stopping takes one officer, whoever approved it.
+    if pending.state == ApprovalState::Approved && decision == Decision::Reject {
+        let withdrawn =
+            withdraw_shred(&state, actor, &pending, body.comment, SHRED_LOCK_WAIT).await?;
+        return Ok(Json(ApprovalView::from(&withdrawn)));
+    }
     // Refused before anything is recorded as decided (the keystore checks
     // again, should the request change meanwhile).
     if let Err(e) = pending.check_decider(&actor) {

@@ -405,6 +405,38 @@ pub(super) async fn decide_approval(
     Ok(decided)
 }
 
+pub(super) async fn withdraw_approval(
+    pool: &PgPool,
+    id: &str,
+    comment: &str,
+) -> Result<Approval, StoreError> {
+    let mut tx = begin(pool).await?;
+    let updated = sqlx::query(
+        "UPDATE approvals SET state = 'rejected', comment = $1
+         WHERE id = $2 AND state = 'approved'",
+    )
+    .bind(comment)
+    .bind(id)
+    .execute(&mut *tx)
+    .await
+    .map_err(unavailable)?;
+    let current = sqlx::query(select_approvals!("WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(unavailable)?
+        .as_ref()
+        .map(rows::approval)
+        .transpose()?
+        .ok_or_else(|| StoreError::UnknownApproval(id.to_owned()))?;
+    tx.commit().await.map_err(unavailable)?;
+    if updated.rows_affected() == 1 {
+        Ok(current)
+    } else {
+        Err(StoreError::ApprovalNotPending { id: id.to_owned(), state: current.state })
+    }
+}
+
 pub(super) async fn mark_approval_executed(
     pool: &PgPool,
     id: &str,

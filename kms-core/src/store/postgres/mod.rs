@@ -304,6 +304,10 @@ impl KeyStore for PostgresStore {
         lifecycle::mark_approval_executed(&self.pool, id, now).await
     }
 
+    async fn withdraw_approval(&self, id: &str, comment: &str) -> Result<Approval, StoreError> {
+        lifecycle::withdraw_approval(&self.pool, id, comment).await
+    }
+
     async fn append_audit(&self, rows: &[AuditRow]) -> Result<(), StoreError> {
         audit::append_batch(&self.pool, rows, None).await
     }

@@ -451,6 +451,38 @@ impl SqliteStore {
         Ok(decided)
     }
 
+    pub(super) async fn withdraw_approval_impl(
+        &self,
+        id: &str,
+        comment: &str,
+    ) -> Result<Approval, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let updated = sqlx::query(
+            "UPDATE approvals SET state = 'rejected', comment = ?
+             WHERE id = ? AND state = 'approved'",
+        )
+        .bind(comment)
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let current = sqlx::query(select_approvals!("WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .as_ref()
+            .map(rows::approval)
+            .transpose()?
+            .ok_or_else(|| StoreError::UnknownApproval(id.to_owned()))?;
+        tx.commit().await.map_err(unavailable)?;
+        if updated.rows_affected() == 1 {
+            Ok(current)
+        } else {
+            Err(StoreError::ApprovalNotPending { id: id.to_owned(), state: current.state })
+        }
+    }
+
     pub(super) async fn mark_approval_executed_impl(
         &self,
         id: &str,

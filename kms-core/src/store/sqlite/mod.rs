@@ -484,6 +484,10 @@ impl KeyStore for SqliteStore {
         self.decide_approval_impl(decision).await
     }
 
+    async fn withdraw_approval(&self, id: &str, comment: &str) -> Result<Approval, StoreError> {
+        self.withdraw_approval_impl(id, comment).await
+    }
+
     async fn mark_approval_executed(&self, id: &str, now: i64) -> Result<bool, StoreError> {
         self.mark_approval_executed_impl(id, now).await
     }
