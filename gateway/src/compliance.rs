@@ -231,6 +231,11 @@ pub fn server_report_with(
     r.add(AUDIT_DURABLE_RULE, hipaa::AUDIT_CONTROLS, audit_durable(config));
     r.add("integrity.audit_checkpoints", hipaa::INTEGRITY, checkpoints(config));
     r.add(
+        "integrity.shred_delay",
+        hipaa::INTEGRITY,
+        shred_delay(config.lifecycle.shred_delay_secs),
+    );
+    r.add(
         "keys.rotation_period",
         hipaa::ACCESS_CONTROL,
         rotation(config.keys.max_rotation_period_days),
@@ -525,6 +530,26 @@ fn checkpoints(config: &ServerConfig) -> Result<String, String> {
             "signed checkpoints every {every} events / {interval} s: at most \
              {MAX_CHECKPOINT_EVERY} events and {MAX_CHECKPOINT_INTERVAL_SECS} s, or edits to the \
              chain's tail go unsigned too long"
+        ))
+    }
+}
+
+/// The shortest wait between a shred's approval and the destruction in
+/// production: time for a mistaken or coerced approval to be noticed and
+/// withdrawn (`docs/lifecycle.md` advises 24 to 72 hours).
+const MIN_SHRED_DELAY_SECS: u64 = 3_600;
+
+fn shred_delay(secs: u64) -> Result<String, String> {
+    if secs >= MIN_SHRED_DELAY_SECS {
+        Ok(format!(
+            "an approved shred waits {secs} s before any key is destroyed, and can be withdrawn \
+             meanwhile"
+        ))
+    } else {
+        Err(format!(
+            "lifecycle.shred_delay_secs is {secs}: an approved shred must wait at least \
+             {MIN_SHRED_DELAY_SECS} s (24 to 72 hours is usual), so that a mistaken or coerced \
+             approval can be withdrawn before keys are destroyed"
         ))
     }
 }

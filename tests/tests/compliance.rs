@@ -43,6 +43,10 @@ classes = ["phi.*", "pii.*"]
 purposes = ["*"]
 "#;
 
+/// A waiting period between a shred's approval and its execution that the
+/// production profile accepts.
+const PRODUCTION_LIFECYCLE: &str = "[lifecycle]\nshred_delay_secs = 86400\n";
+
 /// The wildcard grant the development test policy has.
 const WILDCARD_GRANT: &str = "\n[[grant]]\nidentity = \"spiffe://test/reader\"\ntenants = [\"*\"]\nroles = [\"decryptor\"]\nclasses = [\"*\"]\npurposes = [\"*\"]\n";
 
@@ -74,9 +78,11 @@ key_label = "k"
 pin_file = "pin"
 [policy]
 file = "policy.toml"
+{lifecycle}
 {extra_tables}
 "#,
-        pki = pki.dir.display()
+        pki = pki.dir.display(),
+        lifecycle = if extra_tables.contains("[lifecycle]") { "" } else { PRODUCTION_LIFECYCLE },
     );
     let path = dir.join("keygate.toml");
     std::fs::write(&path, config).unwrap();
@@ -137,6 +143,7 @@ fn insecure_key_service_configs_are_refused_naming_the_rule() {
             "",
         ),
         ("policy.least_privilege", "164.312(a)(1)", "", "", WILDCARD_GRANT),
+        ("integrity.shred_delay", "164.312(c)(1)", "", "[lifecycle]\nshred_delay_secs = 60\n", ""),
         (
             "integrity.audit_checkpoints",
             "164.312(c)(1)",
@@ -344,6 +351,7 @@ async fn a_keystore_that_can_lose_commits_fails_audit_durable() {
     let options = Options {
         root: Some(&root),
         env: &env,
+        extra: PRODUCTION_LIFECYCLE,
         storage_url: Some(&url),
         storage_schema: Some(&schema.name),
         ..Options::default()
@@ -375,7 +383,12 @@ async fn a_good_production_stack_starts_and_reports_every_check_passing() {
     let env = [("SOFTHSM2_CONF", conf.to_str().unwrap()), ("KEYGATE_PROFILE", "production")];
     let ks = KeyService::start_with(
         &ks_dir,
-        &Options { root: Some(&root), env: &env, ..Options::default() },
+        &Options {
+            root: Some(&root),
+            env: &env,
+            extra: PRODUCTION_LIFECYCLE,
+            ..Options::default()
+        },
     );
 
     let (status, body) = ks.get(ADMIN, "/v1/compliance").await;
@@ -510,7 +523,11 @@ async fn the_development_profile_reports_what_production_would_refuse() {
         .filter(|c| c["status"] == "fail")
         .map(|c| c["rule"].as_str().unwrap())
         .collect();
-    assert_eq!(failed, ["root_key.hardware_backed", "policy.least_privilege"], "{report}");
+    assert_eq!(
+        failed,
+        ["root_key.hardware_backed", "integrity.shred_delay", "policy.least_privilege"],
+        "{report}"
+    );
     assert!(ks.log().contains("compliance check failed"));
     let pid = ks.pid().unwrap();
     assert_core_limit_zero(pid);
@@ -526,7 +543,12 @@ async fn keys_moved_to_a_development_master_fail_the_check_and_a_production_star
     let env = [("SOFTHSM2_CONF", conf.to_str().unwrap())];
     let mut ks = KeyService::start_with(
         &ks_dir,
-        &Options { root: Some(&root), env: &env, ..Options::default() },
+        &Options {
+            root: Some(&root),
+            env: &env,
+            extra: PRODUCTION_LIFECYCLE,
+            ..Options::default()
+        },
     );
     let (status, body) = ks.post(ADMIN, "/v1/tenants", &serde_json::json!({"tenant": "onc"})).await;
     assert_eq!(status, 201, "{body}");
