@@ -377,7 +377,7 @@ async fn an_approved_shred_can_be_withdrawn_while_it_waits() {
     let dir = tempfile::tempdir().unwrap();
     let ks = KeyService::start(
         &dir.path().join("ks"),
-        "[lifecycle]\nshred_delay_secs = 3\nscheduler_interval_ms = 100\n",
+        "[lifecycle]\nshred_delay_secs = 6\nscheduler_interval_ms = 100\n",
     );
     create_tenant(&ks, "onc").await;
     let (_, request) = shred(&ks, ADMIN, "onc", None).await;
@@ -395,7 +395,7 @@ async fn an_approved_shred_can_be_withdrawn_while_it_waits() {
     assert_eq!((status, again["error"]["code"].as_str()), (409, Some("approval_not_pending")));
 
     // Past its time, and a few scheduler rounds: nothing is destroyed.
-    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    tokio::time::sleep(Duration::from_millis(6_500)).await;
     let (_, tenant) = ks.get(ADMIN, "/v1/tenants/onc").await;
     let tenant: Value = serde_json::from_str(&tenant).unwrap();
     assert_eq!(tenant["shredded"], false, "{tenant}");

@@ -478,6 +478,43 @@ async fn a_tenant_whose_events_are_refused_holds_up_only_itself() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_report_over_the_key_services_batch_limit_is_halved_not_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(&dir.path().join("ks"), "[limits]\nmax_batch = 4\n");
+    let (status, _) = ks.post(ADMIN, "/v1/tenants", &json!({"tenant": "onc"})).await;
+    assert_eq!(status, 201);
+    let sc = Sidecar::start(
+        &ks,
+        &dir.path().join("sidecar"),
+        CLINICAL,
+        "[pool]\nbatch = 4\nlow_water = 1\n[audit]\nflush_interval_ms = 1000\nmax_unreported_secs = 3\n",
+    );
+    let encrypted = encrypt(&sc, &patient(3)).await;
+    // Ten decrypts with ten purposes within one flush interval: ten events
+    // of one tenant that cannot share one, over the key service's limit.
+    for i in 0..10 {
+        let body = json!({"record": encrypted, "purpose": format!("p{i}")});
+        assert_eq!(sc.post("/v1/decrypt", &body).await.0, 200);
+    }
+    let mut recorded = 0;
+    for _ in 0..100 {
+        let (_, export) = ks.get(AUDITOR, "/v1/audit?tenant=onc").await;
+        recorded = export
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|e| e["action"] == "record.decrypt")
+            .count();
+        if recorded >= 10 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(recorded, 10, "every event delivered, in smaller reports");
+    let (status, body) = sc.post("/v1/decrypt", &json!({"record": encrypted})).await;
+    assert_eq!(status, 200, "the tenant is not held: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_socket_is_private_and_nothing_else_at_its_path_is_deleted() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();

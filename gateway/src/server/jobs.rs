@@ -27,8 +27,19 @@ pub(crate) fn unix_now() -> i64 {
 
 /// Destroys what an approved request names and marks it executed. The
 /// audit event (naming requester and approver) is durable before any key
-/// is destroyed: with the audit log down, nothing is destroyed.
+/// is destroyed: with the audit log down, nothing is destroyed. Run under
+/// the job lock; the request is read again first, so one withdrawn (or
+/// run) since the caller read it is left as it is.
 async fn execute_shred(state: &AppState, approval: &Approval) -> Result<Approval, ApiError> {
+    let store = state.hierarchy.store();
+    let approval = &store
+        .approval(&approval.id)
+        .await
+        .map_err(|e| store_error(&e))?
+        .ok_or_else(|| crate::error::internal(&"approval vanished"))?;
+    if approval.state != ApprovalState::Approved {
+        return Ok(approval.clone());
+    }
     let action = if approval.version.is_some() { "kek.shred" } else { "tenant.shred" };
     let recorded = approval.clone();
     let event = move |outcome| {
@@ -48,7 +59,6 @@ async fn execute_shred(state: &AppState, approval: &Approval) -> Result<Approval
     let (hierarchy, shred) = (state.hierarchy.clone(), approval.clone());
     let destroyed = async move { Ok(hierarchy.destroy(&shred.tenant, shred.version).await?) };
     state.audit.before(event, destroyed).await?;
-    let store = state.hierarchy.store();
     store.mark_approval_executed(&approval.id, unix_now()).await.map_err(|e| store_error(&e))?;
     tracing::warn!(tenant = %approval.tenant, version = ?approval.version, approval = approval.id,
         "crypto-shredded");
@@ -99,9 +109,11 @@ pub(crate) async fn withdraw_shred(
                 "a scheduler round holds the lifecycle lock; try again in a moment",
             ));
         };
+        // The approval's own comment stays, the withdrawal's after it.
+        let approved = approval.comment.as_deref().map(|c| format!("{c}; ")).unwrap_or_default();
         let text = match &comment {
-            Some(c) => format!("withdrawn by {actor}: {c}"),
-            None => format!("withdrawn by {actor}"),
+            Some(c) => format!("{approved}withdrawn by {actor}: {c}"),
+            None => format!("{approved}withdrawn by {actor}"),
         };
         let recorded = approval.clone();
         let event = move |outcome| {
@@ -150,20 +162,10 @@ async fn shred_under_lock(
     approval: &Approval,
     within: Duration,
 ) -> Result<Approval, ApiError> {
-    let store = state.hierarchy.store();
     let Some(lock) = wait_for_lock(state, within).await? else {
         return Ok(approval.clone());
     };
-    let current = store
-        .approval(&approval.id)
-        .await
-        .map_err(|e| store_error(&e))?
-        .ok_or_else(|| crate::error::internal(&"approval vanished"))?;
-    let result = if current.state == ApprovalState::Approved {
-        execute_shred(state, &current).await
-    } else {
-        Ok(current)
-    };
+    let result = execute_shred(state, approval).await;
     drop(lock);
     result
 }

@@ -207,9 +207,12 @@ struct Refused {
 struct Buffer {
     /// In the order their first access was buffered.
     events: Vec<Pending>,
-    /// Record accesses in `events` and `refused`.
+    /// Accesses in `events` (what `max_buffered` bounds).
     accesses: usize,
     refused: Vec<Refused>,
+    /// Accesses in `refused`: they hold up only their tenants, whose new
+    /// requests are refused meanwhile, so they count apart.
+    refused_accesses: usize,
     /// The tenants of refused events and the key service's code, as of
     /// the last refusal or retry (unchanged while a retry is under way).
     held: Vec<(TenantId, String)>,
@@ -260,17 +263,7 @@ impl Buffer {
 
     /// The oldest events, up to one report's worth (at least one event).
     fn take_report(&mut self) -> Vec<Pending> {
-        let (mut accesses, mut bytes, mut first) = (0, 0, true);
-        let n = self
-            .events
-            .iter()
-            .take(REPORT_EVENTS)
-            .take_while(|p| {
-                accesses += p.accesses();
-                bytes += p.wire_bytes();
-                std::mem::take(&mut first) || (accesses <= REPORT_ACCESSES && bytes <= REPORT_BYTES)
-            })
-            .count();
+        let n = report_len(&self.events);
         let batch: Vec<Pending> = self.events.drain(..n).collect();
         self.accesses -= batch.iter().map(Pending::accesses).sum::<usize>();
         self.in_flight = batch.iter().map(|p| p.buffered_at).min();
@@ -284,9 +277,11 @@ impl Buffer {
         self.events.extend(newer);
     }
 
-    /// Keeps an event the key service refused on its own.
+    /// Keeps an event the key service refused (or could not take while
+    /// it was offered again), holding its tenant; offered again after
+    /// [`REFUSED_RETRY`].
     fn set_aside(&mut self, pending: Pending, code: String) {
-        self.accesses += pending.accesses();
+        self.refused_accesses += pending.accesses();
         if self.refused_code(&pending.event.tenant).is_none() {
             self.held.push((pending.event.tenant.clone(), code.clone()));
         }
@@ -294,30 +289,56 @@ impl Buffer {
     }
 
     /// Refused events due to be offered again (taken out; their tenants
-    /// stay held until [`Buffer::keep_refused`]).
+    /// stay held until [`Buffer::refresh_held`]).
     fn take_refused_due(&mut self) -> Vec<Refused> {
         let (due, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.refused)
             .into_iter()
             .partition(|r| r.tried_at.elapsed() >= REFUSED_RETRY);
         self.refused = wait;
-        self.accesses -= due.iter().map(|r| r.pending.accesses()).sum::<usize>();
+        self.refused_accesses -= due.iter().map(|r| r.pending.accesses()).sum::<usize>();
         due
     }
 
-    /// Puts refused events back after another try; only their tenants
-    /// stay held.
-    fn keep_refused(&mut self, refused: impl IntoIterator<Item = Refused>) {
-        for r in refused {
-            self.accesses += r.pending.accesses();
-            self.refused.push(r);
-        }
-        self.held.clear();
+    /// Holds exactly the tenants that still have refused events; returns
+    /// the tenants released.
+    fn refresh_held(&mut self) -> Vec<TenantId> {
+        let before = std::mem::take(&mut self.held);
         for r in &self.refused {
             if !self.held.iter().any(|(t, _)| *t == r.pending.event.tenant) {
                 self.held.push((r.pending.event.tenant.clone(), r.code.clone()));
             }
         }
+        before
+            .into_iter()
+            .map(|(tenant, _)| tenant)
+            .filter(|tenant| self.refused_code(tenant).is_none())
+            .collect()
     }
+}
+
+/// How many of `events`, from the first, make one report: at least one,
+/// then as many as fit [`REPORT_EVENTS`], [`REPORT_ACCESSES`] and
+/// [`REPORT_BYTES`].
+fn report_len(events: &[Pending]) -> usize {
+    let (mut accesses, mut bytes, mut first) = (0, 0, true);
+    events
+        .iter()
+        .take(REPORT_EVENTS)
+        .take_while(|p| {
+            accesses += p.accesses();
+            bytes += p.wire_bytes();
+            std::mem::take(&mut first) || (accesses <= REPORT_ACCESSES && bytes <= REPORT_BYTES)
+        })
+        .count()
+}
+
+/// Where events being delivered came from, and so where they go back.
+#[derive(Clone)]
+enum Source {
+    /// The buffer: put back in front if the key service is unreachable.
+    Buffer,
+    /// Refused before, with this code: set aside again if unreachable.
+    Refused(String),
 }
 
 /// What became of a report.
@@ -326,7 +347,7 @@ enum Delivery {
     /// Not now (the key service unreachable, busy or failing): try again.
     Later(String),
     /// The key service refused it as it is: its error code, and whether
-    /// it was for its size (413).
+    /// it was for its size (413, or `batch_too_large` for too many events).
     Refused {
         code: String,
         too_large: bool,
@@ -340,7 +361,8 @@ impl From<Result<(), KsError>> for Delivery {
             Err(KsError::Api { status, code, .. })
                 if (400..500).contains(&status) && status != 408 && status != 429 =>
             {
-                Self::Refused { code, too_large: status == 413 }
+                let too_large = status == 413 || code == "batch_too_large";
+                Self::Refused { code, too_large }
             }
             Err(e) => Self::Later(e.to_string()),
         }
@@ -431,7 +453,8 @@ impl Reporter {
 
     /// Record accesses waiting to be reported.
     pub(super) fn pending(&self) -> usize {
-        self.buffer().accesses
+        let buffer = self.buffer();
+        buffer.accesses + buffer.refused_accesses
     }
 
     /// Flushes every interval until `stop` fires, then once more.
@@ -452,12 +475,14 @@ impl Reporter {
         }
     }
 
-    /// Sends everything buffered, in reports; keeps what fails. Then
-    /// offers again the refused events that are due.
+    /// First offers again the refused events that are due, then sends
+    /// what was buffered when the flush began, in reports; keeps what
+    /// fails. (Events buffered meanwhile wait for the next flush, so that
+    /// steady traffic cannot keep a flush, and the retries, from ending.)
     pub(super) async fn flush(&self) {
-        // First, so that steady traffic cannot keep them waiting.
         self.retry_refused().await;
-        loop {
+        let mut left = self.buffer().events.len();
+        while left > 0 {
             let batch = {
                 let mut buffer = self.buffer();
                 if buffer.events.is_empty() {
@@ -465,7 +490,8 @@ impl Reporter {
                 }
                 buffer.take_report()
             };
-            let delivered = self.deliver(batch).await;
+            left = left.saturating_sub(batch.len());
+            let delivered = self.deliver(batch, Source::Buffer).await;
             self.buffer().in_flight = None;
             if !delivered {
                 return;
@@ -481,8 +507,8 @@ impl Reporter {
     /// tenant; a tenant's events refused for their size are halved (by
     /// events, then by records); a tenant's events refused otherwise are
     /// set aside together. `false` if the key service could not take
-    /// reports now: what was not delivered is back in front of the buffer.
-    async fn deliver(&self, batch: Vec<Pending>) -> bool {
+    /// reports now: what was not delivered goes back where it came from.
+    async fn deliver(&self, batch: Vec<Pending>, source: Source) -> bool {
         // Parts waiting their turn, the next one last.
         let mut todo = vec![batch];
         while let Some(mut batch) = todo.pop() {
@@ -491,7 +517,15 @@ impl Reporter {
                 Delivery::Later(error) => {
                     tracing::warn!(%error, events = batch.len(), "audit report failed; will retry");
                     batch.extend(todo.into_iter().rev().flatten());
-                    self.buffer().put_back(batch);
+                    let mut buffer = self.buffer();
+                    match source {
+                        Source::Buffer => buffer.put_back(batch),
+                        Source::Refused(code) => {
+                            for pending in batch {
+                                buffer.set_aside(pending, code.clone());
+                            }
+                        }
+                    }
                     return false;
                 }
                 Delivery::Refused { code, .. } if spans_tenants(&batch) => {
@@ -533,39 +567,35 @@ impl Reporter {
         true
     }
 
-    /// Offers the refused events that are due again, one report per tenant.
+    /// Offers the refused events that are due again, per tenant, in
+    /// reports of the usual size, split as [`Reporter::deliver`] splits;
+    /// releases the tenants all of whose events were taken.
     async fn retry_refused(&self) {
         let due = self.buffer().take_refused_due();
         if due.is_empty() {
             return;
         }
-        let mut kept = Vec::new();
-        let mut groups = by_tenant(due, |r| &r.pending.event.tenant).into_iter();
-        while let Some(group) = groups.next() {
+        let mut reachable = true;
+        for group in by_tenant(due, |r| &r.pending.event.tenant) {
             let code = group.first().map(|r| r.code.clone()).unwrap_or_default();
-            let events: Vec<Pending> = group.into_iter().map(|r| r.pending).collect();
-            let (code, reachable) = match self.send(&events).await {
-                Delivery::Taken => {
-                    let tenant = events.first().map(|p| p.event.tenant.to_string());
-                    tracing::info!(tenant, "refused audit events were taken");
-                    continue;
+            let mut events: Vec<Pending> = group.into_iter().map(|r| r.pending).collect();
+            while !events.is_empty() {
+                let report: Vec<Pending> = events.drain(..report_len(&events)).collect();
+                if reachable {
+                    reachable = self.deliver(report, Source::Refused(code.clone())).await;
+                } else {
+                    // Not reachable now: back aside until the next round.
+                    let mut buffer = self.buffer();
+                    for pending in report {
+                        buffer.set_aside(pending, code.clone());
+                    }
                 }
-                Delivery::Refused { code, .. } => (code, true),
-                Delivery::Later(_) => (code, false),
-            };
-            let tried_at = Instant::now();
-            kept.extend(events.into_iter().map(|pending| Refused {
-                pending,
-                code: code.clone(),
-                tried_at,
-            }));
-            if !reachable {
-                // The rest waits for the next round.
-                kept.extend(groups.by_ref().flatten());
             }
         }
         let mut buffer = self.buffer();
-        buffer.keep_refused(kept);
+        for tenant in buffer.refresh_held() {
+            tracing::info!(%tenant, "refused audit events were taken; the tenant is served again");
+        }
         self.any_held.store(!buffer.held.is_empty(), Ordering::Release);
     }
 }
@@ -844,22 +874,36 @@ mod tests {
         let card = report.pop().unwrap();
         buffer.put_back(report);
         buffer.set_aside(card, "forbidden".into());
-        assert_eq!(buffer.accesses, 5, "set aside, still counted");
+        assert_eq!(
+            (buffer.accesses, buffer.refused_accesses),
+            (2, 3),
+            "set aside, counted apart from what max_buffered bounds"
+        );
         assert_eq!(buffer.refused_code(&tenant("card")), Some("forbidden"));
         assert_eq!(buffer.refused_code(&tenant("onc")), None);
         assert!(buffer.take_refused_due().is_empty(), "not due yet");
         buffer.refused[0].tried_at -= REFUSED_RETRY;
         let due = buffer.take_refused_due();
         assert_eq!(
-            (due.len(), buffer.accesses, buffer.refused_code(&tenant("card"))),
-            (1, 2, Some("forbidden")),
+            (due.len(), buffer.refused_accesses, buffer.refused_code(&tenant("card"))),
+            (1, 0, Some("forbidden")),
             "held while it is being offered again"
         );
-        buffer.keep_refused(due);
-        assert_eq!(buffer.accesses, 5);
+        // Refused again: aside once more, still held.
+        for r in due {
+            buffer.set_aside(r.pending, "forbidden".into());
+        }
+        assert!(buffer.refresh_held().is_empty());
+        assert_eq!(
+            (buffer.refused_accesses, buffer.refused_code(&tenant("card"))),
+            (3, Some("forbidden"))
+        );
+        // Taken this time: released.
+        buffer.refused[0].tried_at -= REFUSED_RETRY;
         let due = buffer.take_refused_due();
-        buffer.keep_refused(due.into_iter().filter(|_| false)); // taken this time
-        assert_eq!((buffer.accesses, buffer.refused_code(&tenant("card"))), (2, None));
+        assert_eq!(due.len(), 1);
+        assert_eq!(buffer.refresh_held(), [tenant("card")]);
+        assert_eq!((buffer.refused_accesses, buffer.refused_code(&tenant("card"))), (0, None));
         // The age that decides refusals is the oldest waiting event's own.
         let oldest = buffer.oldest().unwrap();
         std::thread::sleep(Duration::from_millis(5));
@@ -961,6 +1005,14 @@ mod tests {
         assert!(matches!(api(403), Delivery::Refused { too_large: false, .. }));
         assert!(matches!(api(413), Delivery::Refused { too_large: true, .. }));
         assert!(matches!(api(400), Delivery::Refused { too_large: false, .. }));
+        // Too many events for the key service's batch limit is a size too.
+        let too_many = Delivery::from(Err(KsError::Api {
+            status: 400,
+            code: "batch_too_large".into(),
+            message: String::new(),
+            retry_after: None,
+        }));
+        assert!(matches!(too_many, Delivery::Refused { too_large: true, .. }));
         assert!(matches!(api(408), Delivery::Later(_)));
         assert!(matches!(api(429), Delivery::Later(_)));
         assert!(matches!(api(503), Delivery::Later(_)));

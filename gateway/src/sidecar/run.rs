@@ -168,30 +168,39 @@ fn clear_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
             path.display()
         )));
     }
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return Err(std::io::Error::other(format!(
+    // Only a refused connection shows nobody listens; any other failure
+    // (no permission to connect, say) says nothing, and stops the start.
+    match std::os::unix::net::UnixStream::connect(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => std::fs::remove_file(path),
+        Ok(_) => Err(std::io::Error::other(format!(
             "{} is in use: another process listens on it",
             path.display()
-        )));
+        ))),
+        Err(e) => Err(std::io::Error::other(format!(
+            "{} exists and cannot be told stale ({e}); not removing it",
+            path.display()
+        ))),
     }
-    std::fs::remove_file(path)
 }
 
-/// Binds the socket under a temporary name, gives it mode 0660, and only
-/// then renames it to `path`: nobody can connect at `path` before the
-/// mode is set, whatever the umask.
+/// Binds the socket inside a directory only this user may enter, gives
+/// it mode 0660, and only then links it at `path`: nobody else can
+/// connect before the mode is set, whatever the umask, and a link never
+/// replaces what appeared at `path` meanwhile (another sidecar starting).
 fn bind_private(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(format!(".{}~", std::process::id()));
-    let temporary = std::path::PathBuf::from(temporary);
-    let _ = std::fs::remove_file(&temporary);
-    let listener = tokio::net::UnixListener::bind(&temporary)?;
-    let placed = set_mode(&temporary, 0o660).and_then(|()| std::fs::rename(&temporary, path));
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&temporary);
-        return Err(e);
-    }
-    Ok(listener)
+    use std::os::unix::fs::DirBuilderExt;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let staging = path.with_file_name(format!(".{name}.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::DirBuilder::new().mode(0o700).create(&staging)?;
+    let inner = staging.join("s");
+    let bound = tokio::net::UnixListener::bind(&inner).and_then(|listener| {
+        set_mode(&inner, 0o660)?;
+        std::fs::hard_link(&inner, path)?;
+        Ok(listener)
+    });
+    let _ = std::fs::remove_dir_all(&staging);
+    bound
 }
 
 fn router(state: Arc<SidecarState>) -> Router {
