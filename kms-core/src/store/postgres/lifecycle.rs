@@ -2,7 +2,7 @@
 //! usage counters and approvals. Writers of a tenant lock its row first,
 //! as in `tenants`.
 
-use sqlx::postgres::PgPool;
+use sqlx::postgres::{PgConnection, PgPool};
 
 use super::tenants::{begin, kek_from_row, load_tenant, lock_tenant};
 use super::{get, notify, unavailable};
@@ -377,16 +377,7 @@ pub(super) async fn decide_approval(
     d: &DecideApproval<'_>,
 ) -> Result<Approval, StoreError> {
     let mut tx = begin(pool).await?;
-    let current = sqlx::query(select_approvals!("WHERE id = $1 FOR UPDATE"))
-        .bind(d.id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(unavailable)?
-        .as_ref()
-        .map(rows::approval)
-        .transpose()?
-        .ok_or_else(|| StoreError::UnknownApproval(d.id.to_owned()))?;
-    let decided = current.decide(d)?;
+    let decided = approval_locked(&mut tx, d.id).await?.decide(d)?;
     sqlx::query(
         "UPDATE approvals SET state = $1, decided_by = $2, decided_at = $3, comment = $4,
                               execute_after = $5
@@ -420,21 +411,26 @@ pub(super) async fn withdraw_approval(
     .execute(&mut *tx)
     .await
     .map_err(unavailable)?;
-    let current = sqlx::query(select_approvals!("WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(unavailable)?
-        .as_ref()
-        .map(rows::approval)
-        .transpose()?
-        .ok_or_else(|| StoreError::UnknownApproval(id.to_owned()))?;
+    let current = approval_locked(&mut tx, id).await?;
     tx.commit().await.map_err(unavailable)?;
     if updated.rows_affected() == 1 {
         Ok(current)
     } else {
         Err(StoreError::ApprovalNotPending { id: id.to_owned(), state: current.state })
     }
+}
+
+/// One request for approval, its row locked until `conn`'s transaction ends.
+async fn approval_locked(conn: &mut PgConnection, id: &str) -> Result<Approval, StoreError> {
+    sqlx::query(select_approvals!("WHERE id = $1 FOR UPDATE"))
+        .bind(id)
+        .fetch_optional(conn)
+        .await
+        .map_err(unavailable)?
+        .as_ref()
+        .map(rows::approval)
+        .transpose()?
+        .ok_or_else(|| StoreError::UnknownApproval(id.to_owned()))
 }
 
 pub(super) async fn mark_approval_executed(

@@ -423,16 +423,7 @@ impl SqliteStore {
         d: &DecideApproval<'_>,
     ) -> Result<Approval, StoreError> {
         let mut tx = self.write_tx().await?;
-        let current = sqlx::query(select_approvals!("WHERE id = ?"))
-            .bind(d.id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(unavailable)?
-            .as_ref()
-            .map(rows::approval)
-            .transpose()?
-            .ok_or_else(|| StoreError::UnknownApproval(d.id.to_owned()))?;
-        let decided = current.decide(d)?;
+        let decided = approval_in(&mut tx, d.id).await?.decide(d)?;
         sqlx::query(
             "UPDATE approvals SET state = ?, decided_by = ?, decided_at = ?, comment = ?,
                                   execute_after = ?
@@ -466,15 +457,7 @@ impl SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
-        let current = sqlx::query(select_approvals!("WHERE id = ?"))
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(unavailable)?
-            .as_ref()
-            .map(rows::approval)
-            .transpose()?
-            .ok_or_else(|| StoreError::UnknownApproval(id.to_owned()))?;
+        let current = approval_in(&mut tx, id).await?;
         tx.commit().await.map_err(unavailable)?;
         if updated.rows_affected() == 1 {
             Ok(current)
@@ -499,6 +482,19 @@ impl SqliteStore {
         .map_err(unavailable)?;
         Ok(updated.rows_affected() == 1)
     }
+}
+
+/// One request for approval, read in `conn`'s transaction.
+async fn approval_in(conn: &mut sqlx::SqliteConnection, id: &str) -> Result<Approval, StoreError> {
+    sqlx::query(select_approvals!("WHERE id = ?"))
+        .bind(id)
+        .fetch_optional(conn)
+        .await
+        .map_err(unavailable)?
+        .as_ref()
+        .map(rows::approval)
+        .transpose()?
+        .ok_or_else(|| StoreError::UnknownApproval(id.to_owned()))
 }
 
 fn is_foreign_key_violation(e: &sqlx::Error) -> bool {
