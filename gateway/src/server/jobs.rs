@@ -56,17 +56,16 @@ async fn execute_shred(state: &AppState, approval: &Approval) -> Result<Approval
             None => e,
         }
     };
-    let (hierarchy, shred) = (state.hierarchy.clone(), approval.clone());
-    let destroyed = async move { Ok(hierarchy.destroy(&shred.tenant, shred.version).await?) };
-    state.audit.before(event, destroyed).await?;
-    store.mark_approval_executed(&approval.id, unix_now()).await.map_err(|e| store_error(&e))?;
-    tracing::warn!(tenant = %approval.tenant, version = ?approval.version, approval = approval.id,
+    // The keys are destroyed and the request marked executed in one
+    // transaction, and only if it is still approved: should the job lock
+    // have been lost and the request withdrawn meanwhile, nothing is
+    // destroyed (and the event records the refusal).
+    let (hierarchy, id) = (state.hierarchy.clone(), approval.id.clone());
+    let executed = async move { Ok(hierarchy.execute_approval(&id).await?) };
+    let (executed, _) = state.audit.before(event, executed).await?;
+    tracing::warn!(tenant = %executed.tenant, version = ?executed.version, approval = executed.id,
         "crypto-shredded");
-    store
-        .approval(&approval.id)
-        .await
-        .map_err(|e| store_error(&e))?
-        .ok_or_else(|| crate::error::internal(&"approval vanished"))
+    Ok(executed)
 }
 
 /// Runs a shred approved just now with no waiting period, under the

@@ -128,7 +128,8 @@ pub struct ReportConfig {
     /// Milliseconds between flushes.
     pub flush_interval_ms: u64,
     /// Most record accesses (record key ids of waiting events) held while
-    /// the key service cannot take them…
+    /// the key service cannot take them (events it refused, which hold up
+    /// only their tenants, are not counted)…
     pub max_buffered: usize,
     /// …and for at most this many seconds; past either bound, requests
     /// whose events cannot be recorded are refused (never silently lost).

@@ -10,12 +10,16 @@
 //!
 //! A report the key service refuses as a whole (a 4xx other than 408 and
 //! 429: a tenant this sidecar no longer serves, a report over its limits)
-//! is split by tenant, and a report too large (413) in halves, until the
-//! tenants whose events are refused are found. Their events are kept aside
-//! and offered again, one report per tenant, every [`REFUSED_RETRY`];
-//! until they are taken, requests for those tenants are refused (503
-//! `audit_unavailable`), while every other tenant's events flow as before.
-//! One tenant's refused events never hold up the rest.
+//! is split by tenant, and a report refused for its size (413, or 400
+//! `batch_too_large` for too many events) in halves, until the tenants
+//! whose events are refused are found. Their events are kept aside and
+//! offered again every [`REFUSED_RETRY`], per tenant, in reports of the
+//! usual bounds; until they are taken, requests for those tenants are
+//! refused (503 `audit_unavailable`), while every other tenant's events
+//! flow as before. One tenant's refused events never hold up the rest: they
+//! do not count toward `max_buffered` (a held tenant adds none, its
+//! requests being refused, so what waits aside is at most what it had
+//! buffered when it was held).
 //!
 //! Accesses that differ only in which records and when — same tenant, KEK
 //! version, action, schema, purpose, field outcomes and cache hit — are

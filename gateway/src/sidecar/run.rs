@@ -102,17 +102,23 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
     let drain = Duration::from_secs(20);
     match &config.listen {
         Listen::Unix(path) => {
-            clear_stale_socket(path).map_err(|e| fail("listen")(&e))?;
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| fail("listen")(&e))?;
             }
-            let listener = bind_private(path).map_err(|e| fail("listen")(&e))?;
+            // Held while this process lives: sidecars given the same socket
+            // take turns at its path, so none removes or replaces another's.
+            let _claim = claim_socket_path(path).map_err(|e| fail("listen")(&e))?;
+            clear_stale_socket(path).map_err(|e| fail("listen")(&e))?;
+            let (listener, placed) = bind_private(path).map_err(|e| fail("listen")(&e))?;
             tracing::info!(socket = %path.display(), "sidecar listening");
             let _ = writeln!(stdout, "keygate sidecar listening on unix:{}", path.display());
             let _ = stdout.flush();
             let listener = AppListener::Unix(listener);
             serve(listener, router, config.abuse.clone(), terminated, drain).await;
-            let _ = std::fs::remove_file(path);
+            // Only the socket this process placed.
+            if file_id(path).ok() == Some(placed) {
+                let _ = std::fs::remove_file(path);
+            }
         }
         Listen::Tcp(addr) => {
             let listener =
@@ -152,6 +158,36 @@ fn spawn_maintenance(state: Arc<SidecarState>, mut stop: tokio::sync::watch::Rec
     });
 }
 
+/// Locks `<path>.lock` (created if need be, mode 0600) for as long as the
+/// returned file is open; another process holding it means the path is in
+/// use.
+fn claim_socket_path(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(std::path::PathBuf::from(name))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(std::io::Error::other(format!(
+            "{} is in use: another sidecar holds it",
+            path.display()
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The device and inode of what is at `path` (not following a link).
+fn file_id(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path)?;
+    Ok((meta.dev(), meta.ino()))
+}
+
 /// Makes room for the socket at `path`: a socket left by a sidecar that
 /// is gone is removed; anything else there (a live sidecar's socket, a
 /// file, a link) stops the start instead of being deleted.
@@ -183,23 +219,27 @@ fn clear_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
     }
 }
 
-/// Binds the socket inside a directory only this user may enter, gives
-/// it mode 0660, and only then links it at `path`: nobody else can
-/// connect before the mode is set, whatever the umask, and a link never
-/// replaces what appeared at `path` meanwhile (another sidecar starting).
-fn bind_private(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+/// Binds the socket inside a new directory only this user may enter
+/// (named at random, never one that existed), gives it mode 0660, and only
+/// then links it at `path`: nobody else can connect before the mode is
+/// set, whatever the umask, and a link never replaces what is at `path`.
+/// Returns the listener and the socket's device and inode.
+fn bind_private(path: &std::path::Path) -> std::io::Result<(tokio::net::UnixListener, (u64, u64))> {
     use std::os::unix::fs::DirBuilderExt;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let staging = path.with_file_name(format!(".{name}.{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
+    let random = kms_core::crypto::rng::array::<8>().map_err(std::io::Error::other)?;
+    let random: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let staging = path.with_file_name(format!(".{name}.{random}"));
     std::fs::DirBuilder::new().mode(0o700).create(&staging)?;
     let inner = staging.join("s");
     let bound = tokio::net::UnixListener::bind(&inner).and_then(|listener| {
         set_mode(&inner, 0o660)?;
         std::fs::hard_link(&inner, path)?;
-        Ok(listener)
+        Ok((listener, file_id(path)?))
     });
-    let _ = std::fs::remove_dir_all(&staging);
+    // Only what was made here: the staging name, then its directory.
+    let _ = std::fs::remove_file(&inner);
+    let _ = std::fs::remove_dir(&staging);
     bound
 }
 

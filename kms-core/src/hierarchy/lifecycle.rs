@@ -9,7 +9,7 @@ use crate::audit::AuditSigner;
 use crate::dek::KekVersion;
 use crate::ids::TenantId;
 use crate::root::{ProviderInfo, RootKeyProvider, WrapContext};
-use crate::store::{MasterKeyId, StoredKeyRef, TenantRecord, VersionUsage};
+use crate::store::{Approval, MasterKeyId, StoredKeyRef, TenantRecord, VersionUsage};
 
 /// Stored keys a master rotation moves per keystore read.
 const MASTER_ROTATION_PAGE: u32 = 256;
@@ -45,6 +45,18 @@ impl KeyHierarchy {
         let result = self.store.destroy_keys(id, version, unix_now()).await;
         self.cache.invalidate_tenant(id);
         Ok(result?)
+    }
+
+    /// Runs an approved shred request: destroys what it names as
+    /// [`KeyHierarchy::destroy`] does and marks it executed, in one store
+    /// transaction, only if it is still approved (not withdrawn, not run).
+    pub async fn execute_approval(
+        &self,
+        id: &str,
+    ) -> Result<(Approval, TenantRecord), HierarchyError> {
+        let (approval, tenant) = self.store.execute_approval(id, unix_now()).await?;
+        self.cache.invalidate_tenant(&tenant.id);
+        Ok((approval, tenant))
     }
 
     /// Sets (or clears) a tenant's auto-rotation period.

@@ -358,9 +358,16 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug {
     /// [`StoreError::ApprovalNotPending`] when it was decided already.
     async fn decide_approval(&self, decision: &DecideApproval<'_>) -> Result<Approval, StoreError>;
 
-    /// Marks an approved request as executed; `false` if it was not in
-    /// the approved state (someone else executed it).
-    async fn mark_approval_executed(&self, id: &str, now: i64) -> Result<bool, StoreError>;
+    /// Runs an approved shred in one transaction: the request must still
+    /// be approved (else [`StoreError::ApprovalNotPending`], naming its
+    /// state: withdrawn or run meanwhile), its keys are destroyed as by
+    /// [`KeyStore::destroy_keys`], and it is marked executed. The request
+    /// and the tenant afterwards.
+    async fn execute_approval(
+        &self,
+        id: &str,
+        now: i64,
+    ) -> Result<(Approval, TenantRecord), StoreError>;
 
     /// Withdraws an approved request that has not run (it waits for its
     /// execution time): it becomes `rejected`, with `comment` in place of

@@ -247,14 +247,34 @@ pub(crate) async fn approvals_need_a_second_person_and_decide_once(f: Fixture) {
                 (stored.decided_by.as_deref(), stored.execute_after),
                 (Some("bob"), Some(260))
             );
-            assert!(store.mark_approval_executed("a1", 300).await.unwrap());
-            assert!(!store.mark_approval_executed("a1", 301).await.unwrap(), "once");
-            let done = store.approval("a1").await.unwrap().unwrap();
+            // Version 1 may go once it is no longer the active one.
+            store.add_kek_version(&tenant("onc"), 2, &[3; 40], master, 250).await.unwrap();
+            let (done, after) = store.execute_approval("a1", 300).await.unwrap();
             assert_eq!((done.state, done.executed_at), (ApprovalState::Executed, Some(300)));
+            assert_eq!(
+                (after.versions[0].state, after.versions[0].wrapped.as_ref()),
+                (KekState::Destroyed, None)
+            );
+            assert_eq!(store.approval("a1").await.unwrap().as_ref(), Some(&done));
+            assert!(
+                matches!(
+                    store.execute_approval("a1", 301).await,
+                    Err(StoreError::ApprovalNotPending { state: ApprovalState::Executed, .. })
+                ),
+                "once"
+            );
         }
         ApprovalState::Rejected => {
             assert_eq!((stored.decided_by.as_deref(), stored.execute_after), (Some("carol"), None));
-            assert!(!store.mark_approval_executed("a1", 300).await.unwrap(), "never runs");
+            assert!(
+                matches!(
+                    store.execute_approval("a1", 300).await,
+                    Err(StoreError::ApprovalNotPending { state: ApprovalState::Rejected, .. })
+                ),
+                "never runs"
+            );
+            let onc = store.tenant(&tenant("onc")).await.unwrap().unwrap();
+            assert_eq!(onc.versions[0].state, KekState::Active, "nothing destroyed");
         }
         other => panic!("unexpected state {other}"),
     }
@@ -279,7 +299,15 @@ pub(crate) async fn approvals_need_a_second_person_and_decide_once(f: Fixture) {
         (withdrawn.state, withdrawn.comment.as_deref(), withdrawn.decided_by.as_deref()),
         (ApprovalState::Rejected, Some("withdrawn by frank: wrong tenant"), Some("erin"))
     );
-    assert!(!store.mark_approval_executed("a3", 400).await.unwrap(), "never runs");
+    assert!(
+        matches!(
+            store.execute_approval("a3", 400).await,
+            Err(StoreError::ApprovalNotPending { state: ApprovalState::Rejected, .. })
+        ),
+        "a withdrawn request never runs"
+    );
+    let onc = store.tenant(&tenant("onc")).await.unwrap().unwrap();
+    assert!(onc.index_root_wrapped.is_some(), "nothing destroyed");
     assert!(matches!(
         store.withdraw_approval("a3", "again").await,
         Err(StoreError::ApprovalNotPending { state: ApprovalState::Rejected, .. })

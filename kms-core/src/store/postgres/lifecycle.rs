@@ -57,11 +57,50 @@ pub(super) async fn destroy_keys(
     now: i64,
 ) -> Result<TenantRecord, StoreError> {
     let mut tx = begin(pool).await?;
-    if !lock_tenant(&mut tx, id).await? {
+    let record = destroy_in(&mut tx, channel, id, version, now).await?;
+    tx.commit().await.map_err(unavailable)?;
+    Ok(record)
+}
+
+/// Runs an approved shred: the request locked and checked to be still
+/// approved, its keys destroyed and the request marked executed, in one
+/// transaction.
+pub(super) async fn execute_approval(
+    pool: &PgPool,
+    channel: &str,
+    id: &str,
+    now: i64,
+) -> Result<(Approval, TenantRecord), StoreError> {
+    let mut tx = begin(pool).await?;
+    let approval = approval_locked(&mut tx, id).await?;
+    if approval.state != ApprovalState::Approved {
+        return Err(StoreError::ApprovalNotPending { id: id.to_owned(), state: approval.state });
+    }
+    let record = destroy_in(&mut tx, channel, &approval.tenant, approval.version, now).await?;
+    sqlx::query("UPDATE approvals SET state = 'executed', executed_at = $1 WHERE id = $2")
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+    let executed = approval_locked(&mut tx, id).await?;
+    tx.commit().await.map_err(unavailable)?;
+    Ok((executed, record))
+}
+
+/// Destroys what [`destroy_keys`] destroys, in `tx`, and announces it.
+async fn destroy_in(
+    tx: &mut PgConnection,
+    channel: &str,
+    id: &TenantId,
+    version: Option<KekVersion>,
+    now: i64,
+) -> Result<TenantRecord, StoreError> {
+    if !lock_tenant(&mut *tx, id).await? {
         return Err(StoreError::UnknownTenant(id.clone()));
     }
     let tenant =
-        load_tenant(&mut tx, id).await?.ok_or_else(|| StoreError::UnknownTenant(id.clone()))?;
+        load_tenant(&mut *tx, id).await?.ok_or_else(|| StoreError::UnknownTenant(id.clone()))?;
     match version {
         Some(version) => {
             let current = tenant
@@ -99,9 +138,8 @@ pub(super) async fn destroy_keys(
                 .map_err(unavailable)?;
         }
     }
-    let record = load_tenant(&mut tx, id).await?;
+    let record = load_tenant(&mut *tx, id).await?;
     notify::notify(&mut *tx, channel, id).await?;
-    tx.commit().await.map_err(unavailable)?;
     record.ok_or_else(|| StoreError::UnknownTenant(id.clone()))
 }
 
@@ -431,21 +469,4 @@ async fn approval_locked(conn: &mut PgConnection, id: &str) -> Result<Approval, 
         .map(rows::approval)
         .transpose()?
         .ok_or_else(|| StoreError::UnknownApproval(id.to_owned()))
-}
-
-pub(super) async fn mark_approval_executed(
-    pool: &PgPool,
-    id: &str,
-    now: i64,
-) -> Result<bool, StoreError> {
-    let updated = sqlx::query(
-        "UPDATE approvals SET state = 'executed', executed_at = $1
-         WHERE id = $2 AND state = 'approved'",
-    )
-    .bind(now)
-    .bind(id)
-    .execute(pool)
-    .await
-    .map_err(unavailable)?;
-    Ok(updated.rows_affected() == 1)
 }

@@ -300,8 +300,12 @@ impl KeyStore for PostgresStore {
         lifecycle::decide_approval(&self.pool, decision).await
     }
 
-    async fn mark_approval_executed(&self, id: &str, now: i64) -> Result<bool, StoreError> {
-        lifecycle::mark_approval_executed(&self.pool, id, now).await
+    async fn execute_approval(
+        &self,
+        id: &str,
+        now: i64,
+    ) -> Result<(Approval, TenantRecord), StoreError> {
+        lifecycle::execute_approval(&self.pool, &self.settings.channel, id, now).await
     }
 
     async fn withdraw_approval(&self, id: &str, comment: &str) -> Result<Approval, StoreError> {

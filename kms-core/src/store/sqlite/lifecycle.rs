@@ -91,7 +91,50 @@ impl SqliteStore {
         now: i64,
     ) -> Result<TenantRecord, StoreError> {
         let mut tx = self.write_tx().await?;
-        let Some(tenant) = self.load_tenant(&mut tx, id).await? else {
+        let record = self.destroy_in(&mut tx, id, version, now).await?;
+        tx.commit().await.map_err(unavailable)?;
+        self.after_shred().await;
+        Ok(record)
+    }
+
+    /// Runs an approved shred: the request checked to be still approved,
+    /// its keys destroyed and the request marked executed, in one write
+    /// transaction.
+    pub(super) async fn execute_approval_impl(
+        &self,
+        id: &str,
+        now: i64,
+    ) -> Result<(Approval, TenantRecord), StoreError> {
+        let mut tx = self.write_tx().await?;
+        let approval = approval_in(&mut tx, id).await?;
+        if approval.state != ApprovalState::Approved {
+            return Err(StoreError::ApprovalNotPending {
+                id: id.to_owned(),
+                state: approval.state,
+            });
+        }
+        let record = self.destroy_in(&mut tx, &approval.tenant, approval.version, now).await?;
+        sqlx::query("UPDATE approvals SET state = 'executed', executed_at = ? WHERE id = ?")
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let executed = approval_in(&mut tx, id).await?;
+        tx.commit().await.map_err(unavailable)?;
+        self.after_shred().await;
+        Ok((executed, record))
+    }
+
+    /// Destroys what [`SqliteStore::destroy_keys_impl`] destroys, in `tx`.
+    async fn destroy_in(
+        &self,
+        tx: &mut sqlx::SqliteConnection,
+        id: &TenantId,
+        version: Option<KekVersion>,
+        now: i64,
+    ) -> Result<TenantRecord, StoreError> {
+        let Some(tenant) = self.load_tenant(&mut *tx, id).await? else {
             return Err(StoreError::UnknownTenant(id.clone()));
         };
         match version {
@@ -130,8 +173,12 @@ impl SqliteStore {
                     .map_err(unavailable)?;
             }
         }
-        let record = self.load_tenant(&mut tx, id).await?;
-        tx.commit().await.map_err(unavailable)?;
+        let record = self.load_tenant(&mut *tx, id).await?;
+        record.ok_or_else(|| StoreError::UnknownTenant(id.clone()))
+    }
+
+    /// After a shred's commit: its erased bytes out of the WAL.
+    async fn after_shred(&self) {
         // `secure_delete` zeroed the erased bytes in the pages the
         // transaction wrote; older copies of those pages may sit in the
         // WAL until it is checkpointed and truncated. A reader holding a
@@ -151,7 +198,6 @@ impl SqliteStore {
                 tokio::spawn(truncate_wal_later(self.pool.clone()));
             }
         }
-        record.ok_or_else(|| StoreError::UnknownTenant(id.clone()))
     }
 
     pub(super) async fn masters_impl(&self) -> Result<Vec<MasterRecord>, StoreError> {
@@ -464,23 +510,6 @@ impl SqliteStore {
         } else {
             Err(StoreError::ApprovalNotPending { id: id.to_owned(), state: current.state })
         }
-    }
-
-    pub(super) async fn mark_approval_executed_impl(
-        &self,
-        id: &str,
-        now: i64,
-    ) -> Result<bool, StoreError> {
-        let updated = sqlx::query(
-            "UPDATE approvals SET state = 'executed', executed_at = ?
-             WHERE id = ? AND state = 'approved'",
-        )
-        .bind(now)
-        .bind(id)
-        .execute(&self.pool)
-        .await
-        .map_err(unavailable)?;
-        Ok(updated.rows_affected() == 1)
     }
 }
 

@@ -488,8 +488,12 @@ impl KeyStore for SqliteStore {
         self.withdraw_approval_impl(id, comment).await
     }
 
-    async fn mark_approval_executed(&self, id: &str, now: i64) -> Result<bool, StoreError> {
-        self.mark_approval_executed_impl(id, now).await
+    async fn execute_approval(
+        &self,
+        id: &str,
+        now: i64,
+    ) -> Result<(Approval, TenantRecord), StoreError> {
+        self.execute_approval_impl(id, now).await
     }
 
     async fn append_audit(&self, rows: &[AuditRow]) -> Result<(), StoreError> {
