@@ -60,12 +60,26 @@ async fn execute_shred(state: &AppState, approval: &Approval) -> Result<Approval
     // transaction, and only if it is still approved: should the job lock
     // have been lost and the request withdrawn meanwhile, nothing is
     // destroyed (and the event records the refusal).
-    let (hierarchy, id) = (state.hierarchy.clone(), approval.id.clone());
-    let executed = async move { Ok(hierarchy.execute_approval(&id).await?) };
-    let (executed, _) = state.audit.before(event, executed).await?;
-    tracing::warn!(tenant = %executed.tenant, version = ?executed.version, approval = executed.id,
-        "crypto-shredded");
-    Ok(executed)
+    let (hierarchy, shred) = (state.hierarchy.clone(), approval.clone());
+    let executed = async move { Ok(hierarchy.execute_approval(&shred).await?) };
+    match state.audit.before(event, executed).await {
+        Ok((executed, _)) => {
+            tracing::warn!(tenant = %executed.tenant, version = ?executed.version,
+                approval = executed.id, "crypto-shredded");
+            Ok(executed)
+        }
+        // Withdrawn or run elsewhere since it was read (the lock was lost):
+        // nothing was destroyed here; the request as it is now.
+        Err(e) if e.code() == "approval_not_pending" => {
+            tracing::warn!(approval = approval.id, "a shred was withdrawn or run elsewhere first");
+            store
+                .approval(&approval.id)
+                .await
+                .map_err(|e| store_error(&e))?
+                .ok_or_else(|| crate::error::internal(&"approval vanished"))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Runs a shred approved just now with no waiting period, under the

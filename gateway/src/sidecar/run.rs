@@ -105,8 +105,9 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| fail("listen")(&e))?;
             }
-            // Held while this process lives: sidecars given the same socket
-            // take turns at its path, so none removes or replaces another's.
+            // Held until the socket is removed at exit: sidecars given the
+            // same socket take turns at its path, so none removes or
+            // replaces another's.
             let _claim = claim_socket_path(path).map_err(|e| fail("listen")(&e))?;
             clear_stale_socket(path).map_err(|e| fail("listen")(&e))?;
             let (listener, placed) = bind_private(path).map_err(|e| fail("listen")(&e))?;
@@ -165,12 +166,17 @@ fn claim_socket_path(path: &std::path::Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut name = path.as_os_str().to_owned();
     name.push(".lock");
+    let lock = std::path::PathBuf::from(name);
+    // O_NOFOLLOW: a link planted there must not make this create a file
+    // elsewhere.
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .mode(0o600)
-        .open(std::path::PathBuf::from(name))?;
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(&lock)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", lock.display())))?;
     match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => Ok(file),
         Err(rustix::io::Errno::WOULDBLOCK) => Err(std::io::Error::other(format!(
@@ -227,15 +233,18 @@ fn clear_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
 fn bind_private(path: &std::path::Path) -> std::io::Result<(tokio::net::UnixListener, (u64, u64))> {
     use std::os::unix::fs::DirBuilderExt;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let random = kms_core::crypto::rng::array::<8>().map_err(std::io::Error::other)?;
+    // Six random bytes: the staging path is the socket's plus 16 bytes,
+    // against a limit of 107.
+    let random = kms_core::crypto::rng::array::<6>().map_err(std::io::Error::other)?;
     let random: String = random.iter().map(|b| format!("{b:02x}")).collect();
     let staging = path.with_file_name(format!(".{name}.{random}"));
     std::fs::DirBuilder::new().mode(0o700).create(&staging)?;
     let inner = staging.join("s");
     let bound = tokio::net::UnixListener::bind(&inner).and_then(|listener| {
         set_mode(&inner, 0o660)?;
+        let id = file_id(&inner)?;
         std::fs::hard_link(&inner, path)?;
-        Ok((listener, file_id(path)?))
+        Ok((listener, id))
     });
     // Only what was made here: the staging name, then its directory.
     let _ = std::fs::remove_file(&inner);

@@ -52,11 +52,13 @@ impl KeyHierarchy {
     /// transaction, only if it is still approved (not withdrawn, not run).
     pub async fn execute_approval(
         &self,
-        id: &str,
+        approval: &Approval,
     ) -> Result<(Approval, TenantRecord), HierarchyError> {
-        let (approval, tenant) = self.store.execute_approval(id, unix_now()).await?;
-        self.cache.invalidate_tenant(&tenant.id);
-        Ok((approval, tenant))
+        let result = self.store.execute_approval(&approval.id, unix_now()).await;
+        // Whatever the answer: a commit whose acknowledgement was lost
+        // destroyed the keys all the same.
+        self.cache.invalidate_tenant(&approval.tenant);
+        Ok(result?)
     }
 
     /// Sets (or clears) a tenant's auto-rotation period.

@@ -361,8 +361,8 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug {
     /// Runs an approved shred in one transaction: the request must still
     /// be approved (else [`StoreError::ApprovalNotPending`], naming its
     /// state: withdrawn or run meanwhile), its keys are destroyed as by
-    /// [`KeyStore::destroy_keys`], and it is marked executed. The request
-    /// and the tenant afterwards.
+    /// [`KeyStore::destroy_keys`], and it is marked executed. Returns the
+    /// request and the tenant as they are afterwards.
     async fn execute_approval(
         &self,
         id: &str,
