@@ -247,6 +247,15 @@ pub(crate) async fn approvals_need_a_second_person_and_decide_once(f: Fixture) {
                 (stored.decided_by.as_deref(), stored.execute_after),
                 (Some("bob"), Some(260))
             );
+            // Refused inside the transaction (version 1 is still the active
+            // one, which cannot be shredded alone): nothing changes.
+            assert!(matches!(
+                store.execute_approval("a1", 240).await,
+                Err(StoreError::InvalidTransition(_))
+            ));
+            assert_eq!(store.approval("a1").await.unwrap().as_ref(), Some(&stored));
+            let onc = store.tenant(&tenant("onc")).await.unwrap().unwrap();
+            assert_eq!(onc.versions[0].wrapped.as_deref(), Some(&[2u8; 40][..]), "intact");
             // Version 1 may go once it is no longer the active one.
             store.add_kek_version(&tenant("onc"), 2, &[3; 40], master, 250).await.unwrap();
             let (done, after) = store.execute_approval("a1", 300).await.unwrap();
