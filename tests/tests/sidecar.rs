@@ -407,6 +407,17 @@ async fn a_tenant_whose_events_are_refused_holds_up_only_itself() {
         }
     };
     assert_eq!(encrypt_for("t-a", 1).await.0, 200, "t-a's DEK pool filled, grants cached");
+    // Its event delivered before the grant goes: only later ones are refused.
+    let mut delivered = false;
+    for _ in 0..100 {
+        let (_, export) = ks.get(AUDITOR, "/v1/audit?tenant=t-a").await;
+        if export.contains("\"record.encrypt\"") {
+            delivered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(delivered, "the first event reached the key service");
 
     // The key service stops granting t-a to this sidecar. Its cached
     // grants and pooled DEKs still encrypt for t-a a while; the key service

@@ -337,7 +337,6 @@ fn report_len(events: &[Pending]) -> usize {
 }
 
 /// Where events being delivered came from, and so where they go back.
-#[derive(Clone)]
 enum Source {
     /// The buffer: put back in front if the key service is unreachable.
     Buffer,
