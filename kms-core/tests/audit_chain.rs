@@ -401,3 +401,36 @@ async fn checkpoint_pages_and_rows_read_back() {
         kms_core::audit::verify_checkpoint(&f.signer.public_key_sec1(), c).unwrap();
     }
 }
+
+/// Verifying while a writer appends (events and their checkpoint in one
+/// commit) never mistakes a checkpoint written after the events were read
+/// for a cut tail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verifying_a_chain_being_written_reports_no_truncation() {
+    let f = fixture().await;
+    let store = std::sync::Arc::new(f.store.clone());
+    let writer = {
+        let signer = AuditSigner::from_key(&f.signer.to_key()).unwrap();
+        let (store, mut chain) = (store.clone(), f.chain.clone());
+        tokio::spawn(async move {
+            for i in 0..300 {
+                let rows = chain.seal_all([event(EVENTS + 1 + i)]);
+                let (seq, hash) = chain.head();
+                let checkpoint = signer.sign_checkpoint(INSTANCE, seq, &hash, 3).unwrap();
+                store.append_audit_batch(&rows, Some(&checkpoint)).await.unwrap();
+            }
+        })
+    };
+    let mut verified = 0;
+    while !writer.is_finished() {
+        let key = f.signer.verifying_key();
+        match verify_stored_chain(store.as_ref(), INSTANCE, key, &[], 7).await {
+            Ok(report) => assert_eq!(report.unsigned_tail(), 0),
+            Err(e) => panic!("verification #{verified} during writes: {e}"),
+        }
+        verified += 1;
+    }
+    writer.await.unwrap();
+    assert!(verified > 0);
+    assert_eq!(verify(&f).await.unwrap().head_seq, EVENTS + 300);
+}

@@ -32,34 +32,58 @@ pub async fn verify_stored_chain(
     let page = page.max(1);
     let mut verifier = ChainVerifier::new(instance, key);
     verifier.expect_anchors(anchors)?;
-    // Highest checkpoint sequence number fetched so far; `None` once all are.
-    let mut checkpoints_after = Some(0);
+    let mut checkpoints = CheckpointCursor { after: 0, done: false };
     loop {
         let rows = store.audit_rows(instance, verifier.head().0, page).await?;
-        let Some(last) = rows.last() else { break };
-        // Every checkpoint up to this page's last event is queued before
-        // the events pass.
-        while let Some(after) = checkpoints_after.filter(|after| *after < last.seq) {
-            checkpoints_after =
-                fetch_checkpoints(store, &mut verifier, instance, after, page).await?;
+        if let Some(last) = rows.last() {
+            // Every checkpoint up to this page's last event is queued
+            // before the events pass.
+            while !checkpoints.done && checkpoints.after < last.seq {
+                checkpoints.fetch(store, &mut verifier, instance, page).await?;
+            }
+            verifier.push_rows(&rows)?;
+            continue;
         }
-        verifier.push_rows(&rows)?;
-    }
-    while let Some(after) = checkpoints_after {
-        checkpoints_after = fetch_checkpoints(store, &mut verifier, instance, after, page).await?;
+        while !checkpoints.done {
+            checkpoints.fetch(store, &mut verifier, instance, page).await?;
+        }
+        // A live writer commits events and their checkpoint together, so a
+        // checkpoint past the events read means either events written
+        // since, or a cut tail: read again to tell which.
+        if checkpoints.after <= verifier.head().0 {
+            break;
+        }
+        if store.audit_rows(instance, verifier.head().0, 1).await?.is_empty() {
+            break;
+        }
+        checkpoints.done = false;
     }
     Ok(verifier.finish()?)
 }
 
-/// Queues the next page of checkpoints; returns the new cursor.
-async fn fetch_checkpoints(
-    store: &dyn KeyStore,
-    verifier: &mut ChainVerifier,
-    instance: &str,
+/// Where the checkpoints read so far end.
+struct CheckpointCursor {
+    /// The highest checkpoint sequence number fetched so far.
     after: i64,
-    page: u32,
-) -> Result<Option<i64>, VerifyStoredError> {
-    let checkpoints = store.audit_checkpoints(instance, after, page).await?;
-    verifier.push_checkpoints(&checkpoints)?;
-    Ok(checkpoints.last().map(|c| c.seq))
+    /// Whether the last fetch found no more.
+    done: bool,
+}
+
+impl CheckpointCursor {
+    /// Queues the next page of checkpoints.
+    async fn fetch(
+        &mut self,
+        store: &dyn KeyStore,
+        verifier: &mut ChainVerifier,
+        instance: &str,
+        page: u32,
+    ) -> Result<(), VerifyStoredError> {
+        let checkpoints = store.audit_checkpoints(instance, self.after, page).await?;
+        verifier.push_checkpoints(&checkpoints)?;
+        match checkpoints.last() {
+            Some(last) => self.after = last.seq,
+            None => self.done = true,
+        }
+        Ok(())
+    }
 }
