@@ -369,11 +369,12 @@ impl KeyHierarchy {
         prepared: PreparedRotation,
     ) -> Result<Option<KekRecord>, HierarchyError> {
         let PreparedRotation { tenant, version, wrapped, master } = prepared;
-        match self.store.add_kek_version(&tenant, version, &wrapped, master, unix_now()).await {
-            Ok(record) => {
-                self.cache.invalidate_tenant(&tenant);
-                Ok(Some(record))
-            }
+        let added =
+            self.store.add_kek_version(&tenant, version, &wrapped, master, unix_now()).await;
+        // Whatever the answer: an error may hide a commit whose reply was lost.
+        self.cache.invalidate_tenant(&tenant);
+        match added {
+            Ok(record) => Ok(Some(record)),
             Err(StoreError::VersionConflict(_)) => Ok(None),
             Err(e) => Err(e.into()),
         }
@@ -386,14 +387,16 @@ impl KeyHierarchy {
         version: KekVersion,
         change: StateChange,
     ) -> Result<KekRecord, HierarchyError> {
-        let record = match self.store.change_kek_state(id, version, change, unix_now()).await {
-            Err(StoreError::UnknownVersion { .. }) if self.store.tenant(id).await?.is_none() => {
-                return Err(HierarchyError::UnknownTenant(id.clone()));
-            }
-            other => other?,
-        };
+        let changed = self.store.change_kek_state(id, version, change, unix_now()).await;
+        // Whatever the answer: an error may hide a commit whose reply was
+        // lost, and a version just disabled must not stay usable here.
         self.cache.invalidate_tenant(id);
-        Ok(record)
+        match changed {
+            Err(StoreError::UnknownVersion { .. }) if self.store.tenant(id).await?.is_none() => {
+                Err(HierarchyError::UnknownTenant(id.clone()))
+            }
+            other => Ok(other?),
+        }
     }
 
     /// Issues `count` fresh DEKs under the tenant's active KEK version,
