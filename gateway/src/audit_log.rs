@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::http::StatusCode;
-use kms_core::audit::{AuditChain, AuditEvent, AuditSigner, Outcome};
+use kms_core::audit::{AuditChain, AuditEvent, AuditSigner, HASH_LEN, Outcome};
 use kms_core::store::{AuditSigningKeyRecord, KeyStore};
 use kms_core::{KeyHierarchy, TenantId};
 use tokio::sync::{mpsc, oneshot};
@@ -95,6 +95,8 @@ impl AuditLog {
             checkpoint_interval: Duration::from_secs(config.checkpoint_interval_secs.max(1)),
             since_checkpoint: 0,
             last_checkpoint: Instant::now(),
+            unconfirmed: Vec::new(),
+            halted: false,
         };
         let task = tokio::spawn(writer.run());
         Ok((Self { tx, shared, instance: instance.into() }, task))
@@ -213,6 +215,17 @@ async fn load_signer(
     let record = match store.audit_signing_key(instance).await? {
         Some(record) => record,
         None => {
+            // A new key over a chain that has events would sign whatever
+            // those events now say: the key row's disappearance is either
+            // tampering or a restore gone wrong, and a person must decide.
+            if let Some(last) = store.last_audit_row(instance).await? {
+                return Err(AuditStartError::Chain(format!(
+                    "instance {instance} has {} audit events but no signing key; refusing to \
+                     sign them with a new one (restore its audit_signing_keys row, or run this \
+                     key service under a new instance name)",
+                    last.seq
+                )));
+            }
             let signer =
                 AuditSigner::generate().map_err(|e| AuditStartError::Chain(e.to_string()))?;
             let mut attempts = 0;
@@ -249,6 +262,12 @@ async fn load_signer(
     Ok(signer)
 }
 
+/// Whether every store can hold `event`'s free text (the rest is typed
+/// or written as escaped JSON).
+fn storable(event: &AuditEvent) -> bool {
+    !event.actor.contains('\0') && !event.action.contains('\0')
+}
+
 struct Writer {
     store: Arc<dyn KeyStore>,
     signer: AuditSigner,
@@ -259,6 +278,13 @@ struct Writer {
     checkpoint_interval: Duration,
     since_checkpoint: u64,
     last_checkpoint: Instant,
+    /// Heads of batches sent whose commit could not be confirmed either way
+    /// (a reply lost after COMMIT): the stored chain may end at one of them.
+    unconfirmed: Vec<(i64, [u8; HASH_LEN])>,
+    /// The stored chain moved to a head this writer never wrote: another
+    /// writer with this instance name, or rows written behind its back.
+    /// Nothing more is signed until a restart (and a person) looks.
+    halted: bool,
 }
 
 impl Writer {
@@ -299,6 +325,22 @@ impl Writer {
     }
 
     async fn commit_jobs(&mut self, jobs: Vec<Job>, force_checkpoint: bool) {
+        if self.halted {
+            self.refuse(jobs);
+            return;
+        }
+        // One job whose text no store can hold (PostgreSQL refuses NUL)
+        // must not fail the commit of every other.
+        let (jobs, unstorable): (Vec<Job>, Vec<Job>) =
+            jobs.into_iter().partition(|job| job.events.iter().all(storable));
+        if !unstorable.is_empty() {
+            tracing::error!("refused to record audit events whose text holds a NUL character");
+            self.refuse(unstorable);
+        }
+        let count = jobs.iter().map(|j| j.events.len() as u64).sum::<u64>();
+        if jobs.is_empty() && !force_checkpoint {
+            return;
+        }
         let before = self.chain.clone();
         // The events move into the chain; only the acknowledgements stay.
         let mut acks = Vec::with_capacity(jobs.len());
@@ -307,7 +349,6 @@ impl Writer {
             events.extend(job.events);
             acks.push(job.ack);
         }
-        let count = events.len() as u64;
         let rows = self.chain.seal_all(events);
         let due = force_checkpoint
             || self.since_checkpoint + count >= self.checkpoint_every
@@ -331,6 +372,7 @@ impl Writer {
             Ok(()) => {
                 metrics.audit_events.inc_by(count);
                 metrics.audit_commits.inc();
+                self.unconfirmed.clear();
                 if checkpoint.is_some() {
                     self.since_checkpoint = 0;
                     self.last_checkpoint = Instant::now();
@@ -348,7 +390,7 @@ impl Writer {
                 *self.shared.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some(e.to_string());
                 self.shared.healthy.store(false, Ordering::Relaxed);
-                self.chain = self.resync(before).await;
+                self.resync(before).await;
                 for ack in acks {
                     let _ = ack.send(Err(()));
                 }
@@ -356,12 +398,49 @@ impl Writer {
         }
     }
 
-    /// After a failed commit the database may or may not hold the batch
-    /// (a lost connection after COMMIT): continue from what it holds.
-    async fn resync(&self, fallback: AuditChain) -> AuditChain {
-        match self.store.last_audit_row(fallback.instance()).await {
-            Ok(last) => AuditChain::resume(fallback.instance(), last.as_ref()).unwrap_or(fallback),
-            Err(_) => fallback,
+    /// Answers `jobs` that none of their events was recorded.
+    fn refuse(&self, jobs: Vec<Job>) {
+        for job in jobs {
+            self.shared.metrics.audit_queue_depth.dec_by(job.events.len() as u64);
+            let _ = job.ack.send(Err(()));
         }
+    }
+
+    /// After a failed commit the database may or may not hold the batch
+    /// (a lost connection after COMMIT): continue from what it holds, but
+    /// only if that is where this writer left it. Any other head was
+    /// written by someone else, and continuing would sign it.
+    async fn resync(&mut self, before: AuditChain) {
+        self.unconfirmed.push(self.chain.head());
+        let instance = before.instance().to_owned();
+        self.chain = before;
+        let last = match self.store.last_audit_row(&instance).await {
+            Ok(last) => last,
+            // Unknown: the next commit conflicts if the batch is there.
+            Err(_) => return,
+        };
+        let stored = last.as_ref().map_or((0, kms_core::audit::GENESIS_HASH), |row| {
+            (row.seq, row.hash.as_slice().try_into().unwrap_or([0; HASH_LEN]))
+        });
+        if stored == self.chain.head() {
+            self.unconfirmed.clear();
+            return;
+        }
+        if self.unconfirmed.contains(&stored) {
+            if let Ok(chain) = AuditChain::resume(&instance, last.as_ref()) {
+                self.chain = chain;
+                self.unconfirmed.clear();
+                return;
+            }
+        }
+        self.halted = true;
+        let error = format!(
+            "the stored audit chain of instance {instance} ends at event {}, which this writer \
+             did not write (another key service with this instance name, or rows written \
+             behind its back): recording nothing more until restarted",
+            stored.0
+        );
+        tracing::error!("{error}");
+        *self.shared.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
     }
 }

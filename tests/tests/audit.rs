@@ -388,3 +388,108 @@ async fn anchors_catch_a_tail_cut_back_with_its_checkpoints() {
     let (status, _) = ks.post(ENC, "/v1/audit/verify", &json!({"anchors": [anchor]})).await;
     assert_eq!(status, 403);
 }
+
+/// Appends to `instance`'s chain, straight into the database, an event
+/// linked and hashed as the key service would: what someone with write
+/// access to the keystore, but without the signing key, can do.
+async fn forge_event(conn: &mut sqlx::SqliteConnection, instance: &str) -> i64 {
+    use kms_core::audit::{AuditChain, AuditEvent, Outcome};
+    use kms_core::store::AuditRow;
+    use sqlx::Row;
+    let last =
+        sqlx::query("SELECT * FROM audit_events WHERE instance = ? ORDER BY seq DESC LIMIT 1")
+            .bind(instance)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    let last = AuditRow {
+        instance: last.get("instance"),
+        seq: last.get("seq"),
+        ts_ms: last.get("ts_ms"),
+        actor: last.get("actor"),
+        action: last.get("action"),
+        tenant: last.get("tenant"),
+        kek_version: last.get("kek_version"),
+        record_key_ids: last.get("record_key_ids"),
+        outcome: last.get("outcome"),
+        detail: last.get("detail"),
+        prev_hash: last.get("prev_hash"),
+        hash: last.get("hash"),
+    };
+    let mut chain = AuditChain::resume(instance, Some(&last)).unwrap();
+    let forged = chain.seal(AuditEvent::new(
+        last.ts_ms,
+        "spiffe://test/officer",
+        "tenant.shred",
+        Outcome::Ok,
+    ));
+    sqlx::query("INSERT INTO audit_events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+        .bind(&forged.instance)
+        .bind(forged.seq)
+        .bind(forged.ts_ms)
+        .bind(&forged.actor)
+        .bind(&forged.action)
+        .bind(&forged.tenant)
+        .bind(forged.kek_version)
+        .bind(&forged.record_key_ids)
+        .bind(&forged.outcome)
+        .bind(&forged.detail)
+        .bind(&forged.prev_hash)
+        .bind(&forged.hash)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    forged.seq
+}
+
+/// The writer continues after a failed commit only from a head it wrote:
+/// an event slipped into the database behind its back is never signed
+/// over, and nothing more is recorded (so nothing audited is done) until
+/// a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_writer_stops_at_events_it_did_not_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(dir.path(), "");
+    traffic(&ks).await;
+    let forged = forge_event(&mut db(&ks).await, "ks-test").await;
+
+    // The next commit collides with the forged event and fails.
+    let (status, body) = ks.post(ENC, "/v1/tenants/onc/datakeys", &json!({"count": 1})).await;
+    assert_eq!((status, &body["error"]["code"]), (503, &json!("audit_unavailable")), "{body}");
+    // It does not carry on from there.
+    for _ in 0..3 {
+        let (status, body) = ks.post(ENC, "/v1/tenants/onc/datakeys", &json!({"count": 1})).await;
+        assert_eq!(status, 503, "{body}");
+    }
+    let (status, _) = ks.get(ADMIN, "/readyz").await;
+    assert_eq!(status, 503);
+    assert!(ks.log().contains("which this writer did not write"), "{}", ks.log());
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let mut conn = db(&ks).await;
+    let (head, signed): (i64, Option<i64>) = sqlx::query_as(
+        "SELECT (SELECT MAX(seq) FROM audit_events), (SELECT MAX(seq) FROM audit_checkpoints)",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(head, forged, "nothing was chained onto the forged event");
+    assert!(signed.unwrap() < forged, "no checkpoint signs the forged event");
+}
+
+/// A chain whose signing key row is gone is not signed with a new key:
+/// that would vouch for whatever its events say now.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_signing_key_is_not_replaced_over_existing_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ks = KeyService::start(dir.path(), "");
+    traffic(&ks).await;
+    ks.stop();
+    let mut conn = db(&ks).await;
+    sqlx::query("DELETE FROM audit_signing_keys").execute(&mut conn).await.unwrap();
+    drop(conn);
+    let config = dir.path().join("keygate.toml");
+    let args = [std::ffi::OsStr::new("server"), "--config".as_ref(), config.as_os_str()];
+    let (ok, stderr) = keygate_tests::keyservice::run_to_exit(&args, &[]);
+    assert!(!ok, "started with a new signing key: {stderr}");
+    assert!(stderr.contains("no signing key"), "{stderr}");
+}

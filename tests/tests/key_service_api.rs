@@ -67,6 +67,14 @@ async fn sidecar_events_land_in_the_chain_with_their_reporter() {
     forged["events"][0]["action"] = json!("shred.approve");
     let (status, body) = ks.post(DEC, "/v1/audit/events", &forged).await;
     assert_eq!(status, 422, "{body}");
+    // An actor is an identity: no control characters (a NUL would fail
+    // the group commit of every other request on PostgreSQL), bounded.
+    for actor in [json!("spiffe://test/a\u{0}pp"), json!(""), json!("x".repeat(1025))] {
+        let mut bad = event.clone();
+        bad["events"][0]["actor"] = actor;
+        let (status, body) = ks.post(DEC, "/v1/audit/events", &bad).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_request")));
+    }
     // A time ahead of the key service's is recorded as the time it came.
     let mut ahead = event.clone();
     ahead["events"][0]["ts_ms"] = json!(i64::MAX / 2);

@@ -55,6 +55,7 @@ pub(crate) async fn ingest(
                 "report audit events",
             )
             .await?;
+        check_actor(&reported.actor)?;
         let outcome = reported.outcome.parse::<Outcome>().map_err(|_| {
             ApiError::bad_request(
                 "invalid_request",
@@ -80,6 +81,21 @@ pub(crate) async fn ingest(
     let count = events.len();
     state.audit.record(events).await?;
     Ok(Json(Recorded { recorded: count }))
+}
+
+/// Longest application identity a sidecar may report.
+const MAX_ACTOR_LEN: usize = 1024;
+
+/// A reported actor is an identity, not free text: no control characters
+/// (a NUL would fail the commit on PostgreSQL), and bounded.
+fn check_actor(actor: &str) -> Result<(), ApiError> {
+    if actor.is_empty() || actor.len() > MAX_ACTOR_LEN || actor.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            format!("actor must be 1 to {MAX_ACTOR_LEN} bytes with no control characters"),
+        ));
+    }
+    Ok(())
 }
 
 /// `GET /v1/audit`: the audit events as JSON lines (auditors with a grant
