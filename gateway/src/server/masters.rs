@@ -50,8 +50,8 @@ impl MasterTrust {
     /// module or an endpoint this host does not trust, or (when
     /// `trusted_masters.keys` is set) a key that is not listed, as far as
     /// the settings tell before connecting. Modules compare as paths (no
-    /// `..` or symlink resolved; a module may be a bare name the loader
-    /// searches for), endpoints as text without a trailing `/`.
+    /// `..` or symlink resolved; a module path that is not absolute is
+    /// refused when connecting), endpoints as text without a trailing `/`.
     pub(crate) fn refusal(&self, config: &RootConfig) -> Option<String> {
         match config {
             RootConfig::Pkcs11 { module, token_label, key_label, .. } => {

@@ -39,6 +39,21 @@ pub enum LocalKeyError {
         /// The path.
         path: PathBuf,
     },
+    /// The file belongs to another user than the one this process runs as
+    /// (or root), who could replace the key.
+    #[error(
+        "root key file {} is owned by uid {owner}, neither this process's user (uid {euid}) \
+         nor root; run `chown` on it",
+        path.display()
+    )]
+    NotOwned {
+        /// The file.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// This process's effective user.
+        euid: u32,
+    },
     /// Group or others have some access to the file.
     #[error(
         "root key file {} has mode {mode:04o}, which gives group or others access to it; \

@@ -466,6 +466,30 @@ mod tests {
             parse(&bytes).err().unwrap(),
             FormatError::Argon2ParamsOutOfRange { p_cost: 1000, .. }
         ));
+        // Beyond 1 GiB, 16 passes or 8 lanes (the old ceilings, 2 GiB, 64
+        // and 16, included) is refused too, before any Argon2 work.
+        let with_params = |m: u32, t: u32, p: u32| {
+            let mut bytes = sealed_file();
+            bytes[6..10].copy_from_slice(&m.to_be_bytes());
+            bytes[10..14].copy_from_slice(&t.to_be_bytes());
+            bytes[14..18].copy_from_slice(&p.to_be_bytes());
+            parse(&bytes).err()
+        };
+        for (m, t, p) in [
+            ((1 << 20) + 1, 1, 1),
+            (1 << 21, 1, 1),
+            (64, 17, 1),
+            (64, 64, 1),
+            (128, 1, 9),
+            (128, 1, 16),
+        ] {
+            assert_eq!(
+                with_params(m, t, p),
+                Some(FormatError::Argon2ParamsOutOfRange { m_cost_kib: m, t_cost: t, p_cost: p })
+            );
+        }
+        // At the ceilings the header parses (the tag check fails later).
+        assert_eq!(with_params(1 << 20, 16, 8), None);
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! development and `keygate up` only.
 //!
 //! The file is created with mode `0600` and refused if group or others have
-//! any access to it. It may be sealed with a passphrase (Argon2id +
-//! AES-256-GCM-SIV); the layout is documented in the `file` module:
+//! any access to it, if it is a symbolic link, or if it belongs to another
+//! user than the process's (or root). It may be sealed with a passphrase
+//! (Argon2id + AES-256-GCM-SIV); the layout is documented in the `file`
+//! module:
 //!
 //! ```text
 //! plain:   "KGRK" ‖ 01 ‖ 00 ‖ root_key(32) ‖ check(16)
@@ -22,7 +24,7 @@
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -31,6 +33,8 @@ use kms_core::crypto::{Aead, NONCE_LEN, TAG_LEN, kdf};
 use kms_core::{KEY_LEN, Key256, ProviderInfo, RootKeyError, RootKeyProvider, WrapContext};
 use secrecy::{ExposeSecret, SecretString};
 use zeroize::Zeroizing;
+
+use crate::secret_file::{Refusal, fill, open_checked};
 
 mod error;
 mod file;
@@ -81,7 +85,8 @@ impl LocalRootKey {
     /// returns the provider for it.
     ///
     /// The file is created with mode `0600` and never replaces an existing
-    /// file ([`LocalKeyError::AlreadyExists`]). With a passphrase, the key is
+    /// file ([`LocalKeyError::AlreadyExists`]); it is synced, and so is its
+    /// directory, before this returns. With a passphrase, the key is
     /// sealed under Argon2id with `params` (use [`Argon2Params::DEFAULT`]
     /// outside tests); without one, `params` is unused and the key is
     /// stored in the clear.
@@ -109,7 +114,10 @@ impl LocalRootKey {
 
     /// Opens an existing root key file.
     ///
-    /// Refuses a file that group or others can access
+    /// Follows symbolic links, and refuses anything but a regular file
+    /// ([`LocalKeyError::NotAFile`]), a file owned by
+    /// another user than this process's or root ([`LocalKeyError::NotOwned`])
+    /// and a file that group or others can access
     /// ([`LocalKeyError::LoosePermissions`]) before reading it. A sealed file
     /// needs its passphrase ([`LocalKeyError::PassphraseRequired`],
     /// [`LocalKeyError::WrongPassphrase`]); a plain file is refused when a
@@ -211,44 +219,82 @@ fn fingerprint(root: &Key256) -> String {
     derived.expose_secret().iter().take(FINGERPRINT_LEN).map(|b| format!("{b:02x}")).collect()
 }
 
-/// Creates `path` with mode 0600 (never replacing a file) and writes
-/// `contents`; removes the file again if writing fails.
+/// Creates `path` holding `contents`, with mode 0600, never replacing a
+/// file, durably: the contents go to a temporary file in the same
+/// directory, which is synced, linked into place (`link` fails if `path`
+/// exists, so nothing is replaced) and removed, and then the directory is
+/// synced, so that the new name survives a crash. On failure nothing is
+/// left at `path` (a crash before the temporary file is removed may leave
+/// it behind, mode 0600).
 fn write_new_file(path: &Path, contents: &[u8]) -> Result<(), LocalKeyError> {
     let io_error =
         |operation, source| LocalKeyError::Io { path: path.to_owned(), operation, source };
-    let mut file =
-        OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| {
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().ok_or_else(|| {
+        io_error("create", io::Error::new(io::ErrorKind::InvalidInput, "no file name"))
+    })?;
+    // Spares the work if there is a file already; `hard_link` below is
+    // what makes sure none is replaced.
+    if fs::symlink_metadata(path).is_ok() {
+        return Err(LocalKeyError::AlreadyExists { path: path.to_owned() });
+    }
+    let suffix: [u8; 8] = kms_core::crypto::rng::array()?;
+    let mut temporary_name = std::ffi::OsString::from(".");
+    temporary_name.push(name);
+    temporary_name.push(".tmp-");
+    temporary_name.push(suffix.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    let temporary = parent.join(temporary_name);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temporary)
+        .map_err(|e| io_error("create", e))?;
+    let written = file.write_all(contents).and_then(|()| file.sync_all());
+    drop(file);
+    let linked = written.map_err(|e| io_error("write", e)).and_then(|()| {
+        fs::hard_link(&temporary, path).map_err(|e| {
             if e.kind() == io::ErrorKind::AlreadyExists {
                 LocalKeyError::AlreadyExists { path: path.to_owned() }
             } else {
                 io_error("create", e)
             }
-        })?;
-    if let Err(e) = file.write_all(contents).and_then(|()| file.sync_all()) {
-        drop(file);
-        // Best effort: a half-written key file is useless and would block a retry.
+        })
+    });
+    if let Err(e) = fs::remove_file(&temporary) {
+        // The key is in place either way; the stray name is a second link
+        // to it (or to a key never used), owner-only like the key file.
+        tracing::warn!(
+            path = %temporary.display(),
+            error = %e,
+            "could not remove the temporary root key file; remove it by hand"
+        );
+    }
+    linked?;
+    if let Err(e) = File::open(parent).and_then(|dir| dir.sync_all()) {
+        // Not durably created: take it back, so that a retry starts over.
         let _ = fs::remove_file(path);
-        return Err(io_error("write", e));
+        return Err(io_error("sync the directory of", e));
     }
     Ok(())
 }
 
-/// Opens `path`, checks it is a regular file that only its owner can access,
-/// and reads it (at most one byte more than the longest valid file).
+/// Opens `path`, checks it is a regular file owned
+/// by this process's user or root that no one else can access, and reads
+/// it (at most one byte more than the longest valid file).
 fn read_private_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, LocalKeyError> {
-    let io_error =
-        |operation, source| LocalKeyError::Io { path: path.to_owned(), operation, source };
-    let not_a_file = || LocalKeyError::NotAFile { path: path.to_owned() };
-    // Look before opening, so that a FIFO or device is never opened.
-    if !fs::metadata(path).map_err(|e| io_error("inspect", e))?.is_file() {
-        return Err(not_a_file());
-    }
-    let mut file = File::open(path).map_err(|e| io_error("open", e))?;
-    // Check the opened file itself, not the path, which may have changed.
-    let metadata = file.metadata().map_err(|e| io_error("inspect", e))?;
-    if !metadata.is_file() {
-        return Err(not_a_file());
-    }
+    let (mut file, metadata) = open_checked(path).map_err(|refusal| match refusal {
+        Refusal::NotAFile => LocalKeyError::NotAFile { path: path.to_owned() },
+        Refusal::Owner { owner, euid } => {
+            LocalKeyError::NotOwned { path: path.to_owned(), owner, euid }
+        }
+        Refusal::Io { operation, source } => {
+            LocalKeyError::Io { path: path.to_owned(), operation, source }
+        }
+    })?;
     let mode = metadata.permissions().mode() & 0o7777;
     if mode & GROUP_OTHER_BITS != 0 {
         return Err(LocalKeyError::LoosePermissions { path: path.to_owned(), mode });
@@ -257,15 +303,11 @@ fn read_private_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, LocalKeyError> {
     // of the key is left behind in freed memory. One byte more than the
     // longest valid file is enough to report trailing bytes.
     let mut contents = Zeroizing::new(vec![0u8; file::MAX_FILE_LEN + 1]);
-    let mut len = 0;
-    while let Some(rest) = contents.get_mut(len..).filter(|rest| !rest.is_empty()) {
-        match file.read(rest) {
-            Ok(0) => break,
-            Ok(n) => len += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_error("read", e)),
-        }
-    }
+    let len = fill(&mut file, &mut contents).map_err(|source| LocalKeyError::Io {
+        path: path.to_owned(),
+        operation: "read",
+        source,
+    })?;
     contents.truncate(len);
     Ok(contents)
 }

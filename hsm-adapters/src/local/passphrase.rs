@@ -21,12 +21,15 @@ pub struct Argon2Params {
 }
 
 impl Argon2Params {
-    /// Largest accepted memory cost: 2 GiB (2^21 KiB).
-    pub const MAX_M_COST_KIB: u32 = 1 << 21;
-    /// Largest accepted number of iterations.
-    pub const MAX_T_COST: u32 = 64;
-    /// Largest accepted number of lanes.
-    pub const MAX_P_COST: u32 = 16;
+    /// Largest accepted memory cost: 1 GiB (2^20 KiB), 16 times the default.
+    ///
+    /// The bounds also limit what a crafted file can make `open` spend
+    /// before the passphrase is checked: at most 16 passes over 1 GiB.
+    pub const MAX_M_COST_KIB: u32 = 1 << 20;
+    /// Largest accepted number of iterations (the default is 3).
+    pub const MAX_T_COST: u32 = 16;
+    /// Largest accepted number of lanes (the default is 1).
+    pub const MAX_P_COST: u32 = 8;
 
     /// The default: 64 MiB, 3 iterations, 1 lane (stronger than the
     /// OWASP and RFC 9106 "second recommended" minimums).
@@ -34,9 +37,10 @@ impl Argon2Params {
 
     /// Explicit parameters: memory in KiB, iterations and lanes.
     ///
-    /// Accepted ranges: `1 ≤ p_cost ≤ 16`, `1 ≤ t_cost ≤ 64` and
-    /// `8 × p_cost ≤ m_cost_kib ≤ 2^21`. Values below [`Self::DEFAULT`] are
-    /// accepted (tests use cheap ones) but weaken a sealed file.
+    /// Accepted ranges: `1 ≤ p_cost ≤ 8`, `1 ≤ t_cost ≤ 16` and
+    /// `8 × p_cost ≤ m_cost_kib ≤ 2^20` (1 GiB). Values below
+    /// [`Self::DEFAULT`] are accepted (tests use cheap ones) but weaken a
+    /// sealed file.
     pub fn new(m_cost_kib: u32, t_cost: u32, p_cost: u32) -> Result<Self, LocalKeyError> {
         Self::checked(m_cost_kib, t_cost, p_cost).ok_or(LocalKeyError::InvalidArgon2Params {
             m_cost_kib,
@@ -103,15 +107,19 @@ mod tests {
     #[test]
     fn bounds_are_enforced() {
         assert!(Argon2Params::new(8, 1, 1).is_ok());
-        assert!(Argon2Params::new(Argon2Params::MAX_M_COST_KIB, 64, 16).is_ok());
+        assert!(Argon2Params::new(Argon2Params::MAX_M_COST_KIB, 16, 8).is_ok());
+        assert!(Argon2Params::new(Argon2Params::DEFAULT.m_cost_kib, 3, 1).is_ok());
         for (m, t, p) in [
             (7, 1, 1),
             (8, 0, 1),
             (8, 1, 0),
             (15, 1, 2),
             (Argon2Params::MAX_M_COST_KIB + 1, 1, 1),
-            (8, 65, 1),
-            (1024, 1, 17),
+            (1 << 21, 1, 1),
+            (8, 17, 1),
+            (8, 64, 1),
+            (1024, 1, 9),
+            (1024, 1, 16),
             (u32::MAX, u32::MAX, u32::MAX),
         ] {
             let err = Argon2Params::new(m, t, p).unwrap_err();

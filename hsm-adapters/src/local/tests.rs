@@ -336,6 +336,86 @@ fn create_uses_mode_0600_and_never_overwrites() {
     assert_eq!(mode_of(&sealed), 0o600);
 }
 
+/// The entries of `dir`, sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn create_leaves_only_the_key_file_behind() {
+    let (dir, path) = scratch();
+    LocalRootKey::create(&path, None, cheap()).unwrap();
+    assert_eq!(entries(dir.path()), ["root.key"]);
+    let before = fs::read(&path).unwrap();
+    let err = LocalRootKey::create(&path, Some(&pass("pw")), cheap()).unwrap_err();
+    assert!(matches!(err, LocalKeyError::AlreadyExists { .. }), "{err}");
+    assert_eq!(entries(dir.path()), ["root.key"]);
+    assert_eq!(fs::read(&path).unwrap(), before);
+}
+
+#[test]
+fn create_never_replaces_a_symbolic_link_or_writes_through_it() {
+    let (dir, path) = scratch();
+    let target = dir.path().join("elsewhere");
+    std::os::unix::fs::symlink(&target, &path).unwrap();
+    let err = LocalRootKey::create(&path, None, cheap()).unwrap_err();
+    assert!(matches!(err, LocalKeyError::AlreadyExists { .. }), "{err}");
+    assert!(!target.exists(), "the key was written through the link");
+    assert_eq!(entries(dir.path()), ["root.key"]);
+}
+
+/// As in a Kubernetes secret volume, the key file may be reached through
+/// a link; the file it ends at is what is checked.
+#[test]
+fn a_symbolic_link_to_a_key_file_is_followed_and_the_file_checked() {
+    let (dir, path) = scratch();
+    LocalRootKey::create(&path, None, cheap()).unwrap();
+    let link = dir.path().join("link.key");
+    std::os::unix::fs::symlink(&path, &link).unwrap();
+    let through_link = LocalRootKey::open(&link, None).unwrap();
+    let direct = LocalRootKey::open(&path, None).unwrap();
+    assert_eq!(through_link.describe(), direct.describe());
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    let err = LocalRootKey::open(&link, None).unwrap_err();
+    assert!(matches!(err, LocalKeyError::LoosePermissions { .. }), "{err}");
+}
+
+#[test]
+fn a_fifo_is_refused_without_blocking() {
+    let (_dir, path) = scratch();
+    crate::secret_file::tests::mkfifo(&path);
+    let opened = path.clone();
+    let err = crate::secret_file::tests::within_seconds(move || {
+        LocalRootKey::open(&opened, None).map(|_| ())
+    })
+    .unwrap_err();
+    assert!(matches!(&err, LocalKeyError::NotAFile { path: p } if *p == path), "{err}");
+}
+
+/// Needs to run as root (to give a file away); skipped otherwise.
+#[test]
+fn a_key_file_of_another_user_is_refused() {
+    let (_dir, path) = scratch();
+    LocalRootKey::create(&path, None, cheap()).unwrap();
+    let nobody = 65534;
+    if std::os::unix::fs::chown(&path, Some(nobody), None).is_err() {
+        eprintln!("skipped: cannot give a file to another user (not root)");
+        return;
+    }
+    let err = LocalRootKey::open(&path, None).unwrap_err();
+    assert!(
+        matches!(&err, LocalKeyError::NotOwned { path: p, owner, .. }
+            if *p == path && *owner == nobody),
+        "{err}"
+    );
+    assert!(err.to_string().contains("owned by uid 65534"), "{err}");
+}
+
 #[test]
 fn missing_files_and_directories_are_clear_errors() {
     let (dir, path) = scratch();

@@ -23,8 +23,9 @@ pub(super) const MAX_POOL_SIZE: usize = 1024;
 /// prints `pin: "[redacted]"`.
 #[non_exhaustive]
 pub struct Pkcs11Config {
-    /// Path of the PKCS#11 module (shared library), e.g.
-    /// `/usr/lib/softhsm/libsofthsm2.so`.
+    /// Absolute path of the PKCS#11 module (shared library), e.g.
+    /// `/usr/lib/softhsm/libsofthsm2.so`. A module file that group or
+    /// others may write is refused.
     pub module: PathBuf,
     /// Label of the token holding the master key.
     pub token_label: String,
@@ -72,6 +73,13 @@ impl Pkcs11Config {
         if self.module.as_os_str().is_empty() {
             return invalid("the module path is empty".to_owned());
         }
+        if !self.module.is_absolute() {
+            return invalid(format!(
+                "the module path {} is not absolute; give the full path of the PKCS#11 \
+                 library (a relative one would depend on the working directory)",
+                self.module.display()
+            ));
+        }
         if self.token_label.trim().is_empty() {
             return invalid("the token label is empty".to_owned());
         }
@@ -115,8 +123,9 @@ impl fmt::Debug for Pkcs11Config {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum PinSource {
-    /// A file holding the PIN; one trailing newline is ignored. A file that
-    /// group or others can read is used, with a warning.
+    /// A file holding the PIN; one trailing newline is ignored. It must be
+    /// a regular file (or a symbolic link to one) owned by this process's
+    /// user or root. A file that group or others can read is used, with a warning.
     File(PathBuf),
     /// An environment variable holding the PIN.
     Env(String),

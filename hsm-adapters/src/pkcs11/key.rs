@@ -45,51 +45,116 @@ pub(super) fn find(
     }
 }
 
-/// Checks that `key` is an AES-256 key that may encrypt and decrypt and
-/// can never leave the token (sensitive, not extractable).
+/// A boolean attribute a master key must have, with the value it must
+/// have and what it means otherwise.
+struct RequiredFlag {
+    attribute: AttributeType,
+    required: bool,
+    /// Why a key with the other value is refused.
+    otherwise: &'static str,
+    /// Why a key without the attribute is refused.
+    missing: &'static str,
+}
+
+/// What [`check_suitable`] requires, in the order it checks.
+const REQUIRED_FLAGS: [RequiredFlag; 9] = [
+    RequiredFlag {
+        attribute: AttributeType::Encrypt,
+        required: true,
+        otherwise: "it may not encrypt (CKA_ENCRYPT must be true)",
+        missing: "the token does not report CKA_ENCRYPT",
+    },
+    RequiredFlag {
+        attribute: AttributeType::Decrypt,
+        required: true,
+        otherwise: "it may not decrypt (CKA_DECRYPT must be true)",
+        missing: "the token does not report CKA_DECRYPT",
+    },
+    RequiredFlag {
+        attribute: AttributeType::Extractable,
+        required: false,
+        otherwise: "it is extractable (CKA_EXTRACTABLE is true), so it could leave the token",
+        missing: "the token does not report CKA_EXTRACTABLE, so the key might leave the token",
+    },
+    RequiredFlag {
+        attribute: AttributeType::Sensitive,
+        required: true,
+        otherwise: "it is not sensitive (CKA_SENSITIVE is false), so its value could be read",
+        missing: "the token does not report CKA_SENSITIVE, so the key's value might be readable",
+    },
+    RequiredFlag {
+        attribute: AttributeType::AlwaysSensitive,
+        required: true,
+        otherwise: "it has not always been sensitive (CKA_ALWAYS_SENSITIVE is false: imported \
+                    in plaintext, or readable once), so copies of it may exist outside the token",
+        missing: "the token does not report CKA_ALWAYS_SENSITIVE, so the key's history is unknown",
+    },
+    RequiredFlag {
+        attribute: AttributeType::NeverExtractable,
+        required: true,
+        otherwise: "it was extractable once (CKA_NEVER_EXTRACTABLE is false), so copies of it \
+                    may exist outside the token",
+        missing: "the token does not report CKA_NEVER_EXTRACTABLE, so the key's history is unknown",
+    },
+    RequiredFlag {
+        attribute: AttributeType::Private,
+        required: true,
+        otherwise: "it is not private (CKA_PRIVATE is false), so it can be used without logging in",
+        missing: "the token does not report CKA_PRIVATE, so the key might be usable without login",
+    },
+    RequiredFlag {
+        attribute: AttributeType::Token,
+        required: true,
+        otherwise: "it is a session object (CKA_TOKEN is false), not a key stored in the token",
+        missing: "the token does not report CKA_TOKEN",
+    },
+    RequiredFlag {
+        attribute: AttributeType::Derive,
+        required: false,
+        otherwise: "it may derive other keys (CKA_DERIVE is true), whose values could depend on \
+                    it and leave the token",
+        missing: "the token does not report CKA_DERIVE, so the key might derive other keys",
+    },
+];
+
+/// Checks that `key` is an AES-256 key that may encrypt and decrypt, is
+/// private, stored in the token, may not derive keys, and can never leave
+/// the token and never could (sensitive, always sensitive, not extractable,
+/// never extractable). An attribute the token does not report fails the
+/// check. Runs on every session the provider opens, so that a key swapped
+/// in under the same label later is refused too.
 pub(super) fn check_suitable(
     session: &Session,
     key: ObjectHandle,
     token: &str,
     label: &str,
 ) -> Result<(), Pkcs11Error> {
-    let attributes = session.get_attributes(
-        key,
-        &[
-            AttributeType::KeyType,
-            AttributeType::ValueLen,
-            AttributeType::Encrypt,
-            AttributeType::Decrypt,
-            AttributeType::Sensitive,
-            AttributeType::Extractable,
-        ],
-    )?;
+    let mut wanted = vec![AttributeType::KeyType, AttributeType::ValueLen];
+    wanted.extend(REQUIRED_FLAGS.iter().map(|flag| flag.attribute));
+    // Attributes the token does not have are left out of the answer.
+    let attributes = session.get_attributes(key, &wanted)?;
     let mut key_type = None;
     let mut value_len = None;
-    let (mut encrypt, mut decrypt, mut sensitive, mut extractable) = (false, false, false, true);
-    for attribute in attributes {
-        match attribute {
+    let mut flags = Vec::with_capacity(REQUIRED_FLAGS.len());
+    for attribute in &attributes {
+        match *attribute {
             Attribute::KeyType(t) => key_type = Some(t),
             Attribute::ValueLen(len) => value_len = Some(usize::from(len)),
-            Attribute::Encrypt(b) => encrypt = b,
-            Attribute::Decrypt(b) => decrypt = b,
-            Attribute::Sensitive(b) => sensitive = b,
-            Attribute::Extractable(b) => extractable = b,
-            _ => {}
+            _ => flags.extend(flag_value(attribute).map(|v| (attribute.attribute_type(), v))),
         }
     }
     let reason = if key_type != Some(KeyType::AES) {
         Some("it is not an AES key")
     } else if value_len != Some(KEY_LEN) {
         Some("it is not a 256-bit key")
-    } else if !(encrypt && decrypt) {
-        Some("it may not encrypt and decrypt (CKA_ENCRYPT and CKA_DECRYPT must be true)")
-    } else if extractable {
-        Some("it is extractable (CKA_EXTRACTABLE is true), so it could leave the token")
-    } else if !sensitive {
-        Some("it is not sensitive (CKA_SENSITIVE is false), so its value could be read")
     } else {
-        None
+        REQUIRED_FLAGS.iter().find_map(|flag| {
+            match flags.iter().find(|(attribute, _)| *attribute == flag.attribute) {
+                None => Some(flag.missing),
+                Some(&(_, value)) if value != flag.required => Some(flag.otherwise),
+                Some(_) => None,
+            }
+        })
     };
     match reason {
         None => Ok(()),
@@ -101,10 +166,27 @@ pub(super) fn check_suitable(
     }
 }
 
+/// The value of a boolean attribute of [`REQUIRED_FLAGS`].
+fn flag_value(attribute: &Attribute) -> Option<bool> {
+    match *attribute {
+        Attribute::Encrypt(b)
+        | Attribute::Decrypt(b)
+        | Attribute::Extractable(b)
+        | Attribute::Sensitive(b)
+        | Attribute::AlwaysSensitive(b)
+        | Attribute::NeverExtractable(b)
+        | Attribute::Private(b)
+        | Attribute::Token(b)
+        | Attribute::Derive(b) => Some(b),
+        _ => None,
+    }
+}
+
 /// Generates the master key in the token (on a read-write session, logged
 /// in as the user): AES-256, on the token, private, sensitive, never
-/// extractable, usable only to encrypt and decrypt. Refuses to create a
-/// second object with the same label.
+/// extractable, usable only to encrypt and decrypt, and not modifiable
+/// (no one can later change these attributes or its label). Refuses to
+/// create a second object with the same label.
 pub(super) fn create(
     session: &Session,
     token: &str,
@@ -131,6 +213,7 @@ pub(super) fn create(
             Attribute::Sign(false),
             Attribute::Verify(false),
             Attribute::Derive(false),
+            Attribute::Modifiable(false),
             Attribute::Label(label.as_bytes().to_vec()),
             Attribute::Id(id.to_vec()),
         ],

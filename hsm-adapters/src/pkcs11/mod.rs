@@ -43,7 +43,12 @@
 //! finds the token by label (listing the labels present if not), checks
 //! `CKM_AES_GCM` is offered, logs in (a wrong PIN is `C_Login failed:
 //! CKR_PIN_INCORRECT`), finds the key by label and checks it is AES-256,
-//! sensitive and not extractable, and then wraps and unwraps a random key.
+//! may encrypt and decrypt, is private, stored in the token, may not
+//! derive keys, and is and always was sensitive and not extractable (a
+//! token that does not report one of these attributes fails the check),
+//! and then wraps and unwraps a random key. Every session opened later
+//! finds the key by label and checks it again, so a key swapped in under
+//! the same label is refused as well.
 //!
 //! The PIN is held as a [`SecretString`](secrecy::SecretString), handed to
 //! `C_Login` only, and never appears in an error, a log line or `Debug`.
@@ -117,9 +122,7 @@ impl Pkcs11RootKey {
             config.pin_retry_interval,
             config.pool_size,
         );
-        pool.with_fresh(|live| {
-            key::check_suitable(live.session(), live.key(), pool.token(), pool.key_label())
-        })?;
+        // The first call opens a session, which finds and checks the key.
         let probe = round_trip(&pool)?;
         tracing::info!(
             module = %config.module.display(),
@@ -139,9 +142,9 @@ impl Pkcs11RootKey {
 
     /// Creates the master key named by `config` in its token: AES-256,
     /// generated inside the token, private, sensitive, never extractable,
-    /// usable only to encrypt and decrypt, with a random `CKA_ID`. Refuses
-    /// if any object already has the label ([`Pkcs11Error::KeyExists`]).
-    /// Blocks. `keygate admin` calls this; [`connect`](Self::connect)
+    /// usable only to encrypt and decrypt, not modifiable, with a random
+    /// `CKA_ID`. Refuses if any object already has the label
+    /// ([`Pkcs11Error::KeyExists`]). Blocks. `keygate admin` calls this; [`connect`](Self::connect)
     /// afterwards.
     pub fn create_master_key(config: &Pkcs11Config) -> Result<MasterKeyInfo, Pkcs11Error> {
         config.validate()?;

@@ -17,6 +17,7 @@
 
 use std::fs;
 use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 
@@ -62,17 +63,32 @@ impl Module {
     }
 }
 
-/// Loads and initializes the module at `path`, or returns the module this
-/// process already has for that file.
+/// Loads and initializes the module at `path` (absolute, see
+/// `Pkcs11Config::validate`), or returns the module this process already
+/// has for that file. A file that group or others may write is refused.
 pub(super) fn load(path: &Path) -> Result<Arc<Module>, Pkcs11Error> {
     let canonical = fs::canonicalize(path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => Pkcs11Error::ModuleNotFound { path: path.to_owned() },
         _ => Pkcs11Error::ModuleLoad { path: path.to_owned(), detail: e.to_string() },
     })?;
-    if !canonical.is_file() {
+    let metadata = fs::metadata(&canonical)
+        .map_err(|e| Pkcs11Error::ModuleLoad { path: path.to_owned(), detail: e.to_string() })?;
+    if !metadata.is_file() {
         return Err(Pkcs11Error::ModuleLoad {
             path: path.to_owned(),
             detail: "not a regular file".to_owned(),
+        });
+    }
+    // Whoever can change the library runs code in this process.
+    let mode = metadata.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(Pkcs11Error::ModuleLoad {
+            path: path.to_owned(),
+            detail: format!(
+                "{} has mode {mode:04o}, which lets group or others change it; \
+                 run `chmod go-w` on it",
+                canonical.display()
+            ),
         });
     }
     let mut loaded = LOADED.lock().unwrap_or_else(PoisonError::into_inner);

@@ -2,7 +2,8 @@
 //! reused across calls, and the retry-once-on-a-fresh-session rule.
 //!
 //! A call takes an idle session (or opens one: find the token, open a
-//! read-only session, log in, find the key) and runs one operation on it.
+//! read-only session, log in, find the key and check it is fit to be the
+//! master key) and runs one operation on it.
 //! If the operation fails because the session, the login or the device went
 //! away ([`Pkcs11Error::wants_fresh_session`]), every idle session is
 //! dropped too (they share the fate), the module is re-initialized if it
@@ -145,15 +146,21 @@ impl Pool {
         result.map_err(|e| (e, generation))
     }
 
-    /// Opens a logged-in session and finds the key in it. Call with the
-    /// generation lock held.
-    pub(super) fn open(&self, generation: u64) -> Result<Live, Pkcs11Error> {
+    /// Opens a logged-in session, finds the key in it and checks the key
+    /// is fit to be the master key: the label is looked up again in every
+    /// new session, so a key put there since the last one (the old key
+    /// deleted, another created with its label) is checked too. Call with
+    /// the generation lock held.
+    fn open(&self, generation: u64) -> Result<Live, Pkcs11Error> {
         let context = self.module.context();
         let slot = module::find_token(context, &self.token)?;
         // Closed explicitly (`close_session`), never on drop: see the module docs.
         let session = context.open_ro_session_no_drop(slot)?;
-        let key =
-            self.login(&session).and_then(|()| key::find(&session, &self.token, &self.key_label));
+        let key = self.login(&session).and_then(|()| {
+            let key = key::find(&session, &self.token, &self.key_label)?;
+            key::check_suitable(&session, key, &self.token, &self.key_label)?;
+            Ok(key)
+        });
         match key {
             Ok(key) => Ok(Live { session, key, generation }),
             Err(e) => {
@@ -161,21 +168,6 @@ impl Pool {
                 Err(e)
             }
         }
-    }
-
-    /// Opens a session with the generation lock held, for setup checks.
-    pub(super) fn with_fresh<T>(
-        &self,
-        op: impl FnOnce(&Live) -> Result<T, Pkcs11Error>,
-    ) -> Result<T, Pkcs11Error> {
-        let guard = self.module.generation();
-        let live = self.open(*guard)?;
-        let result = op(&live);
-        match &result {
-            Ok(_) => self.put_back(live),
-            Err(_) => live.close(),
-        }
-        result
     }
 
     /// Runs `op` on a fresh read-write session logged in as the user (for

@@ -1,8 +1,9 @@
 //! Unit tests that need no token: error names and mapping, configuration,
-//! PIN sources, module loading failures. The provider against a real
-//! SoftHSM2 token is tested in `tests/tests/root_providers.rs` (SoftHSM2
-//! reads its configuration from the environment once per process, so its
-//! tests run in child processes there).
+//! PIN sources, module loading failures. Which keys may be the master key
+//! is tested against a real SoftHSM2 token in `token` (each test in a child
+//! process: SoftHSM2 reads its configuration from the environment once per
+//! process); the provider's contract and outage behaviour in
+//! `tests/tests/root_providers.rs`.
 
 use std::io::Write;
 
@@ -139,6 +140,8 @@ fn config_is_validated() {
         config.validate().is_err()
     };
     assert!(invalid(|c| c.module = PathBuf::new()));
+    assert!(invalid(|c| c.module = PathBuf::from("libsofthsm2.so")));
+    assert!(invalid(|c| c.module = PathBuf::from("./lib/libsofthsm2.so")));
     assert!(invalid(|c| c.token_label = " ".to_owned()));
     assert!(invalid(|c| c.token_label = "x".repeat(33)));
     assert!(invalid(|c| c.key_label = String::new()));
@@ -214,3 +217,46 @@ fn a_file_that_is_not_a_module_is_refused() {
     config.module = dir.path().to_owned();
     assert!(matches!(Pkcs11RootKey::connect(config), Err(Pkcs11Error::ModuleLoad { .. })));
 }
+
+#[test]
+fn a_relative_module_path_is_refused_before_anything_is_loaded() {
+    let mut config = config();
+    config.module = PathBuf::from("libsofthsm2.so");
+    let error = Pkcs11RootKey::connect(config).unwrap_err();
+    assert!(matches!(error, Pkcs11Error::InvalidConfig { .. }), "{error:?}");
+    let message = error.to_string();
+    assert!(message.contains("libsofthsm2.so") && message.contains("not absolute"), "{message}");
+}
+
+#[test]
+fn a_module_that_group_or_others_may_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let module = dir.path().join("libvendor.so");
+    std::fs::write(&module, b"not really a library").unwrap();
+    let link = dir.path().join("link.so");
+    std::os::unix::fs::symlink(&module, &link).unwrap();
+    for mode in [0o666, 0o664, 0o646, 0o620, 0o602, 0o777] {
+        std::fs::set_permissions(&module, std::fs::Permissions::from_mode(mode)).unwrap();
+        // Through a symbolic link too: the file itself is checked.
+        for path in [&module, &link] {
+            let mut config = config();
+            config.module = path.clone();
+            let error = Pkcs11RootKey::connect(config).unwrap_err();
+            let message = error.to_string();
+            assert!(matches!(error, Pkcs11Error::ModuleLoad { .. }), "{mode:o}: {message}");
+            assert!(message.contains(&format!("{mode:04o}")), "{message}");
+            assert!(message.contains("chmod go-w"), "{message}");
+        }
+    }
+    // Not writable by others: loading is tried (and fails: not a library).
+    std::fs::set_permissions(&module, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut config = config();
+    config.module = module;
+    let message = Pkcs11RootKey::connect(config).unwrap_err().to_string();
+    assert!(!message.contains("chmod"), "{message}");
+}
+
+mod softhsm2;
+mod token;

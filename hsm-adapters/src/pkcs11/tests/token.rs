@@ -1,0 +1,183 @@
+//! Tests against a real SoftHSM2 token: which keys may be the master key,
+//! on connecting and on every session opened later. (The provider's
+//! contract and outage behaviour are tested in `tests/tests/root_providers.rs`.)
+
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+use kms_core::{Key256, RootKeyError, RootKeyProvider};
+
+use super::softhsm2::Token;
+use super::*;
+use crate::readiness_context;
+
+/// The label of the master key the tests create.
+const MASTER: &str = "master";
+
+/// The template of a key fit to be the master key, labelled `label`, with
+/// `change` replacing the attribute of the same type (or added).
+fn template(label: &str, change: Option<Attribute>) -> Vec<Attribute> {
+    let mut template = vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Derive(false),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ];
+    if let Some(change) = change {
+        template.retain(|a| a.attribute_type() != change.attribute_type());
+        template.push(change);
+    }
+    template
+}
+
+/// Generates an AES-256 key in the token.
+fn generate(session: &Session, label: &str, change: Option<Attribute>) -> ObjectHandle {
+    let mut template = template(label, change);
+    template.push(Attribute::ValueLen(32.into()));
+    session.generate_key(&Mechanism::AesKeyGen, &template).unwrap()
+}
+
+/// The handle of the one secret key labelled `label`.
+fn find(session: &Session, label: &str) -> ObjectHandle {
+    let found = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])
+        .unwrap();
+    let [key] = found.as_slice() else { panic!("{} keys labelled {label}", found.len()) };
+    *key
+}
+
+/// Connects to the key labelled `label`; the reason it is unsuitable.
+fn refusal(token: &Token, label: &str) -> &'static str {
+    match Pkcs11RootKey::connect(token.config(label)) {
+        Err(Pkcs11Error::UnsuitableKey { reason, key, .. }) if key == label => reason,
+        Err(other) => panic!("{label}: {other}"),
+        Ok(_) => panic!("{label}: connected to an unsuitable key"),
+    }
+}
+
+#[test]
+fn created_master_key_is_accepted_and_cannot_be_modified() {
+    let Some(token) = Token::for_test(concat!(
+        module_path!(),
+        "::created_master_key_is_accepted_and_cannot_be_modified"
+    )) else {
+        return;
+    };
+    Pkcs11RootKey::create_master_key(&token.config(MASTER)).unwrap();
+    Pkcs11RootKey::connect(token.config(MASTER)).unwrap();
+    let session = token.user_session();
+    let key = find(&session, MASTER);
+    let attributes = session.get_attributes(key, &[AttributeType::Modifiable]).unwrap();
+    assert!(matches!(attributes.as_slice(), [Attribute::Modifiable(false)]), "{attributes:?}");
+    // Neither its label nor its usage can be changed.
+    for change in [Attribute::Label(b"other".to_vec()), Attribute::Derive(true)] {
+        let result = session.update_attributes(key, std::slice::from_ref(&change));
+        assert!(result.is_err(), "{change:?} was changed");
+    }
+    Pkcs11RootKey::connect(token.config(MASTER)).unwrap();
+}
+
+#[test]
+fn unfit_keys_are_refused_naming_the_attribute() {
+    let Some(token) =
+        Token::for_test(concat!(module_path!(), "::unfit_keys_are_refused_naming_the_attribute"))
+    else {
+        return;
+    };
+    // Kept open: a session object lives as long as the session that made it.
+    let session = token.user_session();
+    // The base template makes a fit key, so each refusal below is caused
+    // by the one attribute that differs.
+    generate(&session, "fit", None);
+    Pkcs11RootKey::connect(token.config("fit")).unwrap();
+
+    let changed = [
+        ("not-private", Attribute::Private(false), "CKA_PRIVATE"),
+        ("derives", Attribute::Derive(true), "CKA_DERIVE"),
+        ("session-object", Attribute::Token(false), "CKA_TOKEN"),
+        ("extractable", Attribute::Extractable(true), "CKA_EXTRACTABLE"),
+        ("not-sensitive", Attribute::Sensitive(false), "CKA_SENSITIVE"),
+        ("no-encrypt", Attribute::Encrypt(false), "CKA_ENCRYPT"),
+    ];
+    for (label, change, attribute) in changed {
+        generate(&session, label, Some(change));
+        let reason = refusal(&token, label);
+        assert!(reason.contains(attribute), "{label}: {reason}");
+    }
+
+    // Imported in plaintext: its value was known outside the token.
+    let mut imported = template("imported", None);
+    imported.push(Attribute::Value(vec![0x42; 32]));
+    session.create_object(&imported).unwrap();
+    let reason = refusal(&token, "imported");
+    assert!(reason.contains("CKA_ALWAYS_SENSITIVE"), "{reason}");
+
+    // Made sensitive, or not extractable, only after it was made.
+    for (label, before, after, attribute) in [
+        (
+            "was-readable",
+            Attribute::Sensitive(false),
+            Attribute::Sensitive(true),
+            "CKA_ALWAYS_SENSITIVE",
+        ),
+        (
+            "was-extractable",
+            Attribute::Extractable(true),
+            Attribute::Extractable(false),
+            "CKA_NEVER_EXTRACTABLE",
+        ),
+    ] {
+        let key = generate(&session, label, Some(before));
+        session.update_attributes(key, &[after]).unwrap();
+        let reason = refusal(&token, label);
+        assert!(reason.contains(attribute), "{label}: {reason}");
+    }
+
+    // The message names the key, the token and the attribute.
+    let error = Pkcs11RootKey::connect(token.config("not-private")).unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains("\"not-private\"") && message.contains("CKA_PRIVATE"), "{message}");
+    assert!(matches!(RootKeyError::from(error), RootKeyError::Misconfigured { .. }));
+}
+
+/// A key deleted and replaced under the same label by one that could
+/// leave the token is refused on the next session the provider opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_swapped_in_under_the_label_is_refused() {
+    let Some(token) =
+        Token::for_test(concat!(module_path!(), "::a_key_swapped_in_under_the_label_is_refused"))
+    else {
+        return;
+    };
+    Pkcs11RootKey::create_master_key(&token.config(MASTER)).unwrap();
+    let mut config = token.config(MASTER);
+    config.pool_size = 1;
+    let provider = Pkcs11RootKey::connect(config).unwrap();
+    let context = readiness_context();
+    let key = Key256::generate().unwrap();
+    let blob = provider.wrap(&key, &context).await.unwrap();
+    provider.unwrap(&blob, &context).await.unwrap();
+
+    let session = token.user_session();
+    session.destroy_object(find(&session, MASTER)).unwrap();
+    generate(&session, MASTER, Some(Attribute::Extractable(true)));
+    drop(session);
+
+    // The pooled session's key handle is gone, so the call is retried on a
+    // fresh session, which finds the new key and refuses it.
+    let error = provider.wrap(&key, &context).await.unwrap_err();
+    let RootKeyError::Misconfigured { detail, .. } = &error else { panic!("{error:?}") };
+    assert!(detail.contains("CKA_EXTRACTABLE"), "{detail}");
+    // And it keeps being refused.
+    let error = provider.wrap(&key, &context).await.unwrap_err();
+    assert!(matches!(error, RootKeyError::Misconfigured { .. }), "{error:?}");
+}
