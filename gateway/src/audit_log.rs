@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::http::StatusCode;
-use kms_core::audit::{AuditChain, AuditEvent, AuditSigner, HASH_LEN, Outcome};
+use kms_core::audit::{AuditChain, AuditEvent, AuditSigner, ChainVerifier, HASH_LEN, Outcome};
 use kms_core::store::{AuditSigningKeyRecord, KeyStore};
 use kms_core::{KeyHierarchy, TenantId};
 use tokio::sync::{mpsc, oneshot};
@@ -27,6 +27,12 @@ use crate::metrics::Metrics;
 
 /// Most events sealed into one commit.
 const MAX_EVENTS_PER_COMMIT: usize = 20_000;
+
+/// Events read at a time when checking the chain's tail at start-up.
+const TAIL_PAGE: u32 = 1_000;
+
+/// The actor of the writer's own events.
+const WRITER: &str = "keygate:audit";
 
 /// The audit log could not start.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +74,12 @@ pub struct AuditLog {
 impl AuditLog {
     /// Loads (or creates, wrapped by the active master key) the instance's
     /// signing key, resumes its chain and starts the writer task.
+    ///
+    /// The events after the last checkpoint must link to it (else start-up
+    /// fails: events were changed or deleted). If there are any (a crash
+    /// left them unsigned, or someone wrote them), the first event recorded
+    /// is `audit.resume`, naming them: the next checkpoint covers them, and
+    /// says so.
     pub async fn start(
         hierarchy: &KeyHierarchy,
         instance: &str,
@@ -79,6 +91,7 @@ impl AuditLog {
         let last = store.last_audit_row(instance).await?;
         let chain = AuditChain::resume(instance, last.as_ref())
             .map_err(|e| AuditStartError::Chain(e.to_string()))?;
+        let unsigned = check_tail(store.as_ref(), instance, &signer, chain.head()).await?;
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let shared = Arc::new(Shared {
             healthy: AtomicBool::new(true),
@@ -99,7 +112,25 @@ impl AuditLog {
             halted: false,
         };
         let task = tokio::spawn(writer.run());
-        Ok((Self { tx, shared, instance: instance.into() }, task))
+        let log = Self { tx, shared, instance: instance.into() };
+        if let Some((from, to)) = unsigned {
+            tracing::warn!(
+                instance,
+                from,
+                to,
+                "audit events after the last checkpoint were found unsigned; recording that"
+            );
+            let event = AuditEvent::new(now_ms(), WRITER, "audit.resume", Outcome::Ok)
+                .with_detail("unsigned_from", from)
+                .with_detail("unsigned_to", to);
+            log.record(vec![event]).await.map_err(|_| {
+                AuditStartError::Chain(format!(
+                    "could not record that events {from} to {to} were found unsigned: {}",
+                    log.last_error().unwrap_or_default()
+                ))
+            })?;
+        }
+        Ok((log, task))
     }
 
     /// This instance's chain name.
@@ -204,6 +235,50 @@ pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Checks, under this instance's own key, that the events after its last
+/// checkpoint link to it and end at `head`; returns the range of those
+/// events (no signature covers them yet), if there are any.
+async fn check_tail(
+    store: &dyn KeyStore,
+    instance: &str,
+    signer: &AuditSigner,
+    head: (i64, [u8; HASH_LEN]),
+) -> Result<Option<(i64, i64)>, AuditStartError> {
+    let broken = |what: String| {
+        AuditStartError::Chain(format!(
+            "instance {instance}: {what}; see `keygate admin audit verify` before starting again"
+        ))
+    };
+    let mut verifier = match store.last_audit_checkpoint(instance).await? {
+        Some(checkpoint) if checkpoint.seq > head.0 => {
+            return Err(broken(format!(
+                "the last checkpoint signs event {} but the chain ends at event {}: signed \
+                 events were deleted",
+                checkpoint.seq, head.0
+            )));
+        }
+        Some(checkpoint) => ChainVerifier::from_checkpoint(signer.verifying_key(), &checkpoint)
+            .map_err(|e| broken(e.to_string()))?,
+        None => ChainVerifier::new(instance, signer.verifying_key()),
+    };
+    let signed = verifier.head().0;
+    while verifier.head().0 < head.0 {
+        let rows = store.audit_rows(instance, verifier.head().0, TAIL_PAGE).await?;
+        if rows.is_empty() {
+            break;
+        }
+        verifier.push_rows(&rows).map_err(|e| broken(e.to_string()))?;
+    }
+    if verifier.head() != head {
+        return Err(broken(format!(
+            "the events after the last checkpoint (event {signed}) do not end at the chain's \
+             head (event {}): another writer uses this instance name, or events were changed",
+            head.0
+        )));
+    }
+    Ok((head.0 > signed).then_some((signed + 1, head.0)))
 }
 
 async fn load_signer(
@@ -426,12 +501,12 @@ impl Writer {
             self.unconfirmed.clear();
             return;
         }
-        if self.unconfirmed.contains(&stored) {
-            if let Ok(chain) = AuditChain::resume(&instance, last.as_ref()) {
-                self.chain = chain;
-                self.unconfirmed.clear();
-                return;
-            }
+        if self.unconfirmed.contains(&stored)
+            && let Ok(chain) = AuditChain::resume(&instance, last.as_ref())
+        {
+            self.chain = chain;
+            self.unconfirmed.clear();
+            return;
         }
         self.halted = true;
         let error = format!(

@@ -474,6 +474,70 @@ async fn the_writer_stops_at_events_it_did_not_write() {
     .unwrap();
     assert_eq!(head, forged, "nothing was chained onto the forged event");
     assert!(signed.unwrap() < forged, "no checkpoint signs the forged event");
+
+    // Restarted, it takes the chain as it is, and says in it which events
+    // no signature covered when it came up.
+    let mut ks = ks;
+    ks.restart();
+    let resume = resumes(&ks).await;
+    assert_eq!(resume.len(), 1, "{resume:?}");
+    assert_eq!(resume[0]["detail"]["unsigned_to"], forged);
+    assert!(resume[0]["detail"]["unsigned_from"].as_i64().unwrap() <= forged);
+    let (status, _) = ks.post(ENC, "/v1/tenants/onc/datakeys", &json!({"count": 1})).await;
+    assert_eq!(status, 200);
+    assert_eq!(verify(&ks).await["ok"], true);
+}
+
+/// The `audit.resume` events in the export.
+async fn resumes(ks: &KeyService) -> Vec<Value> {
+    let (status, export) = ks.get(AUDITOR, "/v1/audit").await;
+    assert_eq!(status, 200);
+    export
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["action"] == "audit.resume")
+        .collect()
+}
+
+/// After a crash, the events its last checkpoint did not reach are named
+/// at start-up; a clean stop leaves none. Signed events deleted stop
+/// start-up.
+#[tokio::test(flavor = "multi_thread")]
+async fn start_up_names_an_unsigned_tail_and_refuses_a_cut_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ks = KeyService::start(dir.path(), "");
+    traffic(&ks).await;
+    // The interval checkpoint came during the wait; these two commits,
+    // made at once, are not signed before the process dies.
+    for _ in 0..2 {
+        let (status, _) = ks.post(ENC, "/v1/tenants/onc/datakeys", &json!({"count": 1})).await;
+        assert_eq!(status, 200);
+    }
+    ks.kill();
+    ks.resume();
+    let resume = resumes(&ks).await;
+    assert_eq!(resume.len(), 1, "{resume:?}");
+    let (from, to) = (&resume[0]["detail"]["unsigned_from"], &resume[0]["detail"]["unsigned_to"]);
+    let unsigned = to.as_i64().unwrap() - from.as_i64().unwrap() + 1;
+    assert!((1..=2).contains(&unsigned), "{resume:?}");
+    assert_eq!(verify(&ks).await["ok"], true);
+    ks.restart();
+    assert_eq!(resumes(&ks).await.len(), 1, "a clean stop signs its head");
+
+    ks.stop();
+    let mut conn = db(&ks).await;
+    sqlx::query(
+        "DELETE FROM audit_events WHERE seq > (SELECT MAX(seq) FROM audit_checkpoints) - 3",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    drop(conn);
+    let config = dir.path().join("keygate.toml");
+    let args = [std::ffi::OsStr::new("server"), "--config".as_ref(), config.as_os_str()];
+    let (ok, stderr) = keygate_tests::keyservice::run_to_exit(&args, &[]);
+    assert!(!ok, "started on a cut chain: {stderr}");
+    assert!(stderr.contains("signed events were deleted"), "{stderr}");
 }
 
 /// A chain whose signing key row is gone is not signed with a new key:

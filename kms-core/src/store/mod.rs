@@ -408,6 +408,12 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug {
         limit: u32,
     ) -> Result<Vec<CheckpointRow>, StoreError>;
 
+    /// The checkpoint with the highest sequence number of one instance.
+    async fn last_audit_checkpoint(
+        &self,
+        instance: &str,
+    ) -> Result<Option<CheckpointRow>, StoreError>;
+
     /// Every instance that has audit events, checkpoints or a signing key,
     /// sorted.
     async fn audit_instances(&self) -> Result<Vec<String>, StoreError>;

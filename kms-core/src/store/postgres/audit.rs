@@ -149,6 +149,23 @@ pub(super) async fn checkpoints(
     .collect()
 }
 
+pub(super) async fn last_checkpoint(
+    pool: &PgPool,
+    instance: &str,
+) -> Result<Option<CheckpointRow>, StoreError> {
+    sqlx::query(
+        "SELECT instance, seq, hash, signature, ts_ms FROM audit_checkpoints
+         WHERE instance = $1 ORDER BY seq DESC LIMIT 1",
+    )
+    .bind(instance)
+    .fetch_optional(pool)
+    .await
+    .map_err(unavailable)?
+    .as_ref()
+    .map(rows::checkpoint_row)
+    .transpose()
+}
+
 pub(super) async fn instances(pool: &PgPool) -> Result<Vec<String>, StoreError> {
     // The recursive walk visits each distinct instance of the (possibly
     // huge) event table through its primary key instead of scanning it.

@@ -346,6 +346,13 @@ impl KeyStore for PostgresStore {
         audit::checkpoints(&self.pool, instance, after_seq, limit).await
     }
 
+    async fn last_audit_checkpoint(
+        &self,
+        instance: &str,
+    ) -> Result<Option<CheckpointRow>, StoreError> {
+        audit::last_checkpoint(&self.pool, instance).await
+    }
+
     async fn audit_instances(&self) -> Result<Vec<String>, StoreError> {
         audit::instances(&self.pool).await
     }

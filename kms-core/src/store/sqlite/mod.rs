@@ -622,6 +622,23 @@ impl KeyStore for SqliteStore {
         .collect()
     }
 
+    async fn last_audit_checkpoint(
+        &self,
+        instance: &str,
+    ) -> Result<Option<CheckpointRow>, StoreError> {
+        sqlx::query(
+            "SELECT instance, seq, hash, signature, ts_ms FROM audit_checkpoints
+             WHERE instance = ? ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(instance)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?
+        .as_ref()
+        .map(rows::checkpoint_row)
+        .transpose()
+    }
+
     async fn audit_instances(&self) -> Result<Vec<String>, StoreError> {
         // The recursive walk visits each distinct instance of the (possibly
         // huge) event table through its primary key instead of scanning it.
