@@ -209,3 +209,33 @@ mod tests {
         assert_eq!(permits.available_permits(), 3);
     }
 }
+
+/// The actions a sidecar reports: the sidecar writes them and the key
+/// service's ingest reads them, so both use this one spelling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub(crate) enum ReportedAction {
+    /// Records encrypted.
+    #[serde(rename = "record.encrypt")]
+    RecordEncrypt,
+    /// Records decrypted.
+    #[serde(rename = "record.decrypt")]
+    RecordDecrypt,
+    /// Search tokens made of values the app sent.
+    #[serde(rename = "field.index")]
+    FieldIndex,
+    /// Pseudonyms made of values the app sent.
+    #[serde(rename = "field.pseudonym")]
+    FieldPseudonym,
+}
+
+impl ReportedAction {
+    /// The audit event's action.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::RecordEncrypt => "record.encrypt",
+            Self::RecordDecrypt => "record.decrypt",
+            Self::FieldIndex => "field.index",
+            Self::FieldPseudonym => "field.pseudonym",
+        }
+    }
+}

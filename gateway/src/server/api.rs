@@ -6,7 +6,7 @@ use kms_core::audit::{Anchor, HASH_LEN};
 use kms_core::store::{Approval, KekRecord, TenantRecord, VersionUsage};
 use kms_core::{KekVersion, Name, RecordKeyId, TenantId, WrappedDek};
 
-pub(crate) use crate::wire::SecretB64;
+pub(crate) use crate::wire::{ReportedAction, SecretB64};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -276,35 +276,6 @@ pub(crate) struct ReportedEvent {
     pub(crate) fields: serde_json::Map<String, serde_json::Value>,
     /// When it happened at the sidecar (unix ms).
     pub(crate) ts_ms: i64,
-}
-
-/// The actions a sidecar reports.
-#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
-pub(crate) enum ReportedAction {
-    /// Records encrypted.
-    #[serde(rename = "record.encrypt")]
-    RecordEncrypt,
-    /// Records decrypted.
-    #[serde(rename = "record.decrypt")]
-    RecordDecrypt,
-    /// Search tokens made of values the app sent.
-    #[serde(rename = "field.index")]
-    FieldIndex,
-    /// Pseudonyms made of values the app sent.
-    #[serde(rename = "field.pseudonym")]
-    FieldPseudonym,
-}
-
-impl ReportedAction {
-    /// The audit event's action.
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Self::RecordEncrypt => "record.encrypt",
-            Self::RecordDecrypt => "record.decrypt",
-            Self::FieldIndex => "field.index",
-            Self::FieldPseudonym => "field.pseudonym",
-        }
-    }
 }
 
 /// `GET /v1/audit` query.

@@ -71,7 +71,6 @@ pub(super) async fn decrypt(
     let req: DecryptRequest<'_> = body.parse()?;
     let (records, single) = s.records(req.record, req.records, &body)?;
     let grants = s.keyring.grants().await.map_err(ks_error)?;
-    s.reporter.check()?;
     let parsed: Vec<EncryptedText<'_>> =
         records.into_iter().map(EncryptedText::parse).collect::<Result<_, _>>()?;
     for record in &parsed {
@@ -81,8 +80,8 @@ pub(super) async fn decrypt(
                 "this sidecar's identity may not decrypt for tenant {tenant}"
             )));
         }
-        s.reporter.check_tenant(tenant)?;
     }
+    s.reporter.check(parsed.iter().map(|record| record.header().tenant()))?;
     let deks = deks(&s, &parsed, req.purpose.as_ref()).await?;
 
     let purpose = req.purpose.as_ref().map(|p| p.as_str());

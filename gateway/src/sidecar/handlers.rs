@@ -106,8 +106,7 @@ pub(super) async fn encrypt(State(s): Shared, body: ApiBody) -> Result<SecretJso
     for record in &records {
         check_encryptable(record)?;
     }
-    s.reporter.check()?;
-    s.reporter.check_tenant(&req.tenant)?;
+    s.reporter.check([&req.tenant])?;
     let keys = s
         .keyring
         .schema_keys(&req.tenant, &schema)
@@ -268,8 +267,7 @@ pub(super) async fn index(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&s, &req.tenant, &[Role::Encryptor, Role::Decryptor]).await?;
     let schema = s.schema(req.schema.as_str(), req.schema_version)?.clone();
-    s.reporter.check()?;
-    s.reporter.check_tenant(&req.tenant)?;
+    s.reporter.check([&req.tenant])?;
     let keys = s
         .keyring
         .schema_keys(&req.tenant, &schema)
@@ -303,8 +301,7 @@ pub(super) async fn pseudonymize(
     ApiJson(req): ApiJson<PseudonymRequest>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&s, &req.tenant, &[Role::Encryptor, Role::Decryptor]).await?;
-    s.reporter.check()?;
-    s.reporter.check_tenant(&req.tenant)?;
+    s.reporter.check([&req.tenant])?;
     let key = s
         .keyring
         .namespace_key(&req.tenant, &req.namespace)

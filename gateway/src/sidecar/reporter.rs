@@ -43,6 +43,7 @@ use super::config::ReportConfig;
 use super::ks_client::{KeyServiceClient, KsError};
 use crate::audit_log::now_ms;
 use crate::error::ApiError;
+use crate::wire::ReportedAction;
 
 /// What happened to the records of one event, apart from which records
 /// and when: accesses with equal `Access` (and tenant and KEK version)
@@ -406,8 +407,13 @@ impl Reporter {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether events can be accepted now (checked before plaintext leaves).
-    pub(super) fn check(&self) -> Result<(), ApiError> {
+    /// Whether events of `tenants` can be accepted now (checked before
+    /// plaintext leaves): not while events wait too long or too many, nor
+    /// for a tenant while the key service refuses one of its events.
+    pub(super) fn check<'a>(
+        &self,
+        tenants: impl IntoIterator<Item = &'a TenantId>,
+    ) -> Result<(), ApiError> {
         let buffer = self.buffer();
         let overdue = buffer
             .oldest()
@@ -418,25 +424,21 @@ impl Reporter {
                 "field-level audit events cannot be delivered to the key service",
             ));
         }
-        Ok(())
-    }
-
-    /// Whether events of `tenant` can be accepted now: not while the key
-    /// service refuses one of its events.
-    pub(super) fn check_tenant(&self, tenant: &TenantId) -> Result<(), ApiError> {
         if !self.any_held.load(Ordering::Acquire) {
             return Ok(());
         }
-        match self.buffer().refused_code(tenant) {
-            None => Ok(()),
-            Some(code) => Err(ApiError::unavailable(
-                "audit_unavailable",
-                format!(
-                    "the key service refuses this sidecar's audit events of tenant {tenant} \
-                     ({code})"
-                ),
-            )),
+        for tenant in tenants {
+            if let Some(code) = buffer.refused_code(tenant) {
+                return Err(ApiError::unavailable(
+                    "audit_unavailable",
+                    format!(
+                        "the key service refuses this sidecar's audit events of tenant {tenant} \
+                         ({code})"
+                    ),
+                ));
+            }
         }
+        Ok(())
     }
 
     /// Buffers events, stamped now (call [`Reporter::check`] first).
@@ -647,12 +649,12 @@ struct WireEvent<'a> {
 }
 
 impl Pending {
-    fn action(&self) -> &'static str {
+    fn action(&self) -> ReportedAction {
         match self.event.access {
-            Access::Encrypt { .. } => "record.encrypt",
-            Access::Decrypt { .. } => "record.decrypt",
-            Access::Index { .. } => "field.index",
-            Access::Pseudonym { .. } => "field.pseudonym",
+            Access::Encrypt { .. } => ReportedAction::RecordEncrypt,
+            Access::Decrypt { .. } => ReportedAction::RecordDecrypt,
+            Access::Index { .. } => ReportedAction::FieldIndex,
+            Access::Pseudonym { .. } => ReportedAction::FieldPseudonym,
         }
     }
 }
@@ -667,7 +669,7 @@ impl Serialize for WireEvent<'_> {
         };
         let mut map = serializer.serialize_map(None)?;
         map.serialize_entry("actor", self.actor)?;
-        map.serialize_entry("action", action)?;
+        map.serialize_entry("action", &action)?;
         map.serialize_entry("tenant", &p.event.tenant)?;
         if let Some(version) = p.event.kek_version {
             map.serialize_entry("kek_version", &version)?;
