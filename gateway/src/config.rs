@@ -307,9 +307,27 @@ pub struct Limits {
     pub handshake_timeout_secs: u64,
     /// Most plaintext DEKs (issued or unwrapped) in responses being made
     /// or not yet sent. Requests beyond it wait their turn, first come
-    /// first served: the key service's memory stays bounded whatever the
-    /// clients' concurrency. A single request for more runs alone.
+    /// first served (for `keys_wait_ms` at most): the key service's memory
+    /// stays bounded whatever the clients' concurrency. A single request
+    /// for more runs alone.
     pub max_keys_in_flight: usize,
+    /// Most of those one client identity may hold at once (a single
+    /// request for more still runs, alone among its identity's); absent:
+    /// half of `max_keys_in_flight`. Leaves room for other identities when
+    /// one identity's clients stop reading their answers.
+    pub max_keys_in_flight_per_identity: Option<usize>,
+    /// How long an issue or unwrap request waits for room for its keys
+    /// (under the pool or its identity's share) before 503 `busy` with
+    /// `Retry-After`, in milliseconds; shorter than `request_timeout_secs`.
+    pub keys_wait_ms: u64,
+    /// How long a client has to take an answer carrying keys once it is
+    /// ready, in seconds; a client that has not read it by then has its
+    /// connection closed, and the room the keys took is free again.
+    pub keys_send_timeout_secs: u64,
+    /// Most connections open at once on each listener (the mutual-TLS API
+    /// and `ops_listen`), counted from before the TLS handshake; a
+    /// connection over it is closed as soon as it is accepted.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -320,7 +338,46 @@ impl Default for Limits {
             request_timeout_secs: 30,
             handshake_timeout_secs: 10,
             max_keys_in_flight: 16_384,
+            max_keys_in_flight_per_identity: None,
+            keys_wait_ms: 5_000,
+            keys_send_timeout_secs: 30,
+            max_connections: 4_096,
         }
+    }
+}
+
+impl Limits {
+    /// The size of the pool of keys in flight (at least 1).
+    pub fn keys_in_flight(&self) -> usize {
+        self.max_keys_in_flight.clamp(1, tokio::sync::Semaphore::MAX_PERMITS)
+    }
+
+    /// The most keys in flight one identity may hold: as configured, or
+    /// half the pool (at least 1, at most the pool).
+    pub fn keys_in_flight_per_identity(&self) -> usize {
+        let pool = self.keys_in_flight();
+        self.max_keys_in_flight_per_identity.unwrap_or(pool / 2).clamp(1, pool)
+    }
+
+    /// Refuses settings that would disable a limit by mistake.
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.max_connections == 0 {
+            return Err(ConfigError::new("limits.max_connections must be at least 1"));
+        }
+        if self.max_keys_in_flight_per_identity == Some(0) {
+            return Err(ConfigError::new(
+                "limits.max_keys_in_flight_per_identity must be at least 1",
+            ));
+        }
+        if Duration::from_millis(self.keys_wait_ms)
+            >= Duration::from_secs(self.request_timeout_secs)
+        {
+            return Err(ConfigError::new(
+                "limits.keys_wait_ms must be shorter than limits.request_timeout_secs, so that \
+                 a request waiting for room is answered 503 busy rather than timed out",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -557,6 +614,7 @@ impl ServerConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         check_durations(config.durations())?;
+        config.limits.check()?;
         config.trusted_masters.check_keys()?;
         Ok(config)
     }
@@ -571,6 +629,11 @@ impl ServerConfig {
             (
                 "limits.handshake_timeout_secs",
                 Duration::from_secs(self.limits.handshake_timeout_secs),
+            ),
+            ("limits.keys_wait_ms", Duration::from_millis(self.limits.keys_wait_ms)),
+            (
+                "limits.keys_send_timeout_secs",
+                Duration::from_secs(self.limits.keys_send_timeout_secs),
             ),
             ("keys.kek_ttl_secs", Duration::from_secs(self.keys.kek_ttl_secs)),
             (

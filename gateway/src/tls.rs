@@ -143,22 +143,118 @@ pub fn build_server_config(paths: &TlsConfig) -> Result<Arc<ServerConfig>, TlsEr
     Ok(Arc::new(config))
 }
 
-/// The identity of a verified client: its certificate's first URI SAN
-/// (e.g. `spiffe://prod/ns/onc/sa/api`), else its first DNS SAN.
+/// The identity of a verified client: its certificate's URI SAN (e.g.
+/// `spiffe://prod/ns/onc/sa/api`), else its first DNS SAN, lowercased.
+/// `None` if it names neither, or none that can be trusted as one:
+/// - more than one URI SAN (which one is the caller would be a guess);
+/// - a DNS SAN (with no URI SAN) that is not a host name: only ASCII
+///   letters, digits, `.` and `-` are taken, so a DNS SAN can never
+///   spell a URI identity (`spiffe://…`), a pattern (`*`) or a path.
 pub fn identity_of(chain: Option<&[CertificateDer<'_>]>) -> Option<String> {
     let leaf = chain?.first()?;
     let (_, cert) = X509Certificate::from_der(leaf.as_ref()).ok()?;
     let san = cert.subject_alternative_name().ok()??;
     let names = &san.value.general_names;
-    let uri = names.iter().find_map(|n| match n {
-        GeneralName::URI(uri) => Some((*uri).to_owned()),
+    let mut uris = names.iter().filter_map(|n| match n {
+        GeneralName::URI(uri) => Some(*uri),
         _ => None,
     });
-    uri.or_else(|| {
-        names.iter().find_map(|n| match n {
-            // DNS names are case-insensitive; policy matching is exact.
-            GeneralName::DNSName(dns) => Some(dns.to_ascii_lowercase()),
-            _ => None,
+    match (uris.next(), uris.next()) {
+        (Some(uri), None) => return Some(uri.to_owned()),
+        (Some(_), Some(_)) => {
+            tracing::info!("client certificate refused as an identity: more than one URI SAN");
+            return None;
+        }
+        (None, _) => {}
+    }
+    let dns = names.iter().find_map(|n| match n {
+        GeneralName::DNSName(dns) => Some(*dns),
+        _ => None,
+    })?;
+    // DNS names are case-insensitive; policy matching is exact.
+    let dns = dns.to_ascii_lowercase();
+    if is_host_name(&dns) {
+        Some(dns)
+    } else {
+        tracing::info!("client certificate refused as an identity: its DNS SAN is no host name");
+        None
+    }
+}
+
+/// Whether `name` (lowercase) is a host name: dot-separated labels of
+/// `a-z`, `0-9` and `-`, each 1 to 63 long and not starting or ending with
+/// `-`, 253 bytes at most.
+fn is_host_name(name: &str) -> bool {
+    (1..=253).contains(&name.len())
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         })
-    })
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{CertificateParams, KeyPair, SanType};
+
+    use super::*;
+
+    /// The identity of a (self-signed) certificate with these SANs.
+    fn identity(sans: Vec<SanType>) -> Option<String> {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = sans;
+        let cert = params.self_signed(&KeyPair::generate().unwrap()).unwrap();
+        let chain = [cert.der().clone()];
+        identity_of(Some(chain.as_slice()))
+    }
+
+    fn uri(text: &str) -> SanType {
+        SanType::URI(text.try_into().unwrap())
+    }
+
+    fn dns(text: &str) -> SanType {
+        SanType::DnsName(text.try_into().unwrap())
+    }
+
+    #[test]
+    fn the_uri_san_else_the_dns_san_is_the_identity() {
+        let api = "spiffe://prod/ns/onc/sa/api";
+        assert_eq!(identity(vec![uri(api)]).as_deref(), Some(api));
+        assert_eq!(identity(vec![dns("api.onc.svc"), uri(api)]).as_deref(), Some(api));
+        assert_eq!(identity(vec![dns("API.Onc.svc")]).as_deref(), Some("api.onc.svc"));
+        assert_eq!(
+            identity(vec![dns("a.example"), dns("b.example")]).as_deref(),
+            Some("a.example")
+        );
+        assert_eq!(identity(vec![]), None);
+        assert_eq!(identity_of(None), None);
+    }
+
+    #[test]
+    fn more_than_one_uri_san_names_no_identity() {
+        let two = vec![uri("spiffe://prod/ns/onc/sa/api"), uri("spiffe://prod/ns/onc/sa/admin")];
+        assert_eq!(identity(two), None);
+        let same_twice = vec![uri("spiffe://prod/a"), uri("spiffe://prod/a"), dns("a.example")];
+        assert_eq!(identity(same_twice), None, "nor does the DNS SAN take over");
+    }
+
+    #[test]
+    fn a_dns_san_that_is_no_host_name_names_no_identity() {
+        for bad in [
+            "spiffe://prod/ns/onc/sa/admin",
+            "spiffe:admin",
+            "*.example",
+            "a/b",
+            "a_b.example",
+            "-a.example",
+            "a..example",
+            ".",
+            "a b",
+        ] {
+            assert_eq!(identity(vec![dns(bad)]), None, "{bad}");
+        }
+        assert!(is_host_name("keygate-1.prod.svc.cluster.local"));
+        assert!(!is_host_name(&"a".repeat(64)));
+    }
 }

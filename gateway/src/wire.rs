@@ -7,7 +7,6 @@ use data_encoding::BASE64URL_NOPAD;
 use kms_core::fixed_text;
 use kms_core::{Key256, SecretBuf};
 use serde::{Deserialize, Serialize};
-use tokio::sync::OwnedSemaphorePermit;
 use zeroize::Zeroizing;
 
 /// A 256-bit secret carried as base64url in a JSON body. Serializing and
@@ -59,18 +58,23 @@ pub fn key_b64<S: serde::Serializer>(key: &&Key256, s: S) -> Result<S::Ok, S::Er
 pub struct SecretJson<T> {
     value: T,
     size_hint: usize,
-    permit: Option<OwnedSemaphorePermit>,
+    held: Option<Held>,
 }
+
+/// What a secret body keeps until it has been sent (or dropped unsent):
+/// the key service's room for the keys it carries.
+type Held = Box<dyn Send>;
 
 impl<T: Serialize> SecretJson<T> {
     /// `value`, expected to serialize to about `size_hint` bytes.
     pub fn new(value: T, size_hint: usize) -> Self {
-        Self { value, size_hint, permit: None }
+        Self { value, size_hint, held: None }
     }
 
-    /// Keeps `permit` until the body has been sent (or dropped unsent).
-    pub fn holding(mut self, permit: OwnedSemaphorePermit) -> Self {
-        self.permit = Some(permit);
+    /// Keeps `held` (a semaphore permit, say) until the body has been
+    /// sent (or dropped unsent).
+    pub fn holding(mut self, held: impl Send + 'static) -> Self {
+        self.held = Some(Box::new(held));
         self
     }
 }
@@ -82,7 +86,7 @@ pub struct SecretJsonText(pub SecretBuf);
 
 impl IntoResponse for SecretJsonText {
     fn into_response(self) -> Response {
-        SecretBody { bytes: self.0, content_type: JSON, _permit: None }.into_response()
+        SecretBody { bytes: self.0, content_type: JSON, _held: None }.into_response()
     }
 }
 
@@ -93,13 +97,14 @@ pub struct SecretBytes {
 }
 
 impl SecretBytes {
-    /// `bytes` sent as `content_type`, holding `permit` until dropped.
+    /// `bytes` sent as `content_type`, holding `held` until dropped.
     pub fn new(
         bytes: SecretBuf,
         content_type: &'static str,
-        permit: Option<OwnedSemaphorePermit>,
+        held: Option<impl Send + 'static>,
     ) -> Self {
-        Self { body: SecretBody { bytes, content_type, _permit: permit } }
+        let held = held.map(|held| Box::new(held) as Held);
+        Self { body: SecretBody { bytes, content_type, _held: held } }
     }
 }
 
@@ -116,7 +121,7 @@ const JSON: &str = "application/json";
 struct SecretBody {
     bytes: SecretBuf,
     content_type: &'static str,
-    _permit: Option<OwnedSemaphorePermit>,
+    _held: Option<Held>,
 }
 
 impl AsRef<[u8]> for SecretBody {
@@ -138,7 +143,7 @@ impl<T: Serialize> IntoResponse for SecretJson<T> {
         let mut buf = SecretBuf::with_capacity(self.size_hint);
         match serde_json::to_writer(&mut buf, &self.value) {
             Ok(()) => {
-                SecretBody { bytes: buf, content_type: JSON, _permit: self.permit }.into_response()
+                SecretBody { bytes: buf, content_type: JSON, _held: self.held }.into_response()
             }
             // Only a failing `Serialize` impl gets here; the error text is
             // serde's, which never includes the values.

@@ -8,7 +8,14 @@
 //! is read on to its end and thrown away, within the same deadline and if
 //! it is at most [`DRAIN_LIMIT`] bytes over the limit, before the 413 goes
 //! out. HTTP/2 needs none of this: the stream is reset on its own and the
-//! connection carries on.
+//! connection carries on. A request refused before its body is read at
+//! all (rate limited, no identity) has it drained the same way
+//! ([`refuse_unread`]), within the body limit.
+//!
+//! A declared length is a claim, not bytes: the buffer a body is read into
+//! starts at [`FIRST_RESERVATION`] at most and grows as the bytes arrive,
+//! so a client that declares the limit and then trickles costs what it
+//! sent, not the limit.
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Version, header};
@@ -21,6 +28,9 @@ use tokio::time::{Instant, timeout_at};
 /// client may see a reset instead; the bound keeps one refused request
 /// from costing more than a few ordinary ones.
 pub(super) const DRAIN_LIMIT: u64 = 64 * 1024 * 1024;
+
+/// The most room a body's buffer gets before its bytes have arrived.
+pub(super) const FIRST_RESERVATION: usize = 64 * 1024;
 
 /// What reading a body came to.
 #[derive(Debug)]
@@ -47,23 +57,19 @@ pub(super) async fn read_within(
     version: Version,
     headers: &HeaderMap,
 ) -> BodyRead {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = declared_length(headers);
     let http1 = version < Version::HTTP_2;
     if let Some(length) = declared.filter(|length| *length > max as u64) {
-        let waiting_to_send = headers
-            .get(header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         // A body that cannot be drained whole is not drained at all: the
         // connection is closed after the 413 straight away.
         let drainable = length - max as u64 <= DRAIN_LIMIT;
-        if http1 && !waiting_to_send && drainable {
+        if http1 && !waiting_to_send(headers) && drainable {
             discard(body, length, deadline).await;
         }
         return BodyRead::TooLarge;
     }
+    // What the buffer may grow to at once: the declared length, else the limit.
+    let expected = declared.map_or(max, |length| usize::try_from(length).unwrap_or(max));
     // The body is kept as it came while it is one chunk (no copy); from the
     // second chunk on, chunks are copied into one buffer, so that many tiny
     // chunks cost their bytes and not a buffer handle each.
@@ -90,9 +96,8 @@ pub(super) async fn read_within(
             first = Some(data);
             continue;
         }
+        make_room(&mut joined, first.as_ref().map_or(0, Bytes::len) + data.len(), expected);
         if let Some(held) = first.take() {
-            // The declared length, when there is one, is the size.
-            joined.reserve_exact(declared.map_or(2 * kept, |d| d as usize).clamp(kept, max));
             joined.extend_from_slice(&held);
         }
         joined.extend_from_slice(&data);
@@ -103,6 +108,54 @@ pub(super) async fn read_within(
         discard(body, DRAIN_LIMIT.saturating_sub(past), deadline).await;
     }
     BodyRead::TooLarge
+}
+
+/// Makes room in `buffer` for `more` bytes: [`FIRST_RESERVATION`] at
+/// first, then doubling (so that the copies cost linear time), but not
+/// past `expected` while that is enough.
+fn make_room(buffer: &mut Vec<u8>, more: usize, expected: usize) {
+    let needed = buffer.len().saturating_add(more);
+    if needed <= buffer.capacity() {
+        return;
+    }
+    let step = match buffer.capacity() {
+        0 => FIRST_RESERVATION,
+        capacity => capacity.saturating_mul(2),
+    };
+    let size = step.min(expected).max(needed);
+    buffer.reserve_exact(size - buffer.len());
+}
+
+/// Drains the body of a request refused before it was read (on HTTP/1,
+/// when sent, at most `max` bytes and until `deadline`), so the client
+/// gets the refusal rather than a reset; the bytes are not kept. A body
+/// declared over `max` is not drained: the connection closes after the
+/// answer.
+pub(super) async fn refuse_unread(
+    body: Body,
+    max: usize,
+    deadline: Instant,
+    version: Version,
+    headers: &HeaderMap,
+) {
+    let within = declared_length(headers).is_none_or(|length| length <= max as u64);
+    if version < Version::HTTP_2 && !waiting_to_send(headers) && within {
+        discard(body, max as u64, deadline).await;
+    }
+}
+
+/// The request's `Content-Length`, if it has a valid one.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// Whether the client waits for `100 Continue` before it sends the body
+/// (and so has sent nothing to drain).
+fn waiting_to_send(headers: &HeaderMap) -> bool {
+    headers.get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// Reads and drops the rest of `body`: to its end, past `limit` bytes, the
@@ -241,6 +294,40 @@ mod tests {
         let got = read_within(b, 5, soon(), Version::HTTP_11, &headers).await;
         assert!(matches!(got, BodyRead::TooLarge), "{got:?}");
         assert_eq!(taken.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_declared_length_is_not_reserved_before_its_bytes_arrive() {
+        // The limit declared, two small chunks sent: a small buffer.
+        let mut buffer = Vec::new();
+        make_room(&mut buffer, 20, 8 << 20);
+        assert!((20..=FIRST_RESERVATION).contains(&buffer.capacity()), "{}", buffer.capacity());
+        // It grows with what arrives, doubling, up to the declared length.
+        buffer.resize(FIRST_RESERVATION, 0);
+        make_room(&mut buffer, 1, 100_000);
+        assert_eq!(buffer.capacity(), 100_000, "the declared length, not twice the buffer");
+        buffer.resize(100_000, 0);
+        make_room(&mut buffer, 10, 100_000);
+        assert!(buffer.capacity() >= 100_010, "more than declared still fits");
+        // A large chunk gets room for all of it at once.
+        let mut buffer = Vec::new();
+        make_room(&mut buffer, 1 << 20, 8 << 20);
+        assert!(buffer.capacity() >= 1 << 20);
+    }
+
+    #[tokio::test]
+    async fn a_refused_body_is_drained_within_the_limit_and_not_kept() {
+        let mut headers = HeaderMap::new();
+        let (b, taken) = body(&[b"ab", b"cd", b"ef"], false);
+        refuse_unread(b, 6, soon(), Version::HTTP_11, &headers).await;
+        assert_eq!(taken.load(Ordering::Relaxed), 3, "drained");
+        let (b, taken) = body(&[b"ab", b"cd", b"ef"], false);
+        refuse_unread(b, 6, soon(), Version::HTTP_2, &headers).await;
+        assert_eq!(taken.load(Ordering::Relaxed), 0, "left for the stream reset");
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("7"));
+        let (b, taken) = body(&[b"ab", b"cd", b"efg"], false);
+        refuse_unread(b, 6, soon(), Version::HTTP_11, &headers).await;
+        assert_eq!(taken.load(Ordering::Relaxed), 0, "declared over the limit: closed instead");
     }
 
     #[tokio::test]

@@ -42,9 +42,12 @@ impl TokenBucket {
     }
 }
 
-/// Token buckets keyed by a name (the caller's identity). Buckets that
-/// have refilled are dropped when the map grows past `max_keys`, so the
-/// map holds only callers that are currently spending.
+/// Token buckets keyed by a name (the caller's identity), at most
+/// `max_keys` of them. When a new name finds the map full, buckets that
+/// have refilled are dropped (they are the same as new ones); if every
+/// bucket is still spending, the least recently used eighth is dropped
+/// (those callers start again with a full bucket), so the map stays
+/// bounded and the cost of the scan is shared by the names that follow.
 #[derive(Debug)]
 pub struct KeyedBuckets {
     rate: f64,
@@ -76,6 +79,9 @@ impl KeyedBuckets {
             let (rate, burst) = (self.rate, self.burst);
             buckets.retain(|_, b| !b.is_full(now, rate, burst));
         }
+        if buckets.len() >= self.max_keys {
+            forget_least_recent(&mut buckets, (self.max_keys / 8).max(1));
+        }
         let mut bucket = TokenBucket::full(self.burst, now);
         let taken = bucket.take(now, self.rate, self.burst);
         buckets.insert(key.to_owned(), bucket);
@@ -90,6 +96,20 @@ impl KeyedBuckets {
     /// Whether no bucket is held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Drops the `count` buckets used longest ago.
+fn forget_least_recent(buckets: &mut HashMap<String, TokenBucket>, count: usize) {
+    let mut by_age: Vec<(Instant, &String)> = buckets.iter().map(|(k, b)| (b.last, k)).collect();
+    let count = count.min(by_age.len());
+    if count == 0 {
+        return;
+    }
+    by_age.select_nth_unstable_by_key(count - 1, |(last, _)| *last);
+    let oldest: Vec<String> = by_age.into_iter().take(count).map(|(_, k)| k.clone()).collect();
+    for key in oldest {
+        buckets.remove(&key);
     }
 }
 
@@ -143,5 +163,24 @@ mod tests {
         }
         // Refilled buckets were dropped to make room.
         assert!(keyed.len() <= 5, "{}", keyed.len());
+    }
+
+    #[test]
+    fn the_map_stays_bounded_when_every_bucket_is_spending() {
+        let start = Instant::now();
+        // A slow refill: nobody's bucket is full again during the test.
+        let keyed = KeyedBuckets::new(0.001, 2, 16);
+        for i in 0..1_000u64 {
+            let now = start + Duration::from_millis(i);
+            assert!(keyed.take_at(&format!("id-{i}"), now).is_ok(), "a new name gets its burst");
+            assert!(keyed.len() <= 16, "{} buckets after {i}", keyed.len());
+        }
+        // The most recent are kept (and still limited); the oldest went.
+        let now = start + Duration::from_millis(1_000);
+        assert!(keyed.take_at("id-999", now).is_ok());
+        assert!(keyed.take_at("id-999", now).is_err());
+        let buckets = keyed.buckets.lock().unwrap();
+        assert!(!buckets.contains_key("id-0"));
+        assert!(buckets.contains_key("id-998"));
     }
 }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 /// Longer than the 90 s for which reqwest's and hyper's clients keep an
 /// idle connection by default, so that a client reusing one does not race
@@ -18,12 +18,28 @@ fn timeouts(header: u64, body: u64, idle: u64) -> [(&'static str, Duration); 3] 
     ]
 }
 
+/// Reads a rate (requests per second): a finite number, 0 (no limit) or
+/// more. NaN, an infinity or a negative number would each switch the
+/// limit off without saying so.
+fn rate<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    let rate = f64::deserialize(deserializer)?;
+    if rate.is_finite() && rate >= 0.0 {
+        Ok(rate)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "a rate must be a finite number of requests per second, 0 (no limit) or more, \
+             not {rate}"
+        )))
+    }
+}
+
 /// Key service `[abuse]`: per-identity rate limit, slow-client timeouts,
 /// JSON nesting.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AbuseConfig {
     /// Sustained requests per second per client identity (0: no limit).
+    #[serde(deserialize_with = "rate")]
     pub rate_per_sec: f64,
     /// Requests an identity may send at once above the sustained rate.
     pub burst: u32,
@@ -80,6 +96,7 @@ pub struct SidecarAbuseConfig {
     /// Requests in flight at once on one connection (HTTP/2 multiplexes).
     pub max_concurrent_per_connection: usize,
     /// Sustained requests per second on one connection (0: no limit).
+    #[serde(deserialize_with = "rate")]
     pub rate_per_sec_per_connection: f64,
     /// Requests one connection may send at once above the sustained rate.
     pub burst_per_connection: u32,
@@ -119,5 +136,33 @@ impl SidecarAbuseConfig {
     /// How long a connection may sit idle.
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_secs.max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_is_finite_and_not_negative() {
+        let key_service = |rate: &str| {
+            toml::from_str::<AbuseConfig>(&format!("rate_per_sec = {rate}")).map(|c| c.rate_per_sec)
+        };
+        let sidecar = |rate: &str| {
+            toml::from_str::<SidecarAbuseConfig>(&format!("rate_per_sec_per_connection = {rate}"))
+                .map(|c| c.rate_per_sec_per_connection)
+        };
+        for ok in ["0.0", "0.25", "5000.0"] {
+            assert_eq!(key_service(ok).unwrap(), ok.parse::<f64>().unwrap());
+            assert_eq!(sidecar(ok).unwrap(), ok.parse::<f64>().unwrap());
+        }
+        for bad in ["nan", "inf", "-inf", "-1.0"] {
+            let e = key_service(bad).unwrap_err().to_string();
+            assert!(e.contains("a rate must be a finite number"), "{bad}: {e}");
+            let e = sidecar(bad).unwrap_err().to_string();
+            assert!(e.contains("a rate must be a finite number"), "{bad}: {e}");
+        }
+        // Unset, the default.
+        assert_eq!(toml::from_str::<AbuseConfig>("").unwrap().rate_per_sec, 5_000.0);
     }
 }

@@ -6,7 +6,9 @@
 //! one of the process's file descriptors) for ever, and so would one that
 //! stops reading its answer. A connection is idle while no request is in
 //! flight and no byte moves either way; idle for `idle_timeout_secs`, it is
-//! closed, in order ([`serve_until_idle`]).
+//! closed, in order ([`serve_until_idle`]). A connection with a send limit
+//! is closed too when an answer carrying keys waits longer than that to be
+//! sent ([`super::sends`]), idle or not.
 
 use std::io;
 use std::pin::Pin;
@@ -24,6 +26,8 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::Instant;
+
+use super::sends::SecretSends;
 
 /// What one connection is doing, shared by its IO, its requests and the
 /// task that closes it.
@@ -100,13 +104,54 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
+    serve_http_with(io, service, headers, idle, None, stop).await
+}
+
+/// [`serve_http`], and with a `send_limit`, each request gets the
+/// connection's [`SecretSends`] in its extensions, and an answer it notes
+/// there that is still unsent after `send_limit` closes the connection at
+/// once (dropping the answer).
+pub(crate) async fn serve_http_with<I, S>(
+    io: I,
+    service: S,
+    headers: Duration,
+    idle: Duration,
+    send_limit: Option<Duration>,
+    stop: watch::Receiver<bool>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<
+            Request<Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     let activity = Activity::new();
-    let service = Counted::new(service, activity.clone());
+    let sends = send_limit.map(|limit| (SecretSends::default(), limit));
+    let service = Counted::new(service, activity.clone(), sends.as_ref().map(|(s, _)| s.clone()));
     let io = TokioIo::new(Watched::new(io, activity.clone()));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(headers);
     let connection = builder.serve_connection(io, TowerToHyperService::new(service));
-    serve_until_idle(connection, &activity, idle, stop).await
+    let overdue = async {
+        match &sends {
+            Some((sends, limit)) => sends.overdue(*limit).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        served = serve_until_idle(connection, &activity, idle, stop) => served,
+        () = overdue => {
+            tracing::warn!(
+                "an answer carrying keys was not taken within the send limit: connection closed"
+            );
+            Ok(())
+        }
+    }
 }
 
 /// Serves `connection` until it ends. Once it has been idle for `idle`, or
@@ -187,22 +232,24 @@ impl Drop for Busy {
 }
 
 /// A connection's service, counting each request in flight on the
-/// connection's [`Activity`] until its response is ready.
+/// connection's [`Activity`] until its response is ready, and handing each
+/// request the connection's [`SecretSends`] if it has them.
 #[derive(Clone)]
 struct Counted<S> {
     inner: S,
     activity: Arc<Activity>,
+    sends: Option<SecretSends>,
 }
 
 impl<S> Counted<S> {
-    pub(crate) fn new(inner: S, activity: Arc<Activity>) -> Self {
-        Self { inner, activity }
+    pub(crate) fn new(inner: S, activity: Arc<Activity>, sends: Option<SecretSends>) -> Self {
+        Self { inner, activity, sends }
     }
 }
 
-impl<S, R> tower::Service<R> for Counted<S>
+impl<S, B> tower::Service<Request<B>> for Counted<S>
 where
-    S: tower::Service<R>,
+    S: tower::Service<Request<B>>,
     S::Future: Send + 'static,
 {
     type Response = S::Response;
@@ -213,7 +260,10 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: R) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        if let Some(sends) = &self.sends {
+            request.extensions_mut().insert(sends.clone());
+        }
         let busy = self.activity.busy();
         let response = self.inner.call(request);
         Box::pin(async move {
@@ -297,9 +347,66 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use axum::body::{Body, Bytes};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use crate::abuse::PendingSend;
+
+    /// An answer's bytes, with the send it is timed by and a flag set when
+    /// they are dropped.
+    struct Answer {
+        bytes: Vec<u8>,
+        _send: PendingSend,
+        dropped: Arc<AtomicBool>,
+    }
+
+    impl AsRef<[u8]> for Answer {
+        fn as_ref(&self) -> &[u8] {
+            &self.bytes
+        }
+    }
+
+    impl Drop for Answer {
+        fn drop(&mut self) {
+            self.dropped.store(true, Ordering::Relaxed);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_with_keys_not_taken_in_time_closes_its_connection() {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let service = tower::service_fn({
+            let dropped = dropped.clone();
+            move |request: Request<Incoming>| {
+                let sends = request.extensions().get::<SecretSends>().cloned();
+                let answer = sends.map(|sends| Answer {
+                    bytes: vec![b'k'; 1 << 20],
+                    _send: sends.start(),
+                    dropped: dropped.clone(),
+                });
+                async move {
+                    let answer = answer.expect("the connection's sends");
+                    Ok::<_, std::convert::Infallible>(axum::response::Response::new(Body::from(
+                        Bytes::from_owner(answer),
+                    )))
+                }
+            }
+        });
+        // The client asks, and then never reads (the pipe holds 4 KiB).
+        let (mut client, server) = tokio::io::duplex(4096);
+        let (_stop_tx, stop) = watch::channel(false);
+        let limit = Duration::from_secs(10);
+        let idle = Duration::from_secs(120);
+        let started = Instant::now();
+        let served = tokio::spawn(serve_http_with(server, service, limit, idle, Some(limit), stop));
+        client.write_all(b"GET / HTTP/1.1\r\nhost: keygate\r\n\r\n").await.unwrap();
+        served.await.unwrap().unwrap();
+        assert_eq!(started.elapsed(), limit, "closed at the send limit, not when idle");
+        assert!(dropped.load(Ordering::Relaxed), "the answer went with the connection");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn idle_only_when_nothing_moves_and_nothing_is_in_flight() {

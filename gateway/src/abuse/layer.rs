@@ -13,11 +13,19 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use tokio::sync::Semaphore;
 
-use super::body::{BodyRead, read_within};
+use super::body::{BodyRead, read_within, refuse_unread};
 use super::bucket::{KeyedBuckets, TokenBucket};
 use super::config::{AbuseConfig, SidecarAbuseConfig};
 use crate::error::ApiError;
 use crate::server::Caller;
+
+/// What a caller whose certificate names no usable identity is told.
+pub(crate) const NO_IDENTITY: &str = "the client certificate names no usable identity (one URI \
+     subject alternative name, or a DNS one that is a host name)";
+
+/// The key service's routes open to callers without an identity (probes,
+/// scrapers, the API document); every other route needs one.
+const OPEN_PATHS: &[&str] = &["/healthz", "/readyz", "/metrics", "/v1/openapi.json"];
 
 /// Bounds on reading a JSON request body, put into every request's
 /// extensions by the abuse layer.
@@ -41,10 +49,13 @@ struct IdentityLimiter {
     max_body: usize,
 }
 
-/// Wraps the key service's API router: the whole request body is read first
-/// (within `body_read_timeout_secs` and `max_body` bytes, so every answer,
-/// even an early refusal, leaves the connection clean), then a token bucket
-/// per client identity (429 `rate_limited` + `Retry-After`).
+/// Wraps the key service's API router. Before the body is read: a caller
+/// without an identity is refused (403) on every route but the open ones
+/// ([`OPEN_PATHS`]), and a token is taken from the caller's bucket (429
+/// `rate_limited` + `Retry-After`); a refused request's body is drained,
+/// not kept (see [`refuse_unread`]). Then the whole body is read (within
+/// `body_read_timeout_secs` and `max_body` bytes, so every answer, even an
+/// early refusal, leaves the connection clean).
 pub fn protect_key_service(router: Router, config: &AbuseConfig, max_body: usize) -> Router {
     let limiter = Arc::new(IdentityLimiter {
         buckets: KeyedBuckets::new(
@@ -66,15 +77,27 @@ async fn limit_identity(
     request: Request,
     next: Next,
 ) -> Response {
+    let identity = request.extensions().get::<Caller>().and_then(|c| c.0.as_deref());
+    let refusal = match identity {
+        None if !OPEN_PATHS.contains(&request.uri().path()) => {
+            Some(ApiError::forbidden(NO_IDENTITY).into_response())
+        }
+        // Callers without an identity share one bucket on the open routes.
+        identity => limiter.buckets.take(identity.unwrap_or_default()).err().map(|wait| {
+            tracing::debug!(identity, "rate limited");
+            rate_limited(wait, "too many requests from this identity")
+        }),
+    };
+    if let Some(refusal) = refusal {
+        let (parts, body) = request.into_parts();
+        let deadline = tokio::time::Instant::now() + limiter.bounds.read_timeout;
+        refuse_unread(body, limiter.max_body, deadline, parts.version, &parts.headers).await;
+        return refusal;
+    }
     let mut request = match read_body(request, limiter.bounds, limiter.max_body).await {
         Ok(request) => request,
         Err(refused) => return refused,
     };
-    let identity = request.extensions().get::<Caller>().and_then(|c| c.0.as_deref());
-    if let Err(wait) = limiter.buckets.take(identity.unwrap_or_default()) {
-        tracing::debug!(identity, "rate limited");
-        return rate_limited(wait, "too many requests from this identity");
-    }
     request.extensions_mut().insert(limiter.bounds);
     next.run(request).await
 }
@@ -272,6 +295,91 @@ mod tests {
         let refused = call(&router, &guard).await;
         assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(refused.headers()[header::RETRY_AFTER], "2");
+    }
+
+    /// A body that never ends, counting how often it was polled.
+    struct Endless(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl hyper::body::Body for Endless {
+        type Data = axum::body::Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            std::task::Poll::Pending
+        }
+    }
+
+    /// A key service router that counts the requests reaching it.
+    fn key_service(config: &AbuseConfig) -> (Router, Arc<std::sync::atomic::AtomicUsize>) {
+        let reached = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = reached.clone();
+        let handler = move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            async { "ok" }
+        };
+        let router = Router::new()
+            .route("/v1/x", axum::routing::post(handler.clone()))
+            .route("/healthz", get(handler));
+        (protect_key_service(router, config, 1 << 20), reached)
+    }
+
+    /// A request from `identity` whose body never ends, and how often the
+    /// body was polled.
+    fn endless(
+        path: &str,
+        identity: Option<&str>,
+        version: axum::http::Version,
+    ) -> (Request, Arc<std::sync::atomic::AtomicUsize>) {
+        let polls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut request = Request::builder()
+            .method("POST")
+            .uri(path)
+            .version(version)
+            .body(Body::new(Endless(polls.clone())))
+            .unwrap();
+        request.extensions_mut().insert(Caller(identity.map(str::to_owned)));
+        (request, polls)
+    }
+
+    #[tokio::test]
+    async fn a_rate_limited_identity_is_refused_before_its_body_is_read() {
+        use std::sync::atomic::Ordering;
+        let config = AbuseConfig { rate_per_sec: 0.001, burst: 1, ..Default::default() };
+        let (router, reached) = key_service(&config);
+        let mut first = Request::builder().method("POST").uri("/v1/x").body(Body::empty()).unwrap();
+        first.extensions_mut().insert(Caller(Some("a".to_owned())));
+        assert_eq!(router.clone().oneshot(first).await.unwrap().status(), StatusCode::OK);
+        // The bucket is empty: refused at once, the body never touched.
+        let (second, polls) = endless("/v1/x", Some("a"), axum::http::Version::HTTP_2);
+        let answer = tokio::time::timeout(Duration::from_secs(5), router.clone().oneshot(second))
+            .await
+            .expect("answered without waiting for the body")
+            .unwrap();
+        assert_eq!(answer.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(polls.load(Ordering::Relaxed), 0);
+        assert_eq!(reached.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_caller_without_an_identity_is_refused_before_its_body_is_read() {
+        use std::sync::atomic::Ordering;
+        let (router, reached) = key_service(&AbuseConfig::default());
+        let (request, polls) = endless("/v1/x", None, axum::http::Version::HTTP_2);
+        let answer = tokio::time::timeout(Duration::from_secs(5), router.clone().oneshot(request))
+            .await
+            .expect("answered without waiting for the body")
+            .unwrap();
+        assert_eq!(answer.status(), StatusCode::FORBIDDEN);
+        assert_eq!(polls.load(Ordering::Relaxed), 0);
+        // The open routes stay open.
+        let mut probe = Request::builder().uri("/healthz").body(Body::empty()).unwrap();
+        probe.extensions_mut().insert(Caller(None));
+        assert_eq!(router.oneshot(probe).await.unwrap().status(), StatusCode::OK);
+        assert_eq!(reached.load(Ordering::Relaxed), 1);
     }
 
     #[test]

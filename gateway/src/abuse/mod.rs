@@ -20,6 +20,11 @@
 //!   refused with 400 `json_too_deep` before any parser recursion.
 //! - Batch sizes are bounded where the batches are read (`limits.max_batch`
 //!   at the key service, `limits.max_records` at the sidecar).
+//! - **Keys in flight** at the key service: a shared pool, a share per
+//!   identity, a bounded wait (503 `busy`) and a send deadline
+//!   ([`KeyRoom`]).
+//! - **Connections**: at most `limits.max_connections` open on each key
+//!   service listener ([`ConnectionSlots`]).
 
 mod accept;
 mod body;
@@ -27,12 +32,17 @@ mod bucket;
 mod config;
 mod depth;
 mod idle;
+mod keys;
 mod layer;
+mod sends;
 
-pub(crate) use self::accept::AcceptBackoff;
+pub(crate) use self::accept::{AcceptBackoff, ConnectionSlots};
 pub use self::bucket::{KeyedBuckets, TokenBucket};
 pub use self::config::{AbuseConfig, SidecarAbuseConfig};
 pub(crate) use self::depth::after_string;
 pub use self::depth::{exceeds_depth, nesting};
-pub(crate) use self::idle::{OpenConnections, serve_http};
+pub(crate) use self::idle::{OpenConnections, serve_http, serve_http_with};
+pub use self::keys::{KeyRoom, KeysHeld};
+pub(crate) use self::layer::NO_IDENTITY;
 pub use self::layer::{BodyBounds, ConnectionGuard, protect_key_service, protect_sidecar};
+pub use self::sends::{PendingSend, SecretSends};

@@ -10,11 +10,12 @@ use kms_core::store::{Invalidation, KeyStore, PgStoreOptions, PostgresStore, Sql
 use kms_core::{HierarchyConfig, KeyHierarchy, RootKeyError, RootKeyProvider};
 use secrecy::SecretString;
 use tokio::net::TcpListener;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use super::handlers::compliance::ComplianceContext;
 use super::masters::{MasterTrust, RecordedMasters, masters_in_use, recorded_settings};
 use super::{AppState, jobs, listener, routes};
+use crate::abuse::KeyRoom;
 use crate::audit_log::AuditLog;
 use crate::config::{RootConfig, ServerConfig};
 use crate::metrics::Metrics;
@@ -105,9 +106,11 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         lifecycle: config.lifecycle.clone(),
         keys: config.keys.clone(),
         master_trust,
-        key_permits: Arc::new(tokio::sync::Semaphore::new(
-            config.limits.max_keys_in_flight.clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
-        )),
+        key_permits: KeyRoom::new(
+            config.limits.keys_in_flight(),
+            config.limits.keys_in_flight_per_identity(),
+            Duration::from_millis(config.limits.keys_wait_ms),
+        ),
         root_probe: Arc::default(),
     };
 
@@ -131,10 +134,12 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         config.tls.reload_interval_secs,
         stop_rx.clone(),
     );
-    let timeouts = listener::ConnectionTimeouts {
+    let limits = listener::ConnectionLimits {
+        max_open: config.limits.max_connections,
         handshake: Duration::from_secs(config.limits.handshake_timeout_secs.max(1)),
         headers: config.abuse.header_read_timeout(),
         idle: config.abuse.idle_timeout(),
+        send: Some(Duration::from_secs(config.limits.keys_send_timeout_secs.max(1))),
     };
     if let Some(ops_addr) = config.ops_listen {
         let router = routes::ops(state.clone());
@@ -143,17 +148,24 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
             let shutdown = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            let served = listener::serve_plain(ops_addr, router, timeouts, shutdown, DRAIN).await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "ops listener failed");
+            let ops = match TcpListener::bind(ops_addr).await {
+                Ok(ops) => ops,
+                Err(e) => {
+                    tracing::error!(error = %e, "ops listener failed");
+                    return;
+                }
+            };
+            if let Ok(addr) = ops.local_addr() {
+                tracing::info!(%addr, "ops endpoints listening (plain HTTP)");
             }
+            listener::serve_plain(ops, router, limits, shutdown, DRAIN).await;
         });
     }
 
     let router = routes::api(state).layer(axum::Extension(compliance));
     let router =
         crate::abuse::protect_key_service(router, &config.abuse, config.limits.max_body_bytes);
-    listener::serve_tls(listener, tls, router, timeouts, terminated, DRAIN).await;
+    listener::serve_tls(listener, tls, router, limits, terminated, DRAIN).await;
     tracing::info!("shutting down: flushing the audit log");
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(DRAIN, jobs).await;
@@ -225,43 +237,82 @@ fn spawn_maintenance(
     policy: Arc<PolicyHandle>,
     hierarchy: Arc<KeyHierarchy>,
     reload_secs: u64,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let hup = match signal(SignalKind::hangup()) {
+        Ok(hup) => Some(hup),
+        Err(e) => {
+            // The rest of the maintenance runs on without it.
+            tracing::error!(
+                error = %e,
+                "cannot listen for SIGHUP: TLS material reloads only when its files change, \
+                 and the policy only at restart"
+            );
+            None
+        }
+    };
+    let polled = tls.clone();
+    let tasks = Maintenance {
+        on_hangup: move || {
+            tracing::info!("SIGHUP: reloading TLS material and policy");
+            if let Err(e) = tls.reload() {
+                tracing::error!(error = %e, "TLS reload failed; keeping the previous certificates");
+            }
+            if let Err(e) = policy.reload() {
+                tracing::error!(error = %e, "policy reload failed; keeping the previous policy");
+            } else {
+                tracing::info!("policy reloaded");
+            }
+        },
+        on_poll: move || {
+            if let Err(e) = polled.reload_if_changed() {
+                tracing::error!(error = %e, "TLS reload failed; keeping the previous certificates");
+            }
+        },
+        on_evict: move || {
+            let dropped = hierarchy.evict_expired();
+            if dropped > 0 {
+                tracing::debug!(dropped, "expired tenant keys dropped from memory");
+            }
+        },
+    };
+    let poll = Duration::from_secs(reload_secs.max(1));
+    tokio::spawn(maintain(hup, poll, EVICT_EVERY, tasks, stop));
+}
+
+/// What the maintenance task does: on SIGHUP, at each file poll, at each
+/// eviction round.
+struct Maintenance<H, P, E> {
+    on_hangup: H,
+    on_poll: P,
+    on_evict: E,
+}
+
+/// Runs `tasks` until `stop` changes: SIGHUP reloads when `hup` could be
+/// registered, file polls and key eviction whether or not.
+async fn maintain<H: FnMut(), P: FnMut(), E: FnMut()>(
+    mut hup: Option<Signal>,
+    poll: Duration,
+    evict: Duration,
+    mut tasks: Maintenance<H, P, E>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    tokio::spawn(async move {
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::error!("cannot listen for SIGHUP; reloads only on file change");
-            return;
-        };
-        let mut poll = tokio::time::interval(Duration::from_secs(reload_secs.max(1)));
-        let mut evict = tokio::time::interval(EVICT_EVERY);
-        loop {
-            tokio::select! {
-                _ = hup.recv() => {
-                    tracing::info!("SIGHUP: reloading TLS material and policy");
-                    if let Err(e) = tls.reload() {
-                        tracing::error!(error = %e, "TLS reload failed; keeping the previous certificates");
-                    }
-                    if let Err(e) = policy.reload() {
-                        tracing::error!(error = %e, "policy reload failed; keeping the previous policy");
-                    } else {
-                        tracing::info!("policy reloaded");
-                    }
-                }
-                _ = poll.tick() => {
-                    if let Err(e) = tls.reload_if_changed() {
-                        tracing::error!(error = %e, "TLS reload failed; keeping the previous certificates");
-                    }
-                }
-                _ = evict.tick() => {
-                    let dropped = hierarchy.evict_expired();
-                    if dropped > 0 {
-                        tracing::debug!(dropped, "expired tenant keys dropped from memory");
-                    }
-                }
-                _ = stop.changed() => break,
+    let mut poll = tokio::time::interval(poll);
+    let mut evict = tokio::time::interval(evict);
+    loop {
+        let hangup = async {
+            match hup.as_mut() {
+                Some(hup) => hup.recv().await,
+                None => std::future::pending().await,
             }
+        };
+        tokio::select! {
+            Some(()) = hangup => (tasks.on_hangup)(),
+            _ = poll.tick() => (tasks.on_poll)(),
+            _ = evict.tick() => (tasks.on_evict)(),
+            _ = stop.changed() => break,
         }
-    });
+    }
 }
 
 /// Connects the configured root key provider; each one performs a real
@@ -395,9 +446,45 @@ fn instance_id(config: &ServerConfig) -> std::io::Result<String> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use secrecy::ExposeSecret;
 
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn maintenance_runs_on_without_sighup() {
+        let (polls, evictions) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let tasks = Maintenance {
+            on_hangup: || panic!("no SIGHUP handler"),
+            on_poll: {
+                let polls = polls.clone();
+                move || {
+                    polls.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+            on_evict: {
+                let evictions = evictions.clone();
+                move || {
+                    evictions.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+        };
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(maintain(
+            None,
+            Duration::from_secs(5),
+            Duration::from_secs(2),
+            tasks,
+            stop,
+        ));
+        tokio::time::sleep(Duration::from_millis(20_500)).await;
+        // At once, then every 5 s and every 2 s.
+        assert_eq!(polls.load(Ordering::Relaxed), 5);
+        assert_eq!(evictions.load(Ordering::Relaxed), 11);
+        let _ = stop_tx.send(true);
+        task.await.unwrap();
+    }
 
     #[test]
     fn a_secret_file_is_a_short_regular_file() {

@@ -3,10 +3,10 @@
 use std::sync::Arc;
 
 use kms_core::{KeyHierarchy, TenantId};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::listener::Caller;
 use super::masters::MasterTrust;
+use crate::abuse::{KeyRoom, KeysHeld, NO_IDENTITY, SecretSends};
 use crate::audit_log::AuditLog;
 use crate::config::{KeysConfig, LifecycleConfig, Limits};
 use crate::error::ApiError;
@@ -32,8 +32,9 @@ pub struct AppState {
     pub keys: KeysConfig,
     /// What masters other than the configured root may load, reach and be.
     pub(crate) master_trust: Arc<MasterTrust>,
-    /// One permit per plaintext DEK in flight (`limits.max_keys_in_flight`).
-    pub key_permits: Arc<Semaphore>,
+    /// One permit per plaintext DEK in flight (`limits.max_keys_in_flight`),
+    /// with each identity's share.
+    pub key_permits: Arc<KeyRoom>,
     /// The readiness check's last round trip through the root provider.
     pub(crate) root_probe: Arc<super::handlers::ops::RootProbe>,
 }
@@ -41,11 +42,7 @@ pub struct AppState {
 impl AppState {
     /// The caller's identity, or 403 if its certificate names none.
     pub fn identity<'a>(&self, caller: &'a Caller) -> Result<&'a str, ApiError> {
-        caller.0.as_deref().ok_or_else(|| {
-            ApiError::forbidden(
-                "the client certificate carries no URI or DNS subject alternative name",
-            )
-        })
+        caller.0.as_deref().ok_or_else(|| ApiError::forbidden(NO_IDENTITY))
     }
 
     /// Allows the call if the caller holds one of `roles` for `tenant`;
@@ -66,17 +63,18 @@ impl AppState {
         Err(ApiError::forbidden(format!("{identity} may not {action} for tenant {tenant}")))
     }
 
-    /// Waits for room for `count` more plaintext DEKs in flight; the
-    /// permit is held until the response carrying them has been sent.
-    pub async fn room_for_keys(&self, count: usize) -> Result<OwnedSemaphorePermit, ApiError> {
-        let most = self.limits.max_keys_in_flight.clamp(1, Semaphore::MAX_PERMITS);
-        let wanted = u32::try_from(count.clamp(1, most)).unwrap_or(u32::MAX);
-        // The semaphore is never closed; the error arm only keeps this total.
-        self.key_permits
-            .clone()
-            .acquire_many_owned(wanted)
-            .await
-            .map_err(|_| ApiError::unavailable("shutting_down", "the key service is shutting down"))
+    /// Waits (for `limits.keys_wait_ms` at most, else 503 `busy`) for
+    /// room for `count` more plaintext DEKs in flight for `identity`, within
+    /// its share ([`KeyRoom`]). Hold it with the response carrying them
+    /// (after [`KeysHeld::sending`]) until that has been sent; `sends` is
+    /// the connection's, which closes it if that takes too long.
+    pub async fn room_for_keys(
+        &self,
+        identity: &str,
+        count: usize,
+        sends: Option<SecretSends>,
+    ) -> Result<KeysHeld, ApiError> {
+        self.key_permits.acquire(identity, count, sends).await
     }
 
     /// Like [`AppState::authorize`] for calls not scoped to one tenant: the

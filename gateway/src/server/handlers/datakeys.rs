@@ -15,6 +15,7 @@ use kms_core::{
 };
 
 use super::{ApiJson, ApiPath, tenant_id};
+use crate::abuse::SecretSends;
 use crate::audit_log::now_ms;
 use crate::error::ApiError;
 use crate::extract::{has_media_type, read_bytes};
@@ -55,6 +56,7 @@ const UNWRAPPED_KEY_JSON_LEN: usize = 105;
 pub(crate) async fn issue(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    sends: Option<Extension<SecretSends>>,
     ApiPath(tenant): ApiPath<String>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<IssueRequest>,
@@ -62,7 +64,7 @@ pub(crate) async fn issue(
     let tenant = tenant_id(&tenant)?;
     let actor = state.authorize(&caller, &tenant, &[Role::Encryptor], "issue data keys").await?;
     check_batch(&state, body.count)?;
-    let room = state.room_for_keys(body.count).await?;
+    let room = state.room_for_keys(&actor, body.count, sends.map(|Extension(s)| s)).await?;
     // The ids and version are fixed and audited first; the keys are made
     // only once the event is durable, so requests waiting for the audit
     // commit hold ids, not keys.
@@ -78,6 +80,7 @@ pub(crate) async fn issue(
         .with_detail("count", body.count);
     state.audit.record(vec![event]).await?;
     let issued = state.hierarchy.issue(prepared)?;
+    let room = room.sending();
     if issue_binary::is_asked(&headers) {
         let out = issue_binary::write_answer(kek_version, &issued);
         return Ok(SecretBytes::new(out, issue_binary::CONTENT_TYPE, Some(room)).into_response());
@@ -114,6 +117,7 @@ pub(crate) async fn issue(
 pub(crate) async fn unwrap(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    sends: Option<Extension<SecretSends>>,
     ApiPath(tenant): ApiPath<String>,
     body: UnwrapCall,
 ) -> Result<Response, ApiError> {
@@ -121,7 +125,7 @@ pub(crate) async fn unwrap(
     let actor = state.authorize(&caller, &tenant, &[Role::Decryptor], "unwrap data keys").await?;
     let UnwrapCall { items, purpose, binary } = body;
     check_batch(&state, items.len())?;
-    let room = state.room_for_keys(items.len()).await?;
+    let room = state.room_for_keys(&actor, items.len(), sends.map(|Extension(s)| s)).await?;
     let ids = || items.iter().map(|i| i.record_key_id);
     let deks = match state.hierarchy.unwrap_deks(&tenant, &items).await {
         Ok(deks) => deks,
@@ -146,6 +150,7 @@ pub(crate) async fn unwrap(
     }
     // Durable before any DEK is returned.
     state.audit.record(vec![event]).await?;
+    let room = room.sending();
     if binary {
         let mut out = SecretBuf::with_capacity(4 + deks.len() * unwrap_binary::ANSWER_KEY_LEN);
         unwrap_binary::write_active_version(&mut out, active_version);
