@@ -23,15 +23,18 @@ pub struct SecretFile {
     pub mode: u32,
 }
 
-/// Reads `path`, a regular file of at most `max_len` bytes owned by this
-/// process's effective user or by root. A FIFO (which would block) or a device (which might never end) is refused
+/// Reads `path`, a regular file of at most `max_len` bytes. Its owner is
+/// not checked: a PIN or passphrase file rendered by an agent running as
+/// another user, or bind-mounted with its host owner, is usable (whoever
+/// owns it knows the secret anyway; the caller judges the mode). A FIFO
+/// (which would block) or a device (which might never end) is refused
 /// before it is opened, and the opened file is checked again (the path may
 /// have changed in between; it is opened non-blocking, so a FIFO put there
 /// meanwhile cannot hang the call). A longer file is refused rather than
 /// cut. Whether the mode is acceptable is the caller's decision
 /// ([`SecretFile::mode`]).
 pub fn read_secret_file(path: &Path, max_len: u64) -> io::Result<SecretFile> {
-    let (mut file, metadata) = open_checked(path).map_err(Refusal::into_io)?;
+    let (mut file, metadata) = open_checked(path, Owner::Anyone).map_err(Refusal::into_io)?;
     // One byte more than allowed, to tell a longer file from one of exactly
     // `max_len` bytes; at most what the file holds, so a large `max_len`
     // allocates nothing it does not need.
@@ -97,7 +100,7 @@ impl Refusal {
 /// The path is inspected first, so that a FIFO or device is normally never
 /// opened; the open itself does not block (`O_NONBLOCK`), and the opened
 /// file is checked again, since the path may have changed in between.
-pub(crate) fn open_checked(path: &Path) -> Result<(File, Metadata), Refusal> {
+pub(crate) fn open_checked(path: &Path, owner: Owner) -> Result<(File, Metadata), Refusal> {
     let before =
         std::fs::metadata(path).map_err(|source| Refusal::Io { operation: "inspect", source })?;
     if !before.is_file() {
@@ -110,12 +113,24 @@ pub(crate) fn open_checked(path: &Path) -> Result<(File, Metadata), Refusal> {
     if !metadata.is_file() {
         return Err(Refusal::NotAFile);
     }
-    let euid = rustix::process::geteuid().as_raw();
-    let owner = metadata.uid();
-    if owner != euid && owner != 0 {
-        return Err(Refusal::Owner { owner, euid });
+    if owner == Owner::ThisUserOrRoot {
+        let euid = rustix::process::geteuid().as_raw();
+        let owner = metadata.uid();
+        if owner != euid && owner != 0 {
+            return Err(Refusal::Owner { owner, euid });
+        }
     }
     Ok((file, metadata))
+}
+
+/// Who may own a file [`open_checked`] opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Owner {
+    /// This process's effective user or root: for a file whose owner could
+    /// replace what it holds with something of their choosing (a root key).
+    ThisUserOrRoot,
+    /// Anyone.
+    Anyone,
 }
 
 /// `open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC)`: a FIFO opens at once
@@ -221,7 +236,7 @@ pub(crate) mod tests {
 
     /// Needs to run as root (to give a file away); skipped otherwise.
     #[test]
-    fn a_file_of_another_user_is_refused() {
+    fn a_file_of_another_user_is_read_as_a_secret_and_refused_as_a_key() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("secret");
         std::fs::write(&path, b"1234").unwrap();
@@ -230,10 +245,12 @@ pub(crate) mod tests {
             eprintln!("skipped: cannot give a file to another user (not root)");
             return;
         }
-        let error = read_secret_file(&path, 64).map(|_| ()).unwrap_err();
+        assert_eq!(&read_secret_file(&path, 64).unwrap().contents[..], b"1234");
+        let refused = open_checked(&path, Owner::ThisUserOrRoot).map(|_| ()).unwrap_err();
+        let error = refused.into_io();
         assert_eq!(error.kind(), io::ErrorKind::PermissionDenied);
         assert!(error.to_string().contains(&format!("owned by uid {nobody}")), "{error}");
         std::os::unix::fs::chown(&path, Some(0), None).unwrap();
-        assert!(read_secret_file(&path, 64).is_ok(), "a file of root's is accepted");
+        assert!(open_checked(&path, Owner::ThisUserOrRoot).is_ok(), "a file of root's is");
     }
 }

@@ -2,8 +2,9 @@
 //! development and `keygate up` only.
 //!
 //! The file is created with mode `0600` and refused if group or others have
-//! any access to it, if it is a symbolic link, or if it belongs to another
-//! user than the process's (or root). It may be sealed with a passphrase
+//! any access to it, or if it belongs to another user than the process's
+//! (or root), who could put a key of their choosing there. A symbolic link
+//! is followed, and the file it ends at is checked. It may be sealed with a passphrase
 //! (Argon2id + AES-256-GCM-SIV); the layout is documented in the `file`
 //! module:
 //!
@@ -34,7 +35,7 @@ use kms_core::{KEY_LEN, Key256, ProviderInfo, RootKeyError, RootKeyProvider, Wra
 use secrecy::{ExposeSecret, SecretString};
 use zeroize::Zeroizing;
 
-use crate::secret_file::{Refusal, fill, open_checked};
+use crate::secret_file::{Owner, Refusal, fill, open_checked};
 
 mod error;
 mod file;
@@ -286,15 +287,16 @@ fn write_new_file(path: &Path, contents: &[u8]) -> Result<(), LocalKeyError> {
 /// by this process's user or root that no one else can access, and reads
 /// it (at most one byte more than the longest valid file).
 fn read_private_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, LocalKeyError> {
-    let (mut file, metadata) = open_checked(path).map_err(|refusal| match refusal {
-        Refusal::NotAFile => LocalKeyError::NotAFile { path: path.to_owned() },
-        Refusal::Owner { owner, euid } => {
-            LocalKeyError::NotOwned { path: path.to_owned(), owner, euid }
-        }
-        Refusal::Io { operation, source } => {
-            LocalKeyError::Io { path: path.to_owned(), operation, source }
-        }
-    })?;
+    let (mut file, metadata) =
+        open_checked(path, Owner::ThisUserOrRoot).map_err(|refusal| match refusal {
+            Refusal::NotAFile => LocalKeyError::NotAFile { path: path.to_owned() },
+            Refusal::Owner { owner, euid } => {
+                LocalKeyError::NotOwned { path: path.to_owned(), owner, euid }
+            }
+            Refusal::Io { operation, source } => {
+                LocalKeyError::Io { path: path.to_owned(), operation, source }
+            }
+        })?;
     let mode = metadata.permissions().mode() & 0o7777;
     if mode & GROUP_OTHER_BITS != 0 {
         return Err(LocalKeyError::LoosePermissions { path: path.to_owned(), mode });

@@ -124,8 +124,8 @@ impl fmt::Debug for Pkcs11Config {
 #[non_exhaustive]
 pub enum PinSource {
     /// A file holding the PIN; one trailing newline is ignored. It must be
-    /// a regular file (or a symbolic link to one) owned by this process's
-    /// user or root. A file that group or others can read is used, with a warning.
+    /// a regular file (or a symbolic link to one). A file that group or
+    /// others can read is used, with a warning.
     File(PathBuf),
     /// An environment variable holding the PIN.
     Env(String),
