@@ -31,6 +31,10 @@ const MAX_EVENTS_PER_COMMIT: usize = 20_000;
 /// Events read at a time when checking the chain's tail at start-up.
 const TAIL_PAGE: u32 = 1_000;
 
+/// Most heads of unconfirmed batches remembered (the oldest are dropped:
+/// a head dropped and then found stored halts the writer, safely).
+const MAX_UNCONFIRMED: usize = 64;
+
 /// The actor of the writer's own events.
 const WRITER: &str = "keygate:audit";
 
@@ -146,8 +150,12 @@ impl AuditLog {
         };
         let count = events.len() as u64;
         let (ack, done) = oneshot::channel();
-        self.tx.try_send(Job { events, ack }).map_err(|_| unavailable())?;
+        // Counted before the writer can see (and uncount) the job.
         self.shared.metrics.audit_queue_depth.inc_by(count);
+        if self.tx.try_send(Job { events, ack }).is_err() {
+            self.shared.metrics.audit_queue_depth.dec_by(count);
+            return Err(unavailable());
+        }
         match done.await {
             Ok(Ok(())) => Ok(()),
             _ => Err(unavailable()),
@@ -447,7 +455,12 @@ impl Writer {
             Ok(()) => {
                 metrics.audit_events.inc_by(count);
                 metrics.audit_commits.inc();
-                self.unconfirmed.clear();
+                // Events stored right after `before` prove that no batch
+                // this writer could not confirm is there; a checkpoint
+                // alone proves nothing about them.
+                if count > 0 {
+                    self.unconfirmed.clear();
+                }
                 if checkpoint.is_some() {
                     self.since_checkpoint = 0;
                     self.last_checkpoint = Instant::now();
@@ -486,7 +499,14 @@ impl Writer {
     /// only if that is where this writer left it. Any other head was
     /// written by someone else, and continuing would sign it.
     async fn resync(&mut self, before: AuditChain) {
-        self.unconfirmed.push(self.chain.head());
+        let attempted = self.chain.head();
+        if !self.unconfirmed.contains(&attempted) {
+            // Bounded: a long outage would otherwise add one per commit.
+            if self.unconfirmed.len() >= MAX_UNCONFIRMED {
+                self.unconfirmed.remove(0);
+            }
+            self.unconfirmed.push(attempted);
+        }
         let instance = before.instance().to_owned();
         self.chain = before;
         let last = match self.store.last_audit_row(&instance).await {

@@ -244,3 +244,14 @@ impl ReportedAction {
         }
     }
 }
+
+/// Longest application identity a sidecar reports as an event's actor.
+pub const MAX_ACTOR_LEN: usize = 1024;
+
+/// Whether `actor` may be reported as an event's actor: an identity, not
+/// free text, so 1 to [`MAX_ACTOR_LEN`] bytes and no control characters (a
+/// NUL would fail the audit commit on PostgreSQL). The key service's ingest
+/// refuses any other, and a sidecar refuses to start with one.
+pub fn is_reportable_actor(actor: &str) -> bool {
+    !actor.is_empty() && actor.len() <= MAX_ACTOR_LEN && !actor.chars().any(char::is_control)
+}

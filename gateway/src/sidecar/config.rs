@@ -224,6 +224,14 @@ impl SidecarConfig {
         if config.key_service.urls.is_empty() {
             return Err(ConfigError::new("key_service.urls lists no key service"));
         }
+        // Found now, not as every audit report refused (which holds every
+        // tenant this sidecar serves).
+        if !crate::wire::is_reportable_actor(&config.app_identity) {
+            return Err(ConfigError::new(format!(
+                "app_identity must be 1 to {} bytes with no control characters",
+                crate::wire::MAX_ACTOR_LEN
+            )));
+        }
         if let Listen::Tcp(addr) = config.listen
             && !addr.ip().is_loopback()
         {
@@ -256,6 +264,20 @@ mod tests {
         };
         let config = load("", "").unwrap();
         assert_eq!(config.cache.ttl_secs, 60);
+        // An actor the key service would refuse stops the sidecar at once.
+        for bad in ["\"\"", "\"app\\n\"", format!("\"{}\"", "a".repeat(1025)).as_str()] {
+            std::fs::write(
+                &path,
+                format!(
+                    "schemas = [\"patient.toml\"]\napp_identity = {bad}\n[key_service]\n\
+                     urls = [\"https://127.0.0.1:8443\"]\nca = \"ca.crt\"\n\
+                     cert = \"app.crt\"\nkey = \"app.key\"\n"
+                ),
+            )
+            .unwrap();
+            let e = SidecarConfig::load(&path).unwrap_err().to_string();
+            assert!(e.contains("app_identity must be 1 to 1024 bytes"), "{bad}: {e}");
+        }
         assert_eq!(config.key_service.ca, dir.path().join("ca.crt"));
         // A day is allowed; a second more, or the largest TOML integer (which would
         // overflow at its first use), is refused with the setting's name.

@@ -49,8 +49,8 @@
 //! [`VerifyReport`] names the head and the last verified checkpoint, and
 //! [`ChainVerifier::expect_anchors`] (or the `anchors` of
 //! [`verify_stored_chain`]) requires a chain to still pass through such
-//! copies ([`Anchor`]). Writers keep the gap small by signing
-//! a checkpoint with every group commit.
+//! copies ([`Anchor`]). Writers keep the gap small by signing a checkpoint
+//! every so many events or seconds, and at shutdown.
 //!
 //! The public key must come from a trusted source: the instance's wrapped
 //! signing key unwrapped by the root provider (compare

@@ -83,16 +83,15 @@ pub(crate) async fn ingest(
     Ok(Json(Recorded { recorded: count }))
 }
 
-/// Longest application identity a sidecar may report.
-const MAX_ACTOR_LEN: usize = 1024;
-
-/// A reported actor is an identity, not free text: no control characters
-/// (a NUL would fail the commit on PostgreSQL), and bounded.
+/// See [`crate::wire::is_reportable_actor`].
 fn check_actor(actor: &str) -> Result<(), ApiError> {
-    if actor.is_empty() || actor.len() > MAX_ACTOR_LEN || actor.chars().any(char::is_control) {
+    if !crate::wire::is_reportable_actor(actor) {
         return Err(ApiError::bad_request(
             "invalid_request",
-            format!("actor must be 1 to {MAX_ACTOR_LEN} bytes with no control characters"),
+            format!(
+                "actor must be 1 to {} bytes with no control characters",
+                crate::wire::MAX_ACTOR_LEN
+            ),
         ));
     }
     Ok(())
