@@ -344,3 +344,49 @@ pub(crate) async fn the_database_refuses_self_approval(f: Fixture) {
     assert!(f.try_exec(sql).await.is_err());
     let _: Arc<dyn KeyStore> = store;
 }
+
+/// A withdrawal and an execution of one approved shred, from two stores at
+/// once (two replicas): exactly one wins, and what is stored agrees with
+/// it: executed and destroyed, or withdrawn and intact.
+pub(crate) async fn a_withdrawal_racing_an_execution_ends_one_way(f: Fixture) {
+    let (store, master) = f.open_with_master().await;
+    let other = f.open().await;
+    let (mut executed, mut withdrawn) = (0, 0);
+    for round in 0..12 {
+        let (name, id) = (format!("race-{round}"), format!("r{round}"));
+        store.create_tenant(new_tenant(&name, master)).await.unwrap();
+        let request = Approval::new(id.clone(), tenant(&name), None, "x".into(), "alice".into(), 1);
+        store.create_approval(&request).await.unwrap();
+        let approve = DecideApproval {
+            id: &id,
+            decision: Decision::Approve,
+            by: "bob",
+            comment: None,
+            now: 2,
+            delay_secs: 0,
+        };
+        store.decide_approval(&approve).await.unwrap();
+        let (run, withdraw) = tokio::join!(
+            store.execute_approval(&id, 3),
+            other.withdraw_approval(&id, "withdrawn by carol"),
+        );
+        let stored = store.approval(&id).await.unwrap().unwrap();
+        let keys = other.tenant(&tenant(&name)).await.unwrap().unwrap();
+        match (run, withdraw) {
+            (Ok(_), Err(StoreError::ApprovalNotPending { state: ApprovalState::Executed, .. })) => {
+                executed += 1;
+                assert_eq!(stored.state, ApprovalState::Executed);
+                assert!(keys.index_root_wrapped.is_none(), "destroyed");
+                assert!(keys.versions.iter().all(|v| v.wrapped.is_none()), "destroyed");
+            }
+            (Err(StoreError::ApprovalNotPending { state: ApprovalState::Rejected, .. }), Ok(_)) => {
+                withdrawn += 1;
+                assert_eq!(stored.state, ApprovalState::Rejected);
+                assert!(keys.index_root_wrapped.is_some(), "intact");
+                assert!(keys.versions.iter().all(|v| v.wrapped.is_some()), "intact");
+            }
+            other => panic!("round {round}: not exactly one winner: {other:?}"),
+        }
+    }
+    assert_eq!(executed + withdrawn, 12);
+}

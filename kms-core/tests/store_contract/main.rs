@@ -64,4 +64,5 @@ for_each_store!(
     lifecycle::usage_counts_add_up_per_version_and_hour,
     lifecycle::approvals_need_a_second_person_and_decide_once,
     lifecycle::the_database_refuses_self_approval,
+    lifecycle::a_withdrawal_racing_an_execution_ends_one_way,
 );
