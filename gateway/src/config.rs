@@ -301,7 +301,7 @@ pub struct Limits {
     pub max_batch: usize,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
-    /// Whole-request timeout, in seconds.
+    /// Whole-request timeout, in seconds (0 counts as 1).
     pub request_timeout_secs: u64,
     /// TLS handshake timeout, in seconds.
     pub handshake_timeout_secs: u64,
@@ -312,22 +312,44 @@ pub struct Limits {
     /// for more runs alone.
     pub max_keys_in_flight: usize,
     /// Most of those one client identity may hold at once (a single
-    /// request for more still runs, alone among its identity's); absent:
-    /// half of `max_keys_in_flight`. Leaves room for other identities when
-    /// one identity's clients stop reading their answers.
+    /// request for more still runs, alone among its identity's). Leaves
+    /// room for other identities when one identity's clients stop reading
+    /// their answers. Set, it must leave room for the largest batch:
+    /// `max_keys_in_flight_per_identity + max_batch <= max_keys_in_flight`,
+    /// so that while one identity holds its whole share, another's largest
+    /// request still fits in the pool (rather than queueing in front of
+    /// every other request for `keys_wait_ms`). Absent: half of
+    /// `max_keys_in_flight` or `max_keys_in_flight - max_batch`, whichever
+    /// is less, and at least 1 (with a `max_batch` as large as the pool,
+    /// an identity's requests for keys then run one at a time).
     pub max_keys_in_flight_per_identity: Option<usize>,
     /// How long an issue or unwrap request waits for room for its keys
     /// (under the pool or its identity's share) before 503 `busy` with
     /// `Retry-After`, in milliseconds; shorter than `request_timeout_secs`.
     pub keys_wait_ms: u64,
     /// How long a client has to take an answer carrying keys once it is
-    /// ready, in seconds; a client that has not read it by then has its
-    /// connection closed, and the room the keys took is free again.
+    /// ready, in seconds (at least 1); a client that has not read it by
+    /// then has its connection closed, and the room the keys took is free
+    /// again.
     pub keys_send_timeout_secs: u64,
     /// Most connections open at once on each listener (the mutual-TLS API
     /// and `ops_listen`), counted from before the TLS handshake; a
     /// connection over it is closed as soon as it is accepted.
     pub max_connections: usize,
+    /// Most of those still in their TLS handshake (mutual-TLS API), less
+    /// than `max_connections`: anyone who reaches the port can hold a
+    /// handshake open until `handshake_timeout_secs`, so handshakes get a
+    /// budget of their own and cannot take the slots of authenticated
+    /// connections. A connection over it is closed as soon as it is
+    /// accepted.
+    pub max_handshakes: usize,
+    /// Most connections in their TLS handshake from one peer (an IPv4
+    /// address, or an IPv6 /64) once half of `max_handshakes` is in use,
+    /// so that one host cannot spend the whole budget either; over it,
+    /// closed when accepted. Below half, a peer is not held to it, so that
+    /// a client opening many connections at once goes through while
+    /// nothing is wrong.
+    pub max_handshakes_per_peer: usize,
 }
 
 impl Default for Limits {
@@ -342,6 +364,8 @@ impl Default for Limits {
             keys_wait_ms: 5_000,
             keys_send_timeout_secs: 30,
             max_connections: 4_096,
+            max_handshakes: 256,
+            max_handshakes_per_peer: 32,
         }
     }
 }
@@ -353,29 +377,74 @@ impl Limits {
     }
 
     /// The most keys in flight one identity may hold: as configured, or
-    /// half the pool (at least 1, at most the pool).
+    /// half the pool or what the largest batch leaves of it, whichever is
+    /// less (at least 1, at most the pool).
     pub fn keys_in_flight_per_identity(&self) -> usize {
         let pool = self.keys_in_flight();
-        self.max_keys_in_flight_per_identity.unwrap_or(pool / 2).clamp(1, pool)
+        let default = || (pool / 2).min(pool.saturating_sub(self.max_batch));
+        self.max_keys_in_flight_per_identity.unwrap_or_else(default).clamp(1, pool)
+    }
+
+    /// The whole-request timeout (`request_timeout_secs`, 0 counting as 1).
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs.max(1))
+    }
+
+    /// How long a client has to take an answer carrying keys.
+    pub fn keys_send_timeout(&self) -> Duration {
+        Duration::from_secs(self.keys_send_timeout_secs.max(1))
     }
 
     /// Refuses settings that would disable a limit by mistake.
     fn check(&self) -> Result<(), ConfigError> {
-        if self.max_connections == 0 {
-            return Err(ConfigError::new("limits.max_connections must be at least 1"));
+        for (name, value) in [
+            ("max_connections", self.max_connections),
+            ("max_handshakes", self.max_handshakes),
+            ("max_handshakes_per_peer", self.max_handshakes_per_peer),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(format!("limits.{name} must be at least 1")));
+            }
         }
-        if self.max_keys_in_flight_per_identity == Some(0) {
+        if self.max_handshakes >= self.max_connections {
+            return Err(ConfigError::new(format!(
+                "limits.max_handshakes ({}) must be less than limits.max_connections ({}), so \
+                 that connections still in their TLS handshake cannot take every slot from \
+                 authenticated ones",
+                self.max_handshakes, self.max_connections
+            )));
+        }
+        if let Some(share) = self.max_keys_in_flight_per_identity {
+            if share == 0 {
+                return Err(ConfigError::new(
+                    "limits.max_keys_in_flight_per_identity must be at least 1",
+                ));
+            }
+            if share.saturating_add(self.max_batch) > self.keys_in_flight() {
+                return Err(ConfigError::new(format!(
+                    "limits.max_keys_in_flight_per_identity ({share}) plus limits.max_batch \
+                     ({}) must be at most limits.max_keys_in_flight ({}), so that while one \
+                     identity holds its whole share another's largest request still fits: \
+                     lower the share or max_batch, or raise max_keys_in_flight",
+                    self.max_batch,
+                    self.keys_in_flight()
+                )));
+            }
+        }
+        if self.keys_send_timeout_secs == 0 {
             return Err(ConfigError::new(
-                "limits.max_keys_in_flight_per_identity must be at least 1",
+                "limits.keys_send_timeout_secs must be at least 1 (a client always has some \
+                 time to take an answer carrying keys)",
             ));
         }
-        if Duration::from_millis(self.keys_wait_ms)
-            >= Duration::from_secs(self.request_timeout_secs)
-        {
-            return Err(ConfigError::new(
-                "limits.keys_wait_ms must be shorter than limits.request_timeout_secs, so that \
-                 a request waiting for room is answered 503 busy rather than timed out",
-            ));
+        if Duration::from_millis(self.keys_wait_ms) >= self.request_timeout() {
+            return Err(ConfigError::new(format!(
+                "limits.keys_wait_ms ({} ms) must be shorter than the request timeout ({} s; \
+                 limits.request_timeout_secs, 0 counting as 1), so that a request waiting for \
+                 room is answered 503 busy rather than timed out",
+                self.keys_wait_ms,
+                self.request_timeout().as_secs()
+            )));
         }
         Ok(())
     }
@@ -844,6 +913,84 @@ max_batch = 500
             std::fs::write(&path, format!("{base}[trusted_masters]\nkeys = [{key:?}]\n")).unwrap();
             let error = ServerConfig::load(&path).unwrap_err().to_string();
             assert!(error.contains("trusted_masters.keys") && error.contains(key), "{error}");
+        }
+    }
+
+    /// `[limits]` from `text`, checked.
+    fn limits(text: &str) -> Result<Limits, String> {
+        let limits: Limits = toml::from_str(text).map_err(|e| e.to_string())?;
+        limits.check().map(|()| limits).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn an_identity_share_leaves_room_for_the_largest_batch() {
+        // By default, half the pool or what the largest batch leaves of
+        // it, whichever is less: 16,384 - 10,000.
+        let defaults = limits("").unwrap();
+        assert_eq!(defaults.keys_in_flight_per_identity(), 6_384);
+        let share = |text: &str| limits(text).unwrap().keys_in_flight_per_identity();
+        assert_eq!(share("max_keys_in_flight = 100_000"), 50_000);
+        assert_eq!(share("max_keys_in_flight = 4000\nmax_batch = 1000"), 2_000);
+        assert_eq!(share("max_keys_in_flight = 4000\nmax_batch = 3000"), 1_000);
+        // A batch as large as the pool leaves nothing: 1, an identity's
+        // requests for keys one at a time.
+        assert_eq!(share("max_keys_in_flight = 1000"), 1);
+        assert_eq!(share("max_keys_in_flight = 10000"), 1);
+        // Set, the share and the largest batch must fit in the pool.
+        assert_eq!(share("max_keys_in_flight_per_identity = 6384"), 6_384);
+        assert_eq!(
+            share(
+                "max_keys_in_flight = 3500\nmax_keys_in_flight_per_identity = 1000\nmax_batch = 2500"
+            ),
+            1_000
+        );
+        for bad in [
+            "max_keys_in_flight_per_identity = 8192",
+            "max_keys_in_flight = 1000\nmax_keys_in_flight_per_identity = 1000",
+            "max_keys_in_flight = 3500\nmax_keys_in_flight_per_identity = 1001\nmax_batch = 2500",
+        ] {
+            let e = limits(bad).unwrap_err();
+            assert!(
+                e.contains("limits.max_keys_in_flight_per_identity")
+                    && e.contains("plus limits.max_batch")
+                    && e.contains("must be at most limits.max_keys_in_flight"),
+                "{bad}: {e}"
+            );
+        }
+        let e = limits("max_keys_in_flight_per_identity = 0").unwrap_err();
+        assert!(e.contains("max_keys_in_flight_per_identity must be at least 1"), "{e}");
+    }
+
+    #[test]
+    fn waits_and_deadlines_for_keys_are_checked_as_they_apply() {
+        // A request timeout of 0 counts as 1 s: the wait must be shorter.
+        assert!(limits("request_timeout_secs = 0\nkeys_wait_ms = 999").is_ok());
+        let e = limits("request_timeout_secs = 0\nkeys_wait_ms = 1000").unwrap_err();
+        assert!(e.contains("limits.keys_wait_ms (1000 ms) must be shorter"), "{e}");
+        assert!(e.contains("(1 s;"), "{e}");
+        assert!(limits("request_timeout_secs = 30\nkeys_wait_ms = 30000").is_err());
+        assert!(limits("request_timeout_secs = 0").unwrap_err().contains("(1 s;"), "5 s default");
+        // No send deadline of 0 (it would have been 1 s without a word).
+        let e = limits("keys_send_timeout_secs = 0").unwrap_err();
+        assert!(e.contains("limits.keys_send_timeout_secs must be at least 1"), "{e}");
+        assert_eq!(limits("keys_send_timeout_secs = 1").unwrap().keys_send_timeout().as_secs(), 1);
+    }
+
+    #[test]
+    fn handshakes_have_a_budget_smaller_than_the_connections() {
+        let defaults = limits("").unwrap();
+        assert_eq!(
+            (defaults.max_connections, defaults.max_handshakes, defaults.max_handshakes_per_peer),
+            (4_096, 256, 32)
+        );
+        assert!(limits("max_connections = 300\nmax_handshakes = 299").is_ok());
+        for bad in ["max_connections = 256", "max_connections = 100\nmax_handshakes = 200"] {
+            let e = limits(bad).unwrap_err();
+            assert!(e.contains("must be less than limits.max_connections"), "{bad}: {e}");
+        }
+        for zero in ["max_connections", "max_handshakes", "max_handshakes_per_peer"] {
+            let e = limits(&format!("{zero} = 0")).unwrap_err();
+            assert!(e.contains(&format!("limits.{zero} must be at least 1")), "{e}");
         }
     }
 }

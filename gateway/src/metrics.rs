@@ -26,6 +26,26 @@ pub struct RouteLabels {
     pub route: String,
 }
 
+/// Labels of a connection closed as soon as it was accepted.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionRefusedLabels {
+    /// `api` (mutual TLS) or `ops` (`ops_listen`).
+    pub listener: &'static str,
+    /// The cap it was over: `connections` (`limits.max_connections`),
+    /// `handshakes` (`limits.max_handshakes`) or `peer_handshakes`
+    /// (`limits.max_handshakes_per_peer`).
+    pub reason: &'static str,
+}
+
+/// Labels of an issue or unwrap refused 503 `busy`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeysBusyLabels {
+    /// What did not have room in time: `identity_share`
+    /// (`limits.max_keys_in_flight_per_identity`) or `pool`
+    /// (`limits.max_keys_in_flight`).
+    pub wait: &'static str,
+}
+
 /// Every metric the key service exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -48,6 +68,14 @@ pub struct Metrics {
     pub audit_failures: Counter,
     /// Audit group commits (transactions) written.
     pub audit_commits: Counter,
+    /// Connections closed as soon as they were accepted, by listener and cap.
+    pub connections_refused: Family<ConnectionRefusedLabels, Counter>,
+    /// Issue and unwrap requests refused 503 `busy` (no room for their
+    /// keys within `limits.keys_wait_ms`), by what they waited for.
+    pub keys_busy: Family<KeysBusyLabels, Counter>,
+    /// Connections closed because an answer carrying keys was not taken
+    /// within `limits.keys_send_timeout_secs`.
+    pub key_sends_overdue: Counter,
     /// Sidecar: pre-issued DEKs pooled.
     pub dek_pool_size: Gauge<u64, AtomicU64>,
     /// Sidecar: DEK cache hits.
@@ -77,6 +105,9 @@ impl Default for Metrics {
             (Gauge::default(), Gauge::default(), Gauge::default(), Gauge::default());
         let (audit_events, audit_failures, audit_commits) =
             (Counter::default(), Counter::default(), Counter::default());
+        let connections_refused = Family::<ConnectionRefusedLabels, Counter>::default();
+        let keys_busy = Family::<KeysBusyLabels, Counter>::default();
+        let key_sends_overdue = Counter::default();
         let (dek_pool_size, dek_cache_hits, dek_cache_misses, dek_cache_entries, audit_pending) = (
             Gauge::default(),
             Gauge::default(),
@@ -105,6 +136,21 @@ impl Default for Metrics {
         registry.register("audit_events", "Audit events committed", audit_events.clone());
         registry.register("audit_commit_failures", "Failed audit commits", audit_failures.clone());
         registry.register("audit_commits", "Audit group commits written", audit_commits.clone());
+        registry.register(
+            "connections_refused",
+            "Connections closed at accept, by listener and the cap they were over",
+            connections_refused.clone(),
+        );
+        registry.register(
+            "keys_busy",
+            "Issue and unwrap requests answered 503 busy, by what had no room for their keys",
+            keys_busy.clone(),
+        );
+        registry.register(
+            "key_sends_overdue",
+            "Connections closed because an answer carrying keys was not taken in time",
+            key_sends_overdue.clone(),
+        );
         registry.register(
             "dek_pool_size",
             "Pre-issued DEKs pooled (sidecar)",
@@ -157,6 +203,9 @@ impl Default for Metrics {
             audit_events,
             audit_failures,
             audit_commits,
+            connections_refused,
+            keys_busy,
+            key_sends_overdue,
             dek_pool_size,
             dek_cache_hits,
             dek_cache_misses,
@@ -177,5 +226,27 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_abuse_counters_are_exported() {
+        let metrics = Metrics::default();
+        let refused = ConnectionRefusedLabels { listener: "api", reason: "peer_handshakes" };
+        metrics.connections_refused.get_or_create(&refused).inc_by(3);
+        metrics.keys_busy.get_or_create(&KeysBusyLabels { wait: "pool" }).inc();
+        metrics.key_sends_overdue.inc();
+        let text = metrics.encode();
+        for line in [
+            r#"keygate_connections_refused_total{listener="api",reason="peer_handshakes"} 3"#,
+            r#"keygate_keys_busy_total{wait="pool"} 1"#,
+            "keygate_key_sends_overdue_total 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in {text}");
+        }
     }
 }

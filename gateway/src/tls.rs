@@ -150,6 +150,14 @@ pub fn build_server_config(paths: &TlsConfig) -> Result<Arc<ServerConfig>, TlsEr
 /// - a DNS SAN (with no URI SAN) that is not a host name: only ASCII
 ///   letters, digits, `.` and `-` are taken, so a DNS SAN can never
 ///   spell a URI identity (`spiffe://…`), a pattern (`*`) or a path.
+///
+/// Several DNS SANs are not refused the way several URI SANs are:
+/// certificates legitimately carry several names for one service
+/// (`api`, `api.onc`, `api.onc.svc.cluster.local`), so the first, in the
+/// certificate's order, is the identity and the others are ignored (if the
+/// first is no host name there is none: the next is not tried). The policy
+/// grants roles to that first name. A URI SAN, where there is one, always
+/// wins.
 pub fn identity_of(chain: Option<&[CertificateDer<'_>]>) -> Option<String> {
     let leaf = chain?.first()?;
     let (_, cert) = X509Certificate::from_der(leaf.as_ref()).ok()?;
@@ -167,6 +175,8 @@ pub fn identity_of(chain: Option<&[CertificateDer<'_>]>) -> Option<String> {
         }
         (None, _) => {}
     }
+    // The first DNS SAN, deliberately: several are common and fine (see
+    // above), unlike several URI SANs.
     let dns = names.iter().find_map(|n| match n {
         GeneralName::DNSName(dns) => Some(*dns),
         _ => None,
@@ -223,10 +233,20 @@ mod tests {
         assert_eq!(identity(vec![uri(api)]).as_deref(), Some(api));
         assert_eq!(identity(vec![dns("api.onc.svc"), uri(api)]).as_deref(), Some(api));
         assert_eq!(identity(vec![dns("API.Onc.svc")]).as_deref(), Some("api.onc.svc"));
+        // Several DNS SANs: the first is the identity, whatever follows.
         assert_eq!(
             identity(vec![dns("a.example"), dns("b.example")]).as_deref(),
             Some("a.example")
         );
+        assert_eq!(
+            identity(vec![dns("b.example"), dns("a.example")]).as_deref(),
+            Some("b.example")
+        );
+        assert_eq!(
+            identity(vec![dns("a.example"), dns("*.example")]).as_deref(),
+            Some("a.example")
+        );
+        assert_eq!(identity(vec![dns("*.example"), dns("a.example")]), None, "the first or none");
         assert_eq!(identity(vec![]), None);
         assert_eq!(identity_of(None), None);
     }

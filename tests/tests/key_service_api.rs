@@ -193,11 +193,18 @@ async fn concurrent_requests_share_audit_commits() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn keys_in_flight_are_bounded_and_every_request_is_served() {
-    // Room for 1,000 plaintext DEKs at a time: 12 concurrent requests of
-    // 500 take turns, a request for 2,500 runs alone, and unwraps share
-    // the same bound. Nobody is refused and every key is distinct.
+    // Room for 3,500 plaintext DEKs at a time, 1,000 of them per identity
+    // (and batches of at most 2,500, so that the share and the largest
+    // batch fit together): 12 concurrent requests of 500 take turns, two
+    // at a time, a request for 2,500 (more than the share) runs alone
+    // among its identity's, and unwraps share the same bounds. The wait
+    // for room is long (20 s, under the 30 s request timeout), so that a
+    // slow machine serializes the requests rather than refusing them:
+    // nobody is refused and every key is distinct.
     let dir = tempfile::tempdir().unwrap();
-    let ks = KeyService::start(dir.path(), "[limits]\nmax_keys_in_flight = 1000\n");
+    let limits = "[limits]\nmax_keys_in_flight = 3500\nmax_keys_in_flight_per_identity = 1000\n\
+                  max_batch = 2500\nkeys_wait_ms = 20000\nrequest_timeout_secs = 30\n";
+    let ks = KeyService::start(dir.path(), limits);
     let (status, _) = ks.post(ADMIN, "/v1/tenants", &json!({"tenant": "onc"})).await;
     assert_eq!(status, 201);
     let ks = std::sync::Arc::new(ks);

@@ -1,18 +1,12 @@
-//! What a listener does around `accept`: the pause after a failed one,
-//! and the cap on connections open at once.
+//! The pause after a failed `accept`.
 //!
 //! Accepts fail in runs (the process is out of file descriptors, say,
 //! often because of a connection flood): retrying at once would spin, and
 //! warning on every retry would flood the log for as long as the run
-//! lasts. The cap keeps a flood from getting that far: every connection
-//! takes a slot before its TLS handshake and gives it back when it ends; a
-//! connection accepted with every slot taken is closed at once.
+//! lasts. The connection caps ([`super::ConnectionSlots`]) keep a flood
+//! from getting that far.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
-
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The first pause.
 const FIRST: Duration = Duration::from_millis(50);
@@ -47,70 +41,9 @@ impl AcceptBackoff {
     }
 }
 
-/// The connections one listener may have open at once.
-#[derive(Debug)]
-pub(crate) struct ConnectionSlots {
-    slots: Arc<Semaphore>,
-    /// Connections closed because every slot was taken.
-    refused: AtomicU64,
-    /// Whether the last connection was refused (a run of refusals is
-    /// warned about once, at its start).
-    full: AtomicBool,
-}
-
-impl ConnectionSlots {
-    /// `max` slots (at least 1).
-    pub(crate) fn new(max: usize) -> Self {
-        Self {
-            slots: Arc::new(Semaphore::new(max.clamp(1, Semaphore::MAX_PERMITS))),
-            refused: AtomicU64::new(0),
-            full: AtomicBool::new(false),
-        }
-    }
-
-    /// A slot for a new connection, held until the connection ends, or
-    /// `None` (counted, and logged at the start of a run) if every slot is
-    /// taken.
-    pub(crate) fn take(&self) -> Option<OwnedSemaphorePermit> {
-        match self.slots.clone().try_acquire_owned() {
-            Ok(slot) => {
-                if self.full.swap(false, Ordering::Relaxed) {
-                    tracing::info!("connection slots free again");
-                }
-                Some(slot)
-            }
-            Err(_) => {
-                self.refused.fetch_add(1, Ordering::Relaxed);
-                if !self.full.swap(true, Ordering::Relaxed) {
-                    tracing::warn!("every connection slot is taken: closing new connections");
-                }
-                None
-            }
-        }
-    }
-
-    /// How many connections were closed because every slot was taken.
-    pub(crate) fn refused(&self) -> u64 {
-        self.refused.load(Ordering::Relaxed)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn slots_are_taken_given_back_and_refusals_counted() {
-        let slots = ConnectionSlots::new(2);
-        let first = slots.take().unwrap();
-        let _second = slots.take().unwrap();
-        assert!(slots.take().is_none());
-        assert!(slots.take().is_none());
-        assert_eq!(slots.refused(), 2);
-        drop(first);
-        assert!(slots.take().is_some());
-        assert_eq!(slots.refused(), 2);
-    }
 
     #[test]
     fn pauses_double_to_a_second_and_start_over_after_a_success() {

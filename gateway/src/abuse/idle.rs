@@ -104,13 +104,23 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    serve_http_with(io, service, headers, idle, None, stop).await
+    serve_http_with(io, service, headers, idle, None, stop).await.map(|_| ())
+}
+
+/// How a connection served by [`serve_http_with`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// It closed, or was closed (idle, shutting down).
+    Closed,
+    /// It was closed because an answer carrying keys was not taken within
+    /// the send limit (the caller counts and logs it, naming the peer).
+    SendOverdue,
 }
 
 /// [`serve_http`], and with a `send_limit`, each request gets the
 /// connection's [`SecretSends`] in its extensions, and an answer it notes
 /// there that is still unsent after `send_limit` closes the connection at
-/// once (dropping the answer).
+/// once (dropping the answer): [`Ended::SendOverdue`].
 pub(crate) async fn serve_http_with<I, S>(
     io: I,
     service: S,
@@ -118,7 +128,7 @@ pub(crate) async fn serve_http_with<I, S>(
     idle: Duration,
     send_limit: Option<Duration>,
     stop: watch::Receiver<bool>,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+) -> Result<Ended, Box<dyn std::error::Error + Send + Sync>>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: tower::Service<
@@ -144,13 +154,10 @@ where
         }
     };
     tokio::select! {
-        served = serve_until_idle(connection, &activity, idle, stop) => served,
-        () = overdue => {
-            tracing::warn!(
-                "an answer carrying keys was not taken within the send limit: connection closed"
-            );
-            Ok(())
+        served = serve_until_idle(connection, &activity, idle, stop) => {
+            served.map(|()| Ended::Closed)
         }
+        () = overdue => Ok(Ended::SendOverdue),
     }
 }
 
@@ -399,11 +406,13 @@ mod tests {
         let (mut client, server) = tokio::io::duplex(4096);
         let (_stop_tx, stop) = watch::channel(false);
         let limit = Duration::from_secs(10);
-        let idle = Duration::from_secs(120);
+        // Both far longer than the send limit, so only it can close.
+        let (headers, idle) = (Duration::from_secs(60), Duration::from_secs(120));
         let started = Instant::now();
-        let served = tokio::spawn(serve_http_with(server, service, limit, idle, Some(limit), stop));
+        let served =
+            tokio::spawn(serve_http_with(server, service, headers, idle, Some(limit), stop));
         client.write_all(b"GET / HTTP/1.1\r\nhost: keygate\r\n\r\n").await.unwrap();
-        served.await.unwrap().unwrap();
+        assert_eq!(served.await.unwrap().unwrap(), Ended::SendOverdue);
         assert_eq!(started.elapsed(), limit, "closed at the send limit, not when idle");
         assert!(dropped.load(Ordering::Relaxed), "the answer went with the connection");
     }

@@ -51,9 +51,9 @@ struct IdentityLimiter {
 
 /// Wraps the key service's API router. Before the body is read: a caller
 /// without an identity is refused (403) on every route but the open ones
-/// ([`OPEN_PATHS`]), and a token is taken from the caller's bucket (429
+/// (`OPEN_PATHS`), and a token is taken from the caller's bucket (429
 /// `rate_limited` + `Retry-After`); a refused request's body is drained,
-/// not kept (see [`refuse_unread`]). Then the whole body is read (within
+/// not kept (see `refuse_unread`). Then the whole body is read (within
 /// `body_read_timeout_secs` and `max_body` bytes, so every answer, even an
 /// early refusal, leaves the connection clean).
 pub fn protect_key_service(router: Router, config: &AbuseConfig, max_body: usize) -> Router {

@@ -24,7 +24,10 @@
 //!   identity, a bounded wait (503 `busy`) and a send deadline
 //!   ([`KeyRoom`]).
 //! - **Connections**: at most `limits.max_connections` open on each key
-//!   service listener ([`ConnectionSlots`]).
+//!   service listener, of which at most `limits.max_handshakes` still in
+//!   their TLS handshake, and once half of those are, at most
+//!   `limits.max_handshakes_per_peer` from one address
+//!   (`slots::ConnectionSlots`).
 
 mod accept;
 mod body;
@@ -35,14 +38,16 @@ mod idle;
 mod keys;
 mod layer;
 mod sends;
+mod slots;
 
-pub(crate) use self::accept::{AcceptBackoff, ConnectionSlots};
+pub(crate) use self::accept::AcceptBackoff;
 pub use self::bucket::{KeyedBuckets, TokenBucket};
 pub use self::config::{AbuseConfig, SidecarAbuseConfig};
 pub(crate) use self::depth::after_string;
 pub use self::depth::{exceeds_depth, nesting};
-pub(crate) use self::idle::{OpenConnections, serve_http, serve_http_with};
+pub(crate) use self::idle::{Ended, OpenConnections, serve_http, serve_http_with};
 pub use self::keys::{KeyRoom, KeysHeld};
 pub(crate) use self::layer::NO_IDENTITY;
 pub use self::layer::{BodyBounds, ConnectionGuard, protect_key_service, protect_sidecar};
 pub use self::sends::{PendingSend, SecretSends};
+pub(crate) use self::slots::{ConnectionSlots, Refusal, SlotLimits};

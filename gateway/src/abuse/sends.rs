@@ -27,7 +27,7 @@ struct Pending {
 }
 
 /// A connection's answers carrying keys, put into each of its requests'
-/// extensions by [`super::idle::serve_http_with`] when the connection has
+/// extensions by `abuse::idle::serve_http_with` when the connection has
 /// a send limit.
 #[derive(Debug, Clone, Default)]
 pub struct SecretSends(Arc<Mutex<Pending>>);

@@ -15,7 +15,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use super::handlers::compliance::ComplianceContext;
 use super::masters::{MasterTrust, RecordedMasters, masters_in_use, recorded_settings};
 use super::{AppState, jobs, listener, routes};
-use crate::abuse::KeyRoom;
+use crate::abuse::{KeyRoom, SlotLimits};
 use crate::audit_log::AuditLog;
 use crate::config::{RootConfig, ServerConfig};
 use crate::metrics::Metrics;
@@ -97,6 +97,22 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
             .await
             .map_err(|e| fail("audit log")(&e))?;
     let tls = Arc::new(TlsReloader::load(&config.tls).map_err(|e| fail("TLS")(&e))?);
+    let key_permits = KeyRoom::new(
+        config.limits.keys_in_flight(),
+        config.limits.keys_in_flight_per_identity(),
+        Duration::from_millis(config.limits.keys_wait_ms),
+        metrics.keys_busy.clone(),
+    );
+    if config.limits.max_keys_in_flight_per_identity.is_none()
+        && config.limits.max_batch >= config.limits.keys_in_flight()
+    {
+        tracing::warn!(
+            max_batch = config.limits.max_batch,
+            max_keys_in_flight = config.limits.max_keys_in_flight,
+            "limits.max_batch leaves no room in limits.max_keys_in_flight for a share per \
+             identity: each identity's requests for keys run one at a time"
+        );
+    }
     let state = AppState {
         hierarchy: hierarchy.clone(),
         policy: policy.clone(),
@@ -106,11 +122,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         lifecycle: config.lifecycle.clone(),
         keys: config.keys.clone(),
         master_trust,
-        key_permits: KeyRoom::new(
-            config.limits.keys_in_flight(),
-            config.limits.keys_in_flight_per_identity(),
-            Duration::from_millis(config.limits.keys_wait_ms),
-        ),
+        key_permits,
         root_probe: Arc::default(),
     };
 
@@ -135,14 +147,20 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         stop_rx.clone(),
     );
     let limits = listener::ConnectionLimits {
-        max_open: config.limits.max_connections,
+        slots: SlotLimits {
+            connections: config.limits.max_connections,
+            handshakes: config.limits.max_handshakes,
+            handshakes_per_peer: config.limits.max_handshakes_per_peer,
+        },
         handshake: Duration::from_secs(config.limits.handshake_timeout_secs.max(1)),
         headers: config.abuse.header_read_timeout(),
         idle: config.abuse.idle_timeout(),
-        send: Some(Duration::from_secs(config.limits.keys_send_timeout_secs.max(1))),
+        send: Some(config.limits.keys_send_timeout()),
     };
+    let metrics = state.metrics.clone();
     if let Some(ops_addr) = config.ops_listen {
         let router = routes::ops(state.clone());
+        let metrics = metrics.clone();
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let shutdown = async move {
@@ -158,14 +176,14 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
             if let Ok(addr) = ops.local_addr() {
                 tracing::info!(%addr, "ops endpoints listening (plain HTTP)");
             }
-            listener::serve_plain(ops, router, limits, shutdown, DRAIN).await;
+            listener::serve_plain(ops, router, limits, metrics, shutdown, DRAIN).await;
         });
     }
 
     let router = routes::api(state).layer(axum::Extension(compliance));
     let router =
         crate::abuse::protect_key_service(router, &config.abuse, config.limits.max_body_bytes);
-    listener::serve_tls(listener, tls, router, limits, terminated, DRAIN).await;
+    listener::serve_tls(listener, tls, router, limits, metrics, terminated, DRAIN).await;
     tracing::info!("shutting down: flushing the audit log");
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(DRAIN, jobs).await;
