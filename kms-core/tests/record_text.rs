@@ -755,3 +755,41 @@ fn a_wide_schema_takes_the_text_path_too() {
     assert!(written.starts_with(r#"{"plain":true,"f39":"kgp:"#), "{written}");
     assert!(written.contains(r#""f38":"value 38","f37":"#), "{written}");
 }
+
+/// A randomized field's ciphertext tells its value's length only to 16
+/// bytes: `true` and `false`, `"M"` and `"unknown"`, `7` and `1234` are not
+/// told apart by their tokens, by either path. Both paths open what either
+/// wrote, and the text path still writes the value as the tree would.
+#[test]
+fn short_randomized_values_are_not_told_apart_by_length() {
+    let keys = TenantKeys::new("onc", common::key(1), common::key(2));
+    let mut ws = TextWorkspace::default();
+    let token_len =
+        |record: &Value, pointer: &str| record.pointer(pointer).unwrap().as_str().unwrap().len();
+    let mut lengths = std::collections::BTreeSet::new();
+    for value in [
+        json!(true),
+        json!(false),
+        json!("M"),
+        json!("unknown"),
+        json!(7),
+        json!(1234),
+        json!(null),
+        json!([1, 2]),
+    ] {
+        let plain = json!({"ssn": value, "notes": value});
+        let text = serde_json::to_string(&plain).unwrap();
+        let by_text: Value =
+            serde_json::from_str(&text_encrypt(&mut ws, &keys, &text).unwrap()).unwrap();
+        let by_tree = tree_encrypt(&keys, &text).unwrap();
+        for record in [&by_text, &by_tree] {
+            lengths.insert(token_len(record, "/ssn"));
+            lengths.insert(token_len(record, "/notes"));
+            let written = serde_json::to_string(record).unwrap();
+            let (opened, _) = text_decrypt(&mut ws, &keys, &written, &reveal).unwrap();
+            assert_eq!(opened, plain, "text path");
+            assert_eq!(tree_decrypt(&keys, &written, &reveal).unwrap().0, plain, "tree path");
+        }
+    }
+    assert_eq!(lengths.len(), 1, "token lengths {lengths:?}");
+}

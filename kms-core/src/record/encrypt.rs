@@ -99,6 +99,9 @@ pub fn encrypt_record(
         let value = WipedValue(std::mem::take(slot));
         plaintext.clear();
         serde_json::to_writer(&mut plaintext, &value.0).map_err(|_| RecordError::NotAnObject)?;
+        if matches!(spec.mode, FieldMode::Randomized | FieldMode::BlindIndex) {
+            transform::pad(&mut plaintext);
+        }
         let plaintext = plaintext.as_slice();
         let (replacement, sibling_token) = match spec.mode {
             FieldMode::Randomized | FieldMode::BlindIndex => {

@@ -283,6 +283,30 @@ pub(crate) fn is_pseudonym(text: &str) -> bool {
         && BASE32_NOPAD.decode_mut(body.as_bytes(), &mut bytes).is_ok_and(|n| n == PSEUDONYM_LEN)
 }
 
+/// A randomized field's plaintext is padded to a multiple of this many
+/// bytes, so that its ciphertext's length tells the value's length only to
+/// this grain: `true` from `false`, `"M"` from `"F"`, one short code or
+/// small number from another are not told apart.
+pub(crate) const PAD_BLOCK: usize = 16;
+
+/// Pads a value's JSON text in `plaintext` with trailing spaces (JSON
+/// whitespace, which every reader of the value skips, so records written
+/// before padding and after read alike) to a multiple of [`PAD_BLOCK`].
+///
+/// Deterministic fields are not padded: their tokens must stay equal to
+/// those already stored, which equality search depends on.
+pub(crate) fn pad(plaintext: &mut SecretBuf) {
+    let padded = plaintext.len().max(1).div_ceil(PAD_BLOCK) * PAD_BLOCK;
+    let missing = padded - plaintext.len();
+    plaintext.extend_zeroed(missing).fill(b' ');
+}
+
+/// An opened value's JSON text without the padding [`pad`] added (no
+/// JSON value's text ends in whitespace).
+pub(crate) fn unpadded(plaintext: &[u8]) -> &[u8] {
+    plaintext.trim_ascii_end()
+}
+
 /// Deterministic encryption of a field's canonical JSON text.
 pub(crate) fn seal_deterministic(keys: &FieldKeys, plaintext: &[u8]) -> Option<String> {
     let mut sealed = Vec::with_capacity(plaintext.len() + crate::crypto::SEAL_OVERHEAD);

@@ -367,13 +367,21 @@ impl TextWorkspace {
                         Some(contents) => Some(IndexText::Borrowed(contents)),
                         None => transform::index_text_of_json(raw),
                     };
-                    let plaintext = if simple.is_some() {
+                    let padded = matches!(spec.mode, FieldMode::Randomized | FieldMode::BlindIndex);
+                    let plaintext = if simple.is_some() && !padded {
                         raw
                     } else {
                         self.plaintext.clear();
-                        let value = WipedValue::parse(raw).ok_or(Fallback::Tree)?;
-                        serde_json::to_writer(&mut self.plaintext, &value.0)
-                            .map_err(|_| Fallback::Tree)?;
+                        if simple.is_some() {
+                            self.plaintext.extend_from_slice(raw);
+                        } else {
+                            let value = WipedValue::parse(raw).ok_or(Fallback::Tree)?;
+                            serde_json::to_writer(&mut self.plaintext, &value.0)
+                                .map_err(|_| Fallback::Tree)?;
+                        }
+                        if padded {
+                            transform::pad(&mut self.plaintext);
+                        }
                         self.plaintext.as_slice()
                     };
                     let mut sibling = false;
@@ -668,9 +676,9 @@ impl TextWorkspace {
 /// authenticated bytes that are not JSON mean a bug or a forged key, and
 /// fail.
 fn canonical(opened: &mut SecretBuf, start: usize, end: usize) -> Step<Plain> {
-    let plaintext = opened.as_slice().get(start..end).ok_or(Bail)?;
+    let plaintext = transform::unpadded(opened.as_slice().get(start..end).ok_or(Bail)?);
     if transform::plain_string_contents(plaintext).is_some() {
-        return Ok(Plain::Opened(start, end));
+        return Ok(Plain::Opened(start, start + plaintext.len()));
     }
     let value = WipedValue::parse(plaintext).ok_or(Bail)?;
     let at = opened.len();
