@@ -1,8 +1,11 @@
 //! Derived index keys and this sidecar's grants, fetched from the key
-//! service and kept for the cache TTL (so a shred or a policy change
-//! reaches the sidecar within that bound).
+//! service and kept for the cache TTL from when they were asked for (so a
+//! shred or a policy change reaches the sidecar within that bound). A
+//! tenant's keys forgotten (its shred heard) are not put back by a fetch
+//! that began before.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +25,10 @@ pub(super) struct Keyring {
     schema_keys: Mutex<HashMap<(TenantId, Name, u32), Stamped<SchemaKeys>>>,
     namespace_keys: Mutex<HashMap<(TenantId, Name), Stamped<Key256>>>,
     grants: Mutex<Option<Stamped<EffectiveGrants>>>,
+    /// How many times keys were forgotten: a fetch that began before the
+    /// count changed keeps what it got for its own request, and does not
+    /// cache it.
+    forgets: AtomicU64,
 }
 
 impl Keyring {
@@ -33,7 +40,29 @@ impl Keyring {
             schema_keys: Mutex::default(),
             namespace_keys: Mutex::default(),
             grants: Mutex::default(),
+            forgets: AtomicU64::new(0),
         }
+    }
+
+    /// Caches `value` under `key`, stamped `asked_at`, unless keys were
+    /// forgotten since `forgets_before` was read.
+    fn keep<K: std::hash::Hash + Eq, T>(
+        &self,
+        map: &Mutex<HashMap<K, Stamped<T>>>,
+        key: K,
+        value: Arc<T>,
+        (asked_at, forgets_before): (Instant, u64),
+    ) {
+        let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+        // Read under the map's lock, which `forget` takes after counting.
+        if self.forgets.load(Ordering::Acquire) == forgets_before {
+            map.insert(key, (value, asked_at));
+        }
+    }
+
+    /// When a fetch begins: the time and the forget count.
+    fn asking(&self) -> (Instant, u64) {
+        (Instant::now(), self.forgets.load(Ordering::Acquire))
     }
 
     fn fresh<K: std::hash::Hash + Eq, T>(
@@ -55,11 +84,9 @@ impl Keyring {
         if let Some(keys) = self.fresh(&self.schema_keys, &key) {
             return Ok(keys);
         }
+        let asking = self.asking();
         let keys = Arc::new(self.client.schema_keys(tenant, schema).await?);
-        self.schema_keys
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, (keys.clone(), Instant::now()));
+        self.keep(&self.schema_keys, key, keys.clone(), asking);
         Ok(keys)
     }
 
@@ -73,11 +100,9 @@ impl Keyring {
         if let Some(k) = self.fresh(&self.namespace_keys, &key) {
             return Ok(k);
         }
+        let asking = self.asking();
         let k = Arc::new(self.client.pseudonym_key(tenant, namespace).await?);
-        self.namespace_keys
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, (k.clone(), Instant::now()));
+        self.keep(&self.namespace_keys, key, k.clone(), asking);
         Ok(k)
     }
 
@@ -89,14 +114,15 @@ impl Keyring {
         {
             return Ok(grants.clone());
         }
+        let asked_at = Instant::now();
         let grants = Arc::new(self.client.policy_self().await?);
-        *self.grants.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((grants.clone(), Instant::now()));
+        *self.grants.lock().unwrap_or_else(|p| p.into_inner()) = Some((grants.clone(), asked_at));
         Ok(grants)
     }
 
     /// Drops the derived keys of `tenant`.
     pub(super) fn forget(&self, tenant: &TenantId) {
+        self.forgets.fetch_add(1, Ordering::AcqRel);
         self.schema_keys
             .lock()
             .unwrap_or_else(|p| p.into_inner())
