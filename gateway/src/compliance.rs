@@ -54,6 +54,8 @@ pub mod hipaa {
 /// The rule that the master key is in an HSM or a KMS.
 const ROOT_KEY_RULE: &str = "root_key.hardware_backed";
 const AUDIT_DURABLE_RULE: &str = "audit.durable";
+/// The rule that no certificate comes from a keygate development CA.
+const DEVELOPMENT_PKI_RULE: &str = "tls.development_pki";
 
 /// Longest KEK auto-rotation period a production deployment may allow.
 pub const MAX_ROTATION_DAYS: u64 = 365;
@@ -228,6 +230,14 @@ pub fn server_report_with(
         hipaa::AUTHENTICATION,
         client_ca(&config.tls.client_ca),
     );
+    r.add(
+        DEVELOPMENT_PKI_RULE,
+        hipaa::AUTHENTICATION,
+        development_pki(&[
+            ("tls.cert", &config.tls.cert),
+            ("tls.client_ca", &config.tls.client_ca),
+        ]),
+    );
     r.add(AUDIT_DURABLE_RULE, hipaa::AUDIT_CONTROLS, audit_durable(config));
     r.add("integrity.audit_checkpoints", hipaa::INTEGRITY, checkpoints(config));
     r.add(
@@ -355,6 +365,14 @@ pub fn sidecar_report(config: &SidecarConfig, hygiene: &Hygiene) -> Report {
             ))
         },
     );
+    r.add(
+        DEVELOPMENT_PKI_RULE,
+        hipaa::AUTHENTICATION,
+        development_pki(&[
+            ("key_service.cert", &config.key_service.cert),
+            ("key_service.ca", &config.key_service.ca),
+        ]),
+    );
     let mut secrets = vec![("key_service.key", config.key_service.key.as_path())];
     if let Some(token) = &config.token_file {
         secrets.push(("token_file", token));
@@ -479,6 +497,50 @@ fn client_ca(path: &Path) -> Result<String, String> {
          certificate(s)); its URI or DNS SAN is the identity",
         path.display()
     ))
+}
+
+/// No certificate in `files` (setting name, path) is a keygate
+/// development CA's or issued by one (`keygate up`, `keygate admin pki`:
+/// organization [`crate::pki::DEVELOPMENT_ORGANIZATION`]). Such a CA's key
+/// sits in a file beside the certificates, so whoever reads it can mint
+/// any identity. A file that cannot be read is left to the checks and the
+/// TLS setup that need it.
+fn development_pki(files: &[(&str, &Path)]) -> Result<String, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    use x509_parser::prelude::{FromDer, X509Certificate, X509Name};
+    let development = |name: &X509Name<'_>| {
+        name.iter_organization()
+            .any(|o| o.as_str().is_ok_and(|o| o == crate::pki::DEVELOPMENT_ORGANIZATION))
+    };
+    let mut found = Vec::new();
+    let mut read = Vec::new();
+    for (setting, path) in files {
+        let Ok(certs) = CertificateDer::pem_file_iter(path) else { continue };
+        read.push(*setting);
+        let from_development_ca = certs.filter_map(Result::ok).any(|der| {
+            X509Certificate::from_der(der.as_ref())
+                .is_ok_and(|(_, cert)| development(cert.subject()) || development(cert.issuer()))
+        });
+        if from_development_ca {
+            found.push(format!("{setting} ({})", path.display()));
+        }
+    }
+    if found.is_empty() {
+        Ok(format!(
+            "no certificate in {} is of a keygate development CA",
+            if read.is_empty() { "the TLS files".to_owned() } else { read.join(" or ") }
+        ))
+    } else {
+        Err(format!(
+            "{} {} certificates of a keygate development CA (O={:?}, made by `keygate up` \
+             or `keygate admin pki`), whose private key is a file anyone who reads it can mint \
+             identities with: use the organization's PKI",
+            found.join(" and "),
+            if found.len() == 1 { "holds" } else { "hold" },
+            crate::pki::DEVELOPMENT_ORGANIZATION
+        ))
+    }
 }
 
 fn audit_durable(config: &ServerConfig) -> Result<String, String> {
@@ -791,6 +853,37 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
         assert!(private_files(&[("k", &path)]).unwrap_err().contains("mode 640"));
         assert!(private_files(&[("k", &dir.path().join("absent"))]).is_err());
+    }
+
+    #[test]
+    fn certificates_of_a_development_ca_fail() {
+        use crate::pki::{DevCa, Validity};
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, pem: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, pem).unwrap();
+            path
+        };
+        let own = DevCa::generate_for("Example Health Issuing CA", "Example Health").unwrap();
+        let dev = DevCa::generate("keygate up development CA").unwrap();
+        let own_ca = write("own-ca.crt", own.cert_pem());
+        let own_leaf = own.issue_server(&["localhost"], Validity::days(1)).unwrap();
+        let own_leaf = write("own.crt", &own_leaf.cert_pem);
+        let dev_ca = write("dev-ca.crt", dev.cert_pem());
+        let dev_leaf = dev.issue_server(&["localhost"], Validity::days(1)).unwrap();
+        let dev_leaf = write("dev.crt", &dev_leaf.cert_pem);
+        let bundle = write("bundle.crt", &format!("{}{}", own.cert_pem(), dev.cert_pem()));
+
+        let ok = development_pki(&[("tls.cert", &own_leaf), ("tls.client_ca", &own_ca)]);
+        assert!(ok.unwrap().contains("tls.cert or tls.client_ca"));
+        // A leaf the development CA issued, the CA itself, or one of a bundle.
+        for (setting, path) in [("tls.cert", &dev_leaf), ("tls.client_ca", &dev_ca)] {
+            let e = development_pki(&[("tls.cert", &own_leaf), (setting, path)]).unwrap_err();
+            assert!(e.starts_with(&format!("{setting} (")) && e.contains("development CA"), "{e}");
+        }
+        assert!(development_pki(&[("tls.client_ca", &bundle)]).is_err());
+        // Files that cannot be read are not this rule's to judge.
+        assert!(development_pki(&[("tls.cert", &dir.path().join("absent"))]).is_ok());
     }
 
     #[test]

@@ -10,6 +10,11 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
+/// The organization (`O=`) of every CA [`DevCa::generate`] makes (`keygate
+/// up`, `keygate admin pki init`): the production profile refuses
+/// certificates of such a CA (rule `tls.development_pki`).
+pub const DEVELOPMENT_ORGANIZATION: &str = "keygate development CA";
+
 /// A certificate and its private key, PEM-encoded.
 pub struct IssuedCert {
     /// The certificate.
@@ -79,15 +84,22 @@ impl Validity {
 pub struct PkiError(#[from] rcgen::Error);
 
 impl DevCa {
-    /// A new CA named `name`, valid ten years.
+    /// A new development CA named `name` (organization
+    /// [`DEVELOPMENT_ORGANIZATION`]), valid ten years.
     pub fn generate(name: &str) -> Result<Self, PkiError> {
+        Self::generate_for(name, DEVELOPMENT_ORGANIZATION)
+    }
+
+    /// A new CA named `name` of `organization`, valid ten years. It signs
+    /// only end-entity certificates (path length 0).
+    pub fn generate_for(name: &str, organization: &str) -> Result<Self, PkiError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, name);
-        dn.push(DnType::OrganizationName, "keygate development CA");
+        dn.push(DnType::OrganizationName, organization);
         params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         Validity::days(3650).apply(&mut params);
         let cert_pem = params.self_signed(&key)?.pem();
@@ -138,6 +150,8 @@ impl DevCa {
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, cn);
         params.distinguished_name = dn;
+        // Marked as no CA: a leaf key cannot sign certificates.
+        params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         validity.apply(&mut params);
         let cert = params.signed_by(&key, &self.issuer)?;
@@ -145,5 +159,45 @@ impl DevCa {
             cert_pem: cert.pem(),
             key_pem: zeroize::Zeroizing::new(key.serialize_pem()),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+
+    use super::*;
+
+    fn parsed(pem: &str, check: impl FnOnce(&X509Certificate<'_>)) {
+        let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        let (_, cert) = X509Certificate::from_der(&der.contents).unwrap();
+        check(&cert);
+    }
+
+    #[test]
+    fn the_ca_signs_only_leaves_and_leaves_are_no_ca() {
+        let ca = DevCa::generate("test").unwrap();
+        parsed(ca.cert_pem(), |cert| {
+            let constraints = cert.basic_constraints().unwrap().unwrap().value;
+            assert!(constraints.ca);
+            assert_eq!(constraints.path_len_constraint, Some(0));
+            let org = cert.subject().iter_organization().next().unwrap();
+            assert_eq!(org.as_str().unwrap(), DEVELOPMENT_ORGANIZATION);
+        });
+        let server = ca.issue_server(&["localhost"], Validity::days(1)).unwrap();
+        let client = ca.issue_client("spiffe://t/a", Validity::days(1)).unwrap();
+        for leaf in [&server.cert_pem, &client.cert_pem] {
+            parsed(leaf, |cert| {
+                let constraints = cert.basic_constraints().unwrap().expect("present").value;
+                assert!(!constraints.ca);
+                let org = cert.issuer().iter_organization().next().unwrap();
+                assert_eq!(org.as_str().unwrap(), DEVELOPMENT_ORGANIZATION);
+            });
+        }
+        let other = DevCa::generate_for("test", "Example Health").unwrap();
+        parsed(other.cert_pem(), |cert| {
+            let org = cert.subject().iter_organization().next().unwrap();
+            assert_eq!(org.as_str().unwrap(), "Example Health");
+        });
     }
 }

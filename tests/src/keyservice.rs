@@ -84,7 +84,9 @@ impl Pki {
     /// `dir` (a new CA each time: restarted services get new certificates).
     pub fn create(dir: &Path) -> Self {
         std::fs::create_dir_all(dir).unwrap();
-        let ca = DevCa::generate("keygate test CA").unwrap();
+        // Not of the development organization: production-profile tests
+        // use this PKI as the organization's own (`tls.development_pki`).
+        let ca = DevCa::generate_for("keygate test CA", "keygate tests").unwrap();
         let other_ca = DevCa::generate("some other CA").unwrap();
         let server = ca.issue_server(&["localhost", "127.0.0.1"], Validity::days(30)).unwrap();
         write_private(&dir.join("server.key"), &server.key_pem);

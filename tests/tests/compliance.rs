@@ -7,6 +7,7 @@
 use std::ffi::OsStr;
 use std::path::Path;
 
+use gateway::pki::{DevCa, Validity};
 use keygate_tests::cluster::{PgSchema, pg_url};
 use keygate_tests::keyservice::{KeyService, Options, Pki, run_to_exit, write_private};
 use keygate_tests::providers::softhsm2::{self, SoftHsm2};
@@ -224,6 +225,29 @@ fn insecure_key_service_configs_are_refused_naming_the_rule() {
     assert!(!ok);
     assert_refused(&stderr, "authentication.client_certificates", "164.312(d)");
 
+    // Certificates of a keygate development CA (`keygate up`, `keygate
+    // admin pki`), whose key sits in a file: as the client CA, or as the
+    // CA that issued the server's certificate.
+    let development = DevCa::generate("keygate up development CA").unwrap();
+    for file in ["ca.crt", "server.crt"] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_server(dir.path(), "", "", PRODUCTION_POLICY);
+        if file == "ca.crt" {
+            std::fs::write(dir.path().join("pki/ca.crt"), development.cert_pem()).unwrap();
+        } else {
+            let server = development.issue_server(&["localhost"], Validity::days(30)).unwrap();
+            std::fs::write(dir.path().join("pki/server.crt"), &server.cert_pem).unwrap();
+            write_private(&dir.path().join("pki/server.key"), &server.key_pem);
+        }
+        let (ok, stderr) = run_once("server", &config, true);
+        assert!(!ok, "{file}: started");
+        assert_refused(&stderr, "tls.development_pki", "164.312(d)");
+        assert_eq!(rules_named(&stderr), 1, "{stderr}");
+        assert!(stderr.contains(&format!("pki/{file}")), "{stderr}");
+        let (_, stderr) = run_once("server", &config, false);
+        assert!(!stderr.contains("production profile refuses"), "{file}: {stderr}");
+    }
+
     // The keystore and audit chain in memory (tmpfs), where there is one.
     if Path::new("/dev/shm").is_dir() {
         let dir = tempfile::tempdir().unwrap();
@@ -278,6 +302,22 @@ fn insecure_sidecar_configs_are_refused_naming_the_rule() {
     let (ok, stderr) = run_once("sidecar", &path, true);
     assert!(!ok);
     assert_refused(&stderr, "files.private_keys", "164.312(a)(1)");
+
+    // The key service's CA (and the sidecar's certificate) from a keygate
+    // development CA.
+    let dir = tempfile::tempdir().unwrap();
+    let development = DevCa::generate("keygate development CA").unwrap();
+    let cert = development.issue_client(SIDECAR, Validity::days(30)).unwrap();
+    std::fs::write(dir.path().join("ca.crt"), development.cert_pem()).unwrap();
+    std::fs::write(dir.path().join("sidecar.crt"), &cert.cert_pem).unwrap();
+    write_private(&dir.path().join("sidecar.key"), &cert.key_pem);
+    let path = dir.path().join("sidecar.toml");
+    std::fs::write(&path, "schemas = []\n[key_service]\nurls = [\"https://127.0.0.1:1\"]\nca = \"ca.crt\"\ncert = \"sidecar.crt\"\nkey = \"sidecar.key\"\n").unwrap();
+    let (ok, stderr) = run_once("sidecar", &path, true);
+    assert!(!ok);
+    assert_refused(&stderr, "tls.development_pki", "164.312(d)");
+    assert_eq!(rules_named(&stderr), 1, "{stderr}");
+    assert!(stderr.contains("key_service.cert") && stderr.contains("key_service.ca"), "{stderr}");
 }
 
 /// `/proc/<pid>/limits` says no core file may be written.

@@ -1,24 +1,102 @@
 //! `keygate up` from nothing: it starts, and the curl and admin lines it
-//! prints work when pasted into a shell.
+//! prints work when pasted into a shell. It refuses a directory others
+//! could write and configuration from the environment, and says why the
+//! key service failed when it does.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use keygate_tests::keyservice::keygate_binary;
+use keygate_tests::keyservice::{keygate_binary, write_private};
 use serde_json::Value;
+
+/// `keygate up --dir DIR` without the `KEYGATE_…` variables of the test
+/// run (which `up` refuses).
+fn up(dir: &Path) -> Command {
+    let mut command = Command::new(keygate_binary());
+    command.args(["up", "--dir"]).arg(dir);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("KEYGATE_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+/// Runs `command`, which must exit within `limit`; returns (success, stderr).
+fn run_failing_fast(mut command: Command, limit: Duration) -> (bool, String) {
+    let mut child = command.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("keygate up still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    (status.success(), stderr)
+}
+
+#[test]
+fn keygate_up_refuses_configuration_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = dir.path().join("dev");
+    let mut command = up(&dev);
+    command
+        .env("KEYGATE_STORAGE_URL", "postgres://keygate:hunter2@prod-db.internal/keygate")
+        .env("KEYGATE_TLS__CLIENT_CA", "/etc/keygate/prod-ca.crt")
+        .env("KEYGATE_ADMIN_PROFILE", "admin.toml");
+    let (ok, stderr) = run_failing_fast(command, Duration::from_secs(30));
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains("the environment sets KEYGATE_STORAGE_URL, KEYGATE_TLS__CLIENT_CA:"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "values are not shown: {stderr}");
+    assert!(!dev.exists(), "nothing was created");
+}
+
+#[test]
+fn keygate_up_refuses_a_directory_others_can_write() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let dev = dir.path().join("dev");
+    std::fs::create_dir(&dev).unwrap();
+    std::fs::set_permissions(&dev, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (ok, stderr) = run_failing_fast(up(&dev), Duration::from_secs(30));
+    assert!(!ok, "{stderr}");
+    assert!(stderr.contains("is writable by its group or others (mode 777)"), "{stderr}");
+    assert!(!dev.join("pki").exists(), "no key was written: {stderr}");
+}
+
+#[test]
+fn keygate_up_says_why_the_key_service_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = dir.path().join("dev");
+    std::fs::create_dir(&dev).unwrap();
+    // A root key file the key service cannot use.
+    write_private(&dev.join("root.key"), "not a root key");
+    let started = Instant::now();
+    let (ok, stderr) = run_failing_fast(up(&dev), Duration::from_secs(60));
+    assert!(!ok, "{stderr}");
+    assert!(stderr.contains("the key service failed: "), "{stderr}");
+    assert!(!stderr.contains("did not come up"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(8), "{:?}", started.elapsed());
+}
 
 #[test]
 fn keygate_up_prints_curl_lines_that_work() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(keygate_binary())
-        .args(["up", "--dir"])
-        .arg(dir.path().join("dev"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child =
+        up(&dir.path().join("dev")).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
