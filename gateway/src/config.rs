@@ -533,7 +533,7 @@ pub enum LogFormat {
     Text,
 }
 
-const TOP_LEVEL_KEYS: &[&str] = &[
+pub(crate) const TOP_LEVEL_KEYS: &[&str] = &[
     "listen",
     "ops_listen",
     "data_dir",
@@ -659,20 +659,31 @@ pub fn load_layered<T: serde::de::DeserializeOwned>(
     if !path.is_file() {
         return Err(ConfigError(format!("{}: no such file", path.display())));
     }
-    let env = Env::prefixed("KEYGATE_").split("__").filter(move |key| {
-        // Variables are upper case (KEYGATE_LIMITS__MAX_BATCH); keys lower.
-        let key = key.as_str().to_ascii_lowercase();
-        top_level_keys.iter().any(|top| {
-            key.strip_prefix(top).is_some_and(|rest| {
-                rest.is_empty() || rest.starts_with('.') || rest.starts_with("__")
-            })
-        })
-    });
+    let env = Env::prefixed("KEYGATE_")
+        .split("__")
+        .filter(move |key| under_top_level(key.as_str(), top_level_keys));
     Figment::new()
         .merge(Toml::file(path))
         .merge(env)
         .extract()
         .map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+}
+
+/// Whether the environment variable `name` sets something in a config whose
+/// top-level keys are `top_level_keys`: what [`load_layered`] merges.
+pub(crate) fn is_override(name: &str, top_level_keys: &[&str]) -> bool {
+    name.strip_prefix("KEYGATE_")
+        .is_some_and(|key| under_top_level(&key.replace("__", "."), top_level_keys))
+}
+
+/// Whether `key` (`limits.max_batch`) is under one of `top_level_keys`.
+fn under_top_level(key: &str, top_level_keys: &[&str]) -> bool {
+    // Variables are upper case (KEYGATE_LIMITS__MAX_BATCH); keys lower.
+    let key = key.to_ascii_lowercase();
+    top_level_keys.iter().any(|top| {
+        key.strip_prefix(top)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('.') || rest.starts_with("__"))
+    })
 }
 
 impl ServerConfig {

@@ -134,16 +134,20 @@ fn stopped_early(name: &str, outcome: Joined) -> UpError {
 /// `up` builds its configuration itself: `KEYGATE_…` variables, which the
 /// config loaders merge over any file (a production `KEYGATE_STORAGE_URL`,
 /// `KEYGATE_TLS__CLIENT_CA` or `KEYGATE_OPS_LISTEN` in this shell), would
-/// point a stack with a development root key elsewhere. Every one is
-/// refused but the admin CLI's own `KEYGATE_ADMIN_…`, which no config
-/// reads. Only names are shown: values may be secrets.
+/// point a stack with a development root key elsewhere. Every one the
+/// key service's or sidecar's config would take is refused (others, such
+/// as the tests' `KEYGATE_TEST_PG_URL` or the admin CLI's, are left
+/// alone). Only names are shown: values may be secrets.
 fn refuse_overrides(
     vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
 ) -> Result<(), UpError> {
     let mut names: Vec<String> = vars
         .into_iter()
         .map(|(name, _)| name.to_string_lossy().into_owned())
-        .filter(|name| name.starts_with("KEYGATE_") && !name.starts_with("KEYGATE_ADMIN_"))
+        .filter(|name| {
+            crate::config::is_override(name, crate::config::TOP_LEVEL_KEYS)
+                || crate::config::is_override(name, crate::sidecar::config::TOP_LEVEL_KEYS)
+        })
         .collect();
     if names.is_empty() {
         return Ok(());
@@ -188,11 +192,12 @@ enum Kind {
 /// process's user and is not writable (nor, if secret, readable) by its
 /// group or others: another local user who made it could otherwise read
 /// the keys written into it, or plant a CA, a policy or keys of their own.
-/// Returns whether it exists.
+/// A symbolic link is refused: whoever owns it could point it elsewhere
+/// between this check and the writes. Returns whether it exists.
 fn check_owned(path: &Path, kind: Kind) -> Result<bool, UpError> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let p = path.display();
-    let meta = match std::fs::metadata(path) {
+    let meta = match std::fs::symlink_metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(err(format!("{p}: {e}"))),
@@ -202,7 +207,8 @@ fn check_owned(path: &Path, kind: Kind) -> Result<bool, UpError> {
         Kind::Public | Kind::Secret => (meta.is_file(), "regular file"),
     };
     if !right_kind {
-        return Err(err(format!("{p} is not a {wanted}")));
+        let link = if meta.is_symlink() { " but a symbolic link" } else { "" };
+        return Err(err(format!("{p} is not a {wanted}{link}")));
     }
     let euid = rustix::process::geteuid().as_raw();
     if meta.uid() != euid {
@@ -464,7 +470,11 @@ mod tests {
                 .map(|n| (OsString::from(n), OsString::from("postgres://prod-secret")))
                 .collect::<Vec<_>>()
         };
-        assert!(refuse_overrides(vars(&["HOME", "KEYGATE_ADMIN_PROFILE", "KEYGATEWAY"])).is_ok());
+        let unrelated = ["HOME", "KEYGATE_ADMIN_PROFILE", "KEYGATEWAY", "KEYGATE_TEST_PG_URL"];
+        assert!(refuse_overrides(vars(&unrelated)).is_ok());
+        // The sidecar's keys count too.
+        let e = refuse_overrides(vars(&["KEYGATE_APP_IDENTITY"])).unwrap_err().to_string();
+        assert!(e.contains("KEYGATE_APP_IDENTITY"), "{e}");
         let e = refuse_overrides(vars(&["KEYGATE_TLS__CLIENT_CA", "PATH", "KEYGATE_STORAGE_URL"]))
             .unwrap_err()
             .to_string();
@@ -561,6 +571,18 @@ mod tests {
         assert_eq!(mode(&old), 0o600);
         assert_eq!(std::fs::read_to_string(&held).unwrap(), "old");
         assert_eq!(std::fs::read_to_string(&old).unwrap(), "secret");
+    }
+
+    /// A link owned by someone else could be repointed after the check.
+    #[test]
+    fn a_directory_reached_through_a_link_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("real");
+        prepare(&real).unwrap();
+        let link = tmp.path().join("dev");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let e = prepare(&link).unwrap_err().to_string();
+        assert!(e.contains("is not a directory but a symbolic link"), "{e}");
     }
 
     #[test]

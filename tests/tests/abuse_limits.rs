@@ -555,7 +555,7 @@ async fn an_encrypt_answer_is_bounded_by_the_body_limit() {
     let sc =
         Sidecar::start(&ks, &dir.path().join("sc"), SIDECAR, "[limits]\nmax_body_bytes = 100000\n");
     // Ten records of 3,000 one-digit allergies: 60 kB in, each digit a
-    // sealed value of some 70 bytes out, 2 MB in all.
+    // sealed value of some 90 bytes out (padded to 16), 2.7 MB in all.
     let tiny: Vec<Value> = (0..10).map(|_| json!({"allergies": vec![1; 3_000]})).collect();
     let request = json!({"tenant": "onc", "schema": "patient", "records": tiny});
     assert!(serde_json::to_vec(&request).unwrap().len() < 100_000);

@@ -172,7 +172,7 @@ fn default_call_timeout_ms() -> u64 {
     5_000
 }
 
-const TOP_LEVEL_KEYS: &[&str] = &[
+pub(crate) const TOP_LEVEL_KEYS: &[&str] = &[
     "listen",
     "token_file",
     "schemas",

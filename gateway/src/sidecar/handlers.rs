@@ -30,7 +30,8 @@ const ENCRYPT_GROWTH: usize = 2;
 const ENVELOPE_BYTES: usize = 256;
 /// The largest encrypt answer, as a multiple of the body limit. Real
 /// records grow about twofold; a body of many tiny protected values (an
-/// array of thousands of one-digit numbers) grows some thirtyfold, which
+/// array of thousands of one-digit numbers) grows some fortyfold (each a
+/// token of a 16-byte padded plaintext, nonce and tag), which
 /// would let one request make an answer of hundreds of MiB.
 const MAX_ENCRYPT_GROWTH: usize = 4;
 

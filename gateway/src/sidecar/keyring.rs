@@ -5,7 +5,6 @@
 //! that began before.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,10 +24,12 @@ pub(super) struct Keyring {
     schema_keys: Mutex<HashMap<(TenantId, Name, u32), Stamped<SchemaKeys>>>,
     namespace_keys: Mutex<HashMap<(TenantId, Name), Stamped<Key256>>>,
     grants: Mutex<Option<Stamped<EffectiveGrants>>>,
-    /// How many times keys were forgotten: a fetch that began before the
-    /// count changed keeps what it got for its own request, and does not
-    /// cache it.
-    forgets: AtomicU64,
+    /// How many times each tenant's keys were forgotten: a fetch for a
+    /// tenant that began before its count changed keeps what it got for
+    /// its own request, and does not cache it. Per tenant, so that a
+    /// shredded tenant's traffic (each `key_destroyed` forgets again) does
+    /// not keep other tenants' keys from being cached.
+    forgets: Mutex<HashMap<TenantId, u64>>,
 }
 
 impl Keyring {
@@ -40,29 +41,34 @@ impl Keyring {
             schema_keys: Mutex::default(),
             namespace_keys: Mutex::default(),
             grants: Mutex::default(),
-            forgets: AtomicU64::new(0),
+            forgets: Mutex::default(),
         }
     }
 
-    /// Caches `value` under `key`, stamped `asked_at`, unless keys were
-    /// forgotten since `forgets_before` was read.
+    /// Caches `value` under `key`, stamped `asked_at`, unless `tenant`'s
+    /// keys were forgotten since `forgets_before` was read.
     fn keep<K: std::hash::Hash + Eq, T>(
         &self,
         map: &Mutex<HashMap<K, Stamped<T>>>,
-        key: K,
+        (tenant, key): (&TenantId, K),
         value: Arc<T>,
         (asked_at, forgets_before): (Instant, u64),
     ) {
         let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
         // Read under the map's lock, which `forget` takes after counting.
-        if self.forgets.load(Ordering::Acquire) == forgets_before {
+        if self.forgets_of(tenant) == forgets_before {
             map.insert(key, (value, asked_at));
         }
     }
 
-    /// When a fetch begins: the time and the forget count.
-    fn asking(&self) -> (Instant, u64) {
-        (Instant::now(), self.forgets.load(Ordering::Acquire))
+    /// When a fetch for `tenant` begins: the time and its forget count.
+    fn asking(&self, tenant: &TenantId) -> (Instant, u64) {
+        (Instant::now(), self.forgets_of(tenant))
+    }
+
+    fn forgets_of(&self, tenant: &TenantId) -> u64 {
+        let forgets = self.forgets.lock().unwrap_or_else(|p| p.into_inner());
+        forgets.get(tenant).copied().unwrap_or(0)
     }
 
     fn fresh<K: std::hash::Hash + Eq, T>(
@@ -84,9 +90,9 @@ impl Keyring {
         if let Some(keys) = self.fresh(&self.schema_keys, &key) {
             return Ok(keys);
         }
-        let asking = self.asking();
+        let asking = self.asking(tenant);
         let keys = Arc::new(self.client.schema_keys(tenant, schema).await?);
-        self.keep(&self.schema_keys, key, keys.clone(), asking);
+        self.keep(&self.schema_keys, (tenant, key), keys.clone(), asking);
         Ok(keys)
     }
 
@@ -100,9 +106,9 @@ impl Keyring {
         if let Some(k) = self.fresh(&self.namespace_keys, &key) {
             return Ok(k);
         }
-        let asking = self.asking();
+        let asking = self.asking(tenant);
         let k = Arc::new(self.client.pseudonym_key(tenant, namespace).await?);
-        self.keep(&self.namespace_keys, key, k.clone(), asking);
+        self.keep(&self.namespace_keys, (tenant, key), k.clone(), asking);
         Ok(k)
     }
 
@@ -122,7 +128,14 @@ impl Keyring {
 
     /// Drops the derived keys of `tenant`.
     pub(super) fn forget(&self, tenant: &TenantId) {
-        self.forgets.fetch_add(1, Ordering::AcqRel);
+        // Counted before the maps are cleared (see `keep`). One entry per
+        // tenant ever forgotten: tenants, not requests, bound it.
+        *self
+            .forgets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(tenant.clone())
+            .or_insert(0) += 1;
         self.schema_keys
             .lock()
             .unwrap_or_else(|p| p.into_inner())
