@@ -672,8 +672,13 @@ pub fn load_layered<T: serde::de::DeserializeOwned>(
 /// Whether the environment variable `name` sets something in a config whose
 /// top-level keys are `top_level_keys`: what [`load_layered`] merges.
 pub(crate) fn is_override(name: &str, top_level_keys: &[&str]) -> bool {
-    name.strip_prefix("KEYGATE_")
-        .is_some_and(|key| under_top_level(&key.replace("__", "."), top_level_keys))
+    // The loader's prefix matches in any case (`keygate_storage_url` too).
+    const PREFIX: &str = "KEYGATE_";
+    let name = name.trim();
+    name.get(..PREFIX.len()).is_some_and(|p| p.eq_ignore_ascii_case(PREFIX))
+        && name
+            .get(PREFIX.len()..)
+            .is_some_and(|key| under_top_level(&key.replace("__", "."), top_level_keys))
 }
 
 /// Whether `key` (`limits.max_batch`) is under one of `top_level_keys`.

@@ -475,6 +475,9 @@ mod tests {
         // The sidecar's keys count too.
         let e = refuse_overrides(vars(&["KEYGATE_APP_IDENTITY"])).unwrap_err().to_string();
         assert!(e.contains("KEYGATE_APP_IDENTITY"), "{e}");
+        // The loaders take the prefix in any case.
+        let e = refuse_overrides(vars(&["keygate_storage_url"])).unwrap_err().to_string();
+        assert!(e.contains("keygate_storage_url"), "{e}");
         let e = refuse_overrides(vars(&["KEYGATE_TLS__CLIENT_CA", "PATH", "KEYGATE_STORAGE_URL"]))
             .unwrap_err()
             .to_string();

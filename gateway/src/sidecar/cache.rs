@@ -41,6 +41,11 @@ struct Inner {
     keys: Vec<[u8; KEY_LEN]>,
     /// Slots of `keys` free for reuse (wiped).
     free: Vec<u32>,
+    /// When each tenant's keys were last forgotten (its keys destroyed):
+    /// DEKs the key service vouched for before then are not cached, even
+    /// when their answer comes in after (an unwrap in flight across the
+    /// shred). One entry per tenant ever forgotten.
+    forgotten: HashMap<TenantId, Instant>,
 }
 
 impl Inner {
@@ -119,6 +124,7 @@ impl DekCache {
             tenants: Vec::new(),
             keys: Vec::with_capacity(max_entries),
             free: Vec::new(),
+            forgotten: HashMap::new(),
         };
         Self {
             ttl,
@@ -172,6 +178,9 @@ impl DekCache {
             return;
         }
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if inner.forgotten.get(tenant).is_some_and(|at| known_at <= *at) {
+            return;
+        }
         let tenant = inner.tenant_index(tenant);
         for (id, version, key) in deks {
             let slot = match inner.map.get_mut(&id) {
@@ -208,8 +217,10 @@ impl DekCache {
     }
 
     /// Drops (and wipes) every entry of `tenant`: its keys were destroyed.
+    /// DEKs of it vouched for until now are not cached later either.
     pub(super) fn forget_tenant(&self, tenant: &TenantId) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.forgotten.insert(tenant.clone(), Instant::now());
         let Some(index) = inner.tenants.iter().position(|t| t == tenant) else { return };
         let gone: Vec<RecordKeyId> = inner
             .map
@@ -398,6 +409,24 @@ mod tests {
         let inner = cache.inner.lock().unwrap();
         assert_eq!(inner.free.len(), 2);
         assert!(inner.free.iter().all(|s| inner.keys[*s as usize] == [0; KEY_LEN]));
+    }
+
+    /// An unwrap asked for before the shred was heard, answered after:
+    /// its DEKs are not cached; one asked for after the shred is.
+    #[test]
+    fn deks_vouched_for_before_a_forget_are_not_cached_after_it() {
+        let cache = DekCache::new(Duration::from_secs(60), 10);
+        let (early, late) = (RecordKeyId::from_bytes([1; 16]), RecordKeyId::from_bytes([2; 16]));
+        let asked = Instant::now();
+        std::thread::sleep(Duration::from_millis(2));
+        cache.forget_tenant(&t("a"));
+        cache.insert_many(&t("a"), asked, [(early, 1, key(1))]);
+        assert!(cache.get(&early, &t("a"), 1).is_none(), "in flight across the forget");
+        cache.insert_many(&t("b"), asked, [(early, 1, key(1))]);
+        assert!(cache.get(&early, &t("b"), 1).is_some(), "another tenant is not held back");
+        std::thread::sleep(Duration::from_millis(2));
+        cache.insert_many(&t("a"), Instant::now(), [(late, 1, key(2))]);
+        assert!(cache.get(&late, &t("a"), 1).is_some());
     }
 
     #[test]
