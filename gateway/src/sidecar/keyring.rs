@@ -163,3 +163,30 @@ impl Keyring {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sidecar::pool::tests::unreachable_client;
+
+    /// A fetch that began before its tenant's keys were forgotten (a shred
+    /// heard while it was in flight) is not cached; another tenant's, and
+    /// one that began after, are.
+    #[test]
+    fn a_fetch_begun_before_a_forget_is_not_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = Keyring::new(unreachable_client(dir.path()), Duration::from_secs(60));
+        let (a, b) = (TenantId::new("a").unwrap(), TenantId::new("b").unwrap());
+        let ns = Name::new("mrn").unwrap();
+        let key = || Arc::new(Key256::from_array(&mut [7; 32]));
+        let (asked_a, asked_b) = (ring.asking(&a), ring.asking(&b));
+        ring.forget(&a);
+        ring.keep(&ring.namespace_keys, (&a, (a.clone(), ns.clone())), key(), asked_a);
+        ring.keep(&ring.namespace_keys, (&b, (b.clone(), ns.clone())), key(), asked_b);
+        assert!(ring.fresh(&ring.namespace_keys, &(a.clone(), ns.clone())).is_none());
+        assert!(ring.fresh(&ring.namespace_keys, &(b, ns.clone())).is_some(), "per tenant");
+        let again = ring.asking(&a);
+        ring.keep(&ring.namespace_keys, (&a, (a.clone(), ns.clone())), key(), again);
+        assert!(ring.fresh(&ring.namespace_keys, &(a, ns)).is_some(), "begun after");
+    }
+}

@@ -192,13 +192,13 @@ impl DekPool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::pki::{DevCa, Validity};
     use crate::sidecar::config::KeyServiceConfig;
 
     /// A client of a key service that cannot be reached.
-    fn unreachable_client(dir: &std::path::Path) -> Arc<KeyServiceClient> {
+    pub(in crate::sidecar) fn unreachable_client(dir: &std::path::Path) -> Arc<KeyServiceClient> {
         let ca = DevCa::generate("test CA").unwrap();
         let app = ca.issue_client("spiffe://test/app", Validity::days(1)).unwrap();
         std::fs::write(dir.join("ca.crt"), ca.cert_pem()).unwrap();
