@@ -421,8 +421,10 @@ async fn verifying_a_chain_being_written_reports_no_truncation() {
             }
         })
     };
+    // At least a few verifications, however fast the writer is, and as many
+    // as fit while it writes.
     let mut verified = 0;
-    while !writer.is_finished() {
+    while verified < 3 || !writer.is_finished() {
         let key = f.signer.verifying_key();
         match verify_stored_chain(store.as_ref(), INSTANCE, key, &[], 7).await {
             Ok(report) => assert_eq!(report.unsigned_tail(), 0),
@@ -431,6 +433,5 @@ async fn verifying_a_chain_being_written_reports_no_truncation() {
         verified += 1;
     }
     writer.await.unwrap();
-    assert!(verified > 0);
     assert_eq!(verify(&f).await.unwrap().head_seq, EVENTS + 300);
 }

@@ -82,31 +82,6 @@ impl Activity {
 /// stopped reading never does).
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-/// Serves HTTP/1.1 or HTTP/2 with `service` on one accepted connection:
-/// an HTTP/1 request's headers within `headers`, and the connection closed
-/// in order when idle for `idle` or when `stop` turns true
-/// ([`serve_until_idle`]). Every listener serves its connections so.
-pub(crate) async fn serve_http<I, S>(
-    io: I,
-    service: S,
-    headers: Duration,
-    idle: Duration,
-    stop: watch::Receiver<bool>,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: tower::Service<
-            Request<Incoming>,
-            Response = axum::response::Response,
-            Error = std::convert::Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    serve_http_with(io, service, headers, idle, None, stop).await.map(|_| ())
-}
-
 /// How a connection served by [`serve_http_with`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Ended {
@@ -117,10 +92,14 @@ pub(crate) enum Ended {
     SendOverdue,
 }
 
-/// [`serve_http`], and with a `send_limit`, each request gets the
-/// connection's [`SecretSends`] in its extensions, and an answer it notes
-/// there that is still unsent after `send_limit` closes the connection at
-/// once (dropping the answer): [`Ended::SendOverdue`].
+/// Serves HTTP/1.1 or HTTP/2 with `service` on one accepted connection:
+/// an HTTP/1 request's headers within `headers`, and the connection closed
+/// in order when idle for `idle` or when `stop` turns true
+/// ([`serve_until_idle`]). Every listener serves its connections so. With
+/// a `send_limit`, each request gets the connection's [`SecretSends`] in
+/// its extensions, and an answer it notes there that is still unsent after
+/// `send_limit` closes the connection at once (dropping the answer):
+/// [`Ended::SendOverdue`].
 pub(crate) async fn serve_http_with<I, S>(
     io: I,
     service: S,

@@ -162,9 +162,14 @@ impl KeyRoom {
     /// none), counting one more user until [`ShareHeld`] drops.
     fn share_of(&self, identity: &str) -> Arc<Semaphore> {
         let mut identities = self.lock();
-        let share = identities
-            .entry(identity.to_owned())
-            .or_insert_with(|| Share { permits: Arc::new(Semaphore::new(self.share)), users: 0 });
+        // The identity is copied only when it is new to the map.
+        let share = match identities.get_mut(identity) {
+            Some(share) => share,
+            None => identities.entry(identity.to_owned()).or_insert_with(|| Share {
+                permits: Arc::new(Semaphore::new(self.share)),
+                users: 0,
+            }),
+        };
         share.users = share.users.saturating_add(1);
         share.permits.clone()
     }

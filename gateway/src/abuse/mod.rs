@@ -45,7 +45,7 @@ pub use self::bucket::{KeyedBuckets, TokenBucket};
 pub use self::config::{AbuseConfig, SidecarAbuseConfig};
 pub(crate) use self::depth::after_string;
 pub use self::depth::{exceeds_depth, nesting};
-pub(crate) use self::idle::{Ended, OpenConnections, serve_http, serve_http_with};
+pub(crate) use self::idle::{Ended, OpenConnections, serve_http_with};
 pub use self::keys::{KeyRoom, KeysHeld};
 pub(crate) use self::layer::NO_IDENTITY;
 pub use self::layer::{BodyBounds, ConnectionGuard, protect_key_service, protect_sidecar};

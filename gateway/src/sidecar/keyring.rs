@@ -24,12 +24,12 @@ pub(super) struct Keyring {
     schema_keys: Mutex<HashMap<(TenantId, Name, u32), Stamped<SchemaKeys>>>,
     namespace_keys: Mutex<HashMap<(TenantId, Name), Stamped<Key256>>>,
     grants: Mutex<Option<Stamped<EffectiveGrants>>>,
-    /// How many times each tenant's keys were forgotten: a fetch for a
-    /// tenant that began before its count changed keeps what it got for
-    /// its own request, and does not cache it. Per tenant, so that a
+    /// When each tenant's keys were last forgotten: a fetch for a tenant
+    /// that began before then keeps what it got for its own request, and
+    /// does not cache it (as the DEK cache does). Per tenant, so that a
     /// shredded tenant's traffic (each `key_destroyed` forgets again) does
     /// not keep other tenants' keys from being cached.
-    forgets: Mutex<HashMap<TenantId, u64>>,
+    forgotten: Mutex<HashMap<TenantId, Instant>>,
 }
 
 impl Keyring {
@@ -41,34 +41,26 @@ impl Keyring {
             schema_keys: Mutex::default(),
             namespace_keys: Mutex::default(),
             grants: Mutex::default(),
-            forgets: Mutex::default(),
+            forgotten: Mutex::default(),
         }
     }
 
     /// Caches `value` under `key`, stamped `asked_at`, unless `tenant`'s
-    /// keys were forgotten since `forgets_before` was read.
+    /// keys were forgotten since.
     fn keep<K: std::hash::Hash + Eq, T>(
         &self,
         map: &Mutex<HashMap<K, Stamped<T>>>,
         (tenant, key): (&TenantId, K),
         value: Arc<T>,
-        (asked_at, forgets_before): (Instant, u64),
+        asked_at: Instant,
     ) {
         let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
-        // Read under the map's lock, which `forget` takes after counting.
-        if self.forgets_of(tenant) == forgets_before {
+        // Read under the map's lock, which `forget` takes after stamping.
+        let forgotten =
+            self.forgotten.lock().unwrap_or_else(|p| p.into_inner()).get(tenant).copied();
+        if forgotten.is_none_or(|at| asked_at > at) {
             map.insert(key, (value, asked_at));
         }
-    }
-
-    /// When a fetch for `tenant` begins: the time and its forget count.
-    fn asking(&self, tenant: &TenantId) -> (Instant, u64) {
-        (Instant::now(), self.forgets_of(tenant))
-    }
-
-    fn forgets_of(&self, tenant: &TenantId) -> u64 {
-        let forgets = self.forgets.lock().unwrap_or_else(|p| p.into_inner());
-        forgets.get(tenant).copied().unwrap_or(0)
     }
 
     fn fresh<K: std::hash::Hash + Eq, T>(
@@ -90,7 +82,7 @@ impl Keyring {
         if let Some(keys) = self.fresh(&self.schema_keys, &key) {
             return Ok(keys);
         }
-        let asking = self.asking(tenant);
+        let asking = Instant::now();
         let keys = Arc::new(self.client.schema_keys(tenant, schema).await?);
         self.keep(&self.schema_keys, (tenant, key), keys.clone(), asking);
         Ok(keys)
@@ -106,7 +98,7 @@ impl Keyring {
         if let Some(k) = self.fresh(&self.namespace_keys, &key) {
             return Ok(k);
         }
-        let asking = self.asking(tenant);
+        let asking = Instant::now();
         let k = Arc::new(self.client.pseudonym_key(tenant, namespace).await?);
         self.keep(&self.namespace_keys, (tenant, key), k.clone(), asking);
         Ok(k)
@@ -128,14 +120,12 @@ impl Keyring {
 
     /// Drops the derived keys of `tenant`.
     pub(super) fn forget(&self, tenant: &TenantId) {
-        // Counted before the maps are cleared (see `keep`). One entry per
+        // Stamped before the maps are cleared (see `keep`). One entry per
         // tenant ever forgotten: tenants, not requests, bound it.
-        *self
-            .forgets
+        self.forgotten
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(tenant.clone())
-            .or_insert(0) += 1;
+            .insert(tenant.clone(), Instant::now());
         self.schema_keys
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -179,13 +169,15 @@ mod tests {
         let (a, b) = (TenantId::new("a").unwrap(), TenantId::new("b").unwrap());
         let ns = Name::new("mrn").unwrap();
         let key = || Arc::new(Key256::from_array(&mut [7; 32]));
-        let (asked_a, asked_b) = (ring.asking(&a), ring.asking(&b));
+        let asked = Instant::now();
+        std::thread::sleep(Duration::from_millis(2));
         ring.forget(&a);
-        ring.keep(&ring.namespace_keys, (&a, (a.clone(), ns.clone())), key(), asked_a);
-        ring.keep(&ring.namespace_keys, (&b, (b.clone(), ns.clone())), key(), asked_b);
+        ring.keep(&ring.namespace_keys, (&a, (a.clone(), ns.clone())), key(), asked);
+        ring.keep(&ring.namespace_keys, (&b, (b.clone(), ns.clone())), key(), asked);
         assert!(ring.fresh(&ring.namespace_keys, &(a.clone(), ns.clone())).is_none());
         assert!(ring.fresh(&ring.namespace_keys, &(b, ns.clone())).is_some(), "per tenant");
-        let again = ring.asking(&a);
+        std::thread::sleep(Duration::from_millis(2));
+        let again = Instant::now();
         ring.keep(&ring.namespace_keys, (&a, (a.clone(), ns.clone())), key(), again);
         assert!(ring.fresh(&ring.namespace_keys, &(a, ns)).is_some(), "begun after");
     }

@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tower::ServiceExt;
 
 use crate::abuse::{
-    AcceptBackoff, ConnectionGuard, OpenConnections, SidecarAbuseConfig, serve_http,
+    AcceptBackoff, ConnectionGuard, OpenConnections, SidecarAbuseConfig, serve_http_with,
 };
 
 /// A bound app-facing listener.
@@ -93,7 +93,7 @@ fn spawn_connection<I>(
     let (headers, idle) = (abuse.header_read_timeout(), abuse.idle_timeout());
     let stop = open.watcher();
     tokio::spawn(async move {
-        if let Err(e) = serve_http(io, service, headers, idle, stop).await {
+        if let Err(e) = serve_http_with(io, service, headers, idle, None, stop).await {
             tracing::debug!(error = %e, "app connection ended with an error");
         }
     });

@@ -427,7 +427,14 @@ impl Reporter {
         if !self.any_held.load(Ordering::Acquire) {
             return Ok(());
         }
+        // A batch's records are mostly of one tenant: each distinct run is
+        // looked up once.
+        let mut last = None;
         for tenant in tenants {
+            if last == Some(tenant) {
+                continue;
+            }
+            last = Some(tenant);
             if let Some(code) = buffer.refused_code(tenant) {
                 return Err(ApiError::unavailable(
                     "audit_unavailable",
