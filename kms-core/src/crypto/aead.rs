@@ -48,8 +48,22 @@ impl Aead {
         plaintext: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), RandomError> {
+        self.seal_random_padded(aad, plaintext, &[], out)
+    }
+
+    /// Seals `plaintext ‖ padding` under a fresh random nonce, appending
+    /// `nonce ‖ ciphertext ‖ tag` to `out`: the two are written once, into
+    /// `out`, so a padded field is not first copied into a buffer of its
+    /// own.
+    pub fn seal_random_padded(
+        &self,
+        aad: &[u8],
+        plaintext: &[u8],
+        padding: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), RandomError> {
         let nonce = rng::array::<NONCE_LEN>()?;
-        self.seal_with_nonce(&nonce, aad, plaintext, out);
+        self.seal_parts(&nonce, aad, plaintext, padding, out);
         Ok(())
     }
 
@@ -65,10 +79,22 @@ impl Aead {
         plaintext: &[u8],
         out: &mut Vec<u8>,
     ) {
-        out.reserve(plaintext.len() + SEAL_OVERHEAD);
+        self.seal_parts(nonce, aad, plaintext, &[], out);
+    }
+
+    fn seal_parts(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        plaintext: &[u8],
+        padding: &[u8],
+        out: &mut Vec<u8>,
+    ) {
+        out.reserve(plaintext.len() + padding.len() + SEAL_OVERHEAD);
         out.extend_from_slice(nonce);
         let start = out.len();
         out.extend_from_slice(plaintext);
+        out.extend_from_slice(padding);
         let body = out.get_mut(start..).unwrap_or_default();
         // The only error AES-GCM-SIV reports is a message or AAD over 2^36
         // bytes, far beyond any input keygate's size limits let through;
@@ -144,6 +170,19 @@ mod tests {
             refused[NONCE_LEN..NONCE_LEN + 5].iter().all(|&b| b == 0),
             "a refused message's body is zeroed, not left decrypted: {refused:?}"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn padded_seal_opens_to_the_value_then_its_padding() -> Result<(), Box<dyn std::error::Error>> {
+        let aead = Aead::new(&key(9));
+        let mut sealed = vec![0xAA];
+        aead.seal_random_padded(b"aad", b"true", b"    ", &mut sealed)?;
+        assert_eq!(sealed.len(), 1 + 8 + SEAL_OVERHEAD, "appended after what out held");
+        assert_eq!(aead.open(&sealed[1..], b"aad")?.as_slice(), b"true    ");
+        let mut unpadded = Vec::new();
+        aead.seal_random(b"aad", b"true", &mut unpadded)?;
+        assert_eq!(aead.open(&unpadded, b"aad")?.as_slice(), b"true");
         Ok(())
     }
 

@@ -99,17 +99,17 @@ pub fn encrypt_record(
         let value = WipedValue(std::mem::take(slot));
         plaintext.clear();
         serde_json::to_writer(&mut plaintext, &value.0).map_err(|_| RecordError::NotAnObject)?;
-        if matches!(spec.mode, FieldMode::Randomized | FieldMode::BlindIndex) {
-            transform::pad(&mut plaintext);
-        }
         let plaintext = plaintext.as_slice();
         let (replacement, sibling_token) = match spec.mode {
             FieldMode::Randomized | FieldMode::BlindIndex => {
                 aad.clear();
                 aad.extend_from_slice(&aad_prefix);
                 aad.extend_from_slice(listed.pointer.as_bytes());
-                let mut sealed = Vec::with_capacity(plaintext.len() + crate::crypto::SEAL_OVERHEAD);
-                record_aead.seal_random(&aad, plaintext, &mut sealed)?;
+                let padding = transform::padding(plaintext.len());
+                let mut sealed = Vec::with_capacity(
+                    plaintext.len() + padding.len() + crate::crypto::SEAL_OVERHEAD,
+                );
+                record_aead.seal_random_padded(&aad, plaintext, padding, &mut sealed)?;
                 let token = match (field_keys, &spec.blind_index) {
                     (Some(FieldKeys::BlindIndex(key)), Some(bidx)) => {
                         Some(transform::blind_index_with(key, bidx, &value.0))

@@ -289,19 +289,21 @@ pub(crate) fn is_pseudonym(text: &str) -> bool {
 /// small number from another are not told apart.
 pub(crate) const PAD_BLOCK: usize = 16;
 
-/// Pads a value's JSON text in `plaintext` with trailing spaces (JSON
-/// whitespace, which every reader of the value skips, so records written
-/// before padding and after read alike) to a multiple of [`PAD_BLOCK`].
+/// The trailing spaces that pad a value's JSON text of `len` bytes to a
+/// multiple of [`PAD_BLOCK`] (at least one block): JSON whitespace, which
+/// every reader of the value skips, so records written before padding and
+/// after read alike. Sealed after the value by
+/// [`Aead::seal_random_padded`](crate::crypto::Aead::seal_random_padded).
 ///
 /// Deterministic fields are not padded: their tokens must stay equal to
 /// those already stored, which equality search depends on.
-pub(crate) fn pad(plaintext: &mut SecretBuf) {
-    let padded = plaintext.len().max(1).div_ceil(PAD_BLOCK) * PAD_BLOCK;
-    let missing = padded - plaintext.len();
-    plaintext.extend_zeroed(missing).fill(b' ');
+pub(crate) fn padding(len: usize) -> &'static [u8] {
+    const SPACES: [u8; PAD_BLOCK] = [b' '; PAD_BLOCK];
+    let missing = len.max(1).div_ceil(PAD_BLOCK) * PAD_BLOCK - len;
+    SPACES.get(..missing).unwrap_or_default()
 }
 
-/// An opened value's JSON text without the padding [`pad`] added (no
+/// An opened value's JSON text without the [`padding`] sealed after it (no
 /// JSON value's text ends in a space). Only spaces: what else a forged
 /// plaintext ends in is left for the JSON reader to judge, as the tree
 /// path does.

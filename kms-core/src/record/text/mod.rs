@@ -367,21 +367,13 @@ impl TextWorkspace {
                         Some(contents) => Some(IndexText::Borrowed(contents)),
                         None => transform::index_text_of_json(raw),
                     };
-                    let padded = matches!(spec.mode, FieldMode::Randomized | FieldMode::BlindIndex);
-                    let plaintext = if simple.is_some() && !padded {
+                    let plaintext = if simple.is_some() {
                         raw
                     } else {
                         self.plaintext.clear();
-                        if simple.is_some() {
-                            self.plaintext.extend_from_slice(raw);
-                        } else {
-                            let value = WipedValue::parse(raw).ok_or(Fallback::Tree)?;
-                            serde_json::to_writer(&mut self.plaintext, &value.0)
-                                .map_err(|_| Fallback::Tree)?;
-                        }
-                        if padded {
-                            transform::pad(&mut self.plaintext);
-                        }
+                        let value = WipedValue::parse(raw).ok_or(Fallback::Tree)?;
+                        serde_json::to_writer(&mut self.plaintext, &value.0)
+                            .map_err(|_| Fallback::Tree)?;
                         self.plaintext.as_slice()
                     };
                     let mut sibling = false;
@@ -392,7 +384,12 @@ impl TextWorkspace {
                             self.aad.extend_from_slice(listed.pointer.as_bytes());
                             self.sealed.clear();
                             record_aead
-                                .seal_random(&self.aad, plaintext, &mut self.sealed)
+                                .seal_random_padded(
+                                    &self.aad,
+                                    plaintext,
+                                    transform::padding(plaintext.len()),
+                                    &mut self.sealed,
+                                )
                                 .map_err(|e| Fallback::Error(e.into()))?;
                             transform::encode_token_into(
                                 RANDOMIZED_PREFIX,
