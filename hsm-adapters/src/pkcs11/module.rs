@@ -17,7 +17,7 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 
@@ -65,32 +65,14 @@ impl Module {
 
 /// Loads and initializes the module at `path` (absolute, see
 /// `Pkcs11Config::validate`), or returns the module this process already
-/// has for that file. A file that group or others may write is refused.
+/// has for that file. A file someone else could change is refused (see
+/// [`check_module_file`]).
 pub(super) fn load(path: &Path) -> Result<Arc<Module>, Pkcs11Error> {
     let canonical = fs::canonicalize(path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => Pkcs11Error::ModuleNotFound { path: path.to_owned() },
         _ => Pkcs11Error::ModuleLoad { path: path.to_owned(), detail: e.to_string() },
     })?;
-    let metadata = fs::metadata(&canonical)
-        .map_err(|e| Pkcs11Error::ModuleLoad { path: path.to_owned(), detail: e.to_string() })?;
-    if !metadata.is_file() {
-        return Err(Pkcs11Error::ModuleLoad {
-            path: path.to_owned(),
-            detail: "not a regular file".to_owned(),
-        });
-    }
-    // Whoever can change the library runs code in this process.
-    let mode = metadata.permissions().mode() & 0o7777;
-    if mode & 0o022 != 0 {
-        return Err(Pkcs11Error::ModuleLoad {
-            path: path.to_owned(),
-            detail: format!(
-                "{} has mode {mode:04o}, which lets group or others change it; \
-                 run `chmod go-w` on it",
-                canonical.display()
-            ),
-        });
-    }
+    check_module_file(path, &canonical)?;
     let mut loaded = LOADED.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some((_, module)) = loaded.iter().find(|(loaded_path, _)| *loaded_path == canonical) {
         return Ok(Arc::clone(module));
@@ -102,6 +84,44 @@ pub(super) fn load(path: &Path) -> Result<Arc<Module>, Pkcs11Error> {
     let module = Arc::new(Module { context, generation: RwLock::new(0) });
     loaded.push((canonical, Arc::clone(&module)));
     Ok(module)
+}
+
+/// Refuses the module file at `canonical` (`path` resolved) if anyone but
+/// this process's user or root could change it: whoever can change the
+/// library runs code in this process, with the PIN. The file must be owned
+/// by this user or root and not writable by group or others; so must every
+/// directory above it (else the file could be replaced between this check
+/// and the load), except that in a sticky directory (`/tmp`) no one may
+/// replace a file they do not own.
+fn check_module_file(path: &Path, canonical: &Path) -> Result<(), Pkcs11Error> {
+    let refuse = |detail: String| Pkcs11Error::ModuleLoad { path: path.to_owned(), detail };
+    let euid = rustix::process::geteuid().as_raw();
+    for (depth, at) in canonical.ancestors().enumerate() {
+        let metadata = fs::metadata(at).map_err(|e| refuse(format!("{}: {e}", at.display())))?;
+        let is_module = depth == 0;
+        if is_module && !metadata.is_file() {
+            return Err(refuse("not a regular file".to_owned()));
+        }
+        let owner = metadata.uid();
+        if owner != euid && owner != 0 {
+            return Err(refuse(format!(
+                "{} is owned by uid {owner}, neither this process's user (uid {euid}) nor root, \
+                 who could change the library",
+                at.display()
+            )));
+        }
+        let mode = metadata.permissions().mode() & 0o7777;
+        let sticky = !is_module && mode & 0o1000 != 0;
+        if mode & 0o022 != 0 && !sticky {
+            return Err(refuse(format!(
+                "{} has mode {mode:04o}, which lets group or others change {}; \
+                 run `chmod go-w` on it",
+                at.display(),
+                if is_module { "it" } else { "the files in it" }
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// `C_Initialize` with OS locking; "already initialized" (by another part

@@ -258,5 +258,44 @@ fn a_module_that_group_or_others_may_write_is_refused() {
     assert!(!message.contains("chmod"), "{message}");
 }
 
+#[test]
+fn a_module_in_a_directory_others_may_change_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let lib = dir.path().join("lib");
+    std::fs::create_dir(&lib).unwrap();
+    let module = lib.join("libvendor.so");
+    std::fs::write(&module, b"not really a library").unwrap();
+    std::fs::set_permissions(&module, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let connect = || {
+        let mut config = config();
+        config.module = module.clone();
+        Pkcs11RootKey::connect(config).unwrap_err().to_string()
+    };
+    // Anyone could rename another library over it.
+    for mode in [0o777, 0o775, 0o757] {
+        std::fs::set_permissions(&lib, std::fs::Permissions::from_mode(mode)).unwrap();
+        let message = connect();
+        assert!(message.contains(&format!("{} has mode {mode:04o}", lib.display())), "{message}");
+        assert!(message.contains("chmod go-w"), "{message}");
+    }
+    // Sticky, as /tmp is: no one else may replace a file they do not own.
+    std::fs::set_permissions(&lib, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let message = connect();
+    assert!(!message.contains("chmod") && !message.contains("owned by"), "{message}");
+    // Another user's library (only root can give a file away).
+    if rustix::process::geteuid().is_root() {
+        std::fs::set_permissions(&lib, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::chown(&module, Some(4242), None).unwrap();
+        let message = connect();
+        assert!(message.contains("is owned by uid 4242"), "{message}");
+        std::os::unix::fs::chown(&module, Some(0), None).unwrap();
+        std::os::unix::fs::chown(&lib, Some(4242), None).unwrap();
+        let message = connect();
+        assert!(message.contains(&format!("{} is owned by uid 4242", lib.display())), "{message}");
+    }
+}
+
 mod softhsm2;
 mod token;
