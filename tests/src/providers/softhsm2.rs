@@ -1,21 +1,12 @@
-//! A throwaway SoftHSM2 token for one test.
-//!
-//! SoftHSM2 reads its configuration file from `SOFTHSM2_CONF` when the
-//! module is initialized, once per process, and setting an environment
-//! variable inside a running (multi-threaded) test process is unsound. So
-//! [`SoftHsm2::for_test`] creates the token in a temporary directory
-//! (`<tmp>/softhsm2.conf`, `<tmp>/tokens/`, `softhsm2-util --init-token`)
-//! and runs the calling test again in a child process of the test binary,
-//! with `SOFTHSM2_CONF` and `KEYGATE_TEST_SOFTHSM2_DIR=<tmp>` set; in the
-//! child, `for_test` returns the token. The parent checks the child passed,
-//! that it really ran the test, and that its output holds no PIN; then the
-//! temporary directory is removed.
-//!
-//! The module is `$KEYGATE_TEST_PKCS11_MODULE`, else the first of the
-//! usual install paths that exists (`/usr/lib/softhsm/libsofthsm2.so`, …).
+//! A throwaway SoftHSM2 token for one test: the token, its configuration
+//! file and the child process that sees it come from
+//! `keygate_test_support::softhsm2` (see there why a child process); this
+//! adds the PKCS#11 side: the provider configuration, the master key and
+//! [`TokenAdmin`].
 
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CryptokiError, RvError};
@@ -23,48 +14,23 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use hsm_adapters::{MasterKeyInfo, Pkcs11Config, Pkcs11RootKey};
+use keygate_test_support::softhsm2 as shared;
+pub use keygate_test_support::softhsm2::{InProcess, SO_PIN, TOKEN_LABEL, USER_PIN};
 use secrecy::SecretString;
-use tempfile::TempDir;
 
-use super::missing_tool;
-
-/// Label of the test token.
-pub const TOKEN_LABEL: &str = "keygate-test";
 /// Label of the master key the fixtures create.
 pub const KEY_LABEL: &str = "keygate-master-1";
-/// The token's user PIN: distinctive, so tests can assert it never
-/// appears in a log line or an error.
-pub const USER_PIN: &str = "user-pin-7f3a91c2-do-not-log";
-/// The token's security officer PIN.
-pub const SO_PIN: &str = "so-pin-2b8e44d0-do-not-log";
-/// Environment variable that marks the child process and names its token
-/// directory.
-const CHILD_ENV: &str = "KEYGATE_TEST_SOFTHSM2_DIR";
-/// Where distributions install the SoftHSM2 module.
-const MODULE_CANDIDATES: &[&str] = &[
-    "/usr/lib/softhsm/libsofthsm2.so",
-    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
-    "/usr/local/lib/softhsm/libsofthsm2.so",
-    "/usr/lib64/pkcs11/libsofthsm2.so",
-];
-/// How the tools are installed on Debian.
-const INSTALL: &str = "apt-get install softhsm2";
 
-/// Which side of [`SoftHsm2::in_child_process`] this is.
-pub enum InProcess {
-    /// The child: the token is usable here.
-    Child(SoftHsm2),
-    /// The parent: the child has finished with this output.
-    Parent(Output),
-}
+/// A SoftHSM2 token directory with its own configuration file; derefs to
+/// the shared token (`conf`, `tokens_dir`, `module`).
+pub struct SoftHsm2(shared::Token);
 
-/// A SoftHSM2 token directory with its own configuration file.
-pub struct SoftHsm2 {
-    dir: PathBuf,
-    module: PathBuf,
-    /// Set in the parent process, which owns (and removes) the directory.
-    _owned: Option<TempDir>,
+impl Deref for SoftHsm2 {
+    type Target = shared::Token;
+
+    fn deref(&self) -> &shared::Token {
+        &self.0
+    }
 }
 
 impl SoftHsm2 {
@@ -73,111 +39,25 @@ impl SoftHsm2 {
     /// asserts the child passed, and returns `None`. In that child: returns
     /// the token.
     pub fn for_test(test: &str) -> Option<Self> {
-        let output =
-            match Self::in_child_process(&[test, "--exact", "--nocapture", "--test-threads=1"]) {
-                InProcess::Child(token) => return Some(token),
-                InProcess::Parent(output) => output,
-            };
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(
-            output.status.success(),
-            "{test} failed in its SoftHSM2 child process:\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
-        );
-        assert!(stdout.contains("1 passed"), "the child process did not run {test}:\n{stdout}");
-        for pin in [USER_PIN, SO_PIN] {
-            assert!(
-                !stdout.contains(pin) && !stderr.contains(pin),
-                "a PIN appears in the output of {test}"
-            );
-        }
-        None
+        shared::for_test(test).map(Self)
     }
 
     /// In the parent process: creates a token, runs this executable again
     /// with `args` in a child process that sees it, and returns the
     /// child's output. In that child: returns the token.
-    pub fn in_child_process(args: &[&str]) -> InProcess {
-        let module = Self::module_path();
-        if let Some(dir) = std::env::var_os(CHILD_ENV) {
-            return InProcess::Child(Self { dir: PathBuf::from(dir), module, _owned: None });
-        }
-        let token = Self::create(module);
-        let output = Command::new(std::env::current_exe().unwrap())
-            .args(args)
-            .env("SOFTHSM2_CONF", token.conf())
-            .env(CHILD_ENV, &token.dir)
-            .output()
-            .unwrap();
-        InProcess::Parent(output)
-    }
-
-    /// The SoftHSM2 module; fails naming the install command if absent.
-    pub fn module_path() -> PathBuf {
-        let module = match std::env::var_os("KEYGATE_TEST_PKCS11_MODULE") {
-            Some(module) => Some(PathBuf::from(module)).filter(|module| module.is_file()),
-            None => MODULE_CANDIDATES.iter().map(PathBuf::from).find(|module| module.is_file()),
-        };
-        module.unwrap_or_else(|| missing_tool("the SoftHSM2 PKCS#11 module", INSTALL))
+    pub fn in_child_process(args: &[&str]) -> InProcess<Self> {
+        shared::in_child_process(args).map_child(Self)
     }
 
     /// A fresh token in this process without loading the module here (for
     /// tests that hand the token to a keygate process via `SOFTHSM2_CONF`).
     pub fn new_token() -> Self {
-        Self::create(Self::module_path())
-    }
-
-    /// Creates the directory, configuration file and token.
-    fn create(module: PathBuf) -> Self {
-        let util = super::on_path("softhsm2-util")
-            .unwrap_or_else(|| missing_tool("softhsm2-util", INSTALL));
-        let owned = tempfile::tempdir().unwrap();
-        let dir = owned.path().to_owned();
-        std::fs::create_dir(dir.join("tokens")).unwrap();
-        std::fs::write(
-            dir.join("softhsm2.conf"),
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n\
-                 slots.removable = false\n",
-                dir.join("tokens").display()
-            ),
-        )
-        .unwrap();
-        let token = Self { dir, module, _owned: Some(owned) };
-        // The PINs are on this throwaway token's command line; keygate itself
-        // never takes a PIN as an argument.
-        let output = Command::new(util)
-            .args(["--init-token", "--free", "--label", TOKEN_LABEL])
-            .args(["--so-pin", SO_PIN, "--pin", USER_PIN])
-            .env("SOFTHSM2_CONF", token.conf())
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "softhsm2-util --init-token failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        token
-    }
-
-    /// The configuration file.
-    pub fn conf(&self) -> PathBuf {
-        self.dir.join("softhsm2.conf")
-    }
-
-    /// The token storage directory.
-    pub fn tokens_dir(&self) -> PathBuf {
-        self.dir.join("tokens")
-    }
-
-    /// The module.
-    pub fn module(&self) -> &Path {
-        &self.module
+        Self(shared::Token::create())
     }
 
     /// A provider configuration for the test token and key.
     pub fn config(&self) -> Pkcs11Config {
-        Pkcs11Config::new(&self.module, TOKEN_LABEL, KEY_LABEL, SecretString::from(USER_PIN))
+        Pkcs11Config::new(self.module(), TOKEN_LABEL, KEY_LABEL, SecretString::from(USER_PIN))
     }
 
     /// Creates the master key [`KEY_LABEL`] (as `keygate admin` would).
@@ -191,7 +71,7 @@ impl SoftHsm2 {
         format!(
             "[root]\nprovider = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"{TOKEN_LABEL}\"\n\
              key_label = \"{KEY_LABEL}\"\npin_file = \"{pin_file}\"\n",
-            self.module.display()
+            self.module().display()
         )
     }
 
@@ -213,7 +93,7 @@ impl SoftHsm2 {
     /// Direct access to the token, beside the provider (same process, same
     /// module instance).
     pub fn admin(&self) -> TokenAdmin {
-        let context = Pkcs11::new(&self.module).unwrap();
+        let context = Pkcs11::new(self.module()).unwrap();
         match context.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
             Ok(()) | Err(CryptokiError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
             Err(e) => panic!("C_Initialize: {e}"),
