@@ -1,10 +1,12 @@
 //! [`ClientBuilder`]: where the sidecar is, how to authenticate, how long to wait.
 
 use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use reqwest::Url;
 use reqwest::redirect::Policy;
 use secrecy::{ExposeSecret, SecretString};
 
@@ -14,7 +16,12 @@ use crate::error::Error;
 use crate::retry::RetryPolicy;
 
 /// How long one attempt may take, from sending to the last byte of the answer.
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longer than the sidecar's slowest way to a retryable 503
+/// `key_service_unavailable`: it waits 5 s (its default `timeout_ms`) per key
+/// service replica and tries each in turn, twice for an unwrap that falls
+/// back to JSON, so three replicas take 30 s. A shorter timeout would give up
+/// first and never see the 503 that the retry is for.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long making a connection may take.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Retries after the first attempt, for errors that allow it.
@@ -35,6 +42,7 @@ pub struct ClientBuilder {
     address: Option<Address>,
     token: Option<Token>,
     timeout: Duration,
+    deadline: Option<Duration>,
     connect_timeout: Duration,
     retries: u32,
     retry_backoff: Duration,
@@ -61,6 +69,7 @@ impl ClientBuilder {
             address: None,
             token: None,
             timeout: DEFAULT_TIMEOUT,
+            deadline: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             retries: DEFAULT_RETRIES,
             retry_backoff: DEFAULT_RETRY_BACKOFF,
@@ -107,10 +116,22 @@ impl ClientBuilder {
     }
 
     /// How long one attempt may take, from sending the request to the last
-    /// byte of the answer (default 10 s). Each retry gets its own timeout; an
-    /// attempt that times out is not retried.
+    /// byte of the answer (default 30 s, longer than the sidecar takes to
+    /// give up on unreachable key service replicas). Each retry gets its own
+    /// timeout; an attempt that times out is not retried. See
+    /// [`deadline`](Self::deadline) to bound a whole call.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// How long a whole call may take, its retries and the waits between
+    /// them included (default: no bound beyond the attempts' own timeouts).
+    /// An attempt gets at most what remains of it; once it has passed, or the
+    /// wait before a retry would outlast it, the call returns the last
+    /// attempt's error. `build` refuses zero.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = Some(deadline);
         self
     }
 
@@ -160,6 +181,9 @@ impl ClientBuilder {
         if let Some(token) = &token {
             check_token(token)?;
         }
+        if self.deadline == Some(Duration::ZERO) {
+            return Err(Error::config("the deadline must be longer than zero"));
+        }
 
         let mut http = reqwest::Client::builder()
             .timeout(self.timeout)
@@ -183,6 +207,9 @@ impl ClientBuilder {
             (Endpoint::Url(_), None) => {}
             (Endpoint::Unix(path), None) => http = unix_socket(http, path)?,
         }
+        if let Endpoint::Url(url) = &endpoint {
+            http = pin_localhost(http, url);
+        }
         let http =
             http.build().map_err(|e| Error::config_with("cannot set up the HTTP client", e))?;
         let base = endpoint.base();
@@ -193,9 +220,26 @@ impl ClientBuilder {
             base,
             token,
             timeout: self.timeout,
+            deadline: self.deadline,
             retry,
         })))
     }
+}
+
+/// Plain http to `localhost` is allowed because it names this machine;
+/// resolve it to the loopback addresses ourselves so that a resolver
+/// (`/etc/hosts`, DNS search domains) cannot send it, and the records and
+/// token with it, anywhere else.
+fn pin_localhost(http: reqwest::ClientBuilder, url: &Url) -> reqwest::ClientBuilder {
+    if url.host_str() != Some("localhost") {
+        return http;
+    }
+    // Port 0: the URL's own port is used.
+    let loopback = [
+        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0),
+        SocketAddr::new(Ipv6Addr::LOCALHOST.into(), 0),
+    ];
+    http.resolve_to_addrs("localhost", &loopback)
 }
 
 #[cfg(unix)]
@@ -245,7 +289,8 @@ impl fmt::Debug for ClientBuilder {
         let address = match &self.address {
             None => format!("unix:{DEFAULT_SOCKET} (default)"),
             Some(Address::Unix(path)) => format!("unix:{}", path.display()),
-            Some(Address::Url(url) | Address::Either(url)) => url.clone(),
+            Some(Address::Either(path)) if !path.contains("://") => format!("unix:{path}"),
+            Some(Address::Url(url) | Address::Either(url)) => url_without_secrets(url),
         };
         let token = match &self.token {
             None => "none".to_owned(),
@@ -256,12 +301,21 @@ impl fmt::Debug for ClientBuilder {
             .field("endpoint", &address)
             .field("bearer_token", &token)
             .field("timeout", &self.timeout)
+            .field("deadline", &self.deadline)
             .field("connect_timeout", &self.connect_timeout)
             .field("retries", &self.retries)
             .field("retry_backoff", &self.retry_backoff)
             .field("ca_pem", &self.ca_pem.as_ref().map(|pem| format!("{} bytes", pem.len())))
             .finish()
     }
+}
+
+/// A URL as given, for `Debug`: scheme, host, port and path only. Not yet
+/// checked by `build`, it may hold a password or a token in its query.
+fn url_without_secrets(url: &str) -> String {
+    let Ok(url) = Url::parse(url) else { return "<invalid URL>".to_owned() };
+    let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+    format!("{}://{}{port}{}", url.scheme(), url.host_str().unwrap_or_default(), url.path())
 }
 
 #[cfg(test)]
@@ -284,6 +338,24 @@ mod tests {
         let client_debug = format!("{client:?} {client:#?}");
         assert!(!client_debug.contains(TOKEN), "{client_debug}");
         assert!(client_debug.contains("<redacted>") && client_debug.contains("127.0.0.1:7070"));
+    }
+
+    #[test]
+    fn debug_of_builder_never_shows_url_credentials_or_query() {
+        let leaky = "https://svc:hunter2@sidecar:8443/kg/?token=x#frag";
+        for builder in [Client::builder().base_url(leaky), Client::builder().endpoint(leaky)] {
+            let debug = format!("{builder:?} {builder:#?}");
+            assert!(!debug.contains("hunter2") && !debug.contains("svc"), "{debug}");
+            assert!(!debug.contains("token=x") && !debug.contains("frag"), "{debug}");
+            assert!(debug.contains("https://sidecar:8443/kg/"), "{debug}");
+        }
+        // An unparseable URL is not echoed at all.
+        let builder = Client::builder().base_url("https://svc:hunter2@sidecar:99999/?token=x");
+        let debug = format!("{builder:?}");
+        assert!(!debug.contains("hunter2") && !debug.contains("token=x"), "{debug}");
+        assert!(debug.contains("<invalid URL>"), "{debug}");
+        let builder = Client::builder().endpoint("./keygate-dev/sidecar.sock");
+        assert!(format!("{builder:?}").contains("unix:./keygate-dev/sidecar.sock"));
     }
 
     #[test]
@@ -318,9 +390,18 @@ mod tests {
         let client = Client::builder().build().unwrap();
         let inner = client.inner();
         assert_eq!(inner.endpoint, Endpoint::Unix(DEFAULT_SOCKET.into()));
-        assert_eq!(inner.timeout, Duration::from_secs(10));
+        assert_eq!(inner.timeout, Duration::from_secs(30));
+        assert_eq!(inner.deadline, None);
         assert_eq!(inner.retry, RetryPolicy { retries: 2, base: Duration::from_millis(100) });
         assert!(inner.token.is_none());
+    }
+
+    #[test]
+    fn a_zero_deadline_is_refused() {
+        let e = Client::builder().deadline(Duration::ZERO).build().unwrap_err();
+        assert!(e.to_string().contains("deadline"), "{e}");
+        let c = Client::builder().deadline(Duration::from_secs(3)).build().unwrap();
+        assert_eq!(c.inner().deadline, Some(Duration::from_secs(3)));
     }
 
     #[test]

@@ -21,7 +21,8 @@ use crate::retry::RetryPolicy;
 ///
 /// # Timeouts and retries
 ///
-/// Every attempt is bounded by the [timeout](ClientBuilder::timeout). A call
+/// Every attempt is bounded by the [timeout](ClientBuilder::timeout), and a
+/// whole call, if you set one, by the [deadline](ClientBuilder::deadline). A call
 /// is retried, with a short jittered backoff and up to
 /// [`retries`](ClientBuilder::retries) times, only when the sidecar cannot
 /// have produced a result the caller saw: the connection could not be made or
@@ -30,6 +31,8 @@ use crate::retry::RetryPolicy;
 /// (every 4xx, and every other code) is final, and so is a client-side
 /// timeout (the sidecar may still be working; a retry would multiply the wait
 /// the caller chose). See [`Error::is_retryable`](crate::Error::is_retryable).
+/// A 429 `rate_limited` is returned too, with the wait the sidecar asked for
+/// in [`Error::retry_after`](crate::Error::retry_after).
 ///
 /// Repeating a call is safe for every operation:
 /// - `decrypt`, `index`, `pseudonym` and `rewrap` are idempotent: the same
@@ -55,13 +58,16 @@ pub(crate) struct Inner {
     /// The URL prefix of every request, without a trailing slash.
     pub(crate) base: String,
     pub(crate) token: Option<SecretString>,
+    /// Each attempt's timeout.
     pub(crate) timeout: Duration,
+    /// The bound on a whole call, retries included.
+    pub(crate) deadline: Option<Duration>,
     pub(crate) retry: RetryPolicy,
 }
 
 impl Client {
     /// Starts configuring a client (unix socket [`DEFAULT_SOCKET`](crate::DEFAULT_SOCKET),
-    /// 10 s timeout, 2 retries, no bearer token).
+    /// 30 s timeout per attempt, 2 retries, no deadline, no bearer token).
     pub fn builder() -> ClientBuilder {
         ClientBuilder::new()
     }
@@ -82,6 +88,7 @@ impl fmt::Debug for Client {
             .field("endpoint", &inner.endpoint.to_string())
             .field("bearer_token", &inner.token.as_ref().map(|_| "<redacted>"))
             .field("timeout", &inner.timeout)
+            .field("deadline", &inner.deadline)
             .field("retries", &inner.retry.retries)
             .field("retry_backoff", &inner.retry.base)
             .finish_non_exhaustive()

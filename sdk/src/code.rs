@@ -24,6 +24,17 @@ pub enum ErrorCode {
     BodyTooLarge,
     /// A batch holds more records than the sidecar accepts.
     TooManyRecords,
+    /// The request body did not arrive within the sidecar's read timeout (408).
+    BodyTimeout,
+    /// The request was not sent as `application/json` (415).
+    UnsupportedMediaType,
+    /// The endpoint exists but not for this HTTP method (405).
+    MethodNotAllowed,
+    /// A record has more protected fields than a header can list.
+    TooManyFields,
+    /// The encrypted records would be larger than the sidecar answers (413);
+    /// send fewer or smaller records per request.
+    AnswerTooLarge,
     /// The bearer token is missing or wrong (401).
     Unauthorized,
     /// The application's identity may not do this (403).
@@ -32,10 +43,19 @@ pub enum ErrorCode {
     NotFound,
     /// The tenant is not known to the key service.
     UnknownTenant,
+    /// The key service refuses the tenant id as malformed.
+    InvalidTenant,
+    /// The tenant has no active key version, so nothing can be encrypted for it.
+    NoActiveKey,
     /// The schema (or schema version) is not known.
     UnknownSchema,
     /// The path names no field of the schema.
     UnknownField,
+    /// The field is neither deterministic nor blind-indexed, so it has no
+    /// token to search by.
+    NotSearchable,
+    /// The record belongs to another tenant or schema than the request names.
+    WrongContext,
     /// A record to encrypt is already encrypted.
     AlreadyEncrypted,
     /// A record to decrypt or rewrap is not an encrypted record.
@@ -58,6 +78,15 @@ pub enum ErrorCode {
     AuditUnavailable,
     /// The sidecar timed out on its own upstream call (503); retried.
     Timeout,
+    /// Too many requests (429): from this connection, or from this sidecar's
+    /// identity at the key service. Not retried by the client; wait
+    /// [`Error::retry_after`](crate::Error::retry_after) before trying again.
+    RateLimited,
+    /// The key service refused the sidecar's call in a way the sidecar does
+    /// not pass on, or answered unexpectedly (502).
+    KeyServiceError,
+    /// A key service batch was larger than it accepts.
+    BatchTooLarge,
     /// An internal error in the sidecar (500).
     Internal,
     /// A code this version of the client does not know, verbatim.
@@ -86,12 +115,21 @@ impl ErrorCode {
             Self::JsonTooDeep => "json_too_deep",
             Self::BodyTooLarge => "body_too_large",
             Self::TooManyRecords => "too_many_records",
+            Self::BodyTimeout => "body_timeout",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::TooManyFields => "too_many_fields",
+            Self::AnswerTooLarge => "answer_too_large",
             Self::Unauthorized => "unauthorized",
             Self::Forbidden => "forbidden",
             Self::NotFound => "not_found",
             Self::UnknownTenant => "unknown_tenant",
+            Self::InvalidTenant => "invalid_tenant",
+            Self::NoActiveKey => "no_active_key",
             Self::UnknownSchema => "unknown_schema",
             Self::UnknownField => "unknown_field",
+            Self::NotSearchable => "not_searchable",
+            Self::WrongContext => "wrong_context",
             Self::AlreadyEncrypted => "already_encrypted",
             Self::NotEncrypted => "not_encrypted",
             Self::CannotDecrypt => "cannot_decrypt",
@@ -102,6 +140,9 @@ impl ErrorCode {
             Self::KeyServiceUnavailable => "key_service_unavailable",
             Self::AuditUnavailable => "audit_unavailable",
             Self::Timeout => "timeout",
+            Self::RateLimited => "rate_limited",
+            Self::KeyServiceError => "key_service_error",
+            Self::BatchTooLarge => "batch_too_large",
             Self::Internal => "internal",
             Self::Other(code) => code,
         }
@@ -122,12 +163,21 @@ impl From<&str> for ErrorCode {
             "json_too_deep" => Self::JsonTooDeep,
             "body_too_large" => Self::BodyTooLarge,
             "too_many_records" => Self::TooManyRecords,
+            "body_timeout" => Self::BodyTimeout,
+            "unsupported_media_type" => Self::UnsupportedMediaType,
+            "method_not_allowed" => Self::MethodNotAllowed,
+            "too_many_fields" => Self::TooManyFields,
+            "answer_too_large" => Self::AnswerTooLarge,
             "unauthorized" => Self::Unauthorized,
             "forbidden" => Self::Forbidden,
             "not_found" => Self::NotFound,
             "unknown_tenant" => Self::UnknownTenant,
+            "invalid_tenant" => Self::InvalidTenant,
+            "no_active_key" => Self::NoActiveKey,
             "unknown_schema" => Self::UnknownSchema,
             "unknown_field" => Self::UnknownField,
+            "not_searchable" => Self::NotSearchable,
+            "wrong_context" => Self::WrongContext,
             "already_encrypted" => Self::AlreadyEncrypted,
             "not_encrypted" => Self::NotEncrypted,
             "cannot_decrypt" => Self::CannotDecrypt,
@@ -138,6 +188,9 @@ impl From<&str> for ErrorCode {
             "key_service_unavailable" => Self::KeyServiceUnavailable,
             "audit_unavailable" => Self::AuditUnavailable,
             "timeout" => Self::Timeout,
+            "rate_limited" => Self::RateLimited,
+            "key_service_error" => Self::KeyServiceError,
+            "batch_too_large" => Self::BatchTooLarge,
             "internal" => Self::Internal,
             other => Self::Other(other.to_owned()),
         }
@@ -160,7 +213,7 @@ pub(crate) fn parse_error_body(body: &[u8]) -> Option<(ErrorCode, String)> {
 mod tests {
     use super::*;
 
-    const KNOWN: [&str; 22] = [
+    const KNOWN: [&str; 34] = [
         "malformed_json",
         "invalid_request",
         "json_too_deep",
@@ -183,6 +236,18 @@ mod tests {
         "audit_unavailable",
         "timeout",
         "internal",
+        "body_timeout",
+        "unsupported_media_type",
+        "method_not_allowed",
+        "too_many_fields",
+        "answer_too_large",
+        "invalid_tenant",
+        "no_active_key",
+        "not_searchable",
+        "wrong_context",
+        "rate_limited",
+        "key_service_error",
+        "batch_too_large",
     ];
 
     #[test]
@@ -192,6 +257,30 @@ mod tests {
             assert!(!matches!(parsed, ErrorCode::Other(_)), "{code} fell through to Other");
             assert_eq!(parsed.as_str(), code);
             assert_eq!(parsed.to_string(), code);
+        }
+    }
+
+    /// The codes the sidecar emits beyond the original set (grep the
+    /// gateway's `ApiError::new` and `ks_error` for their sources): each has
+    /// its own variant rather than arriving as `Other`.
+    #[test]
+    fn codes_the_sidecar_emits_parse_to_their_variants() {
+        for (code, expected) in [
+            ("rate_limited", ErrorCode::RateLimited),
+            ("answer_too_large", ErrorCode::AnswerTooLarge),
+            ("key_service_error", ErrorCode::KeyServiceError),
+            ("no_active_key", ErrorCode::NoActiveKey),
+            ("batch_too_large", ErrorCode::BatchTooLarge),
+            ("invalid_tenant", ErrorCode::InvalidTenant),
+            ("too_many_fields", ErrorCode::TooManyFields),
+            ("not_searchable", ErrorCode::NotSearchable),
+            ("wrong_context", ErrorCode::WrongContext),
+            ("unsupported_media_type", ErrorCode::UnsupportedMediaType),
+            ("body_timeout", ErrorCode::BodyTimeout),
+            ("method_not_allowed", ErrorCode::MethodNotAllowed),
+        ] {
+            assert_eq!(ErrorCode::from(code), expected, "{code}");
+            assert_eq!(expected.as_str(), code);
         }
     }
 

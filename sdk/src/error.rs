@@ -78,6 +78,9 @@ pub enum Error {
         code: ErrorCode,
         /// The sidecar's human-readable message.
         message: String,
+        /// How long the sidecar asked the caller to wait before trying
+        /// again (its `Retry-After`, sent with 429 `rate_limited`).
+        retry_after: Option<Duration>,
     },
 
     /// The sidecar answered with an error status but without its error body
@@ -152,6 +155,17 @@ impl Error {
         }
     }
 
+    /// How long to wait before trying again, if the sidecar said (its
+    /// `Retry-After` header, in whole seconds, at most an hour). The client
+    /// does not retry a 429 `rate_limited` itself: waiting is the caller's
+    /// call, and this says for how long.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Api { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
     /// The HTTP status, if the sidecar answered with an error status.
     pub fn status(&self) -> Option<u16> {
         match self {
@@ -198,7 +212,13 @@ mod tests {
     }
 
     fn api(status: u16, code: &str) -> Error {
-        Error::Api { op: OP, status, code: ErrorCode::from(code), message: String::new() }
+        Error::Api {
+            op: OP,
+            status,
+            code: ErrorCode::from(code),
+            message: String::new(),
+            retry_after: None,
+        }
     }
 
     #[test]
@@ -227,6 +247,17 @@ mod tests {
     #[test]
     fn no_4xx_is_retried() {
         for code in [
+            "rate_limited",
+            "invalid_tenant",
+            "no_active_key",
+            "batch_too_large",
+            "too_many_fields",
+            "not_searchable",
+            "wrong_context",
+            "unsupported_media_type",
+            "body_timeout",
+            "method_not_allowed",
+            "answer_too_large",
             "malformed_json",
             "invalid_request",
             "json_too_deep",
@@ -246,7 +277,7 @@ mod tests {
             "key_version_disabled",
             "key_destroyed",
         ] {
-            for status in [400, 401, 403, 404, 409, 410, 413, 422] {
+            for status in [400, 401, 403, 404, 405, 408, 409, 410, 413, 415, 422, 429] {
                 assert!(!api(status, code).is_retryable(), "{status} {code}");
             }
         }

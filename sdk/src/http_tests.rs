@@ -13,7 +13,7 @@ use crate::{Client, ClientBuilder, Decrypted, Error, ErrorCode, FieldOutcome, Se
 const FAST: Duration = Duration::from_millis(5);
 
 fn encrypted() -> Value {
-    json!({"_kg": "kg1.header", "ssn": "kg1:ciphertext", "age": 51})
+    json!({"_kg": "kg1h:header", "ssn": "kg1:ciphertext", "age": 51})
 }
 
 fn encrypted_answer() -> Reply {
@@ -336,6 +336,132 @@ async fn probes_report_state_and_are_never_retried() {
     assert_eq!(requests.len(), 4, "a probe was retried");
     assert_eq!((requests[0].method.as_str(), requests[0].path.as_str()), ("GET", "/healthz"));
     assert_eq!(requests[1].path, "/readyz");
+}
+
+/// What a misconfigured endpoint (an echo route, a mock, a proxy) answers:
+/// the request's own record, in plaintext.
+fn plaintext() -> Value {
+    json!({"ssn": "123-45-6789", "age": 51})
+}
+
+fn assert_refused_without_values(err: &Error) {
+    assert!(matches!(err, Error::Decode { .. }), "{err:?}");
+    let shown = format!("{err} {err:?}");
+    assert!(!shown.contains("6789") && !shown.contains("51"), "{shown}");
+    assert!(shown.contains("not an encrypted record"), "{shown}");
+}
+
+#[tokio::test]
+async fn an_encrypt_answer_that_is_not_encrypted_is_refused() {
+    let (server, url) = TestServer::tcp(vec![
+        answer(200, json!({"record": plaintext()})),
+        answer(200, json!({"records": [encrypted(), plaintext()]})),
+    ])
+    .await;
+    let client = over_tcp(&url).build().unwrap();
+    let err = client.encrypt("demo", "patient", &plaintext()).await.unwrap_err();
+    assert_refused_without_values(&err);
+    let err =
+        client.encrypt_batch("demo", "patient", &[plaintext(), plaintext()]).await.unwrap_err();
+    assert_refused_without_values(&err);
+    assert!(err.to_string().contains("record 1"), "{err}");
+    assert_eq!(server.requests().len(), 2, "not retried");
+}
+
+#[tokio::test]
+async fn a_rewrap_answer_that_is_not_encrypted_is_refused() {
+    let (_server, url) = TestServer::tcp(vec![
+        answer(200, json!({"record": plaintext(), "rewrapped": 1})),
+        answer(200, json!({"records": [plaintext(), encrypted()], "rewrapped": 2})),
+        answer(200, json!({"record": {"_kg": 7, "ssn": "123-45-6789"}, "rewrapped": 0})),
+    ])
+    .await;
+    let client = over_tcp(&url).build().unwrap();
+    assert_refused_without_values(&client.rewrap(&encrypted()).await.unwrap_err());
+    let err = client.rewrap_batch(&[encrypted(), encrypted()]).await.unwrap_err();
+    assert_refused_without_values(&err);
+    assert!(err.to_string().contains("record 0"), "{err}");
+    assert_refused_without_values(&client.rewrap(&encrypted()).await.unwrap_err());
+}
+
+#[tokio::test]
+async fn rate_limited_is_typed_and_keeps_its_retry_after() {
+    let limited = Reply::AnswerWithHeader(
+        429,
+        ("retry-after", "2"),
+        json!({"error": {"code": "rate_limited", "message": "slow down"}}).to_string(),
+    );
+    let (server, url) = TestServer::tcp(vec![limited, encrypted_answer()]).await;
+    let client = over_tcp(&url).build().unwrap();
+    let err = client.encrypt("demo", "patient", &json!({})).await.unwrap_err();
+    assert_eq!(err.code(), Some(&ErrorCode::RateLimited));
+    assert_eq!(err.status(), Some(429));
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(2)));
+    assert_eq!(server.requests().len(), 1, "a 429 is the caller's to retry");
+}
+
+#[tokio::test]
+async fn a_deadline_bounds_a_call_to_a_sidecar_that_never_answers() {
+    let (server, url) = TestServer::tcp(vec![Reply::Hang]).await;
+    // The default attempt timeout (30 s) is far longer than the deadline.
+    let client = over_tcp(&url).deadline(Duration::from_secs(1)).build().unwrap();
+    let started = Instant::now();
+    let err = client.encrypt("demo", "patient", &json!({})).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(matches!(err, Error::Timeout { timeout, .. } if timeout <= Duration::from_secs(1)));
+    assert_eq!(server.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn a_deadline_ends_retries_with_the_last_error() {
+    let unavailable = (0..50).map(|_| error(503, "key_service_unavailable")).collect();
+    let (server, url) = TestServer::tcp(unavailable).await;
+    let client = Client::builder()
+        .base_url(&url)
+        .retries(50)
+        .retry_backoff(Duration::from_millis(400))
+        .deadline(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let err = client.encrypt("demo", "patient", &json!({})).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert_eq!(err.code(), Some(&ErrorCode::KeyServiceUnavailable));
+    // The first backoff (at most 400 ms) fits the deadline; the budget of
+    // 50 retries, with backoff growing to 2 s, would not.
+    let attempts = server.requests().len();
+    assert!((2..10).contains(&attempts), "{attempts} attempts");
+}
+
+#[tokio::test]
+async fn a_batch_answer_with_millions_of_records_is_a_count_mismatch() {
+    // About 4 MiB: two million records answered for one sent.
+    let records = vec!["0"; 2 * 1024 * 1024].join(",");
+    let body = format!(r#"{{"records":[{records}]}}"#);
+    let (_server, url) = TestServer::tcp(vec![Reply::Answer(200, body.clone())]).await;
+    let client = over_tcp(&url).build().unwrap();
+    let err = client.encrypt_batch("demo", "patient", &[plaintext()]).await.unwrap_err();
+    assert!(matches!(err, Error::Decode { .. }), "{err:?}");
+    let expected = format!("1 records sent but {} records returned", 2 * 1024 * 1024);
+    assert!(err.to_string().contains(&expected), "{err}");
+
+    let (_server, url) = TestServer::tcp(vec![Reply::Answer(
+        200,
+        format!(r#"{{"records":[{{"age":1}}],"report":[{records}]}}"#),
+    )])
+    .await;
+    let client = over_tcp(&url).build().unwrap();
+    let err = client.decrypt_batch::<Value, _>(&[encrypted()], None).await.unwrap_err();
+    assert!(err.to_string().contains("reports returned"), "{err}");
+}
+
+#[tokio::test]
+async fn a_localhost_url_reaches_the_sidecar_on_the_loopback_at_its_port() {
+    let (server, url) = TestServer::tcp(vec![encrypted_answer()]).await;
+    let url = url.replace("127.0.0.1", "localhost");
+    let client = over_tcp(&url).build().unwrap();
+    assert_eq!(client.encrypt("demo", "patient", &json!({})).await.unwrap(), encrypted());
+    assert_eq!(server.requests().len(), 1);
 }
 
 #[test]

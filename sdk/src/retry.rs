@@ -75,12 +75,14 @@ mod tests {
             status: 503,
             code: ErrorCode::KeyServiceUnavailable,
             message: String::new(),
+            retry_after: None,
         };
         let final_error = Error::Api {
             op: Operation::Encrypt,
             status: 403,
             code: ErrorCode::Forbidden,
             message: String::new(),
+            retry_after: None,
         };
         let p = policy(2);
         assert!(p.should_retry(1, &transient));

@@ -18,6 +18,8 @@ use tokio::task::JoinHandle;
 pub(crate) enum Reply {
     /// Answer with this status and body (sent as `application/json`).
     Answer(u16, String),
+    /// Like `Answer`, with one more header (name, value).
+    AnswerWithHeader(u16, (&'static str, &'static str), String),
     /// Close the connection without answering.
     Close,
     /// Never answer.
@@ -163,21 +165,10 @@ async fn serve(stream: impl AsyncRead + AsyncWrite + Unpin, state: Shared) {
         state.requests.lock().unwrap().push(Recorded { method, path, headers, body });
 
         let reply = state.script.lock().unwrap().pop_front();
-        match reply.unwrap_or_else(|| error(500, "script_exhausted")) {
-            Reply::Answer(status, body) => {
-                let head = format!(
-                    "HTTP/1.1 {status} Test\r\ncontent-type: application/json\r\n\
-                     content-length: {}\r\n\r\n",
-                    body.len()
-                );
-                let written = async {
-                    stream.write_all(head.as_bytes()).await?;
-                    stream.write_all(body.as_bytes()).await?;
-                    stream.flush().await
-                };
-                if written.await.is_err() {
-                    return;
-                }
+        let (status, extra, body) = match reply.unwrap_or_else(|| error(500, "script_exhausted")) {
+            Reply::Answer(status, body) => (status, String::new(), body),
+            Reply::AnswerWithHeader(status, (name, value), body) => {
+                (status, format!("{name}: {value}\r\n"), body)
             }
             Reply::Close => return,
             Reply::Hang => std::future::pending().await,
@@ -191,6 +182,19 @@ async fn serve(stream: impl AsyncRead + AsyncWrite + Unpin, state: Shared) {
                 }
                 return;
             }
+        };
+        let head = format!(
+            "HTTP/1.1 {status} Test\r\ncontent-type: application/json\r\n{extra}\
+             content-length: {}\r\n\r\n",
+            body.len()
+        );
+        let written = async {
+            stream.write_all(head.as_bytes()).await?;
+            stream.write_all(body.as_bytes()).await?;
+            stream.flush().await
+        };
+        if written.await.is_err() {
+            return;
         }
     }
 }

@@ -3,13 +3,15 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
-use super::{Many, One, check_count};
+use super::{Many, One, batch_elements, check_count};
 use crate::client::Client;
 use crate::error::Error;
 use crate::operation::Operation;
 use crate::redact::serde_message;
 use crate::report::{Decrypted, RecordReport};
+use crate::transport::decode;
 
 /// `{"record" | "records", "purpose"?}`.
 #[derive(Serialize)]
@@ -20,16 +22,23 @@ pub(crate) struct DecryptRequest<'a, P> {
     pub(crate) purpose: Option<&'a str>,
 }
 
+/// Raw, so the record is parsed straight into the caller's type, and the
+/// reports are counted before any is parsed.
 #[derive(Deserialize)]
-struct OneDecrypted {
-    record: Value,
-    report: Vec<RecordReport>,
+struct OneDecrypted<'a> {
+    #[serde(borrow)]
+    record: &'a RawValue,
+    #[serde(borrow)]
+    report: &'a RawValue,
 }
 
+/// Raw, so records and reports are counted before any is parsed.
 #[derive(Deserialize)]
-struct ManyDecrypted {
-    records: Vec<Value>,
-    report: Vec<RecordReport>,
+struct ManyDecrypted<'a> {
+    #[serde(borrow)]
+    records: &'a RawValue,
+    #[serde(borrow)]
+    report: &'a RawValue,
 }
 
 const OP: Operation = Operation::Decrypt;
@@ -47,7 +56,8 @@ impl Client {
         purpose: Option<&str>,
     ) -> Result<Decrypted<T>, Error> {
         let request = DecryptRequest { payload: One { record: encrypted }, purpose };
-        let answer: OneDecrypted = self.post(OP, &request).await?;
+        let body = self.post_for_body(OP, &request).await?;
+        let answer: OneDecrypted<'_> = decode(OP, &body)?;
         pair(1, vec![answer.record], answer.report, false)?
             .pop()
             .ok_or_else(|| Error::Decode { op: OP, detail: "no record returned".into() })
@@ -76,27 +86,30 @@ impl Client {
             return Ok(Vec::new());
         }
         let request = DecryptRequest { payload: Many { records: encrypted }, purpose };
-        let answer: ManyDecrypted = self.post(OP, &request).await?;
-        pair(encrypted.len(), answer.records, answer.report, true)
+        let body = self.post_for_body(OP, &request).await?;
+        let answer: ManyDecrypted<'_> = decode(OP, &body)?;
+        let records = batch_elements(OP, encrypted.len(), "records", answer.records)?;
+        pair(encrypted.len(), records, answer.report, true)
     }
 }
 
-/// Pairs each record with its report, checking there is one of each per
-/// record sent, and converts the records to `T`.
+/// Pairs each record with its report from the array `reports`, checking
+/// there is one of each per record sent, and converts the records to `T`.
 fn pair<T: DeserializeOwned>(
     sent: usize,
-    records: Vec<Value>,
-    reports: Vec<RecordReport>,
+    records: Vec<&RawValue>,
+    reports: &RawValue,
     batch: bool,
 ) -> Result<Vec<Decrypted<T>>, Error> {
     check_count(OP, sent, "records", records.len())?;
-    check_count(OP, sent, "reports", reports.len())?;
+    let reports = batch_elements(OP, sent, "reports", reports)?;
     records
         .into_iter()
         .zip(reports)
         .enumerate()
         .map(|(i, (record, report))| {
-            let record = serde_json::from_value(record).map_err(|e| Error::Record {
+            let report: RecordReport = decode(OP, report.get().as_bytes())?;
+            let record = serde_json::from_str(record.get()).map_err(|e| Error::Record {
                 op: OP,
                 index: batch.then_some(i),
                 detail: serde_message(&e),
@@ -109,15 +122,28 @@ fn pair<T: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use serde_json::json;
+    use serde_json::value::to_raw_value;
 
     use super::*;
 
-    fn report(id: &str) -> RecordReport {
-        serde_json::from_value(json!({
+    fn report(id: &str) -> Value {
+        json!({
             "record_key_id": id, "tenant": "demo", "schema": "patient", "schema_version": 1,
             "kek_version": 1, "stale_key_version": false, "fields": []
-        }))
-        .unwrap()
+        })
+    }
+
+    /// `pair` over records and a report array given as JSON values.
+    fn pair_values<T: DeserializeOwned>(
+        sent: usize,
+        records: &[Value],
+        reports: Value,
+        batch: bool,
+    ) -> Result<Vec<Decrypted<T>>, Error> {
+        let records: Vec<Box<RawValue>> =
+            records.iter().map(|r| to_raw_value(r).unwrap()).collect();
+        let reports = to_raw_value(&reports).unwrap();
+        pair(sent, records.iter().map(AsRef::as_ref).collect(), &reports, batch)
     }
 
     #[derive(Debug, Deserialize, PartialEq)]
@@ -142,10 +168,10 @@ mod tests {
 
     #[test]
     fn records_pair_with_their_reports_in_order() {
-        let out: Vec<Decrypted<Patient>> = pair(
+        let out: Vec<Decrypted<Patient>> = pair_values(
             2,
-            vec![json!({"ssn": "123-45-6789", "age": 51}), json!({"age": 7})],
-            vec![report("a"), report("b")],
+            &[json!({"ssn": "123-45-6789", "age": 51}), json!({"age": 7})],
+            json!([report("a"), report("b")]),
             true,
         )
         .unwrap();
@@ -159,18 +185,26 @@ mod tests {
 
     #[test]
     fn a_count_mismatch_is_a_decode_error() {
-        let e = pair::<Value>(2, vec![json!({})], vec![report("a")], true).unwrap_err();
+        let e = pair_values::<Value>(2, &[json!({})], json!([report("a")]), true).unwrap_err();
         assert!(matches!(e, Error::Decode { .. }), "{e}");
-        let e = pair::<Value>(1, vec![json!({})], vec![], false).unwrap_err();
+        let e = pair_values::<Value>(1, &[json!({})], json!([]), false).unwrap_err();
         assert!(e.to_string().contains("reports"), "{e}");
+        let e = pair_values::<Value>(1, &[json!({})], json!([0, 0, 0]), false).unwrap_err();
+        assert!(e.to_string().contains("1 records sent but 3 reports returned"), "{e}");
+    }
+
+    #[test]
+    fn a_report_that_does_not_fit_is_a_decode_error() {
+        let e = pair_values::<Value>(1, &[json!({})], json!([{"tenant": 1}]), false).unwrap_err();
+        assert!(matches!(e, Error::Decode { .. }), "{e}");
     }
 
     #[test]
     fn a_record_that_does_not_fit_names_its_position_but_not_its_values() {
-        let e = pair::<Patient>(
+        let e = pair_values::<Patient>(
             2,
-            vec![json!({"age": 1}), json!({"ssn": "123-45-6789", "age": "fifty-one"})],
-            vec![report("a"), report("b")],
+            &[json!({"age": 1}), json!({"ssn": "123-45-6789", "age": "fifty-one"})],
+            json!([report("a"), report("b")]),
             true,
         )
         .unwrap_err();

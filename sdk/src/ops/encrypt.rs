@@ -2,12 +2,16 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
-use super::{Many, One, check_count};
+use super::{Many, One, batch_elements, encrypted_record};
 use crate::client::Client;
 use crate::error::Error;
 use crate::operation::Operation;
 use crate::schema_ref::SchemaRef;
+use crate::transport::decode;
+
+const OP: Operation = Operation::Encrypt;
 
 /// `{"tenant", "schema", "schema_version"?, "record" | "records"}`.
 #[derive(Serialize)]
@@ -21,13 +25,16 @@ pub(crate) struct EncryptRequest<'a, P> {
 }
 
 #[derive(Deserialize)]
-struct OneRecord {
-    record: Value,
+struct OneRecord<'a> {
+    #[serde(borrow)]
+    record: &'a RawValue,
 }
 
+/// Raw, so the records are counted before any is parsed.
 #[derive(Deserialize)]
-struct ManyRecords {
-    records: Vec<Value>,
+struct ManyRecords<'a> {
+    #[serde(borrow)]
+    records: &'a RawValue,
 }
 
 impl<'a, P> EncryptRequest<'a, P> {
@@ -45,6 +52,10 @@ impl Client {
     /// is, not a `T` (its protected fields are ciphertext and it carries a
     /// keygate header). Encrypting the same record twice gives different
     /// ciphertext; see [`Client`] for why a retried encrypt is still safe.
+    ///
+    /// An answer whose record is not encrypted (no keygate header in `_kg`:
+    /// something other than a sidecar answered) is [`Error::Decode`], so
+    /// plaintext is never handed back as if it were safe to store.
     pub async fn encrypt<'s>(
         &self,
         tenant: &str,
@@ -52,13 +63,15 @@ impl Client {
         record: &(impl Serialize + ?Sized),
     ) -> Result<Value, Error> {
         let request = EncryptRequest::new(tenant, schema.into(), One { record });
-        let answer: OneRecord = self.post(Operation::Encrypt, &request).await?;
-        Ok(answer.record)
+        let body = self.post_for_body(OP, &request).await?;
+        let answer: OneRecord<'_> = decode(OP, &body)?;
+        encrypted_record(OP, None, answer.record)
     }
 
     /// Encrypts many records in one round trip; the results are in the same
     /// order. An empty slice returns an empty `Vec` without calling the
-    /// sidecar. The sidecar caps the batch size (`too_many_records`).
+    /// sidecar. The sidecar caps the batch size (`too_many_records`). Every
+    /// returned record is checked as [`encrypt`](Self::encrypt) checks one.
     pub async fn encrypt_batch<'s, R: Serialize>(
         &self,
         tenant: &str,
@@ -69,9 +82,13 @@ impl Client {
             return Ok(Vec::new());
         }
         let request = EncryptRequest::new(tenant, schema.into(), Many { records });
-        let answer: ManyRecords = self.post(Operation::Encrypt, &request).await?;
-        check_count(Operation::Encrypt, records.len(), "records", answer.records.len())?;
-        Ok(answer.records)
+        let body = self.post_for_body(OP, &request).await?;
+        let answer: ManyRecords<'_> = decode(OP, &body)?;
+        batch_elements(OP, records.len(), "records", answer.records)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, record)| encrypted_record(OP, Some(i), record))
+            .collect()
     }
 }
 

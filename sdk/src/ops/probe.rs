@@ -21,18 +21,16 @@ impl Client {
     /// Whether the sidecar process is up: `Ok` if it answers `GET /healthz`
     /// with success. Made once, never retried.
     pub async fn health(&self) -> Result<(), Error> {
-        let (status, body) = self.get(Operation::Health).await?;
-        success_body(Operation::Health, status, body).map(drop)
+        let answer = self.get(Operation::Health).await?;
+        success_body(Operation::Health, answer).map(drop)
     }
 
     /// Whether the sidecar is ready to serve (`GET /readyz`): a 503 answer is
     /// `Ok` with `ready: false`, not an error. Made once, never retried.
     pub async fn ready(&self) -> Result<Readiness, Error> {
-        let (status, mut body) = self.get(Operation::Ready).await?;
-        let ready = status != 503;
-        if ready {
-            body = success_body(Operation::Ready, status, body)?;
-        }
+        let answer = self.get(Operation::Ready).await?;
+        let ready = answer.status != 503;
+        let body = if ready { success_body(Operation::Ready, answer)? } else { answer.body };
         let detail = serde_json::from_slice(&body).unwrap_or(Value::Null);
         Ok(Readiness { ready, detail })
     }

@@ -2,11 +2,15 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
-use super::{Many, One, check_count};
+use super::{Many, One, batch_elements, encrypted_record};
 use crate::client::Client;
 use crate::error::Error;
 use crate::operation::Operation;
+use crate::transport::decode;
+
+const OP: Operation = Operation::Rewrap;
 
 /// A record after [`Client::rewrap`].
 #[derive(Debug, Clone, PartialEq)]
@@ -30,24 +34,31 @@ pub struct RewrappedBatch {
 }
 
 #[derive(Deserialize)]
-struct OneAnswer {
-    record: Value,
+struct OneAnswer<'a> {
+    #[serde(borrow)]
+    record: &'a RawValue,
     rewrapped: usize,
 }
 
+/// Raw, so the records are counted before any is parsed.
 #[derive(Deserialize)]
-struct ManyAnswer {
-    records: Vec<Value>,
+struct ManyAnswer<'a> {
+    #[serde(borrow)]
+    records: &'a RawValue,
     rewrapped: usize,
 }
 
 impl Client {
     /// Moves an encrypted record to the tenant's active KEK version without
     /// re-encrypting its fields (only the wrapped data key changes). Store
-    /// the result in place of the old record when `changed` is true.
+    /// the result in place of the old record when `changed` is true. As with
+    /// [`encrypt`](Self::encrypt), a returned record without a keygate header
+    /// is [`Error::Decode`].
     pub async fn rewrap(&self, encrypted: &(impl Serialize + ?Sized)) -> Result<Rewrapped, Error> {
-        let answer: OneAnswer = self.post(Operation::Rewrap, &One { record: encrypted }).await?;
-        Ok(Rewrapped { record: answer.record, changed: answer.rewrapped > 0 })
+        let body = self.post_for_body(OP, &One { record: encrypted }).await?;
+        let answer: OneAnswer<'_> = decode(OP, &body)?;
+        let record = encrypted_record(OP, None, answer.record)?;
+        Ok(Rewrapped { record, changed: answer.rewrapped > 0 })
     }
 
     /// [`rewrap`](Self::rewrap) for many records in one round trip. An empty
@@ -59,8 +70,13 @@ impl Client {
         if encrypted.is_empty() {
             return Ok(RewrappedBatch { records: Vec::new(), rewrapped: 0 });
         }
-        let answer: ManyAnswer = self.post(Operation::Rewrap, &Many { records: encrypted }).await?;
-        check_count(Operation::Rewrap, encrypted.len(), "records", answer.records.len())?;
-        Ok(RewrappedBatch { records: answer.records, rewrapped: answer.rewrapped })
+        let body = self.post_for_body(OP, &Many { records: encrypted }).await?;
+        let answer: ManyAnswer<'_> = decode(OP, &body)?;
+        let records = batch_elements(OP, encrypted.len(), "records", answer.records)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, record)| encrypted_record(OP, Some(i), record))
+            .collect::<Result<_, _>>()?;
+        Ok(RewrappedBatch { records, rewrapped: answer.rewrapped })
     }
 }
