@@ -47,7 +47,8 @@ pub enum Command {
     /// dual control, rewrap, audit, policy check, development PKI.
     ///
     /// Example: keygate admin --profile ~/.config/keygate/admin.toml tenant list
-    Admin(crate::admin::AdminArgs),
+    // Boxed: the admin commands' arguments dwarf the other subcommands'.
+    Admin(Box<crate::admin::AdminArgs>),
     /// Run everything on this machine with development defaults (dev CA,
     /// local root key, SQLite) and print curl lines to try it.
     ///
@@ -103,7 +104,7 @@ pub fn main() -> ExitCode {
             init_logging(&config.log.level, config.log.format);
             block_on(crate::sidecar::run(config))
         }
-        Command::Admin(args) => crate::admin::run(args),
+        Command::Admin(args) => crate::admin::run(*args),
         Command::Completions { shell } => {
             let mut command = Cli::command();
             let mut script = Vec::new();

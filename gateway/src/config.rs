@@ -494,6 +494,10 @@ pub struct LifecycleConfig {
     /// `approved` until then). 0 destroys at approval; production
     /// deployments typically wait 24 to 72 hours.
     pub shred_delay_secs: u64,
+    /// Seconds a request for approval may wait to be approved (7 days by
+    /// default); an older one may only be rejected. Who asked, and why,
+    /// may no longer hold: a stale request is filed again.
+    pub approval_ttl_secs: u64,
     /// How often one replica checks for due auto-rotations and approved
     /// shreds whose wait is over, in milliseconds.
     pub scheduler_interval_ms: u64,
@@ -503,7 +507,12 @@ pub struct LifecycleConfig {
 
 impl Default for LifecycleConfig {
     fn default() -> Self {
-        Self { shred_delay_secs: 0, scheduler_interval_ms: 30_000, usage_flush_interval_ms: 5_000 }
+        Self {
+            shred_delay_secs: 0,
+            approval_ttl_secs: 7 * 86_400,
+            scheduler_interval_ms: 30_000,
+            usage_flush_interval_ms: 5_000,
+        }
     }
 }
 
@@ -700,6 +709,9 @@ impl ServerConfig {
         config.resolve_paths(base);
         check_durations(config.durations())?;
         config.limits.check()?;
+        if config.lifecycle.approval_ttl_secs == 0 {
+            return Err(ConfigError::new("lifecycle.approval_ttl_secs must be at least 1"));
+        }
         config.trusted_masters.check_keys()?;
         Ok(config)
     }
@@ -876,8 +888,12 @@ max_batch = 500
                 assert!(e.contains(&format!("{table}.{key} is longer than a day")), "{e}");
             }
         }
-        // The shred delay is a wait of days, not a timer.
+        // The shred delay is a wait of days, not a timer; so is the time a
+        // request may wait for approval, which must leave some.
         assert!(load("", local, "[lifecycle]\nshred_delay_secs = 259200").is_ok());
+        assert!(load("", local, "[lifecycle]\napproval_ttl_secs = 2592000").is_ok());
+        let e = load("", local, "[lifecycle]\napproval_ttl_secs = 0").unwrap_err();
+        assert!(e.contains("lifecycle.approval_ttl_secs must be at least 1"), "{e}");
     }
 
     #[test]

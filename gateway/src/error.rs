@@ -176,6 +176,19 @@ pub fn store_error(e: &StoreError) -> ApiError {
             "self_approval",
             "a request must be approved by a security officer other than its requester",
         ),
+        StoreError::ApprovalExpired { id } => ApiError::new(
+            StatusCode::CONFLICT,
+            "approval_expired",
+            format!(
+                "request {id} waited longer than lifecycle.approval_ttl_secs to be approved; \
+                 reject it and file a new one if it still holds"
+            ),
+        ),
+        StoreError::ApprovalNotDue { id, execute_after } => ApiError::new(
+            StatusCode::CONFLICT,
+            "approval_not_due",
+            format!("request {id} may not run before {execute_after} (Unix seconds)"),
+        ),
         other => internal(other),
     }
 }

@@ -231,7 +231,8 @@ fn shredding_needs_a_second_security_officer() {
     let id_one = one["id"].as_str().unwrap().to_owned();
     let rejected = b.run(&["reject", &id_one, "--comment", "not yet"]);
     assert!(rejected.ok().stdout.contains("is now rejected"), "{rejected:?}");
-    assert!(b.run(&["approve", &id_one]).fails(1).contains("approval_not_pending"));
+    let late = b.run(&["approve", &id_one, "--tenant", "onc", "--version", "1"]);
+    assert!(late.fails(1).contains("approval_not_pending"));
 
     // A request for the whole tenant: listed, self-approval refused,
     // approved by B.
@@ -253,9 +254,22 @@ fn shredding_needs_a_second_security_officer() {
     assert!(out.starts_with("ID ") && out.contains(&id) && out.contains(&id_one), "{out}");
     assert!(out.contains("contract ended, SEC-42"), "{out}");
 
-    let own = a.run(&["approve", &id]);
+    let own = a.run(&["approve", &id, "--tenant", "onc", "--all-versions"]);
     assert!(own.fails(1).contains("(self_approval)"), "{own:?}");
-    let approved = b.run(&["approve", &id, "-o", "json"]).ok().json();
+    // The approver names what they mean: a request for anything else is
+    // refused and nothing is decided.
+    for scope in
+        [&["--tenant", "onc", "--version", "1"][..], &["--tenant", "t-one", "--all-versions"]]
+    {
+        let other = b.run(&[&["approve", id.as_str()][..], scope].concat());
+        let refused = other.fails(1);
+        assert!(refused.contains("approval_mismatch"), "{refused}");
+        assert!(refused.contains("tenant onc (all versions)"), "{refused}");
+    }
+    let listed = b.run(&["approvals", "list", "--state", "pending", "-o", "json"]).ok().json();
+    assert_eq!(listed["approvals"][0]["id"], id.as_str(), "still pending");
+    let approved =
+        b.run(&["approve", &id, "--tenant", "onc", "--all-versions", "-o", "json"]).ok().json();
     assert_eq!(approved["decided_by"], OFFICER_B);
     let state = approved["state"].as_str().unwrap();
     assert!(state == "approved" || state == "executed", "{approved}");
@@ -264,7 +278,8 @@ fn shredding_needs_a_second_security_officer() {
         assert!(gone.fails(1).contains("key_destroyed") || gone.stderr.contains("unknown_tenant"));
     }
 
-    assert!(b.run(&["approve", "deadbeef"]).fails(1).contains("unknown_approval"));
+    let unknown = b.run(&["approve", "deadbeef", "--tenant", "onc", "--all-versions"]);
+    assert!(unknown.fails(1).contains("unknown_approval"));
     assert!(
         a.run(&["shred", "request", "--tenant", "nope", "--reason", "x"])
             .fails(1)

@@ -413,6 +413,95 @@ async fn an_approved_shred_can_be_withdrawn_while_it_waits() {
     assert!(!export.contains("\"tenant.shred\""), "{export}");
 }
 
+/// Approving with `expect`: the tenant and scope the officer means.
+async fn approve_expecting(
+    ks: &KeyService,
+    id: &str,
+    tenant: &str,
+    version: Option<u64>,
+) -> (u16, Value) {
+    let body = json!({"decision": "approve", "expect": {"tenant": tenant, "version": version}});
+    ks.post(OFFICER, &format!("/v1/approvals/{id}"), &body).await
+}
+
+async fn approval_state(ks: &KeyService, id: &str) -> String {
+    let (_, all) = ks.get(OFFICER, "/v1/approvals").await;
+    let all: Value = serde_json::from_str(&all).unwrap();
+    let found = all["approvals"].as_array().unwrap().iter().find(|a| a["id"] == id).unwrap();
+    found["state"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_the_request_meant_fresh_and_still_backed_is_approved() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(&dir.path().join("ks"), "[lifecycle]\napproval_ttl_secs = 3\n");
+    create_tenant(&ks, "onc").await;
+    assert_eq!(rotate(&ks, "onc").await, 2);
+
+    // An id passed on for "v1 of onc" that is a shred of the whole tenant.
+    let (_, whole) = shred(&ks, ADMIN, "onc", None).await;
+    let whole = whole["id"].as_str().unwrap().to_owned();
+    for (tenant, version) in [("onc", Some(1)), ("t-other", None)] {
+        let (status, refused) = approve_expecting(&ks, &whole, tenant, version).await;
+        assert_eq!((status, refused["error"]["code"].as_str()), (409, Some("approval_mismatch")));
+        let message = refused["error"]["message"].as_str().unwrap();
+        assert!(message.contains("tenant onc (all versions)"), "{message}");
+    }
+    assert_eq!(approval_state(&ks, &whole).await, "pending", "nothing decided");
+
+    // Its requester (an admin, not a security officer) takes it back.
+    let (status, withdrawn) = decide(&ks, ADMIN, &whole, "reject").await;
+    assert_eq!((status, withdrawn["state"].as_str()), (200, Some("rejected")), "{withdrawn}");
+    assert!(withdrawn["comment"].as_str().unwrap().contains(&format!("withdrawn by {ADMIN}")));
+    assert_eq!(withdrawn["decided_by"], Value::Null);
+    let (status, _) = approve_expecting(&ks, &whole, "onc", None).await;
+    assert_eq!(status, 409, "a withdrawn request is not approved");
+
+    // A request nobody approved in time may only be rejected.
+    let (_, stale) = shred(&ks, ADMIN, "onc", Some(1)).await;
+    let stale = stale["id"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(4_200)).await;
+    let (status, refused) = approve_expecting(&ks, &stale, "onc", Some(1)).await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (409, Some("approval_expired")));
+    assert_eq!(approval_state(&ks, &stale).await, "pending");
+    assert_eq!(decide(&ks, OFFICER, &stale, "reject").await.0, 200);
+
+    // A requester who no longer administers the tenant: the request may
+    // only be rejected.
+    let (_, orphan) = shred(&ks, ADMIN_OFFICER, "onc", Some(1)).await;
+    let orphan = orphan["id"].as_str().unwrap().to_owned();
+    let demoted = keygate_tests::keyservice::TEST_POLICY.replace(
+        "identity = \"spiffe://test/admin-officer\"\ntenants = [\"*\"]\nroles = [\"admin\", \"security_officer\"]",
+        "identity = \"spiffe://test/admin-officer\"\ntenants = [\"*\"]\nroles = [\"security_officer\"]",
+    );
+    assert_ne!(demoted, keygate_tests::keyservice::TEST_POLICY);
+    std::fs::write(dir.path().join("ks").join("policy.toml"), demoted).unwrap();
+    ks.sighup();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ks.post(ADMIN_OFFICER, "/v1/tenants/onc/keys/rotate", &json!({})).await.0 != 403 {
+        assert!(Instant::now() < deadline, "the policy was never reloaded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, refused) = approve_expecting(&ks, &orphan, "onc", Some(1)).await;
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (409, Some("requester_not_authorized"))
+    );
+    assert_eq!(approval_state(&ks, &orphan).await, "pending");
+    let (_, tenant) = ks.get(ADMIN, "/v1/tenants/onc").await;
+    assert!(!tenant.contains("destroyed"), "nothing destroyed: {tenant}");
+    assert_eq!(decide(&ks, OFFICER, &orphan, "reject").await.0, 200);
+
+    let (_, export) = ks.get(AUDITOR, "/v1/audit?tenant=onc").await;
+    let withdrawal = export
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["action"] == "shred.withdraw")
+        .expect("a shred.withdraw event");
+    assert_eq!(withdrawal["actor"], ADMIN);
+    assert!(!export.contains("\"shred.approve\""), "{export}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn auto_rotation_fires_once_per_period() {
     let dir = tempfile::tempdir().unwrap();

@@ -5,7 +5,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::Ctx;
-use super::args::{ApprovalState, DecisionArgs};
+use super::args::{ApprovalState, ApproveArgs, DecisionArgs};
 use super::client::decode;
 use super::error::AdminError;
 use super::output::{Table, emit, emit_line, or_dash};
@@ -27,6 +27,8 @@ struct Approval {
     state: String,
     #[serde(default)]
     decided_by: Option<String>,
+    #[serde(default)]
+    decided_at: Option<i64>,
     #[serde(default)]
     execute_after: Option<i64>,
 }
@@ -65,10 +67,14 @@ pub(crate) async fn shred(
         &answer,
         &format!(
             "request {id}: {what} is {state}; it needs a second security officer: \
-             keygate admin approve {id}",
+             keygate admin approve {id} --tenant {tenant} {scope}",
             id = approval.id,
             what = approval.what(),
-            state = approval.state
+            state = approval.state,
+            tenant = approval.tenant,
+            scope = approval
+                .version
+                .map_or_else(|| "--all-versions".to_owned(), |v| format!("--version {v}")),
         ),
     )
 }
@@ -91,6 +97,7 @@ pub(crate) async fn list(ctx: &Ctx, state: Option<ApprovalState>) -> Result<(), 
             "REQUESTED_BY",
             "REQUESTED_AT",
             "DECIDED_BY",
+            "EXECUTE_AFTER",
             "REASON",
         ]);
         for a in &list.approvals {
@@ -103,6 +110,7 @@ pub(crate) async fn list(ctx: &Ctx, state: Option<ApprovalState>) -> Result<(), 
                 a.requested_by.clone(),
                 rfc3339(a.requested_at),
                 or_dash(a.decided_by.as_deref()),
+                rfc3339_or_dash(a.execute_after),
                 a.reason.clone(),
             ]);
         }
@@ -110,28 +118,43 @@ pub(crate) async fn list(ctx: &Ctx, state: Option<ApprovalState>) -> Result<(), 
     })
 }
 
-/// `approve ID` / `reject ID`.
-pub(crate) async fn decide(
+/// `approve ID --tenant T (--version V | --all-versions)`: the key service
+/// refuses the decision if the request is for another tenant or scope.
+pub(crate) async fn approve(ctx: &Ctx, approve: &ApproveArgs) -> Result<(), AdminError> {
+    let expect = json!({ "tenant": approve.tenant.as_str(), "version": approve.version });
+    decide(ctx, &approve.decision, "approve", Some(expect)).await
+}
+
+/// `reject ID`.
+pub(crate) async fn reject(ctx: &Ctx, decision: &DecisionArgs) -> Result<(), AdminError> {
+    decide(ctx, decision, "reject", None).await
+}
+
+async fn decide(
     ctx: &Ctx,
     decision: &DecisionArgs,
-    approve: bool,
+    verb: &str,
+    expect: Option<serde_json::Value>,
 ) -> Result<(), AdminError> {
-    let body = json!({
-        "decision": if approve { "approve" } else { "reject" },
-        "comment": decision.comment,
-    });
+    let body = json!({ "decision": verb, "comment": decision.comment, "expect": expect });
     // The id is checked to be hexadecimal, so it needs no escaping.
     let answer = ctx.client()?.post(&format!("/v1/approvals/{}", decision.id), &body).await?;
     let approval: Approval = decode(&answer, "approval decision")?;
     let mut text = format!(
-        "request {}: {} is now {} (requested by {})",
+        "request {}: {} is now {} (requested by {}: {})",
         approval.id,
         approval.what(),
         approval.state,
-        approval.requested_by
+        approval.requested_by,
+        approval.reason
     );
-    if approval.state == "approved" && approval.execute_after.is_some() {
-        text.push_str(&format!("; runs after {}", rfc3339_or_dash(approval.execute_after)));
+    if approval.state == "approved" {
+        // Due at once yet still approved: running it failed a moment, and
+        // the scheduler runs it.
+        text.push_str(&match approval.execute_after {
+            Some(at) if Some(at) > approval.decided_at => format!("; runs after {}", rfc3339(at)),
+            _ => "; it runs at the key service's next scheduler round".to_owned(),
+        });
     }
     emit_line(ctx.output, &answer, &text)
 }

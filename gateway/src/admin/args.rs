@@ -107,12 +107,15 @@ pub enum AdminCommand {
     /// Example: keygate admin approvals list --state pending
     #[command(subcommand)]
     Approvals(ApprovalsCommand),
-    /// Approve a pending request (as a security officer other than the requester).
+    /// Approve a pending request (as a security officer other than the
+    /// requester). Name the tenant and scope you mean to approve: a request
+    /// for anything else is refused and nothing is decided.
     ///
-    /// Example: keygate admin approve 9f2c4e1a0b7d3c55
-    Approve(DecisionArgs),
+    /// Example: keygate admin approve 9f2c4e1a0b7d3c55 --tenant onc --all-versions
+    Approve(ApproveArgs),
     /// Reject a pending request, or withdraw an approved shred that waits
-    /// for its time (any security officer).
+    /// for its time (any security officer); the requester may withdraw
+    /// their own pending request.
     ///
     /// Example: keygate admin reject 9f2c4e1a0b7d3c55 --comment "wrong tenant"
     Reject(DecisionArgs),
@@ -334,6 +337,24 @@ pub enum ApprovalState {
     Rejected,
     /// Carried out.
     Executed,
+}
+
+/// `approve ID --tenant T (--version V | --all-versions)`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("scope").required(true).args(["version", "all_versions"])))]
+pub struct ApproveArgs {
+    /// The request id and comment.
+    #[command(flatten)]
+    pub decision: DecisionArgs,
+    /// The tenant the request must be for.
+    #[arg(long, value_parser = parse_tenant)]
+    pub tenant: TenantId,
+    /// The KEK version the request must be for.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub version: Option<u32>,
+    /// The request must be for every version of the tenant.
+    #[arg(long)]
+    pub all_versions: bool,
 }
 
 /// `approve ID` / `reject ID`.

@@ -28,9 +28,9 @@ mod timefmt;
 use std::process::ExitCode;
 
 pub use self::args::{
-    AdminArgs, AdminCommand, ApprovalState, ApprovalsCommand, AuditCommand, ComplianceCommand,
-    ConnectionArgs, DecisionArgs, EXIT_CODES, KeyCommand, KeyState, MasterCommand, PkiCommand,
-    PolicyCommand, RewrapArgs, ShredCommand, TenantArg, TenantCommand,
+    AdminArgs, AdminCommand, ApprovalState, ApprovalsCommand, ApproveArgs, AuditCommand,
+    ComplianceCommand, ConnectionArgs, DecisionArgs, EXIT_CODES, KeyCommand, KeyState,
+    MasterCommand, PkiCommand, PolicyCommand, RewrapArgs, ShredCommand, TenantArg, TenantCommand,
 };
 use self::client::Client;
 use self::error::AdminError;
@@ -82,8 +82,8 @@ async fn remote_command(ctx: &Ctx, command: AdminCommand) -> Result<(), AdminErr
         AdminCommand::Approvals(ApprovalsCommand::List { state }) => {
             approvals::list(ctx, state).await
         }
-        AdminCommand::Approve(decision) => approvals::decide(ctx, &decision, true).await,
-        AdminCommand::Reject(decision) => approvals::decide(ctx, &decision, false).await,
+        AdminCommand::Approve(approve) => approvals::approve(ctx, &approve).await,
+        AdminCommand::Reject(decision) => approvals::reject(ctx, &decision).await,
         AdminCommand::Rewrap(args) => rewrap::run(&args).await,
         AdminCommand::Audit(command) => audit::run(ctx, command).await,
         AdminCommand::Compliance(ComplianceCommand::Report) => compliance::report(ctx).await,

@@ -447,6 +447,21 @@ pub(crate) struct DecideRequest {
     pub(crate) decision: DecisionBody,
     #[serde(default)]
     pub(crate) comment: Option<String>,
+    /// What the decider believes the request is; a request for another
+    /// tenant or scope is refused (409 `approval_mismatch`).
+    /// `keygate admin approve` always sends it.
+    #[serde(default)]
+    pub(crate) expect: Option<ExpectedRequest>,
+}
+
+/// The tenant and scope a decider expects a request to name.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ExpectedRequest {
+    pub(crate) tenant: String,
+    /// One KEK version, or absent (or null) for the whole tenant.
+    #[serde(default)]
+    pub(crate) version: Option<KekVersion>,
 }
 
 /// Approve or reject.

@@ -6,7 +6,7 @@ use utoipa::{Modify, OpenApi};
 use super::api::{
     ApprovalList, ApprovalView, AutoRotate, AutoRotateView, BatchRequest, ChangeState,
     ConnectionView, CreateTenant, DecideRequest, DecisionBody, DerivedField, DerivedKey,
-    DerivedKeys, DerivedMode, IssueRequest, IssueResponse, IssuedKey, MasterEntry,
+    DerivedKeys, DerivedMode, ExpectedRequest, IssueRequest, IssueResponse, IssuedKey, MasterEntry,
     MasterRotateRequest, MasterRotateView, MasterView, MastersView, Recorded, ReportedEvent,
     ReportedEvents, RewrapResponse, RewrapResult, RewrappedCounts, ShredRequest, StateAction,
     TenantView, UnwrapResponse, UnwrapResult, UsageView, VerifyReport, VersionUsageView,
@@ -58,7 +58,7 @@ use super::handlers::{audit, compliance, datakeys, lifecycle, master, ops, tenan
         ReportedEvents, RewrapResponse, RewrapResult, StateAction, TenantView, UnwrapResponse,
         UnwrapResult, VerifyReport, VersionView, WrappedItem, crate::openapi::ErrorBody,
         ApprovalList, ApprovalView, AutoRotate, AutoRotateView, DecideRequest, DecisionBody,
-        ConnectionView, MasterEntry, MasterRotateRequest, MasterRotateView, MasterView, MastersView,
+        ExpectedRequest, ConnectionView, MasterEntry, MasterRotateRequest, MasterRotateView, MasterView, MastersView,
         RewrappedCounts, ShredRequest, UsageView, VersionUsageView,
     )),
     modifiers(&MutualTls),

@@ -217,27 +217,34 @@ impl Approval {
         }
     }
 
-    /// Whether `by` may decide this request: it must be pending and `by`
-    /// must not be its requester. The stores check it again as they write
-    /// the decision ([`Approval::decide`]).
-    pub fn check_decider(&self, by: &str) -> Result<(), super::StoreError> {
+    /// Whether `d` may be applied to this request: it must be pending,
+    /// decided by someone other than its requester and, to be approved,
+    /// no older than [`DecideApproval::approve_within_secs`]. The stores
+    /// check it again as they write the decision ([`Approval::decide`]).
+    pub fn check_decision(&self, d: &DecideApproval<'_>) -> Result<(), super::StoreError> {
         if self.state != ApprovalState::Pending {
             return Err(super::StoreError::ApprovalNotPending {
                 id: self.id.clone(),
                 state: self.state,
             });
         }
-        if self.requested_by == by {
+        if self.requested_by == d.by {
             return Err(super::StoreError::SelfApproval);
+        }
+        // A request nobody approved in time is stale: who asked, and why,
+        // may no longer hold. Rejecting it still works.
+        let age = d.now.saturating_sub(self.requested_at);
+        if d.decision == Decision::Approve && age > d.approve_within_secs {
+            return Err(super::StoreError::ApprovalExpired { id: self.id.clone() });
         }
         Ok(())
     }
 
-    /// This request with `d` applied, if [`Approval::check_decider`]
+    /// This request with `d` applied, if [`Approval::check_decision`]
     /// allows. (Used by the stores.)
     #[cfg(any(feature = "sqlite", feature = "postgres"))]
     pub(crate) fn decide(self, d: &DecideApproval<'_>) -> Result<Self, super::StoreError> {
-        self.check_decider(d.by)?;
+        self.check_decision(d)?;
         let approved = d.decision == Decision::Approve;
         Ok(Self {
             state: if approved { ApprovalState::Approved } else { ApprovalState::Rejected },
@@ -247,6 +254,31 @@ impl Approval {
             execute_after: approved.then(|| d.now.saturating_add(d.delay_secs.max(0))),
             ..self
         })
+    }
+
+    /// Whether an approved request may run at `now` (see
+    /// [`Approval::check_runnable`]).
+    pub fn is_due(&self, now: i64) -> bool {
+        self.check_runnable(now).is_ok()
+    }
+
+    /// Refuses to run a request that is not approved, or whose waiting
+    /// period is not over at `now`: the stores check it in the
+    /// transaction that destroys the keys, whoever asks.
+    pub fn check_runnable(&self, now: i64) -> Result<(), super::StoreError> {
+        if self.state != ApprovalState::Approved {
+            return Err(super::StoreError::ApprovalNotPending {
+                id: self.id.clone(),
+                state: self.state,
+            });
+        }
+        match self.execute_after {
+            Some(execute_after) if execute_after <= now => Ok(()),
+            execute_after => Err(super::StoreError::ApprovalNotDue {
+                id: self.id.clone(),
+                execute_after: execute_after.unwrap_or(i64::MAX),
+            }),
+        }
     }
 }
 
@@ -265,4 +297,6 @@ pub struct DecideApproval<'a> {
     pub now: i64,
     /// Seconds an approved request waits before it may run.
     pub delay_secs: i64,
+    /// Seconds after it was made that a request may still be approved.
+    pub approve_within_secs: i64,
 }

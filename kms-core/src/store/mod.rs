@@ -218,6 +218,20 @@ pub enum StoreError {
     /// The requester tried to decide their own request.
     #[error("a request must be decided by someone other than its requester")]
     SelfApproval,
+    /// The request waited longer than it may to be approved.
+    #[error("request {id} is too old to be approved")]
+    ApprovalExpired {
+        /// Request id.
+        id: String,
+    },
+    /// The approved request's waiting period is not over.
+    #[error("request {id} may not run before {execute_after}")]
+    ApprovalNotDue {
+        /// Request id.
+        id: String,
+        /// Unix seconds from which it may run.
+        execute_after: i64,
+    },
     /// Stored data violates the keystore's invariants.
     #[error("keystore data is inconsistent: {0}")]
     Corrupt(String),
@@ -353,14 +367,17 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug {
     /// Requests for approval (in one state, or all), oldest first.
     async fn approvals(&self, state: Option<ApprovalState>) -> Result<Vec<Approval>, StoreError>;
 
-    /// Approves or rejects a pending request, atomically: refused with
-    /// [`StoreError::SelfApproval`] when the decider asked for it, and
-    /// [`StoreError::ApprovalNotPending`] when it was decided already.
+    /// Approves or rejects a pending request, atomically, as
+    /// [`Approval::check_decision`] allows: refused with
+    /// [`StoreError::SelfApproval`] when the decider asked for it,
+    /// [`StoreError::ApprovalNotPending`] when it was decided already, and
+    /// [`StoreError::ApprovalExpired`] when it is too old to be approved.
     async fn decide_approval(&self, decision: &DecideApproval<'_>) -> Result<Approval, StoreError>;
 
     /// Runs an approved shred in one transaction: the request must still
     /// be approved (else [`StoreError::ApprovalNotPending`], naming its
-    /// state: withdrawn or run meanwhile), its keys are destroyed as by
+    /// state: withdrawn or run meanwhile) and due at `now` (else
+    /// [`StoreError::ApprovalNotDue`]), its keys are destroyed as by
     /// [`KeyStore::destroy_keys`], and it is marked executed. Returns the
     /// request and the tenant as they are afterwards.
     async fn execute_approval(
@@ -369,10 +386,11 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug {
         now: i64,
     ) -> Result<(Approval, TenantRecord), StoreError>;
 
-    /// Withdraws an approved request that has not run (it waits for its
-    /// execution time): it becomes `rejected`, with `comment` in place of
-    /// the decision's, and never runs. [`StoreError::ApprovalNotPending`]
-    /// (naming its state) if it is not approved.
+    /// Withdraws a request that has not run (pending, or approved and
+    /// waiting for its execution time): it becomes `rejected`, with
+    /// `comment` in place of the decision's (the decider, if any, is
+    /// kept), and never runs. [`StoreError::ApprovalNotPending`] (naming
+    /// its state) if it is rejected or executed already.
     async fn withdraw_approval(&self, id: &str, comment: &str) -> Result<Approval, StoreError>;
 
     /// Appends audit events atomically (all or none).

@@ -223,6 +223,7 @@ pub(crate) async fn approvals_need_a_second_person_and_decide_once(f: Fixture) {
         comment: Some("ok"),
         now: 200,
         delay_secs: 60,
+        approve_within_secs: 1_000,
     };
     assert!(matches!(
         store.decide_approval(&decide("alice", Decision::Approve)).await,
@@ -247,10 +248,15 @@ pub(crate) async fn approvals_need_a_second_person_and_decide_once(f: Fixture) {
                 (stored.decided_by.as_deref(), stored.execute_after),
                 (Some("bob"), Some(260))
             );
+            // Not before its waiting period is over, whoever asks.
+            assert!(matches!(
+                store.execute_approval("a1", 259).await,
+                Err(StoreError::ApprovalNotDue { execute_after: 260, .. })
+            ));
             // Refused inside the transaction (version 1 is still the active
             // one, which cannot be shredded alone): nothing changes.
             assert!(matches!(
-                store.execute_approval("a1", 240).await,
+                store.execute_approval("a1", 260).await,
                 Err(StoreError::InvalidTransition(_))
             ));
             assert_eq!(store.approval("a1").await.unwrap().as_ref(), Some(&stored));
@@ -294,11 +300,20 @@ pub(crate) async fn approvals_need_a_second_person_and_decide_once(f: Fixture) {
     let only = store.approvals(Some(ApprovalState::Pending)).await.unwrap();
     assert_eq!(only.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(), ["a3"]);
 
-    // An approved request waiting for its time can be withdrawn, once; a
-    // pending, decided or executed one cannot.
+    // A pending request, or an approved one waiting for its time, can be
+    // withdrawn, once; a rejected or executed one cannot.
+    let mistaken = Approval::new("a4".into(), tenant("onc"), None, "z".into(), "hank".into(), 150);
+    store.create_approval(&mistaken).await.unwrap();
+    let withdrawn = store.withdraw_approval("a4", "withdrawn by hank: typo").await.unwrap();
+    assert_eq!(
+        (withdrawn.state, withdrawn.comment.as_deref(), withdrawn.decided_by.as_deref()),
+        (ApprovalState::Rejected, Some("withdrawn by hank: typo"), None)
+    );
     assert!(matches!(
-        store.withdraw_approval("a3", "no").await,
-        Err(StoreError::ApprovalNotPending { state: ApprovalState::Pending, .. })
+        store
+            .decide_approval(&DecideApproval { id: "a4", ..decide("erin", Decision::Approve) })
+            .await,
+        Err(StoreError::ApprovalNotPending { state: ApprovalState::Rejected, .. })
     ));
     let approve_a3 = DecideApproval { id: "a3", ..decide("erin", Decision::Approve) };
     store.decide_approval(&approve_a3).await.unwrap();
@@ -332,6 +347,21 @@ pub(crate) async fn approvals_need_a_second_person_and_decide_once(f: Fixture) {
         store.withdraw_approval("nope", "x").await,
         Err(StoreError::UnknownApproval(_))
     ));
+
+    // A request not approved in time is stale: it may be rejected, never
+    // approved.
+    let stale = Approval::new("a5".into(), tenant("onc"), None, "s".into(), "ivan".into(), 150);
+    store.create_approval(&stale).await.unwrap();
+    let late = |decision| DecideApproval { id: "a5", now: 1_151, ..decide("erin", decision) };
+    assert!(matches!(
+        store.decide_approval(&late(Decision::Approve)).await,
+        Err(StoreError::ApprovalExpired { .. })
+    ));
+    assert_eq!(store.approval("a5").await.unwrap().as_ref(), Some(&stale), "unchanged");
+    let in_time = DecideApproval { now: 1_150, ..late(Decision::Approve) };
+    assert!(stale.check_decision(&in_time).is_ok(), "exactly the limit is in time");
+    let rejected = store.decide_approval(&late(Decision::Reject)).await.unwrap();
+    assert_eq!(rejected.state, ApprovalState::Rejected);
 }
 
 /// The database itself refuses an approval decided by its requester.
@@ -364,6 +394,7 @@ pub(crate) async fn a_withdrawal_racing_an_execution_ends_one_way(f: Fixture) {
             comment: None,
             now: 2,
             delay_secs: 0,
+            approve_within_secs: 60,
         };
         store.decide_approval(&approve).await.unwrap();
         let (run, withdraw) = tokio::join!(

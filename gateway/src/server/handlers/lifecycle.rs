@@ -17,7 +17,7 @@ use crate::extract::{ApiPath, ApiQuery};
 use crate::policy::Role;
 use crate::server::api::{
     ApprovalList, ApprovalQuery, ApprovalView, AutoRotate, AutoRotateView, DecideRequest,
-    DecisionBody, ShredRequest, UsageView, VersionUsageView,
+    DecisionBody, ExpectedRequest, ShredRequest, UsageView, VersionUsageView,
 };
 use crate::server::jobs::{execute_shred_now, unix_now, withdraw_shred};
 use crate::server::{AppState, Caller};
@@ -227,7 +227,11 @@ pub(crate) async fn list_approvals(
 /// `POST /v1/approvals/{id}`: a security officer other than the requester
 /// approves or rejects. An approved shred runs at once unless a waiting
 /// period is configured (then the scheduler runs it when it is over);
-/// while it waits, `reject` from any security officer withdraws it.
+/// while it waits, `reject` from any security officer withdraws it. The
+/// requester may withdraw their own pending request (`reject`). A request
+/// older than `lifecycle.approval_ttl_secs`, or whose requester no longer
+/// administers the tenant, may only be rejected; `expect` (what the
+/// decider believes the request is) must match it if given.
 #[utoipa::path(
     post,
     path = "/v1/approvals/{id}",
@@ -235,8 +239,8 @@ pub(crate) async fn list_approvals(
     params(("id" = String, Path, description = "Approval request id")),
     request_body = DecideRequest,
     responses(
-        (status = 200, description = "The request after the decision", body = ApprovalView),
-        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
+        (status = 200, description = "The request after the decision (an approved shred whose immediate run failed is `approved`, and the scheduler runs it)", body = ApprovalView),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict (decided already, expired, not what `expect` says, requester no longer an admin), 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
     ),
 )]
 pub(crate) async fn decide(
@@ -251,36 +255,66 @@ pub(crate) async fn decide(
         return Err(unknown());
     }
     let pending = store.approval(&id).await.map_err(|e| store_error(&e))?.ok_or_else(unknown)?;
-    let actor = state
-        .authorize(
-            &caller,
-            &pending.tenant,
-            &[Role::SecurityOfficer],
-            "decide requests for approval",
-        )
-        .await?;
-    if body.comment.as_ref().is_some_and(|c| c.len() > MAX_TEXT) {
-        return Err(ApiError::bad_request("invalid_comment", format!("at most {MAX_TEXT} bytes")));
-    }
     let decision = match body.decision {
         DecisionBody::Approve => Decision::Approve,
         DecisionBody::Reject => Decision::Reject,
     };
+    // Whoever asked may take back a request nobody has decided, with the
+    // role they asked with.
+    let withdraws_own = decision == Decision::Reject
+        && pending.state == ApprovalState::Pending
+        && state.identity(&caller)? == pending.requested_by;
+    let roles: &[Role] = if withdraws_own {
+        &[Role::Admin, Role::SecurityOfficer]
+    } else {
+        &[Role::SecurityOfficer]
+    };
+    let actor =
+        state.authorize(&caller, &pending.tenant, roles, "decide requests for approval").await?;
+    if body.comment.as_ref().is_some_and(|c| c.len() > MAX_TEXT) {
+        return Err(ApiError::bad_request("invalid_comment", format!("at most {MAX_TEXT} bytes")));
+    }
+    if let Some(expected) = &body.expect {
+        check_expected(&pending, expected)?;
+    }
     // Rejecting an approved shred that waits for its time withdraws it:
     // the waiting period is there so that a mistaken approval can be
     // stopped, and stopping takes one officer, whoever approved it.
-    if pending.state == ApprovalState::Approved && decision == Decision::Reject {
+    if withdraws_own || (pending.state == ApprovalState::Approved && decision == Decision::Reject) {
         let withdrawn =
             withdraw_shred(&state, actor, &pending, body.comment, SHRED_LOCK_WAIT).await?;
         return Ok(Json(ApprovalView::from(&withdrawn)));
     }
+    let terms = DecisionTerms::new(&state, decision);
     // Refused before anything is recorded as decided (the keystore checks
     // again, should the request change meanwhile).
-    if let Err(e) = pending.check_decider(&actor) {
+    if let Err(e) = pending.check_decision(&terms.of(&id, &actor, None)) {
         if matches!(e, kms_core::store::StoreError::SelfApproval) {
             state.audit.record_denial(&actor, "approve own request", Some(&pending.tenant)).await;
         }
         return Err(store_error(&e));
+    }
+    // The requester's authority is what the request stands on: if it has
+    // been taken away since, the request may only be rejected.
+    if decision == Decision::Approve
+        && !state.policy.current().authorize(&pending.requested_by, &pending.tenant, Role::Admin)
+    {
+        state
+            .audit
+            .record_denial(
+                &actor,
+                "approve a request its requester may no longer make",
+                Some(&pending.tenant),
+            )
+            .await;
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "requester_not_authorized",
+            format!(
+                "{} no longer administers tenant {}; reject the request",
+                pending.requested_by, pending.tenant
+            ),
+        ));
     }
     let action = if decision == Decision::Approve { "shred.approve" } else { "shred.reject" };
     let (by, request) = (actor.clone(), pending.clone());
@@ -294,26 +328,83 @@ pub(crate) async fn decide(
             None => event,
         }
     };
-    let delay_secs = i64::try_from(state.lifecycle.shred_delay_secs).unwrap_or(i64::MAX);
     let decide = async move {
-        store
-            .decide_approval(&DecideApproval {
-                id: &id,
-                decision,
-                by: &actor,
-                comment: body.comment.as_deref(),
-                now: unix_now(),
-                delay_secs,
-            })
-            .await
-            .map_err(|e| store_error(&e))
+        let decision = terms.of(&id, &actor, body.comment.as_deref());
+        store.decide_approval(&decision).await.map_err(|e| store_error(&e))
     };
     let decided = state.audit.before(event, decide).await?;
-    let due = decided.state == ApprovalState::Approved
-        && decided.execute_after.is_some_and(|t| t <= unix_now());
-    if due {
-        let executed = execute_shred_now(&state, &decided, SHRED_LOCK_WAIT).await?;
-        return Ok(Json(ApprovalView::from(&executed)));
+    if !decided.is_due(unix_now()) {
+        return Ok(Json(ApprovalView::from(&decided)));
     }
-    Ok(Json(ApprovalView::from(&decided)))
+    // The approval is recorded: should running it now fail (the audit log
+    // or keystore unavailable a moment), the scheduler runs it at its next
+    // round, so the answer is the approval, not an error.
+    match execute_shred_now(&state, &decided, SHRED_LOCK_WAIT).await {
+        Ok(executed) => Ok(Json(ApprovalView::from(&executed))),
+        Err(e) => {
+            tracing::warn!(
+                approval = decided.id,
+                error = e.code(),
+                "an approved shred did not run at once; the scheduler runs it"
+            );
+            Ok(Json(ApprovalView::from(&decided)))
+        }
+    }
+}
+
+/// The settings a decision is made under, taken once per request.
+#[derive(Clone, Copy)]
+struct DecisionTerms {
+    decision: Decision,
+    now: i64,
+    delay_secs: i64,
+    approve_within_secs: i64,
+}
+
+impl DecisionTerms {
+    fn new(state: &AppState, decision: Decision) -> Self {
+        let secs = |s: u64| i64::try_from(s).unwrap_or(i64::MAX);
+        Self {
+            decision,
+            now: unix_now(),
+            delay_secs: secs(state.lifecycle.shred_delay_secs),
+            approve_within_secs: secs(state.lifecycle.approval_ttl_secs),
+        }
+    }
+
+    fn of<'a>(&self, id: &'a str, by: &'a str, comment: Option<&'a str>) -> DecideApproval<'a> {
+        DecideApproval {
+            id,
+            decision: self.decision,
+            by,
+            comment,
+            now: self.now,
+            delay_secs: self.delay_secs,
+            approve_within_secs: self.approve_within_secs,
+        }
+    }
+}
+
+/// Refuses a decision on a request other than the one the decider names:
+/// an id passed on by the requester may stand for another tenant or scope.
+fn check_expected(pending: &Approval, expected: &ExpectedRequest) -> Result<(), ApiError> {
+    if pending.tenant.as_str() == expected.tenant && pending.version == expected.version {
+        return Ok(());
+    }
+    let scope = |version: Option<u32>| match version {
+        Some(v) => format!("KEK version {v}"),
+        None => "all versions".to_owned(),
+    };
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        "approval_mismatch",
+        format!(
+            "request {} is a shred of tenant {} ({}), not of tenant {} ({}); nothing was decided",
+            pending.id,
+            pending.tenant,
+            scope(pending.version),
+            expected.tenant,
+            scope(expected.version)
+        ),
+    ))
 }

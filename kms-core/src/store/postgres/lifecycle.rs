@@ -63,7 +63,7 @@ pub(super) async fn destroy_keys(
 }
 
 /// Runs an approved shred: the request locked and checked to be still
-/// approved, its keys destroyed and the request marked executed, in one
+/// approved and due, its keys destroyed and the request marked executed, in one
 /// transaction.
 pub(super) async fn execute_approval(
     pool: &PgPool,
@@ -73,9 +73,7 @@ pub(super) async fn execute_approval(
 ) -> Result<(Approval, TenantRecord), StoreError> {
     let mut tx = begin(pool).await?;
     let approval = approval_locked(&mut tx, id).await?;
-    if approval.state != ApprovalState::Approved {
-        return Err(StoreError::ApprovalNotPending { id: id.to_owned(), state: approval.state });
-    }
+    approval.check_runnable(now)?;
     let record = destroy_in(&mut tx, channel, &approval.tenant, approval.version, now).await?;
     sqlx::query("UPDATE approvals SET state = 'executed', executed_at = $1 WHERE id = $2")
         .bind(now)
@@ -442,7 +440,7 @@ pub(super) async fn withdraw_approval(
     let mut tx = begin(pool).await?;
     let updated = sqlx::query(
         "UPDATE approvals SET state = 'rejected', comment = $1
-         WHERE id = $2 AND state = 'approved'",
+         WHERE id = $2 AND state IN ('pending', 'approved')",
     )
     .bind(comment)
     .bind(id)

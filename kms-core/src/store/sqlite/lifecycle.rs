@@ -107,12 +107,7 @@ impl SqliteStore {
     ) -> Result<(Approval, TenantRecord), StoreError> {
         let mut tx = self.write_tx().await?;
         let approval = approval_in(&mut tx, id).await?;
-        if approval.state != ApprovalState::Approved {
-            return Err(StoreError::ApprovalNotPending {
-                id: id.to_owned(),
-                state: approval.state,
-            });
-        }
+        approval.check_runnable(now)?;
         let record = self.destroy_in(&mut tx, &approval.tenant, approval.version, now).await?;
         sqlx::query("UPDATE approvals SET state = 'executed', executed_at = ? WHERE id = ?")
             .bind(now)
@@ -496,7 +491,7 @@ impl SqliteStore {
         let mut tx = self.write_tx().await?;
         let updated = sqlx::query(
             "UPDATE approvals SET state = 'rejected', comment = ?
-             WHERE id = ? AND state = 'approved'",
+             WHERE id = ? AND state IN ('pending', 'approved')",
         )
         .bind(comment)
         .bind(id)
