@@ -80,7 +80,7 @@ async fn run() -> Result<(), Error> {
     let stored = client.encrypt(TENANT, SCHEMA, &jane).await?;
     println!("encrypted: {}", to_json(&stored));
 
-    let token = client.index(TENANT, SCHEMA, "/email", " jane.roe@EXAMPLE.org").await?;
+    let token = client.index(TENANT, SCHEMA, "/email", " jane.roe@EXAMPLE.org", None).await?;
     let matches = stored.get("email_bidx").and_then(|v| v.as_str()) == Some(token.as_str());
     println!("email index token: {token} (the stored email_bidx member matches: {matches})");
     let pseudonym = client.pseudonym(TENANT, SCHEMA, "P-42").await?;

@@ -120,7 +120,7 @@ async fn a_connection_closed_before_the_answer_is_retried() {
 async fn a_connection_closed_before_the_answer_is_a_transport_error() {
     let (_server, url) = TestServer::tcp(vec![Reply::Close]).await;
     let client = over_tcp(&url).retries(0).build().unwrap();
-    let err = client.index("demo", "patient", "/email", "x").await.unwrap_err();
+    let err = client.index("demo", "patient", "/email", "x", None).await.unwrap_err();
     assert!(matches!(err, Error::Transport { .. }), "{err:?}");
     assert!(err.is_retryable());
 }
@@ -302,14 +302,18 @@ async fn index_and_pseudonym_return_their_tokens() {
     ])
     .await;
     let client = over_tcp(&url).build().unwrap();
-    let token = client.index("demo", "patient", "/email", "jane@example.org").await.unwrap();
+    let token = client
+        .index("demo", "patient", "/email", "jane@example.org", Some("treatment"))
+        .await
+        .unwrap();
     let pseudonym = client.pseudonym("demo", "patient", &42).await.unwrap();
     assert_eq!((token.as_str(), pseudonym.as_str()), ("kg1b:abc", "kgp:xyz"));
     let requests = server.requests();
     assert_eq!(requests[0].path, "/v1/index");
     assert_eq!(
         requests[0].json(),
-        json!({"tenant": "demo", "schema": "patient", "path": "/email", "value": "jane@example.org"})
+        json!({"tenant": "demo", "schema": "patient", "path": "/email", "value": "jane@example.org",
+            "purpose": "treatment"})
     );
     assert_eq!(requests[1].path, "/v1/pseudonym");
     assert_eq!(requests[1].json(), json!({"tenant": "demo", "namespace": "patient", "value": 42}));
@@ -472,6 +476,6 @@ fn operation_futures_are_send() {
     assert_send(&client.encrypt("demo", "patient", &record));
     assert_send(&client.decrypt::<Value>(&record, None));
     assert_send(&client.decrypt_batch::<Value, Value>(&[], None));
-    assert_send(&client.index("demo", "patient", "/email", "x"));
+    assert_send(&client.index("demo", "patient", "/email", "x", None));
     assert_send(&client.ready());
 }

@@ -86,7 +86,7 @@ async fn typed_records_and_typed_errors() {
     assert_eq!(back.record.diagnosis, jane.diagnosis);
     assert!(back.record.patient_id.unwrap().starts_with("kgp:"));
 
-    let token = client.index("onc", "patient", "/email", &"JANE@example.org").await.unwrap();
+    let token = client.index("onc", "patient", "/email", &"JANE@example.org", None).await.unwrap();
     assert_eq!(Value::String(token), encrypted["email_bidx"]);
 
     let err = client.encrypt("onc", "no-such-schema", &jane).await.unwrap_err();

@@ -73,6 +73,62 @@ async fn need_to_know_by_field_class() {
     assert!(!body.to_string().contains("C50.9"), "no trace of the withheld value");
 }
 
+/// A search token tests guesses against every stored record, so an
+/// identity that may not encrypt (which would make the same test) gets one
+/// only for a field decrypt shows it, clear or masked, for the purpose.
+#[tokio::test(flavor = "multi_thread")]
+async fn index_tokens_follow_need_to_know_unless_the_caller_may_encrypt() {
+    const LOOKUP: &str = "spiffe://test/lookup";
+    async fn index(sc: &Sidecar, path: &str, value: &str, purpose: Option<&str>) -> (u16, Value) {
+        let mut body = json!({"tenant": "onc", "schema": "patient", "path": path, "value": value});
+        if let Some(purpose) = purpose {
+            body["purpose"] = json!(purpose);
+        }
+        sc.post("/v1/index", &body).await
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Decryptor only: contact data in clear for treatment, masked for
+    // billing; identifiers never.
+    std::fs::create_dir_all(dir.path().join("ks")).unwrap();
+    let policy = format!(
+        "{}\n[[grant]]\nidentity = \"{LOOKUP}\"\ntenants = [\"onc\"]\nroles = [\"decryptor\"]\n\
+         classes = [\"pii.contact\"]\npurposes = [\"treatment\"]\n\
+         \n[[grant]]\nidentity = \"{LOOKUP}\"\ntenants = [\"onc\"]\nroles = [\"decryptor\"]\n\
+         masked = [\"pii.contact\"]\npurposes = [\"billing\"]\n",
+        keygate_tests::keyservice::TEST_POLICY
+    );
+    std::fs::write(dir.path().join("ks/policy.toml"), policy).unwrap();
+    let ks = key_service_with_onc(dir.path()).await;
+    // Encryptor and decryptor, /mrn withheld on decrypt (masked, no mask).
+    let contact = Sidecar::start(&ks, &dir.path().join("contact"), CONTACT, "");
+    let lookup = Sidecar::start(&ks, &dir.path().join("lookup"), LOOKUP, "");
+    let record = encrypt(&contact, &patient(9)).await;
+
+    let email = "patient9@example.org";
+    for purpose in ["treatment", "billing"] {
+        let (status, body) = index(&lookup, "/email", email, Some(purpose)).await;
+        assert_eq!((status, &body["token"]), (200, &record["email_bidx"]), "{purpose}: {body}");
+    }
+    for (path, value, purpose) in [
+        ("/email", email, Some("research")),
+        ("/email", email, None),
+        ("/mrn", "MRN-000009", Some("treatment")),
+        ("/mrn", "MRN-000009", Some("billing")),
+    ] {
+        let (status, body) = index(&lookup, path, value, purpose).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (403, Some("forbidden")), "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(path) && !message.contains(value), "{message}");
+        assert!(body.get("token").is_none());
+    }
+    // Whoever may encrypt gets the token whatever decrypt shows it.
+    let (status, body) = index(&contact, "/mrn", "MRN-000009", None).await;
+    assert_eq!((status, &body["token"]), (200, &record["mrn"]), "{body}");
+    let (status, body) = contact.post("/v1/decrypt", &json!({"record": record})).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["record"].get("mrn").is_none(), "withheld on decrypt: {body}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn tampered_records_are_refused_without_plaintext() {
     let dir = tempfile::tempdir().unwrap();

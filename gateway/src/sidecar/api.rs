@@ -75,6 +75,11 @@ pub(crate) struct IndexRequest {
     // Plaintext: wiped when the request is dropped.
     #[schema(value_type = Value)]
     pub(crate) value: WipedValue,
+    /// The purpose of use, as for decrypt. Without `encryptor` on the
+    /// tenant, the field must be revealed or masked to the caller for it.
+    #[serde(default)]
+    #[schema(value_type = Option<String>, pattern = "^[a-z0-9][a-z0-9_-]{0,62}$")]
+    pub(crate) purpose: Option<Name>,
 }
 
 /// `POST /v1/pseudonym`.

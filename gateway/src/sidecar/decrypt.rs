@@ -246,6 +246,23 @@ async fn resolve(
     Ok(Resolved { tenant: tenant.clone(), schema, keys, access, active: s.active(tenant), report })
 }
 
+/// What decrypt shows of `field` in a record of `tenant` to the holder of
+/// `grants`, decrypting for `purpose`: its class's disclosure, where the
+/// masked form needs a mask in the schema (kms-core withholds a field
+/// without one), so `/v1/index` decides as decrypt does.
+pub(super) fn field_outcome(
+    grants: &EffectiveGrants,
+    tenant: &TenantId,
+    field: &FieldSpec,
+    purpose: Option<&str>,
+) -> FieldOutcome {
+    match grants.disclosure(tenant, &field.class, purpose) {
+        FieldAccess::Reveal => FieldOutcome::Revealed,
+        FieldAccess::Mask if field.mask.is_some() => FieldOutcome::Masked,
+        FieldAccess::Mask | FieldAccess::Withhold => FieldOutcome::Withheld,
+    }
+}
+
 /// Why a field was not revealed (for the caller; never a value).
 fn reason(field: &FieldReport, access: FieldAccess) -> Option<String> {
     let class = &field.class;

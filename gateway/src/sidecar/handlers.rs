@@ -5,8 +5,11 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
-use kms_core::record::{EncryptedText, TextWorkspace, check_encryptable, index_token, pseudonym};
-use kms_core::{DekRequest, SecretBuf, TenantId};
+use kms_core::record::{
+    EncryptedText, FieldOutcome, TextWorkspace, check_encryptable, index_token, pseudonym,
+};
+use kms_core::schema::Schema;
+use kms_core::{DekRequest, Name, SecretBuf, TenantId};
 use serde_json::{Value, json};
 
 use super::api::{
@@ -18,7 +21,7 @@ use super::reporter::{Access, AccessEvent};
 use super::state::{SidecarState, ks_error};
 use crate::error::ApiError;
 use crate::extract::{ApiBody, ApiJson};
-use crate::policy::Role;
+use crate::policy::{EffectiveGrants, Role};
 use crate::wire::SecretJsonText;
 
 type Shared = State<Arc<SidecarState>>;
@@ -76,10 +79,15 @@ impl Answer {
     }
 }
 
-async fn authorize(s: &SidecarState, tenant: &TenantId, roles: &[Role]) -> Result<(), ApiError> {
+/// This sidecar's grants, if they give one of `roles` on `tenant`.
+async fn authorize(
+    s: &SidecarState,
+    tenant: &TenantId,
+    roles: &[Role],
+) -> Result<Arc<EffectiveGrants>, ApiError> {
     let grants = s.keyring.grants().await.map_err(ks_error)?;
     if roles.iter().any(|r| grants.authorize(tenant, *r)) {
-        Ok(())
+        Ok(grants)
     } else {
         Err(ApiError::forbidden(format!(
             "this sidecar's identity has no grant for tenant {tenant}"
@@ -259,15 +267,22 @@ pub(super) async fn rewrap(State(s): Shared, body: ApiBody) -> Result<SecretJson
     request_body = IndexRequest,
     responses(
         (status = 200, description = "The token to search for", body = IndexResponse),
-        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 401 no token, 403 not granted, 404 unknown tenant or schema, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 422 cannot decrypt, 429 rate limited, 503 key service or audit unavailable", body = crate::openapi::ErrorBody)
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 401 no token, 403 not granted (without `encryptor` on the tenant: also when the policy withholds the field's class for the purpose), 404 unknown tenant or schema, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 422 cannot decrypt, 429 rate limited, 503 key service or audit unavailable", body = crate::openapi::ErrorBody)
     ),
 )]
 pub(super) async fn index(
     State(s): Shared,
     ApiJson(req): ApiJson<IndexRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&s, &req.tenant, &[Role::Encryptor, Role::Decryptor]).await?;
+    let grants = authorize(&s, &req.tenant, &[Role::Encryptor, Role::Decryptor]).await?;
     let schema = s.schema(req.schema.as_str(), req.schema_version)?.clone();
+    // A token tests guesses against every stored record. An encryptor can
+    // make the same test through /v1/encrypt, so only a caller without
+    // that role is held to what it may see of the field.
+    if !grants.authorize(&req.tenant, Role::Encryptor) {
+        let purpose = req.purpose.as_ref().map(Name::as_str);
+        may_search(&grants, &req.tenant, &schema, &req.path, purpose)?;
+    }
     s.reporter.check([&req.tenant])?;
     let keys = s
         .keyring
@@ -284,6 +299,32 @@ pub(super) async fn index(
         record_key_ids: Vec::new(),
     }]);
     Ok(Json(json!({ "token": token })))
+}
+
+/// Refuses the token of `path` to a caller whom decrypt would show nothing
+/// of that field (for `tenant` and `purpose`). The masked form is enough:
+/// a clerk shown `***-**-6789` still needs to find the record of the full
+/// number a patient gives.
+fn may_search(
+    grants: &EffectiveGrants,
+    tenant: &TenantId,
+    schema: &Schema,
+    path: &str,
+    purpose: Option<&str>,
+) -> Result<(), ApiError> {
+    // A path the schema does not protect is refused by `index_token`,
+    // with the same answer for every caller.
+    let Some(field) = schema.fields.iter().find(|f| f.path.as_str() == path) else {
+        return Ok(());
+    };
+    match super::decrypt::field_outcome(grants, tenant, field, purpose) {
+        FieldOutcome::Revealed | FieldOutcome::Masked => Ok(()),
+        FieldOutcome::Withheld => Err(ApiError::forbidden(format!(
+            "the policy withholds {path} ({}) of tenant {tenant} from this sidecar's identity \
+             for this purpose: it may not search by it",
+            field.class
+        ))),
+    }
 }
 
 /// A stable pseudonym for a value.
@@ -316,4 +357,136 @@ pub(super) async fn pseudonymize(
         record_key_ids: Vec::new(),
     }]);
     Ok(Json(answer))
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::StatusCode;
+    use kms_core::record::{Disclosure, SchemaKeys};
+    use kms_core::schema::{FieldSpec, SchemaSet};
+    use kms_core::{IssuedDek, Key256, RecordKeyId, WrappedDek};
+    use serde_json::value::RawValue;
+
+    use super::*;
+    use crate::policy::FieldAccess;
+
+    const LOOKUP: &str = "spiffe://test/lookup";
+
+    /// The grants of a decryptor-only identity on `onc`: `grant` is the
+    /// rest of its one grant (classes, masked, purposes).
+    fn decryptor(grant: &str) -> EffectiveGrants {
+        serde_json::from_value(json!({
+            "identity": LOOKUP,
+            "grants": [serde_json::from_str::<Value>(&format!(
+                r#"{{"identity":"{LOOKUP}","tenants":["onc"],"roles":["decryptor"],{grant}}}"#
+            ))
+            .unwrap()],
+        }))
+        .unwrap()
+    }
+
+    fn patient() -> Arc<Schema> {
+        let set = SchemaSet::from_toml(crate::up::PATIENT_SCHEMA, "patient.toml").unwrap();
+        set.latest("patient").unwrap().clone()
+    }
+
+    /// `/email` (`pii.contact`, blind index, masked form `email`) and
+    /// `/mrn` (`phi.identifier`, deterministic, no mask) are the patient
+    /// schema's searchable fields.
+    fn search(grants: &EffectiveGrants, path: &str, purpose: Option<&str>) -> Result<(), ApiError> {
+        may_search(grants, &TenantId::new("onc").unwrap(), &patient(), path, purpose)
+    }
+
+    fn assert_withheld(result: Result<(), ApiError>, path: &str) {
+        let error = result.expect_err(path);
+        assert_eq!((error.status(), error.code()), (StatusCode::FORBIDDEN, "forbidden"));
+        // The message names the path (it holds no value to name).
+        let debug = format!("{error:?}");
+        assert!(debug.contains(&format!("withholds {path} (")), "{debug}");
+    }
+
+    #[test]
+    fn a_decryptor_may_search_only_by_a_field_it_sees_for_the_purpose() {
+        let clear = decryptor(r#""classes":["pii.contact"],"purposes":["treatment"]"#);
+        search(&clear, "/email", Some("treatment")).unwrap();
+        assert_withheld(search(&clear, "/mrn", Some("treatment")), "/mrn");
+        // The class is granted for one purpose: not for another, nor none.
+        assert_withheld(search(&clear, "/email", Some("research")), "/email");
+        assert_withheld(search(&clear, "/email", None), "/email");
+        // Masked is enough; but a field masked by the policy and given no
+        // mask by the schema is withheld on decrypt, and here too.
+        let masked = decryptor(r#""masked":["pii.contact","phi.identifier"],"purposes":["*"]"#);
+        search(&masked, "/email", None).unwrap();
+        assert_withheld(search(&masked, "/mrn", None), "/mrn");
+        // A path the schema does not protect is left to `index_token`,
+        // which refuses it for everyone alike.
+        search(&clear, "/name", Some("treatment")).unwrap();
+    }
+
+    /// Decrypt's own decision, field by field: what `field_outcome` says
+    /// (and so what `may_search` allows) is what a record decrypted under
+    /// the same grants shows of each field, the mask rule included.
+    #[test]
+    fn search_follows_what_decrypt_shows_of_every_field() {
+        let onc = TenantId::new("onc").unwrap();
+        let schema = patient();
+        let keys = SchemaKeys::derive(&Key256::from_array(&mut [7; 32]), &onc, &schema);
+        let wrapped = WrappedDek::from_slice(&[3; 60]).unwrap();
+        let dek = IssuedDek::new(
+            RecordKeyId::from_bytes([5; 16]),
+            1,
+            wrapped,
+            Key256::from_array(&mut [8; 32]),
+        );
+        let record = RawValue::from_string(
+            json!({"ssn": "123-45-6789", "mrn": "MRN-1", "email": "a@example.org",
+                   "diagnosis": "C50.9", "patient_id": "P-1", "allergies": ["latex"]})
+            .to_string(),
+        )
+        .unwrap();
+        let mut workspace = TextWorkspace::default();
+        let mut encrypted = SecretBuf::default();
+        workspace.encrypt(&record, &onc, &schema, &keys, dek, &mut encrypted).unwrap();
+        let encrypted =
+            RawValue::from_string(String::from_utf8(encrypted.as_slice().to_vec()).unwrap())
+                .unwrap();
+
+        let grants = decryptor(
+            r#""classes":["phi.clinical"],"masked":["phi.identifier","pii.contact"],"purposes":["treatment"]"#,
+        );
+        for purpose in [Some("treatment"), Some("billing"), None] {
+            // As decrypt does: the class's disclosure, handed to kms-core.
+            let disclose = |field: &FieldSpec| match grants.disclosure(&onc, &field.class, purpose)
+            {
+                FieldAccess::Reveal => Disclosure::Reveal,
+                FieldAccess::Mask => Disclosure::Mask,
+                FieldAccess::Withhold => Disclosure::Withhold,
+            };
+            let mut plain = SecretBuf::default();
+            let text = EncryptedText::parse(&encrypted).unwrap();
+            let dek = Key256::from_array(&mut [8; 32]);
+            let reports =
+                workspace.decrypt(text, &dek, &schema, &keys, &disclose, &mut plain).unwrap();
+            let mut seen = Vec::new();
+            for report in reports {
+                // The patient schema's pointers hold no escapes.
+                let tokens: Vec<String> =
+                    report.pointer.split('/').skip(1).map(str::to_owned).collect();
+                let field = schema.field_for(&tokens).unwrap();
+                let predicted = super::super::decrypt::field_outcome(&grants, &onc, field, purpose);
+                assert_eq!(predicted, report.outcome, "{} {purpose:?}", report.pointer);
+                let searchable = may_search(&grants, &onc, &schema, field.path.as_str(), purpose);
+                assert_eq!(searchable.is_ok(), report.outcome != FieldOutcome::Withheld);
+                seen.push(report.outcome);
+            }
+            // Each outcome occurs, the mask rule's withholding among them.
+            if purpose == Some("treatment") {
+                for outcome in
+                    [FieldOutcome::Revealed, FieldOutcome::Masked, FieldOutcome::Withheld]
+                {
+                    assert!(seen.contains(&outcome), "{outcome:?} in {seen:?}");
+                }
+            }
+        }
+    }
 }

@@ -7,7 +7,7 @@ use crate::error::Error;
 use crate::operation::Operation;
 use crate::schema_ref::SchemaRef;
 
-/// `{"tenant", "schema", "schema_version"?, "path", "value"}`.
+/// `{"tenant", "schema", "schema_version"?, "path", "value", "purpose"?}`.
 #[derive(Serialize)]
 struct IndexRequest<'a, V: ?Sized> {
     tenant: &'a str,
@@ -16,6 +16,8 @@ struct IndexRequest<'a, V: ?Sized> {
     schema_version: Option<u32>,
     path: &'a str,
     value: &'a V,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    purpose: Option<&'a str>,
 }
 
 #[derive(Deserialize)]
@@ -46,12 +48,18 @@ impl Client {
     /// The schema's normalisation applies first, so `" Jane.Roe@Example.org"`
     /// and `"jane.roe@example.org"` give the same token when the field
     /// normalises by trimming and lowercasing.
+    ///
+    /// A caller that may decrypt but not encrypt the tenant's records gets
+    /// the token only of a field decrypt would show it (in clear or masked)
+    /// for `purpose`, as in [`decrypt`](Self::decrypt); else
+    /// [`ErrorCode::Forbidden`](crate::ErrorCode::Forbidden).
     pub async fn index<'s>(
         &self,
         tenant: &str,
         schema: impl Into<SchemaRef<'s>>,
         path: &str,
         value: &(impl Serialize + ?Sized),
+        purpose: Option<&str>,
     ) -> Result<String, Error> {
         let schema = schema.into();
         let request = IndexRequest {
@@ -60,6 +68,7 @@ impl Client {
             schema_version: schema.version(),
             path,
             value,
+            purpose,
         };
         let answer: IndexAnswer = self.post(Operation::Index, &request).await?;
         Ok(answer.token)
@@ -94,6 +103,7 @@ mod tests {
             schema_version: None,
             path: "/email",
             value: "a@b.org",
+            purpose: None,
         };
         assert_eq!(
             serde_json::to_value(&index).unwrap(),
@@ -101,6 +111,8 @@ mod tests {
         );
         let pinned = IndexRequest { schema_version: Some(2), ..index };
         assert_eq!(serde_json::to_value(&pinned).unwrap()["schema_version"], 2);
+        let treatment = IndexRequest { purpose: Some("treatment"), ..index };
+        assert_eq!(serde_json::to_value(&treatment).unwrap()["purpose"], "treatment");
         let pseudonym = PseudonymRequest { tenant: "demo", namespace: "patient", value: &42 };
         assert_eq!(
             serde_json::to_value(&pseudonym).unwrap(),
