@@ -144,9 +144,13 @@ pub fn build_server_config(paths: &TlsConfig) -> Result<Arc<ServerConfig>, TlsEr
 }
 
 /// The identity of a verified client: its certificate's URI SAN (e.g.
-/// `spiffe://prod/ns/onc/sa/api`), else its first DNS SAN, lowercased.
+/// `spiffe://prod/ns/onc/sa/api`, scheme and authority lowercased), else
+/// its first DNS SAN, lowercased.
 /// `None` if it names neither, or none that can be trusted as one:
 /// - more than one URI SAN (which one is the caller would be a guess);
+/// - a URI SAN that is not one plain spelling of an identity (see
+///   [`uri_identity`]): otherwise one workload could hold grants under two
+///   names, or a name could carry terminal escapes into logs and audit;
 /// - a DNS SAN (with no URI SAN) that is not a host name: only ASCII
 ///   letters, digits, `.` and `-` are taken, so a DNS SAN can never
 ///   spell a URI identity (`spiffe://…`), a pattern (`*`) or a path.
@@ -168,7 +172,16 @@ pub fn identity_of(chain: Option<&[CertificateDer<'_>]>) -> Option<String> {
         _ => None,
     });
     match (uris.next(), uris.next()) {
-        (Some(uri), None) => return Some(uri.to_owned()),
+        (Some(uri), None) => {
+            let identity = uri_identity(uri);
+            if identity.is_none() {
+                tracing::info!(
+                    "client certificate refused as an identity: its URI SAN is not \
+                     scheme://authority/path in plain ASCII"
+                );
+            }
+            return identity;
+        }
         (Some(_), Some(_)) => {
             tracing::info!("client certificate refused as an identity: more than one URI SAN");
             return None;
@@ -189,6 +202,38 @@ pub fn identity_of(chain: Option<&[CertificateDer<'_>]>) -> Option<String> {
         tracing::info!("client certificate refused as an identity: its DNS SAN is no host name");
         None
     }
+}
+
+/// `uri` as an identity, if it is one plain spelling of one:
+/// `scheme://authority` and a path of `/`-separated segments, in ASCII.
+/// Scheme and authority are case-insensitive (RFC 3986 §6.2.2.1), so they
+/// are lowercased; the path is compared as it is. Refused: an empty
+/// authority, userinfo (`@`) or anything beyond `a-z 0-9 . - _ :` in it;
+/// an empty segment (`//`, a trailing `/`), a `.` or `..` segment; `%`
+/// (another spelling of the same bytes), a query or fragment (`?`, `#`),
+/// `*` (a pattern in the policy), control characters, spaces and
+/// non-ASCII.
+fn uri_identity(uri: &str) -> Option<String> {
+    let (scheme, rest) = uri.split_once("://")?;
+    let (authority, path) = rest.find('/').map_or((rest, ""), |at| rest.split_at(at));
+    let scheme_ok = scheme.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
+        && scheme.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'));
+    let authority_ok = !authority.is_empty()
+        && authority
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':'));
+    // RFC 3986 `pchar` less `%`, and less `*`: what a segment may hold.
+    let segment_ok = |segment: &str| {
+        !matches!(segment, "" | "." | "..")
+            && segment
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()+,;=:@".contains(&b))
+    };
+    let path_ok =
+        path.is_empty() || path.strip_prefix('/').is_some_and(|p| p.split('/').all(segment_ok));
+    (scheme_ok && authority_ok && path_ok).then(|| {
+        format!("{}://{}{path}", scheme.to_ascii_lowercase(), authority.to_ascii_lowercase())
+    })
 }
 
 /// Whether `name` (lowercase) is a host name: dot-separated labels of
@@ -257,6 +302,58 @@ mod tests {
         assert_eq!(identity(two), None);
         let same_twice = vec![uri("spiffe://prod/a"), uri("spiffe://prod/a"), dns("a.example")];
         assert_eq!(identity(same_twice), None, "nor does the DNS SAN take over");
+    }
+
+    #[test]
+    fn a_uri_san_must_be_one_plain_spelling_of_an_identity() {
+        let alice = "spiffe://prod.example/ns/sec/sa/alice";
+        assert_eq!(identity(vec![uri(alice)]).as_deref(), Some(alice));
+        // Scheme and authority are case-insensitive: one spelling each.
+        assert_eq!(
+            identity(vec![uri("SPIFFE://Prod.Example/ns/sec/sa/alice")]).as_deref(),
+            Some(alice)
+        );
+        assert_eq!(
+            identity(vec![uri("spiffe://prod.example/ns/Sec/sa/Alice")]).as_deref(),
+            Some("spiffe://prod.example/ns/Sec/sa/Alice"),
+            "the path keeps its case"
+        );
+        assert_eq!(identity(vec![uri("spiffe://prod")]).as_deref(), Some("spiffe://prod"));
+        for bad in [
+            "spiffe://prod.example/ns/sec/sa/alice/",
+            "spiffe://prod.example/ns//sec/sa/alice",
+            "spiffe://prod.example/",
+            "spiffe://prod.example/ns/./sec/sa/alice",
+            "spiffe://prod.example/ns/other/../sec/sa/alice",
+            "spiffe://prod.example/ns/sec/sa/..",
+            "spiffe://prod.example/ns/sec/sa/%61lice",
+            "spiffe://prod.example/ns/sec/sa/alice?x=1",
+            "spiffe://prod.example/ns/sec/sa/alice#x",
+            "spiffe://prod.example/ns/sec/sa/al\u{1b}[31mice",
+            "spiffe://prod.example/ns/sec/sa/al\tice",
+            "spiffe://prod.example/ns/sec/sa/al ice",
+            "spiffe://prod.example/ns/sec/sa/*",
+            "spiffe:///ns/sec/sa/alice",
+            "spiffe://mallory@prod.example/ns/sec/sa/alice",
+            "spiffe:prod.example/ns/sec/sa/alice",
+            "://prod.example/ns",
+            "1spiffe://prod.example/ns",
+        ] {
+            assert_eq!(uri_identity(bad), None, "{bad:?}");
+        }
+        // Non-ASCII cannot be put in a certificate's URI SAN (an
+        // IA5String), but is refused should a parser ever hand it over.
+        assert_eq!(uri_identity("spiffe://prod.example/ns/sec/sa/\u{430}lice"), None);
+        // Through a certificate, as the listener sees it.
+        for bad in [
+            "spiffe://prod.example/ns/sec/sa/alice/",
+            "spiffe://prod.example/ns/sec/sa/%61lice",
+            "spiffe://prod.example/ns/sec/sa/al\u{1b}ice",
+            "spiffe://prod.example/ns/../sec/sa/alice",
+        ] {
+            assert_eq!(identity(vec![uri(bad)]), None, "{bad:?}");
+            assert_eq!(identity(vec![uri(bad), dns("a.example")]), None, "no DNS fallback");
+        }
     }
 
     #[test]
