@@ -76,6 +76,11 @@ pub struct Metrics {
     /// Connections closed because an answer carrying keys was not taken
     /// within `limits.keys_send_timeout_secs`.
     pub key_sends_overdue: Counter,
+    /// Policy reloads (SIGHUP) that failed, leaving the previous policy in
+    /// force: a revocation that did not take is otherwise only a log line.
+    pub policy_reload_failures: Counter,
+    /// When the policy in force was loaded, in seconds since the epoch.
+    pub policy_loaded: Gauge,
     /// Sidecar: pre-issued DEKs pooled.
     pub dek_pool_size: Gauge<u64, AtomicU64>,
     /// Sidecar: DEK cache hits.
@@ -108,6 +113,7 @@ impl Default for Metrics {
         let connections_refused = Family::<ConnectionRefusedLabels, Counter>::default();
         let keys_busy = Family::<KeysBusyLabels, Counter>::default();
         let key_sends_overdue = Counter::default();
+        let (policy_reload_failures, policy_loaded) = (Counter::default(), Gauge::default());
         let (dek_pool_size, dek_cache_hits, dek_cache_misses, dek_cache_entries, audit_pending) = (
             Gauge::default(),
             Gauge::default(),
@@ -150,6 +156,16 @@ impl Default for Metrics {
             "key_sends_overdue",
             "Connections closed because an answer carrying keys was not taken in time",
             key_sends_overdue.clone(),
+        );
+        registry.register(
+            "policy_reload_failures",
+            "Policy reloads that failed; the previous policy stays in force",
+            policy_reload_failures.clone(),
+        );
+        registry.register(
+            "policy_loaded_timestamp_seconds",
+            "When the policy in force was loaded (Unix time)",
+            policy_loaded.clone(),
         );
         registry.register(
             "dek_pool_size",
@@ -206,6 +222,8 @@ impl Default for Metrics {
             connections_refused,
             keys_busy,
             key_sends_overdue,
+            policy_reload_failures,
+            policy_loaded,
             dek_pool_size,
             dek_cache_hits,
             dek_cache_misses,
@@ -245,6 +263,20 @@ mod tests {
             r#"keygate_connections_refused_total{listener="api",reason="peer_handshakes"} 3"#,
             r#"keygate_keys_busy_total{wait="pool"} 1"#,
             "keygate_key_sends_overdue_total 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in {text}");
+        }
+    }
+
+    #[test]
+    fn the_policy_reload_metrics_are_exported() {
+        let metrics = Metrics::default();
+        metrics.policy_reload_failures.inc();
+        metrics.policy_loaded.set(1_767_225_600);
+        let text = metrics.encode();
+        for line in [
+            "keygate_policy_reload_failures_total 1",
+            "keygate_policy_loaded_timestamp_seconds 1767225600",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in {text}");
         }

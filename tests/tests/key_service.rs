@@ -282,6 +282,9 @@ async fn policy_reload_takes_effect_and_a_broken_file_keeps_the_old_policy() {
     let (status, _) = ks.post(newcomer, "/v1/tenants/late/datakeys", &json!({"count": 1})).await;
     assert_eq!(status, 200, "the broken file was refused; the old policy still works");
     assert!(ks.log().contains("policy reload failed"));
+    // Counted, for an alert: the edit did not take.
+    let (_, metrics) = ks.get(newcomer, "/metrics").await;
+    assert!(metrics.lines().any(|l| l == "keygate_policy_reload_failures_total 1"), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

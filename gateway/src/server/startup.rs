@@ -92,6 +92,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     tokio::spawn(follow_invalidations(store.clone(), hierarchy.clone()));
     let policy = Arc::new(PolicyHandle::load(&config.policy.file).map_err(|e| fail("policy")(&e))?);
     let metrics = Arc::new(Metrics::default());
+    metrics.policy_loaded.set(unix_now());
     let (audit, audit_task) =
         AuditLog::start(&hierarchy, &instance, &config.audit, metrics.clone())
             .await
@@ -142,6 +143,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     spawn_maintenance(
         tls.clone(),
         policy,
+        state.metrics.clone(),
         hierarchy,
         config.tls.reload_interval_secs,
         stop_rx.clone(),
@@ -253,6 +255,7 @@ async fn follow_invalidations(store: Arc<dyn KeyStore>, hierarchy: Arc<KeyHierar
 fn spawn_maintenance(
     tls: Arc<TlsReloader>,
     policy: Arc<PolicyHandle>,
+    metrics: Arc<Metrics>,
     hierarchy: Arc<KeyHierarchy>,
     reload_secs: u64,
     stop: tokio::sync::watch::Receiver<bool>,
@@ -276,11 +279,7 @@ fn spawn_maintenance(
             if let Err(e) = tls.reload() {
                 tracing::error!(error = %e, "TLS reload failed; keeping the previous certificates");
             }
-            if let Err(e) = policy.reload() {
-                tracing::error!(error = %e, "policy reload failed; keeping the previous policy");
-            } else {
-                tracing::info!("policy reloaded");
-            }
+            reload_policy(&policy, &metrics);
         },
         on_poll: move || {
             if let Err(e) = polled.reload_if_changed() {
@@ -296,6 +295,29 @@ fn spawn_maintenance(
     };
     let poll = Duration::from_secs(reload_secs.max(1));
     tokio::spawn(maintain(hup, poll, EVICT_EVERY, tasks, stop));
+}
+
+/// Reloads the policy file. A failure keeps the policy in force and is
+/// counted, so that an edit that never took (a revocation with a typo)
+/// can raise an alert rather than wait in the log.
+fn reload_policy(policy: &PolicyHandle, metrics: &Metrics) {
+    match policy.reload() {
+        Ok(()) => {
+            metrics.policy_loaded.set(unix_now());
+            tracing::info!("policy reloaded");
+        }
+        Err(e) => {
+            metrics.policy_reload_failures.inc();
+            tracing::error!(error = %e, "policy reload failed; keeping the previous policy");
+        }
+    }
+}
+
+/// Seconds since the Unix epoch (0 for a clock before it).
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| i64::try_from(since.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// What the maintenance task does: on SIGHUP, at each file poll, at each
@@ -469,6 +491,7 @@ mod tests {
     use secrecy::ExposeSecret;
 
     use super::*;
+    use crate::policy::Role;
 
     #[tokio::test(start_paused = true)]
     async fn maintenance_runs_on_without_sighup() {
@@ -502,6 +525,41 @@ mod tests {
         assert_eq!(evictions.load(Ordering::Relaxed), 11);
         let _ = stop_tx.send(true);
         task.await.unwrap();
+    }
+
+    #[test]
+    fn a_failed_policy_reload_is_counted_and_the_old_policy_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("policy.toml");
+        let grant = |roles: &str| {
+            format!(
+                "[[grant]]\nidentity = \"spiffe://a\"\ntenants = [\"onc\"]\nroles = [{roles}]\n"
+            )
+        };
+        std::fs::write(&file, grant(r#""admin""#)).unwrap();
+        let policy = PolicyHandle::load(&file).unwrap();
+        let metrics = Metrics::default();
+        let onc = kms_core::TenantId::new("onc").unwrap();
+        let admin = |p: &PolicyHandle| p.current().authorize("spiffe://a", &onc, Role::Admin);
+
+        // A revocation with a typo: refused, counted, the grant still in force.
+        std::fs::write(&file, grant(r#""admni""#)).unwrap();
+        reload_policy(&policy, &metrics);
+        assert_eq!(metrics.policy_reload_failures.get(), 1);
+        assert_eq!(metrics.policy_loaded.get(), 0, "no load to date");
+        assert!(admin(&policy), "the old policy stays in force");
+        reload_policy(&policy, &metrics);
+        assert_eq!(metrics.policy_reload_failures.get(), 2, "each failure counts");
+
+        // The fixed edit takes, and says when.
+        std::fs::write(&file, grant(r#""auditor""#)).unwrap();
+        let before = unix_now();
+        reload_policy(&policy, &metrics);
+        assert!(!admin(&policy));
+        assert_eq!(metrics.policy_reload_failures.get(), 2);
+        assert!(metrics.policy_loaded.get() >= before, "{}", metrics.policy_loaded.get());
+        let text = metrics.encode();
+        assert!(text.lines().any(|l| l == "keygate_policy_reload_failures_total 2"), "{text}");
     }
 
     #[test]
