@@ -5,9 +5,10 @@
 //! **Default deny.** An identity no grant matches may do nothing; a role,
 //! tenant, class or purpose a grant does not name is not granted.
 //!
-//! The identity is the client certificate's first URI SAN (for example
-//! `spiffe://prod/ns/onc/sa/api`), else its DNS SAN. It is compared byte for
-//! byte, so whoever extracts it must normalise DNS names (lowercase).
+//! The identity is the client certificate's one URI SAN (for example
+//! `spiffe://prod/ns/onc/sa/api`, scheme and authority lowercased), else its
+//! first DNS SAN, lowercased (`tls::identity_of`). It is compared byte for
+//! byte, so patterns must be lowercase where identities are.
 //!
 //! # File format
 //!
@@ -31,7 +32,8 @@
 //!
 //! - `identity` (required): an exact identity, or a prefix ending in `*`.
 //!   `*` may appear only at the end, and a bare `"*"` (every client) is
-//!   refused. No whitespace or control characters.
+//!   refused. No whitespace or control characters; no uppercase in a URI's
+//!   scheme and authority or in a DNS name (identities never have any).
 //! - `tenants` (required, non-empty): `"*"` (every tenant, including ones
 //!   created later), a tenant id (`[a-z0-9][a-z0-9_-]{0,62}`), or a tenant id
 //!   prefix ending in `*` (`"onc-*"` matches `onc-a`, not `onc`).

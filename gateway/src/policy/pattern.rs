@@ -161,8 +161,24 @@ fn check_identity(value: &str) -> Result<(), InvalidValue> {
         fail("is longer than 2048 bytes")
     } else if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
         fail("must not contain whitespace or control characters")
+    } else if case_insensitive_part(value).bytes().any(|b| b.is_ascii_uppercase()) {
+        // Certificate identities come lowercased there (`tls::identity_of`):
+        // such a pattern would never match.
+        fail("must be lowercase in its scheme and authority (a DNS name: all of it)")
     } else {
         Ok(())
+    }
+}
+
+/// The part of an identity that certificates' identities are lowercased
+/// in: a URI's `scheme://authority`, or all of a DNS name.
+fn case_insensitive_part(identity: &str) -> &str {
+    match identity.split_once("://") {
+        Some((scheme, rest)) => {
+            let end = scheme.len() + 3 + rest.find('/').unwrap_or(rest.len());
+            identity.get(..end).unwrap_or(identity)
+        }
+        None => identity,
     }
 }
 
@@ -229,6 +245,13 @@ mod tests {
         for bad in ["", "*", "spiffe://*/sa/api", "a**", "*a", "api host", "a\u{7}"] {
             assert!(IdentityPattern::new(bad).is_err(), "{bad:?}");
         }
+        // What certificates' identities are lowercased in must be lowercase
+        // here, or the grant would never match; a URI path keeps its case.
+        for never in ["SPIFFE://prod/ns", "spiffe://Prod/*", "Api.Example.org", "API*"] {
+            let e = IdentityPattern::new(never).unwrap_err().to_string();
+            assert!(e.contains("lowercase"), "{never:?}: {e}");
+        }
+        assert!(IdentityPattern::new("spiffe://prod/ns/Onc/sa/API").is_ok());
         assert!(IdentityPattern::new("x".repeat(MAX_IDENTITY_LEN + 1)).is_err());
     }
 
