@@ -668,6 +668,8 @@ pub fn load_layered<T: serde::de::DeserializeOwned>(
     if !path.is_file() {
         return Err(ConfigError(format!("{}: no such file", path.display())));
     }
+    let names = std::env::vars_os().filter_map(|(name, _)| name.into_string().ok());
+    check_override_names(names, top_level_keys)?;
     let env = Env::prefixed("KEYGATE_")
         .split("__")
         .filter(move |key| under_top_level(key.as_str(), top_level_keys));
@@ -688,6 +690,47 @@ pub(crate) fn is_override(name: &str, top_level_keys: &[&str]) -> bool {
         && name
             .get(PREFIX.len()..)
             .is_some_and(|key| under_top_level(&key.replace("__", "."), top_level_keys))
+}
+
+/// Refuses a variable that names one of `top_level_keys` but joins the
+/// key under it with one `_` (`KEYGATE_CACHE_TTL_SECS`): the loader takes
+/// only `__` (`KEYGATE_CACHE__TTL_SECS`), so such a variable would be
+/// ignored without a word, and the setting meant (a shorter cache TTL, a
+/// client CA) silently not applied. Other `KEYGATE_…` variables (the other
+/// command's, the admin CLI's, tests') are not this config's business.
+fn check_override_names(
+    names: impl Iterator<Item = String>,
+    top_level_keys: &[&str],
+) -> Result<(), ConfigError> {
+    const PREFIX: &str = "KEYGATE_";
+    for name in names {
+        let Some(key) = name
+            .get(..PREFIX.len())
+            .filter(|p| p.eq_ignore_ascii_case(PREFIX))
+            .and_then(|_| name.get(PREFIX.len()..))
+        else {
+            continue;
+        };
+        let key = key.to_ascii_lowercase();
+        if under_top_level(&key, top_level_keys) {
+            continue;
+        }
+        let meant = top_level_keys.iter().find(|top| {
+            key.strip_prefix(**top)
+                .and_then(|rest| rest.strip_prefix('_'))
+                .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('_'))
+        });
+        if let Some(top) = meant {
+            let rest = key.get(top.len() + 1..).unwrap_or_default();
+            return Err(ConfigError(format!(
+                "environment variable {name} would be ignored: a key under `{top}` is joined \
+                 with a double underscore, as in KEYGATE_{}__{}",
+                top.to_ascii_uppercase(),
+                rest.to_ascii_uppercase()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Whether `key` (`limits.max_batch`) is under one of `top_level_keys`.
@@ -783,6 +826,39 @@ impl ServerConfig {
 mod tests {
 
     use super::*;
+
+    #[test]
+    fn a_variable_joining_its_key_with_one_underscore_is_refused_not_ignored() {
+        let check = |names: &[&str], tops: &[&str]| {
+            check_override_names(names.iter().map(|n| (*n).to_owned()), tops)
+        };
+        for typo in ["KEYGATE_LIMITS_MAX_BATCH", "keygate_tls_client_ca", "KEYGATE_LOG_LEVEL"] {
+            let e = check(&[typo], TOP_LEVEL_KEYS).unwrap_err().to_string();
+            assert!(e.contains(typo) && e.contains("would be ignored"), "{e}");
+        }
+        let e = check(&["KEYGATE_LIMITS_MAX_BATCH"], TOP_LEVEL_KEYS).unwrap_err().to_string();
+        assert!(e.contains("KEYGATE_LIMITS__MAX_BATCH"), "names the spelling meant: {e}");
+        let sidecar = crate::sidecar::config::TOP_LEVEL_KEYS;
+        let e = check(&["KEYGATE_CACHE_TTL_SECS"], sidecar).unwrap_err().to_string();
+        assert!(e.contains("KEYGATE_CACHE__TTL_SECS"), "{e}");
+        // What the loader takes, and other commands' or tools' variables.
+        let fine = [
+            "KEYGATE_LIMITS__MAX_BATCH",
+            "KEYGATE_STORAGE_URL",
+            "KEYGATE_OPS_LISTEN",
+            "KEYGATE_PROFILE",
+            "KEYGATE_ADMIN_PROFILE",
+            "KEYGATE_ADMIN_URL",
+            "KEYGATE_SIDECAR_TOKEN_FILE",
+            "KEYGATE_CONFIG",
+            "KEYGATE_TEST_PG_URL",
+            "KEYGATE_CACHE_TTL_SECS", // the sidecar's setting, not the key service's
+            "PATH",
+            "KEYGATE",
+        ];
+        assert!(check(&fine, TOP_LEVEL_KEYS).is_ok());
+        assert!(check(&["KEYGATE_LIMITS__MAX_BATCH", "KEYGATE_APP_IDENTITY"], sidecar).is_ok());
+    }
 
     #[test]
     fn a_storage_url_shows_only_its_scheme_and_reads_its_target_once() {

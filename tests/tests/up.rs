@@ -64,6 +64,29 @@ fn keygate_up_refuses_configuration_from_the_environment() {
     assert!(!dev.exists(), "nothing was created");
 }
 
+/// Not `up`'s rule but the loaders': a variable joining its key with one
+/// underscore would be ignored, and the setting it meant with it.
+#[test]
+fn a_mistyped_override_stops_a_start_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("any.toml");
+    std::fs::write(&config, "").unwrap();
+    for (command, typo, meant) in [
+        ("server", "KEYGATE_LIMITS_MAX_BATCH", "KEYGATE_LIMITS__MAX_BATCH"),
+        ("sidecar", "KEYGATE_CACHE_TTL_SECS", "KEYGATE_CACHE__TTL_SECS"),
+    ] {
+        let mut start = Command::new(keygate_binary());
+        start.args([command, "--config"]).arg(&config).env(typo, "10");
+        let (ok, stderr) = run_failing_fast(start, Duration::from_secs(30));
+        assert!(!ok, "{stderr}");
+        assert!(
+            stderr.contains(&format!("environment variable {typo} would be ignored")),
+            "{stderr}"
+        );
+        assert!(stderr.contains(meant), "{stderr}");
+    }
+}
+
 #[test]
 fn keygate_up_refuses_a_directory_others_can_write() {
     use std::os::unix::fs::PermissionsExt;
