@@ -500,6 +500,19 @@ async fn only_the_request_meant_fresh_and_still_backed_is_approved() {
         .expect("a shred.withdraw event");
     assert_eq!(withdrawal["actor"], ADMIN);
     assert!(!export.contains("\"shred.approve\""), "{export}");
+    // Each refused approval is in the audit log, as the officer's denial.
+    for refused in [
+        "decide a request other than the one named",
+        "approve an expired request",
+        "approve a request its requester may no longer make",
+    ] {
+        let denial = export
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|e| e["action"] == refused)
+            .unwrap_or_else(|| panic!("no {refused:?} event: {export}"));
+        assert_eq!((&denial["actor"], &denial["outcome"]), (&json!(OFFICER), &json!("denied")));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -136,7 +136,12 @@ async fn decide(
     verb: &str,
     expect: Option<serde_json::Value>,
 ) -> Result<(), AdminError> {
-    let body = json!({ "decision": verb, "comment": decision.comment, "expect": expect });
+    let mut body = json!({ "decision": verb, "comment": decision.comment });
+    // Sent only with an approval: a key service from before `expect`
+    // refuses unknown fields, and a rejection needs none.
+    if let (Some(expect), Some(fields)) = (expect, body.as_object_mut()) {
+        fields.insert("expect".to_owned(), expect);
+    }
     // The id is checked to be hexadecimal, so it needs no escaping.
     let answer = ctx.client()?.post(&format!("/v1/approvals/{}", decision.id), &body).await?;
     let approval: Approval = decode(&answer, "approval decision")?;

@@ -102,10 +102,12 @@ pub(crate) async fn execute_shred_now(
         .map_err(|e| crate::error::internal(&e))?
 }
 
-/// Withdraws an approved shred before it runs, under the scheduler's job
-/// lock (so that it is not withdrawn while a round destroys its keys), and
-/// audited before it is made (`shred.withdraw`). If a round holds the lock
-/// for `within`, 503 `scheduler_busy`: the caller tries again.
+/// Withdraws a shred before it runs (approved and waiting, or pending and
+/// withdrawn by its requester), under the scheduler's job lock (so that it
+/// is not withdrawn while a round destroys its keys), and audited before it
+/// is made (`shred.withdraw`). Only if it is still in the state `approval`
+/// was read in (409 `approval_not_pending` otherwise). If a round holds
+/// the lock for `within`, 503 `scheduler_busy`: the caller tries again.
 pub(crate) async fn withdraw_shred(
     state: &AppState,
     actor: String,
@@ -141,9 +143,11 @@ pub(crate) async fn withdraw_shred(
                 None => e,
             }
         };
-        let id = approval.id.clone();
-        let withdraw =
-            async move { store.withdraw_approval(&id, &text).await.map_err(|e| store_error(&e)) };
+        // Only from the state the caller's right to withdraw was judged in.
+        let (id, from) = (approval.id.clone(), approval.state);
+        let withdraw = async move {
+            store.withdraw_approval(&id, from, &text).await.map_err(|e| store_error(&e))
+        };
         let result = state.audit.before(event, withdraw).await;
         drop(lock);
         result

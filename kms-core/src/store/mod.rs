@@ -386,12 +386,19 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug {
         now: i64,
     ) -> Result<(Approval, TenantRecord), StoreError>;
 
-    /// Withdraws a request that has not run (pending, or approved and
-    /// waiting for its execution time): it becomes `rejected`, with
-    /// `comment` in place of the decision's (the decider, if any, is
-    /// kept), and never runs. [`StoreError::ApprovalNotPending`] (naming
-    /// its state) if it is rejected or executed already.
-    async fn withdraw_approval(&self, id: &str, comment: &str) -> Result<Approval, StoreError>;
+    /// Withdraws a request that has not run and is still in state `from`
+    /// (pending, or approved and waiting for its execution time): it
+    /// becomes `rejected`, with `comment` in place of the decision's (the
+    /// decider, if any, is kept), and never runs.
+    /// [`StoreError::ApprovalNotPending`] (naming its state) if it is in
+    /// another state by now: who may withdraw depends on the state, so a
+    /// withdrawal decided on a request that has moved on is not made.
+    async fn withdraw_approval(
+        &self,
+        id: &str,
+        from: ApprovalState,
+        comment: &str,
+    ) -> Result<Approval, StoreError>;
 
     /// Appends audit events atomically (all or none).
     async fn append_audit(&self, rows: &[AuditRow]) -> Result<(), StoreError>;

@@ -304,7 +304,10 @@ pub(crate) async fn approvals_need_a_second_person_and_decide_once(f: Fixture) {
     // withdrawn, once; a rejected or executed one cannot.
     let mistaken = Approval::new("a4".into(), tenant("onc"), None, "z".into(), "hank".into(), 150);
     store.create_approval(&mistaken).await.unwrap();
-    let withdrawn = store.withdraw_approval("a4", "withdrawn by hank: typo").await.unwrap();
+    let withdrawn = store
+        .withdraw_approval("a4", ApprovalState::Pending, "withdrawn by hank: typo")
+        .await
+        .unwrap();
     assert_eq!(
         (withdrawn.state, withdrawn.comment.as_deref(), withdrawn.decided_by.as_deref()),
         (ApprovalState::Rejected, Some("withdrawn by hank: typo"), None)
@@ -317,8 +320,16 @@ pub(crate) async fn approvals_need_a_second_person_and_decide_once(f: Fixture) {
     ));
     let approve_a3 = DecideApproval { id: "a3", ..decide("erin", Decision::Approve) };
     store.decide_approval(&approve_a3).await.unwrap();
-    let withdrawn =
-        store.withdraw_approval("a3", "withdrawn by frank: wrong tenant").await.unwrap();
+    // Decided on while it was pending (by its requester, say): not made
+    // once it has been approved meanwhile.
+    assert!(matches!(
+        store.withdraw_approval("a3", ApprovalState::Pending, "withdrawn by dave").await,
+        Err(StoreError::ApprovalNotPending { state: ApprovalState::Approved, .. })
+    ));
+    let withdrawn = store
+        .withdraw_approval("a3", ApprovalState::Approved, "withdrawn by frank: wrong tenant")
+        .await
+        .unwrap();
     assert_eq!(
         (withdrawn.state, withdrawn.comment.as_deref(), withdrawn.decided_by.as_deref()),
         (ApprovalState::Rejected, Some("withdrawn by frank: wrong tenant"), Some("erin"))
@@ -333,18 +344,18 @@ pub(crate) async fn approvals_need_a_second_person_and_decide_once(f: Fixture) {
     let onc = store.tenant(&tenant("onc")).await.unwrap().unwrap();
     assert!(onc.index_root_wrapped.is_some(), "nothing destroyed");
     assert!(matches!(
-        store.withdraw_approval("a3", "again").await,
+        store.withdraw_approval("a3", ApprovalState::Approved, "again").await,
         Err(StoreError::ApprovalNotPending { state: ApprovalState::Rejected, .. })
     ));
     assert!(matches!(
-        store.withdraw_approval("a1", "late").await,
+        store.withdraw_approval("a1", ApprovalState::Approved, "late").await,
         Err(StoreError::ApprovalNotPending {
             state: ApprovalState::Executed | ApprovalState::Rejected,
             ..
         })
     ));
     assert!(matches!(
-        store.withdraw_approval("nope", "x").await,
+        store.withdraw_approval("nope", ApprovalState::Pending, "x").await,
         Err(StoreError::UnknownApproval(_))
     ));
 
@@ -399,7 +410,7 @@ pub(crate) async fn a_withdrawal_racing_an_execution_ends_one_way(f: Fixture) {
         store.decide_approval(&approve).await.unwrap();
         let (run, withdraw) = tokio::join!(
             store.execute_approval(&id, 3),
-            other.withdraw_approval(&id, "withdrawn by carol"),
+            other.withdraw_approval(&id, ApprovalState::Approved, "withdrawn by carol"),
         );
         let stored = store.approval(&id).await.unwrap().unwrap();
         let keys = other.tenant(&tenant(&name)).await.unwrap().unwrap();

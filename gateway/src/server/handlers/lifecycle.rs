@@ -274,8 +274,12 @@ pub(crate) async fn decide(
     if body.comment.as_ref().is_some_and(|c| c.len() > MAX_TEXT) {
         return Err(ApiError::bad_request("invalid_comment", format!("at most {MAX_TEXT} bytes")));
     }
-    if let Some(expected) = &body.expect {
-        check_expected(&pending, expected)?;
+    // An id passed on for another request than it is: worth a trace in
+    // the audit log, whoever meant what.
+    if let Some(Err(refused)) = body.expect.as_ref().map(|e| check_expected(&pending, e)) {
+        let what = "decide a request other than the one named";
+        state.audit.record_denial(&actor, what, Some(&pending.tenant)).await;
+        return Err(refused);
     }
     // Rejecting an approved shred that waits for its time withdraws it:
     // the waiting period is there so that a mistaken approval can be
@@ -289,8 +293,15 @@ pub(crate) async fn decide(
     // Refused before anything is recorded as decided (the keystore checks
     // again, should the request change meanwhile).
     if let Err(e) = pending.check_decision(&terms.of(&id, &actor, None)) {
-        if matches!(e, kms_core::store::StoreError::SelfApproval) {
-            state.audit.record_denial(&actor, "approve own request", Some(&pending.tenant)).await;
+        let denial = match e {
+            kms_core::store::StoreError::SelfApproval => Some("approve own request"),
+            kms_core::store::StoreError::ApprovalExpired { .. } => {
+                Some("approve an expired request")
+            }
+            _ => None,
+        };
+        if let Some(what) = denial {
+            state.audit.record_denial(&actor, what, Some(&pending.tenant)).await;
         }
         return Err(store_error(&e));
     }
@@ -336,11 +347,13 @@ pub(crate) async fn decide(
     if !decided.is_due(unix_now()) {
         return Ok(Json(ApprovalView::from(&decided)));
     }
-    // The approval is recorded: should running it now fail (the audit log
-    // or keystore unavailable a moment), the scheduler runs it at its next
-    // round, so the answer is the approval, not an error.
+    // The approval is recorded: should running it now fail for a while
+    // (the audit log or keystore unavailable a moment), the scheduler runs
+    // it at its next round, so the answer is the approval, not an error.
+    // A refusal (4xx) is said as it is.
     match execute_shred_now(&state, &decided, SHRED_LOCK_WAIT).await {
         Ok(executed) => Ok(Json(ApprovalView::from(&executed))),
+        Err(e) if !e.status().is_server_error() => Err(e),
         Err(e) => {
             tracing::warn!(
                 approval = decided.id,

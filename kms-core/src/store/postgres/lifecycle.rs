@@ -435,15 +435,17 @@ pub(super) async fn decide_approval(
 pub(super) async fn withdraw_approval(
     pool: &PgPool,
     id: &str,
+    from: ApprovalState,
     comment: &str,
 ) -> Result<Approval, StoreError> {
     let mut tx = begin(pool).await?;
     let updated = sqlx::query(
         "UPDATE approvals SET state = 'rejected', comment = $1
-         WHERE id = $2 AND state IN ('pending', 'approved')",
+         WHERE id = $2 AND state = $3 AND state IN ('pending', 'approved')",
     )
     .bind(comment)
     .bind(id)
+    .bind(from.as_str())
     .execute(&mut *tx)
     .await
     .map_err(unavailable)?;

@@ -308,8 +308,13 @@ impl KeyStore for PostgresStore {
         lifecycle::execute_approval(&self.pool, &self.settings.channel, id, now).await
     }
 
-    async fn withdraw_approval(&self, id: &str, comment: &str) -> Result<Approval, StoreError> {
-        lifecycle::withdraw_approval(&self.pool, id, comment).await
+    async fn withdraw_approval(
+        &self,
+        id: &str,
+        from: ApprovalState,
+        comment: &str,
+    ) -> Result<Approval, StoreError> {
+        lifecycle::withdraw_approval(&self.pool, id, from, comment).await
     }
 
     async fn append_audit(&self, rows: &[AuditRow]) -> Result<(), StoreError> {

@@ -486,15 +486,17 @@ impl SqliteStore {
     pub(super) async fn withdraw_approval_impl(
         &self,
         id: &str,
+        from: ApprovalState,
         comment: &str,
     ) -> Result<Approval, StoreError> {
         let mut tx = self.write_tx().await?;
         let updated = sqlx::query(
             "UPDATE approvals SET state = 'rejected', comment = ?
-             WHERE id = ? AND state IN ('pending', 'approved')",
+             WHERE id = ? AND state = ? AND state IN ('pending', 'approved')",
         )
         .bind(comment)
         .bind(id)
+        .bind(from.as_str())
         .execute(&mut *tx)
         .await
         .map_err(unavailable)?;

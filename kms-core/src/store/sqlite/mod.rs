@@ -484,8 +484,13 @@ impl KeyStore for SqliteStore {
         self.decide_approval_impl(decision).await
     }
 
-    async fn withdraw_approval(&self, id: &str, comment: &str) -> Result<Approval, StoreError> {
-        self.withdraw_approval_impl(id, comment).await
+    async fn withdraw_approval(
+        &self,
+        id: &str,
+        from: ApprovalState,
+        comment: &str,
+    ) -> Result<Approval, StoreError> {
+        self.withdraw_approval_impl(id, from, comment).await
     }
 
     async fn execute_approval(
