@@ -213,7 +213,7 @@ pub fn identity_of(chain: Option<&[CertificateDer<'_>]>) -> Option<String> {
 /// (another spelling of the same bytes), a query or fragment (`?`, `#`),
 /// `*` (a pattern in the policy), control characters, spaces and
 /// non-ASCII.
-fn uri_identity(uri: &str) -> Option<String> {
+pub(crate) fn uri_identity(uri: &str) -> Option<String> {
     let (scheme, rest) = uri.split_once("://")?;
     let (authority, path) = rest.find('/').map_or((rest, ""), |at| rest.split_at(at));
     let scheme_ok = scheme.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())

@@ -159,17 +159,16 @@ fn write_new(path: &PathBuf, contents: &str, private: bool) -> Result<(), AdminE
         .map_err(|e| AdminError::usage(format!("{}: {}", path.display(), io_reason(&e))))
 }
 
-/// An identity is a URI (`spiffe://…`, `urn:…`) without spaces.
+/// An identity is a URI the key service takes as one (`spiffe://…`):
+/// `scheme://authority/path` in plain ASCII, lowercase where identities
+/// are compared without case (see `tls::uri_identity`). A certificate for
+/// anything else would name no usable identity.
 fn check_identity(identity: &str) -> Result<(), AdminError> {
-    let scheme = identity.split_once(':').map(|(s, _)| s).unwrap_or_default();
-    let valid_scheme = scheme.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
-        && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
-    if !valid_scheme
-        || identity.len() <= scheme.len() + 1
-        || identity.chars().any(|c| c.is_whitespace() || c.is_control())
-    {
+    if crate::tls::uri_identity(identity).as_deref() != Some(identity) {
         return Err(AdminError::usage(format!(
-            "--identity {identity:?}: not a URI such as spiffe://prod/ns/onc/sa/api"
+            "--identity {identity:?}: not an identity the key service takes, such as \
+             spiffe://prod/ns/onc/sa/api (scheme://authority/path in plain ASCII, scheme and \
+             authority lowercase, no empty, '.' or '..' segment, no '%', '?', '#' or '*')"
         )));
     }
     Ok(())
@@ -213,6 +212,12 @@ mod tests {
         assert!(check_identity("not a uri").is_err());
         assert!(check_identity("admin").is_err());
         assert!(check_identity("spiffe:").is_err());
+        // What the key service would take as no identity, or as another.
+        for refused in
+            ["urn:keygate:alice", "spiffe://test/admin/", "SPIFFE://test/a", "spiffe://t/a/../b"]
+        {
+            assert!(check_identity(refused).is_err(), "{refused}");
+        }
         assert!(check_name("../etc/passwd").is_err());
         assert!(check_name(".hidden").is_err());
         assert!(check_name("alice-2").is_ok());

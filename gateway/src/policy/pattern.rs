@@ -161,6 +161,12 @@ fn check_identity(value: &str) -> Result<(), InvalidValue> {
         fail("is longer than 2048 bytes")
     } else if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
         fail("must not contain whitespace or control characters")
+    } else if value.contains(':') && !is_uri_identity_pattern(value) {
+        fail(
+            "is not a URI identity the key service takes (scheme://authority/path in plain \
+             ASCII, no empty, '.' or '..' segment, no '%', '?' or '#'), or a prefix of one \
+             ending in \"*\": a certificate naming it would have no identity",
+        )
     } else if case_insensitive_part(value).bytes().any(|b| b.is_ascii_uppercase()) {
         // Certificate identities come lowercased there (`tls::identity_of`):
         // such a pattern would never match.
@@ -168,6 +174,17 @@ fn check_identity(value: &str) -> Result<(), InvalidValue> {
     } else {
         Ok(())
     }
+}
+
+/// Whether `pattern` is a URI identity (as `tls::uri_identity` takes one,
+/// case aside: that is judged on its own) or a prefix of one ending in `*`.
+fn is_uri_identity_pattern(pattern: &str) -> bool {
+    let identity = match pattern.strip_suffix('*') {
+        // A prefix: anything that continues it into an identity will do.
+        Some(prefix) => format!("{prefix}x"),
+        None => pattern.to_owned(),
+    };
+    crate::tls::uri_identity(&identity).is_some()
 }
 
 /// The part of an identity that certificates' identities are lowercased
@@ -252,6 +269,16 @@ mod tests {
             assert!(e.contains("lowercase"), "{never:?}: {e}");
         }
         assert!(IdentityPattern::new("spiffe://prod/ns/Onc/sa/API").is_ok());
+        // URIs no certificate could give as an identity (tls::uri_identity).
+        for never in
+            ["urn:keygate:alice", "spiffe://prod/ns/", "spiffe://prod/a/../b", "spiffe://p/a%20"]
+        {
+            let e = IdentityPattern::new(never).unwrap_err().to_string();
+            assert!(e.contains("not a URI identity"), "{never:?}: {e}");
+        }
+        for prefix in ["spiffe://prod/*", "spiffe://prod/ns/onc-*", "spiffe://prod*"] {
+            assert!(IdentityPattern::new(prefix).is_ok(), "{prefix}");
+        }
         assert!(IdentityPattern::new("x".repeat(MAX_IDENTITY_LEN + 1)).is_err());
     }
 
