@@ -668,8 +668,6 @@ pub fn load_layered<T: serde::de::DeserializeOwned>(
     if !path.is_file() {
         return Err(ConfigError(format!("{}: no such file", path.display())));
     }
-    let names = std::env::vars_os().filter_map(|(name, _)| name.into_string().ok());
-    check_override_names(names, top_level_keys)?;
     let env = Env::prefixed("KEYGATE_")
         .split("__")
         .filter(move |key| under_top_level(key.as_str(), top_level_keys));
@@ -692,12 +690,21 @@ pub(crate) fn is_override(name: &str, top_level_keys: &[&str]) -> bool {
             .is_some_and(|key| under_top_level(&key.replace("__", "."), top_level_keys))
 }
 
-/// Refuses a variable that names one of `top_level_keys` but joins the
-/// key under it with one `_` (`KEYGATE_CACHE_TTL_SECS`): the loader takes
-/// only `__` (`KEYGATE_CACHE__TTL_SECS`), so such a variable would be
-/// ignored without a word, and the setting meant (a shorter cache TTL, a
-/// client CA) silently not applied. Other `KEYGATE_…` variables (the other
-/// command's, the admin CLI's, tests') are not this config's business.
+/// Refuses, among this process's environment variables, one that names
+/// one of `top_level_keys` but joins the key under it with one `_`
+/// (`KEYGATE_CACHE_TTL_SECS`): the loader takes only `__`
+/// (`KEYGATE_CACHE__TTL_SECS`), so such a variable is ignored without a
+/// word, and the setting meant (a shorter cache TTL, a client CA) silently
+/// not applied. Other `KEYGATE_…` variables (the other command's, the admin
+/// CLI's, tests') are not this config's business, and neither are those
+/// the config names as holding a secret (`exempt`: a `pin_env`).
+pub(crate) fn check_overrides(top_level_keys: &[&str], exempt: &[&str]) -> Result<(), ConfigError> {
+    let names = std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .filter(|name| !exempt.contains(&name.as_str()));
+    check_override_names(names, top_level_keys)
+}
+
 fn check_override_names(
     names: impl Iterator<Item = String>,
     top_level_keys: &[&str],
@@ -724,7 +731,8 @@ fn check_override_names(
             let rest = key.get(top.len() + 1..).unwrap_or_default();
             return Err(ConfigError(format!(
                 "environment variable {name} would be ignored: a key under `{top}` is joined \
-                 with a double underscore, as in KEYGATE_{}__{}",
+                 with a double underscore, as in KEYGATE_{}__{} (a variable holding a secret \
+                 that a setting names, such as pin_env, must not be spelled like a setting)",
                 top.to_ascii_uppercase(),
                 rest.to_ascii_uppercase()
             )));
@@ -748,6 +756,11 @@ impl ServerConfig {
     /// paths against the file's directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let mut config: Self = load_layered(path, TOP_LEVEL_KEYS)?;
+        let pin_env = match &config.root {
+            RootConfig::Pkcs11 { pin_env: Some(name), .. } => vec![name.as_str()],
+            _ => Vec::new(),
+        };
+        check_overrides(TOP_LEVEL_KEYS, &pin_env)?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         check_durations(config.durations())?;

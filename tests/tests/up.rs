@@ -69,14 +69,21 @@ fn keygate_up_refuses_configuration_from_the_environment() {
 #[test]
 fn a_mistyped_override_stops_a_start_naming_it() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("any.toml");
-    std::fs::write(&config, "").unwrap();
-    for (command, typo, meant) in [
-        ("server", "KEYGATE_LIMITS_MAX_BATCH", "KEYGATE_LIMITS__MAX_BATCH"),
-        ("sidecar", "KEYGATE_CACHE_TTL_SECS", "KEYGATE_CACHE__TTL_SECS"),
+    let server = dir.path().join("keygate.toml");
+    let pkcs11 = "[root]\nprovider = \"pkcs11\"\nmodule = \"/nonexistent/libhsm.so\"\n\
+                  token_label = \"t\"\nkey_label = \"k\"\npin_env = \"KEYGATE_ROOT_PIN\"\n";
+    let tls = "[tls]\ncert = \"server.crt\"\nkey = \"server.key\"\nclient_ca = \"ca.crt\"\n";
+    std::fs::write(&server, format!("listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n{tls}[policy]\nfile = \"policy.toml\"\n{pkcs11}")).unwrap();
+    let sidecar = dir.path().join("sidecar.toml");
+    let key_service = "[key_service]\nurls = [\"https://127.0.0.1:8443\"]\nca = \"ca.crt\"\n\
+                       cert = \"app.crt\"\nkey = \"app.key\"\n";
+    std::fs::write(&sidecar, format!("schemas = [\"patient.toml\"]\n{key_service}")).unwrap();
+    for (command, config, typo, meant) in [
+        ("server", &server, "KEYGATE_LIMITS_MAX_BATCH", "KEYGATE_LIMITS__MAX_BATCH"),
+        ("sidecar", &sidecar, "KEYGATE_CACHE_TTL_SECS", "KEYGATE_CACHE__TTL_SECS"),
     ] {
         let mut start = Command::new(keygate_binary());
-        start.args([command, "--config"]).arg(&config).env(typo, "10");
+        start.args([command, "--config"]).arg(config).env(typo, "10");
         let (ok, stderr) = run_failing_fast(start, Duration::from_secs(30));
         assert!(!ok, "{stderr}");
         assert!(
@@ -85,6 +92,12 @@ fn a_mistyped_override_stops_a_start_naming_it() {
         );
         assert!(stderr.contains(meant), "{stderr}");
     }
+    // The variable the config names for the PIN is the config's business:
+    // the start goes on (and stops later, at the missing module).
+    let mut start = Command::new(keygate_binary());
+    start.args(["server", "--config"]).arg(&server).env("KEYGATE_ROOT_PIN", "1234");
+    let (ok, stderr) = run_failing_fast(start, Duration::from_secs(30));
+    assert!(!ok && !stderr.contains("would be ignored"), "{stderr}");
 }
 
 #[test]

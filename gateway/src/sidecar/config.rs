@@ -204,6 +204,7 @@ impl SidecarConfig {
     /// Loads `path` with `KEYGATE_…` overrides; resolves relative paths.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let mut config: Self = load_layered(path, TOP_LEVEL_KEYS)?;
+        crate::config::check_overrides(TOP_LEVEL_KEYS, &[])?;
         let base = path.parent().unwrap_or(Path::new("."));
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
