@@ -483,19 +483,48 @@ fn keystore_tls(config: &ServerConfig) -> Result<String, String> {
     }
 }
 
+/// Most certificates a client CA bundle may hold: one dedicated to keygate
+/// holds an organization's few issuing CAs, and one far larger is likely a
+/// system bundle, which would make every public CA an issuer of identities
+/// (a DNS SAN is an identity).
+const MAX_CLIENT_CAS: usize = 16;
+
 fn client_ca(path: &Path) -> Result<String, String> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
-    let certs = CertificateDer::pem_file_iter(path)
-        .map(|iter| iter.filter(Result::is_ok).count())
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map(|iter| iter.filter_map(Result::ok).collect())
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    if certs == 0 {
+    if certs.is_empty() {
         return Err(format!("{}: no CA certificate", path.display()));
     }
+    if certs.len() > MAX_CLIENT_CAS {
+        return Err(format!(
+            "{} holds {} certificates (at most {MAX_CLIENT_CAS}): a bundle of public or \
+             system CAs would let any of them issue keygate identities; give the \
+             organization's own client CAs",
+            path.display(),
+            certs.len()
+        ));
+    }
+    // A leaf in the bundle would be trusted as an issuer of identities.
+    let not_ca = certs.iter().position(|der| {
+        X509Certificate::from_der(der.as_ref()).map_or(true, |(_, cert)| !cert.is_ca())
+    });
+    if let Some(index) = not_ca {
+        return Err(format!(
+            "{}: certificate {} is not a CA certificate (no basicConstraints CA:TRUE, or \
+             unreadable): a client CA bundle holds issuing CAs only",
+            path.display(),
+            index + 1
+        ));
+    }
     Ok(format!(
-        "every connection must present a client certificate chaining to {} ({certs} CA \
+        "every connection must present a client certificate chaining to {} ({} CA \
          certificate(s)); its URI or DNS SAN is the identity",
-        path.display()
+        path.display(),
+        certs.len()
     ))
 }
 
@@ -555,10 +584,10 @@ fn audit_durable(config: &ServerConfig) -> Result<String, String> {
     let dir = &config.data_dir;
     // The data directory may not exist yet: check the nearest parent.
     let existing = dir.ancestors().find(|p| p.exists()).unwrap_or(dir);
-    match memory_filesystem(existing) {
+    match ephemeral_filesystem(existing) {
         Some(kind) => Err(format!(
-            "data_dir {} is on {kind}: the audit chain (and keystore) would not survive a \
-             reboot",
+            "data_dir {} is on {kind}: the audit chain (and keystore) would not survive it; \
+             put it on a persistent volume",
             dir.display()
         )),
         None => Ok(format!(
@@ -569,14 +598,25 @@ fn audit_durable(config: &ServerConfig) -> Result<String, String> {
     }
 }
 
-/// `tmpfs` or `ramfs`, if `path` is on one.
-fn memory_filesystem(path: &Path) -> Option<&'static str> {
+/// What `path` is on, if it is a file system whose contents do not last.
+fn ephemeral_filesystem(path: &Path) -> Option<&'static str> {
+    let stat = rustix::fs::statfs(path).ok()?;
+    ephemeral_kind(u64::try_from(stat.f_type).ok()?)
+}
+
+/// The file systems, by `statfs` magic number, whose contents are lost: in
+/// memory, or a container's writable layer (overlayfs), which goes with
+/// the container when it is replaced.
+fn ephemeral_kind(magic: u64) -> Option<&'static str> {
     const TMPFS_MAGIC: u64 = 0x0102_1994;
     const RAMFS_MAGIC: u64 = 0x8584_58f6;
-    let stat = rustix::fs::statfs(path).ok()?;
-    match u64::try_from(stat.f_type).ok()? {
-        TMPFS_MAGIC => Some("tmpfs (memory)"),
-        RAMFS_MAGIC => Some("ramfs (memory)"),
+    const OVERLAYFS_MAGIC: u64 = 0x794c_7630;
+    match magic {
+        TMPFS_MAGIC => Some("tmpfs (memory): lost at a reboot"),
+        RAMFS_MAGIC => Some("ramfs (memory): lost at a reboot"),
+        OVERLAYFS_MAGIC => {
+            Some("overlayfs (a container's writable layer): lost when the container is replaced")
+        }
         _ => None,
     }
 }
@@ -853,6 +893,43 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
         assert!(private_files(&[("k", &path)]).unwrap_err().contains("mode 640"));
         assert!(private_files(&[("k", &dir.path().join("absent"))]).is_err());
+    }
+
+    #[test]
+    fn memory_and_container_layers_are_not_durable() {
+        assert!(ephemeral_kind(0x0102_1994).is_some_and(|k| k.starts_with("tmpfs")));
+        assert!(ephemeral_kind(0x8584_58f6).is_some_and(|k| k.starts_with("ramfs")));
+        assert!(ephemeral_kind(0x794c_7630).is_some_and(|k| k.contains("container")));
+        for lasting in [0xef53, 0x5846_5342, 0x9123_683e] {
+            assert_eq!(ephemeral_kind(lasting), None, "ext4, xfs, btrfs: {lasting:x}");
+        }
+    }
+
+    #[test]
+    fn a_client_ca_bundle_holds_a_few_issuing_cas_only() {
+        use crate::pki::{DevCa, Validity};
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, pem: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, pem).unwrap();
+            path
+        };
+        let cas: Vec<_> = (0..=MAX_CLIENT_CAS)
+            .map(|i| DevCa::generate_for(&format!("Issuing CA {i}"), "Example Health").unwrap())
+            .collect();
+        let pems: Vec<&str> = cas.iter().map(DevCa::cert_pem).collect();
+        let few = write("few.crt", &pems[..2].concat());
+        assert!(client_ca(&few).unwrap().contains("(2 CA certificate(s))"));
+        let most = write("most.crt", &pems[..MAX_CLIENT_CAS].concat());
+        assert!(client_ca(&most).is_ok());
+        let system = write("system.crt", &pems.concat());
+        let e = client_ca(&system).unwrap_err();
+        assert!(e.contains(&format!("holds {} certificates", MAX_CLIENT_CAS + 1)), "{e}");
+        let leaf = cas[0].issue_client("spiffe://test/app", Validity::days(1)).unwrap();
+        let with_leaf = write("with-leaf.crt", &format!("{}{}", pems[0], leaf.cert_pem));
+        let e = client_ca(&with_leaf).unwrap_err();
+        assert!(e.contains("certificate 2 is not a CA certificate"), "{e}");
+        assert!(client_ca(&write("empty.crt", "")).unwrap_err().contains("no CA certificate"));
     }
 
     #[test]
