@@ -777,6 +777,40 @@ fn core_dumps(hygiene: &Hygiene) -> Result<String, String> {
     }
 }
 
+/// The checks of a policy about to be swapped in on reload: the rules
+/// that judge a policy, so that a reload cannot bring in what the start
+/// refuses.
+pub(crate) fn policy_report(profile: Profile, policy: &Policy) -> Report {
+    let mut r = Report::new(profile);
+    r.add("policy.least_privilege", hipaa::ACCESS_CONTROL, least_privilege(policy));
+    r
+}
+
+/// The checks of TLS files about to be loaded (at start and on reload):
+/// the rules of [`server_report_with`] that judge these files.
+pub(crate) fn tls_report(profile: Profile, tls: &crate::config::TlsConfig) -> Report {
+    let mut r = Report::new(profile);
+    r.add("authentication.client_certificates", hipaa::AUTHENTICATION, client_ca(&tls.client_ca));
+    r.add(
+        DEVELOPMENT_PKI_RULE,
+        hipaa::AUTHENTICATION,
+        development_pki(&[("tls.cert", &tls.cert), ("tls.client_ca", &tls.client_ca)]),
+    );
+    r.add("files.private_keys", hipaa::ACCESS_CONTROL, private_files(&[("tls.key", &tls.key)]));
+    r
+}
+
+/// The failed rules of a refusal, for a reload's error (the error's own
+/// text speaks of a start): `[rule] (HIPAA 45 CFR provision): detail`.
+pub(crate) fn refusal(error: &ComplianceError) -> String {
+    let rules: Vec<String> = error
+        .failed()
+        .iter()
+        .map(|c| format!("[{}] (HIPAA 45 CFR {}): {}", c.rule, c.hipaa, c.detail))
+        .collect();
+    rules.join("; ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -81,6 +81,16 @@ pub struct Metrics {
     pub policy_reload_failures: Counter,
     /// When the policy in force was loaded, in seconds since the epoch.
     pub policy_loaded: Gauge,
+    /// TLS reloads (SIGHUP or a changed file) that failed, leaving the
+    /// previous certificates in force: a renewal that did not take is
+    /// otherwise only a log line until the old certificate expires.
+    pub tls_reload_failures: Counter,
+    /// When the TLS configuration in force was loaded, in seconds since
+    /// the epoch.
+    pub tls_loaded: Gauge,
+    /// When the server certificate in force expires (its `notAfter`), in
+    /// seconds since the epoch.
+    pub tls_certificate_expiry: Gauge,
     /// Sidecar: pre-issued DEKs pooled.
     pub dek_pool_size: Gauge<u64, AtomicU64>,
     /// Sidecar: DEK cache hits.
@@ -114,6 +124,8 @@ impl Default for Metrics {
         let keys_busy = Family::<KeysBusyLabels, Counter>::default();
         let key_sends_overdue = Counter::default();
         let (policy_reload_failures, policy_loaded) = (Counter::default(), Gauge::default());
+        let (tls_reload_failures, tls_loaded, tls_certificate_expiry) =
+            (Counter::default(), Gauge::default(), Gauge::default());
         let (dek_pool_size, dek_cache_hits, dek_cache_misses, dek_cache_entries, audit_pending) = (
             Gauge::default(),
             Gauge::default(),
@@ -166,6 +178,21 @@ impl Default for Metrics {
             "policy_loaded_timestamp_seconds",
             "When the policy in force was loaded (Unix time)",
             policy_loaded.clone(),
+        );
+        registry.register(
+            "tls_reload_failures",
+            "TLS reloads that failed; the previous certificates stay in force",
+            tls_reload_failures.clone(),
+        );
+        registry.register(
+            "tls_loaded_timestamp_seconds",
+            "When the TLS configuration in force was loaded (Unix time)",
+            tls_loaded.clone(),
+        );
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When the server certificate in force expires (notAfter, Unix time)",
+            tls_certificate_expiry.clone(),
         );
         registry.register(
             "dek_pool_size",
@@ -224,6 +251,9 @@ impl Default for Metrics {
             key_sends_overdue,
             policy_reload_failures,
             policy_loaded,
+            tls_reload_failures,
+            tls_loaded,
+            tls_certificate_expiry,
             dek_pool_size,
             dek_cache_hits,
             dek_cache_misses,
@@ -277,6 +307,25 @@ mod tests {
         for line in [
             "keygate_policy_reload_failures_total 1",
             "keygate_policy_loaded_timestamp_seconds 1767225600",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in {text}");
+        }
+    }
+
+    #[test]
+    fn the_tls_reload_metrics_are_exported() {
+        let metrics = Metrics::default();
+        metrics.tls_reload_failures.inc();
+        metrics.tls_loaded.set(1_767_225_600);
+        metrics.tls_certificate_expiry.set(1_774_915_200);
+        let text = metrics.encode();
+        for line in [
+            "# TYPE keygate_tls_reload_failures counter",
+            "keygate_tls_reload_failures_total 1",
+            "# TYPE keygate_tls_loaded_timestamp_seconds gauge",
+            "keygate_tls_loaded_timestamp_seconds 1767225600",
+            "# TYPE keygate_tls_certificate_expiry_timestamp_seconds gauge",
+            "keygate_tls_certificate_expiry_timestamp_seconds 1774915200",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in {text}");
         }

@@ -131,6 +131,22 @@ impl DevCa {
         self.sign(params, names.first().copied().unwrap_or("server"), validity)
     }
 
+    /// A server certificate for DNS names and IP addresses that also names
+    /// the server's identity `uri` (a URI SAN, what a sidecar's
+    /// `key_service.server_identity` pins).
+    pub fn issue_server_with_identity(
+        &self,
+        names: &[&str],
+        uri: &str,
+        validity: Validity,
+    ) -> Result<IssuedCert, PkiError> {
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())?;
+        params.subject_alt_names.push(SanType::URI(uri.try_into()?));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign(params, names.first().copied().unwrap_or("server"), validity)
+    }
+
     /// A client certificate whose identity is `uri` (a URI SAN such as
     /// `spiffe://prod/ns/onc/sa/api`).
     pub fn issue_client(&self, uri: &str, validity: Validity) -> Result<IssuedCert, PkiError> {

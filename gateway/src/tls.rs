@@ -5,11 +5,14 @@
 //! new `ServerConfig` and swaps it atomically: connections already open
 //! keep the configuration they were accepted with, new ones get the new
 //! one, and a broken new file keeps the old configuration (logged).
+//! Under the production profile a reload is held to the same compliance
+//! rules as the start, and an expired server certificate is refused in
+//! every profile.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use rustls::ServerConfig;
@@ -19,6 +22,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
+use crate::compliance::{self, Profile};
 use crate::config::TlsConfig;
 
 /// TLS material could not be loaded.
@@ -36,13 +40,22 @@ pub enum TlsError {
     /// rustls refused the material (key does not match, bad CA, …).
     #[error("TLS configuration rejected: {0}")]
     Rustls(String),
+    /// The production profile refuses the files: the failed rules, each
+    /// with its provision and what was found.
+    #[error("the production profile refuses the TLS files: {0}")]
+    Refused(String),
+    /// A file was replaced while the configuration was read from them, so
+    /// the checks may have judged other files than those loaded.
+    #[error("the TLS files changed while they were read; they are read again at the next poll")]
+    Changed,
 }
 
 /// The current TLS configuration, reloadable.
 #[derive(Debug)]
 pub struct TlsReloader {
     paths: TlsConfig,
-    current: ArcSwap<ServerConfig>,
+    profile: Profile,
+    current: ArcSwap<Loaded>,
     /// What the files looked like just before the current configuration
     /// was read from them.
     stamps: Mutex<Vec<Option<Stamp>>>,
@@ -53,30 +66,42 @@ pub struct TlsReloader {
 /// changes at least one.
 type Stamp = (SystemTime, u64, u64);
 
+/// A configuration and its server certificate's expiry, swapped together.
+#[derive(Debug)]
+struct Loaded {
+    config: Arc<ServerConfig>,
+    /// The leaf's `notAfter`, in seconds since the epoch.
+    not_after: i64,
+}
+
 impl TlsReloader {
-    /// Loads the configured files.
-    pub fn load(paths: &TlsConfig) -> Result<Self, TlsError> {
-        let before = stamps(paths);
-        let config = build_server_config(paths)?;
+    /// Loads the configured files; under `profile` production they must
+    /// pass the TLS compliance rules, at this load and at every reload.
+    pub fn load(paths: &TlsConfig, profile: Profile) -> Result<Self, TlsError> {
+        let (loaded, before) = read_checked(paths, profile)?;
         Ok(Self {
             stamps: Mutex::new(before),
             paths: paths.clone(),
-            current: ArcSwap::from(config),
+            profile,
+            current: ArcSwap::from_pointee(loaded),
         })
     }
 
     /// An acceptor with the current configuration.
     pub fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(self.current.load_full())
+        TlsAcceptor::from(self.current.load().config.clone())
+    }
+
+    /// When the current server certificate expires (its `notAfter`), in
+    /// seconds since the epoch.
+    pub fn not_after(&self) -> i64 {
+        self.current.load().not_after
     }
 
     /// Rebuilds from the files; on failure the old configuration stays.
     pub fn reload(&self) -> Result<(), TlsError> {
-        // Stamped before reading: a file changed while it is read is seen
-        // as changed at the next check, not taken as read.
-        let before = stamps(&self.paths);
-        let config = build_server_config(&self.paths)?;
-        self.current.store(config);
+        let (loaded, before) = read_checked(&self.paths, self.profile)?;
+        self.current.store(Arc::new(loaded));
         *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) = before;
         tracing::info!("TLS certificate and client CA reloaded");
         Ok(())
@@ -91,6 +116,31 @@ impl TlsReloader {
         }
         Ok(changed)
     }
+}
+
+/// Builds a configuration from the files and, under the production
+/// profile, refuses it if the files fail a TLS compliance rule
+/// (`tls.development_pki`, `files.private_keys`,
+/// `authentication.client_certificates`): a reload must not bring in what
+/// the start would have refused. Returns the files' stamps from before
+/// they were read.
+fn read_checked(
+    paths: &TlsConfig,
+    profile: Profile,
+) -> Result<(Loaded, Vec<Option<Stamp>>), TlsError> {
+    // Stamped before reading: a file changed while it is read is seen
+    // as changed at the next check, not taken as read.
+    let before = stamps(paths);
+    let loaded = build(paths)?;
+    compliance::tls_report(profile, paths)
+        .enforce()
+        .map_err(|e| TlsError::Refused(compliance::refusal(&e)))?;
+    // The rules read the files by name: had one been replaced meanwhile,
+    // they would have judged another file than the one loaded.
+    if stamps(paths) != before {
+        return Err(TlsError::Changed);
+    }
+    Ok((loaded, before))
 }
 
 fn stamps(paths: &TlsConfig) -> Vec<Option<Stamp>> {
@@ -119,10 +169,32 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
+/// The `notAfter` of the chain's first (leaf) certificate, in seconds
+/// since the epoch; an error naming `path` if it has passed.
+fn unexpired_leaf(chain: &[CertificateDer<'_>], path: &Path) -> Result<i64, TlsError> {
+    let leaf = chain.first().ok_or_else(|| file_error(path, "no certificate found"))?;
+    let (_, cert) = X509Certificate::from_der(leaf.as_ref())
+        .map_err(|e| file_error(path, format!("cannot parse the certificate: {e}")))?;
+    let not_after = cert.validity().not_after;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| i64::try_from(since.as_secs()).unwrap_or(i64::MAX));
+    if not_after.timestamp() <= now {
+        // Every client would refuse it: better the old one, or no start.
+        return Err(file_error(path, format!("the server certificate expired on {not_after}")));
+    }
+    Ok(not_after.timestamp())
+}
+
 /// Builds a server configuration that requires a client certificate
 /// chaining to the configured CA bundle (expired, unknown-CA or absent
-/// certificates fail the handshake).
+/// certificates fail the handshake). An expired server certificate is
+/// refused.
 pub fn build_server_config(paths: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
+    build(paths).map(|loaded| loaded.config)
+}
+
+fn build(paths: &TlsConfig) -> Result<Loaded, TlsError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for ca in read_certs(&paths.client_ca)? {
@@ -132,6 +204,7 @@ pub fn build_server_config(paths: &TlsConfig) -> Result<Arc<ServerConfig>, TlsEr
         .build()
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
     let chain = read_certs(&paths.cert)?;
+    let not_after = unexpired_leaf(&chain, &paths.cert)?;
     let key = PrivateKeyDer::from_pem_file(&paths.key).map_err(|e| file_error(&paths.key, e))?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -140,7 +213,15 @@ pub fn build_server_config(paths: &TlsConfig) -> Result<Arc<ServerConfig>, TlsEr
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    // No resumption: rustls restores a resumed session's client chain
+    // without verifying it again, and each resumption hands out new
+    // tickets, so a client certificate would keep working past its
+    // expiry (DESIGN §6: an expired certificate fails the handshake).
+    // Sidecars keep their connections alive, so full handshakes are rare.
+    // (`ticketer` stays the default that never issues stateless tickets.)
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(Loaded { config: Arc::new(config), not_after })
 }
 
 /// The identity of a verified client: its certificate's URI SAN (e.g.
@@ -249,11 +330,191 @@ fn is_host_name(name: &str) -> bool {
         })
 }
 
+/// What `paths`' certificate, key and CA files look like now (the stamps
+/// [`TlsReloader`] compares), for the sidecar's key service client, which
+/// reloads its own certificate, key and CA bundle the same way.
+pub(crate) fn file_stamps(paths: &TlsConfig) -> Vec<Option<Stamp>> {
+    stamps(paths)
+}
+
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use rcgen::{CertificateParams, KeyPair, SanType};
+    use rustls::{ClientConfig, ClientConnection, Connection, HandshakeKind, ServerConnection};
 
     use super::*;
+    use crate::pki::{DevCa, IssuedCert, Validity};
+
+    /// A CA of an organization's own PKI (not a development CA).
+    fn own_ca() -> DevCa {
+        DevCa::generate_for("Example Health Issuing CA", "Example Health").unwrap()
+    }
+
+    /// Writes `server`'s certificate and key (mode 0600) and `ca` as the
+    /// client CA bundle into `dir`.
+    fn write_files(dir: &Path, server: &IssuedCert, ca: &DevCa) -> TlsConfig {
+        let paths = TlsConfig {
+            cert: dir.join("server.crt"),
+            key: dir.join("server.key"),
+            client_ca: dir.join("ca.crt"),
+            reload_interval_secs: 5,
+        };
+        fs::write(&paths.cert, &server.cert_pem).unwrap();
+        fs::write(&paths.key, server.key_pem.as_bytes()).unwrap();
+        fs::set_permissions(&paths.key, fs::Permissions::from_mode(0o600)).unwrap();
+        fs::write(&paths.client_ca, ca.cert_pem()).unwrap();
+        paths
+    }
+
+    fn server_cert(ca: &DevCa, validity: Validity) -> IssuedCert {
+        ca.issue_server(&["localhost"], validity).unwrap()
+    }
+
+    /// A client of `version` presenting `client`, trusting `ca`. It keeps
+    /// the sessions servers offer, as clients do by default.
+    fn client_config(
+        ca: &DevCa,
+        client: &IssuedCert,
+        version: &'static rustls::SupportedProtocolVersion,
+    ) -> Arc<ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).unwrap()).unwrap();
+        let chain = vec![CertificateDer::from_pem_slice(client.cert_pem.as_bytes()).unwrap()];
+        let key = PrivateKeyDer::from_pem_slice(client.key_pem.as_bytes()).unwrap();
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        Arc::new(config)
+    }
+
+    /// Runs one handshake in memory, and whatever the server sends after
+    /// it (TLS 1.3 session tickets); returns the client's kind of it.
+    fn handshake(client: &Arc<ClientConfig>, server: &Arc<ServerConfig>) -> HandshakeKind {
+        let name = "localhost".try_into().unwrap();
+        let mut client = Connection::Client(ClientConnection::new(client.clone(), name).unwrap());
+        let mut server = Connection::Server(ServerConnection::new(server.clone()).unwrap());
+        // Whether `from` had anything for `to`.
+        let pass = |from: &mut Connection, to: &mut Connection| {
+            let mut bytes = Vec::new();
+            while from.wants_write() {
+                from.write_tls(&mut bytes).unwrap();
+            }
+            let mut unread = bytes.as_slice();
+            while !unread.is_empty() {
+                to.read_tls(&mut unread).unwrap();
+                to.process_new_packets().unwrap();
+            }
+            !bytes.is_empty()
+        };
+        while pass(&mut client, &mut server) | pass(&mut server, &mut client) {}
+        assert!(!client.is_handshaking() && !server.is_handshaking());
+        client.handshake_kind().unwrap()
+    }
+
+    #[test]
+    fn every_handshake_verifies_the_client_certificate_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = own_ca();
+        let paths = write_files(dir.path(), &server_cert(&ca, Validity::days(1)), &ca);
+        let server = build_server_config(&paths).unwrap();
+        let client = ca.issue_client("spiffe://test/sidecar", Validity::days(1)).unwrap();
+        // A resumed session would bring back the chain verified at the
+        // first handshake, expired since or not.
+        for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+            let config = client_config(&ca, &client, version);
+            assert_eq!(handshake(&config, &server), HandshakeKind::Full);
+            assert_eq!(handshake(&config, &server), HandshakeKind::Full, "{version:?}: resumed");
+        }
+    }
+
+    #[test]
+    fn an_expired_server_certificate_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = own_ca();
+        let paths = write_files(dir.path(), &server_cert(&ca, Validity::expired()), &ca);
+        let e = TlsReloader::load(&paths, Profile::Development).unwrap_err();
+        assert!(matches!(&e, TlsError::File { path, .. } if *path == paths.cert), "{e:?}");
+        assert!(e.to_string().contains("expired"), "{e}");
+        assert!(build_server_config(&paths).is_err());
+    }
+
+    #[test]
+    fn a_refused_reload_keeps_the_configuration_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = own_ca();
+        let first = server_cert(&ca, Validity::days(1));
+        let paths = write_files(dir.path(), &first, &ca);
+        let tls = TlsReloader::load(&paths, Profile::Production).unwrap();
+        let before = tls.acceptor().config().clone();
+        let expiry = tls.not_after();
+        let kept = |tls: &TlsReloader| {
+            Arc::ptr_eq(tls.acceptor().config(), &before) && tls.not_after() == expiry
+        };
+
+        // A renewal half written: the new certificate, the old key.
+        let renewed = server_cert(&ca, Validity::days(30));
+        fs::write(&paths.cert, &renewed.cert_pem).unwrap();
+        assert!(matches!(tls.reload_if_changed(), Err(TlsError::Rustls(_))));
+        assert!(kept(&tls));
+        // An expired certificate with its own key.
+        write_files(dir.path(), &server_cert(&ca, Validity::expired()), &ca);
+        let e = tls.reload().unwrap_err();
+        assert!(e.to_string().starts_with(&paths.cert.display().to_string()), "{e}");
+        assert!(kept(&tls));
+
+        // The renewal completed: taken, with its expiry.
+        write_files(dir.path(), &renewed, &ca);
+        assert!(tls.reload_if_changed().unwrap());
+        assert!(!Arc::ptr_eq(tls.acceptor().config(), &before));
+        assert!(tls.not_after() > expiry + 28 * 86_400, "{} vs {expiry}", tls.not_after());
+        assert!(!tls.reload_if_changed().unwrap(), "nothing changed since");
+    }
+
+    #[test]
+    fn production_reloads_are_held_to_the_tls_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = own_ca();
+        let good = server_cert(&ca, Validity::days(1));
+        let paths = write_files(dir.path(), &good, &ca);
+        let production = TlsReloader::load(&paths, Profile::Production).unwrap();
+        let development = TlsReloader::load(&paths, Profile::Development).unwrap();
+        let refused = |tls: &TlsReloader, rule: &str| match tls.reload() {
+            Err(TlsError::Refused(rules)) => {
+                assert!(rules.contains(&format!("[{rule}]")), "{rules}")
+            }
+            other => panic!("{rule}: {other:?}"),
+        };
+
+        // A development CA's certificates, as `keygate up` makes them.
+        let dev = DevCa::generate("keygate up development CA").unwrap();
+        write_files(dir.path(), &server_cert(&dev, Validity::days(1)), &dev);
+        refused(&production, "tls.development_pki");
+        development.reload().unwrap();
+        // The organization's again, but the key readable by others.
+        write_files(dir.path(), &good, &ca);
+        fs::set_permissions(&paths.key, fs::Permissions::from_mode(0o644)).unwrap();
+        refused(&production, "files.private_keys");
+        development.reload().unwrap();
+        // A client CA bundle holding no CA.
+        fs::set_permissions(&paths.key, fs::Permissions::from_mode(0o600)).unwrap();
+        fs::write(&paths.client_ca, format!("{}{}", ca.cert_pem(), good.cert_pem)).unwrap();
+        refused(&production, "authentication.client_certificates");
+        // The files mended: taken.
+        fs::write(&paths.client_ca, ca.cert_pem()).unwrap();
+        production.reload().unwrap();
+        // Nor does the start take what a reload refuses.
+        fs::set_permissions(&paths.key, fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(matches!(
+            TlsReloader::load(&paths, Profile::Production),
+            Err(TlsError::Refused(_))
+        ));
+    }
 
     /// The identity of a (self-signed) certificate with these SANs.
     fn identity(sans: Vec<SanType>) -> Option<String> {

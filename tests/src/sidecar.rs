@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use gateway::pki::Validity;
+use gateway::pki::{DevCa, Validity};
 use serde_json::Value;
 
 use crate::PATIENT_SCHEMA;
@@ -57,6 +57,20 @@ impl Sidecar {
         extra: &str,
         transport: Transport,
     ) -> Self {
+        Self::start_with_key_service(pki, urls, dir, identity, "", extra, transport)
+    }
+
+    /// Like [`Sidecar::start_on`], with `key_service` (TOML lines such as
+    /// `server_identity = "…"`) added to its `[key_service]` table.
+    pub fn start_with_key_service(
+        pki: &Pki,
+        urls: &[String],
+        dir: &Path,
+        identity: &str,
+        key_service: &str,
+        extra: &str,
+        transport: Transport,
+    ) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let cert = pki.ca.issue_client(identity, Validity::days(1)).unwrap();
         std::fs::write(dir.join("sidecar.crt"), &cert.cert_pem).unwrap();
@@ -101,6 +115,7 @@ ca = "ca.crt"
 cert = "sidecar.crt"
 key = "sidecar.key"
 timeout_ms = 2000
+{key_service}
 {audit}
 {tables}
 "#,
@@ -136,6 +151,30 @@ timeout_ms = 2000
     /// The process id (for /proc checks).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Replaces its client certificate and key with a certificate of
+    /// `identity` from `ca`, each file by a rename (a new inode), as
+    /// cert-manager and SPIRE agents renew them.
+    pub fn renew_certificate(&self, ca: &DevCa, identity: &str) {
+        let cert = ca.issue_client(identity, Validity::days(1)).unwrap();
+        let next = self.dir.join("next.pem");
+        std::fs::write(&next, &cert.cert_pem).unwrap();
+        std::fs::rename(&next, self.dir.join("sidecar.crt")).unwrap();
+        write_private(&next, &cert.key_pem);
+        std::fs::rename(&next, self.dir.join("sidecar.key")).unwrap();
+    }
+
+    /// Sends SIGHUP (reload the key service client's TLS files).
+    pub fn sighup(&self) {
+        let pid = self.pid().unwrap().to_string();
+        let status = Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+        assert!(status.success(), "kill -HUP {pid}");
     }
 
     /// A new HTTP client to this sidecar (its own connections).

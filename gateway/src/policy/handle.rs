@@ -49,26 +49,49 @@ impl PolicyHandle {
     ///
     /// Blocking file I/O, as for [`load`](Self::load).
     pub fn reload(&self) -> Result<(), PolicyError> {
-        match read_policy(&self.path) {
-            Ok(policy) => {
-                tracing::info!(
-                    file = %self.path.display(),
-                    grants = policy.grants().len(),
-                    "policy reloaded"
-                );
-                self.current.store(Arc::new(policy));
-                Ok(())
+        self.reload_checked(|_| Ok::<(), std::convert::Infallible>(())).map_err(|refused| {
+            match refused {
+                Refused::Invalid(error) => error,
+                Refused::Check(never) => match never {},
             }
-            Err(error) => {
-                tracing::warn!(
-                    file = %self.path.display(),
-                    %error,
-                    "policy reload failed; keeping the policy in force"
-                );
-                Err(error)
-            }
-        }
+        })
     }
+
+    /// Re-reads the file and swaps in the new policy if it is valid and
+    /// `check` accepts it: the very policy judged is the one put in force
+    /// (a file changed meanwhile cannot slip in unjudged).
+    ///
+    /// Blocking file I/O, as for [`load`](Self::load).
+    pub fn reload_checked<E>(
+        &self,
+        check: impl FnOnce(&Policy) -> Result<(), E>,
+    ) -> Result<(), Refused<E>> {
+        let policy = read_policy(&self.path).map_err(|error| {
+            tracing::warn!(
+                file = %self.path.display(),
+                %error,
+                "policy reload failed; keeping the policy in force"
+            );
+            Refused::Invalid(error)
+        })?;
+        check(&policy).map_err(Refused::Check)?;
+        tracing::info!(
+            file = %self.path.display(),
+            grants = policy.grants().len(),
+            "policy reloaded"
+        );
+        self.current.store(Arc::new(policy));
+        Ok(())
+    }
+}
+
+/// Why [`PolicyHandle::reload_checked`] kept the policy in force.
+#[derive(Debug)]
+pub enum Refused<E> {
+    /// The file could not be read or is not a valid policy.
+    Invalid(PolicyError),
+    /// The check refused it.
+    Check(E),
 }
 
 fn read_policy(path: &Path) -> Result<Policy, PolicyError> {

@@ -102,7 +102,7 @@ mod parse;
 mod pattern;
 
 pub use self::grant::{EffectiveGrants, FieldAccess, Grant, Role};
-pub use self::handle::PolicyHandle;
+pub use self::handle::{PolicyHandle, Refused as PolicyRefused};
 pub use self::parse::{MAX_POLICY_BYTES, PolicyError};
 pub use self::pattern::{
     ClassPattern, IdentityPattern, InvalidValue, PurposePattern, TenantPattern,

@@ -326,7 +326,8 @@ mod tests {
         std::fs::write(&paths.cert, &server.cert_pem).unwrap();
         std::fs::write(&paths.key, server.key_pem.as_bytes()).unwrap();
         std::fs::write(&paths.client_ca, ca.cert_pem()).unwrap();
-        let tls = Arc::new(TlsReloader::load(&paths).unwrap());
+        let tls =
+            Arc::new(TlsReloader::load(&paths, crate::compliance::Profile::Development).unwrap());
 
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -17,10 +17,11 @@ use super::masters::{MasterTrust, RecordedMasters, masters_in_use, recorded_sett
 use super::{AppState, jobs, listener, routes};
 use crate::abuse::{KeyRoom, SlotLimits};
 use crate::audit_log::AuditLog;
+use crate::compliance::Profile;
 use crate::config::{RootConfig, ServerConfig};
 use crate::metrics::Metrics;
-use crate::policy::PolicyHandle;
-use crate::tls::TlsReloader;
+use crate::policy::{PolicyHandle, PolicyRefused};
+use crate::tls::{TlsError, TlsReloader};
 
 /// How long shutdown waits for in-flight requests.
 const DRAIN: Duration = Duration::from_secs(20);
@@ -97,7 +98,9 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         AuditLog::start(&hierarchy, &instance, &config.audit, metrics.clone())
             .await
             .map_err(|e| fail("audit log")(&e))?;
-    let tls = Arc::new(TlsReloader::load(&config.tls).map_err(|e| fail("TLS")(&e))?);
+    let tls =
+        Arc::new(TlsReloader::load(&config.tls, config.profile).map_err(|e| fail("TLS")(&e))?);
+    tls_loaded(&tls, &metrics);
     let key_permits = KeyRoom::new(
         config.limits.keys_in_flight(),
         config.limits.keys_in_flight_per_identity(),
@@ -146,6 +149,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         state.metrics.clone(),
         hierarchy,
         config.tls.reload_interval_secs,
+        config.profile,
         stop_rx.clone(),
     );
     let limits = listener::ConnectionLimits {
@@ -251,13 +255,15 @@ async fn follow_invalidations(store: Arc<dyn KeyStore>, hierarchy: Arc<KeyHierar
 }
 
 /// SIGHUP and file-change reloads of TLS material and policy, and eviction
-/// of expired keys from memory.
+/// of expired keys from memory. A reloaded policy must pass `profile`'s
+/// rules (the TLS reloader holds its own).
 fn spawn_maintenance(
     tls: Arc<TlsReloader>,
     policy: Arc<PolicyHandle>,
     metrics: Arc<Metrics>,
     hierarchy: Arc<KeyHierarchy>,
     reload_secs: u64,
+    profile: Profile,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let hup = match signal(SignalKind::hangup()) {
@@ -272,19 +278,15 @@ fn spawn_maintenance(
             None
         }
     };
-    let polled = tls.clone();
+    let (polled, polled_metrics) = (tls.clone(), metrics.clone());
     let tasks = Maintenance {
         on_hangup: move || {
             tracing::info!("SIGHUP: reloading TLS material and policy");
-            if let Err(e) = tls.reload() {
-                tracing::error!(error = %e, "TLS reload failed; keeping the previous certificates");
-            }
-            reload_policy(&policy, &metrics);
+            reload_tls(&tls, &metrics, |tls| tls.reload().map(|()| true));
+            reload_policy(&policy, &metrics, profile);
         },
         on_poll: move || {
-            if let Err(e) = polled.reload_if_changed() {
-                tracing::error!(error = %e, "TLS reload failed; keeping the previous certificates");
-            }
+            reload_tls(&polled, &polled_metrics, TlsReloader::reload_if_changed);
         },
         on_evict: move || {
             let dropped = hierarchy.evict_expired();
@@ -297,18 +299,55 @@ fn spawn_maintenance(
     tokio::spawn(maintain(hup, poll, EVICT_EVERY, tasks, stop));
 }
 
-/// Reloads the policy file. A failure keeps the policy in force and is
-/// counted, so that an edit that never took (a revocation with a typo)
-/// can raise an alert rather than wait in the log.
-fn reload_policy(policy: &PolicyHandle, metrics: &Metrics) {
-    match policy.reload() {
+/// Runs a TLS reload (`reload`: of every file, or of changed ones only,
+/// telling whether it loaded anything). A failure keeps the certificates
+/// in force and is counted, so that a renewal that never took can raise
+/// an alert before the old certificate expires; a broken file is tried,
+/// and counted, again at each poll until it is mended.
+fn reload_tls(
+    tls: &TlsReloader,
+    metrics: &Metrics,
+    reload: impl FnOnce(&TlsReloader) -> Result<bool, TlsError>,
+) {
+    match reload(tls) {
+        Ok(true) => tls_loaded(tls, metrics),
+        Ok(false) => {}
+        Err(e) => {
+            metrics.tls_reload_failures.inc();
+            tracing::error!(error = %e, "TLS reload failed; keeping the previous certificates");
+        }
+    }
+}
+
+/// Records that `tls` now holds a newly loaded configuration.
+fn tls_loaded(tls: &TlsReloader, metrics: &Metrics) {
+    metrics.tls_loaded.set(unix_now());
+    metrics.tls_certificate_expiry.set(tls.not_after());
+}
+
+/// Reloads the policy file. A file that does not parse, or a policy that
+/// `profile` refuses (production: a rule the start would refuse it for),
+/// keeps the policy in force. Either is counted, so that an edit that
+/// never took (a revocation with a typo) can raise an alert rather than
+/// wait in the log.
+fn reload_policy(policy: &PolicyHandle, metrics: &Metrics, profile: Profile) {
+    // The profile's rules judge the very policy that goes into force.
+    let checked = policy
+        .reload_checked(|candidate| crate::compliance::policy_report(profile, candidate).enforce());
+    match checked {
         Ok(()) => {
             metrics.policy_loaded.set(unix_now());
-            tracing::info!("policy reloaded");
         }
-        Err(e) => {
+        Err(PolicyRefused::Invalid(e)) => {
             metrics.policy_reload_failures.inc();
             tracing::error!(error = %e, "policy reload failed; keeping the previous policy");
+        }
+        Err(PolicyRefused::Check(e)) => {
+            metrics.policy_reload_failures.inc();
+            tracing::error!(
+                rules = %crate::compliance::refusal(&e),
+                "policy reload refused by the production profile; keeping the previous policy"
+            );
         }
     }
 }
@@ -491,6 +530,8 @@ mod tests {
     use secrecy::ExposeSecret;
 
     use super::*;
+    use crate::config::TlsConfig;
+    use crate::pki::{DevCa, IssuedCert, Validity};
     use crate::policy::Role;
 
     #[tokio::test(start_paused = true)]
@@ -544,22 +585,108 @@ mod tests {
 
         // A revocation with a typo: refused, counted, the grant still in force.
         std::fs::write(&file, grant(r#""admni""#)).unwrap();
-        reload_policy(&policy, &metrics);
+        reload_policy(&policy, &metrics, Profile::Production);
         assert_eq!(metrics.policy_reload_failures.get(), 1);
         assert_eq!(metrics.policy_loaded.get(), 0, "no load to date");
         assert!(admin(&policy), "the old policy stays in force");
-        reload_policy(&policy, &metrics);
+        reload_policy(&policy, &metrics, Profile::Production);
         assert_eq!(metrics.policy_reload_failures.get(), 2, "each failure counts");
 
         // The fixed edit takes, and says when.
         std::fs::write(&file, grant(r#""auditor""#)).unwrap();
         let before = unix_now();
-        reload_policy(&policy, &metrics);
+        reload_policy(&policy, &metrics, Profile::Production);
         assert!(!admin(&policy));
         assert_eq!(metrics.policy_reload_failures.get(), 2);
         assert!(metrics.policy_loaded.get() >= before, "{}", metrics.policy_loaded.get());
         let text = metrics.encode();
         assert!(text.lines().any(|l| l == "keygate_policy_reload_failures_total 2"), "{text}");
+    }
+
+    #[test]
+    fn a_production_policy_reload_is_held_to_least_privilege() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("policy.toml");
+        let encryptor = |tenants: &str| {
+            format!(
+                "[[grant]]\nidentity = \"spiffe://app\"\ntenants = [{tenants}]\nroles = [\"encryptor\"]\n"
+            )
+        };
+        std::fs::write(&file, encryptor(r#""onc""#)).unwrap();
+        let policy = PolicyHandle::load(&file).unwrap();
+        let metrics = Metrics::default();
+        let other = kms_core::TenantId::new("cardio").unwrap();
+        let encrypts_for_other =
+            |p: &PolicyHandle| p.current().authorize("spiffe://app", &other, Role::Encryptor);
+
+        // A wildcard data grant, which production refuses at start.
+        std::fs::write(&file, encryptor(r#""*""#)).unwrap();
+        reload_policy(&policy, &metrics, Profile::Production);
+        assert!(!encrypts_for_other(&policy), "the old policy stays in force");
+        assert_eq!(metrics.policy_reload_failures.get(), 1);
+        assert_eq!(metrics.policy_loaded.get(), 0, "no load to date");
+
+        // The development profile only reports it.
+        reload_policy(&policy, &metrics, Profile::Development);
+        assert!(encrypts_for_other(&policy));
+        assert_eq!(metrics.policy_reload_failures.get(), 1);
+    }
+
+    /// TLS files for `server`, issued by `ca`, in `dir` (key mode 0600).
+    fn tls_files(dir: &Path, ca: &DevCa, server: &IssuedCert) -> TlsConfig {
+        use std::os::unix::fs::PermissionsExt;
+        let paths = TlsConfig {
+            cert: dir.join("server.crt"),
+            key: dir.join("server.key"),
+            client_ca: dir.join("ca.crt"),
+            reload_interval_secs: 5,
+        };
+        std::fs::write(&paths.cert, &server.cert_pem).unwrap();
+        std::fs::write(&paths.key, server.key_pem.as_bytes()).unwrap();
+        std::fs::set_permissions(&paths.key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&paths.client_ca, ca.cert_pem()).unwrap();
+        paths
+    }
+
+    #[test]
+    fn a_failed_tls_reload_is_counted_and_the_old_certificates_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = DevCa::generate_for("Example Health Issuing CA", "Example Health").unwrap();
+        let issue = |validity| ca.issue_server(&["localhost"], validity).unwrap();
+        let paths = tls_files(dir.path(), &ca, &issue(Validity::days(1)));
+        let tls = TlsReloader::load(&paths, Profile::Production).unwrap();
+        let metrics = Metrics::default();
+        tls_loaded(&tls, &metrics);
+        let (loaded, expiry) = (metrics.tls_loaded.get(), metrics.tls_certificate_expiry.get());
+        assert_eq!(expiry, tls.not_after());
+        let hangup = |tls: &TlsReloader| tls.reload().map(|()| true);
+
+        // A renewed certificate without its key, then an expired one:
+        // refused and counted, the certificate in force stays.
+        let renewed = issue(Validity::days(30));
+        std::fs::write(&paths.cert, &renewed.cert_pem).unwrap();
+        reload_tls(&tls, &metrics, TlsReloader::reload_if_changed);
+        assert_eq!(metrics.tls_reload_failures.get(), 1);
+        tls_files(dir.path(), &ca, &issue(Validity::expired()));
+        reload_tls(&tls, &metrics, hangup);
+        assert_eq!(metrics.tls_reload_failures.get(), 2);
+        assert_eq!(tls.not_after(), expiry, "the old certificate stays in force");
+        assert_eq!(metrics.tls_certificate_expiry.get(), expiry);
+        assert_eq!(metrics.tls_loaded.get(), loaded);
+
+        // The renewal completed: taken, and says when and until when.
+        tls_files(dir.path(), &ca, &renewed);
+        reload_tls(&tls, &metrics, TlsReloader::reload_if_changed);
+        assert_eq!(metrics.tls_reload_failures.get(), 2);
+        assert!(metrics.tls_certificate_expiry.get() > expiry + 28 * 86_400);
+        assert!(metrics.tls_loaded.get() >= loaded);
+        let text = metrics.encode();
+        assert!(text.lines().any(|l| l == "keygate_tls_reload_failures_total 2"), "{text}");
+        let line = format!(
+            "keygate_tls_certificate_expiry_timestamp_seconds {}",
+            metrics.tls_certificate_expiry.get()
+        );
+        assert!(text.lines().any(|l| l == line), "{line} in {text}");
     }
 
     #[test]

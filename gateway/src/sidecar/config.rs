@@ -79,6 +79,19 @@ pub struct KeyServiceConfig {
     /// `4 × replicas ×` this.
     #[serde(default = "default_call_timeout_ms")]
     pub timeout_ms: u64,
+    /// How often, in seconds, `cert`, `key` and `ca` are checked for
+    /// changes (SIGHUP reloads at once): short-lived certificates (SPIFFE
+    /// SVIDs, cert-manager) are renewed in place, and a sidecar that kept
+    /// the first one would lose the key service when it expired.
+    #[serde(default = "default_tls_reload_secs")]
+    pub tls_reload_interval_secs: u64,
+    /// The key service's identity (its certificate's one URI SAN, e.g.
+    /// `spiffe://prod/ns/keygate/sa/key-service`), required on top of a
+    /// chain to `ca` and the URL's host name. Without it, any certificate
+    /// that CA issued for that host name is taken, and a CA shared with
+    /// other workloads lets them serve this sidecar keys of their choosing.
+    #[serde(default)]
+    pub server_identity: Option<String>,
 }
 
 /// The per-tenant pool of pre-issued DEKs.
@@ -172,6 +185,12 @@ fn default_call_timeout_ms() -> u64 {
     5_000
 }
 
+/// A minute: renewed certificates are issued well before the old ones
+/// expire (cert-manager at two thirds of their life, SPIRE at half).
+fn default_tls_reload_secs() -> u64 {
+    60
+}
+
 pub(crate) const TOP_LEVEL_KEYS: &[&str] = &[
     "listen",
     "token_file",
@@ -192,6 +211,10 @@ impl SidecarConfig {
     fn durations(&self) -> Vec<(&'static str, Duration)> {
         let mut durations = vec![
             ("key_service.timeout_ms", Duration::from_millis(self.key_service.timeout_ms)),
+            (
+                "key_service.tls_reload_interval_secs",
+                Duration::from_secs(self.key_service.tls_reload_interval_secs),
+            ),
             ("pool.ttl_secs", Duration::from_secs(self.pool.ttl_secs)),
             ("cache.ttl_secs", Duration::from_secs(self.cache.ttl_secs)),
             ("audit.flush_interval_ms", Duration::from_millis(self.audit.flush_interval_ms)),
@@ -225,6 +248,9 @@ impl SidecarConfig {
         if config.key_service.urls.is_empty() {
             return Err(ConfigError::new("key_service.urls lists no key service"));
         }
+        if let Some(identity) = &config.key_service.server_identity {
+            check_server_identity(identity)?;
+        }
         // Found now, not as every audit report refused (which holds every
         // tenant this sidecar serves).
         if !crate::wire::is_reportable_actor(&config.app_identity) {
@@ -243,6 +269,31 @@ impl SidecarConfig {
         }
         Ok(config)
     }
+}
+
+/// Refuses a `key_service.server_identity` that no certificate could
+/// match, found at start rather than as every call refused: identities are
+/// compared as `crate::tls::identity_of` spells them, a URI with its
+/// scheme and authority in lower case. (A DNS name would add nothing to
+/// the host name check already made.)
+fn check_server_identity(identity: &str) -> Result<(), ConfigError> {
+    let refuse = |why: &str| {
+        Err(ConfigError::new(format!("key_service.server_identity {identity:?}: {why}")))
+    };
+    let Some((scheme, rest)) = identity.split_once("://") else {
+        return refuse("not a URI SAN such as spiffe://prod/ns/keygate/sa/key-service");
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    if scheme.is_empty() || authority.is_empty() {
+        return refuse("a URI needs a scheme and an authority");
+    }
+    if !identity.bytes().all(|b| b.is_ascii_graphic()) {
+        return refuse("only printable ASCII without spaces can match a certificate");
+    }
+    if scheme.bytes().chain(authority.bytes()).any(|b| b.is_ascii_uppercase()) {
+        return refuse("write its scheme and authority in lower case, as identities are compared");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -265,6 +316,8 @@ mod tests {
         };
         let config = load("", "").unwrap();
         assert_eq!(config.cache.ttl_secs, 60);
+        assert_eq!(config.key_service.tls_reload_interval_secs, 60);
+        assert_eq!(config.key_service.server_identity, None);
         // An actor the key service would refuse stops the sidecar at once.
         for bad in ["\"\"", "\"app\\n\"", format!("\"{}\"", "a".repeat(1025)).as_str()] {
             std::fs::write(
@@ -289,6 +342,7 @@ mod tests {
             ("audit", "max_unreported_secs", 86_400),
             ("abuse", "body_read_timeout_secs", 86_400),
             ("key_service", "timeout_ms", 86_400_000),
+            ("key_service", "tls_reload_interval_secs", 86_400),
         ] {
             let set = |value: u64| {
                 let line = format!("{key} = {value}");
@@ -303,6 +357,34 @@ mod tests {
                 let e = set(too_long).unwrap_err();
                 assert!(e.contains(&format!("{table}.{key} is longer than a day")), "{e}");
             }
+        }
+    }
+
+    #[test]
+    fn a_server_identity_no_certificate_could_match_is_refused_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sidecar.toml");
+        let load = |identity: &str| {
+            let text = format!(
+                "schemas = [\"patient.toml\"]\n[key_service]\n\
+                 urls = [\"https://127.0.0.1:8443\"]\nca = \"ca.crt\"\n\
+                 cert = \"app.crt\"\nkey = \"app.key\"\nserver_identity = {identity:?}\n"
+            );
+            std::fs::write(&path, text).unwrap();
+            SidecarConfig::load(&path).map_err(|e| e.to_string())
+        };
+        let good = "spiffe://prod/ns/keygate/sa/key-service";
+        assert_eq!(load(good).unwrap().key_service.server_identity.as_deref(), Some(good));
+        for (bad, why) in [
+            ("keygate.prod.svc", "not a URI SAN"),
+            ("spiffe:///ns/keygate", "a scheme and an authority"),
+            ("://prod/ns/keygate", "a scheme and an authority"),
+            ("spiffe://prod/ns/key service", "printable ASCII"),
+            ("spiffe://Prod/ns/keygate", "lower case"),
+            ("SPIFFE://prod/ns/keygate", "lower case"),
+        ] {
+            let e = load(bad).unwrap_err();
+            assert!(e.contains("key_service.server_identity") && e.contains(why), "{bad}: {e}");
         }
     }
 }

@@ -1,22 +1,39 @@
 //! The sidecar's client for the key service: mutual TLS with the sidecar's
 //! identity, HTTP/2 connection reuse, a timeout on every call, and
 //! failover across replicas.
+//!
+//! The certificate, key and CA bundle are reloaded when their files change
+//! (polled) or on SIGHUP: a reload builds a whole new HTTP client and swaps
+//! it in; calls under way finish on the client they started with, and a
+//! broken file keeps the old client (logged, counted). The key service may
+//! be pinned to its identity (`key_service.server_identity`).
 
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
+use arc_swap::ArcSwap;
 use axum::body::Bytes;
 use kms_core::record::{IndexPurpose, SchemaKeys};
 use kms_core::schema::{FieldMode, Schema};
 use kms_core::{
     DekRequest, IssuedDek, KekVersion, Key256, Name, RecordKeyId, Rewrapped, TenantId, WrappedDek,
 };
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, OtherError, SignatureScheme};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use zeroize::Zeroize;
 
 use super::config::KeyServiceConfig;
+use crate::config::TlsConfig;
 use crate::policy::EffectiveGrants;
 use crate::wire::SecretB64;
 use crate::{issue_binary, unwrap_binary};
@@ -53,7 +70,18 @@ pub(super) struct ClientSetupError(String);
 /// Client of the key service API.
 #[derive(Debug)]
 pub(super) struct KeyServiceClient {
-    http: reqwest::Client,
+    /// The HTTP client built from the current TLS files; a reload swaps
+    /// in a new one.
+    http: ArcSwap<reqwest::Client>,
+    /// What the client is built from, for reloads.
+    config: KeyServiceConfig,
+    /// What the TLS files looked like just before the current client was
+    /// built from them.
+    stamps: Mutex<Stamps>,
+    /// Per replica (as `urls`): when (ms after `started`, counted from 1)
+    /// its last TLS failure was logged; 0 if never.
+    tls_warned_ms: Vec<AtomicU64>,
+    metrics: ClientMetrics,
     urls: Vec<String>,
     /// Each attempt's timeout.
     timeout: Duration,
@@ -71,6 +99,123 @@ pub(super) struct KeyServiceClient {
 /// [`KeyServiceClient::json_for`]: one extra round trip a minute against
 /// an older key service.
 const JSON_FOR: Duration = Duration::from_secs(60);
+
+/// How often a replica's TLS failures are logged: each is counted, but a
+/// sidecar calling a replica with the wrong certificate thousands of times
+/// a second must not flood the log.
+const TLS_WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// What `crate::tls::file_stamps` says of the certificate, key and CA files.
+type Stamps = Vec<Option<(SystemTime, u64, u64)>>;
+
+/// The client's counters, in a registry of their own that the sidecar's
+/// `/metrics` appends to the shared one.
+#[derive(Debug)]
+struct ClientMetrics {
+    registry: Registry,
+    /// Reloads of the TLS files that failed (the previous client stays).
+    reload_failures: Counter,
+    /// Calls to a replica that failed in the TLS handshake.
+    tls_failures: Counter,
+}
+
+impl Default for ClientMetrics {
+    fn default() -> Self {
+        let (reload_failures, tls_failures) = (Counter::default(), Counter::default());
+        let mut registry = Registry::with_prefix("keygate");
+        registry.register(
+            "sidecar_tls_reload_failures",
+            "Reloads of the key service client's certificate, key or CA bundle that failed; \
+             the previous ones stay in use",
+            reload_failures.clone(),
+        );
+        registry.register(
+            "sidecar_key_service_tls_failures",
+            "Calls to a key service replica that failed in the TLS handshake (its certificate \
+             not trusted or not key_service.server_identity, or ours refused)",
+            tls_failures.clone(),
+        );
+        Self { registry, reload_failures, tls_failures }
+    }
+}
+
+/// Verifies the key service's certificate as WebPKI does (a chain to
+/// `key_service.ca`, the URL's host name, validity), then requires its
+/// identity to be `key_service.server_identity`: the CA may issue
+/// certificates for that host name to others.
+#[derive(Debug)]
+struct PinnedIdentity {
+    webpki: Arc<WebPkiServerVerifier>,
+    identity: String,
+}
+
+/// The key service's certificate is not of the configured identity.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the key service's certificate is of identity {presented}, not key_service.server_identity \
+     {expected:?}"
+)]
+struct NotTheServerIdentity {
+    expected: String,
+    /// Quoted, or a sentence when it names none.
+    presented: String,
+}
+
+impl ServerCertVerifier for PinnedIdentity {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified = self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        // Read as the key service reads its callers' certificates: the
+        // one URI SAN in its one plain spelling. A DNS-only certificate
+        // yields a host name, which never equals a URI.
+        let presented = crate::tls::identity_of(Some(std::slice::from_ref(end_entity)));
+        if presented.as_deref() == Some(self.identity.as_str()) {
+            return Ok(verified);
+        }
+        let mismatch = NotTheServerIdentity {
+            expected: self.identity.clone(),
+            presented: presented
+                .map_or_else(|| "none (no single URI SAN)".into(), |p| format!("{p:?}")),
+        };
+        Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(
+            mismatch,
+        )))))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
 
 #[derive(Deserialize)]
 struct IssuedWire {
@@ -221,31 +366,15 @@ const NAMESPACE_PATH: &str = "/_namespace";
 impl KeyServiceClient {
     /// Builds the client from PEM files.
     pub(super) fn new(config: &KeyServiceConfig) -> Result<Self, ClientSetupError> {
-        let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| ClientSetupError(format!("{}: {e}", p.display())))
-        };
-        let ca = reqwest::Certificate::from_pem_bundle(&read(&config.ca)?)
-            .map_err(|e| ClientSetupError(format!("CA bundle: {e}")))?;
-        let mut pem = zeroize::Zeroizing::new(read(&config.cert)?);
-        pem.push(b'\n');
-        pem.extend_from_slice(&zeroize::Zeroizing::new(read(&config.key)?));
-        let identity = reqwest::Identity::from_pem(&pem)
-            .map_err(|e| ClientSetupError(format!("client certificate: {e}")))?;
         let timeout = Duration::from_millis(config.timeout_ms.max(1));
-        let http = reqwest::Client::builder()
-            .tls_certs_only(ca)
-            .identity(identity)
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            // A redirect would send the request (and take keys from
-            // whoever answers) somewhere the configuration never named,
-            // perhaps without TLS.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| ClientSetupError(e.to_string()))?;
+        let before = crate::tls::file_stamps(&tls_paths(config));
+        let http = build_http(config, timeout)?;
         Ok(Self {
-            http,
+            http: ArcSwap::from_pointee(http),
+            config: config.clone(),
+            stamps: Mutex::new(before),
+            tls_warned_ms: config.urls.iter().map(|_| AtomicU64::new(0)).collect(),
+            metrics: ClientMetrics::default(),
             urls: config.urls.clone(),
             timeout,
             preferred: AtomicUsize::new(0),
@@ -253,6 +382,83 @@ impl KeyServiceClient {
             started: Instant::now(),
             json_for: JSON_FOR,
         })
+    }
+
+    /// Builds a new HTTP client from the TLS files and swaps it in; calls
+    /// under way finish on the old one. On failure the old client stays,
+    /// and the failure (naming the file) is logged and counted in
+    /// `keygate_sidecar_tls_reload_failures_total`.
+    pub(super) fn reload_tls(&self) -> Result<(), ClientSetupError> {
+        // Stamped before reading: a file changed while it is read is seen
+        // as changed at the next check, not taken as read.
+        let before = crate::tls::file_stamps(&tls_paths(&self.config));
+        match build_http(&self.config, self.timeout) {
+            Ok(http) => {
+                self.http.store(Arc::new(http));
+                *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) = before;
+                tracing::info!("key service client certificate, key and CA bundle reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.reload_failures.inc();
+                tracing::error!(
+                    error = %e,
+                    "reloading the key service client's TLS files failed; keeping the previous ones"
+                );
+                Err(e)
+            }
+        }
+    }
+
+    /// [`Self::reload_tls`] if a TLS file changed (modification time, size
+    /// or inode, following links, as the key service checks its own).
+    pub(super) fn reload_tls_if_changed(&self) -> Result<bool, ClientSetupError> {
+        let now = crate::tls::file_stamps(&tls_paths(&self.config));
+        let changed = *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) != now;
+        if changed {
+            self.reload_tls()?;
+        }
+        Ok(changed)
+    }
+
+    /// Appends the client's counters to `exposition` (a whole OpenMetrics
+    /// text, ending `# EOF`), before its end.
+    pub(super) fn append_metrics(&self, exposition: String) -> String {
+        let Some(head) = exposition.strip_suffix("# EOF\n") else { return exposition };
+        let mut out = head.to_owned();
+        // Writing into a String cannot fail.
+        let _ =
+            prometheus_client::encoding::text::encode_registry(&mut out, &self.metrics.registry);
+        let _ = prometheus_client::encoding::text::encode_eof(&mut out);
+        out
+    }
+
+    /// Milliseconds since `started`, counted from 1 (so that 0 can mean
+    /// "never").
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX).saturating_add(1)
+    }
+
+    /// Counts a TLS failure of replica `index` and logs it, at most once
+    /// per [`TLS_WARN_EVERY`] per replica: unlike a refused connection it
+    /// is a configuration or certificate problem (or someone else
+    /// answering at that address), and does not mend by waiting.
+    fn note_tls_failure(&self, index: usize, url: &str, failure: &str) {
+        self.metrics.tls_failures.inc();
+        let Some(warned) = self.tls_warned_ms.get(index) else { return };
+        let (now, last) = (self.now_ms(), warned.load(Ordering::Relaxed));
+        let every = u64::try_from(TLS_WARN_EVERY.as_millis()).unwrap_or(u64::MAX);
+        let due = last == 0 || now >= last.saturating_add(every);
+        if due && warned.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            tracing::warn!(
+                url,
+                failure,
+                "TLS handshake with a key service replica failed (a certificate or the TLS \
+                 setup refused, not an unreachable replica); failing over to the next replica \
+                 if there is one (this replica's failures are logged at most once a minute, \
+                 and all counted in keygate_sidecar_key_service_tls_failures_total)"
+            );
+        }
     }
 
     /// The longest one call can take: every replica in turn, and for an
@@ -299,10 +505,12 @@ impl KeyServiceClient {
     ) -> Result<Answer, KsError> {
         let start = self.preferred.load(Ordering::Relaxed);
         let mut last_error = String::from("no key service configured");
+        // The whole call on one client, even if a reload swaps it meanwhile.
+        let http = self.http.load_full();
         for attempt in 0..self.urls.len() {
             let index = (start + attempt) % self.urls.len();
             let Some(base) = self.urls.get(index) else { continue };
-            let mut request = self.http.request(method.clone(), format!("{base}{path}"));
+            let mut request = http.request(method.clone(), format!("{base}{path}"));
             if let Some(body) = &body {
                 request = request
                     .header(reqwest::header::CONTENT_TYPE, body.content_type)
@@ -315,7 +523,14 @@ impl KeyServiceClient {
                 Ok(r) => r,
                 Err(e) => {
                     // Connection-level: try the next replica.
-                    last_error = format!("{base}: {}", without_url(&e));
+                    let reason = match tls_failure(&e) {
+                        Some(failure) => {
+                            self.note_tls_failure(index, base, &failure);
+                            format!("TLS handshake failed: {failure}")
+                        }
+                        None => without_url(&e),
+                    };
+                    last_error = format!("{base}: {reason}");
                     continue;
                 }
             };
@@ -389,8 +604,7 @@ impl KeyServiceClient {
     ) -> Result<Unwrapped, KsError> {
         let path = format!("/v1/tenants/{tenant}/datakeys/unwrap");
         // Counted from 1, so that 0 always means "binary".
-        let now_ms =
-            u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX).saturating_add(1);
+        let now_ms = self.now_ms();
         let json_until = self.json_until_ms.load(Ordering::Relaxed);
         if now_ms >= json_until {
             match self.unwrap_binary(&path, items, purpose).await {
@@ -559,6 +773,114 @@ fn wipe(answer: Bytes) {
     }
 }
 
+/// The TLS paths of `config` as the key service's stamp check takes them.
+fn tls_paths(config: &KeyServiceConfig) -> TlsConfig {
+    TlsConfig {
+        cert: config.cert.clone(),
+        key: config.key.clone(),
+        client_ca: config.ca.clone(),
+        reload_interval_secs: config.tls_reload_interval_secs,
+    }
+}
+
+fn file_error(path: &Path, reason: impl std::fmt::Display) -> ClientSetupError {
+    ClientSetupError(format!("{}: {reason}", path.display()))
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ClientSetupError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_error(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(path, e))?;
+    if certs.is_empty() {
+        return Err(file_error(path, "no certificate found"));
+    }
+    Ok(certs)
+}
+
+/// The TLS configuration of the files `config` names: the sidecar's
+/// certificate, and the key service's checked against the CA bundle, the
+/// URL's host name and, if set, `server_identity`.
+fn client_tls(config: &KeyServiceConfig) -> Result<rustls::ClientConfig, ClientSetupError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in read_certs(&config.ca)? {
+        roots.add(ca).map_err(|e| file_error(&config.ca, e))?;
+    }
+    let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| file_error(&config.ca, e))?;
+    let verifier: Arc<dyn ServerCertVerifier> = match &config.server_identity {
+        Some(identity) => Arc::new(PinnedIdentity { webpki, identity: identity.clone() }),
+        None => webpki,
+    };
+    let chain = read_certs(&config.cert)?;
+    // Read into a buffer that is wiped, as the PEM text holds the key.
+    let pem = zeroize::Zeroizing::new(
+        std::fs::read(&config.key).map_err(|e| file_error(&config.key, e))?,
+    );
+    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| file_error(&config.key, e))?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientSetupError(e.to_string()))?
+        // `dangerous` only names the door: this verifier is WebPKI's plus
+        // the identity check.
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| {
+            ClientSetupError(format!(
+                "{} with {}: {e}",
+                config.cert.display(),
+                config.key.display()
+            ))
+        })?;
+    // What reqwest would offer: HTTP/2 where the key service speaks it.
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tls)
+}
+
+/// An HTTP client of the TLS files `config` names.
+fn build_http(
+    config: &KeyServiceConfig,
+    timeout: Duration,
+) -> Result<reqwest::Client, ClientSetupError> {
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(client_tls(config)?)
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .pool_idle_timeout(Duration::from_secs(90))
+        // A redirect would send the request (and take keys from
+        // whoever answers) somewhere the configuration never named,
+        // perhaps without TLS.
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| ClientSetupError(e.to_string()))
+}
+
+/// What failed in the TLS handshake behind a transport error, if it
+/// failed there: the key service's certificate refused (untrusted, expired,
+/// another host name or identity) or ours refused by it.
+fn tls_failure(e: &reqwest::Error) -> Option<String> {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(error) = next {
+        match error.downcast_ref::<rustls::Error>() {
+            Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) => {
+                return Some(other.to_string());
+            }
+            Some(rustls) => return Some(rustls.to_string()),
+            None => {}
+        }
+        // rustls's error reaches reqwest's inside an `io::Error` (inside
+        // another), whose `source()` skips what it wraps.
+        next = match error.downcast_ref::<std::io::Error>().and_then(std::io::Error::get_ref) {
+            Some(wrapped) => Some(wrapped),
+            None => error.source(),
+        };
+    }
+    None
+}
+
 /// A transport error's text without the URL's query (none is used) —
 /// kept short for logs and 503 messages.
 fn without_url(e: &reqwest::Error) -> String {
@@ -604,13 +926,15 @@ mod tests {
     use crate::config::TlsConfig;
     use crate::pki::{DevCa, Validity};
 
-    /// The unwrap and issue calls a fake key service saw, by form.
+    /// The unwrap and issue calls a fake key service saw, by form, and
+    /// the identity of each connection's client.
     #[derive(Default)]
     struct Seen {
         binary: AtomicUsize,
         json: AtomicUsize,
         issued_binary: AtomicUsize,
         issued_json: AtomicUsize,
+        clients: Mutex<Vec<String>>,
     }
 
     fn refusal(status: StatusCode, code: &str) -> axum::response::Response {
@@ -625,7 +949,22 @@ mod tests {
     /// `Accept`); one key short for tenant `short`, one over for `long`.
     /// Returns its URL.
     async fn key_service(dir: &Path, ca: &DevCa, seen: Arc<Seen>, takes_binary: bool) -> String {
-        let server = ca.issue_server(&["localhost"], Validity::days(1)).unwrap();
+        key_service_of(dir, ca, seen, takes_binary, None).await
+    }
+
+    /// [`key_service`] whose certificate also names `identity` (a URI SAN).
+    async fn key_service_of(
+        dir: &Path,
+        ca: &DevCa,
+        seen: Arc<Seen>,
+        takes_binary: bool,
+        identity: Option<&str>,
+    ) -> String {
+        let server = match identity {
+            Some(uri) => ca.issue_server_with_identity(&["localhost"], uri, Validity::days(1)),
+            None => ca.issue_server(&["localhost"], Validity::days(1)),
+        }
+        .unwrap();
         let tls = TlsConfig {
             cert: dir.join("server.crt"),
             key: dir.join("server.key"),
@@ -637,7 +976,7 @@ mod tests {
         std::fs::write(&tls.client_ca, ca.cert_pem()).unwrap();
         let acceptor =
             tokio_rustls::TlsAcceptor::from(crate::tls::build_server_config(&tls).unwrap());
-        let seen_issue = seen.clone();
+        let (seen_issue, seen_clients) = (seen.clone(), seen.clone());
         let unwrap = move |UrlPath(tenant): UrlPath<String>, headers: HeaderMap, body: Bytes| {
             let seen = seen.clone();
             async move {
@@ -730,8 +1069,11 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let (acceptor, router) = (acceptor.clone(), router.clone());
+                let seen = seen_clients.clone();
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let identity = crate::tls::identity_of(tls.get_ref().1.peer_certificates());
+                    seen.clients.lock().unwrap().push(identity.unwrap_or_default());
                     let _ = hyper_util::server::conn::auto::Builder::new(
                         hyper_util::rt::TokioExecutor::new(),
                     )
@@ -748,22 +1090,44 @@ mod tests {
 
     /// A client of a fake key service, and what that service saw.
     async fn client_of(takes_binary: bool) -> (tempfile::TempDir, KeyServiceClient, Arc<Seen>) {
+        let (dir, _, client, seen) = client_and_ca(takes_binary).await;
+        (dir, client, seen)
+    }
+
+    /// [`client_of`], and the CA of both sides.
+    async fn client_and_ca(
+        takes_binary: bool,
+    ) -> (tempfile::TempDir, DevCa, KeyServiceClient, Arc<Seen>) {
         let dir = tempfile::tempdir().unwrap();
         let ca = DevCa::generate("test CA").unwrap();
         let seen = Arc::new(Seen::default());
         let url = key_service(dir.path(), &ca, seen.clone(), takes_binary).await;
-        let app = ca.issue_client("spiffe://test/app", Validity::days(1)).unwrap();
-        std::fs::write(dir.path().join("app.crt"), &app.cert_pem).unwrap();
-        std::fs::write(dir.path().join("app.key"), app.key_pem.as_bytes()).unwrap();
-        let client = KeyServiceClient::new(&KeyServiceConfig {
+        write_identity(&ca, dir.path(), "spiffe://test/app");
+        let client = KeyServiceClient::new(&client_config(dir.path(), url, None)).unwrap();
+        (dir, ca, client, seen)
+    }
+
+    /// Writes `dir/app.crt` and `dir/app.key`: a certificate of `identity`
+    /// from `ca`, each file replaced (a new inode), as a renewal does.
+    fn write_identity(ca: &DevCa, dir: &Path, identity: &str) {
+        let app = ca.issue_client(identity, Validity::days(1)).unwrap();
+        for (name, text) in [("app.crt", app.cert_pem.as_str()), ("app.key", app.key_pem.as_str())]
+        {
+            std::fs::write(dir.join("next"), text).unwrap();
+            std::fs::rename(dir.join("next"), dir.join(name)).unwrap();
+        }
+    }
+
+    fn client_config(dir: &Path, url: String, server_identity: Option<&str>) -> KeyServiceConfig {
+        KeyServiceConfig {
             urls: vec![url],
-            ca: dir.path().join("ca.crt"),
-            cert: dir.path().join("app.crt"),
-            key: dir.path().join("app.key"),
+            ca: dir.join("ca.crt"),
+            cert: dir.join("app.crt"),
+            key: dir.join("app.key"),
             timeout_ms: 10_000,
-        })
-        .unwrap();
-        (dir, client, seen)
+            tls_reload_interval_secs: 60,
+            server_identity: server_identity.map(str::to_owned),
+        }
     }
 
     /// Unwraps one item for `tenant`.
@@ -861,5 +1225,116 @@ mod tests {
         let read = |count| serde_json::from_str::<ResultsWire>(rewrap).unwrap().rewrapped(count);
         assert!(read(0).is_err() && read(2).is_err());
         assert_eq!(read(1).unwrap().len(), 1);
+    }
+
+    fn metric(client: &KeyServiceClient, name: &str) -> String {
+        let text = client.append_metrics(crate::metrics::Metrics::default().encode());
+        assert!(text.ends_with("# EOF\n") && text.matches("# EOF").count() == 1, "{text}");
+        let line = text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_default();
+        line.rsplit(' ').next().unwrap_or_default().to_owned()
+    }
+
+    #[tokio::test]
+    async fn changed_tls_files_are_reloaded_and_a_broken_one_keeps_the_old_client() {
+        let (dir, ca, client, seen) = client_and_ca(true).await;
+        let failures = "keygate_sidecar_tls_reload_failures_total";
+        assert!(unwrap_one(&client, "onc").await.is_ok());
+        assert!(!client.reload_tls_if_changed().unwrap(), "nothing changed");
+
+        // A key file caught half-written: the old client carries on.
+        std::fs::write(dir.path().join("app.key"), "-----BEGIN PRIVATE KEY-----\n").unwrap();
+        let e = client.reload_tls_if_changed().unwrap_err().to_string();
+        assert!(e.contains("app.key"), "names the file: {e}");
+        assert_eq!(metric(&client, failures), "1");
+        assert!(unwrap_one(&client, "onc").await.is_ok());
+        // Tried again at the next poll, since it never loaded.
+        assert!(client.reload_tls_if_changed().is_err());
+        assert_eq!(metric(&client, failures), "2");
+
+        // The renewed certificate (of another identity here, to tell them
+        // apart): calls from now on present it.
+        write_identity(&ca, dir.path(), "spiffe://test/renewed");
+        assert!(client.reload_tls_if_changed().unwrap());
+        assert!(!client.reload_tls_if_changed().unwrap(), "taken as read");
+        assert!(unwrap_one(&client, "onc").await.is_ok());
+        assert_eq!(metric(&client, failures), "2");
+        assert_eq!(
+            seen.clients.lock().unwrap().last().map(String::as_str),
+            Some("spiffe://test/renewed")
+        );
+        // A forced reload (SIGHUP) rebuilds from unchanged files too.
+        write_identity(&ca, dir.path(), "spiffe://test/app");
+        client.reload_tls().unwrap();
+        assert!(!client.reload_tls_if_changed().unwrap());
+        assert!(unwrap_one(&client, "onc").await.is_ok());
+        let clients = seen.clients.lock().unwrap().clone();
+        assert_eq!(clients, ["spiffe://test/app", "spiffe://test/renewed", "spiffe://test/app"]);
+    }
+
+    #[tokio::test]
+    async fn a_pinned_client_talks_only_to_a_key_service_of_that_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = DevCa::generate("test CA").unwrap();
+        let seen = Arc::new(Seen::default());
+        let ks = "spiffe://test/key-service";
+        let pinned_url = key_service_of(dir.path(), &ca, seen.clone(), true, Some(ks)).await;
+        write_identity(&ca, dir.path(), "spiffe://test/app");
+        let pinned = |url: &str, identity: &str| {
+            KeyServiceClient::new(&client_config(dir.path(), url.to_owned(), Some(identity)))
+                .unwrap()
+        };
+        assert!(unwrap_one(&pinned(&pinned_url, ks), "onc").await.is_ok());
+
+        // Same CA, same host name, another identity (or none: a
+        // DNS-only certificate): refused in the handshake, counted, and
+        // said so rather than "connection refused".
+        // (The fake's files are rewritten, so the second fake gets the
+        // DNS-only certificate.)
+        let dns_only_url = key_service(dir.path(), &ca, seen.clone(), true).await;
+        for (url, identity, presented) in [
+            (&pinned_url, "spiffe://test/other", format!("{ks:?}")),
+            (&dns_only_url, ks, "\"localhost\"".to_owned()),
+        ] {
+            let client = pinned(url, identity);
+            let e = unwrap_one(&client, "onc").await.err();
+            let Some(KsError::Unavailable(message)) = e else { panic!("{e:?}") };
+            assert!(
+                message.contains("TLS handshake failed")
+                    && message.contains(&format!("identity {presented}"))
+                    && message.contains(identity),
+                "{message}"
+            );
+            assert_eq!(metric(&client, "keygate_sidecar_key_service_tls_failures_total"), "1");
+        }
+        assert_eq!(seen.binary.load(Ordering::Relaxed), 1, "no request reached a refused one");
+    }
+
+    #[tokio::test]
+    async fn a_replica_whose_certificate_is_not_trusted_is_counted_and_failed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, stranger) =
+            (DevCa::generate("test CA").unwrap(), DevCa::generate("other").unwrap());
+        let seen = Arc::new(Seen::default());
+        let elsewhere = tempfile::tempdir().unwrap();
+        let untrusted = key_service(elsewhere.path(), &stranger, seen.clone(), true).await;
+        let trusted = key_service(dir.path(), &ca, seen.clone(), true).await;
+        write_identity(&ca, dir.path(), "spiffe://test/app");
+        let mut config = client_config(dir.path(), untrusted.clone(), None);
+        config.urls.push(trusted);
+        let client = KeyServiceClient::new(&config).unwrap();
+        assert!(unwrap_one(&client, "onc").await.is_ok(), "served by the second");
+        assert_eq!(metric(&client, "keygate_sidecar_key_service_tls_failures_total"), "1");
+
+        // Alone, it says why rather than "connection refused".
+        let client =
+            KeyServiceClient::new(&client_config(dir.path(), untrusted.clone(), None)).unwrap();
+        let e = unwrap_one(&client, "onc").await.err();
+        let Some(KsError::Unavailable(message)) = e else { panic!("{e:?}") };
+        assert!(
+            message.starts_with(&untrusted)
+                && message
+                    .contains("TLS handshake failed: invalid peer certificate: UnknownIssuer"),
+            "{message}"
+        );
     }
 }

@@ -210,6 +210,8 @@ pub(super) mod tests {
             cert: dir.join("app.crt"),
             key: dir.join("app.key"),
             timeout_ms: 2_000,
+            tls_reload_interval_secs: 60,
+            server_identity: None,
         };
         Arc::new(KeyServiceClient::new(&config).unwrap())
     }

@@ -13,6 +13,7 @@ use axum::routing::{get, post};
 use kms_core::schema::SchemaSet;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use super::cache::DekCache;
 use super::config::{Listen, SidecarConfig};
@@ -81,14 +82,23 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
         keyring: Keyring::new(client.clone(), ttl),
         reporter: reporter.clone(),
         unwraps: SharedCalls::new(Unwraps(client.clone()), config.limits.max_records, wait_limit),
-        rewraps: SharedCalls::new(Rewraps(client), config.limits.max_records, wait_limit),
+        rewraps: SharedCalls::new(Rewraps(client.clone()), config.limits.max_records, wait_limit),
         limits: config.limits.clone(),
         token,
         metrics: Metrics::default(),
+        key_service: client.clone(),
         active_versions: ActiveVersions::default(),
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let reporter_task = tokio::spawn(reporter.run(stop_rx.clone()));
+    // Before the sidecar says it listens, so a SIGHUP right after is a
+    // reload (and never SIGHUP's default: the end of the process).
+    spawn_tls_reload(
+        client.clone(),
+        hangups(),
+        Duration::from_secs(config.key_service.tls_reload_interval_secs.max(1)),
+        stop_rx.clone(),
+    );
     spawn_maintenance(state.clone(), stop_rx);
     let router = crate::abuse::protect_sidecar(
         router(state.clone()),
@@ -152,6 +162,57 @@ fn spawn_maintenance(state: Arc<SidecarState>, mut stop: tokio::sync::watch::Rec
                     state.pool.evict_expired();
                     state.cache.evict_expired();
                     state.keyring.evict_expired();
+                }
+                _ = stop.changed() => break,
+            }
+        }
+    });
+}
+
+/// SIGHUP, if it can be listened for (otherwise logged: the TLS files
+/// then reload only when they change).
+fn hangups() -> Option<Signal> {
+    signal(SignalKind::hangup())
+        .map_err(|e| {
+            tracing::error!(
+                error = %e,
+                "cannot listen for SIGHUP: the key service client's TLS files reload only when \
+                 they change"
+            );
+        })
+        .ok()
+}
+
+/// Rebuilds the key service client from its TLS files on SIGHUP, and
+/// whenever a poll every `every` finds them changed: a renewed certificate
+/// is used before the old one expires, a rotated CA before the key
+/// service presents a certificate of it. A failure keeps the old client
+/// (logged and counted by the client).
+fn spawn_tls_reload(
+    client: Arc<KeyServiceClient>,
+    mut hup: Option<Signal>,
+    every: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        let mut poll = tokio::time::interval(every);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick is at once, and the files were just read.
+        poll.tick().await;
+        loop {
+            let hangup = async {
+                match hup.as_mut() {
+                    Some(hup) => hup.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                Some(()) = hangup => {
+                    tracing::info!("SIGHUP: reloading the key service client's TLS files");
+                    let _ = client.reload_tls();
+                }
+                _ = poll.tick() => {
+                    let _ = client.reload_tls_if_changed();
                 }
                 _ = stop.changed() => break,
             }
@@ -359,7 +420,7 @@ pub(super) async fn metrics(State(s): State<Arc<SidecarState>>) -> Response {
     m.dek_rewrap_requests.set(requests);
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        m.encode(),
+        s.key_service.append_metrics(m.encode()),
     )
         .into_response()
 }
