@@ -46,7 +46,10 @@ pub struct KeysBusyLabels {
     pub wait: &'static str,
 }
 
-/// Every metric the key service exports.
+/// The metrics of the key service or of a sidecar: each registers (and so
+/// exports) only its own ([`Metrics::key_service`], [`Metrics::sidecar`]),
+/// so that no process reports another's as zero (a "policy loaded at 0"
+/// would set off an age alert on every sidecar).
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -109,161 +112,180 @@ pub struct Metrics {
     pub dek_rewrap_calls: Gauge<u64, AtomicU64>,
     /// Sidecar: rewrap requests those calls carried.
     pub dek_rewrap_requests: Gauge<u64, AtomicU64>,
+    /// Sidecar: reloads of its key service client's certificate, key or CA
+    /// bundle that failed (the previous ones stay in use).
+    pub sidecar_tls_reload_failures: Counter,
+    /// Sidecar: calls to a key service replica that failed in the TLS
+    /// handshake.
+    pub key_service_tls_failures: Counter,
 }
 
 impl Default for Metrics {
+    /// The key service's.
     fn default() -> Self {
-        let requests = Family::<RequestLabels, Counter>::default();
-        let latency: Family<RouteLabels, Histogram> =
-            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_1, 2.0, 18)));
-        let (kek_cache_hits, kek_cache_misses, kek_cache_entries, audit_queue_depth) =
-            (Gauge::default(), Gauge::default(), Gauge::default(), Gauge::default());
-        let (audit_events, audit_failures, audit_commits) =
-            (Counter::default(), Counter::default(), Counter::default());
-        let connections_refused = Family::<ConnectionRefusedLabels, Counter>::default();
-        let keys_busy = Family::<KeysBusyLabels, Counter>::default();
-        let key_sends_overdue = Counter::default();
-        let (policy_reload_failures, policy_loaded) = (Counter::default(), Gauge::default());
-        let (tls_reload_failures, tls_loaded, tls_certificate_expiry) =
-            (Counter::default(), Gauge::default(), Gauge::default());
-        let (dek_pool_size, dek_cache_hits, dek_cache_misses, dek_cache_entries, audit_pending) = (
-            Gauge::default(),
-            Gauge::default(),
-            Gauge::default(),
-            Gauge::default(),
-            Gauge::default(),
-        );
-        let (dek_unwrap_calls, dek_unwrap_requests, dek_rewrap_calls, dek_rewrap_requests) =
-            (Gauge::default(), Gauge::default(), Gauge::default(), Gauge::default());
+        Self::key_service()
+    }
+}
 
-        let mut registry = Registry::with_prefix("keygate");
-        registry.register("requests", "API requests by route and status", requests.clone());
-        registry.register("request_duration_seconds", "API request latency", latency.clone());
-        registry.register("kek_cache_hits", "KEK cache hits", kek_cache_hits.clone());
-        registry.register("kek_cache_misses", "KEK cache misses", kek_cache_misses.clone());
-        registry.register(
-            "kek_cache_entries",
-            "Unwrapped keys in memory",
-            kek_cache_entries.clone(),
-        );
-        registry.register(
+impl Metrics {
+    /// The key service's metrics.
+    pub fn key_service() -> Self {
+        let mut metrics = Self::unregistered();
+        metrics.register_requests();
+        metrics.register_key_service();
+        metrics
+    }
+
+    /// A sidecar's metrics.
+    pub fn sidecar() -> Self {
+        let mut metrics = Self::unregistered();
+        metrics.register_requests();
+        metrics.register_sidecar();
+        metrics
+    }
+
+    fn unregistered() -> Self {
+        Self {
+            registry: Registry::with_prefix("keygate"),
+            requests: Family::default(),
+            latency: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_1, 2.0, 18))
+            }),
+            kek_cache_hits: Gauge::default(),
+            kek_cache_misses: Gauge::default(),
+            kek_cache_entries: Gauge::default(),
+            audit_queue_depth: Gauge::default(),
+            audit_events: Counter::default(),
+            audit_failures: Counter::default(),
+            audit_commits: Counter::default(),
+            connections_refused: Family::default(),
+            keys_busy: Family::default(),
+            key_sends_overdue: Counter::default(),
+            policy_reload_failures: Counter::default(),
+            policy_loaded: Gauge::default(),
+            tls_reload_failures: Counter::default(),
+            tls_loaded: Gauge::default(),
+            tls_certificate_expiry: Gauge::default(),
+            dek_pool_size: Gauge::default(),
+            dek_cache_hits: Gauge::default(),
+            dek_cache_misses: Gauge::default(),
+            dek_cache_entries: Gauge::default(),
+            audit_pending: Gauge::default(),
+            dek_unwrap_calls: Gauge::default(),
+            dek_unwrap_requests: Gauge::default(),
+            dek_rewrap_calls: Gauge::default(),
+            dek_rewrap_requests: Gauge::default(),
+            sidecar_tls_reload_failures: Counter::default(),
+            key_service_tls_failures: Counter::default(),
+        }
+    }
+
+    /// What both export: requests and their latency.
+    fn register_requests(&mut self) {
+        let r = &mut self.registry;
+        r.register("requests", "API requests by route and status", self.requests.clone());
+        r.register("request_duration_seconds", "API request latency", self.latency.clone());
+    }
+
+    fn register_key_service(&mut self) {
+        let r = &mut self.registry;
+        r.register("kek_cache_hits", "KEK cache hits", self.kek_cache_hits.clone());
+        r.register("kek_cache_misses", "KEK cache misses", self.kek_cache_misses.clone());
+        r.register("kek_cache_entries", "Unwrapped keys in memory", self.kek_cache_entries.clone());
+        r.register(
             "audit_queue_depth",
             "Audit events awaiting commit",
-            audit_queue_depth.clone(),
+            self.audit_queue_depth.clone(),
         );
-        registry.register("audit_events", "Audit events committed", audit_events.clone());
-        registry.register("audit_commit_failures", "Failed audit commits", audit_failures.clone());
-        registry.register("audit_commits", "Audit group commits written", audit_commits.clone());
-        registry.register(
+        r.register("audit_events", "Audit events committed", self.audit_events.clone());
+        r.register("audit_commit_failures", "Failed audit commits", self.audit_failures.clone());
+        r.register("audit_commits", "Audit group commits written", self.audit_commits.clone());
+        r.register(
             "connections_refused",
             "Connections closed at accept, by listener and the cap they were over",
-            connections_refused.clone(),
+            self.connections_refused.clone(),
         );
-        registry.register(
+        r.register(
             "keys_busy",
             "Issue and unwrap requests answered 503 busy, by what had no room for their keys",
-            keys_busy.clone(),
+            self.keys_busy.clone(),
         );
-        registry.register(
+        r.register(
             "key_sends_overdue",
             "Connections closed because an answer carrying keys was not taken in time",
-            key_sends_overdue.clone(),
+            self.key_sends_overdue.clone(),
         );
-        registry.register(
+        r.register(
             "policy_reload_failures",
             "Policy reloads that failed; the previous policy stays in force",
-            policy_reload_failures.clone(),
+            self.policy_reload_failures.clone(),
         );
-        registry.register(
+        r.register(
             "policy_loaded_timestamp_seconds",
             "When the policy in force was loaded (Unix time)",
-            policy_loaded.clone(),
+            self.policy_loaded.clone(),
         );
-        registry.register(
+        r.register(
             "tls_reload_failures",
             "TLS reloads that failed; the previous certificates stay in force",
-            tls_reload_failures.clone(),
+            self.tls_reload_failures.clone(),
         );
-        registry.register(
+        r.register(
             "tls_loaded_timestamp_seconds",
             "When the TLS configuration in force was loaded (Unix time)",
-            tls_loaded.clone(),
+            self.tls_loaded.clone(),
         );
-        registry.register(
+        r.register(
             "tls_certificate_expiry_timestamp_seconds",
             "When the server certificate in force expires (notAfter, Unix time)",
-            tls_certificate_expiry.clone(),
+            self.tls_certificate_expiry.clone(),
         );
-        registry.register(
-            "dek_pool_size",
-            "Pre-issued DEKs pooled (sidecar)",
-            dek_pool_size.clone(),
-        );
-        registry.register("dek_cache_hits", "DEK cache hits (sidecar)", dek_cache_hits.clone());
-        registry.register(
-            "dek_cache_misses",
-            "DEK cache misses (sidecar)",
-            dek_cache_misses.clone(),
-        );
-        registry.register(
-            "dek_cache_entries",
-            "Unwrapped DEKs cached (sidecar)",
-            dek_cache_entries.clone(),
-        );
-        registry.register(
+    }
+
+    fn register_sidecar(&mut self) {
+        let r = &mut self.registry;
+        r.register("dek_pool_size", "Pre-issued DEKs pooled", self.dek_pool_size.clone());
+        r.register("dek_cache_hits", "DEK cache hits", self.dek_cache_hits.clone());
+        r.register("dek_cache_misses", "DEK cache misses", self.dek_cache_misses.clone());
+        r.register("dek_cache_entries", "Unwrapped DEKs cached", self.dek_cache_entries.clone());
+        r.register(
             "audit_pending",
-            "Record accesses in field events not yet reported (sidecar)",
-            audit_pending.clone(),
+            "Record accesses in field events not yet reported",
+            self.audit_pending.clone(),
         );
-        registry.register(
+        r.register(
             "dek_unwrap_calls",
-            "Unwrap calls to the key service (sidecar)",
-            dek_unwrap_calls.clone(),
+            "Unwrap calls to the key service",
+            self.dek_unwrap_calls.clone(),
         );
-        registry.register(
+        r.register(
             "dek_unwrap_requests",
-            "Requests (per tenant) whose cache misses were unwrapped; above the calls when calls were shared (sidecar)",
-            dek_unwrap_requests.clone(),
+            "Requests (per tenant) whose cache misses were unwrapped; above the calls when calls \
+             were shared",
+            self.dek_unwrap_requests.clone(),
         );
-        registry.register(
+        r.register(
             "dek_rewrap_calls",
-            "Rewrap calls to the key service (sidecar)",
-            dek_rewrap_calls.clone(),
+            "Rewrap calls to the key service",
+            self.dek_rewrap_calls.clone(),
         );
-        registry.register(
+        r.register(
             "dek_rewrap_requests",
-            "Rewrap requests (per tenant); above the calls when calls were shared (sidecar)",
-            dek_rewrap_requests.clone(),
+            "Rewrap requests (per tenant); above the calls when calls were shared",
+            self.dek_rewrap_requests.clone(),
         );
-        Self {
-            registry,
-            requests,
-            latency,
-            kek_cache_hits,
-            kek_cache_misses,
-            kek_cache_entries,
-            audit_queue_depth,
-            audit_events,
-            audit_failures,
-            audit_commits,
-            connections_refused,
-            keys_busy,
-            key_sends_overdue,
-            policy_reload_failures,
-            policy_loaded,
-            tls_reload_failures,
-            tls_loaded,
-            tls_certificate_expiry,
-            dek_pool_size,
-            dek_cache_hits,
-            dek_cache_misses,
-            dek_cache_entries,
-            audit_pending,
-            dek_unwrap_calls,
-            dek_unwrap_requests,
-            dek_rewrap_calls,
-            dek_rewrap_requests,
-        }
+        r.register(
+            "sidecar_tls_reload_failures",
+            "Reloads of the key service client's certificate, key or CA bundle that failed; the \
+             previous ones stay in use",
+            self.sidecar_tls_reload_failures.clone(),
+        );
+        r.register(
+            "sidecar_key_service_tls_failures",
+            "Calls to a key service replica that failed in the TLS handshake (its certificate \
+             not trusted or not key_service.server_identity, or ours refused)",
+            self.key_service_tls_failures.clone(),
+        );
     }
 }
 
@@ -295,6 +317,31 @@ mod tests {
             "keygate_key_sends_overdue_total 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in {text}");
+        }
+    }
+
+    #[test]
+    fn each_process_exports_only_its_own_metrics() {
+        let encode = |metrics: Metrics| {
+            // A family with no label set yet exports nothing: give each one.
+            metrics.requests.get_or_create(&RequestLabels { route: "/x".into(), code: 200 }).inc();
+            metrics.latency.get_or_create(&RouteLabels { route: "/x".into() }).observe(0.1);
+            metrics.encode()
+        };
+        let (key_service, sidecar) = (encode(Metrics::key_service()), encode(Metrics::sidecar()));
+        for own in ["keygate_requests", "keygate_request_duration_seconds"] {
+            assert!(key_service.contains(own) && sidecar.contains(own), "{own}");
+        }
+        for theirs in [
+            "keygate_policy_loaded_timestamp_seconds",
+            "keygate_tls_certificate_expiry_timestamp_seconds",
+            "keygate_kek_cache_hits",
+            "keygate_audit_queue_depth",
+        ] {
+            assert!(key_service.contains(theirs) && !sidecar.contains(theirs), "{theirs}");
+        }
+        for theirs in ["keygate_dek_cache_hits", "keygate_sidecar_key_service_tls_failures"] {
+            assert!(sidecar.contains(theirs) && !key_service.contains(theirs), "{theirs}");
         }
     }
 

@@ -21,7 +21,6 @@ use kms_core::{
     DekRequest, IssuedDek, KekVersion, Key256, Name, RecordKeyId, Rewrapped, TenantId, WrappedDek,
 };
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::registry::Registry;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
@@ -108,35 +107,14 @@ const TLS_WARN_EVERY: Duration = Duration::from_secs(60);
 /// What `crate::tls::file_stamps` says of the certificate, key and CA files.
 type Stamps = Vec<Option<(SystemTime, u64, u64)>>;
 
-/// The client's counters, in a registry of their own that the sidecar's
-/// `/metrics` appends to the shared one.
-#[derive(Debug)]
+/// The client's counters: the sidecar's [`Metrics`](crate::metrics::Metrics)
+/// ones once [`KeyServiceClient::counting_into`] is called, else its own.
+#[derive(Debug, Default)]
 struct ClientMetrics {
-    registry: Registry,
     /// Reloads of the TLS files that failed (the previous client stays).
     reload_failures: Counter,
     /// Calls to a replica that failed in the TLS handshake.
     tls_failures: Counter,
-}
-
-impl Default for ClientMetrics {
-    fn default() -> Self {
-        let (reload_failures, tls_failures) = (Counter::default(), Counter::default());
-        let mut registry = Registry::with_prefix("keygate");
-        registry.register(
-            "sidecar_tls_reload_failures",
-            "Reloads of the key service client's certificate, key or CA bundle that failed; \
-             the previous ones stay in use",
-            reload_failures.clone(),
-        );
-        registry.register(
-            "sidecar_key_service_tls_failures",
-            "Calls to a key service replica that failed in the TLS handshake (its certificate \
-             not trusted or not key_service.server_identity, or ours refused)",
-            tls_failures.clone(),
-        );
-        Self { registry, reload_failures, tls_failures }
-    }
 }
 
 /// Verifies the key service's certificate as WebPKI does (a chain to
@@ -421,16 +399,13 @@ impl KeyServiceClient {
         Ok(changed)
     }
 
-    /// Appends the client's counters to `exposition` (a whole OpenMetrics
-    /// text, ending `# EOF`), before its end.
-    pub(super) fn append_metrics(&self, exposition: String) -> String {
-        let Some(head) = exposition.strip_suffix("# EOF\n") else { return exposition };
-        let mut out = head.to_owned();
-        // Writing into a String cannot fail.
-        let _ =
-            prometheus_client::encoding::text::encode_registry(&mut out, &self.metrics.registry);
-        let _ = prometheus_client::encoding::text::encode_eof(&mut out);
-        out
+    /// Counts TLS reload and handshake failures in the sidecar's metrics.
+    pub(super) fn counting_into(mut self, metrics: &crate::metrics::Metrics) -> Self {
+        self.metrics = ClientMetrics {
+            reload_failures: metrics.sidecar_tls_reload_failures.clone(),
+            tls_failures: metrics.key_service_tls_failures.clone(),
+        };
+        self
     }
 
     /// Milliseconds since `started`, counted from 1 (so that 0 can mean
@@ -1228,10 +1203,12 @@ mod tests {
     }
 
     fn metric(client: &KeyServiceClient, name: &str) -> String {
-        let text = client.append_metrics(crate::metrics::Metrics::default().encode());
-        assert!(text.ends_with("# EOF\n") && text.matches("# EOF").count() == 1, "{text}");
-        let line = text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_default();
-        line.rsplit(' ').next().unwrap_or_default().to_owned()
+        let counter = match name {
+            "keygate_sidecar_tls_reload_failures_total" => &client.metrics.reload_failures,
+            "keygate_sidecar_key_service_tls_failures_total" => &client.metrics.tls_failures,
+            other => panic!("no such counter: {other}"),
+        };
+        counter.get().to_string()
     }
 
     #[tokio::test]

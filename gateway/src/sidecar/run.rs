@@ -67,8 +67,11 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
         }
         None => None,
     };
+    let metrics = Metrics::sidecar();
     let client = Arc::new(
-        KeyServiceClient::new(&config.key_service).map_err(|e| fail("key service client")(&e))?,
+        KeyServiceClient::new(&config.key_service)
+            .map_err(|e| fail("key service client")(&e))?
+            .counting_into(&metrics),
     );
     let ttl = Duration::from_secs(config.cache.ttl_secs);
     let reporter = Reporter::new(client.clone(), config.audit.clone(), config.app_identity.clone());
@@ -85,8 +88,7 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
         rewraps: SharedCalls::new(Rewraps(client.clone()), config.limits.max_records, wait_limit),
         limits: config.limits.clone(),
         token,
-        metrics: Metrics::default(),
-        key_service: client.clone(),
+        metrics,
         active_versions: ActiveVersions::default(),
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -420,7 +422,7 @@ pub(super) async fn metrics(State(s): State<Arc<SidecarState>>) -> Response {
     m.dek_rewrap_requests.set(requests);
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        s.key_service.append_metrics(m.encode()),
+        m.encode(),
     )
         .into_response()
 }

@@ -12,7 +12,7 @@ use super::api::one_or_many;
 use super::cache::DekCache;
 use super::config::SidecarLimits;
 use super::keyring::Keyring;
-use super::ks_client::{KeyServiceClient, KsError};
+use super::ks_client::KsError;
 use super::pool::DekPool;
 use super::reporter::Reporter;
 use super::shared_calls::{Rewraps, SharedCalls, Unwraps};
@@ -34,9 +34,6 @@ pub(super) struct SidecarState {
     pub(super) limits: SidecarLimits,
     pub(super) token: Option<SecretString>,
     pub(super) metrics: Metrics,
-    /// The key service client, for its own counters (TLS reloads and
-    /// handshake failures) at `/metrics`.
-    pub(super) key_service: Arc<KeyServiceClient>,
     /// Last known active KEK version per tenant (from unwraps and issues).
     pub(super) active_versions: ActiveVersions,
 }
