@@ -319,6 +319,18 @@ pub fn sidecar_report(config: &SidecarConfig, hygiene: &Hygiene) -> Report {
         },
     );
     r.add(
+        "authentication.key_service_identity",
+        hipaa::AUTHENTICATION,
+        match &config.key_service.server_identity {
+            Some(identity) => Ok(format!("the key service must present the identity {identity}")),
+            None => Err("key_service.server_identity is not set: any certificate \
+                         key_service.ca issues for the URL's host name is taken for the key \
+                         service, whose answers are the DEKs records are encrypted under; set it \
+                         to the key service's URI SAN"
+                .to_owned()),
+        },
+    );
+    r.add(
         "authentication.app_callers",
         hipaa::AUTHENTICATION,
         match (&config.listen, &config.token_file) {

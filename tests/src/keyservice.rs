@@ -88,13 +88,23 @@ impl Pki {
         // use this PKI as the organization's own (`tls.development_pki`).
         let ca = DevCa::generate_for("keygate test CA", "keygate tests").unwrap();
         let other_ca = DevCa::generate("some other CA").unwrap();
-        let server = ca.issue_server(&["localhost", "127.0.0.1"], Validity::days(30)).unwrap();
+        let server = ca
+            .issue_server_with_identity(
+                &["localhost", "127.0.0.1"],
+                KEY_SERVICE_IDENTITY,
+                Validity::days(30),
+            )
+            .unwrap();
         write_private(&dir.join("server.key"), &server.key_pem);
         std::fs::write(dir.join("server.crt"), &server.cert_pem).unwrap();
         std::fs::write(dir.join("ca.crt"), ca.cert_pem()).unwrap();
         Self { dir: dir.to_owned(), ca, other_ca }
     }
 }
+
+/// The URI SAN of every test key service's certificate, for sidecars
+/// that pin it (`key_service.server_identity`).
+pub const KEY_SERVICE_IDENTITY: &str = "spiffe://test/key-service";
 
 /// Writes a file readable only by its owner.
 pub fn write_private(path: &Path, contents: &str) {

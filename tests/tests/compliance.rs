@@ -9,9 +9,11 @@ use std::path::Path;
 
 use gateway::pki::{DevCa, Validity};
 use keygate_tests::cluster::{PgSchema, pg_url};
-use keygate_tests::keyservice::{KeyService, Options, Pki, run_to_exit, write_private};
+use keygate_tests::keyservice::{
+    KEY_SERVICE_IDENTITY, KeyService, Options, Pki, run_to_exit, write_private,
+};
 use keygate_tests::providers::softhsm2::{self, SoftHsm2};
-use keygate_tests::sidecar::Sidecar;
+use keygate_tests::sidecar::{Sidecar, Transport};
 use serde_json::Value;
 
 const ADMIN: &str = "spiffe://test/admin";
@@ -272,7 +274,9 @@ fn set_mode(path: &Path, mode: u32) {
 
 #[test]
 fn insecure_sidecar_configs_are_refused_naming_the_rule() {
+    let pinned = format!("server_identity = \"{KEY_SERVICE_IDENTITY}\"\n");
     let cases = [
+        ("authentication.key_service_identity", "164.312(d)", "", ""),
         ("transmission.key_service_tls", "164.312(e)(1)", "", "urls = [\"http://127.0.0.1:1\"]"),
         ("authentication.app_callers", "164.312(d)", "listen = { tcp = \"127.0.0.1:0\" }", ""),
         ("audit.field_events", "164.312(b)", "", "[audit]\nmax_unreported_secs = 3600"),
@@ -283,8 +287,10 @@ fn insecure_sidecar_configs_are_refused_naming_the_rule() {
         write_private(&dir.path().join("sidecar.key"), "not used");
         let urls = if table.starts_with("urls") { "" } else { "urls = [\"https://127.0.0.1:1\"]" };
         let (ks_extra, tables) = if table.starts_with("urls") { (table, "") } else { ("", table) };
+        // Pinned but where the case is the pin's own.
+        let pin = if rule == "authentication.key_service_identity" { "" } else { &pinned };
         let config = format!(
-            "{top}\nschemas = []\n[key_service]\n{urls}{ks_extra}\nca = \"ca.crt\"\ncert = \"sidecar.crt\"\nkey = \"sidecar.key\"\n{tables}\n"
+            "{top}\nschemas = []\n[key_service]\n{pin}{urls}{ks_extra}\nca = \"ca.crt\"\ncert = \"sidecar.crt\"\nkey = \"sidecar.key\"\n{tables}\n"
         );
         let path = dir.path().join("sidecar.toml");
         std::fs::write(&path, config).unwrap();
@@ -298,7 +304,7 @@ fn insecure_sidecar_configs_are_refused_naming_the_rule() {
     std::fs::write(dir.path().join("sidecar.key"), "not used").unwrap();
     set_mode(&dir.path().join("sidecar.key"), 0o644);
     let path = dir.path().join("sidecar.toml");
-    std::fs::write(&path, "schemas = []\n[key_service]\nurls = [\"https://127.0.0.1:1\"]\nca = \"ca.crt\"\ncert = \"sidecar.crt\"\nkey = \"sidecar.key\"\n").unwrap();
+    std::fs::write(&path, format!("schemas = []\n[key_service]\n{pinned}urls = [\"https://127.0.0.1:1\"]\nca = \"ca.crt\"\ncert = \"sidecar.crt\"\nkey = \"sidecar.key\"\n")).unwrap();
     let (ok, stderr) = run_once("sidecar", &path, true);
     assert!(!ok);
     assert_refused(&stderr, "files.private_keys", "164.312(a)(1)");
@@ -312,7 +318,7 @@ fn insecure_sidecar_configs_are_refused_naming_the_rule() {
     std::fs::write(dir.path().join("sidecar.crt"), &cert.cert_pem).unwrap();
     write_private(&dir.path().join("sidecar.key"), &cert.key_pem);
     let path = dir.path().join("sidecar.toml");
-    std::fs::write(&path, "schemas = []\n[key_service]\nurls = [\"https://127.0.0.1:1\"]\nca = \"ca.crt\"\ncert = \"sidecar.crt\"\nkey = \"sidecar.key\"\n").unwrap();
+    std::fs::write(&path, format!("schemas = []\n[key_service]\n{pinned}urls = [\"https://127.0.0.1:1\"]\nca = \"ca.crt\"\ncert = \"sidecar.crt\"\nkey = \"sidecar.key\"\n")).unwrap();
     let (ok, stderr) = run_once("sidecar", &path, true);
     assert!(!ok);
     assert_refused(&stderr, "tls.development_pki", "164.312(d)");
@@ -535,7 +541,15 @@ async fn a_good_production_stack_starts_and_reports_every_check_passing() {
     assert_eq!(refusal["detail"]["provider"], "dev_local");
 
     // A production sidecar beside it.
-    let sc = Sidecar::start(&ks, &dir.path().join("sc"), SIDECAR, "profile = \"production\"\n");
+    let sc = Sidecar::start_with_key_service(
+        &ks.pki,
+        std::slice::from_ref(&ks.url),
+        &dir.path().join("sc"),
+        SIDECAR,
+        &format!("server_identity = \"{KEY_SERVICE_IDENTITY}\""),
+        "profile = \"production\"\n",
+        Transport::Unix,
+    );
     let (status, _) = sc.get("/healthz").await;
     assert_eq!(status, 200);
     let pid = sc.pid().unwrap();
