@@ -158,7 +158,8 @@ fn file_error(path: &Path, reason: impl std::fmt::Display) -> TlsError {
     TlsError::File { path: path.to_owned(), reason: reason.to_string() }
 }
 
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+/// The PEM certificates in `path` (at least one).
+pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| file_error(path, e))?
         .collect::<Result<Vec<_>, _>>()
@@ -167,6 +168,13 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         return Err(file_error(path, "no certificate found"));
     }
     Ok(certs)
+}
+
+/// The PEM private key in `path`, read into a buffer that is wiped (the
+/// PEM text holds the key too).
+pub(crate) fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = zeroize::Zeroizing::new(fs::read(path).map_err(|e| file_error(path, e))?);
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| file_error(path, e))
 }
 
 /// The `notAfter` of the chain's first (leaf) certificate, in seconds
@@ -205,7 +213,7 @@ fn build(paths: &TlsConfig) -> Result<Loaded, TlsError> {
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
     let chain = read_certs(&paths.cert)?;
     let not_after = unexpired_leaf(&chain, &paths.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&paths.key).map_err(|e| file_error(&paths.key, e))?;
+    let key = read_private_key(&paths.key)?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Rustls(e.to_string()))?

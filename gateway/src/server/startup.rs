@@ -10,7 +10,7 @@ use kms_core::store::{Invalidation, KeyStore, PgStoreOptions, PostgresStore, Sql
 use kms_core::{HierarchyConfig, KeyHierarchy, RootKeyError, RootKeyProvider};
 use secrecy::SecretString;
 use tokio::net::TcpListener;
-use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::signal::unix::Signal;
 
 use super::handlers::compliance::ComplianceContext;
 use super::masters::{MasterTrust, RecordedMasters, masters_in_use, recorded_settings};
@@ -266,18 +266,9 @@ fn spawn_maintenance(
     profile: Profile,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let hup = match signal(SignalKind::hangup()) {
-        Ok(hup) => Some(hup),
-        Err(e) => {
-            // The rest of the maintenance runs on without it.
-            tracing::error!(
-                error = %e,
-                "cannot listen for SIGHUP: TLS material reloads only when its files change, \
-                 and the policy only at restart"
-            );
-            None
-        }
-    };
+    let hup = crate::signals::hangups(
+        "TLS material reloads only when its files change, and the policy only at restart",
+    );
     let (polled, polled_metrics) = (tls.clone(), metrics.clone());
     let tasks = Maintenance {
         on_hangup: move || {
@@ -379,14 +370,8 @@ async fn maintain<H: FnMut(), P: FnMut(), E: FnMut()>(
     let mut poll = tokio::time::interval(poll);
     let mut evict = tokio::time::interval(evict);
     loop {
-        let hangup = async {
-            match hup.as_mut() {
-                Some(hup) => hup.recv().await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
-            Some(()) = hangup => (tasks.on_hangup)(),
+            () = crate::signals::next_hangup(&mut hup) => (tasks.on_hangup)(),
             _ = poll.tick() => (tasks.on_poll)(),
             _ = evict.tick() => (tasks.on_evict)(),
             _ = stop.changed() => break,

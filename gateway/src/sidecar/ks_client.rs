@@ -23,8 +23,7 @@ use kms_core::{
 use prometheus_client::metrics::counter::Counter;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, OtherError, SignatureScheme};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -763,14 +762,7 @@ fn file_error(path: &Path, reason: impl std::fmt::Display) -> ClientSetupError {
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ClientSetupError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_error(path, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_error(path, e))?;
-    if certs.is_empty() {
-        return Err(file_error(path, "no certificate found"));
-    }
-    Ok(certs)
+    crate::tls::read_certs(path).map_err(|e| ClientSetupError(e.to_string()))
 }
 
 /// The TLS configuration of the files `config` names: the sidecar's
@@ -790,11 +782,8 @@ fn client_tls(config: &KeyServiceConfig) -> Result<rustls::ClientConfig, ClientS
         None => webpki,
     };
     let chain = read_certs(&config.cert)?;
-    // Read into a buffer that is wiped, as the PEM text holds the key.
-    let pem = zeroize::Zeroizing::new(
-        std::fs::read(&config.key).map_err(|e| file_error(&config.key, e))?,
-    );
-    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| file_error(&config.key, e))?;
+    let key =
+        crate::tls::read_private_key(&config.key).map_err(|e| ClientSetupError(e.to_string()))?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| ClientSetupError(e.to_string()))?

@@ -13,7 +13,7 @@ use axum::routing::{get, post};
 use kms_core::schema::SchemaSet;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
-use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::signal::unix::Signal;
 
 use super::cache::DekCache;
 use super::config::{Listen, SidecarConfig};
@@ -97,7 +97,7 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
     // reload (and never SIGHUP's default: the end of the process).
     spawn_tls_reload(
         client.clone(),
-        hangups(),
+        crate::signals::hangups("the key service client's TLS files reload only when they change"),
         Duration::from_secs(config.key_service.tls_reload_interval_secs.max(1)),
         stop_rx.clone(),
     );
@@ -171,20 +171,6 @@ fn spawn_maintenance(state: Arc<SidecarState>, mut stop: tokio::sync::watch::Rec
     });
 }
 
-/// SIGHUP, if it can be listened for (otherwise logged: the TLS files
-/// then reload only when they change).
-fn hangups() -> Option<Signal> {
-    signal(SignalKind::hangup())
-        .map_err(|e| {
-            tracing::error!(
-                error = %e,
-                "cannot listen for SIGHUP: the key service client's TLS files reload only when \
-                 they change"
-            );
-        })
-        .ok()
-}
-
 /// Rebuilds the key service client from its TLS files on SIGHUP, and
 /// whenever a poll every `every` finds them changed: a renewed certificate
 /// is used before the old one expires, a rotated CA before the key
@@ -202,14 +188,8 @@ fn spawn_tls_reload(
         // The first tick is at once, and the files were just read.
         poll.tick().await;
         loop {
-            let hangup = async {
-                match hup.as_mut() {
-                    Some(hup) => hup.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
-                Some(()) = hangup => {
+                () = crate::signals::next_hangup(&mut hup) => {
                     tracing::info!("SIGHUP: reloading the key service client's TLS files");
                     let _ = client.reload_tls();
                 }
