@@ -93,6 +93,7 @@ pub fn main() -> ExitCode {
             };
             config.profile = profile.unwrap_or(config.profile);
             init_logging(&config.log.level, config.log.format);
+            config.warn_mistyped_overrides();
             block_on(crate::server::run(config))
         }
         Command::Sidecar { config, profile } => {
@@ -102,6 +103,7 @@ pub fn main() -> ExitCode {
             };
             config.profile = profile.unwrap_or(config.profile);
             init_logging(&config.log.level, config.log.format);
+            config.warn_mistyped_overrides();
             block_on(crate::sidecar::run(config))
         }
         Command::Admin(args) => crate::admin::run(*args),

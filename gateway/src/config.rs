@@ -690,26 +690,28 @@ pub(crate) fn is_override(name: &str, top_level_keys: &[&str]) -> bool {
             .is_some_and(|key| under_top_level(&key.replace("__", "."), top_level_keys))
 }
 
-/// Refuses, among this process's environment variables, one that names
-/// one of `top_level_keys` but joins the key under it with one `_`
+/// Warns of each of this process's environment variables that names one
+/// of `top_level_keys` but joins the key under it with one `_`
 /// (`KEYGATE_CACHE_TTL_SECS`): the loader takes only `__`
-/// (`KEYGATE_CACHE__TTL_SECS`), so such a variable is ignored without a
-/// word, and the setting meant (a shorter cache TTL, a client CA) silently
-/// not applied. Other `KEYGATE_…` variables (the other command's, the admin
-/// CLI's, tests') are not this config's business, and neither are those
-/// the config names as holding a secret (`exempt`: a `pin_env`).
-pub(crate) fn check_overrides(top_level_keys: &[&str], exempt: &[&str]) -> Result<(), ConfigError> {
+/// (`KEYGATE_CACHE__TTL_SECS`), so the setting it meant (a shorter cache
+/// TTL, a client CA) is not applied, and would be without a word. A
+/// warning, not a refusal: such a name may be something else's (a PIN
+/// variable a recorded master names, a Kubernetes service link); `exempt`
+/// (the config's own `pin_env`) and service links are left out. Call it
+/// once logging is set up.
+pub(crate) fn warn_mistyped_overrides(top_level_keys: &[&str], exempt: &[&str]) {
     let names = std::env::vars_os()
         .filter_map(|(name, _)| name.into_string().ok())
         .filter(|name| !exempt.contains(&name.as_str()));
-    check_override_names(names, top_level_keys)
+    for warning in mistyped_overrides(names, top_level_keys) {
+        tracing::warn!("{warning}");
+    }
 }
 
-fn check_override_names(
-    names: impl Iterator<Item = String>,
-    top_level_keys: &[&str],
-) -> Result<(), ConfigError> {
+/// What [`warn_mistyped_overrides`] says of `names`.
+fn mistyped_overrides(names: impl Iterator<Item = String>, top_level_keys: &[&str]) -> Vec<String> {
     const PREFIX: &str = "KEYGATE_";
+    let mut warnings = Vec::new();
     for name in names {
         let Some(key) = name
             .get(..PREFIX.len())
@@ -719,7 +721,7 @@ fn check_override_names(
             continue;
         };
         let key = key.to_ascii_lowercase();
-        if under_top_level(&key, top_level_keys) {
+        if under_top_level(&key, top_level_keys) || is_service_link(&key) {
             continue;
         }
         let meant = top_level_keys.iter().find(|top| {
@@ -729,16 +731,28 @@ fn check_override_names(
         });
         if let Some(top) = meant {
             let rest = key.get(top.len() + 1..).unwrap_or_default();
-            return Err(ConfigError(format!(
-                "environment variable {name} would be ignored: a key under `{top}` is joined \
-                 with a double underscore, as in KEYGATE_{}__{} (a variable holding a secret \
-                 that a setting names, such as pin_env, must not be spelled like a setting)",
+            warnings.push(format!(
+                "environment variable {name} is not read: a key under `{top}` is joined with a \
+                 double underscore, as in KEYGATE_{}__{}",
                 top.to_ascii_uppercase(),
                 rest.to_ascii_uppercase()
-            )));
+            ));
         }
     }
-    Ok(())
+    warnings
+}
+
+/// Whether `key` (lowercase) has the shape of a variable Kubernetes sets
+/// for a Service (`<name>_service_host`, `<name>_service_port[_…]`,
+/// `<name>_port`, `<name>_port_<n>_<proto>[_…]`): a Service named
+/// `keygate-key-service` gives `KEYGATE_KEY_SERVICE_SERVICE_HOST`.
+fn is_service_link(key: &str) -> bool {
+    key.ends_with("_service_host")
+        || key.contains("_service_port")
+        || key.ends_with("_port")
+        || key
+            .split_once("_port_")
+            .is_some_and(|(_, rest)| rest.starts_with(|c: char| c.is_ascii_digit()))
 }
 
 /// Whether `key` (`limits.max_batch`) is under one of `top_level_keys`.
@@ -752,15 +766,21 @@ fn under_top_level(key: &str, top_level_keys: &[&str]) -> bool {
 }
 
 impl ServerConfig {
+    /// Warns of `KEYGATE_…` variables that look like this config's
+    /// settings misspelled (see [`warn_mistyped_overrides`]), other than
+    /// the one `root.pin_env` names.
+    pub fn warn_mistyped_overrides(&self) {
+        let pin_env = match &self.root {
+            RootConfig::Pkcs11 { pin_env: Some(name), .. } => vec![name.as_str()],
+            _ => Vec::new(),
+        };
+        warn_mistyped_overrides(TOP_LEVEL_KEYS, &pin_env);
+    }
+
     /// Loads `path` (TOML) with `KEYGATE_…` overrides and resolves relative
     /// paths against the file's directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let mut config: Self = load_layered(path, TOP_LEVEL_KEYS)?;
-        let pin_env = match &config.root {
-            RootConfig::Pkcs11 { pin_env: Some(name), .. } => vec![name.as_str()],
-            _ => Vec::new(),
-        };
-        check_overrides(TOP_LEVEL_KEYS, &pin_env)?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         check_durations(config.durations())?;
@@ -841,36 +861,46 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_variable_joining_its_key_with_one_underscore_is_refused_not_ignored() {
+    fn a_variable_joining_its_key_with_one_underscore_is_said_not_ignored() {
         let check = |names: &[&str], tops: &[&str]| {
-            check_override_names(names.iter().map(|n| (*n).to_owned()), tops)
+            mistyped_overrides(names.iter().map(|n| (*n).to_owned()), tops)
         };
         for typo in ["KEYGATE_LIMITS_MAX_BATCH", "keygate_tls_client_ca", "KEYGATE_LOG_LEVEL"] {
-            let e = check(&[typo], TOP_LEVEL_KEYS).unwrap_err().to_string();
-            assert!(e.contains(typo) && e.contains("would be ignored"), "{e}");
+            let warnings = check(&[typo], TOP_LEVEL_KEYS);
+            assert!(matches!(&warnings[..], [w] if w.contains(typo) && w.contains("not read")));
         }
-        let e = check(&["KEYGATE_LIMITS_MAX_BATCH"], TOP_LEVEL_KEYS).unwrap_err().to_string();
-        assert!(e.contains("KEYGATE_LIMITS__MAX_BATCH"), "names the spelling meant: {e}");
+        let warnings = check(&["KEYGATE_LIMITS_MAX_BATCH"], TOP_LEVEL_KEYS);
+        assert!(warnings[0].contains("KEYGATE_LIMITS__MAX_BATCH"), "names the spelling meant");
         let sidecar = crate::sidecar::config::TOP_LEVEL_KEYS;
-        let e = check(&["KEYGATE_CACHE_TTL_SECS"], sidecar).unwrap_err().to_string();
-        assert!(e.contains("KEYGATE_CACHE__TTL_SECS"), "{e}");
-        // What the loader takes, and other commands' or tools' variables.
+        assert!(check(&["KEYGATE_CACHE_TTL_SECS"], sidecar)[0].contains("KEYGATE_CACHE__TTL_SECS"));
+        // What the loader takes, other commands' or tools' variables, and
+        // Kubernetes service links (a Service named keygate-key-service).
         let fine = [
             "KEYGATE_LIMITS__MAX_BATCH",
             "KEYGATE_STORAGE_URL",
             "KEYGATE_OPS_LISTEN",
             "KEYGATE_PROFILE",
             "KEYGATE_ADMIN_PROFILE",
-            "KEYGATE_ADMIN_URL",
             "KEYGATE_SIDECAR_TOKEN_FILE",
             "KEYGATE_CONFIG",
             "KEYGATE_TEST_PG_URL",
             "KEYGATE_CACHE_TTL_SECS", // the sidecar's setting, not the key service's
+            "KEYGATE_AUDIT_SERVICE_HOST",
+            "KEYGATE_AUDIT_PORT",
+            "KEYGATE_AUDIT_PORT_8443_TCP_ADDR",
             "PATH",
             "KEYGATE",
         ];
-        assert!(check(&fine, TOP_LEVEL_KEYS).is_ok());
-        assert!(check(&["KEYGATE_LIMITS__MAX_BATCH", "KEYGATE_APP_IDENTITY"], sidecar).is_ok());
+        assert_eq!(check(&fine, TOP_LEVEL_KEYS), Vec::<String>::new());
+        let links = [
+            "KEYGATE_KEY_SERVICE_SERVICE_HOST",
+            "KEYGATE_KEY_SERVICE_SERVICE_PORT",
+            "KEYGATE_KEY_SERVICE_SERVICE_PORT_HTTPS",
+            "KEYGATE_KEY_SERVICE_PORT_8443_TCP",
+            "KEYGATE_KEY_SERVICE_PORT_8443_TCP_PROTO",
+            "KEYGATE_APP_IDENTITY",
+        ];
+        assert_eq!(check(&links, sidecar), Vec::<String>::new());
     }
 
     #[test]

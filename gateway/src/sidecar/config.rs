@@ -207,6 +207,12 @@ pub(crate) const TOP_LEVEL_KEYS: &[&str] = &[
 ];
 
 impl SidecarConfig {
+    /// Warns of `KEYGATE_…` variables that look like this config's
+    /// settings misspelled (see [`crate::config::warn_mistyped_overrides`]).
+    pub fn warn_mistyped_overrides(&self) {
+        crate::config::warn_mistyped_overrides(TOP_LEVEL_KEYS, &[]);
+    }
+
     /// Every timeout, interval and time-to-live, named as in the file.
     fn durations(&self) -> Vec<(&'static str, Duration)> {
         let mut durations = vec![
@@ -227,7 +233,6 @@ impl SidecarConfig {
     /// Loads `path` with `KEYGATE_…` overrides; resolves relative paths.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let mut config: Self = load_layered(path, TOP_LEVEL_KEYS)?;
-        crate::config::check_overrides(TOP_LEVEL_KEYS, &[])?;
         let base = path.parent().unwrap_or(Path::new("."));
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
