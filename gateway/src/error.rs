@@ -67,6 +67,12 @@ impl ApiError {
         self.status
     }
 
+    /// The same error with `context` said first (what was done before it).
+    pub fn after(mut self, context: &str) -> Self {
+        self.message = format!("{context}: {}", self.message);
+        self
+    }
+
     /// The `Retry-After` seconds sent with it, if any.
     pub fn retry_after(&self) -> Option<u64> {
         self.retry_after

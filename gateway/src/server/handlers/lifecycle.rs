@@ -239,7 +239,7 @@ pub(crate) async fn list_approvals(
     params(("id" = String, Path, description = "Approval request id")),
     request_body = DecideRequest,
     responses(
-        (status = 200, description = "The request after the decision (an approved shred whose immediate run failed is `approved`, and the scheduler runs it)", body = ApprovalView),
+        (status = 200, description = "The request after the decision (an approved shred whose immediate run failed for a while, the audit log or keystore unavailable, is `approved`, and the scheduler runs it; one whose run was refused is answered with that refusal, saying the approval is recorded)", body = ApprovalView),
         (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict (decided already, expired, not what `expect` says, requester no longer an admin), 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
     ),
 )]
@@ -353,7 +353,10 @@ pub(crate) async fn decide(
     // A refusal (4xx) is said as it is.
     match execute_shred_now(&state, &decided, SHRED_LOCK_WAIT).await {
         Ok(executed) => Ok(Json(ApprovalView::from(&executed))),
-        Err(e) if !e.status().is_server_error() => Err(e),
+        Err(e) if !e.status().is_server_error() => Err(e.after(&format!(
+            "request {} is approved (recorded), but running it now was refused",
+            decided.id
+        ))),
         Err(e) => {
             tracing::warn!(
                 approval = decided.id,
