@@ -23,7 +23,7 @@ use crate::config::{RootConfig, ServerConfig};
 use crate::hygiene::Hygiene;
 use crate::policy::{Grant, Policy, PolicyHandle, Role, TenantPattern};
 use crate::sidecar::SidecarConfig;
-use crate::sidecar::config::Listen;
+use crate::sidecar::config::{KeyServiceConfig, Listen};
 
 /// HIPAA Security Rule provisions (45 CFR 164.312) the checks map to.
 pub mod hipaa {
@@ -377,21 +377,31 @@ pub fn sidecar_report(config: &SidecarConfig, hygiene: &Hygiene) -> Report {
             ))
         },
     );
+    let token = config.token_file.as_ref().map(|token| ("token_file", token.as_path()));
+    add_sidecar_tls(&mut r, &config.key_service, token);
+    r.add("process.core_dumps", hipaa::ACCESS_CONTROL, core_dumps(hygiene));
+    r
+}
+
+/// Adds the sidecar's rules that judge its key service TLS files
+/// (`tls.development_pki` and `files.private_keys`), the latter over
+/// `other_secret` too if there is one.
+fn add_sidecar_tls(
+    r: &mut Report,
+    key_service: &KeyServiceConfig,
+    other_secret: Option<(&str, &Path)>,
+) {
     r.add(
         DEVELOPMENT_PKI_RULE,
         hipaa::AUTHENTICATION,
         development_pki(&[
-            ("key_service.cert", &config.key_service.cert),
-            ("key_service.ca", &config.key_service.ca),
+            ("key_service.cert", &key_service.cert),
+            ("key_service.ca", &key_service.ca),
         ]),
     );
-    let mut secrets = vec![("key_service.key", config.key_service.key.as_path())];
-    if let Some(token) = &config.token_file {
-        secrets.push(("token_file", token));
-    }
+    let mut secrets = vec![("key_service.key", key_service.key.as_path())];
+    secrets.extend(other_secret);
     r.add("files.private_keys", hipaa::ACCESS_CONTROL, private_files(&secrets));
-    r.add("process.core_dumps", hipaa::ACCESS_CONTROL, core_dumps(hygiene));
-    r
 }
 
 /// Adds to `report` what the keystore says about the masters in use: a
@@ -810,6 +820,33 @@ pub(crate) fn tls_report(profile: Profile, tls: &crate::config::TlsConfig) -> Re
     );
     r.add("files.private_keys", hipaa::ACCESS_CONTROL, private_files(&[("tls.key", &tls.key)]));
     r
+}
+
+/// The checks of the sidecar's key service TLS files about to be loaded
+/// (at start and on reload): the rules of [`sidecar_report`] that judge
+/// these files.
+pub(crate) fn sidecar_tls_report(profile: Profile, key_service: &KeyServiceConfig) -> Report {
+    let mut r = Report::new(profile);
+    add_sidecar_tls(&mut r, key_service, None);
+    r
+}
+
+/// What the production profile refuses of the checks `report` makes:
+/// the rules a reload (and the TLS files' load at start) is held to.
+/// Under the development profile `report` is not even built: its rules
+/// never refuse there, and the start-up report has already said once
+/// what fails, so judging every reload again would only repeat it in the
+/// log. Nothing is logged here either way: the caller says what it kept
+/// ([`refusal`]).
+pub(crate) fn refused_in_production(
+    profile: Profile,
+    report: impl FnOnce() -> Report,
+) -> Result<(), ComplianceError> {
+    if profile != Profile::Production {
+        return Ok(());
+    }
+    let failed: Vec<Check> = report().failures().cloned().collect();
+    if failed.is_empty() { Ok(()) } else { Err(ComplianceError { failed }) }
 }
 
 /// The failed rules of a refusal, for a reload's error (the error's own

@@ -15,12 +15,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use rustls::ServerConfig;
 use rustls::server::WebPkiClientVerifier;
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
+use rustls::{InconsistentKeys, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+use zeroize::Zeroize;
 
 use crate::compliance::{self, Profile};
 use crate::config::TlsConfig;
@@ -37,7 +39,9 @@ pub enum TlsError {
         /// What is wrong.
         reason: String,
     },
-    /// rustls refused the material (key does not match, bad CA, …).
+    /// rustls refused the material (a CA bundle it cannot use, …). A key
+    /// that does not match the certificate is a [`TlsError::File`] naming
+    /// the key file.
     #[error("TLS configuration rejected: {0}")]
     Rustls(String),
     /// The production profile refuses the files: the failed rules, each
@@ -45,8 +49,10 @@ pub enum TlsError {
     #[error("the production profile refuses the TLS files: {0}")]
     Refused(String),
     /// A file was replaced while the configuration was read from them, so
-    /// the checks may have judged other files than those loaded.
-    #[error("the TLS files changed while they were read; they are read again at the next poll")]
+    /// the checks may have judged other files than those loaded: not a
+    /// broken file, a renewal under way (a reload reads them again at the
+    /// next poll).
+    #[error("the TLS files changed while they were read (a renewal under way?)")]
     Changed,
 }
 
@@ -78,7 +84,12 @@ impl TlsReloader {
     /// Loads the configured files; under `profile` production they must
     /// pass the TLS compliance rules, at this load and at every reload.
     pub fn load(paths: &TlsConfig, profile: Profile) -> Result<Self, TlsError> {
-        let (loaded, before) = read_checked(paths, profile)?;
+        // A start has no old configuration to keep, nor a next poll to
+        // wait for: files caught mid-renewal are read once more at once.
+        let (loaded, before) = match read_checked(paths, profile) {
+            Err(TlsError::Changed) => read_checked(paths, profile)?,
+            read => read?,
+        };
         Ok(Self {
             stamps: Mutex::new(before),
             paths: paths.clone(),
@@ -122,8 +133,9 @@ impl TlsReloader {
 /// profile, refuses it if the files fail a TLS compliance rule
 /// (`tls.development_pki`, `files.private_keys`,
 /// `authentication.client_certificates`): a reload must not bring in what
-/// the start would have refused. Returns the files' stamps from before
-/// they were read.
+/// the start would have refused. (The development profile judges nothing
+/// here: the start-up report says once what fails.) Returns the files'
+/// stamps from before they were read.
 fn read_checked(
     paths: &TlsConfig,
     profile: Profile,
@@ -132,8 +144,7 @@ fn read_checked(
     // as changed at the next check, not taken as read.
     let before = stamps(paths);
     let loaded = build(paths)?;
-    compliance::tls_report(profile, paths)
-        .enforce()
+    compliance::refused_in_production(profile, || compliance::tls_report(profile, paths))
         .map_err(|e| TlsError::Refused(compliance::refusal(&e)))?;
     // The rules read the files by name: had one been replaced meanwhile,
     // they would have judged another file than the one loaded.
@@ -177,6 +188,33 @@ pub(crate) fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, Tl
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| file_error(path, e))
 }
 
+/// `chain` with the private key in `key_path`, for rustls to sign with.
+/// The key must match the chain's first certificate (a certificate renewed
+/// without its key is refused, naming the key file). The key's decoded
+/// bytes are wiped once the signing key is made from them: handed to
+/// rustls (`with_single_cert`, `with_client_auth_cert`) they would be
+/// dropped unwiped, at every reload.
+pub(crate) fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key_path: &Path,
+) -> Result<Arc<CertifiedKey>, TlsError> {
+    let mut key = read_private_key(key_path)?;
+    let signer = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key);
+    key.zeroize();
+    let certified = CertifiedKey::new(chain, signer.map_err(|e| file_error(key_path, e))?);
+    match certified.keys_match() {
+        // As `with_single_cert` does, a key that cannot tell its public
+        // half is taken: a mismatch would then fail every handshake.
+        Ok(()) | Err(rustls::Error::InconsistentKeys(InconsistentKeys::Unknown)) => {
+            Ok(Arc::new(certified))
+        }
+        Err(rustls::Error::InconsistentKeys(InconsistentKeys::KeyMismatch)) => {
+            Err(file_error(key_path, "the private key does not match the certificate"))
+        }
+        Err(e) => Err(file_error(key_path, e)),
+    }
+}
+
 /// The `notAfter` of the chain's first (leaf) certificate, in seconds
 /// since the epoch; an error naming `path` if it has passed.
 fn unexpired_leaf(chain: &[CertificateDer<'_>], path: &Path) -> Result<i64, TlsError> {
@@ -213,13 +251,12 @@ fn build(paths: &TlsConfig) -> Result<Loaded, TlsError> {
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
     let chain = read_certs(&paths.cert)?;
     let not_after = unexpired_leaf(&chain, &paths.cert)?;
-    let key = read_private_key(&paths.key)?;
+    let certified = certified_key(chain, &paths.key)?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Rustls(e.to_string()))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        .with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     // No resumption: rustls restores a resumed session's client chain
     // without verifying it again, and each resumption hands out new
@@ -346,7 +383,7 @@ pub(crate) fn file_stamps(paths: &TlsConfig) -> Vec<Option<Stamp>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use rcgen::{CertificateParams, KeyPair, SanType};
@@ -468,7 +505,8 @@ mod tests {
         // A renewal half written: the new certificate, the old key.
         let renewed = server_cert(&ca, Validity::days(30));
         fs::write(&paths.cert, &renewed.cert_pem).unwrap();
-        assert!(matches!(tls.reload_if_changed(), Err(TlsError::Rustls(_))));
+        let e = tls.reload_if_changed().unwrap_err();
+        assert!(matches!(&e, TlsError::File { path, .. } if *path == paths.key), "{e:?}");
         assert!(kept(&tls));
         // An expired certificate with its own key.
         write_files(dir.path(), &server_cert(&ca, Validity::expired()), &ca);
@@ -522,6 +560,76 @@ mod tests {
             TlsReloader::load(&paths, Profile::Production),
             Err(TlsError::Refused(_))
         ));
+    }
+
+    #[test]
+    fn a_certified_key_is_refused_unless_the_key_is_the_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = own_ca();
+        let (server, other) =
+            (server_cert(&ca, Validity::days(1)), server_cert(&ca, Validity::days(1)));
+        let chain = read_pem_chain(&server);
+        let key = dir.path().join("server.key");
+
+        fs::write(&key, other.key_pem.as_bytes()).unwrap();
+        let e = certified_key(chain.clone(), &key).unwrap_err();
+        assert!(matches!(&e, TlsError::File { path, .. } if *path == key), "{e:?}");
+        assert!(e.to_string().contains("does not match the certificate"), "{e}");
+        // Not a key at all, nor a file: refused naming it too.
+        fs::write(&key, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").unwrap();
+        let e = certified_key(chain.clone(), &key).unwrap_err();
+        assert!(matches!(&e, TlsError::File { path, .. } if *path == key), "{e:?}");
+        let absent = dir.path().join("absent.key");
+        let e = certified_key(chain.clone(), &absent).unwrap_err();
+        assert!(matches!(&e, TlsError::File { path, .. } if *path == absent), "{e:?}");
+
+        fs::write(&key, server.key_pem.as_bytes()).unwrap();
+        let certified = certified_key(chain.clone(), &key).unwrap();
+        assert_eq!(certified.cert, chain);
+        assert!(certified.keys_match().is_ok());
+    }
+
+    fn read_pem_chain(cert: &IssuedCert) -> Vec<CertificateDer<'static>> {
+        vec![CertificateDer::from_pem_slice(cert.cert_pem.as_bytes()).unwrap()]
+    }
+
+    /// What `f` logs, at every level, as text.
+    pub(crate) fn logs_of(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn development_loads_and_reloads_judge_no_rule_and_log_none() {
+        let dir = tempfile::tempdir().unwrap();
+        // What `keygate up` runs with: a development CA's certificates.
+        let dev = DevCa::generate("keygate up development CA").unwrap();
+        let paths = write_files(dir.path(), &server_cert(&dev, Validity::days(1)), &dev);
+        let logs = logs_of(|| {
+            let tls = TlsReloader::load(&paths, Profile::Development).unwrap();
+            tls.reload().unwrap();
+        });
+        assert!(logs.contains("TLS certificate and client CA reloaded"), "{logs}");
+        assert!(!logs.contains("tls.development_pki"), "{logs}");
+        assert!(!logs.contains("compliance check failed"), "{logs}");
     }
 
     /// The identity of a (self-signed) certificate with these SANs.

@@ -294,7 +294,8 @@ fn spawn_maintenance(
 /// telling whether it loaded anything). A failure keeps the certificates
 /// in force and is counted, so that a renewal that never took can raise
 /// an alert before the old certificate expires; a broken file is tried,
-/// and counted, again at each poll until it is mended.
+/// and counted, again at each poll until it is mended. Files caught being
+/// replaced are no failure: the next poll reads them again.
 fn reload_tls(
     tls: &TlsReloader,
     metrics: &Metrics,
@@ -303,6 +304,11 @@ fn reload_tls(
     match reload(tls) {
         Ok(true) => tls_loaded(tls, metrics),
         Ok(false) => {}
+        Err(TlsError::Changed) => {
+            tracing::info!(
+                "the TLS files changed while they were read; they are read again at the next poll"
+            );
+        }
         Err(e) => {
             metrics.tls_reload_failures.inc();
             tracing::error!(error = %e, "TLS reload failed; keeping the previous certificates");
@@ -322,9 +328,14 @@ fn tls_loaded(tls: &TlsReloader, metrics: &Metrics) {
 /// never took (a revocation with a typo) can raise an alert rather than
 /// wait in the log.
 fn reload_policy(policy: &PolicyHandle, metrics: &Metrics, profile: Profile) {
-    // The profile's rules judge the very policy that goes into force.
-    let checked = policy
-        .reload_checked(|candidate| crate::compliance::policy_report(profile, candidate).enforce());
+    // The profile's rules judge the very policy that goes into force
+    // (under development they would refuse nothing, and the start-up
+    // report said once what fails).
+    let checked = policy.reload_checked(|candidate| {
+        crate::compliance::refused_in_production(profile, || {
+            crate::compliance::policy_report(profile, candidate)
+        })
+    });
     match checked {
         Ok(()) => {
             metrics.policy_loaded.set(unix_now());
@@ -611,8 +622,12 @@ mod tests {
         assert_eq!(metrics.policy_reload_failures.get(), 1);
         assert_eq!(metrics.policy_loaded.get(), 0, "no load to date");
 
-        // The development profile only reports it.
-        reload_policy(&policy, &metrics, Profile::Development);
+        // The development profile takes it, and says nothing of the rule
+        // at each reload (its start-up report said once what fails).
+        let logs = crate::tls::tests::logs_of(|| {
+            reload_policy(&policy, &metrics, Profile::Development);
+        });
+        assert!(!logs.contains("policy.least_privilege"), "{logs}");
         assert!(encrypts_for_other(&policy));
         assert_eq!(metrics.policy_reload_failures.get(), 1);
     }
@@ -672,6 +687,26 @@ mod tests {
             metrics.tls_certificate_expiry.get()
         );
         assert!(text.lines().any(|l| l == line), "{line} in {text}");
+    }
+
+    #[test]
+    fn tls_files_caught_being_replaced_are_no_reload_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = DevCa::generate_for("Example Health Issuing CA", "Example Health").unwrap();
+        let paths = tls_files(
+            dir.path(),
+            &ca,
+            &ca.issue_server(&["localhost"], Validity::days(1)).unwrap(),
+        );
+        let tls = TlsReloader::load(&paths, Profile::Production).unwrap();
+        let metrics = Metrics::default();
+        // A renewal under way, seen mid-way: read again at the next poll.
+        let logs = crate::tls::tests::logs_of(|| {
+            reload_tls(&tls, &metrics, |_| Err(TlsError::Changed));
+        });
+        assert_eq!(metrics.tls_reload_failures.get(), 0);
+        assert!(logs.contains("INFO") && logs.contains("read again at the next poll"), "{logs}");
+        assert!(!logs.contains("ERROR"), "{logs}");
     }
 
     #[test]

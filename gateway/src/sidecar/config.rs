@@ -298,6 +298,15 @@ fn check_server_identity(identity: &str) -> Result<(), ConfigError> {
     if scheme.bytes().chain(authority.bytes()).any(|b| b.is_ascii_uppercase()) {
         return refuse("write its scheme and authority in lower case, as identities are compared");
     }
+    // The very test a certificate's URI SAN passes to be an identity at
+    // all: anything else (a trailing `/`, `*`, `%`, `?`, `user@`, `..`)
+    // would start a sidecar whose every call is refused.
+    if crate::tls::uri_identity(identity).as_deref() != Some(identity) {
+        return refuse(
+            "no certificate's identity is spelled so: scheme://authority/path in plain ASCII, \
+             no userinfo ('@'), no empty, '.' or '..' segment, no '%', '?', '#' or '*'",
+        );
+    }
     Ok(())
 }
 
@@ -387,6 +396,15 @@ mod tests {
             ("spiffe://prod/ns/key service", "printable ASCII"),
             ("spiffe://Prod/ns/keygate", "lower case"),
             ("SPIFFE://prod/ns/keygate", "lower case"),
+            ("spiffe://prod/ns/keygate/", "no certificate's identity"),
+            ("spiffe://prod/ns//keygate", "no certificate's identity"),
+            ("spiffe://prod/ns/*", "no certificate's identity"),
+            ("spiffe://prod/ns/%6beygate", "no certificate's identity"),
+            ("spiffe://prod/ns/keygate?x=1", "no certificate's identity"),
+            ("spiffe://prod/ns/keygate#x", "no certificate's identity"),
+            ("spiffe://ks@prod/ns/keygate", "no certificate's identity"),
+            ("spiffe://prod/ns/../keygate", "no certificate's identity"),
+            ("spiffe://prod/ns/./keygate", "no certificate's identity"),
         ] {
             let e = load(bad).unwrap_err();
             assert!(e.contains("key_service.server_identity") && e.contains(why), "{bad}: {e}");

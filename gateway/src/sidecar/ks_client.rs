@@ -5,8 +5,10 @@
 //! The certificate, key and CA bundle are reloaded when their files change
 //! (polled) or on SIGHUP: a reload builds a whole new HTTP client and swaps
 //! it in; calls under way finish on the client they started with, and a
-//! broken file keeps the old client (logged, counted). The key service may
-//! be pinned to its identity (`key_service.server_identity`).
+//! broken file keeps the old client (logged, counted). Under the
+//! production profile a reload is held to the rules the start enforces on
+//! these files (`tls.development_pki`, `files.private_keys`). The key
+//! service may be pinned to its identity (`key_service.server_identity`).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -24,6 +26,7 @@ use prometheus_client::metrics::counter::Counter;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::sign::SingleCertAndKey;
 use rustls::{CertificateError, DigitallySignedStruct, OtherError, SignatureScheme};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -31,6 +34,7 @@ use serde_json::{Value, json};
 use zeroize::Zeroize;
 
 use super::config::KeyServiceConfig;
+use crate::compliance::{self, Profile};
 use crate::config::TlsConfig;
 use crate::policy::EffectiveGrants;
 use crate::wire::SecretB64;
@@ -60,10 +64,27 @@ pub(super) enum KsError {
     Decode(String),
 }
 
-/// The client could not be built from its configuration.
+/// The client could not be built from its configuration, or a reload
+/// was not taken.
 #[derive(Debug, thiserror::Error)]
-#[error("key service client: {0}")]
-pub(super) struct ClientSetupError(String);
+#[non_exhaustive]
+pub(super) enum ClientSetupError {
+    /// A file is missing or not what it should be (named), or rustls
+    /// refused the material.
+    #[error("key service client: {0}")]
+    Invalid(String),
+    /// The production profile refuses the files: the failed rules, each
+    /// with its provision and what was found.
+    #[error("key service client: the production profile refuses the TLS files: {0}")]
+    Refused(String),
+    /// A file was replaced while the client was built from them, so the
+    /// rules may have judged other files than those loaded: a renewal
+    /// under way, not a broken file.
+    #[error(
+        "key service client: the TLS files changed while they were read (a renewal under way?)"
+    )]
+    Changed,
+}
 
 /// Client of the key service API.
 #[derive(Debug)]
@@ -73,6 +94,8 @@ pub(super) struct KeyServiceClient {
     http: ArcSwap<reqwest::Client>,
     /// What the client is built from, for reloads.
     config: KeyServiceConfig,
+    /// The profile whose rules every reload is held to.
+    profile: Profile,
     /// What the TLS files looked like just before the current client was
     /// built from them.
     stamps: Mutex<Stamps>,
@@ -341,14 +364,23 @@ pub(super) struct Unwrapped {
 const NAMESPACE_PATH: &str = "/_namespace";
 
 impl KeyServiceClient {
-    /// Builds the client from PEM files.
-    pub(super) fn new(config: &KeyServiceConfig) -> Result<Self, ClientSetupError> {
+    /// Builds the client from PEM files, which under `profile` production
+    /// must pass the rules on them, now and at every reload.
+    pub(super) fn new(
+        config: &KeyServiceConfig,
+        profile: Profile,
+    ) -> Result<Self, ClientSetupError> {
         let timeout = Duration::from_millis(config.timeout_ms.max(1));
-        let before = crate::tls::file_stamps(&tls_paths(config));
-        let http = build_http(config, timeout)?;
+        // A start has no old client to keep, nor a next poll to wait for:
+        // files caught mid-renewal are read once more at once.
+        let (http, before) = match read_checked(config, profile, timeout) {
+            Err(ClientSetupError::Changed) => read_checked(config, profile, timeout)?,
+            read => read?,
+        };
         Ok(Self {
             http: ArcSwap::from_pointee(http),
             config: config.clone(),
+            profile,
             stamps: Mutex::new(before),
             tls_warned_ms: config.urls.iter().map(|_| AtomicU64::new(0)).collect(),
             metrics: ClientMetrics::default(),
@@ -362,19 +394,36 @@ impl KeyServiceClient {
     }
 
     /// Builds a new HTTP client from the TLS files and swaps it in; calls
-    /// under way finish on the old one. On failure the old client stays,
-    /// and the failure (naming the file) is logged and counted in
-    /// `keygate_sidecar_tls_reload_failures_total`.
+    /// under way finish on the old one. On failure, or files the
+    /// production profile refuses, the old client stays, and the failure
+    /// (naming the file, or the rules) is logged and counted in
+    /// `keygate_sidecar_tls_reload_failures_total`. Files caught being
+    /// replaced are neither: they are read again at the next poll.
     pub(super) fn reload_tls(&self) -> Result<(), ClientSetupError> {
-        // Stamped before reading: a file changed while it is read is seen
-        // as changed at the next check, not taken as read.
-        let before = crate::tls::file_stamps(&tls_paths(&self.config));
-        match build_http(&self.config, self.timeout) {
-            Ok(http) => {
+        match read_checked(&self.config, self.profile, self.timeout) {
+            Ok((http, before)) => {
                 self.http.store(Arc::new(http));
                 *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) = before;
                 tracing::info!("key service client certificate, key and CA bundle reloaded");
                 Ok(())
+            }
+            // The stamps kept are the old files': the next poll sees the
+            // change and reads them again, whole by then.
+            Err(ClientSetupError::Changed) => {
+                tracing::info!(
+                    "the key service client's TLS files changed while they were read; they are \
+                     read again at the next poll"
+                );
+                Err(ClientSetupError::Changed)
+            }
+            Err(ClientSetupError::Refused(rules)) => {
+                self.metrics.reload_failures.inc();
+                tracing::error!(
+                    %rules,
+                    "the production profile refuses the key service client's new TLS files; \
+                     keeping the previous ones"
+                );
+                Err(ClientSetupError::Refused(rules))
             }
             Err(e) => {
                 self.metrics.reload_failures.inc();
@@ -758,11 +807,37 @@ fn tls_paths(config: &KeyServiceConfig) -> TlsConfig {
 }
 
 fn file_error(path: &Path, reason: impl std::fmt::Display) -> ClientSetupError {
-    ClientSetupError(format!("{}: {reason}", path.display()))
+    ClientSetupError::Invalid(format!("{}: {reason}", path.display()))
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ClientSetupError> {
-    crate::tls::read_certs(path).map_err(|e| ClientSetupError(e.to_string()))
+    crate::tls::read_certs(path).map_err(|e| ClientSetupError::Invalid(e.to_string()))
+}
+
+/// An HTTP client of the TLS files `config` names, refused under the
+/// production profile if the files fail the rules the start enforces on
+/// them (`compliance::sidecar_tls_report`): a CA bundle swapped for one
+/// with a development CA, whose key is a file that can mint any identity,
+/// would defeat `server_identity`. Returns the files' stamps from before
+/// they were read.
+fn read_checked(
+    config: &KeyServiceConfig,
+    profile: Profile,
+    timeout: Duration,
+) -> Result<(reqwest::Client, Stamps), ClientSetupError> {
+    let paths = tls_paths(config);
+    // Stamped before reading: a file changed while it is read is seen as
+    // changed at the next check, not taken as read.
+    let before = crate::tls::file_stamps(&paths);
+    let http = build_http(config, timeout)?;
+    compliance::refused_in_production(profile, || compliance::sidecar_tls_report(profile, config))
+        .map_err(|e| ClientSetupError::Refused(compliance::refusal(&e)))?;
+    // The rules read the files by name: had one been replaced meanwhile,
+    // they would have judged another file than the one loaded.
+    if crate::tls::file_stamps(&paths) != before {
+        return Err(ClientSetupError::Changed);
+    }
+    Ok((http, before))
 }
 
 /// The TLS configuration of the files `config` names: the sidecar's
@@ -782,23 +857,17 @@ fn client_tls(config: &KeyServiceConfig) -> Result<rustls::ClientConfig, ClientS
         None => webpki,
     };
     let chain = read_certs(&config.cert)?;
-    let key =
-        crate::tls::read_private_key(&config.key).map_err(|e| ClientSetupError(e.to_string()))?;
+    // The key's decoded bytes wiped once rustls holds its signing key.
+    let certified = crate::tls::certified_key(chain, &config.key)
+        .map_err(|e| ClientSetupError::Invalid(e.to_string()))?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| ClientSetupError(e.to_string()))?
+        .map_err(|e| ClientSetupError::Invalid(e.to_string()))?
         // `dangerous` only names the door: this verifier is WebPKI's plus
         // the identity check.
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(chain, key)
-        .map_err(|e| {
-            ClientSetupError(format!(
-                "{} with {}: {e}",
-                config.cert.display(),
-                config.key.display()
-            ))
-        })?;
+        .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
     // What reqwest would offer: HTTP/2 where the key service speaks it.
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tls)
@@ -819,7 +888,7 @@ fn build_http(
         // perhaps without TLS.
         .redirect(reqwest::redirect::Policy::none())
         .build()
-        .map_err(|e| ClientSetupError(e.to_string()))
+        .map_err(|e| ClientSetupError::Invalid(e.to_string()))
 }
 
 /// What failed in the TLS handshake behind a transport error, if it
@@ -885,6 +954,7 @@ mod tests {
     use axum::routing::post;
     use data_encoding::BASE64URL_NOPAD;
     use kms_core::SecretBuf;
+    use rustls::pki_types::pem::PemObject;
 
     use super::*;
     use crate::config::TlsConfig;
@@ -1067,7 +1137,9 @@ mod tests {
         let seen = Arc::new(Seen::default());
         let url = key_service(dir.path(), &ca, seen.clone(), takes_binary).await;
         write_identity(&ca, dir.path(), "spiffe://test/app");
-        let client = KeyServiceClient::new(&client_config(dir.path(), url, None)).unwrap();
+        let client =
+            KeyServiceClient::new(&client_config(dir.path(), url, None), Profile::Development)
+                .unwrap();
         (dir, ca, client, seen)
     }
 
@@ -1228,13 +1300,149 @@ mod tests {
             seen.clients.lock().unwrap().last().map(String::as_str),
             Some("spiffe://test/renewed")
         );
-        // A forced reload (SIGHUP) rebuilds from unchanged files too.
-        write_identity(&ca, dir.path(), "spiffe://test/app");
+        // A forced reload (SIGHUP) rebuilds from files left untouched: a
+        // new client, so a new connection (the old one stays open, idle).
         client.reload_tls().unwrap();
         assert!(!client.reload_tls_if_changed().unwrap());
         assert!(unwrap_one(&client, "onc").await.is_ok());
         let clients = seen.clients.lock().unwrap().clone();
-        assert_eq!(clients, ["spiffe://test/app", "spiffe://test/renewed", "spiffe://test/app"]);
+        assert_eq!(
+            clients,
+            ["spiffe://test/app", "spiffe://test/renewed", "spiffe://test/renewed"]
+        );
+    }
+
+    #[tokio::test]
+    async fn production_reloads_are_held_to_the_sidecars_tls_rules() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // The organization's own PKI, which the production profile takes.
+        let ca = DevCa::generate_for("Example Health Issuing CA", "Example Health").unwrap();
+        let seen = Arc::new(Seen::default());
+        let url = key_service(dir.path(), &ca, seen, true).await;
+        write_identity(&ca, dir.path(), "spiffe://test/app");
+        let key = dir.path().join("app.key");
+        let chmod = |mode| std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode));
+        chmod(0o600).unwrap();
+        let config = client_config(dir.path(), url, None);
+        let production = KeyServiceClient::new(&config, Profile::Production).unwrap();
+        let development = KeyServiceClient::new(&config, Profile::Development).unwrap();
+        let failures = "keygate_sidecar_tls_reload_failures_total";
+        let in_force = production.http.load_full();
+        let refused = |rule: &str| {
+            let e = production.reload_tls().unwrap_err();
+            assert!(
+                matches!(&e, ClientSetupError::Refused(rules) if rules.contains(&format!("[{rule}]"))),
+                "{rule}: {e}"
+            );
+            assert!(Arc::ptr_eq(&production.http.load_full(), &in_force), "{rule}: kept");
+        };
+
+        // The CA bundle now also trusting a development CA, whose key (a
+        // file) can mint the key service's identity for anyone: calls
+        // would go on working, so nothing else would tell.
+        let dev = DevCa::generate("keygate development CA").unwrap();
+        std::fs::write(dir.path().join("ca.crt"), format!("{}{}", ca.cert_pem(), dev.cert_pem()))
+            .unwrap();
+        refused("tls.development_pki");
+        assert_eq!(metric(&production, failures), "1");
+        assert!(unwrap_one(&production, "onc").await.is_ok(), "on the old client");
+        development.reload_tls().unwrap();
+        assert_eq!(metric(&development, failures), "0");
+
+        // The organization's CA again, but the key readable by others.
+        std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
+        chmod(0o644).unwrap();
+        refused("files.private_keys");
+        assert_eq!(metric(&production, failures), "2");
+        development.reload_tls().unwrap();
+
+        // Mended: taken.
+        chmod(0o600).unwrap();
+        assert!(production.reload_tls_if_changed().unwrap());
+        assert!(!Arc::ptr_eq(&production.http.load_full(), &in_force));
+        assert!(unwrap_one(&production, "onc").await.is_ok());
+        // Nor does the start take what a reload refuses.
+        chmod(0o640).unwrap();
+        let e = KeyServiceClient::new(&config, Profile::Production).unwrap_err();
+        assert!(matches!(&e, ClientSetupError::Refused(_)), "{e}");
+    }
+
+    /// Runs a handshake in memory between `client` and `server`; the
+    /// client's error if it fails.
+    fn handshake(
+        client: Arc<rustls::ClientConfig>,
+        server: Arc<rustls::ServerConfig>,
+    ) -> Result<(), rustls::Error> {
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut client = rustls::ClientConnection::new(client, name).unwrap();
+        let mut server = rustls::ServerConnection::new(server).unwrap();
+        loop {
+            let mut to_server = Vec::new();
+            while client.wants_write() {
+                client.write_tls(&mut to_server).unwrap();
+            }
+            let mut unread = to_server.as_slice();
+            while !unread.is_empty() {
+                server.read_tls(&mut unread).unwrap();
+                // The server's own failure shows as the client's.
+                let _ = server.process_new_packets();
+            }
+            let mut to_client = Vec::new();
+            while server.wants_write() {
+                server.write_tls(&mut to_client).unwrap();
+            }
+            let mut unread = to_client.as_slice();
+            while !unread.is_empty() {
+                client.read_tls(&mut unread).unwrap();
+                client.process_new_packets()?;
+            }
+            if to_server.is_empty() && to_client.is_empty() {
+                assert!(!client.is_handshaking(), "the handshake stalled");
+                return Ok(());
+            }
+        }
+    }
+
+    #[test]
+    fn a_pinned_client_verifies_the_key_services_handshake_signature() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = DevCa::generate("test CA").unwrap();
+        let ks = "spiffe://test/key-service";
+        std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
+        write_identity(&ca, dir.path(), "spiffe://test/app");
+        let client = client_config(dir.path(), "https://localhost:1".into(), Some(ks));
+        let client = Arc::new(client_tls(&client).unwrap());
+        // The genuine key service certificate; served with its own key,
+        // or with another one (its certificate copied, its key not).
+        let genuine = ca.issue_server_with_identity(&["localhost"], ks, Validity::days(1)).unwrap();
+        let other = ca.issue_server(&["localhost"], Validity::days(1)).unwrap();
+        let chain = vec![CertificateDer::from_pem_slice(genuine.cert_pem.as_bytes()).unwrap()];
+        let server = |key_pem: &str| {
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+            let signer = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key).unwrap();
+            // `new`, unlike `with_single_cert`, takes a key not the
+            // certificate's, as an impostor's server would.
+            let certified = rustls::sign::CertifiedKey::new(chain.clone(), signer);
+            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+            move |version: &'static rustls::SupportedProtocolVersion| {
+                let config = rustls::ServerConfig::builder_with_provider(provider.clone())
+                    .with_protocol_versions(&[version])
+                    .unwrap()
+                    .with_no_client_auth()
+                    .with_cert_resolver(Arc::new(SingleCertAndKey::from(certified.clone())));
+                Arc::new(config)
+            }
+        };
+        let (genuine_server, impostor) = (server(&genuine.key_pem), server(&other.key_pem));
+        for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+            handshake(client.clone(), genuine_server(version)).unwrap();
+            let e = handshake(client.clone(), impostor(version)).unwrap_err();
+            assert!(
+                matches!(e, rustls::Error::InvalidCertificate(CertificateError::BadSignature)),
+                "{version:?}: {e:?}"
+            );
+        }
     }
 
     #[tokio::test]
@@ -1246,8 +1454,8 @@ mod tests {
         let pinned_url = key_service_of(dir.path(), &ca, seen.clone(), true, Some(ks)).await;
         write_identity(&ca, dir.path(), "spiffe://test/app");
         let pinned = |url: &str, identity: &str| {
-            KeyServiceClient::new(&client_config(dir.path(), url.to_owned(), Some(identity)))
-                .unwrap()
+            let config = client_config(dir.path(), url.to_owned(), Some(identity));
+            KeyServiceClient::new(&config, Profile::Development).unwrap()
         };
         assert!(unwrap_one(&pinned(&pinned_url, ks), "onc").await.is_ok());
 
@@ -1287,13 +1495,13 @@ mod tests {
         write_identity(&ca, dir.path(), "spiffe://test/app");
         let mut config = client_config(dir.path(), untrusted.clone(), None);
         config.urls.push(trusted);
-        let client = KeyServiceClient::new(&config).unwrap();
+        let client = KeyServiceClient::new(&config, Profile::Development).unwrap();
         assert!(unwrap_one(&client, "onc").await.is_ok(), "served by the second");
         assert_eq!(metric(&client, "keygate_sidecar_key_service_tls_failures_total"), "1");
 
         // Alone, it says why rather than "connection refused".
-        let client =
-            KeyServiceClient::new(&client_config(dir.path(), untrusted.clone(), None)).unwrap();
+        let config = client_config(dir.path(), untrusted.clone(), None);
+        let client = KeyServiceClient::new(&config, Profile::Development).unwrap();
         let e = unwrap_one(&client, "onc").await.err();
         let Some(KsError::Unavailable(message)) = e else { panic!("{e:?}") };
         assert!(

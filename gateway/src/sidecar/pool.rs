@@ -213,7 +213,7 @@ pub(super) mod tests {
             tls_reload_interval_secs: 60,
             server_identity: None,
         };
-        Arc::new(KeyServiceClient::new(&config).unwrap())
+        Arc::new(KeyServiceClient::new(&config, crate::compliance::Profile::Development).unwrap())
     }
 
     #[tokio::test]

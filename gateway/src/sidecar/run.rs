@@ -69,7 +69,7 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
     };
     let metrics = Metrics::sidecar();
     let client = Arc::new(
-        KeyServiceClient::new(&config.key_service)
+        KeyServiceClient::new(&config.key_service, config.profile)
             .map_err(|e| fail("key service client")(&e))?
             .counting_into(&metrics),
     );
