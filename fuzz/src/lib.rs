@@ -2,8 +2,8 @@
 //! `fuzz_targets/` are one-liners calling these). The main workspace's
 //! `tests/tests/fuzz_regressions.rs` includes this file to replay every
 //! seed and every saved crash under `cargo test`, so it may depend only on
-//! crates that test crate has: kms-core, gateway and hsm-adapters (each
-//! with feature `fuzzing`) and serde_json.
+//! crates that test crate has: kms-core, gateway, hsm-adapters and
+//! keygate-sdk (each with feature `fuzzing`) and serde_json.
 
 use kms_core::audit::{
     Anchor, AuditChain, AuditEvent, AuditSigner, AuditVerifyingKey, ChainVerifier, Outcome,
@@ -35,6 +35,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("root_key_file", root_key_file),
     ("ks_answer", ks_answer),
     ("audit_chain", audit_chain),
+    ("sdk_answer", sdk_answer),
 ];
 
 /// The record header parser must be total: any bytes give a header or an
@@ -153,6 +154,12 @@ pub fn root_key_file(data: &[u8]) {
 /// The key service's JSON answers; see `gateway::fuzzing::ks_answer`.
 pub fn ks_answer(data: &[u8]) {
     gateway::fuzzing::ks_answer(data);
+}
+
+/// The sidecar's answers as the Rust SDK decodes them; see
+/// `keygate_sdk::fuzzing::answers`.
+pub fn sdk_answer(data: &[u8]) {
+    keygate_sdk::fuzzing::answers(data);
 }
 
 /// A real audit chain of [`AUDIT_INSTANCE`] with signed checkpoints, and the

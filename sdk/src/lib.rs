@@ -19,6 +19,10 @@ mod error;
 mod operation;
 mod redact;
 
+// Entry points for the fuzz targets (`fuzz/`); never in a release build.
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
+
 #[cfg(test)]
 mod http_tests;
 #[cfg(test)]

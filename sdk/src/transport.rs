@@ -25,7 +25,7 @@ pub(crate) const MAX_ANSWER_BYTES: usize = 256 * 1024 * 1024;
 const MAX_UPFRONT_RESERVATION: usize = 1024 * 1024;
 /// The longest `Retry-After` passed on; a longer one is capped to it, so a
 /// confused peer cannot park a caller that follows it for days.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(60 * 60);
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(60 * 60);
 
 /// One answer as received.
 #[derive(Debug)]
@@ -191,7 +191,7 @@ fn attempt_timeout(timeout: Duration, deadline: Option<Instant>) -> Duration {
 
 /// `Retry-After` as delta-seconds, at most [`MAX_RETRY_AFTER`]. The sidecar
 /// sends whole seconds; an HTTP date or anything else is ignored.
-fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
+pub(crate) fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
     if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
         return None;

@@ -57,10 +57,7 @@ impl Client {
     ) -> Result<Decrypted<T>, Error> {
         let request = DecryptRequest { payload: One { record: encrypted }, purpose };
         let body = self.post_for_body(OP, &request).await?;
-        let answer: OneDecrypted<'_> = decode(OP, &body)?;
-        pair(1, vec![answer.record], answer.report, false)?
-            .pop()
-            .ok_or_else(|| Error::Decode { op: OP, detail: "no record returned".into() })
+        decode_one(&body)
     }
 
     /// [`decrypt`](Self::decrypt) into a `serde_json::Value`, which fits
@@ -87,10 +84,27 @@ impl Client {
         }
         let request = DecryptRequest { payload: Many { records: encrypted }, purpose };
         let body = self.post_for_body(OP, &request).await?;
-        let answer: ManyDecrypted<'_> = decode(OP, &body)?;
-        let records = batch_elements(OP, encrypted.len(), "records", answer.records)?;
-        pair(encrypted.len(), records, answer.report, true)
+        decode_many(encrypted.len(), &body)
     }
+}
+
+/// The record and report of an answer to [`Client::decrypt`].
+pub(crate) fn decode_one<T: DeserializeOwned>(body: &[u8]) -> Result<Decrypted<T>, Error> {
+    let answer: OneDecrypted<'_> = decode(OP, body)?;
+    pair(1, vec![answer.record], answer.report, false)?
+        .pop()
+        .ok_or_else(|| Error::Decode { op: OP, detail: "no record returned".into() })
+}
+
+/// The records and reports of an answer to [`Client::decrypt_batch`] of
+/// `sent` records: exactly `sent` of each, paired in order.
+pub(crate) fn decode_many<T: DeserializeOwned>(
+    sent: usize,
+    body: &[u8],
+) -> Result<Vec<Decrypted<T>>, Error> {
+    let answer: ManyDecrypted<'_> = decode(OP, body)?;
+    let records = batch_elements(OP, sent, "records", answer.records)?;
+    pair(sent, records, answer.report, true)
 }
 
 /// Pairs each record with its report from the array `reports`, checking

@@ -64,8 +64,7 @@ impl Client {
     ) -> Result<Value, Error> {
         let request = EncryptRequest::new(tenant, schema.into(), One { record });
         let body = self.post_for_body(OP, &request).await?;
-        let answer: OneRecord<'_> = decode(OP, &body)?;
-        encrypted_record(OP, None, answer.record)
+        decode_one(&body)
     }
 
     /// Encrypts many records in one round trip; the results are in the same
@@ -83,13 +82,25 @@ impl Client {
         }
         let request = EncryptRequest::new(tenant, schema.into(), Many { records });
         let body = self.post_for_body(OP, &request).await?;
-        let answer: ManyRecords<'_> = decode(OP, &body)?;
-        batch_elements(OP, records.len(), "records", answer.records)?
-            .into_iter()
-            .enumerate()
-            .map(|(i, record)| encrypted_record(OP, Some(i), record))
-            .collect()
+        decode_many(records.len(), &body)
     }
+}
+
+/// The encrypted record of an answer to [`Client::encrypt`].
+pub(crate) fn decode_one(body: &[u8]) -> Result<Value, Error> {
+    let answer: OneRecord<'_> = decode(OP, body)?;
+    encrypted_record(OP, None, answer.record)
+}
+
+/// The encrypted records of an answer to [`Client::encrypt_batch`] of
+/// `sent` records: exactly `sent`, each checked.
+pub(crate) fn decode_many(sent: usize, body: &[u8]) -> Result<Vec<Value>, Error> {
+    let answer: ManyRecords<'_> = decode(OP, body)?;
+    batch_elements(OP, sent, "records", answer.records)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, record)| encrypted_record(OP, Some(i), record))
+        .collect()
 }
 
 #[cfg(test)]

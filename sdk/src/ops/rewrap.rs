@@ -56,9 +56,7 @@ impl Client {
     /// is [`Error::Decode`].
     pub async fn rewrap(&self, encrypted: &(impl Serialize + ?Sized)) -> Result<Rewrapped, Error> {
         let body = self.post_for_body(OP, &One { record: encrypted }).await?;
-        let answer: OneAnswer<'_> = decode(OP, &body)?;
-        let record = encrypted_record(OP, None, answer.record)?;
-        Ok(Rewrapped { record, changed: answer.rewrapped > 0 })
+        decode_one(&body)
     }
 
     /// [`rewrap`](Self::rewrap) for many records in one round trip. An empty
@@ -71,12 +69,25 @@ impl Client {
             return Ok(RewrappedBatch { records: Vec::new(), rewrapped: 0 });
         }
         let body = self.post_for_body(OP, &Many { records: encrypted }).await?;
-        let answer: ManyAnswer<'_> = decode(OP, &body)?;
-        let records = batch_elements(OP, encrypted.len(), "records", answer.records)?
-            .into_iter()
-            .enumerate()
-            .map(|(i, record)| encrypted_record(OP, Some(i), record))
-            .collect::<Result<_, _>>()?;
-        Ok(RewrappedBatch { records, rewrapped: answer.rewrapped })
+        decode_many(encrypted.len(), &body)
     }
+}
+
+/// The record of an answer to [`Client::rewrap`], checked to be encrypted.
+pub(crate) fn decode_one(body: &[u8]) -> Result<Rewrapped, Error> {
+    let answer: OneAnswer<'_> = decode(OP, body)?;
+    let record = encrypted_record(OP, None, answer.record)?;
+    Ok(Rewrapped { record, changed: answer.rewrapped > 0 })
+}
+
+/// The records of an answer to [`Client::rewrap_batch`] of `sent` records:
+/// exactly `sent`, each checked.
+pub(crate) fn decode_many(sent: usize, body: &[u8]) -> Result<RewrappedBatch, Error> {
+    let answer: ManyAnswer<'_> = decode(OP, body)?;
+    let records = batch_elements(OP, sent, "records", answer.records)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, record)| encrypted_record(OP, Some(i), record))
+        .collect::<Result<_, _>>()?;
+    Ok(RewrappedBatch { records, rewrapped: answer.rewrapped })
 }
