@@ -73,9 +73,22 @@ impl Client {
     }
 }
 
+/// More records rewrapped than were sent is an answer from something
+/// other than the sidecar (what the caller writes back depends on it).
+fn check_rewrapped(sent: usize, rewrapped: usize) -> Result<(), Error> {
+    if rewrapped > sent {
+        return Err(Error::Decode {
+            op: OP,
+            detail: format!("{sent} records sent but {rewrapped} said to be rewrapped"),
+        });
+    }
+    Ok(())
+}
+
 /// The record of an answer to [`Client::rewrap`], checked to be encrypted.
 pub(crate) fn decode_one(body: &[u8]) -> Result<Rewrapped, Error> {
     let answer: OneAnswer<'_> = decode(OP, body)?;
+    check_rewrapped(1, answer.rewrapped)?;
     let record = encrypted_record(OP, None, answer.record)?;
     Ok(Rewrapped { record, changed: answer.rewrapped > 0 })
 }
@@ -84,10 +97,32 @@ pub(crate) fn decode_one(body: &[u8]) -> Result<Rewrapped, Error> {
 /// exactly `sent`, each checked.
 pub(crate) fn decode_many(sent: usize, body: &[u8]) -> Result<RewrappedBatch, Error> {
     let answer: ManyAnswer<'_> = decode(OP, body)?;
+    check_rewrapped(sent, answer.rewrapped)?;
     let records = batch_elements(OP, sent, "records", answer.records)?
         .into_iter()
         .enumerate()
         .map(|(i, record)| encrypted_record(OP, Some(i), record))
         .collect::<Result<_, _>>()?;
     Ok(RewrappedBatch { records, rewrapped: answer.rewrapped })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn more_rewrapped_than_sent_is_not_the_sidecars_answer() {
+        let record = json!({"_kg": "kg1h:header", "ssn": "kg1r:x"});
+        let body = |rewrapped: usize| {
+            serde_json::to_vec(&json!({"records": [record, record], "rewrapped": rewrapped}))
+                .unwrap()
+        };
+        assert_eq!(decode_many(2, &body(2)).unwrap().rewrapped, 2);
+        let e = decode_many(2, &body(3)).unwrap_err().to_string();
+        assert!(e.contains("2 records sent but 3 said to be rewrapped"), "{e}");
+        let one = serde_json::to_vec(&json!({"record": record, "rewrapped": 2})).unwrap();
+        assert!(matches!(decode_one(&one), Err(Error::Decode { .. })));
+    }
 }
