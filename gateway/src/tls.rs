@@ -399,7 +399,7 @@ pub(crate) mod tests {
 
     /// Writes `server`'s certificate and key (mode 0600) and `ca` as the
     /// client CA bundle into `dir`.
-    fn write_files(dir: &Path, server: &IssuedCert, ca: &DevCa) -> TlsConfig {
+    pub(crate) fn write_files(dir: &Path, server: &IssuedCert, ca: &DevCa) -> TlsConfig {
         let paths = TlsConfig {
             cert: dir.join("server.crt"),
             key: dir.join("server.key"),

@@ -28,12 +28,22 @@ const MAX_UPFRONT_RESERVATION: usize = 1024 * 1024;
 pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(60 * 60);
 
 /// One answer as received.
-#[derive(Debug)]
 pub(crate) struct Answer {
     pub(crate) status: u16,
     /// Its `Retry-After` (delta-seconds only, capped).
     pub(crate) retry_after: Option<Duration>,
     pub(crate) body: Vec<u8>,
+}
+
+/// Without the body: a decrypt answer's is the records in clear.
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Answer")
+            .field("status", &self.status)
+            .field("retry_after", &self.retry_after)
+            .field("body_len", &self.body.len())
+            .finish()
+    }
 }
 
 impl Client {
@@ -287,6 +297,17 @@ mod tests {
         assert_eq!(attempt_timeout(timeout, Some(later)), timeout);
         let past = Instant::now().checked_sub(Duration::from_secs(1)).unwrap();
         assert_eq!(attempt_timeout(timeout, Some(past)), Duration::ZERO);
+    }
+
+    #[test]
+    fn an_answers_debug_never_shows_its_body() {
+        let answer = super::Answer {
+            status: 200,
+            retry_after: None,
+            body: br#"{"record":{"ssn":"123-45-6789"}}"#.to_vec(),
+        };
+        let shown = format!("{answer:?}");
+        assert!(shown.contains("200") && !shown.contains("6789"), "{shown}");
     }
 
     #[test]

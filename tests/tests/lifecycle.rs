@@ -176,6 +176,11 @@ async fn rewrap_ten_thousand_then_retire_the_old_version() {
     assert_eq!(body["record"]["name"], "Patient 10000");
 }
 
+/// The first event of an audit export (JSON lines) for which `is` holds.
+fn audit_event(export: &str, is: impl Fn(&Value) -> bool) -> Option<Value> {
+    export.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).find(|e| is(e))
+}
+
 async fn shred(ks: &KeyService, who: &str, tenant: &str, version: Option<u64>) -> (u16, Value) {
     let body = json!({"version": version, "reason": "patient asked for erasure (test)"});
     ks.post(who, &format!("/v1/tenants/{tenant}/shred"), &body).await
@@ -310,21 +315,15 @@ async fn shredding_needs_two_people_and_reaches_every_sidecar() {
 
     // The audit chain names the request, requester, approver; it verifies.
     let (_, export) = ks.get(AUDITOR, "/v1/audit").await;
-    let shred_event = export
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .find(|e| e["action"] == "tenant.shred")
-        .expect("a tenant.shred event");
+    let shred_event =
+        audit_event(&export, |e| e["action"] == "tenant.shred").expect("a tenant.shred event");
     assert_eq!(shred_event["actor"], OFFICER);
     assert_eq!(shred_event["detail"]["requested_by"], ADMIN_OFFICER);
     assert_eq!(shred_event["detail"]["approved_by"], OFFICER);
     assert!(export.contains("shred.request") && export.contains("shred.reject"));
     assert!(export.contains("\"self_approval\"") || export.contains("approve own request"));
     // Who still tried to unwrap the shredded tenant's keys is on record.
-    let tried = export
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .find(|e| e["action"] == "dek.unwrap" && e["outcome"] == "denied")
+    let tried = audit_event(&export, |e| e["action"] == "dek.unwrap" && e["outcome"] == "denied")
         .expect("the refused unwraps are recorded");
     assert_eq!(
         (&tried["tenant"], &tried["actor"], &tried["detail"]["error"]),
@@ -403,11 +402,8 @@ async fn an_approved_shred_can_be_withdrawn_while_it_waits() {
     let (status, _) = ks.post(ENCRYPTOR, "/v1/tenants/onc/datakeys", &json!({"count": 1})).await;
     assert_eq!(status, 200);
     let (_, export) = ks.get(AUDITOR, "/v1/audit?tenant=onc").await;
-    let withdrawal = export
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .find(|e| e["action"] == "shred.withdraw")
-        .expect("a shred.withdraw event");
+    let withdrawal =
+        audit_event(&export, |e| e["action"] == "shred.withdraw").expect("a shred.withdraw event");
     assert_eq!((&withdrawal["actor"], &withdrawal["outcome"]), (&json!(OFFICER), &json!("ok")));
     assert_eq!(withdrawal["detail"]["approved_by"], OFFICER);
     assert!(!export.contains("\"tenant.shred\""), "{export}");
@@ -493,11 +489,8 @@ async fn only_the_request_meant_fresh_and_still_backed_is_approved() {
     assert_eq!(decide(&ks, OFFICER, &orphan, "reject").await.0, 200);
 
     let (_, export) = ks.get(AUDITOR, "/v1/audit?tenant=onc").await;
-    let withdrawal = export
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .find(|e| e["action"] == "shred.withdraw")
-        .expect("a shred.withdraw event");
+    let withdrawal =
+        audit_event(&export, |e| e["action"] == "shred.withdraw").expect("a shred.withdraw event");
     assert_eq!(withdrawal["actor"], ADMIN);
     assert!(!export.contains("\"shred.approve\""), "{export}");
     // Each refused approval is in the audit log, as the officer's denial.
@@ -506,10 +499,7 @@ async fn only_the_request_meant_fresh_and_still_backed_is_approved() {
         "approve an expired request",
         "approve a request its requester may no longer make",
     ] {
-        let denial = export
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap())
-            .find(|e| e["action"] == refused)
+        let denial = audit_event(&export, |e| e["action"] == refused)
             .unwrap_or_else(|| panic!("no {refused:?} event: {export}"));
         assert_eq!((&denial["actor"], &denial["outcome"]), (&json!(OFFICER), &json!("denied")));
     }
@@ -948,11 +938,7 @@ async fn masters_load_only_the_modules_this_host_trusts() {
     assert!(!maps.contains(copy.to_str().unwrap()), "the refused module was loaded");
     assert_eq!(keys_per_master(&ks).await, [("local".to_owned(), 3)]);
     let (_, export) = ks.get(AUDITOR, "/v1/audit").await;
-    let refused = export
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .find(|e| e["action"] == "master.rotate")
-        .unwrap();
+    let refused = audit_event(&export, |e| e["action"] == "master.rotate").unwrap();
     assert_eq!(refused["outcome"], "denied", "{refused}");
     assert_eq!(refused["detail"]["rule"], "trusted_masters", "{refused}");
 

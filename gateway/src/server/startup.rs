@@ -526,9 +526,9 @@ mod tests {
     use secrecy::ExposeSecret;
 
     use super::*;
-    use crate::config::TlsConfig;
-    use crate::pki::{DevCa, IssuedCert, Validity};
+    use crate::pki::{DevCa, Validity};
     use crate::policy::Role;
+    use crate::tls::tests::write_files;
 
     #[tokio::test(start_paused = true)]
     async fn maintenance_runs_on_without_sighup() {
@@ -632,28 +632,12 @@ mod tests {
         assert_eq!(metrics.policy_reload_failures.get(), 1);
     }
 
-    /// TLS files for `server`, issued by `ca`, in `dir` (key mode 0600).
-    fn tls_files(dir: &Path, ca: &DevCa, server: &IssuedCert) -> TlsConfig {
-        use std::os::unix::fs::PermissionsExt;
-        let paths = TlsConfig {
-            cert: dir.join("server.crt"),
-            key: dir.join("server.key"),
-            client_ca: dir.join("ca.crt"),
-            reload_interval_secs: 5,
-        };
-        std::fs::write(&paths.cert, &server.cert_pem).unwrap();
-        std::fs::write(&paths.key, server.key_pem.as_bytes()).unwrap();
-        std::fs::set_permissions(&paths.key, std::fs::Permissions::from_mode(0o600)).unwrap();
-        std::fs::write(&paths.client_ca, ca.cert_pem()).unwrap();
-        paths
-    }
-
     #[test]
     fn a_failed_tls_reload_is_counted_and_the_old_certificates_stay() {
         let dir = tempfile::tempdir().unwrap();
         let ca = DevCa::generate_for("Example Health Issuing CA", "Example Health").unwrap();
         let issue = |validity| ca.issue_server(&["localhost"], validity).unwrap();
-        let paths = tls_files(dir.path(), &ca, &issue(Validity::days(1)));
+        let paths = write_files(dir.path(), &issue(Validity::days(1)), &ca);
         let tls = TlsReloader::load(&paths, Profile::Production).unwrap();
         let metrics = Metrics::default();
         tls_loaded(&tls, &metrics);
@@ -667,7 +651,7 @@ mod tests {
         std::fs::write(&paths.cert, &renewed.cert_pem).unwrap();
         reload_tls(&tls, &metrics, TlsReloader::reload_if_changed);
         assert_eq!(metrics.tls_reload_failures.get(), 1);
-        tls_files(dir.path(), &ca, &issue(Validity::expired()));
+        write_files(dir.path(), &issue(Validity::expired()), &ca);
         reload_tls(&tls, &metrics, hangup);
         assert_eq!(metrics.tls_reload_failures.get(), 2);
         assert_eq!(tls.not_after(), expiry, "the old certificate stays in force");
@@ -675,7 +659,7 @@ mod tests {
         assert_eq!(metrics.tls_loaded.get(), loaded);
 
         // The renewal completed: taken, and says when and until when.
-        tls_files(dir.path(), &ca, &renewed);
+        write_files(dir.path(), &renewed, &ca);
         reload_tls(&tls, &metrics, TlsReloader::reload_if_changed);
         assert_eq!(metrics.tls_reload_failures.get(), 2);
         assert!(metrics.tls_certificate_expiry.get() > expiry + 28 * 86_400);
@@ -693,11 +677,8 @@ mod tests {
     fn tls_files_caught_being_replaced_are_no_reload_failure() {
         let dir = tempfile::tempdir().unwrap();
         let ca = DevCa::generate_for("Example Health Issuing CA", "Example Health").unwrap();
-        let paths = tls_files(
-            dir.path(),
-            &ca,
-            &ca.issue_server(&["localhost"], Validity::days(1)).unwrap(),
-        );
+        let server = ca.issue_server(&["localhost"], Validity::days(1)).unwrap();
+        let paths = write_files(dir.path(), &server, &ca);
         let tls = TlsReloader::load(&paths, Profile::Production).unwrap();
         let metrics = Metrics::default();
         // A renewal under way, seen mid-way: read again at the next poll.

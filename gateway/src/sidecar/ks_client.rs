@@ -99,11 +99,10 @@ pub(super) struct KeyServiceClient {
     /// What the TLS files looked like just before the current client was
     /// built from them.
     stamps: Mutex<Stamps>,
-    /// Per replica (as `urls`): when (ms after `started`, counted from 1)
+    /// Per replica (as `config.urls`): when (ms after `started`, counted from 1)
     /// its last TLS failure was logged; 0 if never.
     tls_warned_ms: Vec<AtomicU64>,
     metrics: ClientMetrics,
-    urls: Vec<String>,
     /// Each attempt's timeout.
     timeout: Duration,
     preferred: AtomicUsize,
@@ -384,7 +383,6 @@ impl KeyServiceClient {
             stamps: Mutex::new(before),
             tls_warned_ms: config.urls.iter().map(|_| AtomicU64::new(0)).collect(),
             metrics: ClientMetrics::default(),
-            urls: config.urls.clone(),
             timeout,
             preferred: AtomicUsize::new(0),
             json_until_ms: AtomicU64::new(0),
@@ -487,7 +485,7 @@ impl KeyServiceClient {
     /// The longest one call can take: every replica in turn, and for an
     /// unwrap, again as JSON after a 415.
     pub(super) fn longest_call(&self) -> Duration {
-        let attempts = u32::try_from(self.urls.len()).unwrap_or(u32::MAX).saturating_mul(2);
+        let attempts = u32::try_from(self.config.urls.len()).unwrap_or(u32::MAX).saturating_mul(2);
         self.timeout.saturating_mul(attempts)
     }
 
@@ -530,9 +528,9 @@ impl KeyServiceClient {
         let mut last_error = String::from("no key service configured");
         // The whole call on one client, even if a reload swaps it meanwhile.
         let http = self.http.load_full();
-        for attempt in 0..self.urls.len() {
-            let index = (start + attempt) % self.urls.len();
-            let Some(base) = self.urls.get(index) else { continue };
+        for attempt in 0..self.config.urls.len() {
+            let index = (start + attempt) % self.config.urls.len();
+            let Some(base) = self.config.urls.get(index) else { continue };
             let mut request = http.request(method.clone(), format!("{base}{path}"));
             if let Some(body) = &body {
                 request = request
@@ -558,7 +556,9 @@ impl KeyServiceClient {
                 }
             };
             let status = response.status();
-            if status == reqwest::StatusCode::SERVICE_UNAVAILABLE && attempt + 1 < self.urls.len() {
+            if status == reqwest::StatusCode::SERVICE_UNAVAILABLE
+                && attempt + 1 < self.config.urls.len()
+            {
                 last_error = format!("{base}: 503");
                 continue;
             }
@@ -957,7 +957,6 @@ mod tests {
     use rustls::pki_types::pem::PemObject;
 
     use super::*;
-    use crate::config::TlsConfig;
     use crate::pki::{DevCa, Validity};
 
     /// The unwrap and issue calls a fake key service saw, by form, and
@@ -999,15 +998,7 @@ mod tests {
             None => ca.issue_server(&["localhost"], Validity::days(1)),
         }
         .unwrap();
-        let tls = TlsConfig {
-            cert: dir.join("server.crt"),
-            key: dir.join("server.key"),
-            client_ca: dir.join("ca.crt"),
-            reload_interval_secs: 5,
-        };
-        std::fs::write(&tls.cert, &server.cert_pem).unwrap();
-        std::fs::write(&tls.key, server.key_pem.as_bytes()).unwrap();
-        std::fs::write(&tls.client_ca, ca.cert_pem()).unwrap();
+        let tls = crate::tls::tests::write_files(dir, &server, ca);
         let acceptor =
             tokio_rustls::TlsAcceptor::from(crate::tls::build_server_config(&tls).unwrap());
         let (seen_issue, seen_clients) = (seen.clone(), seen.clone());
