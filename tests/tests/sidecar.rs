@@ -129,6 +129,40 @@ async fn index_tokens_follow_need_to_know_unless_the_caller_may_encrypt() {
     assert!(body["record"].get("mrn").is_none(), "withheld on decrypt: {body}");
 }
 
+/// A pseudonym field is shown to the very readers it de-identifies, so a
+/// pseudonym of a guess would re-identify them: only an identity that may
+/// encrypt (and could make the same test through /v1/encrypt) gets one.
+#[tokio::test(flavor = "multi_thread")]
+async fn pseudonyms_are_made_only_for_identities_that_may_encrypt() {
+    const RESEARCH: &str = "spiffe://test/research";
+    let dir = tempfile::tempdir().unwrap();
+    // Decryptor only, shown the pseudonym field's class in clear.
+    std::fs::create_dir_all(dir.path().join("ks")).unwrap();
+    let policy = format!(
+        "{}\n[[grant]]\nidentity = \"{RESEARCH}\"\ntenants = [\"onc\"]\nroles = [\"decryptor\"]\n\
+         classes = [\"pii.identifier\", \"phi.clinical\"]\npurposes = [\"research\"]\n",
+        keygate_tests::keyservice::TEST_POLICY
+    );
+    std::fs::write(dir.path().join("ks/policy.toml"), policy).unwrap();
+    let ks = key_service_with_onc(dir.path()).await;
+    let clinical = Sidecar::start(&ks, &dir.path().join("clinical"), CLINICAL, "");
+    let research = Sidecar::start(&ks, &dir.path().join("research"), RESEARCH, "");
+    let record = encrypt(&clinical, &patient(5)).await;
+    let (status, body) =
+        research.post("/v1/decrypt", &json!({"record": record, "purpose": "research"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["record"]["patient_id"], record["patient_id"], "the pseudonym is shown");
+
+    let guess = json!({"tenant": "onc", "namespace": "patient", "value": "P-5"});
+    let (status, body) = research.post("/v1/pseudonym", &guess).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (403, Some("forbidden")), "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("encryptor") && !message.contains("P-5"), "{message}");
+    assert!(body.get("pseudonym").is_none());
+    let (status, body) = clinical.post("/v1/pseudonym", &guess).await;
+    assert_eq!((status, &body["pseudonym"]), (200, &record["patient_id"]), "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn tampered_records_are_refused_without_plaintext() {
     let dir = tempfile::tempdir().unwrap();

@@ -82,7 +82,8 @@ pub(crate) struct IndexRequest {
     pub(crate) purpose: Option<Name>,
 }
 
-/// `POST /v1/pseudonym`.
+/// `POST /v1/pseudonym` (only for an identity with `encryptor` on the
+/// tenant).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PseudonymRequest {

@@ -335,14 +335,26 @@ fn may_search(
     request_body = PseudonymRequest,
     responses(
         (status = 200, description = "The pseudonym", body = PseudonymResponse),
-        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 401 no token, 403 not granted, 404 unknown tenant or schema, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 422 cannot decrypt, 429 rate limited, 503 key service or audit unavailable", body = crate::openapi::ErrorBody)
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 401 no token, 403 not granted (`encryptor` on the tenant is needed), 404 unknown tenant, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 429 rate limited, 503 key service or audit unavailable", body = crate::openapi::ErrorBody)
     ),
 )]
 pub(super) async fn pseudonymize(
     State(s): Shared,
     ApiJson(req): ApiJson<PseudonymRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&s, &req.tenant, &[Role::Encryptor, Role::Decryptor]).await?;
+    // A pseudonym tests a guessed value against every record that carries
+    // one, and a pseudonym field is shown to exactly the readers it is
+    // meant to de-identify (a researcher). So only the writer, who holds
+    // the values in clear and could make the same test through
+    // /v1/encrypt, may make one.
+    let grants = authorize(&s, &req.tenant, &[Role::Encryptor, Role::Decryptor]).await?;
+    if !grants.authorize(&req.tenant, Role::Encryptor) {
+        return Err(ApiError::forbidden(format!(
+            "pseudonyms of tenant {tenant} are made only for an identity with encryptor on it: \
+             a pseudonym tests a guessed value against every record that carries one",
+            tenant = req.tenant
+        )));
+    }
     s.reporter.check([&req.tenant])?;
     let key = s
         .keyring

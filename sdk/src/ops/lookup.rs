@@ -77,6 +77,11 @@ impl Client {
     /// The stable pseudonym of `value` in `namespace` (`kgp:…`): the same
     /// value always gives the same pseudonym, and it cannot be reversed.
     /// Records keep pseudonymized fields as such; use this to find them.
+    ///
+    /// Only an identity with `encryptor` on the tenant gets one (else
+    /// [`ErrorCode::Forbidden`](crate::ErrorCode::Forbidden)): a pseudonym
+    /// of a guess would re-identify a record to a reader shown only its
+    /// pseudonym.
     pub async fn pseudonym(
         &self,
         tenant: &str,
