@@ -46,6 +46,15 @@ pub struct KeysBusyLabels {
     pub wait: &'static str,
 }
 
+/// Labels of a client certificate that gives no identity.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityRefusedLabels {
+    /// Why ([`NoIdentity::as_str`](crate::tls::NoIdentity::as_str)):
+    /// `uri_san_not_plain`, `several_uri_sans`, `dns_san_not_host_name`,
+    /// `no_uri_or_dns_san`.
+    pub reason: &'static str,
+}
+
 /// The metrics of the key service or of a sidecar: each registers (and so
 /// exports) only its own ([`Metrics::key_service`], [`Metrics::sidecar`]),
 /// so that no process reports another's as zero (a "policy loaded at 0"
@@ -73,6 +82,9 @@ pub struct Metrics {
     pub audit_commits: Counter,
     /// Connections closed as soon as they were accepted, by listener and cap.
     pub connections_refused: Family<ConnectionRefusedLabels, Counter>,
+    /// Connections whose verified client certificate gives no identity
+    /// (so 403 beyond the open routes), by why.
+    pub client_identities_refused: Family<IdentityRefusedLabels, Counter>,
     /// Issue and unwrap requests refused 503 `busy` (no room for their
     /// keys within `limits.keys_wait_ms`), by what they waited for.
     pub keys_busy: Family<KeysBusyLabels, Counter>,
@@ -159,6 +171,7 @@ impl Metrics {
             audit_failures: Counter::default(),
             audit_commits: Counter::default(),
             connections_refused: Family::default(),
+            client_identities_refused: Family::default(),
             keys_busy: Family::default(),
             key_sends_overdue: Counter::default(),
             policy_reload_failures: Counter::default(),
@@ -204,6 +217,12 @@ impl Metrics {
             "connections_refused",
             "Connections closed at accept, by listener and the cap they were over",
             self.connections_refused.clone(),
+        );
+        r.register(
+            "client_identities_refused",
+            "Connections whose client certificate gives no identity (403 beyond the open routes), \
+             by reason",
+            self.client_identities_refused.clone(),
         );
         r.register(
             "keys_busy",

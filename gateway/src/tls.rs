@@ -271,8 +271,43 @@ fn build(paths: &TlsConfig) -> Result<Loaded, TlsError> {
 
 /// The identity of a verified client: its certificate's URI SAN (e.g.
 /// `spiffe://prod/ns/onc/sa/api`, scheme and authority lowercased), else
-/// its first DNS SAN, lowercased.
-/// `None` if it names neither, or none that can be trusted as one:
+/// its first DNS SAN, lowercased; `None` where [`client_identity`] finds
+/// none.
+pub fn identity_of(chain: Option<&[CertificateDer<'_>]>) -> Option<String> {
+    client_identity(chain).ok()
+}
+
+/// Why a client certificate gives no identity (the label of
+/// `keygate_client_identities_refused_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum NoIdentity {
+    /// No certificate was presented.
+    NoCertificate,
+    /// Neither a URI nor a DNS SAN (or no certificate that can be read).
+    NoName,
+    /// More than one URI SAN.
+    SeveralUris,
+    /// A URI SAN that is not one plain spelling of an identity.
+    UriNotPlain,
+    /// No URI SAN, and the first DNS SAN is no host name.
+    DnsNotHostName,
+}
+
+impl NoIdentity {
+    /// The reason's name in metrics and logs.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::NoCertificate => "no_certificate",
+            Self::NoName => "no_uri_or_dns_san",
+            Self::SeveralUris => "several_uri_sans",
+            Self::UriNotPlain => "uri_san_not_plain",
+            Self::DnsNotHostName => "dns_san_not_host_name",
+        }
+    }
+}
+
+/// The identity of a verified client, or why it has none:
 /// - more than one URI SAN (which one is the caller would be a guess);
 /// - a URI SAN that is not one plain spelling of an identity (see
 ///   [`uri_identity`]): otherwise one workload could hold grants under two
@@ -288,46 +323,32 @@ fn build(paths: &TlsConfig) -> Result<Loaded, TlsError> {
 /// first is no host name there is none: the next is not tried). The policy
 /// grants roles to that first name. A URI SAN, where there is one, always
 /// wins.
-pub fn identity_of(chain: Option<&[CertificateDer<'_>]>) -> Option<String> {
-    let leaf = chain?.first()?;
-    let (_, cert) = X509Certificate::from_der(leaf.as_ref()).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
+pub fn client_identity(chain: Option<&[CertificateDer<'_>]>) -> Result<String, NoIdentity> {
+    let leaf = chain.and_then(<[_]>::first).ok_or(NoIdentity::NoCertificate)?;
+    let (_, cert) = X509Certificate::from_der(leaf.as_ref()).map_err(|_| NoIdentity::NoName)?;
+    let san = cert.subject_alternative_name().ok().flatten().ok_or(NoIdentity::NoName)?;
     let names = &san.value.general_names;
     let mut uris = names.iter().filter_map(|n| match n {
         GeneralName::URI(uri) => Some(*uri),
         _ => None,
     });
     match (uris.next(), uris.next()) {
-        (Some(uri), None) => {
-            let identity = uri_identity(uri);
-            if identity.is_none() {
-                tracing::info!(
-                    "client certificate refused as an identity: its URI SAN is not \
-                     scheme://authority/path in plain ASCII"
-                );
-            }
-            return identity;
-        }
-        (Some(_), Some(_)) => {
-            tracing::info!("client certificate refused as an identity: more than one URI SAN");
-            return None;
-        }
+        (Some(uri), None) => return uri_identity(uri).ok_or(NoIdentity::UriNotPlain),
+        (Some(_), Some(_)) => return Err(NoIdentity::SeveralUris),
         (None, _) => {}
     }
     // The first DNS SAN, deliberately: several are common and fine (see
     // above), unlike several URI SANs.
-    let dns = names.iter().find_map(|n| match n {
-        GeneralName::DNSName(dns) => Some(*dns),
-        _ => None,
-    })?;
+    let dns = names
+        .iter()
+        .find_map(|n| match n {
+            GeneralName::DNSName(dns) => Some(*dns),
+            _ => None,
+        })
+        .ok_or(NoIdentity::NoName)?;
     // DNS names are case-insensitive; policy matching is exact.
     let dns = dns.to_ascii_lowercase();
-    if is_host_name(&dns) {
-        Some(dns)
-    } else {
-        tracing::info!("client certificate refused as an identity: its DNS SAN is no host name");
-        None
-    }
+    if is_host_name(&dns) { Ok(dns) } else { Err(NoIdentity::DnsNotHostName) }
 }
 
 /// `uri` as an identity, if it is one plain spelling of one:
@@ -634,11 +655,20 @@ pub(crate) mod tests {
 
     /// The identity of a (self-signed) certificate with these SANs.
     fn identity(sans: Vec<SanType>) -> Option<String> {
+        client_identity_of(sans).ok()
+    }
+
+    /// Why a certificate with these SANs gives no identity.
+    fn refusal(sans: Vec<SanType>) -> Option<NoIdentity> {
+        client_identity_of(sans).err()
+    }
+
+    fn client_identity_of(sans: Vec<SanType>) -> Result<String, NoIdentity> {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.subject_alt_names = sans;
         let cert = params.self_signed(&KeyPair::generate().unwrap()).unwrap();
         let chain = [cert.der().clone()];
-        identity_of(Some(chain.as_slice()))
+        client_identity(Some(chain.as_slice()))
     }
 
     fn uri(text: &str) -> SanType {
@@ -669,16 +699,23 @@ pub(crate) mod tests {
             Some("a.example")
         );
         assert_eq!(identity(vec![dns("*.example"), dns("a.example")]), None, "the first or none");
-        assert_eq!(identity(vec![]), None);
+        assert_eq!(refusal(vec![]), Some(NoIdentity::NoName));
+        let ip = SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+        assert_eq!(refusal(vec![ip]), Some(NoIdentity::NoName));
         assert_eq!(identity_of(None), None);
+        assert_eq!(client_identity(Some(&[])), Err(NoIdentity::NoCertificate));
+        assert_eq!(
+            client_identity(Some(&[CertificateDer::from(vec![0x30, 0x03, 1, 2, 3])])),
+            Err(NoIdentity::NoName)
+        );
     }
 
     #[test]
     fn more_than_one_uri_san_names_no_identity() {
         let two = vec![uri("spiffe://prod/ns/onc/sa/api"), uri("spiffe://prod/ns/onc/sa/admin")];
-        assert_eq!(identity(two), None);
+        assert_eq!(refusal(two), Some(NoIdentity::SeveralUris));
         let same_twice = vec![uri("spiffe://prod/a"), uri("spiffe://prod/a"), dns("a.example")];
-        assert_eq!(identity(same_twice), None, "nor does the DNS SAN take over");
+        assert_eq!(refusal(same_twice), Some(NoIdentity::SeveralUris), "no DNS SAN takes over");
     }
 
     #[test]
@@ -728,8 +765,12 @@ pub(crate) mod tests {
             "spiffe://prod.example/ns/sec/sa/al\u{1b}ice",
             "spiffe://prod.example/ns/../sec/sa/alice",
         ] {
-            assert_eq!(identity(vec![uri(bad)]), None, "{bad:?}");
-            assert_eq!(identity(vec![uri(bad), dns("a.example")]), None, "no DNS fallback");
+            assert_eq!(refusal(vec![uri(bad)]), Some(NoIdentity::UriNotPlain), "{bad:?}");
+            assert_eq!(
+                refusal(vec![uri(bad), dns("a.example")]),
+                Some(NoIdentity::UriNotPlain),
+                "no DNS fallback"
+            );
         }
     }
 
@@ -746,7 +787,7 @@ pub(crate) mod tests {
             ".",
             "a b",
         ] {
-            assert_eq!(identity(vec![dns(bad)]), None, "{bad}");
+            assert_eq!(refusal(vec![dns(bad)]), Some(NoIdentity::DnsNotHostName), "{bad}");
         }
         assert!(is_host_name("keygate-1.prod.svc.cluster.local"));
         assert!(!is_host_name(&"a".repeat(64)));

@@ -157,6 +157,28 @@ async fn readiness_and_metrics() {
     assert!(!metrics.contains("onc"), "no tenant names in metric labels");
 }
 
+/// A certificate whose URI SAN is another spelling of a granted identity
+/// (here with a trailing `/`) names none: the caller gets only the open
+/// routes, and the connection is counted, so that a renewal that changed
+/// the spelling shows on a dashboard and not only as 403s.
+#[tokio::test(flavor = "multi_thread")]
+async fn certificates_that_name_no_identity_are_refused_and_counted() {
+    let (_dir, ks) = started().await;
+    let respelled = format!("{ADMIN}/");
+    let (status, body) = ks.get(&respelled, "/v1/tenants").await;
+    assert_eq!(status, 403, "{body}");
+    let (status, _) = ks.get(&respelled, "/healthz").await;
+    assert_eq!(status, 200, "the open routes still answer");
+    let (status, _) = ks.get(ADMIN, "/v1/tenants").await;
+    assert_eq!(status, 200, "the plain spelling is the granted identity");
+    let (_, metrics) = ks.get(AUDITOR, "/metrics").await;
+    let name = r#"keygate_client_identities_refused_total{reason="uri_san_not_plain"}"#;
+    let refused = metric(&metrics, name);
+    assert!((1..=2).contains(&refused), "one per connection of that client: {refused}");
+    assert!(!metrics.contains("several_uri_sans"), "{metrics}");
+    assert!(!metrics.contains(&respelled), "no identity in metric labels");
+}
+
 fn metric(text: &str, name: &str) -> u64 {
     text.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))

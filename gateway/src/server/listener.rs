@@ -17,12 +17,13 @@ use tower::ServiceExt;
 use crate::abuse::{
     AcceptBackoff, ConnectionSlots, Ended, OpenConnections, Refusal, SlotLimits, serve_http_with,
 };
-use crate::metrics::{ConnectionRefusedLabels, Metrics};
-use crate::tls::{TlsReloader, identity_of};
+use crate::metrics::{ConnectionRefusedLabels, IdentityRefusedLabels, Metrics};
+use crate::tls::{TlsReloader, client_identity};
 
 /// The verified identity of a connection's client (its certificate's URI
-/// SAN, else its first DNS SAN; see [`identity_of`]); `None` if the
-/// certificate names none.
+/// SAN, else its first DNS SAN; see [`client_identity`]); `None` if the
+/// certificate names none (counted in
+/// `keygate_client_identities_refused_total`).
 #[derive(Debug, Clone)]
 pub struct Caller(pub Option<String>);
 
@@ -89,7 +90,24 @@ pub(super) async fn serve_tls(
             // Authenticated: the connection keeps its slot, and its place
             // among the handshakes goes to the next one.
             slot.handshake_done();
-            let identity = identity_of(stream.get_ref().1.peer_certificates());
+            let identity = match client_identity(stream.get_ref().1.peer_certificates()) {
+                Ok(identity) => Some(identity),
+                Err(why) => {
+                    // Counted: a renewal that changed the SAN's spelling
+                    // otherwise shows only as 403s.
+                    let reason = why.as_str();
+                    tracing::info!(
+                        peer = %peer,
+                        reason,
+                        "client certificate gives no identity: only the open routes answer it"
+                    );
+                    metrics
+                        .client_identities_refused
+                        .get_or_create(&IdentityRefusedLabels { reason })
+                        .inc();
+                    None
+                }
+            };
             let caller = Caller(identity.clone());
             let service = router.map_request(move |mut request: Request<Incoming>| {
                 request.extensions_mut().insert(caller.clone());
