@@ -16,6 +16,9 @@ pub const SIDECAR_IDENTITY: &str = "spiffe://keygate.dev/sidecar";
 pub const ADMIN_IDENTITY: &str = "spiffe://keygate.dev/admin";
 /// The identity of the second person `up` writes, who approves shreds.
 pub const OFFICER_IDENTITY: &str = "spiffe://keygate.dev/officer";
+/// The key service's identity (a URI SAN of its certificate), which the
+/// sidecar pins as production requires.
+pub const KEY_SERVICE_IDENTITY: &str = "spiffe://keygate.dev/key-service";
 /// The tenant `up` creates.
 pub const DEMO_TENANT: &str = "demo";
 
@@ -285,8 +288,10 @@ fn prepare(dir: &Path) -> Result<(), UpError> {
     Ok(())
 }
 
-/// Whether every certificate and key of `pki/` is there and no certificate
-/// expires within [`RENEW_BEFORE`].
+/// Whether every certificate and key of `pki/` is there, no certificate
+/// expires within [`RENEW_BEFORE`], and the key service's names
+/// [`KEY_SERVICE_IDENTITY`] (those of earlier versions do not, and the
+/// sidecar pins it).
 fn pki_is_current(pki: &Path) -> Result<bool, UpError> {
     let renew_at = time::OffsetDateTime::now_utc() + RENEW_BEFORE;
     for name in PKI_NAMES {
@@ -302,8 +307,18 @@ fn pki_is_current(pki: &Path) -> Result<bool, UpError> {
         if not_after(&pem).is_none_or(|end| end <= renew_at) {
             return Ok(false);
         }
+        if name == "server" && identity(&pem).as_deref() != Some(KEY_SERVICE_IDENTITY) {
+            return Ok(false);
+        }
     }
     Ok(true)
+}
+
+/// The identity the (first) certificate in `pem` names, as the key
+/// service and the sidecar read one.
+fn identity(pem: &[u8]) -> Option<String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem).ok()?;
+    crate::tls::identity_of(Some(&[pem.contents.into()]))
 }
 
 /// When the (first) certificate in `pem` expires.
@@ -327,7 +342,9 @@ fn write_pki(pki: &Path) -> Result<(), UpError> {
     }
     let validity = Validity::days(CERT_DAYS);
     let ca = DevCa::generate("keygate up development CA").map_err(err)?;
-    let server = ca.issue_server(&["localhost", "127.0.0.1"], validity).map_err(err)?;
+    let server = ca
+        .issue_server_with_identity(&["localhost", "127.0.0.1"], KEY_SERVICE_IDENTITY, validity)
+        .map_err(err)?;
     let sidecar = ca.issue_client(SIDECAR_IDENTITY, validity).map_err(err)?;
     let admin = ca.issue_client(ADMIN_IDENTITY, validity).map_err(err)?;
     let officer = ca.issue_client(OFFICER_IDENTITY, validity).map_err(err)?;
@@ -376,6 +393,7 @@ urls = ["https://localhost:{port}"]
 ca = "pki/ca.crt"
 cert = "pki/sidecar.crt"
 key = "pki/sidecar.key"
+server_identity = "{KEY_SERVICE_IDENTITY}"
 "#
     );
     write(&dir.join("sidecar.toml"), &sidecar, false)?;
@@ -610,5 +628,27 @@ mod tests {
         prepare(&dir).unwrap();
         assert_ne!(read("admin.crt"), admin);
         assert!(dir.join("pki/ca.crt").exists());
+    }
+
+    /// The sidecar pins the key service's identity, so a PKI from before
+    /// the key service's certificate named one is made anew.
+    #[test]
+    fn the_key_service_certificate_names_the_identity_the_sidecar_pins() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("dev");
+        prepare(&dir).unwrap();
+        let read = |name: &str| std::fs::read(dir.join("pki").join(name)).unwrap();
+        assert_eq!(identity(&read("server.crt")).as_deref(), Some(KEY_SERVICE_IDENTITY));
+        server_config(&dir, 1).unwrap();
+        let sidecar = SidecarConfig::load(&dir.join("sidecar.toml")).unwrap();
+        assert_eq!(sidecar.key_service.server_identity.as_deref(), Some(KEY_SERVICE_IDENTITY));
+        // An earlier version's server certificate, with DNS names only.
+        let ca = read("ca.crt");
+        let old = DevCa::generate("older up").unwrap();
+        let server = old.issue_server(&["localhost", "127.0.0.1"], Validity::days(300)).unwrap();
+        write(&dir.join("pki/server.crt"), &server.cert_pem, false).unwrap();
+        prepare(&dir).unwrap();
+        assert_eq!(identity(&read("server.crt")).as_deref(), Some(KEY_SERVICE_IDENTITY));
+        assert_ne!(read("ca.crt"), ca, "renewed with a new CA");
     }
 }
