@@ -37,6 +37,10 @@ struct Inner {
     map: HashMap<RecordKeyId, Entry, foldhash::fast::RandomState>,
     order: VecDeque<(RecordKeyId, Instant)>,
     tenants: Vec<TenantId>,
+    /// How many entries each of `tenants` has (so that forgetting a tenant
+    /// with none, as every `key_destroyed` after its first does, scans
+    /// nothing).
+    live: Vec<usize>,
     /// Key bytes; capacity fixed at `max_entries` when the cache is made.
     keys: Vec<[u8; KEY_LEN]>,
     /// Slots of `keys` free for reuse (wiped).
@@ -51,7 +55,7 @@ struct Inner {
 impl Inner {
     fn remove(&mut self, id: &RecordKeyId) {
         if let Some(entry) = self.map.remove(id) {
-            self.release(entry.slot);
+            self.release(&entry);
         }
     }
 
@@ -60,7 +64,7 @@ impl Inner {
     /// is put back in the rare case it is not that one.
     fn remove_if_stamped(&mut self, id: &RecordKeyId, stamp: Instant) {
         match self.map.remove(id) {
-            Some(entry) if entry.expires == stamp => self.release(entry.slot),
+            Some(entry) if entry.expires == stamp => self.release(&entry),
             Some(entry) => {
                 self.map.insert(*id, entry);
             }
@@ -68,10 +72,24 @@ impl Inner {
         }
     }
 
-    fn release(&mut self, slot: u32) {
-        if let Some(key) = self.keys.get_mut(slot as usize) {
+    /// Wipes and frees the slot of an entry taken out of the map.
+    fn release(&mut self, entry: &Entry) {
+        if let Some(live) = self.live.get_mut(entry.tenant as usize) {
+            *live = live.saturating_sub(1);
+        }
+        if let Some(key) = self.keys.get_mut(entry.slot as usize) {
             key.zeroize();
-            self.free.push(slot);
+            self.free.push(entry.slot);
+        }
+    }
+
+    /// Counts an entry of tenant `to` in place of one of `from`, if any.
+    fn count(&mut self, from: Option<u32>, to: u32) {
+        if let Some(live) = from.and_then(|from| self.live.get_mut(from as usize)) {
+            *live = live.saturating_sub(1);
+        }
+        if let Some(live) = self.live.get_mut(to as usize) {
+            *live += 1;
         }
     }
 
@@ -93,6 +111,7 @@ impl Inner {
             Some(i) => u32::try_from(i).unwrap_or(u32::MAX),
             None => {
                 self.tenants.push(tenant.clone());
+                self.live.push(0);
                 u32::try_from(self.tenants.len() - 1).unwrap_or(u32::MAX)
             }
         }
@@ -122,6 +141,7 @@ impl DekCache {
             map: HashMap::default(),
             order: VecDeque::new(),
             tenants: Vec::new(),
+            live: Vec::new(),
             keys: Vec::with_capacity(max_entries),
             free: Vec::new(),
             forgotten: HashMap::new(),
@@ -183,11 +203,20 @@ impl DekCache {
         }
         let tenant = inner.tenant_index(tenant);
         for (id, version, key) in deks {
+            // Whether `order` holds `id` with this expiry already: an entry
+            // of the same id and expiry needs no second place in line.
+            let mut queued = false;
             let slot = match inner.map.get_mut(&id) {
                 // Cached already (rare): the entry and its slot are reused.
                 Some(entry) => {
+                    let before = entry.tenant;
+                    queued = entry.expires == expires;
                     *entry = Entry { tenant, kek_version: version, slot: entry.slot, expires };
-                    Some(entry.slot)
+                    let slot = entry.slot;
+                    if before != tenant {
+                        inner.count(Some(before), tenant);
+                    }
+                    Some(slot)
                 }
                 None => {
                     // Room first (oldest out), so the slab never outgrows
@@ -199,6 +228,7 @@ impl DekCache {
                     let slot = inner.slot();
                     if let Some(slot) = slot {
                         inner.map.insert(id, Entry { tenant, kek_version: version, slot, expires });
+                        inner.count(None, tenant);
                     }
                     slot
                 }
@@ -207,7 +237,9 @@ impl DekCache {
             if let Some(bytes) = inner.keys.get_mut(slot as usize) {
                 bytes.copy_from_slice(key.borrow().expose_secret());
             }
-            inner.order.push_back((id, expires));
+            if !queued {
+                inner.order.push_back((id, expires));
+            }
         }
         // The order queue may hold stale stamps of re-inserted ids; keep it bounded.
         if inner.order.len() > 2 * self.max_entries.max(1) {
@@ -218,10 +250,14 @@ impl DekCache {
 
     /// Drops (and wipes) every entry of `tenant`: its keys were destroyed.
     /// DEKs of it vouched for until now are not cached later either.
-    pub(super) fn forget_tenant(&self, tenant: &TenantId) {
+    /// Returns how many entries were dropped.
+    pub(super) fn forget_tenant(&self, tenant: &TenantId) -> usize {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner.forgotten.insert(tenant.clone(), Instant::now());
-        let Some(index) = inner.tenants.iter().position(|t| t == tenant) else { return };
+        let Some(index) = inner.tenants.iter().position(|t| t == tenant) else { return 0 };
+        if inner.live.get(index).is_none_or(|live| *live == 0) {
+            return 0;
+        }
         let gone: Vec<RecordKeyId> = inner
             .map
             .iter()
@@ -233,6 +269,7 @@ impl DekCache {
         }
         let Inner { map, order, .. } = &mut *inner;
         order.retain(|(id, _)| map.contains_key(id));
+        gone.len()
     }
 
     /// Drops expired entries (wiping their keys); returns how many remain.
@@ -343,6 +380,11 @@ mod tests {
             }
             let inner = cache.inner.lock().unwrap();
             assert!(inner.map.len() <= max && inner.keys.len() <= max);
+            let mut live = vec![0; inner.tenants.len()];
+            for entry in inner.map.values() {
+                live[entry.tenant as usize] += 1;
+            }
+            assert_eq!(live, inner.live, "each tenant's entries counted");
             let mut slots: Vec<u32> = inner.map.values().map(|e| e.slot).collect();
             slots.extend(&inner.free);
             slots.sort_unstable();
@@ -427,6 +469,42 @@ mod tests {
         std::thread::sleep(Duration::from_millis(2));
         cache.insert_many(&t("a"), Instant::now(), [(late, 1, key(2))]);
         assert!(cache.get(&late, &t("a"), 1).is_some());
+    }
+
+    /// One id cached again with the same expiry (a batch repeating a
+    /// record, or two requests sharing one unwrap) keeps one place in line.
+    #[test]
+    fn an_id_recached_with_the_same_expiry_is_queued_once() {
+        let cache = DekCache::new(Duration::from_secs(60), 10);
+        let id = RecordKeyId::from_bytes([1; 16]);
+        let at = Instant::now();
+        cache.insert_many(&t("a"), at, (0..5).map(|_| (id, 1, key(1))));
+        cache.insert_many(&t("a"), at, [(id, 1, key(1))]);
+        assert_eq!(cache.inner.lock().unwrap().order.len(), 1);
+        // A later expiry is a new place in line (the first one is stale).
+        std::thread::sleep(Duration::from_millis(2));
+        cache.insert_many(&t("a"), Instant::now(), [(id, 1, key(1))]);
+        assert_eq!(cache.inner.lock().unwrap().order.len(), 2);
+        assert!(cache.get(&id, &t("a"), 1).is_some());
+    }
+
+    /// Each tenant's entries are counted as they come and go (moved to
+    /// another tenant, evicted, expired), so forgetting a tenant with none
+    /// left scans nothing and drops nothing.
+    #[test]
+    fn forgetting_counts_what_each_tenant_holds() {
+        let cache = DekCache::new(Duration::from_secs(60), 3);
+        let [x, y, z, w] = [1u8, 2, 3, 4].map(|i| RecordKeyId::from_bytes([i; 16]));
+        cache.insert_many(&t("a"), Instant::now(), [(x, 1, key(1)), (y, 1, key(2))]);
+        cache.insert_many(&t("b"), Instant::now(), [(y, 1, key(2)), (z, 1, key(3))]);
+        // `w` evicts the oldest, `x` of `a`.
+        cache.insert_many(&t("b"), Instant::now(), [(w, 1, key(4))]);
+        assert_eq!(cache.inner.lock().unwrap().live, [0, 3]);
+        assert_eq!(cache.forget_tenant(&t("a")), 0);
+        assert_eq!(cache.forget_tenant(&t("b")), 3);
+        assert_eq!(cache.forget_tenant(&t("b")), 0, "forgotten already");
+        assert_eq!(cache.stats().2, 0);
+        assert_eq!(cache.inner.lock().unwrap().live, [0, 0]);
     }
 
     #[test]

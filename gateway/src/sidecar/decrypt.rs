@@ -10,6 +10,7 @@
 //! report is written as text as records are decrypted ([`super::report`]),
 //! each kind of record's `fields` list once.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -17,7 +18,7 @@ use kms_core::record::{
     Disclosure, EncryptedText, FieldOutcome, FieldReport, SchemaKeys, TextWorkspace,
 };
 use kms_core::schema::{FieldSpec, Schema};
-use kms_core::{KekVersion, Key256, Name, RecordKeyId, TenantId};
+use kms_core::{DekRequest, KekVersion, Key256, Name, RecordKeyId, TenantId};
 
 use super::api::DecryptRequest;
 use super::handlers::{Answer, dek_requests_by_tenant};
@@ -189,7 +190,8 @@ pub(super) async fn decrypt(
 
 /// Each record's DEK and whether it came from the cache: cache first, then
 /// the misses of each tenant in one unwrap (a call this request may share
-/// with others: [`super::shared_calls`]).
+/// with others: [`super::shared_calls`]), each wrapped DEK asked for once
+/// however many records of the batch carry it.
 async fn deks(
     s: &SidecarState,
     parsed: &[EncryptedText<'_>],
@@ -204,25 +206,55 @@ async fn deks(
         .collect();
     let misses = dek_requests_by_tenant(parsed, |i| deks.get(i).is_some_and(Option::is_none));
     for (tenant, missed) in misses {
-        let items = missed.iter().map(|(_, item)| *item).collect();
+        let (items, which) = distinct(missed.iter().map(|(_, item)| item));
         let asked_at = std::time::Instant::now();
         let unwrapped = s
             .unwraps
-            .call(&tenant, items, purpose)
+            .call(&tenant, items.clone(), purpose)
             .await
             .map_err(|e| s.tenant_error(&tenant, e))?;
         s.note_active(&tenant, unwrapped.common);
-        let mut fresh = Vec::with_capacity(missed.len());
-        for ((i, item), result) in missed.iter().zip(unwrapped.results) {
+        let mut keys = Vec::with_capacity(items.len());
+        let mut fresh = Vec::with_capacity(items.len());
+        for (item, result) in items.iter().zip(unwrapped.results) {
             let key = Arc::new(result.map_err(|code| s.dek_error(&tenant, &code))?);
             fresh.push((item.record_key_id, item.kek_version, key.clone()));
-            if let Some(slot) = deks.get_mut(*i) {
-                *slot = Some((key, false));
+            keys.push(key);
+        }
+        for ((i, _), at) in missed.iter().zip(which) {
+            if let (Some(slot), Some(key)) = (deks.get_mut(*i), keys.get(at)) {
+                *slot = Some((key.clone(), false));
             }
         }
         s.cache.insert_many(&tenant, asked_at, fresh);
     }
     Ok(deks)
+}
+
+/// The distinct DEK requests among `items`, and the index among them of
+/// each of `items`. Alike means the same id, version and wrapped DEK: a
+/// record carrying a known id with another wrapped part (rewrapped, or
+/// tampered with) is still the key service's to unwrap or refuse.
+fn distinct<'a>(items: impl Iterator<Item = &'a DekRequest>) -> (Vec<DekRequest>, Vec<usize>) {
+    let mut unique: Vec<DekRequest> = Vec::new();
+    let mut which = Vec::new();
+    // The ids come from the app's records: std's keyed hasher, not foldhash.
+    let mut first: HashMap<RecordKeyId, usize> = HashMap::new();
+    for item in items {
+        let alike = |u: &DekRequest| {
+            u.kek_version == item.kek_version && u.wrapped.as_bytes() == item.wrapped.as_bytes()
+        };
+        let at = match first.get(&item.record_key_id) {
+            Some(&at) if unique.get(at).is_some_and(alike) => at,
+            _ => {
+                first.entry(item.record_key_id).or_insert(unique.len());
+                unique.push(*item);
+                unique.len() - 1
+            }
+        };
+        which.push(at);
+    }
+    (unique, which)
 }
 
 /// Schema, derived keys and the caller's access to each field class.
@@ -285,5 +317,115 @@ fn outcome(o: FieldOutcome) -> &'static str {
         FieldOutcome::Revealed => "revealed",
         FieldOutcome::Masked => "masked",
         FieldOutcome::Withheld => "withheld",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use kms_core::record::TextWorkspace;
+    use kms_core::schema::SchemaSet;
+    use kms_core::{IssuedDek, SecretBuf, WRAPPED_DEK_LEN, WrappedDek};
+    use serde_json::json;
+    use serde_json::value::RawValue;
+
+    use super::*;
+    use crate::sidecar::cache::DekCache;
+    use crate::sidecar::config::{PoolConfig, ReportConfig, SidecarLimits};
+    use crate::sidecar::keyring::Keyring;
+    use crate::sidecar::ks_client::KeyServiceClient;
+    use crate::sidecar::pool::DekPool;
+    use crate::sidecar::pool::tests::fake_key_service;
+    use crate::sidecar::reporter::Reporter;
+    use crate::sidecar::shared_calls::{Rewraps, SharedCalls, Unwraps};
+    use crate::sidecar::state::ActiveVersions;
+
+    fn patient() -> Arc<Schema> {
+        let set = SchemaSet::from_toml(crate::up::PATIENT_SCHEMA, "patient.toml").unwrap();
+        set.latest("patient").unwrap().clone()
+    }
+
+    fn state(client: Arc<KeyServiceClient>) -> SidecarState {
+        let ttl = Duration::from_secs(60);
+        let wait = Duration::from_secs(10);
+        SidecarState {
+            schemas: SchemaSet::from_toml(crate::up::PATIENT_SCHEMA, "patient.toml").unwrap(),
+            unwraps: SharedCalls::new(Unwraps(client.clone()), 1_000, wait),
+            rewraps: SharedCalls::new(Rewraps(client.clone()), 1_000, wait),
+            pool: DekPool::new(client.clone(), PoolConfig::default(), ttl),
+            cache: DekCache::new(ttl, 100),
+            keyring: Keyring::new(client.clone(), ttl),
+            reporter: Reporter::new(client, ReportConfig::default(), "spiffe://test/app".into()),
+            limits: SidecarLimits::default(),
+            token: None,
+            metrics: crate::metrics::Metrics::default(),
+            active_versions: ActiveVersions::default(),
+        }
+    }
+
+    /// A patient record of tenant `onc` encrypted under a DEK of id
+    /// `[n; 16]` (and bytes `[n; 32]`) wrapped as `[wrapped; 60]`.
+    fn record(n: u8, wrapped: u8) -> Box<RawValue> {
+        let onc = TenantId::new("onc").unwrap();
+        let schema = patient();
+        let keys = SchemaKeys::derive(&Key256::from_array(&mut [7; 32]), &onc, &schema);
+        let dek = IssuedDek::new(
+            RecordKeyId::from_bytes([n; 16]),
+            1,
+            WrappedDek::from_slice(&[wrapped; WRAPPED_DEK_LEN]).unwrap(),
+            Key256::from_array(&mut [n; 32]),
+        );
+        let plain = RawValue::from_string(
+            json!({"ssn": "123-45-6789", "mrn": "MRN-1", "email": "a@example.org",
+                   "diagnosis": "C50.9", "patient_id": "P-1", "allergies": ["latex"]})
+            .to_string(),
+        )
+        .unwrap();
+        let mut out = SecretBuf::default();
+        TextWorkspace::default().encrypt(&plain, &onc, &schema, &keys, dek, &mut out).unwrap();
+        RawValue::from_string(String::from_utf8(out.as_slice().to_vec()).unwrap()).unwrap()
+    }
+
+    /// A batch repeating records asks the key service for each DEK once,
+    /// and gives it to every record that carries it.
+    #[tokio::test]
+    async fn a_record_repeated_in_a_batch_is_unwrapped_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (client, fake) = fake_key_service(dir.path()).await;
+        let s = state(client);
+        let (a, b) = (record(5, 1), record(6, 1));
+        let batch = [&a, &a, &b, &a, &b];
+        let parsed: Vec<EncryptedText<'_>> =
+            batch.iter().map(|r| EncryptedText::parse(r).unwrap()).collect();
+        let deks = deks(&s, &parsed, None).await.unwrap();
+        assert_eq!(fake.unwrap_items.load(std::sync::atomic::Ordering::Relaxed), 2);
+        for (dek, n) in deks.iter().zip([5, 5, 6, 5, 6]) {
+            let (key, cached) = dek.as_ref().expect("every record has its DEK");
+            assert_eq!((key.expose_secret(), *cached), (&[n; 32], false));
+        }
+        assert_eq!(s.cache.stats().2, 2);
+    }
+
+    /// Records alike in id but not in version or wrapped part are asked
+    /// for apart: the key service, not this sidecar, vouches for each.
+    #[test]
+    fn only_identical_dek_requests_are_merged() {
+        let item = |id: u8, version: u32, wrapped: u8| DekRequest {
+            record_key_id: RecordKeyId::from_bytes([id; 16]),
+            kek_version: version,
+            wrapped: WrappedDek::from_slice(&[wrapped; WRAPPED_DEK_LEN]).unwrap(),
+        };
+        let items = [
+            item(1, 1, 1),
+            item(1, 1, 1),
+            item(1, 2, 1),
+            item(1, 1, 2),
+            item(2, 1, 1),
+            item(1, 1, 1),
+        ];
+        let (unique, which) = distinct(items.iter());
+        assert_eq!(unique.len(), 4);
+        assert_eq!(which, [0, 0, 1, 2, 3, 0]);
     }
 }

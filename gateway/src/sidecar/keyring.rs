@@ -17,12 +17,19 @@ use crate::policy::EffectiveGrants;
 
 type Stamped<T> = (Arc<T>, Instant);
 
+/// Most pseudonym namespace keys kept. The app names the namespace of
+/// each `POST /v1/pseudonym`, so without a bound their number would be
+/// the app's to choose; a namespace past it is answered, not cached.
+const MAX_NAMESPACE_KEYS: usize = 10_000;
+
 /// Cached derived keys and grants.
 pub(super) struct Keyring {
     client: Arc<KeyServiceClient>,
     ttl: Duration,
     schema_keys: Mutex<HashMap<(TenantId, Name, u32), Stamped<SchemaKeys>>>,
     namespace_keys: Mutex<HashMap<(TenantId, Name), Stamped<Key256>>>,
+    /// Most entries of `namespace_keys`.
+    max_namespace_keys: usize,
     grants: Mutex<Option<Stamped<EffectiveGrants>>>,
     /// When each tenant's keys were last forgotten: a fetch for a tenant
     /// that began before then keeps what it got for its own request, and
@@ -40,27 +47,38 @@ impl Keyring {
             ttl,
             schema_keys: Mutex::default(),
             namespace_keys: Mutex::default(),
+            max_namespace_keys: MAX_NAMESPACE_KEYS,
             grants: Mutex::default(),
             forgotten: Mutex::default(),
         }
     }
 
     /// Caches `value` under `key`, stamped `asked_at`, unless `tenant`'s
-    /// keys were forgotten since.
+    /// keys were forgotten since, or the map holds `max` live entries.
     fn keep<K: std::hash::Hash + Eq, T>(
         &self,
         map: &Mutex<HashMap<K, Stamped<T>>>,
         (tenant, key): (&TenantId, K),
         value: Arc<T>,
         asked_at: Instant,
+        max: usize,
     ) {
         let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
         // Read under the map's lock, which `forget` takes after stamping.
         let forgotten =
             self.forgotten.lock().unwrap_or_else(|p| p.into_inner()).get(tenant).copied();
-        if forgotten.is_none_or(|at| asked_at > at) {
-            map.insert(key, (value, asked_at));
+        if forgotten.is_some_and(|at| asked_at <= at) {
+            return;
         }
+        if map.len() >= max && !map.contains_key(&key) {
+            // Full: room from expired entries only; none, and the caller
+            // has its answer all the same.
+            map.retain(|_, (_, at)| at.elapsed() < self.ttl);
+            if map.len() >= max {
+                return;
+            }
+        }
+        map.insert(key, (value, asked_at));
     }
 
     fn fresh<K: std::hash::Hash + Eq, T>(
@@ -84,7 +102,8 @@ impl Keyring {
         }
         let asking = Instant::now();
         let keys = Arc::new(self.client.schema_keys(tenant, schema).await?);
-        self.keep(&self.schema_keys, (tenant, key), keys.clone(), asking);
+        // Bounded by the tenants the key service knows and the schemas loaded.
+        self.keep(&self.schema_keys, (tenant, key), keys.clone(), asking, usize::MAX);
         Ok(keys)
     }
 
@@ -100,7 +119,8 @@ impl Keyring {
         }
         let asking = Instant::now();
         let k = Arc::new(self.client.pseudonym_key(tenant, namespace).await?);
-        self.keep(&self.namespace_keys, (tenant, key), k.clone(), asking);
+        let max = self.max_namespace_keys;
+        self.keep(&self.namespace_keys, (tenant, key), k.clone(), asking, max);
         Ok(k)
     }
 
@@ -157,7 +177,7 @@ impl Keyring {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sidecar::pool::tests::unreachable_client;
+    use crate::sidecar::pool::tests::{fake_key_service, unreachable_client};
 
     /// A fetch that began before its tenant's keys were forgotten (a shred
     /// heard while it was in flight) is not cached; another tenant's, and
@@ -172,13 +192,39 @@ mod tests {
         let asked = Instant::now();
         std::thread::sleep(Duration::from_millis(2));
         ring.forget(&a);
-        ring.keep(&ring.namespace_keys, (&a, (a.clone(), ns.clone())), key(), asked);
-        ring.keep(&ring.namespace_keys, (&b, (b.clone(), ns.clone())), key(), asked);
+        ring.keep(&ring.namespace_keys, (&a, (a.clone(), ns.clone())), key(), asked, usize::MAX);
+        ring.keep(&ring.namespace_keys, (&b, (b.clone(), ns.clone())), key(), asked, usize::MAX);
         assert!(ring.fresh(&ring.namespace_keys, &(a.clone(), ns.clone())).is_none());
         assert!(ring.fresh(&ring.namespace_keys, &(b, ns.clone())).is_some(), "per tenant");
         std::thread::sleep(Duration::from_millis(2));
         let again = Instant::now();
-        ring.keep(&ring.namespace_keys, (&a, (a.clone(), ns.clone())), key(), again);
+        ring.keep(&ring.namespace_keys, (&a, (a.clone(), ns.clone())), key(), again, usize::MAX);
         assert!(ring.fresh(&ring.namespace_keys, &(a, ns)).is_some(), "begun after");
+    }
+
+    /// Namespaces the app names beyond the bound are answered, not cached;
+    /// once cached ones expire, new ones take their place.
+    #[tokio::test]
+    async fn namespace_keys_are_bounded_and_answered_past_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let (client, _) = fake_key_service(dir.path()).await;
+        let ttl = Duration::from_millis(1_500);
+        let mut ring = Keyring::new(client, ttl);
+        ring.max_namespace_keys = 8;
+        let onc = TenantId::new("onc").unwrap();
+        let cached = |ring: &Keyring| ring.namespace_keys.lock().unwrap().len();
+        for round in ["a", "b"] {
+            for i in 0..18 {
+                let name = format!("ns-{round}-{i}");
+                let key = ring.namespace_key(&onc, &Name::new(&name).unwrap()).await.unwrap();
+                // The fake's key of a namespace: its name, zero-padded.
+                assert_eq!(&key.expose_secret()[..name.len()], name.as_bytes(), "{name}");
+                assert!(cached(&ring) <= 8, "{} cached", cached(&ring));
+            }
+            assert_eq!(cached(&ring), 8);
+            let first = (onc.clone(), Name::new(format!("ns-{round}-0")).unwrap());
+            assert!(ring.fresh(&ring.namespace_keys, &first).is_some(), "the first 8 kept");
+            tokio::time::sleep(ttl).await;
+        }
     }
 }

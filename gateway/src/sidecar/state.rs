@@ -94,10 +94,20 @@ impl SidecarState {
     /// under the destroyed version) and derived keys go at once rather than
     /// at the end of the cache TTL, so no new record is written under them.
     fn forget_destroyed(&self, tenant: &TenantId) {
-        self.pool.forget(tenant);
+        let pooled = self.pool.forget(tenant);
         self.keyring.forget(tenant);
-        self.cache.forget_tenant(tenant);
-        tracing::info!(tenant = %tenant, "key destroyed: pooled, cached and derived keys dropped");
+        let cached = self.cache.forget_tenant(tenant);
+        // Once per shred heard, not once per request of a shredded tenant.
+        if pooled + cached > 0 {
+            tracing::info!(
+                tenant = %tenant,
+                pooled,
+                cached,
+                "key destroyed: pooled, cached and derived keys dropped"
+            );
+        } else {
+            tracing::debug!(tenant = %tenant, "key destroyed: nothing pooled or cached");
+        }
     }
 }
 
