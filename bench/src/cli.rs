@@ -36,7 +36,8 @@ pub(crate) struct Args {
     )]
     pub(crate) scenarios: Vec<String>,
     /// Records encrypted (and their DEKs cached) before the decrypt
-    /// scenarios [default: 100000, --quick: 2000].
+    /// scenarios, which cycle through them on every system [default:
+    /// 100000, --quick: 2000].
     #[arg(long)]
     pub(crate) warm_records: Option<usize>,
     /// Distinct records the encrypt scenario cycles through.
@@ -49,7 +50,8 @@ pub(crate) struct Args {
     #[arg(long, value_enum, default_value_t = Peer::None)]
     pub(crate) peer: Peer,
     /// Measure everything this many times, each round on a fresh stack
-    /// (and a fresh peer), one system after the other: the table shows
+    /// (and a fresh peer), one system after the other, in the reverse
+    /// order every other round (keygate first, then last): the table shows
     /// each cell's median, and each ratio is the median of the rounds'
     /// own ratios with their lowest and highest. On a shared or noisy
     /// machine one round can be off by 10 %.

@@ -119,48 +119,63 @@ async fn run(args: Args) -> Result<()> {
         dataset::PROTECTED.len()
     );
 
-    // Ours first, alone on the machine; then the peer, alone; then the
-    // in-process reference, alone; as many rounds as asked.
+    // Each system alone on the machine, one after the other, as many
+    // rounds as asked; the order alternates from round to round (see
+    // `round_order`).
     let bao = match args.peer {
         Peer::Openbao => Some(openbao::find_bao(args.bao.as_deref())?),
         Peer::None => None,
     };
     let mut cells = Vec::new();
+    let mut orders = Vec::new();
     let mut warm_state = ours::WarmState::default();
     for round in 0..args.rounds {
+        let order = round_order(round, bao.is_some(), !args.no_in_process);
+        let names: Vec<&'static str> = order.iter().map(|s| s.name()).collect();
         if args.rounds > 1 {
-            eprintln!("round {} of {}", round + 1, args.rounds);
+            eprintln!("round {} of {}: {}", round + 1, args.rounds, names.join(" → "));
         }
-        let (mut measured, this_warm) = {
-            let (keygate, stack) = ours_target(&args).await?;
-            if let Some(stack) = &stack {
-                eprintln!("keygate stack in {}", stack.dir().display());
+        let mut measured = Vec::new();
+        for system in order {
+            match system {
+                System::Keygate => {
+                    let (keygate, stack) = ours_target(&args, warm.len()).await?;
+                    if let Some(stack) = &stack {
+                        eprintln!("keygate stack in {}", stack.dir().display());
+                    }
+                    let (ours, this_warm) = keygate
+                        .run(&plan, &args.scenarios, &records, &warm, stack.as_ref())
+                        .await?;
+                    measured.extend(ours);
+                    // The memory target is about the worst round.
+                    if this_warm.sidecar_rss_kib >= warm_state.sidecar_rss_kib {
+                        warm_state = this_warm;
+                    }
+                }
+                System::Openbao => {
+                    if let Some(bao) = &bao {
+                        eprintln!("OpenBao: {}", bao.display());
+                        let server = openbao::OpenBao::start(bao).await?;
+                        measured.extend(server.run(&plan, &args.scenarios, &records, &warm).await?);
+                    }
+                }
+                System::InProcess => {
+                    let (plan, scenarios) = (plan.clone(), args.scenarios.clone());
+                    let (records, warm) = (records.clone(), warm.clone());
+                    let reference = tokio::task::spawn_blocking(move || {
+                        inprocess::run(&plan, &scenarios, &records, &warm)
+                    })
+                    .await
+                    .map_err(|e| error::BenchError(e.to_string()))??;
+                    measured.extend(reference);
+                }
             }
-            keygate.run(&plan, &args.scenarios, &records, &warm, stack.as_ref()).await?
-        };
-        // The memory target is about the worst round.
-        if this_warm.sidecar_rss_kib >= warm_state.sidecar_rss_kib {
-            warm_state = this_warm;
-        }
-        if let Some(bao) = &bao {
-            eprintln!("OpenBao: {}", bao.display());
-            let server = openbao::OpenBao::start(bao).await?;
-            measured.extend(server.run(&plan, &args.scenarios, &records, &warm).await?);
-        }
-        if !args.no_in_process {
-            let (plan, scenarios) = (plan.clone(), args.scenarios.clone());
-            let (records, warm) = (records.clone(), warm.clone());
-            let reference = tokio::task::spawn_blocking(move || {
-                inprocess::run(&plan, &scenarios, &records, &warm)
-            })
-            .await
-            .map_err(|e| error::BenchError(e.to_string()))??;
-            measured.extend(reference);
         }
         for cell in &mut measured {
             cell.round = round;
         }
         cells.extend(measured);
+        orders.push(report::RoundOrder { round, order: names });
     }
 
     let comparisons = report::compare(&cells);
@@ -192,9 +207,30 @@ async fn run(args: Args) -> Result<()> {
     if let Some(kib) = memory.key_service_peak_rss_kib_datakeys {
         println!("key service peak RSS under datakeys: {:.1} MiB", kib as f64 / 1024.0);
     }
+    if ["decrypt-warm", "decrypt-cold", "rewrap"]
+        .iter()
+        .any(|s| args.scenarios.iter().any(|x| x == s))
+    {
+        println!(
+            "decrypt-warm, decrypt-cold and rewrap cycle through the same {} warm records on every system",
+            report::thousands(warm.len() as f64)
+        );
+    }
     print!("{}", report::target_lines(&targets));
 
     let errors: u64 = cells.iter().map(|c| c.errors).sum();
+    let not_warm: Vec<String> = cells
+        .iter()
+        .filter_map(|c| {
+            let misses = c.dek_cache_misses.filter(|m| *m > 0)?;
+            Some(format!(
+                "round {} {} rec/req c={}: {misses} misses",
+                c.round + 1,
+                c.batch,
+                c.concurrency
+            ))
+        })
+        .collect();
     let report = Report {
         tool: "keygate-bench",
         format: 1,
@@ -212,6 +248,7 @@ async fn run(args: Args) -> Result<()> {
             "rounds": args.rounds,
             "peer": format!("{:?}", args.peer).to_lowercase(),
         }),
+        round_order: orders,
         record: json!({
             "schema": "patient (gateway::up::PATIENT_SCHEMA)",
             "mean_bytes": mean_size,
@@ -230,11 +267,58 @@ async fn run(args: Args) -> Result<()> {
     if errors > 0 {
         bail!("{errors} requests failed (see the cells' first_error)");
     }
+    if !not_warm.is_empty() {
+        bail!(
+            "decrypt-warm was not warm: the sidecar's DEK cache missed during {} (see the cells' \
+             dek_cache_misses); these cells measured unwraps by the key service",
+            not_warm.join("; ")
+        );
+    }
     Ok(())
 }
 
+/// A system measured in a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum System {
+    Keygate,
+    Openbao,
+    InProcess,
+}
+
+impl System {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Keygate => report::KEYGATE,
+            Self::Openbao => report::OPENBAO,
+            Self::InProcess => report::IN_PROCESS,
+        }
+    }
+}
+
+/// The order in which round `round` measures the systems it has: even
+/// rounds keygate → OpenBao → in-process, odd rounds the reverse. Each
+/// ratio sets keygate against a system measured minutes before or after
+/// it; on a shared machine whose speed drifts, a fixed order would bias
+/// every round the same way, alternating cancels it out over pairs of
+/// rounds (an even number of rounds balances it exactly).
+fn round_order(round: u32, peer: bool, in_process: bool) -> Vec<System> {
+    let mut order = vec![System::Keygate];
+    if peer {
+        order.push(System::Openbao);
+    }
+    if in_process {
+        order.push(System::InProcess);
+    }
+    if round % 2 == 1 {
+        order.reverse();
+    }
+    order
+}
+
 /// keygate to measure: a fresh stack, or the one given with --attach-…
-async fn ours_target(args: &Args) -> Result<(Keygate, Option<stack::Stack>)> {
+/// `warm` is the size of the warm set, which the started sidecar's DEK
+/// cache must hold.
+async fn ours_target(args: &Args, warm: usize) -> Result<(Keygate, Option<stack::Stack>)> {
     if let Some(socket) = &args.attach_sidecar {
         let key_service = match (
             &args.attach_key_service,
@@ -261,7 +345,7 @@ async fn ours_target(args: &Args) -> Result<(Keygate, Option<stack::Stack>)> {
         return Ok((keygate, None));
     }
     let binary = stack::keygate_binary(args.keygate.as_deref())?;
-    let stack = stack::Stack::start(&binary).await?;
+    let stack = stack::Stack::start(&binary, warm).await?;
     let keygate = Keygate {
         sidecar: stack::unix_client(&stack.sidecar_socket)?,
         sidecar_pid: Some(stack.sidecar.pid()),
@@ -272,4 +356,40 @@ async fn ours_target(args: &Args) -> Result<(Keygate, Option<stack::Stack>)> {
         tenant: stack::TENANT.to_owned(),
     };
     Ok((keygate, Some(stack)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_alternate_the_order_of_the_systems() {
+        use System::{InProcess, Keygate, Openbao};
+        assert_eq!(round_order(0, true, true), [Keygate, Openbao, InProcess]);
+        assert_eq!(round_order(1, true, true), [InProcess, Openbao, Keygate]);
+        assert_eq!(round_order(2, true, true), [Keygate, Openbao, InProcess]);
+        assert_eq!(round_order(3, true, true), [InProcess, Openbao, Keygate]);
+        assert_eq!(round_order(0, false, true), [Keygate, InProcess]);
+        assert_eq!(round_order(1, false, true), [InProcess, Keygate]);
+        assert_eq!(round_order(1, true, false), [Openbao, Keygate]);
+        assert_eq!(round_order(1, false, false), [Keygate]);
+        // Over any two consecutive rounds, keygate runs once before and
+        // once after each other system.
+        for first in 0..4 {
+            for other in [Openbao, InProcess] {
+                let before = (first..first + 2)
+                    .filter(|&r| {
+                        let order = round_order(r, true, true);
+                        let at = |s| order.iter().position(|x| *x == s);
+                        at(Keygate) < at(other)
+                    })
+                    .count();
+                assert_eq!(before, 1, "{other:?} from round {first}");
+            }
+        }
+        assert_eq!(
+            round_order(1, true, true).iter().map(|s| s.name()).collect::<Vec<_>>(),
+            ["in-process", "openbao", "keygate"]
+        );
+    }
 }

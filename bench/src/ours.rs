@@ -1,10 +1,12 @@
 //! keygate's scenarios, through the sidecar API (and, for `datakeys`, the
 //! key service API over mTLS). The warm set is encrypted first, on a fresh
-//! sidecar (its resident set with the DEK cache full is measured then),
-//! so the decrypts run before encrypt's DEKs push it out of the cache:
+//! sidecar, and decrypted back, every record checked against its original
+//! (its resident set with the DEK cache full is measured then), so the
+//! decrypts run before encrypt's DEKs push it out of the cache:
 //! - `encrypt`: records → `POST /v1/encrypt` (DEKs from the sidecar's pool);
 //! - `decrypt-warm`: the warm set (encrypted just before, so every DEK is
-//!   in the sidecar's cache) → `POST /v1/decrypt`;
+//!   in the sidecar's cache) → `POST /v1/decrypt`; a cell during which
+//!   the sidecar's `keygate_dek_cache_misses` rose fails the run;
 //! - `decrypt-cold`: the same records through the sidecar without a DEK
 //!   cache: every record's DEK is unwrapped by the key service;
 //! - `rewrap`: after a KEK rotation, the warm set → `POST /v1/rewrap`
@@ -120,19 +122,33 @@ impl Keygate {
                     ),
                 }
             }
+            let warm = scenario == "decrypt-warm";
             for (batch, bodies) in &decrypt_bodies {
                 let batch = *batch;
                 for &concurrency in &plan.concurrency {
                     let id = CellId { system: KEYGATE, scenario, batch, concurrency };
-                    let (client, bodies) = (client.clone(), bodies.clone());
                     let url = format!("{SIDECAR}{path}");
-                    cells.push(
-                        cell_async(plan, id, &self.procs(pid), move |i| {
-                            let (client, body, url) = (client.clone(), pick(&bodies, i), url.clone());
-                            async move { post(&client, &url, body, None).await.map(|_| batch as u64) }
-                        })
-                        .await,
-                    );
+                    let misses_before = if warm {
+                        sidecar_gauge(client, "keygate_dek_cache_misses").await
+                    } else {
+                        None
+                    };
+                    let (sender, bodies) = (client.clone(), bodies.clone());
+                    let mut cell = cell_async(plan, id, &self.procs(pid), move |i| {
+                        let (client, body, url) = (sender.clone(), pick(&bodies, i), url.clone());
+                        async move { post(&client, &url, body, None).await.map(|_| batch as u64) }
+                    })
+                    .await;
+                    if warm {
+                        cell.dek_cache_misses = cache_misses_during(client, misses_before).await;
+                        if let Some(misses) = cell.dek_cache_misses.filter(|m| *m > 0) {
+                            eprintln!(
+                                "ERROR decrypt-warm {batch} rec/req c={concurrency} was not warm: \
+                                 {misses} DEK cache misses during the cell"
+                            );
+                        }
+                    }
+                    cells.push(cell);
                 }
             }
         }
@@ -305,44 +321,123 @@ async fn encrypt_all(
     Ok(out)
 }
 
-/// Decrypts a few records back and checks they equal the originals
-/// (except the pseudonym, which is irreversible by design).
+/// Decrypts every record of the warm set back (untimed; 100 per request,
+/// four requests at a time, every DEK a cache hit) and checks each equals
+/// its original (except the pseudonym, which is irreversible by design).
 async fn verify_round_trip(
     client: &reqwest::Client,
     plain: &[Value],
     encrypted: &[String],
 ) -> Result<()> {
-    let n = plain.len().min(encrypted.len()).min(10);
-    let (Some(plain), Some(encrypted)) = (plain.get(..n), encrypted.get(..n)) else {
-        return Ok(());
+    const PER_REQUEST: usize = 100;
+    if plain.len() != encrypted.len() {
+        bail!("{} records encrypted for {} in the warm set", encrypted.len(), plain.len());
+    }
+    let chunks: Vec<(usize, &[Value], &[String])> = plain
+        .chunks(PER_REQUEST)
+        .zip(encrypted.chunks(PER_REQUEST))
+        .enumerate()
+        .map(|(i, (p, e))| (i * PER_REQUEST, p, e))
+        .collect();
+    let worker = |first: usize| {
+        let chunks = &chunks;
+        async move {
+            for &(offset, plain, encrypted) in chunks.iter().skip(first).step_by(4) {
+                verify_chunk(client, offset, plain, encrypted).await?;
+            }
+            Ok::<_, crate::error::BenchError>(())
+        }
     };
+    let (a, b, c, d) = tokio::join!(worker(0), worker(1), worker(2), worker(3));
+    a.and(b).and(c).and(d)
+}
+
+/// One request of [`verify_round_trip`]: `encrypted` are the records from
+/// `offset` on.
+async fn verify_chunk(
+    client: &reqwest::Client,
+    offset: usize,
+    plain: &[Value],
+    encrypted: &[String],
+) -> Result<()> {
     let body = Bytes::from(format!("{{\"records\":[{}]}}", encrypted.join(",")));
     let answer = post(client, &format!("{SIDECAR}/v1/decrypt"), body, None).await?;
     let value: Value = serde_json::from_slice(&answer)?;
     let records =
         value.get("records").and_then(Value::as_array).ok_or("decrypt answered no records")?;
-    for (got, want) in records.iter().zip(plain) {
-        let (mut got, mut want) = (got.clone(), want.clone());
-        for v in [&mut got, &mut want] {
-            if let Some(map) = v.as_object_mut() {
-                map.remove("patient_id");
-            }
-        }
-        if got != want {
-            bail!("round trip through the sidecar changed a record");
-        }
+    if records.len() != plain.len() {
+        bail!("decrypt answered {} of {} records", records.len(), plain.len());
     }
-    if records.len() != n {
-        bail!("decrypt answered {} of {n} records", records.len());
+    for (i, (got, want)) in records.iter().zip(plain).enumerate() {
+        if !same_but_pseudonym(got, want) {
+            bail!("round trip through the sidecar changed warm record {}", offset + i);
+        }
     }
     Ok(())
 }
 
+/// Whether two records are equal but for `patient_id` (the pseudonym).
+fn same_but_pseudonym(a: &Value, b: &Value) -> bool {
+    let (mut a, mut b) = (a.clone(), b.clone());
+    for v in [&mut a, &mut b] {
+        if let Some(map) = v.as_object_mut() {
+            map.remove("patient_id");
+        }
+    }
+    a == b
+}
+
+/// The sidecar's DEK cache misses since `before` (None if unreadable).
+async fn cache_misses_during(client: &reqwest::Client, before: Option<u64>) -> Option<u64> {
+    let after = sidecar_gauge(client, "keygate_dek_cache_misses").await;
+    let misses = after.zip(before).map(|(after, before)| after.saturating_sub(before));
+    if misses.is_none() {
+        eprintln!("warning: could not read keygate_dek_cache_misses: decrypt-warm not checked");
+    }
+    misses
+}
+
 /// `keygate_dek_cache_entries` from the sidecar's metrics.
 async fn cache_entries(client: &reqwest::Client) -> Option<u64> {
+    sidecar_gauge(client, "keygate_dek_cache_entries").await
+}
+
+/// A gauge (`name value`) from the sidecar's metrics.
+async fn sidecar_gauge(client: &reqwest::Client, name: &str) -> Option<u64> {
     let text = client.get(format!("{SIDECAR}/metrics")).send().await.ok()?.text().await.ok()?;
+    gauge(&text, name)
+}
+
+/// `name`'s value in a Prometheus text exposition.
+fn gauge(text: &str, name: &str) -> Option<u64> {
     text.lines()
-        .find_map(|l| l.strip_prefix("keygate_dek_cache_entries "))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse::<f64>().ok())
         .map(|v| v as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gauges_are_read_by_their_whole_name() {
+        let text = "# HELP keygate_dek_cache_misses DEK cache misses\n\
+                    # TYPE keygate_dek_cache_misses gauge\n\
+                    keygate_dek_cache_misses_total 9\n\
+                    keygate_dek_cache_misses 42\n\
+                    keygate_dek_cache_entries 100000\n";
+        assert_eq!(gauge(text, "keygate_dek_cache_misses"), Some(42));
+        assert_eq!(gauge(text, "keygate_dek_cache_entries"), Some(100_000));
+        assert_eq!(gauge(text, "keygate_dek_cache_hits"), None);
+    }
+
+    #[test]
+    fn the_round_trip_ignores_only_the_pseudonym() {
+        let want = serde_json::json!({"patient_id": "P-1", "ssn": "123", "mrn": "M"});
+        let got = serde_json::json!({"patient_id": "kgp:XYZ", "ssn": "123", "mrn": "M"});
+        assert!(same_but_pseudonym(&got, &want));
+        let changed = serde_json::json!({"patient_id": "kgp:XYZ", "ssn": "124", "mrn": "M"});
+        assert!(!same_but_pseudonym(&changed, &want));
+    }
 }

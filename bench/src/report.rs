@@ -39,6 +39,11 @@ pub(crate) struct Cell {
     /// Peak RSS and CPU time of each process involved (`client` is the
     /// load generator itself).
     pub(crate) processes: BTreeMap<String, ProcUse>,
+    /// keygate's decrypt-warm: the sidecar's DEK cache misses during the
+    /// cell, warm-up included (`keygate_dek_cache_misses` before and
+    /// after); more than 0 fails the run, the cell was not warm.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) dek_cache_misses: Option<u64>,
 }
 
 impl Cell {
@@ -65,6 +70,7 @@ impl Cell {
             requests_per_s: measured.requests_per_s(),
             latency_us: measured.latency(),
             processes,
+            dek_cache_misses: None,
         }
     }
 
@@ -181,6 +187,14 @@ pub(crate) struct Memory {
     pub(crate) key_service_peak_rss_kib_datakeys: Option<u64>,
 }
 
+/// The order in which one round measured the systems.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct RoundOrder {
+    pub(crate) round: u32,
+    /// System names, first measured first.
+    pub(crate) order: Vec<&'static str>,
+}
+
 /// Everything a run produced.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Report {
@@ -189,6 +203,8 @@ pub(crate) struct Report {
     pub(crate) machine: Machine,
     pub(crate) options: serde_json::Value,
     pub(crate) record: serde_json::Value,
+    /// Each round's order of the systems (it alternates: see `main`).
+    pub(crate) round_order: Vec<RoundOrder>,
     pub(crate) cells: Vec<Cell>,
     pub(crate) comparisons: Vec<Comparison>,
     pub(crate) memory: Memory,
@@ -500,6 +516,7 @@ mod tests {
             requests_per_s: rate / 100.0,
             latency_us: Latency { p99, ..Latency::default() },
             processes: BTreeMap::new(),
+            dek_cache_misses: None,
         }
     }
 

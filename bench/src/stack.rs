@@ -140,8 +140,9 @@ pub(crate) struct Stack {
 
 impl Stack {
     /// Writes a PKI, policy, schema and configs, starts the three
-    /// processes and creates the tenant.
-    pub(crate) async fn start(keygate: &Path) -> Result<Self> {
+    /// processes and creates the tenant. The sidecar's DEK cache holds at
+    /// least `warm` DEKs (the warm set's).
+    pub(crate) async fn start(keygate: &Path, warm: usize) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("keygate-bench-").tempdir()?;
         let root = dir.path();
         let ca = DevCa::generate("keygate-bench CA").map_err(|e| BenchError(e.to_string()))?;
@@ -246,7 +247,7 @@ level = "warn"
         // The warm set must stay cached for the whole run: a TTL of ten
         // minutes (the default, 60 s, bounds how long a shred takes to
         // reach the sidecar; it does not change the cost of a hit).
-        let (sidecar, sidecar_socket) = start_sidecar("sidecar", "ttl_secs = 600")?;
+        let (sidecar, sidecar_socket) = start_sidecar("sidecar", &warm_cache(warm))?;
         let (cold_sidecar, cold_socket) = start_sidecar("cold", "ttl_secs = 600\nmax_entries = 0")?;
         let stack = Self {
             sidecar,
@@ -283,6 +284,20 @@ level = "warn"
     /// Where the logs are (kept only while the stack runs).
     pub(crate) fn dir(&self) -> &Path {
         self.dir.path()
+    }
+}
+
+/// The warm sidecar's `[cache]` settings: a TTL of ten minutes, and room
+/// for the whole warm set. The default size (100,000 DEKs) is kept when
+/// the warm set fits, since the cache reserves its slab for `max_entries`
+/// and the sidecar's resident set is measured as deployed; a larger warm
+/// set gets a cache of its size (else decrypt-warm would miss, and fail).
+fn warm_cache(warm: usize) -> String {
+    let default = gateway::sidecar::config::CacheConfig::default().max_entries;
+    if warm > default {
+        format!("ttl_secs = 600\nmax_entries = {warm}")
+    } else {
+        "ttl_secs = 600".to_owned()
     }
 }
 
@@ -363,4 +378,16 @@ fn write_private(path: &Path, contents: &str) -> Result<()> {
         .open(path)?;
     file.write_all(contents.as_bytes())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_warm_cache_holds_the_warm_set() {
+        assert_eq!(warm_cache(2_000), "ttl_secs = 600");
+        assert_eq!(warm_cache(100_000), "ttl_secs = 600");
+        assert_eq!(warm_cache(150_000), "ttl_secs = 600\nmax_entries = 150000");
+    }
 }

@@ -85,6 +85,11 @@ fn quick_run_against_a_real_stack_writes_well_formed_json() {
     assert_eq!(comparisons.len(), 9);
     assert!(comparisons.iter().all(|c| c["vs_in_process"].as_f64().is_some_and(|r| r > 0.0)));
     assert!(report["memory"]["sidecar_cached_deks"].as_u64().unwrap() >= 300);
+    // decrypt-warm was checked warm: no DEK cache miss during its cells.
+    for cell in cells.iter().filter(|c| c["system"] == "keygate" && c["scenario"] == "decrypt-warm")
+    {
+        assert_eq!(cell["dek_cache_misses"], 0, "{cell}");
+    }
     assert!(report["memory"]["sidecar_peak_rss_kib_decrypt_warm"].as_u64().unwrap() > 0);
     assert!(report["memory"]["sidecar_rss_kib_cache_full"].as_u64().unwrap() > 0);
     assert!(!report["targets"].as_array().unwrap().is_empty());
@@ -123,7 +128,16 @@ fn rounds_measure_every_cell_again() {
         .iter()
         .map(|c| (c["round"].as_u64().unwrap(), c["system"].as_str().unwrap()))
         .collect();
-    assert_eq!(rounds, [(0, "keygate"), (0, "in-process"), (1, "keygate"), (1, "in-process")]);
+    // The second round measures the systems in the reverse order.
+    assert_eq!(rounds, [(0, "keygate"), (0, "in-process"), (1, "in-process"), (1, "keygate")]);
+    assert!(stderr.contains("round 2 of 2: in-process → keygate"), "{stderr}");
+    assert_eq!(
+        report["round_order"],
+        serde_json::json!([
+            {"round": 0, "order": ["keygate", "in-process"]},
+            {"round": 1, "order": ["in-process", "keygate"]},
+        ])
+    );
     let [comparison] = report["comparisons"].as_array().unwrap().as_slice() else {
         panic!("one comparison: {}", report["comparisons"]);
     };
