@@ -135,6 +135,14 @@ struct Pending {
     requests: u32,
     /// When its first access was buffered.
     buffered_at: Instant,
+    /// Random, reported as `fields.event_id`: a report whose answer was
+    /// lost is sent again (maybe to another replica), and the same id on
+    /// both copies tells an auditor they are one access, not two. (None
+    /// only if the system's random source failed.)
+    id: Option<[u8; 16]>,
+    /// Offered to the key service once: it takes no further accesses, so
+    /// every copy under its id says the same.
+    sealed: bool,
 }
 
 impl Pending {
@@ -176,6 +184,9 @@ impl Pending {
             last_ms: self.last_ms,
             requests: (requests / 2).max(1),
             buffered_at: self.buffered_at,
+            // Split only after a refusal, which recorded neither half.
+            id: new_event_id(),
+            sealed: self.sealed,
         }
     }
 
@@ -184,6 +195,7 @@ impl Pending {
     fn absorb(&mut self, event: AccessEvent, at_ms: i64) -> Option<AccessEvent> {
         let fits = self.accesses() + event.weight() <= MAX_IDS_PER_EVENT;
         if !fits
+            || self.sealed
             || self.event.tenant != event.tenant
             || self.event.kek_version != event.kek_version
             || self.event.access != event.access
@@ -262,6 +274,8 @@ impl Buffer {
                 last_ms: at_ms,
                 requests: 1,
                 buffered_at: Instant::now(),
+                id: new_event_id(),
+                sealed: false,
             });
         }
     }
@@ -269,7 +283,10 @@ impl Buffer {
     /// The oldest events, up to one report's worth (at least one event).
     fn take_report(&mut self) -> Vec<Pending> {
         let n = report_len(&self.events);
-        let batch: Vec<Pending> = self.events.drain(..n).collect();
+        let mut batch: Vec<Pending> = self.events.drain(..n).collect();
+        for pending in &mut batch {
+            pending.sealed = true;
+        }
         self.accesses -= batch.iter().map(Pending::accesses).sum::<usize>();
         self.in_flight = batch.iter().map(|p| p.buffered_at).min();
         batch
@@ -719,8 +736,16 @@ impl Serialize for Detail<'_> {
         }
         map.serialize_entry("requests", &p.requests)?;
         map.serialize_entry("last_ts_ms", &p.last_ms)?;
+        if let Some(id) = &p.id {
+            map.serialize_entry("event_id", &data_encoding::HEXLOWER.encode(id))?;
+        }
         map.end()
     }
+}
+
+/// A fresh random event id.
+fn new_event_id() -> Option<[u8; 16]> {
+    kms_core::crypto::rng::array().ok()
 }
 
 /// Pointer → outcome, as a JSON object.
@@ -949,9 +974,11 @@ mod tests {
         assert_eq!((buffer.events.len(), buffer.accesses), (3, 4), "one access per request");
         let body = wire(&buffer.take_report());
         assert_eq!(buffer.accesses, 0);
-        let mrn = &body["events"][0];
+        let mut mrn = body["events"][0].clone();
         assert_eq!(mrn["action"], "field.index");
         assert_eq!(mrn["record_key_ids"], json!([]));
+        assert!(mrn["fields"]["event_id"].is_string(), "{mrn}");
+        mrn["fields"].as_object_mut().unwrap().remove("event_id");
         assert_eq!(
             mrn["fields"],
             json!({"schema": "patient", "path": "/mrn", "requests": 2, "last_ts_ms": 3})
@@ -960,6 +987,36 @@ mod tests {
         let pseudonym = &body["events"][2];
         assert_eq!(pseudonym["action"], "field.pseudonym");
         assert_eq!(pseudonym["fields"]["namespace"], "patient");
+    }
+
+    /// A report whose answer was lost is sent again, maybe to another
+    /// replica, and may then be recorded twice: each event carries an id,
+    /// the same on every copy, and an event once offered takes no more
+    /// accesses, so that every copy under one id says the same.
+    #[test]
+    fn a_resent_event_keeps_its_id_and_takes_no_new_accesses() {
+        let mut buffer = Buffer::default();
+        buffer.add(decrypt("onc", true, 1, 0), 1_000);
+        buffer.add(decrypt("card", true, 1, 1), 1_000);
+        let first = wire(&buffer.take_report());
+        let id = |body: &Value, i: usize| body["events"][i]["fields"]["event_id"].clone();
+        let (onc, card) = (id(&first, 0), id(&first, 1));
+        assert_eq!(onc.as_str().map(str::len), Some(32), "{first}");
+        assert_ne!(onc, card, "one id per event");
+        // The answer is lost: both go back, and an alike access comes.
+        let mut offered = Buffer::default();
+        offered.add(decrypt("onc", true, 1, 0), 1_000);
+        offered.add(decrypt("card", true, 1, 1), 1_000);
+        let batch = offered.take_report();
+        let sent = wire(&batch);
+        offered.put_back(batch);
+        offered.add(decrypt("onc", true, 1, 7), 1_200);
+        assert_eq!(offered.events.len(), 3, "the new access is an event of its own");
+        let again = wire(&offered.take_report());
+        assert_eq!(again["events"][0], sent["events"][0], "the same event, the same id");
+        assert_eq!(again["events"][1], sent["events"][1]);
+        assert_ne!(id(&again, 2), id(&sent, 0));
+        assert_eq!(again["events"][2]["record_key_ids"].as_array().unwrap().len(), 1);
     }
 
     #[test]
