@@ -38,6 +38,14 @@ const MAX_UNCONFIRMED: usize = 64;
 /// The actor of the writer's own events.
 const WRITER: &str = "keygate:audit";
 
+/// How long a commit may be outstanding before readiness fails. A commit
+/// takes milliseconds; one waiting this long has a keystore that does not
+/// answer (stuck, or silent behind a partition), and every audited request
+/// waits behind it. The PostgreSQL store gives up on its own later (after
+/// `acquire_timeout` plus `statement_timeout` plus `acquire_timeout`, 50 s
+/// by default), and then reports the failure; until then this does.
+const STALLED_AFTER: Duration = Duration::from_secs(30);
+
 /// The audit log could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -64,7 +72,35 @@ struct Job {
 struct Shared {
     healthy: AtomicBool,
     last_error: Mutex<Option<String>>,
+    /// When the commit in progress (with its resync) started.
+    busy_since: Mutex<Option<Instant>>,
     metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    /// How long the commit in progress has been waiting, once that is
+    /// longer than [`STALLED_AFTER`].
+    fn stalled_for(&self) -> Option<Duration> {
+        let since = *self.busy_since.lock().unwrap_or_else(|p| p.into_inner());
+        since.map(|t| t.elapsed()).filter(|waited| *waited > STALLED_AFTER)
+    }
+}
+
+/// Marks a commit in progress until dropped (also if the writer's task is
+/// aborted mid-commit).
+struct Busy<'a>(&'a Shared);
+
+impl<'a> Busy<'a> {
+    fn start(shared: &'a Shared) -> Self {
+        *shared.busy_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        Self(shared)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        *self.0.busy_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
 }
 
 /// Handle to the audit writer; cheap to clone.
@@ -100,6 +136,7 @@ impl AuditLog {
         let shared = Arc::new(Shared {
             healthy: AtomicBool::new(true),
             last_error: Mutex::new(None),
+            busy_since: Mutex::new(None),
             metrics,
         });
         let writer = Writer {
@@ -227,13 +264,23 @@ impl AuditLog {
         }
     }
 
-    /// Whether the last commit succeeded (and the writer is running).
+    /// Whether the last commit succeeded, none has been waiting for the
+    /// keystore longer than [`STALLED_AFTER`], and the writer is running.
     pub fn is_healthy(&self) -> bool {
-        self.shared.healthy.load(Ordering::Relaxed) && !self.tx.is_closed()
+        self.shared.healthy.load(Ordering::Relaxed)
+            && self.shared.stalled_for().is_none()
+            && !self.tx.is_closed()
     }
 
-    /// Why the last commit failed, if it did.
+    /// Why the writer is not healthy: a commit waiting too long, else why
+    /// the last commit failed, if it did.
     pub fn last_error(&self) -> Option<String> {
+        if let Some(waited) = self.shared.stalled_for() {
+            return Some(format!(
+                "an audit commit has waited {} s for the keystore",
+                waited.as_secs()
+            ));
+        }
         self.shared.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
@@ -448,6 +495,8 @@ impl Writer {
         } else {
             None
         };
+        let shared = Arc::clone(&self.shared);
+        let _busy = Busy::start(&shared);
         let result = self.store.append_audit_batch(&rows, checkpoint.as_ref()).await;
         let metrics = &self.shared.metrics;
         metrics.audit_queue_depth.dec_by(count);
@@ -537,5 +586,31 @@ impl Writer {
         );
         tracing::error!("{error}");
         *self.shared.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // test code
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_commit_waiting_too_long_fails_readiness() {
+        let shared = Arc::new(Shared {
+            healthy: AtomicBool::new(true),
+            last_error: Mutex::new(None),
+            busy_since: Mutex::new(None),
+            metrics: Arc::new(Metrics::default()),
+        });
+        let (tx, _rx) = mpsc::channel(1);
+        let log = AuditLog { tx, shared: Arc::clone(&shared), instance: "i".into() };
+        let busy = Busy::start(&shared);
+        assert!(log.is_healthy(), "a commit just started");
+        let long_ago = Instant::now().checked_sub(STALLED_AFTER + Duration::from_secs(1));
+        *shared.busy_since.lock().unwrap() = long_ago;
+        assert!(!log.is_healthy());
+        assert!(log.last_error().unwrap().contains("waited"));
+        drop(busy);
+        assert!(log.is_healthy(), "the commit ended");
     }
 }

@@ -2,8 +2,9 @@
 //! (replica) appends to its own chain, keyed by `(instance, seq)`, so
 //! replicas never contend; verifiers read every chain back.
 
-use sqlx::postgres::PgPool;
+use sqlx::postgres::PgConnection;
 
+use super::tenants::begin;
 use super::unavailable;
 use crate::store::rows::{self, first_not_inserted};
 use crate::store::{AuditRow, AuditSigningKeyRecord, CheckpointRow, StoreError};
@@ -28,7 +29,7 @@ const SIGNING_KEY_QUERY: &str = "SELECT instance, wrapped, master_key, public_ke
 /// is reported as [`StoreError::AuditConflict`] after rolling back — the
 /// same row SQLite's row-by-row inserts stop at.
 pub(super) async fn append_batch(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     rows: &[AuditRow],
     checkpoint: Option<&CheckpointRow>,
 ) -> Result<(), StoreError> {
@@ -36,7 +37,7 @@ pub(super) async fn append_batch(
         return Ok(());
     }
     // Dropping `tx` on any early return rolls the whole batch back.
-    let mut tx = pool.begin().await.map_err(unavailable)?;
+    let mut tx = begin(conn).await?;
     if !rows.is_empty() {
         let inserted: Vec<(String, i64)> = sqlx::query_as(concat!(
             "INSERT INTO audit_events (",
@@ -89,7 +90,7 @@ pub(super) async fn append_batch(
 }
 
 pub(super) async fn rows(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     instance: &str,
     after: i64,
     limit: u32,
@@ -102,7 +103,7 @@ pub(super) async fn rows(
     .bind(instance)
     .bind(after)
     .bind(i64::from(limit))
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await
     .map_err(unavailable)?
     .iter()
@@ -111,7 +112,7 @@ pub(super) async fn rows(
 }
 
 pub(super) async fn last_row(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     instance: &str,
 ) -> Result<Option<AuditRow>, StoreError> {
     sqlx::query(concat!(
@@ -120,7 +121,7 @@ pub(super) async fn last_row(
         " FROM audit_events WHERE instance = $1 ORDER BY seq DESC LIMIT 1"
     ))
     .bind(instance)
-    .fetch_optional(pool)
+    .fetch_optional(conn)
     .await
     .map_err(unavailable)?
     .as_ref()
@@ -129,7 +130,7 @@ pub(super) async fn last_row(
 }
 
 pub(super) async fn checkpoints(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     instance: &str,
     after_seq: i64,
     limit: u32,
@@ -141,7 +142,7 @@ pub(super) async fn checkpoints(
     .bind(instance)
     .bind(after_seq)
     .bind(i64::from(limit))
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await
     .map_err(unavailable)?
     .iter()
@@ -150,7 +151,7 @@ pub(super) async fn checkpoints(
 }
 
 pub(super) async fn last_checkpoint(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     instance: &str,
 ) -> Result<Option<CheckpointRow>, StoreError> {
     sqlx::query(
@@ -158,7 +159,7 @@ pub(super) async fn last_checkpoint(
          WHERE instance = $1 ORDER BY seq DESC LIMIT 1",
     )
     .bind(instance)
-    .fetch_optional(pool)
+    .fetch_optional(conn)
     .await
     .map_err(unavailable)?
     .as_ref()
@@ -166,7 +167,7 @@ pub(super) async fn last_checkpoint(
     .transpose()
 }
 
-pub(super) async fn instances(pool: &PgPool) -> Result<Vec<String>, StoreError> {
+pub(super) async fn instances(conn: &mut PgConnection) -> Result<Vec<String>, StoreError> {
     // The recursive walk visits each distinct instance of the (possibly
     // huge) event table through its primary key instead of scanning it.
     sqlx::query_scalar(
@@ -181,18 +182,18 @@ pub(super) async fn instances(pool: &PgPool) -> Result<Vec<String>, StoreError> 
          UNION SELECT instance FROM audit_signing_keys
          ORDER BY 1",
     )
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await
     .map_err(unavailable)
 }
 
 pub(super) async fn signing_key(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     instance: &str,
 ) -> Result<Option<AuditSigningKeyRecord>, StoreError> {
     sqlx::query(SIGNING_KEY_QUERY)
         .bind(instance)
-        .fetch_optional(pool)
+        .fetch_optional(conn)
         .await
         .map_err(unavailable)?
         .as_ref()
@@ -204,10 +205,10 @@ pub(super) async fn signing_key(
 /// instance makes `ON CONFLICT DO NOTHING` wait for it, and the following
 /// SELECT (a fresh snapshot) sees whichever key won.
 pub(super) async fn insert_signing_key(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     record: &AuditSigningKeyRecord,
 ) -> Result<AuditSigningKeyRecord, StoreError> {
-    let mut tx = pool.begin().await.map_err(unavailable)?;
+    let mut tx = begin(conn).await?;
     super::tenants::require_active_master(&mut tx, record.master).await?;
     sqlx::query(
         "INSERT INTO audit_signing_keys (instance, wrapped, master_key, public_key, created_at)

@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use sqlx::{ConnectOptions, Connection, PgConnection};
 
 use super::options::Settings;
-use super::unavailable;
+use super::{silent, unavailable};
 use crate::store::coordination::LockHolder;
 use crate::store::{JobLock, StoreError};
 
@@ -28,13 +28,17 @@ pub(super) async fn try_lock(
         .await
         .map_err(|_| StoreError::Unavailable("timed out connecting to PostgreSQL".into()))?
         .map_err(unavailable)?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(key)
-        .fetch_one(&mut conn)
+    // Bounded client side, like every pooled operation: a server gone
+    // silent never answers.
+    let limit = settings.operation_timeout();
+    let try_lock =
+        sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(key).fetch_one(&mut conn);
+    let locked: bool = tokio::time::timeout(limit, try_lock)
         .await
+        .map_err(|_| silent(limit))?
         .map_err(unavailable)?;
     if !locked {
-        let _closed = conn.close().await;
+        let _closed = tokio::time::timeout(limit, conn.close()).await;
         return Ok(None);
     }
     Ok(Some(JobLock::new(
@@ -43,6 +47,7 @@ pub(super) async fn try_lock(
             conn: Some(conn),
             key,
             probe_timeout: settings.options.acquire_timeout,
+            release_timeout: limit,
         }),
     )))
 }
@@ -67,6 +72,8 @@ struct AdvisoryLock {
     key: i64,
     /// How long [`LockHolder::check`] waits for the server.
     probe_timeout: Duration,
+    /// How long releasing (and closing) waits for the server.
+    release_timeout: Duration,
 }
 
 #[async_trait]
@@ -90,13 +97,22 @@ impl LockHolder for AdvisoryLock {
         let Some(mut conn) = self.conn.take() else {
             return Ok(());
         };
-        let unlocked = sqlx::query_scalar::<_, bool>("SELECT pg_advisory_unlock($1)")
-            .bind(self.key)
-            .fetch_one(&mut conn)
-            .await;
-        // Closing ends the session, which releases the lock in any case.
-        let _closed = conn.close().await;
-        unlocked.map(drop).map_err(unavailable)
+        let key = self.key;
+        let release = async move {
+            let unlocked = sqlx::query_scalar::<_, bool>("SELECT pg_advisory_unlock($1)")
+                .bind(key)
+                .fetch_one(&mut conn)
+                .await;
+            // Closing ends the session, which releases the lock in any case.
+            let _closed = conn.close().await;
+            unlocked
+        };
+        // Given up on, the connection is dropped: its session (and lock)
+        // ends when the server notices.
+        match tokio::time::timeout(self.release_timeout, release).await {
+            Ok(unlocked) => unlocked.map(drop).map_err(unavailable),
+            Err(_) => Err(silent(self.release_timeout)),
+        }
     }
 }
 
@@ -108,8 +124,9 @@ impl Drop for AdvisoryLock {
         // Ending the session releases the lock: close politely if a runtime
         // is at hand, else just drop the socket (the server notices).
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let limit = self.release_timeout;
             runtime.spawn(async move {
-                let _closed = conn.close().await;
+                let _closed = tokio::time::timeout(limit, conn.close()).await;
             });
         }
     }

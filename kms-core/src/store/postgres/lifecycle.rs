@@ -2,7 +2,7 @@
 //! usage counters and approvals. Writers of a tenant lock its row first,
 //! as in `tenants`.
 
-use sqlx::postgres::{PgConnection, PgPool};
+use sqlx::postgres::PgConnection;
 
 use super::tenants::{begin, kek_from_row, load_tenant, lock_tenant};
 use super::{get, notify, unavailable};
@@ -28,12 +28,12 @@ macro_rules! select_approvals {
 }
 
 pub(super) async fn set_rotation_period(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     channel: &str,
     id: &TenantId,
     every_secs: Option<i64>,
 ) -> Result<TenantRecord, StoreError> {
-    let mut tx = begin(pool).await?;
+    let mut tx = begin(conn).await?;
     if !lock_tenant(&mut tx, id).await? {
         return Err(StoreError::UnknownTenant(id.clone()));
     }
@@ -50,13 +50,13 @@ pub(super) async fn set_rotation_period(
 }
 
 pub(super) async fn destroy_keys(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     channel: &str,
     id: &TenantId,
     version: Option<KekVersion>,
     now: i64,
 ) -> Result<TenantRecord, StoreError> {
-    let mut tx = begin(pool).await?;
+    let mut tx = begin(conn).await?;
     let record = destroy_in(&mut tx, channel, id, version, now).await?;
     tx.commit().await.map_err(unavailable)?;
     Ok(record)
@@ -66,12 +66,12 @@ pub(super) async fn destroy_keys(
 /// approved and due, its keys destroyed and the request marked executed, in one
 /// transaction.
 pub(super) async fn execute_approval(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     channel: &str,
     id: &str,
     now: i64,
 ) -> Result<(Approval, TenantRecord), StoreError> {
-    let mut tx = begin(pool).await?;
+    let mut tx = begin(conn).await?;
     let approval = approval_locked(&mut tx, id).await?;
     approval.check_runnable(now)?;
     let record = destroy_in(&mut tx, channel, &approval.tenant, approval.version, now).await?;
@@ -141,9 +141,9 @@ async fn destroy_in(
     record.ok_or_else(|| StoreError::UnknownTenant(id.clone()))
 }
 
-pub(super) async fn masters(pool: &PgPool) -> Result<Vec<MasterRecord>, StoreError> {
+pub(super) async fn masters(conn: &mut PgConnection) -> Result<Vec<MasterRecord>, StoreError> {
     sqlx::query("SELECT id, kind, key_ref, config, active, created_at FROM master_keys ORDER BY id")
-        .fetch_all(pool)
+        .fetch_all(conn)
         .await
         .map_err(unavailable)?
         .iter()
@@ -161,14 +161,14 @@ pub(super) async fn masters(pool: &PgPool) -> Result<Vec<MasterRecord>, StoreErr
 }
 
 pub(super) async fn set_master_config(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     id: MasterKeyId,
     config: &str,
 ) -> Result<(), StoreError> {
     let updated = sqlx::query("UPDATE master_keys SET config = $1 WHERE id = $2")
         .bind(config)
         .bind(id.0)
-        .execute(pool)
+        .execute(conn)
         .await
         .map_err(unavailable)?;
     if updated.rows_affected() == 0 {
@@ -177,8 +177,11 @@ pub(super) async fn set_master_config(
     Ok(())
 }
 
-pub(super) async fn activate_master(pool: &PgPool, id: MasterKeyId) -> Result<(), StoreError> {
-    let mut tx = begin(pool).await?;
+pub(super) async fn activate_master(
+    conn: &mut PgConnection,
+    id: MasterKeyId,
+) -> Result<(), StoreError> {
+    let mut tx = begin(conn).await?;
     // Serialise activations: two at once would each clear the other's flag
     // before setting their own, and the unique index would refuse one.
     sqlx::query("LOCK TABLE master_keys IN SHARE ROW EXCLUSIVE MODE")
@@ -202,7 +205,7 @@ pub(super) async fn activate_master(pool: &PgPool, id: MasterKeyId) -> Result<()
 }
 
 pub(super) async fn keys_not_under(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     master: MasterKeyId,
     limit: u32,
 ) -> Result<Vec<StoredKey>, StoreError> {
@@ -219,7 +222,7 @@ pub(super) async fn keys_not_under(
     )
     .bind(master.0)
     .bind(i64::from(limit))
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await
     .map_err(unavailable)?
     .iter()
@@ -228,7 +231,7 @@ pub(super) async fn keys_not_under(
 }
 
 pub(super) async fn replace_wrapped(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     key: &StoredKeyRef,
     from: MasterKeyId,
     wrapped: &[u8],
@@ -265,14 +268,16 @@ pub(super) async fn replace_wrapped(
     };
     // Keys move only to the active master: a sweep whose rotation was
     // overtaken by another (its job lock lost) must not move them back.
-    let mut tx = begin(pool).await?;
+    let mut tx = begin(conn).await?;
     super::tenants::require_active_master(&mut tx, to).await?;
     let updated = query.execute(&mut *tx).await.map_err(unavailable)?;
     tx.commit().await.map_err(unavailable)?;
     Ok(updated.rows_affected() == 1)
 }
 
-pub(super) async fn keys_per_master(pool: &PgPool) -> Result<Vec<(MasterKeyId, u64)>, StoreError> {
+pub(super) async fn keys_per_master(
+    conn: &mut PgConnection,
+) -> Result<Vec<(MasterKeyId, u64)>, StoreError> {
     sqlx::query(
         "SELECT master, COUNT(*) AS keys FROM (
              SELECT master_key AS master FROM kek_versions WHERE wrapped IS NOT NULL
@@ -282,7 +287,7 @@ pub(super) async fn keys_per_master(pool: &PgPool) -> Result<Vec<(MasterKeyId, u
              SELECT master_key FROM audit_signing_keys
          ) k GROUP BY master ORDER BY master",
     )
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await
     .map_err(unavailable)?
     .iter()
@@ -290,12 +295,19 @@ pub(super) async fn keys_per_master(pool: &PgPool) -> Result<Vec<(MasterKeyId, u
     .collect()
 }
 
-pub(super) async fn add_usage(pool: &PgPool, deltas: &[UsageDelta]) -> Result<(), StoreError> {
+pub(super) async fn add_usage(
+    conn: &mut PgConnection,
+    deltas: &[UsageDelta],
+) -> Result<(), StoreError> {
     if deltas.is_empty() {
         return Ok(());
     }
-    let mut tx = begin(pool).await?;
-    for d in deltas {
+    // Rows are upserted (and so locked) in one order on every replica:
+    // two flushes sharing rows in different orders would deadlock.
+    let mut sorted: Vec<&UsageDelta> = deltas.iter().collect();
+    sorted.sort_by_key(|d| (d.tenant.as_str(), i64::from(d.version), d.hour));
+    let mut tx = begin(conn).await?;
+    for d in sorted {
         sqlx::query(
             "INSERT INTO kek_usage (tenant, version, hour, issued, unwraps, last_unwrap_at)
              VALUES ($1, $2, $3, $4, $5, $6)
@@ -318,7 +330,7 @@ pub(super) async fn add_usage(pool: &PgPool, deltas: &[UsageDelta]) -> Result<()
 }
 
 pub(super) async fn usage(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     id: &TenantId,
     since_hour: i64,
 ) -> Result<Vec<VersionUsage>, StoreError> {
@@ -335,7 +347,7 @@ pub(super) async fn usage(
     )
     .bind(since_hour)
     .bind(id.as_str())
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await
     .map_err(unavailable)?;
     if rows.is_empty() {
@@ -357,7 +369,10 @@ pub(super) async fn usage(
         .collect()
 }
 
-pub(super) async fn create_approval(pool: &PgPool, a: &Approval) -> Result<(), StoreError> {
+pub(super) async fn create_approval(
+    conn: &mut PgConnection,
+    a: &Approval,
+) -> Result<(), StoreError> {
     let inserted = sqlx::query(
         "INSERT INTO approvals (id, action, tenant, version, reason, requested_by,
                                 requested_at, state)
@@ -370,7 +385,7 @@ pub(super) async fn create_approval(pool: &PgPool, a: &Approval) -> Result<(), S
     .bind(&a.requested_by)
     .bind(a.requested_at)
     .bind(a.state.as_str())
-    .execute(pool)
+    .execute(conn)
     .await;
     match inserted {
         Err(e) if e.as_database_error().is_some_and(|d| d.is_foreign_key_violation()) => {
@@ -380,10 +395,13 @@ pub(super) async fn create_approval(pool: &PgPool, a: &Approval) -> Result<(), S
     }
 }
 
-pub(super) async fn approval(pool: &PgPool, id: &str) -> Result<Option<Approval>, StoreError> {
+pub(super) async fn approval(
+    conn: &mut PgConnection,
+    id: &str,
+) -> Result<Option<Approval>, StoreError> {
     sqlx::query(select_approvals!("WHERE id = $1"))
         .bind(id)
-        .fetch_optional(pool)
+        .fetch_optional(conn)
         .await
         .map_err(unavailable)?
         .as_ref()
@@ -392,7 +410,7 @@ pub(super) async fn approval(pool: &PgPool, id: &str) -> Result<Option<Approval>
 }
 
 pub(super) async fn approvals(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     state: Option<ApprovalState>,
 ) -> Result<Vec<Approval>, StoreError> {
     sqlx::query(select_approvals!(
@@ -400,7 +418,7 @@ pub(super) async fn approvals(
          ORDER BY requested_at, id"
     ))
     .bind(state.map(ApprovalState::as_str))
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await
     .map_err(unavailable)?
     .iter()
@@ -409,10 +427,10 @@ pub(super) async fn approvals(
 }
 
 pub(super) async fn decide_approval(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     d: &DecideApproval<'_>,
 ) -> Result<Approval, StoreError> {
-    let mut tx = begin(pool).await?;
+    let mut tx = begin(conn).await?;
     let decided = approval_locked(&mut tx, d.id).await?.decide(d)?;
     sqlx::query(
         "UPDATE approvals SET state = $1, decided_by = $2, decided_at = $3, comment = $4,
@@ -433,12 +451,12 @@ pub(super) async fn decide_approval(
 }
 
 pub(super) async fn withdraw_approval(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     id: &str,
     from: ApprovalState,
     comment: &str,
 ) -> Result<Approval, StoreError> {
-    let mut tx = begin(pool).await?;
+    let mut tx = begin(conn).await?;
     let updated = sqlx::query(
         "UPDATE approvals SET state = 'rejected', comment = $1
          WHERE id = $2 AND state = $3 AND state IN ('pending', 'approved')",

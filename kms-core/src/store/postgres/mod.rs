@@ -11,9 +11,11 @@
 //!   at [`PostgresStore::connect`] by sqlx's migrator, which holds a
 //!   session-level `pg_advisory_lock` (keyed by the database name) while it
 //!   checks and applies them, so replicas starting together migrate once.
-//! - **Bounded waits.** A connection pool with an acquire timeout, and a
-//!   `statement_timeout` on every pooled connection; both surface as
-//!   [`StoreError::Unavailable`].
+//! - **Bounded waits.** A connection pool with an acquire timeout, a
+//!   `statement_timeout` (and `idle_in_transaction_session_timeout`) on
+//!   every pooled connection, and a client-side limit on every operation
+//!   (for a server gone silent, which no server-side timeout notices);
+//!   all surface as [`StoreError::Unavailable`].
 //! - **TLS** as the URL's `sslmode` (and `sslrootcert`, …) asks, through
 //!   rustls with aws-lc-rs.
 //! - **Coordination.** Job locks are session advisory locks on a dedicated
@@ -30,10 +32,11 @@ mod tenants;
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
-use sqlx::{Postgres, Row};
+use sqlx::{PgConnection, Postgres, Row};
 use tokio::sync::OnceCell;
 
 use self::options::Settings;
@@ -86,15 +89,42 @@ impl PostgresStore {
     /// Whether the pooled connections are encrypted (TLS), as the server
     /// sees it: for readiness reports and tests of the URL's `sslmode`.
     pub async fn uses_tls(&self) -> Result<bool, StoreError> {
-        sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(unavailable)
+        self.run(async |c| {
+            sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                .fetch_one(c)
+                .await
+                .map_err(unavailable)
+        })
+        .await
     }
 
     /// Closes every pooled connection (waiting for those in use).
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+
+    /// Runs `op` on a pooled connection. Every operation goes through
+    /// here: `statement_timeout` is the server's, and a server gone silent
+    /// (a partition, a failover) never sends its error, so the wait for
+    /// an answer is bounded here too. A connection given up on is closed,
+    /// never reused: it is mid-message, and its session may still hold
+    /// locks (the server ends it: `idle_in_transaction_session_timeout`).
+    /// A result lost that way is unknown, as after a lost connection.
+    async fn run<T>(
+        &self,
+        op: impl AsyncFnOnce(&mut PgConnection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        // Bounded by `acquire_timeout` (connecting and the liveness check
+        // of an idle connection included).
+        let mut conn = self.pool.acquire().await.map_err(unavailable)?;
+        let limit = self.settings.operation_timeout();
+        match tokio::time::timeout(limit, op(&mut conn)).await {
+            Ok(result) => result,
+            Err(_elapsed) => {
+                conn.close_on_drop();
+                Err(silent(limit))
+            }
+        }
     }
 }
 
@@ -142,15 +172,20 @@ async fn migrate(settings: &Settings) -> Result<(), StoreError> {
     let result = tokio::time::timeout(settings.options.migrate_timeout, run).await.map_err(|_| {
         StoreError::Migration("timed out waiting for the migration lock or migrating".into())
     });
-    pool.close().await;
+    // Closing waits for the connection, which a silent server may never
+    // give back.
+    let _silent = tokio::time::timeout(settings.options.acquire_timeout, pool.close()).await;
     result?
 }
 
 #[async_trait]
 impl KeyStore for PostgresStore {
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(unavailable)?;
-        Ok(())
+        self.run(async |c| {
+            sqlx::query("SELECT 1").execute(c).await.map_err(unavailable)?;
+            Ok(())
+        })
+        .await
     }
 
     async fn durability(&self) -> Result<Durability, StoreError> {
@@ -158,7 +193,7 @@ impl KeyStore for PostgresStore {
         // role's and database's settings, as every write does. Tables of
         // the keystore's schema made UNLOGGED lose their rows in a crash
         // whatever the settings say.
-        let (commit, fsync, full_pages, unlogged): (String, String, String, Option<String>) =
+        let query = async |c: &mut PgConnection| {
             sqlx::query_as(
                 "SELECT current_setting('synchronous_commit'), current_setting('fsync'),
                         current_setting('full_page_writes'),
@@ -167,9 +202,12 @@ impl KeyStore for PostgresStore {
                           WHERE n.nspname = current_schema() AND c.relkind = 'r'
                             AND c.relpersistence = 'u')",
             )
-            .fetch_one(&self.pool)
+            .fetch_one(c)
             .await
-            .map_err(unavailable)?;
+            .map_err(unavailable)
+        };
+        let (commit, fsync, full_pages, unlogged): (String, String, String, Option<String>) =
+            self.run(query).await?;
         Ok(super::durability::postgres(&super::durability::PgSettings {
             synchronous_commit: &commit,
             fsync: &fsync,
@@ -179,19 +217,19 @@ impl KeyStore for PostgresStore {
     }
 
     async fn register_master(&self, info: &ProviderInfo) -> Result<MasterKeyId, StoreError> {
-        tenants::register_master(&self.pool, info).await
+        self.run(async |c| tenants::register_master(c, info).await).await
     }
 
     async fn create_tenant(&self, tenant: NewTenant) -> Result<TenantRecord, StoreError> {
-        tenants::create_tenant(&self.pool, tenant).await
+        self.run(async move |c| tenants::create_tenant(c, tenant).await).await
     }
 
     async fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>, StoreError> {
-        tenants::tenant(&self.pool, id).await
+        self.run(async |c| tenants::tenant(c, id).await).await
     }
 
     async fn list_tenants(&self) -> Result<Vec<TenantRecord>, StoreError> {
-        tenants::list_tenants(&self.pool).await
+        self.run(async |c| tenants::list_tenants(c).await).await
     }
 
     async fn kek(
@@ -199,7 +237,7 @@ impl KeyStore for PostgresStore {
         id: &TenantId,
         version: KekVersion,
     ) -> Result<Option<KekRecord>, StoreError> {
-        tenants::kek(&self.pool, id, version).await
+        self.run(async |c| tenants::kek(c, id, version).await).await
     }
 
     async fn add_kek_version(
@@ -211,7 +249,10 @@ impl KeyStore for PostgresStore {
         now: i64,
     ) -> Result<KekRecord, StoreError> {
         let channel = &self.settings.channel;
-        tenants::add_kek_version(&self.pool, channel, id, version, wrapped, master, now).await
+        self.run(async |c| {
+            tenants::add_kek_version(c, channel, id, version, wrapped, master, now).await
+        })
+        .await
     }
 
     async fn change_kek_state(
@@ -222,7 +263,8 @@ impl KeyStore for PostgresStore {
         now: i64,
     ) -> Result<KekRecord, StoreError> {
         let channel = &self.settings.channel;
-        tenants::change_kek_state(&self.pool, channel, id, version, change, now).await
+        self.run(async |c| tenants::change_kek_state(c, channel, id, version, change, now).await)
+            .await
     }
 
     async fn set_rotation_period(
@@ -230,7 +272,10 @@ impl KeyStore for PostgresStore {
         id: &TenantId,
         every_secs: Option<i64>,
     ) -> Result<TenantRecord, StoreError> {
-        lifecycle::set_rotation_period(&self.pool, &self.settings.channel, id, every_secs).await
+        self.run(async |c| {
+            lifecycle::set_rotation_period(c, &self.settings.channel, id, every_secs).await
+        })
+        .await
     }
 
     async fn destroy_keys(
@@ -239,19 +284,22 @@ impl KeyStore for PostgresStore {
         version: Option<KekVersion>,
         now: i64,
     ) -> Result<TenantRecord, StoreError> {
-        lifecycle::destroy_keys(&self.pool, &self.settings.channel, id, version, now).await
+        self.run(async |c| {
+            lifecycle::destroy_keys(c, &self.settings.channel, id, version, now).await
+        })
+        .await
     }
 
     async fn masters(&self) -> Result<Vec<MasterRecord>, StoreError> {
-        lifecycle::masters(&self.pool).await
+        self.run(async |c| lifecycle::masters(c).await).await
     }
 
     async fn set_master_config(&self, id: MasterKeyId, config: &str) -> Result<(), StoreError> {
-        lifecycle::set_master_config(&self.pool, id, config).await
+        self.run(async |c| lifecycle::set_master_config(c, id, config).await).await
     }
 
     async fn activate_master(&self, id: MasterKeyId) -> Result<(), StoreError> {
-        lifecycle::activate_master(&self.pool, id).await
+        self.run(async |c| lifecycle::activate_master(c, id).await).await
     }
 
     async fn keys_not_under(
@@ -259,7 +307,7 @@ impl KeyStore for PostgresStore {
         master: MasterKeyId,
         limit: u32,
     ) -> Result<Vec<StoredKey>, StoreError> {
-        lifecycle::keys_not_under(&self.pool, master, limit).await
+        self.run(async |c| lifecycle::keys_not_under(c, master, limit).await).await
     }
 
     async fn replace_wrapped(
@@ -269,35 +317,35 @@ impl KeyStore for PostgresStore {
         wrapped: &[u8],
         to: MasterKeyId,
     ) -> Result<bool, StoreError> {
-        lifecycle::replace_wrapped(&self.pool, key, from, wrapped, to).await
+        self.run(async |c| lifecycle::replace_wrapped(c, key, from, wrapped, to).await).await
     }
 
     async fn keys_per_master(&self) -> Result<Vec<(MasterKeyId, u64)>, StoreError> {
-        lifecycle::keys_per_master(&self.pool).await
+        self.run(async |c| lifecycle::keys_per_master(c).await).await
     }
 
     async fn add_usage(&self, deltas: &[UsageDelta]) -> Result<(), StoreError> {
-        lifecycle::add_usage(&self.pool, deltas).await
+        self.run(async |c| lifecycle::add_usage(c, deltas).await).await
     }
 
     async fn usage(&self, id: &TenantId, since_hour: i64) -> Result<Vec<VersionUsage>, StoreError> {
-        lifecycle::usage(&self.pool, id, since_hour).await
+        self.run(async |c| lifecycle::usage(c, id, since_hour).await).await
     }
 
     async fn create_approval(&self, approval: &Approval) -> Result<(), StoreError> {
-        lifecycle::create_approval(&self.pool, approval).await
+        self.run(async |c| lifecycle::create_approval(c, approval).await).await
     }
 
     async fn approval(&self, id: &str) -> Result<Option<Approval>, StoreError> {
-        lifecycle::approval(&self.pool, id).await
+        self.run(async |c| lifecycle::approval(c, id).await).await
     }
 
     async fn approvals(&self, state: Option<ApprovalState>) -> Result<Vec<Approval>, StoreError> {
-        lifecycle::approvals(&self.pool, state).await
+        self.run(async |c| lifecycle::approvals(c, state).await).await
     }
 
     async fn decide_approval(&self, decision: &DecideApproval<'_>) -> Result<Approval, StoreError> {
-        lifecycle::decide_approval(&self.pool, decision).await
+        self.run(async |c| lifecycle::decide_approval(c, decision).await).await
     }
 
     async fn execute_approval(
@@ -305,7 +353,8 @@ impl KeyStore for PostgresStore {
         id: &str,
         now: i64,
     ) -> Result<(Approval, TenantRecord), StoreError> {
-        lifecycle::execute_approval(&self.pool, &self.settings.channel, id, now).await
+        self.run(async |c| lifecycle::execute_approval(c, &self.settings.channel, id, now).await)
+            .await
     }
 
     async fn withdraw_approval(
@@ -314,11 +363,11 @@ impl KeyStore for PostgresStore {
         from: ApprovalState,
         comment: &str,
     ) -> Result<Approval, StoreError> {
-        lifecycle::withdraw_approval(&self.pool, id, from, comment).await
+        self.run(async |c| lifecycle::withdraw_approval(c, id, from, comment).await).await
     }
 
     async fn append_audit(&self, rows: &[AuditRow]) -> Result<(), StoreError> {
-        audit::append_batch(&self.pool, rows, None).await
+        self.run(async |c| audit::append_batch(c, rows, None).await).await
     }
 
     async fn audit_rows(
@@ -327,7 +376,7 @@ impl KeyStore for PostgresStore {
         after: i64,
         limit: u32,
     ) -> Result<Vec<AuditRow>, StoreError> {
-        audit::rows(&self.pool, instance, after, limit).await
+        self.run(async |c| audit::rows(c, instance, after, limit).await).await
     }
 
     async fn append_audit_batch(
@@ -335,11 +384,11 @@ impl KeyStore for PostgresStore {
         rows: &[AuditRow],
         checkpoint: Option<&CheckpointRow>,
     ) -> Result<(), StoreError> {
-        audit::append_batch(&self.pool, rows, checkpoint).await
+        self.run(async |c| audit::append_batch(c, rows, checkpoint).await).await
     }
 
     async fn last_audit_row(&self, instance: &str) -> Result<Option<AuditRow>, StoreError> {
-        audit::last_row(&self.pool, instance).await
+        self.run(async |c| audit::last_row(c, instance).await).await
     }
 
     async fn audit_checkpoints(
@@ -348,32 +397,32 @@ impl KeyStore for PostgresStore {
         after_seq: i64,
         limit: u32,
     ) -> Result<Vec<CheckpointRow>, StoreError> {
-        audit::checkpoints(&self.pool, instance, after_seq, limit).await
+        self.run(async |c| audit::checkpoints(c, instance, after_seq, limit).await).await
     }
 
     async fn last_audit_checkpoint(
         &self,
         instance: &str,
     ) -> Result<Option<CheckpointRow>, StoreError> {
-        audit::last_checkpoint(&self.pool, instance).await
+        self.run(async |c| audit::last_checkpoint(c, instance).await).await
     }
 
     async fn audit_instances(&self) -> Result<Vec<String>, StoreError> {
-        audit::instances(&self.pool).await
+        self.run(async |c| audit::instances(c).await).await
     }
 
     async fn audit_signing_key(
         &self,
         instance: &str,
     ) -> Result<Option<AuditSigningKeyRecord>, StoreError> {
-        audit::signing_key(&self.pool, instance).await
+        self.run(async |c| audit::signing_key(c, instance).await).await
     }
 
     async fn insert_audit_signing_key(
         &self,
         record: &AuditSigningKeyRecord,
     ) -> Result<AuditSigningKeyRecord, StoreError> {
-        audit::insert_signing_key(&self.pool, record).await
+        self.run(async |c| audit::insert_signing_key(c, record).await).await
     }
 
     /// A session-level `pg_try_advisory_lock` on a dedicated connection,
@@ -384,7 +433,7 @@ impl KeyStore for PostgresStore {
 
     /// `pg_notify` on the schema's channel, with the tenant id as payload.
     async fn notify_tenant_changed(&self, tenant: &TenantId) -> Result<(), StoreError> {
-        notify::notify(&self.pool, &self.settings.channel, tenant).await
+        self.run(async |c| notify::notify(c, &self.settings.channel, tenant).await).await
     }
 
     /// Starts this store's listener at the first call (and waits until it
@@ -407,6 +456,14 @@ where
 /// loss, pool or statement timeouts, refused constraints.
 fn unavailable(e: sqlx::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
+}
+
+/// No answer from the server within `limit`.
+fn silent(limit: Duration) -> StoreError {
+    StoreError::Unavailable(format!(
+        "no answer from PostgreSQL within {} ms; the outcome of the operation is unknown",
+        limit.as_millis()
+    ))
 }
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {

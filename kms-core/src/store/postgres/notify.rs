@@ -18,7 +18,7 @@ use tokio::sync::broadcast;
 use tokio::task::AbortHandle;
 
 use super::options::Settings;
-use super::unavailable;
+use super::{silent, unavailable};
 use crate::ids::TenantId;
 use crate::store::coordination::InvalidationSource;
 use crate::store::{Invalidation, Invalidations, StoreError};
@@ -94,7 +94,13 @@ impl InvalidationSource for Subscription {
 /// A listener on a fresh pool of its own (one connection, never recycled
 /// for age or idleness), listening on the store's channel. Fresh each time,
 /// so a dead connection still being cleaned up never blocks the new one.
+/// Bounded client side, so a silent server cannot stall reconnection.
 async fn listen(settings: &Settings) -> Result<PgListener, StoreError> {
+    let limit = settings.operation_timeout().saturating_add(settings.options.acquire_timeout);
+    tokio::time::timeout(limit, listen_unbounded(settings)).await.map_err(|_| silent(limit))?
+}
+
+async fn listen_unbounded(settings: &Settings) -> Result<PgListener, StoreError> {
     let pool: PgPool = PgPoolOptions::new()
         .max_connections(1)
         .min_connections(0)

@@ -30,6 +30,12 @@ pub struct PgStoreOptions {
     /// Longest any statement may run or wait for a lock (PostgreSQL's
     /// `statement_timeout`, default 30 s); then it fails with
     /// [`StoreError::Unavailable`] and its transaction is rolled back.
+    /// Also the longest a session may sit idle inside a transaction
+    /// (`idle_in_transaction_session_timeout`), so that one whose client
+    /// vanished does not keep its row locks. And, plus `acquire_timeout`,
+    /// how long an operation that has its connection waits for the server
+    /// to answer (client side, for a server gone silent); then it fails
+    /// with [`StoreError::Unavailable`] and the connection is closed.
     pub statement_timeout: Duration,
     /// Longest [`PostgresStore::connect`](super::PostgresStore::connect)
     /// waits for the migration lock and runs migrations (default 5 min).
@@ -94,8 +100,7 @@ pub struct PgTarget {
 impl PgTarget {
     /// Reads `url` (never echoing its password in an error).
     pub fn of(url: &str) -> Result<Self, StoreError> {
-        let parsed = PgConnectOptions::from_str(url)
-            .map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?;
+        let parsed = parse(url)?;
         let host = match parsed.get_socket() {
             Some(socket) => socket.display().to_string(),
             None => parsed.get_host().to_owned(),
@@ -134,9 +139,7 @@ impl Settings {
             ));
         }
         validate(&options)?;
-        // The parser's messages name the offending part, never the password.
-        let parsed = PgConnectOptions::from_str(url)
-            .map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?;
+        let parsed = parse(url)?;
         let named = |suffix: &str| {
             if parsed.get_application_name().is_some() {
                 parsed.clone()
@@ -149,10 +152,18 @@ impl Settings {
             None => o,
         };
         let timeout = options.statement_timeout.as_millis().to_string();
-        let timed = |o: PgConnectOptions| o.options([("statement_timeout", timeout.as_str())]);
-        // Long-lived sessions (the listener, job locks): the server probes
-        // the client, so a vanished replica's session (and job lock) ends
-        // in about 90 s rather than the OS default of hours.
+        // A session left idle in a transaction is one whose client is gone
+        // or stuck (each operation runs its statements back to back): end
+        // it, and free its row locks, rather than block every replica.
+        let timed = |o: PgConnectOptions| {
+            o.options([
+                ("statement_timeout", timeout.as_str()),
+                ("idle_in_transaction_session_timeout", timeout.as_str()),
+            ])
+        };
+        // The server probes the client, so the session (and its locks) of
+        // a replica that vanished without a FIN or RST ends in about 90 s
+        // rather than the OS default of hours.
         let probed = |o: PgConnectOptions| {
             o.options([
                 ("tcp_keepalives_idle", "60"),
@@ -162,7 +173,7 @@ impl Settings {
         };
         Ok(Self {
             migrate: with_path(named("")),
-            pooled: timed(with_path(named(""))),
+            pooled: probed(timed(with_path(named("")))),
             listener: probed(timed(with_path(named("-listener")))),
             job_lock: probed(timed(with_path(named("-job-lock")))),
             channel: match &options.schema {
@@ -176,6 +187,106 @@ impl Settings {
     pub(super) fn schema(&self) -> Option<&str> {
         self.options.schema.as_deref()
     }
+
+    /// How long an operation that has its connection waits for the server
+    /// (client side): a statement's own limit, plus a connection's worth
+    /// of round trips.
+    pub(super) fn operation_timeout(&self) -> Duration {
+        self.options.statement_timeout.saturating_add(self.options.acquire_timeout)
+    }
+}
+
+/// The URL's query keys that sqlx reads (`options[…]` aside). sqlx logs any
+/// other key *with its value* and ignores it; libpq parameters it does not
+/// know, such as `sslpassword`, may hold secrets, so they are refused first.
+const KNOWN_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// Parses `url` as sqlx does, once its query keys are known to be ones sqlx
+/// reads. Errors name the offending part, never the password or a value.
+fn parse(url: &str) -> Result<PgConnectOptions, StoreError> {
+    check_parameters(url)?;
+    PgConnectOptions::from_str(url)
+        .map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))
+}
+
+/// Refuses a query key sqlx does not read, naming the key (if it looks
+/// like a parameter name) but never its value.
+fn check_parameters(url: &str) -> Result<(), StoreError> {
+    // As the URL parser splits: the fragment starts at the first `#`, the
+    // query at the first `?` before it.
+    let before_fragment = url.split('#').next().unwrap_or_default();
+    let Some((_, query)) = before_fragment.split_once('?') else {
+        return Ok(());
+    };
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        let key = form_decode(pair.split('=').next().unwrap_or_default());
+        let known = KNOWN_PARAMETERS.contains(&key.as_str()) || key.starts_with("options[");
+        if known {
+            continue;
+        }
+        let plain = !key.is_empty()
+            && key.len() <= 64
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        return Err(StoreError::Config(if plain {
+            format!(
+                "PostgreSQL URL parameter {key:?} is not supported (the driver would ignore it);                  remove it"
+            )
+        } else {
+            "the PostgreSQL URL has a query parameter that is not a supported name; remove it"
+                .to_owned()
+        }));
+    }
+    Ok(())
+}
+
+/// `application/x-www-form-urlencoded` decoding, as the URL parser reads
+/// query keys (`+` is a space; invalid UTF-8 is replaced).
+fn form_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        let escaped = (b == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .filter(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match (b, escaped) {
+            (_, Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (b'+', None) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (other, None) => {
+                out.push(other);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn validate(options: &PgStoreOptions) -> Result<(), StoreError> {
@@ -279,5 +390,44 @@ mod tests {
         let options = settings.pooled.get_options().unwrap();
         assert!(options.contains("search_path=s1") && options.contains("statement_timeout=30000"));
         assert!(!format!("{:?}", settings.options).contains("secret"));
+        // A vanished client's session, and its row locks, do not outlive it.
+        assert!(options.contains("idle_in_transaction_session_timeout=30000"), "{options}");
+        assert!(options.contains("tcp_keepalives_idle=60"), "{options}");
+        assert_eq!(settings.operation_timeout(), Duration::from_secs(40));
+    }
+
+    #[test]
+    fn unknown_url_parameters_are_refused_without_their_value() {
+        let refused = |url: &str| {
+            let errors = [
+                Settings::new(url, PgStoreOptions::default()).map(drop),
+                PgTarget::of(url).map(drop),
+            ];
+            errors
+                .map(|e| match e {
+                    Err(StoreError::Config(e)) => {
+                        assert!(!e.contains("s3cret"), "{e}");
+                        e
+                    }
+                    other => panic!("{url}: {:?}", other.map_err(|e| e.to_string())),
+                })
+                .join("\n")
+        };
+        // libpq's parameters that sqlx does not know; as sqlx decodes keys.
+        assert!(refused("postgres://u@h/db?sslpassword=s3cret").contains("\"sslpassword\""));
+        assert!(
+            refused("postgres://u@h/db?sslmode=disable&ssl%70assword=s3cret")
+                .contains("sslpassword")
+        );
+        assert!(refused("postgres://u@h/db?passfile=s3cret").contains("passfile"));
+        // A key that is not a name is not echoed (it may be a value).
+        assert!(!refused("postgres://u@h/db?s3cret+x=1").contains("s3cret"));
+        assert!(!refused("postgres://u@h/db?=s3cret").is_empty());
+        // What sqlx reads still works; a `?` in a fragment is no query.
+        let fine = "postgres://u@h/db?sslmode=disable&ssl-mode=disable&application_name=a\
+                    &options[search_path]=x&statement-cache-capacity=10&port=5433&&#x?y=1";
+        assert!(Settings::new(fine, PgStoreOptions::default()).is_ok());
+        assert!(PgTarget::of("postgres://u:pa%3Fss@h/db").is_ok());
+        assert_eq!(form_decode("a%2b+%zz%4"), "a+ %zz%4");
     }
 }

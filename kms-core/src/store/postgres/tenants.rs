@@ -7,8 +7,8 @@
 
 use std::str::FromStr;
 
-use sqlx::postgres::{PgPool, PgRow};
-use sqlx::{PgConnection, Postgres, Transaction};
+use sqlx::postgres::PgRow;
+use sqlx::{Connection, PgConnection, Postgres, Transaction};
 
 use super::{get, is_unique_violation, notify, unavailable};
 use crate::dek::KekVersion;
@@ -37,10 +37,10 @@ const KEK_QUERY: &str = "SELECT version, state, wrapped, master_key, created_at,
      FROM kek_versions WHERE tenant = $1 AND version = $2";
 
 pub(super) async fn register_master(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     info: &ProviderInfo,
 ) -> Result<MasterKeyId, StoreError> {
-    let mut tx = begin(pool).await?;
+    let mut tx = begin(conn).await?;
     sqlx::query(
         "INSERT INTO master_keys (kind, key_ref, created_at)
          VALUES ($1, $2, floor(extract(epoch FROM now()))::bigint)
@@ -61,8 +61,11 @@ pub(super) async fn register_master(
     Ok(MasterKeyId(id))
 }
 
-pub(super) async fn create_tenant(pool: &PgPool, t: NewTenant) -> Result<TenantRecord, StoreError> {
-    let mut tx = begin(pool).await?;
+pub(super) async fn create_tenant(
+    conn: &mut PgConnection,
+    t: NewTenant,
+) -> Result<TenantRecord, StoreError> {
+    let mut tx = begin(conn).await?;
     require_active_master(&mut tx, t.master).await?;
     let inserted = sqlx::query(
         "INSERT INTO tenants (id, created_at, index_root_wrapped, index_root_master)
@@ -95,28 +98,27 @@ pub(super) async fn create_tenant(pool: &PgPool, t: NewTenant) -> Result<TenantR
 }
 
 pub(super) async fn tenant(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     id: &TenantId,
 ) -> Result<Option<TenantRecord>, StoreError> {
-    let mut conn = pool.acquire().await.map_err(unavailable)?;
-    load_tenant(&mut conn, id).await
+    load_tenant(conn, id).await
 }
 
-pub(super) async fn list_tenants(pool: &PgPool) -> Result<Vec<TenantRecord>, StoreError> {
+pub(super) async fn list_tenants(conn: &mut PgConnection) -> Result<Vec<TenantRecord>, StoreError> {
     // One statement, so one consistent snapshot of every tenant.
-    let rows = sqlx::query(tenant_query!("")).fetch_all(pool).await.map_err(unavailable)?;
+    let rows = sqlx::query(tenant_query!("")).fetch_all(conn).await.map_err(unavailable)?;
     tenants_from_rows(&rows)
 }
 
 pub(super) async fn kek(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     id: &TenantId,
     version: KekVersion,
 ) -> Result<Option<KekRecord>, StoreError> {
     sqlx::query(KEK_QUERY)
         .bind(id.as_str())
         .bind(i64::from(version))
-        .fetch_optional(pool)
+        .fetch_optional(conn)
         .await
         .map_err(unavailable)?
         .as_ref()
@@ -125,7 +127,7 @@ pub(super) async fn kek(
 }
 
 pub(super) async fn add_kek_version(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     channel: &str,
     id: &TenantId,
     version: KekVersion,
@@ -133,7 +135,7 @@ pub(super) async fn add_kek_version(
     master: MasterKeyId,
     now: i64,
 ) -> Result<KekRecord, StoreError> {
-    let mut tx = begin(pool).await?;
+    let mut tx = begin(conn).await?;
     if !lock_tenant(&mut tx, id).await? {
         return Err(StoreError::UnknownTenant(id.clone()));
     }
@@ -201,14 +203,14 @@ pub(super) async fn add_kek_version(
 }
 
 pub(super) async fn change_kek_state(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     channel: &str,
     id: &TenantId,
     version: KekVersion,
     change: StateChange,
     now: i64,
 ) -> Result<KekRecord, StoreError> {
-    let mut tx = begin(pool).await?;
+    let mut tx = begin(conn).await?;
     let unknown = || StoreError::UnknownVersion { tenant: id.clone(), version };
     if !lock_tenant(&mut tx, id).await? {
         return Err(unknown());
@@ -260,8 +262,10 @@ pub(super) async fn require_active_master(
     }
 }
 
-pub(super) async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>, StoreError> {
-    pool.begin().await.map_err(unavailable)
+pub(super) async fn begin(
+    conn: &mut PgConnection,
+) -> Result<Transaction<'_, Postgres>, StoreError> {
+    conn.begin().await.map_err(unavailable)
 }
 
 /// Locks the tenant's row until the end of the transaction; `false` if
