@@ -64,6 +64,14 @@ pub(super) enum KsError {
     Decode(String),
 }
 
+impl KsError {
+    /// Whether the key service said the tenant's keys are destroyed
+    /// (shredded): final, unlike every other failure.
+    pub(super) fn is_key_destroyed(&self) -> bool {
+        matches!(self, Self::Api { code, .. } if code == "key_destroyed")
+    }
+}
+
 /// The client could not be built from its configuration, or a reload
 /// was not taken.
 #[derive(Debug, thiserror::Error)]

@@ -96,6 +96,13 @@ impl Queue {
         self.refill_after = Some(now + wait);
     }
 
+    /// The key service said the tenant's keys are destroyed: every pooled
+    /// DEK goes (wiped), and `e` answers the next take.
+    fn destroy(&mut self, e: KsError) {
+        self.deks.clear();
+        self.destroyed = Some(e);
+    }
+
     /// Pools `deks` (asked for at `asked_at`), unless the tenant's keys
     /// were destroyed meanwhile.
     fn extend(&mut self, deks: Vec<IssuedDek>, asked_at: Instant) {
@@ -121,10 +128,6 @@ impl Drop for TopUp<'_> {
     fn drop(&mut self) {
         self.0.topping_up.fetch_sub(1, Ordering::AcqRel);
     }
-}
-
-fn is_destroyed(e: &KsError) -> bool {
-    matches!(e, KsError::Api { code, .. } if code == "key_destroyed")
 }
 
 /// DEK pools of every tenant this sidecar encrypts for.
@@ -196,10 +199,8 @@ impl DekPool {
             let mut fresh = match self.client.issue(tenant, ask).await {
                 Ok(fresh) => fresh,
                 Err(e) => {
-                    if is_destroyed(&e) {
-                        let mut queue = pool.queue();
-                        queue.deks.clear();
-                        queue.destroyed = Some(e.clone());
+                    if e.is_key_destroyed() {
+                        pool.queue().destroy(e.clone());
                     } else {
                         // Back at the front, in their order: smaller
                         // requests go on encrypting from them while the
@@ -260,9 +261,8 @@ impl DekPool {
                         queue.extend(deks, asked_at);
                     }
                     // Its pooled DEKs were issued before the shred.
-                    Err(e) if is_destroyed(&e) => {
-                        queue.deks.clear();
-                        queue.destroyed = Some(e);
+                    Err(e) if e.is_key_destroyed() => {
+                        queue.destroy(e);
                         tracing::info!(tenant = %tenant, "DEK pool refill: key destroyed; pool dropped");
                     }
                     Err(e) => {

@@ -140,6 +140,11 @@ struct Pending {
     /// both copies tells an auditor they are one access, not two. (None
     /// only if the system's random source failed.)
     id: Option<[u8; 16]>,
+    /// The id of the event this one is half of (split after a refusal as
+    /// too large), reported as `fields.split_from`: a copy of that event
+    /// may have been recorded before (its answer lost), so the halves
+    /// carry ids of their own and say whose parts they are.
+    split_from: Option<[u8; 16]>,
     /// Offered to the key service once: it takes no further accesses, so
     /// every copy under its id says the same.
     sealed: bool,
@@ -169,6 +174,9 @@ impl Pending {
     /// Splits off the second half of its records as an event of the same
     /// facts (each half counts the requests it may come from).
     fn split_records(&mut self) -> Self {
+        let whole = self.split_from.or(self.id);
+        self.id = new_event_id();
+        self.split_from = whole;
         let half = self.event.record_key_ids.len() / 2;
         let rest = self.event.record_key_ids.split_off(half);
         let requests = self.requests;
@@ -184,8 +192,8 @@ impl Pending {
             last_ms: self.last_ms,
             requests: (requests / 2).max(1),
             buffered_at: self.buffered_at,
-            // Split only after a refusal, which recorded neither half.
             id: new_event_id(),
+            split_from: whole,
             sealed: self.sealed,
         }
     }
@@ -275,6 +283,7 @@ impl Buffer {
                 requests: 1,
                 buffered_at: Instant::now(),
                 id: new_event_id(),
+                split_from: None,
                 sealed: false,
             });
         }
@@ -739,6 +748,9 @@ impl Serialize for Detail<'_> {
         if let Some(id) = &p.id {
             map.serialize_entry("event_id", &data_encoding::HEXLOWER.encode(id))?;
         }
+        if let Some(whole) = &p.split_from {
+            map.serialize_entry("split_from", &data_encoding::HEXLOWER.encode(whole))?;
+        }
         map.end()
     }
 }
@@ -892,7 +904,13 @@ mod tests {
         pending.add(decrypt("onc", true, 5, 0), 7);
         pending.add(decrypt("onc", true, 1, 5), 8); // coalesced: 6 ids, 2 requests
         let mut first = pending.take_report().pop().unwrap();
-        let second = first.split_records();
+        let whole = first.id;
+        let mut second = first.split_records();
+        // A copy of the whole may have been recorded (its answer lost):
+        // the halves are new events that say whose parts they are.
+        assert!(whole.is_some() && first.id != whole && second.id != whole);
+        assert_ne!(first.id, second.id);
+        assert_eq!((first.split_from, second.split_from), (whole, whole));
         let mut both = first.event.record_key_ids.clone();
         both.extend(second.event.record_key_ids.clone());
         assert_eq!(both, ids(5, 0).into_iter().chain(ids(1, 5)).collect::<Vec<_>>());
@@ -900,6 +918,13 @@ mod tests {
         assert_eq!((first.requests, second.requests), (1, 1));
         assert_eq!(first.event.access, second.event.access);
         assert_eq!((second.first_ms, second.last_ms), (7, 8));
+        let quarter = second.split_records();
+        assert_eq!(quarter.split_from, whole, "halves of a half name the whole");
+        let wired = wire(&[quarter]);
+        assert_eq!(
+            wired["events"][0]["fields"]["split_from"],
+            data_encoding::HEXLOWER.encode(&whole.unwrap())
+        );
     }
 
     #[test]

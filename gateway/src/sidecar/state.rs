@@ -76,7 +76,7 @@ impl SidecarState {
 
     /// Maps a key service failure of a call for `tenant`.
     pub(super) fn tenant_error(&self, tenant: &TenantId, e: KsError) -> ApiError {
-        if matches!(&e, KsError::Api { code, .. } if code == "key_destroyed") {
+        if e.is_key_destroyed() {
             self.forget_destroyed(tenant);
         }
         ks_error(e)

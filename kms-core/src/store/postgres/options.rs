@@ -248,7 +248,8 @@ fn check_parameters(url: &str) -> Result<(), StoreError> {
             && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
         return Err(StoreError::Config(if plain {
             format!(
-                "PostgreSQL URL parameter {key:?} is not supported (the driver would ignore it);                  remove it"
+                "PostgreSQL URL parameter {key:?} is not supported (the driver would ignore \
+                 it); remove it"
             )
         } else {
             "the PostgreSQL URL has a query parameter that is not a supported name; remove it"
