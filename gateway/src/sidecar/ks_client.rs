@@ -950,7 +950,7 @@ pub(crate) fn fuzz_answers(data: &[u8]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::path::Path;
     use std::sync::Arc;
 
@@ -1097,16 +1097,29 @@ mod tests {
         let router = Router::new()
             .route("/v1/tenants/{tenant}/datakeys/unwrap", post(unwrap))
             .route("/v1/tenants/{tenant}/datakeys", post(issue));
+        let port = serve_mtls(acceptor, router, move |identity| {
+            seen_clients.clients.lock().unwrap().push(identity.unwrap_or_default());
+        })
+        .await;
+        format!("https://localhost:{port}")
+    }
+
+    /// Serves `router` behind `acceptor` on a loopback port (returned),
+    /// telling `on_client` each connection's client identity.
+    pub(in crate::sidecar) async fn serve_mtls(
+        acceptor: tokio_rustls::TlsAcceptor,
+        router: Router,
+        on_client: impl Fn(Option<String>) + Clone + Send + Sync + 'static,
+    ) -> u16 {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
-                let (acceptor, router) = (acceptor.clone(), router.clone());
-                let seen = seen_clients.clone();
+                let (acceptor, router, on_client) =
+                    (acceptor.clone(), router.clone(), on_client.clone());
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else { return };
-                    let identity = crate::tls::identity_of(tls.get_ref().1.peer_certificates());
-                    seen.clients.lock().unwrap().push(identity.unwrap_or_default());
+                    on_client(crate::tls::identity_of(tls.get_ref().1.peer_certificates()));
                     let _ = hyper_util::server::conn::auto::Builder::new(
                         hyper_util::rt::TokioExecutor::new(),
                     )
@@ -1118,7 +1131,7 @@ mod tests {
                 });
             }
         });
-        format!("https://localhost:{port}")
+        port
     }
 
     /// A client of a fake key service, and what that service saw.

@@ -492,24 +492,7 @@ pub(super) mod tests {
             .route("/v1/tenants/{tenant}/datakeys", post(issue))
             .route("/v1/tenants/{tenant}/datakeys/unwrap", post(unwrap))
             .route("/v1/tenants/{tenant}/derived", post(derived));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let (acceptor, router) = (acceptor.clone(), router.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else { return };
-                    let _ = hyper_util::server::conn::auto::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .serve_connection(
-                        hyper_util::rt::TokioIo::new(tls),
-                        hyper_util::service::TowerToHyperService::new(router),
-                    )
-                    .await;
-                });
-            }
-        });
+        let port = crate::sidecar::ks_client::tests::serve_mtls(acceptor, router, drop).await;
         let config = client_files(dir, &ca, format!("https://localhost:{port}"));
         let client =
             KeyServiceClient::new(&config, crate::compliance::Profile::Development).unwrap();
