@@ -190,8 +190,8 @@ pub(super) async fn decrypt(
 
 /// Each record's DEK and whether it came from the cache: cache first, then
 /// the misses of each tenant in one unwrap (a call this request may share
-/// with others: [`super::shared_calls`]), each wrapped DEK asked for once
-/// however many records of the batch carry it.
+/// with others: [`super::shared_calls`]); the records that repeat the
+/// first (id, version, wrapped DEK) seen for an id are asked for once.
 async fn deks(
     s: &SidecarState,
     parsed: &[EncryptedText<'_>],

@@ -69,6 +69,8 @@ struct Queue {
     /// A refill heard `key_destroyed`: the pool is dropped, and the next
     /// take fails with this, so the request's handler drops the tenant's
     /// cached and derived keys too (as for a `key_destroyed` it hears).
+    /// An idle pool is evicted with its mark; the next take then asks the
+    /// key service, which says it again.
     destroyed: Option<KsError>,
     /// No refill before this, after a failed one.
     refill_after: Option<Instant>,
@@ -114,11 +116,13 @@ impl Queue {
 
 /// Most top-ups under way at once that ask for a batch beyond their own
 /// need; the others ask for what they lack. Hundreds of concurrent cold
-/// requests then ask for 8 batches (and the refill's), not one each,
-/// which would queue behind the key service's share of keys in flight
-/// per identity and be refused `busy`. Under load the pool needs whole
-/// batches: allowing one cost 11 % of batch encrypt at c=16, eight
-/// nothing measurable (interleaved A/B, docs/performance.md item 39).
+/// requests then ask for 8 batches (and the refill's), not one each:
+/// hundreds of thousands of DEKs would queue for seconds behind the key
+/// service's share of keys in flight per identity (6,384 by default) and
+/// be refused `busy`, where 18,000 pass in a few turns of it. Under load
+/// the pool needs whole batches: allowing one (none while a refill ran)
+/// cost 11 % of batch encrypt at c=16, eight nothing measurable
+/// (interleaved A/Bs, docs/performance.md item 39).
 const SPARE_TOP_UPS: usize = 8;
 
 /// A top-up under way in a request, counted on its pool while it lasts
@@ -577,7 +581,7 @@ pub(super) mod tests {
 
     /// Concurrent cold requests ask one batch between them, not one each.
     #[tokio::test]
-    async fn concurrent_cold_takes_ask_for_one_batch_not_one_each() {
+    async fn concurrent_cold_takes_ask_for_a_few_batches_not_one_each() {
         let dir = tempfile::tempdir().unwrap();
         let (client, fake) = fake_key_service(dir.path()).await;
         fake.issue_delay_ms.store(50, Ordering::Relaxed);

@@ -106,7 +106,10 @@ impl SidecarState {
                 "key destroyed: pooled, cached and derived keys dropped"
             );
         } else {
-            tracing::debug!(tenant = %tenant, "key destroyed: nothing pooled or cached");
+            tracing::debug!(
+                tenant = %tenant,
+                "key destroyed: derived keys dropped; nothing pooled or cached"
+            );
         }
     }
 }
