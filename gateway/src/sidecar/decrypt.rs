@@ -210,19 +210,23 @@ async fn deks(
         let asked_at = std::time::Instant::now();
         let unwrapped = s
             .unwraps
-            .call(&tenant, items.clone(), purpose)
+            .call(&tenant, items, purpose)
             .await
             .map_err(|e| s.tenant_error(&tenant, e))?;
         s.note_active(&tenant, unwrapped.common);
-        let mut keys = Vec::with_capacity(items.len());
-        let mut fresh = Vec::with_capacity(items.len());
-        for (item, result) in items.iter().zip(unwrapped.results) {
-            let key = Arc::new(result.map_err(|code| s.dek_error(&tenant, &code))?);
-            fresh.push((item.record_key_id, item.kek_version, key.clone()));
-            keys.push(key);
-        }
-        for ((i, _), at) in missed.iter().zip(which) {
-            if let (Some(slot), Some(key)) = (deks.get_mut(*i), keys.get(at)) {
+        let keys = unwrapped
+            .results
+            .into_iter()
+            .map(|result| result.map(Arc::new).map_err(|code| s.dek_error(&tenant, &code)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut fresh = Vec::with_capacity(keys.len());
+        for ((i, item), &at) in missed.iter().zip(&which) {
+            let Some(key) = keys.get(at) else { continue };
+            // Distinct requests are numbered in order of first sight.
+            if at == fresh.len() {
+                fresh.push((item.record_key_id, item.kek_version, key.clone()));
+            }
+            if let Some(slot) = deks.get_mut(*i) {
                 *slot = Some((key.clone(), false));
             }
         }
@@ -235,11 +239,14 @@ async fn deks(
 /// each of `items`. Alike means the same id, version and wrapped DEK: a
 /// record carrying a known id with another wrapped part (rewrapped, or
 /// tampered with) is still the key service's to unwrap or refuse.
-fn distinct<'a>(items: impl Iterator<Item = &'a DekRequest>) -> (Vec<DekRequest>, Vec<usize>) {
-    let mut unique: Vec<DekRequest> = Vec::new();
-    let mut which = Vec::new();
+fn distinct<'a>(
+    items: impl ExactSizeIterator<Item = &'a DekRequest>,
+) -> (Vec<DekRequest>, Vec<usize>) {
+    let n = items.len();
+    let mut unique: Vec<DekRequest> = Vec::with_capacity(n);
+    let mut which = Vec::with_capacity(n);
     // The ids come from the app's records: std's keyed hasher, not foldhash.
-    let mut first: HashMap<RecordKeyId, usize> = HashMap::new();
+    let mut first: HashMap<RecordKeyId, usize> = HashMap::with_capacity(n);
     for item in items {
         let alike = |u: &DekRequest| {
             u.kek_version == item.kek_version && u.wrapped.as_bytes() == item.wrapped.as_bytes()

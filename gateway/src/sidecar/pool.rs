@@ -199,8 +199,8 @@ impl DekPool {
             backing_off = queue.backing_off(now);
         }
         let mut first_asked = out.iter().map(|p| p.asked_at).min();
-        let mut deks: Vec<IssuedDek> = Vec::with_capacity(count);
-        if out.len() < count {
+        // (Collected in place: no second buffer per request.)
+        let deks: Vec<IssuedDek> = if out.len() < count {
             let missing = count - out.len();
             // A few top-ups at a time ask for a batch beyond their own
             // need: concurrent cold requests would otherwise ask a batch
@@ -236,12 +236,13 @@ impl DekPool {
             drop(top_up);
             first_asked = Some(first_asked.map_or(asked_at, |a| a.min(asked_at)));
             let rest = fresh.split_off(missing.min(fresh.len()));
-            deks.extend(out.into_iter().map(|p| p.dek));
-            deks.extend(fresh);
             pool.queue().extend(rest, asked_at);
+            let mut deks: Vec<IssuedDek> = out.into_iter().map(|p| p.dek).collect();
+            deks.extend(fresh);
+            deks
         } else {
-            deks.extend(out.into_iter().map(|p| p.dek));
-        }
+            out.into_iter().map(|p| p.dek).collect()
+        };
         self.refill_if_low(tenant, &pool);
         // Exactly `count`: `issue` answers exactly what it was asked (or
         // fails), at least `missing`, of which `missing` are kept.
