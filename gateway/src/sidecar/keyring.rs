@@ -2,7 +2,8 @@
 //! service and kept for the cache TTL from when they were asked for (so a
 //! shred or a policy change reaches the sidecar within that bound). A
 //! tenant's keys forgotten (its shred heard) are not put back by a fetch
-//! that began before.
+//! that began before. Concurrent misses of one key share one call
+//! ([`SingleFlight`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,7 @@ use kms_core::schema::Schema;
 use kms_core::{Key256, Name, TenantId};
 
 use super::ks_client::{KeyServiceClient, KsError};
+use super::single_flight::SingleFlight;
 use crate::policy::EffectiveGrants;
 
 type Stamped<T> = (Arc<T>, Instant);
@@ -31,6 +33,10 @@ pub(super) struct Keyring {
     /// Most entries of `namespace_keys`.
     max_namespace_keys: usize,
     grants: Mutex<Option<Stamped<EffectiveGrants>>>,
+    /// The calls in flight for each of the maps above.
+    schema_calls: SingleFlight<(TenantId, Name, u32), SchemaKeys>,
+    namespace_calls: SingleFlight<(TenantId, Name), Key256>,
+    grants_calls: SingleFlight<(), EffectiveGrants>,
     /// When each tenant's keys were last forgotten: a fetch for a tenant
     /// that began before then keeps what it got for its own request, and
     /// does not cache it (as the DEK cache does). Per tenant, so that a
@@ -49,6 +55,9 @@ impl Keyring {
             namespace_keys: Mutex::default(),
             max_namespace_keys: MAX_NAMESPACE_KEYS,
             grants: Mutex::default(),
+            schema_calls: SingleFlight::default(),
+            namespace_calls: SingleFlight::default(),
+            grants_calls: SingleFlight::default(),
             forgotten: Mutex::default(),
         }
     }
@@ -100,11 +109,16 @@ impl Keyring {
         if let Some(keys) = self.fresh(&self.schema_keys, &key) {
             return Ok(keys);
         }
-        let asking = Instant::now();
-        let keys = Arc::new(self.client.schema_keys(tenant, schema).await?);
-        // Bounded by the tenants the key service knows and the schemas loaded.
-        self.keep(&self.schema_keys, (tenant, key), keys.clone(), asking, usize::MAX);
-        Ok(keys)
+        self.schema_calls
+            .run(key.clone(), || async {
+                let asking = Instant::now();
+                let keys = Arc::new(self.client.schema_keys(tenant, schema).await?);
+                // Bounded by the tenants the key service knows and the
+                // schemas loaded.
+                self.keep(&self.schema_keys, (tenant, key), keys.clone(), asking, usize::MAX);
+                Ok(keys)
+            })
+            .await
     }
 
     /// The key of a pseudonym namespace for `tenant`.
@@ -117,11 +131,15 @@ impl Keyring {
         if let Some(k) = self.fresh(&self.namespace_keys, &key) {
             return Ok(k);
         }
-        let asking = Instant::now();
-        let k = Arc::new(self.client.pseudonym_key(tenant, namespace).await?);
-        let max = self.max_namespace_keys;
-        self.keep(&self.namespace_keys, (tenant, key), k.clone(), asking, max);
-        Ok(k)
+        self.namespace_calls
+            .run(key.clone(), || async {
+                let asking = Instant::now();
+                let k = Arc::new(self.client.pseudonym_key(tenant, namespace).await?);
+                let max = self.max_namespace_keys;
+                self.keep(&self.namespace_keys, (tenant, key), k.clone(), asking, max);
+                Ok(k)
+            })
+            .await
     }
 
     /// This sidecar's grants (refreshed after the TTL; fail closed when
@@ -132,10 +150,15 @@ impl Keyring {
         {
             return Ok(grants.clone());
         }
-        let asked_at = Instant::now();
-        let grants = Arc::new(self.client.policy_self().await?);
-        *self.grants.lock().unwrap_or_else(|p| p.into_inner()) = Some((grants.clone(), asked_at));
-        Ok(grants)
+        self.grants_calls
+            .run((), || async {
+                let asked_at = Instant::now();
+                let grants = Arc::new(self.client.policy_self().await?);
+                *self.grants.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((grants.clone(), asked_at));
+                Ok(grants)
+            })
+            .await
     }
 
     /// Drops the derived keys of `tenant`.
@@ -154,6 +177,9 @@ impl Keyring {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|(t, _), _| t != tenant);
+        // A miss from now on asks anew, not joining a call begun before.
+        self.schema_calls.detach(|(t, _, _)| t == tenant);
+        self.namespace_calls.detach(|(t, _)| t == tenant);
     }
 
     /// Drops everything older than the TTL.
@@ -176,6 +202,8 @@ impl Keyring {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
     use super::*;
     use crate::sidecar::pool::tests::{fake_key_service, unreachable_client};
 
@@ -200,6 +228,37 @@ mod tests {
         let again = Instant::now();
         ring.keep(&ring.namespace_keys, (&a, (a.clone(), ns.clone())), key(), again, usize::MAX);
         assert!(ring.fresh(&ring.namespace_keys, &(a, ns)).is_some(), "begun after");
+    }
+
+    /// When a key expires under load, the requests that miss it share one
+    /// call; a shred heard meanwhile makes later misses ask anew.
+    #[tokio::test]
+    async fn concurrent_misses_of_a_key_share_one_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let (client, fake) = fake_key_service(dir.path()).await;
+        fake.derived_delay_ms.store(100, Ordering::Relaxed);
+        let ring = Arc::new(Keyring::new(client, Duration::from_secs(60)));
+        let onc = TenantId::new("onc").unwrap();
+        let ask = |ring: &Arc<Keyring>| {
+            let (ring, onc) = (ring.clone(), onc.clone());
+            async move { ring.namespace_key(&onc, &Name::new("mrn").unwrap()).await }
+        };
+        let mut misses = tokio::task::JoinSet::new();
+        for _ in 0..16 {
+            misses.spawn(ask(&ring));
+        }
+        for key in misses.join_all().await {
+            assert_eq!(&key.unwrap().expose_secret()[..3], b"mrn");
+        }
+        assert_eq!(fake.derived_calls.load(Ordering::Relaxed), 1);
+
+        ring.forget(&onc);
+        let before = tokio::spawn(ask(&ring));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        ring.forget(&onc);
+        let after = ask(&ring).await;
+        assert!(before.await.unwrap().is_ok() && after.is_ok());
+        assert_eq!(fake.derived_calls.load(Ordering::Relaxed), 3, "one before, one after");
     }
 
     /// Namespaces the app names beyond the bound are answered, not cached;

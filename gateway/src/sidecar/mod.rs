@@ -22,6 +22,7 @@ mod report;
 mod reporter;
 mod run;
 mod shared_calls;
+mod single_flight;
 mod state;
 
 pub use self::config::SidecarConfig;

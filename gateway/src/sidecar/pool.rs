@@ -390,6 +390,9 @@ pub(super) mod tests {
         pub(in crate::sidecar) refusal: Mutex<Option<(u16, &'static str, Option<u64>)>>,
         /// How long an issue takes, in ms.
         pub(in crate::sidecar) issue_delay_ms: AtomicU64,
+        /// Derived-key calls, and how long each takes, in ms.
+        pub(in crate::sidecar) derived_calls: AtomicUsize,
+        pub(in crate::sidecar) derived_delay_ms: AtomicU64,
         next_id: AtomicU64,
     }
 
@@ -477,6 +480,9 @@ pub(super) mod tests {
         let derived = move |UrlPath(_tenant): UrlPath<String>, body: Bytes| {
             let fake = f3.clone();
             async move {
+                fake.derived_calls.fetch_add(1, Ordering::Relaxed);
+                let delay = fake.derived_delay_ms.load(Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(delay)).await;
                 if let Some(refused) = fake.refused() {
                     return refused;
                 }
