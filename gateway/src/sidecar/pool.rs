@@ -143,6 +143,38 @@ impl Drop for TopUp<'_> {
     }
 }
 
+/// Pooled DEKs a request took while it waits for the rest: back at the
+/// front of the pool, in their order, unless it gets the rest. A request
+/// whose top-up fails, or that is dropped while it waits (its client gave
+/// up first, during an outage say), leaves them for smaller requests that
+/// can go on encrypting while the key service cannot issue.
+struct Popped<'a> {
+    pool: &'a TenantPool,
+    deks: Vec<Pooled>,
+}
+
+impl Popped<'_> {
+    /// Kept: the request got the rest.
+    fn keep(mut self) -> Vec<Pooled> {
+        std::mem::take(&mut self.deks)
+    }
+}
+
+impl Drop for Popped<'_> {
+    fn drop(&mut self) {
+        if self.deks.is_empty() {
+            return;
+        }
+        let mut queue = self.pool.queue();
+        // A destroyed pool takes none back: they are dropped (wiped) here.
+        if queue.destroyed.is_none() {
+            for p in self.deks.drain(..).rev() {
+                queue.deks.push_front(p);
+            }
+        }
+    }
+}
+
 /// DEK pools of every tenant this sidecar encrypts for.
 pub(super) struct DekPool {
     client: Arc<KeyServiceClient>,
@@ -202,6 +234,7 @@ impl DekPool {
         // (Collected in place: no second buffer per request.)
         let deks: Vec<IssuedDek> = if out.len() < count {
             let missing = count - out.len();
+            let popped = Popped { pool: &pool, deks: out };
             // A few top-ups at a time ask for a batch beyond their own
             // need: concurrent cold requests would otherwise ask a batch
             // each. None does while refills back off.
@@ -214,17 +247,8 @@ impl DekPool {
                 Err(e) => {
                     if e.is_key_destroyed() {
                         pool.queue().destroy(e.clone());
-                    } else {
-                        // Back at the front, in their order: smaller
-                        // requests go on encrypting from them while the
-                        // key service cannot issue.
-                        let mut queue = pool.queue();
-                        if queue.destroyed.is_none() {
-                            for p in out.into_iter().rev() {
-                                queue.deks.push_front(p);
-                            }
-                        }
                     }
+                    drop(popped);
                     drop(top_up);
                     // A tenant that could not be served (unknown, say)
                     // leaves no empty pool behind.
@@ -237,7 +261,7 @@ impl DekPool {
             first_asked = Some(first_asked.map_or(asked_at, |a| a.min(asked_at)));
             let rest = fresh.split_off(missing.min(fresh.len()));
             pool.queue().extend(rest, asked_at);
-            let mut deks: Vec<IssuedDek> = out.into_iter().map(|p| p.dek).collect();
+            let mut deks: Vec<IssuedDek> = popped.keep().into_iter().map(|p| p.dek).collect();
             deks.extend(fresh);
             deks
         } else {
@@ -623,6 +647,25 @@ pub(super) mod tests {
         assert!(pool.take(&onc, 10).await.is_err());
         let taken = pool.take(&onc, 5).await.expect("the 5 pooled DEKs");
         assert_eq!(ids(&taken), [1, 2, 3, 4, 5]);
+    }
+
+    /// So do those of a request dropped while its top-up waits (its client
+    /// gave up first).
+    #[tokio::test]
+    async fn a_request_dropped_mid_top_up_puts_back_what_it_took() {
+        let dir = tempfile::tempdir().unwrap();
+        let (client, fake) = fake_key_service(dir.path()).await;
+        fake.issue_delay_ms.store(5_000, Ordering::Relaxed);
+        let pool = DekPool::new(client, config(10, 0), Duration::from_secs(60));
+        let onc = TenantId::new("onc").unwrap();
+        pool.tenant(&onc).queue().extend((1..=5).map(dek).collect(), Instant::now());
+        let waiting = tokio::time::timeout(Duration::from_millis(200), pool.take(&onc, 10));
+        assert!(waiting.await.is_err(), "still waiting for the key service");
+        assert_eq!(fake.issues.load(Ordering::Relaxed), 1);
+        fake.issue_delay_ms.store(0, Ordering::Relaxed);
+        let taken = pool.take(&onc, 5).await.expect("the 5 pooled DEKs");
+        assert_eq!(ids(&taken), [1, 2, 3, 4, 5]);
+        assert_eq!(fake.issues.load(Ordering::Relaxed), 1, "taken from the pool");
     }
 
     /// A failed refill is not tried again at every request: after an
