@@ -525,7 +525,9 @@ impl KeyServiceClient {
 
     /// Sends a request to the preferred replica, failing over to the next
     /// on a connection error or a 503; a success comes back as it is, an
-    /// error answer as [`KsError::Api`].
+    /// error answer as [`KsError::Api`] (the last replica's 503 too, so
+    /// that its code and `Retry-After` reach the pool's backoff and the
+    /// app: a key service shedding load asks for a pause, not retries).
     async fn send(
         &self,
         method: reqwest::Method,
@@ -591,9 +593,6 @@ impl KeyServiceClient {
                     .to_owned()
             };
             let (code, message) = (field("code"), field("message"));
-            if status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
-                return Err(KsError::Unavailable(format!("{code}: {message}")));
-            }
             return Err(KsError::Api { status: status.as_u16(), code, message, retry_after });
         }
         Err(KsError::Unavailable(last_error))

@@ -698,7 +698,8 @@ pub(super) mod tests {
         let card = TenantId::new("card").unwrap();
         let tenant = pool.tenant(&card);
         tenant.queue().extend((0..100).map(dek).collect(), Instant::now());
-        fake.refuse(Some((429, "rate_limited", Some(1))));
+        // (503 `busy`: load shed by every replica, as in `abuse::keys`.)
+        fake.refuse(Some((503, "busy", Some(1))));
         let before = fake.issues.load(Ordering::Relaxed);
         pool.take(&card, 1).await.unwrap();
         refilled(&pool, &card).await;

@@ -122,6 +122,14 @@ pub(super) fn ks_error(e: KsError) -> ApiError {
             tracing::warn!(detail, "key service unavailable");
             ApiError::unavailable("key_service_unavailable", "the key service cannot be reached")
         }
+        // Every replica shedding load, or failing closed: the app retries
+        // after the key service's `Retry-After`, if it sent one. (Its
+        // audit log's outage is said as such below: final, not retried.)
+        KsError::Api { status: 503, code, message, retry_after } if code != "audit_unavailable" => {
+            tracing::warn!(code, message, "key service unavailable");
+            ApiError::unavailable("key_service_unavailable", "the key service cannot serve now")
+                .with_retry_after(retry_after)
+        }
         KsError::Api { status, code, message, retry_after } => {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
             let code = match code.as_str() {
@@ -241,5 +249,19 @@ mod tests {
         assert_eq!((other.status(), other.code()), (StatusCode::BAD_GATEWAY, "key_service_error"));
         let unavailable = ks_error(KsError::Unavailable("connection refused".into()));
         assert_eq!(unavailable.status(), StatusCode::SERVICE_UNAVAILABLE);
+        // Shedding load: the app hears when to come back.
+        let mut busy = api(503, "busy");
+        if let KsError::Api { retry_after, .. } = &mut busy {
+            *retry_after = Some(1);
+        }
+        let busy = ks_error(busy);
+        assert_eq!(
+            (busy.status(), busy.code()),
+            (StatusCode::SERVICE_UNAVAILABLE, "key_service_unavailable")
+        );
+        let response = axum::response::IntoResponse::into_response(busy);
+        assert_eq!(response.headers()[axum::http::header::RETRY_AFTER], "1");
+        let audit = ks_error(api(503, "audit_unavailable"));
+        assert_eq!(audit.code(), "audit_unavailable");
     }
 }
