@@ -7,7 +7,12 @@
 //! every [`Invalidations`] subscription. When the listener's connection
 //! fails it sends [`Invalidation::All`], reconnects with backoff, and sends
 //! `All` again once it listens anew: whatever was committed in between was
-//! not announced to this replica.
+//! not announced to this replica. While it cannot reconnect it sends `All`
+//! after each failed attempt too, so that what a replica caches meanwhile
+//! (its queries may well work: the listener's own connection is what
+//! fails) is kept no longer than an attempt and a pause (at most 5 s, or
+//! the store's operation bound if the server is silent), not for the whole
+//! key TTL the operator may have raised to hours.
 
 use std::time::Duration;
 
@@ -141,7 +146,7 @@ async fn run(
         );
         let _nobody = sender.send(Invalidation::All);
         drop(listener);
-        listener = reconnect(&settings).await;
+        listener = reconnect(&settings, &sender).await;
         tracing::info!("keystore invalidation listener is listening again; flushing caches");
         let _nobody = sender.send(Invalidation::All);
     }
@@ -171,17 +176,49 @@ async fn next_or_probe(
     }
 }
 
-/// Retries until listening again, backing off up to [`BACKOFF`]`.1`.
-async fn reconnect(settings: &Settings) -> PgListener {
+/// Retries until listening again, backing off up to [`BACKOFF`]`.1`;
+/// sends `All` after each failed attempt (see the module's doc).
+async fn reconnect(settings: &Settings, sender: &broadcast::Sender<Invalidation>) -> PgListener {
     let mut pause = BACKOFF.0;
     loop {
         match listen(settings).await {
             Ok(listener) => return listener,
             Err(e) => {
+                let _nobody = sender.send(Invalidation::All);
                 tracing::debug!(error = %e, "keystore invalidation listener cannot reconnect yet");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(BACKOFF.1);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::PgStoreOptions;
+
+    /// A listener that cannot reconnect keeps flushing the caches, so
+    /// nothing cached while no change can be announced outlives a pause.
+    #[tokio::test]
+    async fn a_listener_that_cannot_reconnect_keeps_flushing() {
+        let options = PgStoreOptions {
+            acquire_timeout: Duration::from_millis(500),
+            ..PgStoreOptions::default()
+        };
+        // Port 1 on loopback: nothing listens there, each attempt fails.
+        let settings = Settings::new("postgres://postgres@127.0.0.1:1/test", options).unwrap();
+        let (sender, mut flushes) = broadcast::channel(CAPACITY);
+        let reconnecting = tokio::spawn(async move {
+            reconnect(&settings, &sender).await;
+        });
+        for attempt in 0..3 {
+            let flush = tokio::time::timeout(Duration::from_secs(3), flushes.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no flush after attempt {attempt}"));
+            assert_eq!(flush.unwrap(), Invalidation::All);
+        }
+        assert!(!reconnecting.is_finished());
+        reconnecting.abort();
     }
 }
