@@ -21,6 +21,7 @@
 pub mod abuse;
 pub mod admin;
 pub mod audit_log;
+mod claim;
 pub mod cli;
 pub mod compliance;
 pub mod config;

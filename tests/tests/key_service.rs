@@ -156,6 +156,23 @@ async fn ten_thousand_deks_unwrap_cold_warm_and_after_restart() {
     }
 }
 
+/// Two key services on one data directory would share its instance id
+/// (so one audit chain) and, on SQLite, its keystore without hearing each
+/// other's invalidations: the second is refused, the first serves on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_key_service_on_one_data_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(dir.path(), "");
+    let config = dir.path().join("keygate.toml");
+    let args = ["server", "--config", config.to_str().unwrap()];
+    let (ok, stderr) = keygate_tests::keyservice::run_to_exit(&args, &[]);
+    assert!(!ok, "{stderr}");
+    let data = dir.path().join("data");
+    let expected = format!("{} is in use: another key service holds it", data.display());
+    assert!(stderr.contains(&expected), "{stderr}");
+    create_tenant(&ks, "onc").await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn rotation_state_changes_and_rewrap_over_the_api() {
     let dir = tempfile::tempdir().unwrap();

@@ -53,6 +53,13 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         .enforce()
         .map_err(|e| fail("compliance")(&e))?;
     let compliance = Arc::new(ComplianceContext { config: config.clone(), hygiene });
+    // One key service per data directory, for the whole run: two sharing
+    // one would share its instance id (and so an audit chain) and, on
+    // SQLite, a keystore without hearing each other's invalidations.
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| fail("data directory")(&e))?;
+    let lock = config.data_dir.join("key-service.lock");
+    let _data_dir = crate::claim::claim(&config.data_dir, &lock, "another key service")
+        .map_err(|e| fail("data directory")(&e))?;
     let instance = instance_id(&config).map_err(|e| fail("instance id")(&e))?;
     let (store, sqlite) = open_store(&config).await?;
     // Whether commits are durable is the database's answer, not the URL's;

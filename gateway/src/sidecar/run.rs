@@ -120,7 +120,10 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
             // Held until the socket is removed at exit: sidecars given the
             // same socket take turns at its path, so none removes or
             // replaces another's.
-            let _claim = claim_socket_path(path).map_err(|e| fail("listen")(&e))?;
+            let mut lock = path.as_os_str().to_owned();
+            lock.push(".lock");
+            let _claim = crate::claim::claim(path, lock.as_ref(), "another sidecar")
+                .map_err(|e| fail("listen")(&e))?;
             clear_stale_socket(path).map_err(|e| fail("listen")(&e))?;
             let (listener, placed) = bind_private(path).map_err(|e| fail("listen")(&e))?;
             tracing::info!(socket = %path.display(), "sidecar listening");
@@ -200,34 +203,6 @@ fn spawn_tls_reload(
             }
         }
     });
-}
-
-/// Locks `<path>.lock` (created if need be, mode 0600) for as long as the
-/// returned file is open; another process holding it means the path is in
-/// use.
-fn claim_socket_path(path: &std::path::Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut name = path.as_os_str().to_owned();
-    name.push(".lock");
-    let lock = std::path::PathBuf::from(name);
-    // O_NOFOLLOW: a link planted there must not make this create a file
-    // elsewhere.
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(&lock)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", lock.display())))?;
-    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(file),
-        Err(rustix::io::Errno::WOULDBLOCK) => Err(std::io::Error::other(format!(
-            "{} is in use: another sidecar holds it",
-            path.display()
-        ))),
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// The device and inode of what is at `path` (not following a link).
