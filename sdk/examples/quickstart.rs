@@ -89,6 +89,12 @@ async fn run() -> Result<(), Error> {
     let view: Decrypted<Patient> = client.decrypt(&stored, Some("treatment")).await?;
     println!("decrypted for treatment: {:?}", view.record);
     print_report(&view);
+    // Only a fully revealed record may be edited and encrypted again: a
+    // masked or withheld field written back would replace the real value.
+    match view.into_record() {
+        Ok(patient) => println!("editable:  every field revealed ({})", patient.patient_id),
+        Err(err) => println!("read-only: {err}"),
+    }
 
     let others = [
         Patient { patient_id: "P-43".into(), age: 34, ..without_phi() },

@@ -28,8 +28,16 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_RETRIES: u32 = 2;
 /// Wait before the first retry; doubles, with jitter.
 const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(100);
-/// Idle pooled connections are closed after this long.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Idle pooled connections are closed after this long: well before the
+/// sidecar closes an idle keep-alive connection (its 30 s header read
+/// timeout, `[abuse] header_read_timeout_secs`). At equal timers a request
+/// sent on a pooled connection just as the sidecar closes it fails as
+/// [`Error::Transport`].
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// The sidecar's default header read timeout, which also closes idle
+/// keep-alive connections; [`POOL_IDLE_TIMEOUT`] must stay below it.
+#[cfg(test)]
+const SIDECAR_IDLE_CLOSE: Duration = Duration::from_secs(30);
 
 /// Configures and builds a [`Client`]. Start with [`Client::builder`].
 ///
@@ -118,8 +126,10 @@ impl ClientBuilder {
     /// How long one attempt may take, from sending the request to the last
     /// byte of the answer (default 30 s, longer than the sidecar takes to
     /// give up on unreachable key service replicas). Each retry gets its own
-    /// timeout; an attempt that times out is not retried. See
-    /// [`deadline`](Self::deadline) to bound a whole call.
+    /// timeout; an attempt that times out is not retried. Without a
+    /// [`deadline`](Self::deadline) (which bounds a whole call), it also
+    /// bounds the pause before a retry that a sidecar asks for with
+    /// `Retry-After`: a longer one is returned to the caller, not waited out.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -128,8 +138,9 @@ impl ClientBuilder {
     /// How long a whole call may take, its retries and the waits between
     /// them included (default: no bound beyond the attempts' own timeouts).
     /// An attempt gets at most what remains of it; once it has passed, or the
-    /// wait before a retry would outlast it, the call returns the last
-    /// attempt's error. `build` refuses zero.
+    /// wait before a retry (at least the sidecar's `Retry-After`, if it sent
+    /// one) would outlast it, the call returns the last attempt's error.
+    /// `build` refuses zero.
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = Some(deadline);
         self
@@ -394,6 +405,16 @@ mod tests {
         assert_eq!(inner.deadline, None);
         assert_eq!(inner.retry, RetryPolicy { retries: 2, base: Duration::from_millis(100) });
         assert!(inner.token.is_none());
+    }
+
+    /// A pooled connection must be dropped by the client before the
+    /// sidecar closes it, or a request sent at that moment fails.
+    #[test]
+    fn pooled_connections_idle_out_before_the_sidecar_closes_them() {
+        assert!(
+            POOL_IDLE_TIMEOUT + Duration::from_secs(5) <= SIDECAR_IDLE_CLOSE,
+            "{POOL_IDLE_TIMEOUT:?} leaves no margin before {SIDECAR_IDLE_CLOSE:?}"
+        );
     }
 
     #[test]

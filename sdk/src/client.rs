@@ -27,12 +27,18 @@ use crate::retry::RetryPolicy;
 /// [`retries`](ClientBuilder::retries) times, only when the sidecar cannot
 /// have produced a result the caller saw: the connection could not be made or
 /// broke before a complete answer, or the sidecar answered 503
-/// `key_service_unavailable` or `timeout`. An answer that refuses the request
+/// `key_service_unavailable`. An answer that refuses the request
 /// (every 4xx, and every other code) is final, and so is a client-side
 /// timeout (the sidecar may still be working; a retry would multiply the wait
 /// the caller chose). See [`Error::is_retryable`](crate::Error::is_retryable).
-/// A 429 `rate_limited` is returned too, with the wait the sidecar asked for
-/// in [`Error::retry_after`](crate::Error::retry_after).
+///
+/// When the key service sheds load, the sidecar's 503 carries its
+/// `Retry-After`: the retry then waits at least that long (plus the jittered
+/// backoff). If that wait would pass the call's [deadline](ClientBuilder::deadline)
+/// (without one: if it is longer than the attempt [timeout](ClientBuilder::timeout)),
+/// the call returns the 503 at once, with the pause asked for in
+/// [`Error::retry_after`](crate::Error::retry_after). A 429 `rate_limited`
+/// is never retried by the client; it too comes with its `retry_after`.
 ///
 /// Repeating a call is safe for every operation:
 /// - `decrypt`, `index`, `pseudonym` and `rewrap` are idempotent: the same

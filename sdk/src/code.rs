@@ -72,11 +72,14 @@ pub enum ErrorCode {
     /// The record's key was destroyed (crypto-shredded); it can never be
     /// decrypted again.
     KeyDestroyed,
-    /// The sidecar cannot reach its key service (503); retried.
+    /// The sidecar cannot reach its key service, or the key service cannot
+    /// serve now (503, with its `Retry-After` when it sheds load); retried.
     KeyServiceUnavailable,
     /// The audit log cannot record the access, so the sidecar refuses it (503).
     AuditUnavailable,
-    /// The sidecar timed out on its own upstream call (503); retried.
+    /// The key service gave up on a request (503). A sidecar does not send
+    /// it (it answers [`KeyServiceUnavailable`](Self::KeyServiceUnavailable)
+    /// when the key service does); retried like it should something pass it on.
     Timeout,
     /// Too many requests (429): from this connection, or from this sidecar's
     /// identity at the key service. Not retried by the client; wait

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::code::ErrorCode;
 use crate::operation::Operation;
+use crate::report::FieldReport;
 
 /// A boxed error source (the transport's own error, kept for `source()`).
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -79,7 +80,8 @@ pub enum Error {
         /// The sidecar's human-readable message.
         message: String,
         /// How long the sidecar asked the caller to wait before trying
-        /// again (its `Retry-After`, sent with 429 `rate_limited`).
+        /// again (its `Retry-After`, sent with 429 `rate_limited` and with
+        /// 503 `key_service_unavailable` when the key service sheds load).
         retry_after: Option<Duration>,
     },
 
@@ -126,14 +128,36 @@ pub enum Error {
         /// What did not fit, redacted (field names only, never values).
         detail: String,
     },
+
+    /// [`Decrypted::into_record`](crate::Decrypted::into_record) on a record
+    /// the policy did not fully reveal. Masked fields hold their mask and
+    /// withheld ones are missing, so encrypting it again would store the
+    /// mask as the value and lose the withheld fields. Use
+    /// [`Decrypted::into_partial_record`](crate::Decrypted::into_partial_record)
+    /// to read such a record, never to write it back.
+    #[error(
+        "{op}: the decrypted record is not fully revealed ({}), so it must not be written back; \
+         read it with Decrypted::into_partial_record",
+        describe_fields(not_revealed)
+    )]
+    PartialRecord {
+        /// The call.
+        op: Operation,
+        /// The protected fields not revealed: pointer, class and outcome,
+        /// never a value.
+        not_revealed: Vec<FieldReport>,
+    },
 }
 
 impl Error {
     /// Whether the client retries this error (when it has retries left):
     /// a connection that could not be made or failed before a complete
-    /// answer, and the sidecar's transient 503 codes `key_service_unavailable`
-    /// and `timeout`. Never any other answer from the sidecar (in particular
-    /// no 4xx), never a client-side timeout, never a decoding failure.
+    /// answer, and the sidecar's transient 503 `key_service_unavailable`
+    /// (after its `Retry-After`, if it sent one). Never any other answer
+    /// from the sidecar (in particular no 4xx), never a client-side
+    /// timeout, never a decoding failure. (A 503 `timeout`, the key
+    /// service's code, is retried too; a sidecar does not send it, it
+    /// answers `key_service_unavailable` instead.)
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Connect { .. } | Self::Transport { .. } => true,
@@ -143,7 +167,8 @@ impl Error {
             | Self::UnexpectedStatus { .. }
             | Self::Encode { .. }
             | Self::Decode { .. }
-            | Self::Record { .. } => false,
+            | Self::Record { .. }
+            | Self::PartialRecord { .. } => false,
         }
     }
 
@@ -158,7 +183,10 @@ impl Error {
     /// How long to wait before trying again, if the sidecar said (its
     /// `Retry-After` header, in whole seconds, at most an hour). The client
     /// does not retry a 429 `rate_limited` itself: waiting is the caller's
-    /// call, and this says for how long.
+    /// call, and this says for how long. A retryable 503 is retried no
+    /// sooner than this, and returned with it once the retries are spent or
+    /// when the wait would pass the call's deadline (without one: when it
+    /// is longer than the attempt timeout).
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Api { retry_after, .. } => *retry_after,
@@ -185,7 +213,8 @@ impl Error {
             | Self::UnexpectedStatus { op, .. }
             | Self::Encode { op, .. }
             | Self::Decode { op, .. }
-            | Self::Record { op, .. } => Some(*op),
+            | Self::Record { op, .. }
+            | Self::PartialRecord { op, .. } => Some(*op),
         }
     }
 
@@ -201,9 +230,17 @@ impl Error {
     }
 }
 
+/// `/ssn masked, /diagnosis withheld`: the pointers and outcomes of `fields`.
+fn describe_fields(fields: &[FieldReport]) -> String {
+    let described: Vec<String> =
+        fields.iter().map(|f| format!("{} {}", f.pointer, f.outcome)).collect();
+    described.join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::{Answer, success_body};
 
     const OP: Operation = Operation::Decrypt;
 
@@ -236,50 +273,59 @@ mod tests {
     #[test]
     fn only_the_transient_503_codes_are_retried() {
         assert!(api(503, "key_service_unavailable").is_retryable());
-        assert!(api(503, "timeout").is_retryable());
         assert!(!api(503, "audit_unavailable").is_retryable());
         assert!(!api(503, "something_new").is_retryable());
         assert!(!api(500, "internal").is_retryable());
+        assert!(!api(502, "key_service_error").is_retryable());
         // The code alone is not enough: it must come with 503.
-        assert!(!api(400, "timeout").is_retryable());
+        assert!(!api(500, "key_service_unavailable").is_retryable());
     }
 
+    /// Every 4xx answer the sidecar sends, as it sends it (status and code
+    /// from the gateway's `ApiError`s: `error.rs`, `sidecar/`, `abuse/`, and
+    /// the key service codes `sidecar/state.rs` passes on): each is typed
+    /// and final. None may be retried, whatever its code says.
     #[test]
-    fn no_4xx_is_retried() {
-        for code in [
-            "rate_limited",
-            "invalid_tenant",
-            "no_active_key",
-            "batch_too_large",
-            "too_many_fields",
-            "not_searchable",
-            "wrong_context",
-            "unsupported_media_type",
-            "body_timeout",
-            "method_not_allowed",
-            "answer_too_large",
-            "malformed_json",
-            "invalid_request",
-            "json_too_deep",
-            "body_too_large",
-            "too_many_records",
-            "unauthorized",
-            "forbidden",
-            "not_found",
-            "unknown_tenant",
-            "unknown_schema",
-            "unknown_field",
-            "already_encrypted",
-            "not_encrypted",
-            "cannot_decrypt",
-            "shape_mismatch",
-            "reserved_member",
-            "key_version_disabled",
-            "key_destroyed",
+    fn no_4xx_the_sidecar_sends_is_retried() {
+        for (status, code) in [
+            (400, "malformed_json"),
+            (400, "json_too_deep"),
+            (400, "invalid_request"),
+            (400, "too_many_records"),
+            (400, "too_many_fields"),
+            (400, "already_encrypted"),
+            (400, "not_encrypted"),
+            (400, "shape_mismatch"),
+            (400, "reserved_member"),
+            (400, "not_searchable"),
+            (400, "wrong_context"),
+            (400, "invalid_tenant"),
+            (400, "batch_too_large"),
+            (401, "unauthorized"),
+            (403, "forbidden"),
+            (404, "not_found"),
+            (404, "unknown_tenant"),
+            (404, "unknown_schema"),
+            (404, "unknown_field"),
+            (405, "method_not_allowed"),
+            (408, "body_timeout"),
+            (409, "no_active_key"),
+            (409, "key_version_disabled"),
+            (410, "key_destroyed"),
+            (413, "body_too_large"),
+            (413, "answer_too_large"),
+            (415, "unsupported_media_type"),
+            (422, "cannot_decrypt"),
+            (422, "invalid_request"),
+            (429, "rate_limited"),
         ] {
-            for status in [400, 401, 403, 404, 405, 408, 409, 410, 413, 415, 422, 429] {
-                assert!(!api(status, code).is_retryable(), "{status} {code}");
-            }
+            // The answer as the sidecar sends it, read as the client reads it.
+            let body = format!(r#"{{"error":{{"code":"{code}","message":"m"}}}}"#).into_bytes();
+            let answer = Answer { status, retry_after: Some(Duration::from_secs(1)), body };
+            let err = success_body(OP, answer).unwrap_err();
+            assert!(matches!(err, Error::Api { .. }), "{status} {code}: {err:?}");
+            assert!(!matches!(err.code(), Some(ErrorCode::Other(_))), "{code} is not typed");
+            assert!(!err.is_retryable(), "{status} {code}");
         }
     }
 

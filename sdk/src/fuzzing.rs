@@ -22,9 +22,11 @@ use crate::transport::{Answer, MAX_RETRY_AFTER, parse_retry_after, success_body}
 /// The numbers of records sent that each batch answer is decoded for.
 const SENT: [usize; 3] = [1, 2, 7];
 
-/// A record's string value longer than this (in characters) must never
-/// show in an error; a shorter one may be a word of the error's own.
-const SHOWN_CHARS: usize = 12;
+/// A record's string value of at least this many characters must never
+/// show in an error unless it is one of the error's own words (which the
+/// check tells apart). Short values are PHI too (an SSN is 11 characters);
+/// shorter than this, a value is too likely to be a part of any error text.
+const MIN_SECRET_CHARS: usize = 4;
 
 /// The record format's header member and prefix, written out here so that
 /// the property does not lean on the constants of the code it checks.
@@ -36,8 +38,7 @@ const RECORD_MEMBERS: [&str; 2] = ["record", "records"];
 
 /// A caller's record type, as the crate docs advise (protected fields
 /// optional), with members of several kinds so that a record that does
-/// not fit fails on each kind's serde message. Variant names are at most
-/// [`SHOWN_CHARS`] long, so no value the leak check looks for selects one.
+/// not fit fails on each kind's serde message.
 #[derive(Deserialize)]
 #[allow(dead_code)] // decoded only
 struct Patient {
@@ -72,12 +73,12 @@ enum Kind {
 ///   whose `_kg` is a string starting `kg1h:` (anything else may be the
 ///   plaintext the caller is about to store);
 /// - no error shows a string value of the answer's records (its top-level
-///   `record` and `records` members: for a decrypt, plaintext) longer than
-///   12 characters, unless that value is also elsewhere in the answer
+///   `record` and `records` members: for a decrypt, plaintext) of 4
+///   characters or more, unless that value is also elsewhere in the answer
 ///   (an error answer's message is shown as sent) or is one of the error's
 ///   own words: decoding the answer with the value replaced (same length,
 ///   same structure, same header prefix) must then give an error that
-///   still shows it;
+///   still shows it. A value that cannot be replaced so counts as shown;
 /// - a 2xx answer's body is passed on unchanged, and an error status is
 ///   always an error; a `Retry-After` is at most an hour.
 pub fn answers(data: &[u8]) {
@@ -154,9 +155,11 @@ fn decoded<T>(
     let text = shown(&err);
     for secret in secrets.iter().filter(|s| text.contains(s.as_str())) {
         // It may be one of the error's own words: replaced in the answer,
-        // it is still shown if so.
-        let Some(replaced) = replace(data, secret) else { continue };
-        let own = decode(&replaced).err().is_some_and(|e| shown(&e).contains(secret.as_str()));
+        // it is still shown if so. Not replaceable, it cannot be told from
+        // a leak, and counts as one.
+        let own = replace(data, secret).is_some_and(|replaced| {
+            decode(&replaced).err().is_some_and(|e| shown(&e).contains(secret.as_str()))
+        });
         assert!(own, "an error shows a record's value {secret:?}: {text}");
     }
     None
@@ -171,7 +174,7 @@ fn is_encrypted(record: &Value) -> bool {
     record.get(HEADER_MEMBER).and_then(Value::as_str).is_some_and(|h| h.starts_with(HEADER_PREFIX))
 }
 
-/// The string values longer than [`SHOWN_CHARS`] that `data` (a JSON
+/// The string values of [`MIN_SECRET_CHARS`] or more that `data` (a JSON
 /// object) holds in its records and nowhere else: not within a string
 /// outside them, a member name anywhere, or a number. None if `data` is not
 /// JSON.
@@ -188,7 +191,7 @@ fn record_only_strings(data: &[u8]) -> Vec<String> {
     let mut secrets: Vec<String> = strings
         .inside
         .into_iter()
-        .filter(|s| s.chars().count() > SHOWN_CHARS && !outside.contains(s.as_str()))
+        .filter(|s| s.chars().count() >= MIN_SECRET_CHARS && !outside.contains(s.as_str()))
         .collect();
     secrets.sort_unstable();
     secrets.dedup();
@@ -198,10 +201,12 @@ fn record_only_strings(data: &[u8]) -> Vec<String> {
 /// `data` (valid JSON) with every string (value or member name) that is
 /// `secret` replaced by as many bytes of a character `secret` lacks, after
 /// `kg1h:` if `secret` starts so: byte offsets (which errors quote), the
-/// structure and which records have a header stay as they were. None if no
-/// such character is at hand.
+/// structure and which records have a header stay as they were. None only
+/// if `secret` holds every printable ASCII character that a JSON string
+/// may hold unescaped.
 fn replace(data: &[u8], secret: &str) -> Option<Vec<u8>> {
-    let fill = ['Z', 'Q', 'X', 'J', '#'].into_iter().find(|&c| !secret.contains(c))?;
+    let fill =
+        "ZQXJ#".chars().chain('!'..='~').find(|&c| c != '"' && c != '\\' && !secret.contains(c))?;
     let mut out = data.to_vec();
     let mut at = 0;
     while let Some(start) = data.get(at..)?.iter().position(|&b| b == b'"').map(|i| at + i) {
@@ -334,14 +339,16 @@ mod tests {
     }
 
     #[test]
-    fn only_long_strings_held_only_in_records_are_secrets() {
+    fn strings_of_four_characters_or_more_held_only_in_records_are_secrets() {
         let data = br#"{"record":{"ssn":"123-45-6789-0000","name":"Jane Roe","again":"shown as message",
             "_kg":"kg1h:123456789abc"},"error":{"message":"it was shown as message"},
             "report":{"tenant":"tenant-abcdefghij"},"records":["tenant-abcdefghij","second record value"]}"#;
         assert_eq!(
             record_only_strings(data),
-            ["123-45-6789-0000", "kg1h:123456789abc", "second record value"]
+            ["123-45-6789-0000", "Jane Roe", "kg1h:123456789abc", "second record value"]
         );
+        let short = br#"{"record":{"ssn":"123-45-6789","dx":"C50","zip":"1234"}}"#;
+        assert_eq!(record_only_strings(short), ["123-45-6789", "1234"]);
         // A record member named twice is seen twice.
         let twice = br#"{"record":{"a":"first value of a","a":"second value of a"}}"#;
         assert_eq!(record_only_strings(twice), ["first value of a", "second value of a"]);
@@ -363,7 +370,39 @@ mod tests {
             std::str::from_utf8(&replaced).unwrap(),
             r#"{"record":{"ssn":"123-45-6789-0000","_kg":"kg1h:ZZZZZZZZZZZZZZ"},"s":"123-45-6789-0000"}"#
         );
-        assert_eq!(replace(br#"{"a":"ZQXJ#"}"#, "ZQXJ#"), None);
+        assert_eq!(replace(br#"{"a":"ZQXJ#"}"#, "ZQXJ#").unwrap(), br#"{"a":"!!!!!"}"#);
+        assert_eq!(replace(br#"{"a":"x"}"#, &every_fill()), None);
+    }
+
+    /// Every character `replace` could fill with.
+    fn every_fill() -> String {
+        ('!'..='~').filter(|&c| c != '"' && c != '\\').collect()
+    }
+
+    /// A decoder whose error quotes the record's `ssn`.
+    fn quoting(d: &[u8]) -> Result<(), Error> {
+        let value: Value = serde_json::from_slice(d).unwrap();
+        Err(Error::Decode { op: Operation::Decrypt, detail: value["record"]["ssn"].to_string() })
+    }
+
+    #[test]
+    fn the_leak_check_catches_short_values() {
+        for ssn in ["123-45-6789", "6789"] {
+            let data = format!(r#"{{"record":{{"ssn":"{ssn}"}}}}"#);
+            let secrets = record_only_strings(data.as_bytes());
+            let caught = std::panic::catch_unwind(|| decoded(data.as_bytes(), &secrets, quoting));
+            assert!(caught.is_err(), "{ssn} quoted in an error went unnoticed");
+        }
+    }
+
+    #[test]
+    fn a_value_that_cannot_be_replaced_counts_as_shown() {
+        let data =
+            serde_json::to_vec(&serde_json::json!({"record": {"ssn": every_fill()}})).unwrap();
+        let secrets = record_only_strings(&data);
+        assert_eq!(secrets.len(), 1);
+        let caught = std::panic::catch_unwind(|| decoded(&data, &secrets, quoting));
+        assert!(caught.is_err(), "the leak check skipped a value it could not replace");
     }
 
     /// A decoder whose error quotes the record, and one whose error's own

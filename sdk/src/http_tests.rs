@@ -129,7 +129,7 @@ async fn a_connection_closed_before_the_answer_is_a_transport_error() {
 async fn transient_503s_are_retried_then_succeed() {
     let (server, url) = TestServer::tcp(vec![
         error(503, "key_service_unavailable"),
-        error(503, "timeout"),
+        error(503, "key_service_unavailable"),
         encrypted_answer(),
     ])
     .await;
@@ -158,7 +158,9 @@ async fn refusals_are_final() {
     for (status, code, expected) in [
         (403, "forbidden", ErrorCode::Forbidden),
         (401, "unauthorized", ErrorCode::Unauthorized),
-        (400, "cannot_decrypt", ErrorCode::CannotDecrypt),
+        (422, "cannot_decrypt", ErrorCode::CannotDecrypt),
+        (409, "key_version_disabled", ErrorCode::KeyVersionDisabled),
+        (410, "key_destroyed", ErrorCode::KeyDestroyed),
         (503, "audit_unavailable", ErrorCode::AuditUnavailable),
         (500, "internal", ErrorCode::Internal),
         (409, "brand_new_code", ErrorCode::Other("brand_new_code".into())),
@@ -176,6 +178,50 @@ async fn refusals_are_final() {
         );
         assert_eq!(server.requests().len(), 1, "{code} was retried");
     }
+}
+
+/// The sidecar's 503 when every key service replica sheds load: it asks
+/// for a pause of `seconds`.
+fn shedding(seconds: &'static str) -> Reply {
+    Reply::AnswerWithHeader(
+        503,
+        ("retry-after", seconds),
+        json!({"error": {"code": "key_service_unavailable", "message": "busy"}}).to_string(),
+    )
+}
+
+#[tokio::test]
+async fn a_503_is_retried_no_sooner_than_its_retry_after() {
+    let (server, url) = TestServer::tcp(vec![shedding("1"), encrypted_answer()]).await;
+    let client = over_tcp(&url).build().unwrap();
+    let started = Instant::now();
+    let out = client.encrypt("demo", "patient", &json!({})).await;
+    assert_eq!(out.unwrap(), encrypted());
+    assert!(started.elapsed() >= Duration::from_secs(1), "{:?}", started.elapsed());
+    assert_eq!(server.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn a_retry_after_past_the_deadline_is_not_waited_for() {
+    let (server, url) = TestServer::tcp(vec![shedding("1"), encrypted_answer()]).await;
+    let client = over_tcp(&url).deadline(Duration::from_millis(800)).build().unwrap();
+    let started = Instant::now();
+    let err = client.encrypt("demo", "patient", &json!({})).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
+    assert_eq!(err.code(), Some(&ErrorCode::KeyServiceUnavailable));
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(1)));
+    assert_eq!(server.requests().len(), 1, "retried sooner than the sidecar asked");
+}
+
+#[tokio::test]
+async fn without_a_deadline_a_retry_after_longer_than_an_attempt_is_not_waited_for() {
+    let (server, url) = TestServer::tcp(vec![shedding("1"), encrypted_answer()]).await;
+    let client = over_tcp(&url).timeout(Duration::from_millis(500)).build().unwrap();
+    let started = Instant::now();
+    let err = client.encrypt("demo", "patient", &json!({})).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(1)));
+    assert_eq!(server.requests().len(), 1, "retried sooner than the sidecar asked");
 }
 
 #[tokio::test]

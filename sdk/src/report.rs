@@ -4,6 +4,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::Error;
+use crate::operation::Operation;
+
 /// A decrypted record and the sidecar's report on it.
 ///
 /// The sidecar discloses only what the caller's policy allows: each protected
@@ -16,10 +19,20 @@ use serde::{Deserialize, Serialize};
 /// with narrower grants gets [`Error::Record`](crate::Error::Record) instead
 /// of a partial record. `T = serde_json::Value` always fits
 /// ([`Client::decrypt_value`](crate::Client::decrypt_value)).
-#[derive(Debug, Clone, PartialEq)]
+///
+/// A record to edit and encrypt again comes from [`into_record`](Self::into_record),
+/// which refuses a record that is not fully revealed: written back, it would
+/// store masks as values and lose withheld fields.
+/// [`into_partial_record`](Self::into_partial_record) is for reading only.
+///
+/// Its `Debug` shows the report but not the record, so that `dbg!` or a
+/// `?view` in a log line does not print PHI.
+#[derive(Clone, PartialEq)]
 #[non_exhaustive]
 pub struct Decrypted<T> {
-    /// The record, with protected fields as the policy allows.
+    /// The record, with protected fields as the policy allows. It may hold
+    /// masks and lack withheld fields: to write it back, take it with
+    /// [`into_record`](Self::into_record), which checks that it does not.
     pub record: T,
     /// Which key protected it and what happened to each protected field.
     pub report: RecordReport,
@@ -86,9 +99,40 @@ impl RecordReport {
 }
 
 impl<T> Decrypted<T> {
-    /// The record, without its report.
-    pub fn into_record(self) -> T {
+    /// The whole record, safe to edit and encrypt again: only if every
+    /// protected field was revealed ([`RecordReport::fully_revealed`]).
+    ///
+    /// Otherwise [`Error::PartialRecord`], naming the fields that were masked
+    /// or withheld (their pointers, never their values): such a record holds
+    /// masks where values were and lacks the withheld fields, and writing it
+    /// back would destroy them. Decrypt with a purpose that reveals every
+    /// field, or read it with [`into_partial_record`](Self::into_partial_record).
+    pub fn into_record(self) -> Result<T, Error> {
+        if self.report.fully_revealed() {
+            return Ok(self.record);
+        }
+        let not_revealed =
+            self.report.fields.into_iter().filter(|f| f.outcome != FieldOutcome::Revealed);
+        Err(Error::PartialRecord { op: Operation::Decrypt, not_revealed: not_revealed.collect() })
+    }
+
+    /// The record as the policy disclosed it, masks and gaps included, for
+    /// a read-only view (to display, to search). **Never encrypt it and
+    /// store it in place of the original**: masked fields would keep the
+    /// mask (`"***-**-6789"`) as their value and withheld fields would be
+    /// lost. To edit a record, use [`into_record`](Self::into_record).
+    pub fn into_partial_record(self) -> T {
         self.record
+    }
+}
+
+/// The report, not the record: it is PHI, and `Debug` output ends up in logs.
+impl<T> fmt::Debug for Decrypted<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Decrypted")
+            .field("record", &format_args!("<redacted>"))
+            .field("report", &self.report)
+            .finish()
     }
 }
 
@@ -169,5 +213,70 @@ mod tests {
         let back = serde_json::to_value(&report.fields).unwrap();
         assert_eq!(back[3]["outcome"], "redacted_by_ai");
         assert_eq!(back[0]["outcome"], "masked");
+    }
+
+    fn decrypted(outcomes: &[(&str, &str)]) -> Decrypted<serde_json::Value> {
+        let fields: Vec<_> = outcomes
+            .iter()
+            .map(|(pointer, outcome)| json!({"pointer": pointer, "class": "phi", "outcome": outcome}))
+            .collect();
+        let report = serde_json::from_value(json!({
+            "record_key_id": "00112233445566778899aabbccddeeff",
+            "tenant": "demo", "schema": "patient", "schema_version": 1,
+            "kek_version": 1, "stale_key_version": false, "fields": fields
+        }))
+        .unwrap();
+        Decrypted {
+            record: json!({"ssn": "***-**-6789", "email": "jane@example.org", "age": 51}),
+            report,
+        }
+    }
+
+    #[test]
+    fn into_record_refuses_a_partial_record_naming_its_fields_not_their_values() {
+        let partial = decrypted(&[
+            ("/ssn", "masked"),
+            ("/email", "revealed"),
+            ("/diagnosis", "withheld"),
+            ("/notes", "redacted_by_ai"),
+        ]);
+        let err = partial.into_record().unwrap_err();
+        let Error::PartialRecord { op, not_revealed } = &err else { panic!("{err:?}") };
+        assert_eq!(*op, Operation::Decrypt);
+        let pointers: Vec<_> = not_revealed.iter().map(|f| f.pointer.as_str()).collect();
+        assert_eq!(pointers, ["/ssn", "/diagnosis", "/notes"]);
+        let shown = format!("{err} {err:?}");
+        assert!(
+            shown.contains("/ssn masked, /diagnosis withheld, /notes redacted_by_ai"),
+            "{shown}"
+        );
+        assert!(!shown.contains("6789") && !shown.contains("jane"), "{shown}");
+        assert!(!err.is_retryable());
+        assert_eq!(err.operation(), Some(Operation::Decrypt));
+    }
+
+    #[test]
+    fn into_record_gives_a_fully_revealed_record() {
+        let record = decrypted(&[("/ssn", "revealed"), ("/email", "revealed")]).into_record();
+        assert_eq!(record.unwrap()["email"], "jane@example.org");
+        assert!(decrypted(&[]).into_record().is_ok(), "no protected field: nothing hidden");
+    }
+
+    #[test]
+    fn into_partial_record_gives_the_record_with_its_masks() {
+        let record = decrypted(&[("/ssn", "masked")]).into_partial_record();
+        assert_eq!(record["ssn"], "***-**-6789");
+    }
+
+    #[test]
+    fn debug_shows_the_report_but_not_the_record() {
+        let view = decrypted(&[("/ssn", "masked"), ("/email", "revealed")]);
+        for shown in
+            [format!("{view:?}"), format!("{view:#?}"), format!("{:?}", vec![view.clone()])]
+        {
+            assert!(!shown.contains("6789") && !shown.contains("jane@example.org"), "{shown}");
+            assert!(!shown.contains("51"), "{shown}");
+            assert!(shown.contains("<redacted>") && shown.contains("/email"), "{shown}");
+        }
     }
 }

@@ -25,6 +25,16 @@ impl RetryPolicy {
         failed_attempts <= self.retries && err.is_retryable()
     }
 
+    /// The wait before retry number `retry` (0 for the first) after `err`:
+    /// the sidecar's `Retry-After` if it sent one (a key service shedding
+    /// load asks for a pause, and retrying sooner only adds to the load),
+    /// plus the jittered [`backoff`](Self::backoff), so that clients told the
+    /// same pause do not all come back at once.
+    pub(crate) fn wait(&self, retry: u32, err: &Error) -> Duration {
+        let backoff = self.backoff(retry);
+        err.retry_after().map_or(backoff, |asked| asked.saturating_add(backoff))
+    }
+
     /// The wait before retry number `retry` (0 for the first): a random
     /// duration in `[d/2, d]` with `d = base · 2^retry`, at most 2 s. The jitter
     /// keeps many clients that failed together from retrying together.
@@ -66,6 +76,24 @@ mod tests {
             assert!(late >= MAX_BACKOFF / 2 && late <= MAX_BACKOFF);
         }
         assert_eq!(RetryPolicy { retries: 1, base: Duration::ZERO }.backoff(3), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_wait_is_at_least_the_retry_after_plus_backoff() {
+        let p = policy(2);
+        let unavailable = |retry_after| Error::Api {
+            op: Operation::Encrypt,
+            status: 503,
+            code: ErrorCode::KeyServiceUnavailable,
+            message: String::new(),
+            retry_after,
+        };
+        for _ in 0..50 {
+            let wait = p.wait(1, &unavailable(Some(Duration::from_secs(1))));
+            assert!(wait >= Duration::from_millis(1100) && wait <= Duration::from_millis(1200));
+            let wait = p.wait(0, &unavailable(None));
+            assert!(wait >= Duration::from_millis(50) && wait <= Duration::from_millis(100));
+        }
     }
 
     #[test]

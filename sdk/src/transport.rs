@@ -103,7 +103,9 @@ impl Client {
     }
 
     /// Sends `request` until it succeeds, fails for good, the retry budget is
-    /// spent or the call's deadline passes; returns the success answer's body.
+    /// spent or the wait before the next retry (at least the sidecar's
+    /// `Retry-After`) would pass the call's deadline; returns the success
+    /// answer's body.
     async fn send_with_retries(&self, op: Operation, request: Request) -> Result<Vec<u8>, Error> {
         let inner = self.inner();
         let policy = inner.retry;
@@ -127,10 +129,18 @@ impl Client {
             if !policy.should_retry(failed, &err) {
                 return Err(err);
             }
-            let wait = policy.backoff(retry);
-            // A retry that could not start before the deadline cannot help.
-            if deadline.is_some_and(|d| d.saturating_duration_since(Instant::now()) <= wait) {
-                tracing::debug!(%op, attempt = failed, error = %err, "keygate call deadline reached");
+            let wait = policy.wait(retry, &err);
+            let too_long = match deadline {
+                // A retry that could not start before the deadline cannot help.
+                Some(deadline) => deadline.saturating_duration_since(Instant::now()) <= wait,
+                // Without a deadline, a pause the sidecar asks for is waited
+                // out only if it is no longer than one attempt may take: the
+                // caller gets the error (and its `retry_after`) instead of
+                // a call parked for up to an hour.
+                None => err.retry_after().is_some_and(|asked| asked > inner.timeout),
+            };
+            if too_long {
+                tracing::debug!(%op, attempt = failed, ?wait, error = %err, "keygate call gives up: the wait before a retry is too long");
                 return Err(err);
             }
             tracing::debug!(%op, attempt = failed, ?wait, error = %err, "retrying keygate sidecar call");
