@@ -123,6 +123,54 @@ async fn a_shred_approved_during_a_scheduler_round_runs_once() {
     assert_eq!(shreds, 1, "{export}");
 }
 
+/// An officer's withdrawal does not wait for a scheduler round (one over
+/// thousands of due tenants can take long), and still wins over the round
+/// that would have run the shred: the keystore makes the two exclusive.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shred_is_withdrawn_while_a_scheduler_round_holds_the_lock() {
+    use kms_core::store::{KeyStore, PgStoreOptions, PostgresStore};
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), 1, "[lifecycle]\nscheduler_interval_ms = 100\n");
+    let a = &cluster.replicas[0];
+    let (status, _) = a.post(ADMIN, "/v1/tenants", &json!({"tenant": "onc"})).await;
+    assert_eq!(status, 201);
+    let (_, request) = a.post(ADMIN, "/v1/tenants/onc/shred", &json!({"reason": "erasure"})).await;
+    let id = request["id"].as_str().unwrap();
+
+    let mut options = PgStoreOptions::default();
+    options.schema = Some(cluster.schema.name.clone());
+    let elsewhere =
+        PostgresStore::connect(&keygate_tests::cluster::pg_url(), options).await.unwrap();
+    let mut lock = None;
+    for _ in 0..100 {
+        lock = elsewhere.try_job_lock("lifecycle").await.unwrap();
+        if lock.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lock = lock.expect("the lock is free between scheduler rounds");
+    let (status, decided) =
+        a.post(OFFICER, &format!("/v1/approvals/{id}"), &json!({"decision": "approve"})).await;
+    assert_eq!((status, decided["state"].as_str()), (200, Some("approved")), "{decided}");
+    // A mistaken approval, withdrawn while the round still runs.
+    let started = Instant::now();
+    let body = json!({"decision": "reject", "comment": "wrong tenant"});
+    let (status, withdrawn) = a.post(OFFICER, &format!("/v1/approvals/{id}"), &body).await;
+    assert_eq!((status, withdrawn["state"].as_str()), (200, Some("rejected")), "{withdrawn}");
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    drop(lock);
+
+    // Rounds run again, and leave the tenant's keys alone.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, issued) =
+        a.post(ENCRYPTOR, "/v1/tenants/onc/datakeys", &json!({"count": 1})).await;
+    assert_eq!(status, 200, "{issued}");
+    let (_, export) = a.get(AUDITOR, "/v1/audit").await;
+    assert!(!export.contains("\"tenant.shred\""), "{export}");
+    assert!(export.contains("\"shred.withdraw\""), "{export}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn scheduled_rotation_runs_once_per_period_across_replicas() {
     let dir = tempfile::tempdir().unwrap();

@@ -103,27 +103,23 @@ pub(crate) async fn execute_shred_now(
 }
 
 /// Withdraws a shred before it runs (approved and waiting, or pending and
-/// withdrawn by its requester), under the scheduler's job lock (so that it
-/// is not withdrawn while a round destroys its keys), and audited before it
-/// is made (`shred.withdraw`). Only if it is still in the state `approval`
-/// was read in (409 `approval_not_pending` otherwise). If a round holds
-/// the lock for `within`, 503 `scheduler_busy`: the caller tries again.
+/// withdrawn by its requester), audited before it is made
+/// (`shred.withdraw`). Only if it is still in the state `approval` was read
+/// in (409 `approval_not_pending` otherwise). Not under the scheduler's job
+/// lock: the keystore makes a withdrawal and an execution exclusive (the
+/// execution locks the approval's row and checks its state, a withdrawal
+/// changes it only from the state read), and a long round (thousands of
+/// tenants due at once) must not keep an officer from stopping a shred
+/// that round would then run.
 pub(crate) async fn withdraw_shred(
     state: &AppState,
     actor: String,
     approval: &Approval,
     comment: Option<String>,
-    within: Duration,
 ) -> Result<Approval, ApiError> {
     let (state, approval) = (state.clone(), approval.clone());
     tokio::spawn(async move {
         let store = state.hierarchy.store().clone();
-        let Some(lock) = wait_for_lock(&state, within).await? else {
-            return Err(ApiError::unavailable(
-                "scheduler_busy",
-                "a scheduler round holds the lifecycle lock; try again in a moment",
-            ));
-        };
         // The approval's own comment stays, the withdrawal's after it.
         let approved = approval.comment.as_deref().map(|c| format!("{c}; ")).unwrap_or_default();
         let text = match &comment {
@@ -148,9 +144,7 @@ pub(crate) async fn withdraw_shred(
         let withdraw = async move {
             store.withdraw_approval(&id, from, &text).await.map_err(|e| store_error(&e))
         };
-        let result = state.audit.before(event, withdraw).await;
-        drop(lock);
-        result
+        state.audit.before(event, withdraw).await
     })
     .await
     .map_err(|e| crate::error::internal(&e))?

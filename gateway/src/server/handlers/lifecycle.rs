@@ -285,8 +285,7 @@ pub(crate) async fn decide(
     // the waiting period is there so that a mistaken approval can be
     // stopped, and stopping takes one officer, whoever approved it.
     if withdraws_own || (pending.state == ApprovalState::Approved && decision == Decision::Reject) {
-        let withdrawn =
-            withdraw_shred(&state, actor, &pending, body.comment, SHRED_LOCK_WAIT).await?;
+        let withdrawn = withdraw_shred(&state, actor, &pending, body.comment).await?;
         return Ok(Json(ApprovalView::from(&withdrawn)));
     }
     let terms = DecisionTerms::new(&state, decision);
