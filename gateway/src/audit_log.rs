@@ -204,7 +204,9 @@ impl AuditLog {
     /// runs `change`. If the change fails, the same event is recorded again
     /// with the failure's outcome (`denied`, `invalid` or `error`), and the
     /// change's error is returned. So an admin event means "authorized and
-    /// made", unless a later event of the same action says it failed.
+    /// made", unless a later event of the same action says it failed; or
+    /// that the keystore did not confirm it (`error` with detail
+    /// `outcome_unknown`: it may have been made, and the state says).
     ///
     /// All of it runs in a task of its own: a request dropped halfway (the
     /// client gone, the request timeout) leaves neither an event for a
@@ -236,7 +238,11 @@ impl AuditLog {
             status if status.is_client_error() => Outcome::Invalid,
             _ => Outcome::Error,
         };
-        let failed = event(outcome);
+        let mut failed = event(outcome);
+        if error.code() == crate::error::OUTCOME_UNKNOWN {
+            // Not a failure for certain: the keystore may have made it.
+            failed = failed.with_detail("outcome_unknown", true);
+        }
         let action = failed.action.clone();
         if self.record(vec![failed]).await.is_err() {
             tracing::error!(

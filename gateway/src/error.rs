@@ -139,6 +139,10 @@ impl From<HierarchyError> for ApiError {
     }
 }
 
+/// The code of a change the keystore did not confirm, which may have been
+/// made (its audit event's failure says `outcome_unknown`).
+pub const OUTCOME_UNKNOWN: &str = "outcome_unknown";
+
 /// The code of a write refused because the active master changed under it.
 pub const MASTER_CHANGED: &str = "master_changed";
 
@@ -148,6 +152,14 @@ pub fn store_error(e: &StoreError) -> ApiError {
         StoreError::Unavailable(_) | StoreError::VersionConflict(_) => {
             tracing::error!(error = %e, "keystore failure");
             ApiError::unavailable("store_unavailable", "the keystore is unavailable")
+        }
+        StoreError::OutcomeUnknown(_) => {
+            tracing::error!(error = %e, "keystore failure; the change may have been made");
+            ApiError::unavailable(
+                OUTCOME_UNKNOWN,
+                "the keystore did not confirm the change, which may have been made: \
+                 check its state before repeating it",
+            )
         }
         StoreError::UnknownTenant(t) => {
             ApiError::not_found("unknown_tenant", format!("no tenant {t}"))

@@ -557,3 +557,35 @@ async fn a_lost_signing_key_is_not_replaced_over_existing_events() {
     assert!(!ok, "started with a new signing key: {stderr}");
     assert!(stderr.contains("no signing key"), "{stderr}");
 }
+
+/// A change the keystore did not confirm (its COMMIT lost, or no answer
+/// in time) may have been made: its failure event says `outcome_unknown`,
+/// so the chain does not claim a failure that may not be one. A change
+/// that certainly failed says no such thing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_of_unknown_outcome_is_audited_as_such() {
+    use gateway::audit_log::AuditLog;
+    use gateway::error::{ApiError, store_error};
+    use kms_core::audit::{AuditEvent, Outcome};
+    use kms_core::store::StoreError;
+
+    let dir = tempfile::tempdir().unwrap();
+    let hierarchy =
+        keygate_tests::open_hierarchy(dir.path(), std::time::Duration::from_secs(60)).await;
+    let config = gateway::config::AuditConfig::default();
+    let metrics = std::sync::Arc::new(gateway::metrics::Metrics::default());
+    let (log, _writer) = AuditLog::start(&hierarchy, "ks-a", &config, metrics).await.unwrap();
+    for (error, code, unknown) in [
+        (StoreError::OutcomeUnknown("COMMIT lost".into()), "outcome_unknown", true),
+        (StoreError::Unavailable("refused".into()), "store_unavailable", false),
+    ] {
+        let refusal = store_error(&error);
+        let event = |outcome: Outcome| AuditEvent::new(1, ADMIN, "kek.rotate", outcome);
+        let result: Result<(), ApiError> = log.before(event, async move { Err(refusal) }).await;
+        assert_eq!(result.unwrap_err().code(), code);
+        let row = hierarchy.store().last_audit_row("ks-a").await.unwrap().unwrap();
+        assert_eq!((row.action.as_str(), row.outcome.as_str()), ("kek.rotate", "error"));
+        let detail: Value = serde_json::from_str(&row.detail).unwrap();
+        assert_eq!(detail.get("outcome_unknown") == Some(&json!(true)), unknown, "{detail}");
+    }
+}

@@ -131,7 +131,8 @@ async fn an_operation_whose_server_goes_silent_fails_in_bounded_time() {
         .await
         .expect("the operation waited for ever on a silent server")
         .unwrap();
-    assert!(matches!(result, Err(StoreError::Unavailable(_))), "{result:?}");
+    // It may yet be done: the server had the statement.
+    assert!(matches!(result, Err(StoreError::OutcomeUnknown(_))), "{result:?}");
     assert!(started.elapsed() < secs(15), "{:?}", started.elapsed());
 
     // Once the server answers again, so does the store.

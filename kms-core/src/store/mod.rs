@@ -165,6 +165,12 @@ pub enum StoreError {
     /// locked, full, closed); the operation had no effect.
     #[error("keystore unavailable: {0}")]
     Unavailable(String),
+    /// The database did not say whether the operation took effect: no
+    /// answer in time, or the connection lost while it committed. It may
+    /// have: read the state again before repeating what is not idempotent
+    /// (a rotation adds one more version each time).
+    #[error("keystore outcome unknown: {0}")]
+    OutcomeUnknown(String),
     /// A tenant with this id exists.
     #[error("tenant {0} already exists")]
     TenantExists(TenantId),

@@ -5,7 +5,7 @@
 use sqlx::postgres::PgConnection;
 
 use super::tenants::begin;
-use super::unavailable;
+use super::{commit_failed, unavailable};
 use crate::store::rows::{self, first_not_inserted};
 use crate::store::{AuditRow, AuditSigningKeyRecord, CheckpointRow, StoreError};
 
@@ -86,7 +86,7 @@ pub(super) async fn append_batch(
             return Err(StoreError::AuditConflict { instance: c.instance.clone(), seq: c.seq });
         }
     }
-    tx.commit().await.map_err(unavailable)
+    tx.commit().await.map_err(commit_failed)
 }
 
 pub(super) async fn rows(
@@ -228,6 +228,6 @@ pub(super) async fn insert_signing_key(
         .await
         .map_err(unavailable)?;
     let stored = rows::signing_key(&stored)?;
-    tx.commit().await.map_err(unavailable)?;
+    tx.commit().await.map_err(commit_failed)?;
     Ok(stored)
 }

@@ -5,7 +5,7 @@
 use sqlx::postgres::PgConnection;
 
 use super::tenants::{begin, kek_from_row, load_tenant, lock_tenant};
-use super::{get, notify, unavailable};
+use super::{commit_failed, get, notify, unavailable};
 use crate::dek::KekVersion;
 use crate::ids::TenantId;
 use crate::kek::StateChange;
@@ -45,7 +45,7 @@ pub(super) async fn set_rotation_period(
         .map_err(unavailable)?;
     let record = load_tenant(&mut tx, id).await?;
     notify::notify(&mut *tx, channel, id).await?;
-    tx.commit().await.map_err(unavailable)?;
+    tx.commit().await.map_err(commit_failed)?;
     record.ok_or_else(|| StoreError::UnknownTenant(id.clone()))
 }
 
@@ -58,7 +58,7 @@ pub(super) async fn destroy_keys(
 ) -> Result<TenantRecord, StoreError> {
     let mut tx = begin(conn).await?;
     let record = destroy_in(&mut tx, channel, id, version, now).await?;
-    tx.commit().await.map_err(unavailable)?;
+    tx.commit().await.map_err(commit_failed)?;
     Ok(record)
 }
 
@@ -82,7 +82,7 @@ pub(super) async fn execute_approval(
         .await
         .map_err(unavailable)?;
     let executed = approval_locked(&mut tx, id).await?;
-    tx.commit().await.map_err(unavailable)?;
+    tx.commit().await.map_err(commit_failed)?;
     Ok((executed, record))
 }
 
@@ -201,7 +201,7 @@ pub(super) async fn activate_master(
     if updated.rows_affected() == 0 {
         return Err(StoreError::UnknownMaster(id.0));
     }
-    tx.commit().await.map_err(unavailable)
+    tx.commit().await.map_err(commit_failed)
 }
 
 pub(super) async fn keys_not_under(
@@ -271,7 +271,7 @@ pub(super) async fn replace_wrapped(
     let mut tx = begin(conn).await?;
     super::tenants::require_active_master(&mut tx, to).await?;
     let updated = query.execute(&mut *tx).await.map_err(unavailable)?;
-    tx.commit().await.map_err(unavailable)?;
+    tx.commit().await.map_err(commit_failed)?;
     Ok(updated.rows_affected() == 1)
 }
 
@@ -326,7 +326,7 @@ pub(super) async fn add_usage(
         .await
         .map_err(unavailable)?;
     }
-    tx.commit().await.map_err(unavailable)
+    tx.commit().await.map_err(commit_failed)
 }
 
 pub(super) async fn usage(
@@ -446,7 +446,7 @@ pub(super) async fn decide_approval(
     .execute(&mut *tx)
     .await
     .map_err(unavailable)?;
-    tx.commit().await.map_err(unavailable)?;
+    tx.commit().await.map_err(commit_failed)?;
     Ok(decided)
 }
 
@@ -468,7 +468,7 @@ pub(super) async fn withdraw_approval(
     .await
     .map_err(unavailable)?;
     let current = approval_locked(&mut tx, id).await?;
-    tx.commit().await.map_err(unavailable)?;
+    tx.commit().await.map_err(commit_failed)?;
     if updated.rows_affected() == 1 {
         Ok(current)
     } else {

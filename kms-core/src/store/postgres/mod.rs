@@ -14,8 +14,10 @@
 //! - **Bounded waits.** A connection pool with an acquire timeout, a
 //!   `statement_timeout` (and `idle_in_transaction_session_timeout`) on
 //!   every pooled connection, and a client-side limit on every operation
-//!   (for a server gone silent, which no server-side timeout notices);
-//!   all surface as [`StoreError::Unavailable`].
+//!   (for a server gone silent, which no server-side timeout notices).
+//!   What certainly had no effect surfaces as [`StoreError::Unavailable`];
+//!   an operation given up on for silence, or whose COMMIT was lost with
+//!   its connection, as [`StoreError::OutcomeUnknown`].
 //! - **TLS** as the URL's `sslmode` (and `sslrootcert`, …) asks, through
 //!   rustls with aws-lc-rs.
 //! - **Coordination.** Job locks are session advisory locks on a dedicated
@@ -458,9 +460,18 @@ fn unavailable(e: sqlx::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// A COMMIT that failed: refused by the server (so rolled back), or lost
+/// with its connection, when it may have landed.
+fn commit_failed(e: sqlx::Error) -> StoreError {
+    if e.as_database_error().is_some() {
+        return unavailable(e);
+    }
+    StoreError::OutcomeUnknown(format!("the connection failed while committing: {e}"))
+}
+
 /// No answer from the server within `limit`.
 fn silent(limit: Duration) -> StoreError {
-    StoreError::Unavailable(format!(
+    StoreError::OutcomeUnknown(format!(
         "no answer from PostgreSQL within {} ms; the outcome of the operation is unknown",
         limit.as_millis()
     ))
@@ -468,4 +479,19 @@ fn silent(limit: Duration) -> StoreError {
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     e.as_database_error().is_some_and(|d| d.is_unique_violation())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A COMMIT lost with its connection may have landed, and so may an
+    /// operation given up on for silence.
+    #[test]
+    fn a_commit_lost_with_its_connection_has_an_unknown_outcome() {
+        let lost = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        let e = commit_failed(sqlx::Error::Io(lost));
+        assert!(matches!(&e, StoreError::OutcomeUnknown(m) if m.contains("reset by peer")), "{e}");
+        assert!(matches!(silent(Duration::from_secs(1)), StoreError::OutcomeUnknown(_)));
+    }
 }

@@ -35,7 +35,8 @@ pub struct PgStoreOptions {
     /// vanished does not keep its row locks. And, plus `acquire_timeout`,
     /// how long an operation that has its connection waits for the server
     /// to answer (client side, for a server gone silent); then it fails
-    /// with [`StoreError::Unavailable`] and the connection is closed.
+    /// with [`StoreError::OutcomeUnknown`] (the server may still have
+    /// done it) and the connection is closed.
     pub statement_timeout: Duration,
     /// Longest [`PostgresStore::connect`](super::PostgresStore::connect)
     /// waits for the migration lock and runs migrations (default 5 min).

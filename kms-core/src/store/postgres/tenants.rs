@@ -10,7 +10,7 @@ use std::str::FromStr;
 use sqlx::postgres::PgRow;
 use sqlx::{Connection, PgConnection, Postgres, Transaction};
 
-use super::{get, is_unique_violation, notify, unavailable};
+use super::{commit_failed, get, is_unique_violation, notify, unavailable};
 use crate::dek::KekVersion;
 use crate::ids::TenantId;
 use crate::kek::{KekState, StateChange};
@@ -57,7 +57,7 @@ pub(super) async fn register_master(
         .fetch_one(&mut *tx)
         .await
         .map_err(unavailable)?;
-    tx.commit().await.map_err(unavailable)?;
+    tx.commit().await.map_err(commit_failed)?;
     Ok(MasterKeyId(id))
 }
 
@@ -93,7 +93,7 @@ pub(super) async fn create_tenant(
     .await
     .map_err(unavailable)?;
     let record = load_tenant(&mut tx, &t.id).await?;
-    tx.commit().await.map_err(unavailable)?;
+    tx.commit().await.map_err(commit_failed)?;
     record.ok_or_else(|| StoreError::Corrupt("tenant vanished inside its transaction".into()))
 }
 
@@ -191,7 +191,7 @@ pub(super) async fn add_kek_version(
         other => other.map_err(unavailable)?,
     };
     notify::notify(&mut *tx, channel, id).await?;
-    tx.commit().await.map_err(unavailable)?;
+    tx.commit().await.map_err(commit_failed)?;
     Ok(KekRecord {
         version,
         state: KekState::Active,
@@ -236,7 +236,7 @@ pub(super) async fn change_kek_state(
     .await
     .map_err(unavailable)?;
     notify::notify(&mut *tx, channel, id).await?;
-    tx.commit().await.map_err(unavailable)?;
+    tx.commit().await.map_err(commit_failed)?;
     Ok(KekRecord { state: next, state_changed_at: now, ..current })
 }
 
