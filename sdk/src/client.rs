@@ -26,7 +26,9 @@ use crate::retry::RetryPolicy;
 /// is retried, with a short jittered backoff and up to
 /// [`retries`](ClientBuilder::retries) times, only when the sidecar cannot
 /// have produced a result the caller saw: the connection could not be made or
-/// broke before a complete answer, or the sidecar answered 503
+/// broke before a complete answer (but not while a success answer was read,
+/// [`Error::Interrupted`](crate::Error::Interrupted): the sidecar did the
+/// work, and audited it), or the sidecar answered 503
 /// `key_service_unavailable`. An answer that refuses the request
 /// (every 4xx, and every other code) is final, and so is a client-side
 /// timeout (the sidecar may still be working; a retry would multiply the wait

@@ -43,12 +43,32 @@ pub enum Error {
     },
 
     /// The connection failed after it was made, before a complete answer
-    /// arrived (reset, closed by the peer). Retried: see [`Client`](crate::Client)
+    /// arrived (reset, closed by the peer), and not while a success answer
+    /// was read ([`Error::Interrupted`]). Retried: see [`Client`](crate::Client)
     /// for why that is safe for every call.
     #[error("{op}: the connection to the keygate sidecar failed before a complete answer")]
     Transport {
         /// The call.
         op: Operation,
+        /// The transport's error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// The sidecar answered with success (`status`), and the connection
+    /// failed while the answer was read. Not retried: the sidecar did the
+    /// work, so a retry would be a second access in the audit log (and a
+    /// second set of record keys issued, for an encrypt). The result is
+    /// lost: call again if it is still needed.
+    #[error(
+        "{op}: the keygate sidecar answered {status}, and the connection failed while the \
+         answer was read"
+    )]
+    Interrupted {
+        /// The call.
+        op: Operation,
+        /// The success status the sidecar answered.
+        status: u16,
         /// The transport's error.
         #[source]
         source: BoxError,
@@ -163,6 +183,7 @@ impl Error {
             Self::Connect { .. } | Self::Transport { .. } => true,
             Self::Api { status, code, .. } => *status == 503 && code.is_transient(),
             Self::Config { .. }
+            | Self::Interrupted { .. }
             | Self::Timeout { .. }
             | Self::UnexpectedStatus { .. }
             | Self::Encode { .. }
@@ -208,6 +229,7 @@ impl Error {
             Self::Config { .. } => None,
             Self::Connect { op, .. }
             | Self::Transport { op, .. }
+            | Self::Interrupted { op, .. }
             | Self::Timeout { op, .. }
             | Self::Api { op, .. }
             | Self::UnexpectedStatus { op, .. }

@@ -125,6 +125,30 @@ async fn a_connection_closed_before_the_answer_is_a_transport_error() {
     assert!(err.is_retryable());
 }
 
+/// A success answer broken off is not retried: the sidecar did the work
+/// (and audited it), so a retry would be a second access. An error answer
+/// broken off is, as before.
+#[tokio::test]
+async fn a_success_answer_broken_off_is_not_retried() {
+    let body = encrypted().to_string();
+    let (server, url) = TestServer::tcp(vec![Reply::Truncate(200, body), encrypted_answer()]).await;
+    let client = over_tcp(&url).build().unwrap();
+    let err = client.encrypt("demo", "patient", &json!({"ssn": "1"})).await.unwrap_err();
+    assert!(matches!(err, Error::Interrupted { status: 200, .. }), "{err:?}");
+    assert!(!err.is_retryable());
+    assert_eq!(server.requests().len(), 1);
+
+    let Reply::Answer(_, unavailable) = error(503, "key_service_unavailable") else {
+        unreachable!()
+    };
+    let (server, url) =
+        TestServer::tcp(vec![Reply::Truncate(503, unavailable), encrypted_answer()]).await;
+    let client = over_tcp(&url).build().unwrap();
+    let out = client.encrypt("demo", "patient", &json!({"ssn": "1"})).await;
+    assert_eq!(out.unwrap(), encrypted());
+    assert_eq!(server.requests().len(), 2);
+}
+
 #[tokio::test]
 async fn transient_503s_are_retried_then_succeed() {
     let (server, url) = TestServer::tcp(vec![

@@ -27,6 +27,9 @@ pub(crate) enum Reply {
     /// A 200 whose head announces this many bytes of body, then a few,
     /// then the connection stays open.
     Announce(u64),
+    /// This status, with half of this body of the length announced; then
+    /// the connection closes.
+    Truncate(u16, String),
 }
 
 /// One request as received.
@@ -171,6 +174,17 @@ async fn serve(stream: impl AsyncRead + AsyncWrite + Unpin, state: Shared) {
                 (status, format!("{name}: {value}\r\n"), body)
             }
             Reply::Close => return,
+            Reply::Truncate(status, body) => {
+                let head = format!(
+                    "HTTP/1.1 {status} Test\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\n\r\n",
+                    body.len()
+                );
+                let half = body.get(..body.len() / 2).unwrap_or_default();
+                let _ = stream.write_all(format!("{head}{half}").as_bytes()).await;
+                let _ = stream.flush().await;
+                return;
+            }
             Reply::Hang => std::future::pending().await,
             Reply::Announce(len) => {
                 let head = format!(

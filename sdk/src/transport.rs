@@ -177,9 +177,17 @@ impl Client {
         }
         let reserve = usize::try_from(announced).unwrap_or(0).min(MAX_UPFRONT_RESERVATION);
         let mut body = Vec::with_capacity(reserve);
-        while let Some(chunk) =
-            response.chunk().await.map_err(|e| self.transport_error(op, e, timeout))?
-        {
+        // A success answer broken off means the sidecar did the work:
+        // that is not retried (`Error::Interrupted`), unlike a failure
+        // before it answered, or while it said it could not.
+        let read_failed = |e: reqwest::Error| {
+            if (200..300).contains(&status) && !e.is_timeout() {
+                Error::Interrupted { op, status, source: Box::new(e) }
+            } else {
+                self.transport_error(op, e, timeout)
+            }
+        };
+        while let Some(chunk) = response.chunk().await.map_err(read_failed)? {
             if body.len().saturating_add(chunk.len()) > MAX_ANSWER_BYTES {
                 return Err(too_large());
             }
