@@ -7,16 +7,23 @@
 //! rewrapped and written, then the command stops with `error: line N: …`
 //! (exit 2). Output is written a whole batch at a time, so it always ends
 //! on a complete line.
+//!
+//! Records pass through as text, never parsed into values and printed
+//! again: what the sidecar does not change (members it does not protect,
+//! with their numbers as written, their order and spacing) comes out byte
+//! for byte as it went in. A record already on the active version comes
+//! out unchanged.
 
+use std::borrow::Cow;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
 use kms_core::TenantId;
 use kms_core::record::{HEADER_MEMBER, RecordHeader};
-use reqwest::header::{AUTHORIZATION, HeaderValue};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 use super::args::RewrapArgs;
@@ -29,10 +36,16 @@ const MAX_LINE_BYTES: u64 = 16 * 1024 * 1024;
 /// Timeout of one sidecar call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// `POST /v1/rewrap` request.
+#[derive(Serialize)]
+struct RewrapBody<'a> {
+    records: &'a [Box<RawValue>],
+}
+
 /// `POST /v1/rewrap` answer.
 #[derive(Debug, Deserialize)]
 struct Rewrapped {
-    records: Vec<Value>,
+    records: Vec<Box<RawValue>>,
     #[serde(default)]
     rewrapped: u64,
 }
@@ -92,9 +105,16 @@ impl Sidecar {
     }
 
     /// Rewraps one batch; `lines` names the input lines for errors.
-    async fn rewrap(&self, records: Vec<Value>, lines: &str) -> Result<Rewrapped, AdminError> {
+    async fn rewrap(
+        &self,
+        records: &[Box<RawValue>],
+        lines: &str,
+    ) -> Result<Rewrapped, AdminError> {
         let count = records.len();
-        let mut request = self.http.post(&self.endpoint).json(&json!({ "records": records }));
+        let body = serde_json::to_vec(&RewrapBody { records })
+            .map_err(|e| AdminError::usage(format!("{lines}: cannot send the records: {e}")))?;
+        let mut request =
+            self.http.post(&self.endpoint).header(CONTENT_TYPE, "application/json").body(body);
         if let Some(token) = &self.token {
             let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose_secret()))
                 .map_err(|_| AdminError::usage("--token-file: not a valid bearer token"))?;
@@ -210,7 +230,7 @@ pub(crate) async fn run(args: &RewrapArgs) -> Result<(), AdminError> {
                 format!("lines {first}-{last}")
             };
             let count = u64::try_from(batch.len()).unwrap_or(u64::MAX);
-            let answer = sidecar.rewrap(batch, &lines).await?;
+            let answer = sidecar.rewrap(&batch, &lines).await?;
             write_batch(&answer.records)?;
             progress.read += count;
             progress.rewrapped += answer.rewrapped.min(count);
@@ -228,40 +248,64 @@ pub(crate) async fn run(args: &RewrapArgs) -> Result<(), AdminError> {
     Ok(())
 }
 
-/// One input line → a record to send, `None` for a blank line.
-fn parse_line(bytes: &[u8], line: u64, tenant: &TenantId) -> Result<Option<Value>, AdminError> {
+/// The record header of a record, read without reading the rest into
+/// values.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    /// [`HEADER_MEMBER`].
+    #[serde(rename = "_kg", borrow, default)]
+    header: Option<Cow<'a, str>>,
+}
+
+/// serde_json's message without its position ("… at line 1 column 9").
+fn reason(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    text.split(" at line ").next().unwrap_or(&text).to_owned()
+}
+
+/// One input line → a record to send, as its text, `None` for a blank
+/// line.
+fn parse_line(
+    bytes: &[u8],
+    line: u64,
+    tenant: &TenantId,
+) -> Result<Option<Box<RawValue>>, AdminError> {
     let bad = |why: String| AdminError::usage(format!("line {line}: {why}"));
-    if u64::try_from(bytes.len()).unwrap_or(u64::MAX) > MAX_LINE_BYTES {
+    let content = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    if u64::try_from(content.len()).unwrap_or(u64::MAX) > MAX_LINE_BYTES {
         return Err(bad(format!("longer than {MAX_LINE_BYTES} bytes")));
     }
-    if bytes.iter().all(u8::is_ascii_whitespace) {
+    if content.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
-    let record: Value = serde_json::from_slice(bytes).map_err(|e| {
-        let text = e.to_string();
-        let reason = text.split(" at line ").next().unwrap_or(&text).to_owned();
-        bad(format!("not valid JSON: {reason} (column {})", e.column()))
-    })?;
-    let Some(object) = record.as_object() else {
+    let record: Box<RawValue> = serde_json::from_slice(content)
+        .map_err(|e| bad(format!("not valid JSON: {} (column {})", reason(&e), e.column())))?;
+    if !record.get().starts_with('{') {
         return Err(bad("not a JSON object".to_owned()));
-    };
-    let Some(header) = object.get(HEADER_MEMBER).and_then(Value::as_str) else {
+    }
+    let envelope: Envelope<'_> = serde_json::from_str(record.get())
+        .map_err(|e| bad(format!("the {HEADER_MEMBER} header: {}", reason(&e))))?;
+    let Some(header) = envelope.header else {
         return Err(bad(format!("not an encrypted record (no {HEADER_MEMBER} header)")));
     };
-    let header =
-        RecordHeader::parse(header).map_err(|e| bad(format!("the {HEADER_MEMBER} header: {e}")))?;
+    let header = RecordHeader::parse(&header)
+        .map_err(|e| bad(format!("the {HEADER_MEMBER} header: {e}")))?;
     if header.tenant() != tenant {
         return Err(bad(format!("the record belongs to tenant {}, not {tenant}", header.tenant())));
     }
     Ok(Some(record))
 }
 
-/// Writes a batch as JSON lines in one write, then flushes.
-fn write_batch(records: &[Value]) -> Result<(), AdminError> {
+/// Writes a batch as JSON lines, each record's text as the sidecar gave
+/// it, in one write, then flushes.
+fn write_batch(records: &[Box<RawValue>]) -> Result<(), AdminError> {
     let mut text = Vec::new();
     for record in records {
-        serde_json::to_writer(&mut text, record)
-            .map_err(|e| AdminError::unavailable(format!("cannot print a record: {e}")))?;
+        // JSON lines: a record over several lines would split in two.
+        if record.get().contains('\n') {
+            return Err(AdminError::unavailable("the sidecar answered a record of several lines"));
+        }
+        text.extend_from_slice(record.get().as_bytes());
         text.push(b'\n');
     }
     let mut stdout = std::io::stdout().lock();
@@ -275,6 +319,7 @@ mod tests {
     #[test]
     fn lines_are_checked_before_sending() {
         let onc = TenantId::new("onc").unwrap();
+        assert_eq!(HEADER_MEMBER, "_kg", "the member `Envelope` reads");
         assert!(parse_line(b"  \n", 3, &onc).unwrap().is_none());
         let e = parse_line(b"{not json\n", 7, &onc).unwrap_err().to_string();
         assert!(e.starts_with("line 7: not valid JSON"), "{e}");
@@ -285,6 +330,18 @@ mod tests {
         assert!(e.contains("line 9: not an encrypted record"), "{e}");
         let e = parse_line(b"{\"_kg\":\"kg1h:AAAA\"}\n", 10, &onc).unwrap_err().to_string();
         assert!(e.starts_with("line 10: the _kg header"), "{e}");
+        let e = parse_line(b"{\"_kg\":1}\n", 11, &onc).unwrap_err().to_string();
+        assert!(e.starts_with("line 11: the _kg header: invalid type"), "{e}");
+        let twice = b"{\"_kg\":\"kg1h:AAAA\",\"_kg\":\"kg1h:AAAA\"}\n";
+        let e = parse_line(twice, 12, &onc).unwrap_err().to_string();
+        assert!(e.starts_with("line 12: the _kg header: duplicate field"), "{e}");
+        // The longest line is accepted with its newline; one byte more is not.
+        let mut long = vec![b' '; usize::try_from(MAX_LINE_BYTES).unwrap()];
+        long.push(b'\n');
+        assert!(parse_line(&long, 13, &onc).unwrap().is_none());
+        long.insert(0, b' ');
+        let e = parse_line(&long, 14, &onc).unwrap_err().to_string();
+        assert!(e.contains("longer than"), "{e}");
     }
 
     #[test]
