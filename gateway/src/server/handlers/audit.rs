@@ -1,14 +1,17 @@
 //! Audit: sidecar event ingest, export as JSON lines, chain verification,
 //! and the caller's own policy.
 
-use axum::body::Body;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::header;
 use axum::response::Response;
 use axum::{Extension, Json};
-use std::collections::BTreeMap;
-
+use http_body_util::channel::Channel;
 use kms_core::audit::{Anchor, AuditEvent, AuditSigner, BreakReason, Outcome, verify_stored_chain};
+use kms_core::store::{KeyStore, StoreError};
 use serde_json::{Value, json};
 
 use super::ApiJson;
@@ -133,23 +136,85 @@ pub(crate) async fn export(
         instances.retain(|i| i >= from);
     }
     let limit = query.limit.clamp(1, 100_000);
-    let mut out = String::new();
-    let mut written = 0u32;
-    for instance in instances {
-        let mut after = match &query.after_instance {
-            Some(from) if *from != instance => 0,
-            _ => query.after,
-        };
-        while written < limit {
-            let rows = store
-                .audit_rows(&instance, after, (limit - written).min(VERIFY_PAGE))
-                .await
-                .map_err(|e| crate::error::store_error(&e))?;
-            let Some(last) = rows.last() else { break };
-            after = last.seq;
+    let mut pages = ExportPages {
+        store: store.clone(),
+        instances: instances.into_iter(),
+        current: None,
+        query,
+        limit,
+        written: 0,
+        chunk_bytes: EXPORT_CHUNK_BYTES,
+    };
+    // The first lines are read before answering, so that a keystore that
+    // cannot be read is a 503 rather than a broken stream.
+    let first = pages.next_chunk().await.map_err(|e| crate::error::store_error(&e))?;
+    let (mut sender, body) = Channel::<Bytes, StoreError>::new(2);
+    tokio::spawn(async move {
+        let mut chunk = first;
+        while let Some(bytes) = chunk {
+            if sender.send_data(bytes).await.is_err() {
+                return; // the client went away
+            }
+            chunk = match pages.next_chunk().await {
+                Ok(next) => next,
+                Err(e) => {
+                    // The status is sent: the stream breaks off, so the
+                    // client sees a failed export, never a short one.
+                    tracing::error!(error = %e, "audit export: the keystore failed mid-stream");
+                    sender.abort(e);
+                    return;
+                }
+            };
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::new(body))
+        .map_err(|e| crate::error::internal(&e))
+}
+
+/// Events read from the keystore at a time for an export, and the most
+/// bytes of lines gathered before they are sent. A page of the export (up
+/// to 100,000 events, each listing every record key id of its call, some
+/// tens of KB for a large batch) is streamed, never held whole.
+const EXPORT_ROWS: u32 = 500;
+const EXPORT_CHUNK_BYTES: usize = 1 << 20;
+
+/// An export's reading position: the chains left, and the one being read.
+struct ExportPages {
+    store: Arc<dyn KeyStore>,
+    instances: std::vec::IntoIter<String>,
+    /// The chain being read and the last sequence number read of it.
+    current: Option<(String, i64)>,
+    query: AuditQuery,
+    limit: u32,
+    written: u32,
+    /// [`EXPORT_CHUNK_BYTES`], smaller in tests.
+    chunk_bytes: usize,
+}
+
+impl ExportPages {
+    /// The next lines (about `chunk_bytes`), or `None` at the end.
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, StoreError> {
+        let mut out = String::new();
+        while self.written < self.limit && out.len() < self.chunk_bytes {
+            let Some((instance, after)) = self.current.take() else {
+                let Some(next) = self.instances.next() else { break };
+                let after = match &self.query.after_instance {
+                    Some(from) if *from != next => 0,
+                    _ => self.query.after,
+                };
+                self.current = Some((next, after));
+                continue;
+            };
+            let asked = (self.limit - self.written).min(EXPORT_ROWS);
+            let rows = self.store.audit_rows(&instance, after, asked).await?;
+            let Some(last) = rows.last() else { continue }; // this chain is done
+            self.current = Some((instance, last.seq));
             for row in &rows {
-                if query.since_ms.is_some_and(|since| row.ts_ms < since)
-                    || query
+                if self.query.since_ms.is_some_and(|since| row.ts_ms < since)
+                    || self
+                        .query
                         .tenant
                         .as_ref()
                         .is_some_and(|t| row.tenant.as_deref() != Some(t.as_str()))
@@ -171,14 +236,11 @@ pub(crate) async fn export(
                 });
                 out.push_str(&line.to_string());
                 out.push('\n');
-                written += 1;
+                self.written += 1;
             }
         }
+        Ok((!out.is_empty()).then(|| Bytes::from(out)))
     }
-    Response::builder()
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .body(Body::from(out))
-        .map_err(|e| crate::error::internal(&e))
 }
 
 /// `GET /v1/audit/verify`: verifies every instance's chain and checkpoint
@@ -319,4 +381,84 @@ pub(crate) async fn policy_self(
 ) -> Result<Json<crate::policy::EffectiveGrants>, ApiError> {
     let identity = state.identity(&caller)?;
     Ok(Json(state.policy.current().effective(identity)))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // test code
+mod tests {
+    use kms_core::audit::AuditChain;
+    use kms_core::store::SqliteStore;
+
+    use super::*;
+
+    /// Every line of `pages`, as (instance, seq).
+    async fn read_all(mut pages: ExportPages) -> Vec<(String, i64)> {
+        let mut seen = Vec::new();
+        let mut chunks = 0;
+        while let Some(chunk) = pages.next_chunk().await.unwrap() {
+            chunks += 1;
+            let text = std::str::from_utf8(&chunk).unwrap();
+            assert!(text.ends_with('\n'), "a chunk ends on a whole line");
+            for line in text.lines() {
+                let event: Value = serde_json::from_str(line).unwrap();
+                seen.push((
+                    event["instance"].as_str().unwrap().to_owned(),
+                    event["seq"].as_i64().unwrap(),
+                ));
+            }
+        }
+        // About 250 bytes a line: more than one chunk for more than 500.
+        assert!(chunks > 1 || seen.len() < 500, "{chunks} chunks for {}", seen.len());
+        seen
+    }
+
+    /// Streamed in chunks, an export is what one read would have been:
+    /// every event once, in order, across chains and the keystore's read
+    /// size, resumed from a cursor, and no more than the limit.
+    #[tokio::test]
+    async fn an_export_streams_every_event_once_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn KeyStore> =
+            Arc::new(SqliteStore::open(&dir.path().join("k.db")).await.unwrap());
+        for (instance, count) in [("ks-a", 1_234), ("ks-b", 10)] {
+            let mut chain = AuditChain::new(instance);
+            let events = (0..count).map(|i| AuditEvent::new(i, "t", "dek.issue", Outcome::Ok));
+            let sealed = chain.seal_all(events);
+            store.append_audit_batch(&sealed, None).await.unwrap();
+        }
+        let pages = |after_instance: Option<&str>, after: i64, limit: u32| ExportPages {
+            store: store.clone(),
+            instances: vec!["ks-a".to_owned(), "ks-b".to_owned()]
+                .into_iter()
+                .filter(|i| after_instance.is_none_or(|from| i.as_str() >= from))
+                .collect::<Vec<_>>()
+                .into_iter(),
+            current: None,
+            query: AuditQuery {
+                instance: None,
+                after,
+                after_instance: after_instance.map(str::to_owned),
+                since_ms: None,
+                tenant: None,
+                limit,
+            },
+            limit,
+            written: 0,
+            chunk_bytes: 64 * 1024,
+        };
+        // (instance, seq) for each of `a`'s and `b`'s sequence numbers.
+        let expected = |a: &[i64], b: &[i64]| {
+            let a = a.iter().map(|seq| ("ks-a".to_owned(), *seq));
+            a.chain(b.iter().map(|seq| ("ks-b".to_owned(), *seq))).collect::<Vec<_>>()
+        };
+        let seqs = |range: std::ops::RangeInclusive<i64>| range.collect::<Vec<_>>();
+        let (a_all, b_all) = (seqs(1..=1_234), seqs(1..=10));
+        assert_eq!(read_all(pages(None, 0, 100_000)).await, expected(&a_all, &b_all));
+        assert_eq!(
+            read_all(pages(Some("ks-a"), 1_000, 100_000)).await,
+            expected(&a_all[1_000..], &b_all)
+        );
+        assert_eq!(read_all(pages(None, 0, 700)).await, expected(&a_all[..700], &[]));
+        assert_eq!(read_all(pages(Some("ks-b"), 4, 100_000)).await, expected(&[], &b_all[4..]));
+    }
 }
