@@ -122,8 +122,9 @@ pub enum AdminCommand {
     /// Move encrypted records (JSON lines on stdin) to the tenant's active key
     /// version through a sidecar; rewrapped records go to stdout.
     ///
-    /// Field ciphertexts stay byte-identical: only each record's key part
-    /// changes. Input is streamed in batches (bounded memory); progress goes
+    /// Each record comes out byte for byte as it went in, but for its key
+    /// part (`_kg`); blank lines are dropped, so output line k is the k-th
+    /// record. Input is streamed in batches (bounded memory); progress goes
     /// to stderr. A malformed line N stops with `error: line N: …` (exit 2)
     /// after writing every record before it.
     ///

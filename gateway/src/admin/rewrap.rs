@@ -5,8 +5,10 @@
 //! is sent (valid JSON, an object, a `_kg` header that parses, the expected
 //! tenant); at the first bad line N the records read before it are still
 //! rewrapped and written, then the command stops with `error: line N: …`
-//! (exit 2). Output is written a whole batch at a time, so it always ends
-//! on a complete line.
+//! (exit 2). Output is written a whole batch at a time, so a run that
+//! stops on an error ends on a complete line (one killed by a signal in
+//! the middle of a large write may not: its exit status says so). Blank
+//! lines are dropped.
 //!
 //! Records pass through as text, never parsed into values and printed
 //! again: what the sidecar does not change (members it does not protect,
