@@ -8,9 +8,9 @@
 //!   (`C_Logout`), (b) the module finalized (`C_Finalize`, as after a reset
 //!   of an HSM client library): both are survived within the call by one
 //!   retry on a fresh session; (c) the user PIN changed on the token: typed
-//!   `C_Login failed: CKR_PIN_INCORRECT` (`Misconfigured`), no further
-//!   login for `pin_retry_interval`, and after the PIN is changed back the
-//!   same provider object works; (d) the token's storage gone and the
+//!   `C_Login failed: CKR_PIN_INCORRECT` (`Misconfigured`), and that PIN
+//!   is never offered again by the process (a token that counts failed
+//!   logins would lock its user out), even once it would work again; (d) the token's storage gone and the
 //!   module reset: typed `Unavailable` ("no PKCS#11 token labelled …");
 //!   after the storage is back and the module reset again, the same
 //!   provider object works and unwraps blobs made before the outage.
@@ -318,32 +318,34 @@ mod pkcs11 {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn wrong_pin_is_typed_then_recovers() {
-        let test = "pkcs11::wrong_pin_is_typed_then_recovers";
+    async fn a_refused_pin_is_typed_and_never_offered_again() {
+        let test = "pkcs11::a_refused_pin_is_typed_and_never_offered_again";
         let retry = Duration::from_millis(300);
         let Some((token, provider)) =
             connected(test, move |config| config.pin_retry_interval = retry).await
         else {
             return;
         };
-        let (key, blob) = wrap_one(&provider).await;
+        let (_, blob) = wrap_one(&provider).await;
 
         // The token's PIN changes; every session is logged out.
         token.admin().change_user_pin(softhsm2::USER_PIN, OTHER_PIN);
         let error = wrap_fails(&provider).await;
         let RootKeyError::Misconfigured { detail, .. } = &error else { panic!("{error:?}") };
         assert!(detail.contains("C_Login failed: CKR_PIN_INCORRECT"), "{detail}");
-        // Within the retry interval the PIN is not tried again.
+        // The PIN is not tried again, not even after the retry interval
+        // and with the token's PIN changed back: a restart with the right
+        // PIN is the way back, and says so.
         let error = wrap_fails(&provider).await;
         let RootKeyError::Misconfigured { detail, .. } = &error else { panic!("{error:?}") };
         assert!(detail.contains("not trying it again"), "{detail}");
-
-        // The PIN is changed back: the same provider object works again.
         token.admin().change_user_pin(OTHER_PIN, softhsm2::USER_PIN);
         tokio::time::sleep(retry).await;
-        unwraps_to(&provider, &blob, &key).await;
-        let (key, blob) = wrap_one(&provider).await;
-        unwraps_to(&provider, &blob, &key).await;
+        let error = wrap_fails(&provider).await;
+        let RootKeyError::Misconfigured { detail, .. } = &error else { panic!("{error:?}") };
+        assert!(detail.contains("restart the key service with the right PIN"), "{detail}");
+        let refused = provider.unwrap(&blob, &contract::context("acme", 1)).await;
+        assert!(refused.is_err(), "a blob made before is not unwrapped either");
         Logs::capture().assert_free_of(SECRETS);
     }
 

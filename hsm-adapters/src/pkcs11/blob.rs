@@ -15,7 +15,7 @@ use cryptoki::error::RvError;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::types::Ulong;
-use kms_core::crypto::{NONCE_LEN, TAG_LEN, rng};
+use kms_core::crypto::{NONCE_LEN, TAG_LEN, ct_eq, rng};
 use kms_core::{KEY_LEN, Key256};
 use zeroize::Zeroizing;
 
@@ -30,7 +30,8 @@ pub(super) const LEN: usize = 1 + NONCE_LEN + KEY_LEN + TAG_LEN;
 const TAG_BITS: usize = TAG_LEN * 8;
 
 /// A blob known to unwrap (made when the provider connected), used to tell
-/// an authentication failure from a module failure; see [`open`].
+/// an authentication failure from a module failure (see [`open`]) and to
+/// prove that a key found later is the same key ([`prove_same_key`]).
 pub(super) struct Probe {
     /// The blob.
     pub(super) blob: Vec<u8>,
@@ -99,6 +100,35 @@ pub(super) fn open(
             } else {
                 Err(Pkcs11Error::Call { function, rv })
             }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Proves that the key of `live` (found under the label in a new session)
+/// is the master key the provider connected to, by unwrapping `probe`,
+/// wrapped under that key at connection: GCM authenticates, so no other
+/// key unwraps it. A key that does not is [`Pkcs11Error::KeyReplaced`].
+/// A module that reports the failed tag check ambiguously (see [`open`])
+/// is asked to wrap and unwrap a random key on the same session: if that
+/// works the key is another one; if not, the module is failing and its
+/// error is returned (the pool then retries on a fresh session).
+pub(super) fn prove_same_key(
+    live: &Live,
+    probe: &Probe,
+    token: &str,
+    label: &str,
+) -> Result<(), Pkcs11Error> {
+    let replaced = || Pkcs11Error::KeyReplaced { token: token.to_owned(), key: label.to_owned() };
+    match open(live, &probe.blob, &probe.aad, None) {
+        Ok(_) => Ok(()),
+        Err(Pkcs11Error::CannotUnwrap) => Err(replaced()),
+        Err(Pkcs11Error::Call { function, rv }) if is_ambiguous(function, rv) => {
+            let key = Key256::generate()?;
+            let round_trip = seal(live, &key, &probe.aad)
+                .and_then(|blob| open(live, &blob, &probe.aad, None))
+                .is_ok_and(|back| ct_eq(back.expose_secret(), key.expose_secret()));
+            if round_trip { Err(replaced()) } else { Err(Pkcs11Error::Call { function, rv }) }
         }
         Err(e) => Err(e),
     }

@@ -37,9 +37,15 @@ pub struct Pkcs11Config {
     /// Most PKCS#11 sessions open at once, which is also the most wrap and
     /// unwrap calls in flight; further calls wait for a session.
     pub pool_size: usize,
-    /// After the token rejects the PIN, how long the provider waits before
-    /// trying it again. Calls in between fail at once with
-    /// [`Pkcs11Error::PinRejected`], so that a wrong PIN cannot exhaust the
+    /// After `C_Login` fails for a reason other than the PIN (a device or
+    /// session error), how long the provider waits before the next login;
+    /// doubled after each failure in a row, up to 5 minutes. Calls in
+    /// between fail at once with [`Pkcs11Error::LoginDeferred`].
+    ///
+    /// A PIN the token refuses (`CKR_PIN_INCORRECT`, `_INVALID`,
+    /// `_LEN_RANGE`, `_EXPIRED`, `_LOCKED`) is never tried again in this
+    /// process, whatever this says: every later call fails at once with
+    /// [`Pkcs11Error::PinRefused`], so that a stale PIN cannot exhaust the
     /// token's failed-login counter and lock the user out.
     pub pin_retry_interval: Duration,
 }

@@ -73,8 +73,10 @@ pub enum Pkcs11Error {
         /// The key label.
         key: String,
     },
-    /// More than one secret key has the configured label.
-    #[error("token {token:?} has {count} secret keys labelled {key:?}; key labels must be unique")]
+    /// More than one private AES key in the token has the configured label.
+    #[error(
+        "token {token:?} has {count} private AES keys labelled {key:?}; key labels must be unique"
+    )]
     DuplicateKey {
         /// The token label.
         token: String,
@@ -101,6 +103,24 @@ pub enum Pkcs11Error {
         /// Why (not AES-256, extractable, not sensitive, no encrypt/decrypt).
         reason: &'static str,
     },
+    /// The key found under the label in a new session is not the master
+    /// key the provider connected to: it does not unwrap the blob wrapped
+    /// under that key when the provider connected. The key was deleted and
+    /// another created under its label, or the token was restored from
+    /// another backup. It is not used (nothing is wrapped under it).
+    #[error(
+        "key {key:?} on token {token:?} is not the master key this process connected to: it \
+         cannot unwrap the check value wrapped under that key at connection (the key was \
+         replaced under the same label, or the token restored from another backup); refusing \
+         to use it. Put the original key back; keys wrapped under one cannot be unwrapped by \
+         the other"
+    )]
+    KeyReplaced {
+        /// The token label.
+        token: String,
+        /// The key label.
+        key: String,
+    },
     /// The token does not offer a mechanism the provider needs.
     #[error("token {token:?} does not support {mechanism} for {usage}")]
     MechanismUnsupported {
@@ -111,19 +131,39 @@ pub enum Pkcs11Error {
         /// What it is needed for.
         usage: &'static str,
     },
-    /// The token rejected the PIN recently; the provider does not try it
-    /// again until `pin_retry_interval` has passed, so that a wrong PIN
-    /// cannot lock the token's user account.
+    /// The token refused this PIN earlier in this process
+    /// (`CKR_PIN_INCORRECT`, `_INVALID`, `_LEN_RANGE`, `_EXPIRED` or
+    /// `_LOCKED`). The provider never offers it again, so that failed
+    /// logins cannot lock the token's user (and, on a shared HSM
+    /// partition, every other application) out; the key service must be
+    /// restarted with the right PIN.
     #[error(
-        "the user PIN for token {token:?} was rejected ({}); not trying it again for {:?}",
-        ckr_name(*rv),
-        retry_in
+        "the HSM refused the user PIN for token {token:?} ({}); not trying it again in this \
+         process, so that failed logins cannot lock the token's user out: restart the key \
+         service with the right PIN",
+        ckr_name(*rv)
     )]
-    PinRejected {
+    PinRefused {
         /// The token label.
         token: String,
         /// What `C_Login` returned.
         rv: RvError,
+    },
+    /// `C_Login` failed recently for a reason other than the PIN (a device
+    /// or session error); the next attempt waits `pin_retry_interval`,
+    /// doubled after each failure in a row up to 5 minutes.
+    #[error(
+        "C_Login on token {token:?} failed {failures} time(s) in a row, last with {}; \
+         not trying again for {retry_in:?}",
+        ckr_name(*rv)
+    )]
+    LoginDeferred {
+        /// The token label.
+        token: String,
+        /// What the last `C_Login` returned.
+        rv: RvError,
+        /// Failed logins in a row.
+        failures: u32,
         /// Time left before the next login attempt.
         retry_in: Duration,
     },
@@ -178,17 +218,26 @@ pub enum Pkcs11Error {
 }
 
 impl Pkcs11Error {
-    /// Whether `C_Login` failed (or was not tried after a rejected PIN),
+    /// Whether `C_Login` failed (or was not tried after a failed one),
     /// whatever the code: trying again soon could count towards locking
     /// the token's user out.
     pub fn is_login_failure(&self) -> bool {
-        matches!(self, Self::Call { function: Function::Login, .. } | Self::PinRejected { .. })
+        matches!(
+            self,
+            Self::Call { function: Function::Login, .. }
+                | Self::PinRefused { .. }
+                | Self::LoginDeferred { .. }
+        )
     }
 
-    /// The PKCS#11 return value, if a PKCS#11 function failed.
+    /// The PKCS#11 return value, if a PKCS#11 function failed (for
+    /// [`PinRefused`](Self::PinRefused) and
+    /// [`LoginDeferred`](Self::LoginDeferred): what `C_Login` returned).
     pub fn rv(&self) -> Option<RvError> {
         match self {
-            Self::Call { rv, .. } | Self::PinRejected { rv, .. } => Some(*rv),
+            Self::Call { rv, .. }
+            | Self::PinRefused { rv, .. }
+            | Self::LoginDeferred { rv, .. } => Some(*rv),
             _ => None,
         }
     }
@@ -235,10 +284,12 @@ impl From<CryptokiError> for Pkcs11Error {
 }
 
 impl From<Pkcs11Error> for RootKeyError {
-    /// Session, device and token failures are `Unavailable` (retry later);
-    /// a wrong PIN, a missing or unsuitable key and other setup problems
-    /// are `Misconfigured`; a blob that does not authenticate is
-    /// `CannotUnwrap`; anything else is `Backend`, naming the function.
+    /// Session, device and token failures are `Unavailable` (retry later),
+    /// and so is a login deferred after one; a refused PIN, a missing,
+    /// unsuitable or replaced key, a login deferred after another failure
+    /// and other setup problems are `Misconfigured`; a blob that does not
+    /// authenticate is `CannotUnwrap`; anything else is `Backend`, naming
+    /// the function.
     fn from(error: Pkcs11Error) -> Self {
         let detail = error.to_string();
         match error {
@@ -246,10 +297,15 @@ impl From<Pkcs11Error> for RootKeyError {
             Pkcs11Error::TokenNotFound { .. } | Pkcs11Error::Worker { .. } => {
                 RootKeyError::Unavailable { provider: PROVIDER_KIND, detail }
             }
-            Pkcs11Error::Call { rv, .. } if is_capacity_or_outage(rv) => {
+            Pkcs11Error::Call { rv, .. } | Pkcs11Error::LoginDeferred { rv, .. }
+                if is_capacity_or_outage(rv) =>
+            {
                 RootKeyError::Unavailable { provider: PROVIDER_KIND, detail }
             }
             Pkcs11Error::Call { rv, .. } if is_pin_rejection(rv) || is_key_misuse(rv) => {
+                RootKeyError::Misconfigured { provider: PROVIDER_KIND, detail }
+            }
+            Pkcs11Error::LoginDeferred { .. } => {
                 RootKeyError::Misconfigured { provider: PROVIDER_KIND, detail }
             }
             Pkcs11Error::Call { function, .. } => RootKeyError::Backend {
@@ -270,8 +326,9 @@ impl From<Pkcs11Error> for RootKeyError {
             | Pkcs11Error::DuplicateKey { .. }
             | Pkcs11Error::KeyExists { .. }
             | Pkcs11Error::UnsuitableKey { .. }
+            | Pkcs11Error::KeyReplaced { .. }
             | Pkcs11Error::MechanismUnsupported { .. }
-            | Pkcs11Error::PinRejected { .. }
+            | Pkcs11Error::PinRefused { .. }
             | Pkcs11Error::PinFile { .. }
             | Pkcs11Error::PinEnvMissing { .. }
             | Pkcs11Error::EmptyPin => {

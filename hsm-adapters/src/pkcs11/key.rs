@@ -24,7 +24,15 @@ pub struct MasterKeyInfo {
     pub key_id: String,
 }
 
-/// The handle of the one secret key labelled `label`.
+/// The handle of the one private AES key stored in the token and labelled
+/// `label`.
+///
+/// Objects that could not be the master key are not even looked at: a
+/// public object (`CKA_PRIVATE` false), which anyone who can open a
+/// session may create without the PIN, or a session object, cannot shadow
+/// the master key or make its label ambiguous. If there is no such key,
+/// another secret key under the label is checked to say why it is not
+/// fit ([`check_suitable`]); else the key is not found.
 pub(super) fn find(
     session: &Session,
     token: &str,
@@ -32,16 +40,37 @@ pub(super) fn find(
 ) -> Result<ObjectHandle, Pkcs11Error> {
     let found = session.find_objects(&[
         Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(true),
+        Attribute::Private(true),
         Attribute::Label(label.as_bytes().to_vec()),
     ])?;
     match found.as_slice() {
         [key] => Ok(*key),
-        [] => Err(Pkcs11Error::KeyNotFound { token: token.to_owned(), key: label.to_owned() }),
+        [] => Err(why_not_found(session, token, label)),
         many => Err(Pkcs11Error::DuplicateKey {
             token: token.to_owned(),
             key: label.to_owned(),
             count: many.len(),
         }),
+    }
+}
+
+/// Why [`find`] found no key labelled `label`: the reason the one other
+/// secret key under the label is unfit (public, a session object, not
+/// AES), or [`Pkcs11Error::KeyNotFound`].
+fn why_not_found(session: &Session, token: &str, label: &str) -> Pkcs11Error {
+    let not_found = || Pkcs11Error::KeyNotFound { token: token.to_owned(), key: label.to_owned() };
+    let others = match session.find_objects(&[
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ]) {
+        Ok(others) => others,
+        Err(e) => return e.into(),
+    };
+    match others.as_slice() {
+        [other] => check_suitable(session, *other, token, label).err().unwrap_or_else(not_found),
+        _ => not_found(),
     }
 }
 
@@ -121,8 +150,9 @@ const REQUIRED_FLAGS: [RequiredFlag; 9] = [
 /// private, stored in the token, may not derive keys, and can never leave
 /// the token and never could (sensitive, always sensitive, not extractable,
 /// never extractable). An attribute the token does not report fails the
-/// check. Runs on every session the provider opens, so that a key swapped
-/// in under the same label later is refused too.
+/// check. Runs on every session the provider opens, so that an unfit key
+/// swapped in under the same label later is refused too (a fit one is
+/// refused by the pool: it is not the key the provider connected to).
 pub(super) fn check_suitable(
     session: &Session,
     key: ObjectHandle,

@@ -32,7 +32,14 @@
 //! or a device error is retried once on a fresh session (re-finding the
 //! token and key, logging in again, re-initializing a finalized module),
 //! then reported as [`Pkcs11Error::Call`] naming the function and the
-//! `CKR_` value. A rejected PIN is not retried for `pin_retry_interval`.
+//! `CKR_` value. A PIN the token refuses (`CKR_PIN_INCORRECT`, `_INVALID`,
+//! `_LEN_RANGE`, `_EXPIRED`, `_LOCKED`) is never tried again in this
+//! process: the refusal is logged once, at error level, and every later
+//! call fails at once with [`Pkcs11Error::PinRefused`] (so readiness
+//! fails) until the key service is restarted with the right PIN; an HSM
+//! partition that locks its user after a few failed logins is not locked
+//! by a stale PIN. After any other failed login the next waits
+//! `pin_retry_interval`, doubling up to 5 minutes.
 //! A module that reports a failed tag check as `CKR_GENERAL_ERROR`
 //! (SoftHSM2 does) is told apart from a broken module by decrypting a
 //! known-good blob on the same session.
@@ -42,13 +49,23 @@
 //! [`Pkcs11RootKey::connect`] loads the module (a missing file is named),
 //! finds the token by label (listing the labels present if not), checks
 //! `CKM_AES_GCM` is offered, logs in (a wrong PIN is `C_Login failed:
-//! CKR_PIN_INCORRECT`), finds the key by label and checks it is AES-256,
-//! may encrypt and decrypt, is private, stored in the token, may not
-//! derive keys, and is and always was sensitive and not extractable (a
-//! token that does not report one of these attributes fails the check),
-//! and then wraps and unwraps a random key. Every session opened later
-//! finds the key by label and checks it again, so a key swapped in under
-//! the same label is refused as well.
+//! CKR_PIN_INCORRECT`), finds the key by label (among private AES keys
+//! stored in the token only, so a public object anyone could create
+//! without the PIN neither shadows it nor makes the label ambiguous) and
+//! checks it is AES-256, may encrypt and decrypt, is private, stored in
+//! the token, may not derive keys, and is and always was sensitive and not
+//! extractable (a token that does not report one of these attributes
+//! fails the check), and then wraps and unwraps a random key. That blob
+//! pins the key's identity: every session opened later (a new pooled
+//! session, after a re-login or a re-initialization) finds the key by
+//! label, checks it again and must unwrap the blob with it before it is
+//! used. A key swapped in under the same label (the old one deleted and
+//! another generated, or the token restored from another backup) is
+//! refused even if it is fit to be a master key: the session is closed,
+//! and the call fails with [`Pkcs11Error::KeyReplaced`]
+//! (`Misconfigured`), so nothing is wrapped under a key the blobs already
+//! recorded under this master could not be unwrapped with. Once the
+//! original key is back, new sessions use it again.
 //!
 //! The PIN is held as a [`SecretString`](secrecy::SecretString), handed to
 //! `C_Login` only, and never appears in an error, a log line or `Debug`.
@@ -73,6 +90,7 @@ mod blob;
 mod config;
 mod error;
 mod key;
+mod login;
 mod module;
 mod pool;
 
@@ -94,7 +112,6 @@ const PROVIDER_KIND: &str = "pkcs11";
 pub struct Pkcs11RootKey {
     pool: Arc<Pool>,
     sessions: Arc<Semaphore>,
-    probe: Arc<Probe>,
     module: PathBuf,
     pool_size: usize,
 }
@@ -122,8 +139,10 @@ impl Pkcs11RootKey {
             config.pin_retry_interval,
             config.pool_size,
         );
-        // The first call opens a session, which finds and checks the key.
+        // The first call opens a session, which finds and checks the key;
+        // the round trip's blob pins it for every session opened later.
         let probe = round_trip(&pool)?;
+        pool.pin_key(probe);
         tracing::info!(
             module = %config.module.display(),
             token = %pool.token(),
@@ -134,7 +153,6 @@ impl Pkcs11RootKey {
         Ok(Self {
             pool: Arc::new(pool),
             sessions: Arc::new(Semaphore::new(config.pool_size)),
-            probe: Arc::new(probe),
             module: config.module,
             pool_size: config.pool_size,
         })
@@ -193,7 +211,7 @@ impl Pkcs11RootKey {
     /// which costs more than the SoftHSM2 call itself.
     async fn call<T: Send + 'static>(
         &self,
-        op: impl FnOnce(&Pool, &Probe) -> Result<T, Pkcs11Error> + Send + 'static,
+        op: impl FnOnce(&Pool) -> Result<T, Pkcs11Error> + Send + 'static,
     ) -> Result<T, RootKeyError> {
         let permit = Arc::clone(&self.sessions)
             .acquire_owned()
@@ -202,15 +220,14 @@ impl Pkcs11RootKey {
         let in_place = Handle::try_current()
             .is_ok_and(|runtime| runtime.runtime_flavor() == RuntimeFlavor::MultiThread);
         if in_place {
-            let result = tokio::task::block_in_place(|| op(&self.pool, &self.probe));
+            let result = tokio::task::block_in_place(|| op(&self.pool));
             drop(permit);
             return result.map_err(RootKeyError::from);
         }
         let pool = Arc::clone(&self.pool);
-        let probe = Arc::clone(&self.probe);
         let outcome = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            op(&pool, &probe)
+            op(&pool)
         })
         .await;
         match outcome {
@@ -243,7 +260,7 @@ impl RootKeyProvider for Pkcs11RootKey {
     async fn wrap(&self, key: &Key256, context: &WrapContext) -> Result<Vec<u8>, RootKeyError> {
         let key = key.duplicate();
         let aad = context.aad();
-        self.call(move |pool, _| pool.run(|live| blob::seal(live, &key, &aad))).await
+        self.call(move |pool| pool.run(|live| blob::seal(live, &key, &aad))).await
     }
 
     async fn unwrap(&self, wrapped: &[u8], context: &WrapContext) -> Result<Key256, RootKeyError> {
@@ -253,13 +270,12 @@ impl RootKeyProvider for Pkcs11RootKey {
         }
         let wrapped = wrapped.to_vec();
         let aad = context.aad();
-        self.call(move |pool, probe| pool.run(|live| blob::open(live, &wrapped, &aad, Some(probe))))
-            .await
+        self.call(move |pool| pool.run(|live| blob::open(live, &wrapped, &aad, pool.probe()))).await
     }
 }
 
 /// Wraps and unwraps a random key under the readiness context; the blob
-/// becomes the probe of `blob::open`.
+/// becomes the probe that pins the master key (`Pool::pin_key`).
 fn round_trip(pool: &Pool) -> Result<Probe, Pkcs11Error> {
     let key = Key256::generate()?;
     let aad = readiness_context().aad();

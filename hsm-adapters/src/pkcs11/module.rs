@@ -19,7 +19,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CryptokiError, RvError};
@@ -27,6 +27,7 @@ use cryptoki::mechanism::MechanismType;
 use cryptoki::slot::Slot;
 
 use super::error::Pkcs11Error;
+use super::login::RefusedPins;
 
 /// Modules loaded by this process, by canonical path.
 static LOADED: Mutex<Vec<(PathBuf, Arc<Module>)>> = Mutex::new(Vec::new());
@@ -36,6 +37,9 @@ pub(super) struct Module {
     context: Pkcs11,
     /// Bumped by every re-initialization this crate performs.
     generation: RwLock<u64>,
+    /// The PINs its tokens refused (see the `login` module); held across
+    /// every `C_Login` through this module, which serializes them.
+    logins: Mutex<RefusedPins>,
 }
 
 impl Module {
@@ -47,6 +51,11 @@ impl Module {
     /// Holds the current generation for the duration of a call.
     pub(super) fn generation(&self) -> RwLockReadGuard<'_, u64> {
         self.generation.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The PINs this module's tokens refused, locked for a login.
+    pub(super) fn logins(&self) -> MutexGuard<'_, RefusedPins> {
+        self.logins.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Re-initializes the module after it was finalized, unless that was
@@ -81,7 +90,11 @@ pub(super) fn load(path: &Path) -> Result<Arc<Module>, Pkcs11Error> {
         .map_err(|e| Pkcs11Error::ModuleLoad { path: path.to_owned(), detail: e.to_string() })?;
     initialize(&context)?;
     tracing::debug!(module = %canonical.display(), "loaded and initialized the PKCS#11 module");
-    let module = Arc::new(Module { context, generation: RwLock::new(0) });
+    let module = Arc::new(Module {
+        context,
+        generation: RwLock::new(0),
+        logins: Mutex::new(RefusedPins::default()),
+    });
     loaded.push((canonical, Arc::clone(&module)));
     Ok(module)
 }

@@ -1,6 +1,7 @@
 //! Unit tests that need no token: error names and mapping, configuration,
-//! PIN sources, module loading failures. Which keys may be the master key
-//! is tested against a real SoftHSM2 token in `token` (each test in a child
+//! PIN sources, module loading failures; when a login may be tried in
+//! `login`. Which keys may be the master key, and which PINs are offered,
+//! are tested against a real SoftHSM2 token in `token` (each test in a child
 //! process: SoftHSM2 reads its configuration from the environment once per
 //! process); the provider's contract and outage behaviour in
 //! `tests/tests/root_providers.rs`.
@@ -86,13 +87,27 @@ fn errors_map_to_root_key_errors() {
     assert!(root(gone).is_retryable());
     let missing = Pkcs11Error::KeyNotFound { token: "t".to_owned(), key: "k".to_owned() };
     assert!(matches!(root(missing), RootKeyError::Misconfigured { .. }));
-    let gated = Pkcs11Error::PinRejected {
+    let refused = Pkcs11Error::PinRefused { token: "t".to_owned(), rv: RvError::PinIncorrect };
+    let message = refused.to_string();
+    assert!(message.contains("refused the user PIN") && message.contains("CKR_PIN_INCORRECT"));
+    assert!(message.contains("restart the key service with the right PIN"), "{message}");
+    let e = root(refused);
+    assert!(matches!(e, RootKeyError::Misconfigured { .. }) && !e.is_retryable(), "{e:?}");
+    let deferred = |rv| Pkcs11Error::LoginDeferred {
         token: "t".to_owned(),
-        rv: RvError::PinIncorrect,
+        rv,
+        failures: 2,
         retry_in: std::time::Duration::from_secs(3),
     };
-    assert!(gated.to_string().contains("CKR_PIN_INCORRECT"), "{gated}");
-    assert!(matches!(root(gated), RootKeyError::Misconfigured { .. }));
+    let message = deferred(RvError::DeviceError).to_string();
+    assert!(message.contains("CKR_DEVICE_ERROR") && message.contains("3s"), "{message}");
+    assert!(root(deferred(RvError::DeviceError)).is_retryable());
+    let e = root(deferred(RvError::UserPinNotInitialized));
+    assert!(matches!(e, RootKeyError::Misconfigured { .. }), "{e:?}");
+    let replaced = Pkcs11Error::KeyReplaced { token: "t".to_owned(), key: "k".to_owned() };
+    let message = replaced.to_string();
+    assert!(message.contains("not the master key this process connected to"), "{message}");
+    assert!(matches!(root(replaced), RootKeyError::Misconfigured { .. }));
 }
 
 #[test]
@@ -101,12 +116,16 @@ fn any_failed_login_is_a_login_failure_whatever_its_code() {
         assert!(call(Function::Login, rv).is_login_failure(), "{rv:?}");
     }
     assert!(!call(Function::Encrypt, RvError::DeviceError).is_login_failure());
-    let gated = Pkcs11Error::PinRejected {
+    let refused = Pkcs11Error::PinRefused { token: "t".to_owned(), rv: RvError::PinIncorrect };
+    assert!(refused.is_login_failure());
+    assert_eq!(refused.rv(), Some(RvError::PinIncorrect));
+    let deferred = Pkcs11Error::LoginDeferred {
         token: "t".to_owned(),
-        rv: RvError::PinIncorrect,
+        rv: RvError::DeviceError,
+        failures: 1,
         retry_in: std::time::Duration::from_secs(3),
     };
-    assert!(gated.is_login_failure());
+    assert!(deferred.is_login_failure());
     let gone = Pkcs11Error::TokenNotFound { label: "t".to_owned(), present: vec![] };
     assert!(!gone.is_login_failure());
 }
@@ -297,5 +316,6 @@ fn a_module_in_a_directory_others_may_change_is_refused() {
     }
 }
 
+mod login;
 mod softhsm2;
 mod token;

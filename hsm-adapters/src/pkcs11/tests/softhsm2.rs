@@ -29,13 +29,25 @@ impl Token {
     /// A read-write session logged in as the user, on the provider's own
     /// instance of the module (login state is shared with the provider).
     pub(super) fn user_session(&self) -> Session {
-        let module = module::load(self.0.module()).unwrap();
-        let slot = module::find_token(module.context(), TOKEN_LABEL).unwrap();
-        let session = module.context().open_rw_session(slot).unwrap();
-        match session.login(UserType::User, Some(&SecretString::from(USER_PIN))) {
+        self.session_as(USER_PIN)
+    }
+
+    /// A read-write session logged in as the user with `pin`.
+    pub(super) fn session_as(&self, pin: &str) -> Session {
+        let session = self.public_session();
+        match session.login(UserType::User, Some(&SecretString::from(pin))) {
             Ok(()) | Err(CryptokiError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
             Err(e) => panic!("C_Login: {e}"),
         }
         session
+    }
+
+    /// A read-write session, not logged in (unless another session of this
+    /// process is: login state is shared): what anyone who can reach the
+    /// token may open, without the PIN.
+    pub(super) fn public_session(&self) -> Session {
+        let module = module::load(self.0.module()).unwrap();
+        let slot = module::find_token(module.context(), TOKEN_LABEL).unwrap();
+        module.context().open_rw_session(slot).unwrap()
     }
 }

@@ -181,3 +181,150 @@ async fn a_key_swapped_in_under_the_label_is_refused() {
     let error = provider.wrap(&key, &context).await.unwrap_err();
     assert!(matches!(error, RootKeyError::Misconfigured { .. }), "{error:?}");
 }
+
+/// A key deleted and replaced under the same label by one that is fit to
+/// be a master key (as regenerating it, or restoring the token from the
+/// wrong backup, would leave it) is not used: a session that finds it
+/// fails closed, so nothing is wrapped under a key that blobs recorded
+/// under this master could not be unwrapped with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fit_key_swapped_in_under_the_label_is_not_used() {
+    let Some(token) = Token::for_test(concat!(
+        module_path!(),
+        "::a_fit_key_swapped_in_under_the_label_is_not_used"
+    )) else {
+        return;
+    };
+    Pkcs11RootKey::create_master_key(&token.config(MASTER)).unwrap();
+    let mut config = token.config(MASTER);
+    config.pool_size = 1;
+    let provider = Pkcs11RootKey::connect(config).unwrap();
+    let context = readiness_context();
+    let key = Key256::generate().unwrap();
+    let blob = provider.wrap(&key, &context).await.unwrap();
+
+    let session = token.user_session();
+    session.destroy_object(find(&session, MASTER)).unwrap();
+    generate(&session, MASTER, None);
+
+    // The pooled session's key handle is gone, so the call is retried on a
+    // fresh session, which finds the new key: fit, but not the master key.
+    // Then every call opens a fresh session (none is pooled), and each
+    // refuses it again; neither wrap nor unwrap uses it.
+    let expect_refused = |error: RootKeyError| {
+        let RootKeyError::Misconfigured { detail, .. } = &error else { panic!("{error:?}") };
+        assert!(detail.contains("is not the master key this process connected to"), "{detail}");
+        assert!(detail.contains(&format!("{MASTER:?}")), "{detail}");
+    };
+    for _ in 0..2 {
+        expect_refused(provider.wrap(&key, &context).await.unwrap_err());
+        expect_refused(provider.unwrap(&blob, &context).await.unwrap_err());
+    }
+    // After a re-login too (every session logged out behind its back).
+    session.logout().unwrap();
+    expect_refused(provider.wrap(&key, &context).await.unwrap_err());
+    let session = token.user_session();
+
+    // It is refused for being another key, not for being unfit: a provider
+    // connecting afresh takes it (and cannot unwrap the old blob).
+    let fresh = Pkcs11RootKey::connect(token.config(MASTER)).unwrap();
+    let error = fresh.unwrap(&blob, &context).await.unwrap_err();
+    assert!(matches!(error, RootKeyError::CannotUnwrap), "{error:?}");
+    drop(session);
+}
+
+/// A public AES key under the master's label (anyone who can open a
+/// session may create one, without the PIN) neither shadows the master key
+/// nor makes its label ambiguous, at connection or in a later session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_key_under_the_label_does_not_shadow_the_master() {
+    let Some(token) = Token::for_test(concat!(
+        module_path!(),
+        "::a_public_key_under_the_label_does_not_shadow_the_master"
+    )) else {
+        return;
+    };
+    Pkcs11RootKey::create_master_key(&token.config(MASTER)).unwrap();
+    // Planted on a session that did not log in (no session of this process
+    // is logged in now), as a token object.
+    let public = token.public_session();
+    let mut planted = template(MASTER, Some(Attribute::Private(false)));
+    planted.push(Attribute::Value(vec![0x42; 32]));
+    public.create_object(&planted).unwrap();
+
+    let mut config = token.config(MASTER);
+    config.pool_size = 1;
+    let provider = Pkcs11RootKey::connect(config).unwrap();
+    let context = readiness_context();
+    let key = Key256::generate().unwrap();
+    let blob = provider.wrap(&key, &context).await.unwrap();
+    let back = provider.unwrap(&blob, &context).await.unwrap();
+    assert_eq!(back.expose_secret(), key.expose_secret());
+
+    // Another one, generated in the token, planted while the provider
+    // runs; a fresh session (all logged out) still finds the master key.
+    generate(&public, MASTER, Some(Attribute::Private(false)));
+    public.logout().unwrap();
+    let back = provider.unwrap(&blob, &context).await.unwrap();
+    assert_eq!(back.expose_secret(), key.expose_secret());
+    let blob = provider.wrap(&key, &context).await.unwrap();
+    provider.unwrap(&blob, &context).await.unwrap();
+    Pkcs11RootKey::connect(token.config(MASTER)).unwrap();
+}
+
+/// Once the token refuses the PIN, it is never offered again: after the
+/// token's PIN is put back to the provider's, a login would succeed, yet
+/// every call (and a provider connected again with that PIN) fails at once
+/// saying the service must be restarted, however long the retry interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_pin_is_never_offered_again() {
+    let Some(token) =
+        Token::for_test(concat!(module_path!(), "::a_refused_pin_is_never_offered_again"))
+    else {
+        return;
+    };
+    const ROTATED: &str = "rotated-pin-5c0e7d21-do-not-log";
+    let user_pin = || secrecy::SecretString::from(keygate_test_support::softhsm2::USER_PIN);
+    let rotated = || secrecy::SecretString::from(ROTATED);
+    Pkcs11RootKey::create_master_key(&token.config(MASTER)).unwrap();
+    let mut config = token.config(MASTER);
+    config.pin_retry_interval = std::time::Duration::from_millis(10);
+    let provider = Pkcs11RootKey::connect(config).unwrap();
+    let context = readiness_context();
+    let key = Key256::generate().unwrap();
+    let blob = provider.wrap(&key, &context).await.unwrap();
+
+    // The HSM PIN is rotated and every session logged out: the provider's
+    // next login is refused.
+    let session = token.user_session();
+    session.set_pin(&user_pin(), &rotated()).unwrap();
+    session.logout().unwrap();
+    let error = provider.wrap(&key, &context).await.unwrap_err();
+    let RootKeyError::Misconfigured { detail, .. } = &error else { panic!("{error:?}") };
+    assert_eq!(detail, "C_Login failed: CKR_PIN_INCORRECT");
+
+    // The PIN is put back, and no session is logged in: a login with the
+    // provider's PIN would now succeed, and the retry interval is over.
+    drop(session);
+    let session = token.session_as(ROTATED);
+    session.set_pin(&rotated(), &user_pin()).unwrap();
+    session.logout().unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let refused = |error: RootKeyError| {
+        let RootKeyError::Misconfigured { detail, .. } = &error else { panic!("{error:?}") };
+        assert!(detail.contains("refused the user PIN"), "{detail}");
+        assert!(detail.contains("CKR_PIN_INCORRECT"), "{detail}");
+        assert!(detail.contains("restart the key service with the right PIN"), "{detail}");
+    };
+    for _ in 0..3 {
+        refused(provider.wrap(&key, &context).await.unwrap_err());
+        refused(provider.unwrap(&blob, &context).await.unwrap_err());
+    }
+    // Not by a provider connected again with the same PIN either.
+    let error = Pkcs11RootKey::connect(token.config(MASTER)).unwrap_err();
+    assert!(matches!(error, Pkcs11Error::PinRefused { rv: RvError::PinIncorrect, .. }), "{error}");
+    assert!(error.is_login_failure());
+    // No login happened: the user is still logged out.
+    let info = session.get_session_info().unwrap();
+    assert_eq!(info.session_state(), cryptoki::session::SessionState::RwPublic);
+}
