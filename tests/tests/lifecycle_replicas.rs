@@ -74,32 +74,38 @@ async fn a_shred_on_one_replica_empties_every_replicas_cache_at_once() {
     assert!(verify.contains("\"ok\":true"), "{verify}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_shred_approved_during_a_scheduler_round_runs_once() {
+/// One replica (a scheduler round every 100 ms) with a shred of `onc`
+/// requested, and the scheduler's job lock held from another store, as a
+/// round on another replica holds it; the request's id.
+async fn a_shred_request_and_a_round_elsewhere(
+    dir: &std::path::Path,
+) -> (Cluster, String, kms_core::store::JobLock) {
     use kms_core::store::{KeyStore, PgStoreOptions, PostgresStore};
-    let dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start(dir.path(), 1, "[lifecycle]\nscheduler_interval_ms = 100\n");
+    let cluster = Cluster::start(dir, 1, "[lifecycle]\nscheduler_interval_ms = 100\n");
     let a = &cluster.replicas[0];
     let (status, _) = a.post(ADMIN, "/v1/tenants", &json!({"tenant": "onc"})).await;
     assert_eq!(status, 201);
     let (_, request) = a.post(ADMIN, "/v1/tenants/onc/shred", &json!({"reason": "erasure"})).await;
-    let id = request["id"].as_str().unwrap();
-
-    // A scheduler round elsewhere holds the job lock.
+    let id = request["id"].as_str().unwrap().to_owned();
     let mut options = PgStoreOptions::default();
     options.schema = Some(cluster.schema.name.clone());
     let elsewhere =
         PostgresStore::connect(&keygate_tests::cluster::pg_url(), options).await.unwrap();
     // The replica's own scheduler takes the lock every 100 ms, briefly.
-    let mut lock = None;
     for _ in 0..100 {
-        lock = elsewhere.try_job_lock("lifecycle").await.unwrap();
-        if lock.is_some() {
-            break;
+        if let Some(lock) = elsewhere.try_job_lock("lifecycle").await.unwrap() {
+            return (cluster, id, lock);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let lock = lock.expect("the lock is free between scheduler rounds");
+    panic!("the lock is never free between scheduler rounds");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shred_approved_during_a_scheduler_round_runs_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, id, lock) = a_shred_request_and_a_round_elsewhere(dir.path()).await;
+    let (a, id) = (&cluster.replicas[0], id.as_str());
     let (status, decided) =
         a.post(OFFICER, &format!("/v1/approvals/{id}"), &json!({"decision": "approve"})).await;
     assert_eq!(
@@ -128,28 +134,9 @@ async fn a_shred_approved_during_a_scheduler_round_runs_once() {
 /// that would have run the shred: the keystore makes the two exclusive.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_shred_is_withdrawn_while_a_scheduler_round_holds_the_lock() {
-    use kms_core::store::{KeyStore, PgStoreOptions, PostgresStore};
     let dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start(dir.path(), 1, "[lifecycle]\nscheduler_interval_ms = 100\n");
-    let a = &cluster.replicas[0];
-    let (status, _) = a.post(ADMIN, "/v1/tenants", &json!({"tenant": "onc"})).await;
-    assert_eq!(status, 201);
-    let (_, request) = a.post(ADMIN, "/v1/tenants/onc/shred", &json!({"reason": "erasure"})).await;
-    let id = request["id"].as_str().unwrap();
-
-    let mut options = PgStoreOptions::default();
-    options.schema = Some(cluster.schema.name.clone());
-    let elsewhere =
-        PostgresStore::connect(&keygate_tests::cluster::pg_url(), options).await.unwrap();
-    let mut lock = None;
-    for _ in 0..100 {
-        lock = elsewhere.try_job_lock("lifecycle").await.unwrap();
-        if lock.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let lock = lock.expect("the lock is free between scheduler rounds");
+    let (cluster, id, lock) = a_shred_request_and_a_round_elsewhere(dir.path()).await;
+    let (a, id) = (&cluster.replicas[0], id.as_str());
     let (status, decided) =
         a.post(OFFICER, &format!("/v1/approvals/{id}"), &json!({"decision": "approve"})).await;
     assert_eq!((status, decided["state"].as_str()), (200, Some("approved")), "{decided}");

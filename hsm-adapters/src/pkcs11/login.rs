@@ -27,23 +27,18 @@ use cryptoki::error::RvError;
 use kms_core::crypto::ct_eq;
 use secrecy::{ExposeSecret, SecretString};
 
-use super::error::Pkcs11Error;
+use super::error::{Pkcs11Error, is_pin_rejection};
 
 /// The longest wait between two logins after failures that were not a
 /// refused PIN.
 pub(super) const MAX_LOGIN_WAIT: Duration = Duration::from_secs(300);
 
 /// Return values of `C_Login` that mean the token refuses this PIN: it
-/// will never be tried again in this process.
+/// will never be tried again in this process. Every PIN rejection but a
+/// user PIN not set yet, which counts no failed attempt and which the
+/// token's officer may set to this very PIN.
 pub(super) fn is_pin_refusal(rv: RvError) -> bool {
-    matches!(
-        rv,
-        RvError::PinIncorrect
-            | RvError::PinInvalid
-            | RvError::PinLenRange
-            | RvError::PinExpired
-            | RvError::PinLocked
-    )
+    is_pin_rejection(rv) && rv != RvError::UserPinNotInitialized
 }
 
 /// Whether `C_Login` may be called now; see the module docs.
