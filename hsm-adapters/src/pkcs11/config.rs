@@ -48,6 +48,11 @@ pub struct Pkcs11Config {
     /// [`Pkcs11Error::PinRefused`], so that a stale PIN cannot exhaust the
     /// token's failed-login counter and lock the user out.
     pub pin_retry_interval: Duration,
+    /// The longest a wrap or unwrap waits for a session and the module's
+    /// answer (default 10 s); then it fails as unavailable. A network HSM
+    /// on a half-open connection can leave a call blocked for as long as
+    /// TCP takes to give up, and nothing else would bound it.
+    pub call_timeout: Duration,
 }
 
 impl Pkcs11Config {
@@ -55,6 +60,8 @@ impl Pkcs11Config {
     pub const DEFAULT_POOL_SIZE: usize = 8;
     /// Default [`pin_retry_interval`](Self::pin_retry_interval).
     pub const DEFAULT_PIN_RETRY_INTERVAL: Duration = Duration::from_secs(30);
+    /// Default [`call_timeout`](Self::call_timeout).
+    pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
     /// A configuration with the default pool size and PIN retry interval.
     pub fn new(
@@ -70,6 +77,7 @@ impl Pkcs11Config {
             pin,
             pool_size: Self::DEFAULT_POOL_SIZE,
             pin_retry_interval: Self::DEFAULT_PIN_RETRY_INTERVAL,
+            call_timeout: Self::DEFAULT_CALL_TIMEOUT,
         }
     }
 
@@ -97,6 +105,9 @@ impl Pkcs11Config {
         }
         if self.key_label.is_empty() {
             return invalid("the key label is empty".to_owned());
+        }
+        if self.call_timeout.is_zero() {
+            return invalid("the call timeout is zero".to_owned());
         }
         if !(1..=MAX_POOL_SIZE).contains(&self.pool_size) {
             return invalid(format!(

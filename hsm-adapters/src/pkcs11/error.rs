@@ -209,6 +209,14 @@ pub enum Pkcs11Error {
     /// The OS random number generator failed.
     #[error(transparent)]
     Random(#[from] RandomError),
+    /// No session was free, or the module did not answer, within the call
+    /// timeout (the call may still finish; its session stays taken until
+    /// it does).
+    #[error("no answer from the PKCS#11 module within {waited:?}")]
+    NoAnswer {
+        /// The call timeout.
+        waited: Duration,
+    },
     /// The worker thread running the PKCS#11 call failed.
     #[error("PKCS#11 worker task failed: {detail}")]
     Worker {
@@ -294,7 +302,9 @@ impl From<Pkcs11Error> for RootKeyError {
         let detail = error.to_string();
         match error {
             Pkcs11Error::CannotUnwrap => RootKeyError::CannotUnwrap,
-            Pkcs11Error::TokenNotFound { .. } | Pkcs11Error::Worker { .. } => {
+            Pkcs11Error::TokenNotFound { .. }
+            | Pkcs11Error::Worker { .. }
+            | Pkcs11Error::NoAnswer { .. } => {
                 RootKeyError::Unavailable { provider: PROVIDER_KIND, detail }
             }
             Pkcs11Error::Call { rv, .. } | Pkcs11Error::LoginDeferred { rv, .. }

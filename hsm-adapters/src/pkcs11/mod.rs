@@ -73,12 +73,13 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use cryptoki::mechanism::MechanismType;
 use kms_core::crypto::ct_eq;
 use kms_core::{Key256, ProviderInfo, RootKeyError, RootKeyProvider, WrapContext};
-use tokio::runtime::{Handle, RuntimeFlavor};
+
 use tokio::sync::Semaphore;
 
 use self::blob::Probe;
@@ -114,6 +115,7 @@ pub struct Pkcs11RootKey {
     sessions: Arc<Semaphore>,
     module: PathBuf,
     pool_size: usize,
+    call_timeout: Duration,
 }
 
 impl Pkcs11RootKey {
@@ -155,6 +157,7 @@ impl Pkcs11RootKey {
             sessions: Arc::new(Semaphore::new(config.pool_size)),
             module: config.module,
             pool_size: config.pool_size,
+            call_timeout: config.call_timeout,
         })
     }
 
@@ -204,35 +207,33 @@ impl Pkcs11RootKey {
         &self.module
     }
 
-    /// Runs `op` once a session permit is free, without stalling the async
-    /// executor: on a multi-thread runtime in place (`block_in_place`, which
-    /// moves the worker's other tasks to another thread), elsewhere on a
-    /// blocking thread (`spawn_blocking`). In place saves a thread handoff,
-    /// which costs more than the SoftHSM2 call itself.
+    /// Runs `op` on a blocking thread once a session permit is free, and
+    /// waits for both at most `call_timeout`. Not in place
+    /// (`block_in_place`, which saved a thread handoff): a call blocked in
+    /// place cannot be given up on, neither by this nor by the request's
+    /// timeout, and a network HSM that stops answering would hold every
+    /// caller. A call given up on runs on until the module returns, keeping
+    /// its permit, so a hung module uses up the pool and later calls give
+    /// up waiting for a permit: in time too.
     async fn call<T: Send + 'static>(
         &self,
         op: impl FnOnce(&Pool) -> Result<T, Pkcs11Error> + Send + 'static,
     ) -> Result<T, RootKeyError> {
-        let permit = Arc::clone(&self.sessions)
-            .acquire_owned()
+        let deadline = tokio::time::Instant::now() + self.call_timeout;
+        let no_answer = || RootKeyError::from(Pkcs11Error::NoAnswer { waited: self.call_timeout });
+        let permit = tokio::time::timeout_at(deadline, Arc::clone(&self.sessions).acquire_owned())
             .await
+            .map_err(|_| no_answer())?
             .map_err(|_| Pkcs11Error::Worker { detail: "the session pool is closed".to_owned() })?;
-        let in_place = Handle::try_current()
-            .is_ok_and(|runtime| runtime.runtime_flavor() == RuntimeFlavor::MultiThread);
-        if in_place {
-            let result = tokio::task::block_in_place(|| op(&self.pool));
-            drop(permit);
-            return result.map_err(RootKeyError::from);
-        }
         let pool = Arc::clone(&self.pool);
-        let outcome = tokio::task::spawn_blocking(move || {
+        let job = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             op(&pool)
-        })
-        .await;
-        match outcome {
-            Ok(result) => result.map_err(RootKeyError::from),
-            Err(join) => Err(Pkcs11Error::Worker { detail: join.to_string() }.into()),
+        });
+        match tokio::time::timeout_at(deadline, job).await {
+            Err(_elapsed) => Err(no_answer()),
+            Ok(Ok(result)) => result.map_err(RootKeyError::from),
+            Ok(Err(join)) => Err(Pkcs11Error::Worker { detail: join.to_string() }.into()),
         }
     }
 }

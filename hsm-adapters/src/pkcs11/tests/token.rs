@@ -328,3 +328,40 @@ async fn a_refused_pin_is_never_offered_again() {
     let info = session.get_session_info().unwrap();
     assert_eq!(info.session_state(), cryptoki::session::SessionState::RwPublic);
 }
+
+/// A module that stops answering (a network HSM on a half-open connection)
+/// does not hold its callers: a call gives up after `call_timeout`, and so
+/// does one waiting for the session the stuck call holds; once the module
+/// answers again, so does the provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_that_stops_answering_is_given_up_on_in_time() {
+    let Some(token) = Token::for_test(concat!(
+        module_path!(),
+        "::a_module_that_stops_answering_is_given_up_on_in_time"
+    )) else {
+        return;
+    };
+    Pkcs11RootKey::create_master_key(&token.config(MASTER)).unwrap();
+    let mut config = token.config(MASTER);
+    config.pool_size = 1;
+    config.call_timeout = std::time::Duration::from_millis(300);
+    let provider = Pkcs11RootKey::connect(config).unwrap();
+    let started = std::time::Instant::now();
+    let stuck = provider
+        .call(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(2_000));
+            Ok(())
+        })
+        .await;
+    let no_answer = |e: &RootKeyError| matches!(e, RootKeyError::Unavailable { detail, .. } if detail.contains("no answer"));
+    assert!(stuck.as_ref().is_err_and(no_answer), "{stuck:?}");
+    let waiting = provider.wrap(&Key256::generate().unwrap(), &readiness_context()).await;
+    assert!(waiting.as_ref().is_err_and(no_answer), "{waiting:?}");
+    assert!(started.elapsed() < std::time::Duration::from_millis(1_500), "{:?}", started.elapsed());
+
+    tokio::time::sleep(std::time::Duration::from_millis(2_000)).await;
+    let key = Key256::generate().unwrap();
+    let blob = provider.wrap(&key, &readiness_context()).await.unwrap();
+    let back = provider.unwrap(&blob, &readiness_context()).await.unwrap();
+    assert_eq!(back.expose_secret(), key.expose_secret());
+}
