@@ -55,6 +55,15 @@ fn find(session: &Session, label: &str) -> ObjectHandle {
     *key
 }
 
+/// A provider of [`MASTER`] with one session (so a test knows which
+/// session a call takes), and `change` made to its configuration.
+fn one_session(token: &Token, change: impl FnOnce(&mut Pkcs11Config)) -> Pkcs11RootKey {
+    let mut config = token.config(MASTER);
+    config.pool_size = 1;
+    change(&mut config);
+    Pkcs11RootKey::connect(config).unwrap()
+}
+
 /// Connects to the key labelled `label`; the reason it is unsuitable.
 fn refusal(token: &Token, label: &str) -> &'static str {
     match Pkcs11RootKey::connect(token.config(label)) {
@@ -159,9 +168,7 @@ async fn a_key_swapped_in_under_the_label_is_refused() {
         return;
     };
     Pkcs11RootKey::create_master_key(&token.config(MASTER)).unwrap();
-    let mut config = token.config(MASTER);
-    config.pool_size = 1;
-    let provider = Pkcs11RootKey::connect(config).unwrap();
+    let provider = one_session(&token, |_| {});
     let context = readiness_context();
     let key = Key256::generate().unwrap();
     let blob = provider.wrap(&key, &context).await.unwrap();
@@ -196,9 +203,7 @@ async fn a_fit_key_swapped_in_under_the_label_is_not_used() {
         return;
     };
     Pkcs11RootKey::create_master_key(&token.config(MASTER)).unwrap();
-    let mut config = token.config(MASTER);
-    config.pool_size = 1;
-    let provider = Pkcs11RootKey::connect(config).unwrap();
+    let provider = one_session(&token, |_| {});
     let context = readiness_context();
     let key = Key256::generate().unwrap();
     let blob = provider.wrap(&key, &context).await.unwrap();
@@ -252,9 +257,7 @@ async fn a_public_key_under_the_label_does_not_shadow_the_master() {
     planted.push(Attribute::Value(vec![0x42; 32]));
     public.create_object(&planted).unwrap();
 
-    let mut config = token.config(MASTER);
-    config.pool_size = 1;
-    let provider = Pkcs11RootKey::connect(config).unwrap();
+    let provider = one_session(&token, |_| {});
     let context = readiness_context();
     let key = Key256::generate().unwrap();
     let blob = provider.wrap(&key, &context).await.unwrap();
@@ -342,10 +345,8 @@ async fn a_module_that_stops_answering_is_given_up_on_in_time() {
         return;
     };
     Pkcs11RootKey::create_master_key(&token.config(MASTER)).unwrap();
-    let mut config = token.config(MASTER);
-    config.pool_size = 1;
-    config.call_timeout = std::time::Duration::from_millis(300);
-    let provider = Pkcs11RootKey::connect(config).unwrap();
+    let timeout = std::time::Duration::from_millis(300);
+    let provider = one_session(&token, |config| config.call_timeout = timeout);
     let started = std::time::Instant::now();
     let stuck = provider
         .call(|_| {
