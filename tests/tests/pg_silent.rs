@@ -131,7 +131,7 @@ async fn an_operation_whose_server_goes_silent_fails_in_bounded_time() {
         .await
         .expect("the operation waited for ever on a silent server")
         .unwrap();
-    // It may yet be done: the server had the statement.
+    // A write: the client cannot tell whether the server had its COMMIT.
     assert!(matches!(result, Err(StoreError::OutcomeUnknown(_))), "{result:?}");
     assert!(started.elapsed() < secs(15), "{:?}", started.elapsed());
 

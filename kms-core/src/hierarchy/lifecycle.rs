@@ -143,6 +143,8 @@ impl KeyHierarchy {
             return Ok(());
         }
         if let Err(e) = self.store.add_usage(&deltas).await {
+            // Kept when the outcome is unknown too: counted twice if it
+            // landed, which errs on the safe side (a version looks used).
             self.usage.restore(deltas);
             return Err(e.into());
         }

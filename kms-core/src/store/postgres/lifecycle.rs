@@ -170,7 +170,7 @@ pub(super) async fn set_master_config(
         .bind(id.0)
         .execute(conn)
         .await
-        .map_err(unavailable)?;
+        .map_err(commit_failed)?;
     if updated.rows_affected() == 0 {
         return Err(StoreError::UnknownMaster(id.0));
     }
@@ -391,7 +391,9 @@ pub(super) async fn create_approval(
         Err(e) if e.as_database_error().is_some_and(|d| d.is_foreign_key_violation()) => {
             Err(StoreError::UnknownTenant(a.tenant.clone()))
         }
-        other => other.map(drop).map_err(unavailable),
+        // One statement, its own transaction: lost with its connection,
+        // it may have been made.
+        other => other.map(drop).map_err(commit_failed),
     }
 }
 

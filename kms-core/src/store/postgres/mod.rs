@@ -111,10 +111,29 @@ impl PostgresStore {
     /// an answer is bounded here too. A connection given up on is closed,
     /// never reused: it is mid-message, and its session may still hold
     /// locks (the server ends it: `idle_in_transaction_session_timeout`).
-    /// A result lost that way is unknown, as after a lost connection.
+    /// A read given up on is [`StoreError::Unavailable`]; a write, see
+    /// [`write`](Self::write).
     async fn run<T>(
         &self,
         op: impl AsyncFnOnce(&mut PgConnection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.bounded(op, silent).await
+    }
+
+    /// [`run`](Self::run) for an operation that changes the keystore: given
+    /// up on, its outcome is unknown ([`StoreError::OutcomeUnknown`]), for
+    /// the client cannot tell whether the server had its COMMIT.
+    async fn write<T>(
+        &self,
+        op: impl AsyncFnOnce(&mut PgConnection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.bounded(op, silent_write).await
+    }
+
+    async fn bounded<T>(
+        &self,
+        op: impl AsyncFnOnce(&mut PgConnection) -> Result<T, StoreError>,
+        on_silence: fn(Duration) -> StoreError,
     ) -> Result<T, StoreError> {
         // Bounded by `acquire_timeout` (connecting and the liveness check
         // of an idle connection included).
@@ -124,7 +143,7 @@ impl PostgresStore {
             Ok(result) => result,
             Err(_elapsed) => {
                 conn.close_on_drop();
-                Err(silent(limit))
+                Err(on_silence(limit))
             }
         }
     }
@@ -219,11 +238,11 @@ impl KeyStore for PostgresStore {
     }
 
     async fn register_master(&self, info: &ProviderInfo) -> Result<MasterKeyId, StoreError> {
-        self.run(async |c| tenants::register_master(c, info).await).await
+        self.write(async |c| tenants::register_master(c, info).await).await
     }
 
     async fn create_tenant(&self, tenant: NewTenant) -> Result<TenantRecord, StoreError> {
-        self.run(async move |c| tenants::create_tenant(c, tenant).await).await
+        self.write(async move |c| tenants::create_tenant(c, tenant).await).await
     }
 
     async fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>, StoreError> {
@@ -251,7 +270,7 @@ impl KeyStore for PostgresStore {
         now: i64,
     ) -> Result<KekRecord, StoreError> {
         let channel = &self.settings.channel;
-        self.run(async |c| {
+        self.write(async |c| {
             tenants::add_kek_version(c, channel, id, version, wrapped, master, now).await
         })
         .await
@@ -265,7 +284,7 @@ impl KeyStore for PostgresStore {
         now: i64,
     ) -> Result<KekRecord, StoreError> {
         let channel = &self.settings.channel;
-        self.run(async |c| tenants::change_kek_state(c, channel, id, version, change, now).await)
+        self.write(async |c| tenants::change_kek_state(c, channel, id, version, change, now).await)
             .await
     }
 
@@ -274,7 +293,7 @@ impl KeyStore for PostgresStore {
         id: &TenantId,
         every_secs: Option<i64>,
     ) -> Result<TenantRecord, StoreError> {
-        self.run(async |c| {
+        self.write(async |c| {
             lifecycle::set_rotation_period(c, &self.settings.channel, id, every_secs).await
         })
         .await
@@ -286,7 +305,7 @@ impl KeyStore for PostgresStore {
         version: Option<KekVersion>,
         now: i64,
     ) -> Result<TenantRecord, StoreError> {
-        self.run(async |c| {
+        self.write(async |c| {
             lifecycle::destroy_keys(c, &self.settings.channel, id, version, now).await
         })
         .await
@@ -297,11 +316,11 @@ impl KeyStore for PostgresStore {
     }
 
     async fn set_master_config(&self, id: MasterKeyId, config: &str) -> Result<(), StoreError> {
-        self.run(async |c| lifecycle::set_master_config(c, id, config).await).await
+        self.write(async |c| lifecycle::set_master_config(c, id, config).await).await
     }
 
     async fn activate_master(&self, id: MasterKeyId) -> Result<(), StoreError> {
-        self.run(async |c| lifecycle::activate_master(c, id).await).await
+        self.write(async |c| lifecycle::activate_master(c, id).await).await
     }
 
     async fn keys_not_under(
@@ -319,7 +338,7 @@ impl KeyStore for PostgresStore {
         wrapped: &[u8],
         to: MasterKeyId,
     ) -> Result<bool, StoreError> {
-        self.run(async |c| lifecycle::replace_wrapped(c, key, from, wrapped, to).await).await
+        self.write(async |c| lifecycle::replace_wrapped(c, key, from, wrapped, to).await).await
     }
 
     async fn keys_per_master(&self) -> Result<Vec<(MasterKeyId, u64)>, StoreError> {
@@ -327,7 +346,7 @@ impl KeyStore for PostgresStore {
     }
 
     async fn add_usage(&self, deltas: &[UsageDelta]) -> Result<(), StoreError> {
-        self.run(async |c| lifecycle::add_usage(c, deltas).await).await
+        self.write(async |c| lifecycle::add_usage(c, deltas).await).await
     }
 
     async fn usage(&self, id: &TenantId, since_hour: i64) -> Result<Vec<VersionUsage>, StoreError> {
@@ -335,7 +354,7 @@ impl KeyStore for PostgresStore {
     }
 
     async fn create_approval(&self, approval: &Approval) -> Result<(), StoreError> {
-        self.run(async |c| lifecycle::create_approval(c, approval).await).await
+        self.write(async |c| lifecycle::create_approval(c, approval).await).await
     }
 
     async fn approval(&self, id: &str) -> Result<Option<Approval>, StoreError> {
@@ -347,7 +366,7 @@ impl KeyStore for PostgresStore {
     }
 
     async fn decide_approval(&self, decision: &DecideApproval<'_>) -> Result<Approval, StoreError> {
-        self.run(async |c| lifecycle::decide_approval(c, decision).await).await
+        self.write(async |c| lifecycle::decide_approval(c, decision).await).await
     }
 
     async fn execute_approval(
@@ -355,7 +374,7 @@ impl KeyStore for PostgresStore {
         id: &str,
         now: i64,
     ) -> Result<(Approval, TenantRecord), StoreError> {
-        self.run(async |c| lifecycle::execute_approval(c, &self.settings.channel, id, now).await)
+        self.write(async |c| lifecycle::execute_approval(c, &self.settings.channel, id, now).await)
             .await
     }
 
@@ -365,11 +384,11 @@ impl KeyStore for PostgresStore {
         from: ApprovalState,
         comment: &str,
     ) -> Result<Approval, StoreError> {
-        self.run(async |c| lifecycle::withdraw_approval(c, id, from, comment).await).await
+        self.write(async |c| lifecycle::withdraw_approval(c, id, from, comment).await).await
     }
 
     async fn append_audit(&self, rows: &[AuditRow]) -> Result<(), StoreError> {
-        self.run(async |c| audit::append_batch(c, rows, None).await).await
+        self.write(async |c| audit::append_batch(c, rows, None).await).await
     }
 
     async fn audit_rows(
@@ -386,7 +405,7 @@ impl KeyStore for PostgresStore {
         rows: &[AuditRow],
         checkpoint: Option<&CheckpointRow>,
     ) -> Result<(), StoreError> {
-        self.run(async |c| audit::append_batch(c, rows, checkpoint).await).await
+        self.write(async |c| audit::append_batch(c, rows, checkpoint).await).await
     }
 
     async fn last_audit_row(&self, instance: &str) -> Result<Option<AuditRow>, StoreError> {
@@ -424,7 +443,7 @@ impl KeyStore for PostgresStore {
         &self,
         record: &AuditSigningKeyRecord,
     ) -> Result<AuditSigningKeyRecord, StoreError> {
-        self.run(async |c| audit::insert_signing_key(c, record).await).await
+        self.write(async |c| audit::insert_signing_key(c, record).await).await
     }
 
     /// A session-level `pg_try_advisory_lock` on a dedicated connection,
@@ -460,8 +479,9 @@ fn unavailable(e: sqlx::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
-/// A COMMIT that failed: refused by the server (so rolled back), or lost
-/// with its connection, when it may have landed.
+/// A COMMIT (or a write outside a transaction, which commits itself) that
+/// failed: refused by the server (so rolled back), or lost with its
+/// connection, when it may have landed.
 fn commit_failed(e: sqlx::Error) -> StoreError {
     if e.as_database_error().is_some() {
         return unavailable(e);
@@ -469,8 +489,13 @@ fn commit_failed(e: sqlx::Error) -> StoreError {
     StoreError::OutcomeUnknown(format!("the connection failed while committing: {e}"))
 }
 
-/// No answer from the server within `limit`.
+/// No answer from the server within `limit`, to a read.
 fn silent(limit: Duration) -> StoreError {
+    StoreError::Unavailable(format!("no answer from PostgreSQL within {} ms", limit.as_millis()))
+}
+
+/// No answer from the server within `limit`, to a write.
+fn silent_write(limit: Duration) -> StoreError {
     StoreError::OutcomeUnknown(format!(
         "no answer from PostgreSQL within {} ms; the outcome of the operation is unknown",
         limit.as_millis()
@@ -485,13 +510,14 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 mod tests {
     use super::*;
 
-    /// A COMMIT lost with its connection may have landed, and so may an
-    /// operation given up on for silence.
+    /// A COMMIT lost with its connection may have landed, and so may a
+    /// write given up on for silence; a read given up on changed nothing.
     #[test]
     fn a_commit_lost_with_its_connection_has_an_unknown_outcome() {
         let lost = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
         let e = commit_failed(sqlx::Error::Io(lost));
         assert!(matches!(&e, StoreError::OutcomeUnknown(m) if m.contains("reset by peer")), "{e}");
-        assert!(matches!(silent(Duration::from_secs(1)), StoreError::OutcomeUnknown(_)));
+        assert!(matches!(silent_write(Duration::from_secs(1)), StoreError::OutcomeUnknown(_)));
+        assert!(matches!(silent(Duration::from_secs(1)), StoreError::Unavailable(_)));
     }
 }
