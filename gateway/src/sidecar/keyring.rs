@@ -163,6 +163,9 @@ impl Keyring {
 
     /// Drops the derived keys of `tenant`.
     pub(super) fn forget(&self, tenant: &TenantId) {
+        // First, so that no miss from now on joins a call begun before.
+        self.schema_calls.detach(|(t, _, _)| t == tenant);
+        self.namespace_calls.detach(|(t, _)| t == tenant);
         // Stamped before the maps are cleared (see `keep`). One entry per
         // tenant ever forgotten: tenants, not requests, bound it.
         self.forgotten
@@ -177,9 +180,6 @@ impl Keyring {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|(t, _), _| t != tenant);
-        // A miss from now on asks anew, not joining a call begun before.
-        self.schema_calls.detach(|(t, _, _)| t == tenant);
-        self.namespace_calls.detach(|(t, _)| t == tenant);
     }
 
     /// Drops everything older than the TTL.

@@ -18,6 +18,31 @@ use super::ks_client::KsError;
 
 type Answer<T> = Result<Arc<T>, KsError>;
 
+/// A caller leaving a call (answered, or cancelled): if it was the last
+/// one and no answer came, the call's entry goes, so that calls whose
+/// callers all gave up (their clients timed out in an outage) do not stay
+/// behind, one per key the app named.
+struct Leaving<'a, K: Hash + Eq + Clone, T> {
+    flights: &'a SingleFlight<K, T>,
+    key: &'a K,
+    call: &'a Arc<OnceCell<Answer<T>>>,
+}
+
+impl<K: Hash + Eq + Clone, T> Drop for Leaving<'_, K, T> {
+    fn drop(&mut self) {
+        let mut calls = self.flights.calls();
+        // Under the map's lock, where callers join: the map's reference
+        // and this caller's are the only ones left.
+        let alone = Arc::strong_count(self.call) == 2;
+        if !self.call.initialized()
+            && alone
+            && calls.get(self.key).is_some_and(|c| Arc::ptr_eq(c, self.call))
+        {
+            calls.remove(self.key);
+        }
+    }
+}
+
 /// The calls in flight, by the key they fetch.
 pub(super) struct SingleFlight<K, T> {
     calls: Mutex<HashMap<K, Arc<OnceCell<Answer<T>>>>>,
@@ -43,6 +68,7 @@ impl<K: Hash + Eq + Clone, T> SingleFlight<K, T> {
         Fut: Future<Output = Answer<T>>,
     {
         let call = self.calls().entry(key.clone()).or_default().clone();
+        let _leaving = Leaving { flights: self, key: &key, call: &call };
         call.get_or_init(|| async {
             let answer = fetch().await;
             // Over before its answer is given: those already holding the
@@ -134,6 +160,29 @@ mod tests {
         let (answer, ()) = tokio::join!(second, cancel);
         assert_eq!(*answer.unwrap(), 2);
         assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(flights.in_flight(), 0);
+    }
+
+    /// A call whose callers all gave up leaves nothing behind; one that
+    /// another caller still waits on stays, and is answered.
+    #[tokio::test]
+    async fn a_call_every_caller_gave_up_on_is_forgotten() {
+        let flights = Flights::default();
+        let calls = AtomicUsize::new(0);
+        for key in ["a", "b", "c"] {
+            let stuck = flights.run(key, || slow(&calls, 10_000, Ok(Arc::new(1))));
+            assert!(tokio::time::timeout(Duration::from_millis(20), stuck).await.is_err());
+        }
+        assert_eq!(flights.in_flight(), 0);
+
+        let waiting = flights.run("a", || slow(&calls, 100, Ok(Arc::new(2))));
+        let gave_up = async {
+            let stuck = flights.run("a", || slow(&calls, 10_000, Ok(Arc::new(3))));
+            assert!(tokio::time::timeout(Duration::from_millis(20), stuck).await.is_err());
+            assert_eq!(flights.in_flight(), 1, "still awaited");
+        };
+        let (answer, ()) = tokio::join!(waiting, gave_up);
+        assert_eq!(*answer.unwrap(), 2);
         assert_eq!(flights.in_flight(), 0);
     }
 
