@@ -53,13 +53,22 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         .enforce()
         .map_err(|e| fail("compliance")(&e))?;
     let compliance = Arc::new(ComplianceContext { config: config.clone(), hygiene });
-    // One key service per data directory, for the whole run: two sharing
-    // one would share its instance id (and so an audit chain) and, on
-    // SQLite, a keystore without hearing each other's invalidations.
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| fail("data directory")(&e))?;
-    let lock = config.data_dir.join("key-service.lock");
-    let _data_dir = crate::claim::claim(&config.data_dir, &lock, "another key service")
-        .map_err(|e| fail("data directory")(&e))?;
+    // One key service per data directory, for the whole run, where it
+    // holds this process's state: two sharing one would share its
+    // generated instance id (and so an audit chain) or its SQLite keystore
+    // (without hearing each other's invalidations). A PostgreSQL replica
+    // with its own `instance` keeps nothing there.
+    let _data_dir = if config.storage_url.is_none() || config.instance.is_none() {
+        use std::os::unix::fs::DirBuilderExt;
+        let mut private = std::fs::DirBuilder::new();
+        private.recursive(true).mode(0o700);
+        private.create(&config.data_dir).map_err(|e| fail("data directory")(&e))?;
+        let lock = config.data_dir.join("key-service.lock");
+        let claim = crate::claim::claim(&config.data_dir, &lock, "another key service");
+        Some(claim.map_err(|e| fail("data directory")(&e))?)
+    } else {
+        None
+    };
     let instance = instance_id(&config).map_err(|e| fail("instance id")(&e))?;
     let (store, sqlite) = open_store(&config).await?;
     // Whether commits are durable is the database's answer, not the URL's;
