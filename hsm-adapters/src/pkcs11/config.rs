@@ -131,6 +131,7 @@ impl fmt::Debug for Pkcs11Config {
             .field("pin", &"[redacted]")
             .field("pool_size", &self.pool_size)
             .field("pin_retry_interval", &self.pin_retry_interval)
+            .field("call_timeout", &self.call_timeout)
             .finish()
     }
 }

@@ -10,9 +10,10 @@
 //! not announced to this replica. While it cannot reconnect it sends `All`
 //! after each failed attempt too, so that what a replica caches meanwhile
 //! (its queries may well work: the listener's own connection is what
-//! fails) is kept no longer than an attempt and a pause (at most 5 s, or
-//! the store's operation bound if the server is silent), not for the whole
-//! key TTL the operator may have raised to hours.
+//! fails) is kept no longer than a pause (at most 5 s) and an attempt (an
+//! attempt refused fails at once; one the server does not answer waits up
+//! to the operation bound plus `acquire_timeout`, 50 s by default), not for
+//! the whole key TTL the operator may have raised to hours.
 
 use std::time::Duration;
 
