@@ -97,3 +97,19 @@ async fn typed_records_and_typed_errors() {
     assert_eq!(err.code(), Some(&ErrorCode::CannotDecrypt), "{err}");
     assert!(!err.to_string().contains("C50.9"));
 }
+
+/// The SDK drops an idle pooled connection well before the sidecar closes
+/// it (its header read timeout closes idle HTTP/1 keep-alive connections,
+/// and its idle timeout any connection): a request sent on a connection
+/// the sidecar is closing would fail as a transport error.
+#[test]
+fn pooled_connections_idle_out_before_the_sidecar_closes_them() {
+    let sidecar = gateway::abuse::SidecarAbuseConfig::default();
+    let closes = sidecar.header_read_timeout_secs.min(sidecar.idle_timeout_secs);
+    let margin = std::time::Duration::from_secs(5);
+    let pool_idle = keygate_sdk::fuzzing::POOL_IDLE_TIMEOUT;
+    assert!(
+        pool_idle + margin <= std::time::Duration::from_secs(closes),
+        "{pool_idle:?} leaves no margin before the sidecar's {closes} s"
+    );
+}
