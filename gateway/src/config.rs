@@ -160,6 +160,12 @@ pub struct TrustedMasters {
     /// uses AWS's own endpoint for its region and needs no entry).
     #[serde(default)]
     pub aws_kms_endpoints: Vec<String>,
+    /// AWS accounts (12 digits) whose KMS keys a master may name by ARN,
+    /// besides `[root]`'s account. Only an ARN reaches a key in another
+    /// account; a bare key id or alias is always in the account of the key
+    /// service's own credentials. A key listed in `keys` needs no entry.
+    #[serde(default)]
+    pub aws_kms_accounts: Vec<String>,
     /// The master keys besides `[root]`'s that may be used at all, named as
     /// `GET /v1/master` names them (`kind:key_ref`, e.g.
     /// `pkcs11:prod-token/master-2` or `aws-kms:arn:aws:kms:…:key/…`).
@@ -171,6 +177,17 @@ pub struct TrustedMasters {
 }
 
 impl TrustedMasters {
+    /// Refuses an `aws_kms_accounts` entry that is not an account id, so a
+    /// typo is reported at start rather than refusing every rotation.
+    fn check_accounts(&self) -> Result<(), ConfigError> {
+        match self.aws_kms_accounts.iter().find(|a| !is_aws_account(a)) {
+            Some(bad) => Err(ConfigError(format!(
+                "trusted_masters.aws_kms_accounts: {bad:?} is not an AWS account id (12 digits)"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Refuses a `keys` entry that could never name a master key (kinds are
     /// those of `GET /v1/master`, not the file's `provider` names: `aws-kms`,
     /// not `aws_kms`; an AWS KMS key by its ARN, not an alias), so a misspelt
@@ -196,6 +213,19 @@ impl TrustedMasters {
         }
         Ok(())
     }
+}
+
+/// The account an AWS KMS key id names, if it is an ARN (a key or alias
+/// ARN, `arn:<partition>:kms:<region>:<account>:…`); a bare key id or alias
+/// names none (it is looked up in the caller's own account).
+pub(crate) fn arn_account(key_id: &str) -> Option<&str> {
+    let mut parts = key_id.strip_prefix("arn:")?.splitn(5, ':');
+    let (_partition, _service, _region) = (parts.next()?, parts.next()?, parts.next()?);
+    parts.next()
+}
+
+fn is_aws_account(account: &str) -> bool {
+    account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// Whether an AWS KMS key id is a key ARN (which names the key itself; an
@@ -789,6 +819,7 @@ impl ServerConfig {
             return Err(ConfigError::new("lifecycle.approval_ttl_secs must be at least 1"));
         }
         config.trusted_masters.check_keys()?;
+        config.trusted_masters.check_accounts()?;
         Ok(config)
     }
 
@@ -1064,6 +1095,27 @@ max_batch = 500
             std::fs::write(&path, format!("{base}[trusted_masters]\nkeys = [{key:?}]\n")).unwrap();
             let error = ServerConfig::load(&path).unwrap_err().to_string();
             assert!(error.contains("trusted_masters.keys") && error.contains(key), "{error}");
+        }
+        let accounts = "[trusted_masters]\naws_kms_accounts = [\"111122223333\"]\n";
+        std::fs::write(&path, format!("{base}{accounts}")).unwrap();
+        let trusted = ServerConfig::load(&path).unwrap().trusted_masters;
+        assert_eq!(trusted.aws_kms_accounts, ["111122223333"]);
+        for account in ["11112222333", "1111222233334", "1111-2222-33", "arn:aws:iam::1"] {
+            let table = format!("[trusted_masters]\naws_kms_accounts = [{account:?}]\n");
+            std::fs::write(&path, format!("{base}{table}")).unwrap();
+            let error = ServerConfig::load(&path).unwrap_err().to_string();
+            assert!(error.contains("aws_kms_accounts") && error.contains(account), "{error}");
+        }
+    }
+
+    #[test]
+    fn only_an_arn_names_an_aws_account() {
+        let key = "arn:aws:kms:eu-west-1:111122223333:key/0000";
+        assert_eq!(arn_account(key), Some("111122223333"));
+        let alias = "arn:aws-us-gov:kms:us-gov-west-1:444455556666:alias/prod";
+        assert_eq!(arn_account(alias), Some("444455556666"));
+        for bare in ["0000-1111", "alias/prod", "arn:aws:kms", "arn:aws:kms:eu-west-1"] {
+            assert_eq!(arn_account(bare), None, "{bare}");
         }
     }
 

@@ -84,10 +84,11 @@ pub fn key_service_request(data: &[u8]) {
 
 /// A master rotation's target, checked as the handler checks it: the
 /// settings the key service records read back, and the trust rule lets
-/// through only the module and endpoint the host configured.
+/// through only the module, endpoint and AWS account the host configured.
 fn master_rotation_target(to: &RootConfig) {
     const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
     const ENDPOINT: &str = "https://kms.example";
+    const ACCOUNT: &str = "111122223333";
     let _ = crate::config::check_durations(to.durations());
     let _ = to.paths_are_absolute();
     if let Ok(recorded) = recorded_settings(to) {
@@ -101,6 +102,7 @@ fn master_rotation_target(to: &RootConfig) {
     let trusted = TrustedMasters {
         pkcs11_modules: vec![MODULE.into()],
         aws_kms_endpoints: vec![ENDPOINT.into()],
+        aws_kms_accounts: vec![ACCOUNT.into()],
         keys: None,
     };
     let root = RootConfig::DevLocal {
@@ -113,12 +115,13 @@ fn master_rotation_target(to: &RootConfig) {
         RootConfig::Pkcs11 { module, .. } => {
             assert_eq!(allowed, module == std::path::Path::new(MODULE), "module {module:?}");
         }
-        RootConfig::AwsKms { endpoint_url: Some(endpoint), .. } => {
-            assert_eq!(allowed, endpoint.trim_end_matches('/') == ENDPOINT, "{endpoint:?}");
+        RootConfig::AwsKms { endpoint_url, key_id, .. } => {
+            let endpoint =
+                endpoint_url.as_deref().is_none_or(|e| e.trim_end_matches('/') == ENDPOINT);
+            let account = crate::config::arn_account(key_id).is_none_or(|a| a == ACCOUNT);
+            assert_eq!(allowed, endpoint && account, "{endpoint_url:?} {key_id:?}");
         }
-        RootConfig::AwsKms { endpoint_url: None, .. } | RootConfig::DevLocal { .. } => {
-            assert!(allowed);
-        }
+        RootConfig::DevLocal { .. } => assert!(allowed),
     }
 }
 

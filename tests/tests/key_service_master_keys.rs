@@ -84,6 +84,83 @@ async fn master_key_in_aws_kms() {
     assert!(!ks.log().contains(moto::SECRET_ACCESS_KEY), "the AWS secret never reaches the log");
 }
 
+/// A master named by the ARN of a key in another AWS account is refused
+/// until the host lists that account (a key policy there could grant this
+/// service's role a key its owner can decrypt with); [root]'s own account,
+/// known once connected even when [root] names its key by alias, needs no
+/// entry.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_master_in_another_aws_account_needs_the_account_listed() {
+    const OUTSIDER: &str = "999999999999";
+    let kms = MotoServer::start();
+    let root_key = kms.create_key().await;
+    kms.create_alias("alias/master", &root_key).await;
+    let next_key = kms.create_key().await;
+    let account = next_key.split(':').nth(4).unwrap().to_owned();
+    assert_ne!(account, OUTSIDER);
+    let outsider_key = next_key.replace(&format!(":{account}:"), &format!(":{OUTSIDER}:"));
+    let root = format!(
+        "[root]\nprovider = \"aws_kms\"\nregion = \"{}\"\nkey_id = \"alias/master\"\n\
+         endpoint_url = \"{}\"\n",
+        moto::REGION,
+        kms.endpoint()
+    );
+    let env = [
+        ("AWS_ACCESS_KEY_ID", moto::ACCESS_KEY_ID),
+        ("AWS_SECRET_ACCESS_KEY", moto::SECRET_ACCESS_KEY),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ];
+    let to = |key_id: &str| {
+        json!({"to": {"provider": "aws_kms", "region": moto::REGION, "key_id": key_id,
+                      "endpoint_url": kms.endpoint()}})
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start_with_root(&dir.path().join("ks"), "", &root, &env);
+    let (status, body) = ks.post(ADMIN, "/v1/tenants", &json!({"tenant": "onc"})).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = ks.post(ADMIN, "/v1/master/rotate", &to(&outsider_key)).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("untrusted_provider")),
+        "{body}"
+    );
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("account {OUTSIDER}"))
+            && message.contains("trusted_masters.aws_kms_accounts"),
+        "{message}"
+    );
+    let (_, export) = ks.get("spiffe://test/auditor", "/v1/audit").await;
+    let refused = export
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["action"] == "master.rotate")
+        .unwrap();
+    assert_eq!(
+        (refused["outcome"].as_str(), refused["detail"]["rule"].as_str()),
+        (Some("denied"), Some("trusted_masters")),
+        "{refused}"
+    );
+    let (_, master) = ks.get(ADMIN, "/v1/master").await;
+    assert!(master.contains(&root_key) && !master.contains(OUTSIDER), "{master}");
+
+    // The same account as [root]'s key, which [root] names by alias.
+    let (status, body) = ks.post(ADMIN, "/v1/master/rotate", &to(&next_key)).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, master) = ks.get(ADMIN, "/v1/master").await;
+    assert!(master.contains(&next_key), "{master}");
+    drop(ks);
+
+    // Listed, the outsider's account is let through to KMS. (moto ignores
+    // an ARN's account and serves the key by its id: the refusal above was
+    // this host's own, not KMS's.)
+    let listed = format!("[trusted_masters]\naws_kms_accounts = [\"{OUTSIDER}\"]\n");
+    let ks = KeyService::start_with_root(&dir.path().join("ks2"), &listed, &root, &env);
+    let (status, body) = ks.post(ADMIN, "/v1/master/rotate", &to(&outsider_key)).await;
+    assert_eq!(status, 200, "{body}");
+}
+
 /// Only the configured endpoint (or, without one, AWS's own) passed the
 /// endpoint checks and `[trusted_masters]`: an endpoint from the
 /// environment is never used instead, so this KMS, reachable only through

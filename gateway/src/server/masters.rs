@@ -12,18 +12,21 @@ use kms_core::store::{KeyStore, MasterRecord, StoreError};
 use kms_core::{MasterConnector, ProviderInfo, RootKeyError, RootKeyProvider};
 
 use super::startup::connect_provider;
-use crate::config::{RootConfig, TrustedMasters};
+use crate::config::{RootConfig, TrustedMasters, arn_account};
 
 /// What this host lets a master other than its configured root load or
-/// reach: the configured root's PKCS#11 module and AWS KMS endpoint, and
-/// those listed in `[trusted_masters]`; and, if it lists keys, which
-/// master keys.
+/// reach: the configured root's PKCS#11 module, AWS KMS endpoint and AWS
+/// account, and those listed in `[trusted_masters]`; and, if it lists
+/// keys, which master keys.
 #[derive(Debug, Clone)]
 pub(crate) struct MasterTrust {
     /// The configured root's module, if it is a PKCS#11 one.
     root_module: Option<PathBuf>,
     /// The configured root's endpoint override, if it is an AWS KMS one.
     root_endpoint: Option<String>,
+    /// The configured root's AWS account, if it is an AWS KMS key named by
+    /// ARN (or, once connected, whatever named it).
+    root_account: Option<String>,
     /// The configured root's key (`kind:key_ref`), once connected.
     root_key: Option<String>,
     trusted: TrustedMasters,
@@ -31,17 +34,25 @@ pub(crate) struct MasterTrust {
 
 impl MasterTrust {
     pub(crate) fn new(root: &RootConfig, trusted: &TrustedMasters) -> Self {
-        let (root_module, root_endpoint) = match root {
-            RootConfig::Pkcs11 { module, .. } => (Some(module.clone()), None),
-            RootConfig::AwsKms { endpoint_url, .. } => (None, endpoint_url.clone()),
-            RootConfig::DevLocal { .. } => (None, None),
+        let (root_module, root_endpoint, root_account) = match root {
+            RootConfig::Pkcs11 { module, .. } => (Some(module.clone()), None, None),
+            RootConfig::AwsKms { endpoint_url, key_id, .. } => {
+                (None, endpoint_url.clone(), arn_account(key_id).map(str::to_owned))
+            }
+            RootConfig::DevLocal { .. } => (None, None, None),
         };
-        Self { root_module, root_endpoint, root_key: None, trusted: trusted.clone() }
+        Self { root_module, root_endpoint, root_account, root_key: None, trusted: trusted.clone() }
     }
 
     /// The same, knowing the configured root's key (a rotation back to it
-    /// needs no entry in `trusted_masters.keys`).
+    /// needs no entry in `trusted_masters.keys`, and an AWS KMS root named
+    /// by alias shows its account).
     pub(crate) fn with_root_key(mut self, root: &ProviderInfo) -> Self {
+        if root.kind == "aws-kms"
+            && let Some(account) = arn_account(&root.key_ref)
+        {
+            self.root_account = Some(account.to_owned());
+        }
         self.root_key = Some(root.to_string());
         self
     }
@@ -79,10 +90,26 @@ impl MasterTrust {
                         ));
                     }
                 }
+                let key = format!("aws-kms:{key_id}");
                 // A key ARN names the key; an alias shows it only once connected.
-                crate::config::is_key_arn(key_id)
-                    .then(|| self.key_refusal(&format!("aws-kms:{key_id}")))
-                    .flatten()
+                if crate::config::is_key_arn(key_id)
+                    && let Some(reason) = self.key_refusal(&key)
+                {
+                    return Some(reason);
+                }
+                // Only an ARN reaches another account: the key service's
+                // credentials may be granted a key someone else controls,
+                // who could then unwrap every key wrapped under it.
+                let account = arn_account(key_id)?;
+                let root_account = self.root_account.as_deref() == Some(account);
+                let listed_account = self.trusted.aws_kms_accounts.iter().any(|a| a == account);
+                let listed_key = self.trusted.keys.iter().flatten().any(|k| *k == key);
+                (!root_account && !listed_account && !listed_key).then(|| {
+                    format!(
+                        "the AWS KMS key {key_id} is in account {account}, neither [root]'s \
+                         nor listed in trusted_masters.aws_kms_accounts"
+                    )
+                })
             }
             RootConfig::DevLocal { key_file, create_if_missing, .. } => {
                 // A key made now has a fingerprint nobody could have listed.
@@ -225,6 +252,7 @@ mod tests {
         let trusted = TrustedMasters {
             pkcs11_modules: vec!["/opt/hsm/listed.so".into()],
             aws_kms_endpoints: vec!["https://vpce.example:443/".into()],
+            aws_kms_accounts: Vec::new(),
             keys: None,
         };
         let hsm_root = MasterTrust::new(&pkcs11("/usr/lib/softhsm/libsofthsm2.so"), &trusted);
@@ -309,6 +337,66 @@ mod tests {
                                         "key_file": dir.path().join("new.key")}));
         assert!(strict.refusal(&new_file).unwrap().contains("could not be listed"));
         assert_eq!(open.refusal(&new_file), None, "no list, no refusal");
+    }
+
+    #[test]
+    fn an_aws_kms_key_of_another_account_needs_the_account_listed() {
+        let key_in = |account: &str| {
+            settings(json!({"provider": "aws_kms", "region": "eu-west-1",
+                            "key_id": format!("arn:aws:kms:eu-west-1:{account}:key/0000")}))
+        };
+        let alias_in = |account: &str| {
+            settings(json!({"provider": "aws_kms", "region": "us-east-1",
+                            "key_id": format!("arn:aws:kms:us-east-1:{account}:alias/prod")}))
+        };
+        let root_arn = "arn:aws:kms:eu-west-1:111122223333:key/root";
+        let root = settings(json!({"provider": "aws_kms", "region": "eu-west-1",
+                                   "key_id": root_arn}));
+
+        // [root]'s account, in any region, by key or alias ARN.
+        let kms_root = MasterTrust::new(&root, &Default::default());
+        assert_eq!(kms_root.refusal(&key_in("111122223333")), None);
+        assert_eq!(kms_root.refusal(&alias_in("111122223333")), None);
+        // Another account is refused, by key or alias ARN, whatever endpoint.
+        for target in [key_in("999999999999"), alias_in("999999999999")] {
+            let refused = kms_root.refusal(&target).unwrap();
+            assert!(
+                refused.contains("account 999999999999")
+                    && refused.contains("trusted_masters.aws_kms_accounts"),
+                "{refused}"
+            );
+        }
+        // A bare id or alias is looked up in the credentials' own account.
+        assert_eq!(kms_root.refusal(&kms(None)), None);
+
+        // A root named by alias shows its account once connected.
+        let connected = ProviderInfo { kind: "aws-kms", key_ref: root_arn.into() };
+        let by_alias = MasterTrust::new(&kms(None), &Default::default());
+        assert!(by_alias.refusal(&key_in("111122223333")).is_some());
+        let by_alias = by_alias.with_root_key(&connected);
+        assert_eq!(by_alias.refusal(&key_in("111122223333")), None);
+        assert!(by_alias.refusal(&key_in("999999999999")).is_some());
+
+        // A root outside AWS KMS trusts no account by itself.
+        let hsm_root =
+            MasterTrust::new(&pkcs11("/usr/lib/softhsm/libsofthsm2.so"), &Default::default());
+        assert!(hsm_root.refusal(&key_in("111122223333")).is_some());
+
+        // Listed accounts, or the key itself listed.
+        let listed =
+            TrustedMasters { aws_kms_accounts: vec!["999999999999".into()], ..Default::default() };
+        let with_account = MasterTrust::new(&local(), &listed);
+        assert_eq!(with_account.refusal(&key_in("999999999999")), None);
+        assert_eq!(with_account.refusal(&alias_in("999999999999")), None);
+        assert!(with_account.refusal(&key_in("555555555555")).is_some());
+        let other = "arn:aws:kms:eu-west-1:555555555555:key/0000";
+        let keys =
+            TrustedMasters { keys: Some(vec![format!("aws-kms:{other}")]), ..Default::default() };
+        let with_key = MasterTrust::new(&local(), &keys);
+        assert_eq!(with_key.refusal(&key_in("555555555555")), None);
+        // With keys listed, an unlisted key is refused by the list first.
+        let refused = with_key.refusal(&key_in("666666666666")).unwrap();
+        assert!(refused.contains("trusted_masters.keys"), "{refused}");
     }
 
     fn recorded(settings: serde_json::Value) -> MasterRecord {
