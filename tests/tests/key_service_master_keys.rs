@@ -82,6 +82,13 @@ async fn master_key_in_aws_kms() {
     let mut ks = KeyService::start_with_root(dir.path(), "[log]\nlevel = \"debug\"\n", &root, &env);
     issue_restart_unwrap(&mut ks, "aws-kms").await;
     assert!(!ks.log().contains(moto::SECRET_ACCESS_KEY), "the AWS secret never reaches the log");
+
+    // KMS gone: the audit log cannot be verified for now, which is not a
+    // broken chain (an `ok: false` an auditor would take for tampering).
+    kms.stop();
+    let (status, body) = ks.get(ADMIN, "/v1/audit/verify").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("root_key_unavailable") && !body.contains("first_break"), "{body}");
 }
 
 /// A master named by the ARN of a key in another AWS account is refused

@@ -12,6 +12,7 @@ use axum::{Extension, Json};
 use http_body_util::channel::Channel;
 use kms_core::audit::{Anchor, AuditEvent, AuditSigner, BreakReason, Outcome, verify_stored_chain};
 use kms_core::store::{KeyStore, StoreError};
+use kms_core::{HierarchyError, RootKeyError};
 use serde_json::{Value, json};
 
 use super::ApiJson;
@@ -315,6 +316,10 @@ async fn verify_chains(
         let root = state.hierarchy.master(record.master).await?;
         let key = match root.unwrap(&record.wrapped, &AuditSigner::wrap_context(instance)).await {
             Ok(key) => key,
+            // A provider that does not answer says nothing of the chain.
+            Err(e) if !matches!(e, RootKeyError::CannotUnwrap) => {
+                return Err(HierarchyError::Root(e).into());
+            }
             Err(e) => {
                 tracing::error!(error = %e, instance, "cannot unwrap an audit signing key");
                 return Ok(broken(
