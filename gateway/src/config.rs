@@ -122,6 +122,10 @@ pub enum RootConfig {
         /// Sessions kept open for concurrent calls.
         #[serde(default = "default_pool_size")]
         pool_size: usize,
+        /// How long a wrap or unwrap waits for a session and the module's
+        /// answer, in milliseconds, before it fails as unavailable.
+        #[serde(default = "default_pkcs11_call_timeout_ms")]
+        call_timeout_ms: u64,
     },
     /// A master key in AWS KMS (credentials from the SDK's default chain).
     #[serde(rename = "aws_kms")]
@@ -238,6 +242,10 @@ fn default_pool_size() -> usize {
     8
 }
 
+fn default_pkcs11_call_timeout_ms() -> u64 {
+    u64::try_from(hsm_adapters::Pkcs11Config::DEFAULT_CALL_TIMEOUT.as_millis()).unwrap_or(u64::MAX)
+}
+
 fn default_kms_timeout_ms() -> u64 {
     5_000
 }
@@ -281,7 +289,10 @@ impl RootConfig {
             Self::AwsKms { timeout_ms, .. } => {
                 vec![("root.timeout_ms", Duration::from_millis(*timeout_ms))]
             }
-            Self::DevLocal { .. } | Self::Pkcs11 { .. } => Vec::new(),
+            Self::Pkcs11 { call_timeout_ms, .. } => {
+                vec![("root.call_timeout_ms", Duration::from_millis(*call_timeout_ms))]
+            }
+            Self::DevLocal { .. } => Vec::new(),
         }
     }
 
@@ -299,7 +310,15 @@ impl RootConfig {
 
     /// The PKCS#11 provider configuration, reading the PIN from its source.
     pub fn pkcs11(&self) -> Result<Option<hsm_adapters::Pkcs11Config>, ConfigError> {
-        let Self::Pkcs11 { module, token_label, key_label, pin_file, pin_env, pool_size } = self
+        let Self::Pkcs11 {
+            module,
+            token_label,
+            key_label,
+            pin_file,
+            pin_env,
+            pool_size,
+            call_timeout_ms,
+        } = self
         else {
             return Ok(None);
         };
@@ -311,6 +330,7 @@ impl RootConfig {
         let pin = source.load().map_err(|e| ConfigError::new(format!("root: {e}")))?;
         let mut config = hsm_adapters::Pkcs11Config::new(module, token_label, key_label, pin);
         config.pool_size = (*pool_size).max(1);
+        config.call_timeout = Duration::from_millis((*call_timeout_ms).max(1));
         Ok(Some(config))
     }
 }
@@ -888,6 +908,7 @@ impl ServerConfig {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
 
     use super::*;
 
@@ -1013,6 +1034,8 @@ max_batch = 500
         };
         let local = "provider = \"dev_local\"\nkey_file = \"root.key\"";
         let aws = "provider = \"aws_kms\"\nregion = \"r\"\nkey_id = \"k\"";
+        let hsm = "provider = \"pkcs11\"\nmodule = \"/opt/hsm/lib.so\"\ntoken_label = \"t\"\n\
+                   key_label = \"k\"\npin_env = \"PIN\"";
         // A day is allowed; a second more, or the largest TOML integer (which would
         // overflow at its first use), is refused with the setting's name.
         for (table, key, day) in [
@@ -1023,11 +1046,13 @@ max_batch = 500
             ("lifecycle", "scheduler_interval_ms", 86_400_000),
             ("abuse", "idle_timeout_secs", 86_400),
             ("root", "timeout_ms", 86_400_000),
+            ("root", "call_timeout_ms", 86_400_000),
         ] {
             let set = |value: u64| {
                 let line = format!("{key} = {value}");
                 match table {
                     "tls" => load(&line, local, ""),
+                    "root" if key == "call_timeout_ms" => load("", &format!("{hsm}\n{line}"), ""),
                     "root" => load("", &format!("{aws}\n{line}"), ""),
                     _ => load("", local, &format!("[{table}]\n{line}")),
                 }
@@ -1044,6 +1069,34 @@ max_batch = 500
         assert!(load("", local, "[lifecycle]\napproval_ttl_secs = 2592000").is_ok());
         let e = load("", local, "[lifecycle]\napproval_ttl_secs = 0").unwrap_err();
         assert!(e.contains("lifecycle.approval_ttl_secs must be at least 1"), "{e}");
+    }
+
+    #[test]
+    fn a_pkcs11_root_bounds_each_call_as_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        let pin = dir.path().join("pin");
+        std::fs::write(&pin, "1234").unwrap();
+        std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let root = |extra: &str| -> RootConfig {
+            let text = format!(
+                "provider = \"pkcs11\"\nmodule = \"/opt/hsm/lib.so\"\ntoken_label = \"t\"\n\
+                 key_label = \"k\"\npin_file = {pin:?}\n{extra}"
+            );
+            toml::from_str(&text).unwrap()
+        };
+        let call_timeout = |root: RootConfig| root.pkcs11().unwrap().unwrap().call_timeout;
+        assert_eq!(call_timeout(root("")), hsm_adapters::Pkcs11Config::DEFAULT_CALL_TIMEOUT);
+        assert_eq!(call_timeout(root("call_timeout_ms = 250")), Duration::from_millis(250));
+        // Recorded before the setting existed: the default.
+        let recorded = recorded_without("call_timeout_ms", &root("call_timeout_ms = 250"));
+        assert_eq!(call_timeout(recorded), hsm_adapters::Pkcs11Config::DEFAULT_CALL_TIMEOUT);
+    }
+
+    /// `root` as recorded settings, read back without `field`.
+    fn recorded_without(field: &str, root: &RootConfig) -> RootConfig {
+        let mut value = serde_json::to_value(root).unwrap();
+        value.as_object_mut().unwrap().remove(field).unwrap();
+        serde_json::from_value(value).unwrap()
     }
 
     #[test]
