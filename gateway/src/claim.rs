@@ -1,10 +1,18 @@
-//! A path this process alone uses, claimed with an advisory lock on a file
-//! of its own, released when the process exits (however it exits).
+//! Paths this process alone uses: a directory made for it alone
+//! ([`create_private_dir`]), and a path claimed with an advisory lock on a
+//! file of its own, released when the process exits (however it exits).
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
+
+/// Makes directory `path` and its missing parents with mode 0700 (whatever
+/// the umask), unless it exists; an existing one is left as it is, for the
+/// caller to check or use.
+pub(crate) fn create_private_dir(path: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)
+}
 
 /// Claims `path` by locking `lock` (created if need be, mode 0600) for as
 /// long as the returned file is open. Another holder (another process, or
@@ -32,7 +40,24 @@ pub(crate) fn claim(path: &Path, lock: &Path, holder: &str) -> io::Result<File> 
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
+
+    #[test]
+    fn a_private_dir_is_made_for_its_owner_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let nested = dir.path().join("a/b");
+        create_private_dir(&nested).unwrap();
+        for made in [dir.path().join("a"), nested.clone()] {
+            let mode = std::fs::metadata(&made).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700, "{}", made.display());
+        }
+        // One that exists is kept as it is.
+        std::fs::set_permissions(&nested, std::fs::Permissions::from_mode(0o750)).unwrap();
+        create_private_dir(&nested).unwrap();
+        assert_eq!(std::fs::metadata(&nested).unwrap().permissions().mode() & 0o777, 0o750);
+    }
 
     #[test]
     fn a_path_is_claimed_once_at_a_time() {

@@ -240,12 +240,7 @@ fn check_owned(path: &Path, kind: Kind) -> Result<bool, UpError> {
 
 /// Makes directory `path` (mode 0700) unless it exists, then checks it.
 fn own_dir(path: &Path) -> Result<(), UpError> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(path)
-        .map_err(|e| err(format!("{}: {e}", path.display())))?;
+    crate::claim::create_private_dir(path).map_err(|e| err(format!("{}: {e}", path.display())))?;
     check_owned(path, Kind::Dir).map(drop)
 }
 

@@ -4,7 +4,7 @@
 //! The CA is [`crate::pki::DevCa`], saved to and loaded from PEM files.
 
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde_json::json;
@@ -35,10 +35,7 @@ fn init(ctx: &Ctx, dir: &Path, server_names: &[String], days: u64) -> Result<(),
             dir.display()
         )));
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
+    crate::claim::create_private_dir(dir)
         .map_err(|e| AdminError::usage(format!("{}: {}", dir.display(), io_reason(&e))))?;
     let ca = DevCa::generate("keygate development CA").map_err(pki_error)?;
     let names: Vec<&str> = server_names.iter().map(String::as_str).collect();

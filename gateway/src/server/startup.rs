@@ -59,10 +59,8 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     // (without hearing each other's invalidations). A PostgreSQL replica
     // with its own `instance` keeps nothing there.
     let _data_dir = if config.storage_url.is_none() || config.instance.is_none() {
-        use std::os::unix::fs::DirBuilderExt;
-        let mut private = std::fs::DirBuilder::new();
-        private.recursive(true).mode(0o700);
-        private.create(&config.data_dir).map_err(|e| fail("data directory")(&e))?;
+        crate::claim::create_private_dir(&config.data_dir)
+            .map_err(|e| fail("data directory")(&e))?;
         let lock = config.data_dir.join("key-service.lock");
         let claim = crate::claim::claim(&config.data_dir, &lock, "another key service");
         Some(claim.map_err(|e| fail("data directory")(&e))?)
