@@ -135,6 +135,7 @@ mod tests {
             "/v1/policy/self",
             "/v1/audit/events",
             "/v1/audit",
+            "/v1/audit/heads",
             "/v1/audit/verify",
             "/v1/compliance",
             "/v1/openapi.json",

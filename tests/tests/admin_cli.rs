@@ -399,6 +399,183 @@ async fn audit_export_pages_through_every_instance() {
     assert_eq!(status, 400, "{body}");
 }
 
+/// Runs `audit export --cursor FILE ARGS…` and returns its lines.
+fn cursor_export(admin: &Admin, cursor: &Path, args: &[&str]) -> Vec<Value> {
+    let mut full = vec!["audit", "export", "--cursor", cursor.to_str().unwrap()];
+    full.extend_from_slice(args);
+    admin.run(&full).ok().json_lines()
+}
+
+/// The cursor file's `{instance: seq}`.
+fn cursor_chains(cursor: &Path) -> Value {
+    let stored: Value = serde_json::from_str(&std::fs::read_to_string(cursor).unwrap()).unwrap();
+    stored["chains"].clone()
+}
+
+/// Each line's (instance, seq).
+fn positions(lines: &[Value]) -> Vec<(String, i64)> {
+    lines
+        .iter()
+        .map(|e| (e["instance"].as_str().unwrap().to_owned(), e["seq"].as_i64().unwrap()))
+        .collect()
+}
+
+/// Restarts the key service under another instance name: the same store,
+/// another audit chain.
+fn rename_instance(ks: &mut KeyService, dir: &Path, from: &str, to: &str) {
+    ks.stop();
+    let config = dir.join("ks/keygate.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let (from, to) = (format!("instance = \"{from}\""), format!("instance = \"{to}\""));
+    assert!(text.contains(&from), "{text}");
+    std::fs::write(&config, text.replace(&from, &to)).unwrap();
+    ks.resume();
+}
+
+/// A periodic export with a cursor gets every event exactly once: one
+/// stored after the last run with an older timestamp (which `--since`
+/// misses), and each chain resumed where it was, a new chain from its
+/// start; with `--instance`, only that chain's entry moves.
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_export_cursor_catches_late_events_and_resumes_every_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ks, admin) = service(dir.path());
+    admin.run(&["tenant", "create", "onc"]).ok();
+    let cursor = dir.path().join("siem/keygate.cursor");
+    std::fs::create_dir(dir.path().join("siem")).unwrap();
+
+    // No file yet: every chain from its start.
+    let first = cursor_export(&admin, &cursor, &[]);
+    assert_eq!(first, admin.run(&["audit", "export"]).ok().json_lines());
+    assert_eq!(mode(&cursor), 0o600);
+    let (status, heads) = ks.get(AUDITOR, "/v1/audit/heads").await;
+    assert_eq!(status, 200, "{heads}");
+    let head = first.last().unwrap()["seq"].clone();
+    assert_eq!(
+        serde_json::from_str::<Value>(&heads).unwrap()["instances"],
+        json!([{"instance": "ks-test", "head_seq": head}])
+    );
+    assert_eq!(cursor_chains(&cursor), json!({"ks-test": head}));
+    assert_eq!(cursor_export(&admin, &cursor, &[]), Vec::<Value>::new(), "nothing new");
+
+    // A sidecar's report of an access two hours ago, stored only now.
+    let now_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    let late_ts = i64::try_from(now_ms).unwrap() - 2 * 3_600_000;
+    let event = json!({"events": [{
+        "actor": "spiffe://test/app", "action": "record.decrypt", "tenant": "onc", "kek_version": 1,
+        "record_key_ids": ["00112233445566778899aabbccddeeff"], "outcome": "ok",
+        "fields": {"/ssn": "masked"}, "ts_ms": late_ts
+    }]});
+    let (status, body) = ks.post(CLINICAL, "/v1/audit/events", &event).await;
+    assert_eq!(status, 200, "{body}");
+    let by_time = admin.run(&["audit", "export", "--since", "1h"]).ok().json_lines();
+    assert!(by_time.iter().all(|e| e["action"] != "record.decrypt"), "{by_time:?}");
+    let late = cursor_export(&admin, &cursor, &[]);
+    assert_eq!(late.len(), 1, "{late:?}");
+    assert_eq!(
+        (&late[0]["action"], &late[0]["ts_ms"]),
+        (&json!("record.decrypt"), &json!(late_ts))
+    );
+    let mut exported = [first, late].concat();
+
+    // A second chain, then new events on both, not yet exported.
+    rename_instance(&mut ks, dir.path(), "ks-test", "ks-b");
+    admin.run(&["tenant", "create", "t-two"]).ok();
+    rename_instance(&mut ks, dir.path(), "ks-b", "ks-test");
+    admin.run(&["tenant", "create", "t-three"]).ok();
+    let before = cursor_chains(&cursor);
+    let b = cursor_export(&admin, &cursor, &["--instance", "ks-b"]);
+    assert!(!b.is_empty() && b.iter().all(|e| e["instance"] == "ks-b"), "{b:?}");
+    assert_eq!(b[0]["seq"], 1, "a chain the cursor does not know is read from its start");
+    let chains = cursor_chains(&cursor);
+    assert_eq!(chains["ks-test"], before["ks-test"], "only the chain exported moves");
+    assert_eq!(chains["ks-b"], b.last().unwrap()["seq"]);
+    let rest = cursor_export(&admin, &cursor, &[]);
+    assert!(!rest.is_empty() && rest.iter().all(|e| e["instance"] == "ks-test"), "{rest:?}");
+    assert!(rest.iter().any(|e| e["tenant"] == "t-three"), "{rest:?}");
+    exported.extend(b);
+    exported.extend(rest);
+
+    // Every event once, in no other order than each chain's.
+    let mut seen = positions(&exported);
+    let mut whole = positions(&admin.run(&["audit", "export"]).ok().json_lines());
+    seen.sort();
+    whole.sort();
+    assert_eq!(seen, whole);
+}
+
+/// The cursor records how far each chain was read, not the last line
+/// printed, so a filtered-out tail is not read again; a file that is not
+/// a cursor, or that has read further than a chain now goes, is refused
+/// and left untouched; an export that fails leaves the cursor where it
+/// was, so the next run repeats lines rather than skipping any.
+#[test]
+fn audit_export_cursor_moves_only_past_what_was_read_and_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_ks, admin) = service(dir.path());
+    admin.run(&["tenant", "create", "onc"]).ok();
+    admin.run(&["tenant", "create", "t-two"]).ok();
+    let whole = admin.run(&["audit", "export"]).ok().json_lines();
+    let head = whole.last().unwrap()["seq"].as_i64().unwrap();
+    assert_eq!(whole.last().unwrap()["tenant"], "t-two", "{whole:?}");
+    let cursor = dir.path().join("onc.cursor");
+
+    let onc = cursor_export(&admin, &cursor, &["--tenant", "onc"]);
+    let printed = onc.last().unwrap()["seq"].as_i64().unwrap();
+    assert!(printed < head, "the tail is t-two's: {onc:?}");
+    assert_eq!(cursor_chains(&cursor), json!({"ks-test": head}), "read through the tail");
+    assert_eq!(cursor_export(&admin, &cursor, &["--tenant", "onc"]), Vec::<Value>::new());
+
+    let export = |args: &[&str]| {
+        let mut full = vec!["audit", "export", "--cursor", cursor.to_str().unwrap()];
+        full.extend_from_slice(args);
+        admin.run(&full)
+    };
+    for (text, code, says) in [
+        ("{\"chains\": {\"ks-test\": \"3\"}}".to_owned(), 2, "not a cursor file".to_owned()),
+        ("garbage\n".to_owned(), 2, "not a cursor file".to_owned()),
+        (
+            format!("{{\"chains\": {{\"ks-test\": {}}}}}", head + 10),
+            1,
+            format!(
+                "instance ks-test through seq {}, but that chain now ends at seq {head}",
+                head + 10
+            ),
+        ),
+        (
+            format!("{{\"chains\": {{\"ks-test\": {head}, \"ks-gone\": 4}}}}"),
+            1,
+            "instance ks-gone through seq 4, but that chain now ends at seq 0".to_owned(),
+        ),
+    ] {
+        std::fs::write(&cursor, &text).unwrap();
+        let refused = export(&[]);
+        assert!(refused.fails(code).contains(&says), "{text}: {}", refused.stderr);
+        assert_eq!(refused.stdout, "", "{text}");
+        assert_eq!(std::fs::read_to_string(&cursor).unwrap(), text, "left untouched");
+    }
+
+    // Stdout cannot be written: the export fails and the cursor stays.
+    let kept = "{\"chains\": {\"ks-test\": 1}}";
+    std::fs::write(&cursor, kept).unwrap();
+    let failed = std::process::Command::new(keygate_tests::keyservice::keygate_binary())
+        .args([OsStr::new("admin"), OsStr::new("--profile"), admin.profile.as_os_str()])
+        .args(["audit", "export", "--cursor", cursor.to_str().unwrap()])
+        .env("HOME", &admin.dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot write to stdout"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&cursor).unwrap(), kept);
+    let again = cursor_export(&admin, &cursor, &[]);
+    assert_eq!(positions(&again), positions(&whole[1..]), "from where the cursor was");
+    assert_eq!(cursor_chains(&cursor), json!({"ks-test": head}));
+}
+
 #[test]
 fn policy_check_is_local_and_names_the_line() {
     let dir = tempfile::tempdir().unwrap();

@@ -422,7 +422,17 @@ pub enum AuditCommand {
     Anchor,
     /// Export audit events as JSON lines on stdout.
     ///
+    /// For a periodic job (a SIEM feed) use --cursor rather than --since:
+    /// an event is timestamped when it happens but stored later (group
+    /// commit, sidecar reports, other instances' clocks), so `--since
+    /// <last run>` misses events stored after the last run with an older
+    /// time. With --cursor each chain resumes exactly after what the last
+    /// run read; a run that fails leaves the cursor as it was, so the next
+    /// one repeats lines (at least once) but never skips one.
+    ///
     /// Example: keygate admin audit export --since 24h --tenant onc > onc-audit.jsonl
+    ///
+    /// Example: keygate admin audit export --cursor /var/lib/siem/keygate.cursor >> audit.jsonl
     Export {
         /// Events from this time on: RFC 3339 (2026-01-31T00:00:00Z) or a
         /// duration back from now (24h, 7d).
@@ -431,13 +441,25 @@ pub enum AuditCommand {
         /// Only this tenant's events.
         #[arg(long, value_parser = parse_tenant)]
         tenant: Option<TenantId>,
-        /// Only this key-service instance's chain.
+        /// Only this key-service instance's chain (with --cursor, only its
+        /// entry moves).
         #[arg(long)]
         instance: Option<String>,
         /// Events per request to the key service (1 to 100000); the
         /// export goes on page after page to the end either way.
         #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
         page_size: u64,
+        /// Export only what is new since the run that last wrote FILE, and
+        /// record how far each chain has now been read (JSON,
+        /// `{"chains": {"<instance>": <seq>}}`, mode 0600, replaced
+        /// atomically once every line is out). A missing FILE means from
+        /// the start; --since and --tenant still choose the lines printed,
+        /// but the cursor moves past the events they leave out too. Exit 2,
+        /// leaving it untouched, if FILE is not a cursor; exit 1 if a chain
+        /// is now shorter than FILE says (a restored keystore, another
+        /// deployment).
+        #[arg(long, value_name = "FILE")]
+        cursor: Option<PathBuf>,
     },
 }
 

@@ -1,6 +1,7 @@
 //! `keygate admin audit verify|anchor|export`.
 
 use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::path::Path;
 
 use kms_core::TenantId;
@@ -10,10 +11,12 @@ use serde_json::{Value, json};
 
 use super::Ctx;
 use super::args::AuditCommand;
+use super::audit_cursor::Cursor;
 use super::client::{Client, decode, transport_error};
 use super::error::AdminError;
 use super::output::{Table, emit, or_dash, println, stdout_error};
 use super::timefmt::rfc3339;
+use crate::server::api::AuditHeads;
 
 /// `GET /v1/audit/verify`.
 #[derive(Debug, Deserialize)]
@@ -89,8 +92,14 @@ pub(crate) async fn run(ctx: &Ctx, command: AuditCommand) -> Result<(), AdminErr
     match command {
         AuditCommand::Verify { anchors } => verify(ctx, &client, anchors.as_deref()).await,
         AuditCommand::Anchor => anchor(&client).await,
-        AuditCommand::Export { since, tenant, instance, page_size } => {
-            export(&client, since, tenant.as_ref(), instance.as_deref(), page_size).await
+        AuditCommand::Export { since, tenant, instance, page_size, cursor } => {
+            let filters = Filters { since_ms: since, tenant: tenant.as_ref(), page_size };
+            match cursor {
+                None => export(&client, &filters, instance.as_deref(), 0).await.map(drop),
+                Some(path) => {
+                    export_from_cursor(&client, &filters, instance.as_deref(), &path).await
+                }
+            }
         }
     }
 }
@@ -225,28 +234,38 @@ fn read_anchors(path: &Path) -> Result<Vec<AnchorLine>, AdminError> {
     Ok(anchors.into_iter().collect())
 }
 
+/// What `audit export` prints of what it reads.
+struct Filters<'a> {
+    since_ms: Option<i64>,
+    tenant: Option<&'a TenantId>,
+    page_size: u64,
+}
+
 /// Streams `GET /v1/audit` to stdout as JSON lines, page by page to the
-/// end: of one chain with `--instance`, else of every chain (each page
-/// resumes after the last line's instance and sequence number).
+/// end: of one chain with `instance` (after its sequence number `from`),
+/// else of every chain (each page resumes after the last line's instance
+/// and sequence number). Returns the last line's instance and sequence
+/// number.
 async fn export(
     client: &Client,
-    since_ms: Option<i64>,
-    tenant: Option<&TenantId>,
+    filters: &Filters<'_>,
     instance: Option<&str>,
-    page_size: u64,
-) -> Result<(), AdminError> {
-    let mut after: i64 = 0;
+    from: i64,
+) -> Result<Option<(String, i64)>, AdminError> {
+    let page_size = filters.page_size;
+    let mut after: i64 = from;
     let mut after_instance: Option<String> = None;
     let mut total: u64 = 0;
+    let mut printed = None;
     loop {
         let mut query = vec![format!("limit={page_size}"), format!("after={after}")];
         if let Some(i) = &after_instance {
             query.push(format!("after_instance={}", query_value(i)));
         }
-        if let Some(since) = since_ms {
+        if let Some(since) = filters.since_ms {
             query.push(format!("since_ms={since}"));
         }
-        if let Some(t) = tenant {
+        if let Some(t) = filters.tenant {
             query.push(format!("tenant={}", t.as_str()));
         }
         if let Some(i) = instance {
@@ -256,14 +275,17 @@ async fn export(
         let response = client.send(Method::GET, &path, None).await?;
         let page = stream_lines(response).await?;
         total += page.lines;
+        if page.last.is_some() {
+            printed.clone_from(&page.last);
+        }
         if page.lines < page_size {
-            return Ok(());
+            return Ok(printed);
         }
         // The cursor is (instance, seq); a full page that does not move it
         // forward would repeat itself: refused rather than looping.
-        let from = (instance.or(after_instance.as_deref()).unwrap_or_default(), after);
+        let before = (instance.or(after_instance.as_deref()).unwrap_or_default(), after);
         match page.last {
-            Some((i, seq)) if (i.as_str(), seq) > from => {
+            Some((i, seq)) if (i.as_str(), seq) > before => {
                 after = seq;
                 if instance.is_none() {
                     after_instance = Some(i);
@@ -277,6 +299,53 @@ async fn export(
             }
         }
     }
+}
+
+/// `audit export --cursor`: each chain (or `instance`'s alone) from where
+/// the cursor left it, then the cursor moved to where this run read to.
+///
+/// The key service prints only what passes the filters, so the lines do
+/// not say how far it read; its chain heads, taken before reading, do.
+/// Each chain is read through its head at least (every event up to the
+/// head is stored by then, whatever its timestamp), and the cursor moves
+/// to the head, or to the last line printed if that is further. Events
+/// past the head are read again next time; the filters leave out the
+/// same ones again.
+async fn export_from_cursor(
+    client: &Client,
+    filters: &Filters<'_>,
+    instance: Option<&str>,
+    path: &Path,
+) -> Result<(), AdminError> {
+    let mut cursor = Cursor::read(path)?;
+    let answer = client.get("/v1/audit/heads").await?;
+    let heads: AuditHeads = decode(&answer, "audit heads")?;
+    cursor.check(&heads.instances)?;
+    for head in heads.instances.iter().filter(|h| instance.is_none_or(|i| i == h.instance)) {
+        let from = cursor.position(&head.instance);
+        if from >= head.head_seq {
+            continue;
+        }
+        let printed = export(client, filters, Some(&head.instance), from).await?;
+        cursor.advance(
+            &head.instance,
+            printed.map_or(head.head_seq, |(_, seq)| seq.max(head.head_seq)),
+        );
+    }
+    sync_stdout()?;
+    cursor.write()
+}
+
+/// Flushes stdout and, when it is a file, syncs it: the cursor must not
+/// move past lines that a crash could still lose.
+fn sync_stdout() -> Result<(), AdminError> {
+    let mut stdout = std::io::stdout();
+    stdout.flush().map_err(stdout_error)?;
+    let file = std::fs::File::from(stdout.as_fd().try_clone_to_owned().map_err(stdout_error)?);
+    if file.metadata().is_ok_and(|m| m.is_file()) {
+        file.sync_all().map_err(stdout_error)?;
+    }
+    Ok(())
 }
 
 /// `value` percent-encoded for a query string.

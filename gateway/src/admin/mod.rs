@@ -12,6 +12,7 @@
 mod approvals;
 mod args;
 mod audit;
+mod audit_cursor;
 mod client;
 mod compliance;
 mod error;

@@ -288,7 +288,10 @@ pub(crate) struct AuditQuery {
     pub(crate) instance: Option<String>,
     /// Only events after this sequence number: of `instance`'s chain, or
     /// with `after_instance`, of that chain (then every later instance from
-    /// its start); alone, of every chain.
+    /// its start); alone, of every chain. An incremental export keeps, per
+    /// chain, the `head_seq` of `GET /v1/audit/heads` taken before it read,
+    /// as its next `after`: sequence numbers follow the order events are
+    /// stored, timestamps do not.
     #[serde(default)]
     pub(crate) after: i64,
     /// Resumes an export of every instance: the last line's `instance`
@@ -306,6 +309,23 @@ pub(crate) struct AuditQuery {
 
 fn default_limit() -> u32 {
     10_000
+}
+
+/// `GET /v1/audit/heads` response.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct AuditHeads {
+    /// Every instance with an audit chain, in byte order.
+    pub(crate) instances: Vec<AuditHead>,
+}
+
+/// How far one instance's chain reaches.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct AuditHead {
+    pub(crate) instance: String,
+    /// The sequence number of its last event (0: none yet). Every event up
+    /// to it is stored: an export with `instance` and `after` below it
+    /// reads them all, whenever they were timestamped.
+    pub(crate) head_seq: i64,
 }
 
 /// `GET /v1/tenants/{t}/keys/usage` response.

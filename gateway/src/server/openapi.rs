@@ -4,13 +4,13 @@ use utoipa::openapi::security::SecurityScheme;
 use utoipa::{Modify, OpenApi};
 
 use super::api::{
-    ApprovalList, ApprovalView, AutoRotate, AutoRotateView, BatchRequest, ChangeState,
-    ConnectionView, CreateTenant, DecideRequest, DecisionBody, DerivedField, DerivedKey,
-    DerivedKeys, DerivedMode, ExpectedRequest, IssueRequest, IssueResponse, IssuedKey, MasterEntry,
-    MasterRotateRequest, MasterRotateView, MasterView, MastersView, Recorded, ReportedEvent,
-    ReportedEvents, RewrapResponse, RewrapResult, RewrappedCounts, ShredRequest, StateAction,
-    TenantView, UnwrapResponse, UnwrapResult, UsageView, VerifyReport, VersionUsageView,
-    VersionView, WrappedItem,
+    ApprovalList, ApprovalView, AuditHead, AuditHeads, AutoRotate, AutoRotateView, BatchRequest,
+    ChangeState, ConnectionView, CreateTenant, DecideRequest, DecisionBody, DerivedField,
+    DerivedKey, DerivedKeys, DerivedMode, ExpectedRequest, IssueRequest, IssueResponse, IssuedKey,
+    MasterEntry, MasterRotateRequest, MasterRotateView, MasterView, MastersView, Recorded,
+    ReportedEvent, ReportedEvents, RewrapResponse, RewrapResult, RewrappedCounts, ShredRequest,
+    StateAction, TenantView, UnwrapResponse, UnwrapResult, UsageView, VerifyReport,
+    VersionUsageView, VersionView, WrappedItem,
 };
 use super::handlers::{audit, compliance, datakeys, lifecycle, master, ops, tenants};
 
@@ -44,6 +44,7 @@ use super::handlers::{audit, compliance, datakeys, lifecycle, master, ops, tenan
         audit::policy_self,
         audit::ingest,
         audit::export,
+        audit::heads,
         audit::verify,
         audit::verify_anchored,
         compliance::report,
@@ -59,7 +60,7 @@ use super::handlers::{audit, compliance, datakeys, lifecycle, master, ops, tenan
         UnwrapResult, VerifyReport, VersionView, WrappedItem, crate::openapi::ErrorBody,
         ApprovalList, ApprovalView, AutoRotate, AutoRotateView, DecideRequest, DecisionBody,
         ExpectedRequest, ConnectionView, MasterEntry, MasterRotateRequest, MasterRotateView, MasterView, MastersView,
-        RewrappedCounts, ShredRequest, UsageView, VersionUsageView,
+        RewrappedCounts, ShredRequest, UsageView, VersionUsageView, AuditHeads, AuditHead,
     )),
     modifiers(&MutualTls),
     security(("client_certificate" = [])),

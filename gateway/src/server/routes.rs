@@ -40,6 +40,7 @@ pub(super) fn api(state: AppState) -> Router {
         .route("/v1/policy/self", get(audit::policy_self))
         .route("/v1/audit/events", post(audit::ingest))
         .route("/v1/audit", get(audit::export))
+        .route("/v1/audit/heads", get(audit::heads))
         .route("/v1/audit/verify", get(audit::verify).post(audit::verify_anchored))
         .route("/v1/compliance", get(compliance::report))
         .route("/v1/openapi.json", get(super::openapi::openapi_json))

@@ -19,7 +19,9 @@ use super::ApiJson;
 use crate::error::ApiError;
 use crate::extract::ApiQuery;
 use crate::policy::Role;
-use crate::server::api::{AuditQuery, Recorded, ReportedEvents, VerifyRequest};
+use crate::server::api::{
+    AuditHead, AuditHeads, AuditQuery, Recorded, ReportedEvents, VerifyRequest,
+};
 use crate::server::{AppState, Caller};
 
 /// Verification reads the chain this many rows at a time.
@@ -172,6 +174,43 @@ pub(crate) async fn export(
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .body(Body::new(body))
         .map_err(|e| crate::error::internal(&e))
+}
+
+/// `GET /v1/audit/heads`: each chain's last sequence number, so that an
+/// incremental export can record how far it read each chain, rows its
+/// filters left out included (auditors with a grant on every tenant).
+#[utoipa::path(
+    get,
+    path = "/v1/audit/heads",
+    tag = "audit",
+    responses(
+        (status = 200, description = "Each instance's chain and the sequence number of its last event", body = AuditHeads),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
+    ),
+)]
+pub(crate) async fn heads(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<AuditHeads>, ApiError> {
+    state.authorize_global(&caller, &[Role::Auditor], "export the audit log").await?;
+    read_heads(state.hierarchy.store().as_ref())
+        .await
+        .map(Json)
+        .map_err(|e| crate::error::store_error(&e))
+}
+
+/// Every chain's head, in byte order as the export goes. Each instance's
+/// writer commits its batches one after another, so every event up to a
+/// head is stored once the head is.
+async fn read_heads(store: &dyn KeyStore) -> Result<AuditHeads, StoreError> {
+    let mut instances = store.audit_instances().await?;
+    instances.sort_unstable();
+    let mut heads = Vec::with_capacity(instances.len());
+    for instance in instances {
+        let head_seq = store.last_audit_row(&instance).await?.map_or(0, |row| row.seq);
+        heads.push(AuditHead { instance, head_seq });
+    }
+    Ok(AuditHeads { instances: heads })
 }
 
 /// Events read from the keystore at a time for an export, and the most
@@ -465,5 +504,39 @@ mod tests {
         );
         assert_eq!(read_all(pages(None, 0, 700)).await, expected(&a_all[..700], &[]));
         assert_eq!(read_all(pages(Some("ks-b"), 4, 100_000)).await, expected(&[], &b_all[4..]));
+    }
+
+    /// Heads name every chain in byte order with its last sequence number,
+    /// and an event stored later with an older timestamp lands after its
+    /// chain's head, where an export resuming there reads it.
+    #[tokio::test]
+    async fn heads_name_every_chain_and_where_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn KeyStore> =
+            Arc::new(SqliteStore::open(&dir.path().join("k.db")).await.unwrap());
+        let mut chains = Vec::new();
+        for (instance, count) in [("ks-b", 3), ("ks-a", 5)] {
+            let mut chain = AuditChain::new(instance);
+            let events =
+                (0..count).map(|i| AuditEvent::new(1_000 + i, "t", "dek.issue", Outcome::Ok));
+            store.append_audit_batch(&chain.seal_all(events), None).await.unwrap();
+            chains.push(chain);
+        }
+        let heads = |h: AuditHeads| {
+            h.instances.into_iter().map(|h| (h.instance, h.head_seq)).collect::<Vec<_>>()
+        };
+        let named = |list: &[(&str, i64)]| {
+            list.iter().map(|(i, s)| ((*i).to_owned(), *s)).collect::<Vec<_>>()
+        };
+        let before = heads(read_heads(store.as_ref()).await.unwrap());
+        assert_eq!(before, named(&[("ks-a", 5), ("ks-b", 3)]));
+        let late = chains[0].seal_all([AuditEvent::new(1, "t", "record.decrypt", Outcome::Ok)]);
+        store.append_audit_batch(&late, None).await.unwrap();
+        let after = store.audit_rows("ks-b", 3, 10).await.unwrap();
+        assert_eq!(after.iter().map(|r| (r.seq, r.ts_ms)).collect::<Vec<_>>(), [(4, 1)]);
+        assert_eq!(
+            heads(read_heads(store.as_ref()).await.unwrap()),
+            named(&[("ks-a", 5), ("ks-b", 4)])
+        );
     }
 }
