@@ -167,9 +167,12 @@ async fn every_unwrap_is_exported_with_its_record_key_ids() {
     assert_eq!(unwrap["record_key_ids"], json!([key["record_key_id"]]));
     assert_eq!(unwrap["detail"]["purpose"], "treatment");
     assert!(!export.contains(key["dek"].as_str().unwrap()));
-    // Auditors only: an encryptor may not export.
+    // Auditors only: an encryptor may not export, nor read how far each
+    // chain reaches.
     let (status, _) = ks.get(ENC, "/v1/audit").await;
     assert_eq!(status, 403);
+    let (status, body) = ks.get(ENC, "/v1/audit/heads").await;
+    assert_eq!(status, 403, "{body}");
 }
 
 const OFFICER: &str = "spiffe://test/officer";
