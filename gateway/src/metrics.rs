@@ -130,6 +130,8 @@ pub struct Metrics {
     /// Sidecar: calls to a key service replica that failed in the TLS
     /// handshake.
     pub key_service_tls_failures: Counter,
+    /// Sidecar: API requests dropped at their deadline (503 `timeout`).
+    pub sidecar_request_timeouts: Counter,
 }
 
 impl Default for Metrics {
@@ -190,6 +192,7 @@ impl Metrics {
             dek_rewrap_requests: Gauge::default(),
             sidecar_tls_reload_failures: Counter::default(),
             key_service_tls_failures: Counter::default(),
+            sidecar_request_timeouts: Counter::default(),
         }
     }
 
@@ -304,6 +307,12 @@ impl Metrics {
             "Calls to a key service replica that failed in the TLS handshake (its certificate \
              not trusted or not key_service.server_identity, or ours refused)",
             self.key_service_tls_failures.clone(),
+        );
+        r.register(
+            "sidecar_request_timeouts",
+            "API requests dropped at their deadline (limits.request_timeout_ms), answered 503 \
+             timeout",
+            self.sidecar_request_timeouts.clone(),
         );
     }
 }

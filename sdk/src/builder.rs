@@ -16,11 +16,13 @@ use crate::error::Error;
 use crate::retry::RetryPolicy;
 
 /// How long one attempt may take, from sending to the last byte of the answer.
-/// Longer than the sidecar's slowest way to a retryable 503
-/// `key_service_unavailable`: it waits 5 s (its default `timeout_ms`) per key
-/// service replica and tries each in turn, twice for an unwrap that falls
-/// back to JSON, so three replicas take 30 s. A shorter timeout would give up
-/// first and never see the 503 that the retry is for.
+/// Longer than the sidecar's deadline for a request (`[limits]
+/// request_timeout_ms`, 20 s by default), past which it drops the work and
+/// answers a retryable 503 `timeout`: the attempt hears that answer, and the
+/// retry (under the same request id) is not a second copy of work the
+/// sidecar still does for an abandoned attempt. The 10 s between them is
+/// room for the answer's way back on a loaded machine. A sidecar whose
+/// deadline is at or past this timeout gives up after the client has.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long making a connection may take.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -121,9 +123,10 @@ impl ClientBuilder {
     }
 
     /// How long one attempt may take, from sending the request to the last
-    /// byte of the answer (default 30 s, longer than the sidecar takes to
-    /// give up on unreachable key service replicas). Each retry gets its own
-    /// timeout; an attempt that times out is not retried. Without a
+    /// byte of the answer (default 30 s, longer than the sidecar's own
+    /// deadline for a request, 20 s by default, after which it answers a
+    /// retryable 503 `timeout`; keep it so if you change either). Each retry
+    /// gets its own timeout; an attempt that times out is not retried. Without a
     /// [`deadline`](Self::deadline) (which bounds a whole call), it also
     /// bounds the pause before a retry that a sidecar asks for with
     /// `Retry-After`: a longer one is returned to the caller, not waited out.

@@ -29,10 +29,16 @@ use crate::retry::RetryPolicy;
 /// broke before a complete answer (but not while a success answer was read,
 /// [`Error::Interrupted`](crate::Error::Interrupted): the sidecar did the
 /// work, and audited it), or the sidecar answered 503
-/// `key_service_unavailable`. An answer that refuses the request
+/// `key_service_unavailable` or 503 `timeout` (it dropped the request at its
+/// own deadline, shorter than the attempt timeout). An answer that refuses the request
 /// (every 4xx, and every other code) is final, and so is a client-side
 /// timeout (the sidecar may still be working; a retry would multiply the wait
 /// the caller chose). See [`Error::is_retryable`](crate::Error::is_retryable).
+///
+/// Every attempt of one call carries the same request id (`x-request-id`,
+/// 128 random bits in hex, nothing of the records), and each call a new
+/// one: the sidecar records it in the call's audit events, so an auditor
+/// can tell a call retried from two calls.
 ///
 /// When the key service sheds load, the sidecar's 503 carries its
 /// `Retry-After`: the retry then waits at least that long (plus the jittered

@@ -77,9 +77,10 @@ pub enum ErrorCode {
     KeyServiceUnavailable,
     /// The audit log cannot record the access, so the sidecar refuses it (503).
     AuditUnavailable,
-    /// The key service gave up on a request (503). A sidecar does not send
-    /// it (it answers [`KeyServiceUnavailable`](Self::KeyServiceUnavailable)
-    /// when the key service does); retried like it should something pass it on.
+    /// The sidecar dropped the request at its deadline (503, with
+    /// `Retry-After`): its `[limits] request_timeout_ms`, 20 s by default,
+    /// shorter than this client's attempt timeout. Nothing of the request
+    /// was returned; retried, under the same request id.
     Timeout,
     /// Too many requests (429): from this connection, or from this sidecar's
     /// identity at the key service. Not retried by the client; wait
@@ -90,6 +91,9 @@ pub enum ErrorCode {
     KeyServiceError,
     /// A key service batch was larger than it accepts.
     BatchTooLarge,
+    /// The `x-request-id` header is not 16 to 64 hex digits and hyphens
+    /// (400). This client always sends a valid one.
+    InvalidRequestId,
     /// An internal error in the sidecar (500).
     Internal,
     /// A code this version of the client does not know, verbatim.
@@ -146,6 +150,7 @@ impl ErrorCode {
             Self::RateLimited => "rate_limited",
             Self::KeyServiceError => "key_service_error",
             Self::BatchTooLarge => "batch_too_large",
+            Self::InvalidRequestId => "invalid_request_id",
             Self::Internal => "internal",
             Self::Other(code) => code,
         }
@@ -194,6 +199,7 @@ impl From<&str> for ErrorCode {
             "rate_limited" => Self::RateLimited,
             "key_service_error" => Self::KeyServiceError,
             "batch_too_large" => Self::BatchTooLarge,
+            "invalid_request_id" => Self::InvalidRequestId,
             "internal" => Self::Internal,
             other => Self::Other(other.to_owned()),
         }
@@ -216,7 +222,7 @@ pub(crate) fn parse_error_body(body: &[u8]) -> Option<(ErrorCode, String)> {
 mod tests {
     use super::*;
 
-    const KNOWN: [&str; 34] = [
+    const KNOWN: [&str; 35] = [
         "malformed_json",
         "invalid_request",
         "json_too_deep",
@@ -251,6 +257,7 @@ mod tests {
         "rate_limited",
         "key_service_error",
         "batch_too_large",
+        "invalid_request_id",
     ];
 
     #[test]
@@ -281,6 +288,8 @@ mod tests {
             ("unsupported_media_type", ErrorCode::UnsupportedMediaType),
             ("body_timeout", ErrorCode::BodyTimeout),
             ("method_not_allowed", ErrorCode::MethodNotAllowed),
+            ("timeout", ErrorCode::Timeout),
+            ("invalid_request_id", ErrorCode::InvalidRequestId),
         ] {
             assert_eq!(ErrorCode::from(code), expected, "{code}");
             assert_eq!(expected.as_str(), code);

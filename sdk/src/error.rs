@@ -100,8 +100,9 @@ pub enum Error {
         /// The sidecar's human-readable message.
         message: String,
         /// How long the sidecar asked the caller to wait before trying
-        /// again (its `Retry-After`, sent with 429 `rate_limited` and with
-        /// 503 `key_service_unavailable` when the key service sheds load).
+        /// again (its `Retry-After`, sent with 429 `rate_limited`, with 503
+        /// `timeout`, and with 503 `key_service_unavailable` when the key
+        /// service sheds load).
         retry_after: Option<Duration>,
     },
 
@@ -172,12 +173,11 @@ pub enum Error {
 impl Error {
     /// Whether the client retries this error (when it has retries left):
     /// a connection that could not be made or failed before a complete
-    /// answer, and the sidecar's transient 503 `key_service_unavailable`
-    /// (after its `Retry-After`, if it sent one). Never any other answer
+    /// answer, and the sidecar's transient 503s, `key_service_unavailable`
+    /// and `timeout` (the sidecar dropped the request at its deadline),
+    /// after their `Retry-After` if they sent one. Never any other answer
     /// from the sidecar (in particular no 4xx), never a client-side
-    /// timeout, never a decoding failure. (A 503 `timeout`, the key
-    /// service's code, is retried too; a sidecar does not send it, it
-    /// answers `key_service_unavailable` instead.)
+    /// timeout, never a decoding failure.
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Connect { .. } | Self::Transport { .. } => true,
@@ -295,6 +295,8 @@ mod tests {
     #[test]
     fn only_the_transient_503_codes_are_retried() {
         assert!(api(503, "key_service_unavailable").is_retryable());
+        // The sidecar's answer at its request deadline.
+        assert!(api(503, "timeout").is_retryable());
         assert!(!api(503, "audit_unavailable").is_retryable());
         assert!(!api(503, "something_new").is_retryable());
         assert!(!api(500, "internal").is_retryable());
@@ -323,6 +325,7 @@ mod tests {
             (400, "wrong_context"),
             (400, "invalid_tenant"),
             (400, "batch_too_large"),
+            (400, "invalid_request_id"),
             (401, "unauthorized"),
             (403, "forbidden"),
             (404, "not_found"),

@@ -162,6 +162,56 @@ async fn transient_503s_are_retried_then_succeed() {
     assert_eq!(server.requests().len(), 3);
 }
 
+/// The sidecar's answer at its request deadline.
+fn timed_out() -> Reply {
+    Reply::AnswerWithHeader(
+        503,
+        ("retry-after", "0"),
+        json!({"error": {"code": "timeout", "message": "past the deadline"}}).to_string(),
+    )
+}
+
+/// A 503 `timeout` (the sidecar dropped the request at its deadline) is
+/// retried, and every attempt of a call carries the call's one request id,
+/// 128 random bits in hex; the next call has another.
+#[tokio::test]
+async fn a_sidecar_timeout_is_retried_under_the_calls_one_request_id() {
+    let (server, url) = TestServer::tcp(vec![
+        timed_out(),
+        timed_out(),
+        encrypted_answer(),
+        error(503, "key_service_unavailable"),
+        encrypted_answer(),
+        answer(200, json!({"token": "kg1b:abc"})),
+    ])
+    .await;
+    let client = over_tcp(&url).build().unwrap();
+    assert_eq!(client.encrypt("demo", "patient", &json!({})).await.unwrap(), encrypted());
+    client.encrypt("demo", "patient", &json!({})).await.unwrap();
+    client.index("demo", "patient", "/email", "x", None).await.unwrap();
+    let ids: Vec<String> = server
+        .requests()
+        .iter()
+        .map(|r| r.header("x-request-id").expect("every attempt has an id").to_owned())
+        .collect();
+    assert_eq!(ids.len(), 6);
+    for id in &ids {
+        assert_eq!(id.len(), 32, "{id}");
+        assert!(id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{id}");
+    }
+    assert!(ids[0] == ids[1] && ids[1] == ids[2], "one call, one id: {ids:?}");
+    assert_eq!(ids[3], ids[4], "{ids:?}");
+    assert!(ids[0] != ids[3] && ids[3] != ids[5] && ids[0] != ids[5], "a new call, a new id");
+
+    let (server, url) = TestServer::tcp(vec![timed_out(), timed_out()]).await;
+    let client = over_tcp(&url).retries(1).build().unwrap();
+    let err = client.encrypt("demo", "patient", &json!({})).await.unwrap_err();
+    assert_eq!((err.status(), err.code()), (Some(503), Some(&ErrorCode::Timeout)));
+    assert!(err.is_retryable());
+    assert_eq!(err.retry_after(), Some(Duration::ZERO));
+    assert_eq!(server.requests().len(), 2, "retried once, then returned");
+}
+
 #[tokio::test]
 async fn retries_stop_when_the_budget_is_spent() {
     let (server, url) = TestServer::tcp(vec![

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::header::{
+    ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER,
+};
 use reqwest::{Method, Request};
 use secrecy::ExposeSecret;
 use serde::de::DeserializeOwned;
@@ -16,6 +18,9 @@ use crate::operation::Operation;
 use crate::redact::serde_message;
 
 const JSON: &str = "application/json";
+/// The header that carries a call's id: the same on every attempt of one
+/// call, so that the sidecar's audit events show a retried call as one.
+pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The largest answer read: a sidecar's encrypt answer is at most four
 /// times its body limit (16 MiB by default), and this is four times that.
 pub(crate) const MAX_ANSWER_BYTES: usize = 256 * 1024 * 1024;
@@ -60,13 +65,17 @@ impl Client {
 
     /// POSTs `body` as JSON to `op`'s path, with retries, and returns the
     /// success answer's body for the caller to decode (borrowing from it).
+    /// Every attempt carries the same new request id.
     pub(crate) async fn post_for_body<B>(&self, op: Operation, body: &B) -> Result<Vec<u8>, Error>
     where
         B: Serialize + ?Sized,
     {
         let body = serde_json::to_vec(body)
             .map_err(|e| Error::Encode { op, detail: serde_message(&e) })?;
-        let request = self.request(Method::POST, op, Some(body))?;
+        let mut request = self.request(Method::POST, op, Some(body))?;
+        if let Some(id) = new_request_id() {
+            request.headers_mut().insert(REQUEST_ID, id);
+        }
         self.send_with_retries(op, request).await
     }
 
@@ -140,10 +149,10 @@ impl Client {
                 None => err.retry_after().is_some_and(|asked| asked > inner.timeout),
             };
             if too_long {
-                tracing::debug!(%op, attempt = failed, ?wait, error = %err, "keygate call gives up: the wait before a retry is too long");
+                tracing::debug!(%op, request_id = request_id(&request), attempt = failed, ?wait, error = %err, "keygate call gives up: the wait before a retry is too long");
                 return Err(err);
             }
-            tracing::debug!(%op, attempt = failed, ?wait, error = %err, "retrying keygate sidecar call");
+            tracing::debug!(%op, request_id = request_id(&request), attempt = failed, ?wait, error = %err, "retrying keygate sidecar call");
             tokio::time::sleep(wait).await;
         }
     }
@@ -206,6 +215,27 @@ impl Client {
             Error::Transport { op, source: Box::new(err) }
         }
     }
+}
+
+/// A new call's id: 128 random bits as 32 lower-case hex digits (nothing
+/// of the call's records, so no PHI). `None` if the system's random source
+/// fails: the call then goes without one, and the sidecar makes an id for
+/// each attempt.
+fn new_request_id() -> Option<HeaderValue> {
+    let mut random = [0u8; 16];
+    getrandom::fill(&mut random).ok()?;
+    let mut hex = [0u8; 32];
+    for (pair, byte) in hex.chunks_exact_mut(2).zip(random) {
+        for (out, nibble) in pair.iter_mut().zip([byte >> 4, byte & 0xf]) {
+            *out = char::from_digit(u32::from(nibble), 16).map_or(b'0', |c| c as u8);
+        }
+    }
+    HeaderValue::from_bytes(&hex).ok()
+}
+
+/// A request's id, for logs.
+fn request_id(request: &Request) -> &str {
+    request.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default()
 }
 
 /// The timeout of an attempt starting now: the configured one, cut to what

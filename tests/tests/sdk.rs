@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 const ADMIN: &str = "spiffe://test/admin";
+const AUDITOR: &str = "spiffe://test/auditor";
 
 fn record(i: usize) -> Value {
     json!({
@@ -96,6 +97,82 @@ async fn typed_records_and_typed_errors() {
     let err = client.decrypt_value(&tampered, None).await.unwrap_err();
     assert_eq!(err.code(), Some(&ErrorCode::CannotDecrypt), "{err}");
     assert!(!err.to_string().contains("C50.9"));
+}
+
+/// Sends the process `pid` the signal `name` (`STOP`: the key service
+/// takes connections and answers nothing until `CONT`).
+fn signal(pid: u32, name: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
+/// A call the sidecar drops at its deadline (its key service silent) is
+/// retried after the sidecar's 503 `timeout`, under the call's one request
+/// id: the sidecar logged the dropped attempt with the id that the retry's
+/// audit event carries, and the call before had another.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_the_sidecar_times_out_is_retried_under_one_request_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start(&dir.path().join("ks"), "");
+    let (status, _) = ks.post(ADMIN, "/v1/tenants", &json!({"tenant": "onc"})).await;
+    assert_eq!(status, 201);
+    // No DEK cache: the decrypt needs the key service.
+    let mut sc = Sidecar::start(
+        &ks,
+        &dir.path().join("sidecar"),
+        "spiffe://test/sidecar-clinical",
+        "[limits]\nrequest_timeout_ms = 1000\n[cache]\nmax_entries = 0\n",
+    );
+    let client = Client::builder()
+        .unix_socket(sc.socket.clone())
+        .retry_backoff(std::time::Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let encrypted = client.encrypt("onc", "patient", &record(1)).await.unwrap();
+
+    let ks_pid = ks.pid().unwrap();
+    signal(ks_pid, "STOP");
+    // The first attempt ends at the 1 s deadline; the retry waits the
+    // sidecar's `Retry-After` (1 s), by when the key service is back.
+    let resume = async {
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        signal(ks_pid, "CONT");
+    };
+    let started = std::time::Instant::now();
+    let (decrypted, ()) = tokio::join!(client.decrypt::<Value>(&encrypted, None), resume);
+    let decrypted = decrypted.unwrap();
+    assert!(started.elapsed() >= std::time::Duration::from_secs(2), "{:?}", started.elapsed());
+    assert_eq!(decrypted.record["ssn"], record(1)["ssn"]);
+    let record_key_id = decrypted.report.record_key_id.clone();
+
+    sc.stop(); // flushes
+    let (_, export) = ks.get(AUDITOR, "/v1/audit?tenant=onc").await;
+    let events: Vec<Value> =
+        export.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).collect();
+    let request_ids = |action: &str| -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| e["action"] == action && e["actor"] == "spiffe://test/app")
+            .flat_map(|e| e["detail"]["fields"]["request_ids"].as_array().unwrap().clone())
+            .map(|id| id.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let decrypts = request_ids("record.decrypt");
+    let [id] = decrypts.as_slice() else { panic!("one decrypt recorded: {decrypts:?}") };
+    assert!(export.contains(&record_key_id));
+    assert_eq!(id.len(), 32, "{id}");
+    let encrypts = request_ids("record.encrypt");
+    assert!(encrypts.len() == 1 && encrypts[0] != *id, "another call, another id: {encrypts:?}");
+    let log = sc.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(id.as_str()) && l.contains("request dropped at its deadline")),
+        "the dropped attempt had the retry's id: {log}"
+    );
 }
 
 /// The SDK drops an idle pooled connection well before the sidecar closes

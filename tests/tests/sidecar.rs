@@ -728,6 +728,154 @@ fn a_non_loopback_listener_is_refused() {
     assert!(stderr.contains("refusing to listen on 0.0.0.0:9999"), "{stderr}");
 }
 
+/// Sends the process `pid` the signal `name`. A key service sent `STOP`
+/// takes connections (the kernel does) and answers nothing, as a hung or
+/// partitioned one, until it is sent `CONT`.
+fn signal(pid: u32, name: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
+/// A request the key service does not answer is dropped at the sidecar's
+/// deadline (`limits.request_timeout_ms`), well before the key service
+/// client's own timeout (2 s here): 503 `timeout` with `Retry-After` and
+/// the request's id. The DEKs a dropped encrypt took from the pool go back
+/// to it, and the sidecar serves the next requests as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_past_its_deadline_is_dropped_with_503_timeout_and_leaks_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // No DEK cache: every decrypt asks the key service.
+    let (ks, sc) = stack(
+        dir.path(),
+        "[limits]\nrequest_timeout_ms = 1000\n[cache]\nmax_entries = 0\n\
+         [pool]\nbatch = 20\nlow_water = 5\n",
+    )
+    .await;
+    let encrypted = encrypt(&sc, &patient(1)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await; // a refill settles
+    let pool_size = || async { gauge(&sc.get("/metrics").await.1, "keygate_dek_pool_size") };
+    let pooled = pool_size().await;
+    assert!(pooled >= 5, "{pooled} pooled");
+    let http = sc.new_client();
+    let post = |path: &str, body: Value| http.post(format!("{}{path}", sc.base)).json(&body).send();
+    let ks_pid = ks.pid().unwrap();
+    signal(ks_pid, "STOP");
+
+    let started = std::time::Instant::now();
+    let response = post("/v1/decrypt", json!({"record": encrypted})).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(id.len(), 32, "the sidecar's own id: {id}");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "timeout", "{body}");
+    assert!(
+        took >= std::time::Duration::from_millis(1000)
+            && took < std::time::Duration::from_millis(1800),
+        "answered at the deadline, not at the key service client's timeout: {took:?}"
+    );
+
+    // More records than are pooled: the request takes every pooled DEK and
+    // waits for the rest; dropped, it gives them back.
+    let records: Vec<Value> = (0..pooled as usize + 5).map(patient).collect();
+    let response =
+        post("/v1/encrypt", json!({"tenant": "onc", "schema": "patient", "records": records}))
+            .await
+            .unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.json::<Value>().await.unwrap()["error"]["code"], "timeout");
+    assert_eq!(pool_size().await, pooled, "every DEK the dropped request took is back");
+    // Served as before, from the pool, the key service still silent.
+    encrypt(&sc, &patient(2)).await;
+    assert_eq!(pool_size().await, pooled - 1);
+
+    signal(ks_pid, "CONT");
+    let (status, body) = sc.post("/v1/decrypt", &json!({"record": encrypted})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["record"]["ssn"], patient(1)["ssn"]);
+    let (_, metrics) = sc.get("/metrics").await;
+    assert_eq!(gauge(&metrics, "keygate_sidecar_request_timeouts_total"), 2, "{metrics}");
+    let log = sc.log();
+    assert!(
+        log.lines().any(|l| l.contains(&id) && l.contains("request dropped at its deadline")),
+        "logged with its id: {log}"
+    );
+}
+
+/// A request's id (`x-request-id`) is the app's when it sends a valid one,
+/// else the sidecar's own; it is echoed, and recorded in the request's
+/// field-level audit events once per request: a call sent twice (a retry
+/// whose first answer was lost) shows as its id twice, not as two calls.
+/// Anything but 16 to 64 hex digits and hyphens is refused, never recorded.
+#[tokio::test(flavor = "multi_thread")]
+async fn request_ids_are_echoed_checked_and_recorded_in_audit_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ks, mut sc) = stack(dir.path(), "").await;
+    let encrypted = encrypt(&sc, &patient(6)).await;
+    let http = sc.new_client();
+    let url = format!("{}/v1/decrypt", sc.base);
+    let decrypt = |ids: &[&str]| {
+        let mut request =
+            http.post(&url).json(&json!({"record": encrypted, "purpose": "treatment"}));
+        for id in ids {
+            request = request.header("x-request-id", *id);
+        }
+        request.send()
+    };
+    let echoed = |response: &reqwest::Response| {
+        response.headers().get("x-request-id").map(|v| v.to_str().unwrap().to_owned())
+    };
+    let retried = "5f0c6b4e9a2d4c1b8e7f3a6d2c9b1e40";
+    for _ in 0..2 {
+        let response = decrypt(&[retried]).await.unwrap();
+        assert_eq!(
+            (response.status().as_u16(), echoed(&response).as_deref()),
+            (200, Some(retried))
+        );
+    }
+    let response = decrypt(&[]).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let own = echoed(&response).unwrap();
+    assert!(own.len() == 32 && own != retried, "{own}");
+    let long = "a".repeat(65);
+    for bad in [
+        &["123-45-6789"][..],
+        &["MRN-000123-0000000042"],
+        &["jane.doe@example.org"],
+        &[long.as_str()],
+        &[retried, retried],
+    ] {
+        let response = decrypt(bad).await.unwrap();
+        assert_eq!((response.status().as_u16(), echoed(&response)), (400, None), "{bad:?}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_request_id", "{body}");
+    }
+
+    sc.stop(); // flushes
+    let (_, export) = ks.get(AUDITOR, "/v1/audit?tenant=onc").await;
+    let mut listed: Vec<String> = export
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["action"] == "record.decrypt")
+        .flat_map(|e| {
+            let ids = e["detail"]["fields"]["request_ids"].as_array().unwrap().clone();
+            ids.into_iter().map(|id| id.as_str().unwrap().to_owned())
+        })
+        .collect();
+    listed.sort();
+    let mut expected = vec![own, retried.to_owned(), retried.to_owned()];
+    expected.sort();
+    assert_eq!(listed, expected, "{export}");
+    for refused in ["123-45-6789", "MRN-000123", "jane.doe"] {
+        assert!(!export.contains(refused), "{refused} recorded");
+    }
+}
+
 /// Sends every body to `path` at once, each on a connection of its own.
 fn post_at_once(
     sc: &Sidecar,

@@ -76,7 +76,7 @@ pub struct KeyServiceConfig {
     /// Timeout of each call, in milliseconds. Unwrap and rewrap calls are
     /// shared between concurrent requests (`sidecar::shared_calls`): a
     /// request that waits for a call ahead of its own gives up after
-    /// `4 × replicas ×` this.
+    /// `4 × replicas ×` this, and every request at `limits.request_timeout_ms`.
     #[serde(default = "default_call_timeout_ms")]
     pub timeout_ms: u64,
     /// How often, in seconds, `cert`, `key` and `ca` are checked for
@@ -165,11 +165,33 @@ pub struct SidecarLimits {
     pub max_records: usize,
     /// Deepest JSON nesting accepted.
     pub max_depth: usize,
+    /// The deadline of an API request, in milliseconds, from when its body
+    /// has been read (`[abuse] body_read_timeout_secs` bounds that) to its
+    /// answer: past it the work is dropped and the app gets 503 `timeout`
+    /// with `Retry-After`. At least 1.
+    pub request_timeout_ms: u64,
 }
 
 impl Default for SidecarLimits {
+    /// The deadline is 20 s: under the SDK's 30 s attempt timeout, so the
+    /// app hears the sidecar's 503 (and retries) rather than giving up
+    /// while the sidecar still works; above the 15 s that failing over
+    /// across three unresponsive replicas takes at the default
+    /// `key_service.timeout_ms`.
     fn default() -> Self {
-        Self { max_body_bytes: 16 * 1024 * 1024, max_records: 1_000, max_depth: 64 }
+        Self {
+            max_body_bytes: 16 * 1024 * 1024,
+            max_records: 1_000,
+            max_depth: 64,
+            request_timeout_ms: 20_000,
+        }
+    }
+}
+
+impl SidecarLimits {
+    /// The deadline of an API request.
+    pub(crate) fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
     }
 }
 
@@ -225,6 +247,7 @@ impl SidecarConfig {
             ("cache.ttl_secs", Duration::from_secs(self.cache.ttl_secs)),
             ("audit.flush_interval_ms", Duration::from_millis(self.audit.flush_interval_ms)),
             ("audit.max_unreported_secs", Duration::from_secs(self.audit.max_unreported_secs)),
+            ("limits.request_timeout_ms", self.limits.request_timeout()),
         ];
         durations.extend(self.abuse.durations());
         durations
@@ -250,6 +273,11 @@ impl SidecarConfig {
         fix(&mut config.key_service.cert);
         fix(&mut config.key_service.key);
         check_durations(config.durations())?;
+        if config.limits.request_timeout_ms == 0 {
+            return Err(ConfigError::new(
+                "limits.request_timeout_ms must be at least 1: every request would time out",
+            ));
+        }
         if config.key_service.urls.is_empty() {
             return Err(ConfigError::new("key_service.urls lists no key service"));
         }
@@ -332,6 +360,9 @@ mod tests {
         assert_eq!(config.cache.ttl_secs, 60);
         assert_eq!(config.key_service.tls_reload_interval_secs, 60);
         assert_eq!(config.key_service.server_identity, None);
+        assert_eq!(config.limits.request_timeout(), Duration::from_secs(20));
+        let e = load("", "[limits]\nrequest_timeout_ms = 0").unwrap_err();
+        assert!(e.contains("limits.request_timeout_ms must be at least 1"), "{e}");
         // An actor the key service would refuse stops the sidecar at once.
         for bad in ["\"\"", "\"app\\n\"", format!("\"{}\"", "a".repeat(1025)).as_str()] {
             std::fs::write(
@@ -357,6 +388,7 @@ mod tests {
             ("abuse", "body_read_timeout_secs", 86_400),
             ("key_service", "timeout_ms", 86_400_000),
             ("key_service", "tls_reload_interval_secs", 86_400),
+            ("limits", "request_timeout_ms", 86_400_000),
         ] {
             let set = |value: u64| {
                 let line = format!("{key} = {value}");

@@ -24,6 +24,7 @@ use super::api::DecryptRequest;
 use super::handlers::{Answer, dek_requests_by_tenant};
 use super::report::{FieldEntry, FieldsKey, Report, ReportContext};
 use super::reporter::{Access, AccessEvent};
+use super::request::RequestId;
 use super::state::{SidecarState, ks_error};
 use crate::error::ApiError;
 use crate::extract::ApiBody;
@@ -67,6 +68,7 @@ struct EventGroup {
 /// the records are decrypted and copied in at the end.
 pub(super) async fn decrypt(
     State(s): State<Arc<SidecarState>>,
+    request_id: RequestId,
     body: ApiBody,
 ) -> Result<SecretJsonText, ApiError> {
     let req: DecryptRequest<'_> = body.parse()?;
@@ -179,6 +181,7 @@ pub(super) async fn decrypt(
                     fields: g.outcomes,
                 },
                 record_key_ids: g.ids,
+                request_id,
             })
             .collect(),
     );

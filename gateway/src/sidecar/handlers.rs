@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use kms_core::record::{
     EncryptedText, FieldOutcome, TextWorkspace, check_encryptable, index_token, pseudonym,
 };
@@ -18,6 +18,7 @@ use super::api::{
 };
 use super::pool::Taken;
 use super::reporter::{Access, AccessEvent};
+use super::request::RequestId;
 use super::state::{SidecarState, ks_error};
 use crate::error::ApiError;
 use crate::extract::{ApiBody, ApiJson};
@@ -25,6 +26,8 @@ use crate::policy::{EffectiveGrants, Role};
 use crate::wire::SecretJsonText;
 
 type Shared = State<Arc<SidecarState>>;
+/// The request's id (`super::request`), recorded in its audit events.
+type Id = Extension<RequestId>;
 
 /// An encrypted record is about twice its plaintext (each value becomes
 /// nonce, ciphertext and tag in base64, plus the `_kg` header).
@@ -100,13 +103,18 @@ async fn authorize(
     post,
     path = "/v1/encrypt",
     tag = "records",
+    params(("x-request-id" = Option<String>, Header, description = "The call's id: 16 to 64 hex digits and hyphens (the SDK sends 32 hex digits, the same on every retry); without it the sidecar makes one. Echoed in the answer and recorded in the field-level audit events the request makes (`fields.request_ids`)")),
     request_body = EncryptRequest<'_>,
     responses(
-        (status = 200, description = "The encrypted record(s)", body = EncryptResponse),
-        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 401 no token, 403 not granted, 404 unknown tenant or schema, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 422 cannot decrypt, 429 rate limited, 503 key service or audit unavailable", body = crate::openapi::ErrorBody)
+        (status = 200, description = "The encrypted record(s)", body = EncryptResponse, headers(("x-request-id" = String, description = "The request's id"))),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input (`invalid_request_id`: a bad `x-request-id`), 401 no token, 403 not granted, 404 unknown tenant or schema, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 422 cannot decrypt, 429 rate limited, 503 key service or audit unavailable (`key_service_unavailable`, `audit_unavailable`) or the request past its deadline (`timeout`, with `Retry-After`)", body = crate::openapi::ErrorBody, headers(("x-request-id" = String, description = "The request's id (none on a 400 `invalid_request_id`)")))
     ),
 )]
-pub(super) async fn encrypt(State(s): Shared, body: ApiBody) -> Result<SecretJsonText, ApiError> {
+pub(super) async fn encrypt(
+    State(s): Shared,
+    Extension(id): Id,
+    body: ApiBody,
+) -> Result<SecretJsonText, ApiError> {
     let req: EncryptRequest<'_> = body.parse()?;
     let (records, single) = s.records(req.record, req.records, &body)?;
     authorize(&s, &req.tenant, &[Role::Encryptor]).await?;
@@ -162,6 +170,7 @@ pub(super) async fn encrypt(State(s): Shared, body: ApiBody) -> Result<SecretJso
         kek_version: None,
         access: Access::Encrypt { schema: schema.name.clone() },
         record_key_ids: ids,
+        request_id: id,
     }]);
     Ok(answer.finish())
 }
@@ -171,14 +180,19 @@ pub(super) async fn encrypt(State(s): Shared, body: ApiBody) -> Result<SecretJso
     post,
     path = "/v1/decrypt",
     tag = "records",
+    params(("x-request-id" = Option<String>, Header, description = "The call's id: 16 to 64 hex digits and hyphens (the SDK sends 32 hex digits, the same on every retry); without it the sidecar makes one. Echoed in the answer and recorded in the field-level audit events the request makes (`fields.request_ids`)")),
     request_body = DecryptRequest<'_>,
     responses(
-        (status = 200, description = "The record(s) with what the policy allows, and a report", body = DecryptResponse),
-        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 401 no token, 403 not granted, 404 unknown tenant or schema, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 422 cannot decrypt, 429 rate limited, 503 key service or audit unavailable", body = crate::openapi::ErrorBody)
+        (status = 200, description = "The record(s) with what the policy allows, and a report", body = DecryptResponse, headers(("x-request-id" = String, description = "The request's id"))),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input (`invalid_request_id`: a bad `x-request-id`), 401 no token, 403 not granted, 404 unknown tenant or schema, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 422 cannot decrypt, 429 rate limited, 503 key service or audit unavailable (`key_service_unavailable`, `audit_unavailable`) or the request past its deadline (`timeout`, with `Retry-After`)", body = crate::openapi::ErrorBody, headers(("x-request-id" = String, description = "The request's id (none on a 400 `invalid_request_id`)")))
     ),
 )]
-pub(super) async fn decrypt(state: Shared, body: ApiBody) -> Result<SecretJsonText, ApiError> {
-    super::decrypt::decrypt(state, body).await
+pub(super) async fn decrypt(
+    state: Shared,
+    Extension(id): Id,
+    body: ApiBody,
+) -> Result<SecretJsonText, ApiError> {
+    super::decrypt::decrypt(state, id, body).await
 }
 
 /// What the key service needs to unwrap or rewrap a record's DEK.
@@ -218,10 +232,11 @@ pub(super) fn dek_requests_by_tenant(
     post,
     path = "/v1/rewrap",
     tag = "records",
+    params(("x-request-id" = Option<String>, Header, description = "The call's id: 16 to 64 hex digits and hyphens (the SDK sends 32 hex digits, the same on every retry); without it the sidecar makes one. Echoed in the answer and recorded in the field-level audit events the request makes (`fields.request_ids`)")),
     request_body = RewrapRequest<'_>,
     responses(
-        (status = 200, description = "The records with their key part under the active KEK version", body = RewrapResponse),
-        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 401 no token, 403 not granted, 404 unknown tenant or schema, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 422 cannot decrypt, 429 rate limited, 503 key service or audit unavailable", body = crate::openapi::ErrorBody)
+        (status = 200, description = "The records with their key part under the active KEK version", body = RewrapResponse, headers(("x-request-id" = String, description = "The request's id"))),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input (`invalid_request_id`: a bad `x-request-id`), 401 no token, 403 not granted, 404 unknown tenant or schema, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 422 cannot decrypt, 429 rate limited, 503 key service or audit unavailable (`key_service_unavailable`, `audit_unavailable`) or the request past its deadline (`timeout`, with `Retry-After`)", body = crate::openapi::ErrorBody, headers(("x-request-id" = String, description = "The request's id (none on a 400 `invalid_request_id`)")))
     ),
 )]
 pub(super) async fn rewrap(State(s): Shared, body: ApiBody) -> Result<SecretJsonText, ApiError> {
@@ -264,14 +279,16 @@ pub(super) async fn rewrap(State(s): Shared, body: ApiBody) -> Result<SecretJson
     post,
     path = "/v1/index",
     tag = "records",
+    params(("x-request-id" = Option<String>, Header, description = "The call's id: 16 to 64 hex digits and hyphens (the SDK sends 32 hex digits, the same on every retry); without it the sidecar makes one. Echoed in the answer and recorded in the field-level audit events the request makes (`fields.request_ids`)")),
     request_body = IndexRequest,
     responses(
-        (status = 200, description = "The token to search for", body = IndexResponse),
-        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 401 no token, 403 not granted (without `encryptor` on the tenant: also when the policy withholds the field's class for the purpose), 404 unknown tenant or schema, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 422 cannot decrypt, 429 rate limited, 503 key service or audit unavailable", body = crate::openapi::ErrorBody)
+        (status = 200, description = "The token to search for", body = IndexResponse, headers(("x-request-id" = String, description = "The request's id"))),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input (`invalid_request_id`: a bad `x-request-id`), 401 no token, 403 not granted (without `encryptor` on the tenant: also when the policy withholds the field's class for the purpose), 404 unknown tenant or schema, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 422 cannot decrypt, 429 rate limited, 503 key service or audit unavailable (`key_service_unavailable`, `audit_unavailable`) or the request past its deadline (`timeout`, with `Retry-After`)", body = crate::openapi::ErrorBody, headers(("x-request-id" = String, description = "The request's id (none on a 400 `invalid_request_id`)")))
     ),
 )]
 pub(super) async fn index(
     State(s): Shared,
+    Extension(id): Id,
     ApiJson(req): ApiJson<IndexRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let grants = authorize(&s, &req.tenant, &[Role::Encryptor, Role::Decryptor]).await?;
@@ -297,6 +314,7 @@ pub(super) async fn index(
         kek_version: None,
         access: Access::Index { schema: schema.name.clone(), path: req.path.clone() },
         record_key_ids: Vec::new(),
+        request_id: id,
     }]);
     Ok(Json(json!({ "token": token })))
 }
@@ -332,14 +350,16 @@ fn may_search(
     post,
     path = "/v1/pseudonym",
     tag = "records",
+    params(("x-request-id" = Option<String>, Header, description = "The call's id: 16 to 64 hex digits and hyphens (the SDK sends 32 hex digits, the same on every retry); without it the sidecar makes one. Echoed in the answer and recorded in the field-level audit events the request makes (`fields.request_ids`)")),
     request_body = PseudonymRequest,
     responses(
-        (status = 200, description = "The pseudonym", body = PseudonymResponse),
-        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 401 no token, 403 not granted (`encryptor` on the tenant is needed), 404 unknown tenant, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 429 rate limited, 503 key service or audit unavailable", body = crate::openapi::ErrorBody)
+        (status = 200, description = "The pseudonym", body = PseudonymResponse, headers(("x-request-id" = String, description = "The request's id"))),
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input (`invalid_request_id`: a bad `x-request-id`), 401 no token, 403 not granted (`encryptor` on the tenant is needed), 404 unknown tenant, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 429 rate limited, 503 key service or audit unavailable (`key_service_unavailable`, `audit_unavailable`) or the request past its deadline (`timeout`, with `Retry-After`)", body = crate::openapi::ErrorBody, headers(("x-request-id" = String, description = "The request's id (none on a 400 `invalid_request_id`)")))
     ),
 )]
 pub(super) async fn pseudonymize(
     State(s): Shared,
+    Extension(id): Id,
     ApiJson(req): ApiJson<PseudonymRequest>,
 ) -> Result<Json<Value>, ApiError> {
     // A pseudonym tests a guessed value against every record that carries
@@ -367,6 +387,7 @@ pub(super) async fn pseudonymize(
         kek_version: None,
         access: Access::Pseudonym { namespace: req.namespace.clone() },
         record_key_ids: Vec::new(),
+        request_id: id,
     }]);
     Ok(Json(answer))
 }

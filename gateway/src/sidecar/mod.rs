@@ -20,6 +20,7 @@ mod openapi;
 mod pool;
 mod report;
 mod reporter;
+mod request;
 mod run;
 mod shared_calls;
 mod single_flight;

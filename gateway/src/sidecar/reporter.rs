@@ -24,8 +24,10 @@
 //! Accesses that differ only in which records and when — same tenant, KEK
 //! version, action, schema, purpose, field outcomes and cache hit — are
 //! coalesced while they wait: one event lists every record key id (once
-//! per access), the first and last time (`ts_ms`, `fields.last_ts_ms`) and
-//! how many requests it covers (`fields.requests`). The facts are those of
+//! per access), the first and last time (`ts_ms`, `fields.last_ts_ms`),
+//! how many requests it covers (`fields.requests`) and their ids
+//! (`fields.request_ids`, one per request, in order: an id listed twice is
+//! one call of the app's sent twice, a retry). The facts are those of
 //! one event per request; the key service chains and stores a fraction of
 //! the events (single-record traffic made it spend a third of the CPU on
 //! them).
@@ -41,6 +43,7 @@ use tokio::sync::Notify;
 
 use super::config::ReportConfig;
 use super::ks_client::{KeyServiceClient, KsError};
+use super::request::RequestId;
 use crate::audit_log::now_ms;
 use crate::error::ApiError;
 use crate::wire::ReportedAction;
@@ -108,6 +111,8 @@ pub(super) struct AccessEvent {
     pub(super) access: Access,
     /// The records, one entry per access.
     pub(super) record_key_ids: Vec<RecordKeyId>,
+    /// The request's id (`super::request`).
+    pub(super) request_id: RequestId,
 }
 
 /// Most record key ids one coalesced event lists (keeps each event, and
@@ -133,6 +138,9 @@ struct Pending {
     first_ms: i64,
     last_ms: i64,
     requests: u32,
+    /// The id of each request it covers, in order (both halves of a split
+    /// event list the whole's: each half may come from any of them).
+    request_ids: Vec<RequestId>,
     /// When its first access was buffered.
     buffered_at: Instant,
     /// Random, reported as `fields.event_id`: a report whose answer was
@@ -168,7 +176,8 @@ impl Pending {
             }
             Access::Index { path, .. } => 2 * path.len(),
         };
-        512 + 36 * self.accesses() + fields
+        let ids: usize = self.request_ids.iter().map(|id| id.len() + 3).sum();
+        512 + 36 * self.accesses() + fields + ids
     }
 
     /// Splits off the second half of its records as an event of the same
@@ -187,10 +196,12 @@ impl Pending {
                 kek_version: self.event.kek_version,
                 access: self.event.access.clone(),
                 record_key_ids: rest,
+                request_id: self.event.request_id,
             },
             first_ms: self.first_ms,
             last_ms: self.last_ms,
             requests: (requests / 2).max(1),
+            request_ids: self.request_ids.clone(),
             buffered_at: self.buffered_at,
             id: new_event_id(),
             split_from: whole,
@@ -211,6 +222,7 @@ impl Pending {
             return Some(event);
         }
         self.event.record_key_ids.extend(event.record_key_ids);
+        self.request_ids.push(event.request_id);
         self.first_ms = self.first_ms.min(at_ms);
         self.last_ms = self.last_ms.max(at_ms);
         self.requests = self.requests.saturating_add(1);
@@ -277,6 +289,7 @@ impl Buffer {
         }
         if let Some(event) = event {
             self.events.push(Pending {
+                request_ids: vec![event.request_id],
                 event,
                 first_ms: at_ms,
                 last_ms: at_ms,
@@ -744,6 +757,7 @@ impl Serialize for Detail<'_> {
             }
         }
         map.serialize_entry("requests", &p.requests)?;
+        map.serialize_entry("request_ids", &p.request_ids)?;
         map.serialize_entry("last_ts_ms", &p.last_ms)?;
         if let Some(id) = &p.id {
             map.serialize_entry("event_id", &data_encoding::HEXLOWER.encode(id))?;
@@ -783,6 +797,12 @@ mod tests {
         (0..n).map(|i| RecordKeyId::from_bytes([from.wrapping_add(i as u8); 16])).collect()
     }
 
+    /// The id of request `n`.
+    fn rid(n: u8) -> RequestId {
+        RequestId::parse(format!("{n:032x}").as_bytes()).unwrap()
+    }
+
+    /// Request `from`'s decrypt of `n` records.
     fn decrypt(tenant_name: &str, cache_hit: bool, n: usize, from: u8) -> AccessEvent {
         AccessEvent {
             tenant: tenant(tenant_name),
@@ -794,6 +814,7 @@ mod tests {
                 fields: vec![("/ssn".into(), "revealed"), ("/name".into(), "masked")],
             },
             record_key_ids: ids(n, from),
+            request_id: rid(from),
         }
     }
 
@@ -844,6 +865,7 @@ mod tests {
                 kek_version: None,
                 access: Access::Encrypt { schema: Name::new("patient").unwrap() },
                 record_key_ids: ids(2, 5),
+                request_id: rid(5),
             },
             1,
         );
@@ -977,22 +999,24 @@ mod tests {
 
     #[test]
     fn search_tokens_and_pseudonyms_are_counted_per_request_and_path() {
-        let index = |path: &str| AccessEvent {
+        let index = |path: &str, request: u8| AccessEvent {
             tenant: tenant("onc"),
             kek_version: None,
             access: Access::Index { schema: Name::new("patient").unwrap(), path: path.into() },
             record_key_ids: Vec::new(),
+            request_id: rid(request),
         };
         let mut buffer = Buffer::default();
-        buffer.add(index("/mrn"), 1);
-        buffer.add(index("/mrn"), 3);
-        buffer.add(index("/email"), 2);
+        buffer.add(index("/mrn", 1), 1);
+        buffer.add(index("/mrn", 3), 3);
+        buffer.add(index("/email", 2), 2);
         buffer.add(
             AccessEvent {
                 tenant: tenant("onc"),
                 kek_version: None,
                 access: Access::Pseudonym { namespace: Name::new("patient").unwrap() },
                 record_key_ids: Vec::new(),
+                request_id: rid(4),
             },
             4,
         );
@@ -1006,12 +1030,36 @@ mod tests {
         mrn["fields"].as_object_mut().unwrap().remove("event_id");
         assert_eq!(
             mrn["fields"],
-            json!({"schema": "patient", "path": "/mrn", "requests": 2, "last_ts_ms": 3})
+            json!({"schema": "patient", "path": "/mrn", "requests": 2, "last_ts_ms": 3,
+                   "request_ids": [rid(1).as_str(), rid(3).as_str()]})
         );
         assert_eq!(body["events"][1]["fields"]["path"], "/email");
         let pseudonym = &body["events"][2];
         assert_eq!(pseudonym["action"], "field.pseudonym");
         assert_eq!(pseudonym["fields"]["namespace"], "patient");
+    }
+
+    /// Each request's id is listed in the event that covers it, once per
+    /// request: a call the app retried (its first answer lost after the
+    /// sidecar recorded it) shows as its id twice, not as two calls.
+    #[test]
+    fn coalesced_events_list_each_requests_id() {
+        let mut buffer = Buffer::default();
+        buffer.add(decrypt("onc", true, 2, 1), 1);
+        buffer.add(decrypt("onc", true, 2, 1), 2); // the same call again
+        buffer.add(decrypt("onc", true, 1, 9), 3);
+        assert_eq!(buffer.events.len(), 1);
+        let mut whole = buffer.take_report().pop().unwrap();
+        let listed = [rid(1), rid(1), rid(9)];
+        assert_eq!((whole.requests, whole.request_ids.as_slice()), (3, listed.as_slice()));
+        let body = wire(std::slice::from_ref(&whole));
+        let ids: Vec<&str> = listed.iter().map(RequestId::as_str).collect();
+        assert_eq!(body["events"][0]["fields"]["request_ids"], json!(ids));
+        let half = whole.split_records();
+        assert_eq!(half.request_ids, whole.request_ids, "each half may come from any of them");
+        let estimated = whole.wire_bytes();
+        let bytes = serde_json::to_vec(&wire(&[whole])).unwrap().len();
+        assert!(estimated >= bytes, "{estimated} < {bytes}");
     }
 
     /// A report whose answer was lost is sent again, maybe to another

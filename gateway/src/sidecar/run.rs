@@ -23,6 +23,7 @@ use super::ks_client::KeyServiceClient;
 use super::listener::{AppListener, serve};
 use super::pool::DekPool;
 use super::reporter::Reporter;
+use super::request::{self, RequestScope};
 use super::shared_calls::{Rewraps, SharedCalls, Unwraps};
 use super::state::{ActiveVersions, SidecarState};
 use crate::error::ApiError;
@@ -271,6 +272,10 @@ fn bind_private(path: &std::path::Path) -> std::io::Result<(tokio::net::UnixList
 }
 
 fn router(state: Arc<SidecarState>) -> Router {
+    let scope = Arc::new(RequestScope {
+        deadline: state.limits.request_timeout(),
+        timeouts: state.metrics.sidecar_request_timeouts.clone(),
+    });
     Router::new()
         .route("/v1/encrypt", post(handlers::encrypt))
         .route("/v1/decrypt", post(handlers::decrypt))
@@ -278,6 +283,8 @@ fn router(state: Arc<SidecarState>) -> Router {
         .route("/v1/index", post(handlers::index))
         .route("/v1/pseudonym", post(handlers::pseudonymize))
         .layer(middleware::from_fn_with_state(state.clone(), bearer))
+        // Outside the token check, so that a refusal carries the id too.
+        .layer(middleware::from_fn_with_state(scope, request::scope))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
