@@ -533,10 +533,14 @@ impl Writer {
                 *self.shared.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some(e.to_string());
                 self.shared.healthy.store(false, Ordering::Relaxed);
-                self.resync(before).await;
+                // Refused before the writer looks at what the database
+                // holds: with the database away, that look waits out a
+                // connection attempt of its own (`acquire_timeout`), and
+                // the requests would wait twice as long for their 503.
                 for ack in acks {
                     let _ = ack.send(Err(()));
                 }
+                self.resync(before).await;
             }
         }
     }
