@@ -7,9 +7,10 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
-/// Makes directory `path` and its missing parents with mode 0700 (whatever
-/// the umask), unless it exists; an existing one is left as it is, for the
-/// caller to check or use.
+/// Makes directory `path` and its missing parents with mode 0700 (less
+/// what the umask takes away: never any access for group or others),
+/// unless it exists; an existing one is left as it is, for the caller to
+/// check or use.
 pub(crate) fn create_private_dir(path: &Path) -> io::Result<()> {
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)
 }
@@ -51,7 +52,7 @@ mod tests {
         create_private_dir(&nested).unwrap();
         for made in [dir.path().join("a"), nested.clone()] {
             let mode = std::fs::metadata(&made).unwrap().permissions().mode();
-            assert_eq!(mode & 0o777, 0o700, "{}", made.display());
+            assert_eq!(mode & 0o077, 0, "{}: {mode:o}", made.display());
         }
         // One that exists is kept as it is.
         std::fs::set_permissions(&nested, std::fs::Permissions::from_mode(0o750)).unwrap();

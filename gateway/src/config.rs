@@ -167,7 +167,8 @@ pub struct TrustedMasters {
     /// AWS accounts (12 digits) whose KMS keys a master may name by ARN,
     /// besides `[root]`'s account. Only an ARN reaches a key in another
     /// account; a bare key id or alias is always in the account of the key
-    /// service's own credentials. A key listed in `keys` needs no entry.
+    /// service's own credentials. A key listed in `keys` by the key ARN it
+    /// is named by needs no entry (one named by an alias ARN does).
     #[serde(default)]
     pub aws_kms_accounts: Vec<String>,
     /// The master keys besides `[root]`'s that may be used at all, named as
@@ -294,6 +295,19 @@ impl RootConfig {
             }
             Self::DevLocal { .. } => Vec::new(),
         }
+    }
+
+    /// Refuses a timer of zero (every call would fail at once) or of more
+    /// than a day ([`check_durations`]): at load, and for settings sent to
+    /// a master rotation or recorded in the keystore.
+    pub fn check_timers(&self) -> Result<(), ConfigError> {
+        let durations = self.durations();
+        if let Some((name, _)) = durations.iter().find(|(_, value)| value.is_zero()) {
+            return Err(ConfigError(format!(
+                "{name} must be at least 1: every call would fail at once"
+            )));
+        }
+        check_durations(durations)
     }
 
     /// Whether every file path in it is absolute (settings sent over the
@@ -838,6 +852,7 @@ impl ServerConfig {
         if config.lifecycle.approval_ttl_secs == 0 {
             return Err(ConfigError::new("lifecycle.approval_ttl_secs must be at least 1"));
         }
+        config.root.check_timers()?;
         config.trusted_masters.check_keys()?;
         config.trusted_masters.check_accounts()?;
         Ok(config)
@@ -1087,6 +1102,10 @@ max_batch = 500
         let call_timeout = |root: RootConfig| root.pkcs11().unwrap().unwrap().call_timeout;
         assert_eq!(call_timeout(root("")), hsm_adapters::Pkcs11Config::DEFAULT_CALL_TIMEOUT);
         assert_eq!(call_timeout(root("call_timeout_ms = 250")), Duration::from_millis(250));
+        let e = root("call_timeout_ms = 0").check_timers().unwrap_err().to_string();
+        assert!(e.contains("root.call_timeout_ms must be at least 1"), "{e}");
+        assert!(root("call_timeout_ms = 86400001").check_timers().is_err());
+        root("call_timeout_ms = 1").check_timers().unwrap();
         // Recorded before the setting existed: the default.
         let recorded = recorded_without("call_timeout_ms", &root("call_timeout_ms = 250"));
         assert_eq!(call_timeout(recorded), hsm_adapters::Pkcs11Config::DEFAULT_CALL_TIMEOUT);

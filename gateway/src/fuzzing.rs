@@ -89,7 +89,7 @@ fn master_rotation_target(to: &RootConfig) {
     const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
     const ENDPOINT: &str = "https://kms.example";
     const ACCOUNT: &str = "111122223333";
-    let _ = crate::config::check_durations(to.durations());
+    let _ = to.check_timers();
     let _ = to.paths_are_absolute();
     if let Ok(recorded) = recorded_settings(to) {
         // What a replica reads back is what was recorded, field for field.

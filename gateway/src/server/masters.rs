@@ -165,8 +165,7 @@ impl MasterConnector for RecordedMasters {
             .ok_or_else(|| misconfigured("no connection settings recorded".into()))?;
         let mut config: RootConfig = serde_json::from_str(settings)
             .map_err(|e| misconfigured(format!("recorded settings unreadable: {e}")))?;
-        crate::config::check_durations(config.durations())
-            .map_err(|e| misconfigured(format!("recorded settings: {e}")))?;
+        config.check_timers().map_err(|e| misconfigured(format!("recorded settings: {e}")))?;
         // Recorded settings reach a key file that exists; they never make one.
         if let RootConfig::DevLocal { create_if_missing, .. } = &mut config {
             *create_if_missing = false;

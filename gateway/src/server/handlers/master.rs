@@ -171,8 +171,7 @@ pub(crate) async fn rotate(
             "file paths in the provider settings must be absolute",
         ));
     }
-    crate::config::check_durations(body.to.durations())
-        .map_err(|e| ApiError::bad_request("invalid_provider", e.to_string()))?;
+    body.to.check_timers().map_err(|e| ApiError::bad_request("invalid_provider", e.to_string()))?;
     // One admin's request does not choose a library for the key service to
     // load, an endpoint to hand keys to or (if the host lists them) the key:
     // the host's configuration does.
