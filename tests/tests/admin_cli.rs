@@ -884,6 +884,19 @@ async fn rewrap_moves_records_to_the_active_version_through_a_sidecar() {
     let tampered = rewrap(b"{\"_kg\":\"kg1h:AAAA\"}\n", &[]);
     assert!(tampered.fails(2).contains("line 1: the _kg header"));
 
+    // A batch the sidecar refuses for one record names that record's line.
+    admin.run(&["key", "state", "--tenant", "onc", "--version", "1", "disable"]).ok();
+    let mut one_old = jsonl(&v2[..2]);
+    one_old.extend_from_slice(b"\n");
+    one_old.extend_from_slice(&jsonl(&v1[2..3]));
+    let run = rewrap(&one_old, &[]);
+    let line = run.fails(1);
+    assert!(
+        line.contains("lines 1-4: the sidecar refused line 4: records[2]:")
+            && line.contains("(key_version_disabled)"),
+        "{line}"
+    );
+
     // No sidecar there: exit 3.
     let gone = format!("unix://{}", dir.path().join("absent.sock").display());
     let run = admin

@@ -267,6 +267,17 @@ async fn bad_input_gets_specific_errors_and_the_sidecar_keeps_serving() {
         let (got, answer) = sc.post_raw(path, body).await;
         assert_eq!((got, answer["error"]["code"].as_str()), (status, Some(code)), "{answer}");
     }
+    // In a request of several records, the error names the one at fault.
+    let batch = json!({"tenant": "onc", "schema": "patient",
+                       "records": [patient(1), encrypted.clone(), patient(2)]});
+    let (status, answer) = sc.post("/v1/encrypt", &batch).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (400, Some("already_encrypted")));
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(message.starts_with("records[1]: "), "{message}");
+    let (status, answer) =
+        sc.post("/v1/rewrap", &json!({"records": [encrypted.clone(), {"plain": true}]})).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (400, Some("not_encrypted")));
+    assert!(answer["error"]["message"].as_str().unwrap().starts_with("records[1]: "), "{answer}");
     let (status, _) = sc.get("/healthz").await;
     assert_eq!(status, 200);
     let (status, body) = sc.post("/v1/decrypt", &json!({"record": encrypted})).await;

@@ -106,11 +106,13 @@ impl Sidecar {
         Ok(Self { http, endpoint, shown: address.to_owned(), token })
     }
 
-    /// Rewraps one batch; `lines` names the input lines for errors.
+    /// Rewraps one batch; `lines` names the input lines for errors, and
+    /// `line_numbers` the line of each record.
     async fn rewrap(
         &self,
         records: &[Box<RawValue>],
         lines: &str,
+        line_numbers: &[u64],
     ) -> Result<Rewrapped, AdminError> {
         let count = records.len();
         let body = serde_json::to_vec(&RewrapBody { records })
@@ -127,7 +129,11 @@ impl Sidecar {
             request.send().await.map_err(|e| transport_error("the sidecar", &self.shown, &e))?;
         if !response.status().is_success() {
             let e = api_error(response, "POST /v1/rewrap").await;
-            return Err(e.context(format!("{lines}: the sidecar refused")));
+            let refused = match refused_line(&e.to_string(), line_numbers) {
+                Some(line) => format!("{lines}: the sidecar refused line {line}"),
+                None => format!("{lines}: the sidecar refused"),
+            };
+            return Err(e.context(refused));
         }
         let answer: Rewrapped = response.json().await.map_err(|e| {
             AdminError::unavailable(format!("{lines}: unexpected answer from the sidecar: {e}"))
@@ -140,6 +146,13 @@ impl Sidecar {
         }
         Ok(answer)
     }
+}
+
+/// The input line of the record a sidecar's refusal names (its message
+/// starts `records[i]: ` when a request of several records fails for one).
+fn refused_line(message: &str, line_numbers: &[u64]) -> Option<u64> {
+    let (index, _) = message.strip_prefix("records[")?.split_once(']')?;
+    line_numbers.get(index.parse::<usize>().ok()?).copied()
 }
 
 fn read_token(path: &std::path::Path) -> Result<SecretString, AdminError> {
@@ -189,6 +202,7 @@ pub(crate) async fn run(args: &RewrapArgs) -> Result<(), AdminError> {
         Progress { read: 0, rewrapped: 0, unchanged: 0, every, last: Instant::now() };
     loop {
         let mut batch = Vec::with_capacity(batch_size);
+        let mut numbers = Vec::with_capacity(batch_size);
         let (mut first, mut last) = (0u64, 0u64);
         let mut stop = None;
         let mut eof = false;
@@ -218,6 +232,7 @@ pub(crate) async fn run(args: &RewrapArgs) -> Result<(), AdminError> {
                     }
                     last = line_no;
                     batch.push(record);
+                    numbers.push(line_no);
                 }
                 Err(e) => {
                     stop = Some(e);
@@ -232,7 +247,7 @@ pub(crate) async fn run(args: &RewrapArgs) -> Result<(), AdminError> {
                 format!("lines {first}-{last}")
             };
             let count = u64::try_from(batch.len()).unwrap_or(u64::MAX);
-            let answer = sidecar.rewrap(&batch, &lines).await?;
+            let answer = sidecar.rewrap(&batch, &lines, &numbers).await?;
             write_batch(&answer.records)?;
             progress.read += count;
             progress.rewrapped += answer.rewrapped.min(count);

@@ -120,8 +120,8 @@ pub(super) async fn encrypt(
     authorize(&s, &req.tenant, &[Role::Encryptor]).await?;
     let schema = s.schema(req.schema.as_str(), req.schema_version)?.clone();
     // Refuse what cannot be encrypted before any DEK is spent on it.
-    for record in &records {
-        check_encryptable(record)?;
+    for (i, record) in records.iter().enumerate() {
+        check_encryptable(record).map_err(|e| of_record(single, i, e.into()))?;
     }
     s.reporter.check([&req.tenant])?;
     let keys = s
@@ -150,9 +150,11 @@ pub(super) async fn encrypt(
     let mut ids = Vec::with_capacity(records.len());
     let mut workspace = TextWorkspace::default();
     let max_answer = s.limits.max_body_bytes.saturating_mul(MAX_ENCRYPT_GROWTH);
-    for (record, dek) in records.into_iter().zip(deks) {
+    for (i, (record, dek)) in records.into_iter().zip(deks).enumerate() {
         ids.push(dek.record_key_id);
-        workspace.encrypt(record, &req.tenant, &schema, &keys, dek, answer.next_record())?;
+        workspace
+            .encrypt(record, &req.tenant, &schema, &keys, dek, answer.next_record())
+            .map_err(|e| of_record(single, i, e.into()))?;
         if answer.out.len() > max_answer {
             return Err(ApiError::new(
                 axum::http::StatusCode::PAYLOAD_TOO_LARGE,
@@ -193,6 +195,12 @@ pub(super) async fn decrypt(
     body: ApiBody,
 ) -> Result<SecretJsonText, ApiError> {
     super::decrypt::decrypt(state, id, body).await
+}
+
+/// `error`, about record `i` of the request: named (`records[i]: …`)
+/// when the request holds several, so that the one at fault can be found.
+fn of_record(single: bool, i: usize, error: ApiError) -> ApiError {
+    if single { error } else { error.after(&format!("records[{i}]")) }
 }
 
 /// What the key service needs to unwrap or rewrap a record's DEK.
@@ -242,8 +250,11 @@ pub(super) fn dek_requests_by_tenant(
 pub(super) async fn rewrap(State(s): Shared, body: ApiBody) -> Result<SecretJsonText, ApiError> {
     let req: RewrapRequest<'_> = body.parse()?;
     let (records, single) = s.records(req.record, req.records, &body)?;
-    let parsed: Vec<EncryptedText<'_>> =
-        records.into_iter().map(EncryptedText::parse).collect::<Result<_, _>>()?;
+    let parsed: Vec<EncryptedText<'_>> = records
+        .into_iter()
+        .enumerate()
+        .map(|(i, record)| EncryptedText::parse(record).map_err(|e| of_record(single, i, e.into())))
+        .collect::<Result<_, _>>()?;
     let mut new_parts: Vec<Option<(u32, kms_core::WrappedDek)>> = vec![None; parsed.len()];
     for (tenant, wanted) in dek_requests_by_tenant(&parsed, |_| true) {
         authorize(&s, &tenant, &[Role::Encryptor]).await?;
@@ -251,7 +262,8 @@ pub(super) async fn rewrap(State(s): Shared, body: ApiBody) -> Result<SecretJson
         let results =
             s.rewraps.call(&tenant, items, None).await.map_err(|e| s.tenant_error(&tenant, e))?;
         for ((i, _), result) in wanted.iter().zip(results.results) {
-            let moved = result.map_err(|code| s.dek_error(&tenant, &code))?;
+            let moved =
+                result.map_err(|code| of_record(single, *i, s.dek_error(&tenant, &code)))?;
             s.note_active(&tenant, moved.kek_version);
             if let Some(slot) = new_parts.get_mut(*i) {
                 *slot = Some((moved.kek_version, moved.wrapped));
