@@ -87,7 +87,7 @@ async fn run() -> Result<(), Error> {
     println!("pseudonym of P-42: {pseudonym}");
 
     let view: Decrypted<Patient> = client.decrypt(&stored, Some("treatment")).await?;
-    println!("decrypted for treatment: {:?}", view.record);
+    println!("decrypted for treatment: {:?}", view.partial_record());
     print_report(&view);
     // Only a fully revealed record may be edited and encrypted again: a
     // masked or withheld field written back would replace the real value.

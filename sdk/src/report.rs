@@ -33,7 +33,8 @@ pub struct Decrypted<T> {
     /// The record, with protected fields as the policy allows. It may hold
     /// masks and lack withheld fields: to write it back, take it with
     /// [`into_record`](Self::into_record), which checks that it does not.
-    pub record: T,
+    /// Private so that no code reaches it without choosing one of the two.
+    pub(crate) record: T,
     /// Which key protected it and what happened to each protected field.
     pub report: RecordReport,
 }
@@ -123,6 +124,12 @@ impl<T> Decrypted<T> {
     /// lost. To edit a record, use [`into_record`](Self::into_record).
     pub fn into_partial_record(self) -> T {
         self.record
+    }
+
+    /// The same read-only view, borrowed (the caveat of
+    /// [`into_partial_record`](Self::into_partial_record) applies).
+    pub fn partial_record(&self) -> &T {
+        &self.record
     }
 }
 

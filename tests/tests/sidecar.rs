@@ -692,7 +692,7 @@ async fn bearer_token_and_reasons() {
         .unwrap();
     let encrypted = client.encrypt("onc", "patient", &patient(1)).await.unwrap();
     let decrypted = client.decrypt_value(&encrypted, None).await.unwrap();
-    assert!(decrypted.record.get("diagnosis").is_none());
+    assert!(decrypted.partial_record().get("diagnosis").is_none());
     let wrong = keygate_sdk::Client::builder()
         .unix_socket(sc.socket.clone())
         .bearer_token(keygate_sdk::SecretString::from("a-long-enough-bearer-token-for-tesTS"))
