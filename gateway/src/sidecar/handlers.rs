@@ -103,7 +103,7 @@ async fn authorize(
     post,
     path = "/v1/encrypt",
     tag = "records",
-    params(("x-request-id" = Option<String>, Header, description = "The call's id: 16 to 64 hex digits and hyphens (the SDK sends 32 hex digits, the same on every retry); without it the sidecar makes one. Echoed in the answer and recorded in the field-level audit events the request makes (`fields.request_ids`)")),
+    params(("x-request-id" = Option<String>, Header, description = "The call's id: 32 hex digits or a UUID (the SDK sends 32 hex digits, the same on every retry); without it the sidecar makes one. Echoed in the answer and recorded in the field-level audit events the request makes (`fields.request_ids`)")),
     request_body = EncryptRequest<'_>,
     responses(
         (status = 200, description = "The encrypted record(s)", body = EncryptResponse, headers(("x-request-id" = String, description = "The request's id"))),
@@ -182,7 +182,7 @@ pub(super) async fn encrypt(
     post,
     path = "/v1/decrypt",
     tag = "records",
-    params(("x-request-id" = Option<String>, Header, description = "The call's id: 16 to 64 hex digits and hyphens (the SDK sends 32 hex digits, the same on every retry); without it the sidecar makes one. Echoed in the answer and recorded in the field-level audit events the request makes (`fields.request_ids`)")),
+    params(("x-request-id" = Option<String>, Header, description = "The call's id: 32 hex digits or a UUID (the SDK sends 32 hex digits, the same on every retry); without it the sidecar makes one. Echoed in the answer and recorded in the field-level audit events the request makes (`fields.request_ids`)")),
     request_body = DecryptRequest<'_>,
     responses(
         (status = 200, description = "The record(s) with what the policy allows, and a report", body = DecryptResponse, headers(("x-request-id" = String, description = "The request's id"))),
@@ -240,7 +240,7 @@ pub(super) fn dek_requests_by_tenant(
     post,
     path = "/v1/rewrap",
     tag = "records",
-    params(("x-request-id" = Option<String>, Header, description = "The call's id: 16 to 64 hex digits and hyphens (the SDK sends 32 hex digits, the same on every retry); without it the sidecar makes one. Echoed in the answer and recorded in the field-level audit events the request makes (`fields.request_ids`)")),
+    params(("x-request-id" = Option<String>, Header, description = "The call's id: 32 hex digits or a UUID (the SDK sends 32 hex digits, the same on every retry); without it the sidecar makes one. Echoed in the answer and recorded in the field-level audit events the request makes (`fields.request_ids`)")),
     request_body = RewrapRequest<'_>,
     responses(
         (status = 200, description = "The records with their key part under the active KEK version", body = RewrapResponse, headers(("x-request-id" = String, description = "The request's id"))),
@@ -291,7 +291,7 @@ pub(super) async fn rewrap(State(s): Shared, body: ApiBody) -> Result<SecretJson
     post,
     path = "/v1/index",
     tag = "records",
-    params(("x-request-id" = Option<String>, Header, description = "The call's id: 16 to 64 hex digits and hyphens (the SDK sends 32 hex digits, the same on every retry); without it the sidecar makes one. Echoed in the answer and recorded in the field-level audit events the request makes (`fields.request_ids`)")),
+    params(("x-request-id" = Option<String>, Header, description = "The call's id: 32 hex digits or a UUID (the SDK sends 32 hex digits, the same on every retry); without it the sidecar makes one. Echoed in the answer and recorded in the field-level audit events the request makes (`fields.request_ids`)")),
     request_body = IndexRequest,
     responses(
         (status = 200, description = "The token to search for", body = IndexResponse, headers(("x-request-id" = String, description = "The request's id"))),
@@ -362,7 +362,7 @@ fn may_search(
     post,
     path = "/v1/pseudonym",
     tag = "records",
-    params(("x-request-id" = Option<String>, Header, description = "The call's id: 16 to 64 hex digits and hyphens (the SDK sends 32 hex digits, the same on every retry); without it the sidecar makes one. Echoed in the answer and recorded in the field-level audit events the request makes (`fields.request_ids`)")),
+    params(("x-request-id" = Option<String>, Header, description = "The call's id: 32 hex digits or a UUID (the SDK sends 32 hex digits, the same on every retry); without it the sidecar makes one. Echoed in the answer and recorded in the field-level audit events the request makes (`fields.request_ids`)")),
     request_body = PseudonymRequest,
     responses(
         (status = 200, description = "The pseudonym", body = PseudonymResponse, headers(("x-request-id" = String, description = "The request's id"))),

@@ -26,8 +26,10 @@
 //! coalesced while they wait: one event lists every record key id (once
 //! per access), the first and last time (`ts_ms`, `fields.last_ts_ms`),
 //! how many requests it covers (`fields.requests`) and their ids
-//! (`fields.request_ids`, one per request, in order: an id listed twice is
-//! one call of the app's sent twice, a retry). The facts are those of
+//! (`fields.request_ids`, one per request, in order). The ids are the
+//! app's (the SDK sends one per call, the same on each retry) or the
+//! sidecar's own: an id listed twice says the app presents the two
+//! requests as one call retried, and each is still an access. The facts are those of
 //! one event per request; the key service chains and stores a fraction of
 //! the events (single-record traffic made it spend a third of the CPU on
 //! them).
@@ -138,9 +140,11 @@ struct Pending {
     first_ms: i64,
     last_ms: i64,
     requests: u32,
-    /// The id of each request it covers, in order (both halves of a split
-    /// event list the whole's: each half may come from any of them).
-    request_ids: Vec<RequestId>,
+    /// The id of each request it covers, in order, with how many of its
+    /// record key ids that request added (the halves of a split event list
+    /// the requests whose records each holds; one split across both is in
+    /// both).
+    request_ids: Vec<(RequestId, usize)>,
     /// When its first access was buffered.
     buffered_at: Instant,
     /// Random, reported as `fields.event_id`: a report whose answer was
@@ -176,7 +180,7 @@ impl Pending {
             }
             Access::Index { path, .. } => 2 * path.len(),
         };
-        let ids: usize = self.request_ids.iter().map(|id| id.len() + 3).sum();
+        let ids: usize = self.request_ids.iter().map(|(id, _)| id.len() + 3).sum();
         512 + 36 * self.accesses() + fields + ids
     }
 
@@ -188,8 +192,16 @@ impl Pending {
         self.split_from = whole;
         let half = self.event.record_key_ids.len() / 2;
         let rest = self.event.record_key_ids.split_off(half);
-        let requests = self.requests;
-        self.requests = requests - requests / 2;
+        let (kept, moved) = if self.event.access.lists_records() {
+            split_requests(&self.request_ids, half)
+        } else {
+            // No records to halve (index, pseudonym): the requests are.
+            let mut kept = std::mem::take(&mut self.request_ids);
+            let moved = kept.split_off(kept.len() - kept.len() / 2);
+            (kept, moved)
+        };
+        self.request_ids = kept;
+        self.requests = count(self.request_ids.len());
         Self {
             event: AccessEvent {
                 tenant: self.event.tenant.clone(),
@@ -200,8 +212,8 @@ impl Pending {
             },
             first_ms: self.first_ms,
             last_ms: self.last_ms,
-            requests: (requests / 2).max(1),
-            request_ids: self.request_ids.clone(),
+            requests: count(moved.len()),
+            request_ids: moved,
             buffered_at: self.buffered_at,
             id: new_event_id(),
             split_from: whole,
@@ -221,13 +233,45 @@ impl Pending {
         {
             return Some(event);
         }
+        self.request_ids.push((event.request_id, event.record_key_ids.len()));
         self.event.record_key_ids.extend(event.record_key_ids);
-        self.request_ids.push(event.request_id);
         self.first_ms = self.first_ms.min(at_ms);
         self.last_ms = self.last_ms.max(at_ms);
         self.requests = self.requests.saturating_add(1);
         None
     }
+}
+
+/// `requests` (each with the record key ids it added, in order) split at
+/// record `at`: those with records before it, and those with records from
+/// it on; one with records on both sides is in both, with its part of them.
+fn split_requests(
+    requests: &[(RequestId, usize)],
+    at: usize,
+) -> (Vec<(RequestId, usize)>, Vec<(RequestId, usize)>) {
+    let (mut first, mut rest) = (Vec::new(), Vec::new());
+    let mut start = 0;
+    for &(id, records) in requests {
+        let end = start + records;
+        if records == 0 {
+            // Listed where its place in the order falls.
+            if start <= at { first.push((id, 0)) } else { rest.push((id, 0)) }
+        } else {
+            if start < at {
+                first.push((id, end.min(at) - start));
+            }
+            if end > at {
+                rest.push((id, end - start.max(at)));
+            }
+        }
+        start = end;
+    }
+    (first, rest)
+}
+
+/// A number of requests, as counted on the wire.
+fn count(requests: usize) -> u32 {
+    u32::try_from(requests).unwrap_or(u32::MAX)
 }
 
 /// An event the key service refused on its own.
@@ -289,7 +333,7 @@ impl Buffer {
         }
         if let Some(event) = event {
             self.events.push(Pending {
-                request_ids: vec![event.request_id],
+                request_ids: vec![(event.request_id, event.record_key_ids.len())],
                 event,
                 first_ms: at_ms,
                 last_ms: at_ms,
@@ -757,7 +801,8 @@ impl Serialize for Detail<'_> {
             }
         }
         map.serialize_entry("requests", &p.requests)?;
-        map.serialize_entry("request_ids", &p.request_ids)?;
+        let ids: Vec<&RequestId> = p.request_ids.iter().map(|(id, _)| id).collect();
+        map.serialize_entry("request_ids", &ids)?;
         map.serialize_entry("last_ts_ms", &p.last_ms)?;
         if let Some(id) = &p.id {
             map.serialize_entry("event_id", &data_encoding::HEXLOWER.encode(id))?;
@@ -937,7 +982,10 @@ mod tests {
         both.extend(second.event.record_key_ids.clone());
         assert_eq!(both, ids(5, 0).into_iter().chain(ids(1, 5)).collect::<Vec<_>>());
         assert_eq!((first.accesses(), second.accesses()), (3, 3));
-        assert_eq!((first.requests, second.requests), (1, 1));
+        // The first request's five records straddle the split.
+        assert_eq!((first.requests, second.requests), (1, 2));
+        assert_eq!(first.request_ids, [(rid(0), 3)]);
+        assert_eq!(second.request_ids, [(rid(0), 2), (rid(5), 1)]);
         assert_eq!(first.event.access, second.event.access);
         assert_eq!((second.first_ms, second.last_ms), (7, 8));
         let quarter = second.split_records();
@@ -1039,6 +1087,40 @@ mod tests {
         assert_eq!(pseudonym["fields"]["namespace"], "patient");
     }
 
+    /// An event listing no records (index, pseudonym) splits its requests,
+    /// ids included, so that halving always makes it smaller.
+    #[test]
+    fn an_event_without_records_splits_its_requests() {
+        let index = |request: u8| AccessEvent {
+            tenant: tenant("onc"),
+            kek_version: None,
+            access: Access::Index { schema: Name::new("patient").unwrap(), path: "/mrn".into() },
+            record_key_ids: Vec::new(),
+            request_id: rid(request),
+        };
+        let mut buffer = Buffer::default();
+        for n in 1..=5 {
+            buffer.add(index(n), i64::from(n));
+        }
+        let mut whole = buffer.take_report().pop().unwrap();
+        assert_eq!(whole.requests, 5);
+        let half = whole.split_records();
+        let ids = |p: &Pending| p.request_ids.iter().map(|(id, _)| *id).collect::<Vec<_>>();
+        assert_eq!((whole.requests, ids(&whole)), (3, vec![rid(1), rid(2), rid(3)]));
+        assert_eq!((half.requests, ids(&half)), (2, vec![rid(4), rid(5)]));
+        assert_eq!((whole.accesses(), half.accesses()), (3, 2));
+    }
+
+    #[test]
+    fn requests_are_split_where_their_records_fall() {
+        let r = |n: u8, records: usize| (rid(n), records);
+        let requests = [r(1, 2), r(2, 3), r(3, 1)];
+        assert_eq!(split_requests(&requests, 2), (vec![r(1, 2)], vec![r(2, 3), r(3, 1)]));
+        assert_eq!(split_requests(&requests, 3), (vec![r(1, 2), r(2, 1)], vec![r(2, 2), r(3, 1)]));
+        assert_eq!(split_requests(&requests, 6), (requests.to_vec(), vec![]));
+        assert_eq!(split_requests(&[r(1, 0), r(2, 2)], 0), (vec![r(1, 0)], vec![r(2, 2)]));
+    }
+
     /// Each request's id is listed in the event that covers it, once per
     /// request: a call the app retried (its first answer lost after the
     /// sidecar recorded it) shows as its id twice, not as two calls.
@@ -1051,12 +1133,16 @@ mod tests {
         assert_eq!(buffer.events.len(), 1);
         let mut whole = buffer.take_report().pop().unwrap();
         let listed = [rid(1), rid(1), rid(9)];
-        assert_eq!((whole.requests, whole.request_ids.as_slice()), (3, listed.as_slice()));
+        let ids_of = |p: &Pending| p.request_ids.iter().map(|(id, _)| *id).collect::<Vec<_>>();
+        assert_eq!((whole.requests, ids_of(&whole)), (3, listed.to_vec()));
         let body = wire(std::slice::from_ref(&whole));
         let ids: Vec<&str> = listed.iter().map(RequestId::as_str).collect();
         assert_eq!(body["events"][0]["fields"]["request_ids"], json!(ids));
+        // Records 0-1 came from the first request, 2-3 from its retry and
+        // 4 from the third: each half lists the requests of its records.
         let half = whole.split_records();
-        assert_eq!(half.request_ids, whole.request_ids, "each half may come from any of them");
+        assert_eq!((whole.requests, ids_of(&whole)), (1, vec![rid(1)]));
+        assert_eq!((half.requests, ids_of(&half)), (2, vec![rid(1), rid(9)]));
         let estimated = whole.wire_bytes();
         let bytes = serde_json::to_vec(&wire(&[whole])).unwrap().len();
         assert!(estimated >= bytes, "{estimated} < {bytes}");

@@ -3,14 +3,15 @@
 //! deadline.
 //!
 //! The id is the app's own when it sends one (the SDK sends the same id on
-//! every attempt of a call, so that an auditor can tell two accesses made
-//! by one call retried from two calls), else one this sidecar makes. An id
-//! is 16 to 64 hex digits and hyphens (the SDK's 32 hex digits, a UUID, a
-//! W3C trace id): never free text, so no name, e-mail or other PHI can ride
-//! in it into the audit log, and too long for a bare SSN, MRN or phone
-//! number. Any other `x-request-id` is refused (400 `invalid_request_id`)
-//! rather than replaced, so an app that means to link its retries learns
-//! that it does not.
+//! every attempt of a call), else one this sidecar makes. It is the app's
+//! claim, not proof: an id listed twice says the app presents two requests
+//! as one call retried, and each is still an access. An id is 32 hex
+//! digits (the SDK's, a W3C trace id) or a UUID: two fixed forms, never
+//! free text, so that an app's own identifiers (a name, an SSN with a
+//! birth date, an account number) do not ride in it into the audit log.
+//! Any other `x-request-id` is refused (400 `invalid_request_id`) rather
+//! than replaced, so an app that means to link its retries learns that it
+//! does not.
 //!
 //! The deadline (`[limits] request_timeout_ms`) starts once the body has
 //! been read: the abuse layer reads it whole before the router runs, under
@@ -38,15 +39,14 @@ use crate::error::ApiError;
 
 /// The header that carries a request's id, both ways.
 pub(super) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-/// The shortest id taken: a bare SSN or MRN is shorter.
-const MIN_LEN: usize = 16;
-/// The longest id taken.
-const MAX_LEN: usize = 64;
+/// The longest id taken: a UUID's text.
+const MAX_LEN: usize = 36;
 /// The pause asked of the app after a timeout: the deadline passing says
 /// the key service is slow or away, and a retry at once adds to its load.
 const RETRY_AFTER_SECS: u64 = 1;
 
-/// A request's id: 16 to 64 ASCII hex digits and hyphens, held inline.
+/// A request's id: 32 hex digits, or a UUID (8-4-4-4-12 hex digits), held
+/// inline.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) struct RequestId {
     len: u8,
@@ -56,8 +56,17 @@ pub(super) struct RequestId {
 impl RequestId {
     /// `text` if it is a valid id.
     pub(super) fn parse(text: &[u8]) -> Option<Self> {
-        let valid = (MIN_LEN..=MAX_LEN).contains(&text.len())
-            && text.iter().all(|b| b.is_ascii_hexdigit() || *b == b'-');
+        // Two fixed forms only: a free length and free hyphens would let
+        // an app's own identifiers through (an SSN and a birth date, an
+        // account number), and the audit log keeps what it is given.
+        let valid = match text.len() {
+            32 => text.iter().all(u8::is_ascii_hexdigit),
+            MAX_LEN => text.iter().enumerate().all(|(i, b)| match i {
+                8 | 13 | 18 | 23 => *b == b'-',
+                _ => b.is_ascii_hexdigit(),
+            }),
+            _ => false,
+        };
         if !valid {
             return None;
         }
@@ -99,10 +108,8 @@ impl RequestId {
             // Not quoted back: it is the app's text, and may not be an id.
             _ => Err(ApiError::bad_request(
                 "invalid_request_id",
-                format!(
-                    "x-request-id must be one header of {MIN_LEN} to {MAX_LEN} hex digits and \
-                     hyphens (the SDK sends 32 hex digits; a UUID fits), never data of a record"
-                ),
+                "x-request-id must be one header of 32 hex digits or a UUID \
+                 (8-4-4-4-12 hex digits), never data of a record",
             )),
         }
     }
@@ -189,12 +196,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_hex_digits_and_hyphens_of_a_bounded_length_are_ids() {
+    fn only_32_hex_digits_or_a_uuid_are_ids() {
         for good in [
             "0123456789abcdef0123456789abcdef",
-            "0123456789ABCDEF",
+            "0123456789ABCDEF0123456789ABCDEF",
             "123e4567-e89b-12d3-a456-426614174000",
-            &"f".repeat(MAX_LEN),
         ] {
             assert_eq!(
                 RequestId::parse(good.as_bytes()).map(|id| id.to_string()).as_deref(),
@@ -203,14 +209,18 @@ mod tests {
         }
         for bad in [
             "",
-            "0123456789abcde",     // one short
-            "123-45-6789",         // an SSN
-            "MRN-000123-00000042", // letters past f
+            "0123456789abcdef0123456789abcde",   // one short
+            "0123456789abcdef0123456789abcdef0", // one long
+            "123-45-6789",                      // an SSN
+            "123-45-6789-19800101",             // an SSN and a birth date
+            "4111111111111111",                 // a card number
+            "0000-0000-0000-0000-0000-0000-0000", // hyphens out of place
+            "123e4567e89b-12d3-a456-4266141740000",
+            "MRN-000123-00000042",
             "jane.doe@example.org",
-            "0123456789abcdef 0123",
-            "0123456789abcdef\n",
-            "0123456789abcdéf0123",
-            &"f".repeat(MAX_LEN + 1),
+            "0123456789abcdef 0123456789abcde",
+            "0123456789abcdef0123456789abcde\n",
+            "0123456789abcdéf0123456789abcde",
         ] {
             assert!(RequestId::parse(bad.as_bytes()).is_none(), "{bad:?}");
         }
