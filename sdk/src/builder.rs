@@ -18,9 +18,9 @@ use crate::retry::RetryPolicy;
 /// How long one attempt may take, from sending to the last byte of the answer.
 /// Longer than the sidecar's deadline for a request (`[limits]
 /// request_timeout_ms`, 20 s by default), past which it drops the work and
-/// answers a retryable 503 `timeout`: the attempt hears that answer, and the
-/// retry (under the same request id) is not a second copy of work the
-/// sidecar still does for an abandoned attempt. The 10 s between them is
+/// answers a retryable 503 `timeout`: the attempt hears that answer rather
+/// than giving up while the sidecar still works on it, and retries under
+/// the same request id. The 10 s between them is
 /// room for the answer's way back on a loaded machine. A sidecar whose
 /// deadline is at or past this timeout gives up after the client has.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);

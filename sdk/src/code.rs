@@ -91,8 +91,8 @@ pub enum ErrorCode {
     KeyServiceError,
     /// A key service batch was larger than it accepts.
     BatchTooLarge,
-    /// The `x-request-id` header is not 16 to 64 hex digits and hyphens
-    /// (400). This client always sends a valid one.
+    /// The `x-request-id` header is not 32 hex digits or a UUID (400).
+    /// This client always sends a valid one.
     InvalidRequestId,
     /// An internal error in the sidecar (500).
     Internal,

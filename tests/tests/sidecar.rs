@@ -822,7 +822,7 @@ async fn a_request_past_its_deadline_is_dropped_with_503_timeout_and_leaks_nothi
 /// else the sidecar's own; it is echoed, and recorded in the request's
 /// field-level audit events once per request: a call sent twice (a retry
 /// whose first answer was lost) shows as its id twice, not as two calls.
-/// Anything but 16 to 64 hex digits and hyphens is refused, never recorded.
+/// Anything but 32 hex digits or a UUID is refused, never recorded.
 #[tokio::test(flavor = "multi_thread")]
 async fn request_ids_are_echoed_checked_and_recorded_in_audit_events() {
     let dir = tempfile::tempdir().unwrap();

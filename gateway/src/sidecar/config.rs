@@ -253,6 +253,35 @@ impl SidecarConfig {
         durations
     }
 
+    /// What the request deadline's setting risks, if anything: at or past
+    /// the SDK's attempt timeout the app gives up first (and retries while
+    /// the sidecar still works); below one call's timeout on every key
+    /// service replica, failing over cannot finish within it.
+    pub(crate) fn deadline_warnings(&self) -> Vec<String> {
+        /// The SDK's default attempt timeout (`keygate_sdk`'s builder).
+        const SDK_ATTEMPT: Duration = Duration::from_secs(30);
+        let deadline = self.limits.request_timeout();
+        let replicas = u32::try_from(self.key_service.urls.len()).unwrap_or(u32::MAX);
+        let failover = Duration::from_millis(self.key_service.timeout_ms).saturating_mul(replicas);
+        let mut warnings = Vec::new();
+        if deadline >= SDK_ATTEMPT {
+            warnings.push(format!(
+                "limits.request_timeout_ms ({} ms) is not below the SDK's 30 s attempt \
+                 timeout: an app gives up on a slow request before the sidecar does",
+                deadline.as_millis()
+            ));
+        }
+        if deadline < failover {
+            warnings.push(format!(
+                "limits.request_timeout_ms ({} ms) is below key_service.timeout_ms × {replicas} \
+                 replicas ({} ms): a request cannot fail over across every replica in time",
+                deadline.as_millis(),
+                failover.as_millis()
+            ));
+        }
+        warnings
+    }
+
     /// Loads `path` with `KEYGATE_…` overrides; resolves relative paths.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let mut config: Self = load_layered(path, TOP_LEVEL_KEYS)?;
@@ -363,6 +392,24 @@ mod tests {
         assert_eq!(config.limits.request_timeout(), Duration::from_secs(20));
         let e = load("", "[limits]\nrequest_timeout_ms = 0").unwrap_err();
         assert!(e.contains("limits.request_timeout_ms must be at least 1"), "{e}");
+        // The defaults fit together; a deadline at the SDK's timeout, or
+        // one failover across the replicas would outlast, is warned about.
+        assert_eq!(config.deadline_warnings(), Vec::<String>::new());
+        let late = load("", "[limits]\nrequest_timeout_ms = 30000").unwrap();
+        let warned = late.deadline_warnings();
+        assert!(warned.len() == 1 && warned[0].contains("SDK's 30 s"), "{warned:?}");
+        let three = "urls = [\"https://a:1\", \"https://b:1\", \"https://c:1\"]\n";
+        let text = |timeout: u64| {
+            format!(
+                "schemas = [\"patient.toml\"]\n[key_service]\n{three}ca = \"ca.crt\"\n\
+                 cert = \"app.crt\"\nkey = \"app.key\"\ntimeout_ms = {timeout}\n"
+            )
+        };
+        std::fs::write(&path, text(5_000)).unwrap();
+        assert!(SidecarConfig::load(&path).unwrap().deadline_warnings().is_empty());
+        std::fs::write(&path, text(8_000)).unwrap();
+        let warned = SidecarConfig::load(&path).unwrap().deadline_warnings();
+        assert!(warned.len() == 1 && warned[0].contains("× 3 replicas (24000 ms)"), "{warned:?}");
         // An actor the key service would refuse stops the sidecar at once.
         for bad in ["\"\"", "\"app\\n\"", format!("\"{}\"", "a".repeat(1025)).as_str()] {
             std::fs::write(

@@ -107,7 +107,7 @@ async fn authorize(
     request_body = EncryptRequest<'_>,
     responses(
         (status = 200, description = "The encrypted record(s)", body = EncryptResponse, headers(("x-request-id" = String, description = "The request's id"))),
-        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input (`invalid_request_id`: a bad `x-request-id`), 401 no token, 403 not granted, 404 unknown tenant or schema, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 422 cannot decrypt, 429 rate limited, 503 key service or audit unavailable (`key_service_unavailable`, `audit_unavailable`) or the request past its deadline (`timeout`, with `Retry-After`)", body = crate::openapi::ErrorBody, headers(("x-request-id" = String, description = "The request's id (none on a 400 `invalid_request_id`)")))
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input (`invalid_request_id`: a bad `x-request-id`), 401 no token, 403 not granted, 404 unknown tenant or schema, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 422 cannot decrypt, 429 rate limited, 503 key service or audit unavailable (`key_service_unavailable`, `audit_unavailable`) or the request past its deadline (`timeout`, with `Retry-After`)", body = crate::openapi::ErrorBody, headers(("x-request-id" = String, description = "The request's id (none on answers given before the request reached the API: 400 `invalid_request_id`, 408, 413, 429, an unknown path)")))
     ),
 )]
 pub(super) async fn encrypt(
@@ -186,7 +186,7 @@ pub(super) async fn encrypt(
     request_body = DecryptRequest<'_>,
     responses(
         (status = 200, description = "The record(s) with what the policy allows, and a report", body = DecryptResponse, headers(("x-request-id" = String, description = "The request's id"))),
-        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input (`invalid_request_id`: a bad `x-request-id`), 401 no token, 403 not granted, 404 unknown tenant or schema, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 422 cannot decrypt, 429 rate limited, 503 key service or audit unavailable (`key_service_unavailable`, `audit_unavailable`) or the request past its deadline (`timeout`, with `Retry-After`)", body = crate::openapi::ErrorBody, headers(("x-request-id" = String, description = "The request's id (none on a 400 `invalid_request_id`)")))
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input (`invalid_request_id`: a bad `x-request-id`), 401 no token, 403 not granted, 404 unknown tenant or schema, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 422 cannot decrypt, 429 rate limited, 503 key service or audit unavailable (`key_service_unavailable`, `audit_unavailable`) or the request past its deadline (`timeout`, with `Retry-After`)", body = crate::openapi::ErrorBody, headers(("x-request-id" = String, description = "The request's id (none on answers given before the request reached the API: 400 `invalid_request_id`, 408, 413, 429, an unknown path)")))
     ),
 )]
 pub(super) async fn decrypt(
@@ -244,7 +244,7 @@ pub(super) fn dek_requests_by_tenant(
     request_body = RewrapRequest<'_>,
     responses(
         (status = 200, description = "The records with their key part under the active KEK version", body = RewrapResponse, headers(("x-request-id" = String, description = "The request's id"))),
-        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input (`invalid_request_id`: a bad `x-request-id`), 401 no token, 403 not granted, 404 unknown tenant or schema, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 422 cannot decrypt, 429 rate limited, 503 key service or audit unavailable (`key_service_unavailable`, `audit_unavailable`) or the request past its deadline (`timeout`, with `Retry-After`)", body = crate::openapi::ErrorBody, headers(("x-request-id" = String, description = "The request's id (none on a 400 `invalid_request_id`)")))
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input (`invalid_request_id`: a bad `x-request-id`), 401 no token, 403 not granted, 404 unknown tenant or schema, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 422 cannot decrypt, 429 rate limited, 503 key service or audit unavailable (`key_service_unavailable`, `audit_unavailable`) or the request past its deadline (`timeout`, with `Retry-After`)", body = crate::openapi::ErrorBody, headers(("x-request-id" = String, description = "The request's id (none on answers given before the request reached the API: 400 `invalid_request_id`, 408, 413, 429, an unknown path)")))
     ),
 )]
 pub(super) async fn rewrap(State(s): Shared, body: ApiBody) -> Result<SecretJsonText, ApiError> {
@@ -295,7 +295,7 @@ pub(super) async fn rewrap(State(s): Shared, body: ApiBody) -> Result<SecretJson
     request_body = IndexRequest,
     responses(
         (status = 200, description = "The token to search for", body = IndexResponse, headers(("x-request-id" = String, description = "The request's id"))),
-        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input (`invalid_request_id`: a bad `x-request-id`), 401 no token, 403 not granted (without `encryptor` on the tenant: also when the policy withholds the field's class for the purpose), 404 unknown tenant or schema, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 422 cannot decrypt, 429 rate limited, 503 key service or audit unavailable (`key_service_unavailable`, `audit_unavailable`) or the request past its deadline (`timeout`, with `Retry-After`)", body = crate::openapi::ErrorBody, headers(("x-request-id" = String, description = "The request's id (none on a 400 `invalid_request_id`)")))
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input (`invalid_request_id`: a bad `x-request-id`), 401 no token, 403 not granted (without `encryptor` on the tenant: also when the policy withholds the field's class for the purpose), 404 unknown tenant or schema, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 422 cannot decrypt, 429 rate limited, 503 key service or audit unavailable (`key_service_unavailable`, `audit_unavailable`) or the request past its deadline (`timeout`, with `Retry-After`)", body = crate::openapi::ErrorBody, headers(("x-request-id" = String, description = "The request's id (none on answers given before the request reached the API: 400 `invalid_request_id`, 408, 413, 429, an unknown path)")))
     ),
 )]
 pub(super) async fn index(
@@ -366,7 +366,7 @@ fn may_search(
     request_body = PseudonymRequest,
     responses(
         (status = 200, description = "The pseudonym", body = PseudonymResponse, headers(("x-request-id" = String, description = "The request's id"))),
-        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input (`invalid_request_id`: a bad `x-request-id`), 401 no token, 403 not granted (`encryptor` on the tenant is needed), 404 unknown tenant, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 429 rate limited, 503 key service or audit unavailable (`key_service_unavailable`, `audit_unavailable`) or the request past its deadline (`timeout`, with `Retry-After`)", body = crate::openapi::ErrorBody, headers(("x-request-id" = String, description = "The request's id (none on a 400 `invalid_request_id`)")))
+        (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input (`invalid_request_id`: a bad `x-request-id`), 401 no token, 403 not granted (`encryptor` on the tenant is needed), 404 unknown tenant, 408 body too slow, 409/410 key disabled or destroyed, 413 too large, 429 rate limited, 503 key service or audit unavailable (`key_service_unavailable`, `audit_unavailable`) or the request past its deadline (`timeout`, with `Retry-After`)", body = crate::openapi::ErrorBody, headers(("x-request-id" = String, description = "The request's id (none on answers given before the request reached the API: 400 `invalid_request_id`, 408, 413, 429, an unknown path)")))
     ),
 )]
 pub(super) async fn pseudonymize(

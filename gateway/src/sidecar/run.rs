@@ -44,6 +44,9 @@ fn fail(step: &'static str) -> impl FnOnce(&dyn std::fmt::Display) -> SidecarErr
 /// Runs the sidecar until SIGTERM or SIGINT, then flushes audit events.
 pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
     let hygiene = crate::hygiene::harden();
+    for warning in config.deadline_warnings() {
+        tracing::warn!("{warning}");
+    }
     crate::compliance::sidecar_report(&config, &hygiene)
         .enforce()
         .map_err(|e| fail("compliance")(&e))?;
