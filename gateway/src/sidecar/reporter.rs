@@ -144,7 +144,7 @@ struct Pending {
     /// record key ids that request added (the halves of a split event list
     /// the requests whose records each holds; one split across both is in
     /// both).
-    request_ids: Vec<(RequestId, usize)>,
+    request_ids: Vec<Covered>,
     /// When its first access was buffered.
     buffered_at: Instant,
     /// Random, reported as `fields.event_id`: a report whose answer was
@@ -242,13 +242,13 @@ impl Pending {
     }
 }
 
+/// A request an event covers, and how many of its record key ids it added.
+type Covered = (RequestId, usize);
+
 /// `requests` (each with the record key ids it added, in order) split at
 /// record `at`: those with records before it, and those with records from
 /// it on; one with records on both sides is in both, with its part of them.
-fn split_requests(
-    requests: &[(RequestId, usize)],
-    at: usize,
-) -> (Vec<(RequestId, usize)>, Vec<(RequestId, usize)>) {
+fn split_requests(requests: &[Covered], at: usize) -> (Vec<Covered>, Vec<Covered>) {
     let (mut first, mut rest) = (Vec::new(), Vec::new());
     let mut start = 0;
     for &(id, records) in requests {
