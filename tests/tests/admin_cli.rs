@@ -406,10 +406,15 @@ fn cursor_export(admin: &Admin, cursor: &Path, args: &[&str]) -> Vec<Value> {
     admin.run(&full).ok().json_lines()
 }
 
-/// The cursor file's `{instance: seq}`.
+/// The cursor file's `{instance: {seq, hash}}`.
 fn cursor_chains(cursor: &Path) -> Value {
     let stored: Value = serde_json::from_str(&std::fs::read_to_string(cursor).unwrap()).unwrap();
     stored["chains"].clone()
+}
+
+/// Where `line` is in its chain, as the cursor records it.
+fn place(line: &Value) -> Value {
+    json!({"seq": line["seq"], "hash": line["hash"]})
 }
 
 /// Each line's (instance, seq).
@@ -450,18 +455,16 @@ async fn audit_export_cursor_catches_late_events_and_resumes_every_chain() {
     assert_eq!(mode(&cursor), 0o600);
     let (status, heads) = ks.get(AUDITOR, "/v1/audit/heads").await;
     assert_eq!(status, 200, "{heads}");
-    let head = first.last().unwrap()["seq"].clone();
+    let last = first.last().unwrap();
     assert_eq!(
         serde_json::from_str::<Value>(&heads).unwrap()["instances"],
-        json!([{"instance": "ks-test", "head_seq": head}])
+        json!([{"instance": "ks-test", "head_seq": last["seq"], "head_hash": last["hash"]}])
     );
-    assert_eq!(cursor_chains(&cursor), json!({"ks-test": head}));
+    assert_eq!(cursor_chains(&cursor), json!({"ks-test": place(last)}));
     assert_eq!(cursor_export(&admin, &cursor, &[]), Vec::<Value>::new(), "nothing new");
 
     // A sidecar's report of an access two hours ago, stored only now.
-    let now_ms =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
-    let late_ts = i64::try_from(now_ms).unwrap() - 2 * 3_600_000;
+    let late_ts = now_ms() - 2 * 3_600_000;
     let event = json!({"events": [{
         "actor": "spiffe://test/app", "action": "record.decrypt", "tenant": "onc", "kek_version": 1,
         "record_key_ids": ["00112233445566778899aabbccddeeff"], "outcome": "ok",
@@ -490,7 +493,7 @@ async fn audit_export_cursor_catches_late_events_and_resumes_every_chain() {
     assert_eq!(b[0]["seq"], 1, "a chain the cursor does not know is read from its start");
     let chains = cursor_chains(&cursor);
     assert_eq!(chains["ks-test"], before["ks-test"], "only the chain exported moves");
-    assert_eq!(chains["ks-b"], b.last().unwrap()["seq"]);
+    assert_eq!(chains["ks-b"], place(b.last().unwrap()));
     let rest = cursor_export(&admin, &cursor, &[]);
     assert!(!rest.is_empty() && rest.iter().all(|e| e["instance"] == "ks-test"), "{rest:?}");
     assert!(rest.iter().any(|e| e["tenant"] == "t-three"), "{rest:?}");
@@ -507,9 +510,11 @@ async fn audit_export_cursor_catches_late_events_and_resumes_every_chain() {
 
 /// The cursor records how far each chain was read, not the last line
 /// printed, so a filtered-out tail is not read again; a file that is not
-/// a cursor, or that has read further than a chain now goes, is refused
-/// and left untouched; an export that fails leaves the cursor where it
-/// was, so the next run repeats lines rather than skipping any.
+/// a cursor, that has read further than a chain now goes, or that read
+/// another event than the one now at its place, is refused and left
+/// untouched; an export that fails leaves the cursor where it was (and
+/// no temporary file), so the next run repeats lines rather than skipping
+/// any.
 #[test]
 fn audit_export_cursor_moves_only_past_what_was_read_and_written() {
     let dir = tempfile::tempdir().unwrap();
@@ -518,13 +523,18 @@ fn audit_export_cursor_moves_only_past_what_was_read_and_written() {
     admin.run(&["tenant", "create", "t-two"]).ok();
     let whole = admin.run(&["audit", "export"]).ok().json_lines();
     let head = whole.last().unwrap()["seq"].as_i64().unwrap();
+    let hash = whole.last().unwrap()["hash"].as_str().unwrap();
     assert_eq!(whole.last().unwrap()["tenant"], "t-two", "{whole:?}");
     let cursor = dir.path().join("onc.cursor");
 
     let onc = cursor_export(&admin, &cursor, &["--tenant", "onc"]);
     let printed = onc.last().unwrap()["seq"].as_i64().unwrap();
     assert!(printed < head, "the tail is t-two's: {onc:?}");
-    assert_eq!(cursor_chains(&cursor), json!({"ks-test": head}), "read through the tail");
+    assert_eq!(
+        cursor_chains(&cursor),
+        json!({"ks-test": place(whole.last().unwrap())}),
+        "read through the tail, with its hash"
+    );
     assert_eq!(cursor_export(&admin, &cursor, &["--tenant", "onc"]), Vec::<Value>::new());
 
     let export = |args: &[&str]| {
@@ -532,11 +542,12 @@ fn audit_export_cursor_moves_only_past_what_was_read_and_written() {
         full.extend_from_slice(args);
         admin.run(&full)
     };
+    let at = |seq: i64, hash: &str| json!({"seq": seq, "hash": hash});
     for (text, code, says) in [
-        ("{\"chains\": {\"ks-test\": \"3\"}}".to_owned(), 2, "not a cursor file".to_owned()),
+        (json!({"chains": {"ks-test": 3}}).to_string(), 2, "not a cursor file".to_owned()),
         ("garbage\n".to_owned(), 2, "not a cursor file".to_owned()),
         (
-            format!("{{\"chains\": {{\"ks-test\": {}}}}}", head + 10),
+            json!({"chains": {"ks-test": at(head + 10, hash)}}).to_string(),
             1,
             format!(
                 "instance ks-test through seq {}, but that chain now ends at seq {head}",
@@ -544,9 +555,14 @@ fn audit_export_cursor_moves_only_past_what_was_read_and_written() {
             ),
         ),
         (
-            format!("{{\"chains\": {{\"ks-test\": {head}, \"ks-gone\": 4}}}}"),
+            json!({"chains": {"ks-test": at(head, hash), "ks-gone": at(4, "04")}}).to_string(),
             1,
             "instance ks-gone through seq 4, but that chain now ends at seq 0".to_owned(),
+        ),
+        (
+            json!({"chains": {"ks-test": at(head, &"0".repeat(64))}}).to_string(),
+            1,
+            format!("instance ks-test no longer holds the event this cursor read at seq {head}"),
         ),
     ] {
         std::fs::write(&cursor, &text).unwrap();
@@ -557,8 +573,8 @@ fn audit_export_cursor_moves_only_past_what_was_read_and_written() {
     }
 
     // Stdout cannot be written: the export fails and the cursor stays.
-    let kept = "{\"chains\": {\"ks-test\": 1}}";
-    std::fs::write(&cursor, kept).unwrap();
+    let kept = json!({"chains": {"ks-test": place(&whole[0])}}).to_string();
+    std::fs::write(&cursor, &kept).unwrap();
     let failed = std::process::Command::new(keygate_tests::keyservice::keygate_binary())
         .args([OsStr::new("admin"), OsStr::new("--profile"), admin.profile.as_os_str()])
         .args(["audit", "export", "--cursor", cursor.to_str().unwrap()])
@@ -571,9 +587,159 @@ fn audit_export_cursor_moves_only_past_what_was_read_and_written() {
     assert_eq!(failed.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("cannot write to stdout"), "{stderr}");
     assert_eq!(std::fs::read_to_string(&cursor).unwrap(), kept);
+    assert_eq!(temporary_files(dir.path(), "onc.cursor"), Vec::<String>::new());
     let again = cursor_export(&admin, &cursor, &[]);
     assert_eq!(positions(&again), positions(&whole[1..]), "from where the cursor was");
-    assert_eq!(cursor_chains(&cursor), json!({"ks-test": head}));
+    assert_eq!(cursor_chains(&cursor), json!({"ks-test": place(whole.last().unwrap())}));
+}
+
+/// The temporary files of the cursor `name` in `dir`.
+fn temporary_files(dir: &Path, name: &str) -> Vec<String> {
+    let prefix = format!(".{name}.");
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&prefix) && n.ends_with(".tmp"))
+        .collect()
+}
+
+/// The time now, in Unix milliseconds.
+fn now_ms() -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    i64::try_from(now.as_millis()).unwrap()
+}
+
+/// The head of `instance`'s audit chain.
+async fn head_seq(ks: &KeyService, instance: &str) -> i64 {
+    let (status, body) = ks.get(AUDITOR, "/v1/audit/heads").await;
+    assert_eq!(status, 200, "{body}");
+    let heads: Value = serde_json::from_str(&body).unwrap();
+    let head = heads["instances"].as_array().unwrap().iter().find(|h| h["instance"] == instance);
+    head.map_or(0, |h| h["head_seq"].as_i64().unwrap())
+}
+
+/// A keystore restored from a backup older than the cursor, whose chain
+/// then takes the places the cursor had read again with new events, is
+/// refused (with the chain's head back where the cursor was, and past
+/// it): nothing exported, the file left byte for byte. Without the
+/// chain's entry, the chain is exported again from its start.
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_export_cursor_refuses_a_chain_rewritten_under_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ks, admin) = service(dir.path());
+    admin.run(&["tenant", "create", "onc"]).ok();
+    let backup = dir.path().join("backup.sqlite3");
+    let url = format!("sqlite://{}", ks.database().display());
+    let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query("VACUUM INTO ?").bind(backup.to_str().unwrap()).execute(&mut db).await.unwrap();
+    db.close().await.unwrap();
+    admin.run(&["tenant", "create", "t-two"]).ok();
+    admin.run(&["key", "rotate", "--tenant", "onc"]).ok();
+    let cursor = dir.path().join("siem.cursor");
+    cursor_export(&admin, &cursor, &[]);
+    let read = cursor_chains(&cursor)["ks-test"]["seq"].as_i64().unwrap();
+    let kept = std::fs::read(&cursor).unwrap();
+
+    ks.stop();
+    for suffix in ["", "-wal", "-shm"] {
+        let file = format!("{}{suffix}", ks.database().display());
+        match std::fs::remove_file(&file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => panic!("{file}: {e}"),
+            _ => {}
+        }
+    }
+    std::fs::copy(&backup, ks.database()).unwrap();
+    ks.resume();
+    let restored = head_seq(&ks, "ks-test").await;
+    assert!(restored < read, "the backup ends at {restored}, the cursor at {read}");
+
+    let event = json!({
+        "actor": "spiffe://test/app", "action": "record.decrypt", "tenant": "onc",
+        "kek_version": 1, "record_key_ids": ["00112233445566778899aabbccddeeff"],
+        "outcome": "ok", "fields": {"/ssn": "masked"}, "ts_ms": now_ms()
+    });
+    for target in [read, read + 3] {
+        let missing = usize::try_from(target - head_seq(&ks, "ks-test").await).unwrap();
+        let events = json!({"events": vec![event.clone(); missing]});
+        let (status, body) = ks.post(CLINICAL, "/v1/audit/events", &events).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(head_seq(&ks, "ks-test").await, target);
+        let refused = admin.run(&[
+            "audit",
+            "export",
+            "--cursor",
+            cursor.to_str().unwrap(),
+            "--tenant",
+            "onc",
+        ]);
+        let line = refused.fails(1);
+        assert!(
+            line.contains(&format!(
+                "instance ks-test no longer holds the event this cursor read at seq {read} \
+                 (another event is there now)"
+            )),
+            "{line}"
+        );
+        assert!(line.contains("restored from a backup or failed over"), "{line}");
+        assert_eq!(refused.stdout, "");
+        assert_eq!(std::fs::read(&cursor).unwrap(), kept, "left byte for byte");
+        assert_eq!(temporary_files(dir.path(), "siem.cursor"), Vec::<String>::new());
+    }
+
+    std::fs::write(&cursor, "{\"chains\": {}}").unwrap();
+    let again = cursor_export(&admin, &cursor, &[]);
+    assert_eq!(positions(&again), positions(&admin.run(&["audit", "export"]).ok().json_lines()));
+}
+
+/// A cursor that cannot be written fails before any line is exported
+/// (exit 2), and a second run while one holds the cursor is refused at
+/// once (exit 1); the first goes on and moves the cursor.
+#[test]
+fn audit_export_cursor_fails_first_when_unwritable_or_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ks, admin) = service(dir.path());
+    admin.run(&["tenant", "create", "onc"]).ok();
+
+    // A directory where no file can be made, even by root.
+    let unwritable = admin.run(&["audit", "export", "--cursor", "/proc/keygate-test.cursor"]);
+    let line = unwritable.fails(2);
+    assert!(line.contains("--cursor /proc/keygate-test.cursor: cannot lock it"), "{line}");
+    assert_eq!(unwritable.stdout, "", "nothing exported");
+
+    // A first run waits for the stopped key service, holding the cursor
+    // from the moment its temporary file is there.
+    let cursor = dir.path().join("siem.cursor");
+    let pid = ks.pid().unwrap().to_string();
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill").args([name, &pid]).status().unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP");
+    let first = std::process::Command::new(keygate_tests::keyservice::keygate_binary())
+        .args([OsStr::new("admin"), OsStr::new("--profile"), admin.profile.as_os_str()])
+        .args(["audit", "export", "--cursor", cursor.to_str().unwrap()])
+        .env("HOME", &admin.dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while temporary_files(dir.path(), "siem.cursor").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the first run never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let second = admin.run(&["audit", "export", "--cursor", cursor.to_str().unwrap()]);
+    signal("-CONT");
+    let line = second.fails(1);
+    assert!(line.contains("is in use: another run of audit export --cursor holds it"), "{line}");
+    assert_eq!(second.stdout, "");
+    let first = first.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{stderr}");
+    let lines = String::from_utf8_lossy(&first.stdout).lines().count();
+    assert!(lines > 0 && cursor.exists(), "{stderr}");
+    assert_eq!(temporary_files(dir.path(), "siem.cursor"), Vec::<String>::new());
 }
 
 #[test]

@@ -428,7 +428,8 @@ pub enum AuditCommand {
     /// <last run>` misses events stored after the last run with an older
     /// time. With --cursor each chain resumes exactly after what the last
     /// run read; a run that fails leaves the cursor as it was, so the next
-    /// one repeats lines (at least once) but never skips one.
+    /// one repeats lines (at least once) but never skips one, and a chain
+    /// rewritten since (a restored keystore, a failover) is refused.
     ///
     /// Example: keygate admin audit export --since 24h --tenant onc > onc-audit.jsonl
     ///
@@ -451,13 +452,16 @@ pub enum AuditCommand {
         page_size: u64,
         /// Export only what is new since the run that last wrote FILE, and
         /// record how far each chain has now been read (JSON,
-        /// `{"chains": {"<instance>": <seq>}}`, mode 0600, replaced
-        /// atomically once every line is out). A missing FILE means from
-        /// the start; --since and --tenant still choose the lines printed,
-        /// but the cursor moves past the events they leave out too. Exit 2,
-        /// leaving it untouched, if FILE is not a cursor; exit 1 if a chain
-        /// is now shorter than FILE says (a restored keystore, another
-        /// deployment).
+        /// `{"chains": {"<instance>": {"seq": N, "hash": "<hex>"}}}`, mode
+        /// 0600, replaced atomically once every line is out; FILE.lock is
+        /// kept next to it). A missing FILE means from the start; --since
+        /// and --tenant still choose the lines printed, but the cursor
+        /// moves past the events they leave out too. Deduplicate on
+        /// (instance, seq, hash). Exit 2 if FILE is not a cursor or cannot
+        /// be written; exit 1, exporting nothing, if another run holds it
+        /// or a chain no longer holds the event FILE says was read last (a
+        /// restored keystore, a failover, another deployment). FILE is left
+        /// as it is on every failure.
         #[arg(long, value_name = "FILE")]
         cursor: Option<PathBuf>,
     },

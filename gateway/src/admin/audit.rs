@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::Ctx;
 use super::args::AuditCommand;
-use super::audit_cursor::Cursor;
+use super::audit_cursor::{Cursor, Position};
 use super::client::{Client, decode, transport_error};
 use super::error::AdminError;
 use super::output::{Table, emit, or_dash, println, stdout_error};
@@ -244,14 +244,13 @@ struct Filters<'a> {
 /// Streams `GET /v1/audit` to stdout as JSON lines, page by page to the
 /// end: of one chain with `instance` (after its sequence number `from`),
 /// else of every chain (each page resumes after the last line's instance
-/// and sequence number). Returns the last line's instance and sequence
-/// number.
+/// and sequence number). Returns the last line printed.
 async fn export(
     client: &Client,
     filters: &Filters<'_>,
     instance: Option<&str>,
     from: i64,
-) -> Result<Option<(String, i64)>, AdminError> {
+) -> Result<Option<Line>, AdminError> {
     let page_size = filters.page_size;
     let mut after: i64 = from;
     let mut after_instance: Option<String> = None;
@@ -285,7 +284,7 @@ async fn export(
         // forward would repeat itself: refused rather than looping.
         let before = (instance.or(after_instance.as_deref()).unwrap_or_default(), after);
         match page.last {
-            Some((i, seq)) if (i.as_str(), seq) > before => {
+            Some(Line { instance: i, seq, .. }) if (i.as_str(), seq) > before => {
                 after = seq;
                 if instance.is_none() {
                     after_instance = Some(i);
@@ -308,32 +307,67 @@ async fn export(
 /// not say how far it read; its chain heads, taken before reading, do.
 /// Each chain is read through its head at least (every event up to the
 /// head is stored by then, whatever its timestamp), and the cursor moves
-/// to the head, or to the last line printed if that is further. Events
-/// past the head are read again next time; the filters leave out the
-/// same ones again.
+/// to the head, or to the last line printed if that is further, and
+/// keeps that event's hash. Events past the head are read again next
+/// time; the filters leave out the same ones again.
 async fn export_from_cursor(
     client: &Client,
     filters: &Filters<'_>,
     instance: Option<&str>,
     path: &Path,
 ) -> Result<(), AdminError> {
-    let mut cursor = Cursor::read(path)?;
+    let mut cursor = Cursor::open(path)?;
     let answer = client.get("/v1/audit/heads").await?;
     let heads: AuditHeads = decode(&answer, "audit heads")?;
     cursor.check(&heads.instances)?;
+    confirm_chains(client, &cursor).await?;
     for head in heads.instances.iter().filter(|h| instance.is_none_or(|i| i == h.instance)) {
         let from = cursor.position(&head.instance);
         if from >= head.head_seq {
             continue;
         }
-        let printed = export(client, filters, Some(&head.instance), from).await?;
-        cursor.advance(
-            &head.instance,
-            printed.map_or(head.head_seq, |(_, seq)| seq.max(head.head_seq)),
-        );
+        match export(client, filters, Some(&head.instance), from).await? {
+            Some(Line { seq, hash: Some(hash), .. }) if seq > head.head_seq => {
+                cursor.advance(&head.instance, seq, &hash);
+            }
+            _ => cursor.advance(&head.instance, head.head_seq, &head.head_hash),
+        }
     }
     sync_stdout()?;
     cursor.write()
+}
+
+/// Refuses a cursor whose chains were rewritten under it (a restored
+/// keystore, a failover): the event at each place it read a chain to must
+/// still be there, with the same hash. That one event is enough: its
+/// chain hash covers every event before it.
+async fn confirm_chains(client: &Client, cursor: &Cursor) -> Result<(), AdminError> {
+    for (instance, read) in cursor.chains() {
+        let path = format!(
+            "/v1/audit?instance={}&after={}&limit=1",
+            query_value(instance),
+            read.seq.saturating_sub(1)
+        );
+        let response = client.send(Method::GET, &path, None).await?;
+        let at = response.url().origin().ascii_serialization();
+        let body =
+            response.bytes().await.map_err(|e| transport_error("the key service", &at, &e))?;
+        let found = match body.split(|b| *b == b'\n').find(|l| !l.is_empty()) {
+            None => None,
+            Some(line) => match parse_line(line) {
+                Some(Line { instance: i, seq, hash: Some(hash) }) if i == instance => {
+                    Some(Position { seq, hash })
+                }
+                _ => {
+                    return Err(AdminError::unavailable(
+                        "unexpected answer from the key service for GET /v1/audit",
+                    ));
+                }
+            },
+        };
+        cursor.confirm(instance, found.as_ref())?;
+    }
+    Ok(())
 }
 
 /// Flushes stdout and, when it is a file, syncs it: the cursor must not
@@ -364,8 +398,27 @@ fn query_value(value: &str) -> String {
 /// What one page of the export held.
 struct Page {
     lines: u64,
-    /// The last line's instance and sequence number.
-    last: Option<(String, i64)>,
+    /// The last line.
+    last: Option<Line>,
+}
+
+/// Where a line of the export is in its chain.
+#[derive(Clone)]
+struct Line {
+    instance: String,
+    seq: i64,
+    /// Its chain hash, in hex.
+    hash: Option<String>,
+}
+
+/// The place of a line of the export, if it is one.
+fn parse_line(line: &[u8]) -> Option<Line> {
+    let v = serde_json::from_slice::<Value>(line).ok()?;
+    Some(Line {
+        instance: v.get("instance")?.as_str()?.to_owned(),
+        seq: v.get("seq")?.as_i64()?,
+        hash: v.get("hash").and_then(Value::as_str).map(str::to_owned),
+    })
 }
 
 /// Copies the body to stdout as it arrives, whole lines at a time.
@@ -399,11 +452,7 @@ async fn stream_lines(mut response: reqwest::Response) -> Result<Page, AdminErro
         }
     }
     stdout.flush().map_err(stdout_error)?;
-    let last = serde_json::from_slice::<Value>(&last).ok().and_then(|v| {
-        let instance = v.get("instance")?.as_str()?.to_owned();
-        Some((instance, v.get("seq")?.as_i64()?))
-    });
-    Ok(Page { lines, last })
+    Ok(Page { lines, last: parse_line(&last) })
 }
 
 #[cfg(test)]

@@ -326,6 +326,11 @@ pub(crate) struct AuditHead {
     /// to it is stored: an export with `instance` and `after` below it
     /// reads them all, whenever they were timestamped.
     pub(crate) head_seq: i64,
+    /// Its last event's chain hash, in hex as the export's `hash` (empty:
+    /// none yet). An export resuming at `head_seq` compares it with the
+    /// event found there: a chain rewritten since (a restored keystore, a
+    /// failover) has other events at the same places.
+    pub(crate) head_hash: String,
 }
 
 /// `GET /v1/tenants/{t}/keys/usage` response.

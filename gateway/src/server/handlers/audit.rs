@@ -176,15 +176,16 @@ pub(crate) async fn export(
         .map_err(|e| crate::error::internal(&e))
 }
 
-/// `GET /v1/audit/heads`: each chain's last sequence number, so that an
-/// incremental export can record how far it read each chain, rows its
-/// filters left out included (auditors with a grant on every tenant).
+/// `GET /v1/audit/heads`: each chain's last sequence number and hash, so
+/// that an incremental export can record how far it read each chain, rows
+/// its filters left out included, and tell a chain rewritten under it
+/// (auditors with a grant on every tenant).
 #[utoipa::path(
     get,
     path = "/v1/audit/heads",
     tag = "audit",
     responses(
-        (status = 200, description = "Each instance's chain and the sequence number of its last event", body = AuditHeads),
+        (status = 200, description = "Each instance's chain and the sequence number and hash of its last event", body = AuditHeads),
         (status = "default", description = "An error (`{\"error\":{\"code\",\"message\"}}`): 400 bad input, 403 not granted, 404 unknown, 409 conflict, 413 too large, 422 wrong shape, 429 rate limited, 503 a dependency is unavailable", body = crate::openapi::ErrorBody)
     ),
 )]
@@ -207,8 +208,11 @@ async fn read_heads(store: &dyn KeyStore) -> Result<AuditHeads, StoreError> {
     instances.sort_unstable();
     let mut heads = Vec::with_capacity(instances.len());
     for instance in instances {
-        let head_seq = store.last_audit_row(&instance).await?.map_or(0, |row| row.seq);
-        heads.push(AuditHead { instance, head_seq });
+        let (head_seq, head_hash) = store
+            .last_audit_row(&instance)
+            .await?
+            .map_or((0, String::new()), |row| (row.seq, data_encoding::HEXLOWER.encode(&row.hash)));
+        heads.push(AuditHead { instance, head_seq, head_hash });
     }
     Ok(AuditHeads { instances: heads })
 }
@@ -506,9 +510,9 @@ mod tests {
         assert_eq!(read_all(pages(Some("ks-b"), 4, 100_000)).await, expected(&[], &b_all[4..]));
     }
 
-    /// Heads name every chain in byte order with its last sequence number,
-    /// and an event stored later with an older timestamp lands after its
-    /// chain's head, where an export resuming there reads it.
+    /// Heads name every chain in byte order with its last sequence number
+    /// and hash, and an event stored later with an older timestamp lands
+    /// after its chain's head, where an export resuming there reads it.
     #[tokio::test]
     async fn heads_name_every_chain_and_where_it_ends() {
         let dir = tempfile::tempdir().unwrap();
@@ -534,9 +538,11 @@ mod tests {
         store.append_audit_batch(&late, None).await.unwrap();
         let after = store.audit_rows("ks-b", 3, 10).await.unwrap();
         assert_eq!(after.iter().map(|r| (r.seq, r.ts_ms)).collect::<Vec<_>>(), [(4, 1)]);
-        assert_eq!(
-            heads(read_heads(store.as_ref()).await.unwrap()),
-            named(&[("ks-a", 5), ("ks-b", 4)])
-        );
+        let now = read_heads(store.as_ref()).await.unwrap();
+        for head in &now.instances {
+            let last = store.last_audit_row(&head.instance).await.unwrap().unwrap();
+            assert_eq!(head.head_hash, data_encoding::HEXLOWER.encode(&last.hash));
+        }
+        assert_eq!(heads(now), named(&[("ks-a", 5), ("ks-b", 4)]));
     }
 }
