@@ -59,23 +59,36 @@ async fn master_key_in_softhsm2() {
     assert!(!ks.log().contains(softhsm2::USER_PIN), "the PIN never reaches the log");
 }
 
+/// The credentials moto takes, and no instance metadata to look for.
+const MOTO_ENV: [(&str, &str); 3] = [
+    ("AWS_ACCESS_KEY_ID", moto::ACCESS_KEY_ID),
+    ("AWS_SECRET_ACCESS_KEY", moto::SECRET_ACCESS_KEY),
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+];
+
+/// A `[root]` section for `key_id` on `kms`.
+fn kms_root(kms: &MotoServer, key_id: &str) -> String {
+    format!(
+        "[root]\nprovider = \"aws_kms\"\nregion = \"{}\"\nkey_id = \"{key_id}\"\n\
+         endpoint_url = \"{}\"\n",
+        moto::REGION,
+        kms.endpoint()
+    )
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn master_key_in_aws_kms() {
     let kms = MotoServer::start();
     let key = kms.create_key().await;
     let dir = tempfile::tempdir().unwrap();
-    let root = format!(
-        "[root]\nprovider = \"aws_kms\"\nregion = \"{}\"\nkey_id = \"{key}\"\nendpoint_url = \"{}\"\n",
-        moto::REGION,
-        kms.endpoint()
-    );
+    let root = kms_root(&kms, &key);
     // Endpoints from the environment (or a profile) never replace the
     // configured one, which alone passed the endpoint checks and the trust
     // list: here they lead nowhere.
     let env = [
-        ("AWS_ACCESS_KEY_ID", moto::ACCESS_KEY_ID),
-        ("AWS_SECRET_ACCESS_KEY", moto::SECRET_ACCESS_KEY),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
+        MOTO_ENV[0],
+        MOTO_ENV[1],
+        MOTO_ENV[2],
         ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
         ("AWS_ENDPOINT_URL_KMS", "http://127.0.0.1:9"),
     ];
@@ -106,17 +119,8 @@ async fn a_master_in_another_aws_account_needs_the_account_listed() {
     let account = next_key.split(':').nth(4).unwrap().to_owned();
     assert_ne!(account, OUTSIDER);
     let outsider_key = next_key.replace(&format!(":{account}:"), &format!(":{OUTSIDER}:"));
-    let root = format!(
-        "[root]\nprovider = \"aws_kms\"\nregion = \"{}\"\nkey_id = \"alias/master\"\n\
-         endpoint_url = \"{}\"\n",
-        moto::REGION,
-        kms.endpoint()
-    );
-    let env = [
-        ("AWS_ACCESS_KEY_ID", moto::ACCESS_KEY_ID),
-        ("AWS_SECRET_ACCESS_KEY", moto::SECRET_ACCESS_KEY),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-    ];
+    let root = kms_root(&kms, "alias/master");
+    let env = MOTO_ENV;
     let to = |key_id: &str| {
         json!({"to": {"provider": "aws_kms", "region": moto::REGION, "key_id": key_id,
                       "endpoint_url": kms.endpoint()}})
