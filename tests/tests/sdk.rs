@@ -114,19 +114,22 @@ fn signal(pid: u32, name: &str) {
 /// A call the sidecar drops at its deadline (its key service silent) is
 /// retried after the sidecar's 503 `timeout`, under the call's one request
 /// id: the sidecar logged the dropped attempt with the id that the retry's
-/// audit event carries, and the call before had another.
+/// audit event carries, and the call before had another. The unwrap the
+/// dropped attempt sent is answered to the DEK cache, so the retry is a
+/// cache hit and the key service unwraps (and audits) the DEK once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_call_the_sidecar_times_out_is_retried_under_one_request_id() {
     let dir = tempfile::tempdir().unwrap();
     let ks = KeyService::start(&dir.path().join("ks"), "");
     let (status, _) = ks.post(ADMIN, "/v1/tenants", &json!({"tenant": "onc"})).await;
     assert_eq!(status, 201);
-    // No DEK cache: the decrypt needs the key service.
+    // A DEK cache of one: the second encrypt's DEK pushes out the first's,
+    // so the first record's decrypt needs the key service.
     let mut sc = Sidecar::start(
         &ks,
         &dir.path().join("sidecar"),
         "spiffe://test/sidecar-clinical",
-        "[limits]\nrequest_timeout_ms = 1000\n[cache]\nmax_entries = 0\n",
+        "[limits]\nrequest_timeout_ms = 1000\n[cache]\nmax_entries = 1\n",
     );
     let client = Client::builder()
         .unix_socket(sc.socket.clone())
@@ -134,6 +137,7 @@ async fn a_call_the_sidecar_times_out_is_retried_under_one_request_id() {
         .build()
         .unwrap();
     let encrypted = client.encrypt("onc", "patient", &record(1)).await.unwrap();
+    client.encrypt("onc", "patient", &record(2)).await.unwrap();
 
     let ks_pid = ks.pid().unwrap();
     signal(ks_pid, "STOP");
@@ -167,7 +171,17 @@ async fn a_call_the_sidecar_times_out_is_retried_under_one_request_id() {
     assert!(export.contains(&record_key_id));
     assert_eq!(id.len(), 32, "{id}");
     let encrypts = request_ids("record.encrypt");
-    assert!(encrypts.len() == 1 && encrypts[0] != *id, "another call, another id: {encrypts:?}");
+    assert!(encrypts.len() == 2 && !encrypts.contains(id), "other calls, other ids: {encrypts:?}");
+    let unwraps = events
+        .iter()
+        .filter(|e| {
+            e["action"] == "dek.unwrap"
+                && e["record_key_ids"].as_array().unwrap().iter().any(|i| *i == record_key_id)
+        })
+        .count();
+    assert_eq!(unwraps, 1, "the retry unwrapped nothing: {export}");
+    let decrypt = events.iter().find(|e| e["action"] == "record.decrypt").unwrap();
+    assert_eq!(decrypt["detail"]["fields"]["cache_hit"], true, "{decrypt}");
     let log = sc.log();
     assert!(
         log.lines()

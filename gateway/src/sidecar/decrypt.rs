@@ -359,12 +359,14 @@ mod tests {
     fn state(client: Arc<KeyServiceClient>) -> SidecarState {
         let ttl = Duration::from_secs(60);
         let wait = Duration::from_secs(10);
+        let cache = Arc::new(DekCache::new(ttl, 100));
+        let unwraps = Unwraps { client: client.clone(), cache: cache.clone() };
         SidecarState {
             schemas: SchemaSet::from_toml(crate::up::PATIENT_SCHEMA, "patient.toml").unwrap(),
-            unwraps: SharedCalls::new(Unwraps(client.clone()), 1_000, wait),
+            unwraps: SharedCalls::new(unwraps, 1_000, wait),
             rewraps: SharedCalls::new(Rewraps(client.clone()), 1_000, wait),
             pool: DekPool::new(client.clone(), PoolConfig::default(), ttl),
-            cache: DekCache::new(ttl, 100),
+            cache,
             keyring: Keyring::new(client.clone(), ttl),
             reporter: Reporter::new(client, ReportConfig::default(), "spiffe://test/app".into()),
             limits: SidecarLimits::default(),

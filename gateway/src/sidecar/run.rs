@@ -82,13 +82,15 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
     // Long enough for the call ahead and a request's own: a shared call
     // never cuts failover short.
     let wait_limit = client.longest_call().saturating_mul(2);
+    let cache = Arc::new(DekCache::new(ttl, config.cache.max_entries));
+    let unwraps = Unwraps { client: client.clone(), cache: cache.clone() };
     let state = Arc::new(SidecarState {
         schemas,
         pool: DekPool::new(client.clone(), config.pool.clone(), ttl),
-        cache: DekCache::new(ttl, config.cache.max_entries),
+        cache,
         keyring: Keyring::new(client.clone(), ttl),
         reporter: reporter.clone(),
-        unwraps: SharedCalls::new(Unwraps(client.clone()), config.limits.max_records, wait_limit),
+        unwraps: SharedCalls::new(unwraps, config.limits.max_records, wait_limit),
         rewraps: SharedCalls::new(Rewraps(client.clone()), config.limits.max_records, wait_limit),
         limits: config.limits.clone(),
         token,

@@ -27,16 +27,22 @@
 //! `detail.failed`, every one it could not; its outcome is the whole
 //! call's. The sidecar's own field-level events still say which
 //! application request read which record.
+//!
+//! A request that has gone (dropped at its deadline) by the time its call
+//! is answered gets nothing, but the DEKs it was unwrapped are cached
+//! ([`BatchCall::unclaimed`]): its retry is then a cache hit, not a second
+//! unwrap for the key service to do and audit.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kms_core::{DekRequest, KekVersion, Key256, Name, Rewrapped, TenantId};
 use tokio::sync::oneshot;
 
+use super::cache::DekCache;
 use super::ks_client::{KeyServiceClient, KsError, Unwrapped};
 
 /// A batch call to the key service that requests may share.
@@ -54,6 +60,18 @@ pub(super) trait BatchCall: Send + Sync + 'static {
         items: &[DekRequest],
         purpose: Option<&Name>,
     ) -> impl Future<Output = Result<Batch<Self::Common, Self::Item>, KsError>> + Send;
+
+    /// Takes the answer to `items` of `tenant`, one request's share of a
+    /// call sent at `sent_at`, when that request has gone. Dropped unless
+    /// the call keeps it.
+    fn unclaimed(
+        &self,
+        _tenant: &TenantId,
+        _sent_at: Instant,
+        _items: &[DekRequest],
+        _answer: Batch<Self::Common, Self::Item>,
+    ) {
+    }
 }
 
 /// A call's answer: what it says for all, and one result per item.
@@ -66,7 +84,11 @@ pub(super) struct Batch<C, T> {
 
 /// `POST /v1/tenants/{t}/datakeys/unwrap`: each item's DEK or error code,
 /// and the active KEK version.
-pub(super) struct Unwraps(pub(super) Arc<KeyServiceClient>);
+pub(super) struct Unwraps {
+    pub(super) client: Arc<KeyServiceClient>,
+    /// Where the DEKs of a request that has gone are kept for its retry.
+    pub(super) cache: Arc<DekCache>,
+}
 
 impl BatchCall for Unwraps {
     type Item = Result<Key256, String>;
@@ -78,9 +100,42 @@ impl BatchCall for Unwraps {
         items: &[DekRequest],
         purpose: Option<&Name>,
     ) -> Result<Batch<KekVersion, Self::Item>, KsError> {
-        let Unwrapped { active_version, results } = self.0.unwrap(tenant, items, purpose).await?;
+        let Unwrapped { active_version, results } =
+            self.client.unwrap(tenant, items, purpose).await?;
         Ok(Batch { common: active_version, results })
     }
+
+    fn unclaimed(
+        &self,
+        tenant: &TenantId,
+        sent_at: Instant,
+        items: &[DekRequest],
+        answer: Batch<KekVersion, Self::Item>,
+    ) {
+        keep_unclaimed(&self.cache, tenant, sent_at, items, answer.results);
+    }
+}
+
+/// Caches what a request that has gone was unwrapped, as its handler would
+/// have: only when every item was (one that failed failed the request, and
+/// a `key_destroyed` is a shred for the handler to act on), each (id,
+/// version) once. They are cached as of `sent_at`, when the call left, so
+/// that a shred heard while it was out keeps them out (`insert_many`).
+fn keep_unclaimed(
+    cache: &DekCache,
+    tenant: &TenantId,
+    sent_at: Instant,
+    items: &[DekRequest],
+    results: Vec<Result<Key256, String>>,
+) {
+    let Ok(keys) = results.into_iter().collect::<Result<Vec<_>, _>>() else { return };
+    let mut seen = HashSet::with_capacity(items.len());
+    let deks = items
+        .iter()
+        .zip(keys)
+        .filter(|(item, _)| seen.insert((item.record_key_id, item.kek_version)))
+        .map(|(item, key)| (item.record_key_id, item.kek_version, key));
+    cache.insert_many(tenant, sent_at, deks);
 }
 
 /// `POST /v1/tenants/{t}/datakeys/rewrap`: each item's DEK moved to the
@@ -232,7 +287,8 @@ impl<C: BatchCall> SharedCalls<C> {
             // fail closed, like a lost connection.
             Ok(Err(_)) => Err(KsError::Unavailable("key service call abandoned".into())),
             // Our receiver is dropped with the timeout: if still waiting,
-            // the items are not sent; if out, their keys are dropped.
+            // the items are not sent; if out, their answer goes to
+            // `C::unclaimed`.
             Err(_) => Err(KsError::Unavailable(format!(
                 "no key service answer within {} ms",
                 self.0.wait_limit.as_millis()
@@ -268,6 +324,10 @@ impl<C: BatchCall> Slot<C> {
                 riders.iter().flat_map(|w| w.items.iter().copied()).collect();
             self.inner.calls.fetch_add(1, Ordering::Relaxed);
             let (tenant, purpose) = &self.key;
+            // Taken before the call leaves, never after, so that a shred
+            // heard while it is out keeps an unclaimed answer's DEKs out
+            // of the cache (which refuses keys asked for before a shred).
+            let sent_at = Instant::now();
             let answer = self.inner.client.call(tenant, &items, purpose.as_ref()).await;
             let riders = std::mem::take(&mut riders);
             match answer {
@@ -283,7 +343,7 @@ impl<C: BatchCall> Slot<C> {
                 }
                 answer => {
                     self.inner.requests.fetch_add(riders.len() as u64, Ordering::Relaxed);
-                    hand_out(riders, answer);
+                    hand_out(&self.inner.client, tenant, sent_at, riders, answer);
                 }
             }
         }
@@ -328,8 +388,15 @@ impl<C: BatchCall> Drop for Slot<C> {
     }
 }
 
-/// Splits a shared call's answer between its riders, in order.
-fn hand_out<C: BatchCall>(riders: Vec<Waiter<C>>, answer: Answer<C>) {
+/// Splits a shared call's answer between its riders, in order; the share
+/// of a rider that has gone goes to `client`'s [`BatchCall::unclaimed`].
+fn hand_out<C: BatchCall>(
+    client: &C,
+    tenant: &TenantId,
+    sent_at: Instant,
+    riders: Vec<Waiter<C>>,
+    answer: Answer<C>,
+) {
     match answer {
         Ok(Batch { common, results }) => {
             let mut results = results.into_iter();
@@ -341,8 +408,9 @@ fn hand_out<C: BatchCall>(riders: Vec<Waiter<C>>, answer: Answer<C>) {
                 } else {
                     Err(KsError::Decode("fewer results than items".into()))
                 };
-                // A request that has gone no longer wants its keys.
-                let _ = waiter.answer.send(answer);
+                if let Err(Ok(unclaimed)) = waiter.answer.send(answer) {
+                    client.unclaimed(tenant, sent_at, &waiter.items, unclaimed);
+                }
             }
         }
         Err(e) => {
@@ -368,7 +436,8 @@ mod tests {
     /// item's id), then waits for a permit of `gate`; each item's DEK is 32
     /// copies of that byte. `fail` refuses whole calls; `short` answers one
     /// result fewer than asked; a call of more than `max_batch` items is
-    /// refused as too large; `panic` panics.
+    /// refused as too large; `panic` panics. Like [`Unwraps`], it caches
+    /// in `cache` what a request that has gone was unwrapped.
     struct Fake {
         gate: Semaphore,
         calls: Mutex<Vec<(LineKey, Vec<u8>)>>,
@@ -376,6 +445,7 @@ mod tests {
         short: AtomicBool,
         max_batch: AtomicUsize,
         panic: AtomicBool,
+        cache: DekCache,
     }
 
     impl Default for Fake {
@@ -387,6 +457,7 @@ mod tests {
                 short: AtomicBool::default(),
                 max_batch: AtomicUsize::new(usize::MAX),
                 panic: AtomicBool::default(),
+                cache: DekCache::new(Duration::from_secs(60), 100),
             }
         }
     }
@@ -420,6 +491,34 @@ mod tests {
             let results =
                 ids.iter().take(keep).map(|b| Ok(Key256::from_array(&mut [*b; 32]))).collect();
             Ok(Batch { common: 3, results })
+        }
+
+        fn unclaimed(
+            &self,
+            tenant: &TenantId,
+            sent_at: Instant,
+            items: &[DekRequest],
+            answer: Batch<KekVersion, Self::Item>,
+        ) {
+            keep_unclaimed(&self.cache, tenant, sent_at, items, answer.results);
+        }
+    }
+
+    /// The fake key service through a call that keeps nothing unclaimed,
+    /// as [`Rewraps`] (whose answers are wrapped parts, not DEKs).
+    struct KeepsNothing(Arc<Fake>);
+
+    impl BatchCall for KeepsNothing {
+        type Item = Result<Key256, String>;
+        type Common = KekVersion;
+
+        async fn call(
+            &self,
+            tenant: &TenantId,
+            items: &[DekRequest],
+            purpose: Option<&Name>,
+        ) -> Result<Batch<KekVersion, Self::Item>, KsError> {
+            self.0.call(tenant, items, purpose).await
         }
     }
 
@@ -726,5 +825,97 @@ mod tests {
         // The shared call answered 3 of 4: c is whole, d is refused, not padded.
         assert_own_keys(c.await.unwrap(), &[3, 4]);
         assert!(matches!(d.await.unwrap(), Err(KsError::Decode(_))));
+    }
+
+    /// The cached DEK of `[id; 16]` for tenant `onc`, version 1: its
+    /// first byte.
+    fn cached(fake: &Fake, id: u8) -> Option<u8> {
+        let key = fake.cache.get(&RecordKeyId::from_bytes([id; 16]), &tenant("onc"), 1)?;
+        Some(key.expose_secret()[0])
+    }
+
+    /// A request gone while its call is out is answered to the cache: its
+    /// retry finds its keys there. Requests still there get their own
+    /// answers, as before (theirs are for their handlers to cache).
+    #[tokio::test]
+    async fn the_keys_of_a_request_gone_while_its_call_was_out_are_cached() {
+        let fake = Arc::new(Fake::default());
+        let u = shared(&fake, 100);
+        let [a, b] = fill_both_slots(&u, &fake).await;
+        let c = request(&u, "onc", None, &[3, 4, 3]);
+        let d = request(&u, "onc", None, &[5]);
+        until(|| u.waiting() == 2).await;
+        a.abort();
+        assert!(a.await.is_err_and(|e| e.is_cancelled()));
+        // a's call is answered, and its slot sends c and d together.
+        fake.gate.add_permits(1);
+        until(|| fake.calls().len() == 3).await;
+        c.abort();
+        assert!(c.await.is_err_and(|e| e.is_cancelled()));
+        fake.gate.add_permits(100);
+        assert_own_keys(b.await.unwrap(), &[2]);
+        assert_own_keys(d.await.unwrap(), &[5]);
+        until(|| u.open_lines() == 0).await;
+        assert_eq!(fake.calls(), [vec![1], vec![2], vec![3, 4, 3, 5]]);
+        assert_eq!([1, 3, 4].map(|id| cached(&fake, id)), [Some(1), Some(3), Some(4)]);
+        assert_eq!([2, 5].map(|id| cached(&fake, id)), [None, None]);
+        assert_eq!(fake.cache.stats().2, 3);
+
+        // A call that keeps nothing (a rewrap) drops a gone request's answer.
+        let fake = Arc::new(Fake::default());
+        let u = SharedCalls::new(KeepsNothing(fake.clone()), 100, Duration::from_secs(10));
+        let (tenant, items) = (tenant("onc"), items(&[6]));
+        let gone = {
+            let u = u.clone();
+            tokio::spawn(async move { u.call(&tenant, items, None).await })
+        };
+        until(|| fake.calls().len() == 1).await;
+        gone.abort();
+        assert!(gone.await.is_err_and(|e| e.is_cancelled()));
+        fake.gate.add_permits(1);
+        until(|| u.open_lines() == 0).await;
+        assert_eq!(fake.cache.stats().2, 0);
+    }
+
+    /// A shred heard after a call left and before its answer keeps a gone
+    /// request's keys out of the cache: the key service vouched for them
+    /// before the shred. Those of a call sent after the shred are cached.
+    #[tokio::test]
+    async fn a_shred_heard_while_the_call_was_out_keeps_a_gone_requests_keys_out() {
+        let fake = Arc::new(Fake::default());
+        let u = shared(&fake, 100);
+        for (id, shred) in [(1, true), (2, false)] {
+            let gone = request(&u, "onc", None, &[id]);
+            until(|| fake.calls().len() == usize::from(id)).await;
+            gone.abort();
+            assert!(gone.await.is_err_and(|e| e.is_cancelled()));
+            if shred {
+                fake.cache.forget_tenant(&tenant("onc"));
+            }
+            fake.gate.add_permits(1);
+            until(|| u.open_lines() == 0).await;
+        }
+        assert_eq!(cached(&fake, 1), None, "unwrapped across the shred");
+        assert_eq!(cached(&fake, 2), Some(2), "unwrapped after it");
+    }
+
+    /// A gone request with an item the key service refused is cached not
+    /// at all, as its handler would have failed it (a `key_destroyed` is a
+    /// shred it would have acted on).
+    #[test]
+    fn a_gone_request_with_a_refused_item_is_not_cached() {
+        let fake = Fake::default();
+        let key = |b: u8| Ok(Key256::from_array(&mut [b; 32]));
+        let refused = vec![key(1), Err("key_destroyed".to_owned())];
+        keep_unclaimed(&fake.cache, &tenant("onc"), Instant::now(), &items(&[1, 2]), refused);
+        assert_eq!(fake.cache.stats().2, 0);
+        keep_unclaimed(
+            &fake.cache,
+            &tenant("onc"),
+            Instant::now(),
+            &items(&[1, 2]),
+            vec![key(1), key(2)],
+        );
+        assert_eq!([1, 2].map(|id| cached(&fake, id)), [Some(1), Some(2)]);
     }
 }

@@ -28,7 +28,8 @@ pub(super) struct SidecarState {
     /// DEK rewraps, likewise.
     pub(super) rewraps: SharedCalls<Rewraps>,
     pub(super) pool: Arc<DekPool>,
-    pub(super) cache: DekCache,
+    /// Shared with `unwraps`, which caches the DEKs of requests that have gone.
+    pub(super) cache: Arc<DekCache>,
     pub(super) keyring: Keyring,
     pub(super) reporter: Arc<Reporter>,
     pub(super) limits: SidecarLimits,
