@@ -455,7 +455,10 @@ pub fn client_with(ca_pem: &str, identity: Option<(&str, &str)>) -> reqwest::Cli
     builder.build().unwrap()
 }
 
-fn signal(pid: u32, name: &str) {
+/// Sends the process `pid` the signal `name` (`STOP`: a key service then
+/// takes connections, as the kernel does, and answers nothing, as a hung
+/// or partitioned one, until `CONT`).
+pub fn signal(pid: u32, name: &str) {
     let status =
         Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status().unwrap();
     assert!(status.success(), "kill -{name} {pid}");

@@ -709,12 +709,9 @@ fn audit_export_cursor_fails_first_when_unwritable_or_in_use() {
     // A first run waits for the stopped key service, holding the cursor
     // from the moment its temporary file is there.
     let cursor = dir.path().join("siem.cursor");
-    let pid = ks.pid().unwrap().to_string();
-    let signal = |name: &str| {
-        let status = std::process::Command::new("kill").args([name, &pid]).status().unwrap();
-        assert!(status.success());
-    };
-    signal("-STOP");
+    let pid = ks.pid().unwrap();
+    let signal = |name: &str| keygate_tests::keyservice::signal(pid, name);
+    signal("STOP");
     let first = std::process::Command::new(keygate_tests::keyservice::keygate_binary())
         .args([OsStr::new("admin"), OsStr::new("--profile"), admin.profile.as_os_str()])
         .args(["audit", "export", "--cursor", cursor.to_str().unwrap()])
@@ -730,7 +727,7 @@ fn audit_export_cursor_fails_first_when_unwritable_or_in_use() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let second = admin.run(&["audit", "export", "--cursor", cursor.to_str().unwrap()]);
-    signal("-CONT");
+    signal("CONT");
     let line = second.fails(1);
     assert!(line.contains("is in use: another run of audit export --cursor holds it"), "{line}");
     assert_eq!(second.stdout, "");

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
 
 use keygate_sdk::{Client, ErrorCode, FieldOutcome};
-use keygate_tests::keyservice::KeyService;
+use keygate_tests::keyservice::{KeyService, signal};
 use keygate_tests::sidecar::Sidecar;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -98,17 +98,6 @@ async fn typed_records_and_typed_errors() {
     let err = client.decrypt_value(&tampered, None).await.unwrap_err();
     assert_eq!(err.code(), Some(&ErrorCode::CannotDecrypt), "{err}");
     assert!(!err.to_string().contains("C50.9"));
-}
-
-/// Sends the process `pid` the signal `name` (`STOP`: the key service
-/// takes connections and answers nothing until `CONT`).
-fn signal(pid: u32, name: &str) {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{name} {pid}");
 }
 
 /// A call the sidecar drops at its deadline (its key service silent) is

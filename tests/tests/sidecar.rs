@@ -1,7 +1,7 @@
 //! End-to-end tests of `keygate sidecar` beside a real key service.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
 
-use keygate_tests::keyservice::KeyService;
+use keygate_tests::keyservice::{KeyService, signal};
 use keygate_tests::sidecar::Sidecar;
 use serde_json::{Value, json};
 
@@ -737,18 +737,6 @@ fn a_non_loopback_listener_is_refused() {
     assert_eq!(out.status.code(), Some(78), "configuration error exit code");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("refusing to listen on 0.0.0.0:9999"), "{stderr}");
-}
-
-/// Sends the process `pid` the signal `name`. A key service sent `STOP`
-/// takes connections (the kernel does) and answers nothing, as a hung or
-/// partitioned one, until it is sent `CONT`.
-fn signal(pid: u32, name: &str) {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{name} {pid}");
 }
 
 /// A request the key service does not answer is dropped at the sidecar's
