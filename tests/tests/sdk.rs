@@ -131,9 +131,16 @@ async fn a_call_the_sidecar_times_out_is_retried_under_one_request_id() {
     let ks_pid = ks.pid().unwrap();
     signal(ks_pid, "STOP");
     // The first attempt ends at the 1 s deadline; the retry waits the
-    // sidecar's `Retry-After` (1 s), by when the key service is back.
+    // sidecar's `Retry-After` (1 s). The key service is back as soon as the
+    // sidecar has dropped the attempt, so it has that whole second to
+    // answer the unwrap still out (whose DEK the retry then finds cached),
+    // however slow the machine.
     let resume = async {
-        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !sc.log().contains("request dropped at its deadline") {
+            assert!(std::time::Instant::now() < give_up, "no attempt dropped: {}", sc.log());
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         signal(ks_pid, "CONT");
     };
     let started = std::time::Instant::now();

@@ -278,6 +278,17 @@ async fn bad_input_gets_specific_errors_and_the_sidecar_keeps_serving() {
         sc.post("/v1/rewrap", &json!({"records": [encrypted.clone(), {"plain": true}]})).await;
     assert_eq!((status, answer["error"]["code"].as_str()), (400, Some("not_encrypted")));
     assert!(answer["error"]["message"].as_str().unwrap().starts_with("records[1]: "), "{answer}");
+    let mut tampered = encrypted.clone();
+    tampered["_kg"] = json!(format!("{}x", encrypted["_kg"].as_str().unwrap()));
+    let (status, answer) =
+        sc.post("/v1/decrypt", &json!({"records": [encrypted.clone(), {"plain": true}]})).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (400, Some("not_encrypted")));
+    assert!(answer["error"]["message"].as_str().unwrap().starts_with("records[1]: "), "{answer}");
+    let (status, answer) = sc
+        .post("/v1/decrypt", &json!({"records": [encrypted.clone(), encrypted.clone(), tampered]}))
+        .await;
+    assert!((400..500).contains(&status), "{status} {answer}");
+    assert!(answer["error"]["message"].as_str().unwrap().starts_with("records[2]: "), "{answer}");
     let (status, _) = sc.get("/healthz").await;
     assert_eq!(status, 200);
     let (status, body) = sc.post("/v1/decrypt", &json!({"record": encrypted})).await;

@@ -96,6 +96,7 @@ impl Cursor {
                     fail(format!("cannot lock it: {}", io_reason(&e)))
                 }
             })?;
+        remove_stale(dir, &name);
         let stored = read(path).map_err(fail)?;
         let temp = Temp::create(dir, &name)
             .map_err(|e| fail(format!("cannot write in {}: {}", dir.display(), io_reason(&e))))?;
@@ -202,6 +203,24 @@ impl Cursor {
             );
         }
         Ok(())
+    }
+}
+
+/// Removes what runs killed before their end left (`.NAME.RANDOM.tmp`,
+/// as [`Temp::create`] names them): under the lock no other run is
+/// writing one. A directory that cannot be listed is left as it is.
+fn remove_stale(dir: &Path, name: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let prefix = format!(".{name}.");
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let random = file.to_str().and_then(|f| f.strip_prefix(&prefix)?.strip_suffix(".tmp"));
+        let ours = random.is_some_and(|r| {
+            r.len() == 12 && r.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        });
+        if ours {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 
@@ -341,6 +360,27 @@ mod tests {
         // A directory where no file can be made (as root too) fails at once.
         let e = Cursor::open(Path::new("/proc/keygate-test.cursor")).unwrap_err();
         assert_eq!(e.failure().code(), 2, "{e}");
+    }
+
+    /// What a run killed before its end left is removed by the next run;
+    /// other files that only look alike are not.
+    #[test]
+    fn a_killed_runs_temporary_file_is_removed_by_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.json");
+        let stale = dir.path().join(".c.json.0123456789ab.tmp");
+        std::fs::write(&stale, "half a cursor").unwrap();
+        let kept = [".c.json.keep.tmp", ".c.json.0123456789AB.tmp", ".other.0123456789ab.tmp"];
+        for name in kept {
+            std::fs::write(dir.path().join(name), "").unwrap();
+        }
+        let cursor = Cursor::open(&path).unwrap();
+        assert!(!stale.exists());
+        drop(cursor);
+        let mut expected: Vec<&str> = kept.to_vec();
+        expected.push("c.json.lock");
+        expected.sort_unstable();
+        assert_eq!(names(dir.path()), expected);
     }
 
     /// A second run with the same cursor is refused while the first holds it.

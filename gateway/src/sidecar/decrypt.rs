@@ -21,7 +21,7 @@ use kms_core::schema::{FieldSpec, Schema};
 use kms_core::{DekRequest, KekVersion, Key256, Name, RecordKeyId, TenantId};
 
 use super::api::DecryptRequest;
-use super::handlers::{Answer, dek_requests_by_tenant};
+use super::handlers::{Answer, dek_requests_by_tenant, of_record};
 use super::report::{FieldEntry, FieldsKey, Report, ReportContext};
 use super::reporter::{Access, AccessEvent};
 use super::request::RequestId;
@@ -74,8 +74,11 @@ pub(super) async fn decrypt(
     let req: DecryptRequest<'_> = body.parse()?;
     let (records, single) = s.records(req.record, req.records, &body)?;
     let grants = s.keyring.grants().await.map_err(ks_error)?;
-    let parsed: Vec<EncryptedText<'_>> =
-        records.into_iter().map(EncryptedText::parse).collect::<Result<_, _>>()?;
+    let parsed: Vec<EncryptedText<'_>> = records
+        .into_iter()
+        .enumerate()
+        .map(|(i, record)| EncryptedText::parse(record).map_err(|e| of_record(single, i, e.into())))
+        .collect::<Result<_, _>>()?;
     for record in &parsed {
         let tenant = record.header().tenant();
         if !grants.authorize(tenant, Role::Decryptor) {
@@ -85,7 +88,7 @@ pub(super) async fn decrypt(
         }
     }
     s.reporter.check(parsed.iter().map(|record| record.header().tenant()))?;
-    let deks = deks(&s, &parsed, req.purpose.as_ref()).await?;
+    let deks = deks(&s, &parsed, req.purpose.as_ref(), single).await?;
 
     let purpose = req.purpose.as_ref().map(|p| p.as_str());
     let mut answer = Answer::new(single, body.len());
@@ -93,7 +96,7 @@ pub(super) async fn decrypt(
     let mut report = Report::with_capacity(parsed.len());
     let mut groups: Vec<EventGroup> = Vec::new();
     let mut resolved: Vec<Resolved> = Vec::new();
-    for (record, dek) in parsed.into_iter().zip(deks) {
+    for (i, (record, dek)) in parsed.into_iter().zip(deks).enumerate() {
         let (dek, cached) = dek.ok_or_else(crate::error::cannot_decrypt)?;
         let header = record.header();
         let (version, id) = (header.kek_version(), *header.record_key_id());
@@ -115,8 +118,9 @@ pub(super) async fn decrypt(
             FieldAccess::Mask => Disclosure::Mask,
             FieldAccess::Withhold => Disclosure::Withhold,
         };
-        let fields =
-            workspace.decrypt(record, &dek, &r.schema, &r.keys, &disclose, answer.next_record())?;
+        let fields = workspace
+            .decrypt(record, &dek, &r.schema, &r.keys, &disclose, answer.next_record())
+            .map_err(|e| of_record(single, i, e.into()))?;
         let same_outcomes = |g: &EventGroup| {
             g.outcomes.len() == fields.len()
                 && g.outcomes
@@ -199,6 +203,7 @@ async fn deks(
     s: &SidecarState,
     parsed: &[EncryptedText<'_>],
     purpose: Option<&Name>,
+    single: bool,
 ) -> Result<Vec<Option<(Arc<Key256>, bool)>>, ApiError> {
     let mut deks: Vec<Option<(Arc<Key256>, bool)>> = parsed
         .iter()
@@ -217,10 +222,19 @@ async fn deks(
             .await
             .map_err(|e| s.tenant_error(&tenant, e))?;
         s.note_active(&tenant, unwrapped.common);
+        // A refused key fails the request, naming the first record it is.
+        let refused = |at: usize, code: String| {
+            let error = s.dek_error(&tenant, &code);
+            match missed.iter().zip(&which).find(|(_, w)| **w == at) {
+                Some(((i, _), _)) => of_record(single, *i, error),
+                None => error,
+            }
+        };
         let keys = unwrapped
             .results
             .into_iter()
-            .map(|result| result.map(Arc::new).map_err(|code| s.dek_error(&tenant, &code)))
+            .enumerate()
+            .map(|(at, result)| result.map(Arc::new).map_err(|code| refused(at, code)))
             .collect::<Result<Vec<_>, _>>()?;
         let mut fresh = Vec::with_capacity(keys.len());
         for ((i, item), &at) in missed.iter().zip(&which) {
@@ -410,7 +424,7 @@ mod tests {
         let batch = [&a, &a, &b, &a, &b];
         let parsed: Vec<EncryptedText<'_>> =
             batch.iter().map(|r| EncryptedText::parse(r).unwrap()).collect();
-        let deks = deks(&s, &parsed, None).await.unwrap();
+        let deks = deks(&s, &parsed, None, false).await.unwrap();
         assert_eq!(fake.unwrap_items.load(std::sync::atomic::Ordering::Relaxed), 2);
         for (dek, n) in deks.iter().zip([5, 5, 6, 5, 6]) {
             let (key, cached) = dek.as_ref().expect("every record has its DEK");

@@ -199,7 +199,7 @@ pub(super) async fn decrypt(
 
 /// `error`, about record `i` of the request: named (`records[i]: …`)
 /// when the request holds several, so that the one at fault can be found.
-fn of_record(single: bool, i: usize, error: ApiError) -> ApiError {
+pub(super) fn of_record(single: bool, i: usize, error: ApiError) -> ApiError {
     if single { error } else { error.after(&format!("records[{i}]")) }
 }
 

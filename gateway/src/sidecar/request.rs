@@ -209,12 +209,12 @@ mod tests {
         }
         for bad in [
             "",
-            "0123456789abcdef0123456789abcde",    // one short
-            "0123456789abcdef0123456789abcdef0",  // one long
-            "123-45-6789",                        // an SSN
-            "123-45-6789-19800101",               // an SSN and a birth date
-            "4111111111111111",                   // a card number
-            "0000-0000-0000-0000-0000-0000-0000", // hyphens out of place
+            "0123456789abcdef0123456789abcde",      // one short
+            "0123456789abcdef0123456789abcdef0",    // one long
+            "123-45-6789",                          // an SSN
+            "123-45-6789-19800101",                 // an SSN and a birth date
+            "4111111111111111",                     // a card number
+            "01234567-89ab-cdef0-123-456789abcdef", // hyphens out of place
             "123e4567e89b-12d3-a456-4266141740000",
             "MRN-000123-00000042",
             "jane.doe@example.org",
