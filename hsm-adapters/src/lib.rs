@@ -61,7 +61,8 @@ mod readiness;
 mod secret_file;
 
 pub use crate::aws_kms::{
-    AwsKmsConfig, AwsKmsError, AwsKmsRootKey, endpoint_is_plain_http, endpoint_without_userinfo,
+    AwsKmsConfig, AwsKmsError, AwsKmsRootKey, PROVIDER_KIND as AWS_KMS_PROVIDER_KIND,
+    endpoint_is_plain_http, endpoint_without_userinfo,
 };
 #[cfg(unix)]
 pub use crate::local::{

@@ -23,7 +23,7 @@ use crate::retry::RetryPolicy;
 /// the same request id. The 10 s between them is
 /// room for the answer's way back on a loaded machine. A sidecar whose
 /// deadline is at or past this timeout gives up after the client has.
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long making a connection may take.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Retries after the first attempt, for errors that allow it.

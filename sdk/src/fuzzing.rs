@@ -22,6 +22,9 @@ use crate::transport::{Answer, MAX_RETRY_AFTER, parse_retry_after, success_body}
 /// How long the client keeps an idle pooled connection, for the `tests/`
 /// crate to check against the sidecar's own idle close.
 pub const POOL_IDLE_TIMEOUT: std::time::Duration = crate::builder::POOL_IDLE_TIMEOUT;
+/// The default attempt timeout, for the test that holds the sidecar's
+/// request deadline below it.
+pub const ATTEMPT_TIMEOUT: std::time::Duration = crate::builder::DEFAULT_TIMEOUT;
 
 /// The numbers of records sent that each batch answer is decoded for.
 const SENT: [usize; 3] = [1, 2, 7];

@@ -19,7 +19,7 @@ use crate::redact::serde_message;
 
 const JSON: &str = "application/json";
 /// The header that carries a call's id: the same on every attempt of one
-/// call, so that the sidecar's audit events show a retried call as one.
+/// call, so that the sidecar's audit events tie a retry to its call.
 pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The largest answer read: a sidecar's encrypt answer is at most four
 /// times its body limit (16 MiB by default), and this is four times that.

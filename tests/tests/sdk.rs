@@ -186,6 +186,19 @@ async fn a_call_the_sidecar_times_out_is_retried_under_one_request_id() {
     );
 }
 
+/// An attempt outlasts the sidecar's request deadline, with room for the
+/// answer's way back: it hears the sidecar's 503 `timeout` (and retries)
+/// rather than giving up while the sidecar still works.
+#[test]
+fn an_attempt_outlasts_the_sidecars_request_deadline() {
+    let deadline = std::time::Duration::from_millis(
+        gateway::sidecar::config::SidecarLimits::default().request_timeout_ms,
+    );
+    let attempt = keygate_sdk::fuzzing::ATTEMPT_TIMEOUT;
+    let margin = std::time::Duration::from_secs(5);
+    assert!(deadline + margin <= attempt, "{deadline:?} leaves no margin before {attempt:?}");
+}
+
 /// The SDK drops an idle pooled connection well before the sidecar closes
 /// it (its header read timeout closes idle HTTP/1 keep-alive connections,
 /// and its idle timeout any connection): a request sent on a connection

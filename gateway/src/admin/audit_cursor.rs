@@ -230,7 +230,7 @@ impl Temp {
     /// are all process 1, and must never remove each other's files.
     fn create(dir: &Path, name: &str) -> std::io::Result<Self> {
         let random = kms_core::crypto::rng::array::<6>().map_err(std::io::Error::other)?;
-        let random: String = random.iter().map(|b| format!("{b:02x}")).collect();
+        let random = data_encoding::HEXLOWER.encode(&random);
         let path = dir.join(format!(".{name}.{random}.tmp"));
         let file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
         let temp = Self { path, file, renamed: false };

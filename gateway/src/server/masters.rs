@@ -48,7 +48,7 @@ impl MasterTrust {
     /// needs no entry in `trusted_masters.keys`, and an AWS KMS root named
     /// by alias shows its account).
     pub(crate) fn with_root_key(mut self, root: &ProviderInfo) -> Self {
-        if root.kind == "aws-kms"
+        if root.kind == hsm_adapters::AWS_KMS_PROVIDER_KIND
             && let Some(account) = arn_account(&root.key_ref)
         {
             self.root_account = Some(account.to_owned());

@@ -60,7 +60,7 @@ pub use self::config::{AwsKmsConfig, endpoint_is_plain_http, endpoint_without_us
 pub use self::error::AwsKmsError;
 
 /// Provider kind reported by [`RootKeyProvider::describe`].
-const PROVIDER_KIND: &str = "aws-kms";
+pub const PROVIDER_KIND: &str = "aws-kms";
 /// Version byte of a wrapped blob.
 const WRAP_VERSION: u8 = 1;
 /// Longest KMS ciphertext blob (the API's limit).
